@@ -1,0 +1,35 @@
+# noiseprop: `make report` (the main job) and `make test` (the test suite).
+# Both create .venv when it is missing and install the package into it.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+REPORT_ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: install report test lab paper clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+report: $(STAMP)
+	$(BIN)/noiseprop report $(REPORT_ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
+
+lab: $(STAMP)
+	$(BIN)/python -m pip install -e ".[notebooks]"
+	$(BIN)/jupyter lab notebooks/
+
+clean:
+	rm -rf $(VENV) report build *.egg-info

@@ -1,0 +1,238 @@
+"""Weight-noise models (THEORY.md §1).
+
+Every model here is Gaussian and *linear in its level*: a noisy weight is
+
+    w̃ = w + s(w) ⊙ z,        z ~ N(0, I),        s(w) = level · u(w),
+
+where ``u(w)`` is the model's unit scale. So the per-element noise variance is
+``σ² = s(w)²`` (:meth:`WeightNoise.variance`, what the theory uses) and a noisy copy
+is ``w + s(w) z`` (:meth:`WeightNoise.sample`, what Monte-Carlo uses): one object
+serves both, and prediction and simulation cannot disagree on the noise.
+Because ``s`` is linear in the level, the same standard-normal draws ``z`` give
+the noisy weights at every level (common random numbers, :meth:`WeightNoise.perturb`).
+
+Models
+------
+- :class:`AdditiveGaussian` ``(sigma)``: ``σ² = sigma²`` (absolute).
+- :class:`RelativeGaussian` ``(eta, reference="std"|"max", per="layer"|"channel")``:
+  ``σ_l = eta · std(W_l)`` (default: the seed papers' "analog noise" reading) or
+  ``eta · max|W_l|`` (aihwkit's conductance mapping), one σ per layer or per output
+  channel (dim 0).
+- :class:`Multiplicative` ``(eta)``: ``w̃ = w (1 + eta z)``, ``σ² = eta² w²``.
+
+``parse_noise("relative:0.05")`` builds one from the CLI string form.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import ClassVar
+
+import torch
+
+__all__ = [
+    "WeightNoise",
+    "AdditiveGaussian",
+    "RelativeGaussian",
+    "Multiplicative",
+    "parse_noise",
+    "NOISE_STRING_FORMS",
+]
+
+
+def _check_level(name: str, value) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}") from None
+    if math.isnan(v) or math.isinf(v) or v < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return v
+
+
+@dataclass(frozen=True)
+class WeightNoise:
+    """Base class: Gaussian weight noise ``w + level · u(w) ⊙ z``.
+
+    Subclasses implement :meth:`unit_scale` (``u(w)``) and set ``level``.
+    """
+
+    kind: ClassVar[str] = "base"
+
+    @property
+    def level(self) -> float:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def with_level(self, level: float) -> "WeightNoise":
+        """The same model at another noise level (used for curves over levels)."""
+        raise NotImplementedError
+
+    def unit_scale(self, w: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    # -- what theory and Monte-Carlo share ---------------------------------
+    def scale(self, w: torch.Tensor) -> torch.Tensor:
+        """Signed per-element noise scale ``s(w) = level · u(w)``, shaped like ``w``."""
+        _check_weight(w)
+        return self.level * self.unit_scale(w.detach())
+
+    def variance(self, w: torch.Tensor) -> torch.Tensor:
+        """Per-element noise variance ``σ² = s(w)²``, shaped like ``w``."""
+        return self.scale(w) ** 2
+
+    def perturb(self, w: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Noisy copy ``w + s(w) ⊙ z`` for given standard-normal draws ``z``."""
+        if z.shape != w.shape:
+            raise ValueError(f"standard-normal draws have shape {tuple(z.shape)}, weight has {tuple(w.shape)}")
+        return w + self.scale(w) * z
+
+    def sample(self, w: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """A noisy copy of ``w``, drawn with ``generator`` (no global RNG state touched
+        when a generator is given)."""
+        z = torch.randn(w.shape, generator=generator, dtype=w.dtype, device=w.device)
+        return self.perturb(w, z)
+
+    def __str__(self) -> str:
+        return self.to_string()
+
+    def to_string(self) -> str:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+
+def _check_weight(w) -> None:
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"expected a torch.Tensor weight, got {type(w).__name__}")
+    if not torch.is_floating_point(w):
+        raise TypeError(f"expected a floating-point weight tensor, got dtype {w.dtype}")
+
+
+@dataclass(frozen=True)
+class AdditiveGaussian(WeightNoise):
+    """Additive absolute noise ``w + sigma · z``: ``σ² = sigma²`` for every element."""
+
+    sigma: float
+    kind: ClassVar[str] = "additive"
+
+    def __post_init__(self):
+        object.__setattr__(self, "sigma", _check_level("sigma", self.sigma))
+
+    @property
+    def level(self) -> float:
+        return self.sigma
+
+    def with_level(self, level):
+        return replace(self, sigma=level)
+
+    def unit_scale(self, w):
+        return torch.ones_like(w)
+
+    def to_string(self):
+        return f"additive:{self.sigma:g}"
+
+
+@dataclass(frozen=True)
+class RelativeGaussian(WeightNoise):
+    """Additive noise relative to the layer's spread (THEORY.md §1).
+
+    ``σ_l = eta · std(W_l)`` (``reference="std"``, population std) or
+    ``σ_l = eta · max|W_l|`` (``reference="max"``, aihwkit's g_max mapping), computed
+    over the whole tensor (``per="layer"``) or per output channel, i.e. per slice of
+    dim 0 (``per="channel"``). A 0-d or 1-element tensor has std 0, hence no noise
+    under ``reference="std"``.
+    """
+
+    eta: float
+    reference: str = "std"
+    per: str = "layer"
+    kind: ClassVar[str] = "relative"
+
+    def __post_init__(self):
+        object.__setattr__(self, "eta", _check_level("eta", self.eta))
+        if self.reference not in ("std", "max"):
+            raise ValueError(f"reference must be 'std' or 'max', got {self.reference!r}")
+        if self.per not in ("layer", "channel"):
+            raise ValueError(f"per must be 'layer' or 'channel', got {self.per!r}")
+
+    @property
+    def level(self) -> float:
+        return self.eta
+
+    def with_level(self, level):
+        return replace(self, eta=level)
+
+    def unit_scale(self, w):
+        if self.per == "channel" and w.dim() >= 1:
+            flat = w.reshape(w.shape[0], -1)
+            if self.reference == "std":
+                ref = flat.std(dim=1, correction=0) if flat.shape[1] > 1 else torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
+            else:
+                ref = flat.abs().amax(dim=1)
+            return ref.reshape((-1,) + (1,) * (w.dim() - 1)).expand_as(w).clone()
+        if self.reference == "std":
+            ref = w.std(correction=0) if w.numel() > 1 else torch.zeros((), dtype=w.dtype, device=w.device)
+        else:
+            ref = w.abs().max()
+        return ref * torch.ones_like(w)
+
+    def to_string(self):
+        name = "relative" if self.reference == "std" else "relative-max"
+        if self.per == "channel":
+            name += "-channel"
+        return f"{name}:{self.eta:g}"
+
+
+@dataclass(frozen=True)
+class Multiplicative(WeightNoise):
+    """Multiplicative noise ``w (1 + eta z)``: ``σ² = eta² w²``."""
+
+    eta: float
+    kind: ClassVar[str] = "multiplicative"
+
+    def __post_init__(self):
+        object.__setattr__(self, "eta", _check_level("eta", self.eta))
+
+    @property
+    def level(self) -> float:
+        return self.eta
+
+    def with_level(self, level):
+        return replace(self, eta=level)
+
+    def unit_scale(self, w):
+        return w.clone()
+
+    def to_string(self):
+        return f"multiplicative:{self.eta:g}"
+
+
+#: CLI string forms: ``name:level``.
+NOISE_STRING_FORMS = {
+    "additive": lambda v: AdditiveGaussian(v),
+    "relative": lambda v: RelativeGaussian(v),
+    "relative-max": lambda v: RelativeGaussian(v, reference="max"),
+    "relative-channel": lambda v: RelativeGaussian(v, per="channel"),
+    "relative-max-channel": lambda v: RelativeGaussian(v, reference="max", per="channel"),
+    "multiplicative": lambda v: Multiplicative(v),
+}
+
+
+def parse_noise(spec) -> WeightNoise:
+    """Build a noise model from its string form, e.g. ``"relative:0.05"``.
+
+    Accepted forms: ``additive:S``, ``relative:ETA``, ``relative-max:ETA``,
+    ``relative-channel:ETA``, ``relative-max-channel:ETA``, ``multiplicative:ETA``.
+    A :class:`WeightNoise` passes through unchanged.
+    """
+    if isinstance(spec, WeightNoise):
+        return spec
+    if not isinstance(spec, str):
+        raise TypeError(f"noise must be a WeightNoise or a string such as 'relative:0.05', got {type(spec).__name__}")
+    accepted = ", ".join(f"'{k}:LEVEL'" for k in NOISE_STRING_FORMS)
+    name, sep, value = spec.strip().partition(":")
+    if not sep or name not in NOISE_STRING_FORMS:
+        raise ValueError(f"unknown noise {spec!r}; accepted forms: {accepted}")
+    try:
+        level = float(value)
+    except ValueError:
+        raise ValueError(f"noise {spec!r}: level {value!r} is not a number; accepted forms: {accepted}") from None
+    return NOISE_STRING_FORMS[name](level)

@@ -1,0 +1,291 @@
+"""What gets noise: target selection and BatchNorm folding (DESIGN.md, THEORY.md §4).
+
+Default targets are the weights of Conv/Linear layers, with normalisation layers kept
+digital and noiseless (aihwkit's convention). Options add the Conv/Linear biases, the
+affine parameters (γ, β) of normalisation layers, or fold every BatchNorm-like layer
+into the Conv/Linear that feeds it before injecting (how a crossbar stores it).
+
+Folding (PyTorch's ``torch.nn.utils.fusion``; THEORY.md §4): a BatchNorm-like layer in
+eval mode is the per-channel affine map ``y ↦ a ⊙ y + c``; with ``a = γ/√(var + eps)``
+and ``c = β − mean · a`` for L2 BatchNorm. The folded layer is ``W' = diag(a) W``,
+``b' = a ⊙ b + c``. Any module exposing ``folding_affine() -> (a, c)`` is folded the same
+way (the L1 / TopK BatchNorm of :mod:`noiseprop.empirical.norms`).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+from torch import nn
+
+__all__ = [
+    "Targets",
+    "TargetPlan",
+    "resolve_targets",
+    "fold_bn",
+    "find_fold_pairs",
+    "folding_affine",
+    "is_norm_layer",
+    "WEIGHT_LAYERS",
+]
+
+#: Layers whose weights are stored on the crossbar (get noise by default).
+WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_L2_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_OTHER_NORMS = (nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+
+
+def is_norm_layer(module: nn.Module) -> bool:
+    """True for normalisation layers: L2 BatchNorm, Group/Layer/Instance norm, and any
+    module with a ``folding_affine`` method (L1/TopK BatchNorm)."""
+    return isinstance(module, _L2_BN + _OTHER_NORMS) or callable(getattr(module, "folding_affine", None))
+
+
+def _is_foldable(module: nn.Module) -> bool:
+    return isinstance(module, _L2_BN) or callable(getattr(module, "folding_affine", None))
+
+
+def folding_affine(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel ``(a, c)`` with ``module(y) == a ⊙ y + c`` in eval mode.
+
+    L2 BatchNorm: ``a = γ/√(running_var + eps)``, ``c = β − running_mean · a``.
+    Other layers provide ``folding_affine()`` themselves.
+    """
+    if callable(getattr(module, "folding_affine", None)):
+        return module.folding_affine()
+    if isinstance(module, _L2_BN):
+        if module.running_var is None or module.running_mean is None:
+            raise ValueError(
+                f"{type(module).__name__} has track_running_stats=False: it has no fixed "
+                "inference statistics and cannot be folded"
+            )
+        var = module.running_var.detach()
+        a = torch.rsqrt(var + module.eps)
+        if module.weight is not None:
+            a = a * module.weight.detach()
+        c = -module.running_mean.detach() * a
+        if module.bias is not None:
+            c = c + module.bias.detach()
+        return a, c
+    raise TypeError(f"{type(module).__name__} is not a foldable BatchNorm-like layer")
+
+
+@dataclass(frozen=True)
+class Targets:
+    """Which parameters get noise.
+
+    weights: Conv/Linear weights (default True).
+    biases: Conv/Linear biases.
+    norm: affine parameters (γ, β) of normalisation layers.
+    fold_bn: fold every BatchNorm-like layer into the preceding Conv/Linear first, then
+        inject into the folded weights (and biases, when ``biases``).
+    layers: restrict to modules whose qualified name equals, or starts with, one of
+        these names (``None``: all).
+    """
+
+    weights: bool = True
+    biases: bool = False
+    norm: bool = False
+    fold_bn: bool = False
+    layers: tuple[str, ...] | None = None
+
+    def __post_init__(self):
+        if self.fold_bn and self.norm:
+            raise ValueError("targets: fold_bn=True removes the norm layers, so norm=True cannot be combined with it")
+        if not (self.weights or self.biases or self.norm):
+            raise ValueError("targets: at least one of weights, biases, norm must be True")
+        if self.layers is not None:
+            if isinstance(self.layers, str):
+                object.__setattr__(self, "layers", (self.layers,))
+            else:
+                object.__setattr__(self, "layers", tuple(self.layers))
+
+    @classmethod
+    def parse(cls, spec) -> "Targets":
+        """``None`` → default; a :class:`Targets` passes through; a string of
+        comma/plus-separated words from ``weights, biases, norm, fold_bn``."""
+        if spec is None:
+            return cls()
+        if isinstance(spec, Targets):
+            return spec
+        if isinstance(spec, dict):
+            return cls(**spec)
+        if isinstance(spec, str):
+            words = [w for w in spec.replace("+", ",").split(",") if w.strip()]
+            allowed = {"weights", "biases", "norm", "fold_bn"}
+            bad = [w for w in words if w.strip() not in allowed]
+            if bad or not words:
+                raise ValueError(f"unknown targets {spec!r}; accepted words: {sorted(allowed)} joined by ',' or '+'")
+            words = {w.strip() for w in words}
+            return cls(weights="weights" in words, biases="biases" in words, norm="norm" in words,
+                       fold_bn="fold_bn" in words)
+        raise TypeError(f"targets must be None, a Targets, a dict or a string, got {type(spec).__name__}")
+
+    def describe(self) -> str:
+        parts = [p for p, on in (("weights", self.weights), ("biases", self.biases), ("norm", self.norm)) if on]
+        s = "+".join(parts)
+        if self.fold_bn:
+            s += " (BN folded)"
+        if self.layers:
+            s += f" in {list(self.layers)}"
+        return s
+
+
+@dataclass(frozen=True)
+class TargetPlan:
+    """The network to evaluate and the names of its parameters that get noise.
+
+    ``model`` is the user's model itself when nothing is folded (callers must not
+    mutate it) or a folded deep copy; ``names`` are parameter names of ``model``, in
+    ``named_parameters`` order, which fixes the order noise is drawn in.
+    """
+
+    model: nn.Module
+    names: tuple[str, ...]
+    targets: Targets
+    folded: tuple[tuple[str, str], ...] = ()
+
+
+def _in_layers(name: str, layers) -> bool:
+    if layers is None:
+        return True
+    return any(name == l or name.startswith(l + ".") for l in layers)
+
+
+def resolve_targets(model: nn.Module, targets=None) -> TargetPlan:
+    """Select the parameters that get noise (and fold BN first when asked).
+
+    Raises ``ValueError`` naming the model when nothing is left to perturb.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    t = Targets.parse(targets)
+    folded: tuple = ()
+    net = model
+    if t.fold_bn:
+        pairs = find_fold_pairs(model)
+        net = fold_bn(model, pairs=pairs)
+        folded = tuple(pairs)
+    names = []
+    for mname, module in net.named_modules():
+        if not _in_layers(mname, t.layers):
+            continue
+        prefix = mname + "." if mname else ""
+        if isinstance(module, WEIGHT_LAYERS):
+            if t.weights and module.weight is not None:
+                names.append(prefix + "weight")
+            if t.biases and module.bias is not None:
+                names.append(prefix + "bias")
+        elif is_norm_layer(module) and t.norm:
+            for pname in ("weight", "bias"):
+                p = getattr(module, pname, None)
+                if isinstance(p, nn.Parameter):
+                    names.append(prefix + pname)
+    if not names:
+        layers = [type(m).__name__ for m in net.modules()][:8]
+        raise ValueError(
+            f"model {type(model).__name__} has no parameters to perturb for targets={t.describe()!r}: "
+            f"noise goes on the weights of {', '.join(c.__name__ for c in WEIGHT_LAYERS)} layers "
+            f"(found modules: {layers}); pass targets= to choose others"
+        )
+    order = {n: i for i, (n, _) in enumerate(net.named_parameters())}
+    missing = [n for n in names if n not in order]
+    if missing:  # shared or unregistered parameters
+        raise ValueError(f"parameters {missing} are not registered parameters of the model")
+    names = sorted(dict.fromkeys(names), key=order.__getitem__)
+    return TargetPlan(model=net, names=tuple(names), targets=t, folded=folded)
+
+
+# ----------------------------------------------------------------------------
+# BatchNorm folding
+# ----------------------------------------------------------------------------
+class _LeafTracer(torch.fx.Tracer):
+    """fx tracer that keeps Conv/Linear and BatchNorm-like modules as leaves."""
+
+    def is_leaf_module(self, m, qualname):
+        if isinstance(m, WEIGHT_LAYERS) or _is_foldable(m):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+
+def find_fold_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """``[(conv_or_linear_name, norm_name), ...]``: each foldable norm layer and the
+    Conv/Linear whose output feeds it and nothing else, found by tracing the forward
+    pass with ``torch.fx``. Raises ``ValueError`` naming a norm layer that cannot be
+    folded (fed by something else, or its producer's output is also used elsewhere).
+    """
+    try:
+        graph = _LeafTracer().trace(model)
+    except Exception as e:  # noqa: BLE001 - fx raises many kinds
+        raise ValueError(
+            f"fold_bn: could not trace {type(model).__name__}.forward with torch.fx ({type(e).__name__}: {e}); "
+            "fold the model by hand or use fold_bn=False"
+        ) from e
+    modules = dict(model.named_modules())
+    pairs = []
+    seen = set()
+    for node in graph.nodes:
+        if node.op != "call_module" or not _is_foldable(modules[node.target]):
+            continue
+        src = node.args[0] if node.args else None
+        ok = (
+            isinstance(src, torch.fx.Node)
+            and src.op == "call_module"
+            and isinstance(modules[src.target], WEIGHT_LAYERS)
+            and len(src.users) == 1
+        )
+        if not ok:
+            raise ValueError(
+                f"fold_bn: normalisation layer {node.target!r} is not fed directly and solely by a Conv/Linear "
+                "layer, so it cannot be folded; use fold_bn=False (BatchNorm kept digital)"
+            )
+        if node.target in seen or src.target in {p[0] for p in pairs}:
+            raise ValueError(f"fold_bn: layer {node.target!r} or {src.target!r} is used more than once in forward")
+        seen.add(node.target)
+        pairs.append((src.target, node.target))
+    # Norm layers that were never called (or traced through) cannot be folded silently.
+    for name, m in model.named_modules():
+        if _is_foldable(m) and name not in seen:
+            raise ValueError(f"fold_bn: normalisation layer {name!r} is not used in forward, or not as a module call")
+    return pairs
+
+
+def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+@torch.no_grad()
+def fold_bn(model: nn.Module, pairs: Iterable[tuple[str, str]] | None = None) -> nn.Module:
+    """A deep copy of ``model`` with every BatchNorm-like layer folded into the
+    Conv/Linear that feeds it and replaced by ``nn.Identity`` (eval mode).
+
+    ``W' = diag(a) W``, ``b' = a ⊙ b + c`` with ``(a, c)`` from :func:`folding_affine`.
+    The folded network's clean outputs equal the original's (eval mode) up to float
+    rounding. The user's model is not modified.
+    """
+    if pairs is None:
+        pairs = find_fold_pairs(model)
+    net = copy.deepcopy(model)
+    net.eval()
+    for conv_name, norm_name in pairs:
+        conv = net.get_submodule(conv_name)
+        norm = net.get_submodule(norm_name)
+        a, c = folding_affine(norm)
+        a = a.to(conv.weight.dtype)
+        c = c.to(conv.weight.dtype)
+        if a.shape[0] != conv.weight.shape[0]:
+            raise ValueError(
+                f"fold_bn: {norm_name!r} has {a.shape[0]} channels but {conv_name!r} has {conv.weight.shape[0]} outputs"
+            )
+        shape = (-1,) + (1,) * (conv.weight.dim() - 1)
+        conv.weight.copy_(conv.weight * a.reshape(shape))
+        if conv.bias is None:
+            conv.bias = nn.Parameter(c.clone(), requires_grad=conv.weight.requires_grad)
+        else:
+            conv.bias.copy_(a * conv.bias + c)
+        _set_submodule(net, norm_name, nn.Identity())
+    return net
