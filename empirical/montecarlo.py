@@ -1,0 +1,441 @@
+"""Monte-Carlo noise injection (DESIGN.md data flow; THEORY.md §8).
+
+One *draw* is one noisy copy of the network (one chip): every target parameter gets
+``w + s(w) ⊙ z`` with fresh standard-normal ``z`` (the noise model's :meth:`perturb`),
+and the whole input set is evaluated with it. The unit of replication is the draw, so
+accuracy and loss intervals are Student-t intervals over per-draw values.
+
+Engine: the network is deep-copied once per run (the user's model is never touched,
+even when an exception interrupts a run), its target parameters are overwritten in
+place for every draw, and forward passes run batched under ``torch.inference_mode``.
+Logit statistics are streamed (Welford, float64), so memory does not grow with the
+number of draws, and inputs are processed in batches, so it does not grow with their
+number beyond one ``[N, C]`` logit table.
+
+:func:`sweep` evaluates several noise levels with the *same* standard-normal draws
+(common random numbers): all noise models are linear in their level, so the noisy
+weights at level ``λ`` are ``w + λ·u(w) ⊙ z``. Curves are smooth and differences between
+levels are paired.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from noiseprop.theory.noise import WeightNoise, parse_noise
+from noiseprop.theory.targets import TargetPlan, resolve_targets
+
+from .stats import mean_ci, welford_update
+
+__all__ = ["MCResult", "SweepResult", "monte_carlo", "sweep", "check_inputs", "NoisyEvaluator"]
+
+
+# ----------------------------------------------------------------------------
+# Input checks shared by the engine (and reused by other public entry points)
+# ----------------------------------------------------------------------------
+def check_inputs(model, x, y):
+    """Validate ``model, x, y``; return ``(x, y)`` as tensors (y as int64).
+
+    Errors name the problem and what is accepted.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module mapping inputs to logits, got {type(model).__name__}")
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(x)
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a tensor of inputs, got {type(x).__name__}")
+    if not torch.is_floating_point(x):
+        raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+    if isinstance(y, np.ndarray):
+        y = torch.from_numpy(y)
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"y must be a tensor of integer class labels, got {type(y).__name__}")
+    if torch.is_floating_point(y) or torch.is_complex(y) or y.dtype == torch.bool:
+        raise TypeError(f"y must hold integer class labels (int64 accepted, any integer dtype converted), got dtype {y.dtype}")
+    if y.dim() != 1:
+        raise ValueError(f"y must be 1-D (one label per input), got shape {tuple(y.shape)}")
+    if x.dim() < 1 or x.shape[0] != y.shape[0]:
+        raise ValueError(f"x and y must have the same length: x has {x.shape[0] if x.dim() else 0} inputs, y has {y.shape[0]} labels")
+    if x.shape[0] == 0:
+        raise ValueError("x and y are empty: at least one input is needed")
+    if not torch.isfinite(x).all():
+        raise ValueError("x contains NaN or infinite values")
+    for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+        if torch.is_floating_point(p) and not torch.isfinite(p).all():
+            raise ValueError(f"model parameter {name!r} contains NaN or infinite values")
+    return x, y.to(torch.int64)
+
+
+def _check_labels(y: torch.Tensor, num_classes: int):
+    lo, hi = int(y.min()), int(y.max())
+    if lo < 0 or hi >= num_classes:
+        raise ValueError(f"labels must lie in [0, {num_classes}) for a model with {num_classes} logits; found range [{lo}, {hi}]")
+
+
+def _check_count(name, value, minimum):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _check_levels(levels) -> np.ndarray:
+    lv = np.asarray(levels, dtype=np.float64).ravel()
+    if lv.size == 0:
+        raise ValueError("noise_levels is empty: give at least one noise level >= 0")
+    if not np.all(np.isfinite(lv)) or np.any(lv < 0):
+        raise ValueError(f"noise levels must be finite and >= 0, got {levels!r}")
+    return lv
+
+
+def _warn_train_mode(model):
+    if model.training:
+        warnings.warn(
+            f"{type(model).__name__} is in training mode; noiseprop evaluates it in eval mode "
+            "(BatchNorm running statistics, no dropout). The model itself is left unchanged.",
+            stacklevel=3,
+        )
+
+
+def _progress(total, enabled, desc):
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False)
+
+
+# ----------------------------------------------------------------------------
+# The engine
+# ----------------------------------------------------------------------------
+class NoisyEvaluator:
+    """A private copy of the network whose target parameters can be set to
+    ``w + level · u(w) ⊙ z`` in place, and evaluated in batches.
+
+    ``u(w)`` is the noise model's unit scale (its scale at level 1). The user's model is
+    deep-copied once, never modified.
+    """
+
+    def __init__(self, plan: TargetPlan, noise: WeightNoise, batch_size: int | None = None):
+        self.net = copy.deepcopy(plan.model)
+        self.net.eval()
+        self.net.requires_grad_(False)
+        params = dict(self.net.named_parameters())
+        self.names = plan.names
+        self.params = [params[n] for n in plan.names]
+        self.clean = [p.detach().clone() for p in self.params]
+        unit = noise.with_level(1.0)
+        self.unit_scales = [unit.scale(w) for w in self.clean]
+        self.device = self.clean[0].device
+        self.batch_size = batch_size
+
+    def draw(self, generator: torch.Generator) -> list[torch.Tensor]:
+        """Standard-normal draws, one tensor per target parameter, in plan order."""
+        return [torch.randn(w.shape, generator=generator, dtype=w.dtype, device=w.device) for w in self.clean]
+
+    @torch.no_grad()
+    def set(self, level: float, zs: Sequence[torch.Tensor] | None) -> None:
+        for p, w, u, z in zip(self.params, self.clean, self.unit_scales, zs or [None] * len(self.params)):
+            p.copy_(w)
+            if z is not None and level != 0.0:
+                p.addcmul_(u, z, value=float(level))
+
+    @torch.inference_mode()
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        bs = self.batch_size or n
+        outs = [self.net(x[i:i + bs].to(self.device, non_blocking=True)) for i in range(0, n, bs)]
+        out = torch.cat(outs) if len(outs) > 1 else outs[0]
+        if out.dim() != 2:
+            raise ValueError(f"the model must map a batch of inputs to logits of shape [N, C]; got shape {tuple(out.shape)}")
+        return out
+
+
+def _accuracy_and_loss(logits: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    lg = logits.double()
+    acc = (lg.argmax(dim=1) == y).double().mean().item()
+    loss = F.cross_entropy(lg, y).item()
+    return acc, loss
+
+
+@dataclass(frozen=True)
+class _Run:
+    accuracies: np.ndarray  # [L, D]
+    losses: np.ndarray  # [L, D]
+    logit_mean: list  # per level [N, C] float64 or None
+    logit_var: list
+    clean_logits: torch.Tensor
+    clean_accuracy: float
+    clean_loss: float
+    seconds: float
+
+
+def _run(model, x, y, noise, levels, draws, seed, targets, batch_size, keep_logits, progress, desc) -> tuple[_Run, TargetPlan]:
+    x, y = check_inputs(model, x, y)
+    noise = parse_noise(noise)
+    draws = _check_count("draws", draws, 2)
+    seed = _check_count("seed", seed, 0)
+    if batch_size is not None:
+        batch_size = _check_count("batch_size", batch_size, 1)
+    _warn_train_mode(model)
+    plan = resolve_targets(model, targets)
+    ev = NoisyEvaluator(plan, noise, batch_size=batch_size)
+    y_dev = y.to(ev.device)
+    t0 = time.perf_counter()
+    clean = ev.logits(x)
+    _check_labels(y, clean.shape[1])
+    clean_acc, clean_loss = _accuracy_and_loss(clean, y_dev)
+    L = len(levels)
+    accs = np.empty((L, draws))
+    losses = np.empty((L, draws))
+    means = [torch.zeros(clean.shape, dtype=torch.float64, device=ev.device) if keep_logits else None for _ in levels]
+    m2s = [torch.zeros(clean.shape, dtype=torch.float64, device=ev.device) if keep_logits else None for _ in levels]
+    gen = torch.Generator(device=ev.device).manual_seed(seed)
+    bar = _progress(draws * L, progress, desc)
+    try:
+        for d in range(draws):
+            zs = ev.draw(gen)
+            for li, level in enumerate(levels):
+                ev.set(level, zs)
+                lg = ev.logits(x)
+                accs[li, d], losses[li, d] = _accuracy_and_loss(lg, y_dev)
+                if keep_logits:
+                    welford_update(d + 1, means[li], m2s[li], lg.double())
+                if bar is not None:
+                    bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    seconds = time.perf_counter() - t0
+    var = [m2 / (draws - 1) if m2 is not None else None for m2 in m2s]
+    return _Run(accs, losses, means, var, clean.double().cpu(), clean_acc, clean_loss, seconds), plan
+
+
+# ----------------------------------------------------------------------------
+# Results
+# ----------------------------------------------------------------------------
+def _fmt_ci(ci):
+    return f"[{ci[0]:.4f}, {ci[1]:.4f}]"
+
+
+@dataclass(frozen=True)
+class MCResult:
+    """Monte-Carlo estimate of a network's behaviour under weight noise.
+
+    ``logit_mean``/``logit_var`` are per input and class over draws (sample variance,
+    ``ddof=1``). ``accuracies``/``losses`` are per-draw (mean over all inputs; loss is
+    mean cross-entropy). Intervals are Student-t over draws at ``confidence``.
+    """
+
+    noise: str
+    targets: str
+    draws: int
+    seed: int
+    logit_mean: torch.Tensor
+    logit_var: torch.Tensor
+    clean_logits: torch.Tensor
+    accuracies: np.ndarray
+    losses: np.ndarray
+    clean_accuracy: float
+    clean_loss: float
+    seconds: float
+    confidence: float = 0.95
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def n_inputs(self) -> int:
+        return int(self.logit_mean.shape[0])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.logit_mean.shape[1])
+
+    @property
+    def accuracy(self) -> float:
+        return mean_ci(self.accuracies, self.confidence)[0]
+
+    @property
+    def accuracy_se(self) -> float:
+        return mean_ci(self.accuracies, self.confidence)[1]
+
+    @property
+    def accuracy_ci(self) -> tuple[float, float]:
+        return mean_ci(self.accuracies, self.confidence)[2]
+
+    @property
+    def loss(self) -> float:
+        return mean_ci(self.losses, self.confidence)[0]
+
+    @property
+    def loss_se(self) -> float:
+        return mean_ci(self.losses, self.confidence)[1]
+
+    @property
+    def loss_ci(self) -> tuple[float, float]:
+        return mean_ci(self.losses, self.confidence)[2]
+
+    @property
+    def logit_mean_shift(self) -> torch.Tensor:
+        """``E[f(θ+ε)] − f(θ)`` per input and class."""
+        return self.logit_mean - self.clean_logits
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per quantity: estimate, standard error, CI, clean value."""
+        rows = []
+        for q, values, clean in (("accuracy", self.accuracies, self.clean_accuracy), ("loss", self.losses, self.clean_loss)):
+            m, se, (lo, hi) = mean_ci(values, self.confidence)
+            rows.append(dict(quantity=q, estimate=m, se=se, ci_low=lo, ci_high=hi, clean=clean, draws=self.draws))
+        rows.append(dict(quantity="logit_var (mean over inputs, classes)", estimate=float(self.logit_var.mean()),
+                         se=float("nan"), ci_low=float("nan"), ci_high=float("nan"), clean=0.0, draws=self.draws))
+        return pd.DataFrame(rows)
+
+    def draws_frame(self) -> pd.DataFrame:
+        """Per-draw accuracy and loss."""
+        return pd.DataFrame({"draw": np.arange(self.draws), "accuracy": self.accuracies, "loss": self.losses})
+
+    def summary(self) -> str:
+        pct = int(round(self.confidence * 100))
+        lines = [
+            f"Monte-Carlo under {self.noise} noise on {self.targets}",
+            f"  {self.draws} draws, seed {self.seed}, {self.n_inputs} inputs, {self.num_classes} classes, {self.seconds:.2f} s",
+            f"  {'':<10}{'clean':>9}{'noisy':>9}{'s.e.':>9}   {pct}% CI",
+            f"  {'accuracy':<10}{self.clean_accuracy:>9.4f}{self.accuracy:>9.4f}{self.accuracy_se:>9.4f}   {_fmt_ci(self.accuracy_ci)}",
+            f"  {'loss':<10}{self.clean_loss:>9.4f}{self.loss:>9.4f}{self.loss_se:>9.4f}   {_fmt_ci(self.loss_ci)}",
+            f"  mean logit variance {float(self.logit_var.mean()):.4g}; mean |logit shift| {float(self.logit_mean_shift.abs().mean()):.4g}",
+        ]
+        for k, v in self.extras.items():
+            lines.append(f"  {k}: {v}")
+        return "\n".join(lines)
+
+    def __str__(self):
+        return self.summary()
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    """Accuracy and loss over noise levels, with common random numbers across levels.
+
+    ``accuracies``/``losses`` are ``[levels, draws]``: column ``d`` is the same
+    standard-normal draw at every level, so differences between levels are paired.
+    """
+
+    noise: str
+    targets: str
+    levels: np.ndarray
+    draws: int
+    seed: int
+    accuracies: np.ndarray
+    losses: np.ndarray
+    clean_accuracy: float
+    clean_loss: float
+    seconds: float
+    confidence: float = 0.95
+    logit_mean: list | None = None
+    logit_var: list | None = None
+    clean_logits: torch.Tensor | None = None
+
+    def to_frame(self) -> pd.DataFrame:
+        rows = []
+        for i, lv in enumerate(self.levels):
+            a, ase, (alo, ahi) = mean_ci(self.accuracies[i], self.confidence)
+            l, lse, (llo, lhi) = mean_ci(self.losses[i], self.confidence)
+            rows.append(dict(level=float(lv), accuracy=a, accuracy_se=ase, accuracy_ci_low=alo, accuracy_ci_high=ahi,
+                             loss=l, loss_se=lse, loss_ci_low=llo, loss_ci_high=lhi, draws=self.draws))
+        return pd.DataFrame(rows)
+
+    def result(self, i: int) -> MCResult:
+        """The :class:`MCResult` of level ``i`` (needs ``keep_logits=True``)."""
+        if self.logit_mean is None:
+            raise ValueError("this sweep kept no logit statistics; run sweep(..., keep_logits=True)")
+        return MCResult(
+            noise=f"{self.noise}@{self.levels[i]:g}", targets=self.targets, draws=self.draws, seed=self.seed,
+            logit_mean=self.logit_mean[i], logit_var=self.logit_var[i], clean_logits=self.clean_logits,
+            accuracies=self.accuracies[i], losses=self.losses[i], clean_accuracy=self.clean_accuracy,
+            clean_loss=self.clean_loss, seconds=self.seconds, confidence=self.confidence,
+        )
+
+    def summary(self) -> str:
+        pct = int(round(self.confidence * 100))
+        lines = [
+            f"Noise sweep: {self.noise} on {self.targets}; {self.draws} draws per level (common random numbers), seed {self.seed}",
+            f"  clean accuracy {self.clean_accuracy:.4f}, clean loss {self.clean_loss:.4f}; {self.seconds:.2f} s",
+            f"  {'level':>8}{'accuracy':>10}   {pct}% CI{'':<13}{'loss':>9}   {pct}% CI",
+        ]
+        for _, r in self.to_frame().iterrows():
+            lines.append(
+                f"  {r.level:>8.4g}{r.accuracy:>10.4f}   {_fmt_ci((r.accuracy_ci_low, r.accuracy_ci_high)):<20}"
+                f"{r.loss:>9.4f}   {_fmt_ci((r.loss_ci_low, r.loss_ci_high))}"
+            )
+        return "\n".join(lines)
+
+    def __str__(self):
+        return self.summary()
+
+
+# ----------------------------------------------------------------------------
+# Public entry points
+# ----------------------------------------------------------------------------
+def monte_carlo(model: nn.Module, x, y, noise, draws: int = 200, seed: int = 0, targets=None,
+                batch_size: int | None = 1024, progress: bool | None = None, confidence: float = 0.95) -> MCResult:
+    """Inject ``noise`` into ``model``'s target parameters ``draws`` times and evaluate
+    on ``(x, y)``.
+
+    Parameters
+    ----------
+    model: any ``nn.Module`` mapping a batch of inputs to logits ``[N, C]``; evaluated in
+        eval mode (with a warning if passed in train mode), never modified.
+    x, y: inputs and int64 labels in ``[0, C)``.
+    noise: a :class:`~noiseprop.theory.noise.WeightNoise` or its string form.
+    draws: number of noisy networks (>= 2). seed: seeds a private ``torch.Generator``.
+    targets: what gets noise (:class:`~noiseprop.theory.targets.Targets`; default
+        Conv/Linear weights, BatchNorm digital).
+    batch_size: inputs per forward pass (``None``: all at once).
+    progress: tqdm bar (``None``: only when stderr is a terminal).
+    """
+    noise = parse_noise(noise)
+    if not (0 < confidence < 1):
+        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
+    run, plan = _run(model, x, y, noise, [noise.level], draws, seed, targets, batch_size, True, progress, "monte-carlo")
+    return MCResult(
+        noise=noise.to_string(), targets=plan.targets.describe(), draws=int(draws), seed=int(seed),
+        logit_mean=run.logit_mean[0].cpu(), logit_var=run.logit_var[0].cpu(), clean_logits=run.clean_logits,
+        accuracies=run.accuracies[0], losses=run.losses[0], clean_accuracy=run.clean_accuracy,
+        clean_loss=run.clean_loss, seconds=run.seconds, confidence=confidence,
+    )
+
+
+def sweep(model: nn.Module, x, y, noise, noise_levels, draws: int = 100, seed: int = 0, targets=None,
+          batch_size: int | None = 1024, keep_logits: bool = False, progress: bool | None = None,
+          confidence: float = 0.95) -> SweepResult:
+    """Accuracy/loss-vs-noise-level curve with common random numbers.
+
+    ``noise`` names the family (its own level is ignored); ``noise_levels`` are the
+    levels (η or σ) to evaluate. Draw ``d`` uses the same standard-normal tensors at
+    every level: weights ``w + λ u(w) ⊙ z_d``.
+    """
+    noise = parse_noise(noise)
+    levels = _check_levels(noise_levels)
+    if not (0 < confidence < 1):
+        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
+    run, plan = _run(model, x, y, noise, list(levels), draws, seed, targets, batch_size, keep_logits, progress, "sweep")
+    family = noise.to_string().split(":")[0]
+    return SweepResult(
+        noise=family, targets=plan.targets.describe(), levels=levels, draws=int(draws), seed=int(seed),
+        accuracies=run.accuracies, losses=run.losses, clean_accuracy=run.clean_accuracy, clean_loss=run.clean_loss,
+        seconds=run.seconds, confidence=confidence,
+        logit_mean=[m.cpu() for m in run.logit_mean] if keep_logits else None,
+        logit_var=[v.cpu() for v in run.logit_var] if keep_logits else None,
+        clean_logits=run.clean_logits,
+    )
