@@ -421,11 +421,11 @@ def sweep(model: nn.Module, x, y, noise, noise_levels, draws: int = 100, seed: i
           confidence: float = 0.95) -> SweepResult:
     """Accuracy/loss-vs-noise-level curve with common random numbers.
 
-    ``noise`` names the family (its own level is ignored); ``noise_levels`` are the
-    levels (η or σ) to evaluate. Draw ``d`` uses the same standard-normal tensors at
-    every level: weights ``w + λ u(w) ⊙ z_d``.
+    ``noise`` names the family (a noise model, whose own level is ignored, or a string
+    such as ``"relative"``); ``noise_levels`` are the levels (η or σ) to evaluate. Draw
+    ``d`` uses the same standard-normal tensors at every level: weights ``w + λ u(w) ⊙ z_d``.
     """
-    noise = parse_noise(noise)
+    noise = parse_noise(noise, default_level=1.0)
     levels = _check_levels(noise_levels)
     if not (0 < confidence < 1):
         raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")

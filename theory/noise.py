@@ -216,11 +216,13 @@ NOISE_STRING_FORMS = {
 }
 
 
-def parse_noise(spec) -> WeightNoise:
+def parse_noise(spec, default_level: float | None = None) -> WeightNoise:
     """Build a noise model from its string form, e.g. ``"relative:0.05"``.
 
     Accepted forms: ``additive:S``, ``relative:ETA``, ``relative-max:ETA``,
     ``relative-channel:ETA``, ``relative-max-channel:ETA``, ``multiplicative:ETA``.
+    With ``default_level``, a bare family name (``"relative"``) is accepted too and
+    gets that level (used where only the family matters, e.g. sweeps).
     A :class:`WeightNoise` passes through unchanged.
     """
     if isinstance(spec, WeightNoise):
@@ -229,6 +231,8 @@ def parse_noise(spec) -> WeightNoise:
         raise TypeError(f"noise must be a WeightNoise or a string such as 'relative:0.05', got {type(spec).__name__}")
     accepted = ", ".join(f"'{k}:LEVEL'" for k in NOISE_STRING_FORMS)
     name, sep, value = spec.strip().partition(":")
+    if not sep and default_level is not None and name in NOISE_STRING_FORMS:
+        return NOISE_STRING_FORMS[name](default_level)
     if not sep or name not in NOISE_STRING_FORMS:
         raise ValueError(f"unknown noise {spec!r}; accepted forms: {accepted}")
     try:

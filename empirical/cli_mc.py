@@ -1,0 +1,105 @@
+"""``noiseprop mc`` and ``noiseprop sweep``: Monte-Carlo on a saved checkpoint."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from noiseprop.theory.noise import NOISE_STRING_FORMS, parse_noise
+
+from .checkpoint import load_checkpoint
+
+
+def add_model_data_args(p) -> None:
+    """Arguments shared by commands that evaluate a checkpoint on a data set."""
+    p.add_argument("--model", required=True, metavar="CHECKPOINT", help="a checkpoint written by `noiseprop train`")
+    p.add_argument("--dataset", default=None, help="data set to evaluate on (default: the one the checkpoint was trained on)")
+    p.add_argument("--data-dir", default=None, help="folder of the data set files (cifar10/cifar100/mnist)")
+    p.add_argument("--targets", default=None, help="what gets noise: words from weights,biases,norm,fold_bn joined by ',' (default: weights)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def load_model_and_data(args):
+    """(model, x_test, y_test, checkpoint) for a checkpoint and its (or the given) data set."""
+    from .data import load_dataset
+
+    ckpt = load_checkpoint(args.model)
+    name = args.dataset or ckpt.meta.get("dataset")
+    if not name:
+        raise ValueError(f"checkpoint {args.model!r} does not record its data set; pass --dataset")
+    data_dir = args.data_dir if args.data_dir is not None else ckpt.meta.get("data_dir")
+    kwargs = dict(ckpt.meta.get("dataset_kwargs") or {}) if not args.dataset else {}
+    data = load_dataset(name, data_dir=data_dir, **kwargs)
+    return ckpt.model, data.x_test, data.y_test, ckpt
+
+
+def _progress(args):
+    return False if args.no_progress else None
+
+
+def cmd_mc(args) -> int:
+    from .montecarlo import monte_carlo
+
+    noise = parse_noise(args.noise)
+    model, x, y, _ = load_model_and_data(args)
+    res = monte_carlo(model, x, y, noise, draws=args.draws, seed=args.seed, targets=args.targets,
+                      batch_size=args.batch_size, progress=_progress(args))
+    if args.json:
+        out = {
+            "noise": res.noise, "targets": res.targets, "draws": res.draws, "seed": res.seed,
+            "n_inputs": res.n_inputs, "clean_accuracy": res.clean_accuracy, "clean_loss": res.clean_loss,
+            "accuracy": res.accuracy, "accuracy_se": res.accuracy_se, "accuracy_ci": list(res.accuracy_ci),
+            "loss": res.loss, "loss_se": res.loss_se, "loss_ci": list(res.loss_ci),
+            "mean_logit_var": float(res.logit_var.mean()), "seconds": res.seconds,
+        }
+        print(json.dumps(out))
+    else:
+        print(res.summary())
+    return 0
+
+
+def _parse_levels(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--levels must be comma-separated numbers such as 0,0.05,0.1; got {text!r}") from None
+
+
+def cmd_sweep(args) -> int:
+    from .montecarlo import sweep
+
+    noise = parse_noise(args.noise, default_level=1.0)
+    levels = _parse_levels(args.levels)
+    model, x, y, _ = load_model_and_data(args)
+    res = sweep(model, x, y, noise, levels, draws=args.draws, seed=args.seed, targets=args.targets,
+                batch_size=args.batch_size, progress=_progress(args))
+    if args.json:
+        for row in res.to_frame().to_dict(orient="records"):
+            row = {k: (float(v) if isinstance(v, (np.floating, float)) else int(v) if isinstance(v, np.integer) else v)
+                   for k, v in row.items()}
+            row["noise"] = res.noise
+            print(json.dumps(row))
+    else:
+        print(res.summary())
+    return 0
+
+
+def register(sub) -> None:
+    forms = ", ".join(f"{k}:LEVEL" for k in NOISE_STRING_FORMS)
+    p = sub.add_parser("mc", help="Monte-Carlo noise injection on a checkpoint",
+                       description=f"Monte-Carlo noise injection. Noise forms: {forms}.")
+    add_model_data_args(p)
+    p.add_argument("--noise", required=True, help=f"noise model, one of: {forms}")
+    p.add_argument("--draws", type=int, default=200)
+    p.set_defaults(func=cmd_mc)
+
+    p = sub.add_parser("sweep", help="accuracy/loss-vs-noise curve (common random numbers)",
+                       description="Accuracy and loss over noise levels, same draws at every level.")
+    add_model_data_args(p)
+    p.add_argument("--noise", default="relative", help="noise family (relative, relative-max, additive, multiplicative, ...)")
+    p.add_argument("--levels", default="0,0.05,0.1,0.2,0.3,0.5,0.7,1.0", help="comma-separated noise levels")
+    p.add_argument("--draws", type=int, default=100)
+    p.set_defaults(func=cmd_sweep)
