@@ -1,0 +1,178 @@
+"""compare() and compare_cells() on simulated Monte-Carlo runs where the truth is
+known: logits f_d = clean + shift + A z_d with z_d ~ N(0, I), so the exact logit
+variance is the row norm of A squared and the exact mean shift is ``shift``."""
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from statsmodels.stats.multitest import multipletests
+
+from noiseprop.empirical.compare import Comparison, compare, compare_cells
+from noiseprop.empirical.montecarlo import MCResult
+
+
+def simulate(rng, N=60, C=4, draws=400, m=None, shift_scale=0.0, noise_scale=0.5):
+    """A simulated MCResult and the exact prediction. ``m=None``: every element has its
+    own independent noise; otherwise the N*C elements share ``m`` latent normals."""
+    K = N * C
+    clean = rng.normal(0, 2.0, size=(N, C))
+    y = clean.argmax(1).copy()
+    y[: N // 5] = rng.integers(0, C, N // 5)  # a few inputs wrong when clean
+    shift = shift_scale * rng.normal(size=(N, C))
+    if m is None:
+        scales = noise_scale * rng.uniform(0.5, 1.5, size=K)
+        z = rng.normal(size=(draws, K)) * scales
+        var = scales ** 2
+    else:
+        A = noise_scale * rng.normal(size=(K, m)) / math.sqrt(m)
+        z = rng.normal(size=(draws, m)) @ A.T
+        var = (A ** 2).sum(1)
+    f = clean[None] + shift[None] + z.reshape(draws, N, C)
+    lf = torch.log_softmax(torch.from_numpy(f), dim=-1).numpy()
+    accs = (f.argmax(-1) == y).mean(1)
+    losses = -lf[:, np.arange(N), y].mean(1)
+    lc = torch.log_softmax(torch.from_numpy(clean), dim=-1).numpy()
+    clean_loss = float(-lc[np.arange(N), y].mean())
+    mc = MCResult(noise="simulated", targets="weights", draws=draws, seed=0,
+                  logit_mean=torch.from_numpy(f.mean(0)), logit_var=torch.from_numpy(f.var(0, ddof=1)),
+                  clean_logits=torch.from_numpy(clean), accuracies=accs, losses=losses,
+                  clean_accuracy=float((clean.argmax(1) == y).mean()), clean_loss=clean_loss, seconds=0.0)
+    truth = SimpleNamespace(logit_mean=torch.from_numpy(clean + shift), logit_var=torch.from_numpy(var.reshape(N, C)),
+                            clean_logits=torch.from_numpy(clean))
+    return mc, truth, (clean, shift, var.reshape(N, C), y)
+
+
+def exact_expectations(rng, clean, shift, var, y, draws=20_000):
+    """Expected accuracy under independent Gaussian logits by quadrature,
+    P(f_y > f_k for all k) = ∫ φ_y(t) ∏_k Φ_k(t) dt, and the expected loss by brute
+    force (its Monte-Carlo error is far below the 10% margin)."""
+    from scipy.special import ndtr
+
+    N, C = clean.shape
+    mu, sd = clean + shift, np.sqrt(var)
+    acc = 0.0
+    for i in range(N):
+        others = [k for k in range(C) if k != y[i]]
+        t = np.linspace(mu[i, y[i]] - 12 * sd[i, y[i]], mu[i, y[i]] + 12 * sd[i, y[i]], 20_001)
+        dens = np.exp(-0.5 * ((t - mu[i, y[i]]) / sd[i, y[i]]) ** 2) / (sd[i, y[i]] * np.sqrt(2 * np.pi))
+        g = dens * np.prod(ndtr((t[:, None] - mu[i, others]) / sd[i, others]), axis=1)
+        acc += np.trapezoid(g, t)
+    f = mu + rng.normal(size=(draws, N, C)) * sd
+    lf = f - np.log(np.exp(f - f.max(-1, keepdims=True)).sum(-1, keepdims=True)) - f.max(-1, keepdims=True)
+    return acc / N, float(-lf[:, np.arange(N), y].mean())
+
+
+def test_exact_prediction_is_declared_equivalent_and_calibrated():
+    rng = np.random.default_rng(0)
+    mc, truth, (clean, shift, var, y) = simulate(rng, draws=4000, shift_scale=0.3)
+    acc, loss = exact_expectations(np.random.default_rng(1), clean, shift, var, y)
+    lc = torch.log_softmax(torch.from_numpy(clean), -1).numpy()
+    pred = SimpleNamespace(**vars(truth), accuracy=acc, loss_increase=loss - float(-lc[np.arange(len(y)), y].mean()))
+    c = compare(pred, mc, seed=0)
+    assert isinstance(c, Comparison)
+    assert c.names == ["logit_var", "logit_mean_shift", "accuracy", "loss_increase"]
+    for q in ("logit_var", "logit_mean_shift", "accuracy", "loss_increase"):
+        assert c[q].equivalent, c.summary()
+        assert c[q].ci_contains_prediction, c.summary()
+    cal = c.calibrations["logit_var"]
+    assert cal.slope_ci[0] <= 1 <= cal.slope_ci[1] and cal.intercept_ci[0] <= 0 <= cal.intercept_ci[1], cal.summary()
+    assert c.calibrations["logit_mean_shift"].calibrated, c.calibrations["logit_mean_shift"].summary()
+    # independent elements: per-element chi-square intervals cover ~95% (240 elements)
+    cov = c["logit_var"].extra["elementwise_ci_coverage"]
+    assert abs(cov - 0.95) < 4.5 * math.sqrt(0.95 * 0.05 / 240), cov
+    f = c.to_frame()
+    assert list(f["quantity"]) == c.names and "cal_slope" in f.columns
+    assert "logit_var" in c.summary()
+
+
+def test_wrong_predictions_are_caught():
+    rng = np.random.default_rng(2)
+    mc, truth, (clean, shift, var, y) = simulate(rng, draws=4000, shift_scale=0.3)
+    wrong = SimpleNamespace(logit_mean=truth.logit_mean - torch.from_numpy(shift),  # no mean shift
+                            logit_var=truth.logit_var * 1.3, clean_logits=truth.clean_logits,
+                            accuracy=float(mc.accuracies.mean()) + 0.03)
+    c = compare(wrong, mc)
+    assert c["logit_var"].equivalent is False and not c["logit_var"].ci_contains_prediction
+    assert c["logit_var"].rel_error == pytest.approx(0.3, abs=0.05)
+    assert c["accuracy"].equivalent is False
+    assert c["logit_mean_shift"].ci_contains_prediction is False
+    cal = c.calibrations["logit_var"]
+    assert cal.intercept_ci[1] < 0 and cal.calibrated is False  # log(1/1.3) offset detected
+    # a predicted shift of exactly zero: the shift calibration says the slope is undefined
+    assert "constant" in c.calibrations["logit_mean_shift"].note
+
+
+def test_pooled_variance_interval_is_conservative_under_shared_draws():
+    """Elements driven by 2 shared latent normals: the chi-square(n-1) interval of the
+    mean variance still covers at least at the nominal rate."""
+    reps, hits = 300, 0
+    rng = np.random.default_rng(3)
+    for _ in range(reps):
+        mc, truth, _ = simulate(rng, N=10, C=3, draws=30, m=2)
+        c = compare(SimpleNamespace(logit_mean=truth.logit_mean, logit_var=truth.logit_var), mc, calibrate=False)
+        hits += c["logit_var"].ci_contains_prediction
+    assert hits / reps >= 0.95 - 4.5 * math.sqrt(0.05 * 0.95 / reps)
+
+
+def test_equivalence_rate_at_the_margin_is_at_most_alpha():
+    """Prediction exactly at the margin (true variance 10% above it): TOST rejects at
+    most alpha of the time; a prediction 3% off is found equivalent with 5000 draws."""
+    rng = np.random.default_rng(4)
+    reps, rej_edge, rej_close = 200, 0, 0
+    for _ in range(reps):
+        mc, truth, _ = simulate(rng, N=5, C=2, draws=5000, m=1)
+        edge = SimpleNamespace(logit_mean=truth.logit_mean, logit_var=truth.logit_var / 1.1)
+        close = SimpleNamespace(logit_mean=truth.logit_mean, logit_var=truth.logit_var * 1.03)
+        rej_edge += compare(edge, mc, calibrate=False)["logit_var"].equivalent
+        rej_close += compare(close, mc, calibrate=False)["logit_var"].equivalent
+    assert rej_edge / reps <= 0.05 + 4.5 * math.sqrt(0.05 * 0.95 / reps)
+    assert rej_close / reps > 0.8
+
+
+def test_accuracy_std_and_loss_se_are_used_when_present():
+    rng = np.random.default_rng(5)
+    mc, truth, _ = simulate(rng, draws=500, m=3)
+    sd = float(mc.accuracies.std(ddof=1))
+    pred = SimpleNamespace(**vars(truth), accuracy_std=sd, loss_increase=float(mc.losses.mean() - mc.clean_loss),
+                           loss_increase_se=1.0)
+    c = compare(pred, mc)
+    assert c["accuracy_std"].ci_low < sd < c["accuracy_std"].ci_high
+    # a huge prediction s.e. makes equivalence impossible to establish
+    assert c["loss_increase"].equivalent is False
+    assert c["loss_increase"].extra["prediction_se"] == 1.0
+
+
+def test_bad_inputs_are_named():
+    rng = np.random.default_rng(6)
+    mc, truth, _ = simulate(rng, draws=20)
+    with pytest.raises(TypeError, match="MCResult"):
+        compare(truth, truth)
+    with pytest.raises(TypeError, match="logit_var"):
+        compare(SimpleNamespace(logit_mean=truth.logit_mean), mc)
+    bad = SimpleNamespace(logit_mean=truth.logit_mean[:3], logit_var=truth.logit_var[:3])
+    with pytest.raises(ValueError, match="same model"):
+        compare(bad, mc)
+    with pytest.raises(ValueError, match="acc_margin"):
+        compare(truth, mc, acc_margin=0)
+
+
+def test_compare_cells_applies_holm_within_each_quantity():
+    rng = np.random.default_rng(7)
+    comps = {}
+    for i, scale in enumerate([1.0, 1.0, 1.02, 1.5, 0.98]):
+        mc, truth, _ = simulate(rng, N=20, C=3, draws=3000, m=4)
+        comps[f"cell{i}"] = compare(SimpleNamespace(logit_mean=truth.logit_mean, logit_var=truth.logit_var * scale), mc)
+    cc = compare_cells(comps)
+    f = cc.to_frame()
+    sub = f[f.quantity == "logit_var"]
+    ref = multipletests(sub["tost_p"], method="holm")[1]
+    np.testing.assert_allclose(sub["tost_p_holm"], ref)
+    assert (sub["tost_p_holm"] >= sub["tost_p"] - 1e-15).all()
+    assert not bool(sub.set_index("cell").loc["cell3", "equivalent_holm"])
+    cal = cc.calibrations["logit_var"]
+    assert cal.log and cal.n == 5
+    assert "cells" in cc.summary()
+    with pytest.raises(ValueError, match="at least one"):
+        compare_cells([])
