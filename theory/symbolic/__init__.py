@@ -1,0 +1,52 @@
+"""Symbolic derivations (sympy) of the laws that explain noise robustness.
+
+Each derivation is a function returning a frozen :class:`Derivation` (assumptions, the
+sympy expressions, ``.latex()``, ``.numeric(name)`` via lambdify, ``.summary()``, the
+source it follows); each is checked against a Monte-Carlo simulation of its stated
+setting in ``tests/theory/test_symbolic_*.py``.
+
+``derive(topic=None)`` returns the derivations of one topic (or all);
+:data:`DERIVATIONS` maps each topic to its derivation functions.
+"""
+from __future__ import annotations
+
+from .base import Derivation
+from .linear import linear_fixed_input, linear_random_input, linear_width
+
+__all__ = [
+    "Derivation",
+    "DERIVATIONS",
+    "TOPICS",
+    "derive",
+    "get_derivation",
+    "linear_fixed_input",
+    "linear_random_input",
+    "linear_width",
+]
+
+#: topic -> the functions that derive its results (in reading order).
+DERIVATIONS = {
+    "linear": (linear_fixed_input, linear_random_input, linear_width),
+}
+
+TOPICS = tuple(DERIVATIONS)
+
+
+def derive(topic: str | None = None) -> tuple[Derivation, ...]:
+    """The derivations of ``topic`` (one of :data:`TOPICS`), or of every topic."""
+    if topic is None:
+        return tuple(f() for fns in DERIVATIONS.values() for f in fns)
+    if topic not in DERIVATIONS:
+        raise ValueError(f"unknown derivation topic {topic!r}; accepted: {', '.join(TOPICS)}")
+    return tuple(f() for f in DERIVATIONS[topic])
+
+
+def get_derivation(name: str) -> Derivation:
+    """One derivation by its full name ``"<topic>.<short name>"``."""
+    topic = name.split(".", 1)[0]
+    if topic in DERIVATIONS:
+        for d in derive(topic):
+            if d.name == name:
+                return d
+    names = [f"{t}.{f.__name__[len(t) + 1:]}" for t, fns in DERIVATIONS.items() for f in fns]
+    raise ValueError(f"unknown derivation {name!r}; accepted: {', '.join(names)}")
