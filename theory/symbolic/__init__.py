@@ -11,6 +11,7 @@ setting in ``tests/theory/test_symbolic_*.py``.
 from __future__ import annotations
 
 from .base import Derivation
+from .conv import conv_pooling, conv_spatial_covariance
 from .linear import linear_fixed_input, linear_random_input, linear_width
 
 __all__ = [
@@ -22,11 +23,14 @@ __all__ = [
     "linear_fixed_input",
     "linear_random_input",
     "linear_width",
+    "conv_spatial_covariance",
+    "conv_pooling",
 ]
 
 #: topic -> the functions that derive its results (in reading order).
 DERIVATIONS = {
     "linear": (linear_fixed_input, linear_random_input, linear_width),
+    "conv": (conv_spatial_covariance, conv_pooling),
 }
 
 TOPICS = tuple(DERIVATIONS)

@@ -216,6 +216,9 @@ class _Latex(LatexPrinter):
     def _print_Identity(self, expr):
         return "I"
 
+    def _print_OneMatrix(self, expr):
+        return r"\mathbb{1}"
+
     def _print_Transpose(self, expr):
         arg = expr.arg
         s = self._print(arg)
@@ -282,7 +285,7 @@ def plain_text(text: str) -> str:
     """A readable plain-text (Unicode) rendering of LaTeX text with inline math."""
     if not text:
         return ""
-    s = text.replace("$", "").replace(r"\_", "_").replace(r"\%", "%").replace(r"\&", "&")
+    s = text.replace("$", "").replace(r"\_", "_").replace("\\ ", " ").replace(r"\%", "%").replace(r"\&", "&")
     s = s.replace("^\\top", "ᵀ").replace("^{\\top}", "ᵀ")
     for _ in range(3):
         s = re.sub(r"\\[dt]?frac\{([^{}]*)\}\{([^{}]*)\}", r"(\1)/(\2)", s)
