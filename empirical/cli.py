@@ -13,6 +13,8 @@ import sys
 #: Modules that register sub-commands (each defines ``register(subparsers)``).
 COMMAND_MODULES = [
     "noiseprop.empirical.cli_mc",  # mc, sweep
+    "noiseprop.empirical.cli_train",  # train
+    "noiseprop.empirical.cli_report",  # report
 ]
 
 
