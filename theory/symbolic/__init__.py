@@ -11,6 +11,14 @@ setting in ``tests/theory/test_symbolic_*.py``.
 from __future__ import annotations
 
 from .base import Derivation
+from .batchnorm import (
+    batchnorm_folded_noise,
+    batchnorm_folding,
+    batchnorm_layer_count,
+    batchnorm_lognormal_scales,
+    batchnorm_scale_estimators,
+    batchnorm_statistics_noise,
+)
 from .conv import conv_pooling, conv_spatial_covariance
 from .linear import linear_fixed_input, linear_random_input, linear_width
 
@@ -25,12 +33,26 @@ __all__ = [
     "linear_width",
     "conv_spatial_covariance",
     "conv_pooling",
+    "batchnorm_folding",
+    "batchnorm_folded_noise",
+    "batchnorm_lognormal_scales",
+    "batchnorm_scale_estimators",
+    "batchnorm_statistics_noise",
+    "batchnorm_layer_count",
 ]
 
 #: topic -> the functions that derive its results (in reading order).
 DERIVATIONS = {
     "linear": (linear_fixed_input, linear_random_input, linear_width),
     "conv": (conv_spatial_covariance, conv_pooling),
+    "batchnorm": (
+        batchnorm_folding,
+        batchnorm_folded_noise,
+        batchnorm_lognormal_scales,
+        batchnorm_scale_estimators,
+        batchnorm_statistics_noise,
+        batchnorm_layer_count,
+    ),
 }
 
 TOPICS = tuple(DERIVATIONS)

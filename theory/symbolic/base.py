@@ -311,7 +311,7 @@ def plain_text(text: str) -> str:
 
 _WRAPPERS = {
     "mathbb", "mathrm", "mathcal", "mathbf", "operatorname", "text", "textrm", "emph", "textit", "texttt",
-    "textbf", "big", "Big", "bigg", "Bigg", "displaystyle",
+    "textbf", "big", "Big", "bigg", "Bigg", "displaystyle", "overline", "bar", "hat", "tilde", "boldsymbol",
 }
 
 

@@ -161,6 +161,8 @@ def _is_zero(e) -> bool:
     e = sp.expand(sp.sympify(e))
     if e == 0:
         return True
+    if sp.cancel(sp.together(e)) == 0:
+        return True
     return sp.simplify(e) == 0
 
 

@@ -200,8 +200,8 @@ def _evaluate_integral(expr: sp.Integral, env):
             sub = {**env, **{s: float(b[idx]) for s, b in zip(free, bvals)}}
             out[idx] = _evaluate_integral(expr, sub)
         return out
-    fn = sp.lambdify([var] + free, expr.function, modules=[{"betainc_regularized": _betainc_regularized}, "scipy", "numpy"])
-    val, _ = quad(lambda t: float(fn(t, *vals)), lo, hi, limit=200, epsabs=1e-11, epsrel=1e-10)
+    integrand = expr.function
+    val, _ = quad(lambda t: float(evaluate(integrand, {**env, var: t})), lo, hi, limit=200, epsabs=1e-11, epsrel=1e-10)
     return val
 
 
