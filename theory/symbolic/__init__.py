@@ -20,6 +20,7 @@ from .batchnorm import (
     batchnorm_statistics_noise,
 )
 from .conv import conv_pooling, conv_spatial_covariance
+from .depth import depth_recursion, depth_relu_critical, depth_residual
 from .linear import linear_fixed_input, linear_random_input, linear_width
 
 __all__ = [
@@ -39,6 +40,9 @@ __all__ = [
     "batchnorm_scale_estimators",
     "batchnorm_statistics_noise",
     "batchnorm_layer_count",
+    "depth_recursion",
+    "depth_relu_critical",
+    "depth_residual",
 ]
 
 #: topic -> the functions that derive its results (in reading order).
@@ -53,6 +57,7 @@ DERIVATIONS = {
         batchnorm_statistics_noise,
         batchnorm_layer_count,
     ),
+    "depth": (depth_recursion, depth_relu_critical, depth_residual),
 }
 
 TOPICS = tuple(DERIVATIONS)

@@ -94,7 +94,7 @@ class Derivation:
             object.__setattr__(self, f, _frozen_map(m))
         used = set()
         for e in exprs.values():
-            used |= {str(s) for s in e.free_symbols}
+            used |= {str(s) for s in e.free_symbols if not isinstance(s, sp.Indexed)}
         missing = sorted(used - {str(s) for s in self.symbols.values()})
         if missing:
             raise ValueError(f"derivation {self.name!r} uses symbols not listed in `symbols`: {missing}")
@@ -219,6 +219,13 @@ class _Latex(LatexPrinter):
     def _print_OneMatrix(self, expr):
         return r"\mathbb{1}"
 
+    def _print_Indexed(self, expr):
+        # convention: an IndexedBase named "x_l" is the sequence x_1, x_2, ...: print x_{index}
+        label = str(expr.base.label)
+        base = label[:-2] if label.endswith("_l") else label
+        idx = ",".join(self._print(i) for i in expr.indices)
+        return "%s_{%s}" % (self._print(sp.Symbol(base)), idx)
+
     def _print_Transpose(self, expr):
         arg = expr.arg
         s = self._print(arg)
@@ -287,9 +294,12 @@ def plain_text(text: str) -> str:
         return ""
     s = text.replace("$", "").replace(r"\_", "_").replace("\\ ", " ").replace(r"\%", "%").replace(r"\&", "&")
     s = s.replace("^\\top", "ᵀ").replace("^{\\top}", "ᵀ")
+    wrappers = "|".join(sorted(_WRAPPERS))
+    s = re.sub(r"\\(?:%s)\{([^{}]*)\}" % wrappers, r"{\1}", s)
+    arg = r"\{((?:[^{}]|\{[^{}]*\})*)\}"
     for _ in range(3):
-        s = re.sub(r"\\[dt]?frac\{([^{}]*)\}\{([^{}]*)\}", r"(\1)/(\2)", s)
-    s = re.sub(r"\\sqrt\{([^{}]*)\}", r"√(\1)", s)
+        s = re.sub(r"\\[dt]?frac" + arg + arg, r"(\1)/(\2)", s)
+    s = re.sub(r"\\sqrt" + arg, r"√(\1)", s)
     s = re.sub(r"\\(?:label|eqref)\{[^{}]*\}", "", s)
     s = re.sub(r"\\ref\{([^{}]*)\}", r"\1", s)
 
@@ -303,9 +313,10 @@ def plain_text(text: str) -> str:
             return _SYMBOLS[name]
         return name
 
+    s = s.replace("\\{", "\x01").replace("\\}", "\x02")
     s = re.sub(r"\\([A-Za-z]+|[|,;!])", repl, s)
     s = s.replace("^{2}", "²").replace("^2", "²").replace("^{T}", "ᵀ").replace("^T", "ᵀ")
-    s = s.replace("{", "").replace("}", "").replace("~", " ")
+    s = s.replace("{", "").replace("}", "").replace("~", " ").replace("\x01", "{").replace("\x02", "}")
     return re.sub(r"[ \t]+", " ", s).strip()
 
 

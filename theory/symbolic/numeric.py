@@ -73,7 +73,16 @@ def evaluate(expr, env: Mapping):
     dimensions) to numbers / numpy arrays."""
     if expr in env:
         return env[expr]
-    if isinstance(expr, (sp.MatrixSymbol, sp.Symbol, sp.Dummy, sp.Indexed)):
+    if isinstance(expr, sp.Indexed):
+        base = expr.base
+        arr = env.get(base, env.get(base.label))
+        if arr is None:
+            raise ValueError(f"no value given for {base}")
+        idx = tuple(int(evaluate(i, env)) - 1 for i in expr.indices)  # formulas index from 1
+        if any(i < 0 for i in idx):
+            raise ValueError(f"index {expr} out of range (formulas index from 1)")
+        return np.asarray(arr)[idx]
+    if isinstance(expr, (sp.MatrixSymbol, sp.Symbol, sp.Dummy, sp.IndexedBase)):
         raise ValueError(f"no value given for {expr}")
     if expr.is_Number:
         return int(expr) if expr.is_Integer else float(expr)
@@ -161,6 +170,8 @@ def evaluate(expr, env: Mapping):
         return np.logical_not(vals[0])
     if isinstance(expr, sp.Sum):
         return _evaluate_sum(expr, env)
+    if isinstance(expr, sp.Product):
+        return _evaluate_product(expr, env)
     if isinstance(expr, sp.Integral):
         return _evaluate_integral(expr, env)
     if isinstance(expr, sp.Function) or isinstance(expr, sp.Max) or isinstance(expr, sp.Min):
@@ -180,6 +191,18 @@ def _evaluate_sum(expr: sp.Sum, env):
     total = 0.0
     for i in range(lo, hi + 1):
         total = total + evaluate(inner, {**env, var: i})
+    return total
+
+
+def _evaluate_product(expr: sp.Product, env):
+    term = expr.function
+    limits = list(expr.limits)
+    (var, lo, hi), rest = limits[0], limits[1:]
+    inner = sp.Product(term, *rest) if rest else term
+    lo, hi = int(evaluate(lo, env)), int(evaluate(hi, env))
+    total = 1.0
+    for i in range(lo, hi + 1):
+        total = total * evaluate(inner, {**env, var: i})
     return total
 
 
@@ -208,7 +231,7 @@ def _evaluate_integral(expr: sp.Integral, env):
 def _needs_tree(expr) -> bool:
     if _is_matrix(expr) or expr.atoms(sp.MatrixSymbol):
         return True
-    if expr.has(sp.Integral, sp.Sum, sp.Piecewise, sp.KroneckerDelta, sp.betainc_regularized):
+    if expr.has(sp.Integral, sp.Sum, sp.Product, sp.Piecewise, sp.KroneckerDelta, sp.betainc_regularized, sp.Indexed):
         return True
     return any(hasattr(type(f), "_numpy_eval") for f in expr.atoms(sp.Function))
 
@@ -267,7 +290,7 @@ def make_numeric(expr, symbol_order: Sequence[sp.Basic], name: str = "f", doc: s
     """A :class:`NumericFunction` of the free symbols of ``expr`` ordered as in
     ``symbol_order`` (symbols not listed there come after, sorted by name). Symbolic
     matrix dimensions are arguments only if they appear outside matrix shapes."""
-    free = set(expr.free_symbols)
+    free = {s for s in expr.free_symbols if not isinstance(s, sp.Indexed)}
     dims = set()
     for m in expr.atoms(sp.MatrixSymbol):
         for d in m.shape:
