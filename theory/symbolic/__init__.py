@@ -21,6 +21,7 @@ from .batchnorm import (
 )
 from .conv import conv_pooling, conv_spatial_covariance
 from .depth import depth_recursion, depth_relu_critical, depth_residual
+from .flatness import flatness_hutchinson, flatness_quadratic, flatness_second_order
 from .linear import linear_fixed_input, linear_random_input, linear_width
 
 __all__ = [
@@ -43,6 +44,9 @@ __all__ = [
     "depth_recursion",
     "depth_relu_critical",
     "depth_residual",
+    "flatness_quadratic",
+    "flatness_second_order",
+    "flatness_hutchinson",
 ]
 
 #: topic -> the functions that derive its results (in reading order).
@@ -58,6 +62,7 @@ DERIVATIONS = {
         batchnorm_layer_count,
     ),
     "depth": (depth_recursion, depth_relu_critical, depth_residual),
+    "flatness": (flatness_quadratic, flatness_second_order, flatness_hutchinson),
 }
 
 TOPICS = tuple(DERIVATIONS)

@@ -22,6 +22,7 @@ __all__ = [
     "SqNorm",
     "Std",
     "Diag",
+    "QuadForm",
     "DiagOf",
     "gaussian_expectation",
     "rademacher_expectation",
@@ -76,6 +77,29 @@ class Std(sp.Function):
         import numpy as np
 
         return np.std(np.asarray(value, dtype=float))
+
+
+class QuadForm(sp.Function):
+    """``vᵀ M v``: the quadratic form of the column vector ``v`` with the matrix ``M``."""
+
+    nargs = 2
+    is_commutative = True
+    is_real = True
+
+    def _latex(self, printer, exp=None):
+        v, M = self.args
+        s = r"%s^{\top} %s %s" % (printer._print(v), printer._print(M), printer._print(v))
+        return s if exp is None else r"\left(%s\right)^{%s}" % (s, exp)
+
+    def _sympystr(self, printer):
+        v, M = self.args
+        return "%s^T %s %s" % (printer._print(v), printer._print(M), printer._print(v))
+
+    def _numpy_eval(self, v, M):
+        import numpy as np
+
+        v = np.asarray(v, dtype=float).reshape(-1)
+        return float(v @ np.asarray(M, dtype=float) @ v)
 
 
 class Diag(DiagMatrix):
