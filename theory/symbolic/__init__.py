@@ -22,6 +22,7 @@ from .batchnorm import (
 from .conv import conv_pooling, conv_spatial_covariance
 from .depth import depth_recursion, depth_relu_critical, depth_residual
 from .flatness import flatness_hutchinson, flatness_quadratic, flatness_second_order
+from .learning_rate import lr_sgd_stationary, lr_stability, lr_sweet_spot
 from .linear import linear_fixed_input, linear_random_input, linear_width
 
 __all__ = [
@@ -47,6 +48,9 @@ __all__ = [
     "flatness_quadratic",
     "flatness_second_order",
     "flatness_hutchinson",
+    "lr_stability",
+    "lr_sgd_stationary",
+    "lr_sweet_spot",
 ]
 
 #: topic -> the functions that derive its results (in reading order).
@@ -63,6 +67,7 @@ DERIVATIONS = {
     ),
     "depth": (depth_recursion, depth_relu_critical, depth_residual),
     "flatness": (flatness_quadratic, flatness_second_order, flatness_hutchinson),
+    "learning_rate": (lr_stability, lr_sgd_stationary, lr_sweet_spot),
 }
 
 TOPICS = tuple(DERIVATIONS)

@@ -14,6 +14,7 @@ it, and the source it follows (a THEORY.md section and/or a paper).
 """
 from __future__ import annotations
 
+import keyword
 import re
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -52,6 +53,8 @@ class Derivation:
     where: ``symbol name -> meaning`` (LaTeX text), printed as a "where" clause.
     checks: the symbolic verifications run while deriving (plain sentences).
     notes: remarks (LaTeX text): limits, caveats, what a measurement should show.
+    latex_names: ``symbol name -> LaTeX`` for symbols whose default rendering is poor
+        (e.g. ``lr`` as ``\\mathrm{lr}``).
     """
 
     name: str
@@ -67,6 +70,7 @@ class Derivation:
     where: Mapping[str, str] = field(default_factory=dict)
     checks: tuple = ()
     notes: tuple = ()
+    latex_names: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
         if not re.fullmatch(r"[a-z_]+\.[a-z0-9_]+", self.name or ""):
@@ -86,9 +90,15 @@ class Derivation:
                 raise ValueError(f"expression key {k!r} of {self.name!r} is not an identifier")
         object.__setattr__(self, "expressions", _frozen_map(exprs))
         object.__setattr__(self, "symbols", _frozen_map(self.symbols))
-        for f in ("lhs", "descriptions", "where"):
+        for k, v in self.symbols.items():
+            if not k.isidentifier() or keyword.iskeyword(k) or str(v) != k:
+                raise ValueError(
+                    f"symbol {k!r} of {self.name!r}: names must be Python identifiers (not keywords) equal to the "
+                    f"symbol's own name, got {v!s}"
+                )
+        for f in ("lhs", "descriptions", "where", "latex_names"):
             m = dict(getattr(self, f))
-            unknown = set(m) - (set(exprs) if f != "where" else set(self.symbols))
+            unknown = set(m) - (set(exprs) if f in ("lhs", "descriptions") else set(self.symbols))
             if unknown:
                 raise ValueError(f"{f} of {self.name!r} names unknown entries {sorted(unknown)}")
             object.__setattr__(self, f, _frozen_map(m))
@@ -123,7 +133,8 @@ class Derivation:
 
     # ------------------------------------------------------------------ output
     def _latex_expr(self, expr) -> str:
-        return latex_expr(expr)
+        names = {self.symbols[k]: v for k, v in self.latex_names.items()}
+        return latex_expr(expr, names)
 
     def latex(self) -> str:
         """LaTeX for direct inclusion in a paper (needs ``amsmath``): a paragraph with
@@ -255,9 +266,9 @@ class _Str(StrPrinter):
         return "%s^∘%s" % (self.parenthesize(expr.base, 1000), self._print(expr.exp))
 
 
-def latex_expr(expr) -> str:
+def latex_expr(expr, symbol_names=None) -> str:
     """LaTeX of a derived expression in the paper's notation."""
-    return _Latex({"mul_symbol": None}).doprint(expr)
+    return _Latex({"mul_symbol": None, "symbol_names": dict(symbol_names or {})}).doprint(expr)
 
 
 def text_expr(expr) -> str:
