@@ -31,6 +31,7 @@ __all__ = [
     "TOPICS",
     "derive",
     "get_derivation",
+    "DERIVATION_NAMES",
     "linear_fixed_input",
     "linear_random_input",
     "linear_width",
@@ -73,8 +74,17 @@ DERIVATIONS = {
 TOPICS = tuple(DERIVATIONS)
 
 
+def _derivation_name(topic: str, fn) -> str:
+    return f"{topic}.{fn.__name__.split('_', 1)[1]}"
+
+
+#: full derivation name ("<topic>.<short name>") -> the function that derives it.
+DERIVATION_NAMES = {_derivation_name(t, f): f for t, fns in DERIVATIONS.items() for f in fns}
+
+
 def derive(topic: str | None = None) -> tuple[Derivation, ...]:
-    """The derivations of ``topic`` (one of :data:`TOPICS`), or of every topic."""
+    """The derivations of ``topic`` (one of :data:`TOPICS`), or of every topic (each
+    derivation is computed once per process and cached)."""
     if topic is None:
         return tuple(f() for fns in DERIVATIONS.values() for f in fns)
     if topic not in DERIVATIONS:
@@ -83,11 +93,9 @@ def derive(topic: str | None = None) -> tuple[Derivation, ...]:
 
 
 def get_derivation(name: str) -> Derivation:
-    """One derivation by its full name ``"<topic>.<short name>"``."""
-    topic = name.split(".", 1)[0]
-    if topic in DERIVATIONS:
-        for d in derive(topic):
-            if d.name == name:
-                return d
-    names = [f"{t}.{f.__name__[len(t) + 1:]}" for t, fns in DERIVATIONS.items() for f in fns]
-    raise ValueError(f"unknown derivation {name!r}; accepted: {', '.join(names)}")
+    """One derivation by its full name ``"<topic>.<short name>"`` (see :data:`DERIVATION_NAMES`)."""
+    try:
+        fn = DERIVATION_NAMES[name]
+    except KeyError:
+        raise ValueError(f"unknown derivation {name!r}; accepted: {', '.join(DERIVATION_NAMES)}") from None
+    return fn()
