@@ -15,6 +15,7 @@ COMMAND_MODULES = [
     "noiseprop.empirical.cli_mc",  # mc, sweep
     "noiseprop.empirical.cli_train",  # train
     "noiseprop.empirical.cli_report",  # report
+    "noiseprop.empirical.cli_study",  # study
     "noiseprop.empirical.cli_derive",  # derive
 ]
 

@@ -1,0 +1,104 @@
+"""The four studies of the source papers (../shared/seeds/), at CPU scale on the
+built-in digits data by default and at published scale with ``dataset="cifar10"``.
+
+=================  ===========================================================
+``architecture``   :mod:`.architecture`: architecture and depth (arXiv 2011.11840)
+``batchnorm``      :mod:`.batchnorm`: BatchNorm, first-k layers, folded noise (2205.07372)
+``learning_rate``  :mod:`.learning_rate`: sweet spot, sharpness vs 2/lr (2205.07856)
+``norm_type``      :mod:`.norm_type`: L2 vs L1 vs TopK BatchNorm (2205.04886)
+=================  ===========================================================
+
+Each module has ``plan(grid, ...) -> StudyPlan`` (the cells) and
+``analyse(plan, results, grid) -> StudyResult`` (tables, findings with computed
+verdicts, figures). :func:`run_plans` runs any number of plans through one executor
+and one result store, so models shared between studies are trained and measured once,
+and a killed run resumes where it stopped.
+"""
+from __future__ import annotations
+
+import importlib
+
+from .common import Finding, Grid, StudyPlan, StudyResult
+
+__all__ = ["STUDIES", "Grid", "StudyPlan", "StudyResult", "Finding", "study_module", "run_plans", "run_study",
+           "default_grid", "quick_grid", "quick_options"]
+
+STUDIES = ("architecture", "batchnorm", "learning_rate", "norm_type")
+
+
+def study_module(name: str):
+    if name not in STUDIES:
+        raise ValueError(f"unknown study {name!r}; accepted: {list(STUDIES)}")
+    return importlib.import_module(f".{name}", __name__)
+
+
+def default_grid(**overrides) -> Grid:
+    """The CPU-scale default (what ``noiseprop report`` runs on digits)."""
+    base = dict(etas=(0.0, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0), draws=20, seeds=(0, 1, 2), widths={"vgg": 8})
+    base.update(overrides)
+    return Grid(**base)
+
+
+def quick_grid(**overrides) -> Grid:
+    """A reduced grid for tests and smoke runs (``--quick``): tiny models, two seeds,
+    few levels and draws. Its verdicts are mostly inconclusive by design."""
+    base = dict(etas=(0.0, 0.3, 0.6, 1.0), draws=4, seeds=(0, 1), epochs=2, widths={"mlp": 32, "vgg": 4,
+                                                                                      "resnet": 4},
+                n_test=120, curvature_inputs=64, trace_probes=4, eig_iters=5, gain_inputs=16)
+    base.update(overrides)
+    return Grid(**base)
+
+
+def quick_options() -> dict:
+    """Per-study options of the quick run (small models only)."""
+    return {
+        "architecture": {"models": ("mlp", "resnet8", "resnet14")},
+        "batchnorm": {"archs": ("mlp",), "ks": (0, 1, None)},
+        "learning_rate": {"arch": "mlp", "lrs": (0.01, 0.05, 0.25)},
+        "norm_type": {"archs": ("mlp",)},
+    }
+
+
+def run_plans(plans, grid: Grid, store, executor=None, progress=None, stop_after=None):
+    """Run the cells of every plan (deduplicated) through ``executor`` and ``store``;
+    return ``(results, RunStats)``."""
+    from ..executor import run_tasks
+
+    preload()
+    tasks = [t for p in plans for t in p.tasks]
+    return run_tasks(tasks, store, executor, progress=progress, stop_after=stop_after)
+
+
+def preload() -> None:
+    """Import what the cells use, in this process, before workers are forked (so
+    each worker does not pay for the imports again)."""
+    import importlib
+
+    # torch.optim's first step() imports torch._dynamo (seconds): do it once, here
+    for m in ("torch._dynamo", "noiseprop.empirical.train", "noiseprop.empirical.montecarlo",
+              "noiseprop.empirical.compare", "noiseprop.theory", "statsmodels.api", "statsmodels.formula.api",
+              "scipy.stats"):
+        importlib.import_module(m)
+    for m in ("noiseprop.theory.predict", "noiseprop.theory.flatness"):
+        try:
+            importlib.import_module(m)
+        except ImportError:
+            pass
+
+
+def run_study(name: str, grid: Grid | None = None, store=None, executor=None, cache_dir=None, progress=None,
+              **options) -> StudyResult:
+    """Plan, run and analyse one study. ``store``: a
+    :class:`~noiseprop.empirical.cells.ResultStore` (default: ``<cache_dir>/cells``)."""
+    from pathlib import Path
+
+    from ..cells import ResultStore
+    from ..train import default_cache_dir
+
+    grid = grid or default_grid()
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    store = store or ResultStore(cache_dir / "cells")
+    mod = study_module(name)
+    plan = mod.plan(grid, cache_dir=str(cache_dir), **options)
+    results, _ = run_plans([plan], grid, store, executor, progress)
+    return mod.analyse(plan, results, grid)

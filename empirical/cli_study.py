@@ -1,0 +1,114 @@
+"""``noiseprop study NAME``: run one of the four studies and write its tables, figures
+and findings (the same cells, store and code as ``noiseprop report``).
+
+Examples::
+
+    noiseprop study batchnorm                          # digits, CPU scale
+    noiseprop study batchnorm --archs vgg resnet20 --ks 0 1 3 all --seeds 0 1 2 3
+    noiseprop study learning_rate --lrs 0.003 0.01 0.03 0.1 0.3 1 --arch resnet20 --norm bn
+    noiseprop study architecture --dataset cifar10 --data-dir ~/data --models vgg resnet20 resnet56
+"""
+from __future__ import annotations
+
+import sys
+
+
+def _ks(values):
+    out = []
+    for v in values:
+        if str(v).lower() == "all":
+            out.append(None)
+        else:
+            try:
+                out.append(int(v))
+            except ValueError:
+                raise ValueError(f"--ks takes integers >= 0 or 'all', got {v!r}") from None
+    return tuple(out)
+
+
+def cmd_study(args) -> int:
+    from pathlib import Path
+
+    from .report import ReportConfig, write_report
+    from .studies import STUDIES, default_grid, quick_grid, quick_options, run_plans, study_module
+    from .cells import ResultStore
+    from .executor import make_executor, print_progress
+    from .train import default_cache_dir
+
+    if args.name not in STUDIES:
+        raise ValueError(f"unknown study {args.name!r}; accepted: {list(STUDIES)}")
+    overrides = {"dataset": args.dataset, "data_dir": args.data_dir}
+    for k in ("draws", "epochs"):
+        if getattr(args, k) is not None:
+            overrides[k] = getattr(args, k)
+    if args.seeds is not None:
+        overrides["seeds"] = tuple(args.seeds)
+    if args.etas is not None:
+        overrides["etas"] = tuple(args.etas)
+    if args.theory is not None:
+        overrides["theory"] = args.theory
+    grid = quick_grid(**overrides) if args.quick else default_grid(**overrides)
+    opts = dict(quick_options()[args.name]) if args.quick else {}
+    if args.name == "architecture" and args.models:
+        opts["models"] = tuple(args.models)
+    if args.name in ("batchnorm", "norm_type") and args.archs:
+        opts["archs"] = tuple(args.archs)
+    if args.name == "batchnorm" and args.ks:
+        opts["ks"] = _ks(args.ks)
+    if args.name == "norm_type" and args.norms:
+        opts["norms"] = tuple(args.norms)
+    if args.name == "learning_rate":
+        if args.lrs:
+            opts["lrs"] = tuple(args.lrs)
+        if args.arch:
+            opts["arch"] = args.arch
+        if args.norm:
+            opts["norm"] = args.norm
+    elif args.arch or args.lrs or (args.norm and args.name != "architecture"):
+        raise ValueError("--arch, --lrs and --norm apply to the learning_rate study (--norm also to architecture)")
+    if args.name == "architecture" and args.norm:
+        opts["norm"] = args.norm
+    cache = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
+    mod = study_module(args.name)
+    plan = mod.plan(grid, cache_dir=str(cache), **opts)
+    print(f"[study {args.name}] {plan.n_models} models, {len(plan.tasks)} cells", file=sys.stderr)
+    executor = make_executor(args.workers)
+    try:
+        results, stats = run_plans([plan], grid, ResultStore(cache / "cells"), executor,
+                                   progress=None if args.no_progress else print_progress())
+    finally:
+        if hasattr(executor, "shutdown"):
+            executor.shutdown()
+    res = mod.analyse(plan, results, grid)
+    print(res.summary())
+    if args.out:
+        path = write_report([res], grid, Path(args.out), ReportConfig(out_dir=args.out, quick=args.quick))
+        print(f"written to {path}")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("study", help="run one of the four studies (architecture, batchnorm, learning_rate, norm_type)",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("name", help="architecture | batchnorm | learning_rate | norm_type")
+    p.add_argument("--dataset", default="digits", help="digits (default), teacher, cifar10, cifar100, mnist")
+    p.add_argument("--data-dir", default=None, help="folder of the CIFAR/MNIST files")
+    p.add_argument("--etas", type=float, nargs="+", default=None, help="relative noise levels (include 0)")
+    p.add_argument("--draws", type=int, default=None, help="Monte-Carlo draws per level")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (at least 3 recommended)")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the family's)")
+    p.add_argument("--theory", choices=("linear", "moments"), default=None, help="prediction method")
+    p.add_argument("--models", nargs="+", default=None, help="architecture: e.g. mlp vgg resnet20 resnet32 resnet44 resnet56")
+    p.add_argument("--archs", nargs="+", default=None, help="batchnorm / norm_type: architectures")
+    p.add_argument("--ks", nargs="+", default=None, help="batchnorm: numbers of BatchNorm places (integers or 'all')")
+    p.add_argument("--norms", nargs="+", default=None, help="norm_type: subset of none bn l1 topk")
+    p.add_argument("--arch", default=None, help="learning_rate: the architecture")
+    p.add_argument("--norm", default=None, help="learning_rate / architecture: normalisation (none, bn, l1, topk)")
+    p.add_argument("--lrs", type=float, nargs="+", default=None, help="learning_rate: learning rates")
+    p.add_argument("--workers", type=int, default=None, help="worker processes (default min(2, cores); 1: in-process)")
+    p.add_argument("--cache-dir", default=None, help="checkpoints and result cells (default $NOISEPROP_CACHE_DIR "
+                                                      "or ~/.cache/noiseprop)")
+    p.add_argument("--out", default=None, help="write report.md, figures and CSVs of this study to this folder")
+    p.add_argument("--quick", action="store_true", help="a tiny grid (smoke test)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_study)

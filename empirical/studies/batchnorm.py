@@ -1,0 +1,257 @@
+"""Study 2: BatchNorm and noise robustness (Fagbohungbe & Qian 2022, IEEE Access,
+arXiv 2205.07372).
+
+Source claims (abstract and THEORY.md §4): "the presence of batch normalization layer
+negatively impacts noise resistant property of deep learning model and the impact grows
+with the increase of the number of batch normalization layers" (CIFAR-10 average
+normalised accuracy with vs without BN: ResNet44 41.32% vs 91.95%, VGG16 10.75% vs
+93.80%).
+
+Protocol: each architecture (default VGG-style and ResNet-20) without BatchNorm, with it
+in the first ``k`` eligible places only, and with it everywhere; several seeds. Noise
+``σ_l = η·std(W_l)`` on the Conv/Linear weights with BatchNorm kept digital
+("digital"), and on the weights after folding BatchNorm into them ("folded", how a
+crossbar stores it), common random numbers. Robustness = the normalised accuracy
+(noisy/clean) averaged over η > 0, as in the source paper.
+
+Tests, per architecture and noise placement (seed as a factor):
+- with BatchNorm everywhere vs without: paired t-test across seeds (claim: < 0);
+- OLS ``robustness ~ n_bn + C(seed)`` over the k grid (claim: slope < 0).
+The same tests on the predicted robustness say whether the theory predicts them.
+
+Mechanisms measured side by side (THEORY.md §4, §5): the folding amplification
+(mean over channels of the relative-noise variance inflation ``(std(W')/(a_c std W))²``,
+geometric mean over folded layers), ``tr(Σ_ε H)`` for noise on unfolded and on folded
+weights at η = 1 (the first-order loss increase is ``½ η² tr(Σ_ε H)``), the top Hessian
+eigenvalue, and the sum of per-layer gains (logit noise power per unit η², relative to
+the clean logit spread). Each is compared between BatchNorm everywhere and none (paired
+across seeds, log scale), and associated with robustness across all models
+(OLS ``robustness ~ log(mechanism) + C(arch) + C(seed)``), Holm-corrected.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from ..stats import Effect, holm, ols_effect, paired_effect
+from .common import (
+    Finding,
+    Grid,
+    StudyPlan,
+    StudyResult,
+    calibration_figure_frame,
+    compare_frame,
+    curve_frame,
+    curves_figure_frame,
+    finalise_findings,
+    model_cells,
+    model_frame,
+    seed_summary,
+    validation_tables,
+)
+from .figures import Figure
+
+NAME = "batchnorm"
+TITLE = "Study 2: BatchNorm"
+SOURCE = "Fagbohungbe & Qian 2022 (arXiv 2205.07372)"
+DEFAULT_ARCHS = ("vgg", "resnet20")
+DEFAULT_KS = (0, 1, 3, None)
+
+MECHANISMS = {
+    "folding_inflation": "folding amplification (variance inflation, geo-mean over layers)",
+    "trace_digital": "tr(Σ_ε H), noise on unfolded weights (η = 1)",
+    "trace_folded": "tr(Σ_ε H), noise on folded weights (η = 1)",
+    "top_eigenvalue": "top Hessian eigenvalue",
+    "layer_gain_total": "sum of per-layer gains",
+}
+
+
+def k_label(n_norm: int, total: int) -> str:
+    if n_norm == 0:
+        return "none"
+    if n_norm >= total:
+        return "all"
+    return f"first {n_norm}"
+
+
+def plan(grid: Grid, archs=DEFAULT_ARCHS, ks=DEFAULT_KS, cache_dir=None, norm: str = "bn", name: str = NAME,
+         title: str = TITLE) -> StudyPlan:
+    """``ks``: numbers of BatchNorm places (0 = none, ``None`` = all)."""
+    from ..models import _family, norm_places
+
+    if not archs:
+        raise ValueError(f"{name} study: give at least one architecture")
+    tasks, rows = [], []
+    for arch in archs:
+        fam, depth = _family(arch, None)
+        total = norm_places(arch)
+        seen = set()
+        for k in ks:
+            kk = total if k is None else int(k)
+            if kk < 0:
+                raise ValueError(f"k must be >= 0 or None (all), got {k!r}")
+            kk = min(kk, total)
+            if kk in seen:
+                continue
+            seen.add(kk)
+            for seed in grid.seeds:
+                t, row = model_cells(name, grid, arch, norm=norm if kk > 0 else "none",
+                                     norm_layers=(None if kk in (0, total) else kk), seed=seed, cache_dir=cache_dir,
+                                     factors={"k": k_label(kk, total), "places": total})
+                tasks += t
+                rows.append(row)
+    return StudyPlan(name, title, tuple(tasks), pd.DataFrame(rows),
+                     {"archs": list(archs), "ks": [("all" if k is None else k) for k in ks], "norm": norm})
+
+
+def variant_frame(mf: pd.DataFrame, variant: str) -> pd.DataFrame:
+    """Rows of one noise placement; models without normalisation have nothing to fold,
+    so their digital rows stand for both placements."""
+    if variant == "digital":
+        return mf[mf["variant"] == "digital"].reset_index(drop=True)
+    folded = mf[mf["variant"] == "folded"]
+    plain = mf[(mf["variant"] == "digital") & (mf["n_norm"] == 0)].assign(variant="folded")
+    return pd.concat([folded, plain], ignore_index=True)
+
+
+def paired_finding(study, source, frame, col, a, b, claim, sign, conf, by="norm_key", unit="normalised accuracy",
+                   theory_col=None, theory_ok=True) -> Finding:
+    from .common import seed_paired
+
+    x, y = seed_paired(frame, col, by, a, b)
+    eff = paired_effect(x, y, f"{a} − {b}", conf, unit=unit)
+    teff = None
+    if theory_ok and theory_col is not None:
+        tx, ty = seed_paired(frame, theory_col, by, a, b)
+        if np.isfinite(tx).all() and np.isfinite(ty).all():
+            teff = paired_effect(tx, ty, f"{a} − {b} (predicted)", conf, unit=unit)
+    return Finding(study, claim, source, "direction", eff, expected_sign=sign, theory_effect=teff)
+
+
+def _ols(frame, formula, term, unit=""):
+    try:
+        eff, _ = ols_effect(frame, formula, term, unit=unit)
+        return eff
+    except Exception as e:  # noqa: BLE001 - too few rows: no test
+        nan = float("nan")
+        return Effect(term, nan, nan, nan, nan, int(len(frame)), f"OLS {formula} (not estimable: {e})")
+
+
+def mechanism_tables(mf: pd.DataFrame, group: str, reference, others, conf: float, alpha: float):
+    """Side-by-side mechanisms: per group the mean over seeds with intervals; paired
+    differences (log scale) of each other level against ``reference``; association of
+    each mechanism with robustness across models. Holm within each table."""
+    d = variant_frame(mf, "digital")
+    cols = [c for c in MECHANISMS if c in d.columns]
+    side = seed_summary(d, ["arch", group], cols + ["robustness"], conf)
+    rows = []
+    for arch in d["arch"].unique():
+        da = d[d["arch"] == arch]
+        for lvl in others:
+            for c in cols:
+                from .common import seed_paired
+
+                x, y = seed_paired(da.assign(v=np.log(da[c].astype(float))), "v", group, lvl, reference)
+                ok = np.isfinite(x) & np.isfinite(y)
+                if ok.sum() < 2:
+                    if c == "folding_inflation" and lvl != reference:
+                        # the reference has no BatchNorm: test the inflation against 1 (log 0)
+                        xs = np.log(da[da[group] == lvl][c].astype(float).to_numpy())
+                        xs = xs[np.isfinite(xs)]
+                        if xs.size >= 2:
+                            e = paired_effect(xs, np.zeros_like(xs), "log inflation vs 1", conf, unit="log")
+                            rows.append({"arch": arch, "level": lvl, "mechanism": c, "description": MECHANISMS[c],
+                                         "log_ratio": e.estimate, "ci_low": e.ci_low, "ci_high": e.ci_high,
+                                         "ratio": float(np.exp(e.estimate)), "p": e.p_value, "n": e.n,
+                                         "test": "one-sample t of log inflation against 0 (no inflation)"})
+                    continue
+                e = paired_effect(x[ok], y[ok], f"{lvl} − {reference}", conf, unit="log")
+                rows.append({"arch": arch, "level": lvl, "mechanism": c, "description": MECHANISMS[c],
+                             "log_ratio": e.estimate, "ci_low": e.ci_low, "ci_high": e.ci_high,
+                             "ratio": float(np.exp(e.estimate)), "p": e.p_value, "n": e.n,
+                             "test": f"paired t across seeds of log({lvl}) − log({reference})"})
+    paired = pd.DataFrame(rows)
+    if not paired.empty:
+        paired["p_holm"] = holm(paired["p"].to_numpy(float), alpha)[0]
+    assoc = []
+    for c in cols:
+        if c == "folding_inflation":
+            continue
+        dd = d.assign(logm=np.log(d[c].astype(float)))
+        dd = dd[np.isfinite(dd["logm"])]
+        terms = " + C(arch)" if dd["arch"].nunique() > 1 else ""
+        terms += " + C(seed)" if dd["seed"].nunique() > 1 else ""
+        e = _ols(dd, f"robustness ~ logm{terms}", "logm", unit="per unit log")
+        assoc.append({"mechanism": c, "description": MECHANISMS[c], "slope": e.estimate, "ci_low": e.ci_low,
+                      "ci_high": e.ci_high, "p": e.p_value, "n": e.n, "test": e.method})
+    assoc = pd.DataFrame(assoc)
+    if not assoc.empty:
+        assoc["p_holm"] = holm(assoc["p"].to_numpy(float), alpha)[0]
+    return side, paired, assoc
+
+
+def analyse(p: StudyPlan, results: dict, grid: Grid) -> StudyResult:
+    alpha, conf = grid.alpha, grid.confidence
+    mf = model_frame(p, results, grid)
+    mf["norm_key"] = mf["k"]
+    curves = curve_frame(p, results, grid)
+    comp = compare_frame(p, results)
+    theory_ok = mf["pred_robustness"].notna().all()
+    findings = []
+    for arch in mf["arch"].unique():
+        for variant, where in (("digital", "BatchNorm digital"), ("folded", "BatchNorm folded into the weights")):
+            d = variant_frame(mf[mf["arch"] == arch], variant)
+            if {"all", "none"} <= set(d["k"]):
+                findings.append(paired_finding(
+                    NAME, SOURCE, d, "robustness", "all", "none",
+                    f"{arch}, noise with {where}: BatchNorm lowers robustness (all vs none)", -1, conf,
+                    by="k", theory_col="pred_robustness", theory_ok=theory_ok))
+            if d["n_norm"].nunique() >= 3:
+                formula = "robustness ~ n_norm" + (" + C(seed)" if d["seed"].nunique() > 1 else "")
+                eff = _ols(d, formula, "n_norm", unit="per BatchNorm layer")
+                teff = _ols(d, formula.replace("robustness", "pred_robustness", 1), "n_norm",
+                            unit="per BatchNorm layer") if theory_ok else None
+                findings.append(Finding(NAME, f"{arch}, noise with {where}: the harm grows with the number of "
+                                        "BatchNorm layers", SOURCE, "direction", eff, expected_sign=-1,
+                                        theory_effect=teff))
+    findings = finalise_findings(findings, alpha)
+
+    side, paired, assoc = mechanism_tables(mf, "k", "none", ["all"], conf, alpha)
+    summ = pd.concat([seed_summary(variant_frame(mf, v).assign(variant=v), ["arch", "k", "variant"],
+                                   ["clean_accuracy", "auc", "robustness", "pred_robustness", "eta10"], conf)
+                      for v in ("digital", "folded")], ignore_index=True)
+    comp_cells, validation = validation_tables(comp, alpha, conf)
+    order = {"none": 0, "all": 10_000}
+    summ["_o"] = summ["k"].map(lambda k: order.get(k, int(str(k).split()[-1]) if str(k).startswith("first") else 0))
+    summ = summ.sort_values(["arch", "variant", "_o"]).drop(columns="_o").reset_index(drop=True)
+    curves_fig = curves_figure_frame(
+        pd.concat([variant_frame(curves, "digital"), variant_frame(curves, "folded")], ignore_index=True),
+        lambda r: f"BN {r['k']}", conf, panel=lambda r: f"{r['arch']}, BN {r['variant']}")
+    bars = summ.assign(group=summ["k"], value=summ["robustness"], ci_low=summ["robustness_ci_low"],
+                       ci_high=summ["robustness_ci_high"], panel=summ["arch"] + ", BN " + summ["variant"])
+    mech_fig = []
+    for c in MECHANISMS:
+        if c in side.columns:
+            mech_fig.append(side.assign(group=side["arch"] + " " + side["k"], value=side[c],
+                                        ci_low=side[f"{c}_ci_low"], ci_high=side[f"{c}_ci_high"], panel=c)
+                            [["panel", "group", "value", "ci_low", "ci_high"]])
+    figs = [
+        Figure("batchnorm_curves", "Accuracy vs η with BatchNorm in none / the first k / all places, noise on "
+               "unfolded (BN digital) and on folded weights; solid: Monte-Carlo mean over seeds with band, dashed: "
+               "theory.", "curves", curves_fig, {"ylabel": "accuracy"}),
+        Figure("batchnorm_robustness", "Normalised accuracy (noisy/clean) averaged over η > 0, per number of "
+               "BatchNorm layers, mean over seeds with interval.", "bars",
+               bars[["panel", "group", "value", "ci_low", "ci_high"]], {"ylabel": "normalised accuracy"}),
+        Figure("batchnorm_mechanisms", "Candidate mechanisms side by side (mean over seeds with interval).", "bars",
+               pd.concat(mech_fig, ignore_index=True) if mech_fig else pd.DataFrame(
+                   columns=["panel", "group", "value", "ci_low", "ci_high"]), {}),
+        Figure("batchnorm_calibration", "Predicted vs Monte-Carlo accuracy, every model, placement and η.",
+               "calibration", calibration_figure_frame(comp, "accuracy", lambda r: f"BN {r['variant']}"), {}),
+    ]
+    tables = {"batchnorm_models": mf, "batchnorm_summary": summ, "batchnorm_mechanisms": side,
+              "batchnorm_mechanism_tests": paired, "batchnorm_mechanism_association": assoc,
+              "batchnorm_curves": curves, "batchnorm_compare": comp_cells, "batchnorm_validation": validation}
+    from .architecture import _theory_notes
+
+    return StudyResult(NAME, TITLE, dict(p.params, **grid.to_dict()), tables, tuple(findings),
+                       tuple(_theory_notes(mf)), figures=tuple(figs))

@@ -1,0 +1,365 @@
+"""Study 3: learning rate, flatness and noise robustness (Fagbohungbe & Qian 2022,
+arXiv 2205.07856).
+
+Source claim (abstract): "there exists a sweet spot of learning rate values that
+achieves a good balance between model prediction performance and model noise-resistant
+property". Theory (THEORY.md §5, §6): SGD settles where the sharpness is near the
+linear-stability bound ``2/lr`` (``2(1+β)/lr`` with heavy-ball momentum β; Cohen et al.
+2021), so larger learning rates select flatter minima; the first-order loss increase
+under noise is ``½ tr(Σ_ε H)``; clean accuracy degrades near the largest stable lr.
+
+Protocol: one architecture (default: the VGG-style CNN without normalisation, whose
+sharpness is not confounded by BatchNorm's scale invariance), trained with a constant
+learning rate (after warm-up) at ≥ 6 learning rates over two decades, ≥ 3 seeds each.
+Per model: clean accuracy; the accuracy-vs-η curve and its area (mean accuracy over the
+η range: performance and noise resistance in one number); normalised robustness; the
+top Hessian eigenvalue of the training loss and ``tr(Σ_ε H)`` (η = 1).
+
+Tests (seed as a factor):
+- sweet spot: OLS ``auc ~ x + x² + C(seed)``, ``x = log10 lr`` (claim: curvature < 0),
+  and the vertex ``lr*`` with a bootstrap interval over seeds and Fieller's interval;
+  their envelope must lie inside the tested range for the claim to be reproduced (a
+  bootstrap interval wholly outside means the optimum is at an edge: contradicted);
+- sharpness falls with the learning rate: OLS ``log λ_max ~ log lr + C(seed)``
+  (claim: slope < 0; the edge-of-stability value is −1);
+- sharpness below the stability bound: per seed, the mean over learning rates of
+  ``log(λ_max·lr / (2(1+β)))``, t-test across seeds (claim: < 0);
+- robustness rises with the learning rate: OLS ``robustness ~ log10 lr + C(seed)``;
+- flatness predicts robustness: OLS ``robustness ~ log tr(Σ_ε H) + C(seed)`` (claim < 0).
+The symbolic sweet-spot model (:mod:`noiseprop.theory.symbolic`, topic learning_rate),
+when available, gives ``lr*`` in closed form from parameters fitted to the
+measurements; it is set beside the empirical interval.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+from ..stats import Effect, mean_ci, ols_effect
+from .common import (
+    Finding,
+    Grid,
+    StudyPlan,
+    StudyResult,
+    bootstrap_over_seeds,
+    calibration_figure_frame,
+    compare_frame,
+    curve_frame,
+    curves_figure_frame,
+    finalise_findings,
+    model_cells,
+    model_frame,
+    seed_summary,
+    validation_tables,
+)
+from .figures import Figure
+
+NAME = "learning_rate"
+TITLE = "Study 3: learning rate"
+SOURCE = "Fagbohungbe & Qian 2022 (arXiv 2205.07856)"
+EOS = "Cohen et al. 2021 (edge of stability); THEORY.md §6"
+FLAT = "THEORY.md §5 (E[ΔL] = ½ tr(Σ_ε H))"
+DEFAULT_ARCH = "vgg"
+DEFAULT_NORM = "none"
+
+
+def default_lrs(arch: str, norm: str, dataset: str, n: int = 6) -> list[float]:
+    """``n`` learning rates log-spaced over two decades, from the family default
+    ``lr0`` (:func:`noiseprop.empirical.train.default_train_config`): ``lr0·10^[−1.5, 0.5]``."""
+    from ..train import default_train_config
+
+    lr0 = default_train_config(arch, norm=norm, dataset=dataset)["lr"]
+    return [float(f"{v:.3g}") for v in lr0 * np.logspace(-1.5, 0.5, n)]
+
+
+def plan(grid: Grid, arch: str = DEFAULT_ARCH, norm: str = DEFAULT_NORM, lrs=None, schedule: str = "constant",
+         cache_dir=None) -> StudyPlan:
+    lrs = default_lrs(arch, norm, grid.dataset) if lrs is None else [float(v) for v in lrs]
+    if len(lrs) < 2 or any(v <= 0 for v in lrs) or len(set(lrs)) != len(lrs):
+        raise ValueError(f"learning_rate study: give at least two distinct positive learning rates, got {lrs!r}")
+    lrs = sorted(lrs)
+    tasks, rows = [], []
+    for lr in lrs:
+        for seed in grid.seeds:
+            t, row = model_cells(NAME, grid, arch, norm=norm, seed=seed, cache_dir=cache_dir,
+                                 train_overrides={"lr": lr, "schedule": schedule})
+            tasks += t
+            rows.append(row)
+    from ..train import default_train_config
+
+    momentum = default_train_config(arch, norm=norm, dataset=grid.dataset)["momentum"]
+    return StudyPlan(NAME, TITLE, tuple(tasks), pd.DataFrame(rows),
+                     {"arch": arch, "norm": norm, "lrs": lrs, "schedule": schedule, "momentum": momentum,
+                      "decades": float(math.log10(max(lrs) / min(lrs)))})
+
+
+def _quad_fit(frame: pd.DataFrame, col: str, center: float):
+    """(fit, curvature, linear, vertex log10 lr) of OLS ``col ~ x + x² + C(seed)``."""
+    import statsmodels.formula.api as smf
+
+    f = frame.assign(x=np.log10(frame["lr"].astype(float)) - center, y=frame[col].astype(float))
+    formula = "y ~ x + I(x**2)" + (" + C(seed)" if f["seed"].nunique() > 1 else "")
+    res = smf.ols(formula, data=f).fit()
+    c, b = float(res.params["I(x ** 2)"]), float(res.params["x"])
+    vertex = -b / (2 * c) + center if c < 0 else float("nan")
+    return res, c, b, vertex
+
+
+def _vertex_fast(frame: pd.DataFrame, col: str, center: float) -> float:
+    """The vertex of the same fit by least squares (numpy), for the bootstrap."""
+    x = np.log10(frame["lr"].to_numpy(float)) - center
+    seeds = frame["seed"].to_numpy()
+    levels = np.unique(seeds)
+    X = np.column_stack([x, x ** 2] + [(seeds == s).astype(float) for s in levels])
+    coef, *_ = np.linalg.lstsq(X, frame[col].to_numpy(float), rcond=None)
+    b, c = coef[0], coef[1]
+    return float(-b / (2 * c) + center) if c < 0 else float("nan")
+
+
+def fieller_vertex(res, center: float, confidence: float) -> tuple[float, float]:
+    """Fieller's interval for the vertex ``x* = −b/(2c)`` of the fitted quadratic:
+    ``{θ : (b + 2cθ)² ≤ t² Var(b + 2cθ)}`` with the OLS covariance of ``(b, c)``
+    (Fieller 1954; exact for normal errors). Bounded only when the curvature is
+    significantly non-zero; otherwise ``(nan, nan)``."""
+    from scipy import stats as st
+
+    b, c = float(res.params["x"]), float(res.params["I(x ** 2)"])
+    V = res.cov_params()
+    vbb, vcc, vbc = float(V.loc["x", "x"]), float(V.loc["I(x ** 2)", "I(x ** 2)"]), float(V.loc["x", "I(x ** 2)"])
+    t2 = float(st.t.ppf(0.5 + confidence / 2, res.df_resid)) ** 2
+    A = 4 * (c * c - t2 * vcc)
+    B = 4 * (b * c - t2 * vbc)
+    C = b * b - t2 * vbb
+    disc = B * B - 4 * A * C
+    if A <= 0 or disc < 0:
+        return float("nan"), float("nan")
+    r = math.sqrt(disc)
+    lo, hi = sorted(((-B - r) / (2 * A), (-B + r) / (2 * A)))
+    return lo + center, hi + center
+
+
+def _sweet_spot(mf, col, conf, lrs):
+    """The curvature test, and the vertex ``lr*`` with two intervals: a percentile
+    bootstrap over seeds (the unit of replication) and Fieller's interval from the
+    fit. With few seeds the seed bootstrap is coarse (it under-covers), so the
+    interval used for the verdict is the envelope of the two."""
+    center = float(np.mean(np.log10(lrs)))
+    try:
+        res, c, b, vertex = _quad_fit(mf, col, center)
+    except Exception as e:  # noqa: BLE001 - too few rows
+        nan = float("nan")
+        return Effect("curvature", nan, nan, nan, nan, len(mf), f"OLS (not estimable: {e})"), {}
+    ci = res.conf_int(alpha=1 - conf).loc["I(x ** 2)"]
+    eff = Effect("curvature of auc in log10 lr", c, float(ci.iloc[0]), float(ci.iloc[1]),
+                 float(res.pvalues["I(x ** 2)"]), int(res.nobs), f"OLS {col} ~ x + x² + C(seed), x = log10 lr",
+                 df=float(res.df_resid), se=float(res.bse["I(x ** 2)"]), unit="per decade²", confidence=conf)
+    lo_b, hi_b, vals = bootstrap_over_seeds(mf, lambda f: _vertex_fast(f, col, center), n_resamples=1000, seed=3,
+                                            confidence=conf)
+    lo_f, hi_f = fieller_vertex(res, center, conf) if c < 0 else (float("nan"), float("nan"))
+    ok = all(np.isfinite(v) for v in (lo_b, hi_b, lo_f, hi_f))
+    lo, hi = (min(lo_b, lo_f), max(hi_b, hi_f)) if ok else (float("nan"), float("nan"))
+    lmin, lmax = math.log10(min(lrs)), math.log10(max(lrs))
+    means = mf.groupby("lr")[col].mean()
+    p10 = lambda v: 10 ** v if np.isfinite(v) else float("nan")  # noqa: E731
+    info = {"lr_star": p10(vertex), "lr_star_ci_low": p10(lo), "lr_star_ci_high": p10(hi),
+            "bootstrap_ci_low": p10(lo_b), "bootstrap_ci_high": p10(hi_b),
+            "fieller_ci_low": p10(lo_f), "fieller_ci_high": p10(hi_f),
+            "bootstrap_defined": float(np.mean(np.isfinite(vals))),
+            "inside": bool(ok and lo > lmin and hi < lmax),
+            "outside": bool(np.isfinite(lo_b) and np.isfinite(hi_b) and (hi_b < lmin or lo_b > lmax)),
+            "best_lr_observed": float(means.idxmax())}
+    return eff, info
+
+
+def _ols(frame, formula, term, unit=""):
+    try:
+        return ols_effect(frame, formula, term, unit=unit)[0]
+    except Exception as e:  # noqa: BLE001
+        nan = float("nan")
+        return Effect(term, nan, nan, nan, nan, int(len(frame)), f"OLS {formula} (not estimable: {e})")
+
+
+def _fit_sweet_spot_model(frame: pd.DataFrame, lrs) -> dict:
+    """Fit the symbolic model's two terms to per-lr means: the clean loss
+    ``L_0 + a lr^p`` (``scipy.optimize.curve_fit`` with ``a, p ≥ 0``) and the
+    noise-induced loss ``b lr^(−q)`` (OLS of its log on log lr), then evaluate the
+    closed forms ``lr*`` and ``sweet_spot_exists`` of the derivation."""
+    from scipy.optimize import curve_fit
+
+    from noiseprop.theory.symbolic.learning_rate import lr_sweet_spot
+
+    d = lr_sweet_spot()
+    m = frame.groupby("lr")[["clean_loss", "noise_loss"]].mean().sort_index()
+    lr = m.index.to_numpy(float)
+    out = {}
+    nl = m["noise_loss"].to_numpy(float)
+    if np.all(nl > 0):
+        slope, icpt = np.polyfit(np.log(lr), np.log(nl), 1)
+        out["q"], out["b"] = float(-slope), float(np.exp(icpt))
+    else:
+        out["q"], out["b"] = float("nan"), float("nan")
+    cl = m["clean_loss"].to_numpy(float)
+    try:
+        (L0, a, pw), _ = curve_fit(lambda x, L0, a, pw: L0 + a * x ** pw, lr, cl,
+                                   p0=(float(cl.min()), 1e-3, 1.0), bounds=([0.0, 0.0, 0.0], [np.inf, np.inf, 5.0]),
+                                   maxfev=5000)
+        out.update(L_0=float(L0), a=float(a), p=float(pw))
+    except Exception:  # noqa: BLE001 - no fit: the model does not apply
+        out.update(L_0=float("nan"), a=float("nan"), p=float("nan"))
+    ok = all(np.isfinite(out[k]) and out[k] > 0 for k in ("a", "b", "p", "q"))
+    if ok:
+        out["lr_star"] = float(d.numeric("lr_opt")(a=out["a"], b=out["b"], p=out["p"], q=out["q"]))
+        out["exists"] = bool(d.numeric("sweet_spot_exists")(a=out["a"], b=out["b"], p=out["p"], q=out["q"],
+                                                             lr_min=min(lrs), lr_max=max(lrs)))
+    else:
+        out["lr_star"], out["exists"] = float("nan"), False
+    return out
+
+
+def symbolic_sweet_spot(mf: pd.DataFrame, lrs, confidence: float):
+    """The symbolic sweet-spot model (``theory.symbolic.learning_rate.lr_sweet_spot``):
+    ``J(lr) = L_0 + a lr^p + b lr^(−q)`` with the clean-loss and noise-loss terms fitted
+    to the measurements (noise loss = Monte-Carlo loss increase averaged over η > 0),
+    its closed-form ``lr* = (q b/(p a))^(1/(p+q))`` with a bootstrap interval over
+    seeds, and whether the model's existence condition holds on the tested range.
+    ``None`` when the topic is not available."""
+    try:
+        from noiseprop.theory.symbolic.learning_rate import lr_sweet_spot  # noqa: F401
+    except ImportError:
+        return None
+    fit = _fit_sweet_spot_model(mf, lrs)
+    lo, hi, vals = bootstrap_over_seeds(mf, lambda f: _fit_sweet_spot_model(f, lrs)["lr_star"], n_resamples=200,
+                                        seed=4, confidence=confidence)
+    fit.update(lr_star_ci_low=lo, lr_star_ci_high=hi, bootstrap_defined=float(np.mean(np.isfinite(vals))))
+    return fit
+
+
+def analyse(p: StudyPlan, results: dict, grid: Grid) -> StudyResult:
+    alpha, conf = grid.alpha, grid.confidence
+    lrs = p.params["lrs"]
+    beta = float(p.params.get("momentum", 0.9))
+    mf = model_frame(p, results, grid)
+    mf = mf[mf["variant"] == "digital"].reset_index(drop=True)
+    mf["log10_lr"] = np.log10(mf["lr"].astype(float))
+    mf["log_lr"] = np.log(mf["lr"].astype(float))
+    mf["log_sharpness"] = np.log(mf["top_eigenvalue"].astype(float))
+    mf["log_trace"] = np.log(mf["trace_digital"].astype(float))
+    mf["sharpness_x_lr_over_2"] = mf["top_eigenvalue"] * mf["lr"] / 2
+    mf["log_stability_ratio"] = np.log(mf["top_eigenvalue"] * mf["lr"] / (2 * (1 + beta)))
+    if "noise_loss" not in mf.columns:
+        mf["noise_loss"] = np.nan
+    curves = curve_frame(p, results, grid)
+    curves = curves[curves["variant"] == "digital"].reset_index(drop=True)
+    comp = compare_frame(p, results)
+    theory_ok = mf["pred_auc"].notna().all()
+    seedf = " + C(seed)" if mf["seed"].nunique() > 1 else ""
+    findings = []
+
+    eff, info = _sweet_spot(mf, "auc", conf, lrs)
+    teff, tinfo = _sweet_spot(mf, "pred_auc", conf, lrs) if theory_ok else (None, {})
+    note = (f"lr* = {info.get('lr_star', float('nan')):.3g}, bootstrap {int(conf * 100)}% CI over seeds "
+            f"[{info.get('lr_star_ci_low', float('nan')):.3g}, {info.get('lr_star_ci_high', float('nan')):.3g}] "
+            f"(tested range [{min(lrs):.3g}, {max(lrs):.3g}]); best observed lr {info.get('best_lr_observed', float('nan')):.3g}")
+    findings.append(Finding(NAME, "a sweet spot of the learning rate maximises accuracy under noise (interior "
+                            "maximum of the area under the accuracy-vs-η curve)", SOURCE, "direction", eff,
+                            expected_sign=-1, theory_effect=teff, note=note))
+    findings.append(Finding(NAME, "sharpness (top Hessian eigenvalue) falls as the learning rate rises", EOS,
+                            "direction", _ols(mf, f"log_sharpness ~ log_lr{seedf}", "log_lr", "log λ per log lr"),
+                            expected_sign=-1))
+    per_seed = mf.groupby("seed")["log_stability_ratio"].mean().to_numpy(float)
+    per_seed = per_seed[np.isfinite(per_seed)]
+    if per_seed.size >= 2:
+        from ..stats import paired_effect
+
+        e = paired_effect(per_seed, np.zeros_like(per_seed), "mean log(λ·lr/(2(1+β)))", conf, unit="log")
+        e = Effect(e.name, e.estimate, e.ci_low, e.ci_high, e.p_value, e.n,
+                   "t-test across seeds of the mean over lrs of log(λ_max·lr/(2(1+β)))", df=e.df, se=e.se,
+                   standardized=e.standardized, unit="log", confidence=conf)
+        findings.append(Finding(NAME, f"sharpness stays below the stability bound 2(1+β)/lr (β = {beta:g})", EOS,
+                                "direction", e, expected_sign=-1))
+    findings.append(Finding(NAME, "robustness (normalised accuracy averaged over η) rises with the learning rate",
+                            SOURCE, "direction", _ols(mf, f"robustness ~ log10_lr{seedf}", "log10_lr", "per decade"),
+                            expected_sign=+1,
+                            theory_effect=_ols(mf, f"pred_robustness ~ log10_lr{seedf}", "log10_lr", "per decade")
+                            if theory_ok else None))
+    findings.append(Finding(NAME, "flatter minima (smaller tr(Σ_ε H)) are more robust", FLAT, "direction",
+                            _ols(mf, f"robustness ~ log_trace{seedf}", "log_trace", "per log trace"), expected_sign=-1,
+                            theory_effect=_ols(mf, f"pred_robustness ~ log_trace{seedf}", "log_trace", "per log trace")
+                            if theory_ok else None))
+    findings = finalise_findings(findings, alpha)
+    # the sweet spot is reproduced only if its interval lies inside the tested range
+    fixed = []
+    for f in findings:
+        if f.claim.startswith("a sweet spot"):
+            v = f.verdict
+            if v == "reproduced" and not info.get("inside", False):
+                v = "inconclusive"
+            if info.get("outside", False):
+                v = "contradicted"
+            th = f.theory
+            if th == "predicted" and not tinfo.get("inside", False):
+                th = "not predicted"
+            if tinfo.get("outside", False):
+                th = "predicted the opposite"
+            from dataclasses import replace
+
+            f = replace(f, verdict=v, theory=th)
+        fixed.append(f)
+    findings = fixed
+
+    cols = ["clean_accuracy", "clean_loss", "noise_loss", "auc", "robustness", "top_eigenvalue",
+            "sharpness_x_lr_over_2", "trace_digital", "pred_auc", "pred_robustness"]
+    summ = seed_summary(mf, ["lr"], cols, conf).sort_values("lr").reset_index(drop=True)
+    summ["two_over_lr"] = 2 / summ["lr"]
+    summ["stability_bound"] = 2 * (1 + beta) / summ["lr"]
+    sweet = pd.DataFrame([dict(info, which="measured"), dict(tinfo, which="theory (predicted curves)")])
+    sym = symbolic_sweet_spot(mf, lrs, conf)
+    notes = []
+    if sym is None:
+        notes.append("symbolic sweet-spot model (theory.symbolic topic learning_rate) not available: "
+                     "closed-form lr* not computed")
+    else:
+        sweet = pd.concat([sweet, pd.DataFrame([dict(sym, which="symbolic model (fitted terms)")])],
+                          ignore_index=True)
+        lo_m, hi_m = info.get("lr_star_ci_low", float("nan")), info.get("lr_star_ci_high", float("nan"))
+        where = ("inside" if np.isfinite(lo_m) and lo_m <= sym["lr_star"] <= hi_m else "outside") \
+            if np.isfinite(sym["lr_star"]) and np.isfinite(lo_m) else "not comparable (an interval is undefined)"
+        notes.append(
+            f"symbolic sweet-spot model J = L0 + a·lr^p + b·lr^-q fitted to the measurements: a={sym['a']:.3g}, "
+            f"p={sym['p']:.3g}, b={sym['b']:.3g}, q={sym['q']:.3g} (edge of stability predicts q = 1); closed-form "
+            f"lr* = {sym['lr_star']:.3g} (bootstrap CI [{sym['lr_star_ci_low']:.3g}, {sym['lr_star_ci_high']:.3g}]); "
+            f"existence condition on the tested range: {'holds' if sym['exists'] else 'fails'}; model lr* is "
+            f"{where} the measured interval.")
+
+    lrfig = []
+    for col, panel, series in (("clean_accuracy", "accuracy", "clean"), ("auc", "accuracy", "mean over η (MC)"),
+                               ("pred_auc", "accuracy", "mean over η (theory)"),
+                               ("top_eigenvalue", "sharpness", "top eigenvalue"),
+                               ("trace_digital", "tr(Σ_ε H) at η = 1", "tr(Σ_ε H)"),
+                               ("robustness", "normalised robustness", "MC"),
+                               ("pred_robustness", "normalised robustness", "theory")):
+        lrfig.append(pd.DataFrame({"lr": summ["lr"], "series": series, "value": summ[col],
+                                   "ci_low": summ[f"{col}_ci_low"], "ci_high": summ[f"{col}_ci_high"],
+                                   "panel": panel}))
+    figs = [
+        Figure("learning_rate_sharpness", "Clean accuracy, accuracy under noise, sharpness and tr(Σ_ε H) against "
+               f"the learning rate (mean over seeds with {int(conf * 100)}% band); dotted: 2/lr and the momentum "
+               "stability bound 2(1+β)/lr.", "lr", pd.concat(lrfig, ignore_index=True),
+               {"reference": {"sharpness": [("2/lr", 2.0), ("2(1+β)/lr", 2.0 * (1 + beta))]},
+                "logy": ["sharpness", "tr(Σ_ε H) at η = 1"]}),
+        Figure("learning_rate_curves", "Accuracy vs η per learning rate: Monte-Carlo mean over seeds with band "
+               "(solid), theory (dashed).", "curves", curves_figure_frame(curves, lambda r: f"lr {r['lr']:.3g}", conf),
+               {"ylabel": "accuracy"}),
+        Figure("learning_rate_calibration", "Predicted vs Monte-Carlo accuracy, every model and η.", "calibration",
+               calibration_figure_frame(comp, "accuracy", lambda r: f"lr {r['lr']:.3g}"), {}),
+    ]
+    comp_cells, validation = validation_tables(comp, alpha, conf)
+    tables = {"learning_rate_models": mf, "learning_rate_summary": summ, "learning_rate_sweet_spot": sweet,
+              "learning_rate_curves": curves, "learning_rate_compare": comp_cells,
+              "learning_rate_validation": validation}
+    from .architecture import _theory_notes
+
+    return StudyResult(NAME, TITLE, dict(p.params, **grid.to_dict()), tables, tuple(findings),
+                       tuple(notes + _theory_notes(mf)), figures=tuple(figs))

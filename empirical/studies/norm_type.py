@@ -1,0 +1,130 @@
+"""Study 4: L2 vs L1 vs TopK BatchNorm (Fagbohungbe & Qian 2022, arXiv 2205.04886).
+
+Source claims (abstract): "L1 and TopK BatchNorm type has excellent noise-resistant
+property, and there is no sacrifice in performance due to the change in the BatchNorm
+type from L2 to L1/TopK BatchNorm type".
+
+Protocol: that of study 2 (:mod:`.batchnorm`) with the normalisation type as the
+factor: each architecture without normalisation and with L2 (standard), L1 and TopK
+BatchNorm in every place (THEORY.md §4), several seeds, noise on unfolded weights
+(BatchNorm digital) and on folded weights, common random numbers.
+
+Tests, per architecture and noise placement (seed as a factor):
+- L1 − L2 and TopK − L2 robustness, paired across seeds (claim: > 0);
+- clean accuracy L1 vs L2 and TopK vs L2: equivalence within ±1 percentage point
+  (TOST on the paired differences; claim: no sacrifice).
+Mechanisms side by side as in study 2 (each type against L2).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from ..stats import paired_effect
+from .batchnorm import MECHANISMS, mechanism_tables, paired_finding, variant_frame
+from .common import (
+    Finding,
+    Grid,
+    StudyPlan,
+    StudyResult,
+    calibration_figure_frame,
+    compare_frame,
+    curve_frame,
+    curves_figure_frame,
+    finalise_findings,
+    model_cells,
+    model_frame,
+    seed_paired,
+    seed_summary,
+    validation_tables,
+)
+from .figures import Figure
+
+NAME = "norm_type"
+TITLE = "Study 4: L2 vs L1 vs TopK BatchNorm"
+SOURCE = "Fagbohungbe & Qian 2022 (arXiv 2205.04886)"
+DEFAULT_ARCHS = ("vgg", "resnet20")
+DEFAULT_NORMS = ("none", "bn", "l1", "topk")
+NORM_NAMES = {"none": "none", "bn": "L2", "l1": "L1", "topk": "TopK"}
+CLEAN_MARGIN = 0.01
+
+
+def plan(grid: Grid, archs=DEFAULT_ARCHS, norms=DEFAULT_NORMS, cache_dir=None) -> StudyPlan:
+    if not archs:
+        raise ValueError("norm_type study: give at least one architecture")
+    bad = [n for n in norms if n not in NORM_NAMES]
+    if bad or "bn" not in norms:
+        raise ValueError(f"norms must include 'bn' (the L2 reference) and be among {list(NORM_NAMES)}; got {list(norms)}")
+    from ..models import norm_places
+
+    tasks, rows = [], []
+    for arch in archs:
+        total = norm_places(arch)
+        for norm in norms:
+            for seed in grid.seeds:
+                t, row = model_cells(NAME, grid, arch, norm=norm, seed=seed, cache_dir=cache_dir,
+                                     factors={"norm_type": NORM_NAMES[norm], "places": total,
+                                              "k": "none" if norm == "none" else "all"})
+                tasks += t
+                rows.append(row)
+    return StudyPlan(NAME, TITLE, tuple(tasks), pd.DataFrame(rows), {"archs": list(archs), "norms": list(norms)})
+
+
+def analyse(p: StudyPlan, results: dict, grid: Grid) -> StudyResult:
+    alpha, conf = grid.alpha, grid.confidence
+    mf = model_frame(p, results, grid)
+    curves = curve_frame(p, results, grid)
+    comp = compare_frame(p, results)
+    theory_ok = mf["pred_robustness"].notna().all()
+    findings = []
+    others = [n for n in ("L1", "TopK") if n in set(mf["norm_type"])]
+    for arch in mf["arch"].unique():
+        for variant, where in (("digital", "BatchNorm digital"), ("folded", "BatchNorm folded into the weights")):
+            d = variant_frame(mf[mf["arch"] == arch], variant)
+            for o in others:
+                findings.append(paired_finding(
+                    NAME, SOURCE, d, "robustness", o, "L2", f"{arch}, noise with {where}: {o} BatchNorm is more "
+                    "robust than L2", +1, conf, by="norm_type", theory_col="pred_robustness", theory_ok=theory_ok))
+        d = variant_frame(mf[mf["arch"] == arch], "digital")
+        for o in others:
+            x, y = seed_paired(d, "clean_accuracy", "norm_type", o, "L2")
+            eff = paired_effect(x, y, f"{o} − L2 clean accuracy", conf, unit="accuracy")
+            findings.append(Finding(NAME, f"{arch}: no clean-accuracy sacrifice with {o} BatchNorm (within "
+                                    f"±{CLEAN_MARGIN * 100:g} pp of L2)", SOURCE, "equivalence", eff,
+                                    margin=CLEAN_MARGIN))
+    findings = finalise_findings(findings, alpha)
+    side, paired, assoc = mechanism_tables(mf, "norm_type", "L2", others, conf, alpha)
+    summ = pd.concat([seed_summary(variant_frame(mf, v).assign(variant=v), ["arch", "norm_type", "variant"],
+                                   ["clean_accuracy", "auc", "robustness", "pred_robustness", "eta10"], conf)
+                      for v in ("digital", "folded")], ignore_index=True)
+    comp_cells, validation = validation_tables(comp, alpha, conf)
+    curves_fig = curves_figure_frame(
+        pd.concat([variant_frame(curves, "digital"), variant_frame(curves, "folded")], ignore_index=True),
+        lambda r: str(r["norm_type"]), conf, panel=lambda r: f"{r['arch']}, BN {r['variant']}")
+    bars = summ.assign(group=summ["norm_type"], value=summ["robustness"], ci_low=summ["robustness_ci_low"],
+                       ci_high=summ["robustness_ci_high"], panel=summ["arch"] + ", BN " + summ["variant"])
+    mech_fig = []
+    for c in MECHANISMS:
+        if c in side.columns:
+            mech_fig.append(side.assign(group=side["arch"] + " " + side["norm_type"], value=side[c],
+                                        ci_low=side[f"{c}_ci_low"], ci_high=side[f"{c}_ci_high"], panel=c)
+                            [["panel", "group", "value", "ci_low", "ci_high"]])
+    figs = [
+        Figure("norm_type_curves", "Accuracy vs η per normalisation type, noise on unfolded (BN digital) and on "
+               "folded weights; solid: Monte-Carlo mean over seeds with band, dashed: theory.", "curves",
+               curves_fig, {"ylabel": "accuracy"}),
+        Figure("norm_type_robustness", "Normalised accuracy averaged over η > 0 per normalisation type.", "bars",
+               bars[["panel", "group", "value", "ci_low", "ci_high"]], {"ylabel": "normalised accuracy"}),
+        Figure("norm_type_mechanisms", "Candidate mechanisms side by side per normalisation type.", "bars",
+               pd.concat(mech_fig, ignore_index=True) if mech_fig else pd.DataFrame(
+                   columns=["panel", "group", "value", "ci_low", "ci_high"]), {}),
+        Figure("norm_type_calibration", "Predicted vs Monte-Carlo accuracy, every model, placement and η.",
+               "calibration", calibration_figure_frame(comp, "accuracy", lambda r: f"BN {r['variant']}"), {}),
+    ]
+    tables = {"norm_type_models": mf, "norm_type_summary": summ, "norm_type_mechanisms": side,
+              "norm_type_mechanism_tests": paired, "norm_type_mechanism_association": assoc,
+              "norm_type_curves": curves, "norm_type_compare": comp_cells, "norm_type_validation": validation}
+    from .architecture import _theory_notes
+
+    return StudyResult(NAME, TITLE, dict(p.params, **grid.to_dict()), tables, tuple(findings),
+                       tuple(_theory_notes(mf)), figures=tuple(figs))
