@@ -45,6 +45,9 @@ def register(subparsers) -> None:
     p.add_argument("--schedule", choices=SCHEDULES, default=None)
     p.add_argument("--warmup-epochs", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads while training (default: torch's setting; 1 is fastest for the small "
+                        "digits models on a busy machine)")
     p.add_argument("--out", default=None, help="checkpoint file to write (default: only the cache)")
     p.add_argument("--cache-dir", default=None, help="checkpoint cache folder")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
@@ -70,7 +73,8 @@ def run(args) -> int:
         result = train(spec, data, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size,
                        momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule,
                        warmup_epochs=args.warmup_epochs, seed=args.seed, cache_dir=args.cache_dir,
-                       cache=not args.no_cache, progress=False if args.quiet else "auto")
+                       cache=not args.no_cache, progress=False if args.quiet else "auto",
+                       num_threads=args.threads)
     except TrainingDivergedError as e:
         raise CLIError(str(e)) from e
     written = None

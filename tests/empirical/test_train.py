@@ -52,7 +52,9 @@ def test_same_configuration_twice_gives_bit_identical_weights(tiny):
     for k in ("loss", "train_accuracy", "test_loss", "test_accuracy", "lr"):
         assert getattr(r1.history, k) == getattr(r2.history, k)
     assert r1.cache_key == r2.cache_key and not r1.from_cache
-    r3 = train(SMALL, tiny, seed=4, cache=False, **HP)
+    threads = torch.get_num_threads()
+    r3 = train(SMALL, tiny, seed=4, cache=False, num_threads=1, **HP)
+    assert torch.get_num_threads() == threads
     assert not _same_weights(r1.model, r3.model) and r3.cache_key != r1.cache_key
     # no global state left behind
     assert torch.equal(torch.get_rng_state(), rng_state)
@@ -224,6 +226,8 @@ def test_spec_must_match_the_data(tiny):
         train({**SMALL, "in_shape": [3, 32, 32]}, tiny, cache=False, **HP)
     with pytest.raises(TypeError, match="model_or_spec"):
         train(42, tiny)
+    with pytest.raises(ValueError, match="pass seed= to train"):
+        train({**SMALL, "seed": 1}, tiny, cache=False, **HP)
 
 
 def test_schedules():
@@ -247,7 +251,7 @@ def test_cli_train_end_to_end(tmp_path, capsys):
     out = tmp_path / "m.pt"
     argv = ["train", "--model", "resnet8", "--norm", "l1", "--dataset", "digits", "--width", "4",
             "--lr", "0.05", "--epochs", "1", "--seed", "0", "--batch-size", "64", "--momentum", "0.9",
-            "--weight-decay", "0", "--schedule", "constant", "--out", str(out), "--cache-dir", str(tmp_path / "c")]
+            "--weight-decay", "0", "--schedule", "constant", "--threads", "1", "--out", str(out), "--cache-dir", str(tmp_path / "c")]
     assert main(argv) == 0
     text = capsys.readouterr().out
     assert "resnet8" in text and "checkpoint written" in text
