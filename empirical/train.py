@@ -364,6 +364,15 @@ def _resolve_model(model_or_spec, data: Dataset):
             raise ValueError(f"model spec needs a 'name' (one of the model zoo families), got keys {sorted(s)}")
         s.setdefault("in_shape", list(data.in_shape))
         s.setdefault("num_classes", data.num_classes)
+        if s.get("width") is None or s.get("depth") is None:
+            name = s["name"]
+            if isinstance(name, str) and name.lower() == "resnet" and s.get("depth") is not None:
+                name = f"resnet{s['depth']}"
+            d = default_train_config(name, dataset=data.name)
+            if s.get("width") is None:
+                s["width"] = d["width"]
+            if s.get("depth") is None:
+                s["depth"] = d["depth"]
         if "seed" in s:
             raise ValueError("a model spec does not hold the seed; pass seed= to train() (it seeds the "
                              "initialisation and the mini-batch order)")
@@ -382,10 +391,11 @@ def train(model_or_spec, data="digits", lr=None, epochs=None, batch_size=None, m
     """Train a network with SGD + momentum (cross-entropy loss), or load it from the cache.
 
     Args:
-        model_or_spec: a family name (``"resnet20"``: the defaults of
-            :func:`default_train_config` for width and depth), a spec dict for
-            :func:`.models.build_model` (``in_shape`` / ``num_classes`` filled from the
-            data when absent), or an ``nn.Module`` (a deep copy is trained).
+        model_or_spec: a family name (``"resnet20"``, no normalisation), a spec dict
+            for :func:`.models.build_model` or an ``nn.Module`` (a deep copy is
+            trained). A spec's missing ``in_shape`` / ``num_classes`` come from the data,
+            its missing ``width`` / ``depth`` from :func:`default_train_config` for the
+            dataset (small widths on digits), not from ``build_model``'s defaults.
         data: a :class:`.data.Dataset`, a dataset name or a dataset spec dict.
         lr, epochs, batch_size, momentum, weight_decay, schedule, warmup_epochs: ``None``
             takes the family's default (:func:`default_train_config`; for a user's

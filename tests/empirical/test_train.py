@@ -203,6 +203,9 @@ def test_spec_forms_and_defaults(tiny):
     r = train("mlp", tiny, cache=False, epochs=1)
     assert r.spec["width"] == default_train_config("mlp")["width"] and r.spec["in_shape"] == [1, 8, 8]
     assert r.config["lr"] == default_train_config("mlp", norm="none")["lr"]
+    r2 = train({"name": "vgg", "norm": "bn"}, tiny, cache=False, epochs=1, batch_size=64)
+    assert r2.spec["width"] == default_train_config("vgg")["width"] and r2.spec["depth"] == 11
+    assert r2.config["lr"] == default_train_config("vgg", norm="bn")["lr"]
     built = build_model(**r.spec)
     assert built.state_dict().keys() == r.model.state_dict().keys()
 
