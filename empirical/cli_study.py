@@ -29,7 +29,6 @@ def _ks(values):
 def cmd_study(args) -> int:
     from pathlib import Path
 
-    from .report import ReportConfig, write_report
     from .studies import STUDIES, default_grid, quick_grid, quick_options, run_plans, study_module
     from .cells import ResultStore
     from .executor import make_executor, print_progress
@@ -82,6 +81,8 @@ def cmd_study(args) -> int:
     res = mod.analyse(plan, results, grid)
     print(res.summary())
     if args.out:
+        from .report import ReportConfig, write_report
+
         path = write_report([res], grid, Path(args.out), ReportConfig(out_dir=args.out, quick=args.quick))
         print(f"written to {path}")
     return 0

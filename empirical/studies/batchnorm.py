@@ -59,6 +59,7 @@ DEFAULT_KS = (0, 1, 3, None)
 
 MECHANISMS = {
     "folding_inflation": "folding amplification (variance inflation, geo-mean over layers)",
+    "folding_inflation_lognormal": "theory: log-normal closed form from the spread of BN gains",
     "trace_digital": "tr(Σ_ε H), noise on unfolded weights (η = 1)",
     "trace_folded": "tr(Σ_ε H), noise on folded weights (η = 1)",
     "top_eigenvalue": "top Hessian eigenvalue",
@@ -154,7 +155,7 @@ def mechanism_tables(mf: pd.DataFrame, group: str, reference, others, conf: floa
                 x, y = seed_paired(da.assign(v=np.log(da[c].astype(float))), "v", group, lvl, reference)
                 ok = np.isfinite(x) & np.isfinite(y)
                 if ok.sum() < 2:
-                    if c == "folding_inflation" and lvl != reference:
+                    if c.startswith("folding_inflation") and lvl != reference:
                         # the reference has no BatchNorm: test the inflation against 1 (log 0)
                         xs = np.log(da[da[group] == lvl][c].astype(float).to_numpy())
                         xs = xs[np.isfinite(xs)]
@@ -175,7 +176,7 @@ def mechanism_tables(mf: pd.DataFrame, group: str, reference, others, conf: floa
         paired["p_holm"] = holm(paired["p"].to_numpy(float), alpha)[0]
     assoc = []
     for c in cols:
-        if c == "folding_inflation":
+        if c.startswith("folding_inflation"):
             continue
         dd = d.assign(logm=np.log(d[c].astype(float)))
         dd = dd[np.isfinite(dd["logm"])]

@@ -202,15 +202,27 @@ def _norm_pairs(model):
 
 
 def folding_factors(model) -> dict:
-    """Per folded layer, the mean over output channels of the relative-noise variance
+    """Per folded layer, the measured folding amplification and the theory's value.
+
+    ``inflation``: the mean over output channels of the relative-noise variance
     inflation when noise hits the folded weights ``W' = diag(a) W`` instead of ``W``
     with BatchNorm digital (THEORY.md §4): channel ``c`` is inflated by
-    ``std(W')/(|a_c| std(W))``, so the variance by its square; the mean over channels is
-    ``≥ 1`` whenever the scales ``a_c`` differ (``E[a²]E[1/a²] ≥ 1``)."""
+    ``std(W')/(|a_c| std(W))``, so its variance by the square; ``≥ 1`` whenever the
+    gains ``a_c`` differ (``E[a²]E[1/a²] ≥ 1`` for rows of equal spread).
+    ``log_gain_std``: ``τ``, the spread of ``log|a_c|``; ``lognormal``: the closed form
+    ``1/C + (1 − 1/C) e^{4τ²}`` of :func:`noiseprop.theory.symbolic.batchnorm.batchnorm_lognormal_scales`
+    (log-normal gains, rows of equal spread).
+    """
     import torch
 
     from noiseprop.theory.targets import folding_affine
 
+    try:
+        from noiseprop.theory.symbolic.batchnorm import batchnorm_lognormal_scales
+
+        closed = batchnorm_lognormal_scales().numeric("inflation_mean")
+    except ImportError:  # the symbolic topic is optional here
+        closed = None
     mods = dict(model.named_modules())
     out = {}
     for conv_name, bn_name in _norm_pairs(model):
@@ -221,7 +233,10 @@ def folding_factors(model) -> dict:
         s, sf = w.std(correction=0), wf.std(correction=0)
         with torch.no_grad():
             infl = (sf / (a.abs() * s)) ** 2
-        out[conv_name] = float(infl[torch.isfinite(infl)].mean())
+        tau = float(torch.log(a.abs()).std(correction=1)) if a.numel() > 1 else 0.0
+        out[conv_name] = {"inflation": float(infl[torch.isfinite(infl)].mean()), "log_gain_std": tau,
+                          "lognormal": float(closed(tau=tau, C=int(a.numel()))) if closed is not None and tau > 0
+                          else float("nan")}
     return out
 
 
@@ -507,7 +522,9 @@ def model_frame(plan: StudyPlan, results: dict, grid: Grid) -> pd.DataFrame:
             for k in ("trace_digital", "trace_folded", "top_eigenvalue"):
                 row[k] = mech.get(k, np.nan)
             ff = mech.get("folding_factors") or {}
-            row["folding_inflation"] = float(np.exp(np.mean(np.log(list(ff.values()))))) if ff else np.nan
+            geo = lambda k: float(np.exp(np.mean(np.log([d[k] for d in ff.values()])))) if ff else np.nan  # noqa: E731
+            row["folding_inflation"] = geo("inflation")
+            row["folding_inflation_lognormal"] = geo("lognormal")
             lg = mech.get("layer_gains") or {}
             row["layer_gain_total"] = float(sum(lg.values())) if lg else np.nan
             row["mechanism_error"] = mech.get("error", "")

@@ -51,8 +51,12 @@ def test_folding_factors_equal_the_closed_form():
         f = folding_factors(model)
         a64 = a.double()
         assert list(f) == ["0"]
-        assert f["0"] == pytest.approx(float((a64 ** 2).mean() * (a64 ** -2).mean()), rel=1e-9)
-    assert f["0"] > 1.2
+        assert f["0"]["inflation"] == pytest.approx(float((a64 ** 2).mean() * (a64 ** -2).mean()), rel=1e-9)
+        assert f["0"]["log_gain_std"] == pytest.approx(float(torch.log(a64).std()), abs=1e-12)
+    assert f["0"]["inflation"] > 1.2
+    # log-normal gains of spread 0.7 over 16 channels: the closed form 1/C + (1 - 1/C) e^{4 tau^2}
+    tau = f["0"]["log_gain_std"]
+    assert f["0"]["lognormal"] == pytest.approx(1 / 16 + (15 / 16) * math.exp(4 * tau ** 2), rel=1e-9)
 
 
 # ----------------------------------------------------------------------------- verdicts
