@@ -31,7 +31,10 @@ def load_model_and_data(args):
     if not name:
         raise ValueError(f"checkpoint {args.model!r} does not record its data set; pass --dataset")
     data_dir = args.data_dir if args.data_dir is not None else ckpt.meta.get("data_dir")
-    kwargs = dict(ckpt.meta.get("dataset_kwargs") or {}) if not args.dataset else {}
+    kwargs = {}
+    if not args.dataset:  # the exact data set (and split) the checkpoint was trained on
+        skip = {"name", "fingerprint", "data_dir"}
+        kwargs = {k: v for k, v in (ckpt.meta.get("dataset_spec") or {}).items() if k not in skip}
     data = load_dataset(name, data_dir=data_dir, **kwargs)
     return ckpt.model, data.x_test, data.y_test, ckpt
 

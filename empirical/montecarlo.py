@@ -132,6 +132,11 @@ class NoisyEvaluator:
         self.net = copy.deepcopy(plan.model)
         self.net.eval()
         self.net.requires_grad_(False)
+        # 2-D convolutions run markedly faster on oneDNN in channels-last layout
+        # (measured ~2x on CPU, benchmarks/mc_throughput.py); results agree to float rounding.
+        self.channels_last = any(isinstance(m, nn.Conv2d) for m in self.net.modules())
+        if self.channels_last:
+            self.net.to(memory_format=torch.channels_last)
         params = dict(self.net.named_parameters())
         self.names = plan.names
         self.params = [params[n] for n in plan.names]
@@ -156,7 +161,9 @@ class NoisyEvaluator:
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
         bs = self.batch_size or n
-        outs = [self.net(x[i:i + bs].to(self.device, non_blocking=True)) for i in range(0, n, bs)]
+        fmt = torch.channels_last if (self.channels_last and x.dim() == 4) else torch.contiguous_format
+        outs = [self.net(x[i:i + bs].to(self.device, non_blocking=True).contiguous(memory_format=fmt))
+                for i in range(0, n, bs)]
         out = torch.cat(outs) if len(outs) > 1 else outs[0]
         if out.dim() != 2:
             raise ValueError(f"the model must map a batch of inputs to logits of shape [N, C]; got shape {tuple(out.shape)}")
