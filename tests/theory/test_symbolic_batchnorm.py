@@ -15,7 +15,7 @@ from noiseprop.theory.symbolic import (
     batchnorm_scale_estimators,
     batchnorm_statistics_noise,
 )
-from noiseprop.theory.symbolic.checking import mean_se, ratio_se, variance_se
+from noiseprop.theory.symbolic.checking import agreement, mean_se, ratio_se, variance_se
 from noiseprop.theory.targets import fold_bn
 
 
@@ -105,7 +105,7 @@ def test_folded_versus_unfolded_noise_per_channel():
     for key, dy in (("noise_var_unfolded", dy_u), ("noise_var_folded", dy_f)):
         v, se = variance_se(dy)
         pred = _call(d.numeric(key), **pool)
-        assert np.max(np.abs(v - pred) / se) < 4.5, key
+        assert agreement(f"batchnorm.folded_noise:{key}", pred, v, se) < 4.5
     # per-channel inflation = ratio of the relative noises (exact algebra)
     np.testing.assert_allclose(
         _call(d.numeric("relative_folded"), **pool) / _call(d.numeric("relative_unfolded"), **pool),
@@ -153,7 +153,7 @@ def test_lognormal_inflation_finite_channels():
     for nu in (0.0, 0.5):
         w = a ** (2 * nu)
         r, se = ratio_se((w * kappa).sum(axis=1), w.sum(axis=1))
-        assert abs(r - f(tau=tau, nu=nu, C=C)) / se < 4, nu
+        assert agreement(f"batchnorm.lognormal_scales:inflation_weighted[nu={nu}, C={C}]", f(tau=tau, nu=nu, C=C), r, se) < 4
     np.testing.assert_allclose(d.numeric("inflation_mean")(tau=tau, C=C), f(tau=tau, nu=0, C=C))
     # nu = 1 (signal-energy weights): exactly no inflation in every draw
     np.testing.assert_allclose((a**2 * kappa).sum(axis=1) / (a**2).sum(axis=1), 1.0, rtol=1e-10)
@@ -171,9 +171,9 @@ def test_lognormal_inflation_many_channels():
     logk = np.log(_kappa(a, W))
     d = batchnorm_lognormal_scales()
     m, se = mean_se(logk.mean(axis=1))
-    assert abs(m - d.numeric("log_inflation_mean_limit")(tau=tau)) / se < 4
+    assert agreement("batchnorm.lognormal_scales:log_inflation_mean_limit[C=4096]", d.numeric("log_inflation_mean_limit")(tau=tau), m, se) < 4
     med, se = mean_se(np.exp(np.median(logk, axis=1)))
-    assert abs(med - d.numeric("inflation_median_limit")(tau=tau)) / se < 4
+    assert agreement("batchnorm.lognormal_scales:inflation_median_limit[C=4096]", d.numeric("inflation_median_limit")(tau=tau), med, se) < 4
 
 
 def test_scale_estimators_for_gaussian_activations():
@@ -183,16 +183,16 @@ def test_scale_estimators_for_gaussian_activations():
     x = rng.normal(mu, sigma, size=(R, 32))
     mad_b = np.abs(x - x.mean(axis=1, keepdims=True)).mean(axis=1)
     m, se = mean_se(mad_b)
-    assert abs(m - d.numeric("mean_abs_dev_batch")(sigma=sigma, n=32)) / se < 4
+    assert agreement("batchnorm.scale_estimators:mean_abs_dev_batch[n=32]", d.numeric("mean_abs_dev_batch")(sigma=sigma, n=32), m, se) < 4
     l1 = np.sqrt(np.pi / 2) * np.abs(x - mu).mean(axis=1)  # known mean
     m, se = mean_se(l1)
-    assert abs(m - d.numeric("l1_scale_mean")(sigma=sigma)) / se < 4
+    assert agreement("batchnorm.scale_estimators:l1_scale_mean", d.numeric("l1_scale_mean")(sigma=sigma), m, se) < 4
     v, se = variance_se(l1)
-    assert abs(v - d.numeric("l1_scale_var")(sigma=sigma, n=32)) / se < 4
+    assert agreement("batchnorm.scale_estimators:l1_scale_var[n=32]", d.numeric("l1_scale_var")(sigma=sigma, n=32), v, se) < 4
     x = rng.normal(mu, sigma, size=(R, 128))
     l2 = np.sqrt(((x - mu) ** 2).mean(axis=1))
     v, se = variance_se(l2)
-    assert abs(v - d.numeric("l2_scale_var")(sigma=sigma, n=128)) / se < 4  # O(1/n) term: ~0.2%, se ~1%
+    assert agreement("batchnorm.scale_estimators:l2_scale_var[n=128]", d.numeric("l2_scale_var")(sigma=sigma, n=128), v, se) < 4  # O(1/n) term ~0.2%, se ~1%
     assert float(d.numeric("efficiency_l1_vs_l2")()) == pytest.approx(np.pi - 2)
 
 
@@ -205,7 +205,7 @@ def test_topk_scale(n):
     top = -np.sort(-dev, axis=1)[:, :k].mean(axis=1)
     m, se = mean_se(top)
     pred = d.numeric("topk_mean")(sigma=sigma, n=n, k=k)
-    assert abs(m - pred) / se < 4
+    assert agreement(f"batchnorm.scale_estimators:topk_mean[n={n}, k={k}]", pred, m, se) < 4
     C = d.numeric("topk_constant")(n=n)
     assert C == pytest.approx(0.5 * (1 + np.sqrt(np.pi * np.log(4))) / np.sqrt(2 * np.log(n)))
     bias = d.numeric("topk_scale_bias")(n=n, k=k)
@@ -251,7 +251,7 @@ def test_statistics_noise_per_channel(kind):
         pred = d.numeric("output_var_l2")(v=params["stat"], sigma_v=sd["stat"], **common)
     else:
         pred = d.numeric("output_var_scale")(s=params["stat"], sigma_s=sd["stat"], **common)
-    assert np.max(np.abs(v - pred) / se) < 4.5
+    assert agreement(f"batchnorm.statistics_noise:output_var_{kind}", pred, v, se) < 4.5
     if kind == "l2":
         # torch's BatchNorm1d in eval mode computes the same clean output
         bn = nn.BatchNorm1d(C, eps=eps).double().eval()
@@ -278,7 +278,7 @@ def test_statistics_noise_lognormal_average():
         w = sig ** (-2 * nu)  # a_c^{2 nu} with gamma constant
         for key, r in (("statistic_term_l2", r_l2), ("statistic_term_scale", r_sc)):
             m, se = mean_se((w * r).sum(axis=1) / w.sum(axis=1))
-            assert abs(m - d.numeric(key)(tau=tau, nu=nu)) / se < 4, (key, nu)
+            assert agreement(f"batchnorm.statistics_noise:{key}[nu={nu}]", d.numeric(key)(tau=tau, nu=nu), m, se) < 4
     # L2 stores the variance: its statistic term exceeds the scale's for a wide spread
     assert d.numeric("statistic_term_l2")(tau=0.5, nu=0) > 5 * d.numeric("statistic_term_scale")(tau=0.5, nu=0)
 
@@ -306,11 +306,9 @@ def test_layer_count_folded_random_network(k):
     d = batchnorm_layer_count()
     pred = d.numeric("relative_error")(eta=eta, L=L, k=k, kappa=1.0, G=0.0)
     assert d.numeric("slope_folded")(eta=eta, tau=tau, C=n, nu=1.0) == pytest.approx(0.0, abs=1e-15)
-    D = (dh**2).sum(1) - pred * (h**2).sum(1)
-    m, se = mean_se(D)
-    assert abs(m) / se < 4
+    r, se = ratio_se((dh**2).sum(1), (h**2).sum(1))
+    assert agreement(f"batchnorm.layer_count:relative_error[folded, energy, k={k}]", pred, r, se) < 4
     if k == 6:
         kbar0 = batchnorm_lognormal_scales().numeric("inflation_mean")(tau=tau, C=n)
         wrong = d.numeric("relative_error")(eta=eta, L=L, k=k, kappa=kbar0, G=0.0)
-        m, se = mean_se((dh**2).sum(1) - wrong * (h**2).sum(1))
-        assert abs(m) / se > 10  # the equal-channel-weights prediction does not hold here
+        assert abs(r - wrong) / se > 10  # the equal-channel-weights prediction does not hold here

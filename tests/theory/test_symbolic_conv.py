@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from noiseprop.theory.noise import AdditiveGaussian, RelativeGaussian
 from noiseprop.theory.symbolic import conv_pooling, conv_spatial_covariance
-from noiseprop.theory.symbolic.checking import covariance_se, mean_se, variance_se
+from noiseprop.theory.symbolic.checking import agreement, covariance_se, mean_se, variance_se
 
 C_IN, C_OUT, H, K = 2, 3, 6, 3
 
@@ -43,21 +43,17 @@ def test_spatial_covariance_within_and_between_channels():
     np.testing.assert_allclose(pred, 0.04 * w.numpy().std() ** 2 * A @ A.T)
     P = A.shape[0]
     pairs = [(0, 0), (14, 14), (14, 15), (14, 20), (14, 21), (0, 35), (7, 28)]  # same, neighbours, far
-    z = []
-    for c in range(C_OUT):
-        for p, q in pairs:
-            cov, se = covariance_se(dy[:, c, p], dy[:, c, q])
-            z.append((cov - pred[p, q]) / se)
-    assert np.max(np.abs(z)) < 4.5
+    keys = [(c, p, q) for c in range(C_OUT) for p, q in pairs]
+    cs, ses = zip(*[covariance_se(dy[:, c, p], dy[:, c, q]) for c, p, q in keys])
+    assert agreement("conv.spatial_covariance:cov_within_relative", [pred[p, q] for _, p, q in keys], cs, ses) < 4.5
     # strongly correlated neighbours: the independent-positions answer (0) is rejected
     cov, se = covariance_se(dy[:, 0, 14], dy[:, 0, 15])
     assert cov / se > 20 and pred[14, 15] / np.sqrt(pred[14, 14] * pred[15, 15]) > 0.5
     # channels are uncorrelated (the closed form says exactly 0)
     zero = d.numeric("cov_between")(P=P)
     assert zero.shape == (P, P) and not zero.any()
-    for c, c2, p, q in [(0, 1, 14, 14), (0, 2, 14, 15), (1, 2, 3, 30)]:
-        cov, se = covariance_se(dy[:, c, p], dy[:, c2, q])
-        assert abs(cov) / se < 4
+    cs, ses = zip(*[covariance_se(dy[:, c, p], dy[:, c2, q]) for c, c2, p, q in [(0, 1, 14, 14), (0, 2, 14, 15), (1, 2, 3, 30)]])
+    assert agreement("conv.spatial_covariance:cov_between", np.zeros(3), cs, ses) < 4
 
 
 def test_pooled_variance_and_the_independent_answer_it_replaces():
@@ -69,7 +65,7 @@ def test_pooled_variance_and_the_independent_answer_it_replaces():
     v, se = variance_se(pooled)
     pred = d.numeric("var_pooled")(A=A, sigma=sigma)
     np.testing.assert_allclose(pred, sigma**2 * np.sum(A.mean(axis=0) ** 2))
-    assert np.max(np.abs(v - pred) / se) < 4
+    assert agreement("conv.pooling:var_pooled", np.full(C_OUT, pred), v, se) < 4
     wrong = d.numeric("var_pooled_independent")(A=A, sigma=sigma)
     rho = d.numeric("underestimation")(A=A)
     np.testing.assert_allclose(pred / wrong, rho)
@@ -89,11 +85,9 @@ def test_underestimation_factor_for_iid_pixels():
     num = (A.sum(axis=1) ** 2).sum(axis=1)
     den = (A**2).sum(axis=(1, 2))
     kw = dict(mu_x=mu, v_x=v, P=P, d=dd)
-    m, se = mean_se(num)
-    f = d.numeric("expected_sq_norm_of_sum")
-    assert abs(m - f(**{a: kw[a] for a in f.args})) / se < 4
-    m, se = mean_se(den)
-    f = d.numeric("expected_sum_of_sq_norms")
-    assert abs(m - f(**{a: kw[a] for a in f.args})) / se < 4
+    for key, samples in (("expected_sq_norm_of_sum", num), ("expected_sum_of_sq_norms", den)):
+        m, se = mean_se(samples)
+        f = d.numeric(key)
+        assert agreement(f"conv.pooling:{key}", f(**{a: kw[a] for a in f.args}), m, se) < 4
     ratio = d.numeric("underestimation_iid")(mu_x=mu, v_x=v, P=P)
     assert ratio > 0.7 * P  # post-ReLU-like inputs: close to P, far from the independent 1

@@ -15,15 +15,17 @@ import pytest
 import torch
 
 from noiseprop.theory.symbolic import depth_recursion, depth_relu_critical, depth_residual
-from noiseprop.theory.symbolic.checking import mean_se
+from noiseprop.theory.symbolic.checking import agreement, mean_se, ratio_se
 
 FULL = os.environ.get("NOISEPROP_FULL") == "1"
 
 
-def _z(num, den, R):
-    D = num - R * den
-    m, se = mean_se(D)
-    return m / se
+def _z(num, den, R, name=None):
+    """z-score of the ratio of means mean(num)/mean(den) against R (delta-method s.e.)."""
+    r, se = ratio_se(num, den)
+    if name:
+        return agreement(name, R, r, se)
+    return (r - R) / se
 
 
 def _randn(g, *shape):
@@ -43,7 +45,7 @@ def test_recursion_closed_form_in_all_three_regimes(chi):
     m, se = mean_se(e2)
     der = depth_recursion()
     pred = der.numeric("error_constant")(s=s, chi=chi, L=L) if chi != 1.0 else der.numeric("error_critical")(s=s, L=L)
-    assert abs(m - pred) / se < 4
+    assert agreement(f"depth.recursion:error_constant[chi={chi}, L={L}]", pred, m, se) < 4
     if chi < 1:
         assert pred < der.numeric("error_ordered_limit")(s=s, chi=chi)
     if chi > 1:  # power: the critical answer s L is rejected in the chaotic phase
@@ -62,7 +64,7 @@ def test_recursion_general_layer_dependent_gains():
         d = (J @ d[:, :, None])[:, :, 0] + _randn(g, R, n) * np.sqrt(s / n)
     m, se = mean_se((d**2).sum(1).numpy())
     pred = depth_recursion().numeric("error_general")(s_l=ss, chi_l=chis, L=8)
-    assert abs(m - pred) / se < 4
+    assert agreement("depth.recursion:error_general[L=8]", pred, m, se) < 4
 
 
 def _relu_net(n, L, R, eta, sigma_w2, seed, eta_exact=None):
@@ -98,10 +100,11 @@ def test_critical_law_on_he_relu_networks():
     eta, eta_exact = 0.05, 0.002
     out = _relu_net(n, 32, R, eta, 2.0, seed=3, eta_exact=eta_exact)
     f = depth_relu_critical().numeric("relative_error")
-    for L in (2, 3, 4, 8, 16, 24, 32):
+    for L in range(2, 33):
         h2, d2, t2 = out[L]
-        assert abs(_z(d2, h2, f(eta=eta, L=L))) < 4, L
-        assert abs(_z(t2, h2, f(eta=eta_exact, L=L))) < 4, L
+        show = L in (2, 4, 8, 16, 32)
+        assert abs(_z(d2, h2, f(eta=eta, L=L), f"depth.relu_critical:relative_error[L={L}, n={n}]" if show else None)) < 4, L
+        assert abs(_z(t2, h2, f(eta=eta_exact, L=L), f"depth.relu_critical:exact_net[L={L}, eta={eta_exact}]" if show else None)) < 4, L
     # power: a depth-independent relative error (eta^2) is rejected at L = 32
     h2, d2, _ = out[32]
     assert abs(_z(d2, h2, eta**2)) > 4  # heavy tails of ‖h_L‖² at width 32 inflate the s.e.
@@ -115,7 +118,7 @@ def test_critical_law_holds_for_any_weight_scale():
         out = _relu_net(n, 8, R, eta, sw2, seed=seed)
         for L in (4, 8):
             h2, d2, _ = out[L]
-            assert abs(_z(d2, h2, f(eta=eta, L=L))) < 4, (sw2, L)
+            assert abs(_z(d2, h2, f(eta=eta, L=L), f"depth.relu_critical:relative_error[sigma_w^2={sw2}, L={L}]")) < 4
         # the signal's norm follows (σ_w²/2)^(L−1)
         gain = depth_relu_critical().numeric("signal_gain")(sigma_w=np.sqrt(sw2), L=8)
         m, se = mean_se(out[8][0] / np.mean(out[1][0]))
@@ -155,6 +158,6 @@ def test_residual_variant(L, scaled):
         assert pred == pytest.approx(d.numeric("relative_error_scaled_branch")(L=L, c=c, eta=eta, m=2))
     else:
         assert pred == pytest.approx(d.numeric("relative_error_unscaled")(L=L, eta=eta, m=2))
-    assert abs(_z(d2, x2, pred)) < 4
+    assert abs(_z(d2, x2, pred, f"depth.residual:relative_error[L={L}, beta2={beta2:.3g}]")) < 4
     # power: the plain-network law (eta^2 per noisy layer, 2 L layers) is rejected
     assert abs(_z(d2, x2, eta**2 * 2 * L)) > 6

@@ -9,7 +9,7 @@ import torch
 
 from noiseprop.theory.noise import Multiplicative, RelativeGaussian
 from noiseprop.theory.symbolic import flatness_hutchinson, flatness_quadratic, flatness_second_order
-from noiseprop.theory.symbolic.checking import mean_se, variance_se
+from noiseprop.theory.symbolic.checking import agreement, mean_se, variance_se
 
 
 def _quadratic(seed, p=8):
@@ -30,9 +30,9 @@ def test_quadratic_mean_and_variance_general_covariance():
     dL = eps @ g + 0.5 * np.einsum("ri,ij,rj->r", eps, H, eps)  # exact for a quadratic loss
     d = flatness_quadratic()
     m, se = mean_se(dL)
-    assert abs(m - d.numeric("mean_increase")(H=H, Sigma=Sigma)) / se < 4
+    assert agreement("flatness.quadratic:mean_increase", d.numeric("mean_increase")(H=H, Sigma=Sigma), m, se) < 4
     v, vse = variance_se(dL)
-    assert abs(v - d.numeric("variance_gaussian")(g=g, Sigma=Sigma, H=H)) / vse < 4
+    assert agreement("flatness.quadratic:variance_gaussian", d.numeric("variance_gaussian")(g=g, Sigma=Sigma, H=H), v, vse) < 4
     # power: the mean is far from 0 (the gradient term averages out, the curvature term does not)
     assert m / se > 20
 
@@ -50,7 +50,7 @@ def test_quadratic_multiplicative_noise_with_the_project_noise_model():
     m, se = mean_se(dL)
     pred = flatness_quadratic().numeric("mean_increase_multiplicative")(eta=0.1, w=w, H=H)
     np.testing.assert_allclose(pred, 0.5 * 0.01 * np.sum(w**2 * np.diag(H)))
-    assert abs(m - pred) / se < 4
+    assert agreement("flatness.quadratic:mean_increase_multiplicative", pred, m, se) < 4
 
 
 def test_per_layer_relative_noise_on_a_two_layer_quadratic():
@@ -73,7 +73,7 @@ def test_per_layer_relative_noise_on_a_two_layer_quadratic():
     m, se = mean_se(dL)
     tr = [np.trace(A.T @ A) / N, np.trace(B.T @ B) / N]  # tr H_ll
     pred = flatness_quadratic().numeric("mean_increase_per_layer")(eta=eta, s_l=np.array([w1.std(), w2.std()]), t_l=np.array(tr), K=2)
-    assert abs(m - pred) / se < 4
+    assert agreement("flatness.quadratic:mean_increase_per_layer", pred, m, se) < 4
     # power: a single isotropic sigma = eta·std(all weights) gives a different answer
     wrong = 0.5 * (eta * np.concatenate([w1, w2]).std()) ** 2 * sum(tr)
     assert abs(m - wrong) / se > 6
@@ -101,7 +101,7 @@ def test_second_order_for_a_smooth_loss_and_the_fourth_order_term():
     fk = _softplus_derivatives(theta, 8)
     coef = d.numeric("series_coefficient")
     series = sum(coef(sigma=sigma, k=k) * fk[2 * k] for k in range(1, 5))
-    assert abs(m - series) / se < 4
+    assert agreement("flatness.second_order:series through sigma^8 (softplus)", series, m, se) < 4
     second = d.numeric("second_order_1d")(sigma=sigma, f_2=fk[2])
     fourth = d.numeric("fourth_order_1d")(sigma=sigma, f_4=fk[4])
     assert abs(m - second) / se > 6  # second order alone is detectably off ...
@@ -124,13 +124,13 @@ def test_hutchinson_variance_rademacher_gaussian_and_noise_scaled():
     V = rng.choice([-1.0, 1.0], size=(R, p))
     q = np.einsum("ri,ij,rj->r", V, A, V)
     m, se = mean_se(q)
-    assert abs(m - d.numeric("mean")(A=A)) / se < 4
+    assert agreement("flatness.hutchinson:mean", d.numeric("mean")(A=A), m, se) < 4
     v, vse = variance_se(q)
-    assert abs(v - d.numeric("var_rademacher")(A=A)) / vse < 4
+    assert agreement("flatness.hutchinson:var_rademacher", d.numeric("var_rademacher")(A=A), v, vse) < 4
     assert abs(v - d.numeric("var_gaussian")(A=A)) / vse > 10  # power: the Gaussian-probe formula is wrong here
     G = rng.normal(size=(R, p))
     v, vse = variance_se(np.einsum("ri,ij,rj->r", G, A, G))
-    assert abs(v - d.numeric("var_gaussian")(A=A)) / vse < 4
+    assert agreement("flatness.hutchinson:var_gaussian", d.numeric("var_gaussian")(A=A), v, vse) < 4
     # noise-scaled probes: u = s ⊙ v estimates tr(diag(s²) H)
     H = A
     s = rng.uniform(0.01, 0.1, size=p)
@@ -140,7 +140,7 @@ def test_hutchinson_variance_rademacher_gaussian_and_noise_scaled():
     assert abs(m - d.numeric("mean_noise_scaled")(s=s, H=H)) / se < 4
     np.testing.assert_allclose(d.numeric("mean_noise_scaled")(s=s, H=H), np.sum(s**2 * np.diag(H)))
     v, vse = variance_se(qs)
-    assert abs(v - d.numeric("var_noise_scaled")(s=s, H=H)) / vse < 4
+    assert agreement("flatness.hutchinson:var_noise_scaled", d.numeric("var_noise_scaled")(s=s, H=H), v, vse) < 4
     n = d.numeric("probes_for_relative_se")(A=A, r=0.01)
     assert n == pytest.approx(d.numeric("var_rademacher")(A=A) / (1e-4 * np.trace(A) ** 2))
     assert math.isfinite(n)

@@ -6,7 +6,7 @@ import pytest
 from scipy.linalg import solve_discrete_lyapunov
 
 from noiseprop.theory.symbolic import lr_sgd_stationary, lr_stability, lr_sweet_spot
-from noiseprop.theory.symbolic.checking import mean_se
+from noiseprop.theory.symbolic.checking import agreement, mean_se
 
 
 def _hessian(eigs, seed):
@@ -59,7 +59,7 @@ def test_sgd_stationary_loss_with_gradient_noise_h_over_b():
     d = lr_sgd_stationary()
     exact = d.numeric("excess_loss_exact")(lr=lr, B=B, lambda_l=eigs, p=len(eigs))
     small = d.numeric("excess_loss_small_lr")(lr=lr, B=B, lambda_l=eigs, p=len(eigs))
-    assert abs(m - exact) / se < 4
+    assert agreement(f"learning_rate.sgd_stationary:excess_loss_exact[lr={lr}, B={B}]", exact, m, se) < 4
     assert abs(m - small) / se > 10  # the O(lr) form is detectably wrong at this lr
     np.testing.assert_allclose(small, lr / (4 * B) * eigs.sum())
 
@@ -77,7 +77,7 @@ def test_sgd_stationary_general_noise_covariance_and_small_lr_limit():
     np.testing.assert_allclose(resid, 0.0, atol=1e-12)
     exact = d.numeric("excess_loss_general")(H=H, Sigma=Sigma)
     m, se = mean_se(_sgd_chains(H, C, lr, chains=1000, burn=150, steps=300, seed=6))
-    assert abs(m - exact) / se < 4
+    assert agreement("learning_rate.sgd_stationary:excess_loss_general[Lyapunov, C not H/B]", exact, m, se) < 4
     # small-lr limit (lr/4) tr C: relative error O(lr)
     for lr_s in (0.01, 0.001):
         A = np.eye(3) - lr_s * H
@@ -113,7 +113,7 @@ def test_sweet_spot_model_against_simulation():
         J = _sweet_spot_mc(lrs, a, sigma, u, L0, R=3000, seed=int(np.log10(a)) + 10)
         m, se = mean_se(J.T)
         pred = f_J(lr=lrs, a=a, b=sigma**2 * rho, p=1, q=1, L_0=L0)
-        assert np.max(np.abs(m - pred) / se) < 4.5, a
+        assert agreement(f"learning_rate.sweet_spot:objective[a={a:g}]", pred, m, se) < 4.5
         star = lr_opt(rho=rho, sigma=sigma, a=a, p=1)
         inside = bool(exists(a=a, b=sigma**2 * rho, p=1, q=1, lr_min=lrs[0], lr_max=lrs[-1]))
         i = int(np.argmin(m))

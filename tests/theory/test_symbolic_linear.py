@@ -11,7 +11,7 @@ import torch
 
 from noiseprop.theory.noise import AdditiveGaussian, Multiplicative, RelativeGaussian
 from noiseprop.theory.symbolic import linear_fixed_input, linear_random_input, linear_width
-from noiseprop.theory.symbolic.checking import covariance_se, mean_se, variance_se
+from noiseprop.theory.symbolic.checking import agreement, covariance_se, mean_se, ratio_se, variance_se
 
 NOISES = {
     "additive": (AdditiveGaussian(0.3), "cov_additive", {"sigma": 0.3}),
@@ -48,17 +48,15 @@ def test_fixed_input_mean_and_covariance(model):
     d = linear_fixed_input()
     y = _noisy_outputs(W, x, noise, draws=20000, seed=2)
     m, se = mean_se(y)
-    assert np.max(np.abs(m - d.numeric("mean")(W, x).ravel()) / se) < 4.5
+    assert agreement(f"linear.fixed_input:mean[{model}]", d.numeric("mean")(W, x).ravel(), m, se) < 4.5
     cov_pred = _call(d.numeric(key), W=W, x=x, m=4, **level)
     # the general form with S = the noise model's own per-element variances agrees exactly
     S = noise.variance(torch.as_tensor(W)).numpy()
     np.testing.assert_allclose(d.numeric("cov")(S=S, x=x), cov_pred, rtol=1e-12, atol=1e-14)
     v, vse = variance_se(y)
-    assert np.max(np.abs(v - np.diag(cov_pred)) / vse) < 4.5
-    for i in range(4):
-        for k in range(i + 1, 4):
-            c, cse = covariance_se(y[:, i], y[:, k])
-            assert abs(c) / cse < 4.5, (i, k)
+    assert agreement(f"linear.fixed_input:{key} (variances)", np.diag(cov_pred), v, vse) < 4.5
+    cs, ses = zip(*[covariance_se(y[:, i], y[:, k]) for i in range(4) for k in range(i + 1, 4)])
+    assert agreement(f"linear.fixed_input:{key} (covariances = 0)", np.zeros(6), cs, ses) < 4.5
     if model == "multiplicative":
         # power: an isotropic answer with the same total variance is rejected
         iso = np.full(4, np.trace(cov_pred) / 4)
@@ -79,14 +77,11 @@ def test_random_input_covariance(model):
     y = np.einsum("dij,dj->di", Wn, x)
     d = linear_random_input()
     mean, se = mean_se(y)
-    assert np.max(np.abs(mean - d.numeric("mean")(W, mu).ravel()) / se) < 4
+    assert agreement(f"linear.random_input:mean[{model}]", d.numeric("mean")(W, mu).ravel(), mean, se) < 4
     pred = d.numeric(key)(W=W, mu=mu, Gamma=Gamma, **level)
-    z = []
-    for i in range(m):
-        for k in range(i, m):
-            c, cse = covariance_se(y[:, i], y[:, k])
-            z.append((c - pred[i, k]) / cse)
-    assert np.max(np.abs(z)) < 4.5
+    pairs = [(i, k) for i in range(m) for k in range(i, m)]
+    cs, ses = zip(*[covariance_se(y[:, i], y[:, k]) for i, k in pairs])
+    assert agreement(f"linear.random_input:{key}", [pred[i, k] for i, k in pairs], cs, ses) < 4.5
     # power: the fixed-input answer at x = mu (dropping the noise acting on Gamma) is rejected
     if model == "additive":
         wrong = W @ Gamma @ W.T + level["sigma"] ** 2 * (mu @ mu) * np.eye(m)
@@ -120,20 +115,17 @@ def test_width_dependence_of_relative_error(n):
     np.testing.assert_allclose(d.numeric("signal")(sigma_w=sigma_w, q=q), sigma_w**2 * q)
     # absolute noise
     r_abs = d.numeric("relative_mse_absolute")(sigma=sig, sigma_w=sigma_w, n=n)
-    D = sig**2 * zx2.sum(1) - r_abs * y2.sum(1)
-    mD, se = mean_se(D)
-    assert abs(mD) / se < 4
+    r, se = ratio_se(sig**2 * zx2.sum(1), y2.sum(1))
+    assert agreement(f"linear.width:relative_mse_absolute[n={n}]", r_abs, r, se) < 4
     # relative noise: sigma = eta * std(W) of the realised W (population std)
     r_rel = d.numeric("relative_mse_relative")(eta=eta, n=n, m=m)
     s2 = W.reshape(R, -1).var(axis=1)
-    D = eta**2 * s2 * zx2.sum(1) - r_rel * y2.sum(1)
-    mD, se = mean_se(D)
-    assert abs(mD) / se < 4
+    r, se = ratio_se(eta**2 * s2 * zx2.sum(1), y2.sum(1))
+    assert agreement(f"linear.width:relative_mse_relative[n={n}]", r_rel, r, se) < 4
     if n == 256:
         # power: a width-independent absolute-noise law (sigma²/sigma_w²) is rejected
-        D = sig**2 * zx2.sum(1) - (sig**2 / sigma_w**2) * y2.sum(1)
-        mD, se = mean_se(D)
-        assert abs(mD) / se > 10
+        r, se = ratio_se(sig**2 * zx2.sum(1), y2.sum(1))
+        assert abs(r - sig**2 / sigma_w**2) / se > 10
 
 
 def test_width_limits():

@@ -10,12 +10,14 @@
 - :func:`ratio_se`: ratio of two means with the delta-method se.
 - :func:`z_score`: ``(estimate − prediction)/se``; a closed form passes a check when
   ``|z| < 4`` (or the bound the test states).
+- :func:`agreement`: the z-score of a comparison, printed as one ``AGREEMENT`` line
+  (``pytest -s ... | grep AGREEMENT`` lists the measured agreement of every check).
 """
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["mean_se", "variance_se", "covariance_se", "ratio_se", "z_score"]
+__all__ = ["mean_se", "variance_se", "covariance_se", "ratio_se", "z_score", "agreement"]
 
 
 def _samples(x) -> np.ndarray:
@@ -64,3 +66,19 @@ def ratio_se(num, den):
 def z_score(estimate, prediction, se):
     """``(estimate − prediction)/se`` elementwise."""
     return (np.asarray(estimate, dtype=np.float64) - np.asarray(prediction, dtype=np.float64)) / np.asarray(se, dtype=np.float64)
+
+
+def agreement(name: str, prediction, estimate, se) -> float:
+    """Largest ``|z|`` of ``(estimate − prediction)/se`` (elementwise), printed as
+    ``AGREEMENT <name> pred=… mc=… se=… ratio=… max|z|=…`` (first element shown for arrays)."""
+    p = np.asarray(prediction, dtype=np.float64)
+    e = np.asarray(estimate, dtype=np.float64)
+    s = np.asarray(se, dtype=np.float64)
+    z = np.abs(z_score(e, p, s))
+    zmax = float(np.max(z))
+    i = np.unravel_index(int(np.argmax(z)), z.shape) if z.ndim else ()
+    pb, eb, sb = np.broadcast_arrays(p, e, s)
+    pv, ev, sv = float(pb[i]), float(eb[i]), float(sb[i])
+    ratio = ev / pv if pv != 0 else float("nan")
+    print(f"AGREEMENT {name} pred={pv:.6g} mc={ev:.6g} se={sv:.3g} ratio={ratio:.4f} max|z|={zmax:.2f} (n={z.size})")
+    return zmax
