@@ -6,6 +6,8 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 REPORT_ARGS ?=
+# `make paper PAPER_QUICK=1` runs the quick report when report/ is missing
+PAPER_QUICK ?=
 PYTEST_ARGS ?=
 
 .PHONY: install report test lab paper clean
@@ -30,6 +32,12 @@ test: $(STAMP)
 lab: $(STAMP)
 	$(BIN)/python -m pip install -e ".[notebooks]"
 	$(BIN)/jupyter lab notebooks/
+
+paper: $(STAMP)
+	command -v latexmk >/dev/null 2>&1 || scripts/install_tex.sh
+	test -d report || $(BIN)/noiseprop report $(if $(PAPER_QUICK),--quick) $(REPORT_ARGS)
+	$(BIN)/python paper/generate.py --report report --out paper/generated
+	cd paper && latexmk -pdf -interaction=nonstopmode -halt-on-error main.tex
 
 clean:
 	rm -rf $(VENV) report build *.egg-info
