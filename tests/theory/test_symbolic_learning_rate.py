@@ -35,6 +35,23 @@ def test_gd_stability_threshold_and_trajectory():
         assert (loss < 1e-3 * loss0) if stable else (loss > 1e3 * loss0)
 
 
+def test_heavy_ball_momentum_threshold():
+    eigs = np.array([0.5, 2.0])
+    H, _ = _hessian(eigs, 7)
+    beta = 0.9
+    d = lr_stability()
+    thr = d.numeric("max_stable_sharpness_momentum")(beta=beta, lr=1.0)  # lr·λ_max threshold = 2(1 + β)
+    assert thr == pytest.approx(3.8)
+    theta0 = np.array([1.0, -0.5])
+    for factor, stable in ((0.97, True), (1.03, False)):
+        lr = factor * thr / eigs.max()
+        th, prev = theta0.copy(), theta0.copy()
+        for _ in range(300):
+            th, prev = th - lr * H @ th + beta * (th - prev), th
+        ratio = (th @ H @ th) / (theta0 @ H @ theta0)
+        assert (ratio < 1e-6) if stable else (ratio > 1e6), factor
+
+
 def _sgd_chains(H, C, lr, chains, burn, steps, seed):
     """θ ← θ − lr(Hθ + ξ), ξ ~ N(0, C); per-chain time average of L = ½θᵀHθ after burn-in."""
     rng = np.random.default_rng(seed)

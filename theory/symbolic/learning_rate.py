@@ -29,8 +29,9 @@ _SOURCE = r"THEORY.md \S 6; Cohen et al. 2021 (edge of stability); Smith \& Le 2
 @lru_cache(maxsize=None)
 def lr_stability() -> Derivation:
     """GD on ``L = ½(θ − θ*)ᵀH(θ − θ*)``: each eigen-mode is multiplied by ``1 − lr λ_i`` per
-    step, so GD converges iff ``0 < lr λ_i < 2`` for all i, i.e. ``λ_max < 2/lr``.
-    THEORY.md §6.
+    step, so GD converges iff ``0 < lr λ_i < 2`` for all i, i.e. ``λ_max < 2/lr``. With
+    heavy-ball momentum β ∈ [0, 1) (Jury criterion on ``z² − (1 + β − lr λ)z + β``):
+    ``λ_max < 2(1 + β)/lr``. THEORY.md §6.
     """
     lr, lam = sp.symbols("lr lam", positive=True)
     theta0 = sp.Symbol("theta_0", real=True)
@@ -43,11 +44,23 @@ def lr_stability() -> Derivation:
         raise AssertionError(f"unexpected stability region {stable}")
     checks = [assert_zero(bound - 2 / lam, "|1 - lr lambda| < 1 with lr, lambda > 0  <=>  lr < 2/lambda (solve_univariate_inequality)")]
     loss_t = sp.Rational(1, 2) * lam * (factor**t * theta0) ** 2
+    # heavy-ball momentum: d_{t+1} = (1 + beta - lr lam) d_t - beta d_{t-1}; characteristic polynomial
+    # z^2 + a1 z + a0 with a1 = -(1 + beta - lr lam), a0 = beta. Jury: |a0| < 1 and |a1| < 1 + a0.
+    beta = sp.Symbol("beta", nonnegative=True)
+    u, cc = sp.symbols("u c", positive=True)  # u = lr lam, c = 1 + beta
+    jury = sp.solve_univariate_inequality(sp.Abs(cc - u) < cc, u, relational=True)
+    if not (isinstance(jury, sp.StrictLessThan) and jury.args[0] == u):  # pragma: no cover
+        raise AssertionError(f"unexpected Jury region {jury}")
+    checks.append(assert_zero(jury.args[1].subs(cc, 1 + beta) - 2 * (1 + beta), "heavy ball (0 <= beta < 1): |1 + beta - lr lambda| < 1 + beta  <=>  lr lambda < 2(1 + beta) (Jury criterion)"))
+    zz = sp.Symbol("z")
+    charpoly = zz**2 - (1 + beta - lr * lam) * zz + beta
+    checks.append(assert_zero(charpoly.subs({zz: -1, lr: 2 * (1 + beta) / lam}), "at lr lambda = 2(1 + beta) the mode has the root z = -1 (period-2 oscillation)"))
     exprs = {
         "mode_factor": factor,
         "max_stable_lr": 2 / lam,
         "max_stable_sharpness": 2 / lr,
         "mode_loss_after_t_steps": loss_t,
+        "max_stable_sharpness_momentum": 2 * (1 + beta) / lr,
     }
     return Derivation(
         name="learning_rate.stability",
@@ -60,18 +73,23 @@ def lr_stability() -> Derivation:
         ),
         assumptions=(
             r"$L(\theta)=\frac{1}{2}(\theta-\theta^*)^\top H(\theta-\theta^*)$, $H$ symmetric with eigenvalues "
-            r"$\lambda_i>0$; full-batch gradient descent $\theta_{t+1}=\theta_t-\mathrm{lr}\,\nabla L(\theta_t)$.",
+            r"$\lambda_i>0$; full-batch gradient descent $\theta_{t+1}=\theta_t-\mathrm{lr}\,\nabla L(\theta_t)$, or with "
+            r"heavy-ball momentum $\theta_{t+1}=\theta_t-\mathrm{lr}\,\nabla L(\theta_t)+\beta(\theta_t-\theta_{t-1})$.",
         ),
         expressions=exprs,
-        symbols={"lr": lr, "lam": lam, "theta_0": theta0, "t": t},
+        symbols={"lr": lr, "lam": lam, "theta_0": theta0, "t": t, "beta": beta},
         latex_names={"lr": r"\mathrm{lr}", "lam": r"\lambda"},
         lhs={
             "mode_factor": r"\frac{\theta_{t+1,i}-\theta^*_i}{\theta_{t,i}-\theta^*_i}",
             "max_stable_lr": r"\mathrm{lr}_{\max}",
             "max_stable_sharpness": r"\lambda_{\max}^{\mathrm{stable}}",
             "mode_loss_after_t_steps": r"L_i(t)",
+            "max_stable_sharpness_momentum": r"\lambda_{\max}^{\mathrm{stable}}\big|_{\beta}",
         },
-        descriptions={"mode_loss_after_t_steps": r"loss carried by one eigen-mode after $t$ steps from deviation $\theta_0$."},
+        descriptions={
+            "mode_loss_after_t_steps": r"loss carried by one eigen-mode after $t$ steps from deviation $\theta_0$.",
+            "max_stable_sharpness_momentum": r"heavy-ball momentum $\beta\in[0,1)$ (PyTorch SGD with \texttt{momentum}$=\beta$, no dampening).",
+        },
         where={"lr": "is the learning rate", "lam": "is a Hessian eigenvalue"},
         checks=tuple(checks),
         source=_SOURCE,
