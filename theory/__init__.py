@@ -5,6 +5,7 @@ analytic prediction (:mod:`.predict`), flatness (:mod:`.flatness`) and symbolic
 derivations (:mod:`.symbolic`). Never imports :mod:`noiseprop.empirical`.
 """
 from .noise import AdditiveGaussian, Multiplicative, RelativeGaussian, WeightNoise, parse_noise
+from .symbolic import DERIVATION_NAMES, DERIVATIONS, TOPICS, Derivation, derive, get_derivation
 from .targets import Targets, fold_bn, resolve_targets
 
 __all__ = [
@@ -16,6 +17,12 @@ __all__ = [
     "Targets",
     "fold_bn",
     "resolve_targets",
+    "Derivation",
+    "DERIVATIONS",
+    "DERIVATION_NAMES",
+    "TOPICS",
+    "derive",
+    "get_derivation",
 ]
 
 # Names filled in by the prediction engine (issue 4): predict, predict_sweep,
