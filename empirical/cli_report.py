@@ -1,26 +1,44 @@
-"""``noiseprop report``: the main job (what ``make report`` runs)."""
+"""``noiseprop report``: the main job (what ``make report`` runs): the four studies on
+the default data, then report/ with report.md, report.html, PNG figures and CSVs.
+
+Resumable: every finished cell is stored (``<cache-dir>/cells``); a killed run, rerun
+with the same arguments, computes only what is missing and writes the same report.
+"""
 from __future__ import annotations
 
 
 def cmd_report(args) -> int:
     from .report import ReportConfig, make_report
+    from .studies import STUDIES
 
-    cfg = ReportConfig(out_dir=args.out, dataset=args.dataset, data_dir=args.data_dir, draws=args.draws,
-                       seed=args.seed, cache_dir=args.cache_dir, quick=args.quick,
-                       progress=False if args.no_progress else None)
+    studies = tuple(args.studies) if args.studies else STUDIES
+    bad = [s for s in studies if s not in STUDIES]
+    if bad:
+        raise ValueError(f"unknown studies {bad}; accepted: {list(STUDIES)}")
+    cfg = ReportConfig(out_dir=args.out, dataset=args.dataset, data_dir=args.data_dir, cache_dir=args.cache_dir,
+                       workers=args.workers, quick=args.quick, studies=studies, draws=args.draws,
+                       seeds=tuple(args.seeds) if args.seeds else None, etas=tuple(args.etas) if args.etas else None,
+                       epochs=args.epochs, progress=not args.no_progress)
     path = make_report(cfg)
     print(f"report written to {path}")
     return 0
 
 
 def register(sub) -> None:
-    p = sub.add_parser("report", help="run the main job and write report/")
+    p = sub.add_parser("report", help="run the main job (the four studies) and write report/",
+                       description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="report", help="output folder (default: report)")
-    p.add_argument("--dataset", default="digits")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--draws", type=int, default=100)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cache-dir", default=None, help="checkpoint cache (default: $NOISEPROP_CACHE_DIR or ~/.cache/noiseprop)")
-    p.add_argument("--quick", action="store_true", help="a reduced run (used by the tests)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--dataset", default="digits", help="digits (default), teacher, cifar10, cifar100, mnist")
+    p.add_argument("--data-dir", default=None, help="folder of the CIFAR/MNIST files")
+    p.add_argument("--studies", nargs="+", default=None,
+                   help="subset of: architecture batchnorm learning_rate norm_type (default: all four)")
+    p.add_argument("--draws", type=int, default=None, help="Monte-Carlo draws per noise level")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds")
+    p.add_argument("--etas", type=float, nargs="+", default=None, help="relative noise levels (include 0)")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs for every model")
+    p.add_argument("--workers", type=int, default=None, help="worker processes (default min(2, cores); 1: in-process)")
+    p.add_argument("--cache-dir", default=None,
+                   help="checkpoints and result cells (default: $NOISEPROP_CACHE_DIR or ~/.cache/noiseprop)")
+    p.add_argument("--quick", action="store_true", help="a tiny grid, at most 90 s (used by the tests)")
+    p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
     p.set_defaults(func=cmd_report)

@@ -1,14 +1,34 @@
 """The main job's report (``noiseprop report``, what ``make report`` runs).
 
-First version (issue 2): train the default small CNN on the built-in digits data
-(cached), sweep relative weight noise σ_l = η·std(W_l) over an η grid with common random
-numbers, and write ``report/`` with the accuracy-vs-noise table and its confidence
-intervals (Markdown + CSV + PNG). Every file is written atomically.
+Runs the four studies of the source papers (:mod:`noiseprop.empirical.studies`) on the
+default data (the built-in digits), through one executor (parallel processes, one torch
+thread each) and one resumable result store, then writes ``report/``:
+
+- ``report.md`` and ``report.html``: the findings at a glance (each with its test,
+  effect, interval, Holm-adjusted p-value, the verdict on the source paper's claim and
+  whether the theory predicted it), then each study's tables and figures, and the
+  validation of the theory's predictions against Monte-Carlo;
+- ``figures/*.png``: accuracy vs η with bands and the theory's curve, calibration
+  plots, sharpness vs learning rate, mechanisms;
+- ``csv/*.csv``: the data behind every table and figure;
+- ``timings.json``: wall and compute time per study, cells loaded from the store and
+  computed (kept out of report.md, so an interrupted-then-resumed run writes the same
+  report as an uninterrupted one).
+
+Resumable: every cell (a training run or the measurements of one model) is stored
+atomically under a hash of its configuration (:mod:`noiseprop.empirical.cells`); a
+rerun loads what is finished and computes only the rest. Every output file is written
+atomically.
 """
 from __future__ import annotations
 
-import io
-from dataclasses import dataclass
+import html
+import json
+import math
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -16,99 +36,349 @@ import pandas as pd
 
 from .checkpoint import atomic_write
 
-__all__ = ["ReportConfig", "make_report"]
-
-DEFAULT_LEVELS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)
+__all__ = ["ReportConfig", "make_report", "render_markdown", "render_html"]
 
 
 @dataclass(frozen=True)
 class ReportConfig:
+    """What ``noiseprop report`` runs.
+
+    out_dir: the report folder. dataset, data_dir: the data (default digits).
+    cache_dir: checkpoints and result cells (default
+        :func:`noiseprop.empirical.train.default_cache_dir`; cells in ``cells/``).
+    workers: parallel worker processes (default ``min(2, cores)``; 1 = in-process).
+    quick: the reduced grid of :func:`noiseprop.empirical.studies.quick_grid` (tests).
+    studies: which studies to run. draws, seeds, etas, epochs: override the grid.
+    progress: print one line per study and per cell to stderr.
+    stop_after: stop (``KeyboardInterrupt``) after that many computed cells (tests).
+    """
+
     out_dir: str = "report"
     dataset: str = "digits"
     data_dir: str | None = None
-    model: str = "vgg"
-    norm: str = "bn"
-    levels: tuple = DEFAULT_LEVELS
-    draws: int = 100
-    seed: int = 0
     cache_dir: str | None = None
+    workers: int | None = None
     quick: bool = False
-    progress: bool | None = None
+    studies: tuple = ("architecture", "batchnorm", "learning_rate", "norm_type")
+    draws: int | None = None
+    seeds: tuple | None = None
+    etas: tuple | None = None
+    epochs: int | None = None
+    progress: bool = True
+    stop_after: int | None = None
 
 
+# ----------------------------------------------------------------------------
+# Formatting
+# ----------------------------------------------------------------------------
+def _fmt(v, col: str = "") -> str:
+    if v is None:
+        return ""
+    if isinstance(v, (bool, np.bool_)):
+        return "yes" if v else "no"
+    if isinstance(v, (int, np.integer)):
+        return str(int(v))
+    if isinstance(v, (float, np.floating)):
+        f = float(v)
+        if math.isnan(f):
+            return "n/a"
+        if math.isinf(f):
+            return "> grid" if f > 0 else "−∞"
+        if col.startswith("p") or col.endswith("_p") or "pvalue" in col or col in ("p", "p_holm"):
+            return "<1e-4" if f < 1e-4 else f"{f:.2g}"
+        if f == 0:
+            return "0"
+        a = abs(f)
+        if a >= 1e4 or a < 1e-3:
+            return f"{f:.3g}"
+        return f"{f:.4g}"
+    return str(v)
+
+
+def _md_table(frame: pd.DataFrame, columns=None, rename=None) -> str:
+    if frame is None or frame.empty:
+        return "_(no rows)_\n"
+    f = frame[columns] if columns else frame
+    names = [rename.get(c, c) if rename else c for c in f.columns]
+    lines = ["| " + " | ".join(names) + " |", "|" + "|".join("---" for _ in names) + "|"]
+    for _, r in f.iterrows():
+        lines.append("| " + " | ".join(_fmt(r[c], c).replace("|", "\\|") for c in f.columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _html_table(frame: pd.DataFrame, columns=None, rename=None) -> str:
+    if frame is None or frame.empty:
+        return "<p><em>(no rows)</em></p>"
+    f = frame[columns] if columns else frame
+    names = [rename.get(c, c) if rename else c for c in f.columns]
+    out = ["<table>", "<thead><tr>" + "".join(f"<th>{html.escape(str(n))}</th>" for n in names) + "</tr></thead>",
+           "<tbody>"]
+    for _, r in f.iterrows():
+        cells = []
+        for c in f.columns:
+            s = _fmt(r[c], c)
+            cls = f' class="{s}"' if c in ("verdict",) else ""
+            cells.append(f"<td{cls}>{html.escape(s)}</td>")
+        out.append("<tr>" + "".join(cells) + "</tr>")
+    out.append("</tbody></table>")
+    return "\n".join(out)
+
+
+# A document is a list of blocks: ("h", level, text), ("p", text), ("table", frame, columns, rename, csv),
+# ("fig", path, caption, csv), ("list", items)
+def render_markdown(blocks) -> str:
+    out = []
+    for b in blocks:
+        kind = b[0]
+        if kind == "h":
+            out.append("#" * b[1] + " " + b[2] + "\n")
+        elif kind == "p":
+            out.append(b[1] + "\n")
+        elif kind == "list":
+            out.append("\n".join(f"- {it}" for it in b[1]) + "\n")
+        elif kind == "table":
+            _, frame, cols, rename, csv = b
+            out.append(_md_table(frame, cols, rename) + (f"\n_Data: [{csv}]({csv})_\n" if csv else ""))
+        elif kind == "fig":
+            _, path, caption, csv = b
+            out.append(f"![{caption}]({path})\n\n_{caption}_" + (f" _Data: [{csv}]({csv})_" if csv else "") + "\n")
+    return "\n".join(out)
+
+
+_CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:0.5em 0 1em;font-size:0.85em}th,td{border:1px solid #ccc;padding:2px 6px;
+text-align:right}th{background:#f0f0f0}td.reproduced{background:#dfd}td.contradicted{background:#fdd}
+td.inconclusive{background:#ffd}img{max-width:100%}.cap{font-size:0.85em;color:#555}"""
+
+
+def render_html(blocks, title: str) -> str:
+    out = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+           f"<style>{_CSS}</style></head><body>"]
+    for b in blocks:
+        kind = b[0]
+        if kind == "h":
+            out.append(f"<h{b[1]}>{html.escape(b[2])}</h{b[1]}>")
+        elif kind == "p":
+            out.append(f"<p>{html.escape(b[1])}</p>")
+        elif kind == "list":
+            out.append("<ul>" + "".join(f"<li>{html.escape(it)}</li>" for it in b[1]) + "</ul>")
+        elif kind == "table":
+            _, frame, cols, rename, csv = b
+            out.append(_html_table(frame, cols, rename))
+            if csv:
+                out.append(f"<p class='cap'>Data: <a href='{csv}'>{csv}</a></p>")
+        elif kind == "fig":
+            _, path, caption, csv = b
+            out.append(f"<figure><img src='{path}' alt='{html.escape(caption)}'><figcaption class='cap'>"
+                       f"{html.escape(caption)}" + (f" Data: <a href='{csv}'>{csv}</a>" if csv else "") +
+                       "</figcaption></figure>")
+    out.append("</body></html>")
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------
+# Writing
+# ----------------------------------------------------------------------------
 def _write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def _write_csv(path: Path, frame: pd.DataFrame) -> None:
-    atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False))
+    def w(tmp):
+        frame.to_csv(tmp, index=False, float_format="%.10g")
+
+    atomic_write(path, w)
 
 
-def _plot_curve(path: Path, frame: pd.DataFrame, title: str) -> None:
-    import matplotlib
+def render_figure(fig, path: str) -> str:
+    """Draw one figure to ``path`` atomically (a top-level function, so a worker
+    process can run it)."""
+    from .studies.figures import render
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    atomic_write(Path(path), lambda tmp: render(fig, tmp))
+    return path
 
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(frame.level, frame.accuracy, marker="o", label="Monte-Carlo mean")
-    ax.fill_between(frame.level, frame.accuracy_ci_low, frame.accuracy_ci_high, alpha=0.3, label="95% CI")
-    ax.set_xlabel("η (σ_l = η·std(W_l))")
-    ax.set_ylabel("test accuracy")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write(path, lambda tmp: Path(tmp).write_bytes(buf.getvalue()))
+
+FINDING_COLUMNS = ["claim", "test", "effect", "ci_low", "ci_high", "effect_size", "p_holm", "verdict", "theory"]
+FINDING_NAMES = {"ci_low": "CI low", "ci_high": "CI high", "effect_size": "std. effect", "p_holm": "p (Holm)",
+                 "theory": "theory", "test": "test"}
+
+
+def _study_blocks(res, out: Path, written: dict) -> list:
+    blocks = [("h", 2, res.title)]
+    params = res.params
+    from .studies import study_module
+
+    mod = study_module(res.name)
+    doc = (mod.__doc__ or "").strip().split("\n\n")
+    blocks.append(("p", " ".join(doc[0].split())))
+    if len(doc) > 1:
+        blocks.append(("p", " ".join(doc[1].split())))
+    keys = [k for k in ("models", "archs", "arch", "norm", "ks", "norms", "lrs", "schedule", "momentum")
+            if k in params and params[k] is not None]
+    blocks.append(("list", [f"{k}: {params[k]}" for k in keys] +
+                   [f"seeds: {params['seeds']}; η grid: {params['etas']}; Monte-Carlo draws per level: "
+                    f"{params['draws']} (common random numbers, seed {params['mc_seed']}); theory: "
+                    f"{params['theory']} prediction"]))
+    ff = res.findings_frame()
+    blocks.append(("h", 3, "Findings"))
+    blocks.append(("table", ff, FINDING_COLUMNS, FINDING_NAMES, written.get(f"{res.name}_findings")))
+    notes = [f.claim + ": " + f.note for f in res.findings if f.note] + list(res.notes)
+    if notes:
+        blocks.append(("list", notes))
+    for fig in res.figures:
+        blocks.append(("fig", written[f"fig:{fig.name}"], fig.caption, written.get(f"figcsv:{fig.name}")))
+    for name, frame in res.tables.items():
+        if name.endswith(("_models", "_curves", "_compare")):
+            continue  # long tables: CSV only (linked below)
+        blocks.append(("h", 3, name.replace("_", " ")))
+        blocks.append(("table", _compact(frame), None, None, written.get(name)))
+    long = [written[n] for n in res.tables if n.endswith(("_models", "_curves", "_compare")) and n in written]
+    if long:
+        blocks.append(("p", "Per-model and per-cell data: " + ", ".join(f"[{p}]({p})" for p in long)))
+    return blocks
+
+
+def _compact(frame: pd.DataFrame) -> pd.DataFrame:
+    """Drop bookkeeping columns for display."""
+    drop = [c for c in frame.columns if c in ("train_key", "eval_key", "theory_error", "mechanism_error",
+                                              "cal_note", "cal_log", "cal_cov_type")]
+    return frame.drop(columns=drop)
 
 
 def make_report(cfg: ReportConfig = ReportConfig()) -> Path:
-    """Run the main job and write the report folder; returns the path of report.md."""
-    from .data import load_dataset
-    from .montecarlo import sweep
-    from .train import train
+    """Run the studies and write the report folder; returns the path of report.md."""
+    from .cells import ResultStore
+    from .executor import make_executor, print_progress
+    from .studies import default_grid, quick_grid, quick_options, run_plans, study_module
+    from .train import default_cache_dir
 
+    t_start = time.perf_counter()
     out = Path(cfg.out_dir)
+    overrides = {k: v for k, v in (("dataset", cfg.dataset), ("data_dir", cfg.data_dir), ("draws", cfg.draws),
+                                   ("seeds", cfg.seeds), ("etas", cfg.etas), ("epochs", cfg.epochs))
+                 if v is not None}
+    grid = quick_grid(**overrides) if cfg.quick else default_grid(**overrides)
+    cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir is not None else default_cache_dir()
+    store = ResultStore(cache / "cells")
+    store.clean_temp()
+    opts = quick_options() if cfg.quick else {}
+    log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if cfg.progress else (lambda msg: None)
+    plans = []
+    for i, name in enumerate(cfg.studies):
+        mod = study_module(name)
+        p = mod.plan(grid, cache_dir=str(cache), **opts.get(name, {}))
+        plans.append((mod, p))
+        log(f"[report] study {i + 1}/{len(cfg.studies)} {name}: {p.n_models} models, {len(p.tasks)} cells")
+    executor = make_executor(cfg.workers)
+    try:
+        results, stats = run_plans([p for _, p in plans], grid, store, executor,
+                                   progress=print_progress() if cfg.progress else None, stop_after=cfg.stop_after)
+        t_cells = time.perf_counter() - t_start
+        log(f"[report] cells: {stats.computed} computed, {stats.loaded} loaded from the store; analysing")
+        study_results = []
+        t_analysis = {}
+        for mod, p in plans:
+            t0 = time.perf_counter()
+            study_results.append(mod.analyse(p, results, grid))
+            t_analysis[p.name] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        path = write_report(study_results, grid, out, cfg, executor=executor)
+        t_write = time.perf_counter() - t0
+    finally:
+        if hasattr(executor, "shutdown"):
+            executor.shutdown()
+    timings = {"total_seconds": time.perf_counter() - t_start, "cells_seconds": t_cells,
+               "analysis_seconds": t_analysis, "write_seconds": t_write,
+               "compute_seconds_by_study": stats.compute_seconds, "cells_computed": stats.computed,
+               "cells_loaded": stats.loaded, "workers": getattr(executor, "_max_workers", 1),
+               "command": " ".join(sys.argv), "python": platform.python_version(), "machine": platform.machine()}
+    _write_text(out / "timings.json", json.dumps(timings, indent=2, sort_keys=True, default=str) + "\n")
+    log(f"[report] written to {path} in {timings['total_seconds']:.1f} s")
+    return path
+
+
+def write_report(study_results, grid, out: Path, cfg: ReportConfig, executor=None) -> Path:
+    """Write tables (CSV), figures (PNG, drawn through ``executor`` when given, in
+    parallel), report.md and report.html under ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    data = load_dataset(cfg.dataset, data_dir=cfg.data_dir)
-    spec = {"name": cfg.model, "norm": cfg.norm}
-    kwargs = {"epochs": 3} if cfg.quick else {}
-    tr = train(spec, data, seed=cfg.seed, cache_dir=cfg.cache_dir, progress="auto" if cfg.progress is None else cfg.progress,
-               **kwargs)
-    draws = 20 if cfg.quick else cfg.draws
-    levels = cfg.levels[::2] if cfg.quick else cfg.levels
-    sw = sweep(tr.model, data.x_test, data.y_test, "relative", levels, draws=draws, seed=cfg.seed,
-               progress=cfg.progress)
-    frame = sw.to_frame()
-    frame.insert(0, "model", tr.spec["name"])
-    frame.insert(1, "norm", tr.spec["norm"])
-    _write_csv(out / "accuracy_vs_noise.csv", frame)
-    title = f"{tr.spec['name']} ({tr.spec['norm']}) on {data.name}"
-    _plot_curve(out / "accuracy_vs_noise.png", frame, title)
-    rows = "\n".join(
-        f"| {r.level:g} | {r.accuracy:.4f} | [{r.accuracy_ci_low:.4f}, {r.accuracy_ci_high:.4f}] | "
-        f"{r.loss:.4f} | [{r.loss_ci_low:.4f}, {r.loss_ci_high:.4f}] |"
-        for r in frame.itertuples()
-    )
-    md = f"""# noiseprop report
+    written: dict[str, str] = {}
+    futures = []
+    for res in study_results:
+        for name, frame in res.tables.items():
+            rel = f"csv/{name}.csv"
+            _write_csv(out / rel, frame)
+            written[name] = rel
+        rel = f"csv/{res.name}_findings.csv"
+        _write_csv(out / rel, res.findings_frame())
+        written[f"{res.name}_findings"] = rel
+        for fig in res.figures:
+            rel = f"figures/{fig.name}.png"
+            if executor is not None:
+                futures.append(executor.submit(render_figure, fig, str(out / rel)))
+            else:
+                render_figure(fig, str(out / rel))
+            written[f"fig:{fig.name}"] = rel
+            rel_csv = f"csv/figure_{fig.name}.csv"
+            _write_csv(out / rel_csv, fig.frame)
+            written[f"figcsv:{fig.name}"] = rel_csv
+    allf = pd.concat([r.findings_frame() for r in study_results], ignore_index=True) if study_results else pd.DataFrame()
+    _write_csv(out / "csv/findings.csv", allf)
+    validation = overall_validation(study_results, grid)
+    _write_csv(out / "csv/validation.csv", validation)
 
-## Accuracy under relative weight noise
-
-Model: {title}; clean test accuracy {tr.final.get('test_accuracy', float('nan')):.4f}
-({len(data.y_test)} test inputs). Noise: additive Gaussian on every Conv/Linear weight,
-σ_l = η·std(W_l), BatchNorm kept digital. {sw.draws} noise draws per level, the same
-draws at every level (common random numbers), seed {sw.seed}. Intervals: Student-t over
-draws, 95%.
-
-| η | accuracy | 95% CI | loss | 95% CI |
-|---|---|---|---|---|
-{rows}
-
-![accuracy vs noise](accuracy_vs_noise.png)
-
-Data: `accuracy_vs_noise.csv`.
-"""
+    title = "noiseprop report: weight noise on analog hardware, four published studies at CPU scale"
+    blocks = [("h", 1, title)]
+    blocks.append(("p", f"Dataset: {grid.dataset}. Noise: additive Gaussian on the Conv/Linear weights, σ_l = η·std(W_l) "
+                        f"per layer, η ∈ {list(grid.etas)}; {grid.draws} Monte-Carlo draws per level with common random "
+                        f"numbers; training seeds {list(grid.seeds)} (the seed is a factor in every test). "
+                        f"Tests at α = {grid.alpha}, intervals at {int(grid.confidence * 100)}%; p-values adjusted by "
+                        "Holm's method over the findings of each study; verdicts computed from them: reproduced "
+                        "(significant in the claimed direction), contradicted (significant in the opposite direction, "
+                        "or equivalence excluded), inconclusive (neither, at this scale). 'theory' applies the same "
+                        "test to the theory's predicted values." + (" QUICK RUN: tiny grid, for tests only." if cfg.quick else "")))
+    blocks.append(("h", 2, "Findings at a glance"))
+    glance = allf.assign(study=allf["study"]) if not allf.empty else allf
+    blocks.append(("table", glance, ["study"] + FINDING_COLUMNS if not allf.empty else None, FINDING_NAMES,
+                   "csv/findings.csv"))
+    counts = allf["verdict"].value_counts().to_dict() if not allf.empty else {}
+    blocks.append(("p", "Verdicts: " + ", ".join(f"{k}: {counts.get(k, 0)}" for k in ("reproduced", "contradicted",
+                                                                                        "inconclusive")) + "."))
+    blocks.append(("h", 2, "Theory vs Monte-Carlo (all cells of all studies)"))
+    blocks.append(("p", "Per quantity: cells compared (model × noise placement × η), median relative error, the "
+                        "share of cells whose Monte-Carlo interval contains the prediction, TOST equivalences after "
+                        "Holm's correction (margins: ±10% on the log-ratio for variances and the loss increase, ±1 "
+                        "percentage point for accuracy), and the calibration regression of observed on predicted "
+                        "across cells (log scale for variances and the loss increase) with the joint F-test of "
+                        "slope 1, intercept 0."))
+    vcols = [c for c in ("quantity", "cells", "median_abs_rel_error", "ci_contains_prediction",
+                         "equivalent_after_holm", "cal_slope", "cal_slope_ci_low", "cal_slope_ci_high",
+                         "cal_intercept", "cal_f_pvalue") if c in validation.columns]
+    blocks.append(("table", validation, vcols or None, None, "csv/validation.csv"))
+    for res in study_results:
+        blocks += _study_blocks(res, out, written)
+    blocks.append(("h", 2, "Reproduce"))
+    blocks.append(("p", "make report (or: noiseprop report" + (" --quick" if cfg.quick else "") +
+                   f" --dataset {grid.dataset}). Timings of this run: timings.json."))
+    for f in futures:
+        f.result()
+    md = render_markdown(blocks)
     _write_text(out / "report.md", md)
+    _write_text(out / "report.html", render_html(blocks, title))
     return out / "report.md"
+
+
+def overall_validation(study_results, grid) -> pd.DataFrame:
+    """Prediction vs Monte-Carlo pooled over the studies, each (model, placement, η,
+    quantity) cell counted once."""
+    from .studies.common import validation_tables
+
+    parts = [f for r in study_results for n, f in r.tables.items() if n.endswith("_compare") and not f.empty]
+    if not parts:
+        return pd.DataFrame()
+    comp = pd.concat(parts, ignore_index=True)
+    keep = [c for c in ("eval_key", "variant", "eta", "quantity") if c in comp.columns]
+    comp = comp.drop_duplicates(subset=keep).drop(columns=[c for c in ("tost_p_holm", "equivalent_holm")
+                                                           if c in comp.columns])
+    _, summary = validation_tables(comp, grid.alpha, grid.confidence)
+    return summary

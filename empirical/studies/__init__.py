@@ -44,7 +44,7 @@ def quick_grid(**overrides) -> Grid:
     few levels and draws. Its verdicts are mostly inconclusive by design."""
     base = dict(etas=(0.0, 0.3, 0.6, 1.0), draws=4, seeds=(0, 1), epochs=2, widths={"mlp": 32, "vgg": 4,
                                                                                       "resnet": 4},
-                n_test=120, curvature_inputs=64, trace_probes=4, eig_iters=5, gain_inputs=16)
+                n_test=120, n_train=400, curvature_inputs=64, trace_probes=4, eig_iters=5, gain_inputs=16)
     base.update(overrides)
     return Grid(**base)
 
@@ -84,6 +84,9 @@ def preload() -> None:
             importlib.import_module(m)
         except ImportError:
             pass
+    from .figures import _mpl
+
+    _mpl()  # matplotlib with the Agg backend, for figures drawn in workers
 
 
 def run_study(name: str, grid: Grid | None = None, store=None, executor=None, cache_dir=None, progress=None,

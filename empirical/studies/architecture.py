@@ -34,7 +34,7 @@ from .common import (
     Grid,
     StudyPlan,
     StudyResult,
-    bootstrap_over_seeds,
+    bootstrap_seed_means,
     calibration_figure_frame,
     compare_frame,
     curve_frame,
@@ -42,6 +42,7 @@ from .common import (
     finalise_findings,
     model_cells,
     model_frame,
+    seed_matrix,
     seed_summary,
     validation_tables,
 )
@@ -99,10 +100,11 @@ def analyse(p: StudyPlan, results: dict, grid: Grid) -> StudyResult:
     cols = ["clean_accuracy", "auc", "robustness", "eta10", "pred_auc", "pred_robustness", "pred_eta10"]
     summ = seed_summary(mf.replace([np.inf], np.nan), ["arch"], cols, conf)
     # the ranking by area under the curve, with bootstrap intervals over seeds
+    levels, M = seed_matrix(mf, "auc", "arch")
     ranks = []
-    for arch in summ["arch"]:
-        lo, hi, _ = bootstrap_over_seeds(mf, lambda f, a=arch: _rank_stat(f, a), n_resamples=500, seed=1,
-                                         confidence=conf)
+    for j, arch in enumerate(levels):
+        rank_j = lambda means, j=j: 1 + np.sum(means > means[:, [j]], axis=1)  # noqa: E731
+        lo, hi, _ = bootstrap_seed_means(M, rank_j, n_resamples=2000, seed=1, confidence=conf)
         ranks.append({"arch": arch, "rank": _rank_stat(mf, arch), "rank_ci_low": lo, "rank_ci_high": hi,
                       "pred_rank": _rank_stat(mf, arch, "pred_auc")})
     summ = summ.merge(pd.DataFrame(ranks), on="arch").sort_values("rank").reset_index(drop=True)
@@ -199,9 +201,11 @@ def _omnibus(frame, col):
 
 def _omnibus_finding(mf, conf, theory_ok) -> Finding:
     def effect(col, name):
-        rng = lambda f: float(f.groupby("arch")[col].mean().max() - f.groupby("arch")[col].mean().min())
-        est = rng(mf)
-        lo, hi, _ = bootstrap_over_seeds(mf, rng, n_resamples=500, seed=2, confidence=conf)
+        means = mf.groupby("arch")[col].mean()
+        est = float(means.max() - means.min())
+        _, M = seed_matrix(mf, col, "arch")
+        lo, hi, _ = bootstrap_seed_means(M, lambda m: np.nanmax(m, axis=1) - np.nanmin(m, axis=1), n_resamples=2000,
+                                         seed=2, confidence=conf)
         try:
             p = _omnibus(mf, col)
         except Exception:  # noqa: BLE001

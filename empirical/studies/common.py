@@ -83,7 +83,8 @@ class Grid:
     epochs: training epochs (``None``: the family default of
         :func:`noiseprop.empirical.train.default_train_config`).
     widths: per-family width overrides, e.g. ``{"vgg": 8}`` (``None``: defaults).
-    n_test: test inputs used (``None``: all).
+    n_test: test inputs used (``None``: all). n_train: training examples used (``None``:
+        all; part of the data fingerprint, hence of every cell key).
     theory: the prediction method, ``"linear"`` or ``"moments"``.
     curvature_inputs: training inputs used for Hessian quantities.
     trace_probes, eig_iters: Hutchinson probes for ``tr(Σ_ε H)``; iterations cap of
@@ -101,6 +102,7 @@ class Grid:
     epochs: int | None = None
     widths: dict | None = None
     n_test: int | None = None
+    n_train: int | None = None
     theory: str = "linear"
     curvature_inputs: int = 256
     trace_probes: int = 16
@@ -156,11 +158,16 @@ def _dataset_cached(spec_json: str):
     return load_dataset(**spec)
 
 
-def load_data(dataset: str, data_dir=None):
+def load_data(dataset: str, data_dir=None, n_train: int | None = None):
+    """The dataset (cached per process), restricted to its first ``n_train`` training
+    examples when given."""
     spec = {"name": dataset}
     if data_dir is not None:
         spec["data_dir"] = str(data_dir)
-    return _dataset_cached(json.dumps(spec, sort_keys=True))
+    data = _dataset_cached(json.dumps(spec, sort_keys=True))
+    if n_train is not None and n_train < data.n_train:
+        data = data.subset(n_train=int(n_train))
+    return data
 
 
 def _family_of(name: str) -> str:
@@ -172,17 +179,17 @@ def _family_of(name: str) -> str:
 # ----------------------------------------------------------------------------
 # The cells
 # ----------------------------------------------------------------------------
-def _train(model: dict, train: dict, dataset: str, data_dir, seed: int, cache_dir):
+def _train(model: dict, train: dict, dataset: str, data_dir, seed: int, cache_dir, n_train=None):
     from ..train import train as _train_fn
 
-    data = load_data(dataset, data_dir)
+    data = load_data(dataset, data_dir, n_train)
     return _train_fn(dict(model), data, seed=seed, cache_dir=cache_dir, progress=False, **train), data
 
 
-def train_cell(model: dict, train: dict, dataset: str, data_dir, seed: int, cache_dir) -> dict:
+def train_cell(model: dict, train: dict, dataset: str, data_dir, seed: int, cache_dir, n_train=None) -> dict:
     """Train one model (or load it from the checkpoint cache); return its clean
     accuracy, loss and per-epoch history."""
-    res, _ = _train(model, train, dataset, data_dir, seed, cache_dir)
+    res, _ = _train(model, train, dataset, data_dir, seed, cache_dir, n_train)
     h = res.history
     hist = h.to_dict() if hasattr(h, "to_dict") else {}
     return {"test_accuracy": float(res.test_accuracy), "train_accuracy": float(res.train_accuracy),
@@ -367,13 +374,13 @@ def layer_gains(model, xg, yg) -> dict:
 
 
 def eval_cell(model: dict, train: dict, dataset: str, data_dir, seed: int, cache_dir, grid: dict,
-              alpha: float = 0.05, confidence: float = 0.95, deps=None) -> dict:
+              alpha: float = 0.05, confidence: float = 0.95, n_train=None, deps=None) -> dict:
     """All measurements of one trained model (see the module doc)."""
     from noiseprop.theory import Targets
 
     from ..models import count_norm_layers
 
-    res, data = _train(model, train, dataset, data_dir, seed, cache_dir)
+    res, data = _train(model, train, dataset, data_dir, seed, cache_dir, n_train)
     net = res.model.eval()
     n = data.n_test if grid["n_test"] is None else min(grid["n_test"], data.n_test)
     x, y = data.x_test[:n], data.y_test[:n]
@@ -422,7 +429,7 @@ def model_cells(study: str, grid: Grid, arch: str, norm: str = "none", norm_laye
     from ..models import model_spec
     from ..train import default_train_config
 
-    data = load_data(grid.dataset, grid.data_dir)
+    data = load_data(grid.dataset, grid.data_dir, grid.n_train)
     family = _family_of(arch)
     d = default_train_config(arch, norm=norm, dataset=data.name)
     width = grid.width(family)
@@ -437,7 +444,7 @@ def model_cells(study: str, grid: Grid, arch: str, norm: str = "none", norm_laye
     tconf = dict(common, kind="train")
     tkey = config_key(tconf)
     kwargs = {"model": spec, "train": tcfg, "dataset": grid.dataset, "data_dir": grid.data_dir, "seed": int(seed),
-              "cache_dir": None if cache_dir is None else str(cache_dir)}
+              "cache_dir": None if cache_dir is None else str(cache_dir), "n_train": grid.n_train}
     label = f"{arch} norm={spec['norm']}" + (f" k={spec['norm_layers']}" if spec["norm_layers"] is not None else "") + \
         "".join(f" {k}={v:g}" if isinstance(v, float) else f" {k}={v}" for k, v in (train_overrides or {}).items()) + \
         f" seed={seed}"
@@ -726,6 +733,48 @@ def seed_paired(frame: pd.DataFrame, value: str, factor: str, a, b, keys: Sequen
     fb = frame[frame[factor] == b].set_index(list(keys))[value]
     idx = fa.index.intersection(fb.index).sort_values()
     return fa.loc[idx].to_numpy(float), fb.loc[idx].to_numpy(float)
+
+
+def seed_matrix(frame: pd.DataFrame, col: str, level: str) -> tuple[list, np.ndarray]:
+    """``(levels, M)`` with ``M[s, j]`` the mean of ``col`` for seed ``s`` (sorted) at
+    level ``j`` of ``level`` (NaN where a seed lacks a level)."""
+    piv = frame.pivot_table(index="seed", columns=level, values=col, aggfunc="mean", dropna=False)
+    return list(piv.columns), piv.sort_index().to_numpy(float)
+
+
+def bootstrap_seed_means(M: np.ndarray, stat: Callable[[np.ndarray], np.ndarray], n_resamples: int = 2000,
+                         seed: int = 0, confidence: float = 0.95) -> tuple[float, float, np.ndarray]:
+    """Percentile interval of ``stat`` over resamples of the training seeds, for
+    statistics of the per-level means: each resample draws the rows (seeds) of ``M``
+    with replacement and averages them per level; ``stat`` maps the ``[R, levels]``
+    array of resampled means to ``R`` values (vectorised)."""
+    rng = np.random.default_rng(seed)
+    S = M.shape[0]
+    idx = rng.integers(0, S, size=(int(n_resamples), S))
+    with np.errstate(all="ignore"), warnings_ignored():
+        means = np.nanmean(M[idx], axis=1)
+        vals = np.asarray(stat(means), float)
+    ok = vals[np.isfinite(vals)]
+    a = (1 - confidence) / 2
+    if ok.size < 0.5 * n_resamples:
+        return float("nan"), float("nan"), vals
+    return float(np.quantile(ok, a)), float(np.quantile(ok, 1 - a)), vals
+
+
+def warnings_ignored():
+    import warnings
+
+    cm = warnings.catch_warnings()
+
+    class _Ctx:
+        def __enter__(self):
+            cm.__enter__()
+            warnings.simplefilter("ignore", RuntimeWarning)
+
+        def __exit__(self, *exc):
+            return cm.__exit__(*exc)
+
+    return _Ctx()
 
 
 def bootstrap_over_seeds(frame: pd.DataFrame, stat: Callable[[pd.DataFrame], float], n_resamples: int = 1000,

@@ -98,8 +98,9 @@ def render(fig_spec: Figure, path) -> Path:
             vals = vals[np.isfinite(vals)]
             if fig_spec.options.get("log"):
                 vals = vals[vals > 0]
-                ax.set_xscale("log")
-                ax.set_yscale("log")
+                if vals.size:
+                    ax.set_xscale("log")
+                    ax.set_yscale("log")
             if vals.size:
                 lo, hi = vals.min(), vals.max()
                 ax.plot([lo, hi], [lo, hi], "k-", lw=0.8, label="identity")
@@ -117,7 +118,8 @@ def render(fig_spec: Figure, path) -> Path:
             lrs = np.sort(sub["lr"].unique())
             for label, factor in refs:
                 ax.plot(lrs, factor / lrs, "k:", lw=1, label=label)
-            if str(panel) in fig_spec.options.get("logy", []):
+            v = sub["value"].to_numpy(float)
+            if str(panel) in fig_spec.options.get("logy", []) and np.any(np.isfinite(v) & (v > 0)):
                 ax.set_yscale("log")
             ax.set_xlabel("learning rate")
         elif fig_spec.kind == "bars":
@@ -135,8 +137,10 @@ def render(fig_spec: Figure, path) -> Path:
         ylabel = fig_spec.options.get("ylabel")
         if ylabel:
             ax.set_ylabel(ylabel if isinstance(ylabel, str) else ylabel.get(str(panel), ""))
-        if fig_spec.kind != "bars":
+        if fig_spec.kind != "bars" and ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, loc="best")
+        if sub.empty:
+            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png", metadata={"Software": None})

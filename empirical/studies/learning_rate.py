@@ -43,7 +43,7 @@ from .common import (
     Grid,
     StudyPlan,
     StudyResult,
-    bootstrap_over_seeds,
+    bootstrap_seed_means,
     calibration_figure_frame,
     compare_frame,
     curve_frame,
@@ -51,6 +51,7 @@ from .common import (
     finalise_findings,
     model_cells,
     model_frame,
+    seed_matrix,
     seed_summary,
     validation_tables,
 )
@@ -107,15 +108,16 @@ def _quad_fit(frame: pd.DataFrame, col: str, center: float):
     return res, c, b, vertex
 
 
-def _vertex_fast(frame: pd.DataFrame, col: str, center: float) -> float:
-    """The vertex of the same fit by least squares (numpy), for the bootstrap."""
-    x = np.log10(frame["lr"].to_numpy(float)) - center
-    seeds = frame["seed"].to_numpy()
-    levels = np.unique(seeds)
-    X = np.column_stack([x, x ** 2] + [(seeds == s).astype(float) for s in levels])
-    coef, *_ = np.linalg.lstsq(X, frame[col].to_numpy(float), rcond=None)
-    b, c = coef[0], coef[1]
-    return float(-b / (2 * c) + center) if c < 0 else float("nan")
+def _vertices(means: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Vertices (log10 lr, centred) of least-squares quadratics fitted to each row of
+    ``means`` (``[R, lrs]``) over ``x``: with a seed effect and the same learning rates
+    for every seed, the fit with ``C(seed)`` has the curvature and slope of the fit to
+    the mean curve over seeds. NaN where the curvature is not negative."""
+    X = np.column_stack([np.ones_like(x), x, x ** 2])
+    coef = means @ np.linalg.pinv(X).T  # [R, 3]
+    b, c = coef[:, 1], coef[:, 2]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(c < 0, -b / (2 * c), np.nan)
 
 
 def fieller_vertex(res, center: float, confidence: float) -> tuple[float, float]:
@@ -155,7 +157,9 @@ def _sweet_spot(mf, col, conf, lrs):
     eff = Effect("curvature of auc in log10 lr", c, float(ci.iloc[0]), float(ci.iloc[1]),
                  float(res.pvalues["I(x ** 2)"]), int(res.nobs), f"OLS {col} ~ x + x² + C(seed), x = log10 lr",
                  df=float(res.df_resid), se=float(res.bse["I(x ** 2)"]), unit="per decade²", confidence=conf)
-    lo_b, hi_b, vals = bootstrap_over_seeds(mf, lambda f: _vertex_fast(f, col, center), n_resamples=1000, seed=3,
+    lr_levels, M = seed_matrix(mf, col, "lr")
+    x = np.log10(np.asarray(lr_levels, float)) - center
+    lo_b, hi_b, vals = bootstrap_seed_means(M, lambda m: _vertices(m, x) + center, n_resamples=2000, seed=3,
                                             confidence=conf)
     lo_f, hi_f = fieller_vertex(res, center, conf) if c < 0 else (float("nan"), float("nan"))
     ok = all(np.isfinite(v) for v in (lo_b, hi_b, lo_f, hi_f))
@@ -181,59 +185,89 @@ def _ols(frame, formula, term, unit=""):
         return Effect(term, nan, nan, nan, nan, int(len(frame)), f"OLS {formula} (not estimable: {e})")
 
 
-def _fit_sweet_spot_model(frame: pd.DataFrame, lrs) -> dict:
-    """Fit the symbolic model's two terms to per-lr means: the clean loss
-    ``L_0 + a lr^p`` (``scipy.optimize.curve_fit`` with ``a, p ≥ 0``) and the
-    noise-induced loss ``b lr^(−q)`` (OLS of its log on log lr), then evaluate the
-    closed forms ``lr*`` and ``sweet_spot_exists`` of the derivation."""
-    from scipy.optimize import curve_fit
+_P_GRID = np.geomspace(0.05, 5.0, 120)
 
+
+def fit_clean_loss(lr: np.ndarray, loss: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Least-squares fit of ``L_0 + a lr^p`` (``a, L_0 ≥ 0``, ``p`` on a log grid over
+    [0.05, 5]) to each row of ``loss`` (``[R, lrs]``): for each ``p`` the fit is
+    linear; the ``p`` of smallest residual wins. Returns ``(L_0, a, p)``, each ``[R]``;
+    ``a = 0`` when the loss does not rise with the learning rate."""
+    loss = np.atleast_2d(loss)
+    R = loss.shape[0]
+    best = np.full(R, np.inf)
+    out = np.zeros((R, 3))
+    for pw in _P_GRID:
+        z = lr ** pw
+        zc = z - z.mean()
+        a = (loss - loss.mean(1, keepdims=True)) @ zc / (zc @ zc)
+        a = np.clip(a, 0.0, None)
+        L0 = np.clip(loss.mean(1) - a * z.mean(), 0.0, None)
+        sse = ((loss - L0[:, None] - a[:, None] * z) ** 2).sum(1)
+        better = sse < best
+        best[better] = sse[better]
+        out[better] = np.column_stack([L0, a, np.full(R, pw)])[better]
+    return out[:, 0], out[:, 1], out[:, 2]
+
+
+def fit_noise_loss(lr: np.ndarray, noise: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``b lr^(−q)`` by least squares on the log scale, for each row of ``noise``
+    (``[R, lrs]``; NaN where a value is not positive). Returns ``(b, q)``."""
+    noise = np.atleast_2d(noise)
+    x = np.log(lr)
+    xc = x - x.mean()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        y = np.where(noise > 0, np.log(noise), np.nan)
+    slope = (y - y.mean(1, keepdims=True)) @ xc / (xc @ xc)
+    icpt = y.mean(1) - slope * x.mean()
+    return np.exp(icpt), -slope
+
+
+def _sweet_spot_model(lr, clean, noise):
+    """Closed-form ``lr*`` of the derivation for the terms fitted to each row of
+    ``clean`` and ``noise``."""
     from noiseprop.theory.symbolic.learning_rate import lr_sweet_spot
 
     d = lr_sweet_spot()
-    m = frame.groupby("lr")[["clean_loss", "noise_loss"]].mean().sort_index()
-    lr = m.index.to_numpy(float)
-    out = {}
-    nl = m["noise_loss"].to_numpy(float)
-    if np.all(nl > 0):
-        slope, icpt = np.polyfit(np.log(lr), np.log(nl), 1)
-        out["q"], out["b"] = float(-slope), float(np.exp(icpt))
-    else:
-        out["q"], out["b"] = float("nan"), float("nan")
-    cl = m["clean_loss"].to_numpy(float)
-    try:
-        (L0, a, pw), _ = curve_fit(lambda x, L0, a, pw: L0 + a * x ** pw, lr, cl,
-                                   p0=(float(cl.min()), 1e-3, 1.0), bounds=([0.0, 0.0, 0.0], [np.inf, np.inf, 5.0]),
-                                   maxfev=5000)
-        out.update(L_0=float(L0), a=float(a), p=float(pw))
-    except Exception:  # noqa: BLE001 - no fit: the model does not apply
-        out.update(L_0=float("nan"), a=float("nan"), p=float("nan"))
-    ok = all(np.isfinite(out[k]) and out[k] > 0 for k in ("a", "b", "p", "q"))
-    if ok:
-        out["lr_star"] = float(d.numeric("lr_opt")(a=out["a"], b=out["b"], p=out["p"], q=out["q"]))
-        out["exists"] = bool(d.numeric("sweet_spot_exists")(a=out["a"], b=out["b"], p=out["p"], q=out["q"],
-                                                             lr_min=min(lrs), lr_max=max(lrs)))
-    else:
-        out["lr_star"], out["exists"] = float("nan"), False
-    return out
+    L0, a, p = fit_clean_loss(lr, clean)
+    b, q = fit_noise_loss(lr, noise)
+    ok = np.isfinite(b) & np.isfinite(q) & (a > 0) & (b > 0) & (q > 0)
+    with np.errstate(all="ignore"):
+        star = np.where(ok, d.numeric("lr_opt")(a=np.where(ok, a, 1.0), b=np.where(ok, b, 1.0), p=p,
+                                                 q=np.where(ok, q, 1.0)), np.nan)
+    return dict(L_0=L0, a=a, p=p, b=b, q=q, lr_star=star, ok=ok)
 
 
 def symbolic_sweet_spot(mf: pd.DataFrame, lrs, confidence: float):
     """The symbolic sweet-spot model (``theory.symbolic.learning_rate.lr_sweet_spot``):
-    ``J(lr) = L_0 + a lr^p + b lr^(−q)`` with the clean-loss and noise-loss terms fitted
-    to the measurements (noise loss = Monte-Carlo loss increase averaged over η > 0),
-    its closed-form ``lr* = (q b/(p a))^(1/(p+q))`` with a bootstrap interval over
-    seeds, and whether the model's existence condition holds on the tested range.
+    ``J(lr) = L_0 + a lr^p + b lr^(−q)`` with the clean-loss term fitted to the per-lr
+    mean clean loss and the noise term to the mean Monte-Carlo loss increase averaged
+    over η > 0; its closed-form ``lr* = (q b/(p a))^(1/(p+q))`` with a bootstrap interval
+    over seeds, and whether the model's existence condition holds on the tested range.
     ``None`` when the topic is not available."""
     try:
         from noiseprop.theory.symbolic.learning_rate import lr_sweet_spot  # noqa: F401
     except ImportError:
         return None
-    fit = _fit_sweet_spot_model(mf, lrs)
-    lo, hi, vals = bootstrap_over_seeds(mf, lambda f: _fit_sweet_spot_model(f, lrs)["lr_star"], n_resamples=200,
-                                        seed=4, confidence=confidence)
-    fit.update(lr_star_ci_low=lo, lr_star_ci_high=hi, bootstrap_defined=float(np.mean(np.isfinite(vals))))
-    return fit
+    levels, C = seed_matrix(mf, "clean_loss", "lr")
+    _, N = seed_matrix(mf, "noise_loss", "lr")
+    lr = np.asarray(levels, float)
+    from noiseprop.theory.symbolic.learning_rate import lr_sweet_spot
+
+    with np.errstate(all="ignore"):
+        fit = _sweet_spot_model(lr, np.nanmean(C, 0)[None], np.nanmean(N, 0)[None])
+    out = {k: float(v[0]) for k, v in fit.items() if k != "ok"}
+    out["exists"] = bool(fit["ok"][0]) and bool(lr_sweet_spot().numeric("sweet_spot_exists")(
+        a=out["a"], b=out["b"], p=out["p"], q=out["q"], lr_min=min(lrs), lr_max=max(lrs)))
+    rng = np.random.default_rng(4)
+    idx = rng.integers(0, C.shape[0], size=(1000, C.shape[0]))
+    with np.errstate(all="ignore"):
+        stars = _sweet_spot_model(lr, np.nanmean(C[idx], 1), np.nanmean(N[idx], 1))["lr_star"]
+    ok = stars[np.isfinite(stars)]
+    a = (1 - confidence) / 2
+    lo, hi = (float(np.quantile(ok, a)), float(np.quantile(ok, 1 - a))) if ok.size >= 500 else (np.nan, np.nan)
+    out.update(lr_star_ci_low=lo, lr_star_ci_high=hi, bootstrap_defined=float(ok.size / 1000))
+    return out
 
 
 def analyse(p: StudyPlan, results: dict, grid: Grid) -> StudyResult:
