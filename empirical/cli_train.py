@@ -18,6 +18,9 @@ from .models import NORMS, model_spec
 from .train import SCHEDULES, TrainingDivergedError, default_train_config, train
 
 
+_FAM = "default: the family's (see default_train_config)"
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "train",
@@ -37,17 +40,17 @@ def register(subparsers) -> None:
     p.add_argument("--depth", type=int, default=None, help="hidden layers (mlp), 11/13/16/19 (vgg)")
     p.add_argument("--dataset", default="digits", choices=DATASETS, help="default: digits (built in)")
     p.add_argument("--data-dir", default=None, help="folder with the cifar10/cifar100/mnist files")
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--momentum", type=float, default=None)
-    p.add_argument("--weight-decay", type=float, default=None)
-    p.add_argument("--schedule", choices=SCHEDULES, default=None)
-    p.add_argument("--warmup-epochs", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch threads while training (default: torch's setting; 1 is fastest for the small "
-                        "digits models on a busy machine)")
+    p.add_argument("--lr", type=float, default=None, help=_FAM)
+    p.add_argument("--epochs", type=int, default=None, help=_FAM)
+    p.add_argument("--batch-size", type=int, default=None, help=_FAM)
+    p.add_argument("--momentum", type=float, default=None, help=_FAM)
+    p.add_argument("--weight-decay", type=float, default=None, help=_FAM)
+    p.add_argument("--schedule", choices=SCHEDULES, default=None, help=_FAM)
+    p.add_argument("--warmup-epochs", type=int, default=None, help=_FAM)
+    p.add_argument("--seed", type=int, default=0, help="initialisation and mini-batch order (default 0)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads while training (default 1: reproducible whatever the machine, and fastest "
+                        "for the small digits models; part of the cache key)")
     p.add_argument("--out", default=None, help="checkpoint file to write (default: only the cache)")
     p.add_argument("--cache-dir", default=None, help="checkpoint cache folder")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")

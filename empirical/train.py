@@ -9,8 +9,9 @@ mini-batches are drawn from a ``torch.Generator`` seeded with ``seed``, the glob
 is forked and seeded inside (so a user module that uses it, e.g. dropout, is
 reproducible and the caller's RNG state is untouched), and
 ``torch.use_deterministic_algorithms(True)`` is set only for the duration of training.
-The same configuration and seed give bit-identical weights with the same torch build
-and thread count.
+Training runs with ``num_threads`` torch threads (default 1, restored afterwards; part
+of the configuration), so the same configuration and seed give bit-identical weights
+with the same torch build and CPU type, whatever the caller's thread setting.
 
 Cache: a finished run is stored as a checkpoint (:func:`.checkpoint.save_checkpoint`,
 atomic: temp file then rename) under ``cache_dir/checkpoints/`` with a file name made
@@ -220,7 +221,7 @@ class TrainResult:
             f"TrainResult: {name} (norm={norm}) on {self.dataset.get('name')}",
             f"  lr={c['lr']} epochs={c['epochs']} batch_size={c['batch_size']} momentum={c['momentum']} "
             f"weight_decay={c['weight_decay']} schedule={c['schedule']} warmup_epochs={c['warmup_epochs']} "
-            f"seed={c['seed']}",
+            f"seed={c['seed']} threads={c.get('threads')}",
             f"  clean train acc {self.final['train_accuracy']:.4f} (loss {self.final['train_loss']:.4f}), "
             f"test acc {self.final['test_accuracy']:.4f} (loss {self.final['test_loss']:.4f})",
             f"  {'loaded from cache' if self.from_cache else 'trained'}; training took {self.train_seconds:.1f} s; "
@@ -387,7 +388,7 @@ def _resolve_model(model_or_spec, data: Dataset):
 
 def train(model_or_spec, data="digits", lr=None, epochs=None, batch_size=None, momentum=None, weight_decay=None,
           schedule=None, seed: int = 0, *, warmup_epochs=None, cache_dir=None, cache: bool = True,
-          progress=None, eval_every: int = 1, num_threads: int | None = None) -> TrainResult:
+          progress=None, eval_every: int = 1, num_threads: int | None = 1) -> TrainResult:
     """Train a network with SGD + momentum (cross-entropy loss), or load it from the cache.
 
     Args:
@@ -408,9 +409,11 @@ def train(model_or_spec, data="digits", lr=None, epochs=None, batch_size=None, m
             (epoch, loss, train_accuracy, test_loss, test_accuracy, lr, seconds).
         eval_every: evaluate on the test set every this many epochs (and after the last).
         num_threads: torch intra-op threads for the duration of training (restored
-            afterwards); ``None`` leaves the setting alone. On a loaded machine the
-            small digits models train much faster with 1 thread. Not part of the cache
-            key (results agree across thread counts up to float rounding only).
+            afterwards); ``None``: the current setting. CPU kernels split their
+            reductions by thread, so weights agree across thread counts only up to
+            float rounding: the thread count is part of the configuration (and cache
+            key). The default 1 makes results independent of the caller's setting, and
+            is also the fastest for the small digits models on a busy machine.
 
     Each epoch draws a fresh permutation and uses ``max(1, N // batch_size)`` full
     mini-batches (the remainder of the permutation is dropped for that epoch).
@@ -440,8 +443,9 @@ def train(model_or_spec, data="digits", lr=None, epochs=None, batch_size=None, m
     if config["schedule"] not in SCHEDULES:
         raise ValueError(f"unknown schedule {config['schedule']!r}; accepted: {list(SCHEDULES)}")
     eval_every = _check_num("eval_every", eval_every, kind=int, lo=1)
-    if num_threads is not None:
-        num_threads = _check_num("num_threads", num_threads, kind=int, lo=1)
+    num_threads = torch.get_num_threads() if num_threads is None else _check_num("num_threads", num_threads,
+                                                                                     kind=int, lo=1)
+    config["threads"] = num_threads
 
     if spec is not None:
         if list(spec["in_shape"]) != list(data.in_shape) or spec["num_classes"] != data.num_classes:
@@ -482,11 +486,11 @@ def train(model_or_spec, data="digits", lr=None, epochs=None, batch_size=None, m
         model = copy.deepcopy(user_model)
     threads_before = torch.get_num_threads()
     try:
-        if num_threads is not None:
+        if num_threads != threads_before:
             torch.set_num_threads(num_threads)
         model, history, final, seconds = _fit(model, data, config, eval_every, progress, describe)
     finally:
-        if num_threads is not None:
+        if torch.get_num_threads() != threads_before:
             torch.set_num_threads(threads_before)
     result = TrainResult(model=model, history=history, spec=spec, config=config, cache_key=key, from_cache=False,
                          train_seconds=seconds, final=final, dataset=dataset_info,

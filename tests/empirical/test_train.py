@@ -53,9 +53,17 @@ def test_same_configuration_twice_gives_bit_identical_weights(tiny):
         assert getattr(r1.history, k) == getattr(r2.history, k)
     assert r1.cache_key == r2.cache_key and not r1.from_cache
     threads = torch.get_num_threads()
-    r3 = train(SMALL, tiny, seed=4, cache=False, num_threads=1, **HP)
-    assert torch.get_num_threads() == threads
+    r3 = train(SMALL, tiny, seed=4, cache=False, num_threads=2, **HP)
+    assert torch.get_num_threads() == threads and r3.config["threads"] == 2 and r1.config["threads"] == 1
     assert not _same_weights(r1.model, r3.model) and r3.cache_key != r1.cache_key
+    # the caller's thread setting does not matter (training runs with num_threads=1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2 if before == 1 else 1)
+    try:
+        r4 = train(SMALL, tiny, seed=3, cache=False, **HP)
+    finally:
+        torch.set_num_threads(before)
+    assert _same_weights(r1.model, r4.model) and r4.cache_key == r1.cache_key
     # no global state left behind
     assert torch.equal(torch.get_rng_state(), rng_state)
     assert torch.are_deterministic_algorithms_enabled() == det
