@@ -10,6 +10,17 @@ _PUBLIC = {
     "sweep": ".montecarlo",
     "MCResult": ".montecarlo",
     "SweepResult": ".montecarlo",
+    "compare": ".compare",
+    "Comparison": ".compare",
+    "load_dataset": ".data",
+    "Dataset": ".data",
+    "build_model": ".models",
+    "model_spec": ".models",
+    "train": ".train",
+    "TrainResult": ".train",
+    "default_train_config": ".train",
+    "save_checkpoint": ".checkpoint",
+    "load_checkpoint": ".checkpoint",
 }
 
 __all__ = sorted(_PUBLIC)
