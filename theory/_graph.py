@@ -1,0 +1,56 @@
+"""torch.fx tracing shared by the moment propagation and the first-order diagnostics.
+
+Conv/Linear layers, BatchNorm-like layers (anything with ``folding_affine``) and the
+standard ``torch.nn`` modules stay leaves (``call_module`` nodes); containers and user
+modules are traced through.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from .targets import WEIGHT_LAYERS
+
+__all__ = ["LeafTracer", "trace", "is_relu", "relu_input_graph"]
+
+
+class LeafTracer(fx.Tracer):
+    def is_leaf_module(self, m, qualname):
+        if isinstance(m, WEIGHT_LAYERS) or callable(getattr(m, "folding_affine", None)):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+
+def trace(net: nn.Module) -> fx.Graph:
+    """Trace ``net.forward``; raises ``ValueError`` (naming the model) when fx cannot."""
+    try:
+        return LeafTracer().trace(net)
+    except Exception as e:  # noqa: BLE001 - fx raises many kinds
+        raise ValueError(
+            f"could not trace {type(net).__name__}.forward with torch.fx ({type(e).__name__}: {e})"
+        ) from e
+
+
+def is_relu(node: fx.Node, modules: dict) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules.get(node.target), nn.ReLU)
+    if node.op == "call_function":
+        return node.target in (F.relu, torch.relu, torch.nn.functional.relu)
+    if node.op == "call_method":
+        return node.target == "relu"
+    return False
+
+
+def relu_input_graph(net: nn.Module) -> tuple[fx.GraphModule, int]:
+    """A GraphModule computing ``(logits, (pre-activation_1, ...))``: the inputs of
+    every ReLU, in forward order. Returns it and the number of ReLUs."""
+    graph = trace(net)
+    modules = dict(net.named_modules())
+    pre = [node.args[0] for node in graph.nodes if is_relu(node, modules) and isinstance(node.args[0], fx.Node)]
+    out = next(n for n in graph.nodes if n.op == "output")
+    result = out.args[0]
+    graph.erase_node(out)
+    graph.output((result, tuple(pre)))
+    gm = fx.GraphModule(net, graph)
+    return gm, len(pre)

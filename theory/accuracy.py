@@ -1,0 +1,183 @@
+"""Accuracy under noise from Gaussian logits (THEORY.md §7).
+
+Per input ``i`` with label ``y`` the noisy logits are modelled as ``f ~ N(μ_i, Σ_i)``.
+The input stays correctly classified when every margin ``D_k = f_y − f_k`` (``k ≠ y``)
+is positive; ``D ~ N(m, S)`` with ``m_k = μ_y − μ_k`` and
+``S_kl = Σ_yy − Σ_yl − Σ_ky + Σ_kl``. So
+
+    P_i(correct) = P(D > 0) = Φ_S(m)          (an orthant probability, C − 1 dimensions)
+
+and the expected accuracy is ``mean_i P_i(correct)``, inputs that are wrong when clean
+included (their ``m`` has a negative entry). Pairwise (Bonferroni) bounds, with
+``p_k = Φ(−m_k/s_k)`` and ``s_k² = S_kk``:
+
+    max_k p_k  ≤  P(error)  ≤  min(1, Σ_k p_k).
+
+The orthant probability is computed by Genz's separation-of-variables transform
+(Genz 1992, "Numerical computation of multivariate normal probabilities", J. Comput.
+Graph. Stat. 1:141; the algorithm behind ``scipy.stats.multivariate_normal.cdf``), with
+the Genz–Bretz reordering (most restrictive margin first) and randomised quasi-Monte
+Carlo points (scrambled Sobol, a fixed seed) shared by all inputs, vectorised over
+inputs in torch (float64). Inputs whose pairwise bounds already agree to ``1e-9`` skip
+the integration. This is thousands of times faster than calling scipy per input and
+agrees with it to about ``1e-4`` per input (tests/theory/test_accuracy.py).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+__all__ = [
+    "margin_moments",
+    "orthant_probability",
+    "pairwise_error_bounds",
+    "correct_probability",
+    "sampled_accuracies",
+]
+
+_SQRT2 = math.sqrt(2.0)
+
+
+def _phi_cdf(x: torch.Tensor) -> torch.Tensor:
+    return torch.special.ndtr(x)
+
+
+def _other_classes(y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``[N, C−1]`` indices of the classes other than ``y`` (in increasing order)."""
+    ar = torch.arange(num_classes - 1, device=y.device).expand(y.shape[0], -1)
+    return ar + (ar >= y[:, None]).long()
+
+
+def margin_moments(mean: torch.Tensor, cov: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean ``m [N, C−1]`` and covariance ``S [N, C−1, C−1]`` of the margins
+    ``D_k = f_y − f_k`` (``k ≠ y``, increasing ``k``) for ``f ~ N(mean, cov)``."""
+    mean = mean.double()
+    cov = cov.double()
+    n, c = mean.shape
+    if cov.shape != (n, c, c):
+        raise ValueError(f"cov must have shape {(n, c, c)}, got {tuple(cov.shape)}")
+    y = y.long()
+    idx = _other_classes(y, c)  # [N, C-1]
+    rows = torch.arange(n, device=mean.device)
+    m = mean[rows, y][:, None] - mean.gather(1, idx)
+    syy = cov[rows, y, y]  # [N]
+    syk = cov[rows, y].gather(1, idx)  # [N, C-1]: Σ_yk
+    skk = cov.gather(1, idx[:, :, None].expand(-1, -1, c)).gather(2, idx[:, None, :].expand(-1, c - 1, -1))
+    s = syy[:, None, None] + skk - syk[:, None, :] - syk[:, :, None]
+    return m, s
+
+
+def pairwise_error_bounds(m: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(p, lower, upper)`` for ``P(D > 0)``: ``p_k = Φ(−m_k/s_k)``; the probability of
+    staying correct lies in ``[1 − min(1, Σ_k p_k), 1 − max_k p_k]`` (Bonferroni)."""
+    sd = torch.diagonal(s, dim1=-2, dim2=-1).clamp_min(0).sqrt()
+    with torch.no_grad():
+        z = torch.where(sd > 0, -m / torch.where(sd > 0, sd, torch.ones_like(sd)),
+                        torch.where(m > 0, -torch.inf, torch.where(m < 0, torch.inf, torch.zeros_like(m))))
+    p = _phi_cdf(z)
+    lower = 1.0 - p.sum(dim=1).clamp(max=1.0)
+    upper = 1.0 - p.max(dim=1).values
+    return p, lower, upper
+
+
+_SOBOL_CACHE: dict = {}
+
+
+def _qmc_points(dim: int, n_points: int, seed: int) -> torch.Tensor:
+    key = (dim, n_points, seed)
+    if key not in _SOBOL_CACHE:
+        from scipy.stats import qmc
+
+        m = int(math.ceil(math.log2(max(n_points, 2))))
+        pts = qmc.Sobol(d=max(dim, 1), scramble=True, seed=np.random.default_rng(seed)).random_base2(m)
+        if len(_SOBOL_CACHE) > 32:
+            _SOBOL_CACHE.clear()
+        _SOBOL_CACHE[key] = torch.from_numpy(pts[:n_points]).double()
+    return _SOBOL_CACHE[key]
+
+
+def _sov(m: torch.Tensor, s: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Genz's separation of variables for ``P(Z < m)``, ``Z ~ N(0, S)``; ``u`` are
+    ``[M, d−1]`` points in the unit cube. Returns ``[n]`` estimates."""
+    n, d = m.shape
+    # Genz–Bretz ordering: smallest marginal probability first.
+    sd = torch.diagonal(s, dim1=-2, dim2=-1).clamp_min(0).sqrt()
+    order = torch.argsort(m / sd.clamp_min(1e-300), dim=1)
+    m = m.gather(1, order)
+    s = s.gather(1, order[:, :, None].expand(-1, -1, d)).gather(2, order[:, None, :].expand(-1, d, -1))
+    scale = torch.diagonal(s, dim1=-2, dim2=-1).amax(dim=1).clamp_min(1e-300)
+    jitter = 1e-10 * scale[:, None, None] * torch.eye(d, dtype=s.dtype, device=s.device)
+    L, info = torch.linalg.cholesky_ex(s + jitter)
+    if bool((info != 0).any()):  # not positive semi-definite within rounding: clip eigenvalues
+        w, v = torch.linalg.eigh(s)
+        s = (v * w.clamp_min(0)[:, None, :]) @ v.mT
+        L = torch.linalg.cholesky(s + 1e-8 * scale[:, None, None] * torch.eye(d, dtype=s.dtype, device=s.device))
+    M = u.shape[0]
+    tiny = 1e-300
+    e = _phi_cdf(m[:, 0] / L[:, 0, 0])[:, None].expand(n, M)  # [n, M]
+    f = e.clone()
+    ws = torch.empty(n, M, d, dtype=m.dtype, device=m.device)
+    for i in range(1, d):
+        q = (u[None, :, i - 1] * e).clamp(tiny, 1.0 - 1e-16)
+        ws[:, :, i - 1] = torch.special.ndtri(q)
+        # constraint i: Σ_{j<i} L_ij w_j + L_ii w_i < m_i
+        acc = torch.einsum("nmj,nj->nm", ws[:, :, :i], L[:, i, :i])
+        e = _phi_cdf((m[:, i, None] - acc) / L[:, i, i, None])
+        f = f * e
+    return f.mean(dim=1)
+
+
+def orthant_probability(m: torch.Tensor, s: torch.Tensor, n_points: int = 2048, seed: int = 0,
+                        bound_tol: float = 1e-9, max_elements: int = 2**23) -> torch.Tensor:
+    """``P(D > 0)`` for ``D ~ N(m, S)``, per row: ``m [N, d]``, ``S [N, d, d]`` (float64).
+
+    Genz's separation of variables with randomised QMC (``n_points`` scrambled Sobol
+    points, ``seed``); rows whose pairwise bounds differ by less than ``bound_tol`` use
+    the bound (exact to that tolerance). ``d = 1`` is the exact ``Φ(m/s)``.
+    Semi-definite ``S`` (some margins without noise) is handled by a relative jitter of
+    ``1e-10``.
+    """
+    m = m.double()
+    s = s.double()
+    if m.dim() != 2 or s.shape != (m.shape[0], m.shape[1], m.shape[1]):
+        raise ValueError(f"m must be [N, d] and S [N, d, d]; got {tuple(m.shape)} and {tuple(s.shape)}")
+    n, d = m.shape
+    _, lower, upper = pairwise_error_bounds(m, s)
+    out = upper.clone()
+    if d == 1:
+        return out  # exact: 1 − Φ(−m/s)
+    todo = torch.nonzero(upper - lower > bound_tol).flatten()
+    if todo.numel() == 0:
+        return out
+    u = _qmc_points(d - 1, n_points, seed).to(m.device)
+    step = max(1, max_elements // (n_points * d))
+    for i in range(0, todo.numel(), step):
+        idx = todo[i:i + step]
+        est = _sov(m[idx], s[idx], u)
+        out[idx] = torch.minimum(torch.maximum(est, lower[idx]), upper[idx])
+    return out
+
+
+def correct_probability(mean: torch.Tensor, cov: torch.Tensor, y: torch.Tensor, n_points: int = 2048,
+                        seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per input ``(P(correct), lower, upper)`` under ``f ~ N(mean, cov)``
+    (``mean [N, C]``, ``cov [N, C, C]``, labels ``y``)."""
+    m, s = margin_moments(mean, cov, y)
+    _, lower, upper = pairwise_error_bounds(m, s)
+    p = orthant_probability(m, s, n_points=n_points, seed=seed)
+    return p, lower, upper
+
+
+def sampled_accuracies(mean: torch.Tensor, noise: torch.Tensor, y: torch.Tensor) -> np.ndarray:
+    """Per-draw accuracy ``mean_i 1[argmax(mean_i + noise_ik) = y_i]`` for shared draws
+    ``noise [N, C, K]`` (draw ``k`` is one noisy network: all inputs share it).
+
+    Used for the chip-to-chip spread of accuracy (THEORY.md §7): the draws of the
+    linearised network are jointly Gaussian across inputs with covariance
+    ``Σ_θ σ_θ² ∇f_i ∇f_jᵀ``.
+    """
+    logits = mean.double()[:, :, None] + noise.double()
+    pred = logits.argmax(dim=1)  # [N, K]
+    return (pred == y.long()[:, None]).double().mean(dim=0).cpu().numpy()

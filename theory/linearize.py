@@ -1,0 +1,514 @@
+"""The first-order (linearised) network: per-input Jacobians and Jacobian-vector
+products with respect to the noisy parameters (THEORY.md §3, §7, §8).
+
+For weights ``θ`` perturbed by independent noise ``ε`` with per-element variance
+``σ_θ²``, the linearised logits are
+
+    f_lin(x; ε) = f(x; θ) + J(x) ε,          J(x) = ∂f(x; θ)/∂θ,
+
+so to first order (the delta method) the logits of input ``i`` have covariance
+
+    Cov(f_i)_ab = Σ_θ σ_θ² ∂f_{i,a}/∂θ · ∂f_{i,b}/∂θ,
+
+and those of inputs ``i`` and ``j`` are correlated (one noise draw is shared by all
+inputs, one chip): ``Cov(f_i, f_j) = J_i Σ_ε J_jᵀ``. Exact to first order for any
+differentiable module: weight sharing in convolutions, residual connections and
+BatchNorm in eval mode are part of ``J``.
+
+Implementation (torch.func): ``vmap(jacrev(f))`` over a chunk of inputs gives the
+per-input Jacobians ``[B, C, *θ.shape]`` for every target parameter; they are scaled by
+the noise model's unit scale ``u(θ)`` (``σ = level · u``) and contracted to
+``[B, C, C]`` in float64, chunk by chunk, so peak memory is one chunk's Jacobians and
+does not grow with the number of inputs. The same chunk also gives, at almost no extra
+cost, ``K`` draws of the linearised network for all inputs at once,
+``z_k = J (u ⊙ ξ_k)`` with shared Gaussian directions ``ξ_k`` (:func:`jacobian_pass`),
+which carry the cross-input correlation used for the chip-to-chip spread of accuracy.
+:meth:`LinearizedNetwork.linearized_logits` computes ``f + J δθ`` for given weight
+perturbations by one forward-mode pass (``torch.func.jvp``): the control variate of
+Monte-Carlo (same draws).
+
+The network evaluated, and the parameters that get noise, come from
+:func:`noiseprop.theory.targets.resolve_targets`, the same function Monte-Carlo uses.
+The user's model is never modified: parameters are passed functionally
+(``torch.func.functional_call``) and a model in training mode is evaluated through an
+eval-mode deep copy (with a warning).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, jacrev, jvp, vmap
+
+from .noise import WeightNoise
+from .targets import TargetPlan, resolve_targets
+
+__all__ = [
+    "LinearizedNetwork",
+    "JacobianPass",
+    "jacobian_pass",
+    "auto_chunk_size",
+    "control_variate_mean",
+    "ControlVariateEstimate",
+]
+
+#: Default memory budget (bytes) for one chunk of per-input Jacobians.
+DEFAULT_JACOBIAN_BUDGET = 384 * 2**20
+
+
+def _any_training(net: nn.Module) -> bool:
+    return any(m.training for m in net.modules())
+
+
+class LinearizedNetwork:
+    """A trained network, viewed as a function of its noisy parameters.
+
+    ``model`` is evaluated in eval mode (a deep copy when it is in training mode, with a
+    warning); ``targets`` selects the parameters that get noise exactly as Monte-Carlo
+    does (:func:`~noiseprop.theory.targets.resolve_targets`).
+    """
+
+    def __init__(self, model: nn.Module, targets=None, warn_train_mode: bool = True):
+        plan: TargetPlan = resolve_targets(model, targets)
+        net = plan.model
+        if _any_training(net):
+            if warn_train_mode and model.training:
+                warnings.warn(
+                    f"{type(model).__name__} is in training mode; noiseprop evaluates it in eval mode "
+                    "(BatchNorm running statistics, no dropout). The model itself is left unchanged.",
+                    stacklevel=3,
+                )
+            net = copy.deepcopy(net).eval()
+        self.plan = plan
+        self.net = net
+        self.names: tuple[str, ...] = plan.names
+        self.params = {n: p.detach() for n, p in net.named_parameters()}
+        self.buffers = {n: b.detach() for n, b in net.named_buffers()}
+        self.target_params = {n: self.params[n] for n in self.names}
+        for n, p in self.params.items():
+            if torch.is_floating_point(p) and not torch.isfinite(p).all():
+                raise ValueError(f"model parameter {n!r} contains NaN or infinite values")
+        for n, b in self.buffers.items():
+            if torch.is_floating_point(b) and not torch.isfinite(b).all():
+                raise ValueError(f"model buffer {n!r} contains NaN or infinite values")
+        first = self.target_params[self.names[0]]
+        self.dtype = first.dtype
+        self.device = first.device
+
+    # ------------------------------------------------------------------ basics
+    @property
+    def num_target_elements(self) -> int:
+        return int(sum(p.numel() for p in self.target_params.values()))
+
+    def forward(self, x: torch.Tensor, tparams: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Logits of a batch with the target parameters replaced by ``tparams``."""
+        params = self.params if tparams is None else {**self.params, **tparams}
+        return functional_call(self.net, (params, self.buffers), (x,))
+
+    @torch.no_grad()
+    def logits(self, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+        outs = [self.forward(x[i:i + batch_size].to(self.device)) for i in range(0, x.shape[0], batch_size)]
+        out = torch.cat(outs)
+        if out.dim() != 2:
+            raise ValueError(f"the model must map a batch of inputs to logits of shape [N, C]; got shape {tuple(out.shape)}")
+        return out
+
+    def unit_scales(self, noise: WeightNoise) -> dict[str, torch.Tensor]:
+        """``u(θ)``: the noise model's per-element scale at level 1 (``σ = level · u``)."""
+        unit = noise.with_level(1.0)
+        return {n: unit.scale(p) for n, p in self.target_params.items()}
+
+    def scales(self, noise: WeightNoise) -> dict[str, torch.Tensor]:
+        """``σ_θ`` per element at the noise model's own level."""
+        return {n: noise.scale(p) for n, p in self.target_params.items()}
+
+    # ------------------------------------------------------------------ jvp
+    def linearized_logits(self, x: torch.Tensor, delta, batch_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(f(x; θ), f(x; θ) + J(x) δθ)`` for weight perturbations ``delta`` (a dict
+        name → tensor, or a sequence in target order), by ``torch.func.jvp``.
+
+        With ``δθ = σ ⊙ z`` from the same ``z`` as a Monte-Carlo draw, the second output
+        is the linearised network's logits for that draw (the control variate)."""
+        if not isinstance(delta, Mapping):
+            delta = list(delta)
+            if len(delta) != len(self.names):
+                raise ValueError(f"delta has {len(delta)} tensors; the targets are {len(self.names)} parameters {self.names}")
+            delta = dict(zip(self.names, delta))
+        missing = [n for n in self.names if n not in delta]
+        if missing:
+            raise ValueError(f"delta lacks perturbations for target parameters {missing}")
+        tang = {n: delta[n].to(dtype=self.dtype, device=self.device) for n in self.names}
+        for n in self.names:
+            if tang[n].shape != self.target_params[n].shape:
+                raise ValueError(f"delta[{n!r}] has shape {tuple(tang[n].shape)}, the parameter {tuple(self.target_params[n].shape)}")
+        f0s, fls = [], []
+        for i in range(0, x.shape[0], batch_size):
+            xb = x[i:i + batch_size].to(self.device)
+            f0, df = jvp(lambda tp: self.forward(xb, tp), (self.target_params,), (tang,))
+            f0s.append(f0.detach())
+            fls.append((f0 + df).detach())
+        return torch.cat(f0s), torch.cat(fls)
+
+    # ------------------------------------------------------------------ jacobians
+    def jacobian_fn(self, unit: Mapping[str, torch.Tensor]):
+        """``vmap``-able per-input function returning ``(J_u dict, logits)`` where
+        ``J_u = ∂f/∂ε`` for ``θ = θ₀ + u ⊙ ε`` at ``ε = 0``, i.e. the Jacobian already
+        scaled by the unit noise scale ``u`` (no separate scaled copy is made)."""
+        theta0 = self.target_params
+        u = {k: unit[k].to(dtype=self.dtype, device=self.device) for k in self.names}
+
+        def single(eps, xi):
+            tp = {k: theta0[k] + u[k] * eps[k] for k in theta0}
+            out = self.forward(xi.unsqueeze(0), tp).squeeze(0)
+            return out, out
+
+        zero = {k: torch.zeros_like(v) for k, v in theta0.items()}
+        fn = vmap(jacrev(single, has_aux=True), in_dims=(None, 0))
+        return lambda xb: fn(zero, xb)
+
+
+def auto_chunk_size(num_classes: int, num_elements: int, itemsize: int = 4,
+                    budget: int = DEFAULT_JACOBIAN_BUDGET, cap: int = 256) -> int:
+    """Inputs per Jacobian chunk so that ``3 · B · C · P · itemsize`` fits ``budget``
+    (the Jacobians, their scaled copy and the backward pass's working memory)."""
+    per = 3 * max(1, num_classes) * max(1, num_elements) * itemsize
+    return int(max(1, min(cap, budget // per)))
+
+
+@dataclass(frozen=True)
+class JacobianPass:
+    """What one pass of per-input Jacobians gives, at noise level 1 (``σ = u``).
+
+    clean_logits: ``[N, C]``; cov_unit: ``[N, C, C]`` float64, ``J diag(u²) Jᵀ`` per
+    input; draws_unit: ``[N, C, K]`` (or ``None``), ``J (u ⊙ ξ_k)`` for ``K`` shared
+    standard-normal directions ``ξ_k`` (draws of the linearised network at level 1);
+    chunk_size: inputs per chunk used.
+    """
+
+    clean_logits: torch.Tensor
+    cov_unit: torch.Tensor
+    draws_unit: torch.Tensor | None
+    chunk_size: int
+
+
+def _directions(lin: LinearizedNetwork, k: int, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator(device=lin.device).manual_seed(int(seed))
+    return {n: torch.randn(p.numel(), k, generator=g, dtype=lin.dtype, device=lin.device)
+            for n, p in lin.target_params.items()}
+
+
+# ----------------------------------------------------------------------------
+# Batched per-sample Jacobians of Linear/Conv2d parameters from activation gradients
+# ----------------------------------------------------------------------------
+@dataclass
+class Tap:
+    """One call of a noisy Linear/Conv2d layer: its module, input and a zero tensor added
+    to its output (the gradient with respect to it is the backpropagated signal δ)."""
+
+    name: str
+    module: nn.Module
+    x: torch.Tensor
+    e: torch.Tensor
+
+
+def _fast_ok(module: nn.Module) -> bool:
+    if isinstance(module, nn.Linear):
+        return True
+    return isinstance(module, nn.Conv2d) and module.padding_mode == "zeros" and not isinstance(module.padding, str)
+
+
+@contextmanager
+def tapping(modules: Mapping[int, tuple[str, nn.Module]]):
+    """Within the context, every call of a module whose ``id`` is in ``modules`` records a
+    :class:`Tap` (input captured, output ``+ e`` with ``e = 0`` requiring grad). Uses a
+    global forward hook (removed on exit), so the model object itself is not touched."""
+    taps: list[Tap] = []
+
+    def hook(mod, inp, out):
+        hit = modules.get(id(mod))
+        if hit is None or hit[1] is not mod:
+            return None
+        e = torch.zeros_like(out, requires_grad=True)
+        taps.append(Tap(hit[0], mod, inp[0].detach(), e))
+        return out + e
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        yield taps
+    finally:
+        handle.remove()
+
+
+def backprop_signals(out: torch.Tensor, leaves: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """``δ_a = ∂ out[:, a] / ∂ leaf`` for every class ``a``: one batched backward pass per
+    class (inputs are independent, so the gradient of ``Σ_i out[i, a]`` with respect to a
+    per-input tensor is per-input). Returns ``[C, *leaf.shape]`` per leaf."""
+    C = out.shape[1]
+    per = [[] for _ in leaves]
+    for a in range(C):
+        gs = torch.autograd.grad(out[:, a].sum(), list(leaves), retain_graph=a < C - 1, allow_unused=True)
+        for lst, g, lf in zip(per, gs, leaves):
+            lst.append(torch.zeros_like(lf) if g is None else g)
+    return [torch.stack(lst) for lst in per]
+
+
+def tap_jacobian(tap: Tap, delta: torch.Tensor, pname: str) -> torch.Tensor:
+    """Per-sample Jacobian ``[B, C, numel]`` of the logits with respect to parameter
+    ``pname`` ("weight"/"bias") of the tapped layer, from its input and the signal
+    ``delta [C, B, *out]`` at its output: ``∂f_a/∂W = Σ_p δ_{a,p} ⊗ x_p`` (patches ``x_p``
+    for a convolution, by ``F.unfold``), formed by batched matrix products."""
+    m = tap.module
+    C, B = delta.shape[:2]
+    if isinstance(m, nn.Linear):
+        if pname == "bias":
+            return delta.reshape(C, B, -1, m.out_features).sum(2).permute(1, 0, 2)
+        x = tap.x.reshape(B, -1, m.in_features)  # [B, S, in]
+        d = delta.reshape(C, B, -1, m.out_features).permute(1, 0, 3, 2).reshape(B, C * m.out_features, -1)  # [B, C·out, S]
+        return torch.bmm(d, x).reshape(B, C, -1)
+    # Conv2d
+    Cout = m.out_channels
+    if pname == "bias":
+        return delta.reshape(C, B, Cout, -1).sum(3).permute(1, 0, 2)
+    g = m.groups
+    X = F.unfold(tap.x, kernel_size=m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
+    L = X.shape[-1]
+    X = X.reshape(B, g, -1, L)  # [B, g, J, L]
+    d = delta.reshape(C, B, g, Cout // g, L).permute(1, 2, 0, 3, 4).reshape(B * g, C * (Cout // g), L)
+    Jg = torch.bmm(d, X.reshape(B * g, -1, L).mT)  # [B·g, C·Cout/g, J]
+    Jg = Jg.reshape(B, g, C, Cout // g, -1).permute(0, 2, 1, 3, 4)  # [B, C, g, Cout/g, J]
+    return Jg.reshape(B, C, -1)
+
+
+def tap_covariance(tap: Tap, delta: torch.Tensor) -> torch.Tensor | None:
+    """``Σ_W J_a J_b`` ``[B, C, C]`` for the weight of a tapped layer whose noise scale
+    is already folded into ``delta`` (constant within each output channel), without
+    forming the per-sample Jacobian (the Gram-matrix trick of per-sample gradient norms,
+    Goodfellow 2015; Li et al. 2022): ``Σ_o Σ_{p,q} δ_{a,o,p} δ_{b,o,q} ⟨x_p, x_q⟩``.
+    Returns ``None`` when forming the Jacobian is cheaper (large feature maps)."""
+    m = tap.module
+    C, B = delta.shape[:2]
+    if isinstance(m, nn.Linear):
+        x = tap.x.reshape(B, -1, m.in_features)  # [B, S, in]
+        S = x.shape[1]
+        d = delta.reshape(C, B, S, m.out_features)
+        if S == 1:
+            return torch.einsum("abo,cbo->bac", d[:, :, 0], d[:, :, 0]).double() * (x[:, 0] ** 2).sum(-1).double()[:, None, None]
+        G = torch.bmm(x, x.mT)  # [B, S, S]
+        T = torch.einsum("absO,bst->abtO", d, G)
+        return torch.einsum("abtO,cbtO->bac", T, d).double()
+    g = m.groups
+    X = F.unfold(tap.x, kernel_size=m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
+    L = X.shape[-1]
+    J = X.shape[1] // g
+    Cout = m.out_channels
+    ghost = L * L * J * g + C * Cout * L * L + C * C * Cout * L
+    direct = C * Cout * J * L + C * C * Cout * J
+    if ghost >= direct:
+        return None
+    Xg = X.reshape(B, g, J, L)
+    G = torch.einsum("bgjp,bgjq->bgpq", Xg, Xg)  # [B, g, L, L]
+    d = delta.reshape(C, B, g, Cout // g, L)
+    T = torch.einsum("abgop,bgpq->abgoq", d, G)
+    return torch.einsum("abgoq,cbgoq->bac", T, d).double()
+
+
+def _scale_delta(dl: torch.Tensor, module: nn.Module, uvec: torch.Tensor) -> torch.Tensor:
+    """Multiply the signal ``[C, B, *out]`` by a per-output-channel scale."""
+    if isinstance(module, nn.Linear):
+        return dl * uvec.to(dl.dtype)
+    return dl * uvec.reshape((1, 1, -1) + (1,) * (dl.dim() - 3)).to(dl.dtype)
+
+
+def weight_terms(by_module: Mapping[str, list], params: Mapping[str, list], scale: Mapping[str, torch.Tensor],
+                 cov: torch.Tensor, z: torch.Tensor | None = None, dirs: Mapping[str, torch.Tensor] | None = None) -> None:
+    """Add ``Σ_θ σ_θ² J_a J_b`` (and ``J (σ ⊙ ξ_k)`` to ``z``) for the parameters
+    ``params[module] = ["weight", "bias"]`` of tapped Linear/Conv2d layers, in place.
+
+    ``by_module[module]`` lists ``(tap, δ [C, B, *out])`` for every call of the layer (a
+    layer called several times has the sum of the calls' Jacobians). A scale constant
+    within each output channel is folded into ``δ``; then, when cheaper and no draws are
+    asked for, the Gram-matrix trick (:func:`tap_covariance`) avoids forming ``J``."""
+    for mname, pnames in params.items():
+        calls = by_module.get(mname, [])
+        if not calls:  # a layer that is not used: zero Jacobian
+            continue
+        for pname in pnames:
+            full = mname + "." + pname
+            u = scale[full]
+            uc = u.reshape(u.shape[0], -1)
+            per_channel = bool((uc == uc[:, :1]).all())
+            if per_channel and z is None and pname == "weight" and len(calls) == 1:
+                t, dl = calls[0]
+                cg = tap_covariance(t, _scale_delta(dl, t.module, uc[:, 0]))
+                if cg is not None:
+                    cov += cg.to(cov.device)
+                    continue
+            J = None
+            for t, dl in calls:
+                if per_channel:
+                    dl = _scale_delta(dl, t.module, uc[:, 0])
+                Jt = tap_jacobian(t, dl, pname)
+                J = Jt if J is None else J + Jt
+            if not per_channel:
+                J = J * u.reshape(1, 1, -1).to(J.dtype)
+            cov += torch.bmm(J, J.mT).double()
+            if z is not None:
+                z += J @ dirs[full]
+            del J
+
+
+def jacobian_pass(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, torch.Tensor],
+                  chunk_size: int | None = None, draws: int = 0, seed: int = 0,
+                  progress=None) -> JacobianPass:
+    """Per-input Jacobians over ``x`` in chunks, contracted to the level-1 logit
+    covariance ``J diag(u²) Jᵀ`` and (``draws > 0``) to ``draws`` shared draws of the
+    linearised network ``J (u ⊙ ξ_k)``.
+
+    Weights and biases of Linear/Conv2d layers: one batched forward pass recording every
+    noisy layer's input, one batched backward pass per class for the signals at their
+    outputs, and per-sample Jacobians from batched matrix products (:func:`tap_jacobian`);
+    any other target parameter: ``vmap(jacrev(f))`` over the inputs of the chunk."""
+    n = x.shape[0]
+    with torch.no_grad():
+        c0 = lin.forward(x[:1].to(lin.device)).shape[-1]
+    if chunk_size is None:
+        chunk_size = auto_chunk_size(c0, lin.num_target_elements, torch.tensor([], dtype=lin.dtype).element_size())
+    modules = dict(lin.net.named_modules())
+    fast: dict[str, list[str]] = {}  # module name -> its target parameter names
+    slow: list[str] = []
+    for name in lin.names:
+        mname, _, pname = name.rpartition(".")
+        mod = modules.get(mname)
+        if mod is not None and pname in ("weight", "bias") and _fast_ok(mod):
+            fast.setdefault(mname, []).append(pname)
+        else:
+            slow.append(name)
+    watch = {id(modules[m]): (m, modules[m]) for m in fast}
+    dirs = _directions(lin, draws, seed) if draws > 0 else None
+    slow_fn = None
+    if slow:
+        sub = {k: lin.target_params[k] for k in slow}
+
+        def single(tp, xi):
+            return lin.forward(xi.unsqueeze(0), tp).squeeze(0)
+
+        slow_fn = lambda xb: vmap(jacrev(single), in_dims=(None, 0))(sub, xb)  # noqa: E731
+    covs, f0s, zs = [], [], []
+    for i in range(0, n, chunk_size):
+        xb = x[i:i + chunk_size].to(lin.device)
+        b = xb.shape[0]
+        cov = torch.zeros(b, c0, c0, dtype=torch.float64, device=lin.device)
+        z = torch.zeros(b, c0, draws, dtype=lin.dtype, device=lin.device) if dirs is not None else None
+
+        def add(name, J):
+            nonlocal cov, z
+            js = J * unit[name].reshape(1, 1, -1).to(J.dtype)
+            cov += torch.bmm(js, js.mT).double()
+            if z is not None:
+                z += js @ dirs[name]
+
+        if fast:
+            with torch.enable_grad(), tapping(watch) as taps:
+                out = lin.forward(xb)
+            if out.dim() != 2:
+                raise ValueError(f"the model must map a batch of inputs to logits of shape [N, C]; got shape {tuple(out.shape)}")
+            deltas = backprop_signals(out, [t.e for t in taps])
+            f0 = out.detach()
+            by_module: dict[str, list] = {}
+            for t, dl in zip(taps, deltas):
+                by_module.setdefault(t.name, []).append((t, dl.detach()))
+            weight_terms(by_module, fast, unit, cov, z, dirs)
+            del deltas, taps, out, by_module
+        else:
+            with torch.no_grad():
+                f0 = lin.forward(xb)
+        if slow_fn is not None:
+            jac = slow_fn(xb)
+            for name in slow:
+                add(name, jac.pop(name).detach().reshape(b, c0, -1))
+        covs.append(cov)
+        f0s.append(f0.detach())
+        if z is not None:
+            zs.append(z)
+        if progress is not None:
+            progress(min(i + chunk_size, n), n)
+    return JacobianPass(
+        clean_logits=torch.cat(f0s),
+        cov_unit=torch.cat(covs),
+        draws_unit=torch.cat(zs) if zs else None,
+        chunk_size=int(chunk_size),
+    )
+
+
+# ----------------------------------------------------------------------------
+# Control variates (THEORY.md §8)
+# ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ControlVariateEstimate:
+    """``Ŷ = Ȳ − β (X̄ − E X)`` with ``β = Cov(Y, X)/Var(X)`` estimated from the draws.
+
+    ``se`` is the standard error of ``Ŷ`` (residual standard deviation with ``n − 2``
+    degrees of freedom over ``√n``); ``variance_reduction`` is ``Var(Y)/Var(Y − βX)``
+    (the factor by which the control variate cuts the variance: the plain mean needs that many times more draws for the same precision), ``rho`` the
+    correlation of ``Y`` and ``X``; ``ci`` a Student-t interval with ``n − 2`` d.o.f.
+    """
+
+    estimate: float
+    se: float
+    ci: tuple[float, float]
+    beta: float
+    rho: float
+    variance_reduction: float
+    plain_mean: float
+    plain_se: float
+
+
+def control_variate_mean(y, x, x_mean: float, confidence: float = 0.95) -> ControlVariateEstimate:
+    """Control-variate estimate of ``E[Y]`` from paired draws ``(Y_d, X_d)`` where
+    ``E[X] = x_mean`` is known (Glasserman 2004, §4.1). With ``X`` the linearised
+    network's accuracy (``E X`` from the orthant probabilities) or its first-order loss
+    change ``gᵀδθ`` (``E X = 0``)."""
+    from scipy import stats
+
+    yv = np.asarray(y, dtype=np.float64).ravel()
+    xv = np.asarray(x, dtype=np.float64).ravel()
+    n = yv.size
+    if xv.size != n or n < 3:
+        raise ValueError(f"control variate needs >= 3 paired draws, got {n} and {xv.size}")
+    ym, xm = yv.mean(), xv.mean()
+    vy = yv.var(ddof=1)
+    vx = xv.var(ddof=1)
+    cxy = ((yv - ym) * (xv - xm)).sum() / (n - 1)
+    beta = cxy / vx if vx > 0 else 0.0
+    resid = (yv - ym) - beta * (xv - xm)
+    est = ym - beta * (xm - float(x_mean))
+    s2 = (resid ** 2).sum() / max(n - 2, 1)
+    se = math.sqrt(s2 / n)
+    t = float(stats.t.ppf(0.5 + confidence / 2, max(n - 2, 1)))
+    rho = cxy / math.sqrt(vx * vy) if vx > 0 and vy > 0 else 0.0
+    vr = vy / s2 if s2 > 0 else math.inf
+    return ControlVariateEstimate(
+        estimate=float(est), se=float(se), ci=(float(est - t * se), float(est + t * se)), beta=float(beta),
+        rho=float(rho), variance_reduction=float(vr), plain_mean=float(ym), plain_se=float(math.sqrt(vy / n)),
+    )
+
+
+def first_order_loss_change(clean_logits: torch.Tensor, lin_logits: torch.Tensor, y: torch.Tensor) -> float:
+    """``gᵀδθ`` for the mean cross-entropy, from the linearised logits of one draw:
+    ``mean_i (softmax(f_i) − e_{y_i})ᵀ (f_lin,i − f_i)`` (its mean over draws is 0)."""
+    f0 = clean_logits.double()
+    p = torch.softmax(f0, dim=1)
+    p[torch.arange(f0.shape[0]), y.long()] -= 1.0
+    return float((p * (lin_logits.double() - f0)).sum(dim=1).mean())
+
+
+def cross_entropy_mean(logits: torch.Tensor, y: torch.Tensor) -> float:
+    return float(F.cross_entropy(logits.double(), y.long()))

@@ -1,0 +1,540 @@
+"""Analytic prediction of what weight noise does to a trained network, without
+sampling: :func:`predict` (one noise level) and :func:`predict_sweep` (a curve).
+
+Methods (THEORY.md §3, §5, §7, §9):
+
+* ``"linear"`` (default): the first-order (delta-method) logit covariance
+  ``Cov(f_i) = J_i Σ_ε J_iᵀ`` from exact per-input Jacobians
+  (:mod:`noiseprop.theory.linearize`); the logit mean is the clean logit (ReLU networks
+  are piecewise multilinear in their weights, so the first order has no mean shift).
+* ``"moments"``: moment propagation (:mod:`noiseprop.theory.moments`): the ReLU and
+  max-pool mean shift from activation flips, the noise of each layer acting on the
+  perturbation of its input, and expected (smoothed) slopes. Needed at large noise,
+  where the first order underestimates the damage.
+
+From the logit mean and covariance (Gaussian logits): the probability that each input
+stays correctly classified (an orthant probability, :mod:`noiseprop.theory.accuracy`),
+its mean over inputs (``accuracy``, inputs wrong when clean included), the pairwise
+bounds, and the chip-to-chip spread ``accuracy_std`` (the accuracy of one noisy network
+varies from draw to draw because all inputs share the draw; computed from ``K`` shared
+draws of the linearised network, jointly Gaussian across inputs with covariance
+``J_i Σ_ε J_jᵀ``). The loss increase ``½ tr(Σ_ε H)`` by noise-scaled Hutchinson probes
+(:mod:`noiseprop.theory.flatness`) and its Gauss-Newton form ``½ mean_i tr(H_z Cov f_i)``.
+
+Everything uses :func:`~noiseprop.theory.targets.resolve_targets`, as Monte-Carlo does,
+so prediction and simulation put noise on the same parameters.
+"""
+from __future__ import annotations
+
+import math
+import time
+import types
+import warnings
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .accuracy import correct_probability, sampled_accuracies
+from .flatness import HessianOperator, _trace_probes, loss_increase_gauss_newton
+from .linearize import JacobianPass, LinearizedNetwork, jacobian_pass
+from .noise import WeightNoise, parse_noise
+
+__all__ = ["Prediction", "PredictionCurve", "predict", "predict_sweep", "METHODS"]
+
+METHODS = ("linear", "moments")
+
+#: Fraction of ReLU pre-activations whose predicted noise std exceeds their magnitude
+#: above which the first order is flagged as outside its range (calibrated on the
+#: digits models: below it the linear accuracy is within about a point of Monte-Carlo).
+PREACT_WARN_FRACTION = 0.15
+
+
+# ----------------------------------------------------------------------------
+# Input checks (mirrors noiseprop.empirical.montecarlo.check_inputs; theory does
+# not import empirical)
+# ----------------------------------------------------------------------------
+def _check_inputs(model, x, y):
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module mapping inputs to logits, got {type(model).__name__}")
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(x)
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a tensor of inputs, got {type(x).__name__}")
+    if not torch.is_floating_point(x):
+        raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+    if isinstance(y, np.ndarray):
+        y = torch.from_numpy(y)
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"y must be a tensor of integer class labels, got {type(y).__name__}")
+    if torch.is_floating_point(y) or torch.is_complex(y) or y.dtype == torch.bool:
+        raise TypeError(f"y must hold integer class labels (int64 accepted, any integer dtype converted), got dtype {y.dtype}")
+    if y.dim() != 1:
+        raise ValueError(f"y must be 1-D (one label per input), got shape {tuple(y.shape)}")
+    if x.dim() < 1 or x.shape[0] != y.shape[0]:
+        raise ValueError(f"x and y must have the same length: x has {x.shape[0] if x.dim() else 0} inputs, y has {y.shape[0]} labels")
+    if x.shape[0] == 0:
+        raise ValueError("x and y are empty: at least one input is needed")
+    if not torch.isfinite(x).all():
+        raise ValueError("x contains NaN or infinite values")
+    for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+        if torch.is_floating_point(p) and not torch.isfinite(p).all():
+            raise ValueError(f"model parameter {name!r} contains NaN or infinite values")
+    return x, y.to(torch.int64)
+
+
+def _check_labels(y: torch.Tensor, num_classes: int):
+    lo, hi = int(y.min()), int(y.max())
+    if lo < 0 or hi >= num_classes:
+        raise ValueError(f"labels must lie in [0, {num_classes}) for a model with {num_classes} logits; found range [{lo}, {hi}]")
+
+
+def _check_int(name, v, minimum, allow_none=False):
+    if v is None and allow_none:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}{' or None' if allow_none else ''}, got {v!r}")
+    return int(v)
+
+
+def _check_method(method):
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
+    return method
+
+
+# ----------------------------------------------------------------------------
+# Results
+# ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Prediction:
+    """Analytic prediction of a network's behaviour under weight noise.
+
+    Tensors are float64 on the CPU. ``logit_mean``/``logit_var`` are ``[N, C]``;
+    ``logit_cov`` is ``[N, C, C]`` when ``predict(..., cov=True)`` (else ``None``);
+    ``correct_prob`` is each input's probability of staying correct. ``accuracy`` is
+    their mean, between ``accuracy_lower`` and ``accuracy_upper`` (pairwise bounds);
+    ``accuracy_std`` is the standard deviation of the accuracy of one noisy network
+    (chip to chip), estimated from ``accuracy_std_draws`` shared draws of the linearised
+    network (relative s.e. ``1/√(2(K−1))``). ``loss_increase`` is ``½ tr(Σ_ε H)``
+    (Hutchinson, ``loss_increase_se``; NaN when ``loss_probes=0``),
+    ``loss_increase_gn`` its Gauss-Newton form, ``loss_increase_logits`` the expected
+    cross-entropy increase under the method's Gaussian logit model.
+    """
+
+    method: str
+    noise: str
+    targets: str
+    clean_logits: torch.Tensor
+    logit_mean: torch.Tensor
+    logit_var: torch.Tensor
+    logit_cov: torch.Tensor | None
+    correct_prob: torch.Tensor
+    clean_accuracy: float
+    accuracy: float
+    accuracy_lower: float
+    accuracy_upper: float
+    accuracy_std: float
+    accuracy_std_draws: int
+    clean_loss: float
+    loss_increase: float
+    loss_increase_se: float
+    loss_increase_gn: float
+    loss_increase_logits: float
+    loss_probes: int
+    diagnostics: Mapping = field(default_factory=dict)
+    warnings: tuple = ()
+    seconds: float = float("nan")
+
+    @property
+    def n_inputs(self) -> int:
+        return int(self.logit_mean.shape[0])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.logit_mean.shape[1])
+
+    @property
+    def logit_mean_shift(self) -> torch.Tensor:
+        """``E[f(θ+ε)] − f(θ)`` per input and class (zero for ``method="linear"``)."""
+        return self.logit_mean - self.clean_logits
+
+    @property
+    def loss(self) -> float:
+        """Predicted mean cross-entropy under noise, ``clean_loss + loss_increase``."""
+        return self.clean_loss + self.loss_increase
+
+    def scalars(self) -> dict:
+        out = dict(method=self.method, noise=self.noise, targets=self.targets, n_inputs=self.n_inputs,
+                   num_classes=self.num_classes, clean_accuracy=self.clean_accuracy, accuracy=self.accuracy,
+                   accuracy_lower=self.accuracy_lower, accuracy_upper=self.accuracy_upper,
+                   accuracy_std=self.accuracy_std, accuracy_std_draws=self.accuracy_std_draws,
+                   clean_loss=self.clean_loss, loss_increase=self.loss_increase,
+                   loss_increase_se=self.loss_increase_se, loss_increase_gn=self.loss_increase_gn,
+                   loss_increase_logits=self.loss_increase_logits, loss_probes=self.loss_probes,
+                   mean_logit_var=float(self.logit_var.mean()),
+                   mean_abs_logit_shift=float(self.logit_mean_shift.abs().mean()), seconds=self.seconds)
+        for k, v in self.diagnostics.items():
+            if isinstance(v, (int, float, str, bool)) or v is None:
+                out[f"diag_{k}"] = v
+        return out
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per (input, class): label, clean logit, predicted mean, variance and
+        shift, and the input's probability of staying correct."""
+        n, c = self.logit_mean.shape
+        label = torch.full((n,), -1, dtype=torch.int64)
+        if "labels" in self.diagnostics:
+            label = torch.as_tensor(self.diagnostics["labels"])
+        return pd.DataFrame({
+            "input": np.repeat(np.arange(n), c),
+            "label": np.repeat(label.numpy(), c),
+            "cls": np.tile(np.arange(c), n),
+            "clean_logit": self.clean_logits.reshape(-1).numpy(),
+            "logit_mean": self.logit_mean.reshape(-1).numpy(),
+            "logit_var": self.logit_var.reshape(-1).numpy(),
+            "logit_shift": self.logit_mean_shift.reshape(-1).numpy(),
+            "correct_prob": np.repeat(self.correct_prob.numpy(), c),
+        })
+
+    def summary(self) -> str:
+        d = self.diagnostics
+        lines = [
+            f"Prediction ({self.method}) under {self.noise} noise on {self.targets}",
+            f"  {self.n_inputs} inputs, {self.num_classes} classes, {self.seconds:.2f} s",
+            f"  accuracy   clean {self.clean_accuracy:.4f}  predicted {self.accuracy:.4f}  "
+            f"bounds [{self.accuracy_lower:.4f}, {self.accuracy_upper:.4f}]  chip-to-chip sd {self.accuracy_std:.4f} "
+            f"({self.accuracy_std_draws} draws of the linearised network)",
+            f"  loss       clean {self.clean_loss:.4f}  increase ½tr(ΣH) {self.loss_increase:.4g} ± {self.loss_increase_se:.2g} "
+            f"({self.loss_probes} probes); Gauss-Newton {self.loss_increase_gn:.4g}; Gaussian logits {self.loss_increase_logits:.4g}",
+            f"  logits     mean variance {float(self.logit_var.mean()):.4g}; mean |shift| {float(self.logit_mean_shift.abs().mean()):.4g}",
+        ]
+        if "preact_frac" in d:
+            lines.append(f"  validity   {d['preact_frac']:.1%} of ReLU pre-activations have predicted noise sd > |mean| "
+                         f"({d.get('preact_source', '')})")
+        for w in self.warnings:
+            lines.append(f"  warning: {w}")
+        return "\n".join(lines)
+
+    def __str__(self):
+        return self.summary()
+
+
+@dataclass(frozen=True)
+class PredictionCurve:
+    """Predictions over noise levels (:func:`predict_sweep`); ``predictions[i]`` is the
+    full :class:`Prediction` at ``levels[i]``."""
+
+    method: str
+    noise: str
+    targets: str
+    levels: np.ndarray
+    predictions: tuple
+    seconds: float
+
+    def __getattr__(self, name):
+        # accuracy, accuracy_std, loss_increase, ... as arrays over levels
+        if name.startswith("_") or name in ("predictions", "levels"):
+            raise AttributeError(name)
+        preds = object.__getattribute__(self, "predictions")
+        if preds and hasattr(preds[0], name):
+            vals = [getattr(p, name) for p in preds]
+            if all(isinstance(v, (int, float)) for v in vals):
+                return np.asarray(vals, dtype=np.float64)
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    def to_frame(self) -> pd.DataFrame:
+        rows = []
+        for lv, p in zip(self.levels, self.predictions):
+            r = p.scalars()
+            r["level"] = float(lv)
+            rows.append(r)
+        df = pd.DataFrame(rows)
+        cols = ["level"] + [c for c in df.columns if c != "level"]
+        return df[cols]
+
+    def summary(self) -> str:
+        lines = [f"Predicted curve ({self.method}) for {self.noise} noise on {self.targets}; {self.seconds:.2f} s",
+                 f"  {'level':>8}{'accuracy':>10}{'bounds':>20}{'chip sd':>9}{'ΔL ½tr(ΣH)':>13}{'ΔL GN':>10}"]
+        for lv, p in zip(self.levels, self.predictions):
+            lines.append(f"  {lv:>8.4g}{p.accuracy:>10.4f}   [{p.accuracy_lower:.4f}, {p.accuracy_upper:.4f}]"
+                         f"{p.accuracy_std:>9.4f}{p.loss_increase:>13.4g}{p.loss_increase_gn:>10.4g}")
+        warns = sorted({w for p in self.predictions for w in p.warnings})
+        for w in warns:
+            lines.append(f"  warning: {w}")
+        return "\n".join(lines)
+
+    def __str__(self):
+        return self.summary()
+
+
+# ----------------------------------------------------------------------------
+# Shared work: one pass of derivatives at level 1
+# ----------------------------------------------------------------------------
+@dataclass
+class _Base:
+    lin: LinearizedNetwork
+    x: torch.Tensor
+    y: torch.Tensor
+    jp: JacobianPass
+    trace_unit: float
+    trace_unit_se: float
+    probes: int
+    preact_ratio: np.ndarray | None
+    preact_note: str
+
+
+def _preact_ratios(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, torch.Tensor], directions: int,
+                   seed: int, max_inputs: int = 64) -> tuple[np.ndarray | None, str]:
+    """``|μ| / sd₁`` for every ReLU pre-activation of up to ``max_inputs`` inputs, with
+    ``sd₁`` the first-order noise std at level 1, from ``directions`` forward-mode
+    products ``J (u ⊙ ξ)`` (``torch.func.jvp``). The fraction above a level ``λ`` is the
+    fraction of pre-activations whose predicted noise sd exceeds their magnitude."""
+    from torch.func import functional_call, jvp
+
+    from ._graph import relu_input_graph
+
+    try:
+        gm, n_relu = relu_input_graph(lin.net)
+    except ValueError as e:
+        return None, f"not available ({e})"
+    if n_relu == 0:
+        return np.zeros(0), "no ReLU in the model"
+    xs = x[:max_inputs].to(lin.device)
+    names = {n for n, _ in gm.named_parameters()} | {n for n, _ in gm.named_buffers()}
+    params = {k: v for k, v in lin.params.items() if k in names}
+    bufs = {k: v for k, v in lin.buffers.items() if k in names}
+    tp0 = {k: lin.target_params[k] for k in lin.names}
+
+    def f(tp):
+        return functional_call(gm, ({**params, **tp}, bufs), (xs,))[1]
+
+    gen = torch.Generator(device=lin.device).manual_seed(int(seed) + 17)
+    sq = None
+    mus = None
+    for _ in range(directions):
+        tang = {k: torch.randn(v.shape, generator=gen, dtype=v.dtype, device=v.device) * unit[k] for k, v in tp0.items()}
+        with torch.no_grad():
+            mu, dz = jvp(f, (tp0,), (tang,))
+        if sq is None:
+            sq = [t.double() ** 2 for t in dz]
+            mus = [m.double() for m in mu]
+        else:
+            for a, t in zip(sq, dz):
+                a += t.double() ** 2
+    sd = torch.cat([(a / directions).sqrt().reshape(-1) for a in sq])
+    mu = torch.cat([m.abs().reshape(-1) for m in mus])
+    ratio = torch.where(sd > 0, mu / torch.where(sd > 0, sd, torch.ones_like(sd)), torch.full_like(sd, math.inf))
+    return ratio.cpu().numpy(), f"first order, {directions} forward-mode directions on {xs.shape[0]} inputs"
+
+
+def _base(model, x, y, noise, targets, chunk_size, accuracy_draws, loss_probes, seed, batch_size) -> tuple[_Base, WeightNoise]:
+    x, y = _check_inputs(model, x, y)
+    noise = parse_noise(noise)
+    chunk_size = _check_int("chunk_size", chunk_size, 1, allow_none=True)
+    accuracy_draws = _check_int("accuracy_draws", accuracy_draws, 0)
+    if accuracy_draws == 1:
+        raise ValueError("accuracy_draws must be 0 (no chip-to-chip spread) or >= 2")
+    loss_probes = _check_int("loss_probes", loss_probes, 0)
+    if loss_probes == 1:
+        raise ValueError("loss_probes must be 0 (skip the Hutchinson estimate) or >= 2")
+    seed = _check_int("seed", seed, 0)
+    lin = LinearizedNetwork(model, targets)
+    with torch.no_grad():
+        probe = lin.forward(x[:1].to(lin.device))
+    if probe.dim() != 2:
+        raise ValueError(f"the model must map a batch of inputs to logits of shape [N, C]; got shape {tuple(probe.shape)}")
+    _check_labels(y, probe.shape[1])
+    unit = lin.unit_scales(noise)
+    jp = jacobian_pass(lin, x, unit, chunk_size=chunk_size, draws=accuracy_draws, seed=seed)
+    tr, se = float("nan"), float("nan")
+    if loss_probes:
+        op = HessianOperator(lin, x, y, batch_size=batch_size)
+        vals = _trace_probes(op, unit, loss_probes, seed)
+        tr, se = float(vals.mean()), float(vals.std(ddof=1) / math.sqrt(loss_probes))
+    ratio, note = _preact_ratios(lin, x, unit, directions=16, seed=seed)
+    return _Base(lin, x, y, jp, tr, se, loss_probes, ratio, note), noise
+
+
+def _gaussian_logit_loss(mean: torch.Tensor, cov: torch.Tensor, y: torch.Tensor, points: int = 256,
+                         seed: int = 0) -> float:
+    """``mean_i E[CE(f_i, y_i)]`` for ``f_i ~ N(mean_i, cov_i)`` by randomised QMC
+    (scrambled Sobol points mapped through ``Φ⁻¹``, shared by all inputs)."""
+    from scipy.stats import qmc
+
+    n, c = mean.shape
+    z = qmc.Sobol(d=c, scramble=True, seed=np.random.default_rng(seed)).random_base2(int(math.log2(points)))
+    z = torch.special.ndtri(torch.from_numpy(z).clamp(1e-12, 1 - 1e-12))  # [P, C]
+    w, V = torch.linalg.eigh(cov.double())
+    Lh = V * w.clamp_min(0).sqrt().unsqueeze(1)  # [N, C, C], cov = Lh Lhᵀ
+    total = 0.0
+    step = max(1, 2**22 // (points * c))
+    for i in range(0, n, step):
+        f = mean[i:i + step, None, :].double() + torch.einsum("nab,pb->npa", Lh[i:i + step], z)
+        lse = torch.logsumexp(f, dim=2)
+        fy = f.gather(2, y[i:i + step, None, None].expand(-1, points, 1)).squeeze(2)
+        total += float((lse - fy).mean(1).sum())
+    return total / n
+
+
+def _finish(base: _Base, noise: WeightNoise, method: str, mean: torch.Tensor, cov: torch.Tensor, keep_cov: bool,
+            extra_diag: dict, warns: list, t0: float, n_points: int, seed: int) -> Prediction:
+    y = base.y
+    lvl = noise.level
+    clean = base.jp.clean_logits.double().cpu()
+    mean = mean.double().cpu()
+    cov = cov.double().cpu()
+    p, lo, hi = correct_probability(mean, cov, y, n_points=n_points, seed=seed)
+    # chip-to-chip spread: shared draws of the linearised network, rescaled per class to
+    # the method's marginal sd (same correlation structure)
+    acc_std = float("nan")
+    k = 0
+    if base.jp.draws_unit is not None:
+        z = base.jp.draws_unit.double().cpu() * lvl
+        if method != "linear":
+            v_lin = torch.diagonal(base.jp.cov_unit, dim1=1, dim2=2).cpu() * lvl**2
+            v_m = torch.diagonal(cov, dim1=1, dim2=2)
+            ratio = torch.where(v_lin > 0, (v_m / torch.where(v_lin > 0, v_lin, torch.ones_like(v_lin))).sqrt(),
+                                torch.zeros_like(v_lin))
+            z = z * ratio.unsqueeze(-1)
+        accs = sampled_accuracies(mean, z, y)
+        k = accs.size
+        acc_std = float(accs.std(ddof=1))
+    clean_loss = float(F.cross_entropy(clean, y))
+    cov_lin = base.jp.cov_unit.cpu() * lvl**2
+    gn = loss_increase_gauss_newton(clean, cov_lin)
+    gl = _gaussian_logit_loss(mean, cov, y, seed=seed) - clean_loss if lvl > 0 else 0.0
+    diag = dict(extra_diag)
+    if base.preact_ratio is not None:
+        frac = float((base.preact_ratio < lvl).mean()) if base.preact_ratio.size else 0.0
+        if method == "linear" or "preact_frac" not in diag:
+            diag["preact_frac"] = frac
+            diag["preact_source"] = base.preact_note
+    diag["frac_inputs_uncertain"] = float(((p > 0.01) & (p < 0.99)).double().mean())
+    diag["labels"] = y.clone()
+    diag["chunk_size"] = base.jp.chunk_size
+    if method == "linear" and diag.get("preact_frac", 0.0) > PREACT_WARN_FRACTION:
+        msg = (f"first order outside its range: {diag['preact_frac']:.0%} of ReLU pre-activations have predicted noise "
+               f"sd above their magnitude (> {PREACT_WARN_FRACTION:.0%}); the linear method misses the mean shift and "
+               "underestimates the damage here, use method='moments'")
+        warns.append(msg)
+    return Prediction(
+        method=method, noise=noise.to_string(), targets=base.lin.plan.targets.describe(), clean_logits=clean,
+        logit_mean=mean, logit_var=torch.diagonal(cov, dim1=1, dim2=2).clone(), logit_cov=cov if keep_cov else None,
+        correct_prob=p, clean_accuracy=float((clean.argmax(1) == y).double().mean()), accuracy=float(p.mean()),
+        accuracy_lower=float(lo.mean()), accuracy_upper=float(hi.mean()), accuracy_std=acc_std,
+        accuracy_std_draws=int(k), clean_loss=clean_loss, loss_increase=0.5 * base.trace_unit * lvl**2,
+        loss_increase_se=0.5 * base.trace_unit_se * lvl**2, loss_increase_gn=gn, loss_increase_logits=gl,
+        loss_probes=base.probes, diagnostics=types.MappingProxyType(diag), warnings=tuple(warns),
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def _moments(base: _Base, noise: WeightNoise, rank, spatial_rank, moment_chunk, propagator=None):
+    from .moments import MomentPropagator, propagate_moments
+
+    if propagator is None:
+        propagator = MomentPropagator(base.lin, noise, rank=rank, spatial_rank=spatial_rank)
+    res = propagate_moments(base.lin, base.x, noise, chunk_size=moment_chunk, propagator=propagator)
+    diag = {"preact_frac": res.preact_frac, "preact_source": "moment propagation, all inputs",
+            "compression_loss": res.compression_loss, "rank": res.rank, "spatial_rank": res.spatial_rank}
+    return res.mean, res.cov, diag, propagator
+
+
+# ----------------------------------------------------------------------------
+# Public entry points
+# ----------------------------------------------------------------------------
+def predict(model: nn.Module, x, y, noise, targets=None, method: str = "linear", chunk_size: int | None = None,
+            cov: bool = False, accuracy_draws: int = 32, loss_probes: int = 16, seed: int = 0, n_points: int = 1024,
+            rank: int = 32, spatial_rank: int = 4, moment_chunk: int = 32, batch_size: int = 512) -> Prediction:
+    """Predict logits, accuracy and loss of ``model`` on ``(x, y)`` under weight ``noise``.
+
+    Parameters
+    ----------
+    model: any ``nn.Module`` mapping a batch of inputs to logits ``[N, C]``; evaluated in
+        eval mode (a warning if it is in training mode), never modified.
+    x, y: inputs and integer labels in ``[0, C)``.
+    noise: a :class:`~noiseprop.theory.noise.WeightNoise` or its string form
+        (``"relative:0.05"``).
+    targets: what gets noise (:class:`~noiseprop.theory.targets.Targets`; default the
+        Conv/Linear weights), resolved exactly as Monte-Carlo does.
+    method: ``"linear"`` (first order, any differentiable module) or ``"moments"``
+        (moment propagation; Linear, Conv2d, BatchNorm-like, ReLU, pooling, flatten,
+        residual add).
+    chunk_size: inputs per Jacobian chunk (``None``: from a memory budget of
+        :data:`~noiseprop.theory.linearize.DEFAULT_JACOBIAN_BUDGET`).
+    cov: keep the full ``[N, C, C]`` logit covariance in the result.
+    accuracy_draws: shared draws of the linearised network for ``accuracy_std``
+        (0: skip). loss_probes: Hutchinson probes for ``loss_increase`` (0: skip).
+    seed: seeds the draws, the probes and the quasi-Monte-Carlo points (no global RNG).
+    n_points: quasi-Monte-Carlo points per orthant probability.
+    rank, spatial_rank, moment_chunk: moment-propagation settings (see
+        :mod:`noiseprop.theory.moments`).
+    """
+    t0 = time.perf_counter()
+    method = _check_method(method)
+    seed = _check_int("seed", seed, 0)
+    n_points = _check_int("n_points", n_points, 16)
+    if not isinstance(cov, bool):
+        raise TypeError(f"cov must be True or False, got {cov!r}")
+    base, noise = _base(model, x, y, noise, targets, chunk_size, accuracy_draws, loss_probes, seed,
+                        _check_int("batch_size", batch_size, 1))
+    lvl = noise.level
+    warns: list = []
+    if method == "linear":
+        mean = base.jp.clean_logits
+        c = base.jp.cov_unit * lvl**2
+        extra = {}
+    else:
+        mean, c, extra, _ = _moments(base, noise, _check_int("rank", rank, 1), _check_int("spatial_rank", spatial_rank, 1),
+                                     _check_int("moment_chunk", moment_chunk, 1))
+    pred = _finish(base, noise, method, mean, c, cov, extra, warns, t0, n_points, seed)
+    for w in pred.warnings:
+        warnings.warn(w, RuntimeWarning, stacklevel=2)
+    return pred
+
+
+def predict_sweep(model: nn.Module, x, y, noise, levels: Sequence[float], targets=None, method: str = "linear",
+                  chunk_size: int | None = None, cov: bool = False, accuracy_draws: int = 32, loss_probes: int = 16,
+                  seed: int = 0, n_points: int = 1024, rank: int = 32, spatial_rank: int = 4, moment_chunk: int = 32,
+                  batch_size: int = 512) -> PredictionCurve:
+    """:func:`predict` over noise ``levels`` (η or σ of the ``noise`` family; its own level
+    is ignored). One pass of derivatives serves every level: every noise model is linear
+    in its level, so the first-order covariance, the draws of the linearised network and
+    ``tr(Σ_ε H)`` scale by ``level²`` (or ``level``). ``method="moments"`` adds one moment
+    propagation per level."""
+    t0 = time.perf_counter()
+    method = _check_method(method)
+    lv = np.asarray(levels, dtype=np.float64).ravel()
+    if lv.size == 0:
+        raise ValueError("levels is empty: give at least one noise level >= 0")
+    if not np.all(np.isfinite(lv)) or np.any(lv < 0):
+        raise ValueError(f"noise levels must be finite and >= 0, got {levels!r}")
+    seed = _check_int("seed", seed, 0)
+    n_points = _check_int("n_points", n_points, 16)
+    noise = parse_noise(noise, default_level=1.0)
+    base, noise = _base(model, x, y, noise.with_level(1.0), targets, chunk_size, accuracy_draws, loss_probes, seed,
+                        _check_int("batch_size", batch_size, 1))
+    preds = []
+    prop = None
+    for level in lv:
+        t1 = time.perf_counter()
+        nz = noise.with_level(float(level))
+        if method == "linear":
+            mean, c, extra = base.jp.clean_logits, base.jp.cov_unit * float(level) ** 2, {}
+        else:
+            mean, c, extra, prop = _moments(base, nz, _check_int("rank", rank, 1),
+                                            _check_int("spatial_rank", spatial_rank, 1),
+                                            _check_int("moment_chunk", moment_chunk, 1), propagator=prop)
+        preds.append(_finish(base, nz, method, mean, c, cov, extra, [], t1, n_points, seed))
+    flagged = [f"{level:g}" for level, p in zip(lv, preds) if p.warnings]
+    if flagged:
+        warnings.warn(f"first order outside its range at levels {', '.join(flagged)} (see the predictions' warnings); "
+                      "use method='moments' there", RuntimeWarning, stacklevel=2)
+    family = noise.to_string().split(":")[0]
+    return PredictionCurve(method=method, noise=family, targets=base.lin.plan.targets.describe(), levels=lv,
+                           predictions=tuple(preds), seconds=time.perf_counter() - t0)
