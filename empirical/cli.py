@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "noiseprop.empirical.cli_report",  # report
     "noiseprop.empirical.cli_study",  # study
     "noiseprop.empirical.cli_derive",  # derive
+    "noiseprop.empirical.cli_predict",  # predict
 ]
 
 

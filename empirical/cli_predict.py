@@ -1,0 +1,86 @@
+"""``noiseprop predict``: the analytic prediction on a saved checkpoint, optionally
+with Monte-Carlo beside it.
+
+    noiseprop predict --model CHECKPOINT --noise relative:0.05 [--method moments]
+                      [--compare-mc 200] [--json]
+"""
+from __future__ import annotations
+
+import json
+import math
+
+from noiseprop.theory.noise import NOISE_STRING_FORMS, parse_noise
+
+from .cli_mc import add_model_data_args, load_model_and_data
+
+
+def _num(v):
+    if v is None:
+        return None
+    v = float(v)
+    return None if math.isnan(v) else v
+
+
+def cmd_predict(args) -> int:
+    from noiseprop.theory.predict import predict
+
+    from .cli import CLIError
+
+    noise = parse_noise(args.noise)
+    if args.compare_mc is not None and args.compare_mc < 2:
+        raise CLIError(f"--compare-mc needs at least 2 draws, got {args.compare_mc}")
+    model, x, y, _ = load_model_and_data(args)
+    if args.n_inputs is not None:
+        if args.n_inputs < 1:
+            raise CLIError(f"--n-inputs must be >= 1, got {args.n_inputs}")
+        x, y = x[:args.n_inputs], y[:args.n_inputs]
+    pred = predict(model, x, y, noise, targets=args.targets, method=args.method, seed=args.seed,
+                   accuracy_draws=args.accuracy_draws, loss_probes=args.loss_probes)
+    mc = None
+    if args.compare_mc is not None:
+        from .montecarlo import monte_carlo
+
+        mc = monte_carlo(model, x, y, noise, draws=args.compare_mc, seed=args.seed, targets=args.targets,
+                         batch_size=args.batch_size, progress=False if args.no_progress else None)
+    if args.json:
+        out = {k: (_num(v) if isinstance(v, float) else v) for k, v in pred.scalars().items()}
+        if mc is not None:
+            out["mc"] = {
+                "draws": mc.draws, "accuracy": mc.accuracy, "accuracy_ci": list(mc.accuracy_ci),
+                "accuracy_sd": float(mc.accuracies.std(ddof=1)), "loss": mc.loss, "loss_ci": list(mc.loss_ci),
+                "loss_increase": mc.loss - mc.clean_loss, "mean_logit_var": float(mc.logit_var.mean()),
+                "seconds": mc.seconds,
+            }
+        print(json.dumps(out))
+        return 0
+    print(pred.summary())
+    if mc is not None:
+        lo, hi = mc.accuracy_ci
+        llo, lhi = mc.loss_ci
+        print(f"Monte-Carlo ({mc.draws} draws, seed {mc.seed}, {mc.seconds:.2f} s) beside the prediction:")
+        print(f"  {'':<22}{'predicted':>12}{'Monte-Carlo':>13}   95% CI")
+        print(f"  {'accuracy':<22}{pred.accuracy:>12.4f}{mc.accuracy:>13.4f}   [{lo:.4f}, {hi:.4f}]")
+        print(f"  {'accuracy sd (chips)':<22}{pred.accuracy_std:>12.4f}{float(mc.accuracies.std(ddof=1)):>13.4f}")
+        print(f"  {'loss increase':<22}{pred.loss_increase:>12.4g}{mc.loss - mc.clean_loss:>13.4g}   "
+              f"[{llo - mc.clean_loss:.4g}, {lhi - mc.clean_loss:.4g}]")
+        print(f"  {'mean logit variance':<22}{float(pred.logit_var.mean()):>12.4g}{float(mc.logit_var.mean()):>13.4g}")
+        print(f"  {'mean |logit shift|':<22}{float(pred.logit_mean_shift.abs().mean()):>12.4g}"
+              f"{float(mc.logit_mean_shift.abs().mean()):>13.4g}")
+    return 0
+
+
+def register(sub) -> None:
+    forms = ", ".join(f"{k}:LEVEL" for k in NOISE_STRING_FORMS)
+    p = sub.add_parser("predict", help="analytic prediction of logits, accuracy and loss under noise",
+                       description=f"Analytic prediction (no sampling) on a checkpoint. Noise forms: {forms}.")
+    add_model_data_args(p)
+    p.add_argument("--noise", required=True, help=f"noise model, one of: {forms}")
+    p.add_argument("--method", choices=("linear", "moments"), default="linear",
+                   help="linear: first order (any model); moments: moment propagation (large noise)")
+    p.add_argument("--compare-mc", type=int, default=None, metavar="DRAWS",
+                   help="also run Monte-Carlo with this many draws and print it beside the prediction")
+    p.add_argument("--n-inputs", type=int, default=None, help="use only the first N test inputs")
+    p.add_argument("--accuracy-draws", type=int, default=32,
+                   help="draws of the linearised network for the chip-to-chip accuracy spread (0: skip)")
+    p.add_argument("--loss-probes", type=int, default=16, help="Hutchinson probes for the loss increase (0: skip)")
+    p.set_defaults(func=cmd_predict)
