@@ -25,19 +25,7 @@ __all__ = [
     "get_derivation",
 ]
 
-# Names filled in by the prediction engine (issue 4): predict, predict_sweep,
-# hessian_trace, hessian_top_eigenvalue.
-try:  # noqa: SIM105
-    from .predict import Prediction, predict, predict_sweep  # noqa: F401
+from .flatness import hessian_top_eigenvalue, hessian_trace  # noqa: E402
+from .predict import Prediction, predict, predict_sweep  # noqa: E402
 
-    __all__ += ["Prediction", "predict", "predict_sweep"]
-except ImportError as _e:  # pragma: no cover - only while predict.py does not exist yet
-    if "predict" not in str(_e):
-        raise
-try:
-    from .flatness import hessian_top_eigenvalue, hessian_trace  # noqa: F401
-
-    __all__ += ["hessian_trace", "hessian_top_eigenvalue"]
-except ImportError as _e:  # pragma: no cover
-    if "flatness" not in str(_e):
-        raise
+__all__ += ["Prediction", "predict", "predict_sweep", "hessian_trace", "hessian_top_eigenvalue"]
