@@ -77,11 +77,14 @@ def _np(a) -> np.ndarray | None:
 
 
 def _scalar(a) -> float | None:
+    """A float, or ``None`` for a missing or NaN value (a quantity the prediction
+    does not provide, e.g. ``accuracy_std`` computed with no draws)."""
     if a is None:
         return None
     if hasattr(a, "item") and not isinstance(a, (float, int)):
         a = a.item()
-    return float(a)
+    a = float(a)
+    return None if math.isnan(a) else a
 
 
 @dataclass(frozen=True)

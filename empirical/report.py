@@ -83,7 +83,9 @@ def _fmt(v, col: str = "") -> str:
         if math.isnan(f):
             return "n/a"
         if math.isinf(f):
-            return "> grid" if f > 0 else "−∞"
+            if "eta10" in col:
+                return "> grid" if f > 0 else "n/a"
+            return "∞" if f > 0 else "−∞"
         if col.startswith("p") or col.endswith("_p") or "pvalue" in col or col in ("p", "p_holm"):
             return "<1e-4" if f < 1e-4 else f"{f:.2g}"
         if f == 0:
@@ -324,8 +326,9 @@ def write_report(study_results, grid, out: Path, cfg: ReportConfig, executor=Non
             written[f"figcsv:{fig.name}"] = rel_csv
     allf = pd.concat([r.findings_frame() for r in study_results], ignore_index=True) if study_results else pd.DataFrame()
     _write_csv(out / "csv/findings.csv", allf)
-    validation = overall_validation(study_results, grid)
+    validation, by_eta = overall_validation(study_results, grid)
     _write_csv(out / "csv/validation.csv", validation)
+    _write_csv(out / "csv/validation_by_eta.csv", by_eta)
 
     title = "noiseprop report: weight noise on analog hardware, four published studies at CPU scale"
     blocks = [("h", 1, title)]
@@ -355,6 +358,10 @@ def write_report(study_results, grid, out: Path, cfg: ReportConfig, executor=Non
                          "equivalent_after_holm", "cal_slope", "cal_slope_ci_low", "cal_slope_ci_high",
                          "cal_intercept", "cal_f_pvalue") if c in validation.columns]
     blocks.append(("table", validation, vcols or None, None, "csv/validation.csv"))
+    blocks.append(("p", f"Where the {grid.theory} theory holds, per noise placement and η (accuracy errors in "
+                        "accuracy units; preact_frac: the first-order validity diagnostic, the fraction of ReLU "
+                        "pre-activations whose predicted noise sd exceeds their magnitude)."))
+    blocks.append(("table", by_eta, None, None, "csv/validation_by_eta.csv"))
     for res in study_results:
         blocks += _study_blocks(res, out, written)
     blocks.append(("h", 2, "Reproduce"))
@@ -368,17 +375,17 @@ def write_report(study_results, grid, out: Path, cfg: ReportConfig, executor=Non
     return out / "report.md"
 
 
-def overall_validation(study_results, grid) -> pd.DataFrame:
+def overall_validation(study_results, grid) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Prediction vs Monte-Carlo pooled over the studies, each (model, placement, η,
-    quantity) cell counted once."""
-    from .studies.common import validation_tables
+    quantity) cell counted once: the summary per quantity and the table by η."""
+    from .studies.common import validation_by_eta, validation_tables
 
     parts = [f for r in study_results for n, f in r.tables.items() if n.endswith("_compare") and not f.empty]
     if not parts:
-        return pd.DataFrame()
+        return pd.DataFrame(), pd.DataFrame()
     comp = pd.concat(parts, ignore_index=True)
     keep = [c for c in ("eval_key", "variant", "eta", "quantity") if c in comp.columns]
     comp = comp.drop_duplicates(subset=keep).drop(columns=[c for c in ("tost_p_holm", "equivalent_holm")
                                                            if c in comp.columns])
     _, summary = validation_tables(comp, grid.alpha, grid.confidence)
-    return summary
+    return summary, validation_by_eta(comp, grid.confidence)

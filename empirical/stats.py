@@ -443,12 +443,13 @@ def paired_effect(a, b, name: str = "difference", confidence: float = 0.95, unit
     m, se, (lo, hi) = mean_ci(d, confidence)
     sd = float(d.std(ddof=1))
     if sd == 0:
-        p = 0.0 if m != 0 else 1.0
-        dz = float("inf") * np.sign(m) if m != 0 else 0.0
-    else:
-        p = float(_st.ttest_rel(a, b).pvalue)
-        dz = m / sd
-    return Effect(name, m, lo, hi, p, n, "paired t-test across seeds", df=n - 1, se=se, standardized=dz,
+        # identical differences (e.g. accuracies on a discrete grid): the t-test is
+        # undefined, and a zero spread from a few seeds is no evidence of precision
+        nan = float("nan")
+        return Effect(name, m, nan, nan, nan, n, "paired t-test across seeds (undefined: the differences have no "
+                      "spread)", df=n - 1, se=nan, unit=unit, confidence=confidence)
+    p = float(_st.ttest_rel(a, b).pvalue)
+    return Effect(name, m, lo, hi, p, n, "paired t-test across seeds", df=n - 1, se=se, standardized=m / sd,
                   unit=unit, confidence=confidence)
 
 

@@ -32,9 +32,22 @@ def study_module(name: str):
     return importlib.import_module(f".{name}", __name__)
 
 
+#: Datasets run at CPU scale by default (small models, few epochs); any other dataset
+#: (CIFAR-10/100, MNIST) runs the families at their standard widths and epochs.
+CPU_SCALE_DATASETS = ("digits", "teacher")
+
+
 def default_grid(**overrides) -> Grid:
-    """The CPU-scale default (what ``noiseprop report`` runs on digits)."""
-    base = dict(etas=(0.0, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0), draws=20, seeds=(0, 1, 2), widths={"vgg": 8})
+    """The default grid: on the built-in digits (what ``noiseprop report`` runs) a CPU
+    scale sized to fit 10 minutes on 2 cores (widths 4 for VGG and ResNets, 6 epochs,
+    7 noise levels × 12 draws, 3 seeds); on CIFAR and MNIST the published scale (the
+    families' standard widths and epochs, 20 draws, larger curvature samples)."""
+    dataset = overrides.get("dataset", "digits")
+    base = dict(etas=(0.0, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0), draws=12, seeds=(0, 1, 2), epochs=6,
+                widths={"vgg": 4, "resnet": 4}, curvature_inputs=64, trace_probes=8, eig_iters=10, gain_inputs=32)
+    if dataset not in CPU_SCALE_DATASETS:
+        base.update(draws=20, epochs=None, widths=None, curvature_inputs=512, trace_probes=16, eig_iters=20,
+                    gain_inputs=128)
     base.update(overrides)
     return Grid(**base)
 
@@ -52,7 +65,7 @@ def quick_grid(**overrides) -> Grid:
 def quick_options() -> dict:
     """Per-study options of the quick run (small models only)."""
     return {
-        "architecture": {"models": ("mlp", "resnet8", "resnet14")},
+        "architecture": {"models": ("mlp", "resnet8")},
         "batchnorm": {"archs": ("mlp",), "ks": (0, 1, None)},
         "learning_rate": {"arch": "mlp", "lrs": (0.01, 0.05, 0.25)},
         "norm_type": {"archs": ("mlp",)},
@@ -87,6 +100,15 @@ def preload() -> None:
     from .figures import _mpl
 
     _mpl()  # matplotlib with the Agg backend, for figures drawn in workers
+    try:  # the symbolic derivations the studies evaluate (sympy: seconds to build, cached)
+        from noiseprop.theory.symbolic.batchnorm import batchnorm_lognormal_scales
+        from noiseprop.theory.symbolic.learning_rate import lr_sweet_spot
+
+        batchnorm_lognormal_scales().numeric("inflation_mean")
+        d = lr_sweet_spot()
+        d.numeric("lr_opt"), d.numeric("sweet_spot_exists")
+    except ImportError:
+        pass
 
 
 def run_study(name: str, grid: Grid | None = None, store=None, executor=None, cache_dir=None, progress=None,

@@ -39,6 +39,7 @@ from .common import (
     compare_frame,
     curve_frame,
     curves_figure_frame,
+    diverged_notes,
     finalise_findings,
     model_cells,
     model_frame,
@@ -143,7 +144,7 @@ def analyse(p: StudyPlan, results: dict, grid: Grid) -> StudyResult:
     ]
     tables = {"architecture_models": mf, "architecture_summary": summ, "architecture_curves": curves,
               "architecture_compare": comp_cells, "architecture_validation": validation}
-    notes = _theory_notes(mf)
+    notes = _theory_notes(mf) + diverged_notes(p, results)
     return StudyResult(NAME, TITLE, dict(p.params, **grid.to_dict()), tables, tuple(findings), tuple(notes),
                        figures=tuple(figs))
 

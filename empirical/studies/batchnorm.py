@@ -43,6 +43,7 @@ from .common import (
     compare_frame,
     curve_frame,
     curves_figure_frame,
+    diverged_notes,
     finalise_findings,
     model_cells,
     model_frame,
@@ -55,7 +56,7 @@ NAME = "batchnorm"
 TITLE = "Study 2: BatchNorm"
 SOURCE = "Fagbohungbe & Qian 2022 (arXiv 2205.07372)"
 DEFAULT_ARCHS = ("vgg", "resnet20")
-DEFAULT_KS = (0, 1, 3, None)
+DEFAULT_KS = (0, 1, None)
 
 MECHANISMS = {
     "folding_inflation": "folding amplification (variance inflation, geo-mean over layers)",
@@ -255,4 +256,4 @@ def analyse(p: StudyPlan, results: dict, grid: Grid) -> StudyResult:
     from .architecture import _theory_notes
 
     return StudyResult(NAME, TITLE, dict(p.params, **grid.to_dict()), tables, tuple(findings),
-                       tuple(_theory_notes(mf)), figures=tuple(figs))
+                       tuple(_theory_notes(mf) + diverged_notes(p, results)), figures=tuple(figs))

@@ -63,7 +63,7 @@ __all__ = [
 
 #: Bumped whenever a change to the cell functions changes what they compute; part of
 #: every cell configuration, so stored cells of an older protocol are not reused.
-CELL_VERSION = 1
+CELL_VERSION = 2
 
 VERDICTS = ("reproduced", "contradicted", "inconclusive")
 
@@ -188,8 +188,14 @@ def _train(model: dict, train: dict, dataset: str, data_dir, seed: int, cache_di
 
 def train_cell(model: dict, train: dict, dataset: str, data_dir, seed: int, cache_dir, n_train=None) -> dict:
     """Train one model (or load it from the checkpoint cache); return its clean
-    accuracy, loss and per-epoch history."""
-    res, _ = _train(model, train, dataset, data_dir, seed, cache_dir, n_train)
+    accuracy, loss and per-epoch history (``{"diverged": message}`` when the loss
+    became NaN: the model is then left out of the analysis, with a note)."""
+    from ..train import TrainingDivergedError
+
+    try:
+        res, _ = _train(model, train, dataset, data_dir, seed, cache_dir, n_train)
+    except TrainingDivergedError as e:
+        return {"diverged": str(e)}
     h = res.history
     hist = h.to_dict() if hasattr(h, "to_dict") else {}
     return {"test_accuracy": float(res.test_accuracy), "train_accuracy": float(res.train_accuracy),
@@ -247,18 +253,42 @@ def folding_factors(model) -> dict:
     return out
 
 
-def _theory_curve(model, x, y, etas, targets, method):
-    """Predicted accuracy and loss increase per level, and the Prediction objects for
-    the comparisons (``None`` at η = 0)."""
-    from noiseprop.theory import RelativeGaussian, predict
+#: predict_sweep settings for the studies: no Hutchinson probes (for these piecewise
+#: linear networks the Gauss-Newton form ½ tr(H_z Cov f) equals ½ tr(Σ_ε H) exactly and
+#: costs nothing more), no draws for the chip-to-chip spread, 512 quasi-Monte-Carlo
+#: points per orthant probability.
+PREDICT_SETTINGS = {"loss_probes": 0, "accuracy_draws": 0, "n_points": 512}
 
-    preds = []
-    for eta in etas:
-        if eta == 0:
-            preds.append(None)
-            continue
-        preds.append(predict(model, x, y, RelativeGaussian(eta), targets=targets, method=method))
-    return preds
+
+class _StudyPrediction:
+    """A Prediction whose ``loss_increase`` is its Gauss-Newton form (see
+    :data:`PREDICT_SETTINGS`), as compared with Monte-Carlo."""
+
+    def __init__(self, p):
+        self._p = p
+
+    def __getattr__(self, name):
+        return getattr(self._p, name)
+
+    @property
+    def loss_increase(self):
+        return self._p.loss_increase_gn
+
+    @property
+    def loss_increase_se(self):
+        return 0.0
+
+
+def _theory_curve(model, x, y, etas, targets, method):
+    """The theory's Prediction at every level (``None`` at η = 0), from one pass of
+    derivatives (:func:`noiseprop.theory.predict_sweep`)."""
+    from noiseprop.theory import RelativeGaussian, predict_sweep
+
+    noisy = [e for e in etas if e > 0]
+    curve = predict_sweep(model, x, y, RelativeGaussian(1.0), noisy, targets=targets, method=method,
+                          **PREDICT_SETTINGS)
+    it = iter(curve.predictions)
+    return [None if e == 0 else _StudyPrediction(next(it)) for e in etas]
 
 
 def _compare_rows(pred, mc, calibrate: bool, alpha: float, confidence: float) -> list[dict]:
@@ -287,13 +317,18 @@ def _variant(model, x, y, grid: dict, targets, alpha, confidence) -> dict:
     out = {"accuracies": sw.accuracies, "losses": sw.losses, "clean_accuracy": sw.clean_accuracy,
            "clean_loss": sw.clean_loss}
     t0 = time.perf_counter()
+    import warnings
+
     try:
-        preds = _theory_curve(model, x, y, etas, targets, grid["theory"])
+        with warnings.catch_warnings():
+            # the validity diagnostic is recorded per level (pred_preact_frac) and reported
+            warnings.filterwarnings("ignore", message="first order outside its range", category=RuntimeWarning)
+            preds = _theory_curve(model, x, y, etas, targets, grid["theory"])
     except Exception as e:  # noqa: BLE001 - recorded and shown in the report, never silent
         out["theory_error"] = f"{type(e).__name__}: {e}"
         return out
     out["theory_seconds"] = time.perf_counter() - t0
-    pa, pl, plo, phi = [], [], [], []
+    pa, pl, plo, phi, pf = [], [], [], [], []
     comps = []
     first = next((i for i, e in enumerate(etas) if e > 0), None)
     for i, (eta, p) in enumerate(zip(etas, preds)):
@@ -302,17 +337,20 @@ def _variant(model, x, y, grid: dict, targets, alpha, confidence) -> dict:
             pl.append(0.0)
             plo.append(sw.clean_accuracy)
             phi.append(sw.clean_accuracy)
+            pf.append(0.0)
             continue
         pa.append(float(p.accuracy))
         pl.append(float(getattr(p, "loss_increase", float("nan"))))
         plo.append(float(getattr(p, "accuracy_lower", float("nan"))))
         phi.append(float(getattr(p, "accuracy_upper", float("nan"))))
+        pf.append(float(dict(getattr(p, "diagnostics", {}) or {}).get("preact_frac", float("nan"))))
         rows = _compare_rows(p, sw.result(i), calibrate=(i == first), alpha=alpha, confidence=confidence)
         for r in rows:
             r["eta"] = float(eta)
+            r["preact_frac"] = pf[-1]
         comps.extend(rows)
     out.update(pred_accuracy=np.asarray(pa), pred_loss_increase=np.asarray(pl), pred_accuracy_lower=np.asarray(plo),
-               pred_accuracy_upper=np.asarray(phi), compare=comps)
+               pred_accuracy_upper=np.asarray(phi), pred_preact_frac=np.asarray(pf), compare=comps)
     return out
 
 
@@ -352,13 +390,15 @@ def _mechanisms(model, data, grid: dict, has_norm: bool) -> dict:
 
 def layer_gains(model, xg, yg) -> dict:
     """Per noisy layer ``l``: the first-order logit variance when only layer ``l``
-    gets relative noise at η = 1 (:func:`noiseprop.theory.predict`, linear), averaged
-    over inputs and classes and divided by the clean logits' spread across classes
-    (mean squared deviation from each input's mean logit): the output noise power per
-    unit η² contributed by that layer."""
+    gets relative noise at η = 1 (``diag J_l diag(u_l²) J_lᵀ``, THEORY.md §3, from one
+    Jacobian pass of :func:`noiseprop.theory.linearize.jacobian_pass` per layer),
+    averaged over inputs and classes and divided by the clean logits' spread across
+    classes (mean squared deviation from each input's mean logit): the output noise
+    power per unit η² contributed by that layer."""
     import torch
 
-    from noiseprop.theory import RelativeGaussian, Targets, predict
+    from noiseprop.theory import RelativeGaussian, Targets
+    from noiseprop.theory.linearize import LinearizedNetwork, jacobian_pass
     from noiseprop.theory.targets import resolve_targets
 
     unit = RelativeGaussian(1.0)
@@ -368,8 +408,9 @@ def layer_gains(model, xg, yg) -> dict:
     gains = {}
     for name in resolve_targets(model, None).names:
         layer = name.rsplit(".", 1)[0]
-        p = predict(model, xg, yg, unit, targets=Targets(layers=(layer,)), method="linear")
-        gains[layer] = float(p.logit_var.double().mean()) / spread
+        lin = LinearizedNetwork(model, Targets(layers=(layer,)))
+        jp = jacobian_pass(lin, xg, lin.unit_scales(unit))
+        gains[layer] = float(torch.diagonal(jp.cov_unit, dim1=-2, dim2=-1).double().mean()) / spread
     return gains
 
 
@@ -380,6 +421,8 @@ def eval_cell(model: dict, train: dict, dataset: str, data_dir, seed: int, cache
 
     from ..models import count_norm_layers
 
+    if deps and any(isinstance(d, dict) and d.get("diverged") for d in deps.values()):
+        return {"diverged": True, "variants": {}}
     res, data = _train(model, train, dataset, data_dir, seed, cache_dir, n_train)
     net = res.model.eval()
     n = data.n_test if grid["n_test"] is None else min(grid["n_test"], data.n_test)
@@ -508,6 +551,8 @@ def model_frame(plan: StudyPlan, results: dict, grid: Grid) -> pd.DataFrame:
     for _, r in plan.index.iterrows():
         ev = results[r["eval_key"]]
         tr = results[r["train_key"]]
+        if ev.get("diverged"):
+            continue  # listed by diverged_notes()
         mech = ev.get("mechanisms", {})
         for variant, v in ev["variants"].items():
             acc = np.asarray(v["accuracies"]).mean(axis=1)
@@ -539,6 +584,16 @@ def model_frame(plan: StudyPlan, results: dict, grid: Grid) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def diverged_notes(plan: StudyPlan, results: dict) -> list[str]:
+    """One note per model whose training diverged (left out of every table)."""
+    out = []
+    for _, r in plan.index.iterrows():
+        tr = results[r["train_key"]]
+        if isinstance(tr, dict) and tr.get("diverged"):
+            out.append(f"training diverged, model left out: {tr['diverged']}")
+    return out
+
+
 def curve_frame(plan: StudyPlan, results: dict, grid: Grid) -> pd.DataFrame:
     """One row per (model, noise placement, η): observed accuracy (mean over draws,
     t interval), loss, predicted accuracy and bounds."""
@@ -554,7 +609,8 @@ def curve_frame(plan: StudyPlan, results: dict, grid: Grid) -> pd.DataFrame:
                 row.update(variant=variant, eta=eta, accuracy=m, accuracy_se=se, accuracy_ci_low=lo,
                            accuracy_ci_high=hi, loss=float(Lo[i].mean()),
                            clean_accuracy=float(v["clean_accuracy"]))
-                for k in ("pred_accuracy", "pred_accuracy_lower", "pred_accuracy_upper", "pred_loss_increase"):
+                for k in ("pred_accuracy", "pred_accuracy_lower", "pred_accuracy_upper", "pred_loss_increase",
+                          "pred_preact_frac"):
                     row[k] = float(np.asarray(v[k])[i]) if k in v else np.nan
                 rows.append(row)
     return pd.DataFrame(rows)
@@ -595,7 +651,7 @@ def equivalence_verdict(effect: Effect, margin: float, alpha: float) -> tuple[st
     equivalence is shown (TOST p < alpha), ``contradicted`` when the ``1 − 2α``
     interval lies wholly outside ``[−margin, margin]`` (a difference larger than the
     margin is shown), else ``inconclusive``. Returns ``(verdict, tost_p)``."""
-    if not (np.isfinite(effect.se) and np.isfinite(effect.estimate)):
+    if not (np.isfinite(effect.se) and effect.se > 0 and np.isfinite(effect.estimate)):
         return "inconclusive", float("nan")
     p, _, _ = tost_t(effect.estimate, effect.se, effect.df, -margin, margin)
     from scipy import stats as st
@@ -888,3 +944,28 @@ def validation_tables(comp: pd.DataFrame, alpha: float, confidence: float) -> tu
                      "ci_contains_prediction": float(np.mean(inside)),
                      "equivalent_after_holm": int(np.sum(rej)), **{f"cal_{k}": v for k, v in cal.to_dict().items()}})
     return comp, pd.DataFrame(rows)
+
+
+def validation_by_eta(comp: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
+    """Where the theory holds: per noise placement and η, for the accuracy, the number
+    of cells, the median and largest |predicted − observed| (accuracy points), the
+    share of cells whose Monte-Carlo interval contains the prediction, the median
+    relative error of the logit variance, and the mean first-order validity diagnostic
+    (fraction of ReLU pre-activations whose predicted noise sd exceeds their magnitude)."""
+    if comp.empty or "quantity" not in comp.columns:
+        return pd.DataFrame()
+    rows = []
+    for (variant, eta), d in comp.groupby(["variant", "eta"], sort=True):
+        a = d[d["quantity"] == "accuracy"]
+        v = d[d["quantity"] == "logit_var"]
+        err = (a["predicted"] - a["observed"]).abs().to_numpy(float)
+        inside = ((a["ci_low"] <= a["predicted"]) & (a["predicted"] <= a["ci_high"])).to_numpy(bool)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            vrel = np.abs((v["predicted"] - v["observed"]) / v["observed"]).to_numpy(float)
+        rows.append({"variant": variant, "eta": float(eta), "cells": int(len(a)),
+                     "accuracy_median_abs_error": float(np.median(err)) if err.size else np.nan,
+                     "accuracy_max_abs_error": float(np.max(err)) if err.size else np.nan,
+                     "accuracy_ci_contains_prediction": float(np.mean(inside)) if inside.size else np.nan,
+                     "logit_var_median_rel_error": float(np.nanmedian(vrel)) if vrel.size else np.nan,
+                     "preact_frac": float(d["preact_frac"].astype(float).mean()) if "preact_frac" in d else np.nan})
+    return pd.DataFrame(rows)

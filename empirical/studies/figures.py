@@ -116,8 +116,8 @@ def render(fig_spec: Figure, path) -> Path:
             ax.set_xscale("log")
             refs = fig_spec.options.get("reference", {}).get(str(panel), [])
             lrs = np.sort(sub["lr"].unique())
-            for label, factor in refs:
-                ax.plot(lrs, factor / lrs, "k:", lw=1, label=label)
+            for (label, factor), style in zip(refs, ("k:", "k--", "k-.")):
+                ax.plot(lrs, factor / lrs, style, lw=1, label=label)
             v = sub["value"].to_numpy(float)
             if str(panel) in fig_spec.options.get("logy", []) and np.any(np.isfinite(v) & (v > 0)):
                 ax.set_yscale("log")

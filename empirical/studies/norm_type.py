@@ -31,6 +31,7 @@ from .common import (
     compare_frame,
     curve_frame,
     curves_figure_frame,
+    diverged_notes,
     finalise_findings,
     model_cells,
     model_frame,
@@ -127,4 +128,4 @@ def analyse(p: StudyPlan, results: dict, grid: Grid) -> StudyResult:
     from .architecture import _theory_notes
 
     return StudyResult(NAME, TITLE, dict(p.params, **grid.to_dict()), tables, tuple(findings),
-                       tuple(_theory_notes(mf)), figures=tuple(figs))
+                       tuple(_theory_notes(mf) + diverged_notes(p, results)), figures=tuple(figs))
