@@ -1,32 +1,17 @@
 """noiseprop.empirical: data, models, training, Monte-Carlo noise injection, statistics
-and the studies. Imports :mod:`noiseprop.theory`, never the other way round.
+and the studies. Imports :mod:`noiseprop.theory`, never the other way round."""
+from .checkpoint import load_checkpoint, save_checkpoint
+from .compare import Comparison, compare
+from .data import Dataset, load_dataset
+from .models import build_model, model_spec
+from .montecarlo import MCResult, SweepResult, monte_carlo, sweep
 
-Public names are imported lazily, so ``import noiseprop.empirical`` stays cheap.
-"""
-import importlib
+# ``train`` is both a sub-module and its main function: bind the function last, so
+# ``from noiseprop.empirical import train`` gives the function.
+from .train import TrainResult, default_train_config, train  # noqa: E402
 
-_PUBLIC = {
-    "monte_carlo": ".montecarlo",
-    "sweep": ".montecarlo",
-    "MCResult": ".montecarlo",
-    "SweepResult": ".montecarlo",
-    "compare": ".compare",
-    "Comparison": ".compare",
-    "load_dataset": ".data",
-    "Dataset": ".data",
-    "build_model": ".models",
-    "model_spec": ".models",
-    "train": ".train",
-    "TrainResult": ".train",
-    "default_train_config": ".train",
-    "save_checkpoint": ".checkpoint",
-    "load_checkpoint": ".checkpoint",
-}
-
-__all__ = sorted(_PUBLIC)
-
-
-def __getattr__(name):
-    if name in _PUBLIC:
-        return getattr(importlib.import_module(_PUBLIC[name], __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__all__ = [
+    "monte_carlo", "sweep", "MCResult", "SweepResult", "compare", "Comparison", "load_dataset", "Dataset",
+    "build_model", "model_spec", "train", "TrainResult", "default_train_config", "save_checkpoint",
+    "load_checkpoint",
+]
