@@ -262,7 +262,7 @@ def _state_hash(model: nn.Module) -> str:
     for k, v in model.state_dict().items():
         a = v.detach().cpu().contiguous()
         h.update(f"{k}:{a.dtype}:{tuple(a.shape)}".encode())
-        h.update(a.view(torch.uint8).numpy().tobytes() if a.numel() else b"")
+        h.update(a.reshape(-1).view(torch.uint8).numpy().tobytes() if a.numel() else b"")
     return h.hexdigest()
 
 

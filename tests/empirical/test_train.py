@@ -286,3 +286,17 @@ def test_cli_train_end_to_end(tmp_path, capsys):
     assert main(["train", "--model", "mlp", "--width", "8", "--lr", "1e30", "--epochs", "1", "--quiet",
                  "--no-cache"]) == 2
     assert "diverged" in capsys.readouterr().err
+
+
+def test_user_module_with_batchnorm_hashes_its_state(tmp_path):
+    """A user's module with BatchNorm (0-d num_batches_tracked buffer) trains and caches."""
+    from torch import nn
+
+    from noiseprop.empirical.data import load_dataset
+    from noiseprop.empirical.train import train
+
+    data = load_dataset("digits").subset(n_train=64, n_test=32)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 10))
+    a = train(net, data, lr=0.05, epochs=1, batch_size=32, seed=0, cache_dir=tmp_path)
+    b = train(net, data, lr=0.05, epochs=1, batch_size=32, seed=0, cache_dir=tmp_path)
+    assert b.from_cache and a.cache_key == b.cache_key
