@@ -86,6 +86,18 @@ _INV_SQRT2PI = 1.0 / math.sqrt(2 * math.pi)
 _TINY = 1e-30
 
 
+def _relu_shape(alpha):
+    """For ``z ~ N(μ, s²)``, ``α = μ/s`` (float64): ``(Φ, φ, g, e)`` with
+    ``Var(relu z) = s²(Φ + g)`` and the part the expected-slope linearisation ``Φ·z``
+    misses, ``Var(relu z) − Φ²s² = s² e``; ``g = α²Φ(1−Φ) + αφ(1−2Φ) − φ²``,
+    ``e = Φ(1−Φ) + g``, written with ``1 − Φ = Φ(−α)`` to avoid cancellation."""
+    cdf = _ncdf(alpha)
+    q = _ncdf(-alpha)
+    pdf = _npdf(alpha)
+    g = alpha * alpha * cdf * q + alpha * pdf * (q - cdf) - pdf * pdf
+    return cdf, pdf, g, cdf * q + g
+
+
 def _npdf(a):
     return torch.exp(-0.5 * a * a) * _INV_SQRT2PI
 
@@ -173,11 +185,12 @@ class MomentPropagator:
 
     def __init__(self, lin: LinearizedNetwork, noise: WeightNoise, rank: int = 64, spatial_rank: int = 8,
                  first_order: bool = False, unit_space_max: int = 1024, compression: str = "sketch",
-                 seed: int = 0):
+                 seed: int = 0, h2_rank: int = 16, dtype: torch.dtype = torch.float32):
         if compression not in ("sketch", "eigh"):
             raise ValueError(f"compression must be 'sketch' or 'eigh', got {compression!r}")
         self.compression = compression
         self.seed = int(seed)
+        self.h2_rank = int(h2_rank)
         if not isinstance(rank, int) or rank < 1:
             raise ValueError(f"rank must be an int >= 1, got {rank!r}")
         if not isinstance(spatial_rank, int) or spatial_rank < 1:
@@ -189,7 +202,8 @@ class MomentPropagator:
         self.unit_space_max = int(unit_space_max)
         self.graph = self._trace(lin.net)
         self.modules = dict(lin.net.named_modules())
-        self.dtype = torch.float64
+        self._swap_relu_maxpool()
+        self.dtype = dtype
         self.noise_var: dict[str, torch.Tensor] = {}
         self._set_noise(noise)
         self._check_supported()
@@ -201,6 +215,28 @@ class MomentPropagator:
             return trace(net)
         except ValueError as e:
             raise ValueError(f"method='moments' needs a torch.fx-traceable model: {e}; use method='linear'") from e
+
+    def _is_maxpool(self, node) -> bool:
+        if node.op == "call_module":
+            return isinstance(self.modules.get(node.target), nn.MaxPool2d)
+        return node.op == "call_function" and node.target in (F.max_pool2d, torch.max_pool2d)
+
+    def _swap_relu_maxpool(self):
+        """Rewrite ``maxpool(relu(z))`` as ``relu(maxpool(z))`` (equal: the max commutes
+        with any non-decreasing function), so Clark's max acts on Gaussian
+        pre-activations instead of rectified, zero-inflated ones."""
+        for pool in list(self.graph.nodes):
+            if not self._is_maxpool(pool) or not pool.args or not isinstance(pool.args[0], fx.Node):
+                continue
+            relu = pool.args[0]
+            if not is_relu(relu, self.modules) or len(relu.users) != 1 or not isinstance(relu.args[0], fx.Node):
+                continue
+            z = relu.args[0]
+            pool.replace_all_uses_with(relu)
+            pool.args = (z,) + tuple(pool.args[1:])
+            relu.args = (pool,) + tuple(relu.args[1:])
+            pool.append(relu)
+        self.graph.lint()
 
     def _set_noise(self, noise: WeightNoise):
         names = set(self.lin.names)
@@ -452,14 +488,7 @@ class MomentPropagator:
             Pm = F.unfold(x.mu, **unf).reshape(B, g, cin_g * m.kernel_size[0] * m.kernel_size[1], L)
             G = torch.zeros(B, g, L, L, dtype=self.dtype, device=mu.device)
             if x.F is not None and x.F.shape[0] and not self.first_order:
-                K = x.F.shape[0]
-                step = max(1, int(2**24 // max(1, B * Pm.shape[2] * L * g)))
-                for k0 in range(0, K, step):
-                    Fk = x.F[k0:k0 + step]
-                    kk = Fk.shape[0]
-                    Pf = F.unfold(Fk.reshape((kk * B,) + tuple(Fk.shape[2:])), **unf)
-                    Pf = Pf.reshape(kk, B, g, -1, L)
-                    G = G + torch.einsum("kbgjp,kbgjq->bgpq", Pf, Pf)
+                G = G + _patch_gram(x.F, g, m.kernel_size, m.stride, m.padding, m.dilation, (Ho, Wo))
             if not self.first_order:
                 Pd = F.unfold(x.d, **unf).reshape(B, g, -1, L).sum(2)  # [B, g, L]
                 G = G + torch.diag_embed(Pd)
@@ -534,7 +563,8 @@ class MomentPropagator:
         elif self.compression == "sketch":
             gen = torch.Generator().manual_seed(1000003 * self.seed + self._ncalls)
             self._ncalls += 1
-            V = (torch.randn(Mtot, R, generator=gen, dtype=self.dtype) / math.sqrt(R)).to(y.mu.device).expand(B, -1, -1)
+            V = (torch.randn(Mtot, R, generator=gen, dtype=torch.float64) / math.sqrt(R)).to(
+                dtype=self.dtype, device=y.mu.device).expand(B, -1, -1)
         else:
             _, V = torch.linalg.eigh(M)  # ascending
             V = V[:, :, -R:].flip(-1)  # [B, Mtot, R]
@@ -606,46 +636,89 @@ class MomentPropagator:
             mask = (x.mu > 0).to(self.dtype)
             self.rec[self._cur] = {"s": torch.zeros_like(x.mu), "excess": [torch.zeros_like(x.mu)]}
             return _Dist(x.mu * mask, None if x.F is None else mask * x.F, mask * x.d)
-        var = x.var().clamp_min(0)
+        # the Gaussian moment formulas in float64 (they cancel badly in float32 when s ≪ |μ|)
+        dt = self.dtype
+        mu = x.mu.double()
+        var = x.var().double().clamp_min(0)
         s = var.sqrt()
-        self._stats["pre_count"].append(int(x.mu.numel()))
-        self._stats["pre_exceed"].append(int((s > x.mu.abs()).sum()))
+        self._stats["pre_count"].append(int(mu.numel()))
+        self._stats["pre_exceed"].append(int((s > mu.abs()).sum()))
         pos = s > _TINY
         sa = torch.where(pos, s, torch.ones_like(s))
-        alpha = torch.where(pos, x.mu / sa, torch.zeros_like(s))
-        cdf = torch.where(pos, _ncdf(alpha), (x.mu > 0).to(self.dtype))
-        pdf = torch.where(pos, _npdf(alpha), torch.zeros_like(s))
-        mean = x.mu * cdf + s * pdf
-        m2 = (x.mu * x.mu + var) * cdf + x.mu * s * pdf
-        v_out = (m2 - mean * mean).clamp_min(0)
-        # what the expected-slope linearisation Φ(α)·h does not carry (uncorrelated with it)
-        self.rec[self._cur] = {"s": s, "excess": [(v_out - cdf * cdf * var).clamp_min(0)]}
+        alpha = torch.where(pos, mu / sa, torch.zeros_like(s))
+        cdf, pdf, g, exc = _relu_shape(alpha)
+        cdf = torch.where(pos, cdf, (mu > 0).double())
+        pdf = torch.where(pos, pdf, torch.zeros_like(s))
+        mean = mu * cdf + s * pdf
+        v_out = (var * (cdf + g)).clamp_min(0)
+        excess = (var * exc).clamp_min(0)
+        v_out = torch.where(pos, v_out, torch.zeros_like(v_out))
+        excess = torch.where(pos, excess, torch.zeros_like(excess))
+        cdf, s, pdf, mean, v_out, excess = (t.to(dt) for t in (cdf, s, pdf, mean, v_out, excess))
+        cols, rest = self._hermite2(x.F, s, s * pdf / 2, excess)
+        self.rec[self._cur] = {"s": s, "excess": [rest], "cols": [cols]}
         Fn = None if x.F is None else cdf.unsqueeze(0) * x.F
+        if cols is not None:
+            Fn = cols if Fn is None else torch.cat([Fn, cols])
         fsq = torch.zeros_like(mean) if Fn is None else (Fn * Fn).sum(0)
         return _Dist(mean, Fn, (v_out - fsq).clamp_min(0))
 
+    def _hermite2(self, Fw, sd, c2, excess):
+        """The second Hermite component ``c₂ He₂(Z)`` of a nonlinearity of a Gaussian
+        ``w = μ + sd·Z``: for two units ``Cov = 2 c₂ᵢ c₂ⱼ ρᵢⱼ²`` (ρ from the correlated part
+        ``F``), carried by ``h2_rank`` new columns (random features
+        ``((F̂·ω)² − ‖F̂‖²)/√2``, rows rescaled so each unit carries exactly
+        ``2c₂²‖F̂‖⁴``); returns ``(columns or None, remaining excess variance)``."""
+        M = self.h2_rank
+        if M == 0 or Fw is None or Fw.shape[0] == 0:
+            return None, excess
+        K = Fw.shape[0]
+        pos = sd > _TINY
+        Fh = Fw / torch.where(pos, sd, torch.ones_like(sd)).unsqueeze(0) * pos.unsqueeze(0)
+        gen = torch.Generator().manual_seed(7919 * self.seed + 104729 + self._ncalls)
+        self._ncalls += 1
+        om = torch.randn(M, K, generator=gen, dtype=torch.float64).to(dtype=self.dtype, device=Fw.device)
+        n2 = (Fh * Fh).sum(0)
+        proj = torch.einsum("mk,k...->m...", om, Fh)
+        g = (proj * proj - n2.unsqueeze(0)) / math.sqrt(2.0)
+        target = (2 * c2 * c2 * n2 * n2).clamp_max(excess)
+        cols = _renormalise(g, target)
+        return cols, (excess - (cols * cols).sum(0)).clamp_min(0)
+
     def _max2(self, a: _Dist, b: _Dist, K: int) -> _Dist:
+        """Clark (1961): ``max(a, b) = b + relu(a − b)`` with ``a − b ~ N(Δ, θ²)``:
+        ``E = μ_b + ΔΦ(α) + θφ(α)``, ``Var = v_b + θ²(Φ + g(α)) + 2Φ(c_ab − v_b)``
+        (``α = Δ/θ``; float64, cancellation-free), and ``Cov(max, ·) = Φ Cov(a, ·) +
+        (1 − Φ) Cov(b, ·)``."""
+        dt = self.dtype
         Fa, Fb = a.padded(K), b.padded(K)
-        va, vb = a.var(), b.var()
-        cab = (Fa * Fb).sum(0) if K else torch.zeros_like(va)
+        va, vb = a.var().double(), b.var().double()
+        cab = (Fa * Fb).sum(0).double() if K else torch.zeros_like(va)
         th2 = (va + vb - 2 * cab).clamp_min(0)
         if self.first_order:
             th2 = torch.zeros_like(th2)
         th = th2.sqrt()
         pos = th > _TINY
         ts = torch.where(pos, th, torch.ones_like(th))
-        alpha = torch.where(pos, (a.mu - b.mu) / ts, torch.zeros_like(th))
-        pa = torch.where(pos, _ncdf(alpha), (a.mu >= b.mu).to(self.dtype))
+        delta = a.mu.double() - b.mu.double()
+        alpha = torch.where(pos, delta / ts, torch.zeros_like(th))
+        cdf, pdf, g, exc = _relu_shape(alpha)
+        pa = torch.where(pos, cdf, (delta >= 0).double())
+        pdf = torch.where(pos, pdf, torch.zeros_like(th))
         pb = 1 - pa
-        pdf = torch.where(pos, _npdf(alpha), torch.zeros_like(th))
-        mean = a.mu * pa + b.mu * pb + th * pdf
-        m2 = (a.mu ** 2 + va) * pa + (b.mu ** 2 + vb) * pb + (a.mu + b.mu) * th * pdf
-        v = (m2 - mean * mean).clamp_min(0)
-        lin_var = pa * pa * va + pb * pb * vb + 2 * pa * pb * cab
-        rec = self.rec.setdefault(self._cur, {"theta": [], "excess": []})
+        mean = b.mu.double() + delta * pa + th * pdf
+        v = (vb + th2 * torch.where(pos, cdf + g, torch.zeros_like(th)) + 2 * pa * (cab - vb)).clamp_min(0)
+        excess = torch.where(pos, th2 * exc, torch.zeros_like(th)).clamp_min(0)
+        pa, pb, pdf, th, mean, v, excess = (t.to(dt) for t in (pa, pb, pdf, th, mean, v, excess))
+        cols, rest = (None, excess) if self.first_order else self._hermite2(Fa - Fb if K else None, th, th * pdf / 2,
+                                                                            excess)
+        rec = self.rec.setdefault(self._cur, {"theta": [], "excess": [], "cols": []})
         rec["theta"].append(th)
-        rec["excess"].append((v - lin_var).clamp_min(0))
+        rec["excess"].append(rest)
+        rec["cols"].append(cols)
         Fn = pa.unsqueeze(0) * Fa + pb.unsqueeze(0) * Fb if K else None
+        if cols is not None:
+            Fn = cols if Fn is None else torch.cat([Fn, cols])
         fsq = torch.zeros_like(mean) if Fn is None else (Fn * Fn).sum(0)
         return _Dist(mean, Fn, (v - fsq).clamp_min(0))
 
@@ -665,7 +738,7 @@ class MomentPropagator:
             for j in range(k[1]):
                 sl = (..., slice(i, i + s[0] * (Ho - 1) + 1, s[0]), slice(j, j + s[1] * (Wo - 1) + 1, s[1]))
                 e = _Dist(x.mu[sl], None if x.F is None else x.F[sl], x.d[sl])
-                cur = e if cur is None else self._max2(cur, e, K)
+                cur = e if cur is None else self._max2(cur, e, max(cur.K, e.K))
         return cur
 
     # ------------------------------------------------------------------ linear, parameter-free ops
@@ -853,6 +926,30 @@ def _adaptive_len(i, size, out):
     return end - start
 
 
+def _patch_gram(Fm: torch.Tensor, groups: int, kernel, stride, padding, dilation, out_hw) -> torch.Tensor:
+    """``G_pq = Σ_k Σ_j F_k[patch_p, j] F_k[patch_q, j]`` (``[B, g, L, L]``) for the columns
+    ``F [K, B, C, H, W]``: the channel-summed spatial Gram ``S = Σ_k Σ_c F_k[c] F_k[c]ᵀ``
+    at input resolution, summed over the kernel offsets (``k²`` shifted copies) — a
+    factor ``k²`` cheaper than unfolding every column."""
+    K, B, C, H, W = Fm.shape
+    kh, kw = _pair(kernel)
+    sh, sw = _pair(stride)
+    ph, pw = _pair(padding)
+    dh, dw = _pair(dilation)
+    Ho, Wo = out_hw
+    Fg = Fm.reshape(K, B, groups, C // groups, H * W)
+    S = torch.einsum("kbgcp,kbgcq->bgpq", Fg, Fg).reshape(B, groups, H, W, H, W)
+    S = F.pad(S, (pw, pw, ph, ph, pw, pw, ph, ph))
+    G = torch.zeros(B, groups, Ho, Wo, Ho, Wo, dtype=Fm.dtype, device=Fm.device)
+    for i in range(kh):
+        for j in range(kw):
+            y0, x0 = i * dh, j * dw
+            ys = slice(y0, y0 + sh * (Ho - 1) + 1, sh)
+            xs = slice(x0, x0 + sw * (Wo - 1) + 1, sw)
+            G += S[:, :, ys, xs, ys, xs]
+    return G.reshape(B, groups, Ho * Wo, Ho * Wo)
+
+
 def _renormalise(Fm: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Scale every unit's row of ``F`` so that its squared norm is ``target`` (the
     variance-preserving sketch: marginal variances exact, correlations sketched)."""
@@ -1026,22 +1123,26 @@ def _injection_covariance(deltas_e: dict, deltas_r: dict, rec: dict, B: int, C: 
         de = de.double()
         if "gpert" not in rc:  # Linear: independent per output unit
             Jf = de.reshape(C, B, -1)
-            cov += torch.einsum("abi,bi,cbi->bac", Jf, rc["vpert"].reshape(B, -1), Jf)
+            cov += torch.einsum("abi,bi,cbi->bac", Jf, rc["vpert"].double().reshape(B, -1), Jf)
         else:  # Conv: per channel σ̄_c² G_pert off the diagonal + the exact diagonal
             Cout = rc["vpert"].shape[1]
             Jf = de.reshape(C, B, Cout, -1)  # [C, B, Cout, L]
-            vp = rc["vpert"].reshape(B, Cout, -1)
-            G = rc["gpert"]  # [B, g, L, L]
+            vp = rc["vpert"].double().reshape(B, Cout, -1)
+            G = rc["gpert"].double()  # [B, g, L, L]
             g = G.shape[1]
             Goff = G - torch.diag_embed(torch.diagonal(G, dim1=-2, dim2=-1))
-            Gc = Goff.repeat_interleave(Cout // g, dim=1) * rc["sbar2"].reshape(1, -1, 1, 1)  # [B, Cout, L, L]
+            Gc = Goff.repeat_interleave(Cout // g, dim=1) * rc["sbar2"].double().reshape(1, -1, 1, 1)  # [B, Cout, L, L]
             A = torch.einsum("abcp,bcpq->abcq", Jf, Gc)
             cov += torch.einsum("abcq,dbcq->bad", A, Jf)
             cov += torch.einsum("abcp,bcp,dbcp->bad", Jf, vp, Jf)
     for name, drs in deltas_r.items():
-        for dr, ex in zip(drs, rec[name]["excess"]):
+        cols = rec[name].get("cols") or [None] * len(drs)
+        for dr, ex, cl in zip(drs, rec[name]["excess"], cols):
             Jf = dr.double().reshape(C, B, -1)
-            cov += torch.einsum("abi,bi,cbi->bac", Jf, ex.reshape(B, -1), Jf)
+            cov += torch.einsum("abi,bi,cbi->bac", Jf, ex.double().reshape(B, -1), Jf)
+            if cl is not None:  # correlated second-order part: Σ_m (J l_m)(J l_m)ᵀ
+                t = torch.einsum("abi,mbi->bam", Jf, cl.double().reshape(cl.shape[0], B, -1))
+                cov += torch.einsum("bam,bcm->bac", t, t)
     return cov
 
 
@@ -1098,7 +1199,7 @@ def propagate_moments(lin: LinearizedNetwork, x: torch.Tensor, noise: WeightNois
             k += len(rs)
         cov += _injection_covariance(deltas_e, deltas_r, rec, B, C)
         covs.append(cov)
-        means.append(mu)
+        means.append(mu.double())
         if pre_count is None:
             pre_count = list(st["pre_count"])
             pre_exceed = list(st["pre_exceed"])

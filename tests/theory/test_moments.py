@@ -1,0 +1,209 @@
+"""predict(method="moments"): cases where moment propagation is exact (checked against
+Monte-Carlo to its standard error), agreement with Monte-Carlo on trained nets across
+noise levels, its first-order limit, and the supported-layer errors."""
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from noiseprop.theory import RelativeGaussian, Targets, predict
+from noiseprop.theory.linearize import LinearizedNetwork
+from noiseprop.theory.moments import MomentPropagator
+from predict_nets import held_out, mc_logits, trained
+
+
+def _quiet(**kw):
+    return dict(accuracy_draws=0, loss_probes=0, **kw)
+
+
+def _check_mean_var(pred, L, k=4.5):
+    """Every logit's predicted mean within ``k`` Monte-Carlo standard errors of the
+    Monte-Carlo mean, and the pooled variance ratio within ``k`` s.e. (``√(2/(n−1))``
+    for a variance from ``n`` draws; cells are pooled, so this is conservative)."""
+    n = L.shape[0]
+    m, v = L.mean(0), L.var(0)
+    z = (pred.logit_mean - m) / (v / n).sqrt()
+    assert z.abs().max() < k + 1.5, float(z.abs().max())  # max over cells: allow the extreme of N·C normals
+    ratio = float(pred.logit_var.sum() / v.sum())
+    assert abs(ratio - 1) < k * math.sqrt(2 / (n - 1)), ratio
+
+
+def test_exact_for_one_noisy_layer_before_relu():
+    """Noise on the first Linear only: its outputs are independent Gaussians, so the ReLU
+    moments and hence the logit mean and covariance are exact, at any noise level."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    x = torch.randn(20, 5, generator=torch.Generator().manual_seed(1))
+    y = torch.zeros(20, dtype=torch.int64)
+    noise = RelativeGaussian(1.0)
+    targets = Targets(layers=("0",))
+    L = mc_logits(model, x, noise, 4000, seed=2, names=targets)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        p = predict(model, x, y, noise, targets=targets, method="moments", cov=True, **_quiet())
+        q = predict(model, x, y, noise, targets=targets, **_quiet())
+    _check_mean_var(p, L)
+    # the linear method has no mean shift and the wrong variance here
+    shift = (L.mean(0) - p.clean_logits).abs().mean()
+    assert float(p.logit_mean_shift.abs().mean()) == pytest.approx(float(shift), rel=0.1)
+    assert abs(float(q.logit_var.sum() / L.var(0).sum()) - 1) > 0.1
+
+
+def test_exact_residual_correlation():
+    """out = W2·relu(h) + h with h = (W1 + N) x: the skip and the branch are correlated
+    (Cov(relu h, h) = Φ·Var h); exact in the shared-basis representation."""
+
+    class Res(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1 = nn.Linear(4, 6)
+            self.relu = nn.ReLU()
+            self.fc2 = nn.Linear(6, 6)
+
+        def forward(self, x):
+            h = self.fc1(x)
+            return self.fc2(self.relu(h)) + h
+
+    torch.manual_seed(3)
+    model = Res().eval()
+    x = torch.randn(15, 4, generator=torch.Generator().manual_seed(4))
+    y = torch.zeros(15, dtype=torch.int64)
+    noise = RelativeGaussian(0.8)
+    targets = Targets(layers=("fc1",))
+    L = mc_logits(model, x, noise, 4000, seed=5, names=targets)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        p = predict(model, x, y, noise, targets=targets, method="moments", **_quiet())
+    _check_mean_var(p, L)
+
+
+def test_exact_max_of_two_correlated_units():
+    """A (1×2) convolution then a (1×2) max-pool: per channel the max of two correlated
+    Gaussians (one kernel shared by both positions), Clark's formulas exactly."""
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Conv2d(1, 3, (1, 2)), nn.MaxPool2d((1, 2)), nn.Flatten(), nn.Linear(3, 2)).eval()
+    x = torch.randn(12, 1, 1, 3, generator=torch.Generator().manual_seed(7))
+    y = torch.zeros(12, dtype=torch.int64)
+    noise = RelativeGaussian(1.0)
+    targets = Targets(layers=("0",))
+    L = mc_logits(model, x, noise, 4000, seed=8, names=targets)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        p = predict(model, x, y, noise, targets=targets, method="moments", **_quiet())
+    _check_mean_var(p, L)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "resnet"])
+def test_accuracy_curve_matches_monte_carlo(kind):
+    """Along the curve, the moment prediction is within 1 point of Monte-Carlo accuracy
+    (the target) plus 3 Monte-Carlo standard errors; the first order is not."""
+    model = trained(kind)
+    x, y = held_out(150)
+    draws = 150
+    worst_lin = 0.0
+    for eta in {"mlp": (0.3, 0.8), "cnn": (0.3, 0.6), "resnet": (0.15, 0.3)}[kind]:
+        noise = RelativeGaussian(eta)
+        L = mc_logits(model, x, noise, draws, seed=11)
+        accs = (L.argmax(2) == y).double().mean(1)
+        mc, se = float(accs.mean()), float(accs.std() / math.sqrt(draws))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            p = predict(model, x, y, noise, method="moments", **_quiet())
+            q = predict(model, x, y, noise, **_quiet())
+        assert abs(p.accuracy - mc) < 0.01 + 3 * se, (eta, p.accuracy, mc, se)
+        worst_lin = max(worst_lin, abs(q.accuracy - mc) - 3 * se)
+    assert worst_lin > 0.01  # the test is informative: the first order misses here
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_mean_shift_and_variance_at_eta_01(kind):
+    """At η = 0.1 the predicted logit variance (pooled) and the mean shift are within 10%
+    of Monte-Carlo, beyond its own error (4 s.e.)."""
+    model = trained(kind)
+    x, y = held_out(100)
+    draws = 600
+    L = mc_logits(model, x, RelativeGaussian(0.1), draws, seed=12)
+    p = predict(model, x, y, "relative:0.1", method="moments", **_quiet())
+    ratio = float(p.logit_var.sum() / L.var(0).sum())
+    assert abs(ratio - 1) < 0.10 + 4 * math.sqrt(2 / (draws - 1)) / math.sqrt(10), ratio
+    shift_mc = L.mean(0) - p.clean_logits
+    # projection of the predicted shift on the observed one, and the observed shift's noise
+    noise_mc = float((L.var(0) / draws).sum())
+    proj = float((p.logit_mean_shift * shift_mc).sum() / (shift_mc ** 2).sum())
+    rel_noise = math.sqrt(noise_mc / float((shift_mc ** 2).sum()))
+    assert abs(proj - 1) < 0.10 + 4 * rel_noise, (proj, rel_noise)
+
+
+def test_small_noise_limit_is_the_linear_method():
+    """As η → 0 the surrogate is the network itself: the covariance tends to the first
+    order one (the difference is O(η) relative) and the mean shift vanishes."""
+    model = trained("resnet")
+    x, y = held_out(20)
+    errs = []
+    for eta in (5e-4, 5e-5):
+        p = predict(model, x, y, RelativeGaussian(eta), method="moments", cov=True, **_quiet())
+        q = predict(model, x, y, RelativeGaussian(eta), cov=True, **_quiet())
+        errs.append(float((p.logit_cov - q.logit_cov).norm() / q.logit_cov.norm()))
+        assert float(p.logit_var.sum() / q.logit_var.sum()) == pytest.approx(1, abs=5e-3)
+        assert float(p.logit_mean_shift.abs().max()) < 0.1 * float(q.logit_var.sqrt().mean())
+    assert errs[0] < 0.03 and errs[1] < errs[0] / 3  # the difference vanishes like η
+
+
+@pytest.mark.parametrize("kind", ["cnn", "resnet"])
+def test_first_order_propagation_reproduces_jacobian_covariance(kind):
+    """The low-rank-plus-diagonal pass itself, with first-order rules and no truncation,
+    carries exactly the first-order covariance through conv, BatchNorm, pooling and
+    residual additions."""
+    model = trained(kind)
+    x, y = held_out(4)
+    noise = RelativeGaussian(0.1)
+    lin = LinearizedNetwork(model)
+    prop = MomentPropagator(lin, noise, rank=100000, spatial_rank=64, first_order=True, dtype=torch.float64)
+    with torch.no_grad():
+        mean, cov, _ = prop.run(x)
+    q = predict(model, x, y, noise, cov=True, **_quiet())
+    assert torch.allclose(cov, q.logit_cov, rtol=1e-4, atol=1e-6 * float(q.logit_cov.abs().max()))
+    assert torch.allclose(mean, q.clean_logits, atol=1e-4)
+
+
+def test_unsupported_layers_are_named():
+    x, y = held_out(5)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.Tanh(), nn.Linear(8, 10)).eval()
+    with pytest.raises(ValueError, match=r"layer '2' \(Tanh\).*method='linear'"):
+        predict(model, x, y, "relative:0.1", method="moments", **_quiet())
+    # the linear method handles it
+    assert predict(model, x, y, "relative:0.1", **_quiet()).logit_var.shape == (5, 10)
+
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(64, 10)
+
+        def forward(self, x):
+            h = self.fc(x.flatten(1))
+            if h.sum() > 0:  # data-dependent control flow: not traceable
+                return h
+            return -h
+
+    with pytest.raises(ValueError, match="torch.fx.*method='linear'"):
+        predict(Branchy().eval(), x, y, "relative:0.1", method="moments", **_quiet())
+    with pytest.raises(ValueError, match="Linear/Conv2d weights and biases only"):
+        predict(trained("cnn"), x, y, "relative:0.1", targets="weights,norm", method="moments", **_quiet())
+
+
+def test_moments_sweep_and_diagnostics():
+    from noiseprop.theory import predict_sweep
+
+    model = trained("mlp")
+    x, y = held_out(30)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        c = predict_sweep(model, x, y, "relative", [0.1, 0.5], method="moments", accuracy_draws=8, loss_probes=0)
+    a, b = c.predictions
+    assert a.method == "moments" and a.diagnostics["preact_source"].startswith("moment")
+    assert b.diagnostics["preact_frac"] > a.diagnostics["preact_frac"]
+    assert np.all(np.diff(c.accuracy) < 0)
+    assert np.isfinite(b.accuracy_std) and b.accuracy_std > 0

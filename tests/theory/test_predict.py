@@ -1,0 +1,220 @@
+"""predict(method="linear") and predict_sweep: exactness of the first-order covariance,
+agreement with Monte-Carlo (tolerances from the Monte-Carlo standard error), input
+checks and the no-mutation / determinism guarantees."""
+import copy
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, jacrev, vmap
+
+from noiseprop.theory import Multiplicative, RelativeGaussian, predict, predict_sweep
+from noiseprop.theory.linearize import LinearizedNetwork, jacobian_pass
+from predict_nets import batch_means_se, held_out, mc_logits, trained
+
+
+def _reference_cov(model, x, noise, targets=None):
+    """Independent reference: per-input Jacobians by vmap(jacrev) on every target."""
+    lin = LinearizedNetwork(model, targets)
+    var = {n: noise.variance(p) for n, p in lin.target_params.items()}
+
+    def f(tp, xi):
+        return functional_call(lin.net, ({**lin.params, **tp}, lin.buffers), (xi[None],))[0]
+
+    J = vmap(jacrev(f), in_dims=(None, 0))(lin.target_params, x)
+    n = x.shape[0]
+    cov = 0
+    for k in lin.names:
+        j = J[k].reshape(n, J[k].shape[1], -1).double()
+        cov = cov + torch.einsum("bcp,p,bdp->bcd", j, var[k].reshape(-1).double(), j)
+    return cov
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "resnet"])
+@pytest.mark.parametrize("noise", [RelativeGaussian(0.05), RelativeGaussian(0.05, per="channel"), Multiplicative(0.05)])
+def test_linear_covariance_is_exact_first_order(kind, noise):
+    """The batched activation-gradient engine equals vmap(jacrev) per input."""
+    model = trained(kind)
+    x, y = held_out(24)
+    p = predict(model, x, y, noise, cov=True, accuracy_draws=0, loss_probes=0, chunk_size=10)
+    ref = _reference_cov(model, x, noise)
+    assert torch.allclose(p.logit_cov, ref, rtol=1e-4, atol=1e-7 * float(ref.abs().max()))
+    assert torch.allclose(p.logit_var, torch.diagonal(ref, dim1=1, dim2=2), rtol=1e-4)
+
+
+def test_linear_covariance_with_biases_norm_and_folded_targets():
+    model = trained("resnet")
+    x, y = held_out(12)
+    noise = RelativeGaussian(0.05)
+    for targets in ("weights,biases", "weights,norm", "weights,fold_bn"):
+        p = predict(model, x, y, noise, targets=targets, cov=True, accuracy_draws=0, loss_probes=0)
+        ref = _reference_cov(model, x, noise, targets)
+        assert torch.allclose(p.logit_cov, ref, rtol=1e-4, atol=1e-7 * float(ref.abs().max())), targets
+
+
+def test_chunking_does_not_change_results():
+    model = trained("cnn")
+    x, y = held_out(30)
+    a = predict(model, x, y, "relative:0.05", cov=True, chunk_size=1, accuracy_draws=8, loss_probes=0)
+    b = predict(model, x, y, "relative:0.05", cov=True, chunk_size=7, accuracy_draws=8, loss_probes=0)
+    # float32 Jacobians: equal up to float32 rounding
+    assert torch.allclose(a.logit_cov, b.logit_cov, rtol=1e-4, atol=1e-6 * float(a.logit_cov.abs().max()))
+    assert a.accuracy_std == pytest.approx(b.accuracy_std, rel=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "resnet"])
+def test_linear_variance_matches_monte_carlo(kind):
+    """Pooled logit variance at η = 0.02: predicted / Monte-Carlo within 4 standard errors
+    of the Monte-Carlo pooled variance (batch means over draws)."""
+    model = trained(kind)
+    x, y = held_out(60)
+    noise = RelativeGaussian(0.02)
+    draws = 300
+    L = mc_logits(model, x, noise, draws, seed=1)
+    dev = ((L - L.mean(0)) ** 2).sum(dim=(1, 2)).numpy()  # per-draw squared deviation, all cells
+    pooled = dev.sum() / (draws - 1)
+    se_rel = batch_means_se(dev) * draws / (draws - 1) / pooled
+    p = predict(model, x, y, noise, accuracy_draws=0, loss_probes=0)
+    ratio = float(p.logit_var.sum()) / pooled
+    assert abs(ratio - 1) < 4 * se_rel + 1e-3, (ratio, se_rel)
+    # the per-cell median relative error is about the Monte-Carlo noise sqrt(2/(n-1))
+    cell = (p.logit_var / L.var(0)).numpy().ravel()
+    assert abs(np.median(cell) - 1) < 4 * math.sqrt(2 / (draws - 1))
+
+
+def test_accuracy_and_spread_match_monte_carlo_at_small_noise():
+    from noiseprop.empirical import monte_carlo
+
+    model = trained("mlp")
+    x, y = held_out(200)
+    noise = RelativeGaussian(0.3)
+    mc = monte_carlo(model, x, y, noise, draws=200, seed=3)
+    p = predict(model, x, y, noise, accuracy_draws=64, loss_probes=0, seed=1)
+    assert abs(p.accuracy - mc.accuracy) < 4 * mc.accuracy_se + 0.01
+    assert p.accuracy_lower <= p.accuracy <= p.accuracy_upper
+    # chip-to-chip sd: both estimated from draws; relative s.e. of an sd ≈ 1/sqrt(2(n-1))
+    sd_mc = float(mc.accuracies.std(ddof=1))
+    se = math.hypot(sd_mc / math.sqrt(2 * 199), p.accuracy_std / math.sqrt(2 * 63))
+    assert abs(p.accuracy_std - sd_mc) < 4 * se + 0.2 * sd_mc  # + the first-order bias at η = 0.3
+
+
+def test_draws_of_linearised_network_equal_jvp():
+    """The shared draws J(u⊙ξ) from the Jacobian pass equal forward-mode jvp with the same ξ."""
+    from noiseprop.theory.linearize import _directions
+
+    model = trained("resnet")
+    x, _ = held_out(10)
+    lin = LinearizedNetwork(model)
+    unit = lin.unit_scales(RelativeGaussian(1.0))
+    jp = jacobian_pass(lin, x, unit, draws=3, seed=5)
+    dirs = _directions(lin, 3, 5)
+    for k in range(3):
+        delta = {n: (dirs[n][:, k].reshape(p.shape) * unit[n]) for n, p in lin.target_params.items()}
+        f0, fl = lin.linearized_logits(x, delta)
+        assert torch.allclose(fl - f0, jp.draws_unit[:, :, k], rtol=1e-3, atol=1e-4)
+
+
+def test_sweep_equals_single_predictions():
+    model = trained("cnn")
+    x, y = held_out(40)
+    levels = [0.01, 0.1, 0.3]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        curve = predict_sweep(model, x, y, "relative", levels, accuracy_draws=16, loss_probes=4, seed=2)
+        singles = [predict(model, x, y, RelativeGaussian(lv), accuracy_draws=16, loss_probes=4, seed=2) for lv in levels]
+    for p, q in zip(curve.predictions, singles):
+        assert torch.allclose(p.logit_var, q.logit_var, rtol=1e-6)
+        assert p.accuracy == pytest.approx(q.accuracy, abs=1e-9)
+        assert p.loss_increase == pytest.approx(q.loss_increase, rel=1e-6)
+        assert p.accuracy_std == pytest.approx(q.accuracy_std, rel=1e-6)
+    assert np.allclose(curve.accuracy, [q.accuracy for q in singles])
+    df = curve.to_frame()
+    assert list(df.level) == levels and "accuracy" in df
+    assert "level" in curve.summary()
+
+
+def test_model_not_mutated_and_train_mode_warns():
+    model = trained("cnn")
+    m = copy.deepcopy(model).train()
+    before = copy.deepcopy(m.state_dict())
+    x, y = held_out(20)
+    with pytest.warns(UserWarning, match="training mode"):
+        p = predict(m, x, y, "relative:0.05", accuracy_draws=4, loss_probes=2)
+    assert m.training
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    # evaluated in eval mode: the clean logits are the eval-mode logits
+    assert torch.allclose(p.clean_logits, model(x).double(), atol=1e-5)
+
+
+def test_deterministic_and_no_global_rng():
+    model = trained("mlp")
+    x, y = held_out(30)
+    state = torch.get_rng_state()
+    a = predict(model, x, y, "relative:0.1", accuracy_draws=8, loss_probes=4, seed=4)
+    b = predict(model, x, y, "relative:0.1", accuracy_draws=8, loss_probes=4, seed=4)
+    c = predict(model, x, y, "relative:0.1", accuracy_draws=8, loss_probes=4, seed=5)
+    assert torch.equal(state, torch.get_rng_state())
+    assert a.accuracy_std == b.accuracy_std and a.loss_increase == b.loss_increase
+    assert a.loss_increase != c.loss_increase
+
+
+def test_results_object():
+    model = trained("mlp")
+    x, y = held_out(15)
+    p = predict(model, x, y, "relative:0.05", accuracy_draws=4, loss_probes=2)
+    df = p.to_frame()
+    assert len(df) == 15 * 10 and set(df.columns) >= {"input", "label", "cls", "logit_var", "correct_prob"}
+    assert "accuracy" in p.summary() and p.logit_cov is None
+    assert p.logit_mean_shift.abs().max() == 0  # the first order has no mean shift
+    s = p.scalars()
+    assert s["n_inputs"] == 15 and 0 <= s["accuracy"] <= 1
+    with pytest.raises(dataclasses_frozen()):
+        p.accuracy = 0.5
+
+
+def dataclasses_frozen():
+    import dataclasses
+
+    return dataclasses.FrozenInstanceError
+
+
+def test_input_validation():
+    model = trained("mlp")
+    x, y = held_out(10)
+    with pytest.raises(ValueError, match="same length"):
+        predict(model, x, y[:5], "relative:0.1")
+    with pytest.raises(TypeError, match="integer class labels"):
+        predict(model, x, y.float(), "relative:0.1")
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\)"):
+        predict(model, x, y + 10, "relative:0.1")
+    with pytest.raises(ValueError, match="method must be one of"):
+        predict(model, x, y, "relative:0.1", method="exact")
+    with pytest.raises(ValueError, match="unknown noise"):
+        predict(model, x, y, "loud:0.1")
+    with pytest.raises(ValueError, match="accuracy_draws"):
+        predict(model, x, y, "relative:0.1", accuracy_draws=1)
+    bad = copy.deepcopy(model)
+    with torch.no_grad():
+        bad[1].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="1.weight"):
+        predict(bad, x, y, "relative:0.1")
+    with pytest.raises(ValueError, match="no parameters to perturb"):
+        predict(nn.Sequential(nn.Flatten(), nn.ReLU()), x, y, "relative:0.1")
+    with pytest.raises(ValueError, match="levels"):
+        predict_sweep(model, x, y, "relative", [])
+
+
+def test_warns_outside_first_order_range():
+    model = trained("mlp")
+    x, y = held_out(40)
+    with pytest.warns(RuntimeWarning, match="first order outside its range"):
+        p = predict(model, x, y, "relative:1.0", accuracy_draws=0, loss_probes=0)
+    assert p.diagnostics["preact_frac"] > 0.15 and p.warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        q = predict(model, x, y, "relative:0.02", accuracy_draws=0, loss_probes=0)
+    assert q.diagnostics["preact_frac"] < 0.15 and not q.warnings
