@@ -231,11 +231,12 @@ def _study_blocks(res, out: Path, written: dict) -> list:
     for fig in res.figures:
         blocks.append(("fig", written[f"fig:{fig.name}"], fig.caption, written.get(f"figcsv:{fig.name}")))
     for name, frame in res.tables.items():
-        if name.endswith(("_models", "_curves", "_compare")):
+        if name.endswith(("_models", "_curves", "_compare", "_layers")):
             continue  # long tables: CSV only (linked below)
         blocks.append(("h", 3, name.replace("_", " ")))
         blocks.append(("table", _compact(frame), None, None, written.get(name)))
-    long = [written[n] for n in res.tables if n.endswith(("_models", "_curves", "_compare")) and n in written]
+    long = [written[n] for n in res.tables if n.endswith(("_models", "_curves", "_compare", "_layers"))
+            and n in written]
     if long:
         blocks.append(("p", "Per-model and per-cell data: " + ", ".join(f"[{p}]({p})" for p in long)))
     return blocks
@@ -326,11 +327,26 @@ def write_report(study_results, grid, out: Path, cfg: ReportConfig, executor=Non
             written[f"figcsv:{fig.name}"] = rel_csv
     allf = pd.concat([r.findings_frame() for r in study_results], ignore_index=True) if study_results else pd.DataFrame()
     _write_csv(out / "csv/findings.csv", allf)
-    validation, by_eta = overall_validation(study_results, grid)
+    validation, by_eta, figs = overall_validation(study_results, grid)
     _write_csv(out / "csv/validation.csv", validation)
     _write_csv(out / "csv/validation_by_eta.csv", by_eta)
+    for fig in figs:
+        rel = f"figures/{fig.name}.png"
+        if executor is not None:
+            futures.append(executor.submit(render_figure, fig, str(out / rel)))
+        else:
+            render_figure(fig, str(out / rel))
+        written[f"fig:{fig.name}"] = rel
+        _write_csv(out / f"csv/figure_{fig.name}.csv", fig.frame)
+        written[f"figcsv:{fig.name}"] = f"csv/figure_{fig.name}.csv"
 
-    title = "noiseprop report: weight noise on analog hardware, four published studies at CPU scale"
+    from .studies import CPU_SCALE_DATASETS
+
+    scale = "CPU scale" if grid.dataset in CPU_SCALE_DATASETS else "published scale"
+    if len(study_results) == 1:
+        title = f"noiseprop study {study_results[0].name}: {study_results[0].title} ({grid.dataset}, {scale})"
+    else:
+        title = f"noiseprop report: weight noise on analog hardware, the published studies at {scale}"
     blocks = [("h", 1, title)]
     blocks.append(("p", f"Dataset: {grid.dataset}. Noise: additive Gaussian on the Conv/Linear weights, σ_l = η·std(W_l) "
                         f"per layer, η ∈ {list(grid.etas)}; {grid.draws} Monte-Carlo draws per level with common random "
@@ -362,6 +378,8 @@ def write_report(study_results, grid, out: Path, cfg: ReportConfig, executor=Non
                         "accuracy units; preact_frac: the first-order validity diagnostic, the fraction of ReLU "
                         "pre-activations whose predicted noise sd exceeds their magnitude)."))
     blocks.append(("table", by_eta, None, None, "csv/validation_by_eta.csv"))
+    for fig in figs:
+        blocks.append(("fig", written[f"fig:{fig.name}"], fig.caption, written[f"figcsv:{fig.name}"]))
     for res in study_results:
         blocks += _study_blocks(res, out, written)
     blocks.append(("h", 2, "Reproduce"))
@@ -375,17 +393,26 @@ def write_report(study_results, grid, out: Path, cfg: ReportConfig, executor=Non
     return out / "report.md"
 
 
-def overall_validation(study_results, grid) -> tuple[pd.DataFrame, pd.DataFrame]:
+def overall_validation(study_results, grid):
     """Prediction vs Monte-Carlo pooled over the studies, each (model, placement, η,
-    quantity) cell counted once: the summary per quantity and the table by η."""
-    from .studies.common import validation_by_eta, validation_tables
+    quantity) cell counted once: the summary per quantity, the table by η and the
+    calibration figures (accuracy; logit variance on log axes)."""
+    from .studies.common import calibration_figure_frame, validation_by_eta, validation_tables
+    from .studies.figures import Figure
 
     parts = [f for r in study_results for n, f in r.tables.items() if n.endswith("_compare") and not f.empty]
     if not parts:
-        return pd.DataFrame(), pd.DataFrame()
+        return pd.DataFrame(), pd.DataFrame(), []
     comp = pd.concat(parts, ignore_index=True)
     keep = [c for c in ("eval_key", "variant", "eta", "quantity") if c in comp.columns]
     comp = comp.drop_duplicates(subset=keep).drop(columns=[c for c in ("tost_p_holm", "equivalent_holm")
                                                            if c in comp.columns])
     _, summary = validation_tables(comp, grid.alpha, grid.confidence)
-    return summary, validation_by_eta(comp, grid.confidence)
+    label = lambda r: f"η = {r['eta']:g}"  # noqa: E731
+    figs = [Figure("validation_accuracy", "Predicted vs Monte-Carlo accuracy, every model, noise placement and η of "
+                   "every study (bars: BCa interval of the Monte-Carlo mean; colour: η).", "calibration",
+                   calibration_figure_frame(comp, "accuracy", label), {}),
+            Figure("validation_logit_var", "Predicted vs Monte-Carlo logit variance (mean over inputs and classes), "
+                   "log axes (bars: chi-square interval; colour: η).", "calibration",
+                   calibration_figure_frame(comp, "logit_var", label), {"log": True})]
+    return summary, validation_by_eta(comp, grid.confidence), figs

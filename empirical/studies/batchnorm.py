@@ -44,6 +44,7 @@ from .common import (
     curve_frame,
     curves_figure_frame,
     diverged_notes,
+    layer_gain_frame,
     finalise_findings,
     model_cells,
     model_frame,
@@ -252,6 +253,7 @@ def analyse(p: StudyPlan, results: dict, grid: Grid) -> StudyResult:
     ]
     tables = {"batchnorm_models": mf, "batchnorm_summary": summ, "batchnorm_mechanisms": side,
               "batchnorm_mechanism_tests": paired, "batchnorm_mechanism_association": assoc,
+              "batchnorm_layers": layer_gain_frame(p, results),
               "batchnorm_curves": curves, "batchnorm_compare": comp_cells, "batchnorm_validation": validation}
     from .architecture import _theory_notes
 

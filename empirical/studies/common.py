@@ -584,6 +584,26 @@ def model_frame(plan: StudyPlan, results: dict, grid: Grid) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def layer_gain_frame(plan: StudyPlan, results: dict) -> pd.DataFrame:
+    """Per model and noisy layer: the per-layer gain (:func:`layer_gains`) and, for
+    layers followed by a BatchNorm-like layer, the measured folding inflation, the
+    spread of log BN gains and the log-normal closed form (:func:`folding_factors`)."""
+    rows = []
+    for _, r in plan.index.iterrows():
+        ev = results[r["eval_key"]]
+        mech = ev.get("mechanisms", {}) if not ev.get("diverged") else {}
+        gains = mech.get("layer_gains") or {}
+        ff = mech.get("folding_factors") or {}
+        for layer in list(dict.fromkeys(list(gains) + list(ff))):
+            row = {k: r[k] for k in plan.index.columns if k not in ("train_key", "eval_key")}
+            row.update(layer=layer, gain=gains.get(layer, np.nan))
+            f = ff.get(layer, {})
+            row.update(folding_inflation=f.get("inflation", np.nan), log_gain_std=f.get("log_gain_std", np.nan),
+                       folding_inflation_lognormal=f.get("lognormal", np.nan))
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def diverged_notes(plan: StudyPlan, results: dict) -> list[str]:
     """One note per model whose training diverged (left out of every table)."""
     out = []

@@ -32,6 +32,7 @@ from .common import (
     curve_frame,
     curves_figure_frame,
     diverged_notes,
+    layer_gain_frame,
     finalise_findings,
     model_cells,
     model_frame,
@@ -124,6 +125,7 @@ def analyse(p: StudyPlan, results: dict, grid: Grid) -> StudyResult:
     ]
     tables = {"norm_type_models": mf, "norm_type_summary": summ, "norm_type_mechanisms": side,
               "norm_type_mechanism_tests": paired, "norm_type_mechanism_association": assoc,
+              "norm_type_layers": layer_gain_frame(p, results),
               "norm_type_curves": curves, "norm_type_compare": comp_cells, "norm_type_validation": validation}
     from .architecture import _theory_notes
 

@@ -51,8 +51,9 @@ def test_quick_report_is_complete_and_within_budget(uninterrupted):
         assert (out / "csv" / f"figure_{f.stem}.csv").exists()
         assert f"figures/{f.name}" in md
     # every table shown has its CSV
-    for name in ("architecture_summary", "batchnorm_mechanisms", "learning_rate_summary", "norm_type_summary",
-                 "validation"):
+    assert (out / "figures" / "validation_accuracy.png").exists() and (out / "figures" / "validation_logit_var.png").exists()
+    for name in ("architecture_summary", "batchnorm_mechanisms", "batchnorm_layers", "learning_rate_summary",
+                 "learning_rate_sweet_spot", "norm_type_summary", "validation", "validation_by_eta"):
         assert (out / "csv" / f"{name}.csv").exists(), name
     t = json.loads((out / "timings.json").read_text())
     assert t["cells_computed"] > 0 and t["cells_loaded"] == 0

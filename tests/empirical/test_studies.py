@@ -141,7 +141,19 @@ def test_fieller_interval_coverage():
     assert abs(hits / reps - 0.95) <= 4.5 * math.sqrt(0.05 * 0.95 / reps), hits / reps
 
 
-def test_sweet_spot_on_a_known_quadratic():
+def test_peak_location_and_interior_gain_are_exact_on_parabolas():
+    from noiseprop.empirical.studies.learning_rate import interior_gain, peak_location
+
+    x = np.linspace(-3, -1, 6)
+    for peak in (-2.3, -1.9, -1.45):
+        m = (0.9 - 0.2 * (x - peak) ** 2)[None]
+        assert peak_location(m, x)[0] == pytest.approx(peak)
+        assert interior_gain(m)[0] == pytest.approx(m[0, 1:-1].max() - m[0, [0, -1]].max())
+    mono = (0.5 + 0.1 * x)[None]
+    assert peak_location(mono, x)[0] == x[-1] and interior_gain(mono)[0] < 0
+
+
+def test_sweet_spot_test_on_known_curves():
     from noiseprop.empirical.studies.learning_rate import _sweet_spot
 
     rng = np.random.default_rng(1)
@@ -152,14 +164,17 @@ def test_sweet_spot_on_a_known_quadratic():
         for lr in lrs:
             x = math.log10(lr) + 2.0  # peak at lr = 0.01
             rows.append({"seed": s, "lr": lr, "auc": 0.8 - 0.1 * x ** 2 + off + rng.normal(0, 0.005)})
-    eff, info = _sweet_spot(pd.DataFrame(rows), "auc", 0.95, lrs)
-    assert eff.estimate < 0 and eff.p_value < 1e-3
-    assert info["inside"] and info["lr_star_ci_low"] < 0.01 < info["lr_star_ci_high"]
-    assert info["fieller_ci_low"] < 0.01 < info["fieller_ci_high"]
-    # a monotone curve: the curvature is not significant, and no interior optimum
-    mono = pd.DataFrame(rows).assign(auc=lambda d: 0.5 + 0.1 * np.log10(d["lr"]) + rng.normal(0, 0.005, len(d)))
+    f = pd.DataFrame(rows)
+    eff, info = _sweet_spot(f, "auc", 0.95, lrs)
+    assert eff.estimate > 0 and eff.p_value < 0.01 and eff.ci_low > 0
+    assert info["lr_star_ci_low"] < 0.01 < info["lr_star_ci_high"]
+    assert info["quadratic_fieller_ci_low"] < 0.01 < info["quadratic_fieller_ci_high"]
+    assert directional_verdict(eff.p_value, eff.estimate, +1, 0.05) == "reproduced"
+    # monotone in every seed: an edge is best, significantly (no sweet spot in the range)
+    mono = f.assign(auc=lambda d: 0.5 + 0.1 * np.log10(d["lr"]) + rng.normal(0, 0.003, len(d)))
     eff, info = _sweet_spot(mono, "auc", 0.95, lrs)
-    assert not info["inside"]
+    assert eff.estimate < 0 and directional_verdict(eff.p_value, eff.estimate, +1, 0.05) == "contradicted"
+    assert info["best_lr_observed"] == pytest.approx(lrs[-1])
 
 
 # ----------------------------------------------------------------------------- plumbing
@@ -186,3 +201,18 @@ def test_plans_share_models_between_studies():
     assert len({t.key for t in bn.tasks}) == len(bn.tasks)
     with pytest.raises(ValueError, match="L2 reference"):
         study_module("norm_type").plan(g, archs=("mlp",), norms=("l1",))
+
+
+def test_cli_study_rejects_bad_arguments(capsys):
+    from noiseprop.empirical.cli import main
+    from noiseprop.empirical.cli_study import _ks
+
+    assert _ks(["0", "1", "all"]) == (0, 1, None)
+    with pytest.raises(ValueError, match="--ks"):
+        _ks(["two"])
+    assert main(["study", "bogus"]) == 2
+    assert "unknown study 'bogus'" in capsys.readouterr().err
+    assert main(["study", "architecture", "--lrs", "0.1", "--quick"]) == 2
+    assert "learning_rate" in capsys.readouterr().err
+    assert main(["report", "--studies", "nope"]) == 2
+    assert "unknown studies" in capsys.readouterr().err
