@@ -14,7 +14,7 @@ Cases: (a) a VGG-style CNN with BatchNorm on 3×32×32 inputs, (b) an MLP on 1×
 Also the achieved GFLOP/s of the engine's forward passes and the machine's float32
 matmul GFLOP/s measured in the same run. One JSON line per result.
 
-    .venv/bin/python benchmarks/mc_throughput.py [--draws 10] [--blocks 5]
+    .venv/bin/python benchmarks/mc_throughput.py [--draws 10] [--blocks 5] [--threads N]
 """
 from __future__ import annotations
 
@@ -102,7 +102,10 @@ def main():
     ap.add_argument("--blocks", type=int, default=5)
     ap.add_argument("--inputs", type=int, default=1000)
     ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
     print(json.dumps({"benchmark": "mc_throughput", "case": "machine_matmul_f32_1024", "gflops": matmul_gflops(),
                       "threads": torch.get_num_threads()}), flush=True)

@@ -7,7 +7,9 @@ accuracy and loss intervals are Student-t intervals over per-draw values.
 
 Engine: the network is deep-copied once per run (the user's model is never touched,
 even when an exception interrupts a run), its target parameters are overwritten in
-place for every draw, and forward passes run batched under ``torch.inference_mode``.
+place for every draw, and forward passes run batched under ``torch.inference_mode``,
+in channels-last layout for 2-D convolutions, with digital BatchNorm layers folded
+into the layer before them *after* the noise (exact algebra, one pass fewer).
 Logit statistics are streamed (Welford, float64), so memory does not grow with the
 number of draws, and inputs are processed in batches, so it does not grow with their
 number beyond one ``[N, C]`` logit table.
@@ -34,7 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from noiseprop.theory.noise import WeightNoise, parse_noise
-from noiseprop.theory.targets import TargetPlan, resolve_targets
+from noiseprop.theory.targets import (TargetPlan, find_fold_pairs, fold_bn, folding_affine, is_norm_layer,
+                                      resolve_targets)
 
 from .stats import mean_ci, welford_update
 
@@ -120,6 +123,43 @@ def _progress(total, enabled, desc):
 # ----------------------------------------------------------------------------
 # The engine
 # ----------------------------------------------------------------------------
+def _fold_digital_norms(plan: TargetPlan):
+    """A private copy of the network to evaluate, with every BatchNorm kept digital
+    folded *after* the noise, and the per-parameter post-noise maps.
+
+    A digital BatchNorm after a noisy layer computes ``a ⊙ ((W + N) x + b) + c``, which is
+    the folded layer ``(a ⊙ (W + N)) x + (a ⊙ b + c)``: exact algebra that saves the
+    norm layer's pass (THEORY.md §4). Returns ``(net, post)`` with
+    ``post[name] = (a, c)``: the stored parameter ``name`` (after noise) maps to
+    ``a ⊙ p + c`` in ``net`` (``c`` is ``None`` for weights). When norms carry noise
+    themselves, are already folded, or cannot be located by tracing, the network is
+    copied as it is (``post`` empty): the optimisation never changes semantics.
+    """
+    t = plan.targets
+    net = copy.deepcopy(plan.model)
+    if t.fold_bn or t.norm or not any(is_norm_layer(m) for m in net.modules()):
+        return net, {}
+    try:  # traced on the private copy: the user's forward is never run
+        pairs = find_fold_pairs(net)
+    except ValueError:
+        return net, {}
+    if not pairs:
+        return net, {}
+    net = fold_bn(net, pairs=pairs)
+    post = {}
+    targets = set(plan.names)
+    for conv_name, norm_name in pairs:
+        a, c = folding_affine(plan.model.get_submodule(norm_name))
+        conv = plan.model.get_submodule(conv_name)
+        a = a.detach().to(conv.weight.dtype)
+        prefix = conv_name + "."
+        if prefix + "weight" in targets:
+            post[prefix + "weight"] = (a.reshape((-1,) + (1,) * (conv.weight.dim() - 1)), None)
+        if prefix + "bias" in targets:
+            post[prefix + "bias"] = (a, c.detach().to(conv.weight.dtype))
+    return net, post
+
+
 class NoisyEvaluator:
     """A private copy of the network whose target parameters can be set to
     ``w + level · u(w) ⊙ z`` in place, and evaluated in batches.
@@ -129,18 +169,20 @@ class NoisyEvaluator:
     """
 
     def __init__(self, plan: TargetPlan, noise: WeightNoise, batch_size: int | None = None):
-        self.net = copy.deepcopy(plan.model)
+        self.net, self.post = _fold_digital_norms(plan)
         self.net.eval()
         self.net.requires_grad_(False)
         # 2-D convolutions run markedly faster on oneDNN in channels-last layout
-        # (measured ~2x on CPU, benchmarks/mc_throughput.py); results agree to float rounding.
+        # (benchmarks/mc_throughput.py); results agree to float rounding.
         self.channels_last = any(isinstance(m, nn.Conv2d) for m in self.net.modules())
         if self.channels_last:
             self.net.to(memory_format=torch.channels_last)
         params = dict(self.net.named_parameters())
+        original = dict(plan.model.named_parameters())
         self.names = plan.names
         self.params = [params[n] for n in plan.names]
-        self.clean = [p.detach().clone() for p in self.params]
+        # noise is drawn on the stored (unfolded) weights: the noise model sees W, not diag(a) W
+        self.clean = [original[n].detach().clone() for n in plan.names]
         unit = noise.with_level(1.0)
         self.unit_scales = [unit.scale(w) for w in self.clean]
         self.device = self.clean[0].device
@@ -152,10 +194,15 @@ class NoisyEvaluator:
 
     @torch.no_grad()
     def set(self, level: float, zs: Sequence[torch.Tensor] | None) -> None:
-        for p, w, u, z in zip(self.params, self.clean, self.unit_scales, zs or [None] * len(self.params)):
+        for name, p, w, u, z in zip(self.names, self.params, self.clean, self.unit_scales, zs or [None] * len(self.params)):
             p.copy_(w)
             if z is not None and level != 0.0:
                 p.addcmul_(u, z, value=float(level))
+            if name in self.post:  # a digital norm layer folded after the noise: a ⊙ (w + noise) + c
+                a, c = self.post[name]
+                p.mul_(a)
+                if c is not None:
+                    p.add_(c)
 
     @torch.inference_mode()
     def logits(self, x: torch.Tensor) -> torch.Tensor:

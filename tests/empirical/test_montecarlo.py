@@ -187,3 +187,35 @@ def test_confidence_intervals_cover(full_size):
         hit_loss += lo <= truth.loss <= hi
     assert 0.93 <= hit_acc / reps <= 0.97, hit_acc / reps
     assert 0.93 <= hit_loss / reps <= 0.97, hit_loss / reps
+
+
+def test_cnn_with_digital_batchnorm_matches_naive_loop():
+    """BatchNorm kept digital is folded after the noise inside the engine: the results
+    equal the naive loop (noise on W, BatchNorm applied after) to float rounding, for
+    weights and for weights + biases."""
+    g = torch.Generator().manual_seed(0)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Flatten(), nn.Linear(6 * 16, 3))
+    with torch.no_grad():
+        m[1].running_mean.copy_(torch.randn(6, generator=g))
+        m[1].running_var.copy_(torch.rand(6, generator=g) * 4 + 0.1)
+        m[1].weight.copy_(torch.randn(6, generator=g))
+    m.eval()
+    x = torch.randn(50, 2, 8, 8, generator=g)
+    y = torch.randint(0, 3, (50,), generator=g)
+    noise = RelativeGaussian(0.3)
+    for targets in ("weights", "weights,biases"):
+        r = monte_carlo(m, x, y, noise, draws=5, seed=1, targets=targets)
+        names = resolve_targets(m, targets).names
+        gen = torch.Generator().manual_seed(1)
+        losses = []
+        for _ in range(5):
+            net = copy.deepcopy(m)
+            p = dict(net.named_parameters())
+            with torch.no_grad():
+                for n in names:
+                    p[n].copy_(noise.sample(p[n], gen))
+                losses.append(torch.nn.functional.cross_entropy(net(x).double(), y).item())
+        assert np.allclose(r.losses, losses, rtol=1e-5, atol=1e-6), targets
