@@ -237,12 +237,12 @@ class TopEigenvalue:
 
 
 def hessian_top_eigenvalue(model, x, y, targets=None, noise=None, tol: float = 1e-3, maxiter: int = 200, seed: int = 0,
-                           batch_size: int = 512, return_vector: bool = False) -> TopEigenvalue:
+                           batch_size: int = 512, return_vector: bool = False, ncv: int = 20) -> TopEigenvalue:
     """Largest eigenvalue of the loss Hessian by Lanczos (``scipy.sparse.linalg.eigsh``,
     ``which="LA"``) on Hessian-vector products (``torch.func``), with relative
     tolerance ``tol`` and at most ``maxiter`` Lanczos restarts. ``seed`` fixes the start
-    vector. With ``noise``, the operator is ``Σ^½ H Σ^½`` (curvature in units of the
-    noise). Non-convergence is reported (``converged=False``, with a warning), never
+    vector; ``ncv`` Lanczos vectors are kept between restarts. With ``noise``, the
+    operator is ``Σ^½ H Σ^½`` (curvature in units of the noise). Non-convergence is reported (``converged=False``, with a warning), never
     silently returned as converged.
     """
     from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
@@ -275,7 +275,7 @@ def hessian_top_eigenvalue(model, x, y, targets=None, noise=None, tol: float = 1
 
     A = LinearOperator((op.numel, op.numel), matvec=matvec, dtype=np.float64)
     v0 = np.random.default_rng(seed).standard_normal(op.numel)
-    ncv = min(op.numel, 20)
+    ncv = min(op.numel, _check_int("ncv", ncv, 3))
     try:
         if op.numel == 1:
             val = float(matvec(np.ones(1))[0])

@@ -85,24 +85,34 @@ def held_out(n: int = 120):
     return xte[:n], yte[:n]
 
 
-def mc_logits(model: nn.Module, x, noise, draws: int, seed: int = 0, names=None) -> torch.Tensor:
+def mc_logits(model: nn.Module, x, noise, draws: int, seed: int = 0, names=None, linearised: bool = False):
     """``[draws, N, C]`` logits of noisy copies (the same draws as Monte-Carlo would make:
-    ``w + s(w) z`` per target parameter in order), float64."""
+    ``w + s(w) z`` per target parameter in order), float64; with ``linearised`` also the
+    linearised network's logits ``f + J δθ`` for the same draws."""
     import copy
 
+    from noiseprop.theory.linearize import LinearizedNetwork
     from noiseprop.theory.targets import resolve_targets
 
     plan = resolve_targets(model, None if names is None else names)
     net = copy.deepcopy(plan.model).eval()
     params = dict(net.named_parameters())
     clean = {n: params[n].detach().clone() for n in plan.names}
+    lin = LinearizedNetwork(model, names) if linearised else None
     g = torch.Generator().manual_seed(seed)
-    out = []
+    out, outl = [], []
     with torch.no_grad():
         for _ in range(draws):
+            delta = {}
             for n in plan.names:
-                params[n].copy_(noise.sample(clean[n], g))
+                z = torch.randn(clean[n].shape, generator=g, dtype=clean[n].dtype)
+                params[n].copy_(noise.perturb(clean[n], z))
+                delta[n] = params[n] - clean[n]
             out.append(net(x).double())
+            if lin is not None:
+                outl.append(lin.linearized_logits(x, delta)[1].double())
+    if linearised:
+        return torch.stack(out), torch.stack(outl)
     return torch.stack(out)
 
 
