@@ -236,7 +236,8 @@ class _Run:
     seconds: float
 
 
-def _run(model, x, y, noise, levels, draws, seed, targets, batch_size, keep_logits, progress, desc) -> tuple[_Run, TargetPlan]:
+def _run(model, x, y, noise, levels, draws, seed, targets, batch_size, keep_logits, progress, desc,
+         cv=None) -> tuple[_Run, TargetPlan]:
     x, y = check_inputs(model, x, y)
     noise = parse_noise(noise)
     draws = _check_count("draws", draws, 2)
@@ -257,6 +258,7 @@ def _run(model, x, y, noise, levels, draws, seed, targets, batch_size, keep_logi
     means = [torch.zeros(clean.shape, dtype=torch.float64, device=ev.device) if keep_logits else None for _ in levels]
     m2s = [torch.zeros(clean.shape, dtype=torch.float64, device=ev.device) if keep_logits else None for _ in levels]
     gen = torch.Generator(device=ev.device).manual_seed(seed)
+    cv_vals = np.empty((L, draws, 2)) if cv is not None else None  # control variate: (X_acc, X_loss) per draw
     bar = _progress(draws * L, progress, desc)
     try:
         for d in range(draws):
@@ -267,6 +269,8 @@ def _run(model, x, y, noise, levels, draws, seed, targets, batch_size, keep_logi
                 accs[li, d], losses[li, d] = _accuracy_and_loss(lg, y_dev)
                 if keep_logits:
                     welford_update(d + 1, means[li], m2s[li], lg.double())
+                if cv_vals is not None:
+                    cv_vals[li, d] = cv.values(zs, level)
                 if bar is not None:
                     bar.update(1)
     finally:
@@ -274,7 +278,27 @@ def _run(model, x, y, noise, levels, draws, seed, targets, batch_size, keep_logi
             bar.close()
     seconds = time.perf_counter() - t0
     var = [m2 / (draws - 1) if m2 is not None else None for m2 in m2s]
-    return _Run(accs, losses, means, var, clean.double().cpu(), clean_acc, clean_loss, seconds), plan
+    run = _Run(accs, losses, means, var, clean.double().cpu(), clean_acc, clean_loss, seconds)
+    if cv_vals is not None:
+        object.__setattr__(run, "cv_values", cv_vals)
+    return run, plan
+
+
+def _control_variate_extras(run, cv, level, confidence) -> dict:
+    """Control-variate estimates of mean accuracy and loss (the linearised network with
+    the same draws; :class:`noiseprop.theory.linearize.LinearControlVariate`)."""
+    from noiseprop.theory.linearize import control_variate_mean
+
+    vals = run.cv_values[0]
+    acc = control_variate_mean(run.accuracies[0], vals[:, 0], cv.expected_accuracy(level), confidence)
+    loss = control_variate_mean(run.losses[0], vals[:, 1], 0.0, confidence)
+    out = {}
+    for name, r in (("accuracy", acc), ("loss", loss)):
+        out[f"cv_{name}"] = r.estimate
+        out[f"cv_{name}_se"] = r.se
+        out[f"cv_{name}_ci"] = r.ci
+        out[f"cv_{name}_variance_reduction"] = r.variance_reduction
+    return out
 
 
 # ----------------------------------------------------------------------------
@@ -442,7 +466,8 @@ class SweepResult:
 # Public entry points
 # ----------------------------------------------------------------------------
 def monte_carlo(model: nn.Module, x, y, noise, draws: int = 200, seed: int = 0, targets=None,
-                batch_size: int | None = 1024, progress: bool | None = None, confidence: float = 0.95) -> MCResult:
+                batch_size: int | None = 1024, progress: bool | None = None, confidence: float = 0.95,
+                control_variate: bool = False) -> MCResult:
     """Inject ``noise`` into ``model``'s target parameters ``draws`` times and evaluate
     on ``(x, y)``.
 
@@ -457,16 +482,31 @@ def monte_carlo(model: nn.Module, x, y, noise, draws: int = 200, seed: int = 0, 
         Conv/Linear weights, BatchNorm digital).
     batch_size: inputs per forward pass (``None``: all at once).
     progress: tqdm bar (``None``: only when stderr is a terminal).
+    control_variate: also evaluate the linearised network on the same draws and report
+        control-variate estimates of mean accuracy and loss in ``extras``
+        (``cv_accuracy``, ``cv_accuracy_se``, ``cv_accuracy_ci``,
+        ``cv_accuracy_variance_reduction``, and the same for ``loss``); the plain
+        estimates are unchanged.
     """
     noise = parse_noise(noise)
     if not (0 < confidence < 1):
         raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
-    run, plan = _run(model, x, y, noise, [noise.level], draws, seed, targets, batch_size, True, progress, "monte-carlo")
+    if not isinstance(control_variate, bool):
+        raise TypeError(f"control_variate must be True or False, got {control_variate!r}")
+    cv = None
+    if control_variate:
+        from noiseprop.theory.linearize import LinearControlVariate
+
+        x, y = check_inputs(model, x, y)
+        cv = LinearControlVariate(model, x, y, noise, targets=targets, batch_size=batch_size or x.shape[0])
+    run, plan = _run(model, x, y, noise, [noise.level], draws, seed, targets, batch_size, True, progress, "monte-carlo",
+                     cv=cv)
+    extras = _control_variate_extras(run, cv, noise.level, confidence) if cv is not None else {}
     return MCResult(
         noise=noise.to_string(), targets=plan.targets.describe(), draws=int(draws), seed=int(seed),
         logit_mean=run.logit_mean[0].cpu(), logit_var=run.logit_var[0].cpu(), clean_logits=run.clean_logits,
         accuracies=run.accuracies[0], losses=run.losses[0], clean_accuracy=run.clean_accuracy,
-        clean_loss=run.clean_loss, seconds=run.seconds, confidence=confidence,
+        clean_loss=run.clean_loss, seconds=run.seconds, confidence=confidence, extras=extras,
     )
 
 

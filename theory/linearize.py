@@ -58,6 +58,8 @@ __all__ = [
     "auto_chunk_size",
     "control_variate_mean",
     "ControlVariateEstimate",
+    "LinearControlVariate",
+    "first_order_loss_change",
 ]
 
 #: Default memory budget (bytes) for one chunk of per-input Jacobians.
@@ -499,6 +501,47 @@ def control_variate_mean(y, x, x_mean: float, confidence: float = 0.95) -> Contr
         estimate=float(est), se=float(se), ci=(float(est - t * se), float(est + t * se)), beta=float(beta),
         rho=float(rho), variance_reduction=float(vr), plain_mean=float(ym), plain_se=float(math.sqrt(vy / n)),
     )
+
+
+class LinearControlVariate:
+    """The linearised network as a control variate for Monte-Carlo (THEORY.md §8).
+
+    For one noise draw (standard-normal ``z`` per target parameter, in target order; the
+    weights ``w + level·u(w)⊙z``) :meth:`values` gives the linearised network's
+    accuracy ``X_acc = mean_i 1[argmax(f_i + J_i δθ) = y_i]`` and its first-order loss
+    change ``X_loss = gᵀδθ``. Their expectations are known: ``E[X_loss] = 0`` and
+    ``E[X_acc] = mean_i P_i`` with ``P_i`` the orthant probability under the exact
+    first-order covariance (:meth:`expected_accuracy`; the linearised logits are exactly
+    Gaussian). Use with :func:`control_variate_mean`.
+    """
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, noise: WeightNoise, targets=None,
+                 n_points: int = 4096, batch_size: int = 1024, chunk_size: int | None = None):
+        self.lin = LinearizedNetwork(model, targets, warn_train_mode=False)
+        self.x = x
+        self.y = y.long()
+        unit = self.lin.unit_scales(noise)
+        self.unit = [unit[n] for n in self.lin.names]
+        jp = jacobian_pass(self.lin, x, unit, chunk_size=chunk_size)
+        self.clean = jp.clean_logits.double().cpu()
+        self.cov_unit = jp.cov_unit.cpu()
+        self.n_points = int(n_points)
+        self.batch_size = int(batch_size)
+
+    def expected_accuracy(self, level: float) -> float:
+        from .accuracy import correct_probability
+
+        p, _, _ = correct_probability(self.clean, self.cov_unit * float(level) ** 2, self.y.cpu(),
+                                      n_points=self.n_points)
+        return float(p.mean())
+
+    def values(self, zs: Sequence[torch.Tensor], level: float) -> tuple[float, float]:
+        """``(X_acc, X_loss)`` for one draw ``zs`` at ``level``."""
+        delta = {n: float(level) * u * z for n, u, z in zip(self.lin.names, self.unit, zs)}
+        _, fl = self.lin.linearized_logits(self.x, delta, batch_size=self.batch_size)
+        fl = fl.double().cpu()
+        acc = float((fl.argmax(1) == self.y.cpu()).double().mean())
+        return acc, first_order_loss_change(self.clean, fl, self.y.cpu())
 
 
 def first_order_loss_change(clean_logits: torch.Tensor, lin_logits: torch.Tensor, y: torch.Tensor) -> float:
