@@ -228,7 +228,8 @@ def analyse(p: StudyPlan, results: dict, grid: Grid) -> StudyResult:
     summ["_o"] = summ["k"].map(lambda k: order.get(k, int(str(k).split()[-1]) if str(k).startswith("first") else 0))
     summ = summ.sort_values(["arch", "variant", "_o"]).drop(columns="_o").reset_index(drop=True)
     curves_fig = curves_figure_frame(
-        pd.concat([variant_frame(curves, "digital"), variant_frame(curves, "folded")], ignore_index=True),
+        pd.concat([variant_frame(curves, "digital"), variant_frame(curves, "folded")], ignore_index=True)
+        .sort_values(["n_norm"], kind="stable"),
         lambda r: f"BN {r['k']}", conf, panel=lambda r: f"{r['arch']}, BN {r['variant']}")
     bars = summ.assign(group=summ["k"], value=summ["robustness"], ci_low=summ["robustness_ci_low"],
                        ci_high=summ["robustness_ci_high"], panel=summ["arch"] + ", BN " + summ["variant"])

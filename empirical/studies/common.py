@@ -573,6 +573,8 @@ def model_frame(plan: StudyPlan, results: dict, grid: Grid) -> pd.DataFrame:
             row["theory_error"] = v.get("theory_error", "")
             for k in ("trace_digital", "trace_folded", "top_eigenvalue"):
                 row[k] = mech.get(k, np.nan)
+            if not ev.get("has_norm", True):  # nothing to fold: the folded network is the network
+                row["trace_folded"] = mech.get("trace_digital", np.nan)
             ff = mech.get("folding_factors") or {}
             geo = lambda k: float(np.exp(np.mean(np.log([d[k] for d in ff.values()])))) if ff else np.nan  # noqa: E731
             row["folding_inflation"] = geo("inflation")

@@ -74,11 +74,15 @@ def render(fig_spec: Figure, path) -> Path:
     panels = _panels(f)
     fig, axes = _axes(plt, len(panels))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    # one colour per group or series across all panels (order of first appearance)
+    key = "series" if fig_spec.kind == "lr" else "group"
+    order = list(dict.fromkeys(f[key].tolist())) if key in f.columns else []
+    colour_of = {g: colors[i % len(colors)] for i, g in enumerate(order)}
     for ax, panel in zip(axes, panels):
         sub = f if panel is None else f[f["panel"] == panel]
         if fig_spec.kind == "curves":
-            for i, (g, d) in enumerate(sub.groupby("group", sort=False)):
-                c = colors[i % len(colors)]
+            for g, d in sub.groupby("group", sort=False):
+                c = colour_of[g]
                 d = d.sort_values("eta")
                 ax.plot(d["eta"], d["accuracy"], "-o", color=c, ms=3, label=str(g))
                 ax.fill_between(d["eta"], d["ci_low"], d["ci_high"], color=c, alpha=0.2, lw=0)
@@ -88,8 +92,8 @@ def render(fig_spec: Figure, path) -> Path:
             ax.set_ylabel("accuracy")
             ax.set_ylim(-0.02, 1.02)
         elif fig_spec.kind == "calibration":
-            for i, (g, d) in enumerate(sub.groupby("group", sort=False)):
-                c = colors[i % len(colors)]
+            for g, d in sub.groupby("group", sort=False):
+                c = colour_of[g]
                 yerr = np.vstack([d["observed"] - d["ci_low"], d["ci_high"] - d["observed"]])
                 yerr = np.where(np.isfinite(yerr), np.clip(yerr, 0, None), 0)
                 ax.errorbar(d["predicted"], d["observed"], yerr=yerr, fmt="o", ms=3, color=c, label=str(g),
@@ -107,8 +111,8 @@ def render(fig_spec: Figure, path) -> Path:
             ax.set_xlabel("predicted")
             ax.set_ylabel("observed (Monte-Carlo)")
         elif fig_spec.kind == "lr":
-            for i, (g, d) in enumerate(sub.groupby("series", sort=False)):
-                c = colors[i % len(colors)]
+            for g, d in sub.groupby("series", sort=False):
+                c = colour_of[g]
                 d = d.sort_values("lr")
                 ax.plot(d["lr"], d["value"], "-o", color=c, ms=3, label=str(g))
                 if d["ci_low"].notna().any():
@@ -127,7 +131,7 @@ def render(fig_spec: Figure, path) -> Path:
             x = np.arange(len(d))
             yerr = np.vstack([d["value"] - d["ci_low"], d["ci_high"] - d["value"]])
             yerr = np.where(np.isfinite(yerr), np.clip(yerr, 0, None), 0)
-            ax.bar(x, d["value"], yerr=yerr, color=[colors[i % len(colors)] for i in x], capsize=3)
+            ax.bar(x, d["value"], yerr=yerr, color=[colour_of[g] for g in d["group"]], capsize=3)
             ax.set_xticks(x)
             ax.set_xticklabels([str(g) for g in d["group"]], rotation=30, ha="right")
         else:

@@ -100,8 +100,10 @@ def analyse(p: StudyPlan, results: dict, grid: Grid) -> StudyResult:
                                    ["clean_accuracy", "auc", "robustness", "pred_robustness", "eta10"], conf)
                       for v in ("digital", "folded")], ignore_index=True)
     comp_cells, validation = validation_tables(comp, alpha, conf)
+    order = {n: i for i, n in enumerate(("none", "L2", "L1", "TopK"))}
     curves_fig = curves_figure_frame(
-        pd.concat([variant_frame(curves, "digital"), variant_frame(curves, "folded")], ignore_index=True),
+        pd.concat([variant_frame(curves, "digital"), variant_frame(curves, "folded")], ignore_index=True)
+        .sort_values("norm_type", key=lambda c: c.map(order), kind="stable"),
         lambda r: str(r["norm_type"]), conf, panel=lambda r: f"{r['arch']}, BN {r['variant']}")
     bars = summ.assign(group=summ["norm_type"], value=summ["robustness"], ci_low=summ["robustness_ci_low"],
                        ci_high=summ["robustness_ci_high"], panel=summ["arch"] + ", BN " + summ["variant"])
