@@ -289,7 +289,7 @@ class _Base:
 
 
 def _preact_ratios(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, torch.Tensor], directions: int,
-                   seed: int, max_inputs: int = 64) -> tuple[np.ndarray | None, str]:
+                   seed: int, max_inputs: int = 32, batch: int = 8) -> tuple[np.ndarray | None, str]:
     """``|μ| / sd₁`` for every ReLU pre-activation of up to ``max_inputs`` inputs, with
     ``sd₁`` the first-order noise std at level 1, from ``directions`` forward-mode
     products ``J (u ⊙ ξ)`` (``torch.func.jvp``). The fraction above a level ``λ`` is the
@@ -309,25 +309,29 @@ def _preact_ratios(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, t
     params = {k: v for k, v in lin.params.items() if k in names}
     bufs = {k: v for k, v in lin.buffers.items() if k in names}
     tp0 = {k: lin.target_params[k] for k in lin.names}
-
-    def f(tp):
-        return functional_call(gm, ({**params, **tp}, bufs), (xs,))[1]
-
     gen = torch.Generator(device=lin.device).manual_seed(int(seed) + 17)
-    sq = None
-    mus = None
-    for _ in range(directions):
-        tang = {k: torch.randn(v.shape, generator=gen, dtype=v.dtype, device=v.device) * unit[k] for k, v in tp0.items()}
-        with torch.no_grad():
-            mu, dz = jvp(f, (tp0,), (tang,))
-        if sq is None:
-            sq = [t.double() ** 2 for t in dz]
-            mus = [m.double() for m in mu]
-        else:
-            for a, t in zip(sq, dz):
-                a += t.double() ** 2
-    sd = torch.cat([(a / directions).sqrt().reshape(-1) for a in sq])
-    mu = torch.cat([m.abs().reshape(-1) for m in mus])
+    tangs = [{k: torch.randn(v.shape, generator=gen, dtype=v.dtype, device=v.device) * unit[k] for k, v in tp0.items()}
+             for _ in range(directions)]
+    sds, mus = [], []
+    for i in range(0, xs.shape[0], batch):  # small batches: bounded memory on large models
+        xb = xs[i:i + batch]
+
+        def f(tp):
+            return functional_call(gm, ({**params, **tp}, bufs), (xb,))[1]
+
+        sq = None
+        for tang in tangs:
+            with torch.no_grad():
+                mu, dz = jvp(f, (tp0,), (tang,))
+            if sq is None:
+                sq = [t.double() ** 2 for t in dz]
+                mus.append(torch.cat([m.double().abs().reshape(-1) for m in mu]))
+            else:
+                for a, t in zip(sq, dz):
+                    a += t.double() ** 2
+        sds.append(torch.cat([(a / directions).sqrt().reshape(-1) for a in sq]))
+    sd = torch.cat(sds)
+    mu = torch.cat(mus)
     ratio = torch.where(sd > 0, mu / torch.where(sd > 0, sd, torch.ones_like(sd)), torch.full_like(sd, math.inf))
     return ratio.cpu().numpy(), f"first order, {directions} forward-mode directions on {xs.shape[0]} inputs"
 
@@ -356,7 +360,7 @@ def _base(model, x, y, noise, targets, chunk_size, accuracy_draws, loss_probes, 
         op = HessianOperator(lin, x, y, batch_size=batch_size)
         vals = _trace_probes(op, unit, loss_probes, seed)
         tr, se = float(vals.mean()), float(vals.std(ddof=1) / math.sqrt(loss_probes))
-    ratio, note = _preact_ratios(lin, x, unit, directions=16, seed=seed)
+    ratio, note = _preact_ratios(lin, x, unit, directions=8, seed=seed)
     return _Base(lin, x, y, jp, tr, se, loss_probes, ratio, note), noise
 
 

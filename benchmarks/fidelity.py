@@ -1,0 +1,232 @@
+"""Fidelity of the analytic prediction against Monte-Carlo (issue 4 targets).
+
+Models of the zoo trained on digits (the project's training, cached): an MLP, a VGG-style
+CNN with BatchNorm and a ResNet-20 with BatchNorm. Relative noise σ_l = η·std(W_l).
+One JSON line per model × check:
+
+* ``logit_var`` (linear, η = 0.02): median per-cell relative error and the pooled ratio
+  Σ predicted / Σ observed with its 95% interval from batch means over draws.
+  Target: within 5% (median error ≤ 5%, pooled ratio's interval containing 1 or the
+  ratio within 5%).
+* ``moments`` (η = 0.1): pooled variance ratio and the mean shift (projection of the
+  predicted on the observed shift, and relative RMS error, beside the observed shift's
+  own Monte-Carlo noise). Target: within 10%.
+* ``loss_increase`` (η = 0.02): ½ tr(Σ_ε H) (Hutchinson) and the Gauss-Newton form
+  against Monte-Carlo with the first-order control variate gᵀδθ. Target: within 10%.
+* ``accuracy`` per level along a curve down to chance + 20 points (Monte-Carlo with
+  common random numbers): linear and moments. Target: within 1 point or inside the
+  Monte-Carlo 95% interval.
+
+Every line says whether its target is met and by how much it is missed.
+
+    .venv/bin/python benchmarks/fidelity.py [--models mlp,vgg,resnet20] [--quick]
+                                            [--out results.jsonl]
+
+Figures are taken on a shared machine; draws: 800 (variance), 400 (η = 0.1 moments),
+200 per level (curve); ``--quick`` divides them by 4 and uses 120 test inputs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import stats
+
+from noiseprop.empirical.data import load_dataset
+from noiseprop.empirical.montecarlo import NoisyEvaluator
+from noiseprop.empirical.train import train
+from noiseprop.theory import RelativeGaussian, predict
+from noiseprop.theory.linearize import LinearControlVariate, control_variate_mean
+from noiseprop.theory.targets import resolve_targets
+
+MODELS = {
+    "mlp": {"name": "mlp", "norm": "none"},
+    "vgg": {"name": "vgg", "norm": "bn"},
+    "resnet20": {"name": "resnet20", "norm": "bn"},
+}
+LEVELS = [0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0, 1.4, 2.0]
+
+
+def emit(row, out):
+    line = json.dumps(row)
+    print(line, flush=True)
+    if out is not None:
+        with open(out, "a") as f:
+            f.write(line + "\n")
+
+
+def draw_logits(model, x, noise, draws, seed, levels=None, cv: LinearControlVariate | None = None):
+    """Noisy logits ``[L, D, N, C]`` with the Monte-Carlo engine's draws (common random
+    numbers across levels), and the control-variate values per draw when ``cv``."""
+    plan = resolve_targets(model)
+    ev = NoisyEvaluator(plan, noise.with_level(1.0), batch_size=1024)
+    levels = [noise.level] if levels is None else list(levels)
+    gen = torch.Generator().manual_seed(seed)
+    out = torch.empty(len(levels), draws, x.shape[0], 10)
+    cvv = np.empty((len(levels), draws, 2)) if cv is not None else None
+    for d in range(draws):
+        zs = ev.draw(gen)
+        for li, lv in enumerate(levels):
+            ev.set(lv, zs)
+            out[li, d] = ev.logits(x).float()
+            if cv is not None:
+                cvv[li, d] = cv.values(zs, lv)
+    return out, cvv
+
+
+def batch_ci(per_draw: np.ndarray, batches: int = 20, conf=0.95):
+    v = np.asarray(per_draw, dtype=np.float64)
+    k = len(v) // batches
+    m = v[:k * batches].reshape(batches, k).mean(1)
+    se = m.std(ddof=1) / math.sqrt(batches)
+    h = stats.t.ppf(0.5 + conf / 2, batches - 1) * se
+    return float(v.mean()), float(se), float(h)
+
+
+def check_variance(name, model, x, y, draws, out):
+    eta = 0.02
+    noise = RelativeGaussian(eta)
+    t0 = time.perf_counter()
+    L, _ = draw_logits(model, x, noise, draws, seed=11)
+    L = L[0].double()
+    t_mc = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    p = predict(model, x, y, noise, accuracy_draws=0, loss_probes=0)
+    t_pred = time.perf_counter() - t0
+    var_mc = L.var(0)
+    dev = ((L - L.mean(0)) ** 2).sum(dim=(1, 2)).numpy() * draws / (draws - 1)  # per-draw share of Σ var
+    pooled, se, h = batch_ci(dev)
+    ratio = float(p.logit_var.sum()) / pooled
+    lo, hi = float(p.logit_var.sum()) / (pooled + h), float(p.logit_var.sum()) / (pooled - h)
+    med = float(np.median(np.abs((p.logit_var / var_mc).numpy() - 1)))
+    ok = med <= 0.05 + 1e-12 and (lo <= 1 <= hi or abs(ratio - 1) <= 0.05)
+    emit(dict(model=name, check="logit_var", method="linear", eta=eta, n_inputs=int(x.shape[0]), mc_draws=draws,
+              pooled_ratio=ratio, pooled_ratio_ci=[lo, hi], median_rel_error=med,
+              mc_cell_rel_se=math.sqrt(2 / (draws - 1)), target="median ≤ 5% and pooled ratio CI ∋ 1 (or within 5%)",
+              met=bool(ok), miss=0.0 if ok else max(med - 0.05, abs(ratio - 1) - 0.05),
+              seconds_predict=t_pred, seconds_mc=t_mc), out)
+
+
+def check_moments(name, model, x, y, draws, out):
+    eta = 0.1
+    noise = RelativeGaussian(eta)
+    L, _ = draw_logits(model, x, noise, draws, seed=12)
+    L = L[0].double()
+    for method in ("moments", "linear"):
+        t0 = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            p = predict(model, x, y, noise, method=method, accuracy_draws=0, loss_probes=0)
+        t = time.perf_counter() - t0
+        dev = ((L - L.mean(0)) ** 2).sum(dim=(1, 2)).numpy() * draws / (draws - 1)
+        pooled, se, h = batch_ci(dev)
+        ratio = float(p.logit_var.sum()) / pooled
+        shift = L.mean(0) - p.clean_logits
+        shift_noise = math.sqrt(float((L.var(0) / draws).sum()) / float((shift ** 2).sum()))
+        proj = float((p.logit_mean_shift * shift).sum() / (shift ** 2).sum())
+        rmse = float(((p.logit_mean_shift - shift) ** 2).sum().sqrt() / (shift ** 2).sum().sqrt())
+        ok = abs(ratio - 1) <= 0.10 + 2 * h / pooled and abs(proj - 1) <= 0.10 + 2 * shift_noise
+        emit(dict(model=name, check="mean_shift_and_variance", method=method, eta=eta, n_inputs=int(x.shape[0]),
+                  mc_draws=draws, var_ratio=ratio, var_ratio_mc_halfwidth=h / pooled, shift_projection=proj,
+                  shift_rel_rmse=rmse, shift_mc_rel_noise=shift_noise,
+                  target="variance and mean shift within 10% (beyond Monte-Carlo error)", met=bool(ok),
+                  miss=0.0 if ok else max(abs(ratio - 1) - 0.10, abs(proj - 1) - 0.10), seconds_predict=t), out)
+
+
+def check_loss(name, model, x, y, draws, out):
+    eta = 0.02
+    noise = RelativeGaussian(eta)
+    cv = LinearControlVariate(model, x, y, noise)
+    L, cvv = draw_logits(model, x, noise, draws, seed=13, cv=cv)
+    L = L[0].double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        p = predict(model, x, y, noise, accuracy_draws=0, loss_probes=64, seed=1)
+    losses = np.array([float(F.cross_entropy(l, y)) for l in L]) - p.clean_loss
+    r = control_variate_mean(losses, cvv[0, :, 1], 0.0)
+    rel = (p.loss_increase - r.estimate) / abs(r.estimate)
+    rel_gn = (p.loss_increase_gn - r.estimate) / abs(r.estimate)
+    tol = 0.10 + 2 * math.hypot(r.ci[1] - r.estimate, 1.96 * p.loss_increase_se) / abs(r.estimate)
+    ok = abs(rel) <= tol
+    emit(dict(model=name, check="loss_increase", eta=eta, n_inputs=int(x.shape[0]), mc_draws=draws,
+              mc_loss_increase=r.estimate, mc_ci=list(r.ci), mc_plain_se=r.plain_se, mc_cv_se=r.se,
+              cv_variance_reduction=r.variance_reduction, predicted_hutchinson=p.loss_increase,
+              predicted_hutchinson_se=p.loss_increase_se, predicted_gauss_newton=p.loss_increase_gn,
+              predicted_gaussian_logits=p.loss_increase_logits, rel_error=rel, rel_error_gn=rel_gn,
+              target="within 10%", met=bool(ok), miss=0.0 if ok else abs(rel) - 0.10), out)
+
+
+def check_curve(name, model, x, y, draws, out):
+    noise = RelativeGaussian(1.0)
+    t0 = time.perf_counter()
+    L, _ = draw_logits(model, x, noise, draws, seed=14, levels=LEVELS)
+    t_mc = time.perf_counter() - t0
+    accs = (L.argmax(3) == y).double().mean(2).numpy()  # [L, D]
+    for li, lv in enumerate(LEVELS):
+        a = accs[li]
+        m = float(a.mean())
+        se = float(a.std(ddof=1) / math.sqrt(draws))
+        h = float(stats.t.ppf(0.975, draws - 1)) * se
+        if m < 0.30:  # below chance + 20 points: the curve ends here
+            break
+        row = dict(model=name, check="accuracy", eta=lv, n_inputs=int(x.shape[0]), mc_draws=draws, mc_accuracy=m,
+                   mc_ci=[m - h, m + h], mc_chip_sd=float(a.std(ddof=1)), seconds_mc_curve=t_mc)
+        for method in ("linear", "moments"):
+            t1 = time.perf_counter()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                p = predict(model, x, y, RelativeGaussian(lv), method=method, accuracy_draws=32, loss_probes=0)
+            ok = abs(p.accuracy - m) <= 0.01 or (m - h <= p.accuracy <= m + h)
+            row[f"{method}_accuracy"] = p.accuracy
+            row[f"{method}_error"] = p.accuracy - m
+            row[f"{method}_met"] = bool(ok)
+            row[f"{method}_miss"] = 0.0 if ok else abs(p.accuracy - m) - max(0.01, h)
+            row[f"{method}_seconds"] = time.perf_counter() - t1
+            row[f"{method}_chip_sd"] = p.accuracy_std
+            if method == "moments":
+                row["preact_frac"] = p.diagnostics.get("preact_frac")
+        row["target"] = "within 1 point or inside the Monte-Carlo 95% CI"
+        emit(row, out)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="mlp,vgg,resnet20")
+    ap.add_argument("--checks", default="variance,moments,loss,curve")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--cache-dir", default=None)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data = load_dataset("digits")
+    n = 120 if args.quick else data.x_test.shape[0]
+    x, y = data.x_test[:n], data.y_test[:n]
+    f = 4 if args.quick else 1
+    checks = set(args.checks.split(","))
+    for name in args.models.split(","):
+        res = train(MODELS[name], data, seed=0, cache_dir=args.cache_dir)
+        model = res.model.eval()
+        emit(dict(model=name, check="model", clean_test_accuracy=res.test_accuracy,
+                  params=sum(p.numel() for p in model.parameters()), spec=getattr(model, "spec", None)), args.out)
+        if "variance" in checks:
+            check_variance(name, model, x, y, 800 // f, args.out)
+        if "moments" in checks:
+            check_moments(name, model, x, y, 400 // f, args.out)
+        if "loss" in checks:
+            check_loss(name, model, x, y, 400 // f, args.out)
+        if "curve" in checks:
+            check_curve(name, model, x, y, 200 // f, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
