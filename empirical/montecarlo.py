@@ -36,6 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from noiseprop.theory.noise import WeightNoise, parse_noise
+from noiseprop.theory.validation import check_inputs
+from noiseprop.theory.validation import check_labels as _check_labels
 from noiseprop.theory.targets import (TargetPlan, find_fold_pairs, fold_bn, folding_affine, is_norm_layer,
                                       resolve_targets)
 
@@ -45,47 +47,8 @@ __all__ = ["MCResult", "SweepResult", "monte_carlo", "sweep", "check_inputs", "N
 
 
 # ----------------------------------------------------------------------------
-# Input checks shared by the engine (and reused by other public entry points)
+# Input checks (check_inputs and check_labels live in noiseprop.theory.validation)
 # ----------------------------------------------------------------------------
-def check_inputs(model, x, y):
-    """Validate ``model, x, y``; return ``(x, y)`` as tensors (y as int64).
-
-    Errors name the problem and what is accepted.
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module mapping inputs to logits, got {type(model).__name__}")
-    if isinstance(x, np.ndarray):
-        x = torch.from_numpy(x)
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a tensor of inputs, got {type(x).__name__}")
-    if not torch.is_floating_point(x):
-        raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
-    if isinstance(y, np.ndarray):
-        y = torch.from_numpy(y)
-    if not isinstance(y, torch.Tensor):
-        raise TypeError(f"y must be a tensor of integer class labels, got {type(y).__name__}")
-    if torch.is_floating_point(y) or torch.is_complex(y) or y.dtype == torch.bool:
-        raise TypeError(f"y must hold integer class labels (int64 accepted, any integer dtype converted), got dtype {y.dtype}")
-    if y.dim() != 1:
-        raise ValueError(f"y must be 1-D (one label per input), got shape {tuple(y.shape)}")
-    if x.dim() < 1 or x.shape[0] != y.shape[0]:
-        raise ValueError(f"x and y must have the same length: x has {x.shape[0] if x.dim() else 0} inputs, y has {y.shape[0]} labels")
-    if x.shape[0] == 0:
-        raise ValueError("x and y are empty: at least one input is needed")
-    if not torch.isfinite(x).all():
-        raise ValueError("x contains NaN or infinite values")
-    for name, p in list(model.named_parameters()) + list(model.named_buffers()):
-        if torch.is_floating_point(p) and not torch.isfinite(p).all():
-            raise ValueError(f"model parameter {name!r} contains NaN or infinite values")
-    return x, y.to(torch.int64)
-
-
-def _check_labels(y: torch.Tensor, num_classes: int):
-    lo, hi = int(y.min()), int(y.max())
-    if lo < 0 or hi >= num_classes:
-        raise ValueError(f"labels must lie in [0, {num_classes}) for a model with {num_classes} logits; found range [{lo}, {hi}]")
-
-
 def _check_count(name, value, minimum):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")

@@ -54,43 +54,9 @@ METHODS = ("linear", "moments")
 PREACT_WARN_FRACTION = 0.15
 
 
-# ----------------------------------------------------------------------------
-# Input checks (mirrors noiseprop.empirical.montecarlo.check_inputs; theory does
-# not import empirical)
-# ----------------------------------------------------------------------------
-def _check_inputs(model, x, y):
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module mapping inputs to logits, got {type(model).__name__}")
-    if isinstance(x, np.ndarray):
-        x = torch.from_numpy(x)
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a tensor of inputs, got {type(x).__name__}")
-    if not torch.is_floating_point(x):
-        raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
-    if isinstance(y, np.ndarray):
-        y = torch.from_numpy(y)
-    if not isinstance(y, torch.Tensor):
-        raise TypeError(f"y must be a tensor of integer class labels, got {type(y).__name__}")
-    if torch.is_floating_point(y) or torch.is_complex(y) or y.dtype == torch.bool:
-        raise TypeError(f"y must hold integer class labels (int64 accepted, any integer dtype converted), got dtype {y.dtype}")
-    if y.dim() != 1:
-        raise ValueError(f"y must be 1-D (one label per input), got shape {tuple(y.shape)}")
-    if x.dim() < 1 or x.shape[0] != y.shape[0]:
-        raise ValueError(f"x and y must have the same length: x has {x.shape[0] if x.dim() else 0} inputs, y has {y.shape[0]} labels")
-    if x.shape[0] == 0:
-        raise ValueError("x and y are empty: at least one input is needed")
-    if not torch.isfinite(x).all():
-        raise ValueError("x contains NaN or infinite values")
-    for name, p in list(model.named_parameters()) + list(model.named_buffers()):
-        if torch.is_floating_point(p) and not torch.isfinite(p).all():
-            raise ValueError(f"model parameter {name!r} contains NaN or infinite values")
-    return x, y.to(torch.int64)
-
-
-def _check_labels(y: torch.Tensor, num_classes: int):
-    lo, hi = int(y.min()), int(y.max())
-    if lo < 0 or hi >= num_classes:
-        raise ValueError(f"labels must lie in [0, {num_classes}) for a model with {num_classes} logits; found range [{lo}, {hi}]")
+# Input checks: shared with noiseprop.empirical (theory/validation.py)
+from .validation import check_inputs as _check_inputs  # noqa: E402
+from .validation import check_labels as _check_labels  # noqa: E402
 
 
 def _check_int(name, v, minimum, allow_none=False):
