@@ -115,7 +115,7 @@ def test_loss_increase_matches_monte_carlo(kind):
     model = trained(kind)
     x, y = held_out(150)
     noise = RelativeGaussian(0.02)
-    draws = 300
+    draws = 200
     L, Llin = mc_logits(model, x, noise, draws, seed=4, linearised=True)
     p = predict(model, x, y, noise, accuracy_draws=0, loss_probes=24, seed=3)
     losses = np.array([float(F.cross_entropy(l, y)) for l in L]) - p.clean_loss

@@ -96,13 +96,14 @@ def test_exact_max_of_two_correlated_units():
     _check_mean_var(p, L)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["mlp", "cnn", "resnet"])
-def test_accuracy_curve_matches_monte_carlo(kind):
+def test_accuracy_curve_matches_monte_carlo(kind, full_size):
     """Along the curve, the moment prediction is within 1 point of Monte-Carlo accuracy
     (the target) plus 3 Monte-Carlo standard errors; the first order is not."""
     model = trained(kind)
-    x, y = held_out(150)
-    draws = 150
+    x, y = held_out(300 if full_size else 120)
+    draws = 300 if full_size else 120
     worst_lin = 0.0
     for eta in {"mlp": (0.3, 0.8), "cnn": (0.3, 0.6), "resnet": (0.15, 0.3)}[kind]:
         noise = RelativeGaussian(eta)
