@@ -199,6 +199,12 @@ class JacobianPass:
     cov_unit: torch.Tensor
     draws_unit: torch.Tensor | None
     chunk_size: int
+    #: ``per_layer=True``: noisy module name -> its share ``J_l diag(u_l²) J_lᵀ`` ``[N, C, C]``
+    #: (the shares add up to ``cov_unit`` exactly: independent noise splits over layers).
+    layer_cov_unit: Mapping[str, torch.Tensor] | None = None
+    #: ``extra_units=(u_1, ...)``: ``J diag(u_k²) Jᵀ`` ``[N, C, C]`` for each further scale map,
+    #: from the same derivatives (noise models whose variance is not one level times ``u²``).
+    extra_cov: tuple = ()
 
 
 def _directions(lin: LinearizedNetwork, k: int, seed: int) -> dict[str, torch.Tensor]:
@@ -329,47 +335,74 @@ def _scale_delta(dl: torch.Tensor, module: nn.Module, uvec: torch.Tensor) -> tor
     return dl * uvec.reshape((1, 1, -1) + (1,) * (dl.dim() - 3)).to(dl.dtype)
 
 
+def _layer_of(name: str) -> str:
+    return name.rpartition(".")[0]
+
+
 def weight_terms(by_module: Mapping[str, list], params: Mapping[str, list], scale: Mapping[str, torch.Tensor],
-                 cov: torch.Tensor, z: torch.Tensor | None = None, dirs: Mapping[str, torch.Tensor] | None = None) -> None:
+                 cov: torch.Tensor, z: torch.Tensor | None = None, dirs: Mapping[str, torch.Tensor] | None = None,
+                 layer_cov: dict | None = None, extra: Sequence[tuple[Mapping[str, torch.Tensor], torch.Tensor]] = ()
+                 ) -> None:
     """Add ``Σ_θ σ_θ² J_a J_b`` (and ``J (σ ⊙ ξ_k)`` to ``z``) for the parameters
     ``params[module] = ["weight", "bias"]`` of tapped Linear/Conv2d layers, in place.
 
     ``by_module[module]`` lists ``(tap, δ [C, B, *out])`` for every call of the layer (a
     layer called several times has the sum of the calls' Jacobians). A scale constant
     within each output channel is folded into ``δ``; then, when cheaper and no draws are
-    asked for, the Gram-matrix trick (:func:`tap_covariance`) avoids forming ``J``."""
+    asked for, the Gram-matrix trick (:func:`tap_covariance`) avoids forming ``J``.
+    ``layer_cov`` (a dict) also receives each module's own term under its name;
+    ``extra`` is a sequence of ``(scale map, cov)`` pairs, each cov receiving the same
+    sum for that scale map from the same Jacobians."""
     for mname, pnames in params.items():
         calls = by_module.get(mname, [])
         if not calls:  # a layer that is not used: zero Jacobian
             continue
+        if layer_cov is not None:
+            target = torch.zeros_like(cov)
+        else:
+            target = cov
         for pname in pnames:
             full = mname + "." + pname
             u = scale[full]
             uc = u.reshape(u.shape[0], -1)
             per_channel = bool((uc == uc[:, :1]).all())
-            if per_channel and z is None and pname == "weight" and len(calls) == 1:
+            if per_channel and z is None and not extra and pname == "weight" and len(calls) == 1:
                 t, dl = calls[0]
                 cg = tap_covariance(t, _scale_delta(dl, t.module, uc[:, 0]))
                 if cg is not None:
-                    cov += cg.to(cov.device)
+                    target += cg.to(cov.device)
                     continue
-            J = None
-            for t, dl in calls:
-                if per_channel:
-                    dl = _scale_delta(dl, t.module, uc[:, 0])
-                Jt = tap_jacobian(t, dl, pname)
-                J = Jt if J is None else J + Jt
-            if not per_channel:
+            if extra:  # one unscaled Jacobian serves every scale map
+                J = None
+                for t, dl in calls:
+                    Jt = tap_jacobian(t, dl, pname)
+                    J = Jt if J is None else J + Jt
+                for smap, ecov in extra:
+                    Js = J * smap[full].reshape(1, 1, -1).to(J.dtype)
+                    ecov += torch.bmm(Js, Js.mT).double()
                 J = J * u.reshape(1, 1, -1).to(J.dtype)
-            cov += torch.bmm(J, J.mT).double()
+            else:
+                J = None
+                for t, dl in calls:
+                    if per_channel:
+                        dl = _scale_delta(dl, t.module, uc[:, 0])
+                    Jt = tap_jacobian(t, dl, pname)
+                    J = Jt if J is None else J + Jt
+                if not per_channel:
+                    J = J * u.reshape(1, 1, -1).to(J.dtype)
+            target += torch.bmm(J, J.mT).double()
             if z is not None:
                 z += J @ dirs[full]
             del J
+        if layer_cov is not None:
+            cov += target
+            layer_cov[mname] = layer_cov[mname] + target if mname in layer_cov else target
 
 
 def jacobian_pass(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, torch.Tensor],
                   chunk_size: int | None = None, draws: int = 0, seed: int = 0,
-                  progress=None) -> JacobianPass:
+                  progress=None, per_layer: bool = False,
+                  extra_units: Sequence[Mapping[str, torch.Tensor]] = ()) -> JacobianPass:
     """Per-input Jacobians over ``x`` in chunks, contracted to the level-1 logit
     covariance ``J diag(u²) Jᵀ`` and (``draws > 0``) to ``draws`` shared draws of the
     linearised network ``J (u ⊙ ξ_k)``.
@@ -377,8 +410,13 @@ def jacobian_pass(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, to
     Weights and biases of Linear/Conv2d layers: one batched forward pass recording every
     noisy layer's input, one batched backward pass per class for the signals at their
     outputs, and per-sample Jacobians from batched matrix products (:func:`tap_jacobian`);
-    any other target parameter: ``vmap(jacrev(f))`` over the inputs of the chunk."""
+    any other target parameter: ``vmap(jacrev(f))`` over the inputs of the chunk.
+
+    ``per_layer=True`` also returns each noisy module's share of the covariance
+    (``layer_cov_unit``); ``extra_units`` are further scale maps whose covariances
+    ``J diag(u_k²) Jᵀ`` come from the same derivatives (``extra_cov``)."""
     n = x.shape[0]
+    extra_units = tuple(extra_units)
     with torch.no_grad():
         c0 = lin.forward(x[:1].to(lin.device)).shape[-1]
     if chunk_size is None:
@@ -404,16 +442,27 @@ def jacobian_pass(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, to
 
         slow_fn = lambda xb: vmap(jacrev(single), in_dims=(None, 0))(sub, xb)  # noqa: E731
     covs, f0s, zs = [], [], []
+    layer_covs: dict[str, list] = {}
+    extra_covs: list[list] = [[] for _ in extra_units]
     for i in range(0, n, chunk_size):
         xb = x[i:i + chunk_size].to(lin.device)
         b = xb.shape[0]
         cov = torch.zeros(b, c0, c0, dtype=torch.float64, device=lin.device)
         z = torch.zeros(b, c0, draws, dtype=lin.dtype, device=lin.device) if dirs is not None else None
+        lcov: dict | None = {} if per_layer else None
+        extra = [(eu, torch.zeros_like(cov)) for eu in extra_units]
 
         def add(name, J):
             nonlocal cov, z
             js = J * unit[name].reshape(1, 1, -1).to(J.dtype)
-            cov += torch.bmm(js, js.mT).double()
+            term = torch.bmm(js, js.mT).double()
+            cov += term
+            if lcov is not None:
+                m = _layer_of(name)
+                lcov[m] = lcov[m] + term if m in lcov else term
+            for smap, ecov in extra:
+                je = J * smap[name].reshape(1, 1, -1).to(J.dtype)
+                ecov += torch.bmm(je, je.mT).double()
             if z is not None:
                 z += js @ dirs[name]
 
@@ -427,7 +476,7 @@ def jacobian_pass(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, to
             by_module: dict[str, list] = {}
             for t, dl in zip(taps, deltas):
                 by_module.setdefault(t.name, []).append((t, dl.detach()))
-            weight_terms(by_module, fast, unit, cov, z, dirs)
+            weight_terms(by_module, fast, unit, cov, z, dirs, layer_cov=lcov, extra=extra)
             del deltas, taps, out, by_module
         else:
             with torch.no_grad():
@@ -440,6 +489,11 @@ def jacobian_pass(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, to
         f0s.append(f0.detach())
         if z is not None:
             zs.append(z)
+        if lcov is not None:
+            for m in {_layer_of(nm) for nm in lin.names}:
+                layer_covs.setdefault(m, []).append(lcov.get(m, torch.zeros_like(cov)))
+        for lst, (_, ecov) in zip(extra_covs, extra):
+            lst.append(ecov)
         if progress is not None:
             progress(min(i + chunk_size, n), n)
     return JacobianPass(
@@ -447,6 +501,8 @@ def jacobian_pass(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, to
         cov_unit=torch.cat(covs),
         draws_unit=torch.cat(zs) if zs else None,
         chunk_size=int(chunk_size),
+        layer_cov_unit={m: torch.cat(v) for m, v in layer_covs.items()} if per_layer else None,
+        extra_cov=tuple(torch.cat(v) for v in extra_covs),
     )
 
 

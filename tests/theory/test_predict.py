@@ -218,3 +218,25 @@ def test_warns_outside_first_order_range():
         warnings.simplefilter("error")
         q = predict(model, x, y, "relative:0.02", accuracy_draws=0, loss_probes=0)
     assert q.diagnostics["preact_frac"] < 0.15 and not q.warnings
+
+
+@pytest.mark.parametrize("kind", ["mlp", "resnet"])
+def test_jacobian_pass_per_layer_and_extra_scales(kind):
+    """Per-layer shares add up to the total and each equals the exact reference with noise
+    on that layer alone; an extra scale map gives the same covariance as its own pass."""
+    model = trained(kind)
+    x, _ = held_out(12)
+    lin = LinearizedNetwork(model)
+    unit = lin.unit_scales(RelativeGaussian(1.0))
+    other = lin.unit_scales(Multiplicative(1.0))
+    jp = jacobian_pass(lin, x, unit, per_layer=True, extra_units=[other, unit], chunk_size=5)
+    total = sum(jp.layer_cov_unit.values())
+    assert torch.allclose(total, jp.cov_unit, rtol=1e-9, atol=1e-12)
+    layers = sorted({n.rpartition(".")[0] for n in lin.names})
+    assert sorted(jp.layer_cov_unit) == layers
+    for layer in layers[:2] + layers[-1:]:
+        ref = _reference_cov(model, x, RelativeGaussian(1.0), targets={"layers": [layer]})
+        assert torch.allclose(jp.layer_cov_unit[layer], ref, rtol=1e-3, atol=1e-6)
+    ref_other = jacobian_pass(lin, x, other).cov_unit
+    assert torch.allclose(jp.extra_cov[0], ref_other, rtol=1e-4, atol=1e-8)
+    assert torch.allclose(jp.extra_cov[1], jp.cov_unit, rtol=1e-4, atol=1e-8)
