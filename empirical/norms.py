@@ -48,7 +48,9 @@ DEFAULT_TOPK = 10
 
 
 def topk_constant(n: int) -> float:
-    """C(n) = ½(1 + √(π ln 4)) / √(2 ln n) (Hoffer et al. 2018; THEORY.md §4), n ≥ 2."""
+    """C(n) = ½(1 + √(π ln 4)) / √(2 ln n) (Hoffer et al. 2018; THEORY.md §4), n ≥ 2.
+
+    Derivation ``batchnorm.scale_estimators``; tested in ``tests/empirical/test_norms.py``."""
     if n < 2:
         raise ValueError(f"TopK BatchNorm needs at least 2 elements per channel in a batch, got n={n}")
     return 0.5 * (1.0 + math.sqrt(math.pi * math.log(4.0))) / math.sqrt(2.0 * math.log(n))

@@ -27,6 +27,7 @@ __all__ = [
     "fold_bn",
     "find_fold_pairs",
     "folding_affine",
+    "fuse_weights",
     "is_norm_layer",
     "WEIGHT_LAYERS",
 ]
@@ -51,7 +52,9 @@ def folding_affine(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel ``(a, c)`` with ``module(y) == a ⊙ y + c`` in eval mode.
 
     L2 BatchNorm: ``a = γ/√(running_var + eps)``, ``c = β − running_mean · a``.
-    Other layers provide ``folding_affine()`` themselves.
+    Other layers provide ``folding_affine()`` themselves. Derivation
+    ``batchnorm.folding`` (docs/THEORY.md §4); with :func:`fuse_weights`, tested against
+    ``torch.nn.utils.fusion`` in ``tests/theory/test_targets.py``.
     """
     if callable(getattr(module, "folding_affine", None)):
         return module.folding_affine()
@@ -258,14 +261,33 @@ def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def fuse_weights(weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, c: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold a per-output-channel affine map ``y ↦ a ⊙ y + c`` into the layer before it:
+    ``W' = diag(a) W`` (``a`` broadcast over every weight dimension but the first) and
+    ``b' = a ⊙ b + c`` (``b = 0`` when ``bias`` is ``None``). A pure function on tensors,
+    the one place this arithmetic lives (derivation ``batchnorm.folding``, docs/THEORY.md
+    §4); equal to ``torch.nn.utils.fusion.fuse_conv_bn_weights`` for L2 BatchNorm.
+    """
+    if a.dim() != 1 or a.shape != c.shape or a.shape[0] != weight.shape[0]:
+        raise ValueError(f"fuse_weights: a and c must be vectors with one entry per output channel "
+                         f"({weight.shape[0]}), got shapes {tuple(a.shape)} and {tuple(c.shape)}")
+    a = a.to(weight.dtype)
+    c = c.to(weight.dtype)
+    w = weight.detach() * a.reshape((-1,) + (1,) * (weight.dim() - 1))
+    b = c.clone() if bias is None else a * bias.detach() + c
+    return w, b
+
+
 @torch.no_grad()
 def fold_bn(model: nn.Module, pairs: Iterable[tuple[str, str]] | None = None) -> nn.Module:
     """A deep copy of ``model`` with every BatchNorm-like layer folded into the
     Conv/Linear that feeds it and replaced by ``nn.Identity`` (eval mode).
 
-    ``W' = diag(a) W``, ``b' = a ⊙ b + c`` with ``(a, c)`` from :func:`folding_affine`.
-    The folded network's clean outputs equal the original's (eval mode) up to float
-    rounding. The user's model is not modified.
+    ``W' = diag(a) W``, ``b' = a ⊙ b + c`` (:func:`fuse_weights`) with ``(a, c)`` from
+    :func:`folding_affine` (derivation ``batchnorm.folding``). The folded network's clean
+    outputs equal the original's (eval mode) up to float rounding. The user's model is
+    not modified.
     """
     if pairs is None:
         pairs = find_fold_pairs(model)
@@ -281,11 +303,11 @@ def fold_bn(model: nn.Module, pairs: Iterable[tuple[str, str]] | None = None) ->
             raise ValueError(
                 f"fold_bn: {norm_name!r} has {a.shape[0]} channels but {conv_name!r} has {conv.weight.shape[0]} outputs"
             )
-        shape = (-1,) + (1,) * (conv.weight.dim() - 1)
-        conv.weight.copy_(conv.weight * a.reshape(shape))
+        w, b = fuse_weights(conv.weight, conv.bias, a, c)
+        conv.weight.copy_(w)
         if conv.bias is None:
-            conv.bias = nn.Parameter(c.clone(), requires_grad=conv.weight.requires_grad)
+            conv.bias = nn.Parameter(b, requires_grad=conv.weight.requires_grad)
         else:
-            conv.bias.copy_(a * conv.bias + c)
+            conv.bias.copy_(b)
         _set_submodule(net, norm_name, nn.Identity())
     return net

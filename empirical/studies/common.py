@@ -215,7 +215,8 @@ def _norm_pairs(model):
 
 
 def folding_factors(model) -> dict:
-    """Per folded layer, the measured folding amplification and the theory's value.
+    """Per folded layer, the measured folding amplification and the theory's value
+    (derivation ``batchnorm.folded_noise``).
 
     ``inflation``: the mean over output channels of the relative-noise variance
     inflation when noise hits the folded weights ``W' = diag(a) W`` instead of ``W``

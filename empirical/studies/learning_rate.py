@@ -5,7 +5,8 @@ Source claim (abstract): "there exists a sweet spot of learning rate values that
 achieves a good balance between model prediction performance and model noise-resistant
 property". Theory (THEORY.md §5, §6): SGD settles where the sharpness is near the
 linear-stability bound ``2/lr`` (``2(1+β)/lr`` with heavy-ball momentum β; Cohen et al.
-2021), so larger learning rates select flatter minima; the first-order loss increase
+2021), so larger learning rates select flatter minima (derivations ``learning_rate.stability``
+and ``learning_rate.sweet_spot``); the first-order loss increase
 under noise is ``½ tr(Σ_ε H)``; clean accuracy degrades near the largest stable lr.
 
 Protocol: one architecture (default: the MLP without normalisation, whose sharpness is

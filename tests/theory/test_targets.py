@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from noiseprop.theory.targets import Targets, find_fold_pairs, fold_bn, folding_affine, resolve_targets
+from noiseprop.theory.targets import Targets, find_fold_pairs, fold_bn, folding_affine, fuse_weights, resolve_targets
 
 
 def _randomise_bn(model, seed=0):
@@ -73,6 +73,24 @@ def test_folding_affine_matches_batchnorm():
     a, c = folding_affine(bn)
     x = torch.randn(3, 4, 5, 5)
     assert torch.allclose(bn(x), a[None, :, None, None] * x + c[None, :, None, None], atol=1e-6)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_fuse_weights_equals_torch_fusion(bias):
+    """The one folding function equals torch.nn.utils.fusion for Conv2d and Linear."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
+
+    torch.manual_seed(1)
+    for layer, bn, fuse in [(nn.Conv2d(3, 5, 3, bias=bias), nn.BatchNorm2d(5), fuse_conv_bn_eval),
+                            (nn.Linear(7, 4, bias=bias), nn.BatchNorm1d(4), fuse_linear_bn_eval)]:
+        layer.eval()
+        bn = _randomise_bn(bn, seed=3)
+        ref = fuse(layer, bn)
+        w, b = fuse_weights(layer.weight, layer.bias, *folding_affine(bn))
+        assert torch.allclose(w, ref.weight, rtol=1e-6, atol=1e-7)
+        assert torch.allclose(b, ref.bias, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="one entry per output channel"):
+        fuse_weights(torch.ones(3, 2), None, torch.ones(2), torch.ones(2))
 
 
 def test_fold_errors_name_the_layer():

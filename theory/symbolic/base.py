@@ -55,6 +55,11 @@ class Derivation:
     notes: remarks (LaTeX text): limits, caveats, what a measurement should show.
     latex_names: ``symbol name -> LaTeX`` for symbols whose default rendering is poor
         (e.g. ``lr`` as ``\\mathrm{lr}``).
+    implemented_by: dotted names of the library code that computes this result on real
+        models (``"noiseprop.theory.linearize.tap_covariance"``); a derivation whose
+        numbers are used only through :meth:`numeric` names its own function.
+    tested_by: ``"tests/<path>.py::<test>"`` of the tests that check it against
+        Monte-Carlo or an exact reference. Both are resolved by ``tests/test_doc_links.py``.
     """
 
     name: str
@@ -71,13 +76,15 @@ class Derivation:
     checks: tuple = ()
     notes: tuple = ()
     latex_names: Mapping[str, str] = field(default_factory=dict)
+    implemented_by: tuple = ()
+    tested_by: tuple = ()
 
     def __post_init__(self):
         if not re.fullmatch(r"[a-z_]+\.[a-z0-9_]+", self.name or ""):
             raise ValueError(f"derivation name must look like 'topic.short_name', got {self.name!r}")
         if not self.name.startswith(self.topic + "."):
             raise ValueError(f"derivation {self.name!r} does not belong to topic {self.topic!r}")
-        for f in ("assumptions", "checks", "notes"):
+        for f in ("assumptions", "checks", "notes", "implemented_by", "tested_by"):
             v = getattr(self, f)
             if isinstance(v, str):
                 v = (v,)
@@ -192,6 +199,10 @@ class Derivation:
             out.append("  Note: " + plain_text(n))
         if self.source:
             out.append("  Source: " + plain_text(self.source))
+        if self.implemented_by:
+            out.append("  Implemented by: " + ", ".join(self.implemented_by))
+        if self.tested_by:
+            out.append("  Tested by: " + ", ".join(self.tested_by))
         return "\n".join(out)
 
     def to_frame(self):

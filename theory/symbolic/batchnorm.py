@@ -120,6 +120,8 @@ def batchnorm_folding() -> Derivation:
         },
         checks=tuple(checks),
         source=_SOURCE,
+        implemented_by=("noiseprop.theory.targets.folding_affine", "noiseprop.theory.targets.fold_bn"),
+        tested_by=("tests/theory/test_symbolic_batchnorm.py::test_folding_is_exact_against_torch_eval", "tests/theory/test_targets.py::test_fold_bn_exact_and_user_model_untouched"),
     )
 
 
@@ -229,6 +231,8 @@ def batchnorm_folded_noise() -> Derivation:
             r"energy-weighted value (no inflation). Which holds for trained networks is to be measured.",
         ),
         source=_SOURCE,
+        implemented_by=("noiseprop.empirical.studies.common.folding_factors",),
+        tested_by=("tests/theory/test_symbolic_batchnorm.py::test_folded_versus_unfolded_noise_per_channel",),
     )
 
 
@@ -307,6 +311,8 @@ def batchnorm_lognormal_scales() -> Derivation:
             r"multiple of the std (L1, TopK for Gaussian activations) predicts the same folding inflation as L2.",
         ),
         source=_SOURCE,
+        implemented_by=("noiseprop.theory.symbolic.batchnorm.batchnorm_lognormal_scales",),
+        tested_by=("tests/theory/test_symbolic_batchnorm.py::test_lognormal_inflation_finite_channels", "tests/theory/test_symbolic_batchnorm.py::test_lognormal_inflation_many_channels"),
     )
 
 
@@ -399,6 +405,8 @@ def batchnorm_scale_estimators() -> Derivation:
         where={"n": "is the number of elements per channel in a batch", "k": "is the number of largest deviations averaged"},
         checks=tuple(checks),
         source=r"THEORY.md \S 4; Wu et al. 2018; Hoffer et al. 2018 (``Norm matters'')",
+        implemented_by=("noiseprop.empirical.norms.topk_constant", "noiseprop.empirical.norms.L1BatchNorm2d", "noiseprop.empirical.norms.TopKBatchNorm2d"),
+        tested_by=("tests/theory/test_symbolic_batchnorm.py::test_scale_estimators_for_gaussian_activations", "tests/empirical/test_norms.py::test_topk_constant_formula"),
     )
 
 
@@ -507,6 +515,8 @@ def batchnorm_statistics_noise() -> Derivation:
         where={"tau": r"is the std of $\log\sigma_c$ over channels", "nu": "sets the channel weights $a^{2\\nu}$"},
         checks=tuple(checks),
         source=r"THEORY.md \S 4; seed result arXiv 2205.04886 (L1/TopK BatchNorm more noise resistant)",
+        implemented_by=("noiseprop.theory.symbolic.batchnorm.batchnorm_statistics_noise",),
+        tested_by=("tests/theory/test_symbolic_batchnorm.py::test_statistics_noise_per_channel", "tests/theory/test_symbolic_batchnorm.py::test_statistics_noise_lognormal_average"),
     )
 
 
@@ -589,4 +599,6 @@ def batchnorm_layer_count() -> Derivation:
             r"measuring the slope for digital, folded and statistics-noise targets separates the mechanisms.",
         ),
         source=r"THEORY.md \S 4; seed results arXiv 2205.07372, 2205.04886",
+        implemented_by=("noiseprop.theory.symbolic.batchnorm.batchnorm_layer_count",),
+        tested_by=("tests/theory/test_symbolic_batchnorm.py::test_layer_count_folded_random_network",),
     )

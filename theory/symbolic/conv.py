@@ -97,6 +97,8 @@ def conv_spatial_covariance() -> Derivation:
         },
         checks=tuple(checks),
         source=_SOURCE,
+        implemented_by=("noiseprop.theory.linearize.tap_covariance",),
+        tested_by=("tests/theory/test_symbolic_conv.py::test_spatial_covariance_within_and_between_channels",),
     )
 
 
@@ -188,4 +190,6 @@ def conv_pooling() -> Derivation:
         },
         checks=tuple(checks),
         source=_SOURCE,
+        implemented_by=("noiseprop.theory.moments",),
+        tested_by=("tests/theory/test_symbolic_conv.py::test_pooled_variance_and_the_independent_answer_it_replaces",),
     )

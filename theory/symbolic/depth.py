@@ -113,6 +113,8 @@ def depth_recursion() -> Derivation:
         },
         checks=tuple(checks),
         source=_SOURCE,
+        implemented_by=("noiseprop.theory.symbolic.depth.depth_recursion",),
+        tested_by=("tests/theory/test_symbolic_depth.py::test_recursion_closed_form_in_all_three_regimes", "tests/theory/test_symbolic_depth.py::test_recursion_general_layer_dependent_gains"),
     )
 
 
@@ -199,6 +201,8 @@ def depth_relu_critical() -> Derivation:
             r"here (at $\eta=0.002$ it is below the Monte-Carlo resolution for $L\le32$).",
         ),
         source=_SOURCE,
+        implemented_by=("noiseprop.theory.symbolic.depth.depth_relu_critical",),
+        tested_by=("tests/theory/test_symbolic_depth.py::test_critical_law_on_he_relu_networks", "tests/theory/test_symbolic_depth.py::test_critical_law_holds_for_any_weight_scale"),
     )
 
 
@@ -269,4 +273,6 @@ def depth_residual() -> Derivation:
         where={"beta2": r"($\beta^2$) is the squared branch scale", "m": "is the number of noisy layers per branch", "c": r"sets $\beta^2=c/L$"},
         checks=tuple(checks),
         source=r"THEORY.md \S 3 (residual nets); De \& Smith 2020",
+        implemented_by=("noiseprop.theory.symbolic.depth.depth_residual",),
+        tested_by=("tests/theory/test_symbolic_depth.py::test_residual_variant",),
     )

@@ -118,6 +118,8 @@ def flatness_quadratic() -> Derivation:
         where={"H": "is the Hessian of the loss", "Sigma": "is the noise covariance", "g": "is the gradient", "w": "holds the weights"},
         checks=tuple(checks),
         source=_SOURCE,
+        implemented_by=("noiseprop.theory.flatness.hessian_trace", "noiseprop.theory.flatness.loss_increase_gauss_newton"),
+        tested_by=("tests/theory/test_symbolic_flatness.py::test_quadratic_mean_and_variance_general_covariance", "tests/theory/test_flatness.py::test_loss_increase_matches_monte_carlo"),
     )
 
 
@@ -184,6 +186,8 @@ def flatness_second_order() -> Derivation:
         where={"f_2": r"$=f''(\theta)$", "f_4": r"$=f''''(\theta)$", "trH": r"$=\Delta L=\operatorname{tr}H$", "bilap": r"$=\Delta^2L$"},
         checks=tuple(checks),
         source=_SOURCE,
+        implemented_by=("noiseprop.theory.symbolic.flatness.flatness_second_order",),
+        tested_by=("tests/theory/test_symbolic_flatness.py::test_second_order_for_a_smooth_loss_and_the_fourth_order_term", "tests/theory/test_symbolic_flatness.py::test_second_order_coefficients"),
     )
 
 
@@ -251,4 +255,6 @@ def flatness_hutchinson() -> Derivation:
         where={"s": "holds the per-parameter noise stds", "r": "is the target relative standard error"},
         checks=tuple(checks),
         source=r"THEORY.md \S 5; Hutchinson 1990; Avron \& Toledo 2011",
+        implemented_by=("noiseprop.theory.flatness.hessian_trace",),
+        tested_by=("tests/theory/test_symbolic_flatness.py::test_hutchinson_variance_rademacher_gaussian_and_noise_scaled", "tests/theory/test_flatness.py::test_hutchinson_trace_against_exact_hessian"),
     )

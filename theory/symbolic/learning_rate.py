@@ -93,6 +93,8 @@ def lr_stability() -> Derivation:
         where={"lr": "is the learning rate", "lam": "is a Hessian eigenvalue"},
         checks=tuple(checks),
         source=_SOURCE,
+        implemented_by=("noiseprop.theory.symbolic.learning_rate.lr_stability", "noiseprop.empirical.studies.learning_rate"),
+        tested_by=("tests/theory/test_symbolic_learning_rate.py::test_gd_stability_threshold_and_trajectory", "tests/theory/test_symbolic_learning_rate.py::test_heavy_ball_momentum_threshold"),
     )
 
 
@@ -188,6 +190,8 @@ def lr_sgd_stationary() -> Derivation:
             r"rate in the sweet-spot model has to come from elsewhere (catapult dynamics, underfitting).",
         ),
         source=_SOURCE,
+        implemented_by=("noiseprop.theory.symbolic.learning_rate.lr_sgd_stationary",),
+        tested_by=("tests/theory/test_symbolic_learning_rate.py::test_sgd_stationary_loss_with_gradient_noise_h_over_b", "tests/theory/test_symbolic_learning_rate.py::test_sgd_stationary_general_noise_covariance_and_small_lr_limit"),
     )
 
 
@@ -297,4 +301,6 @@ def lr_sweet_spot() -> Derivation:
             r"measure $\lambda_{\max}\cdot\mathrm{lr}$, $\rho$ and the clean loss over the learning-rate sweep.",
         ),
         source=_SOURCE + r"; seed result arXiv 2205.07856",
+        implemented_by=("noiseprop.theory.symbolic.learning_rate.lr_sweet_spot", "noiseprop.empirical.studies.learning_rate"),
+        tested_by=("tests/theory/test_symbolic_learning_rate.py::test_sweet_spot_model_against_simulation", "tests/theory/test_symbolic_learning_rate.py::test_tolerable_noise_grows_like_sqrt_lr"),
     )

@@ -131,6 +131,8 @@ def linear_fixed_input() -> Derivation:
         },
         checks=tuple(checks),
         source=_SOURCE,
+        implemented_by=("noiseprop.theory.linearize.tap_covariance", "noiseprop.theory.linearize.jacobian_pass"),
+        tested_by=("tests/theory/test_symbolic_linear.py::test_fixed_input_mean_and_covariance", "tests/empirical/test_montecarlo.py::test_linear_layer_logit_moments_exact"),
     )
 
 
@@ -222,6 +224,8 @@ def linear_random_input() -> Derivation:
             r"underestimates the noise when upstream noise has already perturbed the input (THEORY.md \S 9).",
         ),
         source=_SOURCE,
+        implemented_by=("noiseprop.theory.moments",),
+        tested_by=("tests/theory/test_symbolic_linear.py::test_random_input_covariance", "tests/theory/test_symbolic_linear.py::test_random_input_noise_part_is_the_trace_term"),
     )
 
 
@@ -302,4 +306,6 @@ def linear_width() -> Derivation:
         },
         checks=tuple(checks),
         source=_SOURCE,
+        implemented_by=("noiseprop.theory.noise.RelativeGaussian",),
+        tested_by=("tests/theory/test_symbolic_linear.py::test_width_dependence_of_relative_error", "tests/theory/test_symbolic_linear.py::test_width_limits"),
     )
