@@ -51,6 +51,8 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from noiseprop.theory.noise import parse_noise
+
 from .stats import (
     Calibration,
     bootstrap_ci,
@@ -206,6 +208,67 @@ def _check_margin(name, v):
     return float(v)
 
 
+def _noise_of(result):
+    """The result's noise model: the object it carries (``noise_model``), else its
+    string form parsed (``relative:0.1``; a sweep's ``relative@0.1`` too)."""
+    model = getattr(result, "noise_model", None)
+    if model is not None:
+        return model
+    text = getattr(result, "noise", None)
+    if not isinstance(text, str):
+        return None
+    try:
+        return parse_noise(text.replace("@", ":"))
+    except ValueError:
+        return None
+
+
+def _same_noise(a, b) -> bool:
+    if a == b:
+        return True
+    if type(a) is not type(b):
+        return False
+    # string forms print levels with 6 significant digits: equal up to that rounding
+    la, lb = getattr(a, "level", None), getattr(b, "level", None)
+    if la is None or lb is None or not math.isclose(la, lb, rel_tol=1e-5, abs_tol=1e-12):
+        return False
+    try:
+        return a.with_level(1.0) == b.with_level(1.0)
+    except (AttributeError, NotImplementedError, ValueError):
+        return False
+
+
+def _check_same_setting(prediction, mc) -> None:
+    """Refuse a prediction and a simulation whose noise, targets, inputs or clean model
+    differ, naming the difference (a prediction at η = 0.1 must not be compared with a
+    simulation at η = 0.3)."""
+    pn, mn = _noise_of(prediction), _noise_of(mc)
+    if pn is not None and mn is not None and not _same_noise(pn, mn):
+        raise ValueError(f"prediction and Monte-Carlo used different noise: prediction {pn}, Monte-Carlo {mn}; "
+                         "compare results of the same noise model and level")
+    pt = getattr(prediction, "targets_spec", None)
+    mt = getattr(mc, "targets_spec", None)
+    if pt is None or mt is None:
+        pt, mt = getattr(prediction, "targets", None), getattr(mc, "targets", None)
+    if pt is not None and mt is not None and pt != mt:
+        raise ValueError(f"prediction and Monte-Carlo put noise on different targets: prediction {pt}, "
+                         f"Monte-Carlo {mt}")
+    pf, mf = getattr(prediction, "inputs_fingerprint", None), getattr(mc, "inputs_fingerprint", None)
+    if pf and mf and pf != mf:
+        raise ValueError(f"prediction and Monte-Carlo were computed on different inputs (fingerprints {pf[:12]} "
+                         f"and {mf[:12]}); compare results on the same x and y")
+    pc, mcl = _np(getattr(prediction, "clean_logits", None)), _np(getattr(mc, "clean_logits", None))
+    if pc is not None and mcl is not None:
+        if pc.shape != mcl.shape:
+            raise ValueError(f"prediction and Monte-Carlo disagree on the clean logits' shape: {pc.shape} vs "
+                             f"{mcl.shape}; compare the same model and inputs")
+        scale = max(1.0, float(np.abs(mcl).max())) if mcl.size else 1.0
+        gap = float(np.abs(pc - mcl).max()) if mcl.size else 0.0
+        if gap > 1e-3 * scale:
+            raise ValueError(f"prediction and Monte-Carlo have different clean logits (max difference {gap:.3g}): "
+                             "they were not computed on the same model and inputs")
+
+
 def compare(prediction, mc, *, var_margin: float = 0.10, acc_margin: float = 0.01, shift_margin: float = 0.10,
             loss_margin: float = 0.10, alpha: float = 0.05, confidence: float = 0.95, n_resamples: int = 2000,
             seed: int = 0, calibrate: bool = True) -> Comparison:
@@ -217,7 +280,9 @@ def compare(prediction, mc, *, var_margin: float = 0.10, acc_margin: float = 0.0
     prediction: a ``Prediction`` (``logit_mean``, ``logit_var`` [N, C]; optionally
         ``clean_logits``, ``accuracy``, ``accuracy_std``, ``loss_increase``,
         ``loss_increase_se``).
-    mc: an ``MCResult`` of the same model, inputs and noise.
+    mc: an ``MCResult`` of the same model, inputs and noise. Refused, with the difference
+        named, when the two carry different noise models or levels, different targets,
+        different input fingerprints, or different clean logits.
     var_margin: relative equivalence margin for variances: ``|log ratio| < log(1+m)``.
     acc_margin: absolute margin for accuracy (fraction; 0.01 = one percentage point).
     shift_margin: margin for the mean logit shift, in units of the typical predicted
@@ -246,6 +311,7 @@ def compare(prediction, mc, *, var_margin: float = 0.10, acc_margin: float = 0.0
     if pv.shape != ov.shape or pv.ndim != 2:
         raise ValueError(f"prediction and Monte-Carlo disagree on the logit table: predicted logit_var "
                          f"{tuple(pv.shape)}, observed {tuple(ov.shape)}; compare the same model, inputs and noise")
+    _check_same_setting(prediction, mc)
     N, C = ov.shape
     quantities: list[QuantityComparison] = []
     calibrations: dict[str, Calibration] = {}

@@ -176,3 +176,28 @@ def test_compare_cells_applies_holm_within_each_quantity():
     assert "cells" in cc.summary()
     with pytest.raises(ValueError, match="at least one"):
         compare_cells([])
+
+
+def test_refuses_results_of_different_noise_targets_inputs_or_model():
+    """A prediction at η = 0.1 is never compared, silently, with a simulation at η = 0.3."""
+    import dataclasses
+
+    from noiseprop.theory import RelativeGaussian
+
+    rng = np.random.default_rng(8)
+    mc, truth, _ = simulate(rng, draws=30)
+    mc = dataclasses.replace(mc, noise="relative@0.3")
+    at = lambda **kw: SimpleNamespace(**{**vars(truth), "targets": "weights", **kw})  # noqa: E731
+    compare(at(noise="relative:0.3"), mc, calibrate=False)  # same setting, two string forms
+    compare(at(noise_model=RelativeGaussian(0.3)), mc, calibrate=False)
+    with pytest.raises(ValueError, match=r"different noise: prediction relative:0.1, Monte-Carlo relative:0.3"):
+        compare(at(noise="relative:0.1"), mc)
+    with pytest.raises(ValueError, match="different noise"):
+        compare(at(noise="relative-channel:0.3"), mc)
+    with pytest.raises(ValueError, match="different targets"):
+        compare(at(noise="relative:0.3", targets="weights+biases"), mc)
+    with pytest.raises(ValueError, match="different inputs"):
+        compare(at(inputs_fingerprint="ab" * 16), SimpleNamespace(**{**vars(mc), "inputs_fingerprint": "cd" * 16}))
+    other = at(clean_logits=truth.clean_logits + 0.5)
+    with pytest.raises(ValueError, match="different clean logits"):
+        compare(other, mc)
