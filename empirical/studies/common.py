@@ -856,28 +856,6 @@ def warnings_ignored():
     return _Ctx()
 
 
-def bootstrap_over_seeds(frame: pd.DataFrame, stat: Callable[[pd.DataFrame], float], n_resamples: int = 1000,
-                         seed: int = 0, confidence: float = 0.95) -> tuple[float, float, np.ndarray]:
-    """Percentile interval of ``stat`` over resamples of the training seeds (the unit
-    of replication): each resample draws seeds with replacement and keeps all rows of
-    each drawn seed (relabelled so duplicates stay distinct)."""
-    seeds = np.array(sorted(frame["seed"].unique()))
-    rng = np.random.default_rng(seed)
-    groups = {s: frame[frame["seed"] == s] for s in seeds}
-    vals = []
-    for _ in range(n_resamples):
-        pick = rng.choice(seeds, size=seeds.size, replace=True)
-        parts = [groups[s].assign(seed=j) for j, s in enumerate(pick)]
-        v = stat(pd.concat(parts, ignore_index=True))
-        vals.append(v)
-    vals = np.asarray(vals, float)
-    ok = vals[np.isfinite(vals)]
-    a = (1 - confidence) / 2
-    if ok.size < 0.5 * n_resamples:
-        return float("nan"), float("nan"), vals
-    return float(np.quantile(ok, a)), float(np.quantile(ok, 1 - a)), vals
-
-
 # ----------------------------------------------------------------------------
 # Aggregation over seeds
 # ----------------------------------------------------------------------------

@@ -121,18 +121,6 @@ def _quad_fit(frame: pd.DataFrame, col: str, center: float):
     return res, c, b, vertex
 
 
-def _vertices(means: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """Vertices (log10 lr, centred) of least-squares quadratics fitted to each row of
-    ``means`` (``[R, lrs]``) over ``x``: with a seed effect and the same learning rates
-    for every seed, the fit with ``C(seed)`` has the curvature and slope of the fit to
-    the mean curve over seeds. NaN where the curvature is not negative."""
-    X = np.column_stack([np.ones_like(x), x, x ** 2])
-    coef = means @ np.linalg.pinv(X).T  # [R, 3]
-    b, c = coef[:, 1], coef[:, 2]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(c < 0, -b / (2 * c), np.nan)
-
-
 def fieller_vertex(res, center: float, confidence: float) -> tuple[float, float]:
     """Fieller's interval for the vertex ``x* = −b/(2c)`` of the fitted quadratic:
     ``{θ : (b + 2cθ)² ≤ t² Var(b + 2cθ)}`` with the OLS covariance of ``(b, c)``

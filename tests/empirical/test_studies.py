@@ -12,7 +12,6 @@ from noiseprop.empirical.stats import Effect, paired_effect
 from noiseprop.empirical.studies import common
 from noiseprop.empirical.studies.common import (
     Finding,
-    bootstrap_over_seeds,
     curve_metrics,
     directional_verdict,
     equivalence_verdict,
@@ -109,16 +108,6 @@ def test_finalise_applies_holm_and_computes_theory_verdicts():
     assert out[0].theory == "predicted the opposite" and out[1].theory == "no prediction"
     out = finalise_findings([Finding("s", "c", "x", "direction", e2, expected_sign=-1)] * 3, 0.05)
     assert all(f.verdict == "inconclusive" for f in out)  # 3 × 0.03 > 0.05 after Holm
-
-
-def test_bootstrap_over_seeds_resamples_whole_seeds():
-    f = pd.DataFrame({"seed": np.repeat([0, 1, 2, 3], 3), "v": np.repeat([1.0, 2.0, 3.0, 4.0], 3)})
-    seen = []
-    lo, hi, vals = bootstrap_over_seeds(f, lambda d: (seen.append(d["seed"].nunique()), d["v"].mean())[1],
-                                        n_resamples=200, seed=0)
-    assert 1.0 <= lo < hi <= 4.0 and set(seen) <= {1, 2, 3, 4} and max(seen) == 4
-    # every resample keeps the within-seed rows together: its mean is a mean of seed means
-    assert np.all(np.isin(np.round(vals * 4) / 4, np.arange(4, 17) / 4))
 
 
 def test_fieller_interval_coverage():
