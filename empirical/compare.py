@@ -292,6 +292,25 @@ def compare(prediction, mc, *, var_margin: float = 0.10, acc_margin: float = 0.0
     n_resamples, seed: the bootstrap's resamples and its seeded generator.
     calibrate: run the calibration regressions over elements (skip them to save time
         when only the scalar tests are needed).
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from noiseprop.theory import RelativeGaussian, predict
+    >>> from noiseprop.empirical import monte_carlo
+    >>> _ = torch.manual_seed(0)
+    >>> net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    >>> x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
+    >>> pred = predict(net, x, y, RelativeGaussian(0.05))
+    >>> mc = monte_carlo(net, x, y, RelativeGaussian(0.05), draws=100, seed=0)
+    >>> cmp = compare(pred, mc)
+    >>> cmp.names[:3]
+    ['logit_var', 'logit_mean_shift', 'accuracy']
+    >>> 0.8 < cmp["logit_var"].predicted / cmp["logit_var"].observed < 1.25
+    True
+    >>> compare(pred, monte_carlo(net, x, y, RelativeGaussian(0.2), draws=10, seed=0))
+    Traceback (most recent call last):
+    ...
+    ValueError: prediction and Monte-Carlo used different noise: prediction relative:0.05, Monte-Carlo relative:0.2; compare results of the same noise model and level
     """
     for name, v in (("var_margin", var_margin), ("acc_margin", acc_margin), ("shift_margin", shift_margin),
                     ("loss_margin", loss_margin)):
@@ -465,6 +484,19 @@ def compare_cells(comparisons: Sequence[Comparison] | dict, labels: Sequence | N
     regression of observed on predicted across cells.
 
     ``comparisons``: a sequence (with ``labels``) or a mapping label → Comparison.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from noiseprop.theory import RelativeGaussian, predict
+    >>> from noiseprop.empirical import monte_carlo
+    >>> _ = torch.manual_seed(0)
+    >>> net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    >>> x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
+    >>> cells = compare_cells({eta: compare(predict(net, x, y, RelativeGaussian(eta)),
+    ...                                     monte_carlo(net, x, y, RelativeGaussian(eta), draws=50, seed=0))
+    ...                        for eta in (0.02, 0.05)})
+    >>> cells.frame["cell"].nunique(), "tost_p_holm" in cells.frame
+    (2, True)
     """
     if isinstance(comparisons, dict):
         labels = list(comparisons.keys())

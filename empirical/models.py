@@ -193,6 +193,10 @@ def model_spec(name: str, in_shape, num_classes: int, norm: str = "none", norm_l
     ``build_model(**model_spec(...))`` builds it. Canonical forms: ``vggNN`` →
     ``name="vgg", depth=NN``; ``resnet`` + depth → ``"resnet<depth>"``; ``norm_layers``
     equal to the number of eligible places → ``None``; ``norm_layers=0`` → ``norm="none"``.
+
+    >>> spec = model_spec("vgg11", (1, 8, 8), 10, norm="bn")
+    >>> spec["name"], spec["depth"], spec["norm"]
+    ('vgg', 11, 'bn')
     """
     family, depth = _family(name, depth)
     if isinstance(in_shape, int) or in_shape is None:
@@ -365,7 +369,9 @@ def build_model(name: str, in_shape, num_classes: int, norm: str = "none", norm_
     """Build a model of the zoo (see the module docstring), initialised from ``seed``
     without touching the global RNG. The canonical spec is attached as ``model.spec``.
 
-    Example: ``build_model("resnet20", (3, 32, 32), 10, norm="bn", width=16)``.
+    >>> net = build_model("resnet20", (3, 32, 32), 10, norm="bn", width=16)
+    >>> net.spec["name"], net.spec["norm"], net(torch.zeros(2, 3, 32, 32)).shape
+    ('resnet20', 'bn', torch.Size([2, 10]))
     """
     spec = model_spec(name, in_shape, num_classes, norm=norm, norm_layers=norm_layers, width=width, depth=depth,
                       topk_k=topk_k)

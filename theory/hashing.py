@@ -28,7 +28,13 @@ def canonical_json(obj: Any) -> str:
 
 
 def config_digest(obj: Any, length: int | None = None) -> str:
-    """SHA-256 hex digest of :func:`canonical_json` of ``obj``."""
+    """SHA-256 hex digest of :func:`canonical_json` of ``obj``.
+
+    >>> config_digest({"a": 1, "b": [1, 2]}) == config_digest({"b": (1, 2), "a": 1})
+    True
+    >>> len(config_digest({"a": 1}, length=16))
+    16
+    """
     d = hashlib.sha256(canonical_json(obj).encode()).hexdigest()
     return d[:length] if length else d
 
@@ -47,7 +53,12 @@ def _as_array(t) -> np.ndarray:
 def tensor_digest(tensors: Iterable, header: Any = None, names: Iterable[str] | None = None,
                   length: int | None = None) -> str:
     """SHA-256 hex digest over ``header`` (canonical JSON, if given) and each tensor's
-    name (if given), dtype, shape and raw bytes, in order."""
+    name (if given), dtype, shape and raw bytes, in order.
+
+    >>> x = torch.arange(6.0).reshape(2, 3)
+    >>> tensor_digest([x]) == tensor_digest([x.clone()]), tensor_digest([x]) == tensor_digest([x.T.contiguous()])
+    (True, False)
+    """
     h = hashlib.sha256()
     if header is not None:
         h.update(canonical_json(header).encode())

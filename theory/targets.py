@@ -86,6 +86,11 @@ class Targets:
         inject into the folded weights (and biases, when ``biases``).
     layers: restrict to modules whose qualified name equals, or starts with, one of
         these names (``None``: all).
+
+    >>> Targets(biases=True).describe()
+    'weights+biases'
+    >>> Targets.parse({"layers": ["0"]}).layers
+    ('0',)
     """
 
     weights: bool = True
@@ -161,6 +166,13 @@ def resolve_targets(model: nn.Module, targets=None) -> TargetPlan:
     """Select the parameters that get noise (and fold BN first when asked).
 
     Raises ``ValueError`` naming the model when nothing is left to perturb.
+
+    >>> from torch import nn
+    >>> net = nn.Sequential(nn.Conv2d(1, 4, 3, bias=False), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 2))
+    >>> resolve_targets(net).names
+    ('0.weight', '3.weight')
+    >>> resolve_targets(net, Targets(fold_bn=True, biases=True)).names
+    ('0.weight', '0.bias', '3.weight', '3.bias')
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -268,6 +280,10 @@ def fuse_weights(weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tenso
     ``b' = a ⊙ b + c`` (``b = 0`` when ``bias`` is ``None``). A pure function on tensors,
     the one place this arithmetic lives (derivation ``batchnorm.folding``, docs/THEORY.md
     §4); equal to ``torch.nn.utils.fusion.fuse_conv_bn_weights`` for L2 BatchNorm.
+
+    >>> w, b = fuse_weights(torch.ones(2, 3), None, torch.tensor([2.0, 0.5]), torch.tensor([1.0, 0.0]))
+    >>> w.tolist(), b.tolist()
+    ([[2.0, 2.0, 2.0], [0.5, 0.5, 0.5]], [1.0, 0.0])
     """
     if a.dim() != 1 or a.shape != c.shape or a.shape[0] != weight.shape[0]:
         raise ValueError(f"fuse_weights: a and c must be vectors with one entry per output channel "
@@ -288,6 +304,15 @@ def fold_bn(model: nn.Module, pairs: Iterable[tuple[str, str]] | None = None) ->
     :func:`folding_affine` (derivation ``batchnorm.folding``). The folded network's clean
     outputs equal the original's (eval mode) up to float rounding. The user's model is
     not modified.
+
+    >>> from torch import nn
+    >>> net = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2)).eval()
+    >>> folded = fold_bn(net)
+    >>> folded[1]
+    Identity()
+    >>> x = torch.randn(4, 3)
+    >>> torch.allclose(folded(x), net(x), atol=1e-6)
+    True
     """
     if pairs is None:
         pairs = find_fold_pairs(model)

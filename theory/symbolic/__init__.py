@@ -84,7 +84,11 @@ DERIVATION_NAMES = {_derivation_name(t, f): f for t, fns in DERIVATIONS.items() 
 
 def derive(topic: str | None = None) -> tuple[Derivation, ...]:
     """The derivations of ``topic`` (one of :data:`TOPICS`), or of every topic (each
-    derivation is computed once per process and cached)."""
+    derivation is computed once per process and cached).
+
+    >>> [d.name for d in derive("depth")]
+    ['depth.recursion', 'depth.relu_critical', 'depth.residual']
+    """
     if topic is None:
         return tuple(f() for fns in DERIVATIONS.values() for f in fns)
     if topic not in DERIVATIONS:
@@ -93,7 +97,12 @@ def derive(topic: str | None = None) -> tuple[Derivation, ...]:
 
 
 def get_derivation(name: str) -> Derivation:
-    """One derivation by its full name ``"<topic>.<short name>"`` (see :data:`DERIVATION_NAMES`)."""
+    """One derivation by its full name ``"<topic>.<short name>"`` (see :data:`DERIVATION_NAMES`).
+
+    >>> d = get_derivation("linear.width")
+    >>> d.topic, d.tested_by[0]
+    ('linear', 'tests/theory/test_symbolic_linear.py::test_width_dependence_of_relative_error')
+    """
     try:
         fn = DERIVATION_NAMES[name]
     except KeyError:
