@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import stats as _st
 
+from .formatting import fmt_p
+
 __all__ = [
     "mean_ci",
     "welford_update",
@@ -416,13 +418,7 @@ class Effect:
         pct = int(round(self.confidence * 100))
         es = f", d={self.standardized:.2f}" if np.isfinite(self.standardized) else ""
         return (f"{self.estimate:+.4g} {self.unit}".rstrip() +
-                f" ({pct}% CI [{self.ci_low:.4g}, {self.ci_high:.4g}], p={_fmt_p(self.p_value)}{es}; {self.method})")
-
-
-def _fmt_p(p: float) -> str:
-    if not np.isfinite(p):
-        return "n/a"
-    return f"{p:.2g}" if p >= 1e-4 else "<1e-4"
+                f" ({pct}% CI [{self.ci_low:.4g}, {self.ci_high:.4g}], p={fmt_p(self.p_value)}{es}; {self.method})")
 
 
 def paired_effect(a, b, name: str = "difference", confidence: float = 0.95, unit: str = "") -> Effect:
