@@ -1,0 +1,110 @@
+"""The linearised network (theory/linearize.py): functional evaluation, unit scales,
+forward-mode products against finite differences, chunking, the first-order loss
+change against its definition, and the guarantees (no mutation, eval mode, non-finite
+parameters refused)."""
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from noiseprop.theory import Multiplicative, RelativeGaussian
+from noiseprop.theory.linearize import (
+    LinearizedNetwork,
+    auto_chunk_size,
+    first_order_loss_change,
+    jacobian_pass,
+)
+from predict_nets import held_out, trained
+
+
+@pytest.fixture(scope="module")
+def cnn():
+    return trained("cnn")
+
+
+def test_forward_equals_the_model_and_replaces_only_the_given_parameters(cnn):
+    x, _ = held_out(16)
+    lin = LinearizedNetwork(cnn)
+    with torch.no_grad():
+        assert torch.allclose(lin.forward(x), cnn(x), rtol=1e-5, atol=1e-5)
+        zero = {n: torch.zeros_like(p) for n, p in lin.target_params.items()}
+        out = lin.forward(x, zero)
+    # every Conv/Linear weight zeroed: the logits are the last layer's bias, the same for every input
+    assert torch.allclose(out, out[:1].expand_as(out), atol=1e-6)
+    assert torch.allclose(lin.logits(x, batch_size=5), cnn(x), rtol=1e-5, atol=1e-4)  # float32, other batch shapes
+
+
+def test_unit_scales_are_the_noise_model_at_level_one(cnn):
+    lin = LinearizedNetwork(cnn)
+    for noise in (RelativeGaussian(0.3), Multiplicative(0.2)):
+        unit = lin.unit_scales(noise)
+        full = lin.scales(noise)
+        for n, p in lin.target_params.items():
+            assert torch.allclose(unit[n] * noise.level, full[n], rtol=1e-6)
+            assert torch.allclose(full[n] ** 2, noise.variance(p), rtol=1e-5)
+
+
+def test_linearized_logits_match_central_finite_differences(cnn):
+    """f + Jδ from forward-mode AD equals (f(θ+hδ) − f(θ−hδ))/2h in float64."""
+    x, _ = held_out(8)
+    net = copy.deepcopy(cnn).double()
+    lin = LinearizedNetwork(net)
+    g = torch.Generator().manual_seed(3)
+    delta = {n: torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.1 for n, p in lin.target_params.items()}
+    f0, fl = lin.linearized_logits(x.double(), delta)
+    h = 1e-5
+    with torch.no_grad():
+        up = lin.forward(x.double(), {n: p + h * delta[n] for n, p in lin.target_params.items()})
+        dn = lin.forward(x.double(), {n: p - h * delta[n] for n, p in lin.target_params.items()})
+    assert torch.allclose(fl - f0, (up - dn) / (2 * h), rtol=1e-5, atol=1e-8)
+    # a sequence in target order is accepted too; a wrong shape is named
+    _, fl2 = lin.linearized_logits(x.double(), [delta[n] for n in lin.names])
+    assert torch.allclose(fl, fl2)
+    bad = dict(delta)
+    bad[lin.names[0]] = torch.zeros(3)
+    with pytest.raises(ValueError, match=lin.names[0]):
+        lin.linearized_logits(x.double(), bad)
+
+
+def test_chunking_does_not_change_the_covariance(cnn):
+    x, _ = held_out(23)
+    lin = LinearizedNetwork(cnn)
+    unit = lin.unit_scales(RelativeGaussian(1.0))
+    a = jacobian_pass(lin, x, unit, chunk_size=4).cov_unit
+    b = jacobian_pass(lin, x, unit, chunk_size=23).cov_unit
+    assert torch.allclose(a, b, rtol=1e-6, atol=1e-10)
+    assert auto_chunk_size(10, 10**9) == 1 and auto_chunk_size(10, 10, cap=64) == 64
+
+
+def test_first_order_loss_change_is_the_directional_derivative():
+    """gᵀδ of the mean cross-entropy: the derivative of CE(f + tΔ) at t = 0."""
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(30, 5, generator=g, dtype=torch.float64)
+    d = torch.randn(30, 5, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 5, (30,), generator=g)
+    t = 1e-6
+    ce = lambda z: torch.nn.functional.cross_entropy(z, y).item()  # noqa: E731
+    numeric = (ce(f + t * d) - ce(f - t * d)) / (2 * t)
+    assert first_order_loss_change(f, f + d, y) == pytest.approx(numeric, rel=1e-6)
+
+
+def test_model_untouched_eval_copy_and_non_finite_refused(cnn):
+    before = {k: v.clone() for k, v in cnn.state_dict().items()}
+    model = copy.deepcopy(cnn).train()
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        lin = LinearizedNetwork(model)
+    assert any("training mode" in str(m.message) for m in w)
+    assert model.training and not lin.net.training
+    x, _ = held_out(4)
+    lin.forward(x)
+    assert all(torch.equal(before[k], v) for k, v in cnn.state_dict().items())
+    broken = copy.deepcopy(cnn)
+    with torch.no_grad():
+        next(p for p in broken.parameters() if p.dim() > 1)[0].view(-1)[0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        LinearizedNetwork(broken)
+    tiny = nn.Sequential(nn.Linear(3, 2))
+    assert LinearizedNetwork(tiny).names == ("0.weight",)
