@@ -50,6 +50,7 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
+from scipy import stats as _st
 
 from noiseprop.theory.noise import parse_noise
 
@@ -369,8 +370,6 @@ def compare(prediction, mc, *, var_margin: float = 0.10, acc_margin: float = 0.0
     os_ = _np(mc.logit_mean) - clean_obs
     pred_s, obs_s = float(ps.mean()), float(os_.mean())
     se = float(np.sqrt(np.clip(ov, 0, None)).mean() / math.sqrt(n))
-    from scipy import stats as _st
-
     h = float(_st.t.ppf(0.5 + confidence / 2, n - 1)) * se
     width = shift_margin * math.sqrt(pred_v) if pred_v > 0 else float("nan")
     if np.isfinite(width) and width > 0:

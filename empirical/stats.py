@@ -30,8 +30,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import stats as _st
+from scipy.special import digamma
 
 from .formatting import fmt_p
+
+# statsmodels is imported inside the functions that use it: its modules add about 1–2 s
+# to ``import noiseprop.empirical`` (python -X importtime), which every CLI command pays.
 
 __all__ = [
     "mean_ci",
@@ -152,8 +156,6 @@ def log_variance_bias(n, df=None) -> float:
     """``E[log(s²/σ²)]`` for ``s²`` from ``n`` normal draws: ``ψ(ν/2) − log(ν/2)``,
     ``ν = n−1`` (the log of a scaled χ²_ν). Subtract it from log-ratios of sample to
     true variances so that a perfect prediction has mean log-ratio 0."""
-    from scipy.special import digamma
-
     nu = float(n) - 1.0 if df is None else float(df)
     return float(digamma(nu / 2.0) - math.log(nu / 2.0))
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Mapping
 
+import pandas as pd
 import sympy as sp
 from sympy.printing.latex import LatexPrinter
 from sympy.printing.str import StrPrinter
@@ -207,8 +208,6 @@ class Derivation:
 
     def to_frame(self):
         """One row per expression: key, lhs (LaTeX), expression (text), latex, meaning."""
-        import pandas as pd
-
         rows = [
             {
                 "derivation": self.name,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
+import numpy as np
 import sympy as sp
 from sympy.matrices.expressions.diagonal import DiagMatrix, DiagonalOf
 
@@ -50,8 +51,6 @@ class SqNorm(sp.Function):
         return "|%s|^2" % printer._print(self.args[0])
 
     def _numpy_eval(self, value):
-        import numpy as np
-
         return np.sum(np.asarray(value, dtype=float) ** 2)
 
 
@@ -74,8 +73,6 @@ class Std(sp.Function):
         return "std(%s)" % printer._print(self.args[0])
 
     def _numpy_eval(self, value):
-        import numpy as np
-
         return np.std(np.asarray(value, dtype=float))
 
 
@@ -96,8 +93,6 @@ class QuadForm(sp.Function):
         return "%s^T %s %s" % (printer._print(v), printer._print(M), printer._print(v))
 
     def _numpy_eval(self, v, M):
-        import numpy as np
-
         v = np.asarray(v, dtype=float).reshape(-1)
         return float(v @ np.asarray(M, dtype=float) @ v)
 

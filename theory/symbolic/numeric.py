@@ -19,21 +19,16 @@ import math
 from typing import Mapping, Sequence
 
 import numpy as np
+import scipy.special as special
 import sympy as sp
+from scipy.integrate import quad
 from sympy.matrices.expressions.diagonal import DiagMatrix, DiagonalOf
 from sympy.matrices.expressions.hadamard import HadamardPower, HadamardProduct
 
 __all__ = ["NumericFunction", "make_numeric", "evaluate"]
 
 
-def _special():
-    import scipy.special as special
-
-    return special
-
-
 def _betainc_regularized(a, b, x1, x2):
-    special = _special()
     return special.betainc(a, b, x2) - special.betainc(a, b, x1)
 
 
@@ -207,8 +202,6 @@ def _evaluate_product(expr: sp.Product, env):
 
 
 def _evaluate_integral(expr: sp.Integral, env):
-    from scipy.integrate import quad
-
     if len(expr.limits) != 1 or len(expr.limits[0]) != 3:
         raise ValueError(f"only one-dimensional definite integrals are evaluated numerically: {expr}")
     var, lo, hi = expr.limits[0]
