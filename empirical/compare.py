@@ -485,14 +485,13 @@ def compare_cells(comparisons: Sequence[Comparison] | dict, labels: Sequence | N
     ``comparisons``: a sequence (with ``labels``) or a mapping label → Comparison.
 
     >>> import torch
-    >>> from torch import nn
-    >>> from noiseprop.theory import RelativeGaussian, predict
+    >>> from noiseprop.theory import Multiplicative, predict
     >>> from noiseprop.empirical import monte_carlo
-    >>> _ = torch.manual_seed(0)
-    >>> net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
-    >>> x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
-    >>> cells = compare_cells({eta: compare(predict(net, x, y, RelativeGaussian(eta)),
-    ...                                     monte_carlo(net, x, y, RelativeGaussian(eta), draws=50, seed=0))
+    >>> g = torch.Generator().manual_seed(1)
+    >>> net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4)).eval()
+    >>> x, y = torch.randn(50, 6, generator=g), torch.randint(0, 4, (50,), generator=g)
+    >>> cells = compare_cells({eta: compare(predict(net, x, y, Multiplicative(eta)),
+    ...                                     monte_carlo(net, x, y, Multiplicative(eta), draws=50, seed=0))
     ...                        for eta in (0.02, 0.05)})
     >>> cells.frame["cell"].nunique(), "tost_p_holm" in cells.frame
     (2, True)

@@ -33,8 +33,8 @@ __all__ = [
 ]
 
 
-class SqNorm(sp.Function):
-    """``‖v‖²``: squared Euclidean norm of a vector (Frobenius norm² of a matrix)."""
+class _NonNegativeOfOne(sp.Function):
+    """A real, non-negative function of one argument (base of :class:`SqNorm`, :class:`Std`)."""
 
     nargs = 1
     is_commutative = True
@@ -42,6 +42,10 @@ class SqNorm(sp.Function):
 
     def _eval_is_nonnegative(self):
         return True
+
+
+class SqNorm(_NonNegativeOfOne):
+    """``‖v‖²``: squared Euclidean norm of a vector (Frobenius norm² of a matrix)."""
 
     def _latex(self, printer, exp=None):
         s = r"\lVert %s\rVert^{2}" % printer._print(self.args[0])
@@ -54,16 +58,9 @@ class SqNorm(sp.Function):
         return np.sum(np.asarray(value, dtype=float) ** 2)
 
 
-class Std(sp.Function):
+class Std(_NonNegativeOfOne):
     """``std(W)``: population standard deviation over all entries of ``W`` (the
     convention of :class:`noiseprop.theory.noise.RelativeGaussian`)."""
-
-    nargs = 1
-    is_commutative = True
-    is_real = True
-
-    def _eval_is_nonnegative(self):
-        return True
 
     def _latex(self, printer, exp=None):
         s = r"\operatorname{std}\left(%s\right)" % printer._print(self.args[0])
