@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from .checkpoint import atomic_write
+from .checkpoint import atomic_write, sweep_temp
 
 __all__ = ["ResultStore", "config_key", "encode", "decode", "MISSING"]
 
@@ -194,16 +194,12 @@ class ResultStore:
             return json.load(f).get("config", {})
 
     def clean_temp(self, older_than: float = 3600.0) -> int:
-        """Remove temp files left by killed writers (older than ``older_than`` s)."""
-        n = 0
+        """Remove temp files left by killed writers: those whose writing process is gone,
+        and any older than ``older_than`` s (:func:`~.checkpoint.sweep_temp`)."""
         if not self.root.exists():
             return 0
-        now = time.time()
-        for p in self.root.glob("*/.*.tmp"):
-            try:
-                if now - p.stat().st_mtime > older_than:
-                    p.unlink()
-                    n += 1
-            except OSError:
-                pass
+        n = sweep_temp(self.root, older_than=older_than)
+        for d in self.root.iterdir():
+            if d.is_dir():
+                n += sweep_temp(d, older_than=older_than)
         return n
