@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 __all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "load_state_dict_file", "atomic_write",
-           "CheckpointError", "sweep_temp"]
+           "CheckpointError", "sweep_temp", "publish_folder", "check_replaceable_folder"]
 
 FORMAT = "noiseprop-checkpoint"
 VERSION = 1
@@ -85,11 +85,90 @@ def sweep_temp(folder, name: str | None = None, older_than: float = 3600.0) -> i
             stale = (pid is not None and pid != os.getpid() and not _pid_alive(pid)) or (
                 now - p.stat().st_mtime > older_than)
             if stale:
-                p.unlink()
+                if p.is_dir() and not p.is_symlink():
+                    import shutil
+
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink()
                 n += 1
         except OSError:
             pass
     return n
+
+
+#: What a report folder holds; :func:`publish_folder` replaces only such folders.
+REPORT_ENTRIES = ("report.md", "report.html", "timings.json", "csv", "figures")
+
+
+def check_replaceable_folder(out, name: str = "--out", entries=REPORT_ENTRIES) -> Path:
+    """``out`` may be replaced as a whole: absent, empty, or holding only ``entries``
+    (an earlier report); anything else is refused, so no file of the user's is lost."""
+    from noiseprop.theory.validation import check_output_dir
+
+    out = check_output_dir(out, name)
+    if out.is_dir():
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in entries and not p.name.startswith("."))
+        if foreign:
+            raise ValueError(f"{name} {str(out)!r} exists and holds files that are not part of a report "
+                             f"({', '.join(foreign[:5])}); the report replaces its folder as a whole, so give a new "
+                             f"or empty folder, or one holding an earlier report")
+    return out
+
+
+def publish_folder(out, fill) -> Path:
+    """Write a folder as a whole: ``fill(staging)`` writes into a sibling
+    ``.NAME.PID.tmp`` folder, which then replaces ``out`` by rename (under a lock on
+    the parent folder, so concurrent writers never interleave). A reader sees the old
+    folder or the new one, never half of one; a killed writer's staging folder is swept
+    by the next run (:func:`sweep_temp`)."""
+    import shutil
+
+    out = Path(out).expanduser()
+    parent = out.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    sweep_temp(parent, out.name)
+    staging = parent / f".{out.name}.{os.getpid()}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    old = None
+    try:
+        fill(staging)
+        with _folder_lock(parent):
+            if out.exists():
+                old = parent / f".{out.name}.{os.getpid()}.old.tmp"
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(out, old)
+            os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+class _folder_lock:
+    """An exclusive ``flock`` on a folder (blocking; a no-op without ``fcntl``)."""
+
+    def __init__(self, folder):
+        self.folder = folder
+        self.fd = None
+
+    def __enter__(self):
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover
+            return self
+        self.fd = os.open(self.folder, os.O_RDONLY)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 def glob_escape(text: str) -> str:
