@@ -37,7 +37,7 @@ from torch import nn
 
 from noiseprop.theory.noise import MAX_LEVEL, WeightNoise, parse_noise
 from noiseprop.theory.validation import (check_bool, check_int, check_inputs, check_logits, check_probability,
-                                         check_seed, model_fit_error)
+                                         check_seed, is_fit_error, model_fit_error)
 from noiseprop.theory.validation import check_labels as _check_labels
 from noiseprop.theory.targets import (TargetPlan, find_fold_pairs, fold_bn, folding_affine, is_norm_layer,
                                       resolve_targets)
@@ -74,11 +74,6 @@ def _check_scales_fit(ev, max_level: float) -> None:
         if not math.isfinite(big) or big > torch.finfo(u.dtype).max:
             raise ValueError(f"noise level {max_level:g}: the noise scale of parameter {name!r} overflows {u.dtype} "
                              f"(largest {torch.finfo(u.dtype).max:.3g}); use a smaller level")
-
-
-# Messages of torch errors raised when inputs do not fit a layer (shape, channels, dtype).
-_FIT_WORDS = ("shape", "size", "channel", "dtype", "scalar type", "expected", "dimension", "must match",
-              "cannot be multiplied", "input type", "weight type")
 
 
 def _hooks_present(model: nn.Module) -> bool:
@@ -223,7 +218,7 @@ class NoisyEvaluator:
             try:
                 out = self.net(xb.contiguous(memory_format=fmt) if xb.dim() == 4 else xb)
             except RuntimeError as e:
-                if first and i == 0 and any(w in str(e).lower() for w in _FIT_WORDS):
+                if first and i == 0 and is_fit_error(e):
                     raise model_fit_error(e, x) from e
                 raise
             outs.append(check_logits(out, xb.shape[0]))

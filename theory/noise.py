@@ -48,7 +48,7 @@ MAX_LEVEL = math.sqrt(float(torch.finfo(torch.float32).max))
 
 def _check_level(name: str, value) -> float:
     accepted = f"a finite number >= 0 and <= {MAX_LEVEL:.3g} (its square, the noise variance, must fit in float32)"
-    if isinstance(value, (bool, str, bytes)) or type(value).__name__ == "bool_" or not hasattr(value, "__float__"):
+    if isinstance(value, (bool, str, bytes)) or type(value).__name__ in ("bool_", "bool") or not hasattr(value, "__float__"):
         raise ValueError(f"{name} must be {accepted}, got {type(value).__name__} {value!r}")
     try:
         v = float(value)

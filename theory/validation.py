@@ -22,7 +22,7 @@ from torch import nn
 
 __all__ = ["check_inputs", "check_labels", "check_int", "check_number", "check_probability", "check_seed",
            "check_bool", "env_int", "check_model", "check_logits", "model_fit_error", "check_noise_fits",
-           "check_output_file", "check_output_dir", "SEED_MAX"]
+           "check_output_file", "check_output_dir", "SEED_MAX", "probe_logits", "is_fit_error"]
 
 #: Largest accepted seed: torch and numpy generators both take any integer in [0, 2**63).
 SEED_MAX = 2 ** 63 - 1
@@ -266,3 +266,27 @@ def check_output_dir(path, name: str = "--out") -> Path:
         raise ValueError(f"{name} {str(p)!r} is a file; give a folder")
     _writable_dir_ancestor(p, name)
     return p
+
+
+_FIT_WORDS = ("shape", "size", "channel", "dtype", "scalar type", "expected", "dimension", "must match",
+              "cannot be multiplied", "input type", "weight type")
+
+
+def is_fit_error(exc: BaseException) -> bool:
+    """Whether an error raised by a forward pass reads like inputs that do not fit a
+    layer (shape, channel count, dtype) rather than a failure of the model itself."""
+    return isinstance(exc, RuntimeError) and any(w in str(exc).lower() for w in _FIT_WORDS)
+
+
+def probe_logits(forward, x: torch.Tensor) -> torch.Tensor:
+    """``forward(x)`` (no gradients) checked to be a ``[N, C]`` logits tensor; an error
+    from a layer that ``x`` does not fit becomes "x does not fit the model: ...".
+    For entry points that run one probe pass before the real work."""
+    try:
+        with torch.no_grad():
+            out = forward(x)
+    except RuntimeError as e:
+        if is_fit_error(e):
+            raise model_fit_error(e, x) from e
+        raise
+    return check_logits(out, x.shape[0])
