@@ -88,14 +88,35 @@ def run_command(func, args) -> int:
         return 2
 
 
+def exit_now(code: int) -> None:
+    """Leave the process at once (after flushing): used after Ctrl-C, when everything
+    worth keeping is already on disk (every file is written atomically, workers are
+    stopped), so the interpreter's slow teardown of torch and friends (seconds on a
+    loaded machine) does not delay the prompt."""
+    import os
+
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
 def main(argv=None) -> int:
+    """The ``noiseprop`` command. With ``argv=None`` (the real command line) an
+    interrupted run exits at once with status 130; with a list, the code is returned."""
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
     except KeyboardInterrupt:
         print("noiseprop: interrupted", file=sys.stderr)
-        return 130
-    return run_command(args.func, args)
+        code = 130
+    else:
+        code = run_command(args.func, args)
+    if code == 130 and argv is None:
+        exit_now(code)
+    return code
 
 
 if __name__ == "__main__":  # pragma: no cover
