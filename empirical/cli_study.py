@@ -36,7 +36,7 @@ def cmd_study(args) -> int:
 
     from noiseprop.theory.validation import check_output_dir
 
-    from .checkpoint import check_replaceable_folder, publish_folder
+    from .checkpoint import check_replaceable_folder, publish_folder, sweep_temp
 
     if args.name not in STUDIES:
         raise ValueError(f"unknown study {args.name!r}; accepted: {list(STUDIES)}")
@@ -78,6 +78,8 @@ def cmd_study(args) -> int:
         opts["norm"] = args.norm
     cache = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
     check_output_dir(cache / "cells", "--cache-dir")
+    ResultStore(cache / "cells").clean_temp()
+    sweep_temp(cache / "checkpoints")  # temp files of killed runs
     mod = study_module(args.name)
     plan = mod.plan(grid, cache_dir=str(cache), **opts)
     print(f"[study {args.name}] {plan.n_models} models, {len(plan.tasks)} cells", file=sys.stderr)

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .checkpoint import atomic_write, check_replaceable_folder, publish_folder
+from .checkpoint import atomic_write, check_replaceable_folder, publish_folder, sweep_temp
 
 __all__ = ["ReportConfig", "make_report", "render_markdown", "render_html"]
 
@@ -271,6 +271,7 @@ def make_report(cfg: ReportConfig = ReportConfig()) -> Path:
     check_output_dir(cache / "cells", "--cache-dir")
     store = ResultStore(cache / "cells")
     store.clean_temp()
+    sweep_temp(cache / "checkpoints")  # temp files of killed trainings
     opts = quick_options() if cfg.quick else {}
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if cfg.progress else (lambda msg: None)
     plans = []
