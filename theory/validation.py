@@ -222,15 +222,16 @@ def check_noise_fits(noise, weights, names=None) -> None:
 # ----------------------------------------------------------------------------
 # Output locations (checked before a long run starts)
 # ----------------------------------------------------------------------------
-def _writable_dir_ancestor(path: Path, name: str) -> None:
+def _writable_dir_ancestor(path: Path, name: str, shown=None) -> None:
     """Walk up to the first existing ancestor: it must be a writable folder."""
+    shown = path if shown is None else shown
     p = path
     while not p.exists():
         if p.parent == p:
             break
         p = p.parent
     if p.exists() and not p.is_dir():
-        raise ValueError(f"{name} {str(path)!r} cannot be created: {str(p)!r} is a file, not a folder")
+        raise ValueError(f"{name} {str(shown)!r} cannot be created: {str(p)!r} is a file, not a folder")
     if p.exists():
         import tempfile
 
@@ -239,8 +240,8 @@ def _writable_dir_ancestor(path: Path, name: str) -> None:
             os.close(fd)
             os.unlink(probe)
         except OSError as e:
-            raise ValueError(f"{name} {str(path)!r} cannot be written: folder {str(p)!r} is not writable "
-                             f"({e.strerror or e})") from None
+            raise ValueError(f"{name} {str(shown)!r} cannot be written: no file can be created in folder "
+                             f"{str(p)!r} ({e.strerror or e})") from None
 
 
 def check_output_file(path, name: str = "--out") -> Path:
@@ -253,7 +254,7 @@ def check_output_file(path, name: str = "--out") -> Path:
         raise ValueError(f"{name} {str(p)!r} is a folder; give a file path such as {str(p / 'model.pt')!r}")
     if p.exists() and not os.access(p, os.W_OK):
         raise ValueError(f"{name} {str(p)!r} exists and is not writable")
-    _writable_dir_ancestor(p.parent, name)
+    _writable_dir_ancestor(p.parent, name, shown=p)
     return p
 
 
