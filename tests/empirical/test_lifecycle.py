@@ -190,3 +190,33 @@ def test_a_cell_claimed_by_another_run_is_loaded_not_computed(tmp_path):
     assert results[k]["value"] == "from A" and results[j]["value"] == "j"
     assert stats.loaded == 1 and stats.computed == 1
     assert not list(tmp_path.rglob("*.lock"))
+
+
+_SHARED_SCRIPT = textwrap.dedent("""
+    import json, sys, time
+    from noiseprop.empirical.cells import ResultStore, config_key
+    from noiseprop.empirical.executor import Task, probe, run_tasks
+    tasks = [Task(config_key({"i": i}), probe, {"value": i, "seconds": 0.5}, {"i": i}) for i in range(6)]
+    while time.time() < float(sys.argv[2]):  # both runs start together
+        time.sleep(0.01)
+    results, stats = run_tasks(tasks, ResultStore(sys.argv[1]), executor="serial")
+    print(json.dumps({"computed": stats.computed, "loaded": stats.loaded,
+                      "values": sorted(r["value"] for r in results.values())}))
+""")
+
+
+def test_two_runs_sharing_a_store_compute_each_cell_once(tmp_path):
+    import json
+
+    start = str(time.time() + 8.0)  # after both interpreters have imported torch
+    procs = [subprocess.Popen([sys.executable, "-c", _SHARED_SCRIPT, str(tmp_path), start], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = []
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+        outs.append(json.loads(out.strip().splitlines()[-1]))
+    assert all(o["values"] == list(range(6)) for o in outs)
+    assert sum(o["computed"] for o in outs) == 6  # no cell computed twice
+    assert all(o["computed"] + o["loaded"] == 6 for o in outs)
+    assert not list(tmp_path.rglob("*.lock")) and not list(tmp_path.rglob(".*.tmp"))
