@@ -95,7 +95,8 @@ def _standard_pair(conv: nn.Module, norm: nn.Module) -> bool:
     std_conv = type(conv) in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
     std_norm = type(norm) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d) or (
         callable(getattr(norm, "folding_affine", None)) and type(norm).__module__.startswith("noiseprop."))
-    return std_conv and std_norm
+    patched = "forward" in vars(conv) or "forward" in vars(norm)  # forward replaced on the instance
+    return std_conv and std_norm and not patched
 
 
 def _warn_train_mode(model):
@@ -214,9 +215,9 @@ class NoisyEvaluator:
         fmt = torch.channels_last if (self.channels_last and x.dim() == 4) else torch.contiguous_format
         outs = []
         for i in range(0, n, bs):
-            xb = x[i:i + bs].to(self.device, non_blocking=True)
+            xb = x[i:i + bs].to(self.device, non_blocking=True).contiguous(memory_format=fmt)
             try:
-                out = self.net(xb.contiguous(memory_format=fmt) if xb.dim() == 4 else xb)
+                out = self.net(xb)
             except RuntimeError as e:
                 if first and i == 0 and is_fit_error(e):
                     raise model_fit_error(e, x) from e

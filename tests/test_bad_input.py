@@ -453,3 +453,14 @@ def test_output_checks_accept_good_paths(tmp_path):
     assert check_output_dir(tmp_path / "a" / "b") == tmp_path / "a" / "b"
     assert not (tmp_path / "new").exists()  # checking creates nothing
     assert not [p for p in tmp_path.iterdir()]
+
+
+def test_mc_follows_a_forward_replaced_on_the_instance():
+    m = _conv_bn()
+    bn = m[1]
+    plain = type(bn).forward
+    bn.forward = lambda inp: plain(bn, inp) + 1.0  # not BatchNorm any more: must not be folded
+    with torch.no_grad():
+        ref = m(X).double()
+    r = monte_carlo(m, X, Y, "relative:0.05", draws=2)
+    torch.testing.assert_close(r.clean_logits, ref, rtol=1e-5, atol=1e-5)
