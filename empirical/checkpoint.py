@@ -108,7 +108,8 @@ def check_replaceable_folder(out, name: str = "--out", entries=REPORT_ENTRIES) -
 
     out = check_output_dir(out, name)
     if out.is_dir():
-        foreign = sorted(p.name for p in out.iterdir() if p.name not in entries and not p.name.startswith("."))
+        foreign = sorted(p.name for p in out.iterdir()
+                         if p.name not in entries and not (p.name.startswith(".") and p.name.endswith(".tmp")))
         if foreign:
             raise ValueError(f"{name} {str(out)!r} exists and holds files that are not part of a report "
                              f"({', '.join(foreign[:5])}); the report replaces its folder as a whole, so give a new "

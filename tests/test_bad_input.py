@@ -464,3 +464,12 @@ def test_mc_follows_a_forward_replaced_on_the_instance():
         ref = m(X).double()
     r = monte_carlo(m, X, Y, "relative:0.05", draws=2)
     torch.testing.assert_close(r.clean_logits, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_report_out_with_hidden_foreign_files(tmp_path, capsys):
+    d = tmp_path / "rep"
+    (d / ".git").mkdir(parents=True)
+    (d / "report.md").write_text("old")
+    rc, out, err = _cli(capsys, "report", "--quick", "--out", d, "--cache-dir", tmp_path / "c", "--no-progress")
+    _one_line_error(rc, err, "--out", ".git")
+    assert (d / ".git").is_dir()
