@@ -23,8 +23,11 @@ def add_model_data_args(p) -> None:
 
 def load_model_and_data(args):
     """(model, x_test, y_test, checkpoint) for a checkpoint and its (or the given) data set."""
+    from noiseprop.theory.validation import check_seed
+
     from .data import load_dataset
 
+    check_seed("--seed", args.seed)
     ckpt = load_checkpoint(args.model)
     name = args.dataset or ckpt.meta.get("dataset")
     if not name:

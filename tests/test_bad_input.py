@@ -473,3 +473,9 @@ def test_report_out_with_hidden_foreign_files(tmp_path, capsys):
     rc, out, err = _cli(capsys, "report", "--quick", "--out", d, "--cache-dir", tmp_path / "c", "--no-progress")
     _one_line_error(rc, err, "--out", ".git")
     assert (d / ".git").is_dir()
+
+
+@pytest.mark.parametrize("cmd", [["mc", "--noise", "relative:0.1"], ["predict", "--noise", "relative:0.1"]])
+def test_cli_seed_2_70(capsys, ckpt, cmd):
+    rc, out, err = _cli(capsys, *cmd, "--model", ckpt, "--seed", 2 ** 70)
+    _one_line_error(rc, err, "--seed must be an integer >= 0 and <= 9223372036854775807")
