@@ -30,9 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from .checkpoint import atomic_write
+from .checkpoint import atomic_write, sweep_temp
 
-__all__ = ["ResultStore", "config_key", "encode", "decode", "MISSING"]
+__all__ = ["ResultStore", "Claim", "config_key", "encode", "decode", "MISSING"]
 
 FORMAT = "noiseprop-cell"
 VERSION = 1
@@ -117,6 +117,23 @@ def decode(obj):
     return obj
 
 
+class Claim:
+    """An exclusive claim on one cell (see :meth:`ResultStore.claim`)."""
+
+    def __init__(self, path, fd):
+        self.path, self.fd = path, fd
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:  # remove the file while still holding the lock, then let go
+            os.unlink(self.path)
+        except OSError:
+            pass
+        os.close(self.fd)
+        self.fd = None
+
+
 class ResultStore:
     """Cells on disk under ``root`` (created on first write)."""
 
@@ -193,17 +210,40 @@ class ResultStore:
         with open(self.path(key)) as f:
             return json.load(f).get("config", {})
 
+    def claim(self, key: str):
+        """Claim the right to compute cell ``key``: a :class:`Claim` (an exclusive,
+        non-blocking ``flock`` on ``<key>.lock`` beside the cell), or ``None`` when
+        another run holds it. The operating system drops the lock when its holder dies,
+        so a killed run never blocks a later one; :meth:`Claim.release` removes the
+        lock file. Without ``fcntl`` (Windows) every claim succeeds."""
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - no advisory locks: no coordination
+            return Claim(None, None)
+        path = self.path(key).with_suffix(".lock")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return None
+            try:  # the holder before us may have removed the file: lock the one on disk
+                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                return Claim(path, fd)
+            os.close(fd)
+
     def clean_temp(self, older_than: float = 3600.0) -> int:
-        """Remove temp files left by killed writers (older than ``older_than`` s)."""
-        n = 0
+        """Remove temp files left by killed writers: those whose writing process is gone,
+        and any older than ``older_than`` s (:func:`~.checkpoint.sweep_temp`)."""
         if not self.root.exists():
             return 0
-        now = time.time()
-        for p in self.root.glob("*/.*.tmp"):
-            try:
-                if now - p.stat().st_mtime > older_than:
-                    p.unlink()
-                    n += 1
-            except OSError:
-                pass
+        n = sweep_temp(self.root, older_than=older_than)
+        for d in self.root.iterdir():
+            if d.is_dir():
+                n += sweep_temp(d, older_than=older_than)
         return n

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 __all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "load_state_dict_file", "atomic_write",
-           "CheckpointError"]
+           "CheckpointError", "sweep_temp", "publish_folder", "check_replaceable_folder"]
 
 FORMAT = "noiseprop-checkpoint"
 VERSION = 1
@@ -34,15 +34,163 @@ class CheckpointError(ValueError):
     """A checkpoint file that is missing, truncated, or not in an accepted format."""
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_temp(folder, name: str | None = None, older_than: float = 3600.0) -> int:
+    """Remove temp files that killed writers left in ``folder``: ``.NAME.PID.*.tmp``
+    (what :func:`atomic_write` creates) whose process ``PID`` is gone, and any other
+    ``.*.tmp`` older than ``older_than`` seconds. ``name``: only temp files of that
+    target file. Returns how many were removed."""
+    import time
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    n = 0
+    now = time.time()
+    for p in folder.glob(f".{glob_escape(name)}.*.tmp" if name else ".*.tmp"):
+        stem = p.name[1:-4]  # NAME.PID.RANDOM
+        rest = stem[len(name) + 1:] if name else stem
+        parts = rest.split(".")
+        pid = None
+        if name:
+            pid = int(parts[0]) if parts and parts[0].isdigit() else None
+        elif len(parts) >= 3 and parts[-2].isdigit():
+            pid = int(parts[-2])
+        try:
+            stale = (pid is not None and pid != os.getpid() and not _pid_alive(pid)) or (
+                now - p.stat().st_mtime > older_than)
+            if stale:
+                if p.is_dir() and not p.is_symlink():
+                    import shutil
+
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink()
+                n += 1
+        except OSError:
+            pass
+    return n
+
+
+#: What a report folder holds; :func:`publish_folder` replaces only such folders.
+REPORT_ENTRIES = ("report.md", "report.html", "timings.json", "csv", "figures")
+
+
+def check_replaceable_folder(out, name: str = "--out", entries=REPORT_ENTRIES) -> Path:
+    """``out`` may be replaced as a whole: absent, empty, or holding only ``entries``
+    (an earlier report); anything else is refused, so no file of the user's is lost."""
+    from noiseprop.theory.validation import check_output_dir
+
+    out = check_output_dir(out, name)
+    if out.is_dir():
+        foreign = sorted(p.name for p in out.iterdir()
+                         if p.name not in entries and not (p.name.startswith(".") and p.name.endswith(".tmp")))
+        if foreign:
+            raise ValueError(f"{name} {str(out)!r} exists and holds files that are not part of a report "
+                             f"({', '.join(foreign[:5])}); the report replaces its folder as a whole, so give a new "
+                             f"or empty folder, or one holding an earlier report")
+    return out
+
+
+def publish_folder(out, fill) -> Path:
+    """Write a folder as a whole: ``fill(staging)`` writes into a sibling
+    ``.NAME.PID.tmp`` folder, which then replaces ``out`` by rename (under a lock on
+    the parent folder, so concurrent writers never interleave). A reader sees the old
+    folder or the new one, never half of one; a killed writer's staging folder is swept
+    by the next run (:func:`sweep_temp`)."""
+    import shutil
+
+    out = Path(out).expanduser()
+    parent = out.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    sweep_temp(parent, out.name)
+    staging = parent / f".{out.name}.{os.getpid()}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    old = None
+    try:
+        fill(staging)
+        with _folder_lock(parent):
+            if out.exists():
+                old = parent / f".{out.name}.{os.getpid()}.old.tmp"
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(out, old)
+            os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+class _folder_lock:
+    """An exclusive ``flock`` on a folder (blocking; a no-op without ``fcntl``)."""
+
+    def __init__(self, folder):
+        self.folder = folder
+        self.fd = None
+
+    def __enter__(self):
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover
+            return self
+        self.fd = os.open(self.folder, os.O_RDONLY)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def glob_escape(text: str) -> str:
+    import glob
+
+    return glob.escape(text)
+
+
 def atomic_write(path, write) -> None:
     """Call ``write(tmp_path)`` then rename onto ``path``: readers never see a partial
-    file, and a failure leaves no partial file behind."""
+    file, and a failure leaves no partial file behind. The file gets the permissions an
+    ordinary ``open`` would give (``0o666`` less the umask), and temp files of earlier
+    writers of ``path`` that were killed are swept (:func:`sweep_temp`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    sweep_temp(path.parent, path.name)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -80,7 +228,7 @@ def _torch_load(path) -> Any:
         raise CheckpointError(f"checkpoint {str(path)!r} is not a file")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, OSError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - torch's unpickler raises many kinds on a foreign file
         raise CheckpointError(
             f"checkpoint {str(path)!r} could not be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
             "it may be truncated or not a torch.save file. Accepted: a noiseprop checkpoint or a state dict "
@@ -126,6 +274,20 @@ def load_checkpoint(path) -> Checkpoint:
     sd = _check_state_dict(obj.get("state_dict"), path)
     from .models import build_model
 
+    # build on the meta device first (no memory): a spec that does not build, or that
+    # does not match the stored tensors (e.g. width=2**40), is refused before allocating
+    try:
+        with torch.device("meta"):
+            shell = build_model(**spec)
+    except Exception as e:  # noqa: BLE001 - any failure of a bad spec
+        raise CheckpointError(f"checkpoint {str(path)!r} has a model spec that does not build ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}); spec: {spec}") from None
+    want = {k: tuple(v.shape) for k, v in shell.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in sd.items()}
+    if want != have:
+        diff = sorted(set(want) ^ set(have))[:3] or [k for k in want if want[k] != have.get(k)][:3]
+        detail = ", ".join(f"{k}: spec {want.get(k)} vs stored {have.get(k)}" for k in diff)
+        raise CheckpointError(f"checkpoint {str(path)!r} does not match its spec {spec}: {detail}")
     model = build_model(**spec)
     try:
         model.load_state_dict(sd)

@@ -37,15 +37,86 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def json_safe(obj):
+    """``obj`` with every non-finite float (NaN, ±inf) replaced by ``None``, so that
+    ``json.dumps(..., allow_nan=False)`` writes valid JSON (``null``)."""
+    import math
+
+    import numpy as np
+
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        f = float(obj)
+        return f if math.isfinite(f) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def dumps(obj) -> str:
+    """Strict JSON (no bare ``NaN``): non-finite numbers become ``null``."""
+    import json
+
+    return json.dumps(json_safe(obj), allow_nan=False)
+
+
+def run_command(func, args) -> int:
+    """Run a command handler: user errors as one line ``noiseprop: error: ...`` (exit 2),
+    Ctrl-C as one line (exit 130), never a traceback for either."""
+    from .checkpoint import CheckpointError
+    from .executor import TaskError
+
     try:
-        return int(args.func(args) or 0)
-    except (CLIError, ValueError, TypeError, FileNotFoundError, KeyError) as e:
+        return int(func(args) or 0)
+    except KeyboardInterrupt:
+        print("noiseprop: interrupted; finished work is kept (rerun the same command to resume)", file=sys.stderr)
+        return 130
+    except TaskError as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"noiseprop: error: a task failed: {first}", file=sys.stderr)
+        return 1
+    except (CLIError, ValueError, TypeError, FileNotFoundError, KeyError, CheckpointError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"noiseprop: error: {msg}", file=sys.stderr)
         return 2
+    except OSError as e:  # permission denied, disk full, not a folder...
+        where = f" {e.filename!r}" if getattr(e, "filename", None) else ""
+        print(f"noiseprop: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 2
+
+
+def exit_now(code: int) -> None:
+    """Leave the process at once (after flushing): used after Ctrl-C, when everything
+    worth keeping is already on disk (every file is written atomically, workers are
+    stopped), so the interpreter's slow teardown of torch and friends (seconds on a
+    loaded machine) does not delay the prompt."""
+    import os
+
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
+def main(argv=None) -> int:
+    """The ``noiseprop`` command. With ``argv=None`` (the real command line) an
+    interrupted run exits at once with status 130; with a list, the code is returned."""
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+    except KeyboardInterrupt:
+        print("noiseprop: interrupted", file=sys.stderr)
+        code = 130
+    else:
+        code = run_command(args.func, args)
+    if code == 130 and argv is None:
+        exit_now(code)
+    return code
 
 
 if __name__ == "__main__":  # pragma: no cover

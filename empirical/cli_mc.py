@@ -1,13 +1,12 @@
 """``noiseprop mc`` and ``noiseprop sweep``: Monte-Carlo on a saved checkpoint."""
 from __future__ import annotations
 
-import json
-
 import numpy as np
 
 from noiseprop.theory.noise import NOISE_STRING_FORMS, parse_noise
 
 from .checkpoint import load_checkpoint
+from .cli import dumps
 
 
 def add_model_data_args(p) -> None:
@@ -24,8 +23,11 @@ def add_model_data_args(p) -> None:
 
 def load_model_and_data(args):
     """(model, x_test, y_test, checkpoint) for a checkpoint and its (or the given) data set."""
+    from noiseprop.theory.validation import check_seed
+
     from .data import load_dataset
 
+    check_seed("--seed", args.seed)
     ckpt = load_checkpoint(args.model)
     name = args.dataset or ckpt.meta.get("dataset")
     if not name:
@@ -57,8 +59,9 @@ def cmd_mc(args) -> int:
             "accuracy": res.accuracy, "accuracy_se": res.accuracy_se, "accuracy_ci": list(res.accuracy_ci),
             "loss": res.loss, "loss_se": res.loss_se, "loss_ci": list(res.loss_ci),
             "mean_logit_var": float(res.logit_var.mean()), "seconds": res.seconds,
+            "nonfinite_draws": int(res.extras.get("nonfinite_draws", 0)),
         }
-        print(json.dumps(out))
+        print(dumps(out))
     else:
         print(res.summary())
     return 0
@@ -80,11 +83,12 @@ def cmd_sweep(args) -> int:
     res = sweep(model, x, y, noise, levels, draws=args.draws, seed=args.seed, targets=args.targets,
                 batch_size=args.batch_size, progress=_progress(args))
     if args.json:
-        for row in res.to_frame().to_dict(orient="records"):
+        for i, row in enumerate(res.to_frame().to_dict(orient="records")):
             row = {k: (float(v) if isinstance(v, (np.floating, float)) else int(v) if isinstance(v, np.integer) else v)
                    for k, v in row.items()}
             row["noise"] = res.noise
-            print(json.dumps(row))
+            row["nonfinite_draws"] = int(res.nonfinite_draws[i]) if res.nonfinite_draws is not None else 0
+            print(dumps(row))
     else:
         print(res.summary())
     return 0

@@ -6,11 +6,11 @@ with Monte-Carlo beside it.
 """
 from __future__ import annotations
 
-import json
 import math
 
 from noiseprop.theory.noise import NOISE_STRING_FORMS, parse_noise
 
+from .cli import dumps
 from .cli_mc import add_model_data_args, load_model_and_data
 
 
@@ -51,7 +51,7 @@ def cmd_predict(args) -> int:
                 "loss_increase": mc.loss - mc.clean_loss, "mean_logit_var": float(mc.logit_var.mean()),
                 "seconds": mc.seconds,
             }
-        print(json.dumps(out))
+        print(dumps(out))
         return 0
     print(pred.summary())
     if mc is not None:

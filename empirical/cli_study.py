@@ -34,8 +34,17 @@ def cmd_study(args) -> int:
     from .executor import make_executor, print_progress
     from .train import default_cache_dir
 
+    from noiseprop.theory.validation import check_output_dir
+
+    from .checkpoint import check_replaceable_folder, publish_folder, sweep_temp
+
     if args.name not in STUDIES:
         raise ValueError(f"unknown study {args.name!r}; accepted: {list(STUDIES)}")
+    # refuse what can be refused before any work
+    if args.out:
+        check_replaceable_folder(args.out, "--out")
+    if args.cache_dir:
+        check_output_dir(Path(args.cache_dir).expanduser(), "--cache-dir")
     overrides = {"dataset": args.dataset, "data_dir": args.data_dir}
     for k in ("draws", "epochs"):
         if getattr(args, k) is not None:
@@ -68,6 +77,9 @@ def cmd_study(args) -> int:
     if args.name == "architecture" and args.norm:
         opts["norm"] = args.norm
     cache = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
+    check_output_dir(cache / "cells", "--cache-dir")
+    ResultStore(cache / "cells").clean_temp()
+    sweep_temp(cache / "checkpoints")  # temp files of killed runs
     mod = study_module(args.name)
     plan = mod.plan(grid, cache_dir=str(cache), **opts)
     print(f"[study {args.name}] {plan.n_models} models, {len(plan.tasks)} cells", file=sys.stderr)
@@ -75,6 +87,11 @@ def cmd_study(args) -> int:
     try:
         results, stats = run_plans([plan], grid, ResultStore(cache / "cells"), executor,
                                    progress=None if args.no_progress else print_progress())
+    except KeyboardInterrupt:
+        from .executor import stop_workers
+
+        stop_workers(executor)
+        raise
     finally:
         if hasattr(executor, "shutdown"):
             executor.shutdown()
@@ -83,8 +100,9 @@ def cmd_study(args) -> int:
     if args.out:
         from .report import ReportConfig, write_report
 
-        path = write_report([res], grid, Path(args.out), ReportConfig(out_dir=args.out, quick=args.quick))
-        print(f"written to {path}")
+        out = publish_folder(Path(args.out), lambda staging: write_report(
+            [res], grid, staging, ReportConfig(out_dir=args.out, quick=args.quick)))
+        print(f"written to {out / 'report.md'}")
     return 0
 
 

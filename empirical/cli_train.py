@@ -59,8 +59,16 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    from noiseprop.theory.validation import check_output_dir, check_output_file, check_seed
+
     from .cli import CLIError
 
+    # everything that can be refused is refused before the training starts
+    if args.out is not None:
+        check_output_file(args.out, "--out")
+    if args.cache_dir is not None and not args.no_cache:
+        check_output_dir(args.cache_dir, "--cache-dir")
+    check_seed("--seed", args.seed)
     data = load_dataset(args.dataset, data_dir=args.data_dir)
     name = args.model
     if name.lower() == "resnet" and args.depth is not None:

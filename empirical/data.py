@@ -12,6 +12,7 @@ folder raises an error that lists the expected files.
 from __future__ import annotations
 
 import gzip
+import zlib
 import hashlib
 import json
 import os
@@ -149,6 +150,17 @@ def _normalise(x_train: np.ndarray, x_test: np.ndarray):
 def _build(name, x_train, y_train, x_test, y_test, num_classes, params, spec, normalise=True) -> Dataset:
     x_train = np.asarray(x_train, dtype=np.float64)
     x_test = np.asarray(x_test, dtype=np.float64)
+    for nm, x in (("training", x_train), ("test", x_test)):
+        if x.shape[0] == 0:
+            raise DatasetFormatError(f"{name}: the {nm} set has 0 images; at least one is needed")
+    if x_train.shape[1:] != x_test.shape[1:]:
+        raise DatasetFormatError(
+            f"{name}: training images are {'×'.join(map(str, x_train.shape[1:]))} but test images are "
+            f"{'×'.join(map(str, x_test.shape[1:]))}; both sets must have the same channels×height×width"
+        )
+    for nm, x in (("training", x_train), ("test", x_test)):
+        if not np.isfinite(x).all():
+            raise DatasetFormatError(f"{name}: the {nm} images contain NaN or infinite values")
     if normalise:
         xtr, xte, mean, std = _normalise(x_train, x_test)
     else:
@@ -357,6 +369,11 @@ def _read_cifar_batch(path: Path, label_key: bytes, name: str):
         raise DatasetFormatError(
             f"{name}: {str(path)!r} has {data.shape[0]} images but labels of shape {labels.shape}"
         )
+    if labels.dtype.kind not in "iu":
+        raise DatasetFormatError(
+            f"{name}: {str(path)!r} {label_key!r} must hold integer class labels, got dtype {labels.dtype}"
+            + (f" (first values {labels[:3].tolist()})" if labels.size else "")
+        )
     return data.reshape(-1, 3, 32, 32), labels.astype(np.int64)
 
 
@@ -398,8 +415,9 @@ def _read_idx(path: Path, ndim: int, name: str) -> np.ndarray:
     """idx format (LeCun): magic 0x0000 | type 0x08 (ubyte) | ndim, big-endian int32 sizes, data."""
     try:
         raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
-        raise DatasetFormatError(f"{name}: could not read {str(path)!r} ({e})") from e
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise DatasetFormatError(f"{name}: could not read {str(path)!r}: not a valid"
+                                 f"{' gzip-compressed' if path.suffix == '.gz' else ''} idx file ({e})") from e
     if len(raw) < 4 + 4 * ndim:
         raise DatasetFormatError(f"{name}: {str(path)!r} is too short to be an idx file")
     if raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08 or raw[3] != ndim:

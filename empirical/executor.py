@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterable
 from .cells import MISSING
 
 __all__ = ["Task", "SerialExecutor", "make_executor", "run_tasks", "TaskError", "RunStats", "default_workers",
-           "print_progress"]
+           "print_progress", "stop_workers"]
 
 
 class TaskError(RuntimeError):
@@ -85,19 +85,69 @@ class SerialExecutor:
         self.shutdown()
 
 
-def _init_worker(threads: int) -> None:
+#: Seconds between a worker's checks that its parent is still alive.
+PARENT_POLL_SECONDS = 0.25
+
+
+def _watch_parent(parent_pid: int, period: float) -> None:
+    """Exit this worker as soon as the process that started it is gone (killed with
+    SIGKILL, crashed): a daemon thread polls the parent pid, whatever the platform.
+    Torch releases the GIL in its kernels, so the check runs during long tasks too."""
+    while True:
+        if os.getppid() != parent_pid:
+            os._exit(1)
+        time.sleep(period)
+
+
+def _init_worker(threads: int, parent_pid: int | None = None) -> None:
+    import signal
+
     import torch
 
+    # Ctrl-C goes to the whole process group: the parent handles it (and stops the
+    # workers), so a worker neither prints a traceback nor dies half-way on its own
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if parent_pid is not None:
+        # (not prctl(PR_SET_PDEATHSIG): it fires when the *thread* that started the
+        # worker ends, which need not be the main thread)
+        if os.getppid() != parent_pid:  # the parent died before we got here
+            os._exit(1)
+        threading.Thread(target=_watch_parent, args=(parent_pid, PARENT_POLL_SECONDS), daemon=True,
+                         name="noiseprop-parent-watch").start()
     torch.set_num_threads(int(threads))
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
 
 
 def default_workers() -> int:
-    """``min(2, cores)``, or ``NOISEPROP_WORKERS`` when set."""
-    env = os.environ.get("NOISEPROP_WORKERS")
-    if env:
-        return max(1, int(env))
+    """``min(2, cores)``, or ``NOISEPROP_WORKERS`` when set (an integer >= 1)."""
+    from noiseprop.theory.validation import env_int
+
+    env = env_int("NOISEPROP_WORKERS", None, minimum=1)
+    if env is not None:
+        return env
     return max(1, min(2, os.cpu_count() or 1))
+
+
+def stop_workers(executor) -> None:
+    """Stop a process pool now: cancel queued tasks and kill its worker processes
+    (used on Ctrl-C and errors, so nothing keeps running behind the user's back)."""
+    if not isinstance(executor, ProcessPoolExecutor):
+        return
+    procs = list((getattr(executor, "_processes", None) or {}).values())
+    for p in procs:
+        try:
+            p.kill()
+        except (OSError, AttributeError, ValueError):
+            pass
+    try:
+        executor.shutdown(wait=False, cancel_futures=True)
+    except Exception:  # noqa: BLE001 - a broken pool is what we want here
+        pass
+    for p in procs:
+        try:
+            p.join(2.0)
+        except (OSError, AttributeError, ValueError, AssertionError):
+            pass
 
 
 def _start_method() -> str:
@@ -143,7 +193,8 @@ def make_executor(workers=None, threads: int = 1, start_method: str | None = Non
     import multiprocessing as mp
 
     ctx = mp.get_context(start_method or _start_method())
-    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(threads,))
+    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
+                               initargs=(threads, os.getpid()))
 
 
 def _call(fn, kwargs, threads):
@@ -212,6 +263,9 @@ def run_tasks(tasks: Iterable[Task], store, executor=None, threads: int = 1, pro
     pending = dict(by_key)
     running: set[str] = set()
     lock = threading.Lock()
+    claims: dict = {}  # key -> Claim held while this run computes the cell
+    waiting: dict[str, Task] = {}  # ready cells another run is computing now
+    can_claim = callable(getattr(store, "claim", None))
 
     def note(event, task, info=None):
         info = dict(info or {})
@@ -224,25 +278,43 @@ def run_tasks(tasks: Iterable[Task], store, executor=None, threads: int = 1, pro
     def ready(t: Task) -> bool:
         return all(d in results for d in t.deps)
 
+    def try_start(key, t) -> bool:
+        """Load the cell, or claim and submit it; False when another run holds it."""
+        cached = store.get(key)
+        if cached is MISSING and can_claim:
+            c = store.claim(key)
+            if c is None:
+                return False
+            cached = store.get(key)  # finished by another run just before we claimed it
+            if cached is not MISSING:
+                c.release()
+            else:
+                claims[key] = c
+        if cached is not MISSING:
+            results[key] = cached
+            stats.loaded += 1
+            note("cached", t)
+            return True
+        kwargs = dict(t.kwargs)
+        if t.deps:
+            kwargs["deps"] = {d: results[d] for d in t.deps}
+        running.add(key)
+        note("start", t)
+        fut = executor.submit(_call, t.fn, kwargs, threads)
+        fut.add_done_callback(lambda f, k=key: done_q.put((k, f)))
+        return True
+
     def submit_ready():
+        for key in list(waiting):
+            if try_start(key, waiting[key]):
+                del waiting[key]
         for key in list(pending):
             t = pending[key]
             if not ready(t):
                 continue
             del pending[key]
-            cached = store.get(key)
-            if cached is not MISSING:
-                results[key] = cached
-                stats.loaded += 1
-                note("cached", t)
-                continue
-            kwargs = dict(t.kwargs)
-            if t.deps:
-                kwargs["deps"] = {d: results[d] for d in t.deps}
-            running.add(key)
-            note("start", t)
-            fut = executor.submit(_call, t.fn, kwargs, threads)
-            fut.add_done_callback(lambda f, k=key: done_q.put((k, f)))
+            if not try_start(key, t):
+                waiting[key] = t
 
     try:
         while True:
@@ -250,14 +322,19 @@ def run_tasks(tasks: Iterable[Task], store, executor=None, threads: int = 1, pro
             while before != len(results):  # loading cached results can make more tasks ready
                 before = len(results)
                 submit_ready()
-            if not running:
+            if not running and not waiting:
                 break
-            key, fut = done_q.get()
+            try:  # while another run computes cells we need, look again every 0.2 s
+                key, fut = done_q.get(timeout=0.2) if waiting else done_q.get()
+            except queue.Empty:
+                continue
             with lock:
                 running.discard(key)
             t = by_key[key]
             value, seconds = fut.result()  # re-raises TaskError
             store.save(key, value, t.config)
+            if key in claims:
+                claims.pop(key).release()
             results[key] = store.load(key)
             stats.computed += 1
             stats.compute_seconds[t.group] = stats.compute_seconds.get(t.group, 0.0) + seconds
@@ -266,12 +343,17 @@ def run_tasks(tasks: Iterable[Task], store, executor=None, threads: int = 1, pro
                 raise KeyboardInterrupt(f"stopped after {stats.computed} computed tasks (fault injection)")
         if pending:
             raise RuntimeError(f"tasks never became ready (dependency cycle?): {sorted(pending)}")
-    except BaseException:
-        # leave nothing queued behind: cancel what has not started yet
-        if isinstance(executor, ProcessPoolExecutor):
+    except BaseException as e:
+        # leave nothing behind: on Ctrl-C stop the workers now (finished cells are
+        # stored; running ones are recomputed on resume); on an error cancel the queue
+        if isinstance(e, KeyboardInterrupt):
+            stop_workers(executor)
+        elif isinstance(executor, ProcessPoolExecutor):
             executor.shutdown(wait=False, cancel_futures=True)
         raise
     finally:
+        for c in claims.values():
+            c.release()
         if own:
             executor.shutdown(wait=True)
     stats.wall_seconds = time.perf_counter() - t_start
@@ -292,11 +374,14 @@ def print_progress(stream=None):
     return cb
 
 
-def probe(value=None, fail: bool = False, deps: dict | None = None) -> dict:
+def probe(value=None, fail: bool = False, deps: dict | None = None, seconds: float = 0.0) -> dict:
     """A trivial task (used by tests and to check a new executor): returns the value,
-    the process id, torch's thread count and the dependency results it received."""
+    the process id, torch's thread count and the dependency results it received, after
+    sleeping ``seconds``."""
     import torch
 
+    if seconds:
+        time.sleep(seconds)
     if fail:
         raise ValueError(f"probe asked to fail (value={value!r})")
     return {"value": value, "pid": os.getpid(), "threads": torch.get_num_threads(),

@@ -35,8 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from noiseprop.theory.noise import WeightNoise, parse_noise
-from noiseprop.theory.validation import check_inputs
+from noiseprop.theory.noise import MAX_LEVEL, WeightNoise, parse_noise
+from noiseprop.theory.validation import (check_bool, check_int, check_inputs, check_logits, check_probability,
+                                         check_seed, is_fit_error, model_fit_error)
 from noiseprop.theory.validation import check_labels as _check_labels
 from noiseprop.theory.targets import (TargetPlan, find_fold_pairs, fold_bn, folding_affine, is_norm_layer,
                                       resolve_targets)
@@ -50,18 +51,52 @@ __all__ = ["MCResult", "SweepResult", "monte_carlo", "sweep", "check_inputs", "N
 # Input checks (check_inputs and check_labels live in noiseprop.theory.validation)
 # ----------------------------------------------------------------------------
 def _check_count(name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
+    return check_int(name, value, minimum)
 
 
 def _check_levels(levels) -> np.ndarray:
-    lv = np.asarray(levels, dtype=np.float64).ravel()
+    try:
+        lv = np.asarray(levels, dtype=np.float64).ravel()
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"noise_levels must be a sequence of numbers in [0, {MAX_LEVEL:.3g}], got {levels!r}") from None
     if lv.size == 0:
         raise ValueError("noise_levels is empty: give at least one noise level >= 0")
-    if not np.all(np.isfinite(lv)) or np.any(lv < 0):
-        raise ValueError(f"noise levels must be finite and >= 0, got {levels!r}")
+    if not np.all(np.isfinite(lv)) or np.any(lv < 0) or np.any(lv > MAX_LEVEL):
+        raise ValueError(f"noise_levels must be finite and >= 0 and <= {MAX_LEVEL:.3g} (the variance must fit in "
+                         f"float32), got {levels!r}")
     return lv
+
+
+def _check_scales_fit(ev, max_level: float) -> None:
+    """Refuse, by parameter name, a level whose noise scale overflows the weight's dtype."""
+    for name, u in zip(ev.names, ev.unit_scales):
+        big = float(u.abs().max()) * max_level if u.numel() else 0.0
+        if not math.isfinite(big) or big > torch.finfo(u.dtype).max:
+            raise ValueError(f"noise level {max_level:g}: the noise scale of parameter {name!r} overflows {u.dtype} "
+                             f"(largest {torch.finfo(u.dtype).max:.3g}); use a smaller level")
+
+
+def _hooks_present(model: nn.Module) -> bool:
+    """Any forward (pre-)hook, on a module or registered globally, or a parametrization."""
+    from torch.nn.modules import module as _m
+
+    for name in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_forward_hooks_always_called"):
+        if getattr(_m, name, None):
+            return True
+    for mod in model.modules():
+        if mod._forward_hooks or mod._forward_pre_hooks or getattr(mod, "parametrizations", None):
+            return True
+    return False
+
+
+def _standard_pair(conv: nn.Module, norm: nn.Module) -> bool:
+    """Folding is provably exact only for torch's own layer classes (no overridden forward)
+    and the norm layers that implement ``folding_affine`` themselves."""
+    std_conv = type(conv) in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    std_norm = type(norm) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d) or (
+        callable(getattr(norm, "folding_affine", None)) and type(norm).__module__.startswith("noiseprop."))
+    patched = "forward" in vars(conv) or "forward" in vars(norm)  # forward replaced on the instance
+    return std_conv and std_norm and not patched
 
 
 def _warn_train_mode(model):
@@ -96,17 +131,20 @@ def _fold_digital_norms(plan: TargetPlan):
     ``post[name] = (a, c)``: the stored parameter ``name`` (after noise) maps to
     ``a ⊙ p + c`` in ``net`` (``c`` is ``None`` for weights). When norms carry noise
     themselves, are already folded, or cannot be located by tracing, the network is
-    copied as it is (``post`` empty): the optimisation never changes semantics.
+    copied as it is (``post`` empty): the optimisation never changes semantics. It is
+    used only when it is provably the same function: no forward hooks (on any module, or
+    global), no parametrizations, and only torch's own Conv/Linear and BatchNorm classes
+    (or noiseprop's norm layers, which define ``folding_affine``).
     """
     t = plan.targets
     net = copy.deepcopy(plan.model)
-    if t.fold_bn or t.norm or not any(is_norm_layer(m) for m in net.modules()):
+    if t.fold_bn or t.norm or not any(is_norm_layer(m) for m in net.modules()) or _hooks_present(net):
         return net, {}
     try:  # traced on the private copy: the user's forward is never run
         pairs = find_fold_pairs(net)
     except ValueError:
         return net, {}
-    if not pairs:
+    if not pairs or not all(_standard_pair(net.get_submodule(c), net.get_submodule(n)) for c, n in pairs):
         return net, {}
     net = fold_bn(net, pairs=pairs)
     post = {}
@@ -168,15 +206,24 @@ class NoisyEvaluator:
                     p.add_(c)
 
     @torch.inference_mode()
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
+    def logits(self, x: torch.Tensor, first: bool = False) -> torch.Tensor:
+        """Logits ``[N, C]`` of the current network on ``x``. ``first``: the clean pass at
+        the start of a run, where an error from a layer that ``x`` does not fit is
+        reported as such."""
         n = x.shape[0]
         bs = self.batch_size or n
         fmt = torch.channels_last if (self.channels_last and x.dim() == 4) else torch.contiguous_format
-        outs = [self.net(x[i:i + bs].to(self.device, non_blocking=True).contiguous(memory_format=fmt))
-                for i in range(0, n, bs)]
+        outs = []
+        for i in range(0, n, bs):
+            xb = x[i:i + bs].to(self.device, non_blocking=True).contiguous(memory_format=fmt)
+            try:
+                out = self.net(xb)
+            except RuntimeError as e:
+                if first and i == 0 and is_fit_error(e):
+                    raise model_fit_error(e, x) from e
+                raise
+            outs.append(check_logits(out, xb.shape[0]))
         out = torch.cat(outs) if len(outs) > 1 else outs[0]
-        if out.dim() != 2:
-            raise ValueError(f"the model must map a batch of inputs to logits of shape [N, C]; got shape {tuple(out.shape)}")
         return out
 
 
@@ -204,15 +251,19 @@ def _run(model, x, y, noise, levels, draws, seed, targets, batch_size, keep_logi
     x, y = check_inputs(model, x, y)
     noise = parse_noise(noise)
     draws = _check_count("draws", draws, 2)
-    seed = _check_count("seed", seed, 0)
+    seed = check_seed("seed", seed)
     if batch_size is not None:
         batch_size = _check_count("batch_size", batch_size, 1)
     _warn_train_mode(model)
     plan = resolve_targets(model, targets)
     ev = NoisyEvaluator(plan, noise, batch_size=batch_size)
+    _check_scales_fit(ev, max(levels))
     y_dev = y.to(ev.device)
     t0 = time.perf_counter()
-    clean = ev.logits(x)
+    clean = ev.logits(x, first=True)
+    if not torch.isfinite(clean).all():
+        raise ValueError("the model's clean logits on x contain NaN or infinite values: the model itself overflows "
+                         "on these inputs, before any noise")
     _check_labels(y, clean.shape[1])
     clean_acc, clean_loss = _accuracy_and_loss(clean, y_dev)
     L = len(levels)
@@ -240,10 +291,17 @@ def _run(model, x, y, noise, levels, draws, seed, targets, batch_size, keep_logi
         if bar is not None:
             bar.close()
     seconds = time.perf_counter() - t0
+    bad = ~(np.isfinite(accs) & np.isfinite(losses))
+    if bad.any():
+        where = ", ".join(f"level {levels[i]:g}: {int(bad[i].sum())}/{draws}" for i in range(L) if bad[i].any())
+        warnings.warn(f"non-finite results: some noisy networks gave NaN or infinite logits or loss ({where} draws); "
+                      "the noise level is too large for the model's floating-point range. Results at those levels "
+                      "are flagged (extras['nonfinite_draws']) and their means are NaN", RuntimeWarning, stacklevel=3)
     var = [m2 / (draws - 1) if m2 is not None else None for m2 in m2s]
     run = _Run(accs, losses, means, var, clean.double().cpu(), clean_acc, clean_loss, seconds)
     if cv_vals is not None:
         object.__setattr__(run, "cv_values", cv_vals)
+    object.__setattr__(run, "nonfinite", bad.sum(axis=1))
     return run, plan
 
 
@@ -386,6 +444,7 @@ class SweepResult:
     logit_mean: list | None = None
     logit_var: list | None = None
     clean_logits: torch.Tensor | None = None
+    nonfinite_draws: np.ndarray | None = None  # per level: draws with NaN/inf loss (None: none)
 
     def to_frame(self) -> pd.DataFrame:
         rows = []
@@ -452,10 +511,8 @@ def monte_carlo(model: nn.Module, x, y, noise, draws: int = 200, seed: int = 0, 
         estimates are unchanged.
     """
     noise = parse_noise(noise)
-    if not (0 < confidence < 1):
-        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
-    if not isinstance(control_variate, bool):
-        raise TypeError(f"control_variate must be True or False, got {control_variate!r}")
+    confidence = check_probability("confidence", confidence)
+    control_variate = check_bool("control_variate", control_variate)
     cv = None
     if control_variate:
         from noiseprop.theory.linearize import LinearControlVariate
@@ -465,6 +522,8 @@ def monte_carlo(model: nn.Module, x, y, noise, draws: int = 200, seed: int = 0, 
     run, plan = _run(model, x, y, noise, [noise.level], draws, seed, targets, batch_size, True, progress, "monte-carlo",
                      cv=cv)
     extras = _control_variate_extras(run, cv, noise.level, confidence) if cv is not None else {}
+    if run.nonfinite[0]:
+        extras["nonfinite_draws"] = int(run.nonfinite[0])
     return MCResult(
         noise=noise.to_string(), targets=plan.targets.describe(), draws=int(draws), seed=int(seed),
         logit_mean=run.logit_mean[0].cpu(), logit_var=run.logit_var[0].cpu(), clean_logits=run.clean_logits,
@@ -484,8 +543,8 @@ def sweep(model: nn.Module, x, y, noise, noise_levels, draws: int = 100, seed: i
     """
     noise = parse_noise(noise, default_level=1.0)
     levels = _check_levels(noise_levels)
-    if not (0 < confidence < 1):
-        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
+    confidence = check_probability("confidence", confidence)
+    keep_logits = check_bool("keep_logits", keep_logits)
     run, plan = _run(model, x, y, noise, list(levels), draws, seed, targets, batch_size, keep_logits, progress, "sweep")
     family = noise.to_string().split(":")[0]
     return SweepResult(
@@ -495,4 +554,5 @@ def sweep(model: nn.Module, x, y, noise, noise_levels, draws: int = 100, seed: i
         logit_mean=[m.cpu() for m in run.logit_mean] if keep_logits else None,
         logit_var=[v.cpu() for v in run.logit_var] if keep_logits else None,
         clean_logits=run.clean_logits,
+        nonfinite_draws=run.nonfinite.astype(np.int64) if run.nonfinite.any() else None,
     )

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .checkpoint import atomic_write
+from .checkpoint import atomic_write, check_replaceable_folder, publish_folder, sweep_temp
 
 __all__ = ["ReportConfig", "make_report", "render_markdown", "render_html"]
 
@@ -256,15 +256,22 @@ def make_report(cfg: ReportConfig = ReportConfig()) -> Path:
     from .studies import default_grid, quick_grid, quick_options, run_plans, study_module
     from .train import default_cache_dir
 
+    from noiseprop.theory.validation import check_output_dir
+
     t_start = time.perf_counter()
-    out = Path(cfg.out_dir)
+    # refuse what can be refused before any work: the folders, then the grid
+    out = check_replaceable_folder(cfg.out_dir, "--out")
+    if cfg.cache_dir is not None:
+        check_output_dir(Path(cfg.cache_dir).expanduser(), "--cache-dir")
     overrides = {k: v for k, v in (("dataset", cfg.dataset), ("data_dir", cfg.data_dir), ("draws", cfg.draws),
                                    ("seeds", cfg.seeds), ("etas", cfg.etas), ("epochs", cfg.epochs))
                  if v is not None}
     grid = quick_grid(**overrides) if cfg.quick else default_grid(**overrides)
     cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir is not None else default_cache_dir()
+    check_output_dir(cache / "cells", "--cache-dir")
     store = ResultStore(cache / "cells")
     store.clean_temp()
+    sweep_temp(cache / "checkpoints")  # temp files of killed trainings
     opts = quick_options() if cfg.quick else {}
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if cfg.progress else (lambda msg: None)
     plans = []
@@ -285,18 +292,30 @@ def make_report(cfg: ReportConfig = ReportConfig()) -> Path:
             t0 = time.perf_counter()
             study_results.append(mod.analyse(p, results, grid))
             t_analysis[p.name] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        path = write_report(study_results, grid, out, cfg, executor=executor)
-        t_write = time.perf_counter() - t0
+        timings = {}
+
+        def fill(staging: Path):
+            t0 = time.perf_counter()
+            write_report(study_results, grid, staging, cfg, executor=executor)
+            t_write = time.perf_counter() - t0
+            timings.update({"total_seconds": time.perf_counter() - t_start, "cells_seconds": t_cells,
+                            "analysis_seconds": t_analysis, "write_seconds": t_write,
+                            "compute_seconds_by_study": stats.compute_seconds, "cells_computed": stats.computed,
+                            "cells_loaded": stats.loaded, "workers": getattr(executor, "_max_workers", 1),
+                            "command": " ".join(sys.argv), "python": platform.python_version(),
+                            "machine": platform.machine()})
+            _write_text(staging / "timings.json", json.dumps(timings, indent=2, sort_keys=True, default=str) + "\n")
+
+        publish_folder(out, fill)  # the folder is replaced as a whole: never half a report
+        path = out / "report.md"
+    except KeyboardInterrupt:
+        from .executor import stop_workers
+
+        stop_workers(executor)
+        raise
     finally:
         if hasattr(executor, "shutdown"):
             executor.shutdown()
-    timings = {"total_seconds": time.perf_counter() - t_start, "cells_seconds": t_cells,
-               "analysis_seconds": t_analysis, "write_seconds": t_write,
-               "compute_seconds_by_study": stats.compute_seconds, "cells_computed": stats.computed,
-               "cells_loaded": stats.loaded, "workers": getattr(executor, "_max_workers", 1),
-               "command": " ".join(sys.argv), "python": platform.python_version(), "machine": platform.machine()}
-    _write_text(out / "timings.json", json.dumps(timings, indent=2, sort_keys=True, default=str) + "\n")
     log(f"[report] written to {path} in {timings['total_seconds']:.1f} s")
     return path
 

@@ -37,16 +37,25 @@ __all__ = [
     "Multiplicative",
     "parse_noise",
     "NOISE_STRING_FORMS",
+    "MAX_LEVEL",
 ]
 
 
+#: Largest accepted noise level: its square (the noise variance at unit scale) must be
+#: finite in float32, the dtype of most weights; larger levels only produce inf/NaN.
+MAX_LEVEL = math.sqrt(float(torch.finfo(torch.float32).max))
+
+
 def _check_level(name: str, value) -> float:
+    accepted = f"a finite number >= 0 and <= {MAX_LEVEL:.3g} (its square, the noise variance, must fit in float32)"
+    if isinstance(value, (bool, str, bytes)) or type(value).__name__ in ("bool_", "bool") or not hasattr(value, "__float__"):
+        raise ValueError(f"{name} must be {accepted}, got {type(value).__name__} {value!r}")
     try:
         v = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}") from None
-    if math.isnan(v) or math.isinf(v) or v < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"{name} must be {accepted}, got {value!r}") from None
+    if math.isnan(v) or math.isinf(v) or v < 0 or v > MAX_LEVEL:
+        raise ValueError(f"{name} must be {accepted}, got {value!r}")
     return v
 
 
@@ -239,4 +248,7 @@ def parse_noise(spec, default_level: float | None = None) -> WeightNoise:
         level = float(value)
     except ValueError:
         raise ValueError(f"noise {spec!r}: level {value!r} is not a number; accepted forms: {accepted}") from None
-    return NOISE_STRING_FORMS[name](level)
+    try:
+        return NOISE_STRING_FORMS[name](level)
+    except ValueError as e:
+        raise ValueError(f"noise {spec!r}: {e}") from None

@@ -14,7 +14,7 @@ way (the L1 / TopK BatchNorm of :mod:`noiseprop.empirical.norms`).
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Iterable
 
 import torch
@@ -65,6 +65,9 @@ def folding_affine(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
                 "inference statistics and cannot be folded"
             )
         var = module.running_var.detach()
+        if (var < 0).any():
+            raise ValueError(f"{type(module).__name__} has {int((var < 0).sum())} negative running_var value(s) "
+                             f"(min {float(var.min()):.4g}); a variance must be >= 0, so it cannot be folded")
         a = torch.rsqrt(var + module.eps)
         if module.weight is not None:
             a = a * module.weight.detach()
@@ -119,6 +122,13 @@ class Targets:
         if isinstance(spec, Targets):
             return spec
         if isinstance(spec, dict):
+            allowed = [f.name for f in fields(cls)]
+            bad = sorted(str(k) for k in spec if k not in allowed)
+            if bad:
+                raise ValueError(f"targets: unknown option(s) {bad}; accepted keys: {allowed}")
+            for k in ("weights", "biases", "norm", "fold_bn"):
+                if k in spec and not isinstance(spec[k], bool):
+                    raise TypeError(f"targets: {k!r} must be True or False, got {spec[k]!r}")
             return cls(**spec)
         if isinstance(spec, str):
             words = [w for w in spec.replace("+", ",").split(",") if w.strip()]
@@ -314,6 +324,8 @@ def fold_bn(model: nn.Module, pairs: Iterable[tuple[str, str]] | None = None) ->
     >>> torch.allclose(folded(x), net(x), atol=1e-6)
     True
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fold_bn: model must be a torch.nn.Module, got {type(model).__name__} {model!r:.60}")
     if pairs is None:
         pairs = find_fold_pairs(model)
     net = copy.deepcopy(model)
@@ -321,7 +333,10 @@ def fold_bn(model: nn.Module, pairs: Iterable[tuple[str, str]] | None = None) ->
     for conv_name, norm_name in pairs:
         conv = net.get_submodule(conv_name)
         norm = net.get_submodule(norm_name)
-        a, c = folding_affine(norm)
+        try:
+            a, c = folding_affine(norm)
+        except ValueError as e:
+            raise ValueError(f"fold_bn: layer {norm_name!r}: {e}") from None
         a = a.to(conv.weight.dtype)
         c = c.to(conv.weight.dtype)
         if a.shape[0] != conv.weight.shape[0]:

@@ -1,19 +1,145 @@
-"""Input checks shared by every public entry point (prediction and Monte-Carlo alike),
-so both reject the same inputs with the same messages."""
+"""Input checks shared by every public entry point (prediction, Monte-Carlo, data, the
+command line), so all of them reject the same inputs with the same messages.
+
+Every error names the argument (or file, layer, environment variable) and says what is
+accepted. Checks run at the boundary, before any long work starts.
+
+Scalars: :func:`check_int`, :func:`check_number`, :func:`check_probability`,
+:func:`check_seed`, :func:`check_bool`, :func:`env_int`.
+Model and data: :func:`check_inputs`, :func:`check_labels`, :func:`check_model`,
+:func:`check_logits`, :func:`model_fit_error`, :func:`check_noise_fits`.
+Files: :func:`check_output_file`, :func:`check_output_dir`.
+"""
 from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["check_inputs", "check_labels"]
+__all__ = ["check_inputs", "check_labels", "check_int", "check_number", "check_probability", "check_seed",
+           "check_bool", "env_int", "check_model", "check_logits", "model_fit_error", "check_noise_fits",
+           "check_output_file", "check_output_dir", "SEED_MAX", "probe_logits", "is_fit_error"]
+
+#: Largest accepted seed: torch and numpy generators both take any integer in [0, 2**63).
+SEED_MAX = 2 ** 63 - 1
+
+
+# ----------------------------------------------------------------------------
+# Scalars
+# ----------------------------------------------------------------------------
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def check_int(name: str, value, minimum: int | None = None, maximum: int | None = None, allow_none: bool = False):
+    """An integer (not a bool, not a float) in ``[minimum, maximum]``; returns ``int``."""
+    if value is None and allow_none:
+        return None
+    lo = "" if minimum is None else f" >= {minimum}"
+    hi = "" if maximum is None else f" <= {maximum}"
+    what = f"an integer{lo}{' and' if lo and hi else ''}{hi}{' or None' if allow_none else ''}"
+    if not _is_int(value):
+        raise TypeError(f"{name} must be {what}, got {type(value).__name__} {value!r}")
+    v = int(value)
+    if (minimum is not None and v < minimum) or (maximum is not None and v > maximum):
+        raise ValueError(f"{name} must be {what}, got {v!r}")
+    return v
+
+
+def check_number(name: str, value, minimum: float | None = None, maximum: float | None = None,
+                 open_min: bool = False, open_max: bool = False, allow_none: bool = False) -> float | None:
+    """A finite real number (int or float, not a bool or a string) in the given range;
+    returns ``float``."""
+    if value is None and allow_none:
+        return None
+    parts = []
+    if minimum is not None:
+        parts.append(f"{'>' if open_min else '>='} {minimum:g}")
+    if maximum is not None:
+        parts.append(f"{'<' if open_max else '<='} {maximum:g}")
+    what = "a finite number" + (" " + " and ".join(parts) if parts else "") + (" or None" if allow_none else "")
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be {what}, got {type(value).__name__} {value!r}")
+    try:
+        v = float(value)
+    except OverflowError:
+        raise ValueError(f"{name} must be {what}, got {value!r} (too large for a float)") from None
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    if minimum is not None and (v < minimum or (open_min and v == minimum)):
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    if maximum is not None and (v > maximum or (open_max and v == maximum)):
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return v
+
+
+def check_probability(name: str, value) -> float:
+    """A number strictly between 0 and 1 (a confidence level, a fraction)."""
+    return check_number(name, value, 0.0, 1.0, open_min=True, open_max=True)
+
+
+def check_seed(name: str, value) -> int:
+    """A seed: an integer in ``[0, 2**63 - 1]`` (what torch and numpy generators take)."""
+    return check_int(name, value, 0, SEED_MAX)
+
+
+def check_bool(name: str, value) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+    return bool(value)
+
+
+def env_int(var: str, default=None, minimum: int = 1):
+    """The integer value of environment variable ``var`` (``default`` when unset or
+    empty); an error naming the variable otherwise."""
+    raw = os.environ.get(var)
+    if raw is None or not raw.strip():
+        return default
+    try:
+        v = int(raw.strip())
+    except ValueError:
+        raise ValueError(f"environment variable {var}={raw!r} is not an integer; set it to an integer >= {minimum} "
+                         f"or unset it") from None
+    if v < minimum:
+        raise ValueError(f"environment variable {var}={raw!r} must be an integer >= {minimum}")
+    return v
+
+
+# ----------------------------------------------------------------------------
+# Model and data
+# ----------------------------------------------------------------------------
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def check_model(model) -> nn.Module:
+    """A ``torch.nn.Module`` with real (not ``meta``) finite parameters and buffers, and
+    BatchNorm running variances ``>= 0``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module mapping inputs to logits, got {type(model).__name__}")
+    for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+        if p.device.type == "meta":
+            raise ValueError(f"model parameter {name!r} is on the 'meta' device (no values); load real weights "
+                             "first, e.g. model.to_empty(device='cpu') then load_state_dict")
+        if torch.is_floating_point(p) and not torch.isfinite(p).all():
+            raise ValueError(f"model parameter {name!r} contains NaN or infinite values")
+    for name, m in model.named_modules():
+        if isinstance(m, _BN) and m.running_var is not None:
+            rv = m.running_var.detach()
+            if (rv + m.eps <= 0).any() or (rv < 0).any():
+                bad = int((rv < 0).sum())
+                raise ValueError(f"BatchNorm layer {name or type(m).__name__!r} has {bad} negative running_var "
+                                 f"value(s) (min {float(rv.min()):.4g}); a variance must be >= 0")
+    return model
 
 
 def check_inputs(model, x, y):
     """Validate ``model, x, y`` at a public boundary; return ``(x, y)`` as tensors with
     ``y`` int64. Errors name the problem and what is accepted."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module mapping inputs to logits, got {type(model).__name__}")
+    check_model(model)
     if isinstance(x, np.ndarray):
         x = torch.from_numpy(x)
     if not isinstance(x, torch.Tensor):
@@ -32,11 +158,15 @@ def check_inputs(model, x, y):
         raise ValueError(f"x and y must have the same length: x has {x.shape[0] if x.dim() else 0} inputs, y has {y.shape[0]} labels")
     if x.shape[0] == 0:
         raise ValueError("x and y are empty: at least one input is needed")
+    if x.device.type == "meta":
+        raise ValueError("x is on the 'meta' device (no values); give a tensor with data")
     if not torch.isfinite(x).all():
         raise ValueError("x contains NaN or infinite values")
-    for name, p in list(model.named_parameters()) + list(model.named_buffers()):
-        if torch.is_floating_point(p) and not torch.isfinite(p).all():
-            raise ValueError(f"model parameter {name!r} contains NaN or infinite values")
+    dtypes = {p.dtype for p in model.parameters() if torch.is_floating_point(p)}
+    if len(dtypes) == 1 and x.dtype not in dtypes:
+        (dt,) = dtypes
+        raise TypeError(f"x does not fit the model: x has dtype {x.dtype} but the model's parameters are {dt}; "
+                        f"convert with x.to({dt})")
     return x, y.to(torch.int64)
 
 
@@ -45,3 +175,119 @@ def check_labels(y: torch.Tensor, num_classes: int):
     lo, hi = int(y.min()), int(y.max())
     if lo < 0 or hi >= num_classes:
         raise ValueError(f"labels must lie in [0, {num_classes}) for a model with {num_classes} logits; found range [{lo}, {hi}]")
+
+
+def check_logits(out, n: int | None = None) -> torch.Tensor:
+    """What a model returned must be one ``[N, C]`` floating-point tensor of logits."""
+    if not isinstance(out, torch.Tensor):
+        what = type(out).__name__
+        if isinstance(out, (tuple, list)):
+            what += f" of {len(out)} items"
+        elif isinstance(out, dict):
+            what += f" with keys {sorted(map(str, out))[:5]}"
+        raise TypeError(f"the model must return one tensor of logits shaped [N, C]; it returned a {what}. Wrap it "
+                        "in a Module whose forward returns the logits tensor (e.g. model(x)[0] or model(x)['logits'])")
+    if out.dim() != 2:
+        raise ValueError(f"the model must map a batch of inputs to logits of shape [N, C]; got shape {tuple(out.shape)}")
+    if n is not None and out.shape[0] != n:
+        raise ValueError(f"the model returned {out.shape[0]} rows of logits for {n} inputs; it must return one row "
+                         "per input")
+    if not torch.is_floating_point(out):
+        raise TypeError(f"the model must return floating-point logits, got dtype {out.dtype}")
+    return out
+
+
+def model_fit_error(exc: BaseException, x: torch.Tensor) -> ValueError:
+    """A ``ValueError`` saying that ``x`` does not fit the model, for an error raised
+    by the model's forward on ``x`` (wrong shape, channel count or dtype)."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return ValueError(f"x does not fit the model: its forward pass on inputs of shape {tuple(x.shape)} and dtype "
+                      f"{x.dtype} failed with {type(exc).__name__}: {first}")
+
+
+def check_noise_fits(noise, weights, names=None) -> None:
+    """The noise model's scale must be finite for every target weight, in the weight's
+    own dtype: an absurd level (e.g. ``relative:1e300`` on float32 weights) is refused
+    here, by name, instead of overflowing deep inside a run."""
+    for i, w in enumerate(weights):
+        s = noise.scale(w)
+        finfo = torch.finfo(w.dtype)
+        big = float(s.detach().abs().max()) if s.numel() else 0.0
+        if not math.isfinite(big) or big > finfo.max:
+            nm = names[i] if names is not None else f"#{i}"
+            raise ValueError(f"noise {noise.to_string()}: the noise scale of parameter {nm!r} overflows {w.dtype} "
+                             f"(max {finfo.max:.3g}); use a smaller level")
+
+
+# ----------------------------------------------------------------------------
+# Output locations (checked before a long run starts)
+# ----------------------------------------------------------------------------
+def _writable_dir_ancestor(path: Path, name: str, shown=None) -> None:
+    """Walk up to the first existing ancestor: it must be a writable folder."""
+    shown = path if shown is None else shown
+    p = path
+    while not p.exists():
+        if p.parent == p:
+            break
+        p = p.parent
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"{name} {str(shown)!r} cannot be created: {str(p)!r} is a file, not a folder")
+    if p.exists():
+        import tempfile
+
+        try:  # a real probe: permission bits do not tell root (or read-only mounts) the truth
+            fd, probe = tempfile.mkstemp(prefix=".noiseprop-probe.", dir=p)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            raise ValueError(f"{name} {str(shown)!r} cannot be written: no file can be created in folder "
+                             f"{str(p)!r} ({e.strerror or e})") from None
+
+
+def check_output_file(path, name: str = "--out") -> Path:
+    """A file to write later: not a folder, under a folder that exists or can be made,
+    and writable."""
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise TypeError(f"{name} must be a file path, got {path!r}")
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise ValueError(f"{name} {str(p)!r} is a folder; give a file path such as {str(p / 'model.pt')!r}")
+    if p.exists() and not os.access(p, os.W_OK):
+        raise ValueError(f"{name} {str(p)!r} exists and is not writable")
+    _writable_dir_ancestor(p.parent, name, shown=p)
+    return p
+
+
+def check_output_dir(path, name: str = "--out") -> Path:
+    """A folder to write into later: not a file, and creatable or writable."""
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise TypeError(f"{name} must be a folder path, got {path!r}")
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"{name} {str(p)!r} is a file; give a folder")
+    _writable_dir_ancestor(p, name)
+    return p
+
+
+_FIT_WORDS = ("shape", "size", "channel", "dtype", "scalar type", "expected", "dimension", "must match",
+              "cannot be multiplied", "input type", "weight type")
+
+
+def is_fit_error(exc: BaseException) -> bool:
+    """Whether an error raised by a forward pass reads like inputs that do not fit a
+    layer (shape, channel count, dtype) rather than a failure of the model itself."""
+    return isinstance(exc, RuntimeError) and any(w in str(exc).lower() for w in _FIT_WORDS)
+
+
+def probe_logits(forward, x: torch.Tensor) -> torch.Tensor:
+    """``forward(x)`` (no gradients) checked to be a ``[N, C]`` logits tensor; an error
+    from a layer that ``x`` does not fit becomes "x does not fit the model: ...".
+    For entry points that run one probe pass before the real work."""
+    try:
+        with torch.no_grad():
+            out = forward(x)
+    except RuntimeError as e:
+        if is_fit_error(e):
+            raise model_fit_error(e, x) from e
+        raise
+    return check_logits(out, x.shape[0])

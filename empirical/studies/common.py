@@ -115,6 +115,14 @@ class Grid:
         etas = tuple(float(e) for e in self.etas)
         if len(etas) < 2 or any(not math.isfinite(e) or e < 0 for e in etas) or list(etas) != sorted(set(etas)):
             raise ValueError(f"etas must be at least two distinct increasing levels >= 0, got {self.etas!r}")
+        from noiseprop.theory.noise import MAX_LEVEL
+        from noiseprop.theory.validation import check_seed
+
+        if max(etas) > MAX_LEVEL:
+            raise ValueError(f"etas must be <= {MAX_LEVEL:.3g} (the noise variance must fit in float32), "
+                             f"got {max(etas):g}")
+        for s in self.seeds:
+            check_seed("seeds", s)
         object.__setattr__(self, "etas", etas)
         seeds = tuple(int(s) for s in self.seeds)
         if len(seeds) < 1 or len(set(seeds)) != len(seeds):
