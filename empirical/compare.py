@@ -53,6 +53,7 @@ import pandas as pd
 from scipy import stats as _st
 
 from noiseprop.theory.noise import parse_noise
+from noiseprop.theory.validation import check_number, check_probability
 
 from .stats import (
     Calibration,
@@ -203,12 +204,6 @@ class Comparison:
         return self.summary()
 
 
-def _check_margin(name, v):
-    if not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):
-        raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
-    return float(v)
-
-
 def _noise_of(result):
     """The result's noise model: the object it carries (``noise_model``), else its
     string form parsed (``relative:0.1``; a sweep's ``relative@0.1`` too)."""
@@ -315,11 +310,9 @@ def compare(prediction, mc, *, var_margin: float = 0.10, acc_margin: float = 0.0
     """
     for name, v in (("var_margin", var_margin), ("acc_margin", acc_margin), ("shift_margin", shift_margin),
                     ("loss_margin", loss_margin)):
-        _check_margin(name, v)
-    if not (0 < alpha < 0.5):
-        raise ValueError(f"alpha must be in (0, 0.5), got {alpha!r}")
-    if not (0 < confidence < 1):
-        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
+        check_number(name, v, 0.0, open_min=True)
+    alpha = check_number("alpha", alpha, 0.0, 0.5, open_min=True, open_max=True)
+    confidence = check_probability("confidence", confidence)
     for attr in ("logit_mean", "logit_var", "clean_logits", "accuracies", "losses", "clean_loss", "draws"):
         if not hasattr(mc, attr):
             raise TypeError(f"mc must be an MCResult (missing attribute {attr!r}), got {type(mc).__name__}")

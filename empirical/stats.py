@@ -32,6 +32,8 @@ import numpy as np
 from scipy import stats as _st
 from scipy.special import digamma
 
+from noiseprop.theory.validation import check_probability
+
 from .formatting import fmt_p
 
 # statsmodels is imported inside the functions that use it: its modules add about 1–2 s
@@ -53,13 +55,6 @@ __all__ = [
     "ols_effect",
     "log_variance_bias",
 ]
-
-
-def _check_confidence(confidence: float) -> float:
-    c = float(confidence)
-    if not (0.0 < c < 1.0):
-        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
-    return c
 
 
 def mean_ci(values, confidence: float = 0.95) -> tuple[float, float, tuple[float, float]]:
@@ -106,7 +101,7 @@ def variance_ci(s2, n, confidence: float = 0.95, df=None):
 
     Returns ``(low, high)`` (floats, or arrays shaped like ``s2``).
     """
-    confidence = _check_confidence(confidence)
+    confidence = check_probability("confidence", confidence)
     nu = float(n) - 1.0 if df is None else float(df)
     if not nu > 0:
         raise ValueError(f"variance_ci needs n >= 2 draws (df > 0), got n={n!r}, df={df!r}")
@@ -171,7 +166,7 @@ def bootstrap_ci(data, statistic=np.mean, confidence: float = 0.95, method: str 
     When the data carry no spread (all values equal) every resample gives the same
     statistic and the interval collapses onto it (BCa itself is undefined there).
     """
-    confidence = _check_confidence(confidence)
+    confidence = check_probability("confidence", confidence)
     x = np.asarray(data, dtype=np.float64)
     if x.ndim == 0 or x.shape[0] < 2:
         raise ValueError("bootstrap_ci needs at least two observations")
@@ -311,7 +306,7 @@ def calibration(observed, predicted, log: bool = False, groups=None, confidence:
     """
     import statsmodels.api as sm
 
-    confidence = _check_confidence(confidence)
+    confidence = check_probability("confidence", confidence)
     obs = np.asarray(observed, dtype=np.float64).ravel()
     pred = np.asarray(predicted, dtype=np.float64).ravel()
     if obs.shape != pred.shape:
@@ -427,7 +422,7 @@ def paired_effect(a, b, name: str = "difference", confidence: float = 0.95, unit
     """Paired difference ``a − b`` across matched units (training seeds): mean
     difference, Student-t interval and two-sided p-value (``scipy.stats.ttest_rel``),
     Cohen's ``d_z = mean/sd`` of the differences."""
-    confidence = _check_confidence(confidence)
+    confidence = check_probability("confidence", confidence)
     a = np.asarray(a, dtype=np.float64).ravel()
     b = np.asarray(b, dtype=np.float64).ravel()
     if a.shape != b.shape:
@@ -461,7 +456,7 @@ def ols_effect(frame, formula: str, term: str, name: str | None = None, confiden
     """
     import statsmodels.formula.api as smf
 
-    confidence = _check_confidence(confidence)
+    confidence = check_probability("confidence", confidence)
     model = smf.ols(formula, data=frame)
     if groups is not None:
         res = model.fit(cov_type="cluster", cov_kwds={"groups": frame[groups].astype("category").cat.codes})
