@@ -19,7 +19,6 @@ warning, moved aside to ``*.corrupt`` and recomputed, never used.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -29,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from noiseprop.theory.hashing import config_digest
 
 from .checkpoint import atomic_write, sweep_temp
 
@@ -74,8 +75,7 @@ def _canonical(obj):
 def config_key(config: dict) -> str:
     """The SHA-256 (first 32 hex digits) of the canonical JSON of ``config``: equal
     configurations (whatever their key order, tuples or lists) share a key."""
-    text = json.dumps(_canonical(config), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:32]
+    return config_digest(_canonical(config), length=32)
 
 
 def encode(value: Any):

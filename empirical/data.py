@@ -12,16 +12,17 @@ folder raises an error that lists the expected files.
 from __future__ import annotations
 
 import gzip
-import zlib
-import hashlib
 import json
 import os
 import pickle
+import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from noiseprop.theory.hashing import tensor_digest
 
 __all__ = [
     "Dataset",
@@ -126,13 +127,9 @@ class Dataset:
 # helpers
 # ----------------------------------------------------------------------------
 def _fingerprint(name: str, params: dict, tensors) -> str:
-    h = hashlib.sha256()
-    h.update(json.dumps({"name": name, "params": params}, sort_keys=True, default=str).encode())
-    for t in tensors:
-        a = np.ascontiguousarray(t.detach().cpu().numpy())
-        h.update(f"{a.dtype.str}{a.shape}".encode())
-        h.update(memoryview(a).cast("B"))
-    return h.hexdigest()
+    """The data set's identity: its name, parameters and the bytes of its arrays
+    (:func:`noiseprop.theory.hashing.tensor_digest`, the project's one hashing scheme)."""
+    return tensor_digest(tensors, header={"name": name, "params": params})
 
 
 def _normalise(x_train: np.ndarray, x_test: np.ndarray):
