@@ -12,7 +12,6 @@ folder raises an error that lists the expected files.
 from __future__ import annotations
 
 import gzip
-import json
 import os
 import pickle
 import zlib
