@@ -31,7 +31,6 @@ import statistics
 import time
 import warnings
 
-import numpy as np
 import torch
 
 MODELS = {
