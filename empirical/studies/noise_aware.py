@@ -179,9 +179,9 @@ def analyse(p: StudyPlan, results: dict, grid: Grid) -> StudyResult:
                                      panel=lambda r: str(r["arch"]))
     bars = summ.assign(group=summ["training"], value=summ["robustness"], ci_low=summ["robustness_ci_low"],
                        ci_high=summ["robustness_ci_high"], panel=summ["arch"])
-    share_bars = lsum.assign(panel=lsum["arch"], group=lsum["training"], value=100 * lsum["share_loss"],
-                             ci_low=np.nan, ci_high=np.nan)
-    share_bars = share_bars.assign(panel=share_bars["panel"] + ": " + share_bars["layer"])
+    share_bars = (lsum.sort_values(["arch", "training", "position"], ascending=[True, False, True])
+                  .assign(panel=lambda f: f["arch"] + ", " + f["training"], group=lambda f: f["layer"],
+                          value=lambda f: 100 * f["share_loss"], ci_low=np.nan, ci_high=np.nan))
     figs = [
         Figure("noise_aware_curves", "Accuracy vs η, standard and noise-aware training (noise on the unfolded "
                "weights); solid: Monte-Carlo mean over seeds with band, dashed: theory.", "curves", curves_fig,
@@ -189,7 +189,7 @@ def analyse(p: StudyPlan, results: dict, grid: Grid) -> StudyResult:
         Figure("noise_aware_robustness", "Normalised accuracy averaged over η > 0, standard vs noise-aware.", "bars",
                bars[["panel", "group", "value", "ci_low", "ci_high"]], {"ylabel": "normalised accuracy"}),
         Figure("noise_aware_layer_shares", "Per-layer share (%) of the first-order loss increase at η_train, "
-               "standard vs noise-aware (mean over seeds).", "bars",
+               "standard and noise-aware training side by side (mean over seeds), layers in network order.", "bars",
                share_bars[["panel", "group", "value", "ci_low", "ci_high"]], {"ylabel": "% of ΔL"}),
         Figure("noise_aware_calibration", "Predicted vs Monte-Carlo accuracy, every model and η.", "calibration",
                calibration_figure_frame(comp, "accuracy", lambda r: str(r["training"])), {}),
