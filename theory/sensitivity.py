@@ -39,6 +39,17 @@ Lagrange condition ``n_l/η_l = 2λ g_l η_l`` gives
 
 the reverse water-filling rule of rate-distortion bit allocation. The common factor is
 then set by root finding so that the predicted accuracy drop is ``max_drop``.
+
+Measured limits (``benchmarks/sensitivity.py``, digits, all 359 test inputs, 100–300
+Monte-Carlo draws): the accuracy with one layer alone noisy is within 0.1 point
+(ResNet-20, 22 layers) and 0.2 point (VGG with BatchNorm, 9 layers) of Monte-Carlo at
+the level where the whole network loses 5–7 points, and within 1.4 points even where
+it loses 30–60. The whole network is where the first order falls short: it misses the
+noise of each layer acting on the perturbation of its input, so at a 7-point drop it
+underestimates the damage by 2–3.5 points, and :func:`keep_digital`'s accuracies, which
+have most layers noisy, inherit that error (1–2 points there, under 0.5 point at a
+3-point drop). ``noise_budget(max_drop=0.01)``: Monte-Carlo drop 1.03% (ResNet-20),
+1.20% (MLP), 1.26% (VGG): within 0.3 point of the budget.
 """
 from __future__ import annotations
 
