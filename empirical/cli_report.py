@@ -9,9 +9,9 @@ from __future__ import annotations
 
 def cmd_report(args) -> int:
     from .report import ReportConfig, make_report
-    from .studies import STUDIES
+    from .studies import PUBLISHED_STUDIES, STUDIES
 
-    studies = tuple(args.studies) if args.studies else STUDIES
+    studies = tuple(args.studies) if args.studies else PUBLISHED_STUDIES
     bad = [s for s in studies if s not in STUDIES]
     if bad:
         raise ValueError(f"unknown studies {bad}; accepted: {list(STUDIES)}")
@@ -31,7 +31,8 @@ def register(sub) -> None:
     p.add_argument("--dataset", default="digits", help="digits (default), teacher, cifar10, cifar100, mnist")
     p.add_argument("--data-dir", default=None, help="folder of the CIFAR/MNIST files")
     p.add_argument("--studies", nargs="+", default=None,
-                   help="subset of: architecture batchnorm learning_rate norm_type (default: all four)")
+                   help="subset of: architecture batchnorm learning_rate norm_type noise_aware (default: the four "
+                        "published studies)")
     p.add_argument("--draws", type=int, default=None, help="Monte-Carlo draws per noise level")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds")
     p.add_argument("--etas", type=float, nargs="+", default=None, help="relative noise levels (include 0)")

@@ -1,4 +1,4 @@
-"""``noiseprop study NAME``: run one of the four studies and write its tables, figures
+"""``noiseprop study NAME``: run one of the five studies and write its tables, figures
 and findings (the same cells, store and code as ``noiseprop report``).
 
 Examples::
@@ -7,6 +7,7 @@ Examples::
     noiseprop study batchnorm --archs vgg resnet20 --ks 0 1 3 all --seeds 0 1 2 3
     noiseprop study learning_rate --lrs 0.003 0.01 0.03 0.1 0.3 1 --arch resnet20 --norm bn
     noiseprop study architecture --dataset cifar10 --data-dir ~/data --models vgg resnet20 resnet56
+    noiseprop study noise_aware --archs mlp resnet20 --train-eta 0.3
 """
 from __future__ import annotations
 
@@ -59,7 +60,7 @@ def cmd_study(args) -> int:
     opts = dict(quick_options()[args.name]) if args.quick else {}
     if args.name == "architecture" and args.models:
         opts["models"] = tuple(args.models)
-    if args.name in ("batchnorm", "norm_type") and args.archs:
+    if args.name in ("batchnorm", "norm_type", "noise_aware") and args.archs:
         opts["archs"] = tuple(args.archs)
     if args.name == "batchnorm" and args.ks:
         opts["ks"] = _ks(args.ks)
@@ -74,6 +75,10 @@ def cmd_study(args) -> int:
             opts["norm"] = args.norm
     elif args.arch or args.lrs or (args.norm and args.name != "architecture"):
         raise ValueError("--arch, --lrs and --norm apply to the learning_rate study (--norm also to architecture)")
+    if args.train_eta is not None:
+        if args.name != "noise_aware":
+            raise ValueError("--train-eta applies to the noise_aware study")
+        opts["train_eta"] = args.train_eta
     if args.name == "architecture" and args.norm:
         opts["norm"] = args.norm
     cache = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
@@ -107,9 +112,9 @@ def cmd_study(args) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("study", help="run one of the four studies (architecture, batchnorm, learning_rate, norm_type)",
+    p = sub.add_parser("study", help="run one study (architecture, batchnorm, learning_rate, norm_type, noise_aware)",
                        description=__doc__.split("\n\n")[0])
-    p.add_argument("name", help="architecture | batchnorm | learning_rate | norm_type")
+    p.add_argument("name", help="architecture | batchnorm | learning_rate | norm_type | noise_aware")
     p.add_argument("--dataset", default="digits", help="digits (default), teacher, cifar10, cifar100, mnist")
     p.add_argument("--data-dir", default=None, help="folder of the CIFAR/MNIST files")
     p.add_argument("--etas", type=float, nargs="+", default=None, help="relative noise levels (include 0)")
@@ -118,7 +123,9 @@ def register(sub) -> None:
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the family's)")
     p.add_argument("--theory", choices=("linear", "moments"), default=None, help="prediction method")
     p.add_argument("--models", nargs="+", default=None, help="architecture: e.g. mlp vgg resnet20 resnet32 resnet44 resnet56")
-    p.add_argument("--archs", nargs="+", default=None, help="batchnorm / norm_type: architectures")
+    p.add_argument("--archs", nargs="+", default=None, help="batchnorm / norm_type / noise_aware: architectures")
+    p.add_argument("--train-eta", type=float, default=None,
+                   help="noise_aware: relative noise level injected during noise-aware training (default 0.3)")
     p.add_argument("--ks", nargs="+", default=None, help="batchnorm: numbers of BatchNorm places (integers or 'all')")
     p.add_argument("--norms", nargs="+", default=None, help="norm_type: subset of none bn l1 topk")
     p.add_argument("--arch", default=None, help="learning_rate: the architecture")

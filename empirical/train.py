@@ -309,7 +309,8 @@ def _describe(spec, model_class, config, data_name) -> str:
     what = f"{spec['name']} (norm={spec['norm']}, width={spec['width']}, depth={spec['depth']})" if spec else model_class
     return (f"{what} on {data_name} with lr={config['lr']}, batch_size={config['batch_size']}, "
             f"momentum={config['momentum']}, weight_decay={config['weight_decay']}, schedule={config['schedule']}, "
-            f"warmup_epochs={config['warmup_epochs']}, epochs={config['epochs']}, seed={config['seed']}")
+            f"warmup_epochs={config['warmup_epochs']}, epochs={config['epochs']}, seed={config['seed']}"
+            + (f", noise-aware ({config['noise']})" if config.get("noise") else ""))
 
 
 class _Progress:
@@ -388,7 +389,8 @@ def _resolve_model(model_or_spec, data: Dataset):
 
 def train(model_or_spec, data="digits", lr=None, epochs=None, batch_size=None, momentum=None, weight_decay=None,
           schedule=None, seed: int = 0, *, warmup_epochs=None, cache_dir=None, cache: bool = True,
-          progress=None, eval_every: int = 1, num_threads: int | None = 1) -> TrainResult:
+          progress=None, eval_every: int = 1, num_threads: int | None = 1, noise=None,
+          noise_targets=None) -> TrainResult:
     """Train a network with SGD + momentum (cross-entropy loss), or load it from the cache.
 
     Args:
@@ -414,6 +416,19 @@ def train(model_or_spec, data="digits", lr=None, epochs=None, batch_size=None, m
             float rounding: the thread count is part of the configuration (and cache
             key). The default 1 makes results independent of the caller's setting, and
             is also the fastest for the small digits models on a busy machine.
+        noise: noise-aware (hardware-aware) training: a
+            :class:`~noiseprop.theory.noise.WeightNoise` or its string form
+            (``"relative:0.1"``). At every mini-batch a fresh draw of the noise model is
+            put into the target weights for the forward and backward pass, and the
+            gradient taken there updates the clean weights (the weight modifier of
+            aihwkit's hardware-aware training). The draws come from their own generator
+            seeded from ``seed`` (deterministic); the noise and its targets are part of the
+            configuration and the cache key. ``None`` (default): standard training (the
+            configuration and cache key of such runs are unchanged).
+        noise_targets: what gets noise during training
+            (:class:`~noiseprop.theory.targets.Targets`, default the Conv/Linear
+            weights, as at inference); ``fold_bn`` is not accepted here (BatchNorm folds
+            only in eval mode).
 
     Each epoch draws a fresh permutation and uses ``max(1, N // batch_size)`` full
     mini-batches (the remainder of the permutation is dropped for that epoch).
@@ -446,6 +461,24 @@ def train(model_or_spec, data="digits", lr=None, epochs=None, batch_size=None, m
     num_threads = torch.get_num_threads() if num_threads is None else _check_num("num_threads", num_threads,
                                                                                      kind=int, lo=1)
     config["threads"] = num_threads
+    if noise is not None:
+        from noiseprop.theory.noise import parse_noise
+        from noiseprop.theory.targets import Targets
+
+        try:
+            nm = parse_noise(noise)
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"noise (noise-aware training): {e}") from None
+        tg = Targets.parse(noise_targets)
+        if tg.fold_bn:
+            raise ValueError("noise_targets: fold_bn=True is not accepted for noise-aware training (BatchNorm folds "
+                             "only in eval mode); inject into the unfolded weights (the default)")
+        config["noise"] = nm.to_string()
+        config["noise_targets"] = {"weights": tg.weights, "biases": tg.biases, "norm": tg.norm,
+                                   "layers": list(tg.layers) if tg.layers is not None else None}
+    elif noise_targets is not None:
+        raise ValueError("noise_targets is given without noise: pass noise= (e.g. 'relative:0.1') for noise-aware "
+                         "training, or drop noise_targets")
 
     if spec is not None:
         if list(spec["in_shape"]) != list(data.in_shape) or spec["num_classes"] != data.num_classes:
@@ -539,6 +572,17 @@ def _fit(model: nn.Module, data: Dataset, config: dict, eval_every: int, progres
     opt = torch.optim.SGD(model.parameters(), lr=config["lr"], momentum=config["momentum"],
                           weight_decay=config["weight_decay"])
     rec = {k: [] for k in TrainHistory.__dataclass_fields__}
+    noisy, noise_model, noise_gen = [], None, None
+    if config.get("noise"):
+        from noiseprop.theory.noise import parse_noise
+        from noiseprop.theory.targets import Targets, resolve_targets
+
+        noise_model = parse_noise(config["noise"])
+        plan = resolve_targets(model, Targets(**config["noise_targets"]))
+        named = dict(model.named_parameters())
+        noisy = [named[n] for n in plan.names]
+        # a stream of its own: the mini-batch order is that of the same run without noise
+        noise_gen = torch.Generator().manual_seed(int(config["seed"]) * 2654435761 % 2**63 + 1)
     bar = _Progress(progress, config["epochs"], describe.split(" on ")[0])
     det_before = torch.are_deterministic_algorithms_enabled()
     warn_before = torch.is_deterministic_algorithms_warn_only_enabled()
@@ -563,8 +607,18 @@ def _fit(model: nn.Module, data: Dataset, config: dict, eval_every: int, progres
                         g["lr"] = lr_b
                     idx = perm[b * bs:(b + 1) * bs]
                     xb, yb = x[idx], y[idx]
+                    saved = None
+                    if noisy:
+                        with torch.no_grad():
+                            saved = [p.detach().clone() for p in noisy]
+                            for p in noisy:
+                                p.copy_(noise_model.sample(p.detach(), noise_gen))
                     out = model(xb)
                     loss = nn.functional.cross_entropy(out, yb)
+                    if saved is not None and not torch.isfinite(loss):
+                        with torch.no_grad():
+                            for p, w in zip(noisy, saved):
+                                p.copy_(w)
                     if not torch.isfinite(loss):
                         raise TrainingDivergedError(
                             f"training diverged (loss {float(loss.detach())}) at epoch {epoch + 1}, step {b + 1} of {describe}; "
@@ -572,6 +626,10 @@ def _fit(model: nn.Module, data: Dataset, config: dict, eval_every: int, progres
                         )
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
+                    if saved is not None:  # gradient at the noisy weights updates the clean ones
+                        with torch.no_grad():
+                            for p, w in zip(noisy, saved):
+                                p.copy_(w)
                     opt.step()
                     with torch.no_grad():
                         loss_sum += loss.detach().double() * yb.shape[0]

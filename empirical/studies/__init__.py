@@ -6,6 +6,8 @@ built-in digits data by default and at published scale with ``dataset="cifar10"`
 ``batchnorm``      :mod:`.batchnorm`: BatchNorm, first-k layers, folded noise (2205.07372)
 ``learning_rate``  :mod:`.learning_rate`: sweet spot, sharpness vs 2/lr (2205.07856)
 ``norm_type``      :mod:`.norm_type`: L2 vs L1 vs TopK BatchNorm (2205.04886)
+``noise_aware``    :mod:`.noise_aware`: standard vs noise-aware training (not in the
+                   published set: ``noiseprop report`` runs the four above by default)
 =================  ===========================================================
 
 Each module has ``plan(grid, ...) -> StudyPlan`` (the cells) and
@@ -20,10 +22,13 @@ import importlib
 
 from .common import Finding, Grid, StudyPlan, StudyResult
 
-__all__ = ["STUDIES", "Grid", "StudyPlan", "StudyResult", "Finding", "study_module", "run_plans", "run_study",
+__all__ = ["STUDIES", "PUBLISHED_STUDIES", "Grid", "StudyPlan", "StudyResult", "Finding", "study_module", "run_plans", "run_study",
            "default_grid", "quick_grid", "quick_options"]
 
-STUDIES = ("architecture", "batchnorm", "learning_rate", "norm_type")
+STUDIES = ("architecture", "batchnorm", "learning_rate", "norm_type", "noise_aware")
+
+#: The studies of the source papers: what ``noiseprop report`` runs by default.
+PUBLISHED_STUDIES = ("architecture", "batchnorm", "learning_rate", "norm_type")
 
 
 def study_module(name: str):
@@ -69,6 +74,7 @@ def quick_options() -> dict:
         "batchnorm": {"archs": ("mlp",), "ks": (0, 1, None)},
         "learning_rate": {"arch": "mlp", "lrs": (0.01, 0.05, 0.25)},
         "norm_type": {"archs": ("mlp",)},
+        "noise_aware": {"archs": ("mlp",)},
     }
 
 

@@ -1,0 +1,210 @@
+"""Per-layer sensitivity, noise budget and layers to keep digital against Monte-Carlo,
+and their cost against one ``predict`` call (issue 13). Models: the zoo's MLP, VGG with
+BatchNorm and ResNet-20 with BatchNorm trained on digits (``train(..., seed=0)``,
+cached), all test inputs.
+
+1. ``alone``: at the level where the whole network loses ``--drop`` by Monte-Carlo
+   (default 7.5 points; a Monte-Carlo curve below the first-order estimate, then
+   interpolation), for every noisy layer: the
+   predicted accuracy with only that layer noisy against Monte-Carlo with
+   ``Targets(layers=[layer])`` (``--draws``); also the whole network at that level.
+   Target: within 1 point or inside the 95% CI.
+2. ``budget``: ``noise_budget(max_drop=0.01)`` and Monte-Carlo at the returned level
+   (``--budget-draws``). Target: the Monte-Carlo drop's 95% CI contains 1 point.
+3. ``keep``: ``keep_digital(k=3)`` at the level of part 1; Monte-Carlo after each step
+   (target: within 1 point of the prediction) and, for k=1, Monte-Carlo of every single
+   layer kept digital (target: none better than the chosen one by more than the CI of
+   the difference).
+4. ``cost``: wall time of ``sensitivity`` and ``noise_budget`` against ``predict`` with
+   its defaults (same inputs, alternated, median of ``--reps``). Targets: ≤ 2× and ≤ 3×.
+
+One JSON line per result. Figures come from a shared machine (other jobs running).
+
+    .venv/bin/python benchmarks/sensitivity.py [--parts alone,budget,keep,cost]
+        [--models resnet20,vgg] [--budget-models mlp,vgg,resnet20] [--draws 100]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+import warnings
+
+import numpy as np
+
+import torch
+
+MODELS = {
+    "mlp": {"name": "mlp", "norm": "none"},
+    "vgg": {"name": "vgg", "norm": "bn"},
+    "resnet20": {"name": "resnet20", "norm": "bn"},
+}
+
+
+def emit(row):
+    print(json.dumps(row), flush=True)
+
+
+def _load(name):
+    from noiseprop.empirical.data import load_dataset
+    from noiseprop.empirical.train import train
+
+    data = load_dataset("digits")
+    return train(MODELS[name], data, seed=0).model.eval(), data.x_test, data.y_test
+
+
+def _mc(model, x, y, noise, draws, seed, targets=None):
+    from noiseprop.empirical import monte_carlo
+
+    mc = monte_carlo(model, x, y, noise, draws=draws, seed=seed, targets=targets, progress=False)
+    se = float(mc.accuracies.std(ddof=1) / math.sqrt(draws))
+    return float(mc.accuracy), (float(mc.accuracy_ci[0]), float(mc.accuracy_ci[1])), se, mc.accuracies
+
+
+def _level(model, x, y, drop, draws=30):
+    """The level where Monte-Carlo says the whole network loses ``drop``: a Monte-Carlo
+    curve (common random numbers) over levels up to the first-order estimate, then
+    linear interpolation (the first order underestimates the whole network's damage at
+    such levels, so its own estimate is only the upper end of the search)."""
+    from noiseprop.empirical import sweep
+    from noiseprop.theory import noise_budget
+
+    hi = noise_budget(model, x, y, "relative", max_drop=drop).level
+    levels = list(np.geomspace(hi / 16, hi, 9))
+    sw = sweep(model, x, y, "relative", levels, draws=draws, seed=7, progress=False)
+    acc = sw.to_frame()["accuracy"].to_numpy()
+    clean = float(sw.clean_accuracy)
+    d = clean - acc
+    i = int(np.searchsorted(d, drop))
+    if i == 0:
+        return float(levels[0])
+    if i >= len(levels):
+        return float(levels[-1])
+    t = (drop - d[i - 1]) / (d[i] - d[i - 1])
+    return float(np.exp(np.log(levels[i - 1]) + t * (np.log(levels[i]) - np.log(levels[i - 1]))))
+
+
+def alone(models, drop, draws):
+    from noiseprop.theory import RelativeGaussian, Targets, sensitivity
+
+    for name in models:
+        model, x, y = _load(name)
+        level = _level(model, x, y, drop)
+        s = sensitivity(model, x, y, RelativeGaussian(level))
+        acc, ci, se, _ = _mc(model, x, y, RelativeGaussian(level), draws, 0)
+        emit({"part": "alone", "model": name, "layer": "(all)", "level": level, "clean": s.clean_accuracy,
+              "predicted": s.accuracy, "mc": acc, "mc_ci": ci, "mc_drop": s.clean_accuracy - acc,
+              "diff": s.accuracy - acc, "draws": draws})
+        ok = 0
+        for layer, pa, sv, sl in zip(s.layers, s.accuracy_alone, s.share_logit_var, s.share_loss):
+            acc, ci, se, _ = _mc(model, x, y, RelativeGaussian(level), draws, 1, Targets(layers=[layer]))
+            within = abs(pa - acc) <= 0.01 or ci[0] <= pa <= ci[1]
+            ok += within
+            emit({"part": "alone", "model": name, "layer": layer, "level": level, "predicted": pa, "mc": acc,
+                  "mc_ci": ci, "diff": pa - acc, "within_1pt_or_ci": bool(within), "share_logit_var": sv,
+                  "share_loss": sl, "draws": draws})
+        emit({"part": "alone_summary", "model": name, "level": level, "layers": len(s.layers), "met": ok})
+
+
+def budget(models, draws):
+    from noiseprop.theory import noise_budget
+
+    for name in models:
+        model, x, y = _load(name)
+        b = noise_budget(model, x, y, "relative", max_drop=0.01, mc_draws=draws, mc_seed=0)
+        lo, hi = b.mc_drop_ci
+        emit({"part": "budget", "model": name, "max_drop": 0.01, "level": b.level, "predicted_drop": b.predicted_drop,
+              "mc_drop": b.mc_drop, "mc_drop_ci": [lo, hi], "ci_contains_budget": bool(lo <= 0.01 <= hi),
+              "within_1pt": bool(abs(b.mc_drop - 0.01) <= 0.01), "draws": draws,
+              "allocation_bits_saved": b.bits_saved, "allocation_predicted_drop": b.layer_drop,
+              "seconds": b.seconds})
+
+
+def keep(models, drop, draws, k=3):
+    from noiseprop.theory import RelativeGaussian, keep_digital
+
+    for name in models:
+        model, x, y = _load(name)
+        level = _level(model, x, y, drop)
+        noise = RelativeGaussian(level)
+        kd = keep_digital(model, x, y, noise, k=k, exhaustive=False)
+        for step in range(1, k + 1):
+            acc, ci, se, _ = _mc(model, x, y, noise, draws, 2, kd.targets_after(step))
+            emit({"part": "keep", "model": name, "level": level, "k": step, "layers": list(kd.layers[:step]),
+                  "predicted": kd.accuracy[step - 1], "mc": acc, "mc_ci": ci, "diff": kd.accuracy[step - 1] - acc,
+                  "within_1pt": bool(abs(kd.accuracy[step - 1] - acc) <= 0.01),
+                  "interaction": kd.interaction[step - 1], "draws": draws})
+        # exhaustive k = 1 by Monte-Carlo: every single layer kept digital
+        from noiseprop.theory import Targets
+
+        layers = list(kd.gain_alone)
+        res = {}
+        for layer in layers:
+            rest = tuple(m for m in layers if m != layer)
+            acc, ci, se, accs = _mc(model, x, y, noise, draws, 2, Targets(layers=rest))
+            res[layer] = (acc, se)
+        chosen = kd.layers[0]
+        best = max(res, key=lambda m: res[m][0])
+        diff = res[best][0] - res[chosen][0]
+        half = 1.96 * math.sqrt(res[best][1] ** 2 + res[chosen][1] ** 2)
+        emit({"part": "keep_exhaustive_k1", "model": name, "level": level, "chosen": chosen,
+              "chosen_mc": res[chosen][0], "best_by_mc": best, "best_mc": res[best][0], "diff": diff,
+              "diff_ci_half": half, "chosen_within_ci_of_best": bool(diff <= half), "draws": draws,
+              "mc_rank_of_chosen": 1 + sum(res[m][0] > res[chosen][0] for m in layers), "layers": len(layers)})
+
+
+def cost(models, reps):
+    from noiseprop.theory import noise_budget, predict, sensitivity
+
+    for name in models:
+        model, x, y = _load(name)
+        noise = "relative:0.1"
+        # warm-up (first-call costs)
+        predict(model, x[:8], y[:8], noise)
+        sensitivity(model, x[:8], y[:8], noise)
+        tp, ts, tb = [], [], []
+        for _ in range(reps):
+            t = time.perf_counter()
+            predict(model, x, y, noise)
+            tp.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            sensitivity(model, x, y, noise)
+            ts.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            noise_budget(model, x, y, "relative", 0.01)
+            tb.append(time.perf_counter() - t)
+        p, s, b = statistics.median(tp), statistics.median(ts), statistics.median(tb)
+        emit({"part": "cost", "model": name, "n_inputs": int(x.shape[0]), "predict_s": p, "sensitivity_s": s,
+              "noise_budget_s": b, "sensitivity_ratio": s / p, "noise_budget_ratio": b / p,
+              "target_sensitivity": 2.0, "target_budget": 3.0, "reps": reps})
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--parts", default="alone,budget,keep,cost")
+    ap.add_argument("--models", default="resnet20,vgg")
+    ap.add_argument("--budget-models", default="mlp,vgg,resnet20")
+    ap.add_argument("--drop", type=float, default=0.075)
+    ap.add_argument("--draws", type=int, default=100)
+    ap.add_argument("--budget-draws", type=int, default=300)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    warnings.simplefilter("ignore")
+    parts = a.parts.split(",")
+    models = a.models.split(",")
+    if "cost" in parts:
+        cost(a.budget_models.split(","), a.reps)
+    if "budget" in parts:
+        budget(a.budget_models.split(","), a.budget_draws)
+    if "alone" in parts:
+        alone(models, a.drop, a.draws)
+    if "keep" in parts:
+        keep(models, a.drop, a.draws)
+
+
+if __name__ == "__main__":
+    main()

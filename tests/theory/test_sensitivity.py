@@ -1,0 +1,246 @@
+"""sensitivity, noise_budget, keep_digital: the exact decomposition against independent
+per-layer predictions, the per-layer accuracy, the budget and the layers kept digital
+against Monte-Carlo (tolerances from the Monte-Carlo standard error, or the issue's one
+point where the first order's own error is larger), input checks, no mutation."""
+import copy
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from noiseprop.theory import (
+    KeepDigital,
+    NoiseBudget,
+    RelativeGaussian,
+    Sensitivity,
+    Targets,
+    keep_digital,
+    noise_budget,
+    predict,
+    sensitivity,
+)
+from noiseprop.theory.flatness import loss_increase_gauss_newton
+from predict_nets import held_out, trained
+
+FULL = os.environ.get("NOISEPROP_FULL") == "1"
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _ref(model, x, y, noise, layers=None):
+    """Independent reference: a separate Jacobian pass with noise on ``layers`` only
+    (its own target resolution), its covariance and predicted accuracy."""
+    from noiseprop.theory.accuracy import correct_probability
+    from noiseprop.theory.linearize import LinearizedNetwork, jacobian_pass
+
+    lin = LinearizedNetwork(model, None if layers is None else Targets(layers=list(layers)))
+    jp = jacobian_pass(lin, x, lin.unit_scales(noise))
+    cov = jp.cov_unit.double() * noise.level ** 2
+    clean = jp.clean_logits.double()
+    return clean, cov, float(correct_probability(clean, cov, y, n_points=1024, seed=0)[0].mean())
+
+
+def _mc_tol(se):
+    """The issue's criterion: within one accuracy point, or within 4 standard errors."""
+    return max(0.01, 4 * se)
+
+
+def test_decomposition_equals_independent_per_layer_predictions():
+    model = trained("resnet")
+    x, y = held_out(40)
+    noise = RelativeGaussian(0.1)
+    s = sensitivity(model, x, y, noise)
+    assert isinstance(s, Sensitivity)
+    assert math.isclose(sum(s.share_logit_var), 1.0, rel_tol=1e-9)
+    assert math.isclose(sum(s.share_loss), 1.0, rel_tol=1e-9)
+    full = predict(model, x, y, noise, cov=True, accuracy_draws=0, loss_probes=0)
+    tot_var = float(torch.diagonal(full.logit_cov, dim1=1, dim2=2).sum())
+    assert math.isclose(s.loss_increase_total, full.loss_increase_gn, rel_tol=1e-6)
+    assert s.accuracy == pytest.approx(full.accuracy, abs=1e-9)
+    for i, layer in enumerate(s.layers):  # reference: noise on this layer alone
+        clean, cov, acc = _ref(model, x, y, noise, [layer])
+        var = float(torch.diagonal(cov, dim1=1, dim2=2).sum())
+        assert s.share_logit_var[i] == pytest.approx(var / tot_var, rel=1e-4, abs=1e-9)
+        assert s.loss_increase[i] == pytest.approx(loss_increase_gauss_newton(clean, cov), rel=1e-4)
+        assert s.accuracy_alone[i] == pytest.approx(acc, abs=1e-6)
+        assert s.params[i] == sum(prm.numel() for n, prm in model.named_parameters()
+                                  if n.startswith(layer + ".") and n.endswith("weight"))
+    df = s.to_frame()
+    for col in ("layer", "share_logit_var", "share_loss", "accuracy_alone", "params", "rank"):
+        assert col in df.columns
+    assert sorted(df["rank"]) == list(range(1, len(s.layers) + 1))
+    top = df.sort_values("rank").iloc[0]
+    assert top["drop_alone"] == pytest.approx(df["drop_alone"].max())
+    assert "rank" in s.summary() and s.layers[0] in s.summary()
+
+
+def test_channel_shares_add_up_to_the_layer():
+    model = trained("cnn")
+    x, y = held_out(30)
+    s = sensitivity(model, x, y, "relative:0.2", channels=["3"])
+    ch = s.channels
+    assert set(ch["layer"]) == {"3"} and len(ch) == 8
+    assert ch["share_of_layer_logit_var"].sum() == pytest.approx(1.0, rel=1e-6)
+    assert ch["loss_increase"].sum() == pytest.approx(s.loss_increase[s.layers.index("3")] / 0.2 ** 2, rel=1e-4)
+    with pytest.raises(ValueError, match="channels"):
+        sensitivity(model, x, y, "relative:0.2", channels=["nope"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["mlp", "resnet"])
+def test_accuracy_alone_matches_monte_carlo_per_layer(kind):
+    """Noise on one layer alone, at the level where the first order predicts a 7-point
+    drop for the whole network (found by noise_budget; Monte-Carlo loses more there,
+    the first order's known limit for the whole network): prediction within 1 point or
+    4 s.e. of Monte-Carlo for every layer."""
+    from noiseprop.empirical import monte_carlo
+
+    model = trained(kind)
+    x, y = held_out(300 if FULL else 120)
+    draws = 200 if FULL else 48
+    level = noise_budget(model, x, y, "relative", 0.07).level
+    s = sensitivity(model, x, y, RelativeGaussian(level))
+    for layer, acc in zip(s.layers, s.accuracy_alone):
+        mc = monte_carlo(model, x, y, RelativeGaussian(level), draws=draws, seed=3, targets=Targets(layers=[layer]),
+                         progress=False)
+        se = float(mc.accuracies.std(ddof=1) / math.sqrt(draws))
+        assert abs(acc - mc.accuracy) <= _mc_tol(se), (kind, layer, acc, mc.accuracy, se)
+
+
+@pytest.mark.slow
+def test_noise_budget_level_checked_by_monte_carlo():
+    model = trained("resnet")
+    x, y = held_out(300 if FULL else 150)
+    draws = 200 if FULL else 60
+    b = noise_budget(model, x, y, "relative", max_drop=0.02, mc_draws=draws, mc_seed=1)
+    assert isinstance(b, NoiseBudget)
+    assert b.predicted_drop == pytest.approx(0.02, abs=2e-4)
+    # the prediction at the returned level, independently
+    clean, _, acc = _ref(model, x, y, b.noise_model)
+    assert float((clean.argmax(1) == y).double().mean()) - acc == pytest.approx(b.predicted_drop, abs=1e-6)
+    se = (b.mc_drop_ci[1] - b.mc_drop_ci[0]) / 2 / 1.99  # t quantile, ~60 draws
+    assert abs(b.mc_drop - 0.02) <= _mc_tol(se), b.summary()
+    assert "Monte-Carlo" in b.summary()
+
+
+@pytest.mark.slow
+def test_per_layer_allocation_by_monte_carlo_with_layer_levels():
+    """The allocation's levels (one per layer) checked by a Monte-Carlo written here:
+    each layer's weights get ``η_l · std(W_l) · z``."""
+    model = trained("mlp")
+    x, y = held_out(300 if FULL else 150)
+    draws = 200 if FULL else 60
+    b = noise_budget(model, x, y, "relative", max_drop=0.03)
+    assert b.layer_drop == pytest.approx(0.03, abs=3e-4)
+    # Lagrange condition: loss increase per weight equal across layers
+    s1 = sensitivity(model, x, y, RelativeGaussian(1.0))
+    per_weight = [g * lv ** 2 / n for g, lv, n in zip(s1.loss_increase, b.layer_levels, s1.params)]
+    assert np.allclose(per_weight, per_weight[0], rtol=1e-6)
+    net = copy.deepcopy(model)
+    params = dict(net.named_parameters())
+    clean = {k: v.detach().clone() for k, v in params.items()}
+    gen = torch.Generator().manual_seed(5)
+    accs = []
+    with torch.no_grad():
+        for _ in range(draws):
+            for layer, lv in zip(b.layers, b.layer_levels):
+                w = clean[layer + ".weight"]
+                params[layer + ".weight"].copy_(w + lv * w.std() * torch.randn(w.shape, generator=gen))
+            accs.append(float((net(x).argmax(1) == y).double().mean()))
+    accs = np.asarray(accs)
+    drop = b.clean_accuracy - accs.mean()
+    assert abs(drop - b.layer_drop) <= _mc_tol(accs.std(ddof=1) / math.sqrt(draws)), (drop, b.layer_drop)
+    assert b.bits_saved > 0  # the allocation affords more noise on average than the uniform level
+
+
+def test_keep_digital_greedy_steps_and_exhaustive_k1():
+    model = trained("resnet")
+    x, y = held_out(60)
+    noise = RelativeGaussian(0.15)
+    kd = keep_digital(model, x, y, noise, k=2, exhaustive=True)
+    assert isinstance(kd, KeepDigital) and len(kd.layers) == 2 and len(kd.accuracy) == 2
+    layers = list(kd.gain_alone)
+    # exhaustive k=1 by independent predictions: the greedy first step is the best single layer
+    accs = {}
+    for layer in layers:
+        rest = [m for m in layers if m != layer]
+        accs[layer] = _ref(model, x, y, noise, rest)[2]
+    best = max(accs, key=accs.get)
+    assert accs[kd.layers[0]] == pytest.approx(accs[best], abs=1e-9)
+    assert kd.accuracy[0] == pytest.approx(accs[kd.layers[0]], abs=1e-6)
+    # step 2 is the prediction with both digital; the interaction is what greedy ignores
+    rest = [m for m in layers if m not in kd.layers]
+    assert kd.accuracy[1] == pytest.approx(_ref(model, x, y, noise, rest)[2], abs=1e-6)
+    assert kd.interaction[0] == pytest.approx(0.0, abs=1e-12)
+    assert kd.interaction[1] == pytest.approx(
+        kd.accuracy[1] - kd.accuracy_all_noisy - sum(kd.gain_alone[m] for m in kd.layers), abs=1e-12)
+    assert kd.exhaustive_accuracy >= kd.accuracy[1] - 1e-12 and kd.subsets_searched == math.comb(len(layers), 2)
+    assert kd.targets_after().layers == tuple(rest)
+    assert list(kd.to_frame()["layer"]) == list(kd.layers)
+
+
+@pytest.mark.slow
+def test_keep_digital_checked_by_monte_carlo():
+    from noiseprop.empirical import monte_carlo
+
+    model = trained("resnet")
+    x, y = held_out(300 if FULL else 120)
+    draws = 200 if FULL else 48
+    noise = RelativeGaussian(0.13)
+    kd = keep_digital(model, x, y, noise, k=2)
+    for step in (1, 2):
+        mc = monte_carlo(model, x, y, noise, draws=draws, seed=4, targets=kd.targets_after(step), progress=False)
+        se = float(mc.accuracies.std(ddof=1) / math.sqrt(draws))
+        assert abs(kd.accuracy[step - 1] - mc.accuracy) <= _mc_tol(se), (step, kd.accuracy, mc.accuracy, se)
+
+
+def test_model_not_mutated_and_deterministic():
+    model = trained("cnn")
+    before = _state(model)
+    x, y = held_out(30)
+    a = sensitivity(model, x, y, "relative:0.2")
+    b = sensitivity(model, x, y, "relative:0.2")
+    assert a.accuracy_alone == b.accuracy_alone and a.share_loss == b.share_loss
+    noise_budget(model, x, y, "relative", 0.02)
+    keep_digital(model, x, y, "relative:0.2", 1)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before) and not model.training
+
+
+def test_plot_writes_a_png(tmp_path):
+    model = trained("mlp")
+    x, y = held_out(30)
+    s = sensitivity(model, x, y, "relative:0.2")
+    fig = s.plot(tmp_path / "bars.png")
+    assert (tmp_path / "bars.png").stat().st_size > 1000
+    assert len(fig.axes[0].patches) == 3 * len(s.layers)
+
+
+def test_bad_input_is_rejected_with_clear_messages():
+    model = trained("mlp")
+    x, y = held_out(20)
+    for bad in (0, 1, -0.1, 1.5, float("nan"), "0.01", True):
+        with pytest.raises(ValueError, match=r"max_drop must be a number in the open interval \(0, 1\)"):
+            noise_budget(model, x, y, "relative", max_drop=bad)
+    with pytest.raises(ValueError, match="noise_family='relative:0.1' gives a level"):
+        noise_budget(model, x, y, "relative:0.1")
+    with pytest.raises(ValueError, match="unknown noise_family"):
+        noise_budget(model, x, y, "loud")
+    for fn in (sensitivity, lambda *a: keep_digital(*a, k=1)):
+        with pytest.raises(ValueError, match="noise='relative' has no level"):
+            fn(model, x, y, "relative")
+    n_layers = 3
+    for k in (0, n_layers, 10, -1):
+        with pytest.raises(ValueError, match=r"k must be an integer in \[1, 2\]"):
+            keep_digital(model, x, y, "relative:0.1", k=k)
+    for k in (1.5, True, "1"):
+        with pytest.raises(ValueError, match="k must be an integer"):
+            keep_digital(model, x, y, "relative:0.1", k=k)
+    with pytest.raises(ValueError, match="x and y must have the same length"):
+        sensitivity(model, x, y[:5], "relative:0.1")
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\)"):
+        sensitivity(model, x, y + 10, "relative:0.1")
