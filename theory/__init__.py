@@ -29,3 +29,7 @@ from .flatness import hessian_top_eigenvalue, hessian_trace  # noqa: E402
 from .predict import Prediction, predict, predict_sweep  # noqa: E402
 
 __all__ += ["Prediction", "predict", "predict_sweep", "hessian_trace", "hessian_top_eigenvalue"]
+
+from .hardware import HardwareNoise, PCMLike, Quantized, StuckAt  # noqa: E402
+
+__all__ += ["HardwareNoise", "PCMLike", "Quantized", "StuckAt"]
