@@ -33,3 +33,7 @@ __all__ += ["Prediction", "predict", "predict_sweep", "hessian_trace", "hessian_
 from .hardware import HardwareNoise, PCMLike, Quantized, StuckAt  # noqa: E402
 
 __all__ += ["HardwareNoise", "PCMLike", "Quantized", "StuckAt"]
+
+from .drift import DriftPrediction, predict_drift, predict_hardware  # noqa: E402
+
+__all__ += ["DriftPrediction", "predict_drift", "predict_hardware"]
