@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "noiseprop.empirical.cli_study",  # study
     "noiseprop.empirical.cli_derive",  # derive
     "noiseprop.empirical.cli_predict",  # predict
+    "noiseprop.empirical.cli_drift",  # drift
 ]
 
 

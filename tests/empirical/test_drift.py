@@ -112,3 +112,39 @@ def test_predicted_curve_vs_monte_carlo(digits_mlp, comp, full_size):
     frame = pr.to_frame()
     assert list(frame.time_s) == times and "accuracy" in pr.summary()
     assert np.all(np.isfinite(pr.accuracy_std))
+
+
+@pytest.fixture
+def small_checkpoint(tmp_path):
+    from noiseprop.empirical.checkpoint import save_checkpoint
+    from noiseprop.empirical.models import build_model
+
+    model = build_model("mlp", (1, 8, 8), 10, width=16, depth=1, seed=0)
+    return str(save_checkpoint(tmp_path / "m.pt", model, model.spec, {"dataset": "digits"}))
+
+
+def test_cli_drift_json_and_plot(small_checkpoint, tmp_path, capsys):
+    import json
+
+    from noiseprop.empirical.cli import main
+
+    png = tmp_path / "drift.png"
+    rc = main(["drift", "--model", small_checkpoint, "--times", "1,3.15e7", "--both", "--draws", "3",
+               "--n-inputs", "40", "--accuracy-draws", "4", "--json", "--plot", str(png), "--no-progress"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [r["time_s"] for r in out["rows"]] == [1.0, 3.15e7, 1.0, 3.15e7]
+    assert [r["compensation"] for r in out["rows"]] == [True, True, False, False]
+    assert all(0 <= r["predicted_accuracy"] <= 1 and len(r["mc_ci"]) == 2 for r in out["rows"])
+    assert png.stat().st_size > 1000
+
+
+def test_cli_drift_user_errors(small_checkpoint, capsys):
+    from noiseprop.empirical.cli import main
+
+    assert main(["drift", "--model", small_checkpoint, "--times", "-1"]) == 2
+    assert "--times" in capsys.readouterr().err
+    assert main(["drift", "--model", small_checkpoint, "--times", "1,x"]) == 2
+    assert main(["drift", "--model", small_checkpoint, "--draws", "1"]) == 2
+    assert main(["drift", "--model", small_checkpoint, "--prog-scale", "-1", "--draws", "0"]) == 2
+    assert "prog_noise_scale" in capsys.readouterr().err
