@@ -153,23 +153,147 @@ def _layer_jvps(lin: LinearizedNetwork, x: torch.Tensor, tangents: list[dict], b
     return torch.cat(outs, dim=1)
 
 
-def _compensation_terms(lin_pt: LinearizedNetwork, x: torch.Tensor, mo: _Moments, batch_size: int):
-    """``Σ_l [Var α_l v_l v_lᵀ + ᾱ_l (u_l v_lᵀ + v_l u_lᵀ)]`` ``[N, C, C]`` and the
-    ``(sd α_l, v_l)`` pairs for the chip-to-chip draws."""
+def _layer_op(module: nn.Module, xin: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The layer's linear map with another weight (no bias): ``W x`` or ``conv(x, W)``."""
+    if isinstance(module, nn.Linear):
+        return F.linear(xin, weight.to(xin.dtype))
+    return F.conv2d(xin, weight.to(xin.dtype), None, module.stride, module.padding, module.dilation, module.groups)
+
+
+def _fast_pass(lin_pt: LinearizedNetwork, x: torch.Tensor, units: Sequence[dict], tangents: Sequence[dict],
+               draws: int, seed: int, chunk_size: int | None):
+    """One pass of derivatives at ``lin_pt``'s weights, for weights of Linear/Conv2d
+    layers: ``J diag(u_k²) Jᵀ`` ``[N, C, C]`` for every scale map ``u_k`` in ``units``,
+    ``J t_j`` ``[N, C]`` for every tangent ``t_j`` and ``draws`` shared draws
+    ``J (u_0 ⊙ ξ)`` ``[N, C, K]``. The backpropagated signal δ at each layer's output
+    (one backward pass per class) gives them without forming the per-sample Jacobian
+    where a closed form exists: for a Linear layer (one position)
+    ``Σ_{o,i} u²_{oi} δ_{ao} δ_{bo} x_i² = δ_a diag(u² x²) δ_bᵀ`` and ``J t = δ · (t x)``;
+    for a convolution ``J t = Σ_{o,p} δ_{o,p} conv(x, t)_{o,p}`` and the covariance from the
+    per-sample Jacobian (:func:`~noiseprop.theory.linearize.tap_jacobian`).
+    Returns ``None`` when a target is not such a weight (the caller falls back)."""
+    from .linearize import auto_chunk_size, backprop_signals, tap_jacobian, tapping
+
+    modules = dict(lin_pt.net.named_modules())
+    fast = {}
+    for name in lin_pt.names:
+        mname, _, pname = name.rpartition(".")
+        mod = modules.get(mname)
+        ok = pname == "weight" and mname and (isinstance(mod, nn.Linear) or (
+            isinstance(mod, nn.Conv2d) and mod.padding_mode == "zeros" and not isinstance(mod.padding, str)))
+        if not ok:
+            return None
+        fast[mname] = name
+    watch = {id(modules[m]): (m, modules[m]) for m in fast}
+    n = x.shape[0]
+    with torch.no_grad():
+        c0 = lin_pt.forward(x[:1].to(lin_pt.device)).shape[-1]
+    if chunk_size is None:
+        chunk_size = auto_chunk_size(c0, lin_pt.num_target_elements, torch.tensor([], dtype=lin_pt.dtype).element_size())
+    dirs = None
+    if draws:
+        g = torch.Generator(device=lin_pt.device).manual_seed(int(seed))
+        dirs = {nm: torch.randn((draws,) + tuple(p.shape), generator=g, dtype=lin_pt.dtype, device=lin_pt.device)
+                * units[0][nm] for nm, p in lin_pt.target_params.items()}
+    covs = [[] for _ in units]
+    jts = [[] for _ in tangents]
+    zs = []
+    for i in range(0, n, chunk_size):
+        xb = x[i:i + chunk_size].to(lin_pt.device)
+        b = xb.shape[0]
+        with torch.enable_grad(), tapping(watch) as taps:
+            out = lin_pt.forward(xb)
+        if out.dim() != 2:
+            raise ValueError(f"the model must map a batch of inputs to logits of shape [N, C]; got shape {tuple(out.shape)}")
+        deltas = backprop_signals(out, [t.e for t in taps])
+        cov_c = [torch.zeros(b, c0, c0, dtype=torch.float64) for _ in units]
+        jt_c = [torch.zeros(b, c0, dtype=torch.float64) for _ in tangents]
+        z_c = torch.zeros(b, c0, draws, dtype=torch.float64) if draws else None
+        by_module: dict[str, list] = {}
+        for t, dl in zip(taps, deltas):
+            by_module.setdefault(t.name, []).append((t, dl.detach()))
+        with torch.no_grad():
+            for mname, pname in fast.items():
+                calls = by_module.get(mname, [])
+                if not calls:
+                    continue
+                mod = modules[mname]
+                simple = isinstance(mod, nn.Linear) and len(calls) == 1 and calls[0][0].x.dim() == 2
+                if simple:
+                    t, dl = calls[0]  # dl [C, B, out], t.x [B, in]
+                    x2 = t.x * t.x
+                    for u, cv in zip(units, cov_c):
+                        s = x2 @ (u[pname] ** 2).to(x2.dtype).T  # [B, out]
+                        cv += torch.einsum("abo,cbo,bo->bac", dl, dl, s).double()
+                else:
+                    J = None
+                    for t, dl in calls:
+                        Jt = tap_jacobian(t, dl, "weight")
+                        J = Jt if J is None else J + Jt
+                    for u, cv in zip(units, cov_c):
+                        Js = J * u[pname].reshape(1, 1, -1).to(J.dtype)
+                        cv += torch.bmm(Js, Js.mT).double()
+                    del J
+                for tg, jc in zip(tangents, jt_c):
+                    if pname in tg:
+                        for t, dl in calls:
+                            o = _layer_op(mod, t.x, tg[pname])
+                            jc += torch.einsum("cb...,b...->bc", dl, o).double()
+                if z_c is not None:
+                    for t, dl in calls:
+                        for k in range(draws):
+                            o = _layer_op(mod, t.x, dirs[pname][k])
+                            z_c[:, :, k] += torch.einsum("cb...,b...->bc", dl, o).double()
+        del deltas, taps, out, by_module
+        for lst, cv in zip(covs, cov_c):
+            lst.append(cv)
+        for lst, jc in zip(jts, jt_c):
+            lst.append(jc)
+        if z_c is not None:
+            zs.append(z_c)
+    return ([torch.cat(c) for c in covs], [torch.cat(j) for j in jts], torch.cat(zs) if zs else None)
+
+
+def _comp_tangents(mo: _Moments) -> list[dict]:
+    """Tangents ``E[W_l]`` then ``Cov(α_l, W_l)`` for every compensated layer."""
+    names = list(mo.raw_mean)
+    return [{n: mo.raw_mean[n]} for n in names] + [{n: mo.cov_w[n]} for n in names]
+
+
+def _compensation_cov(jt: Sequence[torch.Tensor], mo: _Moments):
+    """``Σ_l [Var α_l v_l v_lᵀ + ᾱ_l (u_l v_lᵀ + v_l u_lᵀ)]`` ``[N, C, C]`` from
+    ``v_l = J E[W_l]``, ``u_l = J Cov(α_l, W_l)`` (``jt`` in :func:`_comp_tangents` order),
+    and the ``(sd α_l, v_l)`` pairs for the chip-to-chip draws."""
     names = list(mo.raw_mean)
     if not names:
         return None, []
-    tangents = [{n: mo.raw_mean[n]} for n in names] + [{n: mo.cov_w[n]} for n in names]
-    jt = _layer_jvps(lin_pt, x, tangents, batch_size).double().cpu()  # [2L, N, C]
     L = len(names)
-    cov = torch.zeros(jt.shape[1], jt.shape[2], jt.shape[2], dtype=torch.float64)
+    n, c = jt[0].shape
+    cov = torch.zeros(n, c, c, dtype=torch.float64)
     pairs = []
-    for i, n in enumerate(names):
-        v, u = jt[i], jt[L + i]
-        cov += mo.alpha_var[n] * v[:, :, None] * v[:, None, :]
-        cov += mo.alpha_mean[n] * (u[:, :, None] * v[:, None, :] + v[:, :, None] * u[:, None, :])
-        pairs.append((math.sqrt(mo.alpha_var[n]), v))
+    for i, nm in enumerate(names):
+        v, u = jt[i].double().cpu(), jt[L + i].double().cpu()
+        cov += mo.alpha_var[nm] * v[:, :, None] * v[:, None, :]
+        cov += mo.alpha_mean[nm] * (u[:, :, None] * v[:, None, :] + v[:, :, None] * u[:, None, :])
+        pairs.append((math.sqrt(mo.alpha_var[nm]), v))
     return cov, pairs
+
+
+def _slow_derivatives(lin_pt, x, units, tangents, draws, seed, chunk_size, batch_size):
+    """:func:`_fast_pass`'s outputs for any differentiable target (``jacobian_pass`` with
+    ``extra_units`` and forward-mode products)."""
+    jp = jacobian_pass(lin_pt, x, units[0], chunk_size=chunk_size, draws=draws, seed=seed, extra_units=list(units[1:]))
+    covs = [jp.cov_unit] + list(jp.extra_cov)
+    jts = list(_layer_jvps(lin_pt, x, tangents, batch_size)) if tangents else []
+    return covs, jts, jp.draws_unit
+
+
+def _derivatives(lin_pt, x, units, tangents, draws, seed, chunk_size, batch_size):
+    out = _fast_pass(lin_pt, x, units, tangents, draws, seed, chunk_size)
+    if out is None:
+        out = _slow_derivatives(lin_pt, x, units, tangents, draws, seed, chunk_size, batch_size)
+    covs, jts, z = out
+    return [c.double().cpu() for c in covs], [j.double().cpu() for j in jts], (None if z is None else z.double().cpu())
 
 
 def _gaussian_logit_loss(mean: torch.Tensor, cov: torch.Tensor, y: torch.Tensor, points: int = 256, seed: int = 0) -> float:
@@ -266,29 +390,30 @@ def _predict_models(model, x, y, noises: Sequence[HardwareNoise], targets, linea
     clean_acc = float((clean.argmax(1) == y).double().mean())
     moments = [_moments(lin, nz) for nz in noises]
     shared = None
-    if linearize_at == "programmed":
-        shared = jacobian_pass(lin, x, moments[0].unit, chunk_size=chunk_size, draws=accuracy_draws, seed=seed,
-                               extra_units=[m.unit for m in moments[1:]])
+    if linearize_at == "programmed":  # one pass at the programmed weights serves every time
+        tangents = [_comp_tangents(mo) for mo in moments]
+        flat = [t for ts in tangents for t in ts]
+        covs, jts, z0 = _derivatives(lin, x, [mo.unit for mo in moments], flat, accuracy_draws, seed, chunk_size,
+                                     batch_size)
+        offsets = np.cumsum([0] + [len(ts) for ts in tangents])
+        shared = (covs, [jts[offsets[k]:offsets[k + 1]] for k in range(len(moments))], z0)
     preds = []
     for k, (nz, mo) in enumerate(zip(noises, moments)):
         t1 = time.perf_counter()
         lin_mu = _at(lin, mo.mean)
         mean = _forward(lin_mu, x, batch_size).double().cpu()
         if shared is None:
-            jp = jacobian_pass(lin_mu, x, mo.unit, chunk_size=chunk_size, draws=accuracy_draws, seed=seed)
-            cov = jp.cov_unit.double().cpu()
-            z = jp.draws_unit
-            lin_pt = lin_mu
+            covs, jt, z = _derivatives(lin_mu, x, [mo.unit], _comp_tangents(mo), accuracy_draws, seed, chunk_size,
+                                       batch_size)
+            cov = covs[0]
         else:
-            cov = (shared.cov_unit if k == 0 else shared.extra_cov[k - 1]).double().cpu()
-            z = shared.draws_unit
+            cov, jt, z = shared[0][k], shared[1][k], shared[2]
             if z is not None and k > 0:  # rescale the shared draws per class to this time's marginal sd
-                v0 = torch.diagonal(shared.cov_unit, dim1=1, dim2=2).double().cpu()
+                v0 = torch.diagonal(shared[0][0], dim1=1, dim2=2)
                 vk = torch.diagonal(cov, dim1=1, dim2=2)
-                z = z.double().cpu() * torch.where(v0 > 0, (vk / torch.where(v0 > 0, v0, torch.ones_like(v0))).sqrt(),
-                                                   torch.zeros_like(v0)).unsqueeze(-1)
-            lin_pt = lin
-        comp_cov, pairs = _compensation_terms(lin_pt, x, mo, batch_size)
+                z = z * torch.where(v0 > 0, (vk / torch.where(v0 > 0, v0, torch.ones_like(v0))).sqrt(),
+                                    torch.zeros_like(v0)).unsqueeze(-1)
+        comp_cov, pairs = _compensation_cov(jt, mo)
         if comp_cov is not None:
             cov = cov + comp_cov
         cov = 0.5 * (cov + cov.mT)

@@ -172,7 +172,7 @@ def _gauss_legendre(n: int):
     return _GL_CACHE[n]
 
 
-def rectified_expectation(h, a: torch.Tensor, s: torch.Tensor, kinks=(), nodes: int = 48,
+def rectified_expectation(h, a: torch.Tensor, s: torch.Tensor, kinks=(), nodes: int = 32,
                           z_max: float = 9.0, chunk: int = 1 << 15) -> torch.Tensor:
     """``E[h(X)]`` for ``X = max(0, a + s z)``, ``z ~ N(0, 1)``, when ``h(0) = 0``:
     ``∫_{z > −a/s} h(a + s z) φ(z) dz`` by Gauss–Legendre quadrature (``nodes`` per piece)
