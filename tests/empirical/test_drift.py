@@ -148,3 +148,38 @@ def test_cli_drift_user_errors(small_checkpoint, capsys):
     assert main(["drift", "--model", small_checkpoint, "--draws", "1"]) == 2
     assert main(["drift", "--model", small_checkpoint, "--prog-scale", "-1", "--draws", "0"]) == 2
     assert "prog_noise_scale" in capsys.readouterr().err
+
+
+def test_fast_derivative_pass_matches_jacobian_pass():
+    """The tap-based pass (closed-form Linear covariance, J·t from the backpropagated
+    signals) against jacobian_pass + forward-mode products, on a CNN with BatchNorm."""
+    from noiseprop.theory import drift as D
+
+    g = torch.Generator().manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2),
+                        nn.ReLU(), nn.Flatten(), nn.Linear(36, 5)).double()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3)
+        net[1].running_mean.normal_(0, 0.1, generator=g)
+        net[1].running_var.uniform_(0.5, 1.5, generator=g)
+    net.eval()
+    x = torch.randn(10, 1, 8, 8, generator=g, dtype=torch.float64)
+    lin = D.LinearizedNetwork(net)
+    mos = [D._moments(lin, PCMLike(t=t, prog_noise_scale=2.0)) for t in (1.0, 3.15e7)]
+    units = [m.unit for m in mos]
+    tangents = D._comp_tangents(mos[1])
+    fast = D._fast_pass(lin, x, units, tangents, 0, 0, 4)
+    slow = D._slow_derivatives(lin, x, units, tangents, 0, 0, 4, 4)
+    for a, b in zip(fast[0], slow[0]):
+        assert torch.allclose(a, b.double(), rtol=1e-9, atol=1e-12)
+    for a, b in zip(fast[1], slow[1]):
+        assert torch.allclose(a, b.double(), rtol=1e-9, atol=1e-12)
+
+
+def test_linearize_at_programmed_runs(digits_mlp):
+    model, x, y = digits_mlp
+    nz = PCMLike()
+    a = predict_drift(model, x[:60], y[:60], nz, [1.0, 86400.0], linearize_at="programmed", accuracy_draws=4)
+    b = predict_drift(model, x[:60], y[:60], nz, [1.0, 86400.0], linearize_at="mean", accuracy_draws=4)
+    assert np.allclose(a.accuracy, b.accuracy, atol=0.01) and a.linearize_at == "programmed"
