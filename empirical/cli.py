@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "noiseprop.empirical.cli_derive",  # derive
     "noiseprop.empirical.cli_predict",  # predict
     "noiseprop.empirical.cli_sensitivity",  # sensitivity
+    "noiseprop.empirical.cli_drift",  # drift
 ]
 
 

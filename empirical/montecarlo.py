@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from noiseprop.theory.hardware import HardwareNoise
 from noiseprop.theory.noise import MAX_LEVEL, WeightNoise, parse_noise
 from noiseprop.theory.validation import (check_bool, check_int, check_inputs, check_logits, check_probability,
                                          check_seed, is_fit_error, model_fit_error)
@@ -44,7 +45,7 @@ from noiseprop.theory.targets import (TargetPlan, find_fold_pairs, fold_bn, fold
 
 from .stats import mean_ci, welford_update
 
-__all__ = ["MCResult", "SweepResult", "monte_carlo", "sweep", "check_inputs", "NoisyEvaluator"]
+__all__ = ["MCResult", "SweepResult", "monte_carlo", "sweep", "drift_sweep", "check_inputs", "NoisyEvaluator"]
 
 
 # ----------------------------------------------------------------------------
@@ -184,20 +185,33 @@ class NoisyEvaluator:
         self.params = [params[n] for n in plan.names]
         # noise is drawn on the stored (unfolded) weights: the noise model sees W, not diag(a) W
         self.clean = [original[n].detach().clone() for n in plan.names]
-        unit = noise.with_level(1.0)
-        self.unit_scales = [unit.scale(w) for w in self.clean]
+        # hardware models (PCM, quantisation, stuck-at) are not linear in a level: their
+        # draws are applied by the model itself, the same draws at every level (time)
+        self.hardware = noise if isinstance(noise, HardwareNoise) else None
+        if self.hardware is None:
+            unit = noise.with_level(1.0)
+            self.unit_scales = [unit.scale(w) for w in self.clean]
+        else:
+            self.unit_scales = [None] * len(self.clean)
         self.device = self.clean[0].device
         self.batch_size = batch_size
 
     def draw(self, generator: torch.Generator) -> list[torch.Tensor]:
-        """Standard-normal draws, one tensor per target parameter, in plan order."""
+        """Standard-normal draws, one tensor per target parameter, in plan order (a
+        hardware model's own random numbers, :meth:`HardwareNoise.draw`)."""
+        if self.hardware is not None:
+            return [self.hardware.draw(w, generator) for w in self.clean]
         return [torch.randn(w.shape, generator=generator, dtype=w.dtype, device=w.device) for w in self.clean]
 
     @torch.no_grad()
     def set(self, level: float, zs: Sequence[torch.Tensor] | None) -> None:
+        hw = self.hardware.with_level(level) if (self.hardware is not None and zs is not None) else None
         for name, p, w, u, z in zip(self.names, self.params, self.clean, self.unit_scales, zs or [None] * len(self.params)):
-            p.copy_(w)
-            if z is not None and level != 0.0:
+            if hw is not None:
+                p.copy_(hw.apply(w, z))
+            else:
+                p.copy_(w)
+            if hw is None and z is not None and level != 0.0:
                 p.addcmul_(u, z, value=float(level))
             if name in self.post:  # a digital norm layer folded after the noise: a ⊙ (w + noise) + c
                 a, c = self.post[name]
@@ -514,6 +528,9 @@ def monte_carlo(model: nn.Module, x, y, noise, draws: int = 200, seed: int = 0, 
     confidence = check_probability("confidence", confidence)
     control_variate = check_bool("control_variate", control_variate)
     cv = None
+    if control_variate and isinstance(noise, HardwareNoise):
+        raise ValueError(f"control_variate=True needs a zero-mean Gaussian noise model (it rescales one draw by a level); "
+                         f"got {noise.to_string()!r}: use control_variate=False")
     if control_variate:
         from noiseprop.theory.linearize import LinearControlVariate
 
@@ -556,3 +573,30 @@ def sweep(model: nn.Module, x, y, noise, noise_levels, draws: int = 100, seed: i
         clean_logits=run.clean_logits,
         nonfinite_draws=run.nonfinite.astype(np.int64) if run.nonfinite.any() else None,
     )
+
+
+def _check_times(times) -> np.ndarray:
+    try:
+        tv = np.asarray(times, dtype=np.float64).ravel()
+    except (TypeError, ValueError):
+        raise ValueError(f"times must be seconds since programming (finite numbers >= 0), got {times!r}") from None
+    if tv.size == 0:
+        raise ValueError("times is empty: give at least one time since programming (seconds >= 0)")
+    if not np.all(np.isfinite(tv)) or np.any(tv < 0):
+        raise ValueError(f"times must be seconds since programming (finite numbers >= 0), got {times!r}")
+    return tv
+
+
+def drift_sweep(model: nn.Module, x, y, noise, times, draws: int = 100, seed: int = 0, targets=None,
+                batch_size: int | None = 1024, keep_logits: bool = False, progress: bool | None = None,
+                confidence: float = 0.95) -> SweepResult:
+    """Accuracy/loss against time since programming for a hardware noise model whose
+    level is the time (:class:`~noiseprop.theory.hardware.PCMLike`), with common random
+    numbers: draw ``d`` programs the same chip (the same ``z₁, z₂, z₃`` per device) and
+    reads it at every time in ``times`` (seconds >= 0). ``SweepResult.levels`` are the
+    times. A thin wrapper of :func:`sweep` with the times checked."""
+    noise = parse_noise(noise)
+    if not isinstance(noise, HardwareNoise) or not hasattr(noise, "t"):
+        raise TypeError(f"noise must be a time-dependent hardware model such as PCMLike(...), got {noise!r}")
+    return sweep(model, x, y, noise, _check_times(times), draws=draws, seed=seed, targets=targets,
+                 batch_size=batch_size, keep_logits=keep_logits, progress=progress, confidence=confidence)

@@ -10,7 +10,7 @@ from nbclient import NotebookClient
 
 NB_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 NAMES = ["01_linear_and_conv", "02_depth", "03_batchnorm", "04_flatness_and_learning_rate", "05_your_own_model",
-         "06_studies"]
+         "06_studies", "07_drift"]
 
 
 def test_all_notebooks_present_and_generated():

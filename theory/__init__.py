@@ -33,3 +33,11 @@ __all__ += ["Prediction", "predict", "predict_sweep", "hessian_trace", "hessian_
 from .sensitivity import KeepDigital, NoiseBudget, Sensitivity, keep_digital, noise_budget, sensitivity  # noqa: E402
 
 __all__ += ["Sensitivity", "NoiseBudget", "KeepDigital", "sensitivity", "noise_budget", "keep_digital"]
+
+from .hardware import HardwareNoise, PCMLike, Quantized, StuckAt  # noqa: E402
+
+__all__ += ["HardwareNoise", "PCMLike", "Quantized", "StuckAt"]
+
+from .drift import DriftPrediction, predict_drift, predict_hardware  # noqa: E402
+
+__all__ += ["DriftPrediction", "predict_drift", "predict_hardware"]

@@ -67,6 +67,9 @@ class WeightNoise:
     """
 
     kind: ClassVar[str] = "base"
+    #: ``True`` for the Gaussian models here (``E[w̃] = w``); hardware models
+    #: (:mod:`noiseprop.theory.hardware`) set it ``False`` and override :meth:`mean`.
+    zero_mean: ClassVar[bool] = True
 
     @property
     def level(self) -> float:  # pragma: no cover - overridden
@@ -88,6 +91,13 @@ class WeightNoise:
     def variance(self, w: torch.Tensor) -> torch.Tensor:
         """Per-element noise variance ``σ² = s(w)²``, shaped like ``w``."""
         return self.scale(w) ** 2
+
+    def mean(self, w: torch.Tensor) -> torch.Tensor:
+        """Per-element mean of the noisy weight, ``E[w̃]``, shaped like ``w``: ``w`` itself
+        for these zero-mean models (the contract every noise model follows: the theory
+        consumes ``mean(w)`` and ``variance(w)``)."""
+        _check_weight(w)
+        return w.detach().clone()
 
     def perturb(self, w: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Noisy copy ``w + s(w) ⊙ z`` for given standard-normal draws ``z``."""

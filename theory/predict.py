@@ -446,6 +446,13 @@ def predict(model: nn.Module, x, y, noise, targets=None, method: str = "linear",
         :mod:`noiseprop.theory.moments`).
     """
     t0 = time.perf_counter()
+    # -- issue 12: non-zero-mean hardware noise (PCMLike, Quantized, StuckAt) -> theory/drift.py
+    if not parse_noise(noise).zero_mean:
+        from .drift import predict_hardware
+
+        return predict_hardware(model, x, y, noise, targets, method=method, chunk_size=chunk_size, cov=cov,
+                                accuracy_draws=accuracy_draws, seed=seed, n_points=n_points, batch_size=batch_size)
+    # -- end issue 12
     method = _check_method(method)
     seed = _check_int("seed", seed, 0)
     n_points = _check_int("n_points", n_points, 16)
@@ -487,6 +494,9 @@ def predict_sweep(model: nn.Module, x, y, noise, levels: Sequence[float], target
     seed = _check_int("seed", seed, 0)
     n_points = _check_int("n_points", n_points, 16)
     noise = parse_noise(noise, default_level=1.0)
+    if not noise.zero_mean:  # issue 12: hardware noise is not linear in a level
+        raise TypeError(f"predict_sweep needs a Gaussian noise family; for {noise.to_string()!r} over times use "
+                        "noiseprop.theory.predict_drift(model, x, y, noise, times)")
     base, noise = _base(model, x, y, noise.with_level(1.0), targets, chunk_size, accuracy_draws, loss_probes, seed,
                         _check_int("batch_size", batch_size, 1))
     preds = []

@@ -141,7 +141,7 @@ def test_monte_carlo_helpers_against_known_distributions():
 
 
 def test_registry_and_topics():
-    assert TOPICS == ("linear", "conv", "batchnorm", "depth", "flatness", "learning_rate")
+    assert TOPICS == ("linear", "conv", "batchnorm", "depth", "flatness", "learning_rate", "hardware")
     assert set(DERIVATIONS) == set(TOPICS)
     assert len(DERIVATION_NAMES) == sum(len(v) for v in DERIVATIONS.values())
     with pytest.raises(ValueError, match="accepted: linear, conv, batchnorm, depth, flatness, learning_rate"):

@@ -22,6 +22,7 @@ from .batchnorm import (
 from .conv import conv_pooling, conv_spatial_covariance
 from .depth import depth_recursion, depth_relu_critical, depth_residual
 from .flatness import flatness_hutchinson, flatness_quadratic, flatness_second_order
+from .hardware import hardware_compensation, hardware_device_moments
 from .learning_rate import lr_sgd_stationary, lr_stability, lr_sweet_spot
 from .linear import linear_fixed_input, linear_random_input, linear_width
 
@@ -52,6 +53,8 @@ __all__ = [
     "lr_stability",
     "lr_sgd_stationary",
     "lr_sweet_spot",
+    "hardware_device_moments",
+    "hardware_compensation",
 ]
 
 #: topic -> the functions that derive its results (in reading order).
@@ -69,6 +72,7 @@ DERIVATIONS = {
     "depth": (depth_recursion, depth_relu_critical, depth_residual),
     "flatness": (flatness_quadratic, flatness_second_order, flatness_hutchinson),
     "learning_rate": (lr_stability, lr_sgd_stationary, lr_sweet_spot),
+    "hardware": (hardware_device_moments, hardware_compensation),
 }
 
 TOPICS = tuple(DERIVATIONS)

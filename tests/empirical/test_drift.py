@@ -1,0 +1,185 @@
+"""Accuracy against time since programming (issue 12): Monte-Carlo with common random
+numbers across times (drift_sweep) and the prediction (predict_drift, predict with a
+hardware noise model) checked against it."""
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from noiseprop.empirical import drift_sweep, load_dataset, monte_carlo, train
+from noiseprop.theory import PCMLike, Quantized, StuckAt, predict, predict_drift
+
+TIMES = [1.0, 3600.0, 86400.0, 2.6e6, 3.15e7, 3.15e8]
+
+
+@pytest.fixture(scope="module")
+def digits_mlp():
+    torch.set_num_threads(1)
+    data = load_dataset("digits")
+    return train("mlp", data, seed=0).model, data.x_test, data.y_test
+
+
+def _linear_problem(seed=0, n=64, d=16, c=4):
+    g = torch.Generator().manual_seed(seed)
+    model = nn.Sequential(nn.Linear(d, c, bias=False)).double().eval()
+    with torch.no_grad():
+        model[0].weight.copy_(torch.randn(c, d, generator=g, dtype=torch.float64) * 0.3)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    return model, x, model(x).argmax(1).detach()
+
+
+@pytest.mark.parametrize("comp", [True, False])
+def test_linear_model_logit_moments(comp):
+    """A network linear in its weights: the predicted logit mean f(E w̃) and covariance
+    (with the compensation scalar's variance and covariance terms) against Monte-Carlo;
+    pooled over inputs and classes, within 4 s.e."""
+    model, x, y = _linear_problem()
+    nz = PCMLike(t=3.15e7, compensation=comp, prog_noise_scale=2.0)
+    draws = 1500
+    mc = monte_carlo(model, x, y, nz, draws=draws, seed=0)
+    pr = predict(model, x, y, nz, accuracy_draws=0)
+    se_mean = (mc.logit_var / draws).sqrt()
+    z = ((mc.logit_mean - pr.logit_mean) / se_mean).reshape(-1)
+    assert float(z.abs().mean()) < 1.0 and float(z.abs().max()) < 4.5
+    ratio = float((mc.logit_var / pr.logit_var).mean())
+    assert abs(ratio - 1) < 4 * math.sqrt(2 / (draws - 1)), ratio
+
+
+def test_drift_sweep_common_random_numbers(digits_mlp):
+    model, x, y = digits_mlp
+    before = copy.deepcopy(model.state_dict())
+    nz = PCMLike(prog_noise_scale=2.0, drift_scale=2.0, read_noise_scale=2.0)
+    sw = drift_sweep(model, x, y, nz, [1.0, 3.15e7], draws=4, seed=3)
+    assert np.array_equal(sw.levels, [1.0, 3.15e7])
+    for i, t in enumerate(sw.levels):  # draw d at time t is the chip of monte_carlo(..., PCMLike(t), seed)
+        mc = monte_carlo(model, x, y, nz.with_level(t), draws=4, seed=3)
+        assert np.allclose(mc.accuracies, sw.accuracies[i])
+    assert sw.accuracies[1].mean() < sw.accuracies[0].mean()  # drift degrades
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+    df = sw.to_frame()
+    assert list(df.level) == [1.0, 3.15e7] and "pcm" in sw.summary()
+
+
+@pytest.mark.parametrize("times", [[-1.0], [float("nan")], [], [1.0, float("inf")], "soon"])
+def test_bad_times(digits_mlp, times):
+    model, x, y = digits_mlp
+    with pytest.raises(ValueError, match="times"):
+        drift_sweep(model, x, y, PCMLike(), times, draws=2)
+    with pytest.raises(ValueError, match="times"):
+        predict_drift(model, x, y, PCMLike(), times)
+
+
+def test_method_and_options(digits_mlp):
+    model, x, y = digits_mlp
+    with pytest.raises(NotImplementedError, match="method='linear'"):
+        predict(model, x[:8], y[:8], PCMLike(t=1.0), method="moments")
+    with pytest.raises(ValueError, match="linearize_at"):
+        predict_drift(model, x[:8], y[:8], PCMLike(), [1.0], linearize_at="nowhere")
+    with pytest.raises(TypeError, match="PCMLike"):
+        predict_drift(model, x[:8], y[:8], "relative:0.1", [1.0])
+    with pytest.raises(ValueError, match="control_variate"):
+        monte_carlo(model, x[:8], y[:8], PCMLike(), draws=2, control_variate=True)
+
+
+@pytest.mark.parametrize("noise", [Quantized(3), StuckAt(p_zero=0.02, p_max=0.005)])
+def test_quantized_and_stuck_predict_vs_mc(digits_mlp, noise):
+    model, x, y = digits_mlp
+    mc = monte_carlo(model, x, y, noise, draws=40, seed=0)
+    pr = predict(model, x, y, noise, accuracy_draws=0)
+    lo, hi = mc.accuracy_ci
+    assert lo - 0.01 <= pr.accuracy <= hi + 0.01, (pr.accuracy, mc.accuracy_ci)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("comp", [True, False])
+def test_predicted_curve_vs_monte_carlo(digits_mlp, comp, full_size):
+    """Digits MLP, 1 s to 10 years: predicted accuracy within 1 point or inside the
+    Monte-Carlo 95% CI at every time (scales at which drift matters). CI: three times."""
+    model, x, y = digits_mlp
+    times = TIMES if full_size else [1.0, 86400.0, 3.15e8]
+    nz = PCMLike(compensation=comp, prog_noise_scale=1.5, drift_scale=1.5, read_noise_scale=1.5)
+    sw = drift_sweep(model, x, y, nz, times, draws=30 if full_size else 20, seed=0)
+    pr = predict_drift(model, x, y, nz, times, accuracy_draws=16)
+    df = sw.to_frame()
+    for i, t in enumerate(times):
+        a = pr.accuracy[i]
+        ok = abs(a - df.accuracy[i]) <= 0.01 or df.accuracy_ci_low[i] <= a <= df.accuracy_ci_high[i]
+        assert ok, (t, a, df.accuracy[i], df.accuracy_ci_low[i], df.accuracy_ci_high[i])
+    frame = pr.to_frame()
+    assert list(frame.time_s) == times and "accuracy" in pr.summary()
+    assert np.all(np.isfinite(pr.accuracy_std))
+
+
+@pytest.fixture
+def small_checkpoint(tmp_path):
+    from noiseprop.empirical.checkpoint import save_checkpoint
+    from noiseprop.empirical.models import build_model
+
+    model = build_model("mlp", (1, 8, 8), 10, width=16, depth=1, seed=0)
+    return str(save_checkpoint(tmp_path / "m.pt", model, model.spec, {"dataset": "digits"}))
+
+
+def test_cli_drift_json_and_plot(small_checkpoint, tmp_path, capsys):
+    import json
+
+    from noiseprop.empirical.cli import main
+
+    png = tmp_path / "drift.png"
+    rc = main(["drift", "--model", small_checkpoint, "--times", "1,3.15e7", "--both", "--draws", "3",
+               "--n-inputs", "40", "--accuracy-draws", "4", "--json", "--plot", str(png), "--no-progress"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [r["time_s"] for r in out["rows"]] == [1.0, 3.15e7, 1.0, 3.15e7]
+    assert [r["compensation"] for r in out["rows"]] == [True, True, False, False]
+    assert all(0 <= r["predicted_accuracy"] <= 1 and len(r["mc_ci"]) == 2 for r in out["rows"])
+    assert png.stat().st_size > 1000
+
+
+def test_cli_drift_user_errors(small_checkpoint, capsys):
+    from noiseprop.empirical.cli import main
+
+    assert main(["drift", "--model", small_checkpoint, "--times", "-1"]) == 2
+    assert "--times" in capsys.readouterr().err
+    assert main(["drift", "--model", small_checkpoint, "--times", "1,x"]) == 2
+    assert main(["drift", "--model", small_checkpoint, "--draws", "1"]) == 2
+    assert main(["drift", "--model", small_checkpoint, "--prog-scale", "-1", "--draws", "0"]) == 2
+    assert "prog_noise_scale" in capsys.readouterr().err
+
+
+def test_fast_derivative_pass_matches_jacobian_pass():
+    """The tap-based pass (closed-form Linear covariance, J·t from the backpropagated
+    signals) against jacobian_pass + forward-mode products, on a CNN with BatchNorm."""
+    from noiseprop.theory import drift as D
+
+    g = torch.Generator().manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2),
+                        nn.ReLU(), nn.Flatten(), nn.Linear(36, 5)).double()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3)
+        net[1].running_mean.normal_(0, 0.1, generator=g)
+        net[1].running_var.uniform_(0.5, 1.5, generator=g)
+    net.eval()
+    x = torch.randn(10, 1, 8, 8, generator=g, dtype=torch.float64)
+    lin = D.LinearizedNetwork(net)
+    mos = [D._moments(lin, PCMLike(t=t, prog_noise_scale=2.0)) for t in (1.0, 3.15e7)]
+    units = [m.unit for m in mos]
+    tangents = D._comp_tangents(mos[1])
+    fast = D._fast_pass(lin, x, units, tangents, 0, 0, 4)
+    slow = D._slow_derivatives(lin, x, units, tangents, 0, 0, 4, 4)
+    for a, b in zip(fast[0], slow[0]):
+        assert torch.allclose(a, b.double(), rtol=1e-9, atol=1e-12)
+    for a, b in zip(fast[1], slow[1]):
+        assert torch.allclose(a, b.double(), rtol=1e-9, atol=1e-12)
+
+
+def test_linearize_at_programmed_runs(digits_mlp):
+    model, x, y = digits_mlp
+    nz = PCMLike()
+    a = predict_drift(model, x[:60], y[:60], nz, [1.0, 86400.0], linearize_at="programmed", accuracy_draws=4)
+    b = predict_drift(model, x[:60], y[:60], nz, [1.0, 86400.0], linearize_at="mean", accuracy_draws=4)
+    assert np.allclose(a.accuracy, b.accuracy, atol=0.01) and a.linearize_at == "programmed"

@@ -1,0 +1,190 @@
+"""Hardware noise models (theory/hardware.py): exact per-element moments against
+Monte-Carlo (tolerances from the standard errors), the one-dimensional pieces against
+scipy quadrature, common random numbers, and bad input."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import integrate, stats
+
+from noiseprop.theory import AdditiveGaussian, Multiplicative, PCMLike, Quantized, RelativeGaussian, StuckAt, parse_noise
+from noiseprop.theory.hardware import (G_MAX, folded_normal_laplace, rectified_expectation,
+                                       rectified_normal_moments)
+
+
+def _w(seed=0, shape=(6, 5)):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=g, dtype=torch.float64) * 0.3
+    w[0, 0] = 0.0  # both devices idle
+    w[1, 1] = -w.abs().max()  # the layer's extreme weight on the negative device
+    return w
+
+
+def _samples(noise, w, draws, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.stack([noise.sample(w, g) for _ in range(draws)])
+
+
+def _z_scores(s, mean, var):
+    """Per element: (sample mean − mean)/se and (sample variance − var)/se, with the
+    variance's s.e. from the sample fourth central moment."""
+    d = s.shape[0]
+    zm = (s.mean(0) - mean) / (s.var(0) / d).sqrt().clamp_min(1e-300)
+    c = s - s.mean(0)
+    v = s.var(0)
+    se_v = (((c**4).mean(0) - v**2) / d).clamp_min(0).sqrt()
+    zv = torch.where(se_v > 0, (v - var) / se_v.clamp_min(1e-300), (v - var).abs() * 0)
+    return zm, zv
+
+
+def test_gaussian_models_have_zero_mean():
+    w = _w()
+    for nz in (AdditiveGaussian(0.1), RelativeGaussian(0.2), Multiplicative(0.1)):
+        assert nz.zero_mean and torch.equal(nz.mean(w), w)
+    assert not PCMLike().zero_mean
+
+
+@pytest.mark.parametrize("t,scale,per", [(0.0, 1.0, "layer"), (3600.0, 2.0, "layer"), (3.15e8, 1.0, "channel"),
+                                         (3.15e8, 3.0, "layer")])
+def test_pcm_moments_match_monte_carlo(t, scale, per):
+    """Every element's sample mean and variance of W(t) within 4 s.e. of the exact
+    formula (and at least 97% within 3 s.e.)."""
+    w = _w(1)
+    nz = PCMLike(t=t, compensation=False, prog_noise_scale=scale, drift_scale=scale, read_noise_scale=scale, per=per)
+    s = _samples(nz, w, 4000)
+    mo = nz.raw_moments(w)
+    zm, zv = _z_scores(s, mo["mean"], mo["var"])
+    z = torch.cat([zm.reshape(-1), zv.reshape(-1)]).abs()
+    assert float(z.max()) < 4.0, float(z.max())
+    assert float((z < 3).double().mean()) >= 0.97
+    # the per-element table and the per-element quadrature agree
+    ex = nz.raw_moments(w, exact=True)
+    for k in ("mean", "var", "prog_mean", "prog_var", "cov"):
+        assert torch.allclose(mo[k], ex[k], rtol=1e-4, atol=1e-10), k
+
+
+def test_pcm_programmed_and_cross_moments():
+    """W_P = (g_P⁺ − g_P⁻)M/g_max and Cov(W_P, W(t)) against Monte-Carlo."""
+    w = _w(2)
+    nz = PCMLike(t=86400.0, compensation=False, prog_noise_scale=2.0)
+    g = torch.Generator().manual_seed(3)
+    wp, wt = [], []
+    for _ in range(4000):
+        gp, gg, m = nz.conductances(w, nz.draw(w, g))
+        wp.append((gp[0] - gp[1]) * m / G_MAX)
+        wt.append((gg[0] - gg[1]) * m / G_MAX)
+    wp, wt = torch.stack(wp), torch.stack(wt)
+    mo = nz.raw_moments(w)
+    zm, zv = _z_scores(wp, mo["prog_mean"], mo["prog_var"])
+    assert float(torch.cat([zm.reshape(-1), zv.reshape(-1)]).abs().max()) < 4.0
+    prod = (wp - wp.mean(0)) * (wt - wt.mean(0))
+    cov = prod.sum(0) / (wp.shape[0] - 1)
+    se = prod.std(0) / math.sqrt(wp.shape[0])
+    assert float(((cov - mo["cov"]) / se).abs().max()) < 4.0
+
+
+def test_pcm_compensation_alpha():
+    """E α and Var α (delta method, Gaussian |W|): E α within 4 s.e. + 1% (the stated
+    approximation), Var α within 4 s.e. of the sample variance + 10%."""
+    g0 = torch.Generator().manual_seed(5)
+    w = torch.randn(32, 16, generator=g0, dtype=torch.float64) * 0.3
+    nz = PCMLike(t=3.15e7, prog_noise_scale=2.0)
+    g = torch.Generator().manual_seed(6)
+    al, ws = [], []
+    for _ in range(1500):
+        gp, gg, m = nz.conductances(w, nz.draw(w, g))
+        wt, wp = (gg[0] - gg[1]) * m / G_MAX, (gp[0] - gp[1]) * m / G_MAX
+        al.append(float(wp.abs().mean() / wt.abs().mean()))
+    al = np.array(al)
+    comp = nz.compensation_moments(w)
+    se = al.std(ddof=1) / math.sqrt(al.size)
+    assert abs(al.mean() - comp.alpha_mean) < 4 * se + 0.01 * comp.alpha_mean
+    se_v = al.var(ddof=1) * math.sqrt(2 / (al.size - 1))
+    assert abs(al.var(ddof=1) - comp.alpha_var) < 4 * se_v + 0.1 * comp.alpha_var
+    # the compensated sample is alpha * W(t)
+    z = nz.draw(w, torch.Generator().manual_seed(1))
+    gp, gg, m = nz.conductances(w, z)
+    wt, wp = (gg[0] - gg[1]) * m / G_MAX, (gp[0] - gp[1]) * m / G_MAX
+    assert torch.allclose(nz.apply(w, z), wt * wp.abs().mean() / wt.abs().mean())
+
+
+def test_folded_normal_laplace_against_quadrature():
+    for s, mu, sd in [(0.5, 0.05, 0.01), (20.0, 0.1, 0.045), (60.0, 0.049, 0.008), (3.0, -0.2, 0.3)]:
+        ref = integrate.quad(lambda x: math.exp(-s * abs(x)) * stats.norm.pdf(x, mu, sd), mu - 12 * sd, mu + 12 * sd,
+                             points=[0.0] if abs(mu) < 12 * sd else None, limit=200)[0]
+        assert float(folded_normal_laplace(s, mu, sd)) == pytest.approx(ref, rel=1e-8, abs=1e-300)
+
+
+def test_rectified_normal_moments_and_quadrature():
+    a = torch.tensor([-1.0, 0.0, 0.3, 5.0], dtype=torch.float64)
+    s = torch.tensor([0.5, 0.26, 1.0, 1.2], dtype=torch.float64)
+    m1, m2 = rectified_normal_moments(a, s)
+    for i in range(4):
+        f = lambda z, k: max(0.0, float(a[i]) + float(s[i]) * z) ** k * stats.norm.pdf(z)  # noqa: E731
+        assert float(m1[i]) == pytest.approx(integrate.quad(f, -12, 12, args=(1,), points=[float(-a[i] / s[i])])[0], rel=1e-9)
+        assert float(m2[i]) == pytest.approx(integrate.quad(f, -12, 12, args=(2,), points=[float(-a[i] / s[i])])[0], rel=1e-9)
+    # a kinked integrand, split at its kink
+    h = lambda g: g * torch.clamp(0.0088 / (g.clamp_min(0) / 25) ** 0.65, max=0.2)  # noqa: E731
+    q = rectified_expectation(h, a, s, kinks=(25 * (0.0088 / 0.2) ** (1 / 0.65),))
+    for i in range(4):
+        def f(z):
+            g = float(a[i]) + float(s[i]) * z
+            return float(h(torch.tensor(g))) * stats.norm.pdf(z) if g > 0 else 0.0
+        kink = (25 * (0.0088 / 0.2) ** (1 / 0.65) - float(a[i])) / float(s[i])
+        ref = integrate.quad(f, -12, 12, points=[float(-a[i] / s[i]), kink], limit=200)[0]
+        assert float(q[i]) == pytest.approx(ref, rel=1e-7, abs=1e-12)
+
+
+def test_quantized_exact():
+    w = _w(3)
+    for b in (1, 2, 4):
+        q = Quantized(b).mean(w)
+        m = w.abs().max()
+        levels = torch.unique(q)
+        assert levels.numel() <= 2**b
+        grid = -m + 2 * m / (2**b - 1) * torch.arange(2**b, dtype=w.dtype)
+        assert torch.all(torch.isclose(levels[:, None], grid[None, :]).any(1))
+        assert float((q - w).abs().max()) <= float(m / (2**b - 1)) + 1e-12  # half a step
+        assert torch.equal(Quantized(b).sample(w), q) and float(Quantized(b).variance(w).abs().max()) == 0
+    qc = Quantized(2, per="channel").mean(w)
+    assert torch.allclose(qc.abs().amax(1), w.abs().amax(1))
+
+
+@pytest.mark.parametrize("p0,p1", [(0.1, 0.0), (0.05, 0.02)])
+def test_stuck_at_moments(p0, p1):
+    w = _w(4)
+    nz = StuckAt(p_zero=p0, p_max=p1)
+    s = _samples(nz, w, 4000)
+    zm, zv = _z_scores(s, nz.mean(w), nz.variance(w))
+    assert float(torch.cat([zm.reshape(-1), zv.reshape(-1)]).abs().max()) < 4.0
+
+
+def test_common_random_numbers_and_rng():
+    w = _w()
+    nz = PCMLike(t=1.0)
+    state = torch.get_rng_state()
+    z = nz.draw(w, torch.Generator().manual_seed(0))
+    assert torch.equal(state, torch.get_rng_state())
+    assert torch.equal(nz.sample(w, torch.Generator().manual_seed(0)), nz.apply(w, z))
+    # the programmed conductances do not depend on t; the read ones do, through the same z
+    a, b = nz.conductances(w, z), nz.with_level(3.15e7).conductances(w, z)
+    assert torch.equal(a[0], b[0]) and not torch.equal(a[1], b[1])
+    assert nz.with_level(86400).t == 86400
+    assert isinstance(parse_noise("pcm:3600"), PCMLike) and not parse_noise("pcm-nocomp:1").compensation
+    assert parse_noise("quantized:4").bits == 4 and parse_noise("stuck:0.01").p_zero == 0.01
+
+
+@pytest.mark.parametrize("make,name", [
+    (lambda: PCMLike(t=-1), "t"), (lambda: PCMLike(t=float("nan")), "t"), (lambda: PCMLike(t=float("inf")), "t"),
+    (lambda: PCMLike(prog_noise_scale=-0.1), "prog_noise_scale"), (lambda: PCMLike(drift_scale=-1), "drift_scale"),
+    (lambda: PCMLike(read_noise_scale=float("nan")), "read_noise_scale"), (lambda: PCMLike(per="row"), "per"),
+    (lambda: PCMLike(compensation="yes"), "compensation"),
+    (lambda: Quantized(0), "bits"), (lambda: Quantized(2.5), "bits"), (lambda: Quantized(True), "bits"),
+    (lambda: Quantized(4, per="tile"), "per"), (lambda: StuckAt(p_zero=1.5), "p_zero"),
+    (lambda: StuckAt(p_zero=-0.1), "p_zero"), (lambda: StuckAt(p_max=2), "p_max"),
+    (lambda: StuckAt(p_zero=0.6, p_max=0.6), r"p_zero \+ p_max"), (lambda: parse_noise("quantized:2.5"), "bits"),
+])
+def test_bad_input(make, name):
+    with pytest.raises(ValueError, match=name):
+        make()

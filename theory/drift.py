@@ -1,0 +1,501 @@
+"""Prediction under non-zero-mean hardware noise (PCM drift over time, quantisation,
+stuck-at faults): :func:`predict_drift` (a curve over times since programming) and
+:func:`predict_hardware` (one model, the :func:`~noiseprop.theory.predict.predict`
+entry point for hardware noise).
+
+For a noise model with per-element mean ``μ = E[w̃]`` and variance ``v``
+(:mod:`noiseprop.theory.hardware`), the logits are expanded to first order around a
+linearisation point ``θ*``:
+
+    f(w̃) ≈ f(θ*) + J(θ*) (w̃ − θ*),
+
+* ``linearize_at="mean"`` (default): ``θ* = μ``, so the logit mean is ``f(μ)`` (the
+  network with the expected weights, the mean shift ``J·E[δw]`` to all orders along
+  the mean) and the covariance is ``J(μ) Σ J(μ)ᵀ``: one pass of derivatives per time.
+* ``linearize_at="programmed"``: the mean is still ``f(μ)`` but the covariance uses the
+  Jacobian at the programmed weights ``w`` for every time: one pass of derivatives
+  serves the whole curve (``jacobian_pass(..., extra_units=...)``).
+
+With global drift compensation the layer weight is ``α W`` with the layer scalar
+``α`` random; to first order ``δ(αW) = ᾱ δW + E[W] δα``, so the layer's share of the
+logit covariance is
+
+    ᾱ² J diag(Var W) Jᵀ + Var α · v vᵀ + ᾱ (u vᵀ + v uᵀ),     v = J E[W],  u = J Cov(α, W),
+
+(``ᾱ``, ``Var α``, ``Cov(α, W)`` from :meth:`~noiseprop.theory.hardware.PCMLike.compensation_moments`;
+``v`` and ``u`` by forward-mode products, ``torch.func.jvp``, vectorised over layers).
+Derivation: :func:`noiseprop.theory.symbolic.derive` ``("hardware")``.
+Accuracy per time from the Gaussian logits ``N(f(μ), Σ)`` by
+:func:`~noiseprop.theory.accuracy.correct_probability`; the chip-to-chip spread from
+``K`` shared draws of the linearised network (plus ``sd(α_l) v_l η``).
+Only ``method="linear"``: moment propagation of a shifted mean is not implemented.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+import types
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, jvp, vmap
+
+from .accuracy import correct_probability, sampled_accuracies
+from .hardware import HardwareNoise, PCMLike
+from .linearize import LinearizedNetwork, jacobian_pass
+from .noise import WeightNoise, parse_noise
+from .validation import check_inputs, check_labels
+
+__all__ = ["DriftPrediction", "predict_drift", "predict_hardware", "LINEARIZE_AT"]
+
+LINEARIZE_AT = ("mean", "programmed")
+
+
+def _check_int(name, v, minimum):
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {v!r}")
+    return int(v)
+
+
+def _check_times(times) -> np.ndarray:
+    try:
+        tv = np.asarray(times, dtype=np.float64).ravel()
+    except (TypeError, ValueError):
+        raise ValueError(f"times must be seconds since programming (finite numbers >= 0), got {times!r}") from None
+    if tv.size == 0:
+        raise ValueError("times is empty: give at least one time since programming (seconds >= 0)")
+    if not np.all(np.isfinite(tv)) or np.any(tv < 0):
+        raise ValueError(f"times must be seconds since programming (finite numbers >= 0), got {times!r}")
+    return tv
+
+
+def _check_options(method, linearize_at):
+    if method != "linear":
+        if method == "moments":
+            raise NotImplementedError("method='moments' is not implemented for non-zero-mean (hardware) noise; "
+                                      "use method='linear'")
+        raise ValueError(f"method must be 'linear' for hardware noise, got {method!r}")
+    if linearize_at not in LINEARIZE_AT:
+        raise ValueError(f"linearize_at must be one of {list(LINEARIZE_AT)}, got {linearize_at!r}")
+
+
+# ----------------------------------------------------------------------------
+# Per-parameter moments
+# ----------------------------------------------------------------------------
+@dataclass
+class _Moments:
+    mean: dict  # name -> E[w̃] (effective, float of the model's dtype)
+    unit: dict  # name -> sd of the independent part (ᾱ·sd(W) with compensation)
+    raw_mean: dict  # name -> E[W] (compensated layers only)
+    cov_w: dict  # name -> Cov(α, W) (compensated layers only)
+    alpha_var: dict  # name -> Var α
+    alpha_mean: dict
+
+
+def _moments(lin: LinearizedNetwork, noise: WeightNoise) -> _Moments:
+    mean, unit, raw_mean, cov_w, avar, amean = {}, {}, {}, {}, {}, {}
+    for n, w in lin.target_params.items():
+        if isinstance(noise, PCMLike) and noise.compensation:
+            eff = noise.effective_moments(w)
+            comp = eff["comp"]
+            mean[n] = eff["mean"].to(w.dtype)
+            unit[n] = (comp.alpha_mean * eff["raw"]["var"].sqrt()).to(w.dtype)
+            raw_mean[n] = eff["raw"]["mean"].to(w.dtype)
+            cov_w[n] = comp.cov_w.to(w.dtype)
+            avar[n] = comp.alpha_var
+            amean[n] = comp.alpha_mean
+        else:
+            mean[n] = noise.mean(w).to(w.dtype)
+            unit[n] = noise.variance(w).clamp_min(0).sqrt().to(w.dtype)
+    return _Moments(mean, unit, raw_mean, cov_w, avar, amean)
+
+
+def _at(lin: LinearizedNetwork, point: dict) -> LinearizedNetwork:
+    """A shallow copy of ``lin`` whose target parameters are ``point``."""
+    out = copy.copy(lin)
+    out.params = {**lin.params, **point}
+    out.target_params = {n: point[n] for n in lin.names}
+    return out
+
+
+def _forward(lin: LinearizedNetwork, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([lin.forward(x[i:i + batch_size].to(lin.device)) for i in range(0, x.shape[0], batch_size)])
+
+
+def _layer_jvps(lin: LinearizedNetwork, x: torch.Tensor, tangents: list[dict], batch_size: int) -> torch.Tensor:
+    """``J t_k`` ``[K, N, C]`` for tangents ``t_k`` (dicts over some target names), by
+    forward-mode products vectorised over ``k``."""
+    names = sorted({n for t in tangents for n in t})
+    stacked = {n: torch.stack([t.get(n, torch.zeros_like(lin.target_params[n])) for t in tangents]) for n in names}
+    primals = {n: lin.target_params[n] for n in names}
+    outs = []
+    for i in range(0, x.shape[0], batch_size):
+        xb = x[i:i + batch_size].to(lin.device)
+
+        def f(tp):
+            return functional_call(lin.net, ({**lin.params, **tp}, lin.buffers), (xb,))
+
+        def one(tang):
+            return jvp(f, (primals,), (tang,))[1]
+
+        with torch.no_grad():
+            try:
+                outs.append(vmap(one)(stacked))
+            except Exception:  # an op without a batching rule: one tangent at a time
+                outs.append(torch.stack([one({n: stacked[n][k] for n in names}) for k in range(len(tangents))]))
+    return torch.cat(outs, dim=1)
+
+
+def _layer_op(module: nn.Module, xin: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The layer's linear map with another weight (no bias): ``W x`` or ``conv(x, W)``."""
+    if isinstance(module, nn.Linear):
+        return F.linear(xin, weight.to(xin.dtype))
+    return F.conv2d(xin, weight.to(xin.dtype), None, module.stride, module.padding, module.dilation, module.groups)
+
+
+def _fast_pass(lin_pt: LinearizedNetwork, x: torch.Tensor, units: Sequence[dict], tangents: Sequence[dict],
+               draws: int, seed: int, chunk_size: int | None):
+    """One pass of derivatives at ``lin_pt``'s weights, for weights of Linear/Conv2d
+    layers: ``J diag(u_k²) Jᵀ`` ``[N, C, C]`` for every scale map ``u_k`` in ``units``,
+    ``J t_j`` ``[N, C]`` for every tangent ``t_j`` and ``draws`` shared draws
+    ``J (u_0 ⊙ ξ)`` ``[N, C, K]``. The backpropagated signal δ at each layer's output
+    (one backward pass per class) gives them without forming the per-sample Jacobian
+    where a closed form exists: for a Linear layer (one position)
+    ``Σ_{o,i} u²_{oi} δ_{ao} δ_{bo} x_i² = δ_a diag(u² x²) δ_bᵀ`` and ``J t = δ · (t x)``;
+    for a convolution ``J t = Σ_{o,p} δ_{o,p} conv(x, t)_{o,p}`` and the covariance from the
+    per-sample Jacobian (:func:`~noiseprop.theory.linearize.tap_jacobian`).
+    Returns ``None`` when a target is not such a weight (the caller falls back)."""
+    from .linearize import auto_chunk_size, backprop_signals, tap_jacobian, tapping
+
+    modules = dict(lin_pt.net.named_modules())
+    fast = {}
+    for name in lin_pt.names:
+        mname, _, pname = name.rpartition(".")
+        mod = modules.get(mname)
+        ok = pname == "weight" and mname and (isinstance(mod, nn.Linear) or (
+            isinstance(mod, nn.Conv2d) and mod.padding_mode == "zeros" and not isinstance(mod.padding, str)))
+        if not ok:
+            return None
+        fast[mname] = name
+    watch = {id(modules[m]): (m, modules[m]) for m in fast}
+    n = x.shape[0]
+    with torch.no_grad():
+        c0 = lin_pt.forward(x[:1].to(lin_pt.device)).shape[-1]
+    if chunk_size is None:
+        chunk_size = auto_chunk_size(c0, lin_pt.num_target_elements, torch.tensor([], dtype=lin_pt.dtype).element_size())
+    dirs = None
+    if draws:
+        g = torch.Generator(device=lin_pt.device).manual_seed(int(seed))
+        dirs = {nm: torch.randn((draws,) + tuple(p.shape), generator=g, dtype=lin_pt.dtype, device=lin_pt.device)
+                * units[0][nm] for nm, p in lin_pt.target_params.items()}
+    covs = [[] for _ in units]
+    jts = [[] for _ in tangents]
+    zs = []
+    for i in range(0, n, chunk_size):
+        xb = x[i:i + chunk_size].to(lin_pt.device)
+        b = xb.shape[0]
+        with torch.enable_grad(), tapping(watch) as taps:
+            out = lin_pt.forward(xb)
+        if out.dim() != 2:
+            raise ValueError(f"the model must map a batch of inputs to logits of shape [N, C]; got shape {tuple(out.shape)}")
+        deltas = backprop_signals(out, [t.e for t in taps])
+        cov_c = [torch.zeros(b, c0, c0, dtype=torch.float64) for _ in units]
+        jt_c = [torch.zeros(b, c0, dtype=torch.float64) for _ in tangents]
+        z_c = torch.zeros(b, c0, draws, dtype=torch.float64) if draws else None
+        by_module: dict[str, list] = {}
+        for t, dl in zip(taps, deltas):
+            by_module.setdefault(t.name, []).append((t, dl.detach()))
+        with torch.no_grad():
+            for mname, pname in fast.items():
+                calls = by_module.get(mname, [])
+                if not calls:
+                    continue
+                mod = modules[mname]
+                simple = isinstance(mod, nn.Linear) and len(calls) == 1 and calls[0][0].x.dim() == 2
+                if simple:
+                    t, dl = calls[0]  # dl [C, B, out], t.x [B, in]
+                    x2 = t.x * t.x
+                    for u, cv in zip(units, cov_c):
+                        s = x2 @ (u[pname] ** 2).to(x2.dtype).T  # [B, out]
+                        cv += torch.einsum("abo,cbo,bo->bac", dl, dl, s).double()
+                else:
+                    J = None
+                    for t, dl in calls:
+                        Jt = tap_jacobian(t, dl, "weight")
+                        J = Jt if J is None else J + Jt
+                    for u, cv in zip(units, cov_c):
+                        Js = J * u[pname].reshape(1, 1, -1).to(J.dtype)
+                        cv += torch.bmm(Js, Js.mT).double()
+                    del J
+                for tg, jc in zip(tangents, jt_c):
+                    if pname in tg:
+                        for t, dl in calls:
+                            o = _layer_op(mod, t.x, tg[pname])
+                            jc += torch.einsum("cb...,b...->bc", dl, o).double()
+                if z_c is not None:
+                    for t, dl in calls:
+                        for k in range(draws):
+                            o = _layer_op(mod, t.x, dirs[pname][k])
+                            z_c[:, :, k] += torch.einsum("cb...,b...->bc", dl, o).double()
+        del deltas, taps, out, by_module
+        for lst, cv in zip(covs, cov_c):
+            lst.append(cv)
+        for lst, jc in zip(jts, jt_c):
+            lst.append(jc)
+        if z_c is not None:
+            zs.append(z_c)
+    return ([torch.cat(c) for c in covs], [torch.cat(j) for j in jts], torch.cat(zs) if zs else None)
+
+
+def _comp_tangents(mo: _Moments) -> list[dict]:
+    """Tangents ``E[W_l]`` then ``Cov(α_l, W_l)`` for every compensated layer."""
+    names = list(mo.raw_mean)
+    return [{n: mo.raw_mean[n]} for n in names] + [{n: mo.cov_w[n]} for n in names]
+
+
+def _compensation_cov(jt: Sequence[torch.Tensor], mo: _Moments):
+    """``Σ_l [Var α_l v_l v_lᵀ + ᾱ_l (u_l v_lᵀ + v_l u_lᵀ)]`` ``[N, C, C]`` from
+    ``v_l = J E[W_l]``, ``u_l = J Cov(α_l, W_l)`` (``jt`` in :func:`_comp_tangents` order),
+    and the ``(sd α_l, v_l)`` pairs for the chip-to-chip draws."""
+    names = list(mo.raw_mean)
+    if not names:
+        return None, []
+    L = len(names)
+    n, c = jt[0].shape
+    cov = torch.zeros(n, c, c, dtype=torch.float64)
+    pairs = []
+    for i, nm in enumerate(names):
+        v, u = jt[i].double().cpu(), jt[L + i].double().cpu()
+        cov += mo.alpha_var[nm] * v[:, :, None] * v[:, None, :]
+        cov += mo.alpha_mean[nm] * (u[:, :, None] * v[:, None, :] + v[:, :, None] * u[:, None, :])
+        pairs.append((math.sqrt(mo.alpha_var[nm]), v))
+    return cov, pairs
+
+
+def _slow_derivatives(lin_pt, x, units, tangents, draws, seed, chunk_size, batch_size):
+    """:func:`_fast_pass`'s outputs for any differentiable target (``jacobian_pass`` with
+    ``extra_units`` and forward-mode products)."""
+    jp = jacobian_pass(lin_pt, x, units[0], chunk_size=chunk_size, draws=draws, seed=seed, extra_units=list(units[1:]))
+    covs = [jp.cov_unit] + list(jp.extra_cov)
+    jts = list(_layer_jvps(lin_pt, x, tangents, batch_size)) if tangents else []
+    return covs, jts, jp.draws_unit
+
+
+def _derivatives(lin_pt, x, units, tangents, draws, seed, chunk_size, batch_size):
+    out = _fast_pass(lin_pt, x, units, tangents, draws, seed, chunk_size)
+    if out is None:
+        out = _slow_derivatives(lin_pt, x, units, tangents, draws, seed, chunk_size, batch_size)
+    covs, jts, z = out
+    return [c.double().cpu() for c in covs], [j.double().cpu() for j in jts], (None if z is None else z.double().cpu())
+
+
+def _gaussian_logit_loss(mean: torch.Tensor, cov: torch.Tensor, y: torch.Tensor, points: int = 256, seed: int = 0) -> float:
+    """``mean_i E[CE(f_i, y_i)]`` for ``f_i ~ N(mean_i, cov_i)`` (scrambled Sobol points)."""
+    from scipy.stats import qmc
+
+    n, c = mean.shape
+    z = qmc.Sobol(d=c, scramble=True, seed=np.random.default_rng(seed)).random_base2(int(math.log2(points)))
+    z = torch.special.ndtri(torch.from_numpy(z).clamp(1e-12, 1 - 1e-12))
+    w, V = torch.linalg.eigh(cov.double())
+    lh = V * w.clamp_min(0).sqrt().unsqueeze(1)
+    f = mean.double()[:, None, :] + torch.einsum("nab,pb->npa", lh, z)
+    ce = torch.logsumexp(f, dim=2) - f.gather(2, y[:, None, None].expand(-1, points, 1)).squeeze(2)
+    return float(ce.mean())
+
+
+# ----------------------------------------------------------------------------
+# Result
+# ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DriftPrediction:
+    """Predicted accuracy against time since programming (:func:`predict_drift`).
+
+    ``predictions[i]`` is the full :class:`~noiseprop.theory.predict.Prediction` at
+    ``times[i]``; ``accuracy``, ``accuracy_lower``/``accuracy_upper`` (pairwise bounds),
+    ``accuracy_std`` (chip to chip) and ``loss`` are arrays over times.
+    """
+
+    noise: str
+    targets: str
+    linearize_at: str
+    times: np.ndarray
+    predictions: tuple
+    clean_accuracy: float
+    seconds: float
+
+    def _arr(self, name):
+        return np.asarray([getattr(p, name) for p in self.predictions], dtype=np.float64)
+
+    @property
+    def accuracy(self):
+        return self._arr("accuracy")
+
+    @property
+    def accuracy_lower(self):
+        return self._arr("accuracy_lower")
+
+    @property
+    def accuracy_upper(self):
+        return self._arr("accuracy_upper")
+
+    @property
+    def accuracy_std(self):
+        return self._arr("accuracy_std")
+
+    @property
+    def loss(self):
+        return np.asarray([p.clean_loss + p.loss_increase_logits for p in self.predictions])
+
+    def to_frame(self) -> pd.DataFrame:
+        return pd.DataFrame(dict(time_s=self.times, accuracy=self.accuracy, accuracy_lower=self.accuracy_lower,
+                                 accuracy_upper=self.accuracy_upper, accuracy_std=self.accuracy_std, loss=self.loss,
+                                 mean_logit_var=[float(p.logit_var.mean()) for p in self.predictions],
+                                 mean_abs_logit_shift=[float(p.logit_mean_shift.abs().mean()) for p in self.predictions]))
+
+    def summary(self) -> str:
+        lines = [f"Predicted accuracy vs time since programming: {self.noise} on {self.targets}",
+                 f"  linearised at the {self.linearize_at} weights; clean accuracy {self.clean_accuracy:.4f}; "
+                 f"{self.seconds:.2f} s",
+                 f"  {'t (s)':>10}{'accuracy':>10}{'bounds':>20}{'chip sd':>9}{'loss':>9}"]
+        for _, r in self.to_frame().iterrows():
+            lines.append(f"  {r.time_s:>10.3g}{r.accuracy:>10.4f}   [{r.accuracy_lower:.4f}, {r.accuracy_upper:.4f}]"
+                         f"{r.accuracy_std:>9.4f}{r.loss:>9.4f}")
+        return "\n".join(lines)
+
+    def __str__(self):
+        return self.summary()
+
+
+# ----------------------------------------------------------------------------
+# Engine
+# ----------------------------------------------------------------------------
+def _predict_models(model, x, y, noises: Sequence[HardwareNoise], targets, linearize_at, accuracy_draws, seed,
+                    n_points, chunk_size, batch_size, keep_cov):
+    from .predict import Prediction
+
+    x, y = check_inputs(model, x, y)
+    lin = LinearizedNetwork(model, targets)
+    clean = _forward(lin, x, batch_size).double().cpu()
+    if clean.dim() != 2:
+        raise ValueError(f"the model must map a batch of inputs to logits of shape [N, C]; got shape {tuple(clean.shape)}")
+    check_labels(y, clean.shape[1])
+    clean_loss = float(F.cross_entropy(clean, y))
+    clean_acc = float((clean.argmax(1) == y).double().mean())
+    moments = [_moments(lin, nz) for nz in noises]
+    shared = None
+    if linearize_at == "programmed":  # one pass at the programmed weights serves every time
+        tangents = [_comp_tangents(mo) for mo in moments]
+        flat = [t for ts in tangents for t in ts]
+        covs, jts, z0 = _derivatives(lin, x, [mo.unit for mo in moments], flat, accuracy_draws, seed, chunk_size,
+                                     batch_size)
+        offsets = np.cumsum([0] + [len(ts) for ts in tangents])
+        shared = (covs, [jts[offsets[k]:offsets[k + 1]] for k in range(len(moments))], z0)
+    preds = []
+    for k, (nz, mo) in enumerate(zip(noises, moments)):
+        t1 = time.perf_counter()
+        lin_mu = _at(lin, mo.mean)
+        mean = _forward(lin_mu, x, batch_size).double().cpu()
+        if shared is None:
+            covs, jt, z = _derivatives(lin_mu, x, [mo.unit], _comp_tangents(mo), accuracy_draws, seed, chunk_size,
+                                       batch_size)
+            cov = covs[0]
+        else:
+            cov, jt, z = shared[0][k], shared[1][k], shared[2]
+            if z is not None and k > 0:  # rescale the shared draws per class to this time's marginal sd
+                v0 = torch.diagonal(shared[0][0], dim1=1, dim2=2)
+                vk = torch.diagonal(cov, dim1=1, dim2=2)
+                z = z * torch.where(v0 > 0, (vk / torch.where(v0 > 0, v0, torch.ones_like(v0))).sqrt(),
+                                    torch.zeros_like(v0)).unsqueeze(-1)
+        comp_cov, pairs = _compensation_cov(jt, mo)
+        if comp_cov is not None:
+            cov = cov + comp_cov
+        cov = 0.5 * (cov + cov.mT)
+        p, lo, hi = correct_probability(mean, cov, y, n_points=n_points, seed=seed)
+        acc_std, kd = float("nan"), 0
+        if z is not None:
+            z = z.double().cpu().clone()
+            if pairs:
+                g = torch.Generator().manual_seed(int(seed) + 7919)
+                eta = torch.randn(len(pairs), z.shape[-1], generator=g, dtype=torch.float64)
+                for (sd, v), e in zip(pairs, eta):
+                    z += sd * v[:, :, None] * e[None, None, :]
+            accs = sampled_accuracies(mean, z, y)
+            kd, acc_std = accs.size, float(accs.std(ddof=1))
+        gl = _gaussian_logit_loss(mean, cov, y, seed=seed) - clean_loss
+        diag = dict(labels=y.clone(), linearize_at=linearize_at,
+                    frac_inputs_uncertain=float(((p > 0.01) & (p < 0.99)).double().mean()))
+        if isinstance(nz, PCMLike) and nz.compensation:
+            diag["alpha_mean"] = float(np.mean(list(mo.alpha_mean.values())))
+        preds.append(Prediction(
+            method="linear", noise=nz.to_string(), targets=lin.plan.targets.describe(), clean_logits=clean,
+            logit_mean=mean, logit_var=torch.diagonal(cov, dim1=1, dim2=2).clone(), logit_cov=cov if keep_cov else None,
+            correct_prob=p, clean_accuracy=clean_acc, accuracy=float(p.mean()), accuracy_lower=float(lo.mean()),
+            accuracy_upper=float(hi.mean()), accuracy_std=acc_std, accuracy_std_draws=int(kd), clean_loss=clean_loss,
+            loss_increase=gl, loss_increase_se=float("nan"), loss_increase_gn=float("nan"), loss_increase_logits=gl,
+            loss_probes=0, diagnostics=types.MappingProxyType(diag), warnings=(), seconds=time.perf_counter() - t1))
+    return preds, lin, clean_acc
+
+
+def predict_drift(model: nn.Module, x, y, noise, times, targets=None, *, method: str = "linear",
+                  linearize_at: str = "mean", accuracy_draws: int = 32, seed: int = 0, n_points: int = 1024,
+                  chunk_size: int | None = None, batch_size: int = 512, cov: bool = False) -> DriftPrediction:
+    """Predicted accuracy of ``model`` on ``(x, y)`` at each time since programming in
+    ``times`` (seconds >= 0) under a time-dependent hardware noise model ``noise``
+    (:class:`~noiseprop.theory.hardware.PCMLike`; its own ``t`` is ignored).
+
+    ``linearize_at``: ``"mean"`` (the Jacobian at the expected weights of each time, one
+    derivative pass per time) or ``"programmed"`` (the Jacobian at the programmed weights
+    for every time, one pass in all). ``accuracy_draws``: shared draws of the linearised
+    network for the chip-to-chip spread (0: skip). ``seed`` seeds those draws and the
+    quasi-Monte-Carlo points. ``method="moments"`` raises ``NotImplementedError``.
+    """
+    t0 = time.perf_counter()
+    _check_options(method, linearize_at)
+    tv = _check_times(times)
+    noise = parse_noise(noise)
+    if not isinstance(noise, PCMLike):
+        raise TypeError(f"noise must be a time-dependent hardware model such as PCMLike(...), got {noise!r}")
+    accuracy_draws = _check_int("accuracy_draws", accuracy_draws, 0)
+    if accuracy_draws == 1:
+        raise ValueError("accuracy_draws must be 0 (no chip-to-chip spread) or >= 2")
+    preds, lin, clean_acc = _predict_models(
+        model, x, y, [noise.with_level(float(t)) for t in tv], targets, linearize_at, accuracy_draws,
+        _check_int("seed", seed, 0), _check_int("n_points", n_points, 16),
+        None if chunk_size is None else _check_int("chunk_size", chunk_size, 1), _check_int("batch_size", batch_size, 1),
+        bool(cov))
+    head, _, tail = noise.to_string().partition(":")
+    opts = tail.split(",", 1)[1] if "," in tail else ""
+    return DriftPrediction(noise=head + (f"({opts})" if opts else ""),
+                           targets=lin.plan.targets.describe(), linearize_at=linearize_at, times=tv,
+                           predictions=tuple(preds), clean_accuracy=clean_acc, seconds=time.perf_counter() - t0)
+
+
+def predict_hardware(model: nn.Module, x, y, noise, targets=None, *, method: str = "linear",
+                     linearize_at: str = "mean", accuracy_draws: int = 32, seed: int = 0, n_points: int = 1024,
+                     chunk_size: int | None = None, batch_size: int = 512, cov: bool = False):
+    """:class:`~noiseprop.theory.predict.Prediction` for one hardware noise model
+    (:class:`~noiseprop.theory.hardware.PCMLike` at its ``t``, :class:`Quantized`,
+    :class:`StuckAt`): logit mean ``f(μ)``, covariance ``J Σ Jᵀ`` (+ the compensation
+    terms), accuracy from the Gaussian logits. What ``predict`` calls for such noise."""
+    _check_options(method, linearize_at)
+    noise = parse_noise(noise)
+    if not isinstance(noise, HardwareNoise):
+        raise TypeError(f"noise must be a hardware noise model (PCMLike, Quantized, StuckAt), got {noise!r}")
+    accuracy_draws = _check_int("accuracy_draws", accuracy_draws, 0)
+    if accuracy_draws == 1:
+        raise ValueError("accuracy_draws must be 0 (no chip-to-chip spread) or >= 2")
+    t0 = time.perf_counter()
+    preds, _, _ = _predict_models(model, x, y, [noise], targets, linearize_at, accuracy_draws,
+                                  _check_int("seed", seed, 0), _check_int("n_points", n_points, 16),
+                                  None if chunk_size is None else _check_int("chunk_size", chunk_size, 1),
+                                  _check_int("batch_size", batch_size, 1), bool(cov))
+    p = preds[0]
+    object.__setattr__(p, "seconds", time.perf_counter() - t0)
+    return p

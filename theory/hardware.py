@@ -1,0 +1,635 @@
+"""Analog-hardware noise models with a non-zero mean: PCM programming noise, conductance
+drift over time, read (1/f) noise and global drift compensation (:class:`PCMLike`),
+weight quantisation (:class:`Quantized`) and stuck-at faults (:class:`StuckAt`).
+
+Each model gives the exact per-element first two moments of the noisy weight
+(:meth:`mean`, :meth:`variance`, what the theory uses) and exact samples
+(:meth:`draw` + :meth:`apply`, what Monte-Carlo uses). The random numbers of one draw
+(:meth:`draw`) do not depend on the time ``t`` since programming, so a curve over
+times reuses them (common random numbers): ``noise.with_level(t).apply(w, z)``.
+
+PCM model (Nandakumar et al., ICECS 2019; the fit behind aihwkit's
+``PCMLikeNoiseModel``; formulas reimplemented here). Per layer (``per="layer"``) or per
+output channel (``per="channel"``) with ``M = max|W|``, a weight goes to a pair of
+devices with targets ``g⁺ = g_max·max(w, 0)/M`` and ``g⁻ = g_max·max(−w, 0)/M``
+(``g_max = 25 µS``; the idle device has target 0 and is programmed too). Per device,
+``r = g_T/g_max``:
+
+* programming ``g_P = max(0, g_T + σ_P z₁)``, ``σ_P = k_P (0.26348 + 1.9650 r − 1.1731 r²) g_max/25``;
+* drift ``ν = k_D |μ_ν + σ_ν z₂|``, ``μ_ν = clip(−0.0155 ln r + 0.0244, 0.049, 0.1)``,
+  ``σ_ν = clip(−0.0125 ln r − 0.0059, 0.008, 0.045)`` (``r ≥ 1e-7``),
+  ``g_D = g_P ((t + t₀)/t₀)^(−ν)``, ``t₀ = 20 s``;
+* read ``Q = min(0.2, 0.0088 / max(1e-3, (g_P/g_max)^0.65))``,
+  ``σ_R = k_R g_D Q √ln((t + t₀ + t_r)/(2 t_r))``, ``t_r = 250 ns``, ``g = max(0, g_D + σ_R z₃)``;
+* read-back weight ``W(t) = (g⁺ − g⁻) M/g_max``; with compensation the layer output is
+  multiplied by ``α = mean|W_P| / mean|W(t)|`` (``W_P``: the weight right after
+  programming), i.e. the effective weight is ``α W(t)``.
+
+Exact moments of the read-back weight ``W(t)`` (THEORY notes in the docstrings):
+the three stages are independent given ``g_P``, so per device
+
+    E[g]  = E[D]  · E[g_P  m₁(c Q(g_P))],      D = e^{−νλ},  λ = ln((t+t₀)/t₀),
+    E[g²] = E[D²] · E[g_P² m₂(c Q(g_P))],      c = k_R √ln((t+t₀+t_r)/(2t_r)),
+
+with ``m₁(s) = E max(0, 1 + s z) = Φ(1/s) + s φ(1/s)`` and
+``m₂(s) = E max(0, 1 + s z)² = (1 + s²) Φ(1/s) + s φ(1/s)`` (rectified-normal
+moments), the drift factor's moments in closed form (the Laplace transform of a folded
+normal, :func:`folded_normal_laplace`) and the expectation over the rectified normal
+``g_P`` by Gauss–Legendre quadrature split at the kinks of ``Q`` (:func:`rectified_expectation`).
+The two devices are independent, so ``E W = (E g⁺ − E g⁻) M/g_max`` and
+``Var W = (Var g⁺ + Var g⁻)(M/g_max)²``.
+
+The compensation scalar is random and shared by a layer; :meth:`PCMLike.compensation_moments`
+gives its expectation, variance and covariance with each element to first order (delta
+method on ``α = A/B``, with ``E|W|`` and the covariances of ``|W|`` from a Gaussian
+approximation of each element, stated there).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from .noise import NOISE_STRING_FORMS, WeightNoise, _check_weight
+
+__all__ = [
+    "HardwareNoise",
+    "PCMLike",
+    "Quantized",
+    "StuckAt",
+    "CompensationMoments",
+    "folded_normal_laplace",
+    "rectified_normal_moments",
+    "rectified_expectation",
+    "G_MAX",
+    "T0",
+    "T_READ",
+]
+
+#: Maximal conductance (µS), drift reference time t₀ (s), read duration t_r (s).
+G_MAX = 25.0
+T0 = 20.0
+T_READ = 250e-9
+_PROG_COEFF = (0.26348, 1.9650, -1.1731)
+_R_FLOOR = 1e-7
+_PERS = ("layer", "channel")
+
+
+# ----------------------------------------------------------------------------
+# Checks
+# ----------------------------------------------------------------------------
+def _finite_nonneg(name: str, value, what: str = "a finite number >= 0") -> float:
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be {what}, got {value!r}") from None
+    if not math.isfinite(v) or v < 0:
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return v
+
+
+def _check_per(per) -> str:
+    if per not in _PERS:
+        raise ValueError(f"per must be 'layer' or 'channel', got {per!r}")
+    return per
+
+
+def _check_fraction(name, value) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        v = float("nan")
+    if isinstance(value, bool) or not math.isfinite(v) or not 0.0 <= v <= 1.0:
+        raise ValueError(f"{name} must be a fraction in [0, 1], got {value!r}")
+    return v
+
+
+def _reference(w: torch.Tensor, per: str) -> torch.Tensor:
+    """``max|W|`` per layer or per output channel (dim 0), broadcastable to ``w``."""
+    if per == "channel" and w.dim() >= 1:
+        m = w.detach().reshape(w.shape[0], -1).abs().amax(dim=1)
+        return m.reshape((-1,) + (1,) * (w.dim() - 1))
+    return w.detach().abs().max()
+
+
+def _device_targets(w: torch.Tensor, per: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Targets ``[2, *w.shape]`` (positive device, negative device) in µS, and ``M``."""
+    m = _reference(w, per)
+    safe = torch.where(m > 0, m, torch.ones_like(m))
+    r = torch.where(m > 0, w.detach() / safe, torch.zeros_like(w))
+    return torch.stack([r.clamp_min(0), (-r).clamp_min(0)]) * G_MAX, m
+
+
+# ----------------------------------------------------------------------------
+# Exact one-dimensional pieces
+# ----------------------------------------------------------------------------
+def rectified_normal_moments(a: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(E X, E X²)`` of ``X = max(0, a + s z)``, ``z ~ N(0, 1)``:
+    ``E X = a Φ(a/s) + s φ(a/s)``, ``E X² = (a² + s²) Φ(a/s) + a s φ(a/s)``
+    (``s = 0``: ``max(0, a)`` and its square)."""
+    a = torch.as_tensor(a, dtype=torch.float64)
+    s = torch.as_tensor(s, dtype=torch.float64)
+    a, s = torch.broadcast_tensors(a, s)
+    pos = s > 0
+    ss = torch.where(pos, s, torch.ones_like(s))
+    u = a / ss
+    Phi = torch.special.ndtr(u)
+    phi = torch.exp(-0.5 * u * u) / math.sqrt(2 * math.pi)
+    m1 = a * Phi + ss * phi
+    m2 = (a * a + ss * ss) * Phi + a * ss * phi
+    ap = a.clamp_min(0)
+    return torch.where(pos, m1, ap), torch.where(pos, m2, ap * ap)
+
+
+def folded_normal_laplace(s, mu, sd) -> torch.Tensor:
+    """``E[exp(−s |X|)]`` for ``X ~ N(mu, sd²)`` (``sd > 0``), exactly:
+
+        e^{s²sd²/2} [ e^{−s mu} Φ(mu/sd − s sd) + e^{s mu} Φ(−mu/sd − s sd) ],
+
+    from ``E[e^{−sX}; X > 0] = e^{−s mu + s²sd²/2} Φ((mu − s sd²)/sd)`` and its mirror;
+    evaluated in log space (``log_ndtr``) so large ``s`` neither overflows nor underflows."""
+    s = torch.as_tensor(s, dtype=torch.float64)
+    mu = torch.as_tensor(mu, dtype=torch.float64)
+    sd = torch.as_tensor(sd, dtype=torch.float64)
+    base = 0.5 * (s * sd) ** 2
+    l1 = base - s * mu + torch.special.log_ndtr(mu / sd - s * sd)
+    l2 = base + s * mu + torch.special.log_ndtr(-mu / sd - s * sd)
+    return torch.exp(torch.logaddexp(l1, l2))
+
+
+_GL_CACHE: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _gauss_legendre(n: int):
+    if n not in _GL_CACHE:
+        x, w = np.polynomial.legendre.leggauss(n)
+        _GL_CACHE[n] = (torch.from_numpy(x), torch.from_numpy(w))
+    return _GL_CACHE[n]
+
+
+def rectified_expectation(h, a: torch.Tensor, s: torch.Tensor, kinks=(), nodes: int = 32,
+                          z_max: float = 9.0, chunk: int = 1 << 15) -> torch.Tensor:
+    """``E[h(X)]`` for ``X = max(0, a + s z)``, ``z ~ N(0, 1)``, when ``h(0) = 0``:
+    ``∫_{z > −a/s} h(a + s z) φ(z) dz`` by Gauss–Legendre quadrature (``nodes`` per piece)
+    on ``[max(−a/s, −z_max), z_max]``, split at the points where ``a + s z`` crosses one
+    of ``kinks`` (where ``h`` is not smooth), so each piece has an analytic integrand.
+    Elementwise over ``a, s`` (float64); ``s = 0`` gives ``h(max(a, 0))``."""
+    a = torch.as_tensor(a, dtype=torch.float64).reshape(-1)
+    s = torch.as_tensor(s, dtype=torch.float64).reshape(-1)
+    a, s = torch.broadcast_tensors(a, s)
+    xg, wg = _gauss_legendre(nodes)
+    out = torch.empty_like(a)
+    for i in range(0, a.numel(), chunk):
+        ai, si = a[i:i + chunk], s[i:i + chunk]
+        pos = si > 0
+        ss = torch.where(pos, si, torch.ones_like(si))
+        lo = torch.clamp(-ai / ss, min=-z_max, max=z_max)
+        hi = torch.full_like(ai, z_max)
+        bps = [torch.clamp((k - ai) / ss, min=lo, max=hi) for k in kinks]
+        edges = torch.sort(torch.stack([lo] + bps + [hi]), dim=0).values  # [P+1, B]
+        total = torch.zeros_like(ai)
+        for j in range(edges.shape[0] - 1):
+            l, r = edges[j], edges[j + 1]
+            half = 0.5 * (r - l)
+            z = (0.5 * (r + l))[:, None] + half[:, None] * xg[None, :]
+            f = h(ai[:, None] + si[:, None] * z) * torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
+            total += half * (f * wg[None, :]).sum(1)
+        det = h(ai.clamp_min(0)[:, None])[:, 0]
+        out[i:i + chunk] = torch.where(pos, total, det)
+    return out
+
+
+def _m1(s: torch.Tensor) -> torch.Tensor:
+    """``E max(0, 1 + s z)``."""
+    return rectified_normal_moments(torch.ones_like(s), s)[0]
+
+
+def _m2(s: torch.Tensor) -> torch.Tensor:
+    """``E max(0, 1 + s z)²``."""
+    return rectified_normal_moments(torch.ones_like(s), s)[1]
+
+
+def _q_read(g: torch.Tensor) -> torch.Tensor:
+    """Relative 1/f read-noise amplitude ``Q(g) = min(0.2, 0.0088/max(1e-3, (g/g_max)^0.65))``."""
+    return (0.0088 / ((g.clamp_min(0) / G_MAX) ** 0.65).clamp_min(1e-3)).clamp_max(0.2)
+
+
+#: Conductances (µS) where ``Q`` changes branch: ``(g/g_max)^0.65 = 1e-3`` and ``Q = 0.2``.
+_Q_KINKS = (G_MAX * 1e-3 ** (1 / 0.65), G_MAX * (0.0088 / 0.2) ** (1 / 0.65))
+
+
+# ----------------------------------------------------------------------------
+# Base class
+# ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class HardwareNoise(WeightNoise):
+    """A noise model with a non-zero mean and non-Gaussian samples.
+
+    ``draw(w, generator)`` gives the random numbers of one draw (one tensor),
+    ``apply(w, z)`` the noisy weight for them: the same ``z`` at another level
+    (``with_level``; for :class:`PCMLike` the time ``t``) gives the common-random-number
+    draw at that level. ``mean``/``variance`` are the exact per-element moments.
+    """
+
+    zero_mean: ClassVar[bool] = False
+
+    def draw(self, w: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def apply(self, w: torch.Tensor, z: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def sample(self, w, generator=None):
+        _check_weight(w)
+        return self.apply(w, self.draw(w, generator))
+
+    def perturb(self, w, z):
+        return self.apply(w, z)
+
+    def unit_scale(self, w):
+        return self.variance(w).sqrt().to(w.dtype)
+
+    def scale(self, w):
+        """Per-element standard deviation of the noisy weight (not linear in a level)."""
+        _check_weight(w)
+        return self.variance(w).sqrt().to(w.dtype)
+
+    def mean(self, w):  # pragma: no cover
+        raise NotImplementedError
+
+    def variance(self, w):  # pragma: no cover
+        raise NotImplementedError
+
+
+# ----------------------------------------------------------------------------
+# PCM
+# ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CompensationMoments:
+    """First-order statistics of one layer's compensation scalar ``α = A/B``
+    (``A = mean|W_P|``, ``B = mean|W(t)|``): ``alpha_mean`` (with the second-order bias
+    correction of a ratio), ``alpha_var``, and ``cov_w`` ``= Cov(α, W_ij(t))`` per element."""
+
+    alpha_mean: float
+    alpha_var: float
+    cov_w: torch.Tensor
+
+
+def _abs_moments(mu: torch.Tensor, var: torch.Tensor):
+    """Gaussian approximation ``X ~ N(mu, var)``: ``(E|X|, κ)`` with
+    ``κ = Cov(|X|, X)/Var X = 2Φ(mu/σ) − 1`` (Stein's lemma: ``Cov(g(X), X) = σ² E g'(X)``)."""
+    sd = var.clamp_min(0).sqrt()
+    pos = sd > 0
+    ss = torch.where(pos, sd, torch.ones_like(sd))
+    u = mu / ss
+    e_abs = ss * math.sqrt(2 / math.pi) * torch.exp(-0.5 * u * u) + mu * (1 - 2 * torch.special.ndtr(-u))
+    kappa = 2 * torch.special.ndtr(u) - 1
+    return torch.where(pos, e_abs, mu.abs()), torch.where(pos, kappa, torch.sign(mu))
+
+
+@dataclass(frozen=True)
+class PCMLike(HardwareNoise):
+    """PCM devices (programming noise, drift, read noise, global drift compensation) at
+    time ``t`` (seconds since programming); see the module docstring for the formulas.
+
+    ``prog_noise_scale``, ``drift_scale``, ``read_noise_scale`` multiply ``σ_P``, ``ν`` and
+    ``σ_R``; ``per`` sets the conductance mapping ``M = max|W|`` per layer or per output
+    channel; ``compensation`` multiplies the read weight by the layer's ``α``.
+    The level (``with_level``) is ``t``.
+    """
+
+    t: float = 0.0
+    compensation: bool = True
+    prog_noise_scale: float = 1.0
+    drift_scale: float = 1.0
+    read_noise_scale: float = 1.0
+    per: str = "layer"
+    kind: ClassVar[str] = "pcm"
+
+    def __post_init__(self):
+        object.__setattr__(self, "t", _finite_nonneg("t (seconds since programming)", self.t))
+        for name in ("prog_noise_scale", "drift_scale", "read_noise_scale"):
+            object.__setattr__(self, name, _finite_nonneg(name, getattr(self, name)))
+        if not isinstance(self.compensation, (bool, np.bool_)):
+            raise ValueError(f"compensation must be True or False, got {self.compensation!r}")
+        object.__setattr__(self, "compensation", bool(self.compensation))
+        _check_per(self.per)
+
+    @property
+    def level(self) -> float:
+        return self.t
+
+    def with_level(self, level):
+        return replace(self, t=level)
+
+    def to_string(self):
+        opts = []
+        if not self.compensation:
+            opts.append("nocomp")
+        for name, short in (("prog_noise_scale", "prog"), ("drift_scale", "drift"), ("read_noise_scale", "read")):
+            v = getattr(self, name)
+            if v != 1.0:
+                opts.append(f"{short}={v:g}")
+        if self.per != "layer":
+            opts.append("per=channel")
+        return f"pcm:{self.t:g}" + ("," + ",".join(opts) if opts else "")
+
+    # -- the device model ----------------------------------------------------
+    @property
+    def log_drift_time(self) -> float:
+        """``λ = ln((t + t₀)/t₀)``."""
+        return math.log((self.t + T0) / T0)
+
+    @property
+    def read_factor(self) -> float:
+        """``c = k_R √ln((t + t₀ + t_r)/(2 t_r))``: ``σ_R = c · Q(g_P) · g_D``."""
+        return self.read_noise_scale * math.sqrt(math.log((self.t + T0 + T_READ) / (2 * T_READ)))
+
+    def _sigma_prog(self, g_t: torch.Tensor) -> torch.Tensor:
+        r = g_t / G_MAX
+        c0, c1, c2 = _PROG_COEFF
+        return self.prog_noise_scale * (c0 + c1 * r + c2 * r * r) * (G_MAX / 25.0)
+
+    @staticmethod
+    def _drift_params(g_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        lr = torch.log((g_t / G_MAX).clamp_min(_R_FLOOR))
+        return (-0.0155 * lr + 0.0244).clamp(0.049, 0.1), (-0.0125 * lr - 0.0059).clamp(0.008, 0.045)
+
+    def draw(self, w, generator=None):
+        """Standard normals ``[3, 2, *w.shape]``: (z₁, z₂, z₃) for (positive, negative) device."""
+        _check_weight(w)
+        return torch.randn((3, 2) + tuple(w.shape), generator=generator, dtype=w.dtype, device=w.device)
+
+    def conductances(self, w: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(g_P, g(t), M)``: programmed and read conductances ``[2, *w.shape]`` (µS) for
+        the draws ``z`` (:meth:`draw`), and the mapping reference ``M``."""
+        _check_weight(w)
+        if z.shape != (3, 2) + tuple(w.shape):
+            raise ValueError(f"PCM draws must have shape {(3, 2) + tuple(w.shape)}, got {tuple(z.shape)}")
+        g_t, m = _device_targets(w, self.per)
+        g_p = (g_t + self._sigma_prog(g_t) * z[0]).clamp_min(0)
+        mu, sd = self._drift_params(g_t)
+        nu = self.drift_scale * (mu + sd * z[1]).abs()
+        g_d = g_p * torch.exp(-nu * self.log_drift_time)
+        g = (g_d + g_d * _q_read(g_p) * self.read_factor * z[2]).clamp_min(0)
+        return g_p, g, m
+
+    def apply(self, w, z):
+        g_p, g, m = self.conductances(w, z)
+        w_t = (g[0] - g[1]) * (m / G_MAX)
+        if self.compensation:
+            w_p = (g_p[0] - g_p[1]) * (m / G_MAX)
+            num, den = w_p.abs().mean(), w_t.abs().mean()
+            alpha = torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.ones_like(den))
+            w_t = w_t * alpha
+        return w_t.to(w.dtype)
+
+    # -- exact moments -----------------------------------------------------------
+    def device_moments(self, g_t: torch.Tensor) -> dict:
+        """Exact per-device moments (float64) for targets ``g_t`` (µS): ``prog_mean``,
+        ``prog_sq`` (``E g_P``, ``E g_P²``), ``mean``, ``sq`` (``E g``, ``E g²`` at ``t``)
+        and ``cross`` (``E[g_P g]``)."""
+        g_t = g_t.double()
+        s_p = self._sigma_prog(g_t)
+        pm, psq = rectified_normal_moments(g_t, s_p)
+        mu, sd = self._drift_params(g_t)
+        lam = self.drift_scale * self.log_drift_time
+        d1 = folded_normal_laplace(lam, mu, sd)
+        d2 = folded_normal_laplace(2 * lam, mu, sd)
+        c = self.read_factor
+        shape = g_t.shape
+        a, s = g_t.reshape(-1), s_p.reshape(-1)
+        i1 = rectified_expectation(lambda g: g * _m1(c * _q_read(g)), a, s, _Q_KINKS).reshape(shape)
+        i2 = rectified_expectation(lambda g: g * g * _m2(c * _q_read(g)), a, s, _Q_KINKS).reshape(shape)
+        i3 = rectified_expectation(lambda g: g * g * _m1(c * _q_read(g)), a, s, _Q_KINKS).reshape(shape)
+        return dict(prog_mean=pm, prog_sq=psq, mean=d1 * i1, sq=d2 * i2, cross=d1 * i3)
+
+    def device_table(self, points: int = 4097) -> tuple[torch.Tensor, dict]:
+        """:meth:`device_moments` on a grid of targets ``[0, g_max]`` (``points`` nodes,
+        quadratically spaced so they are dense near 0, plus the kinks of ``μ_ν``, ``σ_ν`` in ``r``): the moments depend on the
+        weight only through its device target, so one table serves every layer.
+        Cached per model instance."""
+        key = ("_table", points)
+        cache = self.__dict__.setdefault("_cache", {})
+        if key not in cache:
+            kinks = [G_MAX * math.exp((0.0244 - c) / 0.0155) for c in (0.049, 0.1)]
+            kinks += [G_MAX * math.exp((-0.0059 - c) / 0.0125) for c in (0.008, 0.045)]
+            grid = G_MAX * torch.linspace(0.0, 1.0, points, dtype=torch.float64) ** 2  # dense near 0
+            grid = torch.unique(torch.cat([grid, torch.tensor([k for k in kinks if 0 < k < G_MAX], dtype=torch.float64)]))
+            cache[key] = (grid, self.device_moments(grid))
+        return cache[key]
+
+    def table_moments(self, g_t: torch.Tensor, points: int = 4097) -> dict:
+        """:meth:`device_moments` at ``g_t`` by linear interpolation in :meth:`device_table`
+        (the moments are smooth between the table's nodes; relative error about 1e-5, below 1e-4
+        tests/theory/test_hardware.py)."""
+        grid, tab = self.device_table(points)
+        x = g_t.double().clamp(0, G_MAX).reshape(-1)
+        i = torch.searchsorted(grid, x, right=True).clamp(1, grid.numel() - 1)
+        x0, x1 = grid[i - 1], grid[i]
+        f = ((x - x0) / (x1 - x0)).clamp(0, 1)
+        return {k: (v[i - 1] + f * (v[i] - v[i - 1])).reshape(g_t.shape) for k, v in tab.items()}
+
+    def raw_moments(self, w: torch.Tensor, exact: bool = False) -> dict:
+        """Exact per-element moments of the read weight before compensation (float64,
+        shaped like ``w``): ``mean``, ``var`` of ``W(t)``, ``prog_mean``, ``prog_var`` of
+        ``W_P`` and ``cov`` ``= Cov(W_P, W(t))``. ``exact=True``: quadrature per element
+        instead of the interpolated table (:meth:`table_moments`)."""
+        _check_weight(w)
+        g_t, m = _device_targets(w.double(), self.per)
+        d = self.device_moments(g_t) if exact else self.table_moments(g_t)
+        k = (m / G_MAX).double()
+        var_dev = d["sq"] - d["mean"] ** 2
+        pvar_dev = d["prog_sq"] - d["prog_mean"] ** 2
+        cov_dev = d["cross"] - d["prog_mean"] * d["mean"]
+        return dict(mean=(d["mean"][0] - d["mean"][1]) * k, var=(var_dev[0] + var_dev[1]) * k * k,
+                    prog_mean=(d["prog_mean"][0] - d["prog_mean"][1]) * k, prog_var=(pvar_dev[0] + pvar_dev[1]) * k * k,
+                    cov=(cov_dev[0] + cov_dev[1]) * k * k)
+
+    def compensation_moments(self, w: torch.Tensor, raw: dict | None = None) -> CompensationMoments:
+        """Expectation and variance of the layer's ``α = A/B`` and ``Cov(α, W_ij)``.
+
+        Delta method on the ratio of the two layer means ``A = mean|W_P|``,
+        ``B = mean|W(t)|`` (independent elements):
+        ``E α ≈ (Ā/B̄)(1 + Var B/B̄² − Cov(A,B)/(ĀB̄))``,
+        ``Var α ≈ (Ā/B̄)² (Var A/Ā² + Var B/B̄² − 2 Cov(A,B)/(ĀB̄))``,
+        ``Cov(α, W_ij) ≈ (Ā/B̄)(Cov(|W_P,ij|, W_ij)/(nĀ) − Cov(|W_ij|, W_ij)/(nB̄))``.
+        ``E|W|`` and the covariances of ``|W|`` use a Gaussian approximation of each
+        element with its exact mean and variance (``Cov(|X|, Y) = κ_X Cov(X, Y)``,
+        :func:`_abs_moments`); the error is confined to elements within a few s.d. of
+        zero and enters ``α`` through a layer mean."""
+        raw = self.raw_moments(w) if raw is None else raw
+        n = raw["mean"].numel()
+        ea_p, k_p = _abs_moments(raw["prog_mean"], raw["prog_var"])
+        ea, k = _abs_moments(raw["mean"], raw["var"])
+        a_bar, b_bar = float(ea_p.mean()), float(ea.mean())
+        if a_bar <= 0 or b_bar <= 0:
+            return CompensationMoments(1.0, 0.0, torch.zeros_like(raw["mean"]))
+        var_abs_p = (raw["prog_var"] + raw["prog_mean"] ** 2 - ea_p ** 2).clamp_min(0)
+        var_abs = (raw["var"] + raw["mean"] ** 2 - ea ** 2).clamp_min(0)
+        var_a = float(var_abs_p.sum()) / n**2
+        var_b = float(var_abs.sum()) / n**2
+        cov_ab = float((k_p * k * raw["cov"]).sum()) / n**2
+        ratio = a_bar / b_bar
+        mean = ratio * (1 + var_b / b_bar**2 - cov_ab / (a_bar * b_bar))
+        var = ratio**2 * max(0.0, var_a / a_bar**2 + var_b / b_bar**2 - 2 * cov_ab / (a_bar * b_bar))
+        cov_w = ratio * (k_p * raw["cov"] / (n * a_bar) - k * raw["var"] / (n * b_bar))
+        return CompensationMoments(float(mean), float(var), cov_w)
+
+    def effective_moments(self, w: torch.Tensor) -> dict:
+        """Per-element moments of the weight the network uses (``α W(t)`` with
+        compensation, else ``W(t)``), plus the compensation statistics: ``mean``,
+        ``var``, ``raw`` (:meth:`raw_moments`) and ``comp`` (:class:`CompensationMoments`
+        or ``None``). With compensation, ``E[αW] = E α E W + Cov(α, W)`` and, to first
+        order, ``Var(αW) = (Eα)² Var W + (E W)² Var α + 2 Eα E W Cov(α, W)``."""
+        raw = self.raw_moments(w)
+        if not self.compensation:
+            return dict(mean=raw["mean"], var=raw["var"], raw=raw, comp=None)
+        comp = self.compensation_moments(w, raw)
+        a = comp.alpha_mean
+        mean = a * raw["mean"] + comp.cov_w
+        var = (a * a * raw["var"] + raw["mean"] ** 2 * comp.alpha_var + 2 * a * raw["mean"] * comp.cov_w).clamp_min(0)
+        return dict(mean=mean, var=var, raw=raw, comp=comp)
+
+    def mean(self, w):
+        """``E`` of the noisy weight per element (exact without compensation; with it,
+        :meth:`effective_moments`)."""
+        return self.effective_moments(w)["mean"].to(w.dtype)
+
+    def variance(self, w):
+        """Per-element variance of the noisy weight (exact without compensation)."""
+        return self.effective_moments(w)["var"].to(w.dtype)
+
+
+# ----------------------------------------------------------------------------
+# Quantisation and stuck-at faults
+# ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Quantized(HardwareNoise):
+    """Deterministic rounding to ``2^bits`` uniformly spaced levels spanning
+    ``[−M, M]``, ``M = max|W|`` per layer or per output channel:
+    ``q(w) = −M + Δ·round((w + M)/Δ)``, ``Δ = 2M/(2^bits − 1)``. Exact moments:
+    ``mean = q(w)``, ``variance = 0``. The level is ``bits``."""
+
+    bits: int = 8
+    per: str = "layer"
+    kind: ClassVar[str] = "quantized"
+
+    def __post_init__(self):
+        b = self.bits
+        if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b < 1:
+            raise ValueError(f"bits must be an integer >= 1, got {b!r}")
+        object.__setattr__(self, "bits", int(b))
+        _check_per(self.per)
+
+    @property
+    def level(self):
+        return float(self.bits)
+
+    def with_level(self, level):
+        if float(level) != int(level):
+            raise ValueError(f"bits must be an integer >= 1, got {level!r}")
+        return replace(self, bits=int(level))
+
+    def to_string(self):
+        return f"quantized:{self.bits}" + (",per=channel" if self.per == "channel" else "")
+
+    def draw(self, w, generator=None):
+        _check_weight(w)
+        return torch.empty(0, dtype=w.dtype, device=w.device)
+
+    def quantize(self, w: torch.Tensor) -> torch.Tensor:
+        _check_weight(w)
+        m = _reference(w, self.per)
+        step = 2 * m / (2**self.bits - 1)
+        safe = torch.where(step > 0, step, torch.ones_like(step))
+        q = -m + safe * torch.round((w.detach() + m) / safe)
+        return torch.where(step > 0, q, w.detach())
+
+    def apply(self, w, z):
+        return self.quantize(w).to(w.dtype)
+
+    def mean(self, w):
+        return self.quantize(w)
+
+    def variance(self, w):
+        _check_weight(w)
+        return torch.zeros_like(w)
+
+
+@dataclass(frozen=True)
+class StuckAt(HardwareNoise):
+    """Stuck-at faults: each device of the pair (targets ``g± = g_max·max(±w, 0)/M``)
+    is independently stuck at 0 with probability ``p_zero`` and at ``g_max`` with
+    probability ``p_max``; ``W = (g⁺ − g⁻) M/g_max``. Exact moments per device with
+    target ``g``: ``E = (1 − p₀ − p₁) g + p₁ g_max``, ``E g² = (1 − p₀ − p₁) g² + p₁ g_max²``;
+    the devices are independent. The level is ``p_zero``."""
+
+    p_zero: float = 0.01
+    p_max: float = 0.0
+    per: str = "layer"
+    kind: ClassVar[str] = "stuck"
+
+    def __post_init__(self):
+        object.__setattr__(self, "p_zero", _check_fraction("p_zero (stuck-at-0 fraction)", self.p_zero))
+        object.__setattr__(self, "p_max", _check_fraction("p_max (stuck-at-g_max fraction)", self.p_max))
+        if self.p_zero + self.p_max > 1:
+            raise ValueError(f"p_zero + p_max must be a fraction in [0, 1], got {self.p_zero} + {self.p_max}")
+        _check_per(self.per)
+
+    @property
+    def level(self):
+        return self.p_zero
+
+    def with_level(self, level):
+        return replace(self, p_zero=level)
+
+    def to_string(self):
+        return f"stuck:{self.p_zero:g}" + (f",max={self.p_max:g}" if self.p_max else "") + (
+            ",per=channel" if self.per == "channel" else "")
+
+    def draw(self, w, generator=None):
+        """Uniforms ``[2, *w.shape]``, one per device."""
+        _check_weight(w)
+        return torch.rand((2,) + tuple(w.shape), generator=generator, dtype=w.dtype, device=w.device)
+
+    def apply(self, w, z):
+        g_t, m = _device_targets(w, self.per)
+        g = torch.where(z < self.p_zero, torch.zeros_like(g_t),
+                        torch.where(z < self.p_zero + self.p_max, torch.full_like(g_t, G_MAX), g_t))
+        return ((g[0] - g[1]) * (m / G_MAX)).to(w.dtype)
+
+    def _moments(self, w):
+        _check_weight(w)
+        g_t, m = _device_targets(w.double(), self.per)
+        keep = 1 - self.p_zero - self.p_max
+        e1 = keep * g_t + self.p_max * G_MAX
+        e2 = keep * g_t**2 + self.p_max * G_MAX**2
+        k = (m / G_MAX).double()
+        return (e1[0] - e1[1]) * k, ((e2 - e1**2)[0] + (e2 - e1**2)[1]) * k * k
+
+    def mean(self, w):
+        return self._moments(w)[0].to(w.dtype)
+
+    def variance(self, w):
+        return self._moments(w)[1].to(w.dtype)
+
+
+# ----------------------------------------------------------------------------
+# String forms: pcm:T, pcm-nocomp:T, quantized:BITS, stuck:P
+# ----------------------------------------------------------------------------
+def _bits(v):
+    if float(v) != int(v):
+        raise ValueError(f"bits must be an integer >= 1, got {v!r}")
+    return Quantized(int(v))
+
+
+NOISE_STRING_FORMS.setdefault("pcm", lambda v: PCMLike(t=v))
+NOISE_STRING_FORMS.setdefault("pcm-nocomp", lambda v: PCMLike(t=v, compensation=False))
+NOISE_STRING_FORMS.setdefault("quantized", _bits)
+NOISE_STRING_FORMS.setdefault("stuck", lambda v: StuckAt(p_zero=v))
