@@ -71,6 +71,8 @@ def _check_levels(levels) -> np.ndarray:
 def _check_scales_fit(ev, max_level: float) -> None:
     """Refuse, by parameter name, a level whose noise scale overflows the weight's dtype."""
     for name, u in zip(ev.names, ev.unit_scales):
+        if u is None:  # hardware models: the level is a time, the scales are bounded by the model
+            continue
         big = float(u.abs().max()) * max_level if u.numel() else 0.0
         if not math.isfinite(big) or big > torch.finfo(u.dtype).max:
             raise ValueError(f"noise level {max_level:g}: the noise scale of parameter {name!r} overflows {u.dtype} "
