@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from noiseprop.theory.hardware import HardwareNoise
+from noiseprop.theory.hashing import inputs_fingerprint
 from noiseprop.theory.noise import MAX_LEVEL, WeightNoise, parse_noise
 from noiseprop.theory.validation import (check_bool, check_int, check_inputs, check_logits, check_probability,
                                          check_seed, is_fit_error, model_fit_error)
@@ -43,6 +44,7 @@ from noiseprop.theory.validation import check_labels as _check_labels
 from noiseprop.theory.targets import (TargetPlan, find_fold_pairs, fold_bn, folding_affine, is_norm_layer,
                                       resolve_targets)
 
+from .formatting import fmt_ci
 from .stats import mean_ci, welford_update
 
 __all__ = ["MCResult", "SweepResult", "monte_carlo", "sweep", "drift_sweep", "check_inputs", "NoisyEvaluator"]
@@ -59,11 +61,11 @@ def _check_levels(levels) -> np.ndarray:
     try:
         lv = np.asarray(levels, dtype=np.float64).ravel()
     except (TypeError, ValueError, OverflowError):
-        raise ValueError(f"noise_levels must be a sequence of numbers in [0, {MAX_LEVEL:.3g}], got {levels!r}") from None
+        raise ValueError(f"levels must be a sequence of numbers in [0, {MAX_LEVEL:.3g}], got {levels!r}") from None
     if lv.size == 0:
-        raise ValueError("noise_levels is empty: give at least one noise level >= 0")
+        raise ValueError("levels is empty: give at least one noise level >= 0")
     if not np.all(np.isfinite(lv)) or np.any(lv < 0) or np.any(lv > MAX_LEVEL):
-        raise ValueError(f"noise_levels must be finite and >= 0 and <= {MAX_LEVEL:.3g} (the variance must fit in "
+        raise ValueError(f"levels must be finite and >= 0 and <= {MAX_LEVEL:.3g} (the variance must fit in "
                          f"float32), got {levels!r}")
     return lv
 
@@ -315,6 +317,7 @@ def _run(model, x, y, noise, levels, draws, seed, targets, batch_size, keep_logi
                       "are flagged (extras['nonfinite_draws']) and their means are NaN", RuntimeWarning, stacklevel=3)
     var = [m2 / (draws - 1) if m2 is not None else None for m2 in m2s]
     run = _Run(accs, losses, means, var, clean.double().cpu(), clean_acc, clean_loss, seconds)
+    object.__setattr__(run, "fingerprint", inputs_fingerprint(x, y))
     if cv_vals is not None:
         object.__setattr__(run, "cv_values", cv_vals)
     object.__setattr__(run, "nonfinite", bad.sum(axis=1))
@@ -341,8 +344,8 @@ def _control_variate_extras(run, cv, level, confidence) -> dict:
 # ----------------------------------------------------------------------------
 # Results
 # ----------------------------------------------------------------------------
-def _fmt_ci(ci):
-    return f"[{ci[0]:.4f}, {ci[1]:.4f}]"
+def _ci4(ci) -> str:
+    return fmt_ci(ci, decimals=4)
 
 
 @dataclass(frozen=True)
@@ -368,6 +371,11 @@ class MCResult:
     seconds: float
     confidence: float = 0.95
     extras: dict = field(default_factory=dict)
+    #: the noise model and targets objects, and a fingerprint of ``(x, y)``:
+    #: :func:`~noiseprop.empirical.compare.compare` refuses results that differ in them
+    noise_model: object = None
+    targets_spec: object = None
+    inputs_fingerprint: str | None = None
 
     @property
     def n_inputs(self) -> int:
@@ -426,8 +434,8 @@ class MCResult:
             f"Monte-Carlo under {self.noise} noise on {self.targets}",
             f"  {self.draws} draws, seed {self.seed}, {self.n_inputs} inputs, {self.num_classes} classes, {self.seconds:.2f} s",
             f"  {'':<10}{'clean':>9}{'noisy':>9}{'s.e.':>9}   {pct}% CI",
-            f"  {'accuracy':<10}{self.clean_accuracy:>9.4f}{self.accuracy:>9.4f}{self.accuracy_se:>9.4f}   {_fmt_ci(self.accuracy_ci)}",
-            f"  {'loss':<10}{self.clean_loss:>9.4f}{self.loss:>9.4f}{self.loss_se:>9.4f}   {_fmt_ci(self.loss_ci)}",
+            f"  {'accuracy':<10}{self.clean_accuracy:>9.4f}{self.accuracy:>9.4f}{self.accuracy_se:>9.4f}   {_ci4(self.accuracy_ci)}",
+            f"  {'loss':<10}{self.clean_loss:>9.4f}{self.loss:>9.4f}{self.loss_se:>9.4f}   {_ci4(self.loss_ci)}",
             f"  mean logit variance {float(self.logit_var.mean()):.4g}; mean |logit shift| {float(self.logit_mean_shift.abs().mean()):.4g}",
         ]
         for k, v in self.extras.items():
@@ -461,6 +469,9 @@ class SweepResult:
     logit_var: list | None = None
     clean_logits: torch.Tensor | None = None
     nonfinite_draws: np.ndarray | None = None  # per level: draws with NaN/inf loss (None: none)
+    noise_model: object = None  # the family at level 1 (hardware models: at the first time)
+    targets_spec: object = None
+    inputs_fingerprint: str | None = None
 
     def to_frame(self) -> pd.DataFrame:
         rows = []
@@ -480,6 +491,8 @@ class SweepResult:
             logit_mean=self.logit_mean[i], logit_var=self.logit_var[i], clean_logits=self.clean_logits,
             accuracies=self.accuracies[i], losses=self.losses[i], clean_accuracy=self.clean_accuracy,
             clean_loss=self.clean_loss, seconds=self.seconds, confidence=self.confidence,
+            noise_model=self.noise_model.with_level(float(self.levels[i])) if self.noise_model is not None else None,
+            targets_spec=self.targets_spec, inputs_fingerprint=self.inputs_fingerprint,
         )
 
     def summary(self) -> str:
@@ -491,8 +504,8 @@ class SweepResult:
         ]
         for _, r in self.to_frame().iterrows():
             lines.append(
-                f"  {r.level:>8.4g}{r.accuracy:>10.4f}   {_fmt_ci((r.accuracy_ci_low, r.accuracy_ci_high)):<20}"
-                f"{r.loss:>9.4f}   {_fmt_ci((r.loss_ci_low, r.loss_ci_high))}"
+                f"  {r.level:>8.4g}{r.accuracy:>10.4f}   {_ci4((r.accuracy_ci_low, r.accuracy_ci_high)):<20}"
+                f"{r.loss:>9.4f}   {_ci4((r.loss_ci_low, r.loss_ci_high))}"
             )
         return "\n".join(lines)
 
@@ -503,7 +516,7 @@ class SweepResult:
 # ----------------------------------------------------------------------------
 # Public entry points
 # ----------------------------------------------------------------------------
-def monte_carlo(model: nn.Module, x, y, noise, draws: int = 200, seed: int = 0, targets=None,
+def monte_carlo(model: nn.Module, x, y, noise, targets=None, *, draws: int = 200, seed: int = 0,
                 batch_size: int | None = 1024, progress: bool | None = None, confidence: float = 0.95,
                 control_variate: bool = False) -> MCResult:
     """Inject ``noise`` into ``model``'s target parameters ``draws`` times and evaluate
@@ -515,9 +528,9 @@ def monte_carlo(model: nn.Module, x, y, noise, draws: int = 200, seed: int = 0, 
         eval mode (with a warning if passed in train mode), never modified.
     x, y: inputs and int64 labels in ``[0, C)``.
     noise: a :class:`~noiseprop.theory.noise.WeightNoise` or its string form.
-    draws: number of noisy networks (>= 2). seed: seeds a private ``torch.Generator``.
     targets: what gets noise (:class:`~noiseprop.theory.targets.Targets`; default
         Conv/Linear weights, BatchNorm digital).
+    draws: number of noisy networks (>= 2). seed: seeds a private ``torch.Generator``.
     batch_size: inputs per forward pass (``None``: all at once).
     progress: tqdm bar (``None``: only when stderr is a terminal).
     control_variate: also evaluate the linearised network on the same draws and report
@@ -548,20 +561,21 @@ def monte_carlo(model: nn.Module, x, y, noise, draws: int = 200, seed: int = 0, 
         logit_mean=run.logit_mean[0].cpu(), logit_var=run.logit_var[0].cpu(), clean_logits=run.clean_logits,
         accuracies=run.accuracies[0], losses=run.losses[0], clean_accuracy=run.clean_accuracy,
         clean_loss=run.clean_loss, seconds=run.seconds, confidence=confidence, extras=extras,
+        noise_model=noise, targets_spec=plan.targets, inputs_fingerprint=run.fingerprint,
     )
 
 
-def sweep(model: nn.Module, x, y, noise, noise_levels, draws: int = 100, seed: int = 0, targets=None,
+def sweep(model: nn.Module, x, y, noise, levels, targets=None, *, draws: int = 100, seed: int = 0,
           batch_size: int | None = 1024, keep_logits: bool = False, progress: bool | None = None,
           confidence: float = 0.95) -> SweepResult:
     """Accuracy/loss-vs-noise-level curve with common random numbers.
 
     ``noise`` names the family (a noise model, whose own level is ignored, or a string
-    such as ``"relative"``); ``noise_levels`` are the levels (η or σ) to evaluate. Draw
+    such as ``"relative"``); ``levels`` are the levels (η or σ) to evaluate. Draw
     ``d`` uses the same standard-normal tensors at every level: weights ``w + λ u(w) ⊙ z_d``.
     """
     noise = parse_noise(noise, default_level=1.0)
-    levels = _check_levels(noise_levels)
+    levels = _check_levels(levels)
     confidence = check_probability("confidence", confidence)
     keep_logits = check_bool("keep_logits", keep_logits)
     run, plan = _run(model, x, y, noise, list(levels), draws, seed, targets, batch_size, keep_logits, progress, "sweep")
@@ -574,6 +588,8 @@ def sweep(model: nn.Module, x, y, noise, noise_levels, draws: int = 100, seed: i
         logit_var=[v.cpu() for v in run.logit_var] if keep_logits else None,
         clean_logits=run.clean_logits,
         nonfinite_draws=run.nonfinite.astype(np.int64) if run.nonfinite.any() else None,
+        noise_model=noise.with_level(float(levels[0])) if isinstance(noise, HardwareNoise) else noise.with_level(1.0),
+        targets_spec=plan.targets, inputs_fingerprint=run.fingerprint,
     )
 
 
@@ -589,7 +605,7 @@ def _check_times(times) -> np.ndarray:
     return tv
 
 
-def drift_sweep(model: nn.Module, x, y, noise, times, draws: int = 100, seed: int = 0, targets=None,
+def drift_sweep(model: nn.Module, x, y, noise, times, targets=None, *, draws: int = 100, seed: int = 0,
                 batch_size: int | None = 1024, keep_logits: bool = False, progress: bool | None = None,
                 confidence: float = 0.95) -> SweepResult:
     """Accuracy/loss against time since programming for a hardware noise model whose

@@ -368,9 +368,9 @@ def test_draws_not_an_integer():
 
 
 def test_sweep_levels_not_numbers():
-    with pytest.raises(ValueError, match="noise_levels must be a sequence of numbers"):
+    with pytest.raises(ValueError, match="levels must be a sequence of numbers"):
         sweep(_mlp(), X, Y, "relative", ["a", "b"], draws=2)
-    with pytest.raises(ValueError, match="noise_levels must be finite and >= 0 and <= 1.84e\\+19"):
+    with pytest.raises(ValueError, match="levels must be finite and >= 0 and <= 1.84e\\+19"):
         sweep(_mlp(), X, Y, "relative", [0.0, 1e30], draws=2)
 
 

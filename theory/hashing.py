@@ -19,7 +19,7 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-__all__ = ["config_digest", "tensor_digest", "canonical_json"]
+__all__ = ["config_digest", "tensor_digest", "canonical_json", "inputs_fingerprint"]
 
 
 def canonical_json(obj: Any) -> str:
@@ -71,3 +71,14 @@ def tensor_digest(tensors: Iterable, header: Any = None, names: Iterable[str] | 
             h.update(memoryview(a.reshape(-1)).cast("B"))
     d = h.hexdigest()
     return d[:length] if length else d
+
+
+def inputs_fingerprint(x, y) -> str:
+    """The fingerprint a result carries of the inputs and labels it was computed on
+    (32 hex digits of :func:`tensor_digest`).
+
+    >>> x, y = torch.zeros(3, 2), torch.tensor([0, 1, 1])
+    >>> inputs_fingerprint(x, y) == inputs_fingerprint(x.clone(), y.clone()), len(inputs_fingerprint(x, y))
+    (True, 32)
+    """
+    return tensor_digest([x, y], header="inputs", length=32)

@@ -158,7 +158,7 @@ def test_bad_inputs_are_named():
         bad[0].weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match="'0.weight' contains NaN"):
         monte_carlo(bad, x, y, "relative:0.1", draws=3)
-    with pytest.raises(ValueError, match="noise_levels is empty"):
+    with pytest.raises(ValueError, match="levels is empty"):
         sweep(m, x, y, "relative", [], draws=3)
     with pytest.raises(ValueError, match="finite and >= 0"):
         sweep(m, x, y, "relative", [0.1, float("nan")], draws=3)
