@@ -480,10 +480,17 @@ class _MomentPass(GraphInterpreter):
             Mg[:, K:, K:] = block_diag(a.unsqueeze(-1) * a.unsqueeze(-2) * UG)
             _, V = torch.linalg.eigh(Mg)  # ascending
             V = V[:, :, -R:].flip(-1)  # [B, Mtot, R]
-        V1, V2 = V[:, :K, :], V[:, K:, :].reshape(B, C, r, R)
-        newF = torch.einsum("bcrl,bcr,bcrR->Rbcl", ug, a, V2)
-        if K:
-            newF = newF + torch.einsum("kbcl,bkR->Rbcl", Fy, V1)
+        shared = p.compression == "sketch"  # one sketch for the whole batch: plain GEMMs
+        if shared:
+            V1, V2 = V[0, :K, :], V[0, K:, :].reshape(C, r, R)
+            newF = torch.einsum("bcrl,crR->Rbcl", ug * a.unsqueeze(-1), V2)
+            if K:
+                newF = newF + (V1.T @ Fy.reshape(K, -1)).reshape(R, B, C, L)
+        else:
+            V1, V2 = V[:, :K, :], V[:, K:, :].reshape(B, C, r, R)
+            newF = torch.einsum("bcrl,bcr,bcrR->Rbcl", ug, a, V2)
+            if K:
+                newF = newF + torch.einsum("kbcl,bkR->Rbcl", Fy, V1)
         before = (Fy.pow(2).sum(0) + carried) if K else carried
         if p.compression == "sketch":
             newF = renormalise(newF, before)
@@ -491,7 +498,10 @@ class _MomentPass(GraphInterpreter):
         self.stats["lost"] += float(lost_y.sum())
         self.stats["total"] += float(before.sum())
         for t, Ft in others:
-            Fn = torch.einsum("kbn,bkR->Rbn", Ft.reshape(K, B, -1), V1).reshape((R,) + tuple(t.mu.shape))
+            if shared:
+                Fn = (V1.T @ Ft.reshape(K, -1)).reshape((R,) + tuple(t.mu.shape))
+            else:
+                Fn = torch.einsum("kbn,bkR->Rbn", Ft.reshape(K, B, -1), V1).reshape((R,) + tuple(t.mu.shape))
             fsq = Ft.pow(2).sum(0)
             if p.compression == "sketch":
                 Fn = renormalise(Fn, fsq)
