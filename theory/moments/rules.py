@@ -532,10 +532,9 @@ class _MomentPass(GraphInterpreter):
             Lc, info = torch.linalg.cholesky_ex(Sig + jit[:, None, None] * torch.eye(Dtot, dtype=self.dtype))
             if not bool(info.any()):
                 Fnew = Lc.permute(2, 0, 1)
-        if Fnew is None:
-            w, V = torch.linalg.eigh(Sig)
-            w = w[:, -R:].clamp_min(0)
-            Fnew = (V[:, :, -R:] * w.sqrt().unsqueeze(1)).permute(2, 0, 1)
+        if Fnew is None:  # top R eigenpairs (randomised subspace iteration above EXACT_EIGH_MAX units)
+            w, V = top_eigh(Sig, R, self.p.seed)
+            Fnew = (V * w.clamp_min(0).sqrt().unsqueeze(1)).permute(2, 0, 1)
         diag = torch.diagonal(Sig, dim1=1, dim2=2)
         lost = (diag - Fnew.pow(2).sum(0)).clamp_min(0)
         self.stats["lost"] += float(lost.sum())
