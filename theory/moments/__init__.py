@@ -90,6 +90,14 @@ Measured limits (zoo ResNet-20, width 8, BatchNorm, trained on digits; relative 
   (the sketch preserves every unit's variance); what is lost is correlation between
   units, which the sketch randomises. The surrogate's logit variance does not follow
   the rank (0.90 → 0.89): its shortfall is not the moment pass's.
+* Oracle: the surrogate fed with Monte-Carlo's own per-ReLU pre-activation mean and
+  variance (for ``s`` and the excess; 48 inputs, 400 draws) gives a logit variance
+  ratio of 0.87 (the moment pass's own statistics: 0.90). Split of the predicted
+  variance, as shares of Monte-Carlo's: weight noise on the mean input (the exact
+  smoothed Jacobian) 0.72, noise on the input's perturbation 0.085, gate excess 0.10.
+  So the shortfall is the surrogate's independence assumptions — the sources injected
+  at each noisy layer and each gate are taken as independent across units beyond the
+  recorded spatial Gram and the second Hermite term — not the per-unit variances.
 * By where the noise is (only these layers noisy, η = 0.3): stem + stage 1: logit
   variance ratio 0.86 (the first order: 1.30); stage 2: 0.94; stage 3: 0.95; the final
   Linear alone: 0.99. The shortfall grows with the number of random ReLU gates a
@@ -97,14 +105,17 @@ Measured limits (zoo ResNet-20, width 8, BatchNorm, trained on digits; relative 
   gate, independent across units beyond the second Hermite term, misses part of the
   gate fluctuation shared by units that one early perturbation reaches (they flip
   together).
-* Knobs that do not move the result (rank 32): ``h2_rank`` 0/16/64 and ``d_rank`` 0/16
-  change the logit variance ratio by < 0.01 and the accuracy by < 0.1 point; ``d_rank =
-  0`` halves the moment pass's time.
+* Knobs that do not move the result (rank 32): ``h2_rank`` 0/16/64, ``d_rank`` 0/16,
+  ``spatial_rank`` 4/16, ``compression="eigh"``, and carrying the whole gate excess
+  (not only its second Hermite part) in the correlated columns change the logit
+  variance ratio by < 0.015 and the accuracy by < 0.1 point; ``d_rank = 0`` halves the
+  moment pass's time (so it is now the default).
 
-What would close the rest: a covariance of the gate fluctuations across units (the
-bivariate ReLU moment with the correlation the pass already carries, instead of the
-``ρ²`` term alone), and beyond Gaussian logits a per-input scale mixture (heavier tails
-of the logit margin).
+What would close the rest: the cross-unit covariance of the injected sources (gate
+fluctuations and noise on the perturbation) propagated jointly rather than per unit —
+e.g. carrying them as columns of the pass and mapping the pass's own columns to the
+logits through the surrogate's Jacobian — and beyond Gaussian logits a per-input scale
+mixture (heavier tails of the logit margin, worth 0.9 point here).
 
 A layer the propagation does not support (LayerNorm, attention, anything not listed)
 raises ``ValueError`` naming it and pointing to ``method="linear"`` (which works for

@@ -34,8 +34,11 @@ DEFAULT_RANK = 32
 DEFAULT_SPATIAL_RANK = 4
 #: random-feature columns for the second Hermite component of each ReLU / max
 DEFAULT_H2_RANK = 16
-#: sketched columns that carry a layer input's independent part through the layer
-DEFAULT_D_RANK = 16
+#: sketched columns that carry a layer input's independent part through the layer.
+#: Off by default: on the digits ResNet-20 (η = 0.3), VGG (η = 0.3) and MLP (η = 0.5, 1.0)
+#: 16 columns changed the predicted accuracy by < 0.1 point and the logit variance by
+#: < 1%, and doubled the moment pass's time on the ResNet.
+DEFAULT_D_RANK = 0
 #: re-factorise in unit space (exact eigendecomposition) up to this many units
 UNIT_SPACE_MAX = 1024
 # independent random streams of one pass (lowrank.generator)
