@@ -28,17 +28,20 @@ Two passes per chunk of inputs, over the network traced with ``torch.fx``.
      (an MLP no wider than ``rank``) the factorisation is exact.
    * BatchNorm-like layers in eval (any ``folding_affine()``): the affine map.
    * ReLU (and GELU, SiLU, tanh, sigmoid, softplus by Gauss–Hermite quadrature,
-     :func:`~.gaussian.smooth_moments`): with ``s² = Var``, ``α = μ/s``, the exact Gaussian moments
-     ``E[relu] = μΦ(α) + sφ(α)``, ``E[relu²] = (μ² + s²)Φ(α) + μsφ(α)`` (the mean shift
+     :func:`~.gaussian.smooth_moments`, with ``E f'`` for ``Φ``): with ``s² = Var``,
+     ``α = μ/s``, the exact Gaussian moments ``E[relu] = μΦ(α) + sφ(α)``, ``E[relu²] = (μ² + s²)Φ(α) + μsφ(α)`` (the mean shift
      from activation flips that the first order misses) and, exact for Gaussians
      (Price's theorem), ``Cov(relu(h), ·) = Φ(α) Cov(h, ·)``.
    * Max pooling: Clark's (1961) moments of the maximum of two correlated Gaussians,
      pairwise over the window, with ``Cov(max, ·) = Φ(α)Cov(h₁, ·) + Φ(−α)Cov(h₂, ·)``.
-   * Dropout and Identity (eval mode): the identity. Average pooling (also adaptive), ``mean``, flatten/view/reshape, slicing, zero padding, concatenation
-     and ``+`` (residual): linear, applied to ``μ``, ``F`` and ``d`` alike.
+   * Dropout and Identity (eval mode): the identity. Average pooling (also adaptive),
+     ``mean``, flatten/view/reshape, slicing, zero padding, ``torch.cat`` and ``+``
+     (residual, 1×1 projection shortcuts included): linear, applied to ``μ``, ``F`` and
+     ``d`` alike.
 
-   Before a Linear/Conv layer maps its input, the input's diagonal part ``d`` is turned
-   into ``d_rank`` sketched columns (Rademacher, each unit's variance exact), so the
+   Optionally (``d_rank > 0``; off by default, see below) before a Linear/Conv layer
+   maps its input, the input's diagonal part ``d`` is turned into ``d_rank`` sketched
+   columns (Rademacher, each unit's variance exact), so the
    correlation that the layer creates between units fed by the same independent
    variance is kept (sketched) instead of dropped; the nonlinear excess of each ReLU /
    max beyond its linear part is carried partly as ``h2_rank`` columns: its second
