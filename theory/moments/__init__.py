@@ -98,9 +98,12 @@ Measured limits (zoo ResNet-20, width 8, BatchNorm, trained on digits; relative 
   ratio of 0.87 (the moment pass's own statistics: 0.90). Split of the predicted
   variance, as shares of Monte-Carlo's: weight noise on the mean input (the exact
   smoothed Jacobian) 0.72, noise on the input's perturbation 0.085, gate excess 0.10.
-  So the shortfall is the surrogate's independence assumptions — the sources injected
-  at each noisy layer and each gate are taken as independent across units beyond the
-  recorded spatial Gram and the second Hermite term — not the per-unit variances.
+  So the shortfall is not in the per-unit variances. Making the gate excess fully
+  correlated within each channel (an upper bound on its spatial correlation) raises the
+  ratio only to 0.92: the rest of the missing variance (≥ 8%) is in how the weight-noise
+  term and the gates interact across layers (the smoothed Jacobian ``E[J]`` in place of
+  ``E[J Σ Jᵀ]`` over many correlated gates), which neither the excess nor its second
+  Hermite correlation restores.
 * By where the noise is (only these layers noisy, η = 0.3): stem + stage 1: logit
   variance ratio 0.86 (the first order: 1.30); stage 2: 0.94; stage 3: 0.95; the final
   Linear alone: 0.99. The shortfall grows with the number of random ReLU gates a
@@ -125,11 +128,12 @@ noise (BN digital or folded alike), +2.7 at relative-max η = 0.1 and +5.5 at 0.
 within 0.6 to η = 0.4, +2.6 at 0.5, +1.1 at 0.7. The deeper the residual net, the
 more optimistic the prediction once the shortfall above compounds.
 
-What would close the rest: the cross-unit covariance of the injected sources (gate
-fluctuations and noise on the perturbation) propagated jointly rather than per unit —
-e.g. carrying them as columns of the pass and mapping the pass's own columns to the
-logits through the surrogate's Jacobian — and beyond Gaussian logits a per-input scale
-mixture (heavier tails of the logit margin, worth 0.9 point here).
+What would close the rest: the second-order term of the covariance through the gates
+(``E[J Σ Jᵀ] − E[J] Σ E[J]ᵀ``, the Jacobian's own variance over the gate flips,
+estimated e.g. from a few Jacobians at sampled gate patterns, or by carrying the
+weight-noise sources as columns of the pass end to end instead of through the smoothed
+Jacobian), and beyond Gaussian logits a per-input scale mixture (heavier tails of the
+logit margin, worth 0.9 point here).
 
 A layer the propagation does not support (LayerNorm, attention, anything not listed)
 raises ``ValueError`` naming it and pointing to ``method="linear"`` (which works for
