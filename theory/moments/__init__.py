@@ -124,7 +124,8 @@ point to η = 0.3, then −2.3 (η = 0.4) and −3.1 (η = 0.5) with a Monte-Car
 ResNet-20 within 0.4 to η = 0.2, then +2.0 (0.3), +4.9 (0.4), +7.2 (0.5) for relative
 noise (BN digital or folded alike), +2.7 at relative-max η = 0.1 and +5.5 at 0.15,
 +1.4/+4.4/+7.1 at multiplicative η = 0.3/0.4/0.5; ResNet-32 within 1 point to
-η = 0.15, then +1.1 (0.2), +3.6 (0.3), +7.5 (0.4), +8.5 (0.5); VGG with BatchNorm
+η = 0.15, then +1.1 (0.2), +3.6 (0.3), +7.5 (0.4), +8.5 (0.5); ResNet-56 within 0.5
+to η = 0.15, then +1.1 (0.2), +4.3 (0.3), +11.7 (0.4), +15.0 (0.5); VGG with BatchNorm
 within 0.6 to η = 0.4, +2.6 at 0.5, +1.1 at 0.7. The deeper the residual net, the
 more optimistic the prediction once the shortfall above compounds.
 
