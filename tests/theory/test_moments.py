@@ -173,9 +173,23 @@ def test_first_order_propagation_reproduces_jacobian_covariance(kind):
 
 def test_unsupported_layers_are_named():
     x, y = held_out(5)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.Tanh(), nn.Linear(8, 10)).eval()
-    with pytest.raises(ValueError, match=r"layer '2' \(Tanh\).*method='linear'"):
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.LayerNorm(8), nn.Linear(8, 10)).eval()
+    with pytest.raises(ValueError, match=r"layer '2' \(LayerNorm\).*method='linear'"):
         predict(model, x, y, "relative:0.1", method="moments", **_quiet())
+
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Linear(8, 16)
+            self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+            self.fc = nn.Linear(16, 10)
+
+        def forward(self, x):
+            h = self.embed(x.reshape(x.shape[0], 8, 8))
+            return self.fc(self.attn(h, h, h)[0].mean(1))
+
+    with pytest.raises(ValueError, match=r"layer 'attn' \(MultiheadAttention\).*method='linear'"):
+        predict(Attn().eval(), x, y, "relative:0.1", method="moments", **_quiet())
     # the linear method handles it
     assert predict(model, x, y, "relative:0.1", **_quiet()).logit_var.shape == (5, 10)
 

@@ -1,0 +1,150 @@
+"""Stage-by-stage diagnosis of moment propagation against Monte-Carlo (issue 11).
+
+For a trained model and one noise level: per ReLU, the pooled ratio of the moment
+pass's pre-activation variance to Monte-Carlo's (``Σ predicted var / Σ MC var``), and
+of the mean shift; the logit variance and mean shift of the final prediction; the
+accuracy predicted, the accuracy Monte-Carlo measures, and the accuracy of Gaussian
+logits with Monte-Carlo's own mean and covariance (the Gaussian-logit limit).
+One JSON line per (setting, stage).
+
+    .venv/bin/python benchmarks/moments_diagnose.py --model resnet20 --eta 0.3 --draws 200 --n 200
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import time
+import warnings
+
+import torch
+
+from noiseprop.empirical.data import load_dataset
+from noiseprop.empirical.train import train
+from noiseprop.theory import predict
+from noiseprop.theory._graph import relu_input_graph
+from noiseprop.theory.accuracy import correct_probability
+from noiseprop.theory.linearize import LinearizedNetwork
+from noiseprop.theory.moments import MomentPropagator
+from noiseprop.theory.noise import parse_noise
+from noiseprop.theory.targets import resolve_targets
+
+MODELS = {
+    "mlp": {"name": "mlp", "norm": "none"},
+    "vgg": {"name": "vgg", "norm": "bn"},
+    "resnet20": {"name": "resnet20", "norm": "bn"},
+    "resnet32": {"name": "resnet32", "norm": "bn"},
+    "resnet56": {"name": "resnet56", "norm": "bn"},
+}
+
+
+def mc_stages(model, x, noise, draws, seed):
+    """Monte-Carlo pre-activations (mean, var per unit) and logits ``[D, N, C]``."""
+    net = copy.deepcopy(model).eval()
+    gm, k = relu_input_graph(net)
+    plan = resolve_targets(net)
+    params = dict(net.named_parameters())
+    names = [n for n in plan.names] if hasattr(plan, "names") else list(plan.params)
+    clean = {n: params[n].detach().clone() for n in names}
+    gen = torch.Generator().manual_seed(seed)
+    s1 = s2 = None
+    logits = []
+    with torch.no_grad():
+        for _ in range(draws):
+            for n in names:
+                params[n].copy_(noise.sample(clean[n], gen))
+            out, pre = gm(x)
+            logits.append(out.double())
+            if s1 is None:
+                s1 = [p.double() for p in pre]
+                s2 = [p.double() ** 2 for p in pre]
+            else:
+                for i, p in enumerate(pre):
+                    s1[i] += p.double()
+                    s2[i] += p.double() ** 2
+    m = [a / draws for a in s1]
+    v = [(b - draws * mm * mm) / (draws - 1) for b, mm in zip(s2, m)]
+    relu_nodes = [n.name for n in gm.graph.nodes if n.op == "output"]
+    return m, v, torch.stack(logits), gm
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="resnet20")
+    ap.add_argument("--noise", default="relative")
+    ap.add_argument("--eta", type=float, default=0.3)
+    ap.add_argument("--draws", type=int, default=200)
+    ap.add_argument("--n", type=int, default=200)
+    ap.add_argument("--ranks", default="32")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    data = load_dataset("digits")
+    model = train(MODELS[args.model], data, seed=0).model.eval()
+    x, y = data.x_test[:args.n], data.y_test[:args.n]
+    noise = parse_noise(f"{args.noise}:{args.eta}")
+    t0 = time.perf_counter()
+    mc_m, mc_v, L, gm = mc_stages(model, x, noise, args.draws, seed=11)
+    t_mc = time.perf_counter() - t0
+    from noiseprop.theory._graph import is_relu, trace
+    g = trace(model)
+    mods = dict(model.named_modules())
+    relu_names = [nd.name for nd in g.nodes if is_relu(nd, mods)]
+    with torch.no_grad():
+        clean_pre = gm(x)[1]
+    accs = (L.argmax(2) == y).double().mean(1)
+    mc_acc, mc_se = float(accs.mean()), float(accs.std() / math.sqrt(args.draws))
+    Lm, Lc = L.mean(0), torch.einsum("dna,dnb->nab", L - L.mean(0), L - L.mean(0)) / (args.draws - 1)
+    p_gauss, _, _ = correct_probability(Lm, Lc, y, n_points=1024, seed=0)
+    print(json.dumps(dict(model=args.model, noise=str(noise.to_string()), stage="mc", draws=args.draws, n=args.n,
+                          mc_accuracy=mc_acc, mc_se=mc_se, gaussian_logits_with_mc_moments=float(p_gauss.mean()),
+                          seconds_mc=t_mc)), flush=True)
+    lin = LinearizedNetwork(model)
+    for rank in [int(r) for r in args.ranks.split(",")]:
+        for spatial in (4,):
+            t0 = time.perf_counter()
+            prop = MomentPropagator(lin, noise, rank=rank, spatial_rank=spatial)
+            vs, ms = {}, {}
+            for i in range(0, x.shape[0], 32):
+                with torch.no_grad():
+                    res = prop.run(x[i:i + 32])
+                for nm in relu_names:
+                    rc = res.rec.get(nm)
+                    if rc is None or "s" not in rc:
+                        continue
+                    vs.setdefault(nm, []).append(rc["s"].double() ** 2)
+            t_pass = time.perf_counter() - t0
+            stages = []
+            for i, nm in enumerate(relu_names):
+                if nm not in vs:
+                    continue
+                pv = torch.cat(vs[nm])
+                stages.append(dict(relu=nm, var_ratio=float(pv.sum() / mc_v[i].sum()),
+                                   median_unit_ratio=float((pv / mc_v[i].clamp_min(1e-12)).median()),
+                                   mc_shift_rms=float(((mc_m[i] - clean_pre[i]) ** 2).mean().sqrt()),
+                                   mc_sd_rms=float(mc_v[i].mean().sqrt())))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                t1 = time.perf_counter()
+                p = predict(model, x, y, noise, method="moments", rank=rank, spatial_rank=spatial, accuracy_draws=0,
+                            loss_probes=0, cov=True)
+                t_pred = time.perf_counter() - t1
+            var_ratio = float(p.logit_var.sum() / Lc.diagonal(dim1=1, dim2=2).sum())
+            shift = Lm - p.clean_logits
+            proj = float((p.logit_mean_shift * shift).sum() / (shift ** 2).sum())
+            p_own_mean, _, _ = correct_probability(p.logit_mean, Lc, y, n_points=1024, seed=0)
+            p_own_cov, _, _ = correct_probability(Lm, p.logit_cov, y, n_points=1024, seed=0)
+            print(json.dumps(dict(model=args.model, noise=noise.to_string(), stage="predict", rank=rank,
+                                  spatial_rank=spatial, accuracy=p.accuracy, error=p.accuracy - mc_acc,
+                                  logit_var_ratio=var_ratio, shift_projection=proj,
+                                  acc_pred_mean_mc_cov=float(p_own_mean.mean()),
+                                  acc_mc_mean_pred_cov=float(p_own_cov.mean()),
+                                  compression_loss=p.diagnostics.get("compression_loss"),
+                                  seconds_pass=t_pass, seconds_predict=t_pred)), flush=True)
+            for s in stages:
+                print(json.dumps(dict(stage="preact", rank=rank, **s)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""The Gaussian closed forms of moment propagation, each against numerical quadrature
+(scipy.integrate) or an exact reference: ReLU moments, expected slope and second
+Hermite coefficient; Clark's max; Gauss–Hermite moments of smooth activations; the
+surrogate's smoothed functions and their derivatives."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import integrate, special, stats
+
+from noiseprop.theory.moments.gaussian import (SMOOTH_ACTIVATIONS, clark_max, relu_moments, relu_shape,
+                                               smooth_activation, smooth_max, smooth_moments, smooth_relu)
+
+# the activations in NumPy (scalar quadrature is far faster without torch)
+NP_ACTIVATIONS = {
+    "gelu": lambda z: z * special.ndtr(z),
+    "gelu_tanh": lambda z: 0.5 * z * (1 + math.tanh(math.sqrt(2 / math.pi) * (z + 0.044715 * z ** 3))),
+    "silu": lambda z: z * special.expit(z),
+    "tanh": math.tanh,
+    "sigmoid": special.expit,
+    "softplus": lambda z: float(np.logaddexp(0.0, z)),
+}
+CASES = [(0.0, 1.0), (1.3, 0.4), (-0.7, 0.5), (2.0, 0.05), (-3.0, 1.0), (0.2, 3.0)]
+
+
+def _expect(f, mu, s):
+    """E f(μ + sZ) by adaptive quadrature over Z."""
+    val, _ = integrate.quad(lambda z: f(mu + s * z) * stats.norm.pdf(z), -12, 12, limit=200,
+                            points=[(-mu / s)] if abs(mu / s) < 12 else None)
+    return val
+
+
+def _t(v):
+    return torch.tensor([v], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("mu,s", CASES)
+def test_relu_moments_against_quadrature(mu, s):
+    relu = lambda z: max(z, 0.0)
+    mean, var, slope, c2, sd = relu_moments(_t(mu), _t(s * s))
+    m1 = _expect(relu, mu, s)
+    m2 = _expect(lambda z: relu(z) ** 2, mu, s)
+    assert float(mean) == pytest.approx(m1, rel=1e-7, abs=1e-12)
+    assert float(var) == pytest.approx(m2 - m1 * m1, rel=1e-6, abs=1e-12)
+    # expected slope = P(z > 0); second Hermite coefficient E[relu(z)(Z² − 1)]/2
+    assert float(slope) == pytest.approx(stats.norm.cdf(mu / s), rel=1e-9, abs=1e-15)
+    c2_q, _ = integrate.quad(lambda z: relu(mu + s * z) * (z * z - 1) * stats.norm.pdf(z), -12, 12, limit=200)
+    assert float(c2) == pytest.approx(c2_q / 2, rel=1e-6, abs=1e-12)
+    # the excess of relu_shape is Var − slope²·s²
+    _, _, _, e = relu_shape(_t(mu / s))
+    assert float(e) * s * s == pytest.approx(m2 - m1 * m1 - stats.norm.cdf(mu / s) ** 2 * s * s, rel=1e-5, abs=1e-12)
+
+
+def test_relu_moments_zero_variance_is_relu():
+    mean, var, slope, c2, _ = relu_moments(torch.tensor([1.5, -2.0], dtype=torch.float64), torch.zeros(2))
+    assert mean.tolist() == [1.5, 0.0] and var.tolist() == [0.0, 0.0] and slope.tolist() == [1.0, 0.0]
+
+
+@pytest.mark.parametrize("ma,mb,va,vb,rho", [(0.3, -0.1, 1.0, 0.5, 0.4), (1.0, 1.0, 0.2, 0.2, -0.6),
+                                             (-2.0, 0.5, 0.3, 1.5, 0.9), (0.0, 3.0, 0.01, 0.01, 0.0)])
+def test_clark_max_against_quadrature(ma, mb, va, vb, rho):
+    """Moments of max(a, b) for a bivariate Gaussian, reduced exactly to 1-D quadrature
+    over D = a − b ~ N(Δ, θ²): max = b + relu(D), and b = μ_b + β(D − Δ) + (independent
+    of D), β = Cov(b, D)/θ² (likewise a with γ = Cov(a, D)/θ²)."""
+    cab = rho * math.sqrt(va * vb)
+    mean, var, pa, th, c2, ex = clark_max(_t(ma), _t(mb), _t(va), _t(vb), _t(cab))
+    dl, t2 = ma - mb, va + vb - 2 * cab
+    t = math.sqrt(t2)
+    beta, gamma = (cab - vb) / t2, (va - cab) / t2
+    relu = lambda z: max(z, 0.0)
+    e1 = _expect(relu, dl, t)
+    e2 = _expect(lambda z: relu(z) ** 2, dl, t)
+    ez = _expect(lambda z: (z - dl) * relu(z), dl, t)  # E[(D − Δ) relu D]
+    m1 = mb + e1
+    v = vb + (e2 - e1 * e1) + 2 * beta * ez
+    assert float(mean) == pytest.approx(m1, rel=1e-7, abs=1e-10)
+    assert float(var) == pytest.approx(v, rel=1e-6, abs=1e-10)
+    # Cov(max, a) = Φ·Var a + (1 − Φ)·Cov(a, b)  (Price / Stein)
+    cov_a = cab + gamma * ez
+    assert float(pa * va + (1 - pa) * cab) == pytest.approx(cov_a, rel=1e-6, abs=1e-10)
+    assert float(th) == pytest.approx(t, rel=1e-12)
+    assert float(ex) == pytest.approx(e2 - e1 * e1 - float(pa) ** 2 * t2, rel=1e-5, abs=1e-10)
+
+
+@pytest.mark.parametrize("name", sorted(SMOOTH_ACTIVATIONS))
+@pytest.mark.parametrize("mu,s", [(0.0, 1.0), (1.3, 0.4), (-0.7, 2.0), (0.5, 0.0)])
+def test_smooth_moments_against_quadrature(name, mu, s):
+    """Gauss–Hermite moments (GH_NODES points) against adaptive quadrature; tolerance
+    from the measured quadrature error (module docstring): 2e-4 relative at s ≤ 2."""
+    fn = SMOOTH_ACTIVATIONS[name]
+    f = NP_ACTIVATIONS[name]
+    assert f(0.7) == pytest.approx(float(fn(torch.tensor(0.7, dtype=torch.float64))), rel=1e-12)
+    mean, var, slope, c2, _ = smooth_moments(fn, _t(mu), _t(s * s))
+    if s == 0:
+        z = torch.tensor([mu], dtype=torch.float64, requires_grad=True)
+        (g,) = torch.autograd.grad(fn(z).sum(), z)
+        assert float(mean) == pytest.approx(f(mu), rel=1e-12) and float(var) == 0.0
+        assert float(slope) == pytest.approx(float(g), rel=1e-10)
+        return
+    m1 = _expect(f, mu, s)
+    m2 = _expect(lambda z: f(z) ** 2, mu, s)
+    assert float(mean) == pytest.approx(m1, rel=2e-4, abs=1e-8)
+    assert float(var) == pytest.approx(m2 - m1 * m1, rel=2e-4, abs=1e-8)
+    # expected slope E f'(z) (finite differences of f under the integral)
+    h = 1e-5
+    d1 = _expect(lambda z: (f(z + h) - f(z - h)) / (2 * h), mu, s)
+    assert float(slope) == pytest.approx(d1, rel=2e-4, abs=1e-7)
+    c2_q, _ = integrate.quad(lambda z: f(mu + s * z) * (z * z - 1) * stats.norm.pdf(z), -12, 12, limit=200)
+    assert float(c2) == pytest.approx(c2_q / 2, rel=2e-4, abs=1e-7)
+
+
+def test_smoothed_functions_and_their_slopes():
+    """The surrogate's functions equal the Gaussian expectations at the mean, and their
+    derivatives the expected slopes (Φ(z/s) for the ReLU, Φ(α) for Clark's max)."""
+    z = torch.tensor([-1.0, 0.2, 2.5], dtype=torch.float64, requires_grad=True)
+    s = torch.tensor([0.5, 1.0, 0.3], dtype=torch.float64)
+    v = smooth_relu(z, s)
+    mean, _, slope, _, _ = relu_moments(z.detach(), s * s)
+    assert torch.allclose(v, mean)
+    (g,) = torch.autograd.grad(v.sum(), z)
+    assert torch.allclose(g, slope)
+    fn = SMOOTH_ACTIVATIONS["gelu"]
+    w = smooth_activation(fn, z, s)
+    m2, _, sl2, _, _ = smooth_moments(fn, z.detach(), s * s)
+    assert torch.allclose(w, m2)
+    (g2,) = torch.autograd.grad(w.sum(), z)
+    assert torch.allclose(g2, sl2, rtol=1e-8)
+    a = torch.tensor([0.3, -1.0], dtype=torch.float64, requires_grad=True)
+    b = torch.tensor([0.0, 0.5], dtype=torch.float64, requires_grad=True)
+    th = torch.tensor([0.7, 0.2], dtype=torch.float64)
+    m = smooth_max(a, b, th)
+    # with va = th², vb = 0: Clark's mean at these means
+    cm, _, pa, _, _, _ = clark_max(a.detach(), b.detach(), th * th, torch.zeros(2, dtype=torch.float64),
+                                   torch.zeros(2, dtype=torch.float64))
+    assert torch.allclose(m, cm)
+    ga, gb = torch.autograd.grad(m.sum(), (a, b))
+    assert torch.allclose(ga, pa) and torch.allclose(gb, 1 - pa)

@@ -1,0 +1,55 @@
+"""The low-rank-plus-diagonal algebra of moment propagation against exact references:
+the patch Gram matrix of a convolution (against unfolding every column), the top
+eigenpairs (against a full eigendecomposition), the variance-preserving row rescaling,
+and the reproducible generator streams."""
+import torch
+import torch.nn.functional as F
+
+from noiseprop.theory.moments.lowrank import Dist, generator, patch_gram, renormalise, top_eigh
+
+
+def test_patch_gram_equals_unfolded_reference():
+    g = torch.Generator().manual_seed(0)
+    Fm = torch.randn(3, 2, 4, 6, 5, generator=g, dtype=torch.float64)  # [K, B, C, H, W]
+    for groups, stride, pad, dil in ((1, 1, 1, 1), (2, 2, 0, 1), (1, 1, 2, 2)):
+        k = 3
+        Ho = (6 + 2 * pad - dil * (k - 1) - 1) // stride + 1
+        Wo = (5 + 2 * pad - dil * (k - 1) - 1) // stride + 1
+        G = patch_gram(Fm, groups, k, stride, pad, dil, (Ho, Wo))
+        P = F.unfold(Fm.reshape(6, 4, 6, 5), k, dilation=dil, padding=pad, stride=stride)  # [K·B, C·k², L]
+        P = P.reshape(3, 2, groups, -1, Ho * Wo)
+        ref = torch.einsum("kbgjp,kbgjq->bgpq", P, P)
+        assert torch.allclose(G, ref, atol=1e-10)
+
+
+def test_top_eigh_exact_and_randomised():
+    g = torch.Generator().manual_seed(1)
+    for L in (20, 120):  # exact below EXACT_EIGH_MAX, randomised above
+        A = torch.randn(3, L, 12, generator=g, dtype=torch.float64)
+        Gm = A @ torch.diag(torch.logspace(0, -2, 12, dtype=torch.float64)) @ A.mT
+        w, U = top_eigh(Gm, 4)
+        w0 = torch.linalg.eigvalsh(Gm)[..., -4:].flip(-1)
+        assert torch.allclose(w, w0, rtol=1e-3)
+        assert torch.allclose(U.mT @ U, torch.eye(4, dtype=torch.float64).expand(3, -1, -1), atol=1e-8)
+        assert torch.allclose(Gm @ U, U * w.unsqueeze(-2), atol=1e-3 * float(w0.max()))
+
+
+def test_renormalise_sets_each_units_variance_and_dist_algebra():
+    g = torch.Generator().manual_seed(2)
+    Fm = torch.randn(5, 2, 7, generator=g, dtype=torch.float64)
+    target = torch.rand(2, 7, generator=g, dtype=torch.float64)
+    out = renormalise(Fm, target)
+    assert torch.allclose(out.pow(2).sum(0), target)
+    d = Dist(torch.zeros(2, 7, dtype=torch.float64), Fm, target)
+    assert torch.allclose(d.var(), Fm.pow(2).sum(0) + target)
+    assert d.padded(8).shape == (8, 2, 7) and torch.equal(d.padded(8)[:5], Fm)
+    m = d.map(lambda t: t.reshape(t.shape[0], 7, 1))
+    assert m.F.shape == (5, 2, 7, 1) and m.d.shape == (2, 7, 1)
+
+
+def test_generator_streams_are_reproducible_and_distinct():
+    a = torch.randn(4, generator=generator(0, 1, 0))
+    assert torch.equal(a, torch.randn(4, generator=generator(0, 1, 0)))
+    assert not torch.equal(a, torch.randn(4, generator=generator(0, 2, 0)))
+    assert not torch.equal(a, torch.randn(4, generator=generator(0, 1, 1)))
+    assert not torch.equal(a, torch.randn(4, generator=generator(1, 1, 0)))

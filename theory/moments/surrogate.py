@@ -1,0 +1,199 @@
+"""The surrogate pass and the logit covariance (second pass of the package docstring).
+
+The network's mean path with every ReLU / smooth activation replaced by its Gaussian
+expectation at the std the moment pass recorded, and every max-pool by Clark's
+expectation, plus zero-valued injection points: ``e`` after every noisy layer (its noise
+acting on the input's perturbation) and ``r`` after every nonlinearity (the variance
+the expected-slope linearisation misses). Its output is the propagated logit mean; the
+gradients of the logits with respect to the injection points, one batched backward
+pass per class, map every noise source to the logits.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..linearize import LinearizedNetwork, Tap, backprop_signals, weight_terms
+from ..noise import WeightNoise
+from .gaussian import SMOOTH_ACTIVATIONS, smooth_activation, smooth_max, smooth_relu
+from .interpreter import GraphInterpreter
+from .rules import MomentPropagator, activation_kind, is_maxpool, maxpool_args, window_slices
+
+__all__ = ["MomentResult", "propagate_moments"]
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class MomentResult:
+    """Logit mean ``[N, C]`` and covariance ``[N, C, C]`` (float64) from moment
+    propagation, and diagnostics: for every ReLU input, the fraction of units whose
+    predicted noise std exceeds their mean magnitude (``preact_frac``), and the share
+    of variance moved into the diagonal part by compression (``compression_loss``)."""
+
+    mean: torch.Tensor
+    cov: torch.Tensor
+    preact_frac: float
+    preact_frac_per_layer: tuple
+    compression_loss: float
+    rank: int
+    spatial_rank: int
+
+
+class _Surrogate(GraphInterpreter):
+    """One surrogate forward over a batch, given the moment pass's records ``rec``."""
+
+    def __init__(self, prop: MomentPropagator, rec: dict):
+        lin = prop.lin
+        super().__init__(prop.graph, lin.net, lin.params, lin.buffers)
+        self.prop = prop
+        self.rec = rec
+        self.noisy = {n.rpartition(".")[0] for n in lin.names}
+        self.taps: list = []  # (node name, Tap) of the noisy layers
+        self.rtaps: list = []  # (node name, [r tensors]) of the nonlinearities
+
+    def call(self, node, args, kwargs, env, i):
+        name = node.name
+        rc = self.rec.get(name)
+        kind = activation_kind(node, self.modules)
+        if kind is not None and rc is not None and "s" in rc:
+            s = rc["s"].to(args[0].dtype)
+            z = args[0]
+            val = smooth_relu(z, s) if kind == "relu" else smooth_activation(SMOOTH_ACTIVATIONS[kind], z, s)
+            r = torch.zeros_like(val, requires_grad=True)
+            self.rtaps.append((name, [r]))
+            return val + r
+        if is_maxpool(node, self.modules) and rc is not None:
+            m = self.modules.get(node.target) if node.op == "call_module" else None
+            kernel, stride, *_ = maxpool_args(node, m, args, kwargs)
+            return self._maxpool(name, args[0], kernel, stride, rc["theta"])
+        if node.op == "call_module":
+            m = self.modules[node.target]
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                W, b = self.params[node.target + ".weight"], (self.params[node.target + ".bias"]
+                                                             if m.bias is not None else None)
+                if isinstance(m, nn.Linear):
+                    val = F.linear(args[0], W, b)
+                else:
+                    val = F.conv2d(args[0], W, b, stride=m.stride, padding=m.padding, dilation=m.dilation,
+                                   groups=m.groups)
+                if node.target in self.noisy:
+                    e = torch.zeros_like(val, requires_grad=True)
+                    self.taps.append((name, Tap(node.target, m, args[0].detach(), e)))
+                    val = val + e
+                return val
+        return self.plain(node, args, kwargs)
+
+    def _maxpool(self, name, x, kernel, stride, thetas):
+        cur = None
+        rs = []
+        for step, sl in enumerate(window_slices(*x.shape[-2:], kernel, stride)):
+            el = x[sl]
+            if cur is None:
+                cur = el
+            else:
+                r = torch.zeros_like(el, requires_grad=True)
+                rs.append(r)
+                cur = smooth_max(cur, el, thetas[step - 1].to(x.dtype)) + r
+        self.rtaps.append((name, rs))
+        return cur
+
+
+def _injection_covariance(deltas_e: dict, deltas_r: dict, rec: dict, B: int, C: int) -> torch.Tensor:
+    """The noise of each layer acting on its input's perturbation (``e``) and the
+    variance the expected-slope linearisation misses (``r``), mapped to the logits by
+    the surrogate's signals ``δ [C, B, *shape]``."""
+    cov = torch.zeros(B, C, C, dtype=torch.float64)
+    for name, de in deltas_e.items():
+        rc = rec[name]
+        de = de.double()
+        if "gpert" not in rc:  # Linear: independent per output unit
+            Jf = de.reshape(C, B, -1)
+            cov += torch.einsum("abi,bi,cbi->bac", Jf, rc["vpert"].double().reshape(B, -1), Jf)
+        else:  # Conv: per channel σ̄_c² G_pert off the diagonal + the exact diagonal
+            Cout = rc["vpert"].shape[1]
+            Jf = de.reshape(C, B, Cout, -1)  # [C, B, Cout, L]
+            vp = rc["vpert"].double().reshape(B, Cout, -1)
+            G = rc["gpert"].double()  # [B, g, L, L]
+            g = G.shape[1]
+            Goff = G - torch.diag_embed(torch.diagonal(G, dim1=-2, dim2=-1))
+            sb = rc["sbar2"].double().reshape(g, Cout // g)
+            # Σ_c σ̄_c² J_c Goff J_cᵀ, grouped: no per-channel copy of G
+            Jg = Jf.reshape(C, B, g, Cout // g, -1)
+            A = torch.einsum("abgcp,bgpq->abgcq", Jg, Goff) * sb[None, None, :, :, None]
+            cov += torch.einsum("abgcq,dbgcq->bad", A, Jg)
+            cov += torch.einsum("abcp,bcp,dbcp->bad", Jf, vp, Jf)
+    for name, drs in deltas_r.items():
+        cols = rec[name].get("cols") or [None] * len(drs)
+        for dr, ex, cl in zip(drs, rec[name]["excess"], cols):
+            Jf = dr.double().reshape(C, B, -1)
+            cov += torch.einsum("abi,bi,cbi->bac", Jf, ex.double().reshape(B, -1), Jf)
+            if cl is not None:  # correlated second-order part: Σ_m (J l_m)(J l_m)ᵀ
+                t = torch.einsum("abi,mbi->bam", Jf, cl.double().reshape(cl.shape[0], B, -1))
+                cov += torch.einsum("bam,bcm->bac", t, t)
+    return cov
+
+
+def propagate_moments(lin: LinearizedNetwork, x: torch.Tensor, noise: WeightNoise, rank: int | None = None,
+                      spatial_rank: int | None = None, chunk_size: int = 32,
+                      propagator: MomentPropagator | None = None) -> MomentResult:
+    """Logit mean and covariance of every input under ``noise`` (package docstring), in
+    chunks of ``chunk_size`` inputs: a moment pass (per-unit variances, window
+    correlations, perturbation Gram matrices), then one batched backward pass per class
+    through the surrogate network for the covariance. ``propagator`` (built for any
+    level of the same noise family) is reused at ``noise``; otherwise one is built with
+    ``rank``/``spatial_rank`` (defaults of :class:`MomentPropagator`)."""
+    if propagator is not None:
+        prop = propagator.with_noise(noise)
+    else:
+        kw = {k: v for k, v in (("rank", rank), ("spatial_rank", spatial_rank)) if v is not None}
+        prop = MomentPropagator(lin, noise, **kw)
+    scale = {n: noise.scale(p) for n, p in lin.target_params.items()}
+    params: dict[str, list] = {}
+    for n in lin.names:
+        mname, _, pname = n.rpartition(".")
+        params.setdefault(mname, []).append(pname)
+    means, covs = [], []
+    pre_count = pre_exceed = None
+    lost = total = 0.0
+    mdt = lin.dtype
+    for i in range(0, x.shape[0], chunk_size):
+        xb = x[i:i + chunk_size].to(lin.device)
+        with torch.no_grad():
+            res = prop.run(xb)
+        mu, rec, st = res.mean, res.rec, res.stats
+        B, C = mu.shape
+        sur = _Surrogate(prop, rec)
+        with torch.enable_grad():
+            out = sur.run(xb.to(mdt))
+            leaves = [t.e for _, t in sur.taps] + [r for _, rs in sur.rtaps for r in rs]
+            deltas = backprop_signals(out, leaves) if leaves else []
+        de, dr = deltas[:len(sur.taps)], deltas[len(sur.taps):]
+        cov = torch.zeros(B, C, C, dtype=torch.float64)
+        by_module: dict[str, list] = {}
+        deltas_e = {}
+        for (node_name, t), dl in zip(sur.taps, de):
+            by_module.setdefault(t.name, []).append((t, dl.detach()))
+            if node_name in rec and "vpert" in rec[node_name]:
+                deltas_e[node_name] = dl.detach()
+        weight_terms(by_module, params, scale, cov)
+        deltas_r, k = {}, 0
+        for name, rs in sur.rtaps:
+            deltas_r[name] = [d.detach() for d in dr[k:k + len(rs)]]
+            k += len(rs)
+        cov += _injection_covariance(deltas_e, deltas_r, rec, B, C)
+        covs.append(cov)
+        means.append(mu.double())
+        if pre_count is None:
+            pre_count, pre_exceed = list(st["pre_count"]), list(st["pre_exceed"])
+        else:
+            pre_count = [a + b for a, b in zip(pre_count, st["pre_count"])]
+            pre_exceed = [a + b for a, b in zip(pre_exceed, st["pre_exceed"])]
+        lost += st["lost"]
+        total += st["total"]
+    per_layer = tuple(e / c if c else 0.0 for e, c in zip(pre_exceed or [], pre_count or []))
+    frac = (sum(pre_exceed) / sum(pre_count)) if pre_count and sum(pre_count) else 0.0
+    return MomentResult(mean=torch.cat(means), cov=torch.cat(covs), preact_frac=float(frac),
+                        preact_frac_per_layer=per_layer, compression_loss=float(lost / total) if total > 0 else 0.0,
+                        rank=prop.rank, spatial_rank=prop.spatial_rank)
