@@ -175,7 +175,8 @@ class L1BatchNorm1d(_L1Mixin, _ScaleBatchNorm):
 
 
 class L1BatchNorm2d(_L1Mixin, _ScaleBatchNorm):
-    """L1 BatchNorm over (N, C, H, W) inputs: s = √(π/2)·mean|x − μ| (THEORY.md §4)."""
+    """L1 BatchNorm over (N, C, H, W) inputs: s = √(π/2)·mean|x − μ| (THEORY.md §4;
+    derivation ``batchnorm.scale_estimators``)."""
 
     _dims = (4,)
 
@@ -195,7 +196,8 @@ class TopKBatchNorm1d(_TopKMixin, _ScaleBatchNorm):
 
 
 class TopKBatchNorm2d(_TopKMixin, _ScaleBatchNorm):
-    """TopK BatchNorm over (N, C, H, W): s = C(n)·mean(topk_k |x − μ|) (THEORY.md §4).
+    """TopK BatchNorm over (N, C, H, W): s = C(n)·mean(topk_k |x − μ|) (THEORY.md §4;
+    derivation ``batchnorm.scale_estimators``).
 
     ``k`` defaults to 10 (Hoffer et al. 2018, "Top10"); clipped to n.
     """

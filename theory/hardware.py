@@ -131,7 +131,7 @@ def _device_targets(w: torch.Tensor, per: str) -> tuple[torch.Tensor, torch.Tens
 def rectified_normal_moments(a: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(E X, E X²)`` of ``X = max(0, a + s z)``, ``z ~ N(0, 1)``:
     ``E X = a Φ(a/s) + s φ(a/s)``, ``E X² = (a² + s²) Φ(a/s) + a s φ(a/s)``
-    (``s = 0``: ``max(0, a)`` and its square)."""
+    (``s = 0``: ``max(0, a)`` and its square). Derivation ``hardware.device_moments``."""
     a = torch.as_tensor(a, dtype=torch.float64)
     s = torch.as_tensor(s, dtype=torch.float64)
     a, s = torch.broadcast_tensors(a, s)
@@ -152,7 +152,8 @@ def folded_normal_laplace(s, mu, sd) -> torch.Tensor:
         e^{s²sd²/2} [ e^{−s mu} Φ(mu/sd − s sd) + e^{s mu} Φ(−mu/sd − s sd) ],
 
     from ``E[e^{−sX}; X > 0] = e^{−s mu + s²sd²/2} Φ((mu − s sd²)/sd)`` and its mirror;
-    evaluated in log space (``log_ndtr``) so large ``s`` neither overflows nor underflows."""
+    evaluated in log space (``log_ndtr``) so large ``s`` neither overflows nor underflows.
+    Derivation ``hardware.device_moments``."""
     s = torch.as_tensor(s, dtype=torch.float64)
     mu = torch.as_tensor(mu, dtype=torch.float64)
     sd = torch.as_tensor(sd, dtype=torch.float64)
@@ -393,7 +394,7 @@ class PCMLike(HardwareNoise):
     def device_moments(self, g_t: torch.Tensor) -> dict:
         """Exact per-device moments (float64) for targets ``g_t`` (µS): ``prog_mean``,
         ``prog_sq`` (``E g_P``, ``E g_P²``), ``mean``, ``sq`` (``E g``, ``E g²`` at ``t``)
-        and ``cross`` (``E[g_P g]``)."""
+        and ``cross`` (``E[g_P g]``). Derivation ``hardware.device_moments``."""
         g_t = g_t.double()
         s_p = self._sigma_prog(g_t)
         pm, psq = rectified_normal_moments(g_t, s_p)
@@ -452,7 +453,8 @@ class PCMLike(HardwareNoise):
                     cov=(cov_dev[0] + cov_dev[1]) * k * k)
 
     def compensation_moments(self, w: torch.Tensor, raw: dict | None = None) -> CompensationMoments:
-        """Expectation and variance of the layer's ``α = A/B`` and ``Cov(α, W_ij)``.
+        """Expectation and variance of the layer's ``α = A/B`` and ``Cov(α, W_ij)``
+        (derivation ``hardware.compensation``).
 
         Delta method on the ratio of the two layer means ``A = mean|W_P|``,
         ``B = mean|W(t)|`` (independent elements):

@@ -151,7 +151,8 @@ class AdditiveGaussian(WeightNoise):
 
 @dataclass(frozen=True)
 class RelativeGaussian(WeightNoise):
-    """Additive noise relative to the layer's spread (THEORY.md §1).
+    """Additive noise relative to the layer's spread (THEORY.md §1); its relative output
+    error does not depend on the layer's width (derivation ``linear.width``).
 
     ``σ_l = eta · std(W_l)`` (``reference="std"``, population std) or
     ``σ_l = eta · max|W_l|`` (``reference="max"``, aihwkit's g_max mapping), computed

@@ -1,5 +1,8 @@
 """Moment propagation: logit means and covariances under weight noise beyond first
-order (``predict(..., method="moments")``; THEORY.md §2, §3, §9).
+order (``predict(..., method="moments")``; THEORY.md §2, §3, §9). The per-layer rule
+for a noisy layer with a random input is derivation ``linear.random_input``
+(``Cov(y) = W Γ Wᵀ + σ²(‖μ‖² + tr Γ)``); average pooling of the spatially correlated
+errors of a convolution is derivation ``conv.pooling``.
 
 Two passes per chunk of inputs, over the network traced with ``torch.fx``.
 

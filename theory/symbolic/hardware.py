@@ -100,6 +100,11 @@ def hardware_device_moments() -> Derivation:
                       "rectified_second": "second moment of a normal clamped at 0",
                       "drift_factor_mean": r"mean drift factor, $\lambda = \ln((t + t_0)/t_0)$"},
         source=_SOURCE, checks=checks,
+        implemented_by=("noiseprop.theory.hardware.PCMLike.device_moments",
+                        "noiseprop.theory.hardware.rectified_normal_moments",
+                        "noiseprop.theory.hardware.folded_normal_laplace"),
+        tested_by=("tests/theory/test_symbolic_hardware.py::test_device_moments_match_implementation",
+                   "tests/theory/test_hardware.py::test_pcm_moments_match_monte_carlo"),
         notes=(r"The read noise depends on the programmed conductance through $Q(g_P)$, so $E[g]$ needs one "
                r"more one-dimensional integral over $g_P$ (Gauss–Legendre, split at the kinks of $Q$).",),
     )
@@ -169,6 +174,9 @@ def hardware_compensation() -> Derivation:
                       "alpha_var": "its variance (first order)",
                       "logit_var_share": r"one class's logit variance from one compensated layer, $JVJ = J\,\mathrm{diag}(\mathrm{Var}\,W) J^\top$"},
         source=_SOURCE, checks=tuple(checks),
+        implemented_by=("noiseprop.theory.hardware.PCMLike.compensation_moments",),
+        tested_by=("tests/theory/test_symbolic_hardware.py::test_compensation_delta_method_against_simulation",
+                   "tests/theory/test_hardware.py::test_pcm_compensation_alpha"),
         latex_names={"Abar": r"\bar A", "Bbar": r"\bar B", "alphabar": r"\bar\alpha", "Var_alpha": r"\mathrm{Var}\,\alpha",
                      "JVJ": r"J V J^\top"},
     )
