@@ -60,6 +60,7 @@ __all__ = [
     "ControlVariateEstimate",
     "LinearControlVariate",
     "first_order_loss_change",
+    "piecewise_linear",
 ]
 
 #: Default memory budget (bytes) for one chunk of per-input Jacobians.
@@ -256,13 +257,27 @@ def tapping(modules: Mapping[int, tuple[str, nn.Module]]):
 
 
 def backprop_signals(out: torch.Tensor, leaves: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """``δ_a = ∂ out[:, a] / ∂ leaf`` for every class ``a``: one batched backward pass per
-    class (inputs are independent, so the gradient of ``Σ_i out[i, a]`` with respect to a
-    per-input tensor is per-input). Returns ``[C, *leaf.shape]`` per leaf."""
+    """``δ_a = ∂ out[:, a] / ∂ leaf`` for every class ``a`` (inputs are independent, so
+    the gradient of ``Σ_i out[i, a]`` with respect to a per-input tensor is per-input).
+    All classes in one vectorised backward pass (``torch.autograd.grad`` with
+    ``is_grads_batched=True``: ``vmap`` over the ``C`` one-hot output gradients); one
+    backward pass per class where an operation has no batching rule. Returns
+    ``[C, *leaf.shape]`` per leaf."""
     C = out.shape[1]
+    leaves = list(leaves)
+    eye = torch.eye(C, dtype=out.dtype, device=out.device)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # vmap's performance-fallback notices
+            gs = torch.autograd.grad(out, leaves, grad_outputs=eye[:, None, :].expand(C, out.shape[0], C).contiguous(),
+                                     retain_graph=True, is_grads_batched=True, allow_unused=True)
+        return [torch.zeros((C,) + tuple(lf.shape), dtype=lf.dtype, device=lf.device) if g is None else g
+                for g, lf in zip(gs, leaves)]
+    except RuntimeError:
+        pass
     per = [[] for _ in leaves]
     for a in range(C):
-        gs = torch.autograd.grad(out[:, a].sum(), list(leaves), retain_graph=a < C - 1, allow_unused=True)
+        gs = torch.autograd.grad(out[:, a].sum(), leaves, retain_graph=a < C - 1, allow_unused=True)
         for lst, g, lf in zip(per, gs, leaves):
             lst.append(torch.zeros_like(lf) if g is None else g)
     return [torch.stack(lst) for lst in per]
@@ -397,6 +412,103 @@ def weight_terms(by_module: Mapping[str, list], params: Mapping[str, list], scal
         if layer_cov is not None:
             cov += target
             layer_cov[mname] = layer_cov[mname] + target if mname in layer_cov else target
+
+
+# ----------------------------------------------------------------------------
+# Piecewise linearity in the noisy parameters (exact Gauss-Newton loss increase)
+# ----------------------------------------------------------------------------
+_PL_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardtanh,
+               nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+               nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+               nn.AdaptiveMaxPool2d, nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout, nn.Dropout2d,
+               nn.ZeroPad2d, nn.ConstantPad2d, nn.modules.batchnorm._BatchNorm)
+
+
+def _pl_functions():
+    import operator
+
+    return {operator.add, operator.sub, operator.neg, operator.getitem, getattr, torch.add, torch.sub, torch.flatten,
+            torch.cat, torch.relu, F.relu, F.relu6, F.leaky_relu, F.hardtanh, F.max_pool1d, F.max_pool2d,
+            F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d,
+            F.pad, torch.mean, torch.sum, torch.reshape, torch.squeeze, torch.unsqueeze, torch.permute,
+            torch.transpose}
+
+
+_PL_METHODS = {"view", "reshape", "flatten", "size", "relu", "add", "sub", "mean", "sum", "permute", "transpose",
+               "contiguous", "squeeze", "unsqueeze", "clone", "neg", "__getitem__", "dim"}
+
+
+def _is_shape(a) -> bool:
+    """An fx node holding a shape or size (a constant for the weights)."""
+    return (a.op == "call_method" and a.target in ("size", "dim")) or (a.op == "call_function" and a.target is getattr)
+
+
+def piecewise_linear(lin: "LinearizedNetwork") -> tuple[bool, str]:
+    """Whether the logits are piecewise linear in every noisy parameter (each one enters
+    linearly, almost everywhere), and why not.
+
+    Then ``∂²f/∂θ² = 0`` almost everywhere for every noisy ``θ``, so the Hessian of the
+    cross-entropy and its Gauss-Newton matrix have the same diagonal and
+    ``tr(Σ_ε H) = mean_i tr(H_z,i J_i Σ_ε J_iᵀ)`` exactly (THEORY.md §5): the
+    first-order logit covariance gives the loss increase with no Hessian estimator.
+
+    Checked on the ``torch.fx`` graph (Conv/Linear and BatchNorm-like layers as leaves):
+    every module is linear, affine in eval mode (BatchNorm, anything with
+    ``folding_affine``) or piecewise linear (ReLU family, max/average pooling, dropout in
+    eval), every function and method is one of a fixed list of (piecewise) linear ones
+    (add, sub, flatten, cat, relu, pooling, views), a product or quotient only by a
+    constant, no parameter is read directly (``get_attr``), and no noisy layer is called
+    twice (weight sharing across calls makes the logits quadratic in the weight). Any
+    other construct, or a graph ``torch.fx`` cannot trace, answers ``False``."""
+    import operator
+
+    from ._graph import trace
+
+    try:
+        graph = trace(lin.net)
+    except ValueError as e:
+        return False, f"not traceable ({e})"
+    modules = dict(lin.net.named_modules())
+    funcs = _pl_functions()
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op in ("placeholder", "output"):
+            continue
+        if node.op == "call_module":
+            m = modules.get(node.target)
+            if m is None:
+                return False, f"unknown module {node.target!r}"
+            if isinstance(m, nn.Dropout) and m.training:
+                return False, f"{node.target} is a dropout layer in training mode"
+            if not (isinstance(m, _PL_MODULES) or callable(getattr(m, "folding_affine", None))):
+                return False, f"{node.target} ({type(m).__name__}) is not piecewise linear"
+            calls[node.target] = calls.get(node.target, 0) + 1
+        elif node.op == "call_function":
+            if node.target in (operator.mul, operator.truediv, torch.mul, torch.div):
+                acts = [a for a in node.args if isinstance(a, torch.fx.Node) and not _is_shape(a)]
+                div = node.target in (operator.truediv, torch.div)
+                if len(acts) > 1 or (div and len(node.args) > 1 and node.args[1] in acts):
+                    return False, f"{node.name}: a product or quotient of two activations"
+                continue
+            if node.target not in funcs:
+                return False, f"{node.name}: function {getattr(node.target, '__name__', node.target)} is not in the piecewise-linear list"
+        elif node.op == "call_method":
+            if node.target in ("mul", "div", "__mul__", "__truediv__"):
+                if any(isinstance(a, torch.fx.Node) and not _is_shape(a) for a in node.args[1:]):
+                    return False, f"{node.name}: a product or quotient of two activations"
+                continue
+            if node.target not in _PL_METHODS:
+                return False, f"{node.name}: method {node.target} is not in the piecewise-linear list"
+        elif node.op == "get_attr":
+            return False, f"{node.target}: a parameter or buffer read directly"
+    noisy = {_layer_of(n) for n in lin.names}
+    for mname in noisy:
+        if calls.get(mname, 0) > 1:
+            return False, f"{mname} is called {calls[mname]} times (shared weights)"
+        if mname not in calls and mname in modules and any(True for _ in modules[mname].children()):
+            return False, f"{mname} is traced through, not a leaf"
+    return True, "piecewise linear (" + ", ".join(sorted({type(modules[n.target]).__name__ for n in graph.nodes
+                                                         if n.op == "call_module"})) + ")"
 
 
 def jacobian_pass(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, torch.Tensor],
