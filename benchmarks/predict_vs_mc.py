@@ -16,7 +16,12 @@
    and ``method="moments"``).
 3. ``cv``: 95% CI half-width of mean accuracy and mean loss with and without the
    linearised-network control variate at equal draws.
-4. ``memory``: peak resident memory and time of ``predict`` (linear) on a ResNet-20
+4. ``calibrate``: the validity diagnostic (fraction of ReLU pre-activations whose
+   first-order noise sd exceeds their magnitude) against Monte-Carlo along the accuracy
+   curve of each digits model (120 inputs, 50 draws per level), and the warning
+   threshold that flags every level where the linear accuracy misses (more than 1 point
+   and outside the Monte-Carlo 95% interval) with the fewest false alarms.
+5. ``memory``: peak resident memory and time of ``predict`` (linear) on a ResNet-20
    (width 16, 3×32×32 inputs, 10 classes) for several numbers of inputs, each in a
    fresh subprocess (``ru_maxrss``). Target: ≤ 2 GiB and independent of N beyond one
    chunk; seconds per 1,000 inputs.
@@ -201,6 +206,59 @@ def cases(models, c32_n, reps, hessian_n):
         emit(row)
 
 
+CAL_LEVELS = [0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0, 1.4, 2.0]
+
+
+def calibrate(models, n=120, draws=50):
+    """The validity diagnostic against Monte-Carlo: per model and level, the predicted
+    fraction of ReLU pre-activations whose first-order noise sd exceeds their magnitude,
+    and whether the linear accuracy is within 1 point of Monte-Carlo or inside its 95%
+    interval; then, over all models, the threshold that flags every miss with the fewest
+    false alarms."""
+    from noiseprop.empirical import sweep
+    from noiseprop.empirical.data import load_dataset
+    from noiseprop.empirical.train import train
+    from noiseprop.theory import predict_sweep
+
+    data = load_dataset("digits")
+    x, y = data.x_test[:n], data.y_test[:n]
+    rows = []
+    for name in models:
+        model = train(MODELS[name], data, seed=0).model.eval()
+        mc = sweep(model, x, y, "relative", CAL_LEVELS, draws=draws, seed=0, progress=False).to_frame()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pc = predict_sweep(model, x, y, "relative", CAL_LEVELS)
+        for i, lv in enumerate(CAL_LEVELS):
+            m = float(mc.accuracy[i])
+            if m < 0.30:
+                break
+            p = pc.predictions[i]
+            err = p.accuracy - m
+            ok = abs(err) <= 0.01 or (mc.accuracy_ci_low[i] <= p.accuracy <= mc.accuracy_ci_high[i])
+            r = dict(part="calibrate", model=name, eta=lv, n_inputs=n, mc_draws=draws, mc_accuracy=m,
+                     linear_accuracy=p.accuracy, linear_error=err, linear_ok=bool(ok),
+                     preact_frac=p.diagnostics.get("preact_frac"), warned=bool(p.warnings))
+            rows.append(r)
+            emit(r)
+    miss = [r["preact_frac"] for r in rows if not r["linear_ok"]]
+    fine = [r["preact_frac"] for r in rows if r["linear_ok"]]
+    best = None
+    for t in sorted(set([0.0] + fine + miss)):
+        fn = sum(f <= t for f in miss)  # misses not flagged (frac > t flags)
+        fp = sum(f > t for f in fine)
+        if best is None or (fn, fp) < (best[1], best[2]):
+            best = (t, fn, fp)
+    from noiseprop.theory.predict import PREACT_WARN_FRACTION
+
+    cur_fn = sum(f <= PREACT_WARN_FRACTION for f in miss)
+    cur_fp = sum(f > PREACT_WARN_FRACTION for f in fine)
+    emit(dict(part="calibrate", summary=True, levels_checked=len(rows), linear_misses=len(miss),
+              threshold_best=best[0], best_missed=best[1], best_false_alarms=best[2],
+              threshold_in_use=PREACT_WARN_FRACTION, in_use_missed=cur_fn, in_use_false_alarms=cur_fp,
+              min_frac_at_miss=min(miss) if miss else None, max_frac_when_ok=max(fine) if fine else None))
+
+
 def curve(models):
     from noiseprop.empirical import sweep
     from noiseprop.empirical.data import load_dataset
@@ -326,6 +384,8 @@ def main(argv=None):
     if "cases" in parts:
         cases(models, args.c32_n, args.reps, args.hessian_n)
     digits = [m for m in models if m in MODELS]
+    if "calibrate" in parts:
+        calibrate(digits)
     if "curve" in parts:
         curve(digits)
     if "cv" in parts:

@@ -318,7 +318,7 @@ def hessian_trace(model, x, y, noise=None, targets=None, probes: int = 100, seed
     if method not in ("hutchinson", "hutch++"):
         raise ValueError(f"method must be 'hutchinson' or 'hutch++', got {method!r}")
     if method == "hutch++" and probes < 6:
-        raise ValueError(f"method='hutch++' needs probes >= 6 (a third sketches, a third checks, a third estimates), got {probes}")
+        raise ValueError(f"method='hutch++' needs probes >= 6 (a third sketch the range, a third project onto it, a third probe the rest), got {probes}")
     if not isinstance(per_layer, bool):
         raise TypeError(f"per_layer must be True or False, got {per_layer!r}")
     if per_layer and method != "hutchinson":
