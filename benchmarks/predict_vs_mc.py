@@ -202,6 +202,10 @@ def cases(models, c32_n, reps, hessian_n):
                    loss_increase=p.loss_increase, loss_increase_gn=p.loss_increase_gn,
                    loss_increase_method=getattr(p, "loss_increase_method", "hutchinson"),
                    mc_loss_increase=mc.loss - mc.clean_loss)
+        d = getattr(p, "diagnostics", {})
+        if "seconds_diagnostic" in d:
+            row.update(seconds_diagnostic=d["seconds_diagnostic"], diagnostic_share_of_predict=d["seconds_diagnostic"] / t_pred,
+                       target_diagnostic_share=0.10, met_diagnostic_share=bool(d["seconds_diagnostic"] / t_pred <= 0.10))
         row.update(h)
         emit(row)
 

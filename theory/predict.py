@@ -475,7 +475,7 @@ def _base(model, x, y, noise, targets, opts: _Options, cache: bool, data_key: st
     return base, noise, False
 
 
-def _gaussian_logit_loss(mean: torch.Tensor, cov: torch.Tensor, y: torch.Tensor, points: int = 256,
+def _gaussian_logit_loss(mean: torch.Tensor, cov: torch.Tensor, y: torch.Tensor, points: int = 128,
                          seed: int = 0) -> float:
     """``mean_i E[CE(f_i, y_i)]`` for ``f_i ~ N(mean_i, cov_i)`` by randomised QMC
     (scrambled Sobol points mapped through ``Φ⁻¹``, shared by all inputs)."""
