@@ -61,6 +61,7 @@ __all__ = [
     "LinearControlVariate",
     "first_order_loss_change",
     "piecewise_linear",
+    "select_classes",
 ]
 
 #: Default memory budget (bytes) for one chunk of per-input Jacobians.
@@ -206,6 +207,22 @@ class JacobianPass:
     #: ``extra_units=(u_1, ...)``: ``J diag(u_k²) Jᵀ`` ``[N, C, C]`` for each further scale map,
     #: from the same derivatives (noise models whose variance is not one level times ``u²``).
     extra_cov: tuple = ()
+    #: ``classes=k``: ``[N, k+1]`` the class of each slot (slot 0 the label, then the ``k``
+    #: highest other clean logits); ``cov_unit``, ``draws_unit`` and the per-layer shares are
+    #: then over these slots (``[N, k+1, k+1]``), not over all classes.
+    classes: torch.Tensor | None = None
+
+
+def select_classes(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """``[N, k+1]``: each input's label, then its ``k`` closest competitors (the other
+    classes with the highest clean logits, the predicted class first when it is wrong):
+    the classes whose margins decide whether it stays correct."""
+    masked = logits.detach().clone()
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    lab = labels.to(logits.device).long()
+    masked[rows, lab] = -torch.inf
+    top = masked.topk(k, dim=1).indices
+    return torch.cat([lab[:, None], top], dim=1)
 
 
 def _directions(lin: LinearizedNetwork, k: int, seed: int) -> dict[str, torch.Tensor]:
@@ -256,28 +273,36 @@ def tapping(modules: Mapping[int, tuple[str, nn.Module]]):
         handle.remove()
 
 
-def backprop_signals(out: torch.Tensor, leaves: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+def backprop_signals(out: torch.Tensor, leaves: Sequence[torch.Tensor],
+                     index: torch.Tensor | None = None) -> list[torch.Tensor]:
     """``δ_a = ∂ out[:, a] / ∂ leaf`` for every class ``a`` (inputs are independent, so
-    the gradient of ``Σ_i out[i, a]`` with respect to a per-input tensor is per-input).
-    All classes in one vectorised backward pass (``torch.autograd.grad`` with
-    ``is_grads_batched=True``: ``vmap`` over the ``C`` one-hot output gradients); one
-    backward pass per class where an operation has no batching rule. Returns
-    ``[C, *leaf.shape]`` per leaf."""
+    the gradient of ``Σ_i out[i, a]`` with respect to a per-input tensor is per-input);
+    with ``index [B, S]``, for the ``S`` classes ``index[i, s]`` of each input instead
+    (slot ``s``). All in one vectorised backward pass (``torch.autograd.grad`` with
+    ``is_grads_batched=True``: ``vmap`` over the one-hot output gradients); one backward
+    pass per class where an operation has no batching rule. Returns ``[C or S,
+    *leaf.shape]`` per leaf."""
     C = out.shape[1]
+    B = out.shape[0]
     leaves = list(leaves)
-    eye = torch.eye(C, dtype=out.dtype, device=out.device)
+    if index is None:
+        go = torch.eye(C, dtype=out.dtype, device=out.device)[:, None, :].expand(C, B, C).contiguous()
+    else:
+        S = index.shape[1]
+        go = torch.zeros(S, B, C, dtype=out.dtype, device=out.device)
+        go.scatter_(2, index.T.unsqueeze(-1).to(out.device), 1.0)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # vmap's performance-fallback notices
-            gs = torch.autograd.grad(out, leaves, grad_outputs=eye[:, None, :].expand(C, out.shape[0], C).contiguous(),
-                                     retain_graph=True, is_grads_batched=True, allow_unused=True)
+            gs = torch.autograd.grad(out, leaves, grad_outputs=go, retain_graph=True, is_grads_batched=True,
+                                     allow_unused=True)
         return [torch.zeros((C,) + tuple(lf.shape), dtype=lf.dtype, device=lf.device) if g is None else g
                 for g, lf in zip(gs, leaves)]
     except RuntimeError:
         pass
     per = [[] for _ in leaves]
-    for a in range(C):
-        gs = torch.autograd.grad(out[:, a].sum(), leaves, retain_graph=a < C - 1, allow_unused=True)
+    for a in range(go.shape[0]):
+        gs = torch.autograd.grad((out * go[a]).sum(), leaves, retain_graph=a < go.shape[0] - 1, allow_unused=True)
         for lst, g, lf in zip(per, gs, leaves):
             lst.append(torch.zeros_like(lf) if g is None else g)
     return [torch.stack(lst) for lst in per]
@@ -514,7 +539,8 @@ def piecewise_linear(lin: "LinearizedNetwork") -> tuple[bool, str]:
 def jacobian_pass(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, torch.Tensor],
                   chunk_size: int | None = None, draws: int = 0, seed: int = 0,
                   progress=None, per_layer: bool = False,
-                  extra_units: Sequence[Mapping[str, torch.Tensor]] = ()) -> JacobianPass:
+                  extra_units: Sequence[Mapping[str, torch.Tensor]] = (), classes: int | None = None,
+                  labels: torch.Tensor | None = None) -> JacobianPass:
     """Per-input Jacobians over ``x`` in chunks, contracted to the level-1 logit
     covariance ``J diag(u²) Jᵀ`` and (``draws > 0``) to ``draws`` shared draws of the
     linearised network ``J (u ⊙ ξ_k)``.
@@ -526,13 +552,25 @@ def jacobian_pass(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, to
 
     ``per_layer=True`` also returns each noisy module's share of the covariance
     (``layer_cov_unit``); ``extra_units`` are further scale maps whose covariances
-    ``J diag(u_k²) Jᵀ`` come from the same derivatives (``extra_cov``)."""
+    ``J diag(u_k²) Jᵀ`` come from the same derivatives (``extra_cov``).
+
+    ``classes=k`` (with ``labels``) differentiates only each input's label and its ``k``
+    closest competitors (:func:`select_classes`): ``k + 1`` backward passes instead of
+    ``C``, and every contraction over ``k + 1`` slots (``JacobianPass.classes``)."""
     n = x.shape[0]
+    if classes is not None:
+        if isinstance(classes, bool) or not isinstance(classes, int) or classes < 1:
+            raise ValueError(f"classes must be an integer >= 1 (competitors per input) or None, got {classes!r}")
+        if labels is None or labels.shape[0] != n:
+            raise ValueError("classes=k needs labels, one per input")
     extra_units = tuple(extra_units)
     with torch.no_grad():
         c0 = lin.forward(x[:1].to(lin.device)).shape[-1]
+    if classes is not None and classes >= c0 - 1:
+        classes = None  # every class is a competitor: the full pass
+    cs = c0 if classes is None else classes + 1
     if chunk_size is None:
-        chunk_size = auto_chunk_size(c0, lin.num_target_elements, torch.tensor([], dtype=lin.dtype).element_size())
+        chunk_size = auto_chunk_size(cs, lin.num_target_elements, torch.tensor([], dtype=lin.dtype).element_size())
     modules = dict(lin.net.named_modules())
     fast: dict[str, list[str]] = {}  # module name -> its target parameter names
     slow: list[str] = []
@@ -553,14 +591,15 @@ def jacobian_pass(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, to
             return lin.forward(xi.unsqueeze(0), tp).squeeze(0)
 
         slow_fn = lambda xb: vmap(jacrev(single), in_dims=(None, 0))(sub, xb)  # noqa: E731
-    covs, f0s, zs = [], [], []
+    covs, f0s, zs, sels = [], [], [], []
     layer_covs: dict[str, list] = {}
     extra_covs: list[list] = [[] for _ in extra_units]
     for i in range(0, n, chunk_size):
         xb = x[i:i + chunk_size].to(lin.device)
         b = xb.shape[0]
-        cov = torch.zeros(b, c0, c0, dtype=torch.float64, device=lin.device)
-        z = torch.zeros(b, c0, draws, dtype=lin.dtype, device=lin.device) if dirs is not None else None
+        cov = torch.zeros(b, cs, cs, dtype=torch.float64, device=lin.device)
+        z = torch.zeros(b, cs, draws, dtype=lin.dtype, device=lin.device) if dirs is not None else None
+        sel = None
         lcov: dict | None = {} if per_layer else None
         extra = [(eu, torch.zeros_like(cov)) for eu in extra_units]
 
@@ -583,8 +622,10 @@ def jacobian_pass(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, to
                 out = lin.forward(xb)
             if out.dim() != 2:
                 raise ValueError(f"the model must map a batch of inputs to logits of shape [N, C]; got shape {tuple(out.shape)}")
-            deltas = backprop_signals(out, [t.e for t in taps])
             f0 = out.detach()
+            if classes is not None:
+                sel = select_classes(f0, labels[i:i + chunk_size], classes)
+            deltas = backprop_signals(out, [t.e for t in taps], index=sel)
             by_module: dict[str, list] = {}
             for t, dl in zip(taps, deltas):
                 by_module.setdefault(t.name, []).append((t, dl.detach()))
@@ -593,10 +634,17 @@ def jacobian_pass(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, to
         else:
             with torch.no_grad():
                 f0 = lin.forward(xb)
+            if classes is not None:
+                sel = select_classes(f0, labels[i:i + chunk_size], classes)
         if slow_fn is not None:
             jac = slow_fn(xb)
             for name in slow:
-                add(name, jac.pop(name).detach().reshape(b, c0, -1))
+                J = jac.pop(name).detach().reshape(b, c0, -1)
+                if sel is not None:
+                    J = J.gather(1, sel[:, :, None].expand(-1, -1, J.shape[2]))
+                add(name, J)
+        if sel is not None:
+            sels.append(sel)
         covs.append(cov)
         f0s.append(f0.detach())
         if z is not None:
@@ -615,6 +663,7 @@ def jacobian_pass(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, to
         chunk_size=int(chunk_size),
         layer_cov_unit={m: torch.cat(v) for m, v in layer_covs.items()} if per_layer else None,
         extra_cov=tuple(torch.cat(v) for v in extra_covs),
+        classes=torch.cat(sels) if sels else None,
     )
 
 

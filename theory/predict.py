@@ -56,6 +56,9 @@ METHODS = ("linear", "moments")
 LOSS_METHODS = ("auto", "gauss_newton", "hutchinson")
 #: Hutchinson probes when the Hessian estimator is used and ``loss_probes`` is not given.
 DEFAULT_LOSS_PROBES = 16
+#: ``classes=k``: inputs on which the full-class pass is also run to measure the error of
+#: keeping only the label and its ``k`` closest competitors.
+TRUNCATION_CHECK_INPUTS = 32
 
 #: Fraction of ReLU pre-activations whose predicted noise std exceeds their magnitude
 #: above which the first order is flagged as outside its range. Calibrated against
@@ -278,6 +281,8 @@ class _Base:
     piecewise_linear: bool = False
     pl_reason: str = ""
     seconds: dict = field(default_factory=dict)
+    #: ``classes=k``: (input indices, full-class pass on them) to measure the truncation
+    trunc_check: tuple | None = None
 
 
 def _linear_moments(base: _Base, level: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -285,7 +290,20 @@ def _linear_moments(base: _Base, level: float) -> tuple[torch.Tensor, torch.Tens
     pass: ``E f = f(θ)`` and ``Cov f = level² · J diag(u²) Jᵀ`` (noise linear in its
     level, zero mean). The one place they are formed: a noise model with a non-zero mean
     ``E[δθ]`` adds its first-order mean shift ``J E[δθ]`` here."""
+    if base.jp.classes is not None:  # over the selected classes (slots)
+        return base.jp.clean_logits.gather(1, base.jp.classes), base.jp.cov_unit * float(level) ** 2
     return base.jp.clean_logits, base.jp.cov_unit * float(level) ** 2
+
+
+def _slot_cov_to_full(cov: torch.Tensor, sel: torch.Tensor, c: int) -> torch.Tensor:
+    """``[N, C, C]`` with the slot covariance in the selected classes' rows and columns,
+    zero elsewhere (the other classes treated as noiseless)."""
+    n, s, _ = cov.shape
+    full = torch.zeros(n, c, s, dtype=cov.dtype)
+    full.scatter_(1, sel[:, :, None].expand(-1, -1, s), cov)
+    out = torch.zeros(n, c, c, dtype=cov.dtype)
+    out.scatter_(2, sel[:, None, :].expand(-1, c, -1), full)
+    return out
 
 
 def _preact_ratios(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, torch.Tensor], directions: int,
@@ -352,9 +370,11 @@ class _Options:
     batch_size: int
     per_layer: bool
     diagnostic: bool
+    classes: int | None = None
 
 
-def _options(chunk_size, accuracy_draws, loss_increase, loss_probes, seed, batch_size, per_layer, diagnostic) -> _Options:
+def _options(chunk_size, accuracy_draws, loss_increase, loss_probes, seed, batch_size, per_layer, diagnostic,
+             classes=None) -> _Options:
     chunk_size = _check_int("chunk_size", chunk_size, 1, allow_none=True)
     accuracy_draws = _check_int("accuracy_draws", accuracy_draws, 0)
     if accuracy_draws == 1:
@@ -370,16 +390,23 @@ def _options(chunk_size, accuracy_draws, loss_increase, loss_probes, seed, batch
     for name, v in (("per_layer", per_layer), ("diagnostic", diagnostic)):
         if not isinstance(v, bool):
             raise TypeError(f"{name} must be True or False, got {v!r}")
+    classes = _check_int("classes", classes, 1, allow_none=True)
     return _Options(chunk_size, accuracy_draws, loss_increase, loss_probes, _check_int("seed", seed, 0),
-                    _check_int("batch_size", batch_size, 1), per_layer, diagnostic)
+                    _check_int("batch_size", batch_size, 1), per_layer, diagnostic, classes)
 
 
 def _build_base(lin: LinearizedNetwork, x, y, unit, opts: _Options) -> _Base:
     secs = {}
     t = time.perf_counter()
     jp = jacobian_pass(lin, x, unit, chunk_size=opts.chunk_size, draws=opts.accuracy_draws, seed=opts.seed,
-                       per_layer=opts.per_layer)
+                       per_layer=opts.per_layer, classes=opts.classes, labels=y)
     secs["jacobian_pass"] = time.perf_counter() - t
+    trunc = None
+    if jp.classes is not None:  # the truncation error, measured on a subset with every class
+        t = time.perf_counter()
+        idx = torch.linspace(0, x.shape[0] - 1, min(x.shape[0], TRUNCATION_CHECK_INPUTS)).round().long().unique()
+        trunc = (idx, jacobian_pass(lin, x[idx], unit, chunk_size=opts.chunk_size))
+        secs["truncation_check"] = time.perf_counter() - t
     pl, why = piecewise_linear(lin)
     probes = opts.loss_probes
     if opts.loss_increase == "hutchinson" or (opts.loss_increase == "auto" and (probes or (not pl and probes is None))):
@@ -400,7 +427,9 @@ def _build_base(lin: LinearizedNetwork, x, y, unit, opts: _Options) -> _Base:
         t = time.perf_counter()
         ratio, note = _preact_ratios(lin, x, unit, directions=8, seed=opts.seed)
         secs["diagnostic"] = time.perf_counter() - t
-    return _Base(lin, x, y, jp, tr, se, probes, ratio, note, method, pl, why, secs)
+    if jp.classes is not None and not probes:
+        method = "gauss_newton (label and closest competitors only)"
+    return _Base(lin, x, y, jp, tr, se, probes, ratio, note, method, pl, why, secs, trunc)
 
 
 # ---------------------------------------------------------------- the derivative cache
@@ -503,7 +532,22 @@ def _finish(base: _Base, noise: WeightNoise, method: str, mean: torch.Tensor, co
     clean = base.jp.clean_logits.double().cpu()
     mean = mean.double().cpu()
     cov = cov.double().cpu()
-    p, lo, hi = correct_probability(mean, cov, y, n_points=n_points, seed=seed)
+    sel = base.jp.classes.cpu() if base.jp.classes is not None else None
+    y_acc = y if sel is None else torch.zeros_like(y)  # slot 0 is the label
+    p, lo, hi = correct_probability(mean, cov, y_acc, n_points=n_points, seed=seed)
+    trunc_diag = {}
+    if sel is not None:
+        idx, jpf = base.trunc_check
+        pf, _, _ = correct_probability(jpf.clean_logits.double().cpu(), jpf.cov_unit.cpu() * lvl**2, y[idx],
+                                       n_points=n_points, seed=seed)
+        d = (p[idx] - pf).abs()
+        trunc_diag = dict(classes=int(sel.shape[1] - 1), classes_truncation_inputs=int(idx.numel()),
+                          classes_truncation_max_abs=float(d.max()), classes_truncation_mean_abs=float(d.mean()),
+                          classes_truncation_accuracy_error=float(p[idx].mean() - pf.mean()))
+        # every class in the result: unselected ones noiseless, their variance unknown (NaN)
+        mean = clean
+        cov_slots = cov
+        cov = _slot_cov_to_full(cov_slots, sel, clean.shape[1])
     # chip-to-chip spread: shared draws of the linearised network, rescaled per class to
     # the method's marginal sd (same correlation structure)
     acc_std = float("nan")
@@ -516,11 +560,11 @@ def _finish(base: _Base, noise: WeightNoise, method: str, mean: torch.Tensor, co
             ratio = torch.where(v_lin > 0, (v_m / torch.where(v_lin > 0, v_lin, torch.ones_like(v_lin))).sqrt(),
                                 torch.zeros_like(v_lin))
             z = z * ratio.unsqueeze(-1)
-        accs = sampled_accuracies(mean, z, y)
+        accs = sampled_accuracies(mean if sel is None else clean.gather(1, sel), z, y_acc)
         k = accs.size
         acc_std = float(accs.std(ddof=1))
     clean_loss = float(F.cross_entropy(clean, y))
-    cov_lin = _linear_moments(base, lvl)[1].double().cpu()
+    cov_lin = cov if sel is not None else _linear_moments(base, lvl)[1].double().cpu()
     gn = loss_increase_gauss_newton(clean, cov_lin)
     if base.loss_method == "hutchinson":
         li, li_se = 0.5 * base.trace_unit * lvl**2, 0.5 * base.trace_unit_se * lvl**2
@@ -528,10 +572,15 @@ def _finish(base: _Base, noise: WeightNoise, method: str, mean: torch.Tensor, co
         li, li_se = gn, (0.0 if base.piecewise_linear else float("nan"))
     by_layer = None
     if base.jp.layer_cov_unit is not None:
-        by_layer = types.MappingProxyType({m: loss_increase_gauss_newton(clean, c.double().cpu() * lvl**2)
+        def full(c):
+            c = c.double().cpu() * lvl**2
+            return c if sel is None else _slot_cov_to_full(c, sel, clean.shape[1])
+
+        by_layer = types.MappingProxyType({m: loss_increase_gauss_newton(clean, full(c))
                                            for m, c in base.jp.layer_cov_unit.items()})
     gl = _gaussian_logit_loss(mean, cov, y, seed=seed) - clean_loss if lvl > 0 else 0.0
     diag = dict(extra_diag)
+    diag.update(trunc_diag)
     if base.preact_ratio is not None:
         frac = float((base.preact_ratio < lvl).mean()) if base.preact_ratio.size else 0.0
         if method == "linear" or "preact_frac" not in diag:
@@ -548,9 +597,13 @@ def _finish(base: _Base, noise: WeightNoise, method: str, mean: torch.Tensor, co
                f"sd above their magnitude (> {PREACT_WARN_FRACTION:.0%}); the linear method misses the mean shift and "
                "underestimates the damage here, use method='moments'")
         warns.append(msg)
+    logit_var = torch.diagonal(cov, dim1=1, dim2=2).clone()
+    if sel is not None:
+        known = torch.zeros_like(logit_var, dtype=torch.bool).scatter_(1, sel, True)
+        logit_var = torch.where(known, logit_var, torch.full_like(logit_var, float("nan")))
     return Prediction(
         method=method, noise=noise.to_string(), targets=base.lin.plan.targets.describe(), clean_logits=clean,
-        logit_mean=mean, logit_var=torch.diagonal(cov, dim1=1, dim2=2).clone(), logit_cov=cov if keep_cov else None,
+        logit_mean=mean, logit_var=logit_var, logit_cov=cov if keep_cov else None,
         correct_prob=p, clean_accuracy=float((clean.argmax(1) == y).double().mean()), accuracy=float(p.mean()),
         accuracy_lower=float(lo.mean()), accuracy_upper=float(hi.mean()), accuracy_std=acc_std,
         accuracy_std_draws=int(k), clean_loss=clean_loss, loss_increase=li,
@@ -588,6 +641,16 @@ def _run_settings(method, cov, n_points, rank, spatial_rank, moment_chunk) -> _R
         raise TypeError(f"cov must be True or False, got {cov!r}")
     return _Run(_check_method(method), cov, _check_int("n_points", n_points, 16), _check_int("rank", rank, 1),
                 _check_int("spatial_rank", spatial_rank, 1), _check_int("moment_chunk", moment_chunk, 1))
+
+
+def _check_classes(run: _Run, opts: _Options) -> None:
+    if opts.classes is None:
+        return
+    if run.method != "linear":
+        raise ValueError(f"classes={opts.classes} (label and closest competitors only) works with method='linear'; "
+                         f"method={run.method!r} needs every class: leave classes=None")
+    if run.cov:
+        raise ValueError("cov=True keeps the full [N, C, C] covariance: it needs every class, leave classes=None")
 
 
 def _check_levels(levels) -> np.ndarray:
@@ -637,7 +700,7 @@ def predict(model: nn.Module, x, y, noise, targets=None, method: str = "linear",
             cov: bool = False, accuracy_draws: int = 0, loss_probes: int | None = None, seed: int = 0,
             n_points: int = 1024, rank: int = 32, spatial_rank: int = 4, moment_chunk: int = 32,
             batch_size: int = 512, *, loss_increase: str = "auto", per_layer: bool = False, diagnostic: bool = True,
-            cache: bool = True) -> Prediction:
+            cache: bool = True, classes: int | None = None) -> Prediction:
     """Predict logits, accuracy and loss of ``model`` on ``(x, y)`` under weight ``noise``.
 
     Parameters
@@ -676,6 +739,14 @@ def predict(model: nn.Module, x, y, noise, targets=None, method: str = "linear",
     diagnostic: compute the validity diagnostic (fraction of ReLU pre-activations whose
         first-order noise sd exceeds their magnitude, on 16 inputs; a warning above
         :data:`PREACT_WARN_FRACTION`).
+    classes: differentiate only each input's label and its ``classes`` closest
+        competitors (highest other clean logits): ``classes + 1`` backward passes instead
+        of ``C``. ``accuracy`` then ignores the other classes (an upper bound, exact when
+        they never overtake); the error is measured on
+        :data:`TRUNCATION_CHECK_INPUTS` inputs with every class and reported in
+        ``diagnostics`` (``classes_truncation_*``); ``logit_var`` is NaN for the classes
+        not differentiated, the loss increase is their Gauss-Newton form over the selected
+        classes. Default ``None``: every class (needed for ``cov=True`` and ``"moments"``).
     cache: reuse the derivative pass of an earlier call with the same model state (a
         hash of its parameters and buffers), inputs, labels, targets, noise family and
         settings (:data:`CACHE_SIZE` passes are kept; :func:`clear_cache` empties it): ten
@@ -683,7 +754,9 @@ def predict(model: nn.Module, x, y, noise, targets=None, method: str = "linear",
     """
     t0 = time.perf_counter()
     run = _run_settings(method, cov, n_points, rank, spatial_rank, moment_chunk)
-    opts = _options(chunk_size, accuracy_draws, loss_increase, loss_probes, seed, batch_size, per_layer, diagnostic)
+    opts = _options(chunk_size, accuracy_draws, loss_increase, loss_probes, seed, batch_size, per_layer, diagnostic,
+                    classes)
+    _check_classes(run, opts)
     if not isinstance(cache, bool):
         raise TypeError(f"cache must be True or False, got {cache!r}")
     base, noise, cached = _base(model, x, y, noise, targets, opts, cache)
@@ -698,7 +771,7 @@ def predict_sweep(model: nn.Module, x, y, noise, levels: Sequence[float], target
                   loss_probes: int | None = None, seed: int = 0, n_points: int = 1024, rank: int = 32,
                   spatial_rank: int = 4, moment_chunk: int = 32, batch_size: int = 512, *,
                   loss_increase: str = "auto", per_layer: bool = False, diagnostic: bool = True,
-                  cache: bool = True) -> PredictionCurve:
+                  cache: bool = True, classes: int | None = None) -> PredictionCurve:
     """:func:`predict` over noise ``levels`` (η or σ of the ``noise`` family; its own level
     is ignored). One pass of derivatives serves every level: every noise model is linear
     in its level, so the first-order covariance, the draws of the linearised network and
@@ -708,7 +781,9 @@ def predict_sweep(model: nn.Module, x, y, noise, levels: Sequence[float], target
     t0 = time.perf_counter()
     run = _run_settings(method, cov, n_points, rank, spatial_rank, moment_chunk)
     lv = _check_levels(levels)
-    opts = _options(chunk_size, accuracy_draws, loss_increase, loss_probes, seed, batch_size, per_layer, diagnostic)
+    opts = _options(chunk_size, accuracy_draws, loss_increase, loss_probes, seed, batch_size, per_layer, diagnostic,
+                    classes)
+    _check_classes(run, opts)
     if not isinstance(cache, bool):
         raise TypeError(f"cache must be True or False, got {cache!r}")
     noise = parse_noise(noise, default_level=1.0)
@@ -733,10 +808,11 @@ class Predictor:
                  cov: bool = False, accuracy_draws: int = 0, loss_probes: int | None = None, seed: int = 0,
                  n_points: int = 1024, rank: int = 32, spatial_rank: int = 4, moment_chunk: int = 32,
                  batch_size: int = 512, loss_increase: str = "auto", per_layer: bool = False,
-                 diagnostic: bool = True):
+                 diagnostic: bool = True, classes: int | None = None):
         self._run = _run_settings(method, cov, n_points, rank, spatial_rank, moment_chunk)
         self._opts = _options(chunk_size, accuracy_draws, loss_increase, loss_probes, seed, batch_size, per_layer,
-                              diagnostic)
+                              diagnostic, classes)
+        _check_classes(self._run, self._opts)
         x, y = _check_inputs(model, x, y)
         self.model, self.x, self.y, self.targets = model, x, y, targets
         self._data_key = _data_hash(x, y)
@@ -744,8 +820,10 @@ class Predictor:
 
     def _settings(self, method, cov) -> _Run:
         r = self._run
-        return _run_settings(r.method if method is None else method, r.cov if cov is None else cov, r.n_points,
-                             r.rank, r.spatial_rank, r.moment_chunk)
+        run = _run_settings(r.method if method is None else method, r.cov if cov is None else cov, r.n_points,
+                            r.rank, r.spatial_rank, r.moment_chunk)
+        _check_classes(run, self._opts)
+        return run
 
     def predict(self, noise, *, method: str | None = None, cov: bool | None = None) -> Prediction:
         """:func:`predict` at ``noise`` (method and ``cov`` default to the predictor's)."""

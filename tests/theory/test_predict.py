@@ -361,3 +361,35 @@ def test_cache_and_predictor_reuse_one_pass():
         pr.sweep("relative", [])
     with pytest.raises(ValueError, match="needs loss_probes >= 2"):
         predict(model, x, y, "relative:0.1", loss_increase="hutchinson", loss_probes=0)
+
+
+def test_closest_competitors_only():
+    """classes=k: the slot covariance is the full one restricted to the label and its k
+    closest competitors; the accuracy's truncation error is measured and reported."""
+    model = trained("cnn")
+    x, y = held_out(40)
+    lin = LinearizedNetwork(model)
+    u = lin.unit_scales(RelativeGaussian(1.0))
+    full = jacobian_pass(lin, x, u, chunk_size=9)
+    tk = jacobian_pass(lin, x, u, chunk_size=9, classes=3, labels=y)
+    sel = tk.classes
+    assert sel.shape == (40, 4) and torch.equal(sel[:, 0], y)
+    ref = full.cov_unit.gather(1, sel[:, :, None].expand(-1, -1, 10)).gather(2, sel[:, None, :].expand(-1, 4, -1))
+    torch.testing.assert_close(tk.cov_unit, ref, rtol=1e-4, atol=1e-6 * float(ref.abs().max()))
+    f = predict(model, x, y, "relative:0.1", cache=False)
+    k = predict(model, x, y, "relative:0.1", classes=3, cache=False)
+    d = k.diagnostics
+    assert d["classes"] == 3 and d["classes_truncation_inputs"] == 32
+    assert abs(k.accuracy - f.accuracy) <= d["classes_truncation_max_abs"] + 1e-6
+    assert k.accuracy >= f.accuracy - 1e-4  # fewer constraints: an upper bound (up to QMC error)
+    assert torch.isnan(k.logit_var).sum() == 40 * 6
+    known = ~torch.isnan(k.logit_var)
+    torch.testing.assert_close(k.logit_var[known], f.logit_var[known])
+    every = predict(model, x, y, "relative:0.1", classes=9, cache=False)  # all competitors: the full pass
+    assert every.accuracy == f.accuracy and "classes" not in every.diagnostics
+    with pytest.raises(ValueError, match="method='linear'"):
+        predict(model, x, y, "relative:0.1", classes=3, method="moments")
+    with pytest.raises(ValueError, match="cov=True"):
+        predict(model, x, y, "relative:0.1", classes=3, cov=True)
+    with pytest.raises(ValueError, match="classes must be an integer >= 1"):
+        predict(model, x, y, "relative:0.1", classes=0)
