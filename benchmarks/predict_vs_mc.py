@@ -11,7 +11,9 @@
    to 5%: ``1 + 2/0.05²`` draws; accuracy to the prediction's measured error against
    Monte-Carlo at η = 0.1) and the speed ratio at that equal precision;
    ``hessian_trace`` with 100 probes against curvlinops' ``hutchinson_trace`` on the
-   same Hessian (when curvlinops is importable; the line says so when it is not).
+   same Hessian (when curvlinops is importable; the line says so when it is not); and
+   ``predict(..., classes=3)`` (label and 3 closest competitors differentiated) with its
+   measured truncation error.
 2. ``curve``: the older issue-4 curve timing (accuracy curve alone, with the extras,
    and ``method="moments"``).
 3. ``cv``: 95% CI half-width of mean accuracy and mean loss with and without the
@@ -159,6 +161,14 @@ def cases(models, c32_n, reps, hessian_n):
             _clear_predict_cache()
             return predict(model, x, y, noise)
 
+        import inspect
+
+        has_classes = "classes" in inspect.signature(predict).parameters
+
+        def pred_top():
+            _clear_predict_cache()
+            return predict(model, x, y, noise, classes=3)
+
         def ten():
             _clear_predict_cache()
             return [predict(model, x, y, RelativeGaussian(lv)) for lv in LEVELS]
@@ -173,8 +183,9 @@ def cases(models, c32_n, reps, hessian_n):
             xw, yw = x[:4], y[:4]
             predict(model, xw, yw, noise)
             monte_carlo(model, xw, yw, noise, draws=2, progress=False)
-            (jp, p, mc), (t_jp, t_pred, t_mc) = _alternate(
-                [jpass, pred, lambda: monte_carlo(model, x, y, noise, draws=100, seed=0, progress=False)], reps)
+            fns = [jpass, pred, lambda: monte_carlo(model, x, y, noise, draws=100, seed=0, progress=False)]
+            outs, ts = _alternate(fns + ([pred_top] if has_classes else []), reps)
+            (jp, p, mc), (t_jp, t_pred, t_mc) = outs[:3], ts[:3]
             (sw, curve_p, tenp), (t_sw, t_ps, t_ten) = _alternate(
                 [lambda: sweep(model, x, y, "relative", LEVELS, draws=100, seed=0, progress=False), psweep, ten], reps)
             h = _hessian_vs_curvlinops(model, x[:hessian_n], y[:hessian_n])
@@ -206,6 +217,12 @@ def cases(models, c32_n, reps, hessian_n):
         if "seconds_diagnostic" in d:
             row.update(seconds_diagnostic=d["seconds_diagnostic"], diagnostic_share_of_predict=d["seconds_diagnostic"] / t_pred,
                        target_diagnostic_share=0.10, met_diagnostic_share=bool(d["seconds_diagnostic"] / t_pred <= 0.10))
+        if has_classes:
+            pt, tt = outs[3], ts[3]
+            row.update(seconds_predict_classes3=tt, classes3_over_pass=tt / t_jp, classes3_speedup_vs_mc100=t_mc / tt,
+                       classes3_accuracy=pt.accuracy, classes3_accuracy_minus_full=pt.accuracy - p.accuracy,
+                       classes3_truncation_accuracy_error_measured=pt.diagnostics.get("classes_truncation_accuracy_error"),
+                       classes3_truncation_max_abs_measured=pt.diagnostics.get("classes_truncation_max_abs"))
         row.update(h)
         emit(row)
 
