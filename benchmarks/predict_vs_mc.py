@@ -402,6 +402,8 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     parts = set(args.parts.split(","))
     models = args.models.split(",")
+    if "memory" in parts:  # first: a child's ru_maxrss starts at its parent's peak (kept across fork/exec)
+        memory([int(v) for v in args.memory_n.split(",")], args.chunk, args.threads, not args.memory_no_extras)
     if "cases" in parts:
         cases(models, args.c32_n, args.reps, args.hessian_n)
     digits = [m for m in models if m in MODELS]
@@ -411,8 +413,7 @@ def main(argv=None):
         curve(digits)
     if "cv" in parts:
         cv(digits)
-    if "memory" in parts:
-        memory([int(v) for v in args.memory_n.split(",")], args.chunk, args.threads, not args.memory_no_extras)
+
     return 0
 
 
