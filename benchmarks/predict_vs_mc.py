@@ -1,25 +1,39 @@
-"""Speed and memory of the analytic prediction against Monte-Carlo (issue 4).
+"""Speed and memory of the analytic prediction against Monte-Carlo (issues 4 and 10).
 
-1. ``curve``: wall time of a 10-level predicted accuracy curve (``predict_sweep``: one
-   pass of derivatives, rescaled per level) against a Monte-Carlo curve with 100 draws
-   per level (``sweep``, common random numbers) on the same trained model and test set
-   (digits). Reported for the accuracy curve alone (``accuracy_draws=0, loss_probes=0``),
-   with the default extras (chip-to-chip spread and Hutchinson loss), and for
-   ``method="moments"``. One warm-up call of each first (import and first-call costs are
-   reported separately). Target: ≥ 20× faster.
-2. ``cv``: 95% CI half-width of mean accuracy and mean loss with and without the
-   linearised-network control variate at equal draws (``monte_carlo(...,
-   control_variate=True)``), and its time overhead.
-3. ``memory``: peak resident memory of ``predict`` (linear) on a ResNet-20 (width 16,
-   3×32×32 inputs, 10 classes) for several numbers of inputs, each in a fresh
-   subprocess (``resource.getrusage(RUSAGE_SELF).ru_maxrss``), beside the same process's
-   peak before the call (model + inputs). Target: ≤ 2 GiB and independent of N beyond
-   one chunk.
+1. ``cases`` (issue 10): per case (the zoo MLP, a VGG-style CNN with BatchNorm and a
+   ResNet-20, trained on digits; a ResNet-20 at 3×32×32 with random inputs and weights),
+   all timed in the same run, alternating the two sides of each ratio:
+   the Jacobian pass alone (``jacobian_pass``, no draws) and a default ``predict``
+   (target ≤ 1.5×), ``monte_carlo(draws=100)`` (target ≥ 5× slower than ``predict``),
+   a 10-level ``predict_sweep`` against a 10-level ``sweep`` with 100 draws per level
+   (≥ 20×) and ten separate ``predict`` calls at those levels (≥ 10×); the number of
+   Monte-Carlo draws that reach the prediction's precision (first-order logit variance
+   to 5%: ``1 + 2/0.05²`` draws; accuracy to the prediction's measured error against
+   Monte-Carlo at η = 0.1) and the speed ratio at that equal precision;
+   ``hessian_trace`` with 100 probes against curvlinops' ``hutchinson_trace`` on the
+   same Hessian (when curvlinops is importable; the line says so when it is not); and
+   ``predict(..., classes=3)`` (label and 3 closest competitors differentiated) with its
+   measured truncation error.
+2. ``curve``: the older issue-4 curve timing (accuracy curve alone, with the extras,
+   and ``method="moments"``).
+3. ``cv``: 95% CI half-width of mean accuracy and mean loss with and without the
+   linearised-network control variate at equal draws.
+4. ``calibrate``: the validity diagnostic (fraction of ReLU pre-activations whose
+   first-order noise sd exceeds their magnitude) against Monte-Carlo along the accuracy
+   curve of each digits model (120 inputs, 50 draws per level), and the warning
+   threshold that flags every level where the linear accuracy misses (more than 1 point
+   and outside the Monte-Carlo 95% interval) with the fewest false alarms.
+5. ``memory``: peak resident memory and time of ``predict`` (linear) on a ResNet-20
+   (width 16, 3×32×32 inputs, 10 classes) for several numbers of inputs, each in a
+   fresh subprocess (``ru_maxrss``). Target: ≤ 2 GiB and independent of N beyond one
+   chunk; seconds per 1,000 inputs.
 
-One JSON line per result. Figures are from a shared machine (other jobs running).
+One JSON line per result. Figures are from a shared machine (other jobs running): the
+ratios, both sides timed in one run, are what count.
 
-    .venv/bin/python benchmarks/predict_vs_mc.py [--parts curve,cv,memory]
-        [--models mlp,vgg,resnet20] [--memory-n 64,1000,10000] [--threads 1]
+    .venv/bin/python benchmarks/predict_vs_mc.py [--parts cases,curve,cv,memory]
+        [--models mlp,vgg,resnet20,resnet20_c32] [--c32-n 64] [--memory-n 64,1000,10000]
+        [--threads 1] [--reps 1]
 """
 from __future__ import annotations
 
@@ -42,6 +56,7 @@ MODELS = {
     "vgg": {"name": "vgg", "norm": "bn"},
     "resnet20": {"name": "resnet20", "norm": "bn"},
 }
+CASES = ("mlp", "vgg", "resnet20", "resnet20_c32")
 
 
 def emit(row):
@@ -52,6 +67,217 @@ def _timed(fn):
     t = time.perf_counter()
     out = fn()
     return out, time.perf_counter() - t
+
+
+def _clear_predict_cache():
+    """Empty ``predict``'s derivative cache (absent before issue 10), so that a timed
+    call pays its own derivative pass."""
+    from noiseprop.theory import predict as _p
+
+    mod = sys.modules[_p.__module__]
+    if hasattr(mod, "clear_cache"):
+        mod.clear_cache()
+
+
+def _case_model(name, c32_n):
+    """``(model, x, y, description)`` for a case."""
+    from noiseprop.empirical.data import load_dataset
+    from noiseprop.empirical.models import build_model
+    from noiseprop.empirical.train import train
+
+    if name == "resnet20_c32":
+        model = build_model("resnet20", (3, 32, 32), 10, norm="bn", width=16, seed=0).eval()
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(c32_n, 3, 32, 32, generator=g)
+        with torch.no_grad():
+            y = model(x).argmax(1)  # labels = clean prediction, so accuracy has something to lose
+        flip = torch.rand(c32_n, generator=g) < 0.1
+        y[flip] = torch.randint(0, 10, (int(flip.sum()),), generator=g)
+        return model, x, y, "resnet20 (width 16, BN, random weights) on random 3x32x32 inputs"
+    data = load_dataset("digits")
+    model = train(MODELS[name], data, seed=0).model.eval()
+    return model, data.x_test, data.y_test, f"zoo {name} trained on digits (test set)"
+
+
+def _alternate(fns, reps):
+    """Time each callable ``reps`` times, alternating; returns (last outputs, min times)."""
+    best = [math.inf] * len(fns)
+    outs = [None] * len(fns)
+    for _ in range(reps):
+        for i, fn in enumerate(fns):
+            outs[i], t = _timed(fn)
+            best[i] = min(best[i], t)
+    return outs, best
+
+
+def _hessian_vs_curvlinops(model, x, y, probes=100):
+    from noiseprop.theory import hessian_trace
+    from noiseprop.theory.targets import resolve_targets
+
+    row = {}
+    try:
+        import curvlinops  # noqa: F401
+        from curvlinops import HessianLinearOperator, hutchinson_trace
+    except Exception as e:  # noqa: BLE001
+        curvlinops = None
+        row["curvlinops"] = f"not importable ({type(e).__name__}: {e})"
+    hessian_trace(model, x[:4], y[:4], probes=2)  # warm-up
+    fns = [lambda: hessian_trace(model, x, y, probes=probes, seed=0)]
+    if curvlinops is not None:
+        plan = resolve_targets(model)
+        net = plan.model.eval()
+        named = dict(net.named_parameters())
+        params = [named[n] for n in plan.names]
+
+        def cl():
+            H = HessianLinearOperator(net, torch.nn.CrossEntropyLoss(), params, [(x, y)], check_deterministic=False)
+            return float(hutchinson_trace(H, probes))
+
+        fns.append(cl)
+    outs, ts = _alternate(fns, 1)
+    row.update(hessian_trace_probes=probes, hessian_trace_inputs=int(x.shape[0]), seconds_hessian_trace=ts[0],
+               hessian_trace=outs[0].estimate, hessian_trace_se=outs[0].se)
+    if curvlinops is not None:
+        row.update(seconds_curvlinops_hutchinson=ts[1], curvlinops_trace=outs[1],
+                   speedup_vs_curvlinops=ts[1] / ts[0], target_vs_curvlinops=1.0, met_vs_curvlinops=bool(ts[0] <= ts[1]))
+    return row
+
+
+def cases(models, c32_n, reps, hessian_n):
+    from noiseprop.empirical import monte_carlo, sweep
+    from noiseprop.theory import RelativeGaussian, predict, predict_sweep
+    from noiseprop.theory.linearize import LinearizedNetwork, jacobian_pass
+
+    eta = 0.1
+    for name in models:
+        model, x, y, desc = _case_model(name, c32_n)
+        noise = RelativeGaussian(eta)
+
+        def jpass():
+            lin = LinearizedNetwork(model)
+            return jacobian_pass(lin, x, lin.unit_scales(noise))
+
+        def pred():
+            _clear_predict_cache()
+            return predict(model, x, y, noise)
+
+        import inspect
+
+        has_classes = "classes" in inspect.signature(predict).parameters
+
+        def pred_top():
+            _clear_predict_cache()
+            return predict(model, x, y, noise, classes=3)
+
+        def ten():
+            _clear_predict_cache()
+            return [predict(model, x, y, RelativeGaussian(lv)) for lv in LEVELS]
+
+        def psweep():
+            _clear_predict_cache()
+            return predict_sweep(model, x, y, "relative", LEVELS)
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            # warm-up (first-call costs: tracing, imports)
+            xw, yw = x[:4], y[:4]
+            predict(model, xw, yw, noise)
+            monte_carlo(model, xw, yw, noise, draws=2, progress=False)
+            fns = [jpass, pred, lambda: monte_carlo(model, x, y, noise, draws=100, seed=0, progress=False)]
+            outs, ts = _alternate(fns + ([pred_top] if has_classes else []), reps)
+            (jp, p, mc), (t_jp, t_pred, t_mc) = outs[:3], ts[:3]
+            (sw, curve_p, tenp), (t_sw, t_ps, t_ten) = _alternate(
+                [lambda: sweep(model, x, y, "relative", LEVELS, draws=100, seed=0, progress=False), psweep, ten], reps)
+            h = _hessian_vs_curvlinops(model, x[:hessian_n], y[:hessian_n])
+        # equal precision
+        d_var = 1 + 2 / 0.05 ** 2
+        acc_sd = float(np.std(mc.accuracies, ddof=1))
+        acc_err = abs(p.accuracy - mc.accuracy)
+        mc_se = acc_sd / math.sqrt(100)
+        d_acc = (acc_sd / max(acc_err, 1e-6)) ** 2
+        row = dict(part="cases", case=name, model=desc, n_inputs=int(x.shape[0]), eta=eta,
+                   params=sum(q.numel() for q in model.parameters()), threads=torch.get_num_threads(), reps=reps,
+                   seconds_jacobian_pass=t_jp, seconds_predict=t_pred, predict_over_pass=t_pred / t_jp,
+                   target_predict_over_pass=1.5, met_predict_over_pass=bool(t_pred / t_jp <= 1.5),
+                   seconds_mc100=t_mc, speedup_vs_mc100=t_mc / t_pred, target_speedup_vs_mc100=5,
+                   met_speedup_vs_mc100=bool(t_mc / t_pred >= 5),
+                   levels=len(LEVELS), seconds_sweep_10x100=t_sw, seconds_predict_sweep=t_ps,
+                   speedup_sweep=t_sw / t_ps, target_speedup_sweep=20, met_speedup_sweep=bool(t_sw / t_ps >= 20),
+                   seconds_ten_predicts=t_ten, speedup_ten_predicts=t_sw / t_ten, target_speedup_ten_predicts=10,
+                   met_speedup_ten_predicts=bool(t_sw / t_ten >= 10),
+                   predicted_accuracy=p.accuracy, mc_accuracy=mc.accuracy, mc_accuracy_se=mc_se,
+                   accuracy_error=acc_err, accuracy_error_resolved=bool(acc_err > 2 * mc_se),
+                   equal_precision_draws_variance=d_var, speedup_equal_precision_variance=t_mc * d_var / 100 / t_pred,
+                   equal_precision_draws_accuracy=d_acc, speedup_equal_precision_accuracy=t_mc * d_acc / 100 / t_pred,
+                   curve_max_abs_error=float(np.max(np.abs(curve_p.accuracy - sw.to_frame().accuracy.to_numpy()))),
+                   loss_increase=p.loss_increase, loss_increase_gn=p.loss_increase_gn,
+                   loss_increase_method=getattr(p, "loss_increase_method", "hutchinson"),
+                   mc_loss_increase=mc.loss - mc.clean_loss)
+        d = getattr(p, "diagnostics", {})
+        if "seconds_diagnostic" in d:
+            row.update(seconds_diagnostic=d["seconds_diagnostic"], diagnostic_share_of_predict=d["seconds_diagnostic"] / t_pred,
+                       target_diagnostic_share=0.10, met_diagnostic_share=bool(d["seconds_diagnostic"] / t_pred <= 0.10))
+        if has_classes:
+            pt, tt = outs[3], ts[3]
+            row.update(seconds_predict_classes3=tt, classes3_over_pass=tt / t_jp, classes3_speedup_vs_mc100=t_mc / tt,
+                       classes3_accuracy=pt.accuracy, classes3_accuracy_minus_full=pt.accuracy - p.accuracy,
+                       classes3_truncation_accuracy_error_measured=pt.diagnostics.get("classes_truncation_accuracy_error"),
+                       classes3_truncation_max_abs_measured=pt.diagnostics.get("classes_truncation_max_abs"))
+        row.update(h)
+        emit(row)
+
+
+CAL_LEVELS = [0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0, 1.4, 2.0]
+
+
+def calibrate(models, n=120, draws=50):
+    """The validity diagnostic against Monte-Carlo: per model and level, the predicted
+    fraction of ReLU pre-activations whose first-order noise sd exceeds their magnitude,
+    and whether the linear accuracy is within 1 point of Monte-Carlo or inside its 95%
+    interval; then, over all models, the threshold that flags every miss with the fewest
+    false alarms."""
+    from noiseprop.empirical import sweep
+    from noiseprop.empirical.data import load_dataset
+    from noiseprop.empirical.train import train
+    from noiseprop.theory import predict_sweep
+
+    data = load_dataset("digits")
+    x, y = data.x_test[:n], data.y_test[:n]
+    rows = []
+    for name in models:
+        model = train(MODELS[name], data, seed=0).model.eval()
+        mc = sweep(model, x, y, "relative", CAL_LEVELS, draws=draws, seed=0, progress=False).to_frame()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pc = predict_sweep(model, x, y, "relative", CAL_LEVELS)
+        for i, lv in enumerate(CAL_LEVELS):
+            m = float(mc.accuracy[i])
+            if m < 0.30:
+                break
+            p = pc.predictions[i]
+            err = p.accuracy - m
+            ok = abs(err) <= 0.01 or (mc.accuracy_ci_low[i] <= p.accuracy <= mc.accuracy_ci_high[i])
+            r = dict(part="calibrate", model=name, eta=lv, n_inputs=n, mc_draws=draws, mc_accuracy=m,
+                     linear_accuracy=p.accuracy, linear_error=err, linear_ok=bool(ok),
+                     preact_frac=p.diagnostics.get("preact_frac"), warned=bool(p.warnings))
+            rows.append(r)
+            emit(r)
+    miss = [r["preact_frac"] for r in rows if not r["linear_ok"]]
+    fine = [r["preact_frac"] for r in rows if r["linear_ok"]]
+    best = None
+    for t in sorted(set([0.0] + fine + miss)):
+        fn = sum(f <= t for f in miss)  # misses not flagged (frac > t flags)
+        fp = sum(f > t for f in fine)
+        if best is None or (fn, fp) < (best[1], best[2]):
+            best = (t, fn, fp)
+    from noiseprop.theory.predict import PREACT_WARN_FRACTION
+
+    cur_fn = sum(f <= PREACT_WARN_FRACTION for f in miss)
+    cur_fp = sum(f > PREACT_WARN_FRACTION for f in fine)
+    emit(dict(part="calibrate", summary=True, levels_checked=len(rows), linear_misses=len(miss),
+              threshold_best=best[0], best_missed=best[1], best_false_alarms=best[2],
+              threshold_in_use=PREACT_WARN_FRACTION, in_use_missed=cur_fn, in_use_false_alarms=cur_fp,
+              min_frac_at_miss=min(miss) if miss else None, max_frac_when_ok=max(fine) if fine else None))
 
 
 def curve(models):
@@ -130,16 +356,17 @@ def _memory_child(n: int, chunk: int | None):
     t = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        p = predict(model, x, y, "relative:0.05", accuracy_draws=0, loss_probes=0, chunk_size=chunk)
+        kw = {} if os.environ.get("NP_EXTRAS", "1") == "1" else dict(accuracy_draws=0, loss_probes=0)
+        p = predict(model, x, y, "relative:0.05", chunk_size=chunk, **kw)
     secs = time.perf_counter() - t
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps(dict(n=n, maxrss_before_kib=before, maxrss_after_kib=after, seconds=secs,
                           chunk_size=p.diagnostics["chunk_size"], params=sum(q.numel() for q in model.parameters()))))
 
 
-def memory(ns, chunk, threads):
+def memory(ns, chunk, threads, extras=True):
     for n in ns:
-        env = dict(os.environ, NP_THREADS=str(threads))
+        env = dict(os.environ, NP_THREADS=str(threads), NP_EXTRAS="1" if extras else "0")
         cmd = [sys.executable, __file__, "--memory-child", str(n)] + (["--chunk", str(chunk)] if chunk else [])
         t = time.perf_counter()
         res = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -152,15 +379,20 @@ def memory(ns, chunk, threads):
                   peak_rss_gib=gib, rss_before_predict_gib=d["maxrss_before_kib"] / 2**20,
                   predict_increment_gib=(d["maxrss_after_kib"] - d["maxrss_before_kib"]) / 2**20,
                   inputs_gib=n * 3 * 32 * 32 * 4 / 2**30, seconds_predict=d["seconds"],
+                  seconds_per_1000_inputs=d["seconds"] / n * 1000, default_settings=extras,
                   seconds_total=time.perf_counter() - t, target_gib=2.0, met=bool(gib <= 2.0), threads=threads))
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--parts", default="curve,cv,memory")
-    ap.add_argument("--models", default="mlp,vgg,resnet20")
+    ap.add_argument("--parts", default="cases,memory")
+    ap.add_argument("--models", default="mlp,vgg,resnet20,resnet20_c32")
+    ap.add_argument("--c32-n", type=int, default=64, help="inputs of the 3x32x32 ResNet-20 case")
+    ap.add_argument("--hessian-n", type=int, default=128, help="inputs for the hessian_trace comparison")
+    ap.add_argument("--reps", type=int, default=1, help="alternating repetitions (minimum time kept)")
     ap.add_argument("--memory-n", default="64,1000,10000")
     ap.add_argument("--chunk", type=int, default=None)
+    ap.add_argument("--memory-no-extras", action="store_true", help="memory part with accuracy_draws=0, loss_probes=0")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -170,12 +402,18 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     parts = set(args.parts.split(","))
     models = args.models.split(",")
+    if "memory" in parts:  # first: a child's ru_maxrss starts at its parent's peak (kept across fork/exec)
+        memory([int(v) for v in args.memory_n.split(",")], args.chunk, args.threads, not args.memory_no_extras)
+    if "cases" in parts:
+        cases(models, args.c32_n, args.reps, args.hessian_n)
+    digits = [m for m in models if m in MODELS]
+    if "calibrate" in parts:
+        calibrate(digits)
     if "curve" in parts:
-        curve(models)
+        curve(digits)
     if "cv" in parts:
-        cv(models)
-    if "memory" in parts:
-        memory([int(v) for v in args.memory_n.split(",")], args.chunk, args.threads)
+        cv(digits)
+
     return 0
 
 

@@ -60,6 +60,8 @@ __all__ = [
     "ControlVariateEstimate",
     "LinearControlVariate",
     "first_order_loss_change",
+    "piecewise_linear",
+    "select_classes",
 ]
 
 #: Default memory budget (bytes) for one chunk of per-input Jacobians.
@@ -205,6 +207,22 @@ class JacobianPass:
     #: ``extra_units=(u_1, ...)``: ``J diag(u_k²) Jᵀ`` ``[N, C, C]`` for each further scale map,
     #: from the same derivatives (noise models whose variance is not one level times ``u²``).
     extra_cov: tuple = ()
+    #: ``classes=k``: ``[N, k+1]`` the class of each slot (slot 0 the label, then the ``k``
+    #: highest other clean logits); ``cov_unit``, ``draws_unit`` and the per-layer shares are
+    #: then over these slots (``[N, k+1, k+1]``), not over all classes.
+    classes: torch.Tensor | None = None
+
+
+def select_classes(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """``[N, k+1]``: each input's label, then its ``k`` closest competitors (the other
+    classes with the highest clean logits, the predicted class first when it is wrong):
+    the classes whose margins decide whether it stays correct."""
+    masked = logits.detach().clone()
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    lab = labels.to(logits.device).long()
+    masked[rows, lab] = -torch.inf
+    top = masked.topk(k, dim=1).indices
+    return torch.cat([lab[:, None], top], dim=1)
 
 
 def _directions(lin: LinearizedNetwork, k: int, seed: int) -> dict[str, torch.Tensor]:
@@ -255,14 +273,36 @@ def tapping(modules: Mapping[int, tuple[str, nn.Module]]):
         handle.remove()
 
 
-def backprop_signals(out: torch.Tensor, leaves: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """``δ_a = ∂ out[:, a] / ∂ leaf`` for every class ``a``: one batched backward pass per
-    class (inputs are independent, so the gradient of ``Σ_i out[i, a]`` with respect to a
-    per-input tensor is per-input). Returns ``[C, *leaf.shape]`` per leaf."""
+def backprop_signals(out: torch.Tensor, leaves: Sequence[torch.Tensor],
+                     index: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """``δ_a = ∂ out[:, a] / ∂ leaf`` for every class ``a`` (inputs are independent, so
+    the gradient of ``Σ_i out[i, a]`` with respect to a per-input tensor is per-input);
+    with ``index [B, S]``, for the ``S`` classes ``index[i, s]`` of each input instead
+    (slot ``s``). All in one vectorised backward pass (``torch.autograd.grad`` with
+    ``is_grads_batched=True``: ``vmap`` over the one-hot output gradients); one backward
+    pass per class where an operation has no batching rule. Returns ``[C or S,
+    *leaf.shape]`` per leaf."""
     C = out.shape[1]
+    B = out.shape[0]
+    leaves = list(leaves)
+    if index is None:
+        go = torch.eye(C, dtype=out.dtype, device=out.device)[:, None, :].expand(C, B, C).contiguous()
+    else:
+        S = index.shape[1]
+        go = torch.zeros(S, B, C, dtype=out.dtype, device=out.device)
+        go.scatter_(2, index.T.unsqueeze(-1).to(out.device), 1.0)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # vmap's performance-fallback notices
+            gs = torch.autograd.grad(out, leaves, grad_outputs=go, retain_graph=True, is_grads_batched=True,
+                                     allow_unused=True)
+        return [torch.zeros((C,) + tuple(lf.shape), dtype=lf.dtype, device=lf.device) if g is None else g
+                for g, lf in zip(gs, leaves)]
+    except RuntimeError:
+        pass
     per = [[] for _ in leaves]
-    for a in range(C):
-        gs = torch.autograd.grad(out[:, a].sum(), list(leaves), retain_graph=a < C - 1, allow_unused=True)
+    for a in range(go.shape[0]):
+        gs = torch.autograd.grad((out * go[a]).sum(), leaves, retain_graph=a < go.shape[0] - 1, allow_unused=True)
         for lst, g, lf in zip(per, gs, leaves):
             lst.append(torch.zeros_like(lf) if g is None else g)
     return [torch.stack(lst) for lst in per]
@@ -399,10 +439,108 @@ def weight_terms(by_module: Mapping[str, list], params: Mapping[str, list], scal
             layer_cov[mname] = layer_cov[mname] + target if mname in layer_cov else target
 
 
+# ----------------------------------------------------------------------------
+# Piecewise linearity in the noisy parameters (exact Gauss-Newton loss increase)
+# ----------------------------------------------------------------------------
+_PL_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardtanh,
+               nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+               nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+               nn.AdaptiveMaxPool2d, nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout, nn.Dropout2d,
+               nn.ZeroPad2d, nn.ConstantPad2d, nn.modules.batchnorm._BatchNorm)
+
+
+def _pl_functions():
+    import operator
+
+    return {operator.add, operator.sub, operator.neg, operator.getitem, getattr, torch.add, torch.sub, torch.flatten,
+            torch.cat, torch.relu, F.relu, F.relu6, F.leaky_relu, F.hardtanh, F.max_pool1d, F.max_pool2d,
+            F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d,
+            F.pad, torch.mean, torch.sum, torch.reshape, torch.squeeze, torch.unsqueeze, torch.permute,
+            torch.transpose}
+
+
+_PL_METHODS = {"view", "reshape", "flatten", "size", "relu", "add", "sub", "mean", "sum", "permute", "transpose",
+               "contiguous", "squeeze", "unsqueeze", "clone", "neg", "__getitem__", "dim"}
+
+
+def _is_shape(a) -> bool:
+    """An fx node holding a shape or size (a constant for the weights)."""
+    return (a.op == "call_method" and a.target in ("size", "dim")) or (a.op == "call_function" and a.target is getattr)
+
+
+def piecewise_linear(lin: "LinearizedNetwork") -> tuple[bool, str]:
+    """Whether the logits are piecewise linear in every noisy parameter (each one enters
+    linearly, almost everywhere), and why not.
+
+    Then ``∂²f/∂θ² = 0`` almost everywhere for every noisy ``θ``, so the Hessian of the
+    cross-entropy and its Gauss-Newton matrix have the same diagonal and
+    ``tr(Σ_ε H) = mean_i tr(H_z,i J_i Σ_ε J_iᵀ)`` exactly (THEORY.md §5): the
+    first-order logit covariance gives the loss increase with no Hessian estimator.
+
+    Checked on the ``torch.fx`` graph (Conv/Linear and BatchNorm-like layers as leaves):
+    every module is linear, affine in eval mode (BatchNorm, anything with
+    ``folding_affine``) or piecewise linear (ReLU family, max/average pooling, dropout in
+    eval), every function and method is one of a fixed list of (piecewise) linear ones
+    (add, sub, flatten, cat, relu, pooling, views), a product or quotient only by a
+    constant, no parameter is read directly (``get_attr``), and no noisy layer is called
+    twice (weight sharing across calls makes the logits quadratic in the weight). Any
+    other construct, or a graph ``torch.fx`` cannot trace, answers ``False``."""
+    import operator
+
+    from ._graph import trace
+
+    try:
+        graph = trace(lin.net)
+    except ValueError as e:
+        return False, f"not traceable ({e})"
+    modules = dict(lin.net.named_modules())
+    funcs = _pl_functions()
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op in ("placeholder", "output"):
+            continue
+        if node.op == "call_module":
+            m = modules.get(node.target)
+            if m is None:
+                return False, f"unknown module {node.target!r}"
+            if isinstance(m, nn.Dropout) and m.training:
+                return False, f"{node.target} is a dropout layer in training mode"
+            if not (isinstance(m, _PL_MODULES) or callable(getattr(m, "folding_affine", None))):
+                return False, f"{node.target} ({type(m).__name__}) is not piecewise linear"
+            calls[node.target] = calls.get(node.target, 0) + 1
+        elif node.op == "call_function":
+            if node.target in (operator.mul, operator.truediv, torch.mul, torch.div):
+                acts = [a for a in node.args if isinstance(a, torch.fx.Node) and not _is_shape(a)]
+                div = node.target in (operator.truediv, torch.div)
+                if len(acts) > 1 or (div and len(node.args) > 1 and node.args[1] in acts):
+                    return False, f"{node.name}: a product or quotient of two activations"
+                continue
+            if node.target not in funcs:
+                return False, f"{node.name}: function {getattr(node.target, '__name__', node.target)} is not in the piecewise-linear list"
+        elif node.op == "call_method":
+            if node.target in ("mul", "div", "__mul__", "__truediv__"):
+                if any(isinstance(a, torch.fx.Node) and not _is_shape(a) for a in node.args[1:]):
+                    return False, f"{node.name}: a product or quotient of two activations"
+                continue
+            if node.target not in _PL_METHODS:
+                return False, f"{node.name}: method {node.target} is not in the piecewise-linear list"
+        elif node.op == "get_attr":
+            return False, f"{node.target}: a parameter or buffer read directly"
+    noisy = {_layer_of(n) for n in lin.names}
+    for mname in noisy:
+        if calls.get(mname, 0) > 1:
+            return False, f"{mname} is called {calls[mname]} times (shared weights)"
+        if mname not in calls and mname in modules and any(True for _ in modules[mname].children()):
+            return False, f"{mname} is traced through, not a leaf"
+    return True, "piecewise linear (" + ", ".join(sorted({type(modules[n.target]).__name__ for n in graph.nodes
+                                                         if n.op == "call_module"})) + ")"
+
+
 def jacobian_pass(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, torch.Tensor],
                   chunk_size: int | None = None, draws: int = 0, seed: int = 0,
                   progress=None, per_layer: bool = False,
-                  extra_units: Sequence[Mapping[str, torch.Tensor]] = ()) -> JacobianPass:
+                  extra_units: Sequence[Mapping[str, torch.Tensor]] = (), classes: int | None = None,
+                  labels: torch.Tensor | None = None) -> JacobianPass:
     """Per-input Jacobians over ``x`` in chunks, contracted to the level-1 logit
     covariance ``J diag(u²) Jᵀ`` and (``draws > 0``) to ``draws`` shared draws of the
     linearised network ``J (u ⊙ ξ_k)``.
@@ -414,13 +552,25 @@ def jacobian_pass(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, to
 
     ``per_layer=True`` also returns each noisy module's share of the covariance
     (``layer_cov_unit``); ``extra_units`` are further scale maps whose covariances
-    ``J diag(u_k²) Jᵀ`` come from the same derivatives (``extra_cov``)."""
+    ``J diag(u_k²) Jᵀ`` come from the same derivatives (``extra_cov``).
+
+    ``classes=k`` (with ``labels``) differentiates only each input's label and its ``k``
+    closest competitors (:func:`select_classes`): ``k + 1`` backward passes instead of
+    ``C``, and every contraction over ``k + 1`` slots (``JacobianPass.classes``)."""
     n = x.shape[0]
+    if classes is not None:
+        if isinstance(classes, bool) or not isinstance(classes, int) or classes < 1:
+            raise ValueError(f"classes must be an integer >= 1 (competitors per input) or None, got {classes!r}")
+        if labels is None or labels.shape[0] != n:
+            raise ValueError("classes=k needs labels, one per input")
     extra_units = tuple(extra_units)
     with torch.no_grad():
         c0 = lin.forward(x[:1].to(lin.device)).shape[-1]
+    if classes is not None and classes >= c0 - 1:
+        classes = None  # every class is a competitor: the full pass
+    cs = c0 if classes is None else classes + 1
     if chunk_size is None:
-        chunk_size = auto_chunk_size(c0, lin.num_target_elements, torch.tensor([], dtype=lin.dtype).element_size())
+        chunk_size = auto_chunk_size(cs, lin.num_target_elements, torch.tensor([], dtype=lin.dtype).element_size())
     modules = dict(lin.net.named_modules())
     fast: dict[str, list[str]] = {}  # module name -> its target parameter names
     slow: list[str] = []
@@ -441,14 +591,15 @@ def jacobian_pass(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, to
             return lin.forward(xi.unsqueeze(0), tp).squeeze(0)
 
         slow_fn = lambda xb: vmap(jacrev(single), in_dims=(None, 0))(sub, xb)  # noqa: E731
-    covs, f0s, zs = [], [], []
+    covs, f0s, zs, sels = [], [], [], []
     layer_covs: dict[str, list] = {}
     extra_covs: list[list] = [[] for _ in extra_units]
     for i in range(0, n, chunk_size):
         xb = x[i:i + chunk_size].to(lin.device)
         b = xb.shape[0]
-        cov = torch.zeros(b, c0, c0, dtype=torch.float64, device=lin.device)
-        z = torch.zeros(b, c0, draws, dtype=lin.dtype, device=lin.device) if dirs is not None else None
+        cov = torch.zeros(b, cs, cs, dtype=torch.float64, device=lin.device)
+        z = torch.zeros(b, cs, draws, dtype=lin.dtype, device=lin.device) if dirs is not None else None
+        sel = None
         lcov: dict | None = {} if per_layer else None
         extra = [(eu, torch.zeros_like(cov)) for eu in extra_units]
 
@@ -471,8 +622,10 @@ def jacobian_pass(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, to
                 out = lin.forward(xb)
             if out.dim() != 2:
                 raise ValueError(f"the model must map a batch of inputs to logits of shape [N, C]; got shape {tuple(out.shape)}")
-            deltas = backprop_signals(out, [t.e for t in taps])
             f0 = out.detach()
+            if classes is not None:
+                sel = select_classes(f0, labels[i:i + chunk_size], classes)
+            deltas = backprop_signals(out, [t.e for t in taps], index=sel)
             by_module: dict[str, list] = {}
             for t, dl in zip(taps, deltas):
                 by_module.setdefault(t.name, []).append((t, dl.detach()))
@@ -481,10 +634,17 @@ def jacobian_pass(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, to
         else:
             with torch.no_grad():
                 f0 = lin.forward(xb)
+            if classes is not None:
+                sel = select_classes(f0, labels[i:i + chunk_size], classes)
         if slow_fn is not None:
             jac = slow_fn(xb)
             for name in slow:
-                add(name, jac.pop(name).detach().reshape(b, c0, -1))
+                J = jac.pop(name).detach().reshape(b, c0, -1)
+                if sel is not None:
+                    J = J.gather(1, sel[:, :, None].expand(-1, -1, J.shape[2]))
+                add(name, J)
+        if sel is not None:
+            sels.append(sel)
         covs.append(cov)
         f0s.append(f0.detach())
         if z is not None:
@@ -503,6 +663,7 @@ def jacobian_pass(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, to
         chunk_size=int(chunk_size),
         layer_cov_unit={m: torch.cat(v) for m, v in layer_covs.items()} if per_layer else None,
         extra_cov=tuple(torch.cat(v) for v in extra_covs),
+        classes=torch.cat(sels) if sels else None,
     )
 
 

@@ -26,10 +26,12 @@ so prediction and simulation put noise on the same parameters.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 import types
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
@@ -41,22 +43,38 @@ from torch import nn
 
 from .accuracy import correct_probability, sampled_accuracies
 from .flatness import HessianOperator, _trace_probes, loss_increase_gauss_newton
-from .linearize import JacobianPass, LinearizedNetwork, jacobian_pass
+from .linearize import JacobianPass, LinearizedNetwork, jacobian_pass, piecewise_linear
 from .noise import WeightNoise, parse_noise
 
-__all__ = ["Prediction", "PredictionCurve", "predict", "predict_sweep", "METHODS"]
+__all__ = ["Prediction", "PredictionCurve", "Predictor", "predict", "predict_sweep", "clear_cache", "METHODS",
+           "LOSS_METHODS"]
 
 METHODS = ("linear", "moments")
+#: ``loss_increase=`` choices: ``"auto"`` (the exact Gauss-Newton form where the network is
+#: piecewise linear in its noisy parameters, Hutchinson otherwise or when ``loss_probes``
+#: is given), ``"gauss_newton"``, ``"hutchinson"``.
+LOSS_METHODS = ("auto", "gauss_newton", "hutchinson")
+#: Hutchinson probes when the Hessian estimator is used and ``loss_probes`` is not given.
+DEFAULT_LOSS_PROBES = 16
+#: ``classes=k``: inputs on which the full-class pass is also run to measure the error of
+#: keeping only the label and its ``k`` closest competitors.
+TRUNCATION_CHECK_INPUTS = 32
 
 #: Fraction of ReLU pre-activations whose predicted noise std exceeds their magnitude
-#: above which the first order is flagged as outside its range (calibrated on the
-#: digits models: below it the linear accuracy is within about a point of Monte-Carlo).
-PREACT_WARN_FRACTION = 0.15
+#: above which the first order is flagged as outside its range. Calibrated against
+#: Monte-Carlo (``benchmarks/predict_vs_mc.py --parts calibrate``: zoo MLP, VGG with BN and
+#: ResNet-20 on digits, 120 inputs, 50 draws per level, 28 levels down to chance + 20
+#: points): the linear accuracy missed (> 1 point and outside the 95% interval) at 9
+#: levels, all with a fraction ≥ 0.34; it was right at 19 levels, with fractions up to
+#: 0.40 (MLP at η = 0.5, 0.96 points off). 0.30 flags all 9 misses with 3 false alarms
+#: (the old 0.15: 9 false alarms, e.g. the MLP at η = 0.2, 0.09 points off).
+PREACT_WARN_FRACTION = 0.30
 
 
 # Input checks: shared with noiseprop.empirical (theory/validation.py)
 from .validation import check_inputs as _check_inputs  # noqa: E402
 from .validation import check_labels as _check_labels  # noqa: E402
+from .validation import check_seed, probe_logits  # noqa: E402
 
 
 def _check_int(name, v, minimum, allow_none=False):
@@ -115,6 +133,12 @@ class Prediction:
     diagnostics: Mapping = field(default_factory=dict)
     warnings: tuple = ()
     seconds: float = float("nan")
+    #: how ``loss_increase`` was obtained: ``"gauss_newton (exact: piecewise linear)"``,
+    #: ``"gauss_newton (approximation)"`` or ``"hutchinson"``
+    loss_increase_method: str = "hutchinson"
+    #: ``per_layer=True``: noisy module -> its share of ``½ tr(Σ_ε H)`` (Gauss-Newton form;
+    #: the shares add up to ``loss_increase_gn``)
+    loss_increase_by_layer: Mapping | None = None
 
     @property
     def n_inputs(self) -> int:
@@ -142,6 +166,7 @@ class Prediction:
                    clean_loss=self.clean_loss, loss_increase=self.loss_increase,
                    loss_increase_se=self.loss_increase_se, loss_increase_gn=self.loss_increase_gn,
                    loss_increase_logits=self.loss_increase_logits, loss_probes=self.loss_probes,
+                   loss_increase_method=self.loss_increase_method,
                    mean_logit_var=float(self.logit_var.mean()),
                    mean_abs_logit_shift=float(self.logit_mean_shift.abs().mean()), seconds=self.seconds)
         for k, v in self.diagnostics.items():
@@ -176,7 +201,8 @@ class Prediction:
             f"bounds [{self.accuracy_lower:.4f}, {self.accuracy_upper:.4f}]  chip-to-chip sd {self.accuracy_std:.4f} "
             f"({self.accuracy_std_draws} draws of the linearised network)",
             f"  loss       clean {self.clean_loss:.4f}  increase ½tr(ΣH) {self.loss_increase:.4g} ± {self.loss_increase_se:.2g} "
-            f"({self.loss_probes} probes); Gauss-Newton {self.loss_increase_gn:.4g}; Gaussian logits {self.loss_increase_logits:.4g}",
+            f"[{self.loss_increase_method}{f', {self.loss_probes} probes' if self.loss_probes else ''}]; "
+            f"Gauss-Newton {self.loss_increase_gn:.4g}; Gaussian logits {self.loss_increase_logits:.4g}",
             f"  logits     mean variance {float(self.logit_var.mean()):.4g}; mean |shift| {float(self.logit_mean_shift.abs().mean()):.4g}",
         ]
         if "preact_frac" in d:
@@ -252,15 +278,43 @@ class _Base:
     probes: int
     preact_ratio: np.ndarray | None
     preact_note: str
+    loss_method: str = "hutchinson"
+    piecewise_linear: bool = False
+    pl_reason: str = ""
+    seconds: dict = field(default_factory=dict)
+    #: ``classes=k``: (input indices, full-class pass on them) to measure the truncation
+    trunc_check: tuple | None = None
+
+
+def _linear_moments(base: _Base, level: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first-order logit mean and covariance at noise ``level`` from the derivative
+    pass: ``E f = f(θ)`` and ``Cov f = level² · J diag(u²) Jᵀ`` (noise linear in its
+    level, zero mean). The one place they are formed: a noise model with a non-zero mean
+    ``E[δθ]`` adds its first-order mean shift ``J E[δθ]`` here."""
+    if base.jp.classes is not None:  # over the selected classes (slots)
+        return base.jp.clean_logits.gather(1, base.jp.classes), base.jp.cov_unit * float(level) ** 2
+    return base.jp.clean_logits, base.jp.cov_unit * float(level) ** 2
+
+
+def _slot_cov_to_full(cov: torch.Tensor, sel: torch.Tensor, c: int) -> torch.Tensor:
+    """``[N, C, C]`` with the slot covariance in the selected classes' rows and columns,
+    zero elsewhere (the other classes treated as noiseless)."""
+    n, s, _ = cov.shape
+    full = torch.zeros(n, c, s, dtype=cov.dtype)
+    full.scatter_(1, sel[:, :, None].expand(-1, -1, s), cov)
+    out = torch.zeros(n, c, c, dtype=cov.dtype)
+    out.scatter_(2, sel[:, None, :].expand(-1, c, -1), full)
+    return out
 
 
 def _preact_ratios(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, torch.Tensor], directions: int,
-                   seed: int, max_inputs: int = 32, batch: int = 8) -> tuple[np.ndarray | None, str]:
-    """``|μ| / sd₁`` for every ReLU pre-activation of up to ``max_inputs`` inputs, with
-    ``sd₁`` the first-order noise std at level 1, from ``directions`` forward-mode
-    products ``J (u ⊙ ξ)`` (``torch.func.jvp``). The fraction above a level ``λ`` is the
-    fraction of pre-activations whose predicted noise sd exceeds their magnitude."""
-    from torch.func import functional_call, jvp
+                   seed: int, max_inputs: int = 16, batch: int = 16) -> tuple[np.ndarray | None, str]:
+    """``|μ| / sd₁`` for every ReLU pre-activation of up to ``max_inputs`` inputs (evenly
+    spaced over ``x``), with ``sd₁`` the first-order noise std at level 1, from
+    ``directions`` forward-mode products ``J (u ⊙ ξ)`` (``torch.func.jvp``, vectorised
+    over the directions with ``vmap``). The fraction above a level ``λ`` is the fraction
+    of pre-activations whose predicted noise sd exceeds their magnitude at ``λ``."""
+    from torch.func import functional_call, jvp, vmap
 
     from ._graph import relu_input_graph
 
@@ -270,14 +324,16 @@ def _preact_ratios(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, t
         return None, f"not available ({e})"
     if n_relu == 0:
         return np.zeros(0), "no ReLU in the model"
-    xs = x[:max_inputs].to(lin.device)
-    names = {n for n, _ in gm.named_parameters()} | {n for n, _ in gm.named_buffers()}
+    n = x.shape[0]
+    idx = torch.linspace(0, n - 1, min(n, max_inputs)).round().long().unique()
+    xs = x[idx].to(lin.device)
+    names = {k for k, _ in gm.named_parameters()} | {k for k, _ in gm.named_buffers()}
     params = {k: v for k, v in lin.params.items() if k in names}
     bufs = {k: v for k, v in lin.buffers.items() if k in names}
     tp0 = {k: lin.target_params[k] for k in lin.names}
     gen = torch.Generator(device=lin.device).manual_seed(int(seed) + 17)
-    tangs = [{k: torch.randn(v.shape, generator=gen, dtype=v.dtype, device=v.device) * unit[k] for k, v in tp0.items()}
-             for _ in range(directions)]
+    tangs = {k: torch.randn((directions,) + tuple(v.shape), generator=gen, dtype=v.dtype, device=v.device) * unit[k]
+             for k, v in tp0.items()}
     sds, mus = [], []
     for i in range(0, xs.shape[0], batch):  # small batches: bounded memory on large models
         xb = xs[i:i + batch]
@@ -285,52 +341,168 @@ def _preact_ratios(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, t
         def f(tp):
             return functional_call(gm, ({**params, **tp}, bufs), (xb,))[1]
 
-        sq = None
-        for tang in tangs:
-            with torch.no_grad():
-                mu, dz = jvp(f, (tp0,), (tang,))
-            if sq is None:
-                sq = [t.double() ** 2 for t in dz]
-                mus.append(torch.cat([m.double().abs().reshape(-1) for m in mu]))
-            else:
-                for a, t in zip(sq, dz):
-                    a += t.double() ** 2
-        sds.append(torch.cat([(a / directions).sqrt().reshape(-1) for a in sq]))
+        def one(tang):
+            return jvp(f, (tp0,), (tang,))
+
+        with torch.no_grad():
+            try:
+                mu, dz = vmap(one, in_dims=(0,), out_dims=(None, 0))(tangs)
+            except Exception:  # noqa: BLE001 - an op without a batching rule: one direction at a time
+                res = [one({k: v[j] for k, v in tangs.items()}) for j in range(directions)]
+                mu = res[0][0]
+                dz = [torch.stack([r[1][li] for r in res]) for li in range(len(mu))]
+        mus.append(torch.cat([m.double().abs().reshape(-1) for m in mu]))
+        sds.append(torch.cat([(t.double() ** 2).mean(0).sqrt().reshape(-1) for t in dz]))
     sd = torch.cat(sds)
     mu = torch.cat(mus)
     ratio = torch.where(sd > 0, mu / torch.where(sd > 0, sd, torch.ones_like(sd)), torch.full_like(sd, math.inf))
     return ratio.cpu().numpy(), f"first order, {directions} forward-mode directions on {xs.shape[0]} inputs"
 
 
-def _base(model, x, y, noise, targets, chunk_size, accuracy_draws, loss_probes, seed, batch_size) -> tuple[_Base, WeightNoise]:
-    x, y = _check_inputs(model, x, y)
-    noise = parse_noise(noise)
+@dataclass(frozen=True)
+class _Options:
+    """Settings that change the derivative pass and its extras (part of the cache key)."""
+
+    chunk_size: int | None
+    accuracy_draws: int
+    loss_increase: str
+    loss_probes: int | None
+    seed: int
+    batch_size: int
+    per_layer: bool
+    diagnostic: bool
+    classes: int | None = None
+
+
+def _options(chunk_size, accuracy_draws, loss_increase, loss_probes, seed, batch_size, per_layer, diagnostic,
+             classes=None) -> _Options:
     chunk_size = _check_int("chunk_size", chunk_size, 1, allow_none=True)
     accuracy_draws = _check_int("accuracy_draws", accuracy_draws, 0)
     if accuracy_draws == 1:
         raise ValueError("accuracy_draws must be 0 (no chip-to-chip spread) or >= 2")
-    loss_probes = _check_int("loss_probes", loss_probes, 0)
+    loss_probes = _check_int("loss_probes", loss_probes, 0, allow_none=True)
     if loss_probes == 1:
-        raise ValueError("loss_probes must be 0 (skip the Hutchinson estimate) or >= 2")
-    seed = _check_int("seed", seed, 0)
-    lin = LinearizedNetwork(model, targets)
-    with torch.no_grad():
-        probe = lin.forward(x[:1].to(lin.device))
-    if probe.dim() != 2:
-        raise ValueError(f"the model must map a batch of inputs to logits of shape [N, C]; got shape {tuple(probe.shape)}")
-    _check_labels(y, probe.shape[1])
-    unit = lin.unit_scales(noise)
-    jp = jacobian_pass(lin, x, unit, chunk_size=chunk_size, draws=accuracy_draws, seed=seed)
+        raise ValueError("loss_probes must be 0 (skip the Hutchinson estimate), >= 2, or None (16 when the Hessian "
+                         "estimator is used)")
+    if loss_increase not in LOSS_METHODS:
+        raise ValueError(f"loss_increase must be one of {list(LOSS_METHODS)}, got {loss_increase!r}")
+    if loss_increase == "hutchinson" and loss_probes == 0:
+        raise ValueError("loss_increase='hutchinson' needs loss_probes >= 2 (or None for 16), got 0")
+    for name, v in (("per_layer", per_layer), ("diagnostic", diagnostic)):
+        if not isinstance(v, bool):
+            raise TypeError(f"{name} must be True or False, got {v!r}")
+    classes = _check_int("classes", classes, 1, allow_none=True)
+    return _Options(chunk_size, accuracy_draws, loss_increase, loss_probes, check_seed("seed", seed),
+                    _check_int("batch_size", batch_size, 1), per_layer, diagnostic, classes)
+
+
+def _build_base(lin: LinearizedNetwork, x, y, unit, opts: _Options) -> _Base:
+    secs = {}
+    t = time.perf_counter()
+    jp = jacobian_pass(lin, x, unit, chunk_size=opts.chunk_size, draws=opts.accuracy_draws, seed=opts.seed,
+                       per_layer=opts.per_layer, classes=opts.classes, labels=y)
+    secs["jacobian_pass"] = time.perf_counter() - t
+    trunc = None
+    if jp.classes is not None:  # the truncation error, measured on a subset with every class
+        t = time.perf_counter()
+        idx = torch.linspace(0, x.shape[0] - 1, min(x.shape[0], TRUNCATION_CHECK_INPUTS)).round().long().unique()
+        trunc = (idx, jacobian_pass(lin, x[idx], unit, chunk_size=opts.chunk_size))
+        secs["truncation_check"] = time.perf_counter() - t
+    pl, why = piecewise_linear(lin)
+    probes = opts.loss_probes
+    if opts.loss_increase == "hutchinson" or (opts.loss_increase == "auto" and (probes or (not pl and probes is None))):
+        method = "hutchinson"
+        probes = DEFAULT_LOSS_PROBES if probes is None else probes
+    else:
+        method = "gauss_newton (exact: piecewise linear)" if pl else "gauss_newton (approximation: " + why + ")"
+        probes = probes or 0  # probes asked for beside an explicit Gauss-Newton choice
     tr, se = float("nan"), float("nan")
-    if loss_probes:
-        op = HessianOperator(lin, x, y, batch_size=batch_size)
-        vals = _trace_probes(op, unit, loss_probes, seed)
-        tr, se = float(vals.mean()), float(vals.std(ddof=1) / math.sqrt(loss_probes))
-    ratio, note = _preact_ratios(lin, x, unit, directions=8, seed=seed)
-    return _Base(lin, x, y, jp, tr, se, loss_probes, ratio, note), noise
+    if probes:
+        t = time.perf_counter()
+        op = HessianOperator(lin, x, y, batch_size=opts.batch_size)
+        vals = _trace_probes(op, unit, probes, opts.seed)
+        tr, se = float(vals.mean()), float(vals.std(ddof=1) / math.sqrt(probes))
+        secs["hutchinson"] = time.perf_counter() - t
+    ratio, note = None, "not computed (diagnostic=False)"
+    if opts.diagnostic:
+        t = time.perf_counter()
+        ratio, note = _preact_ratios(lin, x, unit, directions=8, seed=opts.seed)
+        secs["diagnostic"] = time.perf_counter() - t
+    if jp.classes is not None and not probes:
+        method = "gauss_newton (label and closest competitors only)"
+    return _Base(lin, x, y, jp, tr, se, probes, ratio, note, method, pl, why, secs, trunc)
 
 
-def _gaussian_logit_loss(mean: torch.Tensor, cov: torch.Tensor, y: torch.Tensor, points: int = 256,
+# ---------------------------------------------------------------- the derivative cache
+#: ``predict``'s cache of derivative passes (least recently used first), keyed on a hash of
+#: the model's parameters and buffers, the inputs and labels, the targets, the noise
+#: family and the settings; :data:`CACHE_SIZE` entries.
+_CACHE: "OrderedDict[tuple, _Base]" = OrderedDict()
+CACHE_SIZE = 4
+
+
+def clear_cache() -> None:
+    """Empty ``predict``'s cache of derivative passes."""
+    _CACHE.clear()
+
+
+def _hash_tensors(h, tensors) -> None:
+    for name, t in tensors:
+        t = t.detach()
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+        h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def _state_hash(lin: LinearizedNetwork) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    _hash_tensors(h, sorted(lin.params.items()))
+    _hash_tensors(h, sorted(lin.buffers.items()))
+    h.update(repr(lin.names).encode())
+    return h.hexdigest()
+
+
+def _data_hash(x, y) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    _hash_tensors(h, (("x", x), ("y", y)))
+    return h.hexdigest()
+
+
+def _family(noise: WeightNoise) -> str:
+    return noise.with_level(1.0).to_string()
+
+
+def _prepare(model, x, y, noise, targets):
+    """Checked inputs, the linearised network and the noise model."""
+    x, y = _check_inputs(model, x, y)
+    noise = parse_noise(noise)
+    lin = LinearizedNetwork(model, targets)
+    probe = probe_logits(lin.forward, x[:1].to(lin.device))
+    _check_labels(y, probe.shape[1])
+    return x, y, noise, lin
+
+
+def _base(model, x, y, noise, targets, opts: _Options, cache: bool, data_key: str | None = None,
+          store: "OrderedDict | None" = None) -> tuple[_Base, WeightNoise, bool]:
+    """The derivative pass for ``noise``'s family, from the cache when the model state,
+    inputs, targets, family and settings match; returns ``(base, noise, from_cache)``."""
+    x, y, noise, lin = _prepare(model, x, y, noise, targets)
+    store = _CACHE if store is None else store
+    key = None
+    if cache:
+        key = (_state_hash(lin), data_key or _data_hash(x, y), _family(noise), opts)
+        hit = store.get(key)
+        if hit is not None:
+            store.move_to_end(key)
+            return hit, noise, True
+    base = _build_base(lin, x, y, lin.unit_scales(noise), opts)
+    if cache:
+        store[key] = base
+        while len(store) > CACHE_SIZE:
+            store.popitem(last=False)
+    return base, noise, False
+
+
+def _gaussian_logit_loss(mean: torch.Tensor, cov: torch.Tensor, y: torch.Tensor, points: int = 128,
                          seed: int = 0) -> float:
     """``mean_i E[CE(f_i, y_i)]`` for ``f_i ~ N(mean_i, cov_i)`` by randomised QMC
     (scrambled Sobol points mapped through ``Φ⁻¹``, shared by all inputs)."""
@@ -358,7 +530,22 @@ def _finish(base: _Base, noise: WeightNoise, method: str, mean: torch.Tensor, co
     clean = base.jp.clean_logits.double().cpu()
     mean = mean.double().cpu()
     cov = cov.double().cpu()
-    p, lo, hi = correct_probability(mean, cov, y, n_points=n_points, seed=seed)
+    sel = base.jp.classes.cpu() if base.jp.classes is not None else None
+    y_acc = y if sel is None else torch.zeros_like(y)  # slot 0 is the label
+    p, lo, hi = correct_probability(mean, cov, y_acc, n_points=n_points, seed=seed)
+    trunc_diag = {}
+    if sel is not None:
+        idx, jpf = base.trunc_check
+        pf, _, _ = correct_probability(jpf.clean_logits.double().cpu(), jpf.cov_unit.cpu() * lvl**2, y[idx],
+                                       n_points=n_points, seed=seed)
+        d = (p[idx] - pf).abs()
+        trunc_diag = dict(classes=int(sel.shape[1] - 1), classes_truncation_inputs=int(idx.numel()),
+                          classes_truncation_max_abs=float(d.max()), classes_truncation_mean_abs=float(d.mean()),
+                          classes_truncation_accuracy_error=float(p[idx].mean() - pf.mean()))
+        # every class in the result: unselected ones noiseless, their variance unknown (NaN)
+        mean = clean
+        cov_slots = cov
+        cov = _slot_cov_to_full(cov_slots, sel, clean.shape[1])
     # chip-to-chip spread: shared draws of the linearised network, rescaled per class to
     # the method's marginal sd (same correlation structure)
     acc_std = float("nan")
@@ -371,14 +558,27 @@ def _finish(base: _Base, noise: WeightNoise, method: str, mean: torch.Tensor, co
             ratio = torch.where(v_lin > 0, (v_m / torch.where(v_lin > 0, v_lin, torch.ones_like(v_lin))).sqrt(),
                                 torch.zeros_like(v_lin))
             z = z * ratio.unsqueeze(-1)
-        accs = sampled_accuracies(mean, z, y)
+        accs = sampled_accuracies(mean if sel is None else clean.gather(1, sel), z, y_acc)
         k = accs.size
         acc_std = float(accs.std(ddof=1))
     clean_loss = float(F.cross_entropy(clean, y))
-    cov_lin = base.jp.cov_unit.cpu() * lvl**2
+    cov_lin = cov if sel is not None else _linear_moments(base, lvl)[1].double().cpu()
     gn = loss_increase_gauss_newton(clean, cov_lin)
+    if base.loss_method == "hutchinson":
+        li, li_se = 0.5 * base.trace_unit * lvl**2, 0.5 * base.trace_unit_se * lvl**2
+    else:
+        li, li_se = gn, (0.0 if base.piecewise_linear else float("nan"))
+    by_layer = None
+    if base.jp.layer_cov_unit is not None:
+        def full(c):
+            c = c.double().cpu() * lvl**2
+            return c if sel is None else _slot_cov_to_full(c, sel, clean.shape[1])
+
+        by_layer = types.MappingProxyType({m: loss_increase_gauss_newton(clean, full(c))
+                                           for m, c in base.jp.layer_cov_unit.items()})
     gl = _gaussian_logit_loss(mean, cov, y, seed=seed) - clean_loss if lvl > 0 else 0.0
     diag = dict(extra_diag)
+    diag.update(trunc_diag)
     if base.preact_ratio is not None:
         frac = float((base.preact_ratio < lvl).mean()) if base.preact_ratio.size else 0.0
         if method == "linear" or "preact_frac" not in diag:
@@ -387,20 +587,27 @@ def _finish(base: _Base, noise: WeightNoise, method: str, mean: torch.Tensor, co
     diag["frac_inputs_uncertain"] = float(((p > 0.01) & (p < 0.99)).double().mean())
     diag["labels"] = y.clone()
     diag["chunk_size"] = base.jp.chunk_size
+    diag["piecewise_linear"] = base.piecewise_linear
+    for part, s in base.seconds.items():
+        diag[f"seconds_{part}"] = s
     if method == "linear" and diag.get("preact_frac", 0.0) > PREACT_WARN_FRACTION:
         msg = (f"first order outside its range: {diag['preact_frac']:.0%} of ReLU pre-activations have predicted noise "
                f"sd above their magnitude (> {PREACT_WARN_FRACTION:.0%}); the linear method misses the mean shift and "
                "underestimates the damage here, use method='moments'")
         warns.append(msg)
+    logit_var = torch.diagonal(cov, dim1=1, dim2=2).clone()
+    if sel is not None:
+        known = torch.zeros_like(logit_var, dtype=torch.bool).scatter_(1, sel, True)
+        logit_var = torch.where(known, logit_var, torch.full_like(logit_var, float("nan")))
     return Prediction(
         method=method, noise=noise.to_string(), targets=base.lin.plan.targets.describe(), clean_logits=clean,
-        logit_mean=mean, logit_var=torch.diagonal(cov, dim1=1, dim2=2).clone(), logit_cov=cov if keep_cov else None,
+        logit_mean=mean, logit_var=logit_var, logit_cov=cov if keep_cov else None,
         correct_prob=p, clean_accuracy=float((clean.argmax(1) == y).double().mean()), accuracy=float(p.mean()),
         accuracy_lower=float(lo.mean()), accuracy_upper=float(hi.mean()), accuracy_std=acc_std,
-        accuracy_std_draws=int(k), clean_loss=clean_loss, loss_increase=0.5 * base.trace_unit * lvl**2,
-        loss_increase_se=0.5 * base.trace_unit_se * lvl**2, loss_increase_gn=gn, loss_increase_logits=gl,
+        accuracy_std_draws=int(k), clean_loss=clean_loss, loss_increase=li,
+        loss_increase_se=li_se, loss_increase_gn=gn, loss_increase_logits=gl,
         loss_probes=base.probes, diagnostics=types.MappingProxyType(diag), warnings=tuple(warns),
-        seconds=time.perf_counter() - t0,
+        seconds=time.perf_counter() - t0, loss_increase_method=base.loss_method, loss_increase_by_layer=by_layer,
     )
 
 
@@ -415,12 +622,83 @@ def _moments(base: _Base, noise: WeightNoise, rank, spatial_rank, moment_chunk, 
     return res.mean, res.cov, diag, propagator
 
 
+@dataclass(frozen=True)
+class _Run:
+    """Per-call settings that do not change the derivative pass."""
+
+    method: str
+    cov: bool
+    n_points: int
+    rank: int
+    spatial_rank: int
+    moment_chunk: int
+
+
+def _run_settings(method, cov, n_points, rank, spatial_rank, moment_chunk) -> _Run:
+    if not isinstance(cov, bool):
+        raise TypeError(f"cov must be True or False, got {cov!r}")
+    return _Run(_check_method(method), cov, _check_int("n_points", n_points, 16), _check_int("rank", rank, 1),
+                _check_int("spatial_rank", spatial_rank, 1), _check_int("moment_chunk", moment_chunk, 1))
+
+
+def _check_classes(run: _Run, opts: _Options) -> None:
+    if opts.classes is None:
+        return
+    if run.method != "linear":
+        raise ValueError(f"classes={opts.classes} (label and closest competitors only) works with method='linear'; "
+                         f"method={run.method!r} needs every class: leave classes=None")
+    if run.cov:
+        raise ValueError("cov=True keeps the full [N, C, C] covariance: it needs every class, leave classes=None")
+
+
+def _check_levels(levels) -> np.ndarray:
+    try:
+        lv = np.asarray(levels, dtype=np.float64).ravel()
+    except (TypeError, ValueError):
+        raise TypeError(f"levels must be a sequence of noise levels (numbers >= 0), got {levels!r}") from None
+    if lv.size == 0:
+        raise ValueError("levels is empty: give at least one noise level >= 0")
+    if not np.all(np.isfinite(lv)) or np.any(lv < 0):
+        raise ValueError(f"noise levels must be finite and >= 0, got {levels!r}")
+    return lv
+
+
+def _predict_one(base: _Base, noise: WeightNoise, run: _Run, seed: int, t0: float, cached: bool,
+                 propagator=None):
+    warns: list = []
+    if run.method == "linear":
+        mean, c = _linear_moments(base, noise.level)
+        extra = {}
+    else:
+        mean, c, extra, propagator = _moments(base, noise, run.rank, run.spatial_rank, run.moment_chunk, propagator)
+    extra["derivative_pass"] = "cached" if cached else "computed"
+    return _finish(base, noise, run.method, mean, c, run.cov, extra, warns, t0, run.n_points, seed), propagator
+
+
+def _sweep(base: _Base, noise: WeightNoise, lv: np.ndarray, run: _Run, seed: int, t0: float, cached: bool,
+           stacklevel: int) -> PredictionCurve:
+    preds = []
+    prop = None
+    for i, level in enumerate(lv):
+        p, prop = _predict_one(base, noise.with_level(float(level)), run, seed, time.perf_counter(), cached or i > 0, prop)
+        preds.append(p)
+    flagged = [f"{level:g}" for level, p in zip(lv, preds) if p.warnings]
+    if flagged:
+        warnings.warn(f"first order outside its range at levels {', '.join(flagged)} (see the predictions' warnings); "
+                      "use method='moments' there", RuntimeWarning, stacklevel=stacklevel)
+    family = noise.to_string().split(":")[0]
+    return PredictionCurve(method=run.method, noise=family, targets=base.lin.plan.targets.describe(), levels=lv,
+                           predictions=tuple(preds), seconds=time.perf_counter() - t0)
+
+
 # ----------------------------------------------------------------------------
 # Public entry points
 # ----------------------------------------------------------------------------
 def predict(model: nn.Module, x, y, noise, targets=None, method: str = "linear", chunk_size: int | None = None,
-            cov: bool = False, accuracy_draws: int = 32, loss_probes: int = 16, seed: int = 0, n_points: int = 1024,
-            rank: int = 32, spatial_rank: int = 4, moment_chunk: int = 32, batch_size: int = 512) -> Prediction:
+            cov: bool = False, accuracy_draws: int = 0, loss_probes: int | None = None, seed: int = 0,
+            n_points: int = 1024, rank: int = 32, spatial_rank: int = 4, moment_chunk: int = 32,
+            batch_size: int = 512, *, loss_increase: str = "auto", per_layer: bool = False, diagnostic: bool = True,
+            cache: bool = True, classes: int | None = None) -> Prediction:
     """Predict logits, accuracy and loss of ``model`` on ``(x, y)`` under weight ``noise``.
 
     Parameters
@@ -438,83 +716,148 @@ def predict(model: nn.Module, x, y, noise, targets=None, method: str = "linear",
     chunk_size: inputs per Jacobian chunk (``None``: from a memory budget of
         :data:`~noiseprop.theory.linearize.DEFAULT_JACOBIAN_BUDGET`).
     cov: keep the full ``[N, C, C]`` logit covariance in the result.
-    accuracy_draws: shared draws of the linearised network for ``accuracy_std``
-        (0: skip). loss_probes: Hutchinson probes for ``loss_increase`` (0: skip).
+    accuracy_draws: shared draws of the linearised network for the chip-to-chip spread
+        ``accuracy_std`` (default 0: not computed, ``accuracy_std`` is NaN; 32 gives it
+        to a relative s.e. of 13% at several times the cost of the Jacobian pass).
+    loss_probes: Hutchinson probes for ``loss_increase`` when the Hessian estimator is
+        used (``None``: 16 when it is); giving a number ``>= 2`` asks for it.
     seed: seeds the draws, the probes and the quasi-Monte-Carlo points (no global RNG).
     n_points: quasi-Monte-Carlo points per orthant probability.
     rank, spatial_rank, moment_chunk: moment-propagation settings (see
         :mod:`noiseprop.theory.moments`).
+    batch_size: inputs per Hessian-vector product (Hutchinson).
+    loss_increase: ``"auto"`` (default): the Gauss-Newton form ``½ mean_i tr(H_z J_i Σ_ε
+        J_iᵀ)`` from the Jacobian pass when the network is piecewise linear in its noisy
+        parameters (:func:`~noiseprop.theory.linearize.piecewise_linear`; then it *is*
+        ``½ tr(Σ_ε H)``, no estimator needed), Hutchinson otherwise or when
+        ``loss_probes`` is given; ``"gauss_newton"``; ``"hutchinson"``. The result's
+        ``loss_increase_method`` says which was used.
+    per_layer: also each noisy layer's share of the loss increase
+        (``loss_increase_by_layer``, Gauss-Newton form).
+    diagnostic: compute the validity diagnostic (fraction of ReLU pre-activations whose
+        first-order noise sd exceeds their magnitude, on 16 inputs; a warning above
+        :data:`PREACT_WARN_FRACTION`).
+    classes: differentiate only each input's label and its ``classes`` closest
+        competitors (highest other clean logits): ``classes + 1`` backward passes instead
+        of ``C``. ``accuracy`` then ignores the other classes (an upper bound, exact when
+        they never overtake); the error is measured on
+        :data:`TRUNCATION_CHECK_INPUTS` inputs with every class and reported in
+        ``diagnostics`` (``classes_truncation_*``); ``logit_var`` is NaN for the classes
+        not differentiated, the loss increase is their Gauss-Newton form over the selected
+        classes. Default ``None``: every class (needed for ``cov=True`` and ``"moments"``).
+    cache: reuse the derivative pass of an earlier call with the same model state (a
+        hash of its parameters and buffers), inputs, labels, targets, noise family and
+        settings (:data:`CACHE_SIZE` passes are kept; :func:`clear_cache` empties it): ten
+        calls at ten levels of one family pay one pass. See also :class:`Predictor`.
     """
     t0 = time.perf_counter()
-    # -- issue 12: non-zero-mean hardware noise (PCMLike, Quantized, StuckAt) -> theory/drift.py
+    # non-zero-mean hardware noise (PCMLike, Quantized, StuckAt): theory/drift.py
     if not parse_noise(noise).zero_mean:
         from .drift import predict_hardware
 
         return predict_hardware(model, x, y, noise, targets, method=method, chunk_size=chunk_size, cov=cov,
                                 accuracy_draws=accuracy_draws, seed=seed, n_points=n_points, batch_size=batch_size)
-    # -- end issue 12
-    method = _check_method(method)
-    seed = _check_int("seed", seed, 0)
-    n_points = _check_int("n_points", n_points, 16)
-    if not isinstance(cov, bool):
-        raise TypeError(f"cov must be True or False, got {cov!r}")
-    base, noise = _base(model, x, y, noise, targets, chunk_size, accuracy_draws, loss_probes, seed,
-                        _check_int("batch_size", batch_size, 1))
-    lvl = noise.level
-    warns: list = []
-    if method == "linear":
-        mean = base.jp.clean_logits
-        c = base.jp.cov_unit * lvl**2
-        extra = {}
-    else:
-        mean, c, extra, _ = _moments(base, noise, _check_int("rank", rank, 1), _check_int("spatial_rank", spatial_rank, 1),
-                                     _check_int("moment_chunk", moment_chunk, 1))
-    pred = _finish(base, noise, method, mean, c, cov, extra, warns, t0, n_points, seed)
+    run = _run_settings(method, cov, n_points, rank, spatial_rank, moment_chunk)
+    opts = _options(chunk_size, accuracy_draws, loss_increase, loss_probes, seed, batch_size, per_layer, diagnostic,
+                    classes)
+    _check_classes(run, opts)
+    if not isinstance(cache, bool):
+        raise TypeError(f"cache must be True or False, got {cache!r}")
+    base, noise, cached = _base(model, x, y, noise, targets, opts, cache)
+    pred, _ = _predict_one(base, noise, run, opts.seed, t0, cached)
     for w in pred.warnings:
         warnings.warn(w, RuntimeWarning, stacklevel=2)
     return pred
 
 
 def predict_sweep(model: nn.Module, x, y, noise, levels: Sequence[float], targets=None, method: str = "linear",
-                  chunk_size: int | None = None, cov: bool = False, accuracy_draws: int = 32, loss_probes: int = 16,
-                  seed: int = 0, n_points: int = 1024, rank: int = 32, spatial_rank: int = 4, moment_chunk: int = 32,
-                  batch_size: int = 512) -> PredictionCurve:
+                  chunk_size: int | None = None, cov: bool = False, accuracy_draws: int = 0,
+                  loss_probes: int | None = None, seed: int = 0, n_points: int = 1024, rank: int = 32,
+                  spatial_rank: int = 4, moment_chunk: int = 32, batch_size: int = 512, *,
+                  loss_increase: str = "auto", per_layer: bool = False, diagnostic: bool = True,
+                  cache: bool = True, classes: int | None = None) -> PredictionCurve:
     """:func:`predict` over noise ``levels`` (η or σ of the ``noise`` family; its own level
     is ignored). One pass of derivatives serves every level: every noise model is linear
     in its level, so the first-order covariance, the draws of the linearised network and
     ``tr(Σ_ε H)`` scale by ``level²`` (or ``level``). ``method="moments"`` adds one moment
-    propagation per level."""
+    propagation per level. Options as in :func:`predict` (the pass is shared with its
+    cache)."""
     t0 = time.perf_counter()
-    method = _check_method(method)
-    lv = np.asarray(levels, dtype=np.float64).ravel()
-    if lv.size == 0:
-        raise ValueError("levels is empty: give at least one noise level >= 0")
-    if not np.all(np.isfinite(lv)) or np.any(lv < 0):
-        raise ValueError(f"noise levels must be finite and >= 0, got {levels!r}")
-    seed = _check_int("seed", seed, 0)
-    n_points = _check_int("n_points", n_points, 16)
+    run = _run_settings(method, cov, n_points, rank, spatial_rank, moment_chunk)
+    lv = _check_levels(levels)
+    opts = _options(chunk_size, accuracy_draws, loss_increase, loss_probes, seed, batch_size, per_layer, diagnostic,
+                    classes)
+    _check_classes(run, opts)
+    if not isinstance(cache, bool):
+        raise TypeError(f"cache must be True or False, got {cache!r}")
     noise = parse_noise(noise, default_level=1.0)
-    if not noise.zero_mean:  # issue 12: hardware noise is not linear in a level
+    if not noise.zero_mean:  # hardware noise is not linear in a level
         raise TypeError(f"predict_sweep needs a Gaussian noise family; for {noise.to_string()!r} over times use "
                         "noiseprop.theory.predict_drift(model, x, y, noise, times)")
-    base, noise = _base(model, x, y, noise.with_level(1.0), targets, chunk_size, accuracy_draws, loss_probes, seed,
-                        _check_int("batch_size", batch_size, 1))
-    preds = []
-    prop = None
-    for level in lv:
-        t1 = time.perf_counter()
-        nz = noise.with_level(float(level))
-        if method == "linear":
-            mean, c, extra = base.jp.clean_logits, base.jp.cov_unit * float(level) ** 2, {}
-        else:
-            mean, c, extra, prop = _moments(base, nz, _check_int("rank", rank, 1),
-                                            _check_int("spatial_rank", spatial_rank, 1),
-                                            _check_int("moment_chunk", moment_chunk, 1), propagator=prop)
-        preds.append(_finish(base, nz, method, mean, c, cov, extra, [], t1, n_points, seed))
-    flagged = [f"{level:g}" for level, p in zip(lv, preds) if p.warnings]
-    if flagged:
-        warnings.warn(f"first order outside its range at levels {', '.join(flagged)} (see the predictions' warnings); "
-                      "use method='moments' there", RuntimeWarning, stacklevel=2)
-    family = noise.to_string().split(":")[0]
-    return PredictionCurve(method=method, noise=family, targets=base.lin.plan.targets.describe(), levels=lv,
-                           predictions=tuple(preds), seconds=time.perf_counter() - t0)
+    base, noise, cached = _base(model, x, y, noise.with_level(1.0), targets, opts, cache)
+    return _sweep(base, noise, lv, run, opts.seed, t0, cached, stacklevel=3)
+
+
+class Predictor:
+    """A prepared predictor: the model, the inputs and the settings fixed once, one
+    derivative pass per noise family, reused by every :meth:`predict` and :meth:`sweep`.
+
+    ``Predictor(model, x, y, targets=None, *, method="linear", ...)`` takes the options of
+    :func:`predict`. ``p.predict(noise)`` gives a :class:`Prediction`;
+    ``p.sweep(family, levels)`` a :class:`PredictionCurve`. The first call for a noise
+    family (``"relative"``, ``"additive"``, ...) pays the Jacobian pass (and the
+    requested extras); later calls at any level of that family only rescale it. The
+    inputs are hashed once; the model's parameters and buffers are re-hashed at every
+    call, so a model changed in between gets a fresh pass, never a stale one.
+    """
+
+    def __init__(self, model: nn.Module, x, y, targets=None, *, method: str = "linear", chunk_size: int | None = None,
+                 cov: bool = False, accuracy_draws: int = 0, loss_probes: int | None = None, seed: int = 0,
+                 n_points: int = 1024, rank: int = 32, spatial_rank: int = 4, moment_chunk: int = 32,
+                 batch_size: int = 512, loss_increase: str = "auto", per_layer: bool = False,
+                 diagnostic: bool = True, classes: int | None = None):
+        self._run = _run_settings(method, cov, n_points, rank, spatial_rank, moment_chunk)
+        self._opts = _options(chunk_size, accuracy_draws, loss_increase, loss_probes, seed, batch_size, per_layer,
+                              diagnostic, classes)
+        _check_classes(self._run, self._opts)
+        x, y = _check_inputs(model, x, y)
+        self.model, self.x, self.y, self.targets = model, x, y, targets
+        self._data_key = _data_hash(x, y)
+        self._store: OrderedDict = OrderedDict()
+
+    def _settings(self, method, cov) -> _Run:
+        r = self._run
+        run = _run_settings(r.method if method is None else method, r.cov if cov is None else cov, r.n_points,
+                            r.rank, r.spatial_rank, r.moment_chunk)
+        _check_classes(run, self._opts)
+        return run
+
+    def predict(self, noise, *, method: str | None = None, cov: bool | None = None) -> Prediction:
+        """:func:`predict` at ``noise`` (method and ``cov`` default to the predictor's)."""
+        t0 = time.perf_counter()
+        run = self._settings(method, cov)
+        base, noise, cached = _base(self.model, self.x, self.y, noise, self.targets, self._opts, True,
+                                    data_key=self._data_key, store=self._store)
+        pred, _ = _predict_one(base, noise, run, self._opts.seed, t0, cached)
+        for w in pred.warnings:
+            warnings.warn(w, RuntimeWarning, stacklevel=2)
+        return pred
+
+    def sweep(self, noise, levels: Sequence[float], *, method: str | None = None,
+              cov: bool | None = None) -> PredictionCurve:
+        """:func:`predict_sweep` over ``levels`` of ``noise``'s family."""
+        t0 = time.perf_counter()
+        run = self._settings(method, cov)
+        lv = _check_levels(levels)
+        noise = parse_noise(noise, default_level=1.0)
+        base, noise, cached = _base(self.model, self.x, self.y, noise.with_level(1.0), self.targets, self._opts, True,
+                                    data_key=self._data_key, store=self._store)
+        return _sweep(base, noise, lv, run, self._opts.seed, t0, cached, stacklevel=3)
+
+    def clear(self) -> None:
+        """Forget the derivative passes held."""
+        self._store.clear()
+
+    def __repr__(self):
+        return (f"Predictor({type(self.model).__name__}, {self.x.shape[0]} inputs, method={self._run.method!r}, "
+                f"{len(self._store)} derivative pass(es) held)")

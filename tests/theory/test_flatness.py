@@ -137,3 +137,64 @@ def test_validation():
         hessian_trace(model, x, y + 3)
     with pytest.raises(ValueError, match="same length"):
         hessian_top_eigenvalue(model, x, y[:3])
+
+
+# ----------------------------------------------------------------------------- issue 10
+def _relu_small():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).eval()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(40, 4, generator=g)
+    y = torch.randint(0, 3, (40,), generator=g)
+    return model, x, y
+
+
+def test_batched_probes_give_the_same_values_as_one_at_a_time():
+    model, x, y = _small()
+    a = hessian_trace(model, x, y, noise=RelativeGaussian(0.1), probes=20, seed=3, probe_batch=1)
+    b = hessian_trace(model, x, y, noise=RelativeGaussian(0.1), probes=20, seed=3, probe_batch=7)
+    np.testing.assert_allclose(a.values, b.values, rtol=1e-5, atol=1e-12)
+
+
+def test_hutchpp_and_per_layer_shares_against_exact_hessian():
+    model, x, y = _small()
+    H, names = _full_hessian(model, x, y)
+    tr = float(torch.trace(H))
+    r = hessian_trace(model, x, y, probes=30, seed=0, method="hutch++")
+    assert r.method == "hutch++" and "Hutch++" in r.summary()
+    assert abs(r.estimate - tr) < 4 * r.se + 1e-9
+    # per-layer shares: each within 4 s.e. of its block's exact trace, and they add up
+    p = hessian_trace(model, x, y, probes=200, seed=1, per_layer=True)
+    assert sum(p.layer_estimates.values()) == pytest.approx(p.estimate, rel=1e-9)
+    n0 = dict(model.named_parameters())["0.weight"].numel()
+    d = torch.diagonal(H)
+    want = {"0": float(d[:n0].sum()), "2": float(d[n0:].sum())}
+    for m, v in p.layer_estimates.items():
+        blk = slice(0, n0) if m == "0" else slice(n0, None)
+        Hb = H[blk, blk]
+        se = math.sqrt(2 * (float((Hb ** 2).sum()) - float((torch.diagonal(Hb) ** 2).sum())) / 200)
+        assert abs(v - want[m]) < 4 * se + 1e-9, (m, v, want[m], se)
+    assert len(p.to_frame()) == 3
+    with pytest.raises(ValueError, match="method"):
+        hessian_trace(model, x, y, method="exact")
+    with pytest.raises(ValueError, match="needs probes >= 6"):
+        hessian_trace(model, x, y, probes=4, method="hutch++")
+
+
+def test_top_k_and_smallest_eigenvalues_against_exact_hessian():
+    model, x, y = _relu_small()
+    H, _ = _full_hessian(model, x, y)
+    w = torch.linalg.eigvalsh(H).numpy()
+    assert w[0] < 0 < w[-1]  # indefinite
+    r = hessian_top_eigenvalue(model, x, y, tol=1e-10, maxiter=2000, seed=0, k=3, which="both")
+    assert r.converged
+    np.testing.assert_allclose(r.eigenvalues, w[::-1][:3], rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(r.smallest, w[:3], rtol=1e-5, atol=1e-8)
+    assert r.eigenvalue == pytest.approx(w[-1], rel=1e-5)
+    s = hessian_top_eigenvalue(model, x, y, tol=1e-10, maxiter=2000, seed=0, which="smallest")
+    assert s.eigenvalue == pytest.approx(w[0], rel=1e-5) and "smallest" in s.summary()
+    assert set(r.to_frame().quantity) == {"lambda_max", "lambda_min"}
+    with pytest.raises(ValueError, match="which"):
+        hessian_top_eigenvalue(model, x, y, which="middle")
+    with pytest.raises(ValueError, match="k must be an integer"):
+        hessian_top_eigenvalue(model, x, y, k=0)

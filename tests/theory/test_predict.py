@@ -240,3 +240,156 @@ def test_jacobian_pass_per_layer_and_extra_scales(kind):
     ref_other = jacobian_pass(lin, x, other).cov_unit
     assert torch.allclose(jp.extra_cov[0], ref_other, rtol=1e-4, atol=1e-8)
     assert torch.allclose(jp.extra_cov[1], jp.cov_unit, rtol=1e-4, atol=1e-8)
+
+
+# ----------------------------------------------------------------------------- issue 10
+from noiseprop.theory.linearize import piecewise_linear  # noqa: E402
+from noiseprop.theory.predict import Predictor, clear_cache  # noqa: E402
+
+
+class _Shared(nn.Module):
+    """One Linear layer called twice: the logits are quadratic in its weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(64, 64)
+        self.out = nn.Linear(64, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x.flatten(1)))
+        return self.out(torch.relu(self.a(h)))
+
+
+def test_piecewise_linear_detection():
+    for kind in ("mlp", "cnn", "resnet"):
+        ok, why = piecewise_linear(LinearizedNetwork(trained(kind)))
+        assert ok, why
+    for act in (nn.Tanh(), nn.GELU(), nn.SiLU()):
+        m = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), act, nn.Linear(8, 10)).eval()
+        ok, why = piecewise_linear(LinearizedNetwork(m))
+        assert not ok and type(act).__name__ in why
+    ok, why = piecewise_linear(LinearizedNetwork(_Shared().eval()))
+    assert not ok and "called 2 times" in why
+
+
+def _exact_half_trace_sigma_h(model, x, y, noise):
+    """½ tr(Σ_ε H) from the exact Hessian diagonal (float64, torch.func.hessian per layer block)."""
+    from torch.func import hessian
+
+    m = copy.deepcopy(model).double()
+    lin = LinearizedNetwork(m)
+    tot = 0.0
+    for n in lin.names:
+        p0 = lin.target_params[n]
+
+        def loss(w):
+            out = functional_call(lin.net, ({**lin.params, n: w}, lin.buffers), (x.double(),))
+            return torch.nn.functional.cross_entropy(out, y)
+
+        H = hessian(loss)(p0).reshape(p0.numel(), p0.numel())
+        tot += float((noise.variance(p0).reshape(-1) * torch.diagonal(H)).sum())
+    return 0.5 * tot
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_default_loss_increase_is_exact_for_piecewise_linear_networks(kind):
+    """For ReLU/max-pool/BN networks the default loss increase is the Gauss-Newton form,
+    which equals ½ tr(Σ_ε H) of the exact Hessian (to rounding), with no probes."""
+    model = trained(kind)
+    x, y = held_out(12)
+    noise = RelativeGaussian(0.05)
+    p = predict(model, x, y, noise, cache=False)
+    assert p.loss_increase_method.startswith("gauss_newton (exact") and p.loss_probes == 0
+    assert p.loss_increase_se == 0.0 and p.loss_increase == p.loss_increase_gn
+    want = _exact_half_trace_sigma_h(model, x, y, noise)
+    assert p.loss_increase == pytest.approx(want, rel=1e-4)
+    # per-layer shares add up; asking for probes uses Hutchinson and agrees within 4 s.e.
+    q = predict(model, x, y, noise, per_layer=True, cache=False)
+    assert sum(q.loss_increase_by_layer.values()) == pytest.approx(q.loss_increase_gn, rel=1e-9)
+    h = predict(model, x, y, noise, loss_probes=48, seed=1, cache=False)
+    assert h.loss_increase_method == "hutchinson" and h.loss_probes == 48
+    assert abs(h.loss_increase - want) < 4 * h.loss_increase_se
+
+
+def test_smooth_network_uses_the_hessian_estimator():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10)).eval()
+    x, y = held_out(20)
+    noise = RelativeGaussian(0.1)
+    p = predict(model, x, y, noise, cache=False)
+    assert p.loss_increase_method == "hutchinson" and p.loss_probes == 16
+    want = _exact_half_trace_sigma_h(model, x, y, noise)
+    assert abs(p.loss_increase - want) < 4 * p.loss_increase_se
+    g = predict(model, x, y, noise, loss_increase="gauss_newton", cache=False)
+    assert g.loss_increase_method.startswith("gauss_newton (approximation") and math.isnan(g.loss_increase_se)
+
+
+def test_cache_and_predictor_reuse_one_pass():
+    model = trained("mlp")
+    x, y = held_out(30)
+    before = copy.deepcopy(model.state_dict())
+    clear_cache()
+    a = predict(model, x, y, RelativeGaussian(0.1))
+    b = predict(model, x, y, RelativeGaussian(0.3))
+    assert a.diagnostics["derivative_pass"] == "computed" and b.diagnostics["derivative_pass"] == "cached"
+    ref = predict(model, x, y, RelativeGaussian(0.3), cache=False)
+    assert b.accuracy == ref.accuracy and torch.equal(b.logit_var, ref.logit_var)
+    assert predict(model, x, y, "additive:0.01").diagnostics["derivative_pass"] == "computed"  # another family
+    # a changed model gets a fresh pass, never a stale one
+    m2 = copy.deepcopy(model)
+    with torch.no_grad():
+        m2[1].weight.mul_(1.1)
+    c = predict(m2, x, y, RelativeGaussian(0.3))
+    assert c.diagnostics["derivative_pass"] == "computed" and not torch.equal(c.logit_var, b.logit_var)
+    # Predictor: the same numbers, one pass per family
+    pr = Predictor(model, x, y, accuracy_draws=8, seed=2)
+    p1 = pr.predict(RelativeGaussian(0.3))
+    curve = pr.sweep("relative", [0.1, 0.3])
+    assert curve.predictions[1].diagnostics["derivative_pass"] == "cached"
+    ref = predict(model, x, y, RelativeGaussian(0.3), accuracy_draws=8, seed=2, cache=False)
+    for q in (p1, curve.predictions[1]):
+        assert q.accuracy == pytest.approx(ref.accuracy, rel=1e-12)
+        assert q.accuracy_std == pytest.approx(ref.accuracy_std, rel=1e-12)
+    assert "1 derivative pass" in repr(pr)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+    with pytest.raises(ValueError, match="loss_increase must be one of"):
+        predict(model, x, y, "relative:0.1", loss_increase="exact")
+    with pytest.raises(TypeError, match="cache must be True or False"):
+        predict(model, x, y, "relative:0.1", cache="yes")
+    with pytest.raises(ValueError, match="levels is empty"):
+        pr.sweep("relative", [])
+    with pytest.raises(ValueError, match="needs loss_probes >= 2"):
+        predict(model, x, y, "relative:0.1", loss_increase="hutchinson", loss_probes=0)
+
+
+def test_closest_competitors_only():
+    """classes=k: the slot covariance is the full one restricted to the label and its k
+    closest competitors; the accuracy's truncation error is measured and reported."""
+    model = trained("cnn")
+    x, y = held_out(40)
+    lin = LinearizedNetwork(model)
+    u = lin.unit_scales(RelativeGaussian(1.0))
+    full = jacobian_pass(lin, x, u, chunk_size=9)
+    tk = jacobian_pass(lin, x, u, chunk_size=9, classes=3, labels=y)
+    sel = tk.classes
+    assert sel.shape == (40, 4) and torch.equal(sel[:, 0], y)
+    ref = full.cov_unit.gather(1, sel[:, :, None].expand(-1, -1, 10)).gather(2, sel[:, None, :].expand(-1, 4, -1))
+    torch.testing.assert_close(tk.cov_unit, ref, rtol=1e-4, atol=1e-6 * float(ref.abs().max()))
+    f = predict(model, x, y, "relative:0.1", cache=False)
+    k = predict(model, x, y, "relative:0.1", classes=3, cache=False)
+    d = k.diagnostics
+    assert d["classes"] == 3 and d["classes_truncation_inputs"] == 32
+    assert abs(k.accuracy - f.accuracy) <= d["classes_truncation_max_abs"] + 1e-6
+    assert k.accuracy >= f.accuracy - 1e-4  # fewer constraints: an upper bound (up to QMC error)
+    assert torch.isnan(k.logit_var).sum() == 40 * 6
+    known = ~torch.isnan(k.logit_var)
+    torch.testing.assert_close(k.logit_var[known], f.logit_var[known])
+    every = predict(model, x, y, "relative:0.1", classes=9, cache=False)  # all competitors: the full pass
+    assert every.accuracy == f.accuracy and "classes" not in every.diagnostics
+    with pytest.raises(ValueError, match="method='linear'"):
+        predict(model, x, y, "relative:0.1", classes=3, method="moments")
+    with pytest.raises(ValueError, match="cov=True"):
+        predict(model, x, y, "relative:0.1", classes=3, cov=True)
+    with pytest.raises(ValueError, match="classes must be an integer >= 1"):
+        predict(model, x, y, "relative:0.1", classes=0)
