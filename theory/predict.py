@@ -26,7 +26,6 @@ so prediction and simulation put noise on the same parameters.
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 import types
@@ -43,6 +42,7 @@ from torch import nn
 
 from .accuracy import correct_probability, sampled_accuracies
 from .flatness import HessianOperator, _trace_probes, loss_increase_gauss_newton
+from .hashing import inputs_fingerprint, tensor_digest
 from .linearize import JacobianPass, LinearizedNetwork, jacobian_pass, piecewise_linear
 from .noise import WeightNoise, parse_noise
 
@@ -446,25 +446,29 @@ def clear_cache() -> None:
     _CACHE.clear()
 
 
-def _hash_tensors(h, tensors) -> None:
-    for name, t in tensors:
-        t = t.detach()
-        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
-        h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+def _structure(net: nn.Module) -> list:
+    """What the parameters do not show: every module's class (by identity, so two classes
+    of the same name differ), a ``forward`` replaced on an instance, and the module tree's
+    printed form (activations, strides, paddings, ...)."""
+    parts = [repr(net)]
+    for name, m in net.named_modules():
+        fwd = m.__dict__.get("forward")
+        parts.append([name, f"{type(m).__module__}.{type(m).__qualname__}", id(type(m)),
+                      id(fwd) if fwd is not None else None])
+    return parts
 
 
 def _state_hash(lin: LinearizedNetwork) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    _hash_tensors(h, sorted(lin.params.items()))
-    _hash_tensors(h, sorted(lin.buffers.items()))
-    h.update(repr(lin.names).encode())
-    return h.hexdigest()
+    """The model's identity for the cache: its structure (:func:`_structure`), its
+    parameters and buffers, and the noisy parameters' names (one hashing scheme,
+    :mod:`noiseprop.theory.hashing`)."""
+    items = sorted(lin.params.items()) + sorted(lin.buffers.items())
+    return tensor_digest([t for _, t in items], header={"structure": _structure(lin.net), "names": list(lin.names)},
+                         names=[n for n, _ in items], length=32)
 
 
 def _data_hash(x, y) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    _hash_tensors(h, (("x", x), ("y", y)))
-    return h.hexdigest()
+    return inputs_fingerprint(x, y)
 
 
 def _family(noise: WeightNoise) -> str:

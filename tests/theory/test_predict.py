@@ -393,3 +393,19 @@ def test_closest_competitors_only():
         predict(model, x, y, "relative:0.1", classes=3, cov=True)
     with pytest.raises(ValueError, match="classes must be an integer >= 1"):
         predict(model, x, y, "relative:0.1", classes=0)
+
+
+def test_cache_tells_models_with_equal_parameters_apart():
+    """Two networks with the same parameters but another activation (or a forward replaced
+    on an instance) never share a cached derivative pass."""
+    outs = []
+    for act in (nn.Tanh(), nn.Sigmoid(), nn.ReLU()):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(5, 12), act, nn.Linear(12, 3)).eval()
+        x = torch.randn(16, 5, generator=torch.Generator().manual_seed(1))
+        y = torch.zeros(16, dtype=torch.int64)
+        p = predict(net, x, y, RelativeGaussian(0.3), diagnostic=False)
+        q = predict(net, x, y, RelativeGaussian(0.3), diagnostic=False, cache=False)
+        assert torch.equal(p.logit_var, q.logit_var)
+        outs.append(p.logit_var)
+    assert not torch.allclose(outs[0], outs[1]) and not torch.allclose(outs[1], outs[2])
