@@ -51,6 +51,11 @@ class ReportConfig:
     studies: which studies to run. draws, seeds, etas, epochs: override the grid.
     progress: print one line per study and per cell to stderr.
     stop_after: stop (``KeyboardInterrupt``) after that many computed cells (tests).
+    scheduler: a ``dask.distributed`` scheduler address (or Client): the cells run
+        there (:mod:`noiseprop.empirical.cluster`) instead of local worker processes.
+    scale: "cpu" (the default grid on digits) or "paper" (the published architectures,
+        widths and epochs, :func:`noiseprop.empirical.studies.paper_grid`; CIFAR-10 by
+        default, from ``data_dir``).
     """
 
     out_dir: str = "report"
@@ -66,6 +71,8 @@ class ReportConfig:
     epochs: int | None = None
     progress: bool = True
     stop_after: int | None = None
+    scheduler: object = None
+    scale: str = "cpu"
 
 
 # ----------------------------------------------------------------------------
@@ -261,11 +268,22 @@ def make_report(cfg: ReportConfig = ReportConfig()) -> Path:
     overrides = {k: v for k, v in (("dataset", cfg.dataset), ("data_dir", cfg.data_dir), ("draws", cfg.draws),
                                    ("seeds", cfg.seeds), ("etas", cfg.etas), ("epochs", cfg.epochs))
                  if v is not None}
-    grid = quick_grid(**overrides) if cfg.quick else default_grid(**overrides)
+    if cfg.scale not in ("cpu", "paper"):
+        raise ValueError(f"scale must be 'cpu' or 'paper', got {cfg.scale!r}")
+    if cfg.scale == "paper" and cfg.quick:
+        raise ValueError("quick and scale='paper' exclude each other: choose one")
+    if cfg.scale == "paper":
+        from .studies import paper_grid, paper_options
+
+        if cfg.dataset == "digits":
+            overrides["dataset"] = "cifar10"
+        grid = paper_grid(**overrides)
+    else:
+        grid = quick_grid(**overrides) if cfg.quick else default_grid(**overrides)
     cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir is not None else default_cache_dir()
     store = ResultStore(cache / "cells")
     store.clean_temp()
-    opts = quick_options() if cfg.quick else {}
+    opts = quick_options() if cfg.quick else (paper_options() if cfg.scale == "paper" else {})
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if cfg.progress else (lambda msg: None)
     plans = []
     for i, name in enumerate(cfg.studies):
@@ -273,7 +291,14 @@ def make_report(cfg: ReportConfig = ReportConfig()) -> Path:
         p = mod.plan(grid, cache_dir=str(cache), **opts.get(name, {}))
         plans.append((mod, p))
         log(f"[report] study {i + 1}/{len(cfg.studies)} {name}: {p.n_models} models, {len(p.tasks)} cells")
-    executor = make_executor(cfg.workers)
+    if cfg.scheduler is not None:
+        from .cluster import make_dask_executor
+
+        executor = make_dask_executor(cfg.scheduler)
+        local_pool = None  # figures are drawn here: a remote worker's files would not be ours
+    else:
+        executor = make_executor(cfg.workers)
+        local_pool = executor
     try:
         results, stats = run_plans([p for _, p in plans], grid, store, executor,
                                    progress=print_progress() if cfg.progress else None, stop_after=cfg.stop_after)
@@ -286,7 +311,7 @@ def make_report(cfg: ReportConfig = ReportConfig()) -> Path:
             study_results.append(mod.analyse(p, results, grid))
             t_analysis[p.name] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        path = write_report(study_results, grid, out, cfg, executor=executor)
+        path = write_report(study_results, grid, out, cfg, executor=local_pool)
         t_write = time.perf_counter() - t0
     finally:
         if hasattr(executor, "shutdown"):
