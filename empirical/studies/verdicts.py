@@ -211,10 +211,19 @@ def minimum_detectable_effect(effect: Effect, alpha: float = 0.05, power: float 
     def pw(nc):
         return st.nct.sf(crit, df, nc) + st.nct.cdf(-crit, df, nc) - power
 
-    hi = crit + st.norm.ppf(power) + 1.0
-    while pw(hi) < 0:
-        hi *= 2
-    return float(optimize.brentq(pw, 0.0, hi, xtol=1e-10) * se)
+    approx = crit + st.t.ppf(power, df)  # the usual closed form, a close upper start
+    try:
+        hi = approx + 1.0
+        for _ in range(60):
+            v = pw(hi)
+            if not np.isfinite(v) or v >= 0:
+                break
+            hi *= 2
+        if not (np.isfinite(pw(hi)) and pw(hi) >= 0 and np.isfinite(pw(0.0))):
+            return float(approx * se)
+        return float(optimize.brentq(pw, 0.0, hi, xtol=1e-10) * se)
+    except (ValueError, RuntimeError):  # scipy's non-central t fails far in the tail
+        return float(approx * se)
 
 
 def _verdict_from(f: Finding, effect: Effect, p_adj: float, alpha: float) -> str:
