@@ -103,7 +103,8 @@ def register(sub) -> None:
     p.add_argument("--draws", type=int, default=None, help="Monte-Carlo draws per level")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (at least 3 recommended)")
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the family's)")
-    p.add_argument("--theory", choices=("linear", "moments"), default=None, help="prediction method")
+    p.add_argument("--theory", choices=("linear", "moments", "auto"), default=None,
+                   help="prediction method (auto: moments on the MLPs, first order elsewhere)")
     p.add_argument("--models", nargs="+", default=None, help="architecture: e.g. mlp vgg resnet20 resnet32 resnet44 resnet56")
     p.add_argument("--archs", nargs="+", default=None, help="batchnorm / norm_type: architectures")
     p.add_argument("--ks", nargs="+", default=None, help="batchnorm: numbers of BatchNorm places (integers or 'all')")
