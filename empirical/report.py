@@ -126,7 +126,9 @@ def _html_table(frame: pd.DataFrame, columns=None, rename=None) -> str:
         cells = []
         for c in f.columns:
             s = _fmt(r[c], c)
-            cls = f' class="{s}"' if c in ("verdict",) else ""
+            v = r[c]
+            text = isinstance(v, str) and not (c == "verdict")
+            cls = f' class="{s}"' if c in ("verdict",) else (' class="t"' if text else "")
             cells.append(f"<td{cls}>{html.escape(s)}</td>")
         out.append("<tr>" + "".join(cells) + "</tr>")
     out.append("</tbody></table>")
@@ -157,7 +159,7 @@ def render_markdown(blocks) -> str:
 _CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:0.5em 0 1em;font-size:0.85em}th,td{border:1px solid #ccc;padding:2px 6px;
 text-align:right}th{background:#f0f0f0}td.reproduced{background:#dfd}td.contradicted{background:#fdd}
-td.inconclusive{background:#ffd}img{max-width:100%}.cap{font-size:0.85em;color:#555}"""
+td.inconclusive{background:#ffd}td.t{text-align:left}img{max-width:100%}.cap{font-size:0.85em;color:#555}"""
 
 
 def render_html(blocks, title: str) -> str:
@@ -283,7 +285,8 @@ def paper_table(findings: pd.DataFrame) -> pd.DataFrame:
 
 def _power_text(r) -> str:
     c = str(r.get("conclusion", "") or "")
-    return c.split(": ", 1)[1] if r["verdict"] == "inconclusive" and ": " in c else ""
+    # the detectable effect only: the paper's number has its own column
+    return c.split(": ", 1)[1].split("; ")[0] if r["verdict"] == "inconclusive" and ": " in c else ""
 
 
 def training_table(study_results) -> pd.DataFrame:
