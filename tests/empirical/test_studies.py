@@ -305,3 +305,20 @@ def test_models_below_the_floor_are_excluded_with_the_reason():
     assert ex["included"].tolist() == [True, False, False]
     with pytest.raises(ValueError, match="min_clean_accuracy"):
         common.Grid(min_clean_accuracy=1.5)
+
+
+def test_default_and_paper_grids():
+    from noiseprop.empirical.report import ReportConfig, make_report
+    from noiseprop.empirical.studies import PAPER_COST, default_grid, paper_grid, paper_options
+
+    g = default_grid()
+    assert g.min_clean_accuracy == 0.95 and g.theory == "auto" and min(g.widths.values()) >= 8
+    p = paper_grid()
+    assert p.dataset == "cifar10" and p.widths is None and p.epochs is None
+    assert default_grid(dataset="cifar100").dataset == "cifar100"
+    assert set(paper_options()) == {"architecture", "batchnorm", "learning_rate", "norm_type"}
+    assert "GPU-hours" in PAPER_COST
+    with pytest.raises(ValueError, match="scale"):
+        make_report(ReportConfig(scale="huge", progress=False))
+    with pytest.raises(ValueError, match="quick"):
+        make_report(ReportConfig(scale="paper", quick=True, progress=False))
