@@ -16,7 +16,8 @@ class Grid:
     draws: Monte-Carlo draws per level (common random numbers across levels and models).
     seeds: training seeds (the unit of replication of every test).
     mc_seed: the seed of the standard-normal draws, shared by every sweep.
-    epochs: training epochs (``None``: the family default of
+    epochs: training epochs, for every family or per family (``{"vgg": 10}``; ``None`` or a
+        family left out: the family default of
         :func:`noiseprop.empirical.train.default_train_config`).
     widths: per-family width overrides, e.g. ``{"vgg": 8}`` (``None``: defaults).
     n_test: test inputs used (``None``: all). n_train: training examples used (``None``:
@@ -40,7 +41,7 @@ class Grid:
     draws: int = 20
     seeds: tuple = (0, 1, 2)
     mc_seed: int = 20240
-    epochs: int | None = None
+    epochs: int | dict | None = None
     widths: dict | None = None
     n_test: int | None = None
     n_train: int | None = None
@@ -68,8 +69,12 @@ class Grid:
             raise ValueError(f"theory must be 'linear', 'moments' or 'auto', got {self.theory!r}")
         if not (isinstance(self.min_clean_accuracy, (int, float)) and 0 <= self.min_clean_accuracy < 1):
             raise ValueError(f"min_clean_accuracy must be a number in [0, 1), got {self.min_clean_accuracy!r}")
-        if self.epochs is not None and (not isinstance(self.epochs, int) or self.epochs < 1):
-            raise ValueError(f"epochs must be None or an integer >= 1, got {self.epochs!r}")
+        if isinstance(self.epochs, dict):
+            if not all(isinstance(v, int) and v >= 1 for v in self.epochs.values()):
+                raise ValueError(f"epochs per family must be integers >= 1, got {self.epochs!r}")
+            object.__setattr__(self, "epochs", dict(sorted(self.epochs.items())))
+        elif self.epochs is not None and (not isinstance(self.epochs, int) or self.epochs < 1):
+            raise ValueError(f"epochs must be None, an integer >= 1 or a dict family -> integer, got {self.epochs!r}")
         if self.widths is not None:
             object.__setattr__(self, "widths", dict(sorted(dict(self.widths).items())))
 
@@ -84,6 +89,12 @@ class Grid:
         return {"etas": list(self.etas), "draws": self.draws, "mc_seed": self.mc_seed, "n_test": self.n_test,
                 "theory": self.theory, "curvature_inputs": self.curvature_inputs,
                 "trace_probes": self.trace_probes, "eig_iters": self.eig_iters, "gain_inputs": self.gain_inputs}
+
+    def epochs_of(self, family: str):
+        """The training epochs of ``family`` (``None``: the family default)."""
+        if isinstance(self.epochs, dict):
+            return self.epochs.get(family)
+        return self.epochs
 
     def width(self, family: str):
         if self.widths and family in self.widths:

@@ -111,8 +111,8 @@ def model_cells(study: str, grid: Grid, arch: str, norm: str = "none", norm_laye
     spec = model_spec(arch, list(data.in_shape), int(data.num_classes), norm=norm, norm_layers=norm_layers,
                       width=d["width"] if width is None else width, depth=d["depth"])
     tcfg = {k: d[k] for k in ("lr", "epochs", "batch_size", "momentum", "weight_decay", "schedule", "warmup_epochs")}
-    if grid.epochs is not None:
-        tcfg["epochs"] = grid.epochs
+    if grid.epochs_of(family) is not None:
+        tcfg["epochs"] = grid.epochs_of(family)
     tcfg.update(train_overrides or {})
     common = {"model": spec, "train": tcfg, "dataset": grid.dataset, "data_fingerprint": data.fingerprint,
               "seed": int(seed), "version": CELL_VERSION}
