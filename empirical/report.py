@@ -448,6 +448,8 @@ def write_report(study_results, grid, out: Path, cfg: ReportConfig, executor=Non
     allf = pd.concat([r.findings_frame() for r in study_results], ignore_index=True) if study_results else pd.DataFrame()
     _write_csv(out / "csv/findings.csv", allf)
     validation, by_eta, figs = overall_validation(study_results, grid)
+    by_method = _by_method(study_results)
+    _write_csv(out / "csv/validation_by_method.csv", by_method)
     _write_csv(out / "csv/validation.csv", validation)
     _write_csv(out / "csv/validation_by_eta.csv", by_eta)
     for fig in figs:
@@ -462,7 +464,8 @@ def write_report(study_results, grid, out: Path, cfg: ReportConfig, executor=Non
 
     training = training_table(study_results)
     _write_csv(out / "csv/training.csv", training)
-    title, blocks = report_blocks(study_results, grid, cfg, allf, validation, by_eta, figs, training, written)
+    title, blocks = report_blocks(study_results, grid, cfg, allf, validation, by_eta, figs, training, written,
+                                  by_method)
     for f in futures:
         f.result()
     md = render_markdown(blocks)
@@ -471,7 +474,18 @@ def write_report(study_results, grid, out: Path, cfg: ReportConfig, executor=Non
     return out / "report.md"
 
 
-def report_blocks(study_results, grid, cfg, allf, validation, by_eta, figs, training, written):
+def _by_method(study_results) -> pd.DataFrame:
+    from .studies.validation import validation_by_method
+
+    parts = [f for r in study_results for n, f in r.tables.items() if n.endswith("_compare") and not f.empty]
+    if not parts:
+        return pd.DataFrame()
+    comp = pd.concat(parts, ignore_index=True)
+    keep = [c for c in ("eval_key", "variant", "eta", "quantity") if c in comp.columns]
+    return validation_by_method(comp.drop_duplicates(subset=keep))
+
+
+def report_blocks(study_results, grid, cfg, allf, validation, by_eta, figs, training, written, by_method=None):
     """The report's content, in reading order: what was run; one table per paper (the
     claim in the paper's words, the paper's number, our effect with unit and interval,
     the conclusion, the theory's verdict and mechanism); the models (clean accuracy,
@@ -524,6 +538,12 @@ def report_blocks(study_results, grid, cfg, allf, validation, by_eta, figs, trai
                             f"{ACCURACY_TOLERANCE * 100:g} point of its mean in {r['agreement']:.0%} of them "
                             f"(inside the interval: {r['ci_contains_prediction']:.0%}). Theory: {grid.theory} "
                             "(auto: moment propagation on the MLPs, the first order on the convolutional networks)."))
+    if by_method is not None and not by_method.empty:
+        blocks.append(("p", "Per prediction method: the share of cells agreeing (inside the interval or within 1 "
+                            "point). Moment propagation is what the published comparison should use; the first "
+                            "order is reliable only where its validity diagnostic (at most 15% of ReLU "
+                            "pre-activations with predicted noise sd above their magnitude) holds."))
+        blocks.append(("table", by_method, None, None, "csv/validation_by_method.csv"))
     blocks.append(("p", "Per quantity: cells, median relative error, share of intervals containing the prediction, "
                         "share agreeing (accuracy), TOST equivalences after Holm, and the calibration of observed on "
                         "predicted across cells."))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-__all__ = ["validation_tables", "validation_by_eta", "agreement", "ACCURACY_TOLERANCE"]
+__all__ = ["validation_tables", "validation_by_eta", "validation_by_method", "agreement", "ACCURACY_TOLERANCE"]
 
 #: An accuracy prediction agrees with Monte-Carlo when inside its interval or within
 #: this many accuracy units (1 percentage point) of its mean.
@@ -88,4 +88,34 @@ def validation_by_eta(comp: pd.DataFrame, confidence: float = 0.95) -> pd.DataFr
                      "accuracy_agreement": float(np.mean(agreement(a))) if len(a) else np.nan,
                      "logit_var_median_rel_error": float(np.nanmedian(vrel)) if vrel.size else np.nan,
                      "preact_frac": float(d["preact_frac"].astype(float).mean()) if "preact_frac" in d else np.nan})
+    return pd.DataFrame(rows)
+
+
+def validation_by_method(comp: pd.DataFrame) -> pd.DataFrame:
+    """The accuracy agreement (:func:`agreement`) per prediction method: moment
+    propagation, the first order in all its cells, and the first order where its
+    validity diagnostic holds (:func:`~noiseprop.empirical.studies.theory_helpers.first_order_valid`).
+
+    >>> rows = pd.DataFrame({"quantity": "accuracy", "method": ["moments", "linear", "linear"],
+    ...                      "predicted": [0.5, 0.5, 0.5], "observed": [0.5, 0.5, 0.9],
+    ...                      "ci_low": [0.45, 0.45, 0.85], "ci_high": [0.55, 0.55, 0.95], "preact_frac": [0.5, 0.05, 0.6]})
+    >>> validation_by_method(rows)[["theory", "cells", "agreement"]].values.tolist()
+    [['moment propagation', 1, 1.0], ['first order, all cells', 2, 0.5], ['first order, where its validity diagnostic holds', 1, 1.0]]
+    """
+    from .theory_helpers import first_order_valid
+
+    if comp.empty or "quantity" not in comp.columns:
+        return pd.DataFrame()
+    a = comp[comp["quantity"] == "accuracy"]
+    method = a["method"] if "method" in a.columns else pd.Series("linear", index=a.index)
+    ok = agreement(a)
+    inside = ((a["ci_low"] <= a["predicted"]) & (a["predicted"] <= a["ci_high"])).to_numpy(bool)
+    rows = []
+    for name, mask in (("moment propagation", (method == "moments").to_numpy()),
+                       ("first order, all cells", (method == "linear").to_numpy()),
+                       ("first order, where its validity diagnostic holds",
+                        (method == "linear").to_numpy() & first_order_valid(a["preact_frac"]))):
+        if mask.any():
+            rows.append({"theory": name, "cells": int(mask.sum()), "agreement": float(ok[mask].mean()),
+                         "ci_contains_prediction": float(inside[mask].mean())})
     return pd.DataFrame(rows)
