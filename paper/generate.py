@@ -171,6 +171,15 @@ def _curve_means(curves: pd.DataFrame, study: str) -> pd.DataFrame:
     g = GROUP[study]
     keys = [g] + (["variant"] if "variant" in curves.columns else []) + ["eta"]
     cols = [c for c in ("accuracy", "pred_accuracy") if c in curves.columns]
+    if {"pred_accuracy", "pred_preact_frac", "theory_method"} <= set(curves.columns):
+        # as in the report: the first order is drawn only where its validity diagnostic holds
+        from noiseprop.empirical.studies.theory_helpers import first_order_valid
+
+        bad = (curves["theory_method"] == "linear").to_numpy() & ~first_order_valid(curves["pred_preact_frac"])
+        curves = curves.assign(pred_accuracy=curves["pred_accuracy"].mask(bad), _bad=bad.astype(float))
+        m = curves.groupby(keys, sort=True, dropna=False)[cols + ["_bad"]].mean().reset_index()
+        m.loc[m["_bad"] > 0, "pred_accuracy"] = np.nan
+        return m.drop(columns="_bad")
     return curves.groupby(keys, sort=True, dropna=False)[cols].mean().reset_index()
 
 
@@ -325,7 +334,7 @@ def _finding_sentence(r) -> str:
         power = c.split(": ", 1)[1] if ": " in c else "its power could not be estimated"
         body = rf"inconclusive: the effect is {eff} (95\% CI), and {tex(power.replace('−', '-'))}"
     else:
-        body = rf"{tex(v)}: the effect is {eff} (95\% CI, Holm-adjusted $p={num(r['p_holm'], 2)}$)"
+        body = rf"{tex(v)}: the effect is {eff} (95\% CI, Holm-adjusted $p$ = {num(r['p_holm'], 2)})"
     th = str(r.get("theory", "") or "")
     theory = (rf"; the same test on the theory's predictions: {tex(th)}" if th and th != "nan" else "")
     return rf"\item \emph{{{claim}}} --- {body}{theory}."
