@@ -5,6 +5,9 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# the optional `cluster` extra (dask.distributed), installed for the tests; torch is held
+# at the installed version by a constraints file
+CLUSTER_STAMP := $(VENV)/.cluster-installed
 REPORT_ARGS ?=
 # `make paper PAPER_QUICK=1` runs the quick report when report/ is missing
 PAPER_QUICK ?=
@@ -23,10 +26,15 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 install: $(STAMP)
 
+$(CLUSTER_STAMP): $(STAMP)
+	$(BIN)/python -m pip freeze | grep -i '^torch==' > $(VENV)/constraints.txt
+	$(BIN)/python -m pip install -c $(VENV)/constraints.txt -e ".[cluster]"
+	touch $(CLUSTER_STAMP)
+
 report: $(STAMP)
 	$(BIN)/noiseprop report $(REPORT_ARGS)
 
-test: $(STAMP)
+test: $(STAMP) $(CLUSTER_STAMP)
 	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
 
 lab: $(STAMP)

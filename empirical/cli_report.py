@@ -18,7 +18,8 @@ def cmd_report(args) -> int:
     cfg = ReportConfig(out_dir=args.out, dataset=args.dataset, data_dir=args.data_dir, cache_dir=args.cache_dir,
                        workers=args.workers, quick=args.quick, studies=studies, draws=args.draws,
                        seeds=tuple(args.seeds) if args.seeds else None, etas=tuple(args.etas) if args.etas else None,
-                       epochs=args.epochs, progress=not args.no_progress)
+                       epochs=args.epochs, progress=not args.no_progress,
+                       scheduler=getattr(args, "scheduler", None), scale=getattr(args, "scale", "cpu"))
     path = make_report(cfg)
     print(f"report written to {path}")
     return 0
@@ -42,4 +43,10 @@ def register(sub) -> None:
                    help="checkpoints and result cells (default: $NOISEPROP_CACHE_DIR or ~/.cache/noiseprop)")
     p.add_argument("--quick", action="store_true", help="a tiny grid, at most 90 s (used by the tests)")
     p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
+    p.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                   help="run the cells on a dask.distributed scheduler (e.g. tcp://host:8786; needs "
+                        "noiseprop[cluster]) instead of local worker processes")
+    p.add_argument("--scale", choices=("cpu", "paper"), default="cpu",
+                   help="cpu (default: digits, sized for 10 min on 2 cores) or paper (CIFAR-10 from --data-dir, "
+                        "the published architectures, widths and epochs; GPU when present)")
     p.set_defaults(func=cmd_report)

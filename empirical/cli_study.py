@@ -88,7 +88,12 @@ def cmd_study(args) -> int:
     mod = study_module(args.name)
     plan = mod.plan(grid, cache_dir=str(cache), **opts)
     print(f"[study {args.name}] {plan.n_models} models, {len(plan.tasks)} cells", file=sys.stderr)
-    executor = make_executor(args.workers)
+    if getattr(args, "scheduler", None):
+        from .cluster import make_dask_executor
+
+        executor = make_dask_executor(args.scheduler)
+    else:
+        executor = make_executor(args.workers)
     try:
         results, stats = run_plans([plan], grid, ResultStore(cache / "cells"), executor,
                                    progress=None if args.no_progress else print_progress())
@@ -121,7 +126,8 @@ def register(sub) -> None:
     p.add_argument("--draws", type=int, default=None, help="Monte-Carlo draws per level")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (at least 3 recommended)")
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the family's)")
-    p.add_argument("--theory", choices=("linear", "moments"), default=None, help="prediction method")
+    p.add_argument("--theory", choices=("linear", "moments", "auto"), default=None,
+                   help="prediction method (auto: moments on the MLPs, first order elsewhere)")
     p.add_argument("--models", nargs="+", default=None, help="architecture: e.g. mlp vgg resnet20 resnet32 resnet44 resnet56")
     p.add_argument("--archs", nargs="+", default=None, help="batchnorm / norm_type / noise_aware: architectures")
     p.add_argument("--train-eta", type=float, default=None,
@@ -137,4 +143,6 @@ def register(sub) -> None:
     p.add_argument("--out", default=None, help="write report.md, figures and CSVs of this study to this folder")
     p.add_argument("--quick", action="store_true", help="a tiny grid (smoke test)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                   help="run the cells on a dask.distributed scheduler (needs noiseprop[cluster])")
     p.set_defaults(func=cmd_study)

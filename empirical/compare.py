@@ -67,7 +67,7 @@ from .stats import (
     variance_tost,
 )
 
-__all__ = ["QuantityComparison", "Comparison", "compare", "CellComparison", "compare_cells"]
+__all__ = ["QuantityComparison", "Comparison", "compare", "CellComparison", "compare_cells", "combine_cells"]
 
 QUANTITIES = ("logit_var", "logit_mean_shift", "accuracy", "accuracy_std", "loss_increase")
 
@@ -506,7 +506,28 @@ def compare_cells(comparisons: Sequence[Comparison] | dict, labels: Sequence | N
             raise TypeError(f"compare_cells takes Comparison objects, got {type(c).__name__} for cell {lab!r}")
         for q in c.quantities:
             rows.append(dict(cell=lab, **q.to_dict()))
-    frame = pd.DataFrame(rows)
+    return combine_cells(pd.DataFrame(rows), alpha, confidence)
+
+
+def combine_cells(frame: pd.DataFrame, alpha: float = 0.05, confidence: float = 0.95) -> CellComparison:
+    """The across-cell part of :func:`compare_cells` on rows already tabulated (one row
+    per cell × quantity, the columns of :meth:`Comparison.to_frame` plus any labels, as
+    stored by the studies): Holm-adjusted TOST p-values within each quantity and the
+    calibration regression of observed on predicted across cells (log scale for
+    variances and the loss increase). The one validation path of the studies and the
+    report.
+
+    >>> rows = pd.DataFrame({"quantity": ["accuracy"] * 3, "predicted": [0.9, 0.8, 0.7],
+    ...                      "observed": [0.91, 0.79, 0.70], "tost_p": [0.01, 0.02, 0.03]})
+    >>> combine_cells(rows).frame["tost_p_holm"].round(2).tolist()
+    [0.03, 0.04, 0.04]
+    """
+    if not isinstance(frame, pd.DataFrame):
+        raise TypeError(f"combine_cells takes a DataFrame of per-cell rows, got {type(frame).__name__}")
+    missing = [c for c in ("quantity", "predicted", "observed", "tost_p") if c not in frame.columns]
+    if missing:
+        raise ValueError(f"combine_cells: frame lacks the columns {missing} (rows of Comparison.to_frame())")
+    frame = frame.copy()
     frame["tost_p_holm"] = np.nan
     frame["equivalent_holm"] = None
     cals = {}
@@ -517,4 +538,4 @@ def compare_cells(comparisons: Sequence[Comparison] | dict, labels: Sequence | N
         sub = frame.loc[idx]
         cals[q] = calibration(sub["observed"].to_numpy(float), sub["predicted"].to_numpy(float),
                               log=_LOG_SCALE.get(q, False), confidence=confidence)
-    return CellComparison(frame, cals, alpha)
+    return CellComparison(frame, cals, float(alpha))

@@ -51,6 +51,11 @@ class ReportConfig:
     studies: which studies to run. draws, seeds, etas, epochs: override the grid.
     progress: print one line per study and per cell to stderr.
     stop_after: stop (``KeyboardInterrupt``) after that many computed cells (tests).
+    scheduler: a ``dask.distributed`` scheduler address (or Client): the cells run
+        there (:mod:`noiseprop.empirical.cluster`) instead of local worker processes.
+    scale: "cpu" (the default grid on digits) or "paper" (the published architectures,
+        widths and epochs, :func:`noiseprop.empirical.studies.paper_grid`; CIFAR-10 by
+        default, from ``data_dir``).
     """
 
     out_dir: str = "report"
@@ -66,6 +71,8 @@ class ReportConfig:
     epochs: int | None = None
     progress: bool = True
     stop_after: int | None = None
+    scheduler: object = None
+    scale: str = "cpu"
 
 
 # ----------------------------------------------------------------------------
@@ -119,7 +126,9 @@ def _html_table(frame: pd.DataFrame, columns=None, rename=None) -> str:
         cells = []
         for c in f.columns:
             s = _fmt(r[c], c)
-            cls = f' class="{s}"' if c in ("verdict",) else ""
+            v = r[c]
+            text = isinstance(v, str) and not (c == "verdict")
+            cls = f' class="{s}"' if c in ("verdict",) else (' class="t"' if text else "")
             cells.append(f"<td{cls}>{html.escape(s)}</td>")
         out.append("<tr>" + "".join(cells) + "</tr>")
     out.append("</tbody></table>")
@@ -150,7 +159,7 @@ def render_markdown(blocks) -> str:
 _CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:0.5em 0 1em;font-size:0.85em}th,td{border:1px solid #ccc;padding:2px 6px;
 text-align:right}th{background:#f0f0f0}td.reproduced{background:#dfd}td.contradicted{background:#fdd}
-td.inconclusive{background:#ffd}img{max-width:100%}.cap{font-size:0.85em;color:#555}"""
+td.inconclusive{background:#ffd}td.t{text-align:left}img{max-width:100%}.cap{font-size:0.85em;color:#555}"""
 
 
 def render_html(blocks, title: str) -> str:
@@ -201,9 +210,102 @@ def render_figure(fig, path: str) -> str:
     return path
 
 
-FINDING_COLUMNS = ["claim", "test", "effect", "ci_low", "ci_high", "effect_size", "p_holm", "verdict", "theory"]
+FINDING_COLUMNS = ["claim", "test", "effect", "unit", "ci_low", "ci_high", "p_holm", "mde", "verdict", "theory"]
 FINDING_NAMES = {"ci_low": "CI low", "ci_high": "CI high", "effect_size": "std. effect", "p_holm": "p (Holm)",
-                 "theory": "theory", "test": "test"}
+                 "theory": "theory", "test": "test", "mde": "detectable (80% power)"}
+
+
+#: One table per paper: the claim in the paper's words (its abstract) and the source.
+PAPERS = {
+    "architecture": ("Fagbohungbe & Qian 2020, arXiv 2011.11840",
+                     "“deeper models and models with more redundancy in design such as VGG are more robust to the "
+                     "noise in general. However, the performance is also affected by the design philosophy of the "
+                     "model”"),
+    "batchnorm": ("Fagbohungbe & Qian 2022, IEEE Access, arXiv 2205.07372",
+                  "“the presence of batch normalization layer negatively impacts noise resistant property of deep "
+                  "learning model and the impact grows with the increase of the number of batch normalization "
+                  "layers”"),
+    "learning_rate": ("Fagbohungbe & Qian 2022, arXiv 2205.07856",
+                      "“there exists a sweet spot of learning rate values that achieves a good balance between model "
+                      "prediction performance and model noise-resistant property”"),
+    "norm_type": ("Fagbohungbe & Qian 2022, arXiv 2205.04886",
+                  "“L1 and TopK BatchNorm type has excellent noise-resistant property, and there is no sacrifice in "
+                  "performance due to the change in the BatchNorm type from L2 to L1/TopK BatchNorm type”"),
+}
+
+
+def _decimals(lo: float, hi: float) -> int:
+    """Decimals that an interval supports: the position of the first significant digit
+    of its half-width (one more when that digit is 1 or 2)."""
+    hw = (hi - lo) / 2
+    if not (np.isfinite(hw) and hw > 0):
+        return 3
+    e = math.floor(math.log10(hw))
+    first = int(hw / 10 ** e)
+    d = -e + (1 if first <= 2 else 0)
+    return int(min(max(d, 0), 6))
+
+
+def round_to_ci(estimate: float, lo: float, hi: float, unit: str = "") -> str:
+    """``estimate [lo, hi] unit`` rounded to what the interval supports.
+
+    >>> round_to_ci(-0.002411, -0.0102, 0.0054, "normalised accuracy")
+    '−0.002 [−0.010, 0.005] normalised accuracy'
+    >>> round_to_ci(0.5, float("nan"), float("nan"))
+    '0.500 (no interval)'
+    """
+    def f(v, d):
+        return f"{v:.{d}f}".replace("-", "−")
+
+    u = f" {unit}" if unit else ""
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return (f(estimate, 3) if np.isfinite(estimate) else "n/a") + " (no interval)" + u
+    d = _decimals(lo, hi)
+    return f"{f(estimate, d)} [{f(lo, d)}, {f(hi, d)}]{u}"
+
+
+def paper_table(findings: pd.DataFrame) -> pd.DataFrame:
+    """One paper's findings for readers: our test of the claim, the paper's number, our
+    effect with its unit and interval (rounded to what the interval supports), the
+    conclusion (an inconclusive one with the effect this grid could detect), and
+    whether the theory predicts it."""
+    rows = []
+    for _, r in findings.iterrows():
+        pe = r.get("paper_effect", np.nan)
+        unit = r.get("unit", "") if isinstance(r.get("unit", ""), str) else ""
+        paper = (f"{float(pe):+.2f} {unit}".replace("-", "−") + (f" ({r['paper_note']})" if r.get("paper_note") else "")
+                 if np.isfinite(pe) else str(r.get("paper_note", "") or ""))
+        rows.append({"tested claim": r["claim"], "paper's number": paper,
+                     "our effect (95% CI)": round_to_ci(float(r["effect"]), float(r["ci_low"]), float(r["ci_high"]),
+                                                        unit),
+                     "verdict": r["verdict"], "power (if inconclusive)": _power_text(r),
+                     "theory": r["theory"]})
+    return pd.DataFrame(rows)
+
+
+def _power_text(r) -> str:
+    c = str(r.get("conclusion", "") or "")
+    # the detectable effect only: the paper's number has its own column
+    return c.split(": ", 1)[1].split("; ")[0] if r["verdict"] == "inconclusive" and ": " in c else ""
+
+
+def training_table(study_results) -> pd.DataFrame:
+    """Per architecture and normalisation: trained models, their clean test accuracy
+    (lowest and mean) and how many were excluded by the floor (with the first reason)."""
+    parts = [f for r in study_results for n, f in r.tables.items() if n.endswith("_training") and not f.empty]
+    if not parts:
+        return pd.DataFrame()
+    t = pd.concat(parts, ignore_index=True)
+    keys = [c for c in ("arch", "norm", "n_norm", "lr", "seed") if c in t.columns]
+    t = t.drop_duplicates(subset=keys)
+    rows = []
+    for (arch, norm), d in t.groupby(["arch", "norm"], sort=False):
+        ex = d[~d["included"].astype(bool)]
+        rows.append({"model": arch, "normalisation": norm, "trained": int(len(d)),
+                     "lowest clean accuracy": float(d["clean_accuracy"].min()),
+                     "mean clean accuracy": float(d["clean_accuracy"].mean()), "excluded": int(len(ex)),
+                     "why": str(ex["reason"].iloc[0]) if len(ex) else ""})
+    return pd.DataFrame(rows)
 
 
 def _study_blocks(res, out: Path, written: dict) -> list:
@@ -266,13 +368,24 @@ def make_report(cfg: ReportConfig = ReportConfig()) -> Path:
     overrides = {k: v for k, v in (("dataset", cfg.dataset), ("data_dir", cfg.data_dir), ("draws", cfg.draws),
                                    ("seeds", cfg.seeds), ("etas", cfg.etas), ("epochs", cfg.epochs))
                  if v is not None}
-    grid = quick_grid(**overrides) if cfg.quick else default_grid(**overrides)
+    if cfg.scale not in ("cpu", "paper"):
+        raise ValueError(f"scale must be 'cpu' or 'paper', got {cfg.scale!r}")
+    if cfg.scale == "paper" and cfg.quick:
+        raise ValueError("quick and scale='paper' exclude each other: choose one")
+    if cfg.scale == "paper":
+        from .studies import paper_grid, paper_options
+
+        if cfg.dataset == "digits":
+            overrides["dataset"] = "cifar10"
+        grid = paper_grid(**overrides)
+    else:
+        grid = quick_grid(**overrides) if cfg.quick else default_grid(**overrides)
     cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir is not None else default_cache_dir()
     check_output_dir(cache / "cells", "--cache-dir")
     store = ResultStore(cache / "cells")
     store.clean_temp()
     sweep_temp(cache / "checkpoints")  # temp files of killed trainings
-    opts = quick_options() if cfg.quick else {}
+    opts = quick_options() if cfg.quick else (paper_options() if cfg.scale == "paper" else {})
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if cfg.progress else (lambda msg: None)
     plans = []
     for i, name in enumerate(cfg.studies):
@@ -280,7 +393,14 @@ def make_report(cfg: ReportConfig = ReportConfig()) -> Path:
         p = mod.plan(grid, cache_dir=str(cache), **opts.get(name, {}))
         plans.append((mod, p))
         log(f"[report] study {i + 1}/{len(cfg.studies)} {name}: {p.n_models} models, {len(p.tasks)} cells")
-    executor = make_executor(cfg.workers)
+    if cfg.scheduler is not None:
+        from .cluster import make_dask_executor
+
+        executor = make_dask_executor(cfg.scheduler)
+        local_pool = None  # figures are drawn here: a remote worker's files would not be ours
+    else:
+        executor = make_executor(cfg.workers)
+        local_pool = executor
     try:
         results, stats = run_plans([p for _, p in plans], grid, store, executor,
                                    progress=print_progress() if cfg.progress else None, stop_after=cfg.stop_after)
@@ -296,7 +416,7 @@ def make_report(cfg: ReportConfig = ReportConfig()) -> Path:
 
         def fill(staging: Path):
             t0 = time.perf_counter()
-            write_report(study_results, grid, staging, cfg, executor=executor)
+            write_report(study_results, grid, staging, cfg, executor=local_pool)
             t_write = time.perf_counter() - t0
             timings.update({"total_seconds": time.perf_counter() - t_start, "cells_seconds": t_cells,
                             "analysis_seconds": t_analysis, "write_seconds": t_write,
@@ -347,6 +467,8 @@ def write_report(study_results, grid, out: Path, cfg: ReportConfig, executor=Non
     allf = pd.concat([r.findings_frame() for r in study_results], ignore_index=True) if study_results else pd.DataFrame()
     _write_csv(out / "csv/findings.csv", allf)
     validation, by_eta, figs = overall_validation(study_results, grid)
+    by_method = _by_method(study_results)
+    _write_csv(out / "csv/validation_by_method.csv", by_method)
     _write_csv(out / "csv/validation.csv", validation)
     _write_csv(out / "csv/validation_by_eta.csv", by_eta)
     for fig in figs:
@@ -359,7 +481,37 @@ def write_report(study_results, grid, out: Path, cfg: ReportConfig, executor=Non
         _write_csv(out / f"csv/figure_{fig.name}.csv", fig.frame)
         written[f"figcsv:{fig.name}"] = f"csv/figure_{fig.name}.csv"
 
+    training = training_table(study_results)
+    _write_csv(out / "csv/training.csv", training)
+    title, blocks = report_blocks(study_results, grid, cfg, allf, validation, by_eta, figs, training, written,
+                                  by_method)
+    for f in futures:
+        f.result()
+    md = render_markdown(blocks)
+    _write_text(out / "report.md", md)
+    _write_text(out / "report.html", render_html(blocks, title))
+    return out / "report.md"
+
+
+def _by_method(study_results) -> pd.DataFrame:
+    from .studies.validation import validation_by_method
+
+    parts = [f for r in study_results for n, f in r.tables.items() if n.endswith("_compare") and not f.empty]
+    if not parts:
+        return pd.DataFrame()
+    comp = pd.concat(parts, ignore_index=True)
+    keep = [c for c in ("eval_key", "variant", "eta", "quantity") if c in comp.columns]
+    return validation_by_method(comp.drop_duplicates(subset=keep))
+
+
+def report_blocks(study_results, grid, cfg, allf, validation, by_eta, figs, training, written, by_method=None):
+    """The report's content, in reading order: what was run; one table per paper (the
+    claim in the paper's words, the paper's number, our effect with unit and interval,
+    the conclusion, the theory's verdict and mechanism); the models (clean accuracy,
+    exclusions); theory vs Monte-Carlo (the share of cells agreeing); then, as an
+    appendix, each study's tables and figures with links to every CSV."""
     from .studies import CPU_SCALE_DATASETS
+    from .studies.validation import ACCURACY_TOLERANCE
 
     scale = "CPU scale" if grid.dataset in CPU_SCALE_DATASETS else "published scale"
     if len(study_results) == 1:
@@ -367,49 +519,69 @@ def write_report(study_results, grid, out: Path, cfg: ReportConfig, executor=Non
     else:
         title = f"noiseprop report: weight noise on analog hardware, the published studies at {scale}"
     blocks = [("h", 1, title)]
-    blocks.append(("p", f"Dataset: {grid.dataset}. Noise: additive Gaussian on the Conv/Linear weights, σ_l = η·std(W_l) "
-                        f"per layer, η ∈ {list(grid.etas)}; {grid.draws} Monte-Carlo draws per level with common random "
-                        f"numbers; training seeds {list(grid.seeds)} (the seed is a factor in every test). "
-                        f"Tests at α = {grid.alpha}, intervals at {int(grid.confidence * 100)}%; p-values adjusted by "
-                        "Holm's method over the findings of each study; verdicts computed from them: reproduced "
-                        "(significant in the claimed direction), contradicted (significant in the opposite direction, "
-                        "or equivalence excluded), inconclusive (neither, at this scale). 'theory' applies the same "
-                        "test to the theory's predicted values." + (" QUICK RUN: tiny grid, for tests only." if cfg.quick else "")))
-    blocks.append(("h", 2, "Findings at a glance"))
-    glance = allf.assign(study=allf["study"]) if not allf.empty else allf
-    blocks.append(("table", glance, ["study"] + FINDING_COLUMNS if not allf.empty else None, FINDING_NAMES,
-                   "csv/findings.csv"))
+    blocks.append(("p", f"What was run: {grid.dataset}; relative Gaussian noise on the Conv/Linear weights, "
+                        f"σ_l = η·std(W_l) per layer, η ∈ {list(grid.etas)}; {grid.draws} Monte-Carlo draws per level "
+                        f"with common random numbers (the same draws for every model and level); training seeds "
+                        f"{list(grid.seeds)}, the unit of replication of every test; models below "
+                        f"{grid.min_clean_accuracy:.0%} clean accuracy excluded. Tests at α = {grid.alpha} with "
+                        "Holm's correction within each study; verdicts are computed: reproduced (significant in the "
+                        "claimed direction), contradicted (significant the other way, or equivalence excluded), "
+                        "inconclusive (neither; stated with the smallest effect this grid detects with 80% power). "
+                        "'theory' runs the same test on the theory's predicted values."
+                        + (" QUICK RUN: tiny grid, for tests only; its verdicts mean little." if cfg.quick else "")))
     counts = allf["verdict"].value_counts().to_dict() if not allf.empty else {}
-    blocks.append(("p", "Verdicts: " + ", ".join(f"{k}: {counts.get(k, 0)}" for k in ("reproduced", "contradicted",
-                                                                                        "inconclusive")) + "."))
-    blocks.append(("h", 2, "Theory vs Monte-Carlo (all cells of all studies)"))
-    blocks.append(("p", "Per quantity: cells compared (model × noise placement × η), median relative error, the "
-                        "share of cells whose Monte-Carlo interval contains the prediction, TOST equivalences after "
-                        "Holm's correction (margins: ±10% on the log-ratio for variances and the loss increase, ±1 "
-                        "percentage point for accuracy), and the calibration regression of observed on predicted "
-                        "across cells (log scale for variances and the loss increase) with the joint F-test of "
-                        "slope 1, intercept 0."))
-    vcols = [c for c in ("quantity", "cells", "median_abs_rel_error", "ci_contains_prediction",
-                         "equivalent_after_holm", "cal_slope", "cal_slope_ci_low", "cal_slope_ci_high",
-                         "cal_intercept", "cal_f_pvalue") if c in validation.columns]
+    blocks.append(("p", "Verdicts: " + ", ".join(f"{k}: {counts.get(k, 0)}" for k in
+                                                  ("reproduced", "contradicted", "inconclusive")) + "."))
+    blocks.append(("h", 2, "Findings, per paper"))
+    for res in study_results:
+        src, words = PAPERS.get(res.name, (getattr(res, "title", res.name), ""))
+        ff = allf[allf["study"] == res.name] if not allf.empty else allf
+        blocks.append(("h", 3, f"{res.title} — {src}"))
+        if words:
+            blocks.append(("p", f"The paper: {words}."))
+        mech = next((f.mechanism for f in res.findings if getattr(f, "mechanism", "")), "")
+        if mech:
+            blocks.append(("p", f"The theory's mechanism: {mech}."))
+        blocks.append(("table", paper_table(ff) if not ff.empty else ff, None, None, f"csv/{res.name}_findings.csv"))
+    blocks.append(("h", 2, "The models"))
+    blocks.append(("p", "Every comparison uses only models that learned: clean test accuracy per architecture and "
+                        "normalisation, over seeds (and learning rates); a model below the floor is left out of "
+                        "every test, for the reason given."))
+    blocks.append(("table", training, None, None, "csv/training.csv"))
+    blocks.append(("h", 2, "Theory vs Monte-Carlo"))
+    acc = validation[validation["quantity"] == "accuracy"] if not validation.empty else validation
+    if not acc.empty:
+        r = acc.iloc[0]
+        blocks.append(("p", f"Across the {int(r['cells'])} cells (model × noise placement × η > 0), the predicted "
+                            f"accuracy is inside Monte-Carlo's {int(grid.confidence * 100)}% interval or within "
+                            f"{ACCURACY_TOLERANCE * 100:g} point of its mean in {r['agreement']:.0%} of them "
+                            f"(inside the interval: {r['ci_contains_prediction']:.0%}). Theory: {grid.theory} "
+                            "(auto: moment propagation on the MLPs, the first order on the convolutional networks)."))
+    if by_method is not None and not by_method.empty:
+        blocks.append(("p", "Per prediction method: the share of cells agreeing (inside the interval or within 1 "
+                            "point). Moment propagation is what the published comparison should use; the first "
+                            "order is reliable only where its validity diagnostic (at most 15% of ReLU "
+                            "pre-activations with predicted noise sd above their magnitude) holds."))
+        blocks.append(("table", by_method, None, None, "csv/validation_by_method.csv"))
+    blocks.append(("p", "Per quantity: cells, median relative error, share of intervals containing the prediction, "
+                        "share agreeing (accuracy), TOST equivalences after Holm, and the calibration of observed on "
+                        "predicted across cells."))
+    vcols = [c for c in ("quantity", "cells", "median_abs_rel_error", "ci_contains_prediction", "agreement",
+                         "equivalent_after_holm", "cal_slope", "cal_slope_ci_low", "cal_slope_ci_high")
+             if c in validation.columns]
     blocks.append(("table", validation, vcols or None, None, "csv/validation.csv"))
-    blocks.append(("p", f"Where the {grid.theory} theory holds, per noise placement and η (accuracy errors in "
-                        "accuracy units; preact_frac: the first-order validity diagnostic, the fraction of ReLU "
-                        "pre-activations whose predicted noise sd exceeds their magnitude)."))
+    blocks.append(("p", "Where the theory holds, per noise placement and η (accuracy errors in accuracy units; "
+                        "preact_frac: the first-order validity diagnostic)."))
     blocks.append(("table", by_eta, None, None, "csv/validation_by_eta.csv"))
     for fig in figs:
         blocks.append(("fig", written[f"fig:{fig.name}"], fig.caption, written[f"figcsv:{fig.name}"]))
+    blocks.append(("h", 1, "Appendix: the studies in detail"))
     for res in study_results:
-        blocks += _study_blocks(res, out, written)
+        blocks += _study_blocks(res, None, written)
     blocks.append(("h", 2, "Reproduce"))
     blocks.append(("p", "make report (or: noiseprop report" + (" --quick" if cfg.quick else "") +
                    f" --dataset {grid.dataset}). Timings of this run: timings.json."))
-    for f in futures:
-        f.result()
-    md = render_markdown(blocks)
-    _write_text(out / "report.md", md)
-    _write_text(out / "report.html", render_html(blocks, title))
-    return out / "report.md"
+    return title, blocks
 
 
 def overall_validation(study_results, grid):

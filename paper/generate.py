@@ -8,13 +8,14 @@ is not produced, whatever the report holds):
 * ``eq_<topic>.tex`` for each topic of :mod:`noiseprop.theory.symbolic`: the
   concatenated ``Derivation.latex()`` of the topic (the equations are the code's).
 * ``report_info.tex``: what the report was run with (from its CSVs).
-* ``fig_main_curve.pdf``, ``tab_main_curve.tex``: the report's accuracy-vs-noise curve.
 * per study ``S`` (architecture, batchnorm, learning_rate, norm_type):
   ``fig_S_curves.pdf`` (Monte-Carlo accuracy vs η per group, mean over seeds, with the
   theory's prediction dashed), ``tab_S_findings.tex`` (claims, effects, Holm p,
   verdicts), ``tab_S_summary.tex``.
 * ``fig_learning_rate_sharpness.pdf``: top Hessian eigenvalue against 2/lr.
 * ``fig_calibration.pdf``: predicted vs Monte-Carlo accuracy over all studies.
+* ``results_<study>.tex``, ``results_overview.tex``: the results in sentences (verdicts,
+  effects with intervals, power of inconclusive ones, theory agreement), from the CSVs.
 * ``disagreement.tex``: the section on where theory and measurement disagree, its
   sentences and numbers computed from the CSVs.
 
@@ -170,6 +171,15 @@ def _curve_means(curves: pd.DataFrame, study: str) -> pd.DataFrame:
     g = GROUP[study]
     keys = [g] + (["variant"] if "variant" in curves.columns else []) + ["eta"]
     cols = [c for c in ("accuracy", "pred_accuracy") if c in curves.columns]
+    if {"pred_accuracy", "pred_preact_frac", "theory_method"} <= set(curves.columns):
+        # as in the report: the first order is drawn only where its validity diagnostic holds
+        from noiseprop.empirical.studies.theory_helpers import first_order_valid
+
+        bad = (curves["theory_method"] == "linear").to_numpy() & ~first_order_valid(curves["pred_preact_frac"])
+        curves = curves.assign(pred_accuracy=curves["pred_accuracy"].mask(bad), _bad=bad.astype(float))
+        m = curves.groupby(keys, sort=True, dropna=False)[cols + ["_bad"]].mean().reset_index()
+        m.loc[m["_bad"] > 0, "pred_accuracy"] = np.nan
+        return m.drop(columns="_bad")
     return curves.groupby(keys, sort=True, dropna=False)[cols].mean().reset_index()
 
 
@@ -197,19 +207,22 @@ def generate_curves(report: Path, out: Path, study: str) -> None:
     save_fig(fig, path)
 
 
-FINDING_COLS = {"claim": "claim", "effect": "effect", "ci_low": "CI low", "ci_high": "CI high", "p_holm": "Holm $p$",
-                "verdict": "verdict", "theory": "theory"}
-
-
 def generate_findings(report: Path, out: Path, study: str) -> None:
+    """The study's findings as in the report's per-paper table: our test of the claim,
+    the paper's number, our effect rounded to its interval, the verdict, the theory."""
+    from noiseprop.empirical.report import paper_table
+
     f = find_csv(report, f"{study}_findings")
-    cap = f"Findings of the {tex(study.replace('_', ' '))} study (effects with 95\\% intervals, Holm-adjusted $p$)."
+    cap = f"Findings of the {tex(study.replace('_', ' '))} study: effects with 95\\% intervals, rounded to what the interval supports."
     label = f"tab:{study}:findings"
     if f is None:
         text = missing_table(cap, label, f"no {study} findings in this report")
     else:
-        text = latex_table(f, {c: h for c, h in FINDING_COLS.items() if c in f.columns}, cap, label,
-                           align=r"p{0.36\linewidth}rrrrp{0.1\linewidth}p{0.1\linewidth}")
+        t = paper_table(f)
+        t["our effect (95% CI)"] = t["our effect (95% CI)"].str.replace("−", "-")
+        cols = {"tested claim": "claim", "paper's number": "paper", "our effect (95% CI)": "our effect (95\\% CI)",
+                "verdict": "verdict", "theory": "theory"}
+        text = latex_table(t, cols, cap, label, align=r"p{0.3\linewidth}p{0.2\linewidth}p{0.2\linewidth}ll")
     write(out / f"tab_{study}_findings.tex", text)
 
 
@@ -285,28 +298,6 @@ def generate_calibration(report: Path, out: Path) -> None:
     save_fig(fig, path)
 
 
-def generate_main_curve(report: Path, out: Path) -> None:
-    f = find_csv(report, "accuracy_vs_noise")
-    cap = "The report's reference model: Monte-Carlo accuracy under relative weight noise, with 95\\% intervals."
-    if f is None or "level" not in f.columns:
-        empty_fig(out / "fig_main_curve.pdf", "no accuracy_vs_noise table in this report")
-        write(out / "tab_main_curve.tex", missing_table(cap, "tab:main", "no accuracy_vs_noise table in this report"))
-        return
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(3.4, 2.5))
-    ax.plot(f["level"], f["accuracy"], marker="o", ms=3, label="Monte-Carlo mean")
-    if {"accuracy_ci_low", "accuracy_ci_high"} <= set(f.columns):
-        ax.fill_between(f["level"], f["accuracy_ci_low"], f["accuracy_ci_high"], alpha=0.3, label="95% CI")
-    ax.set_xlabel(r"$\eta$ ($\sigma_l = \eta\,\mathrm{std}(W_l)$)")
-    ax.set_ylabel("accuracy")
-    ax.legend(fontsize=6)
-    fig.tight_layout()
-    save_fig(fig, out / "fig_main_curve.pdf")
-    cols = {c: h for c, h in {"level": r"$\eta$", "accuracy": "accuracy", "accuracy_ci_low": "CI low",
-                              "accuracy_ci_high": "CI high", "loss": "loss"}.items() if c in f.columns}
-    write(out / "tab_main_curve.tex", latex_table(f, cols, cap, "tab:main"))
-
-
 def generate_info(report: Path, out: Path) -> None:
     parts = []
     present = [st for st in STUDIES if find_csv(report, f"{st}_models") is not None]
@@ -323,6 +314,80 @@ def generate_info(report: Path, out: Path) -> None:
     else:
         text = "The report behind this paper holds none of the four studies' tables.\n"
     write(out / "report_info.tex", text)
+
+
+
+# ----------------------------------------------------------------------------- results in words
+def _effect_words(r) -> str:
+    from noiseprop.empirical.report import round_to_ci
+
+    unit = r["unit"] if isinstance(r.get("unit", ""), str) else ""
+    return tex(round_to_ci(float(r["effect"]), float(r["ci_low"]), float(r["ci_high"]), unit).replace("−", "-"))
+
+
+def _finding_sentence(r) -> str:
+    claim = tex(str(r["claim"]))
+    eff = _effect_words(r)
+    v = str(r["verdict"])
+    if v == "inconclusive":
+        c = str(r.get("conclusion", "") or "")
+        power = c.split(": ", 1)[1] if ": " in c else "its power could not be estimated"
+        body = rf"inconclusive: the effect is {eff} (95\% CI), and {tex(power.replace('−', '-'))}"
+    else:
+        body = rf"{tex(v)}: the effect is {eff} (95\% CI, Holm-adjusted $p$ = {num(r['p_holm'], 2)})"
+    th = str(r.get("theory", "") or "")
+    theory = (rf"; the same test on the theory's predictions: {tex(th)}" if th and th != "nan" else "")
+    return rf"\item \emph{{{claim}}} --- {body}{theory}."
+
+
+def generate_results_text(report: Path, out: Path) -> None:
+    """``results_<study>.tex``: each study's findings in sentences (what was found, how
+    sure we are: effect with interval, verdict, and for an inconclusive one the effect
+    this grid detects with 80\% power against the paper's); ``results_overview.tex``:
+    the verdict counts and the share of cells where theory agrees with Monte-Carlo."""
+    allf = []
+    for st in STUDIES:
+        f = find_csv(report, f"{st}_findings")
+        path = out / f"results_{st}.tex"
+        if f is None:
+            write(path, f"This report holds no {tex(st.replace('_', ' '))} findings.\n")
+            continue
+        allf.append(f)
+        counts = f["verdict"].value_counts()
+        head = (f"We tested {len(f)} claims of this paper: "
+                + ", ".join(f"{int(counts.get(v, 0))} {v}" for v in ("reproduced", "contradicted", "inconclusive"))
+                + ".\n")
+        paper = f[f["paper_effect"].notna()] if "paper_effect" in f.columns else f.iloc[0:0]
+        if len(paper):
+            head += ("The paper's own effect (its CIFAR-10 average normalised accuracy with minus without the "
+                     "feature) is given beside ours where it reports one; its networks, data and noise levels "
+                     "differ from ours, so the comparison is of sizes, not a replication.\n")
+        items = "\n".join(_finding_sentence(r) for _, r in f.iterrows())
+        write(path, head + "\\begin{itemize}\n" + items + "\n\\end{itemize}\n")
+    # overview
+    parts = []
+    if allf:
+        f = pd.concat(allf, ignore_index=True)
+        c = f["verdict"].value_counts()
+        parts.append(f"Over the four studies, {len(f)} findings: " + ", ".join(
+            f"{int(c.get(v, 0))} {v}" for v in ("reproduced", "contradicted", "inconclusive")) + ". "
+            "Every inconclusive finding is stated with the smallest effect this grid detects with 80\\% power "
+            "(at Holm's strictest level).")
+    v = find_csv(report, "validation")
+    if v is not None and "agreement" in v.columns:
+        acc = v[v["quantity"] == "accuracy"]
+        if len(acc):
+            a = acc.iloc[0]
+            parts.append(rf"Theory against Monte-Carlo: over {int(a['cells'])} cells (model, noise placement, "
+                         rf"$\eta>0$) the predicted accuracy lies inside the Monte-Carlo 95\% interval or within one "
+                         rf"point of its mean in {num(100 * a['agreement'], 3)}\% of them (inside the interval: "
+                         rf"{num(100 * a['ci_contains_prediction'], 3)}\%).")
+    t = find_csv(report, "training")
+    if t is not None:
+        parts.append(rf"{int(t['trained'].sum())} models were trained; the lowest clean test accuracy is "
+                     rf"{num(100 * t['lowest clean accuracy'].min(), 3)}\%, and {int(t['excluded'].sum())} models "
+                     r"fell below the floor and were excluded from every comparison.")
+    write(out / "results_overview.tex", (" ".join(parts) if parts else "This report holds no findings.") + "\n")
 
 
 # ----------------------------------------------------------------------------- disagreement
@@ -441,7 +506,6 @@ def generate(report, out) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     generate_equations(out)
     generate_info(report, out)
-    generate_main_curve(report, out)
     for st in STUDIES:
         generate_curves(report, out, st)
         generate_findings(report, out, st)
@@ -449,6 +513,7 @@ def generate(report, out) -> list[Path]:
     generate_sharpness(report, out)
     generate_calibration(report, out)
     generate_disagreement(report, out)
+    generate_results_text(report, out)
     return sorted(p for p in out.iterdir() if p.is_file() and ".tmp" not in p.name)
 
 

@@ -22,8 +22,8 @@ import importlib
 
 from .common import Finding, Grid, StudyPlan, StudyResult
 
-__all__ = ["STUDIES", "PUBLISHED_STUDIES", "Grid", "StudyPlan", "StudyResult", "Finding", "study_module", "run_plans", "run_study",
-           "default_grid", "quick_grid", "quick_options"]
+__all__ = ["STUDIES", "PUBLISHED_STUDIES", "Grid", "StudyPlan", "StudyResult", "Finding", "study_module", "run_plans",
+           "run_study", "default_grid", "quick_grid", "quick_options", "paper_grid", "paper_options", "PAPER_COST"]
 
 STUDIES = ("architecture", "batchnorm", "learning_rate", "norm_type", "noise_aware")
 
@@ -44,17 +44,54 @@ CPU_SCALE_DATASETS = ("digits", "teacher")
 
 def default_grid(**overrides) -> Grid:
     """The default grid: on the built-in digits (what ``noiseprop report`` runs) a CPU
-    scale sized to fit 10 minutes on 2 cores (widths 4 for VGG and ResNets, 6 epochs,
-    7 noise levels × 12 draws, 3 seeds); on CIFAR and MNIST the published scale (the
-    families' standard widths and epochs, 20 draws, larger curvature samples)."""
+    scale sized for about 10 minutes on 2 idle cores, with models that learned: widths 8
+    for VGG and ResNets (the published models have 16–64), 10 epochs with a cosine
+    schedule (the MLPs: their default 20), a clean-accuracy floor of 95% below which a model is excluded with its
+    reason, 7 noise levels × 12 draws, 3 training seeds (the unit of replication), and
+    the theory by moment propagation where it is cheap (``theory="auto"``; ``"moments"``
+    puts it on every curve at about 140 s per convolutional sweep today). On CIFAR and
+    MNIST the published scale (:func:`paper_grid`)."""
     dataset = overrides.get("dataset", "digits")
-    base = dict(etas=(0.0, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0), draws=12, seeds=(0, 1, 2), epochs=6,
-                widths={"vgg": 4, "resnet": 4}, curvature_inputs=64, trace_probes=8, eig_iters=10, gain_inputs=32)
     if dataset not in CPU_SCALE_DATASETS:
-        base.update(draws=20, epochs=None, widths=None, curvature_inputs=512, trace_probes=16, eig_iters=20,
-                    gain_inputs=128)
+        return paper_grid(**overrides)
+    base = dict(etas=(0.0, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0), draws=12, seeds=(0, 1, 2),
+                epochs={"vgg": 10, "resnet": 10}, widths={"vgg": 8, "resnet": 8}, curvature_inputs=64, trace_probes=8, eig_iters=10, gain_inputs=32,
+                theory="auto", min_clean_accuracy=0.95)
     base.update(overrides)
     return Grid(**base)
+
+
+#: Expected cost of ``noiseprop report --scale paper`` (CIFAR-10, :func:`paper_grid` and
+#: :func:`paper_options`): about 90 trained models of 30 epochs (VGG-16 and ResNet-20/32/44
+#: at their published widths; 3 seeds), roughly 1–3 GPU-minutes each on one modern GPU,
+#: so 2–4 GPU-hours for training plus about 1 GPU-hour of Monte-Carlo and theory; on
+#: CPU cores it is days. The cells are independent: ``--scheduler`` spreads them over a
+#: dask cluster.
+PAPER_COST = "about 90 models × 30 epochs: 2–4 GPU-hours of training plus ~1 GPU-hour of Monte-Carlo (days on CPU)"
+
+
+def paper_grid(**overrides) -> Grid:
+    """The published scale (``--scale paper``): CIFAR-10 by default (local files,
+    ``data_dir``), the families' standard widths and 30 epochs, 20 draws per level,
+    3 seeds, first-order theory with the validity diagnostic (moments: ``theory=``),
+    larger curvature samples. Runs on a GPU when present (the training device of
+    :func:`noiseprop.empirical.train.train`). Cost: :data:`PAPER_COST`."""
+    base = dict(dataset="cifar10", etas=(0.0, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0), draws=20, seeds=(0, 1, 2),
+                epochs=None, widths=None, curvature_inputs=512, trace_probes=16, eig_iters=20, gain_inputs=128,
+                theory="linear", min_clean_accuracy=0.0)
+    base.update(overrides)
+    return Grid(**base)
+
+
+def paper_options() -> dict:
+    """Per-study options at published scale: the papers' architectures (VGG-16,
+    ResNet-20/32/44)."""
+    return {
+        "architecture": {"models": ("vgg16", "resnet20", "resnet32", "resnet44")},
+        "batchnorm": {"archs": ("vgg16", "resnet44")},
+        "learning_rate": {"arch": "vgg16"},
+        "norm_type": {"archs": ("vgg16", "resnet44")},
+    }
 
 
 def quick_grid(**overrides) -> Grid:

@@ -47,12 +47,14 @@ from .common import (
     seed_summary,
     validation_tables,
 )
-from .figures import Figure
+from .figures import THEORY_LINES, Figure
 
+MECHANISM = ("per-layer gains: logit noise power per unit η² summed over layers; depth law of the first order (THEORY.md §3)")
+PAPER_NOTE = "the paper reports directions only (no effect size in its abstract)"
 NAME = "architecture"
 TITLE = "Study 1: architecture and depth"
 SOURCE = "Fagbohungbe & Qian 2020 (arXiv 2011.11840)"
-DEFAULT_MODELS = ("mlp", "vgg", "resnet20", "resnet32")
+DEFAULT_MODELS = ("mlp", "vgg", "resnet8", "resnet20")
 
 
 def default_norm(arch: str) -> str:
@@ -97,7 +99,7 @@ def analyse(p: StudyPlan, results: dict, grid: Grid) -> StudyResult:
     mf = mf[mf["variant"] == "digital"].reset_index(drop=True)
     curves = curve_frame(p, results, grid)
     curves = curves[curves["variant"] == "digital"].reset_index(drop=True)
-    comp = compare_frame(p, results)
+    comp = compare_frame(p, results, grid)
     cols = ["clean_accuracy", "auc", "robustness", "eta10", "pred_auc", "pred_robustness", "pred_eta10"]
     summ = seed_summary(mf.replace([np.inf], np.nan), ["arch"], cols, conf)
     # the ranking by area under the curve, with bootstrap intervals over seeds
@@ -125,13 +127,15 @@ def analyse(p: StudyPlan, results: dict, grid: Grid) -> StudyResult:
     # design matters: omnibus over architectures
     if mf["arch"].nunique() >= 2:
         findings.append(_omnibus_finding(mf, conf, theory_ok))
-    findings = finalise_findings(findings, alpha)
+    from dataclasses import replace as _replace
+
+    findings = finalise_findings([_replace(f, mechanism=MECHANISM, paper_note=PAPER_NOTE) for f in findings], alpha)
 
     comp_cells, validation = validation_tables(comp, alpha, conf)
     figs = [
         Figure("architecture_curves", "Accuracy vs relative noise η per architecture: Monte-Carlo mean over "
                f"seeds with its {int(conf * 100)}% band across seeds (solid) and the theory's predicted curve "
-               "(dashed); BatchNorm digital.", "curves", curves_figure_frame(curves, _arch_label, conf),
+               "(" + THEORY_LINES + "); BatchNorm digital.", "curves", curves_figure_frame(curves, _arch_label, conf),
                {"ylabel": "accuracy"}),
         Figure("architecture_calibration", "Predicted vs Monte-Carlo accuracy for every model and noise level "
                "(bars: BCa interval of the Monte-Carlo mean).", "calibration",
@@ -144,7 +148,10 @@ def analyse(p: StudyPlan, results: dict, grid: Grid) -> StudyResult:
     ]
     tables = {"architecture_models": mf, "architecture_summary": summ, "architecture_curves": curves,
               "architecture_compare": comp_cells, "architecture_validation": validation}
-    notes = _theory_notes(mf) + diverged_notes(p, results)
+    notes = _theory_notes(mf) + diverged_notes(p, results, grid)
+    from .frames import excluded_frame
+
+    tables["architecture_training"] = excluded_frame(p, results, grid)
     return StudyResult(NAME, TITLE, dict(p.params, **grid.to_dict()), tables, tuple(findings), tuple(notes),
                        figures=tuple(figs))
 

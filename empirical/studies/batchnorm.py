@@ -51,7 +51,7 @@ from .common import (
     seed_summary,
     validation_tables,
 )
-from .figures import Figure
+from .figures import THEORY_LINES, Figure
 
 NAME = "batchnorm"
 TITLE = "Study 2: BatchNorm"
@@ -67,6 +67,32 @@ MECHANISMS = {
     "top_eigenvalue": "top Hessian eigenvalue",
     "layer_gain_total": "sum of per-layer gains",
 }
+
+
+#: The paper's own numbers (THEORY.md §4): CIFAR-10 average normalised accuracy with BN
+#: minus without, per family, in the unit of our robustness (normalised accuracy).
+PAPER_EFFECTS = {"vgg": (0.1075 - 0.9380, "VGG-16 on CIFAR-10: 10.75% with BN vs 93.80% without"),
+                 "resnet": (0.4132 - 0.9195, "ResNet-44 on CIFAR-10: 41.32% with BN vs 91.95% without")}
+MECHANISM = ("folding inflation: noise on W' = diag(a)W is inflated by std(W')/(|a_c| std W) per channel; "
+             "loss increase ½η² tr(Σ_ε H)")
+
+
+def _with_paper(f: Finding) -> Finding:
+    """Attach the paper's effect (all vs none) or what it says (the count law)."""
+    from dataclasses import replace
+
+    from ..models import _family
+
+    arch = f.claim.split(",")[0]
+    fam = _family(arch, None)[0]
+    if "(all vs none)" in f.claim and fam in PAPER_EFFECTS:
+        eff, note = PAPER_EFFECTS[fam]
+        return replace(f, paper_effect=float(eff), paper_note=note, mechanism=MECHANISM)
+    if "(all vs none)" in f.claim:
+        return replace(f, paper_note="the paper measured VGG-16 (−0.83) and ResNet-44 (−0.51) on CIFAR-10, not this "
+                       "architecture", mechanism=MECHANISM)
+    return replace(f, paper_note="the paper: the harm grows with the number of BN layers (no per-layer figure)",
+                   mechanism=MECHANISM)
 
 
 def k_label(n_norm: int, total: int) -> str:
@@ -198,7 +224,7 @@ def analyse(p: StudyPlan, results: dict, grid: Grid) -> StudyResult:
     mf = model_frame(p, results, grid)
     mf["norm_key"] = mf["k"]
     curves = curve_frame(p, results, grid)
-    comp = compare_frame(p, results)
+    comp = compare_frame(p, results, grid)
     theory_ok = mf["pred_robustness"].notna().all()
     findings = []
     for arch in mf["arch"].unique():
@@ -217,7 +243,7 @@ def analyse(p: StudyPlan, results: dict, grid: Grid) -> StudyResult:
                 findings.append(Finding(NAME, f"{arch}, noise with {where}: the harm grows with the number of "
                                         "BatchNorm layers", SOURCE, "direction", eff, expected_sign=-1,
                                         theory_effect=teff))
-    findings = finalise_findings(findings, alpha)
+    findings = finalise_findings([_with_paper(f) for f in findings], alpha)
 
     side, paired, assoc = mechanism_tables(mf, "k", "none", ["all"], conf, alpha)
     summ = pd.concat([seed_summary(variant_frame(mf, v).assign(variant=v), ["arch", "k", "variant"],
@@ -241,8 +267,7 @@ def analyse(p: StudyPlan, results: dict, grid: Grid) -> StudyResult:
                             [["panel", "group", "value", "ci_low", "ci_high"]])
     figs = [
         Figure("batchnorm_curves", "Accuracy vs η with BatchNorm in none / the first k / all places, noise on "
-               "unfolded (BN digital) and on folded weights; solid: Monte-Carlo mean over seeds with band, dashed: "
-               "theory.", "curves", curves_fig, {"ylabel": "accuracy"}),
+               "unfolded (BN digital) and on folded weights; solid: Monte-Carlo mean over seeds with band, " + THEORY_LINES + ".", "curves", curves_fig, {"ylabel": "accuracy"}),
         Figure("batchnorm_robustness", "Normalised accuracy (noisy/clean) averaged over η > 0, per number of "
                "BatchNorm layers, mean over seeds with interval.", "bars",
                bars[["panel", "group", "value", "ci_low", "ci_high"]], {"ylabel": "normalised accuracy"}),
@@ -254,9 +279,12 @@ def analyse(p: StudyPlan, results: dict, grid: Grid) -> StudyResult:
     ]
     tables = {"batchnorm_models": mf, "batchnorm_summary": summ, "batchnorm_mechanisms": side,
               "batchnorm_mechanism_tests": paired, "batchnorm_mechanism_association": assoc,
-              "batchnorm_layers": layer_gain_frame(p, results),
+              "batchnorm_layers": layer_gain_frame(p, results, grid),
               "batchnorm_curves": curves, "batchnorm_compare": comp_cells, "batchnorm_validation": validation}
     from .architecture import _theory_notes
 
+    from .frames import excluded_frame
+
+    tables["batchnorm_training"] = excluded_frame(p, results, grid)
     return StudyResult(NAME, TITLE, dict(p.params, **grid.to_dict()), tables, tuple(findings),
-                       tuple(_theory_notes(mf) + diverged_notes(p, results)), figures=tuple(figs))
+                       tuple(_theory_notes(mf) + diverged_notes(p, results, grid)), figures=tuple(figs))

@@ -6,7 +6,8 @@ Kinds
 -----
 ``curves``: accuracy vs η, one line per group, mean over seeds with a ``confidence``
     band (Student-t across seeds of each seed's Monte-Carlo mean), and the theory's
-    predicted curve (mean over seeds) dashed in the same colour. Columns: ``group``,
+    predicted curve (mean over seeds) dashed in the same colour; ``predicted_first_order``
+    (optional) dotted. Columns: ``group``,
     ``panel`` (optional), ``eta``, ``accuracy``, ``ci_low``, ``ci_high``, ``predicted``.
 ``calibration``: observed vs predicted with the observed value's interval and the
     identity line. Columns: ``predicted``, ``observed``, ``ci_low``, ``ci_high``,
@@ -27,7 +28,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-__all__ = ["Figure", "render"]
+__all__ = ["Figure", "render", "THEORY_LINES"]
+
+#: How the curve figures draw the theory (used in their captions).
+THEORY_LINES = ("dashed: theory (moment propagation; the first order where moments were not run, drawn only where its validity diagnostic holds), dotted: the first order beside the moments where it holds")
 
 
 @dataclass(frozen=True)
@@ -88,6 +92,8 @@ def render(fig_spec: Figure, path) -> Path:
                 ax.fill_between(d["eta"], d["ci_low"], d["ci_high"], color=c, alpha=0.2, lw=0)
                 if "predicted" in d and d["predicted"].notna().any():
                     ax.plot(d["eta"], d["predicted"], "--", color=c, lw=1)
+                if "predicted_first_order" in d and d["predicted_first_order"].notna().any():
+                    ax.plot(d["eta"], d["predicted_first_order"], ":", color=c, lw=1)
             ax.set_xlabel("relative noise η (σ_l = η·std W_l)")
             ax.set_ylabel("accuracy")
             ax.set_ylim(-0.02, 1.02)

@@ -59,8 +59,10 @@ from .common import (
     seed_summary,
     validation_tables,
 )
-from .figures import Figure
+from .figures import THEORY_LINES, Figure
 
+MECHANISM = ("sharpness ≈ 2/lr (edge of stability) and the loss increase ½η² tr(Σ_ε H): flatter minima lose less")
+PAPER_NOTE = "the paper reports a sweet spot (no effect size in its abstract)"
 NAME = "learning_rate"
 TITLE = "Study 3: learning rate"
 SOURCE = "Fagbohungbe & Qian 2022 (arXiv 2205.07856)"
@@ -323,7 +325,7 @@ def analyse(p: StudyPlan, results: dict, grid: Grid) -> StudyResult:
         mf["noise_loss"] = np.nan
     curves = curve_frame(p, results, grid)
     curves = curves[curves["variant"] == "digital"].reset_index(drop=True)
-    comp = compare_frame(p, results)
+    comp = compare_frame(p, results, grid)
     theory_ok = mf["pred_auc"].notna().all()
     seedf = " + C(seed)" if mf["seed"].nunique() > 1 else ""
     findings = []
@@ -359,7 +361,9 @@ def analyse(p: StudyPlan, results: dict, grid: Grid) -> StudyResult:
                             _ols(mf, f"robustness ~ log_trace{seedf}", "log_trace", "per log trace"), expected_sign=-1,
                             theory_effect=_ols(mf, f"pred_robustness ~ log_trace{seedf}", "log_trace", "per log trace")
                             if theory_ok else None))
-    findings = finalise_findings(findings, alpha)
+    from dataclasses import replace as _replace
+
+    findings = finalise_findings([_replace(f, mechanism=MECHANISM, paper_note=PAPER_NOTE) for f in findings], alpha)
     cols = ["clean_accuracy", "clean_loss", "noise_loss", "auc", "robustness", "top_eigenvalue",
             "sharpness_x_lr_over_2", "trace_digital", "pred_auc", "pred_robustness", "log_sharpness", "log_trace"]
     summ = seed_summary(mf, ["lr"], cols, conf).sort_values("lr").reset_index(drop=True)
@@ -404,7 +408,7 @@ def analyse(p: StudyPlan, results: dict, grid: Grid) -> StudyResult:
                {"reference": {"sharpness": [("2/lr", 2.0), ("2(1+β)/lr", 2.0 * (1 + beta))]},
                 "logy": ["sharpness", "tr(Σ_ε H) at η = 1"]}),
         Figure("learning_rate_curves", "Accuracy vs η per learning rate: Monte-Carlo mean over seeds with band "
-               "(solid), theory (dashed).", "curves", curves_figure_frame(curves, lambda r: f"lr {r['lr']:.3g}", conf),
+               "(solid); " + THEORY_LINES + ".", "curves", curves_figure_frame(curves, lambda r: f"lr {r['lr']:.3g}", conf),
                {"ylabel": "accuracy"}),
         Figure("learning_rate_calibration", "Predicted vs Monte-Carlo accuracy, every model and η.", "calibration",
                calibration_figure_frame(comp, "accuracy", lambda r: f"lr {r['lr']:.3g}"), {}),
@@ -415,5 +419,8 @@ def analyse(p: StudyPlan, results: dict, grid: Grid) -> StudyResult:
               "learning_rate_validation": validation}
     from .architecture import _theory_notes
 
+    from .frames import excluded_frame
+
+    tables["learning_rate_training"] = excluded_frame(p, results, grid)
     return StudyResult(NAME, TITLE, dict(p.params, **grid.to_dict()), tables, tuple(findings),
-                       tuple(notes + _theory_notes(mf) + diverged_notes(p, results)), figures=tuple(figs))
+                       tuple(notes + _theory_notes(mf) + diverged_notes(p, results, grid)), figures=tuple(figs))

@@ -42,6 +42,8 @@ from .common import (
 )
 from .figures import Figure
 
+MECHANISM = ("folding inflation from the spread of the normalisation gains (log-normal closed form 1/C + (1 − 1/C)e^{4τ²})")
+PAPER_NOTE = "the paper reports directions only (abstract)"
 NAME = "norm_type"
 TITLE = "Study 4: L2 vs L1 vs TopK BatchNorm"
 SOURCE = "Fagbohungbe & Qian 2022 (arXiv 2205.04886)"
@@ -76,7 +78,7 @@ def analyse(p: StudyPlan, results: dict, grid: Grid) -> StudyResult:
     alpha, conf = grid.alpha, grid.confidence
     mf = model_frame(p, results, grid)
     curves = curve_frame(p, results, grid)
-    comp = compare_frame(p, results)
+    comp = compare_frame(p, results, grid)
     theory_ok = mf["pred_robustness"].notna().all()
     findings = []
     others = [n for n in ("L1", "TopK") if n in set(mf["norm_type"])]
@@ -94,7 +96,9 @@ def analyse(p: StudyPlan, results: dict, grid: Grid) -> StudyResult:
             findings.append(Finding(NAME, f"{arch}: no clean-accuracy sacrifice with {o} BatchNorm (within "
                                     f"±{CLEAN_MARGIN * 100:g} pp of L2)", SOURCE, "equivalence", eff,
                                     margin=CLEAN_MARGIN))
-    findings = finalise_findings(findings, alpha)
+    from dataclasses import replace as _replace
+
+    findings = finalise_findings([_replace(f, mechanism=MECHANISM, paper_note=PAPER_NOTE) for f in findings], alpha)
     side, paired, assoc = mechanism_tables(mf, "norm_type", "L2", others, conf, alpha)
     summ = pd.concat([seed_summary(variant_frame(mf, v).assign(variant=v), ["arch", "norm_type", "variant"],
                                    ["clean_accuracy", "auc", "robustness", "pred_robustness", "eta10"], conf)
@@ -127,9 +131,12 @@ def analyse(p: StudyPlan, results: dict, grid: Grid) -> StudyResult:
     ]
     tables = {"norm_type_models": mf, "norm_type_summary": summ, "norm_type_mechanisms": side,
               "norm_type_mechanism_tests": paired, "norm_type_mechanism_association": assoc,
-              "norm_type_layers": layer_gain_frame(p, results),
+              "norm_type_layers": layer_gain_frame(p, results, grid),
               "norm_type_curves": curves, "norm_type_compare": comp_cells, "norm_type_validation": validation}
     from .architecture import _theory_notes
 
+    from .frames import excluded_frame
+
+    tables["norm_type_training"] = excluded_frame(p, results, grid)
     return StudyResult(NAME, TITLE, dict(p.params, **grid.to_dict()), tables, tuple(findings),
-                       tuple(_theory_notes(mf) + diverged_notes(p, results)), figures=tuple(figs))
+                       tuple(_theory_notes(mf) + diverged_notes(p, results, grid)), figures=tuple(figs))

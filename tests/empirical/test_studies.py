@@ -205,3 +205,120 @@ def test_cli_study_rejects_bad_arguments(capsys):
     assert "learning_rate" in capsys.readouterr().err
     assert main(["report", "--studies", "nope"]) == 2
     assert "unknown studies" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- power
+@pytest.mark.parametrize("n,tests", [(3, 1), (5, 4), (8, 8)])
+def test_minimum_detectable_effect_has_its_power_by_simulation(n, tests):
+    """A paired t-test across n seeds whose true mean difference is the MDE (computed
+    from the true standard error σ/√n) rejects at α/tests in 80% of simulated studies
+    (4 standard errors of the simulated rate)."""
+    from scipy import stats as st
+
+    from noiseprop.empirical.studies.verdicts import minimum_detectable_effect
+
+    sigma, alpha, sims = 0.05, 0.05, 4000
+    e = Effect("d", 0.0, -1.0, 1.0, 1.0, n, "paired t", df=n - 1, se=sigma / math.sqrt(n))
+    mde = minimum_detectable_effect(e, alpha, 0.8, tests=tests)
+    rng = np.random.default_rng(n * 100 + tests)
+    d = rng.normal(mde, sigma, size=(sims, n))
+    p = st.ttest_1samp(d, 0.0, axis=1).pvalue
+    rate = float(np.mean(p < alpha / tests))
+    assert abs(rate - 0.8) <= 4 * math.sqrt(0.8 * 0.2 / sims), (rate, mde)
+
+
+def test_mde_in_findings_and_inconclusive_conclusions():
+    from noiseprop.empirical.studies.verdicts import minimum_detectable_effect
+
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(0.80, 0.03, 4), rng.normal(0.79, 0.03, 4)
+    f = Finding("s", "claim", "src", "direction", paired_effect(a, b, "a − b", unit="normalised accuracy"),
+                expected_sign=-1, paper_effect=-0.83, paper_note="VGG-16")
+    (g,) = finalise_findings([f], 0.05)
+    assert g.mde == pytest.approx(minimum_detectable_effect(g.effect, 0.05, 0.8, tests=1))
+    if g.verdict == "inconclusive":
+        c = g.conclusion()
+        assert c.startswith("inconclusive: this grid could detect effects ≥ ") and "paper reported −0.83" in c.replace("-", "−")
+    assert set(g.to_dict()) >= {"mde", "paper_effect", "conclusion", "mechanism"}
+    # no interval, no power: stated as such
+    nan = float("nan")
+    e = Effect("x", 0.1, nan, nan, nan, 2, "too few")
+    assert math.isnan(minimum_detectable_effect(e))
+    with pytest.raises(ValueError, match="power"):
+        minimum_detectable_effect(e, power=1.5)
+    with pytest.raises(ValueError, match="kind"):
+        minimum_detectable_effect(e, kind="two-sided")
+    # a bootstrap effect (interval, no se): the half-width stands for the se (normal)
+    e = Effect("x", 0.0, -1.96, 1.96, 0.9, 10, "bootstrap")
+    assert minimum_detectable_effect(e) == pytest.approx((1.959964 + 0.841621) * 1.96 / 1.959964, rel=1e-6)
+
+
+def test_round_to_ci_keeps_what_the_interval_supports():
+    from noiseprop.empirical.report import round_to_ci
+
+    assert round_to_ci(0.123456, 0.10, 0.15) == "0.123 [0.100, 0.150]"  # half-width 0.025: a leading 2
+    assert round_to_ci(0.123456, 0.08, 0.16) == "0.12 [0.08, 0.16]"
+    assert round_to_ci(-0.002411, -0.0102, 0.0054, "u") == "−0.002 [−0.010, 0.005] u"
+    assert round_to_ci(12.3456, 2.0, 22.0) == "12 [2, 22]"
+
+
+# ----------------------------------------------------------------------------- validation
+def test_validation_tables_go_through_compare_cells():
+    """The studies' validation is the tested compare_cells (via combine_cells) on the
+    stored rows: the same Holm adjustment and calibration."""
+    from noiseprop.empirical import compare, compare_cells, monte_carlo
+    from noiseprop.empirical.studies.validation import agreement, validation_tables
+    from noiseprop.theory import RelativeGaussian, predict
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    x, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
+    comps = {eta: compare(predict(net, x, y, RelativeGaussian(eta)),
+                          monte_carlo(net, x, y, RelativeGaussian(eta), draws=40, seed=0)) for eta in (0.02, 0.05, 0.1)}
+    ref = compare_cells(comps)
+    rows = pd.concat([c.to_frame().assign(eta=eta) for eta, c in comps.items()], ignore_index=True)
+    cells, summary = validation_tables(rows, 0.05, 0.95)
+    np.testing.assert_allclose(cells["tost_p_holm"].to_numpy(float), ref.frame["tost_p_holm"].to_numpy(float))
+    for q, cal in ref.calibrations.items():
+        r = summary[summary["quantity"] == q].iloc[0]
+        assert r["cal_slope"] == pytest.approx(cal.slope, nan_ok=True)
+    acc = summary[summary["quantity"] == "accuracy"].iloc[0]
+    assert acc["agreement"] == pytest.approx(float(np.mean(agreement(rows[rows["quantity"] == "accuracy"]))))
+    assert acc["agreement"] >= acc["ci_contains_prediction"]
+
+
+def test_models_below_the_floor_are_excluded_with_the_reason():
+    from noiseprop.empirical.studies.frames import below_floor, diverged_notes, excluded_frame
+    from noiseprop.empirical.studies.study_cells import StudyPlan
+
+    idx = pd.DataFrame([{"arch": "vgg", "norm": "bn", "seed": s, "train_key": f"t{s}", "eval_key": f"e{s}"}
+                        for s in range(3)])
+    results = {"t0": {"test_accuracy": 0.97}, "t1": {"test_accuracy": 0.60}, "t2": {"diverged": "loss NaN"}}
+    plan = StudyPlan("s", "S", (), idx, {})
+    g = common.Grid(min_clean_accuracy=0.95)
+    assert below_floor(results, idx.iloc[0], g) == ""
+    assert "below the floor 0.95" in below_floor(results, idx.iloc[1], g)
+    assert below_floor(results, idx.iloc[1], common.Grid()) == ""  # no floor: kept
+    notes = diverged_notes(plan, results, g)
+    assert len(notes) == 2 and "seed=1" in notes[0] and "diverged" in notes[1]
+    ex = excluded_frame(plan, results, g)
+    assert ex["included"].tolist() == [True, False, False]
+    with pytest.raises(ValueError, match="min_clean_accuracy"):
+        common.Grid(min_clean_accuracy=1.5)
+
+
+def test_default_and_paper_grids():
+    from noiseprop.empirical.report import ReportConfig, make_report
+    from noiseprop.empirical.studies import PAPER_COST, default_grid, paper_grid, paper_options
+
+    g = default_grid()
+    assert g.min_clean_accuracy == 0.95 and g.theory == "auto" and min(g.widths.values()) >= 8
+    p = paper_grid()
+    assert p.dataset == "cifar10" and p.widths is None and p.epochs is None
+    assert default_grid(dataset="cifar100").dataset == "cifar100"
+    assert set(paper_options()) == {"architecture", "batchnorm", "learning_rate", "norm_type"}
+    assert "GPU-hours" in PAPER_COST
+    with pytest.raises(ValueError, match="scale"):
+        make_report(ReportConfig(scale="huge", progress=False))
+    with pytest.raises(ValueError, match="quick"):
+        make_report(ReportConfig(scale="paper", quick=True, progress=False))
