@@ -1,4 +1,4 @@
-"""Prediction against Monte-Carlo: statistical verdicts (THEORY.md §8).
+"""Prediction against Monte-Carlo: statistical verdicts (docs/THEORY.md §8).
 
 :func:`compare` puts one analytic :class:`~noiseprop.theory.predict.Prediction` beside
 one :class:`~noiseprop.empirical.montecarlo.MCResult` of the same model, inputs and

@@ -1,4 +1,4 @@
-"""Monte-Carlo noise injection (DESIGN.md data flow; THEORY.md §8).
+"""Monte-Carlo noise injection (DESIGN.md data flow; docs/THEORY.md §8).
 
 One *draw* is one noisy copy of the network (one chip): every target parameter gets
 ``w + s(w) ⊙ z`` with fresh standard-normal ``z`` (the noise model's :meth:`perturb`),
@@ -132,7 +132,7 @@ def _fold_digital_norms(plan: TargetPlan):
 
     A digital BatchNorm after a noisy layer computes ``a ⊙ ((W + N) x + b) + c``, which is
     the folded layer ``(a ⊙ (W + N)) x + (a ⊙ b + c)``: exact algebra that saves the
-    norm layer's pass (THEORY.md §4). Returns ``(net, post)`` with
+    norm layer's pass (docs/THEORY.md §4). Returns ``(net, post)`` with
     ``post[name] = (a, c)``: the stored parameter ``name`` (after noise) maps to
     ``a ⊙ p + c`` in ``net`` (``c`` is ``None`` for weights). When norms carry noise
     themselves, are already folded, or cannot be located by tracing, the network is

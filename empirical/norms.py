@@ -1,4 +1,4 @@
-"""L1 and TopK BatchNorm (THEORY.md §4; Wu et al. 2018; Hoffer et al. 2018 "Norm matters").
+"""L1 and TopK BatchNorm (docs/THEORY.md §4; Wu et al. 2018; Hoffer et al. 2018 "Norm matters").
 
 Both layers normalise each channel by its batch mean and a *scale* that replaces the
 standard deviation of L2 BatchNorm:
@@ -48,7 +48,7 @@ DEFAULT_TOPK = 10
 
 
 def topk_constant(n: int) -> float:
-    """C(n) = ½(1 + √(π ln 4)) / √(2 ln n) (Hoffer et al. 2018; THEORY.md §4), n ≥ 2.
+    """C(n) = ½(1 + √(π ln 4)) / √(2 ln n) (Hoffer et al. 2018; docs/THEORY.md §4), n ≥ 2.
 
     Derivation ``batchnorm.scale_estimators``; tested in ``tests/empirical/test_norms.py``."""
     if n < 2:
@@ -137,7 +137,7 @@ class _ScaleBatchNorm(nn.Module):
     @torch.no_grad()
     def folding_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-channel ``(a, c)`` with eval output ``a ⊙ x + c``:
-        ``a = γ/(running_scale + eps)``, ``c = β − running_mean · a`` (THEORY.md §4)."""
+        ``a = γ/(running_scale + eps)``, ``c = β − running_mean · a`` (docs/THEORY.md §4)."""
         a = 1.0 / (self.running_scale.detach() + self.eps)
         if self.affine:
             a = a * self.weight.detach()
@@ -169,20 +169,20 @@ class _TopKMixin:
 
 
 class L1BatchNorm1d(_L1Mixin, _ScaleBatchNorm):
-    """L1 BatchNorm over (N, C) or (N, C, L) inputs: s = √(π/2)·mean|x − μ| (THEORY.md §4)."""
+    """L1 BatchNorm over (N, C) or (N, C, L) inputs: s = √(π/2)·mean|x − μ| (docs/THEORY.md §4)."""
 
     _dims = (2, 3)
 
 
 class L1BatchNorm2d(_L1Mixin, _ScaleBatchNorm):
-    """L1 BatchNorm over (N, C, H, W) inputs: s = √(π/2)·mean|x − μ| (THEORY.md §4;
+    """L1 BatchNorm over (N, C, H, W) inputs: s = √(π/2)·mean|x − μ| (docs/THEORY.md §4;
     derivation ``batchnorm.scale_estimators``)."""
 
     _dims = (4,)
 
 
 class TopKBatchNorm1d(_TopKMixin, _ScaleBatchNorm):
-    """TopK BatchNorm over (N, C) or (N, C, L): s = C(n)·mean(topk_k |x − μ|) (THEORY.md §4).
+    """TopK BatchNorm over (N, C) or (N, C, L): s = C(n)·mean(topk_k |x − μ|) (docs/THEORY.md §4).
 
     ``k`` defaults to 10 (Hoffer et al. 2018, "Top10"); clipped to n.
     """
@@ -196,7 +196,7 @@ class TopKBatchNorm1d(_TopKMixin, _ScaleBatchNorm):
 
 
 class TopKBatchNorm2d(_TopKMixin, _ScaleBatchNorm):
-    """TopK BatchNorm over (N, C, H, W): s = C(n)·mean(topk_k |x − μ|) (THEORY.md §4;
+    """TopK BatchNorm over (N, C, H, W): s = C(n)·mean(topk_k |x − μ|) (docs/THEORY.md §4;
     derivation ``batchnorm.scale_estimators``).
 
     ``k`` defaults to 10 (Hoffer et al. 2018, "Top10"); clipped to n.

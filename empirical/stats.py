@@ -1,5 +1,5 @@
 """Statistics shared by the Monte-Carlo engine, the comparisons and the studies
-(THEORY.md §8).
+(docs/THEORY.md §8).
 
 All in float64. The unit of replication of a Monte-Carlo run is one noise draw (every
 test input shares it); the unit of replication of a study is one training seed.
@@ -94,7 +94,7 @@ def welford_update(count: int, mean, m2, value):
 def variance_ci(s2, n, confidence: float = 0.95, df=None):
     """Chi-square interval of a variance estimated from ``n`` normal draws.
 
-    ``(n−1) s²/σ² ~ χ²_{n−1}`` (THEORY.md §8), so the interval for ``σ²`` is
+    ``(n−1) s²/σ² ~ χ²_{n−1}`` (docs/THEORY.md §8), so the interval for ``σ²`` is
     ``[(n−1)s²/χ²_{n−1, 1−α/2},  (n−1)s²/χ²_{n−1, α/2}]``. Exact for normal data; works
     elementwise on arrays. ``df`` overrides ``n − 1`` (e.g. an effective number of
     degrees of freedom).
@@ -125,7 +125,7 @@ def variance_tost(s2, n, reference, margin: float = 0.10, df=None):
     ``p_low = P(χ²_ν ≥ ν s² (1+m)/reference)``; ``H0_upp: σ² ≥ reference·(1+m)`` for
     small ``s²``, ``p_upp = P(χ²_ν ≤ ν s²/(reference (1+m)))``. The TOST p-value is
     ``max(p_low, p_upp)``; equivalence at level α when it is below α. Exact for normal
-    data (THEORY.md §8: "TOST on log(s²/σ²_pred) with a stated margin").
+    data (docs/THEORY.md §8: "TOST on log(s²/σ²_pred) with a stated margin").
 
     Returns ``(p, p_low, p_upp)``, floats or arrays.
     """
@@ -294,7 +294,7 @@ def _nan_calibration(n, log, cov_type, confidence, note) -> Calibration:
 
 def calibration(observed, predicted, log: bool = False, groups=None, confidence: float = 0.95,
                 offset: float = 0.0) -> Calibration:
-    """Calibration regression (THEORY.md §8): OLS of ``observed`` on ``predicted``
+    """Calibration regression (docs/THEORY.md §8): OLS of ``observed`` on ``predicted``
     (statsmodels), slope and intercept with ``confidence`` intervals, and the joint
     F-test of ``slope = 1, intercept = 0``.
 

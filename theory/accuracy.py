@@ -1,4 +1,4 @@
-"""Accuracy under noise from Gaussian logits (THEORY.md §7).
+"""Accuracy under noise from Gaussian logits (docs/THEORY.md §7).
 
 Per input ``i`` with label ``y`` the noisy logits are modelled as ``f ~ N(μ_i, Σ_i)``.
 The input stays correctly classified when every margin ``D_k = f_y − f_k`` (``k ≠ y``)
@@ -193,7 +193,7 @@ def sampled_accuracies(mean: torch.Tensor, noise: torch.Tensor, y: torch.Tensor)
     """Per-draw accuracy ``mean_i 1[argmax(mean_i + noise_ik) = y_i]`` for shared draws
     ``noise [N, C, K]`` (draw ``k`` is one noisy network: all inputs share it).
 
-    Used for the chip-to-chip spread of accuracy (THEORY.md §7): the draws of the
+    Used for the chip-to-chip spread of accuracy (docs/THEORY.md §7): the draws of the
     linearised network are jointly Gaussian across inputs with covariance
     ``Σ_θ σ_θ² ∇f_i ∇f_jᵀ``.
     """

@@ -1,5 +1,5 @@
 """Flatness of the loss at the trained weights and the loss increase under noise
-(THEORY.md §5).
+(docs/THEORY.md §5).
 
 The loss is the mean cross-entropy over ``(x, y)``, as a function of the parameters
 that get noise (the same :func:`~noiseprop.theory.targets.resolve_targets` selection as
@@ -15,7 +15,7 @@ Monte-Carlo and :func:`~noiseprop.theory.predict.predict`); ``H`` is its Hessian
 * :func:`loss_increase`: ``E[ΔL] ≈ ½ tr(Σ_ε H)`` (second-order Taylor expansion; the
   first-order term has mean zero), and :func:`loss_increase_gauss_newton`, the
   Gauss-Newton form ``½ mean_i tr(H_z,i Cov f_i)`` with ``H_z = diag(p) − ppᵀ`` at the
-  clean logits and the first-order logit covariance (THEORY.md §3). For networks that
+  clean logits and the first-order logit covariance (docs/THEORY.md §3). For networks that
   are piecewise linear in each weight (ReLU, max-pool, BatchNorm in eval) the
   Hessian's diagonal equals the Gauss-Newton diagonal almost everywhere, so the two
   forms estimate the same number: a consistency check.
@@ -308,7 +308,10 @@ def hessian_trace(model, x, y, noise=None, targets=None, probes: int = 100, seed
     and backward pass shared by the group). ``per_layer=True`` (Hutchinson) also gives
     each noisy module's share ``tr(Σ_l H_ll)`` (``layer_estimates``; ½ of it is the
     module's share of the loss increase under noise). See the module docstring
-    (THEORY.md §5).
+    (docs/THEORY.md §5).
+
+    Derivations ``flatness.quadratic`` (``E[ΔL] = ½ tr(Σ_ε H)``) and ``flatness.hutchinson``
+    (the variance of one noise-scaled probe).
     """
     lin = LinearizedNetwork(model, targets)
     x, y = _check_xy(lin, x, y)
@@ -487,13 +490,14 @@ def hessian_top_eigenvalue(model, x, y, targets=None, noise=None, tol: float = 1
 
 
 def loss_increase(trace_sigma_h: float) -> float:
-    """``E[ΔL] ≈ ½ tr(Σ_ε H)`` (THEORY.md §5)."""
+    """``E[ΔL] ≈ ½ tr(Σ_ε H)`` (docs/THEORY.md §5)."""
     return 0.5 * float(trace_sigma_h)
 
 
 def loss_increase_gauss_newton(clean_logits: torch.Tensor, logit_cov: torch.Tensor) -> float:
     """Gauss-Newton form ``½ mean_i tr(H_z,i Cov f_i)``, ``H_z = diag(p) − ppᵀ`` with
-    ``p = softmax(f_i)`` at the clean logits (THEORY.md §5)."""
+    ``p = softmax(f_i)`` at the clean logits (docs/THEORY.md §5; derivation
+    ``flatness.quadratic``); ``½ tr(Σ_ε H)`` exactly for piecewise-linear networks."""
     p = torch.softmax(clean_logits.double(), dim=1)
     cov = logit_cov.double()
     diag = torch.diagonal(cov, dim1=1, dim2=2)

@@ -1,5 +1,5 @@
 """The first-order (linearised) network: per-input Jacobians and Jacobian-vector
-products with respect to the noisy parameters (THEORY.md §3, §7, §8).
+products with respect to the noisy parameters (docs/THEORY.md §3, §7, §8).
 
 For weights ``θ`` perturbed by independent noise ``ε`` with per-element variance
 ``σ_θ²``, the linearised logits are
@@ -340,7 +340,10 @@ def tap_covariance(tap: Tap, delta: torch.Tensor) -> torch.Tensor | None:
     is already folded into ``delta`` (constant within each output channel), without
     forming the per-sample Jacobian (the Gram-matrix trick of per-sample gradient norms,
     Goodfellow 2015; Li et al. 2022): ``Σ_o Σ_{p,q} δ_{a,o,p} δ_{b,o,q} ⟨x_p, x_q⟩``.
-    Returns ``None`` when forming the Jacobian is cheaper (large feature maps)."""
+    Returns ``None`` when forming the Jacobian is cheaper (large feature maps).
+    Derivations ``linear.fixed_input`` (one linear layer, ``σ²‖x‖²`` per output) and
+    ``conv.spatial_covariance`` (the shared kernel's ``σ²⟨patch_p, patch_q⟩``).
+    """
     m = tap.module
     C, B = delta.shape[:2]
     if isinstance(m, nn.Linear):
@@ -474,7 +477,7 @@ def piecewise_linear(lin: "LinearizedNetwork") -> tuple[bool, str]:
 
     Then ``∂²f/∂θ² = 0`` almost everywhere for every noisy ``θ``, so the Hessian of the
     cross-entropy and its Gauss-Newton matrix have the same diagonal and
-    ``tr(Σ_ε H) = mean_i tr(H_z,i J_i Σ_ε J_iᵀ)`` exactly (THEORY.md §5): the
+    ``tr(Σ_ε H) = mean_i tr(H_z,i J_i Σ_ε J_iᵀ)`` exactly (docs/THEORY.md §5): the
     first-order logit covariance gives the loss increase with no Hessian estimator.
 
     Checked on the ``torch.fx`` graph (Conv/Linear and BatchNorm-like layers as leaves):
@@ -556,7 +559,11 @@ def jacobian_pass(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, to
 
     ``classes=k`` (with ``labels``) differentiates only each input's label and its ``k``
     closest competitors (:func:`select_classes`): ``k + 1`` backward passes instead of
-    ``C``, and every contraction over ``k + 1`` slots (``JacobianPass.classes``)."""
+    ``C``, and every contraction over ``k + 1`` slots (``JacobianPass.classes``).
+
+    The per-input covariance is the delta method of docs/THEORY.md §3; for one linear layer
+    it reduces to derivation ``linear.fixed_input``.
+    """
     n = x.shape[0]
     if classes is not None:
         if isinstance(classes, bool) or not isinstance(classes, int) or classes < 1:
@@ -668,7 +675,7 @@ def jacobian_pass(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, to
 
 
 # ----------------------------------------------------------------------------
-# Control variates (THEORY.md §8)
+# Control variates (docs/THEORY.md §8)
 # ----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ControlVariateEstimate:
@@ -721,7 +728,7 @@ def control_variate_mean(y, x, x_mean: float, confidence: float = 0.95) -> Contr
 
 
 class LinearControlVariate:
-    """The linearised network as a control variate for Monte-Carlo (THEORY.md §8).
+    """The linearised network as a control variate for Monte-Carlo (docs/THEORY.md §8).
 
     For one noise draw (standard-normal ``z`` per target parameter, in target order; the
     weights ``w + level·u(w)⊙z``) :meth:`values` gives the linearised network's

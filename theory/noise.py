@@ -1,4 +1,4 @@
-"""Weight-noise models (THEORY.md §1).
+"""Weight-noise models (docs/THEORY.md §1).
 
 Every model here is Gaussian and *linear in its level*: a noisy weight is
 
@@ -151,7 +151,7 @@ class AdditiveGaussian(WeightNoise):
 
 @dataclass(frozen=True)
 class RelativeGaussian(WeightNoise):
-    """Additive noise relative to the layer's spread (THEORY.md §1); its relative output
+    """Additive noise relative to the layer's spread (docs/THEORY.md §1); its relative output
     error does not depend on the layer's width (derivation ``linear.width``).
 
     ``σ_l = eta · std(W_l)`` (``reference="std"``, population std) or

@@ -1,7 +1,7 @@
 """Analytic prediction of what weight noise does to a trained network, without
 sampling: :func:`predict` (one noise level) and :func:`predict_sweep` (a curve).
 
-Methods (THEORY.md §3, §5, §7, §9):
+Methods (docs/THEORY.md §3, §5, §7, §9):
 
 * ``"linear"`` (default): the first-order (delta-method) logit covariance
   ``Cov(f_i) = J_i Σ_ε J_iᵀ`` from exact per-input Jacobians

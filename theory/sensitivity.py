@@ -1,6 +1,6 @@
 """Per-layer sensitivity to weight noise, the noise budget and the layers to keep
 digital, from the one derivative pass of :func:`~noiseprop.theory.linearize.jacobian_pass`
-(THEORY.md §3, §5, §7).
+(docs/THEORY.md §3, §5, §7).
 
 Independent noise splits over layers exactly: with ``C_l(x) = J_l diag(u_l²) J_lᵀ`` the
 level-1 logit covariance that layer ``l``'s noise alone causes,

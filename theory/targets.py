@@ -1,11 +1,11 @@
-"""What gets noise: target selection and BatchNorm folding (DESIGN.md, THEORY.md §4).
+"""What gets noise: target selection and BatchNorm folding (DESIGN.md, docs/THEORY.md §4).
 
 Default targets are the weights of Conv/Linear layers, with normalisation layers kept
 digital and noiseless (aihwkit's convention). Options add the Conv/Linear biases, the
 affine parameters (γ, β) of normalisation layers, or fold every BatchNorm-like layer
 into the Conv/Linear that feeds it before injecting (how a crossbar stores it).
 
-Folding (PyTorch's ``torch.nn.utils.fusion``; THEORY.md §4): a BatchNorm-like layer in
+Folding (PyTorch's ``torch.nn.utils.fusion``; docs/THEORY.md §4): a BatchNorm-like layer in
 eval mode is the per-channel affine map ``y ↦ a ⊙ y + c``; with ``a = γ/√(var + eps)``
 and ``c = β − mean · a`` for L2 BatchNorm. The folded layer is ``W' = diag(a) W``,
 ``b' = a ⊙ b + c``. Any module exposing ``folding_affine() -> (a, c)`` is folded the same

@@ -49,7 +49,7 @@ from .common import (
 )
 from .figures import THEORY_LINES, Figure
 
-MECHANISM = ("per-layer gains: logit noise power per unit η² summed over layers; depth law of the first order (THEORY.md §3)")
+MECHANISM = ("per-layer gains: logit noise power per unit η² summed over layers; depth law of the first order (docs/THEORY.md §3)")
 PAPER_NOTE = "the paper reports directions only (no effect size in its abstract)"
 NAME = "architecture"
 TITLE = "Study 1: architecture and depth"

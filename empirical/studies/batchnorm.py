@@ -1,7 +1,7 @@
 """Study 2: BatchNorm and noise robustness (Fagbohungbe & Qian 2022, IEEE Access,
 arXiv 2205.07372).
 
-Source claims (abstract and THEORY.md §4): "the presence of batch normalization layer
+Source claims (abstract and docs/THEORY.md §4): "the presence of batch normalization layer
 negatively impacts noise resistant property of deep learning model and the impact grows
 with the increase of the number of batch normalization layers" (CIFAR-10 average
 normalised accuracy with vs without BN: ResNet44 41.32% vs 91.95%, VGG16 10.75% vs
@@ -19,7 +19,7 @@ Tests, per architecture and noise placement (seed as a factor):
 - OLS ``robustness ~ n_bn + C(seed)`` over the k grid (claim: slope < 0).
 The same tests on the predicted robustness say whether the theory predicts them.
 
-Mechanisms measured side by side (THEORY.md §4, §5): the folding amplification
+Mechanisms measured side by side (docs/THEORY.md §4, §5): the folding amplification
 (mean over channels of the relative-noise variance inflation ``(std(W')/(a_c std W))²``,
 geometric mean over folded layers), ``tr(Σ_ε H)`` for noise on unfolded and on folded
 weights at η = 1 (the first-order loss increase is ``½ η² tr(Σ_ε H)``), the top Hessian
@@ -69,7 +69,7 @@ MECHANISMS = {
 }
 
 
-#: The paper's own numbers (THEORY.md §4): CIFAR-10 average normalised accuracy with BN
+#: The paper's own numbers (docs/THEORY.md §4): CIFAR-10 average normalised accuracy with BN
 #: minus without, per family, in the unit of our robustness (normalised accuracy).
 PAPER_EFFECTS = {"vgg": (0.1075 - 0.9380, "VGG-16 on CIFAR-10: 10.75% with BN vs 93.80% without"),
                  "resnet": (0.4132 - 0.9195, "ResNet-44 on CIFAR-10: 41.32% with BN vs 91.95% without")}

@@ -27,7 +27,7 @@ cells of the task graph (:mod:`noiseprop.empirical.executor`):
 
 Common random numbers: every sweep uses the same ``mc_seed``, so models of the same
 architecture (any seed, any normalisation, folded or not) see the very same
-standard-normal draws, and within a sweep every η reuses them (THEORY.md §8).
+standard-normal draws, and within a sweep every η reuses them (docs/THEORY.md §8).
 
 Verdicts are computed, never written by hand (:func:`directional_verdict`,
 :func:`equivalence_verdict`), from p-values adjusted by Holm's method over the findings

@@ -3,7 +3,7 @@ arXiv 2205.07856).
 
 Source claim (abstract): "there exists a sweet spot of learning rate values that
 achieves a good balance between model prediction performance and model noise-resistant
-property". Theory (THEORY.md §5, §6): SGD settles where the sharpness is near the
+property". Theory (docs/THEORY.md §5, §6): SGD settles where the sharpness is near the
 linear-stability bound ``2/lr`` (``2(1+β)/lr`` with heavy-ball momentum β; Cohen et al.
 2021), so larger learning rates select flatter minima (derivations ``learning_rate.stability``
 and ``learning_rate.sweet_spot``); the first-order loss increase
@@ -66,8 +66,8 @@ PAPER_NOTE = "the paper reports a sweet spot (no effect size in its abstract)"
 NAME = "learning_rate"
 TITLE = "Study 3: learning rate"
 SOURCE = "Fagbohungbe & Qian 2022 (arXiv 2205.07856)"
-EOS = "Cohen et al. 2021 (edge of stability); THEORY.md §6"
-FLAT = "THEORY.md §5 (E[ΔL] = ½ tr(Σ_ε H))"
+EOS = "Cohen et al. 2021 (edge of stability); docs/THEORY.md §6"
+FLAT = "docs/THEORY.md §5 (E[ΔL] = ½ tr(Σ_ε H))"
 DEFAULT_ARCH = "mlp"
 DEFAULT_NORM = "none"
 

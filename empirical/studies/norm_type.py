@@ -6,7 +6,7 @@ type from L2 to L1/TopK BatchNorm type".
 
 Protocol: that of study 2 (:mod:`.batchnorm`) with the normalisation type as the
 factor: each architecture without normalisation and with L2 (standard), L1 and TopK
-BatchNorm in every place (THEORY.md §4), several seeds, noise on unfolded weights
+BatchNorm in every place (docs/THEORY.md §4), several seeds, noise on unfolded weights
 (BatchNorm digital) and on folded weights, common random numbers.
 
 Tests, per architecture and noise placement (seed as a factor):

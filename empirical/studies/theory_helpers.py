@@ -26,7 +26,7 @@ def folding_factors(model) -> dict:
 
     ``inflation``: the mean over output channels of the relative-noise variance
     inflation when noise hits the folded weights ``W' = diag(a) W`` instead of ``W``
-    with BatchNorm digital (THEORY.md §4): channel ``c`` is inflated by
+    with BatchNorm digital (docs/THEORY.md §4): channel ``c`` is inflated by
     ``std(W')/(|a_c| std(W))``, so its variance by the square; ``≥ 1`` whenever the
     gains ``a_c`` differ (``E[a²]E[1/a²] ≥ 1`` for rows of equal spread).
     ``log_gain_std``: ``τ``, the spread of ``log|a_c|``; ``lognormal``: the closed form
@@ -241,7 +241,7 @@ def _mechanisms(model, data, grid: dict, has_norm: bool) -> dict:
 
 def layer_gains(model, xg, yg) -> dict:
     """Per noisy layer ``l``: the first-order logit variance when only layer ``l``
-    gets relative noise at η = 1 (``diag J_l diag(u_l²) J_lᵀ``, THEORY.md §3, from one
+    gets relative noise at η = 1 (``diag J_l diag(u_l²) J_lᵀ``, docs/THEORY.md §3, from one
     Jacobian pass of :func:`noiseprop.theory.linearize.jacobian_pass` per layer),
     averaged over inputs and classes and divided by the clean logits' spread across
     classes (mean squared deviation from each input's mean logit): the output noise

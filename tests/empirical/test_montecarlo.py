@@ -27,7 +27,7 @@ def _mlp(d=8, h=16, c=4, seed=0):
 
 
 def test_linear_layer_logit_moments_exact():
-    """y = (W + σN) x: E[y] = W x and Var(y_c) = σ²‖x‖² exactly (THEORY.md §2)."""
+    """y = (W + σN) x: E[y] = W x and Var(y_c) = σ²‖x‖² exactly (docs/THEORY.md §2)."""
     x, y = _data()
     lin = nn.Linear(8, 4, bias=False)
     sigma, n = 0.05, 400

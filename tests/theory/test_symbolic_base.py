@@ -38,7 +38,7 @@ def _toy():
         descriptions={"square": "the square."},
         where={"x": "is the input"},
         checks=["nothing"],
-        source=r"THEORY.md \S 2",
+        source=r"docs/THEORY.md \S 2",
     )
 
 

@@ -1,4 +1,4 @@
-"""Topic `batchnorm` (THEORY.md §4): folding against torch's BatchNorm in eval mode
+"""Topic `batchnorm` (docs/THEORY.md §4): folding against torch's BatchNorm in eval mode
 (exact), and every noise result against Monte-Carlo of its stated setting with
 tolerances from the simulation's standard error."""
 import numpy as np

@@ -1,5 +1,5 @@
 """Topic `conv`: spatial covariance of convolution errors and pooling, against
-Monte-Carlo noise draws on torch's conv2d (THEORY.md §2)."""
+Monte-Carlo noise draws on torch's conv2d (docs/THEORY.md §2)."""
 import numpy as np
 import torch
 import torch.nn.functional as F

@@ -1,4 +1,4 @@
-"""Topic `depth` (THEORY.md §3): the depth recursion, the critical law on random
+"""Topic `depth` (docs/THEORY.md §3): the depth recursion, the critical law on random
 He-initialised ReLU networks for L = 2..32, and the residual variant, each against
 Monte-Carlo over random networks, inputs and noise draws.
 

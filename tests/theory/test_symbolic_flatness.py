@@ -1,4 +1,4 @@
-"""Topic `flatness` (THEORY.md §5): the expected loss increase against Monte-Carlo
+"""Topic `flatness` (docs/THEORY.md §5): the expected loss increase against Monte-Carlo
 noise draws on quadratic losses (exact) and a smooth non-quadratic loss (second order,
 with the fourth-order term measurable), and the Hutchinson variance against probe draws."""
 import math

@@ -1,4 +1,4 @@
-"""Topic `learning_rate` (THEORY.md §6): GD stability (exact iteration), the stationary
+"""Topic `learning_rate` (docs/THEORY.md §6): GD stability (exact iteration), the stationary
 loss of SGD with Gaussian gradient noise on a quadratic (Monte-Carlo over chains), and
 the sweet-spot model (Monte-Carlo of its stated setting over a learning-rate grid)."""
 import numpy as np

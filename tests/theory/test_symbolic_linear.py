@@ -1,4 +1,4 @@
-"""Topic `linear`: closed forms of THEORY.md §2 against Monte-Carlo of the stated setting.
+"""Topic `linear`: closed forms of docs/THEORY.md §2 against Monte-Carlo of the stated setting.
 
 Tolerances: |estimate − prediction| < Z·se with se computed from the samples
 (noiseprop.theory.symbolic.checking); Z = 4 for a handful of comparisons, 4.5 when a

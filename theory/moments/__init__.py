@@ -1,5 +1,5 @@
 """Moment propagation: logit means and covariances under weight noise beyond first
-order (``predict(..., method="moments")``; THEORY.md §2, §3, §9). The per-layer rule
+order (``predict(..., method="moments")``; docs/THEORY.md §2, §3, §9). The per-layer rule
 for a noisy layer with a random input is derivation ``linear.random_input``
 (``Cov(y) = W Γ Wᵀ + σ²(‖μ‖² + tr Γ)``); average pooling of the spatially correlated
 errors of a convolution is derivation ``conv.pooling``.
@@ -18,7 +18,7 @@ Two passes per chunk of inputs, over the network traced with ``torch.fx``.
    * Linear / Conv (``y = (W + N) x + b``): ``μ_y = Wμ + b``, ``F_y = W F`` (exact),
      ``d_y = (W∘W) d`` (the diagonal of ``W diag(d) Wᵀ``). The weight noise adds new
      independent sources of variance ``Σ_j σ_ij² E[x_j²]``, ``E[x²] = μ² + Var(x)`` — the
-     noise also acts on the already perturbed input (THEORY.md §2,
+     noise also acts on the already perturbed input (docs/THEORY.md §2,
      ``σ²(‖μ‖² + tr Γ)``). A convolution reuses one kernel at every position, so its new
      noise is correlated across the positions of a channel:
      ``Cov(δy_{c,p}, δy_{c,q}) = σ_c² G_pq``, ``G`` the Gram matrix of the noisy input

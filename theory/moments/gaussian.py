@@ -6,7 +6,7 @@ moments of a nonlinearity of it. Each names its derivation and its test
 ``scipy.integrate.quad`` or an exact reference).
 
 * :func:`relu_moments`: ``E relu z = μΦ(α) + sφ(α)``, ``E relu² z = (μ² + s²)Φ(α) +
-  μsφ(α)`` (α = μ/s; integrate ``z·φ`` and ``z²·φ`` over ``z > 0``; THEORY.md §3), the
+  μsφ(α)`` (α = μ/s; integrate ``z·φ`` and ``z²·φ`` over ``z > 0``; docs/THEORY.md §3), the
   expected slope ``E relu'(z) = Φ(α)`` (Stein's lemma: ``Cov(relu z, z) = s²E relu'``,
   so for jointly Gaussian units ``Cov(relu zᵢ, zⱼ) = Φ(αᵢ)Cov(zᵢ, zⱼ)``, Price 1958) and
   the second Hermite coefficient ``c₂ = E[relu(z)(Z² − 1)]/2 = sφ(α)/2``.

@@ -1,4 +1,4 @@
-"""Topic ``batchnorm``: BatchNorm under weight noise (THEORY.md §4).
+"""Topic ``batchnorm``: BatchNorm under weight noise (docs/THEORY.md §4).
 
 - :func:`batchnorm_folding`: inference folding ``W' = diag(a) W``, ``b' = a(b − m) + β``.
 - :func:`batchnorm_folded_noise`: the relative noise of each channel when the noise hits
@@ -40,7 +40,7 @@ __all__ = [
     "batchnorm_layer_count",
 ]
 
-_SOURCE = r"THEORY.md \S 4 (BatchNorm); folding as in PyTorch \texttt{torch.nn.utils.fusion}"
+_SOURCE = r"docs/THEORY.md \S 4 (BatchNorm); folding as in PyTorch \texttt{torch.nn.utils.fusion}"
 
 
 @lru_cache(maxsize=None)
@@ -65,7 +65,7 @@ def batchnorm_folding() -> Derivation:
 
     Eval-mode L2 BN: ``y = γ (z − m)/√(v + ε) + β`` with ``z = w·x + b``. With
     ``a = γ/√(v + ε)``: ``y = (a w)·x + a(b − m) + β``, i.e. ``W' = diag(a) W``,
-    ``b' = a(b − m) + β``. Scale BN (L1/TopK): ``a = γ/(s + ε)``. THEORY.md §4.
+    ``b' = a(b − m) + β``. Scale BN (L1/TopK): ``a = γ/(s + ε)``. docs/THEORY.md §4.
     """
     n = 3
     x = sp.Matrix(n, 1, lambda j, _: sp.Symbol(f"x_{j}", real=True))
@@ -135,7 +135,7 @@ def batchnorm_folded_noise() -> Derivation:
     ``η² std(W')² ‖x‖²/(a_c² (w_c·x)²)``. Inflation ``κ_c = std(W')²/(a_c² std(W)²)``.
     Rows with zero mean and mean squares ``ρ_c²``: ``std(W')² = mean_c(a_c² ρ_c²)``,
     ``std(W)² = mean_c ρ_c²``; the signal-energy-weighted inflation is
-    ``C Σ a_c²ρ_c² / (Σ a_c² Σ ρ_c²)`` (1 for equal ρ_c). THEORY.md §4.
+    ``C Σ a_c²ρ_c² / (Σ a_c² Σ ρ_c²)`` (1 for equal ρ_c). docs/THEORY.md §4.
     """
     # generic instance: C = 3 channels, 2 inputs, rows with zero mean (w_c1 = -w_c0)
     C = 3
@@ -231,7 +231,7 @@ def batchnorm_folded_noise() -> Derivation:
             r"energy-weighted value (no inflation). Which holds for trained networks is to be measured.",
         ),
         source=_SOURCE,
-        implemented_by=("noiseprop.empirical.studies.common.folding_factors",),
+        implemented_by=("noiseprop.empirical.studies.theory_helpers.folding_factors",),
         tested_by=("tests/theory/test_symbolic_batchnorm.py::test_folded_versus_unfolded_noise_per_channel",),
     )
 
@@ -244,7 +244,7 @@ def batchnorm_lognormal_scales() -> Derivation:
     τ²)`` iid over C channels and channel weights ``a_c^{2ν}``:
     ``E[Σ a_c^{2ν} κ_c]/E[Σ a_c^{2ν}] = 1/C + (1 − 1/C) e^{4τ²(1 − ν)}``
     (ν = 0: plain channel mean ``1/C + (1 − 1/C)e^{4τ²}``; ν = 1: 1). For C → ∞,
-    ``log κ_c ~ N(2τ², 4τ²)``: median ``e^{2τ²}``, mean ``e^{4τ²}``. THEORY.md §4.
+    ``log κ_c ~ N(2τ², 4τ²)``: median ``e^{2τ²}``, mean ``e^{4τ²}``. docs/THEORY.md §4.
     """
     m = sp.Symbol("m", real=True)
     tau = sp.Symbol("tau", positive=True)
@@ -325,7 +325,7 @@ def batchnorm_scale_estimators() -> Derivation:
     ``Var(√(π/2) mean|x − μ|) = (π/2 − 1) σ²/n`` vs ``σ²/(2n)`` (asymptotic) for the L2
     std: efficiency ratio ``π − 2``. TopK: ``E[mean of the k largest |x − μ|] = (σ n/k)
     ∫_0^∞ t f(t) I_{F(t)}(n − k, k) dt`` (half-normal ``F``, ``f``), scaled by
-    ``C(n) = ½(1 + √(π ln 4))/√(2 ln n)`` (Hoffer et al. 2018). THEORY.md §4.
+    ``C(n) = ½(1 + √(π ln 4))/√(2 ln n)`` (Hoffer et al. 2018). docs/THEORY.md §4.
     """
     mu = sp.Symbol("mu", real=True)
     sigma = sp.Symbol("sigma", positive=True)
@@ -404,7 +404,7 @@ def batchnorm_scale_estimators() -> Derivation:
         },
         where={"n": "is the number of elements per channel in a batch", "k": "is the number of largest deviations averaged"},
         checks=tuple(checks),
-        source=r"THEORY.md \S 4; Wu et al. 2018; Hoffer et al. 2018 (``Norm matters'')",
+        source=r"docs/THEORY.md \S 4; Wu et al. 2018; Hoffer et al. 2018 (``Norm matters'')",
         implemented_by=("noiseprop.empirical.norms.topk_constant", "noiseprop.empirical.norms.L1BatchNorm2d", "noiseprop.empirical.norms.TopKBatchNorm2d"),
         tested_by=("tests/theory/test_symbolic_batchnorm.py::test_scale_estimators_for_gaussian_activations", "tests/empirical/test_norms.py::test_topk_constant_formula"),
     )
@@ -420,7 +420,7 @@ def batchnorm_statistics_noise() -> Derivation:
     noise ``σ_p = η std(p)`` over the channels. Log-normal channel std
     (``log σ_c ~ N(m, τ²)``, ``v = σ²``, ``s ∝ σ``, ε → 0, C → ∞), channels weighted by
     ``a^{2ν}`` (γ constant): statistic term ``G_L2 = ¼(e^{8τ²} − e^{4τ²}) e^{8τ²(1 + ν)}``,
-    ``G_scale = (e^{2τ²} − e^{τ²}) e^{τ²(2 + 4ν)}``. THEORY.md §4 (seed: L1/TopK BN more
+    ``G_scale = (e^{2τ²} − e^{τ²}) e^{τ²(2 + 4ν)}``. docs/THEORY.md §4 (seed: L1/TopK BN more
     noise resistant, arXiv 2205.04886).
     """
     gamma, v, s = sp.symbols("gamma v s", positive=True)
@@ -514,7 +514,7 @@ def batchnorm_statistics_noise() -> Derivation:
         },
         where={"tau": r"is the std of $\log\sigma_c$ over channels", "nu": "sets the channel weights $a^{2\\nu}$"},
         checks=tuple(checks),
-        source=r"THEORY.md \S 4; seed result arXiv 2205.04886 (L1/TopK BatchNorm more noise resistant)",
+        source=r"docs/THEORY.md \S 4; seed result arXiv 2205.04886 (L1/TopK BatchNorm more noise resistant)",
         implemented_by=("noiseprop.theory.symbolic.batchnorm.batchnorm_statistics_noise",),
         tested_by=("tests/theory/test_symbolic_batchnorm.py::test_statistics_noise_per_channel", "tests/theory/test_symbolic_batchnorm.py::test_statistics_noise_lognormal_average"),
     )
@@ -529,7 +529,7 @@ def batchnorm_layer_count() -> Derivation:
     the conv weights: κ̄ = 1, G = 0 — no effect of k. Folded BN: κ̄ from
     ``batchnorm.lognormal_scales`` (``e^{4τ²}`` if channels count alike, 1 for energy
     weighting). Noisy BN statistics: G from ``batchnorm.statistics_noise`` (L2 ≫ L1/TopK
-    for a wide spread of channel scales). THEORY.md §4.
+    for a wide spread of channel scales). docs/THEORY.md §4.
     """
     eta = sp.Symbol("eta", nonnegative=True)
     L, k = sp.symbols("L k", integer=True, nonnegative=True)
@@ -598,7 +598,7 @@ def batchnorm_layer_count() -> Derivation:
             r"predicted by folding only under equal channel weighting, and by noisy BN statistics in any case; "
             r"measuring the slope for digital, folded and statistics-noise targets separates the mechanisms.",
         ),
-        source=r"THEORY.md \S 4; seed results arXiv 2205.07372, 2205.04886",
+        source=r"docs/THEORY.md \S 4; seed results arXiv 2205.07372, 2205.04886",
         implemented_by=("noiseprop.theory.symbolic.batchnorm.batchnorm_layer_count",),
         tested_by=("tests/theory/test_symbolic_batchnorm.py::test_layer_count_folded_random_network",),
     )

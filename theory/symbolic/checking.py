@@ -1,5 +1,5 @@
 """Monte-Carlo estimates with standard errors, used to check the closed forms
-(THEORY.md §8). All in float64; the samples are iid replicates along axis 0.
+(docs/THEORY.md §8). All in float64; the samples are iid replicates along axis 0.
 
 - :func:`mean_se`: sample mean, ``se = s/√n``.
 - :func:`variance_se`: unbiased sample variance ``s²`` and its standard error from the

@@ -1,4 +1,4 @@
-"""Topic ``conv``: weight noise in a convolution (THEORY.md §2, last item).
+"""Topic ``conv``: weight noise in a convolution (docs/THEORY.md §2, last item).
 
 One kernel is reused at every position, so the output perturbation of one channel is
 correlated across positions: ``Cov(δy_{c,p}, δy_{c,p'}) = σ² ⟨a_p, a_p'⟩`` (``a_p`` the
@@ -22,7 +22,7 @@ from .functions import Diag, SqNorm, Std, assert_zero, gaussian_covariance, matr
 
 __all__ = ["conv_spatial_covariance", "conv_pooling"]
 
-_SOURCE = r"THEORY.md \S 2 (convolution: one kernel shared by all positions)"
+_SOURCE = r"docs/THEORY.md \S 2 (convolution: one kernel shared by all positions)"
 
 
 @lru_cache(maxsize=None)
@@ -33,7 +33,7 @@ def conv_spatial_covariance() -> Derivation:
     ``d = C_in k²`` entries) and ``a_p`` the flattened input patch at position p. For
     independent zero-mean entries of variance ``v_{cj}``: ``Cov(δy_{c,·}) = A diag(v_c) Aᵀ``
     (rows of ``A`` are the patches), ``= σ² A Aᵀ`` for iid noise; channels are
-    uncorrelated. THEORY.md §2.
+    uncorrelated. docs/THEORY.md §2.
     """
     C, d, P = 2, 3, 3  # generic instance
     a = matrix_symbols("a", P, d, real=True)  # patches
@@ -111,7 +111,7 @@ def conv_pooling() -> Derivation:
     ``ρ = ‖Aᵀ1‖²/‖A‖_F² ∈ [0, P]`` (Cauchy–Schwarz:
     ``P Σ‖a_p‖² − ‖Σ a_p‖² = ½ Σ_{p,q} ‖a_p − a_q‖²``). For iid pixels of mean ``μ`` and
     variance ``v`` and a valid convolution: ``E‖Aᵀ1‖² = P d (v + μ²) + P(P − 1) d μ²``,
-    ``E‖A‖² = P d (v + μ²)``, ratio ``1 + (P − 1) μ²/(v + μ²)``. THEORY.md §2.
+    ``E‖A‖² = P d (v + μ²)``, ratio ``1 + (P − 1) μ²/(v + μ²)``. docs/THEORY.md §2.
     """
     P, d = 3, 2  # generic instance
     a = matrix_symbols("a", P, d, real=True)

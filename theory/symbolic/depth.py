@@ -1,4 +1,4 @@
-"""Topic ``depth``: how weight-noise errors accumulate with depth (THEORY.md §3).
+"""Topic ``depth``: how weight-noise errors accumulate with depth (docs/THEORY.md §3).
 
 - :func:`depth_recursion`: the first-order recursion ``e_l = χ_l e_{l−1} + s_l`` for the
   mean squared perturbation per unit, unrolled in closed form (geometric sums), with the
@@ -25,7 +25,7 @@ from .functions import assert_zero
 
 __all__ = ["depth_recursion", "depth_relu_critical", "depth_residual"]
 
-_SOURCE = r"THEORY.md \S 3 (depth); Schoenholz et al. 2017 (perturbation gain $\chi$); Semenova et al. 2022 (arXiv 2103.07413)"
+_SOURCE = r"docs/THEORY.md \S 3 (depth); Schoenholz et al. 2017 (perturbation gain $\chi$); Semenova et al. 2022 (arXiv 2103.07413)"
 
 
 @lru_cache(maxsize=None)
@@ -34,7 +34,7 @@ def depth_recursion() -> Derivation:
     ``e_L = Σ_l s_l Π_{k>l} χ_k``; constant χ, s: ``s (1 − χ^L)/(1 − χ)`` (``s L`` at
     χ = 1), limits ``s/(1 − χ)`` (χ < 1) and ``s χ^L/(χ − 1)`` (χ > 1). With the signal at
     a fixed point ``Q*`` and ``s = η² Q*``: relative error ``η² (1 − χ^L)/(1 − χ)``.
-    THEORY.md §3.
+    docs/THEORY.md §3.
     """
     # unroll for L = 4 with symbolic gains and injections
     L0 = 4
@@ -127,7 +127,7 @@ def depth_relu_critical() -> Derivation:
     (``E[1{h > 0}] = ½`` and ``E[1{h > 0} v²] = ½E v²`` for jointly symmetric (h, v)), and
     layer l injects ``s_l = η² Q_l``. So ``e_L = Σ_l η² Q_1 χ^{l−1} χ^{L−l} = η² L Q_L``:
     relative error ``η² L`` (``Σ_l η_l²`` in general) whatever σ_w; absolute noise σ:
-    ``L σ² n/σ_w²``. THEORY.md §3.
+    ``L σ² n/σ_w²``. docs/THEORY.md §3.
     """
     sigma_w = sp.Symbol("sigma_w", positive=True)
     Hs = Normal("h", 0, 1)
@@ -214,7 +214,7 @@ def depth_residual() -> Derivation:
     ``E⟨v, J_F v⟩ = 0`` (zero-mean branch weights): gain ``1 + β²``; the signal grows by
     the same factor; the branch's m noisy layers inject ``m η² β² E‖x_{l−1}‖²``. Relative
     error ``m η² L β²/(1 + β²)``; for ``β² = c/L``: ``m η² c/(1 + c/L) → m η² c``
-    (independent of depth). THEORY.md §3.
+    (independent of depth). docs/THEORY.md §3.
     """
     beta2, eta = sp.symbols("beta2 eta", nonnegative=True)
     c = sp.Symbol("c", positive=True)
@@ -272,7 +272,7 @@ def depth_residual() -> Derivation:
         descriptions={"relative_error_unscaled": r"an unscaled residual net accumulates $m\eta^2/2$ per block, half the plain-network rate per noisy layer."},
         where={"beta2": r"($\beta^2$) is the squared branch scale", "m": "is the number of noisy layers per branch", "c": r"sets $\beta^2=c/L$"},
         checks=tuple(checks),
-        source=r"THEORY.md \S 3 (residual nets); De \& Smith 2020",
+        source=r"docs/THEORY.md \S 3 (residual nets); De \& Smith 2020",
         implemented_by=("noiseprop.theory.symbolic.depth.depth_residual",),
         tested_by=("tests/theory/test_symbolic_depth.py::test_residual_variant",),
     )

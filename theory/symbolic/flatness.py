@@ -1,4 +1,4 @@
-"""Topic ``flatness``: the expected loss increase under weight noise (THEORY.md §5).
+"""Topic ``flatness``: the expected loss increase under weight noise (docs/THEORY.md §5).
 
 - :func:`flatness_quadratic`: ``E[ΔL] = ½ tr(Σ_ε H)``, exact for a quadratic loss and any
   zero-mean noise of covariance ``Σ_ε``; isotropic, multiplicative
@@ -31,7 +31,7 @@ from .functions import (
 
 __all__ = ["flatness_quadratic", "flatness_second_order", "flatness_hutchinson"]
 
-_SOURCE = r"THEORY.md \S 5 (loss level and flatness)"
+_SOURCE = r"docs/THEORY.md \S 5 (loss level and flatness)"
 
 
 def _sym_matrix(prefix: str, d: int) -> sp.Matrix:
@@ -43,7 +43,7 @@ def flatness_quadratic() -> Derivation:
     """``E[L(θ + ε)] − L(θ) = ½ tr(ΣH)`` for ``L(θ + ε) = L(θ) + gᵀε + ½ εᵀHε`` and zero-mean
     ε of covariance Σ; Gaussian ε: ``Var(ΔL) = gᵀΣg + ½ tr(ΣHΣH)``. Multiplicative noise
     ``Σ = η² diag(w²)``: ``½η² tr(D_w H D_w)``; per-layer relative noise
-    ``Σ = ⊕_l η² std(W_l)² I``: ``½ Σ_l η² std(W_l)² tr(H_ll)``. THEORY.md §5.
+    ``Σ = ⊕_l η² std(W_l)² I``: ``½ Σ_l η² std(W_l)² tr(H_ll)``. docs/THEORY.md §5.
     """
     d = 3
     H = _sym_matrix("h", d)
@@ -128,7 +128,7 @@ def flatness_second_order() -> Derivation:
     """Beyond quadratic losses: ``E[f(θ + σz)] = Σ_k σ^{2k}/(2^k k!) f^{(2k)}(θ)`` (1-d,
     Gaussian z, analytic f); in d dimensions with isotropic noise
     ``E[ΔL] = ½σ² ΔL + (σ⁴/8) Δ²L + O(σ⁶)`` (Δ the Laplacian, ``ΔL = tr H``). So
-    ``½ tr(ΣH)`` is exact for quadratics and second order otherwise. THEORY.md §5.
+    ``½ tr(ΣH)`` is exact for quadratics and second order otherwise. docs/THEORY.md §5.
     """
     th, sigma = sp.Symbol("theta", real=True), sp.Symbol("sigma", nonnegative=True)
     z = sp.Symbol("z", real=True)
@@ -196,7 +196,7 @@ def flatness_hutchinson() -> Derivation:
     """Hutchinson's trace estimator ``vᵀAv`` (A symmetric): mean ``tr A``; variance
     ``2(‖A‖_F² − Σ_i A_ii²)`` for Rademacher v, ``2‖A‖_F²`` for Gaussian v. With
     noise-scaled probes ``u = σ ⊙ v``: ``E uᵀHu = tr(diag(σ²) H)`` and variance
-    ``2(‖D_σ H D_σ‖_F² − Σ σ_i⁴ H_ii²)``. THEORY.md §5.
+    ``2(‖D_σ H D_σ‖_F² − Σ σ_i⁴ H_ii²)``. docs/THEORY.md §5.
     """
     d = 4
     A = _sym_matrix("a", d)
@@ -254,7 +254,7 @@ def flatness_hutchinson() -> Derivation:
         descriptions={"probes_for_relative_se": r"probes needed for a relative standard error $r$ of the trace estimate."},
         where={"s": "holds the per-parameter noise stds", "r": "is the target relative standard error"},
         checks=tuple(checks),
-        source=r"THEORY.md \S 5; Hutchinson 1990; Avron \& Toledo 2011",
+        source=r"docs/THEORY.md \S 5; Hutchinson 1990; Avron \& Toledo 2011",
         implemented_by=("noiseprop.theory.flatness.hessian_trace",),
         tested_by=("tests/theory/test_symbolic_flatness.py::test_hutchinson_variance_rademacher_gaussian_and_noise_scaled", "tests/theory/test_flatness.py::test_hutchinson_trace_against_exact_hessian"),
     )

@@ -1,4 +1,4 @@
-"""Topic ``learning_rate``: learning rate, flatness and robustness (THEORY.md §6).
+"""Topic ``learning_rate``: learning rate, flatness and robustness (docs/THEORY.md §6).
 
 - :func:`lr_stability`: gradient descent on a quadratic is stable iff every mode has
   ``|1 − lr λ_i| < 1``, i.e. sharpness ``λ_max < 2/lr``.
@@ -23,7 +23,7 @@ from .functions import assert_zero
 
 __all__ = ["lr_stability", "lr_sgd_stationary", "lr_sweet_spot"]
 
-_SOURCE = r"THEORY.md \S 6; Cohen et al. 2021 (edge of stability); Smith \& Le 2018; Jastrzebski et al. 2017"
+_SOURCE = r"docs/THEORY.md \S 6; Cohen et al. 2021 (edge of stability); Smith \& Le 2018; Jastrzebski et al. 2017"
 
 
 @lru_cache(maxsize=None)
@@ -31,7 +31,7 @@ def lr_stability() -> Derivation:
     """GD on ``L = ½(θ − θ*)ᵀH(θ − θ*)``: each eigen-mode is multiplied by ``1 − lr λ_i`` per
     step, so GD converges iff ``0 < lr λ_i < 2`` for all i, i.e. ``λ_max < 2/lr``. With
     heavy-ball momentum β ∈ [0, 1) (Jury criterion on ``z² − (1 + β − lr λ)z + β``):
-    ``λ_max < 2(1 + β)/lr``. THEORY.md §6.
+    ``λ_max < 2(1 + β)/lr``. docs/THEORY.md §6.
     """
     lr, lam = sp.symbols("lr lam", positive=True)
     theta0 = sp.Symbol("theta_0", real=True)
@@ -106,7 +106,7 @@ def lr_sgd_stationary() -> Derivation:
     covariance solves ``Σ = (I − lr H)Σ(I − lr H) + lr² C``. Small lr:
     ``HΣ + ΣH = lr C + O(lr²)``, so ``E[L − L*] = ½ tr(HΣ) = (lr/4) tr C + O(lr²)``. With
     ``C = H/B`` (commuting): ``s_i = lr/(B(2 − lr λ_i))`` exactly and
-    ``E[L − L*] = Σ_i lr λ_i/(2B(2 − lr λ_i)) ≈ (lr/4B) tr H``. THEORY.md §6.
+    ``E[L − L*] = Σ_i lr λ_i/(2B(2 − lr λ_i)) ≈ (lr/4B) tr H``. docs/THEORY.md §6.
     """
     lr, lam, B = sp.symbols("lr lam B", positive=True)
     c = sp.Symbol("c", positive=True)
@@ -205,7 +205,7 @@ def lr_sweet_spot() -> Derivation:
     noise: ``b = σ² ρ``, q = 1. ``J' = 0`` at ``lr* = (q b/(p a))^{1/(p+q)}``, a minimum;
     ``J(lr*) = L_0 + a lr*^p (1 + p/q)``. A sweet spot inside ``(lr_min, lr_max)`` exists iff
     a, b, p, q > 0 and ``p a lr_min^{p+q} < q b < p a lr_max^{p+q}``. Tolerable noise for a
-    loss budget Δ: ``σ = √(Δ lr/ρ)``. THEORY.md §6.
+    loss budget Δ: ``σ = √(Δ lr/ρ)``. docs/THEORY.md §6.
     """
     lr, a, b, p, q = sp.symbols("lr a b p q", positive=True)
     L0 = sp.Symbol("L_0", real=True)

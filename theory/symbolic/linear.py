@@ -1,4 +1,4 @@
-"""Topic ``linear``: one linear layer ``y = (W + N) x`` under weight noise (THEORY.md §2).
+"""Topic ``linear``: one linear layer ``y = (W + N) x`` under weight noise (docs/THEORY.md §2).
 
 Three derivations:
 
@@ -35,7 +35,7 @@ from .functions import (
 
 __all__ = ["linear_fixed_input", "linear_random_input", "linear_width"]
 
-_SOURCE = r"THEORY.md \S 2 (one linear layer); noise models of \S 1"
+_SOURCE = r"docs/THEORY.md \S 2 (one linear layer); noise models of \S 1"
 
 _M, _N = 2, 3  # size of the generic instance used for the symbolic checks
 
@@ -62,7 +62,7 @@ def linear_fixed_input() -> Derivation:
     ``E[y] = W x``; ``Cov(y) = diag_i(Σ_j σ_ij² x_j²)`` (outputs uncorrelated, because
     distinct rows of ``N`` are independent). Additive iid: ``σ²‖x‖² I``; layer-relative
     (``σ = η std(W)``): ``η² std(W)² ‖x‖² I``; multiplicative (``σ_ij = η|W_ij|``):
-    ``η² diag(W^{∘2} x^{∘2})``. THEORY.md §2.
+    ``η² diag(W^{∘2} x^{∘2})``. docs/THEORY.md §2.
     """
     Wg, s, Z = _generic_layer()
     xg = sp.Matrix(_N, 1, lambda j, _: sp.Symbol(f"x_{j}", real=True))
@@ -143,7 +143,7 @@ def linear_random_input() -> Derivation:
 
     ``E[y] = Wμ``; ``Cov(y) = WΓWᵀ + diag_i(Σ_j σ_ij² (μ_j² + Γ_jj))``; additive iid:
     ``WΓWᵀ + σ²(‖μ‖² + tr Γ) I``. The ``σ² tr Γ`` term is the noise of this layer acting
-    on the perturbation of its input (THEORY.md §2, §9).
+    on the perturbation of its input (docs/THEORY.md §2, §9).
     """
     Wg, s, Z = _generic_layer()
     mu = sp.Matrix(_N, 1, lambda j, _: sp.Symbol(f"mu_{j}", real=True))
@@ -221,7 +221,7 @@ def linear_random_input() -> Derivation:
         checks=tuple(checks),
         notes=(
             r"Dropping the $\sigma^2\operatorname{tr}\Gamma$ term (treating the input as fixed at its mean) "
-            r"underestimates the noise when upstream noise has already perturbed the input (THEORY.md \S 9).",
+            r"underestimates the noise when upstream noise has already perturbed the input (docs/THEORY.md \S 9).",
         ),
         source=_SOURCE,
         implemented_by=("noiseprop.theory.moments",),
@@ -237,7 +237,7 @@ def linear_width() -> Derivation:
     input with ``E x_j² = q``: ``E y_i² = σ_w² q``. Absolute noise ``σ``: ``Var(δy_i) =
     n σ² q`` so the relative MSE is ``n σ²/σ_w²`` (RMS ``σ√n/σ_w``, growing with width).
     Layer-relative noise ``σ = η std(W)``: ``E std(W)² = (1 − 1/(mn)) σ_w²/n`` so the
-    relative MSE is ``η²(1 − 1/(mn)) → η²``, independent of width. THEORY.md §2.
+    relative MSE is ``η²(1 − 1/(mn)) → η²``, independent of width. docs/THEORY.md §2.
     """
     m, n, N = sp.symbols("m n N", integer=True, positive=True)
     j, k = sp.symbols("j k", integer=True, positive=True)
