@@ -208,7 +208,17 @@ class Checkpoint:
 
 
 def save_checkpoint(path, model: nn.Module, spec: dict, meta: dict | None = None) -> Path:
-    """Write ``model``'s state with the spec that rebuilds it (atomically)."""
+    """Write ``model``'s state with the spec that rebuilds it (atomically).
+
+    >>> import os, tempfile
+    >>> from noiseprop.empirical import build_model
+    >>> net = build_model("mlp", (1, 8, 8), 10)
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     path = save_checkpoint(os.path.join(tmp, "m.pt"), net, net.spec)
+    ...     ck = load_checkpoint(path)
+    >>> ck.spec["name"], type(ck.model).__name__
+    ('mlp', 'MLP')
+    """
     payload = {
         "format": FORMAT,
         "version": VERSION,
@@ -254,7 +264,17 @@ def load_state_dict_file(path) -> dict:
 
 
 def load_checkpoint(path) -> Checkpoint:
-    """Rebuild the model of a noiseprop checkpoint (eval mode) with its spec and meta."""
+    """Rebuild the model of a noiseprop checkpoint (eval mode) with its spec and meta.
+
+    >>> import os, tempfile
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     bad = os.path.join(tmp, "notes.txt")
+    ...     _ = open(bad, "w").write("not a checkpoint")
+    ...     load_checkpoint(bad)
+    Traceback (most recent call last):
+    ...
+    noiseprop.empirical.checkpoint.CheckpointError: ...
+    """
     obj = _torch_load(path)
     if not (isinstance(obj, dict) and obj.get("format") == FORMAT):
         if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):

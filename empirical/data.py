@@ -475,6 +475,10 @@ def load_dataset(name: str = "digits", data_dir=None, **kwargs) -> Dataset:
 
     ``data_dir`` defaults to ``$NOISEPROP_DATA_DIR`` for the file-based datasets.
     ``subset_train`` / ``subset_test`` keep only the first examples of each split.
+
+    >>> d = load_dataset("digits")
+    >>> tuple(d.x_train.shape), tuple(d.x_test.shape), d.num_classes
+    ((1438, 1, 8, 8), (359, 1, 8, 8), 10)
     """
     if not isinstance(name, str) or name.lower() not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; accepted: {list(DATASETS)}")

@@ -104,6 +104,10 @@ def default_train_config(name: str, norm: str = "bn", dataset: str = "digits") -
     ``dataset`` "digits", "teacher", "mnist": the CPU-scale settings (small widths);
     "cifar10", "cifar100": standard widths (untested starting points). Without
     normalisation (``norm="none"``) a smaller learning rate is used.
+
+    >>> cfg = default_train_config("resnet20")
+    >>> {"lr", "epochs", "batch_size", "width"} <= set(cfg)
+    True
     """
     family, depth = _family(name, None)
     if not isinstance(norm, str) or norm not in ("none", "bn", "l1", "topk"):
@@ -435,6 +439,12 @@ def train(model_or_spec, data="digits", lr=None, epochs=None, batch_size=None, m
 
     Raises:
         TrainingDivergedError: the loss became NaN/inf (the message names the configuration).
+
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     r = train("mlp", "digits", epochs=1, seed=0, cache_dir=tmp)
+    >>> r.spec["name"], r.from_cache, 0.5 < r.final["test_accuracy"] <= 1.0
+    ('mlp', False, True)
     """
     data = _resolve_data(data)
     spec, user_model = _resolve_model(model_or_spec, data)

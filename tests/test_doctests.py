@@ -60,7 +60,8 @@ def _public_callables():
 
 #: result records and base classes: their examples live in the functions that return them
 RECORDS = {"Prediction", "PredictionCurve", "MCResult", "SweepResult", "Comparison", "CellComparison", "Dataset",
-           "TrainResult", "WeightNoise", "Derivation"}
+           "TrainResult", "WeightNoise", "Derivation", "HardwareNoise", "DriftPrediction", "Sensitivity",
+           "NoiseBudget", "KeepDigital"}
 
 
 @pytest.mark.parametrize("qualname", sorted(_public_callables()))

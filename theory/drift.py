@@ -455,6 +455,17 @@ def predict_drift(model: nn.Module, x, y, noise, times, targets=None, *, method:
     for every time, one pass in all). ``accuracy_draws``: shared draws of the linearised
     network for the chip-to-chip spread (0: skip). ``seed`` seeds those draws and the
     quasi-Monte-Carlo points. ``method="moments"`` raises ``NotImplementedError``.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> _ = torch.manual_seed(0)
+    >>> net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    >>> x = torch.randn(64, 4)
+    >>> y = net(x).argmax(1)  # labels the clean network gets right
+    >>> from noiseprop.theory import PCMLike
+    >>> d = predict_drift(net, x, y, PCMLike(t=1.0), [1.0, 3600.0, 3.15e7])
+    >>> len(d.predictions), [float(t) for t in d.times]
+    (3, [1.0, 3600.0, 31500000.0])
     """
     t0 = time.perf_counter()
     _check_options(method, linearize_at)
@@ -483,7 +494,19 @@ def predict_hardware(model: nn.Module, x, y, noise, targets=None, *, method: str
     """:class:`~noiseprop.theory.predict.Prediction` for one hardware noise model
     (:class:`~noiseprop.theory.hardware.PCMLike` at its ``t``, :class:`Quantized`,
     :class:`StuckAt`): logit mean ``f(μ)``, covariance ``J Σ Jᵀ`` (+ the compensation
-    terms), accuracy from the Gaussian logits. What ``predict`` calls for such noise."""
+    terms), accuracy from the Gaussian logits. What ``predict`` calls for such noise.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> _ = torch.manual_seed(0)
+    >>> net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    >>> x = torch.randn(64, 4)
+    >>> y = net(x).argmax(1)  # labels the clean network gets right
+    >>> from noiseprop.theory import PCMLike
+    >>> p = predict_hardware(net, x, y, PCMLike(t=86400.0))
+    >>> 0.0 <= p.accuracy <= 1.0
+    True
+    """
     _check_options(method, linearize_at)
     noise = parse_noise(noise)
     if not isinstance(noise, HardwareNoise):

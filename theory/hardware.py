@@ -302,6 +302,13 @@ class PCMLike(HardwareNoise):
     ``σ_R``; ``per`` sets the conductance mapping ``M = max|W|`` per layer or per output
     channel; ``compensation`` multiplies the read weight by the layer's ``α``.
     The level (``with_level``) is ``t``.
+
+    >>> import torch
+    >>> w = torch.linspace(-1, 1, 11).reshape(1, 11)
+    >>> pcm = PCMLike(t=3600.0)
+    >>> m, v = pcm.mean(w), pcm.variance(w)
+    >>> m.shape == w.shape, bool((v > 0).all()), pcm.with_level(86400.0).t
+    (True, True, 86400.0)
     """
 
     t: float = 0.0
@@ -516,7 +523,12 @@ class Quantized(HardwareNoise):
     """Deterministic rounding to ``2^bits`` uniformly spaced levels spanning
     ``[−M, M]``, ``M = max|W|`` per layer or per output channel:
     ``q(w) = −M + Δ·round((w + M)/Δ)``, ``Δ = 2M/(2^bits − 1)``. Exact moments:
-    ``mean = q(w)``, ``variance = 0``. The level is ``bits``."""
+    ``mean = q(w)``, ``variance = 0``. The level is ``bits``.
+
+    >>> import torch
+    >>> [round(v, 4) for v in Quantized(bits=2).mean(torch.tensor([0.9, -0.2, 1.0])).tolist()]
+    [1.0, -0.3333, 1.0]
+    """
 
     bits: int = 8
     per: str = "layer"
@@ -570,7 +582,12 @@ class StuckAt(HardwareNoise):
     is independently stuck at 0 with probability ``p_zero`` and at ``g_max`` with
     probability ``p_max``; ``W = (g⁺ − g⁻) M/g_max``. Exact moments per device with
     target ``g``: ``E = (1 − p₀ − p₁) g + p₁ g_max``, ``E g² = (1 − p₀ − p₁) g² + p₁ g_max²``;
-    the devices are independent. The level is ``p_zero``."""
+    the devices are independent. The level is ``p_zero``.
+
+    >>> import torch
+    >>> [round(v, 4) for v in StuckAt(p_zero=0.1, p_max=0.0).mean(torch.tensor([0.5, -1.0])).tolist()]
+    [0.45, -0.9]
+    """
 
     p_zero: float = 0.01
     p_max: float = 0.0
