@@ -341,7 +341,7 @@ def _finding_sentence(r) -> str:
 
 
 def generate_results_text(report: Path, out: Path) -> None:
-    """``results_<study>.tex``: each study's findings in sentences (what was found, how
+    r"""``results_<study>.tex``: each study's findings in sentences (what was found, how
     sure we are: effect with interval, verdict, and for an inconclusive one the effect
     this grid detects with 80\% power against the paper's); ``results_overview.tex``:
     the verdict counts and the share of cells where theory agrees with Monte-Carlo."""
