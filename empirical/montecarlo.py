@@ -38,6 +38,7 @@ from torch import nn
 from noiseprop.theory.hardware import HardwareNoise
 from noiseprop.theory.hashing import inputs_fingerprint
 from noiseprop.theory.noise import MAX_LEVEL, WeightNoise, parse_noise
+from noiseprop.theory.validation import check_levels, check_times
 from noiseprop.theory.validation import (check_bool, check_int, check_inputs, check_logits, check_probability,
                                          check_seed, is_fit_error, model_fit_error)
 from noiseprop.theory.validation import check_labels as _check_labels
@@ -55,19 +56,6 @@ __all__ = ["MCResult", "SweepResult", "monte_carlo", "sweep", "drift_sweep", "ch
 # ----------------------------------------------------------------------------
 def _check_count(name, value, minimum):
     return check_int(name, value, minimum)
-
-
-def _check_levels(levels) -> np.ndarray:
-    try:
-        lv = np.asarray(levels, dtype=np.float64).ravel()
-    except (TypeError, ValueError, OverflowError):
-        raise ValueError(f"levels must be a sequence of numbers in [0, {MAX_LEVEL:.3g}], got {levels!r}") from None
-    if lv.size == 0:
-        raise ValueError("levels is empty: give at least one noise level >= 0")
-    if not np.all(np.isfinite(lv)) or np.any(lv < 0) or np.any(lv > MAX_LEVEL):
-        raise ValueError(f"levels must be finite and >= 0 and <= {MAX_LEVEL:.3g} (the variance must fit in "
-                         f"float32), got {levels!r}")
-    return lv
 
 
 def _check_scales_fit(ev, max_level: float) -> None:
@@ -540,11 +528,8 @@ def monte_carlo(model: nn.Module, x, y, noise, targets=None, *, draws: int = 200
         estimates are unchanged.
 
     >>> import torch
-    >>> from torch import nn
-    >>> _ = torch.manual_seed(0)
-    >>> net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
-    >>> x = torch.randn(64, 4)
-    >>> y = net(x).argmax(1)  # labels the clean network gets right
+    >>> from noiseprop.theory.examples import tiny_problem
+    >>> net, x, y = tiny_problem()  # a seeded ReLU net and the labels it gets right
     >>> from noiseprop.theory import RelativeGaussian
     >>> mc = monte_carlo(net, x, y, RelativeGaussian(0.05), draws=20, seed=0)
     >>> mc.accuracies.shape, mc.accuracy_ci[0] <= mc.accuracy <= mc.accuracy_ci[1]
@@ -586,17 +571,14 @@ def sweep(model: nn.Module, x, y, noise, levels, targets=None, *, draws: int = 1
     ``d`` uses the same standard-normal tensors at every level: weights ``w + λ u(w) ⊙ z_d``.
 
     >>> import torch
-    >>> from torch import nn
-    >>> _ = torch.manual_seed(0)
-    >>> net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
-    >>> x = torch.randn(64, 4)
-    >>> y = net(x).argmax(1)  # labels the clean network gets right
+    >>> from noiseprop.theory.examples import tiny_problem
+    >>> net, x, y = tiny_problem()  # a seeded ReLU net and the labels it gets right
     >>> s = sweep(net, x, y, "relative", [0.0, 0.5], draws=10, seed=0)
     >>> s.accuracies.shape, bool((s.accuracies[0] == s.clean_accuracy).all())
     ((2, 10), True)
     """
     noise = parse_noise(noise, default_level=1.0)
-    levels = _check_levels(levels)
+    levels = check_levels(levels, MAX_LEVEL)
     confidence = check_probability("confidence", confidence)
     keep_logits = check_bool("keep_logits", keep_logits)
     run, plan = _run(model, x, y, noise, list(levels), draws, seed, targets, batch_size, keep_logits, progress, "sweep")
@@ -614,18 +596,6 @@ def sweep(model: nn.Module, x, y, noise, levels, targets=None, *, draws: int = 1
     )
 
 
-def _check_times(times) -> np.ndarray:
-    try:
-        tv = np.asarray(times, dtype=np.float64).ravel()
-    except (TypeError, ValueError):
-        raise ValueError(f"times must be seconds since programming (finite numbers >= 0), got {times!r}") from None
-    if tv.size == 0:
-        raise ValueError("times is empty: give at least one time since programming (seconds >= 0)")
-    if not np.all(np.isfinite(tv)) or np.any(tv < 0):
-        raise ValueError(f"times must be seconds since programming (finite numbers >= 0), got {times!r}")
-    return tv
-
-
 def drift_sweep(model: nn.Module, x, y, noise, times, targets=None, *, draws: int = 100, seed: int = 0,
                 batch_size: int | None = 1024, keep_logits: bool = False, progress: bool | None = None,
                 confidence: float = 0.95) -> SweepResult:
@@ -636,11 +606,8 @@ def drift_sweep(model: nn.Module, x, y, noise, times, targets=None, *, draws: in
     times. A thin wrapper of :func:`sweep` with the times checked.
 
     >>> import torch
-    >>> from torch import nn
-    >>> _ = torch.manual_seed(0)
-    >>> net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
-    >>> x = torch.randn(64, 4)
-    >>> y = net(x).argmax(1)  # labels the clean network gets right
+    >>> from noiseprop.theory.examples import tiny_problem
+    >>> net, x, y = tiny_problem()  # a seeded ReLU net and the labels it gets right
     >>> from noiseprop.theory import PCMLike
     >>> s = drift_sweep(net, x, y, PCMLike(t=1.0), [1.0, 3.15e7], draws=4, seed=0)
     >>> s.levels.tolist(), s.accuracies.shape
@@ -649,5 +616,5 @@ def drift_sweep(model: nn.Module, x, y, noise, times, targets=None, *, draws: in
     noise = parse_noise(noise)
     if not isinstance(noise, HardwareNoise) or not hasattr(noise, "t"):
         raise TypeError(f"noise must be a time-dependent hardware model such as PCMLike(...), got {noise!r}")
-    return sweep(model, x, y, noise, _check_times(times), draws=draws, seed=seed, targets=targets,
+    return sweep(model, x, y, noise, check_times(times), draws=draws, seed=seed, targets=targets,
                  batch_size=batch_size, keep_logits=keep_logits, progress=progress, confidence=confidence)

@@ -50,7 +50,7 @@ from .accuracy import correct_probability, sampled_accuracies
 from .hardware import HardwareNoise, PCMLike
 from .linearize import LinearizedNetwork, jacobian_pass
 from .noise import WeightNoise, parse_noise
-from .validation import check_inputs, check_labels
+from .validation import check_inputs, check_labels, check_times
 
 __all__ = ["DriftPrediction", "predict_drift", "predict_hardware", "LINEARIZE_AT"]
 
@@ -61,18 +61,6 @@ def _check_int(name, v, minimum):
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {v!r}")
     return int(v)
-
-
-def _check_times(times) -> np.ndarray:
-    try:
-        tv = np.asarray(times, dtype=np.float64).ravel()
-    except (TypeError, ValueError):
-        raise ValueError(f"times must be seconds since programming (finite numbers >= 0), got {times!r}") from None
-    if tv.size == 0:
-        raise ValueError("times is empty: give at least one time since programming (seconds >= 0)")
-    if not np.all(np.isfinite(tv)) or np.any(tv < 0):
-        raise ValueError(f"times must be seconds since programming (finite numbers >= 0), got {times!r}")
-    return tv
 
 
 def _check_options(method, linearize_at):
@@ -457,11 +445,8 @@ def predict_drift(model: nn.Module, x, y, noise, times, targets=None, *, method:
     quasi-Monte-Carlo points. ``method="moments"`` raises ``NotImplementedError``.
 
     >>> import torch
-    >>> from torch import nn
-    >>> _ = torch.manual_seed(0)
-    >>> net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
-    >>> x = torch.randn(64, 4)
-    >>> y = net(x).argmax(1)  # labels the clean network gets right
+    >>> from noiseprop.theory.examples import tiny_problem
+    >>> net, x, y = tiny_problem()  # a seeded ReLU net and the labels it gets right
     >>> from noiseprop.theory import PCMLike
     >>> d = predict_drift(net, x, y, PCMLike(t=1.0), [1.0, 3600.0, 3.15e7])
     >>> len(d.predictions), [float(t) for t in d.times]
@@ -469,7 +454,7 @@ def predict_drift(model: nn.Module, x, y, noise, times, targets=None, *, method:
     """
     t0 = time.perf_counter()
     _check_options(method, linearize_at)
-    tv = _check_times(times)
+    tv = check_times(times)
     noise = parse_noise(noise)
     if not isinstance(noise, PCMLike):
         raise TypeError(f"noise must be a time-dependent hardware model such as PCMLike(...), got {noise!r}")
@@ -497,11 +482,8 @@ def predict_hardware(model: nn.Module, x, y, noise, targets=None, *, method: str
     terms), accuracy from the Gaussian logits. What ``predict`` calls for such noise.
 
     >>> import torch
-    >>> from torch import nn
-    >>> _ = torch.manual_seed(0)
-    >>> net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
-    >>> x = torch.randn(64, 4)
-    >>> y = net(x).argmax(1)  # labels the clean network gets right
+    >>> from noiseprop.theory.examples import tiny_problem
+    >>> net, x, y = tiny_problem()  # a seeded ReLU net and the labels it gets right
     >>> from noiseprop.theory import PCMLike
     >>> p = predict_hardware(net, x, y, PCMLike(t=86400.0))
     >>> 0.0 <= p.accuracy <= 1.0

@@ -314,11 +314,8 @@ def hessian_trace(model, x, y, noise=None, targets=None, probes: int = 100, seed
     (the variance of one noise-scaled probe).
 
     >>> import torch
-    >>> from torch import nn
-    >>> _ = torch.manual_seed(0)
-    >>> net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
-    >>> x = torch.randn(64, 4)
-    >>> y = net(x).argmax(1)  # labels the clean network gets right
+    >>> from noiseprop.theory.examples import tiny_problem
+    >>> net, x, y = tiny_problem()  # a seeded ReLU net and the labels it gets right
     >>> from noiseprop.theory import RelativeGaussian
     >>> t = hessian_trace(net, x, y, noise=RelativeGaussian(0.1), probes=8, seed=0)
     >>> t.probes, t.values.shape
@@ -423,11 +420,8 @@ def hessian_top_eigenvalue(model, x, y, targets=None, noise=None, tol: float = 1
     returned as converged.
 
     >>> import torch
-    >>> from torch import nn
-    >>> _ = torch.manual_seed(0)
-    >>> net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
-    >>> x = torch.randn(64, 4)
-    >>> y = net(x).argmax(1)  # labels the clean network gets right
+    >>> from noiseprop.theory.examples import tiny_problem
+    >>> net, x, y = tiny_problem()  # a seeded ReLU net and the labels it gets right
     >>> e = hessian_top_eigenvalue(net, x, y, k=2, which="both", tol=1e-6, maxiter=500)
     >>> len(e.eigenvalues), bool(e.eigenvalues[0] >= e.smallest[0])
     (2, True)

@@ -44,7 +44,7 @@ from .accuracy import correct_probability, sampled_accuracies
 from .flatness import HessianOperator, _trace_probes, loss_increase_gauss_newton
 from .hashing import inputs_fingerprint, tensor_digest
 from .linearize import JacobianPass, LinearizedNetwork, jacobian_pass, piecewise_linear
-from .noise import WeightNoise, parse_noise
+from .noise import MAX_LEVEL, WeightNoise, parse_noise
 
 __all__ = ["Prediction", "PredictionCurve", "Predictor", "predict", "predict_sweep", "clear_cache", "METHODS",
            "LOSS_METHODS"]
@@ -74,7 +74,7 @@ PREACT_WARN_FRACTION = 0.30
 # Input checks: shared with noiseprop.empirical (theory/validation.py)
 from .validation import check_inputs as _check_inputs  # noqa: E402
 from .validation import check_labels as _check_labels  # noqa: E402
-from .validation import check_seed, probe_logits  # noqa: E402
+from .validation import check_levels, check_seed, probe_logits  # noqa: E402
 
 
 def _check_int(name, v, minimum, allow_none=False):
@@ -658,18 +658,6 @@ def _check_classes(run: _Run, opts: _Options) -> None:
         raise ValueError("cov=True keeps the full [N, C, C] covariance: it needs every class, leave classes=None")
 
 
-def _check_levels(levels) -> np.ndarray:
-    try:
-        lv = np.asarray(levels, dtype=np.float64).ravel()
-    except (TypeError, ValueError):
-        raise TypeError(f"levels must be a sequence of noise levels (numbers >= 0), got {levels!r}") from None
-    if lv.size == 0:
-        raise ValueError("levels is empty: give at least one noise level >= 0")
-    if not np.all(np.isfinite(lv)) or np.any(lv < 0):
-        raise ValueError(f"noise levels must be finite and >= 0, got {levels!r}")
-    return lv
-
-
 def _predict_one(base: _Base, noise: WeightNoise, run: _Run, seed: int, t0: float, cached: bool,
                  propagator=None):
     warns: list = []
@@ -758,11 +746,8 @@ def predict(model: nn.Module, x, y, noise, targets=None, method: str = "linear",
         calls at ten levels of one family pay one pass. See also :class:`Predictor`.
 
     >>> import torch
-    >>> from torch import nn
-    >>> _ = torch.manual_seed(0)
-    >>> net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
-    >>> x = torch.randn(64, 4)
-    >>> y = net(x).argmax(1)  # labels the clean network gets right
+    >>> from noiseprop.theory.examples import tiny_problem
+    >>> net, x, y = tiny_problem()  # a seeded ReLU net and the labels it gets right
     >>> from noiseprop.theory import RelativeGaussian
     >>> p = predict(net, x, y, RelativeGaussian(0.05))
     >>> p.logit_var.shape, p.loss_increase_method
@@ -804,18 +789,15 @@ def predict_sweep(model: nn.Module, x, y, noise, levels: Sequence[float], target
     cache).
 
     >>> import torch
-    >>> from torch import nn
-    >>> _ = torch.manual_seed(0)
-    >>> net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
-    >>> x = torch.randn(64, 4)
-    >>> y = net(x).argmax(1)  # labels the clean network gets right
+    >>> from noiseprop.theory.examples import tiny_problem
+    >>> net, x, y = tiny_problem()  # a seeded ReLU net and the labels it gets right
     >>> c = predict_sweep(net, x, y, "relative", [0.0, 0.1, 0.3])
     >>> c.accuracy.shape, bool(c.accuracy[0] >= c.accuracy[-1])
     ((3,), True)
     """
     t0 = time.perf_counter()
     run = _run_settings(method, cov, n_points, rank, spatial_rank, moment_chunk)
-    lv = _check_levels(levels)
+    lv = check_levels(levels, MAX_LEVEL)
     opts = _options(chunk_size, accuracy_draws, loss_increase, loss_probes, seed, batch_size, per_layer, diagnostic,
                     classes)
     _check_classes(run, opts)
@@ -842,11 +824,8 @@ class Predictor:
     call, so a model changed in between gets a fresh pass, never a stale one.
 
     >>> import torch
-    >>> from torch import nn
-    >>> _ = torch.manual_seed(0)
-    >>> net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
-    >>> x = torch.randn(64, 4)
-    >>> y = net(x).argmax(1)  # labels the clean network gets right
+    >>> from noiseprop.theory.examples import tiny_problem
+    >>> net, x, y = tiny_problem()  # a seeded ReLU net and the labels it gets right
     >>> pr = Predictor(net, x, y)
     >>> a, b = pr.predict("relative:0.1"), pr.predict("relative:0.2")  # one derivative pass
     >>> torch.allclose(b.logit_var, 4 * a.logit_var)
@@ -890,7 +869,7 @@ class Predictor:
         """:func:`predict_sweep` over ``levels`` of ``noise``'s family."""
         t0 = time.perf_counter()
         run = self._settings(method, cov)
-        lv = _check_levels(levels)
+        lv = check_levels(levels, MAX_LEVEL)
         noise = parse_noise(noise, default_level=1.0)
         base, noise, cached = _base(self.model, self.x, self.y, noise.with_level(1.0), self.targets, self._opts, True,
                                     data_key=self._data_key, store=self._store)

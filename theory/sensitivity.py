@@ -312,11 +312,8 @@ def sensitivity(model: nn.Module, x, y, noise, targets=None, *, channels=None, c
     n_points, seed: quasi-Monte-Carlo points and seed of the orthant probabilities.
 
     >>> import torch
-    >>> from torch import nn
-    >>> _ = torch.manual_seed(0)
-    >>> net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
-    >>> x = torch.randn(64, 4)
-    >>> y = net(x).argmax(1)  # labels the clean network gets right
+    >>> from noiseprop.theory.examples import tiny_problem
+    >>> net, x, y = tiny_problem()  # a seeded ReLU net and the labels it gets right
     >>> s = sensitivity(net, x, y, "relative:0.1")
     >>> list(s.to_frame().layer), round(float(s.to_frame().share_logit_var.sum()), 6)
     (['0', '2'], 1.0)
@@ -504,11 +501,8 @@ def noise_budget(model: nn.Module, x, y, noise_family, max_drop: float = 0.01, t
     ``noiseprop.empirical``) and reports the drop with its 95% interval.
 
     >>> import torch
-    >>> from torch import nn
-    >>> _ = torch.manual_seed(0)
-    >>> net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
-    >>> x = torch.randn(64, 4)
-    >>> y = net(x).argmax(1)  # labels the clean network gets right
+    >>> from noiseprop.theory.examples import tiny_problem
+    >>> net, x, y = tiny_problem()  # a seeded ReLU net and the labels it gets right
     >>> b = noise_budget(net, x, y, "relative", max_drop=0.01)
     >>> b.level > 0, b.predicted_drop <= 0.01 + 1e-6
     (True, True)
@@ -636,11 +630,8 @@ def keep_digital(model: nn.Module, x, y, noise, k: int = 1, targets=None, *, exh
     noise: ``'family:level'`` or a WeightNoise. k: 1 ≤ k < number of noisy layers.
 
     >>> import torch
-    >>> from torch import nn
-    >>> _ = torch.manual_seed(0)
-    >>> net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
-    >>> x = torch.randn(64, 4)
-    >>> y = net(x).argmax(1)  # labels the clean network gets right
+    >>> from noiseprop.theory.examples import tiny_problem
+    >>> net, x, y = tiny_problem()  # a seeded ReLU net and the labels it gets right
     >>> kd = keep_digital(net, x, y, "relative:0.3", k=1)
     >>> len(kd.layers), kd.layers[0] in ("0", "2"), len(kd.accuracy)
     (1, True, 1)

@@ -22,7 +22,7 @@ from torch import nn
 
 __all__ = ["check_inputs", "check_labels", "check_int", "check_number", "check_probability", "check_seed",
            "check_bool", "env_int", "check_model", "check_logits", "model_fit_error", "check_noise_fits",
-           "check_output_file", "check_output_dir", "SEED_MAX", "probe_logits", "is_fit_error"]
+           "check_output_file", "check_output_dir", "check_levels", "check_times", "SEED_MAX", "probe_logits", "is_fit_error"]
 
 #: Largest accepted seed: torch and numpy generators both take any integer in [0, 2**63).
 SEED_MAX = 2 ** 63 - 1
@@ -291,3 +291,32 @@ def probe_logits(forward, x: torch.Tensor) -> torch.Tensor:
             raise model_fit_error(e, x) from e
         raise
     return check_logits(out, x.shape[0])
+
+
+def check_levels(levels, maximum: float | None = None, name: str = "levels") -> np.ndarray:
+    """Noise levels: a non-empty sequence of finite numbers ``>= 0`` (and ``<= maximum``);
+    returns a float64 vector."""
+    top = "" if maximum is None else f" and <= {maximum:.3g}"
+    try:
+        lv = np.asarray(levels, dtype=np.float64).ravel()
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"{name} must be a sequence of numbers >= 0{top}, got {levels!r}") from None
+    if lv.size == 0:
+        raise ValueError(f"{name} is empty: give at least one noise level >= 0")
+    if not np.all(np.isfinite(lv)) or np.any(lv < 0) or (maximum is not None and np.any(lv > maximum)):
+        why = " (the variance must fit in float32)" if maximum is not None else ""
+        raise ValueError(f"{name} must be finite and >= 0{top}{why}, got {levels!r}")
+    return lv
+
+
+def check_times(times, name: str = "times") -> np.ndarray:
+    """Times since programming, in seconds: a non-empty sequence of finite numbers ``>= 0``."""
+    try:
+        tv = np.asarray(times, dtype=np.float64).ravel()
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"{name} must be seconds since programming (finite numbers >= 0), got {times!r}") from None
+    if tv.size == 0:
+        raise ValueError(f"{name} is empty: give at least one time since programming (seconds >= 0)")
+    if not np.all(np.isfinite(tv)) or np.any(tv < 0):
+        raise ValueError(f"{name} must be seconds since programming (finite numbers >= 0), got {times!r}")
+    return tv
