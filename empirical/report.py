@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 
 from .checkpoint import atomic_write, check_replaceable_folder, publish_folder, sweep_temp
+from .formatting import fmt_number, fmt_p
 
 __all__ = ["ReportConfig", "make_report", "render_markdown", "render_html"]
 
@@ -79,29 +80,15 @@ class ReportConfig:
 # Formatting
 # ----------------------------------------------------------------------------
 def _fmt(v, col: str = "") -> str:
-    if v is None:
-        return ""
-    if isinstance(v, (bool, np.bool_)):
-        return "yes" if v else "no"
-    if isinstance(v, (int, np.integer)):
-        return str(int(v))
-    if isinstance(v, (float, np.floating)):
+    """A table cell: :func:`~noiseprop.empirical.formatting.fmt_p` for p-value columns,
+    ``> grid`` for an η beyond the grid, else :func:`~noiseprop.empirical.formatting.fmt_number`."""
+    if isinstance(v, (float, np.floating)) and not isinstance(v, bool):
         f = float(v)
-        if math.isnan(f):
-            return "n/a"
-        if math.isinf(f):
-            if "eta10" in col:
-                return "> grid" if f > 0 else "n/a"
-            return "∞" if f > 0 else "−∞"
-        if col.startswith("p") or col.endswith("_p") or "pvalue" in col or col in ("p", "p_holm"):
-            return "<1e-4" if f < 1e-4 else f"{f:.2g}"
-        if f == 0:
-            return "0"
-        a = abs(f)
-        if a >= 1e4 or a < 1e-3:
-            return f"{f:.3g}"
-        return f"{f:.4g}"
-    return str(v)
+        if math.isinf(f) and "eta10" in col:
+            return "> grid" if f > 0 else "n/a"
+        if not math.isnan(f) and (col.startswith("p") or col.endswith("_p") or "pvalue" in col):
+            return fmt_p(f)
+    return fmt_number(v)
 
 
 def _md_table(frame: pd.DataFrame, columns=None, rename=None) -> str:
