@@ -50,17 +50,11 @@ from .accuracy import correct_probability, sampled_accuracies
 from .hardware import HardwareNoise, PCMLike
 from .linearize import LinearizedNetwork, jacobian_pass
 from .noise import WeightNoise, parse_noise
-from .validation import check_inputs, check_labels, check_times
+from .validation import check_inputs, check_int, check_labels, check_times
 
 __all__ = ["DriftPrediction", "predict_drift", "predict_hardware", "LINEARIZE_AT"]
 
 LINEARIZE_AT = ("mean", "programmed")
-
-
-def _check_int(name, v, minimum):
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {v!r}")
-    return int(v)
 
 
 def _check_options(method, linearize_at):
@@ -458,13 +452,13 @@ def predict_drift(model: nn.Module, x, y, noise, times, targets=None, *, method:
     noise = parse_noise(noise)
     if not isinstance(noise, PCMLike):
         raise TypeError(f"noise must be a time-dependent hardware model such as PCMLike(...), got {noise!r}")
-    accuracy_draws = _check_int("accuracy_draws", accuracy_draws, 0)
+    accuracy_draws = check_int("accuracy_draws", accuracy_draws, 0)
     if accuracy_draws == 1:
         raise ValueError("accuracy_draws must be 0 (no chip-to-chip spread) or >= 2")
     preds, lin, clean_acc = _predict_models(
         model, x, y, [noise.with_level(float(t)) for t in tv], targets, linearize_at, accuracy_draws,
-        _check_int("seed", seed, 0), _check_int("n_points", n_points, 16),
-        None if chunk_size is None else _check_int("chunk_size", chunk_size, 1), _check_int("batch_size", batch_size, 1),
+        check_int("seed", seed, 0), check_int("n_points", n_points, 16),
+        None if chunk_size is None else check_int("chunk_size", chunk_size, 1), check_int("batch_size", batch_size, 1),
         bool(cov))
     head, _, tail = noise.to_string().partition(":")
     opts = tail.split(",", 1)[1] if "," in tail else ""
@@ -493,14 +487,14 @@ def predict_hardware(model: nn.Module, x, y, noise, targets=None, *, method: str
     noise = parse_noise(noise)
     if not isinstance(noise, HardwareNoise):
         raise TypeError(f"noise must be a hardware noise model (PCMLike, Quantized, StuckAt), got {noise!r}")
-    accuracy_draws = _check_int("accuracy_draws", accuracy_draws, 0)
+    accuracy_draws = check_int("accuracy_draws", accuracy_draws, 0)
     if accuracy_draws == 1:
         raise ValueError("accuracy_draws must be 0 (no chip-to-chip spread) or >= 2")
     t0 = time.perf_counter()
     preds, _, _ = _predict_models(model, x, y, [noise], targets, linearize_at, accuracy_draws,
-                                  _check_int("seed", seed, 0), _check_int("n_points", n_points, 16),
-                                  None if chunk_size is None else _check_int("chunk_size", chunk_size, 1),
-                                  _check_int("batch_size", batch_size, 1), bool(cov))
+                                  check_int("seed", seed, 0), check_int("n_points", n_points, 16),
+                                  None if chunk_size is None else check_int("chunk_size", chunk_size, 1),
+                                  check_int("batch_size", batch_size, 1), bool(cov))
     p = preds[0]
     object.__setattr__(p, "seconds", time.perf_counter() - t0)
     return p

@@ -150,28 +150,34 @@ def excluded_frame(plan: StudyPlan, results: dict, grid: Grid | None = None) -> 
     return pd.DataFrame(rows)
 
 
+def _variants(plan: StudyPlan, results: dict, grid: Grid | None):
+    """``(plan row, noise placement, its evaluation)`` for every model at or above the
+    grid's clean-accuracy floor."""
+    for _, r in plan.index.iterrows():
+        if below_floor(results, r, grid):
+            continue
+        for variant, v in results[r["eval_key"]]["variants"].items():
+            yield r, variant, v
+
+
 def curve_frame(plan: StudyPlan, results: dict, grid: Grid) -> pd.DataFrame:
     """One row per (model, noise placement, η): observed accuracy (mean over draws,
     t interval), loss, predicted accuracy and bounds."""
     rows = []
-    for _, r in plan.index.iterrows():
-        ev = results[r["eval_key"]]
-        if below_floor(results, r, grid):
-            continue
-        for variant, v in ev["variants"].items():
-            A = np.asarray(v["accuracies"])
-            Lo = np.asarray(v["losses"])
-            for i, eta in enumerate(grid.etas):
-                m, se, (lo, hi) = mean_ci(A[i], grid.confidence)
-                row = {k: r[k] for k in plan.index.columns if k not in ("train_key", "eval_key")}
-                row.update(variant=variant, eta=eta, accuracy=m, accuracy_se=se, accuracy_ci_low=lo,
-                           accuracy_ci_high=hi, loss=float(Lo[i].mean()),
-                           clean_accuracy=float(v["clean_accuracy"]))
-                for k in ("pred_accuracy", "pred_accuracy_lower", "pred_accuracy_upper", "pred_loss_increase",
-                          "pred_preact_frac", "pred_accuracy_linear"):
-                    row[k] = float(np.asarray(v[k])[i]) if k in v else np.nan
-                row["theory_method"] = v.get("theory_method", "")
-                rows.append(row)
+    for r, variant, v in _variants(plan, results, grid):
+        A = np.asarray(v["accuracies"])
+        Lo = np.asarray(v["losses"])
+        for i, eta in enumerate(grid.etas):
+            m, se, (lo, hi) = mean_ci(A[i], grid.confidence)
+            row = {k: r[k] for k in plan.index.columns if k not in ("train_key", "eval_key")}
+            row.update(variant=variant, eta=eta, accuracy=m, accuracy_se=se, accuracy_ci_low=lo,
+                       accuracy_ci_high=hi, loss=float(Lo[i].mean()),
+                       clean_accuracy=float(v["clean_accuracy"]))
+            for k in ("pred_accuracy", "pred_accuracy_lower", "pred_accuracy_upper", "pred_loss_increase",
+                      "pred_preact_frac", "pred_accuracy_linear"):
+                row[k] = float(np.asarray(v[k])[i]) if k in v else np.nan
+            row["theory_method"] = v.get("theory_method", "")
+            rows.append(row)
     return pd.DataFrame(rows)
 
 
@@ -179,15 +185,11 @@ def compare_frame(plan: StudyPlan, results: dict, grid: Grid | None = None) -> p
     """One row per (model, noise placement, η, quantity) of prediction vs Monte-Carlo
     (models below the grid's clean-accuracy floor left out)."""
     rows = []
-    for _, r in plan.index.iterrows():
-        ev = results[r["eval_key"]]
-        if below_floor(results, r, grid):
-            continue
-        for variant, v in ev["variants"].items():
-            for c in v.get("compare", []):
-                row = {k: r[k] for k in plan.index.columns if k not in ("train_key",)}
-                row.update(variant=variant, **c)
-                rows.append(row)
+    for r, variant, v in _variants(plan, results, grid):
+        for c in v.get("compare", []):
+            row = {k: r[k] for k in plan.index.columns if k not in ("train_key",)}
+            row.update(variant=variant, **c)
+            rows.append(row)
     return pd.DataFrame(rows)
 
 
