@@ -45,7 +45,7 @@ optionally ``clean_logits``, ``accuracy``, ``accuracy_std``, ``loss_increase``,
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Sequence
 
 import numpy as np
@@ -53,6 +53,7 @@ import pandas as pd
 from scipy import stats as _st
 
 from noiseprop.theory.noise import parse_noise
+from noiseprop.theory.targets import Targets
 from noiseprop.theory.validation import check_number, check_probability
 
 from .stats import (
@@ -219,36 +220,55 @@ def _noise_of(result):
         return None
 
 
-def _same_noise(a, b) -> bool:
+def _noise_difference(a, b) -> str | None:
+    """What differs between two noise models (``None``: the same). Levels are compared
+    up to the 6 significant digits of their string forms (``relative@0.1``)."""
     if a == b:
-        return True
+        return None
     if type(a) is not type(b):
-        return False
-    # string forms print levels with 6 significant digits: equal up to that rounding
+        return f"family {type(a).__name__} vs {type(b).__name__}"
     la, lb = getattr(a, "level", None), getattr(b, "level", None)
-    if la is None or lb is None or not math.isclose(la, lb, rel_tol=1e-5, abs_tol=1e-12):
-        return False
     try:
-        return a.with_level(1.0) == b.with_level(1.0)
+        fa, fb = a.with_level(1.0), b.with_level(1.0)
     except (AttributeError, NotImplementedError, ValueError):
-        return False
+        return "settings differ"
+    if fa != fb:
+        diff = [f"{f.name} {getattr(fa, f.name)!r} vs {getattr(fb, f.name)!r}" for f in fields(fa)
+                if getattr(fa, f.name) != getattr(fb, f.name)]
+        return "family settings: " + ", ".join(diff)
+    if la is None or lb is None or not math.isclose(la, lb, rel_tol=1e-5, abs_tol=1e-12):
+        return f"level {la:g} vs {lb:g}"
+    return None
+
+
+def _targets_difference(a, b) -> str | None:
+    """What differs between two targets (objects field by field; a display string against
+    an object by its description)."""
+    if isinstance(a, Targets) and isinstance(b, Targets):
+        diff = [f"{f.name} {getattr(a, f.name)!r} vs {getattr(b, f.name)!r}" for f in fields(Targets)
+                if getattr(a, f.name) != getattr(b, f.name)]
+        return ", ".join(diff) or None
+    da, db = (t.describe() if isinstance(t, Targets) else t for t in (a, b))
+    return None if da == db else f"{da} vs {db}"
 
 
 def _check_same_setting(prediction, mc) -> None:
     """Refuse a prediction and a simulation whose noise, targets, inputs or clean model
     differ, naming the difference (a prediction at η = 0.1 must not be compared with a
-    simulation at η = 0.3)."""
+    simulation at η = 0.3). The objects the results carry are compared (``noise_model``,
+    ``targets_spec``); results without them, by their string forms."""
     pn, mn = _noise_of(prediction), _noise_of(mc)
-    if pn is not None and mn is not None and not _same_noise(pn, mn):
-        raise ValueError(f"prediction and Monte-Carlo used different noise: prediction {pn}, Monte-Carlo {mn}; "
-                         "compare results of the same noise model and level")
-    pt = getattr(prediction, "targets_spec", None)
-    mt = getattr(mc, "targets_spec", None)
-    if pt is None or mt is None:
-        pt, mt = getattr(prediction, "targets", None), getattr(mc, "targets", None)
-    if pt is not None and mt is not None and pt != mt:
-        raise ValueError(f"prediction and Monte-Carlo put noise on different targets: prediction {pt}, "
-                         f"Monte-Carlo {mt}")
+    what = _noise_difference(pn, mn) if pn is not None and mn is not None else None
+    if what:
+        raise ValueError(f"prediction and Monte-Carlo used different noise: prediction {pn}, Monte-Carlo {mn} "
+                         f"({what}); compare results of the same noise model and level")
+    pt = getattr(prediction, "targets_spec", None) or getattr(prediction, "targets", None)
+    mt = getattr(mc, "targets_spec", None) or getattr(mc, "targets", None)
+    what = _targets_difference(pt, mt) if pt is not None and mt is not None else None
+    if what:
+        raise ValueError(f"prediction and Monte-Carlo put noise on different targets ({what}): prediction "
+                         f"{pt.describe() if isinstance(pt, Targets) else pt}, Monte-Carlo "
+                         f"{mt.describe() if isinstance(mt, Targets) else mt}")
     pf, mf = getattr(prediction, "inputs_fingerprint", None), getattr(mc, "inputs_fingerprint", None)
     if pf and mf and pf != mf:
         raise ValueError(f"prediction and Monte-Carlo were computed on different inputs (fingerprints {pf[:12]} "

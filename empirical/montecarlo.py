@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from noiseprop.theory.hardware import HardwareNoise
+from noiseprop.theory.hardware import HardwareNoise, PCMLike
 from noiseprop.theory.hashing import inputs_fingerprint
 from noiseprop.theory.noise import MAX_LEVEL, WeightNoise, parse_noise
 from noiseprop.theory.validation import check_levels, check_times
@@ -332,6 +332,15 @@ def _control_variate_extras(run, cv, level, confidence) -> dict:
 # ----------------------------------------------------------------------------
 # Results
 # ----------------------------------------------------------------------------
+def _stat_columns(accuracies, losses, confidence) -> dict:
+    """Mean, standard error and Student-t interval of per-draw accuracies and losses."""
+    out = {}
+    for q, values in (("accuracy", accuracies), ("loss", losses)):
+        m, se, (lo, hi) = mean_ci(values, confidence)
+        out.update({q: m, f"{q}_se": se, f"{q}_ci_low": lo, f"{q}_ci_high": hi})
+    return out
+
+
 def _ci4(ci) -> str:
     return fmt_ci(ci, decimals=4)
 
@@ -402,15 +411,40 @@ class MCResult:
         """``E[f(θ+ε)] − f(θ)`` per input and class."""
         return self.logit_mean - self.clean_logits
 
+    @property
+    def level(self) -> float:
+        """The noise level (η, σ, or the time of a hardware model); NaN when unknown."""
+        return float(self.noise_model.level) if self.noise_model is not None else float("nan")
+
     def to_frame(self) -> pd.DataFrame:
-        """One row per quantity: estimate, standard error, CI, clean value."""
-        rows = []
-        for q, values, clean in (("accuracy", self.accuracies, self.clean_accuracy), ("loss", self.losses, self.clean_loss)):
-            m, se, (lo, hi) = mean_ci(values, self.confidence)
-            rows.append(dict(quantity=q, estimate=m, se=se, ci_low=lo, ci_high=hi, clean=clean, draws=self.draws))
-        rows.append(dict(quantity="logit_var (mean over inputs, classes)", estimate=float(self.logit_var.mean()),
-                         se=float("nan"), ci_low=float("nan"), ci_high=float("nan"), clean=0.0, draws=self.draws))
-        return pd.DataFrame(rows)
+        """One row: the noise, then accuracy and loss with standard error and
+        ``confidence`` interval (Student-t over draws), the clean values, the loss
+        increase, the mean logit variance and mean absolute logit shift. The same meaning
+        and shared column names as
+        :meth:`Prediction.to_frame <noiseprop.theory.predict.Prediction.to_frame>`; one row
+        of :meth:`SweepResult.to_frame`. Per input and class: :meth:`per_input_frame`."""
+        return pd.DataFrame([dict(level=self.level, noise=self.noise, targets=self.targets,
+                                  **_stat_columns(self.accuracies, self.losses, self.confidence),
+                                  clean_accuracy=self.clean_accuracy, clean_loss=self.clean_loss,
+                                  loss_increase=self.loss - self.clean_loss,
+                                  mean_logit_var=float(self.logit_var.mean()),
+                                  mean_abs_logit_shift=float(self.logit_mean_shift.abs().mean()),
+                                  n_inputs=self.n_inputs, num_classes=self.num_classes, draws=self.draws,
+                                  seed=self.seed, seconds=self.seconds)])
+
+    def per_input_frame(self) -> pd.DataFrame:
+        """One row per (input, class): clean logit, mean and variance over draws, and
+        shift (the columns of :meth:`Prediction.per_input_frame
+        <noiseprop.theory.predict.Prediction.per_input_frame>` that a simulation has)."""
+        n, c = self.logit_mean.shape
+        return pd.DataFrame({
+            "input": np.repeat(np.arange(n), c),
+            "cls": np.tile(np.arange(c), n),
+            "clean_logit": self.clean_logits.reshape(-1).double().numpy(),
+            "logit_mean": self.logit_mean.reshape(-1).double().numpy(),
+            "logit_var": self.logit_var.reshape(-1).double().numpy(),
+            "logit_shift": self.logit_mean_shift.reshape(-1).double().numpy(),
+        })
 
     def draws_frame(self) -> pd.DataFrame:
         """Per-draw accuracy and loss."""
@@ -462,13 +496,22 @@ class SweepResult:
     inputs_fingerprint: str | None = None
 
     def to_frame(self) -> pd.DataFrame:
+        """One row per level (a time in seconds, ``time_s``, for hardware models): the
+        columns of :meth:`MCResult.to_frame` that a sweep has (the logit statistics with
+        ``keep_logits=True``)."""
         rows = []
         for i, lv in enumerate(self.levels):
-            a, ase, (alo, ahi) = mean_ci(self.accuracies[i], self.confidence)
-            l, lse, (llo, lhi) = mean_ci(self.losses[i], self.confidence)
-            rows.append(dict(level=float(lv), accuracy=a, accuracy_se=ase, accuracy_ci_low=alo, accuracy_ci_high=ahi,
-                             loss=l, loss_se=lse, loss_ci_low=llo, loss_ci_high=lhi, draws=self.draws))
-        return pd.DataFrame(rows)
+            stats = _stat_columns(self.accuracies[i], self.losses[i], self.confidence)
+            row = dict(level=float(lv), **stats, clean_accuracy=self.clean_accuracy, clean_loss=self.clean_loss,
+                       loss_increase=stats["loss"] - self.clean_loss, draws=self.draws)
+            if self.logit_var is not None:
+                row.update(mean_logit_var=float(self.logit_var[i].mean()),
+                           mean_abs_logit_shift=float((self.logit_mean[i] - self.clean_logits).abs().mean()))
+            rows.append(row)
+        df = pd.DataFrame(rows)
+        if isinstance(self.noise_model, PCMLike):  # the level is a time: name it as DriftPrediction does
+            df.insert(1, "time_s", df["level"])
+        return df
 
     def result(self, i: int) -> MCResult:
         """The :class:`MCResult` of level ``i`` (needs ``keep_logits=True``)."""

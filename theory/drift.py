@@ -48,6 +48,7 @@ from torch.func import functional_call, jvp, vmap
 
 from .accuracy import correct_probability, sampled_accuracies
 from .hardware import HardwareNoise, PCMLike
+from .hashing import inputs_fingerprint
 from .linearize import LinearizedNetwork, jacobian_pass
 from .noise import WeightNoise, parse_noise
 from .validation import check_inputs, check_int, check_labels, check_times
@@ -421,7 +422,8 @@ def _predict_models(model, x, y, noises: Sequence[HardwareNoise], targets, linea
             correct_prob=p, clean_accuracy=clean_acc, accuracy=float(p.mean()), accuracy_lower=float(lo.mean()),
             accuracy_upper=float(hi.mean()), accuracy_std=acc_std, accuracy_std_draws=int(kd), clean_loss=clean_loss,
             loss_increase=gl, loss_increase_se=float("nan"), loss_increase_gn=float("nan"), loss_increase_logits=gl,
-            loss_probes=0, diagnostics=types.MappingProxyType(diag), warnings=(), seconds=time.perf_counter() - t1))
+            loss_probes=0, diagnostics=types.MappingProxyType(diag), warnings=(), seconds=time.perf_counter() - t1,
+            noise_model=nz, targets_spec=lin.plan.targets, inputs_fingerprint=inputs_fingerprint(x, y)))
     return preds, lin, clean_acc
 
 

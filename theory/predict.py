@@ -31,7 +31,7 @@ import time
 import types
 import warnings
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -45,9 +45,12 @@ from .flatness import HessianOperator, _trace_probes, loss_increase_gauss_newton
 from .hashing import inputs_fingerprint, tensor_digest
 from .linearize import JacobianPass, LinearizedNetwork, jacobian_pass, piecewise_linear
 from .noise import MAX_LEVEL, WeightNoise, parse_noise
+from .validation import check_bool, check_int, check_levels, check_seed, probe_logits
+from .validation import check_inputs as _check_inputs
+from .validation import check_labels as _check_labels
 
-__all__ = ["Prediction", "PredictionCurve", "Predictor", "predict", "predict_sweep", "clear_cache", "METHODS",
-           "LOSS_METHODS"]
+__all__ = ["Prediction", "PredictionCurve", "PredictOptions", "Predictor", "predict", "predict_sweep", "clear_cache",
+           "METHODS", "LOSS_METHODS"]
 
 METHODS = ("linear", "moments")
 #: ``loss_increase=`` choices: ``"auto"`` (the exact Gauss-Newton form where the network is
@@ -69,20 +72,6 @@ TRUNCATION_CHECK_INPUTS = 32
 #: 0.40 (MLP at η = 0.5, 0.96 points off). 0.30 flags all 9 misses with 3 false alarms
 #: (the old 0.15: 9 false alarms, e.g. the MLP at η = 0.2, 0.09 points off).
 PREACT_WARN_FRACTION = 0.30
-
-
-# Input checks: shared with noiseprop.empirical (theory/validation.py)
-from .validation import check_inputs as _check_inputs  # noqa: E402
-from .validation import check_labels as _check_labels  # noqa: E402
-from .validation import check_levels, check_seed, probe_logits  # noqa: E402
-
-
-def _check_int(name, v, minimum, allow_none=False):
-    if v is None and allow_none:
-        return None
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}{' or None' if allow_none else ''}, got {v!r}")
-    return int(v)
 
 
 def _check_method(method):
@@ -108,6 +97,14 @@ class Prediction:
     (Hutchinson, ``loss_increase_se``; NaN when ``loss_probes=0``),
     ``loss_increase_gn`` its Gauss-Newton form, ``loss_increase_logits`` the expected
     cross-entropy increase under the method's Gaussian logit model.
+
+    ``noise``/``targets`` are display strings; ``noise_model``, ``targets_spec`` and
+    ``inputs_fingerprint`` are the noise model and targets objects and a fingerprint of
+    ``(x, y)`` (:func:`~noiseprop.theory.hashing.inputs_fingerprint`), as a
+    :class:`~noiseprop.empirical.montecarlo.MCResult` carries them:
+    :func:`~noiseprop.empirical.compare.compare` refuses a pair that differs in them.
+    ``to_frame()`` is one row (the scalars, as for every result of one noise setting);
+    ``per_input_frame()`` one row per (input, class).
     """
 
     method: str
@@ -139,6 +136,11 @@ class Prediction:
     #: ``per_layer=True``: noisy module -> its share of ``½ tr(Σ_ε H)`` (Gauss-Newton form;
     #: the shares add up to ``loss_increase_gn``)
     loss_increase_by_layer: Mapping | None = None
+    #: the noise model, the targets and a fingerprint of ``(x, y)`` (set by the public
+    #: entry points; :func:`~noiseprop.empirical.compare.compare` checks them)
+    noise_model: WeightNoise | None = None
+    targets_spec: object = None
+    inputs_fingerprint: str | None = None
 
     @property
     def n_inputs(self) -> int:
@@ -158,12 +160,18 @@ class Prediction:
         """Predicted mean cross-entropy under noise, ``clean_loss + loss_increase``."""
         return self.clean_loss + self.loss_increase
 
+    @property
+    def level(self) -> float:
+        """The noise level (η, σ, or the time of a hardware model); NaN when unknown."""
+        return float(self.noise_model.level) if self.noise_model is not None else float("nan")
+
     def scalars(self) -> dict:
-        out = dict(method=self.method, noise=self.noise, targets=self.targets, n_inputs=self.n_inputs,
+        """The scalar results by name (one row of :meth:`to_frame`)."""
+        out = dict(level=self.level, method=self.method, noise=self.noise, targets=self.targets, n_inputs=self.n_inputs,
                    num_classes=self.num_classes, clean_accuracy=self.clean_accuracy, accuracy=self.accuracy,
                    accuracy_lower=self.accuracy_lower, accuracy_upper=self.accuracy_upper,
                    accuracy_std=self.accuracy_std, accuracy_std_draws=self.accuracy_std_draws,
-                   clean_loss=self.clean_loss, loss_increase=self.loss_increase,
+                   clean_loss=self.clean_loss, loss=self.loss, loss_increase=self.loss_increase,
                    loss_increase_se=self.loss_increase_se, loss_increase_gn=self.loss_increase_gn,
                    loss_increase_logits=self.loss_increase_logits, loss_probes=self.loss_probes,
                    loss_increase_method=self.loss_increase_method,
@@ -175,6 +183,14 @@ class Prediction:
         return out
 
     def to_frame(self) -> pd.DataFrame:
+        """One row: the scalar results (:meth:`scalars`). The same meaning as
+        :meth:`MCResult.to_frame <noiseprop.empirical.montecarlo.MCResult.to_frame>`
+        (shared columns: ``level``, ``accuracy``, ``clean_accuracy``, ``loss``,
+        ``clean_loss``, ``loss_increase``, ``mean_logit_var``, ``mean_abs_logit_shift``);
+        per input and class: :meth:`per_input_frame`."""
+        return pd.DataFrame([self.scalars()])
+
+    def per_input_frame(self) -> pd.DataFrame:
         """One row per (input, class): label, clean logit, predicted mean, variance and
         shift, and the input's probability of staying correct."""
         n, c = self.logit_mean.shape
@@ -219,7 +235,10 @@ class Prediction:
 @dataclass(frozen=True)
 class PredictionCurve:
     """Predictions over noise levels (:func:`predict_sweep`); ``predictions[i]`` is the
-    full :class:`Prediction` at ``levels[i]``."""
+    full :class:`Prediction` at ``levels[i]``. ``noise_model`` is the family at level 1
+    (as :class:`~noiseprop.empirical.montecarlo.SweepResult` carries it), with
+    ``targets_spec`` and ``inputs_fingerprint`` as on :class:`Prediction`. ``to_frame()``:
+    one row per level, the columns of :meth:`Prediction.to_frame`."""
 
     method: str
     noise: str
@@ -227,10 +246,14 @@ class PredictionCurve:
     levels: np.ndarray
     predictions: tuple
     seconds: float
+    noise_model: WeightNoise | None = None
+    targets_spec: object = None
+    inputs_fingerprint: str | None = None
 
     def __getattr__(self, name):
         # accuracy, accuracy_std, loss_increase, ... as arrays over levels
-        if name.startswith("_") or name in ("predictions", "levels"):
+        if name.startswith("_") or name in ("predictions", "levels", "noise_model", "targets_spec",
+                                            "inputs_fingerprint"):
             raise AttributeError(name)
         preds = object.__getattribute__(self, "predictions")
         if preds and hasattr(preds[0], name):
@@ -240,14 +263,10 @@ class PredictionCurve:
         raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
     def to_frame(self) -> pd.DataFrame:
-        rows = []
-        for lv, p in zip(self.levels, self.predictions):
-            r = p.scalars()
-            r["level"] = float(lv)
-            rows.append(r)
+        """One row per level: the level, then :meth:`Prediction.scalars`."""
+        rows = [{**p.scalars(), "level": float(lv)} for lv, p in zip(self.levels, self.predictions)]
         df = pd.DataFrame(rows)
-        cols = ["level"] + [c for c in df.columns if c != "level"]
-        return df[cols]
+        return df[["level"] + [c for c in df.columns if c != "level"]]
 
     def summary(self) -> str:
         lines = [f"Predicted curve ({self.method}) for {self.noise} noise on {self.targets}; {self.seconds:.2f} s",
@@ -376,11 +395,11 @@ class _Options:
 
 def _options(chunk_size, accuracy_draws, loss_increase, loss_probes, seed, batch_size, per_layer, diagnostic,
              classes=None) -> _Options:
-    chunk_size = _check_int("chunk_size", chunk_size, 1, allow_none=True)
-    accuracy_draws = _check_int("accuracy_draws", accuracy_draws, 0)
+    chunk_size = check_int("chunk_size", chunk_size, 1, allow_none=True)
+    accuracy_draws = check_int("accuracy_draws", accuracy_draws, 0)
     if accuracy_draws == 1:
         raise ValueError("accuracy_draws must be 0 (no chip-to-chip spread) or >= 2")
-    loss_probes = _check_int("loss_probes", loss_probes, 0, allow_none=True)
+    loss_probes = check_int("loss_probes", loss_probes, 0, allow_none=True)
     if loss_probes == 1:
         raise ValueError("loss_probes must be 0 (skip the Hutchinson estimate), >= 2, or None (16 when the Hessian "
                          "estimator is used)")
@@ -388,12 +407,10 @@ def _options(chunk_size, accuracy_draws, loss_increase, loss_probes, seed, batch
         raise ValueError(f"loss_increase must be one of {list(LOSS_METHODS)}, got {loss_increase!r}")
     if loss_increase == "hutchinson" and loss_probes == 0:
         raise ValueError("loss_increase='hutchinson' needs loss_probes >= 2 (or None for 16), got 0")
-    for name, v in (("per_layer", per_layer), ("diagnostic", diagnostic)):
-        if not isinstance(v, bool):
-            raise TypeError(f"{name} must be True or False, got {v!r}")
-    classes = _check_int("classes", classes, 1, allow_none=True)
+    classes = check_int("classes", classes, 1, allow_none=True)
     return _Options(chunk_size, accuracy_draws, loss_increase, loss_probes, check_seed("seed", seed),
-                    _check_int("batch_size", batch_size, 1), per_layer, diagnostic, classes)
+                    check_int("batch_size", batch_size, 1), check_bool("per_layer", per_layer),
+                    check_bool("diagnostic", diagnostic), classes)
 
 
 def _build_base(lin: LinearizedNetwork, x, y, unit, opts: _Options) -> _Base:
@@ -642,10 +659,8 @@ class _Run:
 
 
 def _run_settings(method, cov, n_points, rank, spatial_rank, moment_chunk) -> _Run:
-    if not isinstance(cov, bool):
-        raise TypeError(f"cov must be True or False, got {cov!r}")
-    return _Run(_check_method(method), cov, _check_int("n_points", n_points, 16), _check_int("rank", rank, 1),
-                _check_int("spatial_rank", spatial_rank, 1), _check_int("moment_chunk", moment_chunk, 1))
+    return _Run(_check_method(method), check_bool("cov", cov), check_int("n_points", n_points, 16), check_int("rank", rank, 1),
+                check_int("spatial_rank", spatial_rank, 1), check_int("moment_chunk", moment_chunk, 1))
 
 
 def _check_classes(run: _Run, opts: _Options) -> None:
@@ -687,13 +702,115 @@ def _sweep(base: _Base, noise: WeightNoise, lv: np.ndarray, run: _Run, seed: int
 
 
 # ----------------------------------------------------------------------------
+# Options: the method-specific knobs, grouped
+# ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PredictOptions:
+    """The method-specific knobs of :func:`predict`, :func:`predict_sweep` and
+    :class:`Predictor`, grouped so that their signatures read at a glance
+    (``options=PredictOptions(...)``). Every field is also accepted by name as a keyword
+    of those functions (the older spelling); giving one both ways is an error.
+
+    accuracy_draws: shared draws of the linearised network for the chip-to-chip spread
+        ``accuracy_std`` (default 0: not computed, NaN; 32 gives it to a relative s.e. of
+        13% at several times the cost of the Jacobian pass).
+    loss_increase: ``"auto"`` (default): the Gauss-Newton form ``½ mean_i tr(H_z J_i Σ_ε
+        J_iᵀ)`` from the Jacobian pass when the network is piecewise linear in its noisy
+        parameters (:func:`~noiseprop.theory.linearize.piecewise_linear`; then it *is*
+        ``½ tr(Σ_ε H)``), Hutchinson otherwise or when ``loss_probes`` is given;
+        ``"gauss_newton"``; ``"hutchinson"``. The result's ``loss_increase_method`` says
+        which was used.
+    loss_probes: Hutchinson probes for ``loss_increase`` when the Hessian estimator is
+        used (``None``: 16 when it is); a number ``>= 2`` asks for it, 0 skips it.
+    n_points: quasi-Monte-Carlo points per orthant probability (>= 16).
+    chunk_size: inputs per Jacobian chunk (``None``: from a memory budget of
+        :data:`~noiseprop.theory.linearize.DEFAULT_JACOBIAN_BUDGET`).
+    batch_size: inputs per Hessian-vector product (Hutchinson).
+    rank, spatial_rank, moment_chunk: moment-propagation settings
+        (``method="moments"``; see :mod:`noiseprop.theory.moments`).
+
+    Checked when built (:mod:`noiseprop.theory.validation`):
+
+    >>> PredictOptions(accuracy_draws=32, n_points=512).accuracy_draws
+    32
+    >>> PredictOptions(accuracy_draws=1)
+    Traceback (most recent call last):
+    ...
+    ValueError: accuracy_draws must be 0 (no chip-to-chip spread) or >= 2
+    """
+
+    accuracy_draws: int = 0
+    loss_increase: str = "auto"
+    loss_probes: int | None = None
+    n_points: int = 1024
+    chunk_size: int | None = None
+    batch_size: int = 512
+    rank: int = 32
+    spatial_rank: int = 4
+    moment_chunk: int = 32
+
+    def __post_init__(self):
+        # the checks of the internal settings, in one place (_options, _run_settings)
+        o = _options(self.chunk_size, self.accuracy_draws, self.loss_increase, self.loss_probes, 0, self.batch_size,
+                     False, True)
+        r = _run_settings("linear", False, self.n_points, self.rank, self.spatial_rank, self.moment_chunk)
+        for name in ("chunk_size", "accuracy_draws", "loss_probes", "batch_size"):
+            object.__setattr__(self, name, getattr(o, name))
+        for name in ("n_points", "rank", "spatial_rank", "moment_chunk"):
+            object.__setattr__(self, name, getattr(r, name))
+
+
+#: the names :class:`PredictOptions` accepts (also as keywords of the entry points)
+OPTION_NAMES = tuple(f.name for f in fields(PredictOptions))
+
+
+def _resolve(options, knobs: dict, where: str) -> PredictOptions:
+    """``options=`` or the knobs given by name (never both), as one :class:`PredictOptions`."""
+    unknown = sorted(set(knobs) - set(OPTION_NAMES))
+    if unknown:
+        raise TypeError(f"{where}() got unexpected keyword argument(s) {unknown}; the method options are "
+                        f"{list(OPTION_NAMES)} (PredictOptions fields)")
+    if options is None:
+        return PredictOptions(**knobs)
+    if isinstance(options, Mapping):
+        options = _resolve(None, dict(options), where)
+    if not isinstance(options, PredictOptions):
+        raise TypeError(f"options must be a PredictOptions, a dict of its fields, or None; got "
+                        f"{type(options).__name__}")
+    if knobs:
+        raise ValueError(f"{where}(): {', '.join(sorted(knobs))} given both in options= and as keyword argument(s); "
+                         "give each method option one way")
+    return options
+
+
+def _settings(o: PredictOptions, method, cov, seed, per_layer, diagnostic, classes) -> tuple[_Run, _Options]:
+    """The internal settings of one call (checked), from the options and the general keywords."""
+    run = _run_settings(method, cov, o.n_points, o.rank, o.spatial_rank, o.moment_chunk)
+    opts = _options(o.chunk_size, o.accuracy_draws, o.loss_increase, o.loss_probes, seed, o.batch_size, per_layer,
+                    diagnostic, classes)
+    _check_classes(run, opts)
+    return run, opts
+
+
+def _stamp(pred: Prediction, noise: WeightNoise, base: _Base, fingerprint: str) -> Prediction:
+    """The prediction with its noise model, targets and inputs fingerprint (what
+    :func:`~noiseprop.empirical.compare.compare` checks)."""
+    return replace(pred, noise_model=noise, targets_spec=base.lin.plan.targets, inputs_fingerprint=fingerprint)
+
+
+def _stamp_curve(curve: PredictionCurve, family: WeightNoise, base: _Base, fingerprint: str) -> PredictionCurve:
+    preds = tuple(_stamp(p, family.with_level(float(lv)), base, fingerprint)
+                  for lv, p in zip(curve.levels, curve.predictions))
+    return replace(curve, predictions=preds, noise_model=family.with_level(1.0), targets_spec=base.lin.plan.targets,
+                   inputs_fingerprint=fingerprint)
+
+
+# ----------------------------------------------------------------------------
 # Public entry points
 # ----------------------------------------------------------------------------
-def predict(model: nn.Module, x, y, noise, targets=None, method: str = "linear", chunk_size: int | None = None,
-            cov: bool = False, accuracy_draws: int = 0, loss_probes: int | None = None, seed: int = 0,
-            n_points: int = 1024, rank: int = 32, spatial_rank: int = 4, moment_chunk: int = 32,
-            batch_size: int = 512, *, loss_increase: str = "auto", per_layer: bool = False, diagnostic: bool = True,
-            cache: bool = True, classes: int | None = None) -> Prediction:
+def predict(model: nn.Module, x, y, noise, targets=None, *, method: str = "linear",
+            options: PredictOptions | None = None, cov: bool = False, seed: int = 0, classes: int | None = None,
+            per_layer: bool = False, diagnostic: bool = True, cache: bool = True, **knobs) -> Prediction:
     """Predict logits, accuracy and loss of ``model`` on ``(x, y)`` under weight ``noise``.
 
     Parameters
@@ -708,30 +825,12 @@ def predict(model: nn.Module, x, y, noise, targets=None, method: str = "linear",
     method: ``"linear"`` (first order, any differentiable module) or ``"moments"``
         (moment propagation; Linear, Conv2d, BatchNorm-like, ReLU, pooling, flatten,
         residual add).
-    chunk_size: inputs per Jacobian chunk (``None``: from a memory budget of
-        :data:`~noiseprop.theory.linearize.DEFAULT_JACOBIAN_BUDGET`).
+    options: the method-specific knobs, a :class:`PredictOptions` (accuracy draws, loss
+        estimator and probes, quasi-Monte-Carlo points, chunk and batch sizes, moment
+        ranks). Its fields are also accepted here by name (``accuracy_draws=32``), as
+        ``**knobs``; not both ways at once.
     cov: keep the full ``[N, C, C]`` logit covariance in the result.
-    accuracy_draws: shared draws of the linearised network for the chip-to-chip spread
-        ``accuracy_std`` (default 0: not computed, ``accuracy_std`` is NaN; 32 gives it
-        to a relative s.e. of 13% at several times the cost of the Jacobian pass).
-    loss_probes: Hutchinson probes for ``loss_increase`` when the Hessian estimator is
-        used (``None``: 16 when it is); giving a number ``>= 2`` asks for it.
     seed: seeds the draws, the probes and the quasi-Monte-Carlo points (no global RNG).
-    n_points: quasi-Monte-Carlo points per orthant probability.
-    rank, spatial_rank, moment_chunk: moment-propagation settings (see
-        :mod:`noiseprop.theory.moments`).
-    batch_size: inputs per Hessian-vector product (Hutchinson).
-    loss_increase: ``"auto"`` (default): the Gauss-Newton form ``½ mean_i tr(H_z J_i Σ_ε
-        J_iᵀ)`` from the Jacobian pass when the network is piecewise linear in its noisy
-        parameters (:func:`~noiseprop.theory.linearize.piecewise_linear`; then it *is*
-        ``½ tr(Σ_ε H)``, no estimator needed), Hutchinson otherwise or when
-        ``loss_probes`` is given; ``"gauss_newton"``; ``"hutchinson"``. The result's
-        ``loss_increase_method`` says which was used.
-    per_layer: also each noisy layer's share of the loss increase
-        (``loss_increase_by_layer``, Gauss-Newton form).
-    diagnostic: compute the validity diagnostic (fraction of ReLU pre-activations whose
-        first-order noise sd exceeds their magnitude, on 16 inputs; a warning above
-        :data:`PREACT_WARN_FRACTION`).
     classes: differentiate only each input's label and its ``classes`` closest
         competitors (highest other clean logits): ``classes + 1`` backward passes instead
         of ``C``. ``accuracy`` then ignores the other classes (an upper bound, exact when
@@ -740,53 +839,61 @@ def predict(model: nn.Module, x, y, noise, targets=None, method: str = "linear",
         ``diagnostics`` (``classes_truncation_*``); ``logit_var`` is NaN for the classes
         not differentiated, the loss increase is their Gauss-Newton form over the selected
         classes. Default ``None``: every class (needed for ``cov=True`` and ``"moments"``).
+    per_layer: also each noisy layer's share of the loss increase
+        (``loss_increase_by_layer``, Gauss-Newton form).
+    diagnostic: compute the validity diagnostic (fraction of ReLU pre-activations whose
+        first-order noise sd exceeds their magnitude, on 16 inputs; a warning above
+        :data:`PREACT_WARN_FRACTION`).
     cache: reuse the derivative pass of an earlier call with the same model state (a
         hash of its parameters and buffers), inputs, labels, targets, noise family and
         settings (:data:`CACHE_SIZE` passes are kept; :func:`clear_cache` empties it): ten
         calls at ten levels of one family pay one pass. See also :class:`Predictor`.
+
+    The result carries ``noise_model``, ``targets_spec`` and ``inputs_fingerprint``, so
+    :func:`~noiseprop.empirical.compare.compare` can refuse a simulation of another setting.
 
     >>> import torch
     >>> from noiseprop.theory.examples import tiny_problem
     >>> net, x, y = tiny_problem()  # a seeded ReLU net and the labels it gets right
     >>> from noiseprop.theory import RelativeGaussian
     >>> p = predict(net, x, y, RelativeGaussian(0.05))
-    >>> p.logit_var.shape, p.loss_increase_method
-    (torch.Size([64, 3]), 'gauss_newton (exact: piecewise linear)')
-    >>> 0.0 <= p.accuracy <= 1.0
-    True
+    >>> p.logit_var.shape, p.loss_increase_method, p.noise_model
+    (torch.Size([64, 3]), 'gauss_newton (exact: piecewise linear)', RelativeGaussian(eta=0.05, reference='std', per='layer'))
+    >>> q = predict(net, x, y, "relative:0.05", options=PredictOptions(accuracy_draws=8, n_points=512))
+    >>> r = predict(net, x, y, "relative:0.05", accuracy_draws=8, n_points=512)  # the same, by keyword
+    >>> q.accuracy == r.accuracy, q.accuracy_std == r.accuracy_std, q.accuracy_std_draws
+    (True, True, 8)
     """
     t0 = time.perf_counter()
+    o = _resolve(options, knobs, "predict")
     # non-zero-mean hardware noise (PCMLike, Quantized, StuckAt): theory/drift.py
     if not parse_noise(noise).zero_mean:
-        from .drift import predict_hardware
+        from .drift import predict_hardware  # drift builds Predictions (imports this module): a cycle at top level
 
-        return predict_hardware(model, x, y, noise, targets, method=method, chunk_size=chunk_size, cov=cov,
-                                accuracy_draws=accuracy_draws, seed=seed, n_points=n_points, batch_size=batch_size)
-    run = _run_settings(method, cov, n_points, rank, spatial_rank, moment_chunk)
-    opts = _options(chunk_size, accuracy_draws, loss_increase, loss_probes, seed, batch_size, per_layer, diagnostic,
-                    classes)
-    _check_classes(run, opts)
-    if not isinstance(cache, bool):
-        raise TypeError(f"cache must be True or False, got {cache!r}")
-    base, noise, cached = _base(model, x, y, noise, targets, opts, cache)
+        return predict_hardware(model, x, y, noise, targets, method=method, chunk_size=o.chunk_size, cov=cov,
+                                accuracy_draws=o.accuracy_draws, seed=seed, n_points=o.n_points,
+                                batch_size=o.batch_size)
+    run, opts = _settings(o, method, cov, seed, per_layer, diagnostic, classes)
+    check_bool("cache", cache)
+    x, y = _check_inputs(model, x, y)
+    fingerprint = _data_hash(x, y)
+    base, noise, cached = _base(model, x, y, noise, targets, opts, cache, data_key=fingerprint)
     pred, _ = _predict_one(base, noise, run, opts.seed, t0, cached)
     for w in pred.warnings:
         warnings.warn(w, RuntimeWarning, stacklevel=2)
-    return pred
+    return _stamp(pred, noise, base, fingerprint)
 
 
-def predict_sweep(model: nn.Module, x, y, noise, levels: Sequence[float], targets=None, method: str = "linear",
-                  chunk_size: int | None = None, cov: bool = False, accuracy_draws: int = 0,
-                  loss_probes: int | None = None, seed: int = 0, n_points: int = 1024, rank: int = 32,
-                  spatial_rank: int = 4, moment_chunk: int = 32, batch_size: int = 512, *,
-                  loss_increase: str = "auto", per_layer: bool = False, diagnostic: bool = True,
-                  cache: bool = True, classes: int | None = None) -> PredictionCurve:
+def predict_sweep(model: nn.Module, x, y, noise, levels: Sequence[float], targets=None, *, method: str = "linear",
+                  options: PredictOptions | None = None, cov: bool = False, seed: int = 0,
+                  classes: int | None = None, per_layer: bool = False, diagnostic: bool = True, cache: bool = True,
+                  **knobs) -> PredictionCurve:
     """:func:`predict` over noise ``levels`` (η or σ of the ``noise`` family; its own level
     is ignored). One pass of derivatives serves every level: every noise model is linear
     in its level, so the first-order covariance, the draws of the linearised network and
     ``tr(Σ_ε H)`` scale by ``level²`` (or ``level``). ``method="moments"`` adds one moment
-    propagation per level. Options as in :func:`predict` (the pass is shared with its
-    cache).
+    propagation per level. Options and keywords as in :func:`predict` (the pass is shared
+    with its cache).
 
     >>> import torch
     >>> from noiseprop.theory.examples import tiny_problem
@@ -794,29 +901,31 @@ def predict_sweep(model: nn.Module, x, y, noise, levels: Sequence[float], target
     >>> c = predict_sweep(net, x, y, "relative", [0.0, 0.1, 0.3])
     >>> c.accuracy.shape, bool(c.accuracy[0] >= c.accuracy[-1])
     ((3,), True)
+    >>> list(c.to_frame().level), c.predictions[1].noise_model.to_string()
+    ([0.0, 0.1, 0.3], 'relative:0.1')
     """
     t0 = time.perf_counter()
-    run = _run_settings(method, cov, n_points, rank, spatial_rank, moment_chunk)
+    o = _resolve(options, knobs, "predict_sweep")
+    run, opts = _settings(o, method, cov, seed, per_layer, diagnostic, classes)
     lv = check_levels(levels, MAX_LEVEL)
-    opts = _options(chunk_size, accuracy_draws, loss_increase, loss_probes, seed, batch_size, per_layer, diagnostic,
-                    classes)
-    _check_classes(run, opts)
-    if not isinstance(cache, bool):
-        raise TypeError(f"cache must be True or False, got {cache!r}")
+    check_bool("cache", cache)
     noise = parse_noise(noise, default_level=1.0)
     if not noise.zero_mean:  # hardware noise is not linear in a level
         raise TypeError(f"predict_sweep needs a Gaussian noise family; for {noise.to_string()!r} over times use "
                         "noiseprop.theory.predict_drift(model, x, y, noise, times)")
-    base, noise, cached = _base(model, x, y, noise.with_level(1.0), targets, opts, cache)
-    return _sweep(base, noise, lv, run, opts.seed, t0, cached, stacklevel=3)
+    x, y = _check_inputs(model, x, y)
+    fingerprint = _data_hash(x, y)
+    base, noise, cached = _base(model, x, y, noise.with_level(1.0), targets, opts, cache, data_key=fingerprint)
+    return _stamp_curve(_sweep(base, noise, lv, run, opts.seed, t0, cached, stacklevel=3), noise, base, fingerprint)
 
 
 class Predictor:
     """A prepared predictor: the model, the inputs and the settings fixed once, one
     derivative pass per noise family, reused by every :meth:`predict` and :meth:`sweep`.
 
-    ``Predictor(model, x, y, targets=None, *, method="linear", ...)`` takes the options of
-    :func:`predict`. ``p.predict(noise)`` gives a :class:`Prediction`;
+    ``Predictor(model, x, y, targets=None, *, method="linear", options=None, ...)`` takes
+    the keywords of :func:`predict` (and the :class:`PredictOptions` fields by name).
+    ``p.predict(noise)`` gives a :class:`Prediction`;
     ``p.sweep(family, levels)`` a :class:`PredictionCurve`. The first call for a noise
     family (``"relative"``, ``"additive"``, ...) pays the Jacobian pass (and the
     requested extras); later calls at any level of that family only rescale it. The
@@ -832,15 +941,11 @@ class Predictor:
     True
     """
 
-    def __init__(self, model: nn.Module, x, y, targets=None, *, method: str = "linear", chunk_size: int | None = None,
-                 cov: bool = False, accuracy_draws: int = 0, loss_probes: int | None = None, seed: int = 0,
-                 n_points: int = 1024, rank: int = 32, spatial_rank: int = 4, moment_chunk: int = 32,
-                 batch_size: int = 512, loss_increase: str = "auto", per_layer: bool = False,
-                 diagnostic: bool = True, classes: int | None = None):
-        self._run = _run_settings(method, cov, n_points, rank, spatial_rank, moment_chunk)
-        self._opts = _options(chunk_size, accuracy_draws, loss_increase, loss_probes, seed, batch_size, per_layer,
-                              diagnostic, classes)
-        _check_classes(self._run, self._opts)
+    def __init__(self, model: nn.Module, x, y, targets=None, *, method: str = "linear",
+                 options: PredictOptions | None = None, cov: bool = False, seed: int = 0,
+                 classes: int | None = None, per_layer: bool = False, diagnostic: bool = True, **knobs):
+        self.options = _resolve(options, knobs, "Predictor")
+        self._run, self._opts = _settings(self.options, method, cov, seed, per_layer, diagnostic, classes)
         x, y = _check_inputs(model, x, y)
         self.model, self.x, self.y, self.targets = model, x, y, targets
         self._data_key = _data_hash(x, y)
@@ -862,7 +967,7 @@ class Predictor:
         pred, _ = _predict_one(base, noise, run, self._opts.seed, t0, cached)
         for w in pred.warnings:
             warnings.warn(w, RuntimeWarning, stacklevel=2)
-        return pred
+        return _stamp(pred, noise, base, self._data_key)
 
     def sweep(self, noise, levels: Sequence[float], *, method: str | None = None,
               cov: bool | None = None) -> PredictionCurve:
@@ -873,7 +978,8 @@ class Predictor:
         noise = parse_noise(noise, default_level=1.0)
         base, noise, cached = _base(self.model, self.x, self.y, noise.with_level(1.0), self.targets, self._opts, True,
                                     data_key=self._data_key, store=self._store)
-        return _sweep(base, noise, lv, run, self._opts.seed, t0, cached, stacklevel=3)
+        return _stamp_curve(_sweep(base, noise, lv, run, self._opts.seed, t0, cached, stacklevel=3), noise, base,
+                            self._data_key)
 
     def clear(self) -> None:
         """Forget the derivative passes held."""
