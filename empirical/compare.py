@@ -326,7 +326,7 @@ def compare(prediction, mc, *, var_margin: float = 0.10, acc_margin: float = 0.0
     >>> compare(pred, monte_carlo(net, x, y, RelativeGaussian(0.2), draws=10, seed=0))
     Traceback (most recent call last):
     ...
-    ValueError: prediction and Monte-Carlo used different noise: prediction relative:0.05, Monte-Carlo relative:0.2; compare results of the same noise model and level
+    ValueError: prediction and Monte-Carlo used different noise: prediction relative:0.05, Monte-Carlo relative:0.2 (level 0.05 vs 0.2); compare results of the same noise model and level
     """
     for name, v in (("var_margin", var_margin), ("acc_margin", acc_margin), ("shift_margin", shift_margin),
                     ("loss_margin", loss_margin)):

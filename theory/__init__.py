@@ -26,9 +26,9 @@ __all__ = [
 ]
 
 from .flatness import hessian_top_eigenvalue, hessian_trace  # noqa: E402
-from .predict import Prediction, Predictor, clear_cache, predict, predict_sweep  # noqa: E402
+from .predict import PredictOptions, Prediction, Predictor, clear_cache, predict, predict_sweep  # noqa: E402
 
-__all__ += ["Prediction", "Predictor", "clear_cache", "predict", "predict_sweep", "hessian_trace", "hessian_top_eigenvalue"]
+__all__ += ["Prediction", "PredictOptions", "Predictor", "clear_cache", "predict", "predict_sweep", "hessian_trace", "hessian_top_eigenvalue"]
 
 from .sensitivity import KeepDigital, NoiseBudget, Sensitivity, keep_digital, noise_budget, sensitivity  # noqa: E402
 

@@ -166,8 +166,9 @@ def test_results_object():
     model = trained("mlp")
     x, y = held_out(15)
     p = predict(model, x, y, "relative:0.05", accuracy_draws=4, loss_probes=2)
-    df = p.to_frame()
+    df = p.per_input_frame()
     assert len(df) == 15 * 10 and set(df.columns) >= {"input", "label", "cls", "logit_var", "correct_prob"}
+    assert len(p.to_frame()) == 1 and p.to_frame().accuracy[0] == p.accuracy
     assert "accuracy" in p.summary() and p.logit_cov is None
     assert p.logit_mean_shift.abs().max() == 0  # the first order has no mean shift
     s = p.scalars()

@@ -1,0 +1,107 @@
+"""predict's calling convention (issue 15): the method knobs grouped in PredictOptions
+(old keywords still accepted, never both ways), and to_frame() with one meaning on
+sibling results (one row per noise setting; per_input_frame() per input and class)."""
+import inspect
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from noiseprop.empirical import monte_carlo, sweep
+from noiseprop.theory import Prediction, predict, predict_sweep
+from noiseprop.theory.examples import tiny_problem
+from noiseprop.theory import PredictOptions
+from noiseprop.theory.predict import OPTION_NAMES, Predictor
+
+NET, X, Y = tiny_problem()
+KNOBS = dict(accuracy_draws=8, loss_probes=4, n_points=512, chunk_size=16, batch_size=32)
+
+
+def test_signature_reads_at_a_glance():
+    sig = inspect.signature(predict)
+    named = [n for n, p in sig.parameters.items() if p.kind is not p.VAR_KEYWORD]
+    assert named == ["model", "x", "y", "noise", "targets", "method", "options", "cov", "seed", "classes",
+                     "per_layer", "diagnostic", "cache"]
+    assert all(sig.parameters[n].kind is inspect.Parameter.KEYWORD_ONLY for n in named[5:])
+    assert set(OPTION_NAMES) == {"accuracy_draws", "loss_increase", "loss_probes", "n_points", "chunk_size",
+                                 "batch_size", "rank", "spatial_rank", "moment_chunk"}
+
+
+def _same(a: Prediction, b: Prediction):
+    torch.testing.assert_close(a.logit_var, b.logit_var, rtol=0, atol=0)
+    assert (a.accuracy, a.accuracy_std, a.loss_increase, a.loss_increase_se, a.loss_probes) == \
+        (b.accuracy, b.accuracy_std, b.loss_increase, b.loss_increase_se, b.loss_probes)
+    assert a.accuracy_std_draws == 8 and a.loss_probes == 4
+
+
+def test_options_object_and_old_keywords_give_the_same_result():
+    opts = PredictOptions(**KNOBS)
+    _same(predict(NET, X, Y, "relative:0.1", options=opts, seed=3, cache=False),
+          predict(NET, X, Y, "relative:0.1", seed=3, cache=False, **KNOBS))
+    _same(predict(NET, X, Y, "relative:0.1", options=dict(KNOBS), seed=3, cache=False),  # a dict of its fields
+          predict(NET, X, Y, "relative:0.1", seed=3, cache=False, **KNOBS))
+    a = predict_sweep(NET, X, Y, "relative", [0.1, 0.2], options=opts, seed=3, cache=False)
+    b = predict_sweep(NET, X, Y, "relative", [0.1, 0.2], seed=3, cache=False, **KNOBS)
+    for p, q in zip(a.predictions, b.predictions):
+        _same(p, q)
+    _same(Predictor(NET, X, Y, options=opts, seed=3).predict("relative:0.2"), b.predictions[1])
+    _same(Predictor(NET, X, Y, seed=3, **KNOBS).predict("relative:0.2"), b.predictions[1])
+    assert Predictor(NET, X, Y, **KNOBS).options == opts
+
+
+def test_options_conflicts_and_bad_values_are_named():
+    with pytest.raises(ValueError, match=r"predict\(\): accuracy_draws given both in options= and as keyword"):
+        predict(NET, X, Y, "relative:0.1", options=PredictOptions(), accuracy_draws=8)
+    with pytest.raises(ValueError, match=r"predict_sweep\(\): n_points given both"):
+        predict_sweep(NET, X, Y, "relative", [0.1], options=PredictOptions(), n_points=64)
+    with pytest.raises(ValueError, match=r"Predictor\(\): rank given both"):
+        Predictor(NET, X, Y, options=PredictOptions(), rank=4)
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['n_point'\]; the method options are"):
+        predict(NET, X, Y, "relative:0.1", n_point=64)
+    with pytest.raises(TypeError, match="options must be a PredictOptions, a dict of its fields, or None; got str"):
+        predict(NET, X, Y, "relative:0.1", options="fast")
+    with pytest.raises(ValueError, match="n_points must be an integer >= 16, got 8"):
+        PredictOptions(n_points=8)
+    with pytest.raises(TypeError, match="chunk_size must be an integer >= 1 or None, got float 2.0"):
+        PredictOptions(chunk_size=2.0)
+    with pytest.raises(ValueError, match="loss_increase must be one of"):
+        PredictOptions(loss_increase="exact")
+    with pytest.raises(TypeError, match="cache must be True or False"):
+        predict(NET, X, Y, "relative:0.1", cache="yes")
+    with pytest.raises(TypeError):  # keyword-only after targets
+        predict(NET, X, Y, "relative:0.1", None, "linear")
+
+
+SHARED = {"level", "accuracy", "clean_accuracy", "loss", "clean_loss", "loss_increase", "mean_logit_var",
+          "mean_abs_logit_shift"}
+
+
+def test_to_frame_has_one_meaning_on_siblings():
+    p = predict(NET, X, Y, "relative:0.1", diagnostic=False)
+    mc = monte_carlo(NET, X, Y, "relative:0.1", draws=6, seed=0, progress=False)
+    fp, fm = p.to_frame(), mc.to_frame()
+    assert len(fp) == len(fm) == 1 and SHARED <= set(fp.columns) & set(fm.columns)
+    assert fp.level[0] == fm.level[0] == 0.1
+    assert fp.accuracy[0] == p.accuracy and fm.accuracy[0] == mc.accuracy
+    assert fm.loss_increase[0] == pytest.approx(mc.loss - mc.clean_loss)
+    assert fp.loss[0] == pytest.approx(p.clean_loss + p.loss_increase)
+    # per input and class: the shared per-element columns, aligned row by row
+    ep, em = p.per_input_frame(), mc.per_input_frame()
+    assert len(ep) == len(em) == 64 * 3
+    common = ["input", "cls", "clean_logit", "logit_mean", "logit_var", "logit_shift"]
+    assert set(common) <= set(ep.columns) & set(em.columns)
+    pd.testing.assert_frame_equal(ep[["input", "cls"]], em[["input", "cls"]])
+    np.testing.assert_allclose(ep.clean_logit, em.clean_logit, rtol=1e-5, atol=1e-6)
+
+    curve = predict_sweep(NET, X, Y, "relative", [0.1, 0.3], diagnostic=False)
+    sw = sweep(NET, X, Y, "relative", [0.1, 0.3], draws=6, seed=0, keep_logits=True, progress=False)
+    fc, fs = curve.to_frame(), sw.to_frame()
+    assert list(fc.level) == list(fs.level) == [0.1, 0.3]
+    assert SHARED <= set(fc.columns) & set(fs.columns)
+    # a curve's row is its prediction's row; a sweep's row is its MCResult's row
+    pd.testing.assert_frame_equal(fc.iloc[[1]].reset_index(drop=True)[sorted(SHARED)],
+                                  curve.predictions[1].to_frame()[sorted(SHARED)])
+    row = sw.result(0).to_frame()
+    for c in SHARED:
+        assert fs[c][0] == pytest.approx(row[c][0]), c
