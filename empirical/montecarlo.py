@@ -52,12 +52,8 @@ __all__ = ["MCResult", "SweepResult", "monte_carlo", "sweep", "drift_sweep", "ch
 
 
 # ----------------------------------------------------------------------------
-# Input checks (check_inputs and check_labels live in noiseprop.theory.validation)
+# Input checks (check_inputs, check_int, check_labels live in noiseprop.theory.validation)
 # ----------------------------------------------------------------------------
-def _check_count(name, value, minimum):
-    return check_int(name, value, minimum)
-
-
 def _check_scales_fit(ev, max_level: float) -> None:
     """Refuse, by parameter name, a level whose noise scale overflows the weight's dtype."""
     for name, u in zip(ev.names, ev.unit_scales):
@@ -256,10 +252,10 @@ def _run(model, x, y, noise, levels, draws, seed, targets, batch_size, keep_logi
          cv=None) -> tuple[_Run, TargetPlan]:
     x, y = check_inputs(model, x, y)
     noise = parse_noise(noise)
-    draws = _check_count("draws", draws, 2)
+    draws = check_int("draws", draws, 2)
     seed = check_seed("seed", seed)
     if batch_size is not None:
-        batch_size = _check_count("batch_size", batch_size, 1)
+        batch_size = check_int("batch_size", batch_size, 1)
     _warn_train_mode(model)
     plan = resolve_targets(model, targets)
     ev = NoisyEvaluator(plan, noise, batch_size=batch_size)

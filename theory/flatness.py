@@ -49,6 +49,7 @@ from torch.func import grad, jvp
 
 from .linearize import LinearizedNetwork
 from .noise import WeightNoise, parse_noise
+from .validation import check_inputs, check_int, check_seed
 
 __all__ = [
     "HessianTrace",
@@ -150,9 +151,7 @@ class HessianOperator:
 
 
 def _check_xy(lin: LinearizedNetwork, x, y):
-    from .predict import _check_inputs  # shared boundary checks
-
-    return _check_inputs(lin.net, x, y)
+    return check_inputs(lin.net, x, y)
 
 
 @dataclass(frozen=True)
@@ -211,12 +210,6 @@ class HessianTrace:
 
 def _rademacher(shapes: Mapping[str, torch.Size], gen: torch.Generator, dtype, device) -> dict[str, torch.Tensor]:
     return {k: (torch.randint(0, 2, tuple(s), generator=gen, device=device).to(dtype) * 2 - 1) for k, s in shapes.items()}
-
-
-def _check_int(name, v, minimum):
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {v!r}")
-    return int(v)
 
 
 def _probe_batches(op: HessianOperator, scale, probes: int, seed: int, probe_batch: int):
@@ -323,9 +316,9 @@ def hessian_trace(model, x, y, noise=None, targets=None, probes: int = 100, seed
     """
     lin = LinearizedNetwork(model, targets)
     x, y = _check_xy(lin, x, y)
-    probes = _check_int("probes", probes, 2)
-    seed = _check_int("seed", seed, 0)
-    probe_batch = _check_int("probe_batch", probe_batch, 1)
+    probes = check_int("probes", probes, 2)
+    seed = check_seed("seed", seed)
+    probe_batch = check_int("probe_batch", probe_batch, 1)
     if method not in ("hutchinson", "hutch++"):
         raise ValueError(f"method must be 'hutchinson' or 'hutch++', got {method!r}")
     if method == "hutch++" and probes < 6:
@@ -334,7 +327,7 @@ def hessian_trace(model, x, y, noise=None, targets=None, probes: int = 100, seed
         raise TypeError(f"per_layer must be True or False, got {per_layer!r}")
     if per_layer and method != "hutchinson":
         raise ValueError("per_layer=True is available with method='hutchinson' only")
-    op = HessianOperator(lin, x, y, batch_size=_check_int("batch_size", batch_size, 1))
+    op = HessianOperator(lin, x, y, batch_size=check_int("batch_size", batch_size, 1))
     _check_labels_against(lin, x, y)
     scale = None
     nz = None
@@ -431,14 +424,14 @@ def hessian_top_eigenvalue(model, x, y, targets=None, noise=None, tol: float = 1
     lin = LinearizedNetwork(model, targets)
     x, y = _check_xy(lin, x, y)
     _check_labels_against(lin, x, y)
-    maxiter = _check_int("maxiter", maxiter, 1)
-    seed = _check_int("seed", seed, 0)
-    k = _check_int("k", k, 1)
+    maxiter = check_int("maxiter", maxiter, 1)
+    seed = check_seed("seed", seed)
+    k = check_int("k", k, 1)
     if which not in ("largest", "smallest", "both"):
         raise ValueError(f"which must be 'largest', 'smallest' or 'both', got {which!r}")
     if not (isinstance(tol, (int, float)) and tol >= 0 and math.isfinite(tol)):
         raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
-    op = HessianOperator(lin, x, y, batch_size=_check_int("batch_size", batch_size, 1))
+    op = HessianOperator(lin, x, y, batch_size=check_int("batch_size", batch_size, 1))
     nev = 2 * k if which == "both" else k
     if nev >= op.numel and op.numel > 1:
         raise ValueError(f"k={k} asks for {nev} eigenvalues of a {op.numel}-dimensional Hessian: at most "
@@ -463,7 +456,7 @@ def hessian_top_eigenvalue(model, x, y, targets=None, noise=None, tol: float = 1
 
     A = LinearOperator((op.numel, op.numel), matvec=matvec, dtype=np.float64)
     v0 = np.random.default_rng(seed).standard_normal(op.numel)
-    ncv = min(op.numel, max(_check_int("ncv", ncv, 3), 2 * nev + 1))
+    ncv = min(op.numel, max(check_int("ncv", ncv, 3), 2 * nev + 1))
     desc = lin.plan.targets.describe()
 
     def split(w, vecs):
