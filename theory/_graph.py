@@ -1,4 +1,6 @@
-"""torch.fx tracing shared by the moment propagation and the first-order diagnostics.
+"""The one ``torch.fx`` tracer of the project, shared by BatchNorm folding
+(:func:`~noiseprop.theory.targets.find_fold_pairs`), the moment propagation, the
+piecewise-linearity check and the first-order diagnostics.
 
 Conv/Linear layers, BatchNorm-like layers (anything with ``folding_affine``) and the
 standard ``torch.nn`` modules stay leaves (``call_module`` nodes); containers and user
@@ -10,25 +12,30 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .targets import WEIGHT_LAYERS
+__all__ = ["LeafTracer", "trace", "is_relu", "relu_input_graph", "WEIGHT_LAYERS"]
 
-__all__ = ["LeafTracer", "trace", "is_relu", "relu_input_graph"]
+#: Layers whose weights are stored on the crossbar (get noise by default; leaves of the trace).
+WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 class LeafTracer(fx.Tracer):
+    """Keeps Conv/Linear, BatchNorm-like modules (``folding_affine``) and torch's own
+    modules as leaves."""
+
     def is_leaf_module(self, m, qualname):
         if isinstance(m, WEIGHT_LAYERS) or callable(getattr(m, "folding_affine", None)):
             return True
         return super().is_leaf_module(m, qualname)
 
 
-def trace(net: nn.Module) -> fx.Graph:
-    """Trace ``net.forward``; raises ``ValueError`` (naming the model) when fx cannot."""
+def trace(net: nn.Module, context: str = "", hint: str = "") -> fx.Graph:
+    """Trace ``net.forward`` with :class:`LeafTracer`; raises ``ValueError`` naming the
+    model when fx cannot (``context`` prefixes the message, ``hint`` ends it)."""
     try:
         return LeafTracer().trace(net)
     except Exception as e:  # noqa: BLE001 - fx raises many kinds
         raise ValueError(
-            f"could not trace {type(net).__name__}.forward with torch.fx ({type(e).__name__}: {e})"
+            f"{context}could not trace {type(net).__name__}.forward with torch.fx ({type(e).__name__}: {e}){hint}"
         ) from e
 
 

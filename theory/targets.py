@@ -20,6 +20,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from ._graph import WEIGHT_LAYERS, trace  # the one fx tracer (WEIGHT_LAYERS: re-exported)
+
 __all__ = [
     "Targets",
     "TargetPlan",
@@ -32,8 +34,6 @@ __all__ = [
     "WEIGHT_LAYERS",
 ]
 
-#: Layers whose weights are stored on the crossbar (get noise by default).
-WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _L2_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _OTHER_NORMS = (nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 
@@ -226,28 +226,13 @@ def resolve_targets(model: nn.Module, targets=None) -> TargetPlan:
 # ----------------------------------------------------------------------------
 # BatchNorm folding
 # ----------------------------------------------------------------------------
-class _LeafTracer(torch.fx.Tracer):
-    """fx tracer that keeps Conv/Linear and BatchNorm-like modules as leaves."""
-
-    def is_leaf_module(self, m, qualname):
-        if isinstance(m, WEIGHT_LAYERS) or _is_foldable(m):
-            return True
-        return super().is_leaf_module(m, qualname)
-
-
 def find_fold_pairs(model: nn.Module) -> list[tuple[str, str]]:
     """``[(conv_or_linear_name, norm_name), ...]``: each foldable norm layer and the
     Conv/Linear whose output feeds it and nothing else, found by tracing the forward
     pass with ``torch.fx``. Raises ``ValueError`` naming a norm layer that cannot be
     folded (fed by something else, or its producer's output is also used elsewhere).
     """
-    try:
-        graph = _LeafTracer().trace(model)
-    except Exception as e:  # noqa: BLE001 - fx raises many kinds
-        raise ValueError(
-            f"fold_bn: could not trace {type(model).__name__}.forward with torch.fx ({type(e).__name__}: {e}); "
-            "fold the model by hand or use fold_bn=False"
-        ) from e
+    graph = trace(model, context="fold_bn: ", hint="; fold the model by hand or use fold_bn=False")
     modules = dict(model.named_modules())
     pairs = []
     seen = set()
