@@ -33,6 +33,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from noiseprop.empirical.checkpoint import atomic_write  # the one atomic-write helper
+
 STUDIES = ("architecture", "batchnorm", "learning_rate", "norm_type")
 #: the column that names a curve's group in each study's curves table
 GROUP = {"architecture": "arch", "batchnorm": "k", "learning_rate": "lr", "norm_type": "norm_type"}
@@ -93,10 +95,7 @@ def find_csv(report: Path, name: str) -> pd.DataFrame | None:
 
 
 def write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def _plt():
@@ -113,12 +112,11 @@ def _plt():
 def save_fig(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.pdf")
-    fig.savefig(tmp, format="pdf", metadata={"CreationDate": None, "ModDate": None, "Producer": "noiseprop",
-                                              "Creator": "noiseprop paper/generate.py"})
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="pdf", metadata={
+            "CreationDate": None, "ModDate": None, "Producer": "noiseprop", "Creator": "noiseprop paper/generate.py"}))
+    finally:
+        plt.close(fig)
 
 
 def empty_fig(path: Path, message: str) -> None:
