@@ -12,9 +12,12 @@ A bare ``state_dict`` (mapping of names to tensors) is also accepted by
 """
 from __future__ import annotations
 
+import glob
 import os
 import pickle
+import shutil
 import tempfile
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +25,10 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from noiseprop.theory.validation import check_output_dir
+
+from .models import build_model
 
 __all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "load_state_dict_file", "atomic_write",
            "CheckpointError", "sweep_temp", "publish_folder", "check_replaceable_folder"]
@@ -65,8 +72,6 @@ def sweep_temp(folder, name: str | None = None, older_than: float = 3600.0) -> i
     (what :func:`atomic_write` creates) whose process ``PID`` is gone, and any other
     ``.*.tmp`` older than ``older_than`` seconds. ``name``: only temp files of that
     target file. Returns how many were removed."""
-    import time
-
     folder = Path(folder)
     if not folder.is_dir():
         return 0
@@ -86,8 +91,6 @@ def sweep_temp(folder, name: str | None = None, older_than: float = 3600.0) -> i
                 now - p.stat().st_mtime > older_than)
             if stale:
                 if p.is_dir() and not p.is_symlink():
-                    import shutil
-
                     shutil.rmtree(p, ignore_errors=True)
                 else:
                     p.unlink()
@@ -104,8 +107,6 @@ REPORT_ENTRIES = ("report.md", "report.html", "timings.json", "csv", "figures")
 def check_replaceable_folder(out, name: str = "--out", entries=REPORT_ENTRIES) -> Path:
     """``out`` may be replaced as a whole: absent, empty, or holding only ``entries``
     (an earlier report); anything else is refused, so no file of the user's is lost."""
-    from noiseprop.theory.validation import check_output_dir
-
     out = check_output_dir(out, name)
     if out.is_dir():
         foreign = sorted(p.name for p in out.iterdir()
@@ -123,8 +124,6 @@ def publish_folder(out, fill) -> Path:
     the parent folder, so concurrent writers never interleave). A reader sees the old
     folder or the new one, never half of one; a killed writer's staging folder is swept
     by the next run (:func:`sweep_temp`)."""
-    import shutil
-
     out = Path(out).expanduser()
     parent = out.parent
     parent.mkdir(parents=True, exist_ok=True)
@@ -159,7 +158,7 @@ class _folder_lock:
 
     def __enter__(self):
         try:
-            import fcntl
+            import fcntl  # POSIX only: lazy, so that the module imports where there is no fcntl
         except ImportError:  # pragma: no cover
             return self
         self.fd = os.open(self.folder, os.O_RDONLY)
@@ -173,8 +172,6 @@ class _folder_lock:
 
 
 def glob_escape(text: str) -> str:
-    import glob
-
     return glob.escape(text)
 
 
@@ -292,8 +289,6 @@ def load_checkpoint(path) -> Checkpoint:
     if not isinstance(spec, dict):
         raise CheckpointError(f"checkpoint {str(path)!r} has no model spec")
     sd = _check_state_dict(obj.get("state_dict"), path)
-    from .models import build_model
-
     # build on the meta device first (no memory): a spec that does not build, or that
     # does not match the stored tensors (e.g. width=2**40), is refused before allocating
     try:

@@ -34,9 +34,12 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _m
+from tqdm.auto import tqdm
 
 from noiseprop.theory.hardware import HardwareNoise, PCMLike
 from noiseprop.theory.hashing import inputs_fingerprint
+from noiseprop.theory.linearize import LinearControlVariate, control_variate_mean
 from noiseprop.theory.noise import MAX_LEVEL, WeightNoise, parse_noise
 from noiseprop.theory.validation import check_levels, check_times
 from noiseprop.theory.validation import (check_bool, check_int, check_inputs, check_logits, check_probability,
@@ -67,8 +70,6 @@ def _check_scales_fit(ev, max_level: float) -> None:
 
 def _hooks_present(model: nn.Module) -> bool:
     """Any forward (pre-)hook, on a module or registered globally, or a parametrization."""
-    from torch.nn.modules import module as _m
-
     for name in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_forward_hooks_always_called"):
         if getattr(_m, name, None):
             return True
@@ -102,8 +103,6 @@ def _progress(total, enabled, desc):
         enabled = sys.stderr.isatty()
     if not enabled:
         return None
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, desc=desc, leave=False)
 
 
@@ -311,8 +310,6 @@ def _run(model, x, y, noise, levels, draws, seed, targets, batch_size, keep_logi
 def _control_variate_extras(run, cv, level, confidence) -> dict:
     """Control-variate estimates of mean accuracy and loss (the linearised network with
     the same draws; :class:`noiseprop.theory.linearize.LinearControlVariate`)."""
-    from noiseprop.theory.linearize import control_variate_mean
-
     vals = run.cv_values[0]
     acc = control_variate_mean(run.accuracies[0], vals[:, 0], cv.expected_accuracy(level), confidence)
     loss = control_variate_mean(run.losses[0], vals[:, 1], 0.0, confidence)
@@ -582,8 +579,6 @@ def monte_carlo(model: nn.Module, x, y, noise, targets=None, *, draws: int = 200
         raise ValueError(f"control_variate=True needs a zero-mean Gaussian noise model (it rescales one draw by a level); "
                          f"got {noise.to_string()!r}: use control_variate=False")
     if control_variate:
-        from noiseprop.theory.linearize import LinearControlVariate
-
         x, y = check_inputs(model, x, y)
         cv = LinearControlVariate(model, x, y, noise, targets=targets, batch_size=batch_size or x.shape[0])
     run, plan = _run(model, x, y, noise, [noise.level], draws, seed, targets, batch_size, True, progress, "monte-carlo",
