@@ -12,8 +12,9 @@ Monte-Carlo and :func:`~noiseprop.theory.predict.predict`); ``H`` is its Hessian
   standard error reported is the sample standard deviation of the probes over ``√probes``.
 * :func:`hessian_top_eigenvalue`: Lanczos (ARPACK, ``scipy.sparse.linalg.eigsh``) on a
   ``LinearOperator`` of Hessian-vector products, with a tolerance and an iteration cap.
-* :func:`loss_increase`: ``E[ΔL] ≈ ½ tr(Σ_ε H)`` (second-order Taylor expansion; the
-  first-order term has mean zero), and :func:`loss_increase_gauss_newton`, the
+* ``E[ΔL] ≈ ½ tr(Σ_ε H)`` (second-order Taylor expansion; the first-order term has
+  mean zero: half of :func:`hessian_trace` with noise), and
+  :func:`loss_increase_gauss_newton`, the
   Gauss-Newton form ``½ mean_i tr(H_z,i Cov f_i)`` with ``H_z = diag(p) − ppᵀ`` at the
   clean logits and the first-order logit covariance (docs/THEORY.md §3). For networks that
   are piecewise linear in each weight (ReLU, max-pool, BatchNorm in eval) the
@@ -57,7 +58,6 @@ __all__ = [
     "TopEigenvalue",
     "hessian_trace",
     "hessian_top_eigenvalue",
-    "loss_increase",
     "loss_increase_gauss_newton",
     "HessianOperator",
 ]
@@ -124,16 +124,6 @@ class HessianOperator:
             pass
         res = [self.hvp({n: t[j] for n, t in tang.items()}) for j in range(k)]
         return {n: torch.stack([r[n] for r in res]) for n in names}
-
-    def gradient(self) -> dict[str, torch.Tensor]:
-        out = {k: torch.zeros_like(p) for k, p in self.lin.target_params.items()}
-        for i in range(0, self.n, self.batch_size):
-            xb = self.x[i:i + self.batch_size].to(self.lin.device)
-            yb = self.y[i:i + self.batch_size].to(self.lin.device)
-            g = grad(lambda tp: self._loss(tp, xb, yb))(self.lin.target_params)
-            for k in out:
-                out[k] += g[k].detach()
-        return out
 
     # flat numpy views for scipy
     def _unflatten(self, vec: np.ndarray) -> dict[str, torch.Tensor]:
@@ -492,11 +482,6 @@ def hessian_top_eigenvalue(model, x, y, targets=None, noise=None, tol: float = 1
         warnings.warn(f"hessian_top_eigenvalue: Lanczos did not converge within maxiter={maxiter} (tol={tol}); "
                       f"returning the best estimate {val:.6g}", RuntimeWarning, stacklevel=2)
         return TopEigenvalue(val, vec, False, count[0], float(tol), maxiter, nz, desc, eigenvalues=top, smallest=low)
-
-
-def loss_increase(trace_sigma_h: float) -> float:
-    """``E[ΔL] ≈ ½ tr(Σ_ε H)`` (docs/THEORY.md §5)."""
-    return 0.5 * float(trace_sigma_h)
 
 
 def loss_increase_gauss_newton(clean_logits: torch.Tensor, logit_cov: torch.Tensor) -> float:
