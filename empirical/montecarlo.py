@@ -41,6 +41,7 @@ from noiseprop.theory.hardware import HardwareNoise, PCMLike
 from noiseprop.theory.hashing import inputs_fingerprint
 from noiseprop.theory.linearize import LinearControlVariate, control_variate_mean
 from noiseprop.theory.noise import MAX_LEVEL, WeightNoise, parse_noise
+from noiseprop.theory.results import LogitResult
 from noiseprop.theory.validation import check_levels, check_times
 from noiseprop.theory.validation import (check_bool, check_int, check_inputs, check_logits, check_probability,
                                          check_seed, is_fit_error, model_fit_error)
@@ -338,8 +339,13 @@ def _ci4(ci) -> str:
     return fmt_ci(ci, decimals=4)
 
 
+def _draw_stat(values: str, i: int) -> property:
+    """Item ``i`` of :func:`~.stats.mean_ci` (mean, s.e., interval) of the per-draw ``values``."""
+    return property(lambda self: mean_ci(getattr(self, values), self.confidence)[i])
+
+
 @dataclass(frozen=True)
-class MCResult:
+class MCResult(LogitResult):
     """Monte-Carlo estimate of a network's behaviour under weight noise.
 
     ``logit_mean``/``logit_var`` are per input and class over draws (sample variance,
@@ -367,47 +373,14 @@ class MCResult:
     targets_spec: object = None
     inputs_fingerprint: str | None = None
 
-    @property
-    def n_inputs(self) -> int:
-        return int(self.logit_mean.shape[0])
-
-    @property
-    def num_classes(self) -> int:
-        return int(self.logit_mean.shape[1])
-
-    @property
-    def accuracy(self) -> float:
-        return mean_ci(self.accuracies, self.confidence)[0]
-
-    @property
-    def accuracy_se(self) -> float:
-        return mean_ci(self.accuracies, self.confidence)[1]
-
-    @property
-    def accuracy_ci(self) -> tuple[float, float]:
-        return mean_ci(self.accuracies, self.confidence)[2]
-
-    @property
-    def loss(self) -> float:
-        return mean_ci(self.losses, self.confidence)[0]
-
-    @property
-    def loss_se(self) -> float:
-        return mean_ci(self.losses, self.confidence)[1]
-
-    @property
-    def loss_ci(self) -> tuple[float, float]:
-        return mean_ci(self.losses, self.confidence)[2]
-
-    @property
-    def logit_mean_shift(self) -> torch.Tensor:
-        """``E[f(θ+ε)] − f(θ)`` per input and class."""
-        return self.logit_mean - self.clean_logits
-
-    @property
-    def level(self) -> float:
-        """The noise level (η, σ, or the time of a hardware model); NaN when unknown."""
-        return float(self.noise_model.level) if self.noise_model is not None else float("nan")
+    #: mean, standard error and Student-t interval at ``confidence`` of the per-draw
+    #: accuracies and losses
+    accuracy = _draw_stat("accuracies", 0)
+    accuracy_se = _draw_stat("accuracies", 1)
+    accuracy_ci = _draw_stat("accuracies", 2)
+    loss = _draw_stat("losses", 0)
+    loss_se = _draw_stat("losses", 1)
+    loss_ci = _draw_stat("losses", 2)
 
     def to_frame(self) -> pd.DataFrame:
         """One row: the noise, then accuracy and loss with standard error and

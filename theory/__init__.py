@@ -4,16 +4,13 @@ Noise models (:mod:`.noise`), target selection and BatchNorm folding (:mod:`.tar
 analytic prediction (:mod:`.predict`), flatness (:mod:`.flatness`) and symbolic
 derivations (:mod:`.symbolic`). Never imports :mod:`noiseprop.empirical`.
 """
-from .noise import AdditiveGaussian, Multiplicative, RelativeGaussian, WeightNoise, parse_noise
+from . import noise as _noise
+from .noise import (MAX_LEVEL, NOISE_STRING_FORMS, AdditiveGaussian, Multiplicative, RelativeGaussian, WeightNoise,
+                    parse_noise)
 from .symbolic import DERIVATION_NAMES, DERIVATIONS, TOPICS, Derivation, derive, get_derivation
 from .targets import Targets, fold_bn, resolve_targets
 
-__all__ = [
-    "WeightNoise",
-    "AdditiveGaussian",
-    "RelativeGaussian",
-    "Multiplicative",
-    "parse_noise",
+__all__ = list(_noise.__all__) + [
     "Targets",
     "fold_bn",
     "resolve_targets",

@@ -139,6 +139,15 @@ class HessianOperator:
         return torch.cat([d[k].reshape(-1).double().cpu() for k in self.lin.names]).numpy()
 
 
+def _noise_scale(lin: LinearizedNetwork, noise):
+    """``(per-parameter noise scale, noise string)`` for scaled probes; ``(None, None)``
+    without noise (plain Hessian)."""
+    if noise is None:
+        return None, None
+    noise = parse_noise(noise)
+    return lin.scales(noise), noise.to_string()
+
+
 def _check_xy(lin: LinearizedNetwork, x, y):
     return check_inputs(lin.net, x, y)
 
@@ -318,12 +327,7 @@ def hessian_trace(model, x, y, noise=None, targets=None, probes: int = 100, seed
         raise ValueError("per_layer=True is available with method='hutchinson' only")
     op = HessianOperator(lin, x, y, batch_size=check_int("batch_size", batch_size, 1))
     _check_labels_against(lin, x, y)
-    scale = None
-    nz = None
-    if noise is not None:
-        noise = parse_noise(noise)
-        scale = lin.scales(noise)
-        nz = noise.to_string()
+    scale, nz = _noise_scale(lin, noise)
     common = dict(probes=probes, noise=nz, targets=lin.plan.targets.describe(), n_inputs=int(x.shape[0]), method=method)
     if method == "hutch++":
         est, se, vals = _hutchpp(op, scale, probes, seed, probe_batch)
@@ -423,12 +427,7 @@ def hessian_top_eigenvalue(model, x, y, targets=None, noise=None, tol: float = 1
     if nev >= op.numel and op.numel > 1:
         raise ValueError(f"k={k} asks for {nev} eigenvalues of a {op.numel}-dimensional Hessian: at most "
                          f"{op.numel - 1} (Lanczos)")
-    scale = None
-    nz = None
-    if noise is not None:
-        noise = parse_noise(noise)
-        scale = lin.scales(noise)
-        nz = noise.to_string()
+    scale, nz = _noise_scale(lin, noise)
     count = [0]
 
     def matvec(v):

@@ -70,14 +70,25 @@ class WeightNoise:
     #: ``True`` for the Gaussian models here (``E[w̃] = w``); hardware models
     #: (:mod:`noiseprop.theory.hardware`) set it ``False`` and override :meth:`mean`.
     zero_mean: ClassVar[bool] = True
+    #: the field that holds the level (``sigma``, ``eta``): checked on construction and
+    #: read by :attr:`level` / :meth:`with_level`; models without one override them
+    level_field: ClassVar[str | None] = None
+
+    def __post_init__(self):
+        if self.level_field is not None:
+            object.__setattr__(self, self.level_field, _check_level(self.level_field, getattr(self, self.level_field)))
 
     @property
-    def level(self) -> float:  # pragma: no cover - overridden
-        raise NotImplementedError
+    def level(self) -> float:
+        if self.level_field is None:  # pragma: no cover - overridden
+            raise NotImplementedError
+        return getattr(self, self.level_field)
 
     def with_level(self, level: float) -> "WeightNoise":
         """The same model at another noise level (used for curves over levels)."""
-        raise NotImplementedError
+        if self.level_field is None:  # pragma: no cover - overridden
+            raise NotImplementedError
+        return replace(self, **{self.level_field: level})
 
     def unit_scale(self, w: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
@@ -136,16 +147,7 @@ class AdditiveGaussian(WeightNoise):
 
     sigma: float
     kind: ClassVar[str] = "additive"
-
-    def __post_init__(self):
-        object.__setattr__(self, "sigma", _check_level("sigma", self.sigma))
-
-    @property
-    def level(self) -> float:
-        return self.sigma
-
-    def with_level(self, level):
-        return replace(self, sigma=level)
+    level_field: ClassVar[str] = "sigma"
 
     def unit_scale(self, w):
         return torch.ones_like(w)
@@ -177,20 +179,14 @@ class RelativeGaussian(WeightNoise):
     reference: str = "std"
     per: str = "layer"
     kind: ClassVar[str] = "relative"
+    level_field: ClassVar[str] = "eta"
 
     def __post_init__(self):
-        object.__setattr__(self, "eta", _check_level("eta", self.eta))
+        super().__post_init__()
         if self.reference not in ("std", "max"):
             raise ValueError(f"reference must be 'std' or 'max', got {self.reference!r}")
         if self.per not in ("layer", "channel"):
             raise ValueError(f"per must be 'layer' or 'channel', got {self.per!r}")
-
-    @property
-    def level(self) -> float:
-        return self.eta
-
-    def with_level(self, level):
-        return replace(self, eta=level)
 
     def unit_scale(self, w):
         if self.per == "channel" and w.dim() >= 1:
@@ -224,16 +220,7 @@ class Multiplicative(WeightNoise):
 
     eta: float
     kind: ClassVar[str] = "multiplicative"
-
-    def __post_init__(self):
-        object.__setattr__(self, "eta", _check_level("eta", self.eta))
-
-    @property
-    def level(self) -> float:
-        return self.eta
-
-    def with_level(self, level):
-        return replace(self, eta=level)
+    level_field: ClassVar[str] = "eta"
 
     def unit_scale(self, w):
         return w.clone()

@@ -48,6 +48,7 @@ from .hashing import inputs_fingerprint, tensor_digest
 from .linearize import JacobianPass, LinearizedNetwork, jacobian_pass, piecewise_linear
 from .moments import MomentPropagator, propagate_moments
 from .noise import MAX_LEVEL, WeightNoise, parse_noise
+from .results import LogitResult
 from .validation import check_bool, check_int, check_levels, check_seed, probe_logits
 from .validation import check_inputs as _check_inputs
 from .validation import check_labels as _check_labels
@@ -87,7 +88,7 @@ def _check_method(method):
 # Results
 # ----------------------------------------------------------------------------
 @dataclass(frozen=True)
-class Prediction:
+class Prediction(LogitResult):
     """Analytic prediction of a network's behaviour under weight noise.
 
     Tensors are float64 on the CPU. ``logit_mean``/``logit_var`` are ``[N, C]``;
@@ -146,27 +147,9 @@ class Prediction:
     inputs_fingerprint: str | None = None
 
     @property
-    def n_inputs(self) -> int:
-        return int(self.logit_mean.shape[0])
-
-    @property
-    def num_classes(self) -> int:
-        return int(self.logit_mean.shape[1])
-
-    @property
-    def logit_mean_shift(self) -> torch.Tensor:
-        """``E[f(θ+ε)] − f(θ)`` per input and class (zero for ``method="linear"``)."""
-        return self.logit_mean - self.clean_logits
-
-    @property
     def loss(self) -> float:
         """Predicted mean cross-entropy under noise, ``clean_loss + loss_increase``."""
         return self.clean_loss + self.loss_increase
-
-    @property
-    def level(self) -> float:
-        """The noise level (η, σ, or the time of a hardware model); NaN when unknown."""
-        return float(self.noise_model.level) if self.noise_model is not None else float("nan")
 
     def scalars(self) -> dict:
         """The scalar results by name (one row of :meth:`to_frame`)."""
