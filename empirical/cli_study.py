@@ -32,7 +32,7 @@ def cmd_study(args) -> int:
 
     from .studies import STUDIES, default_grid, quick_grid, quick_options, run_plans, study_module
     from .cells import ResultStore
-    from .executor import make_executor, print_progress
+    from .executor import close_executor, make_executor, print_progress, stop_workers
     from .train import default_cache_dir
 
     from noiseprop.theory.validation import check_output_dir
@@ -98,13 +98,10 @@ def cmd_study(args) -> int:
         results, stats = run_plans([plan], grid, ResultStore(cache / "cells"), executor,
                                    progress=None if args.no_progress else print_progress())
     except KeyboardInterrupt:
-        from .executor import stop_workers
-
         stop_workers(executor)
         raise
     finally:
-        if hasattr(executor, "shutdown"):
-            executor.shutdown()
+        close_executor(executor)
     res = mod.analyse(plan, results, grid)
     print(res.summary())
     if args.out:

@@ -128,6 +128,13 @@ def default_workers() -> int:
     return max(1, min(2, os.cpu_count() or 1))
 
 
+def close_executor(executor) -> None:
+    """Shut ``executor`` down at the end of a run (executors without ``shutdown``, such as
+    the in-process one, need nothing)."""
+    if hasattr(executor, "shutdown"):
+        executor.shutdown()
+
+
 def stop_workers(executor) -> None:
     """Stop a process pool now: cancel queued tasks and kill its worker processes
     (used on Ctrl-C and errors, so nothing keeps running behind the user's back)."""

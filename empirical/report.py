@@ -341,7 +341,7 @@ def _compact(frame: pd.DataFrame) -> pd.DataFrame:
 def make_report(cfg: ReportConfig = ReportConfig()) -> Path:
     """Run the studies and write the report folder; returns the path of report.md."""
     from .cells import ResultStore
-    from .executor import make_executor, print_progress
+    from .executor import close_executor, make_executor, print_progress, stop_workers
     from .studies import default_grid, quick_grid, quick_options, run_plans, study_module
     from .train import default_cache_dir
 
@@ -416,15 +416,26 @@ def make_report(cfg: ReportConfig = ReportConfig()) -> Path:
         publish_folder(out, fill)  # the folder is replaced as a whole: never half a report
         path = out / "report.md"
     except KeyboardInterrupt:
-        from .executor import stop_workers
-
         stop_workers(executor)
         raise
     finally:
-        if hasattr(executor, "shutdown"):
-            executor.shutdown()
+        close_executor(executor)
     log(f"[report] written to {path} in {timings['total_seconds']:.1f} s")
     return path
+
+
+def _write_figure(fig, out: Path, executor, futures: list, written: dict) -> None:
+    """Draw ``fig`` to ``figures/NAME.png`` (through ``executor`` when given; its future
+    joins ``futures``) and write its frame to ``csv/figure_NAME.csv``."""
+    rel = f"figures/{fig.name}.png"
+    if executor is not None:
+        futures.append(executor.submit(render_figure, fig, str(out / rel)))
+    else:
+        render_figure(fig, str(out / rel))
+    written[f"fig:{fig.name}"] = rel
+    rel_csv = f"csv/figure_{fig.name}.csv"
+    _write_csv(out / rel_csv, fig.frame)
+    written[f"figcsv:{fig.name}"] = rel_csv
 
 
 def write_report(study_results, grid, out: Path, cfg: ReportConfig, executor=None) -> Path:
@@ -442,15 +453,7 @@ def write_report(study_results, grid, out: Path, cfg: ReportConfig, executor=Non
         _write_csv(out / rel, res.findings_frame())
         written[f"{res.name}_findings"] = rel
         for fig in res.figures:
-            rel = f"figures/{fig.name}.png"
-            if executor is not None:
-                futures.append(executor.submit(render_figure, fig, str(out / rel)))
-            else:
-                render_figure(fig, str(out / rel))
-            written[f"fig:{fig.name}"] = rel
-            rel_csv = f"csv/figure_{fig.name}.csv"
-            _write_csv(out / rel_csv, fig.frame)
-            written[f"figcsv:{fig.name}"] = rel_csv
+            _write_figure(fig, out, executor, futures, written)
     allf = pd.concat([r.findings_frame() for r in study_results], ignore_index=True) if study_results else pd.DataFrame()
     _write_csv(out / "csv/findings.csv", allf)
     validation, by_eta, figs = overall_validation(study_results, grid)
@@ -459,14 +462,7 @@ def write_report(study_results, grid, out: Path, cfg: ReportConfig, executor=Non
     _write_csv(out / "csv/validation.csv", validation)
     _write_csv(out / "csv/validation_by_eta.csv", by_eta)
     for fig in figs:
-        rel = f"figures/{fig.name}.png"
-        if executor is not None:
-            futures.append(executor.submit(render_figure, fig, str(out / rel)))
-        else:
-            render_figure(fig, str(out / rel))
-        written[f"fig:{fig.name}"] = rel
-        _write_csv(out / f"csv/figure_{fig.name}.csv", fig.frame)
-        written[f"figcsv:{fig.name}"] = f"csv/figure_{fig.name}.csv"
+        _write_figure(fig, out, executor, futures, written)
 
     training = training_table(study_results)
     _write_csv(out / "csv/training.csv", training)

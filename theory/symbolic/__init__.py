@@ -26,37 +26,6 @@ from .hardware import hardware_compensation, hardware_device_moments
 from .learning_rate import lr_sgd_stationary, lr_stability, lr_sweet_spot
 from .linear import linear_fixed_input, linear_random_input, linear_width
 
-__all__ = [
-    "Derivation",
-    "DERIVATIONS",
-    "TOPICS",
-    "derive",
-    "get_derivation",
-    "DERIVATION_NAMES",
-    "linear_fixed_input",
-    "linear_random_input",
-    "linear_width",
-    "conv_spatial_covariance",
-    "conv_pooling",
-    "batchnorm_folding",
-    "batchnorm_folded_noise",
-    "batchnorm_lognormal_scales",
-    "batchnorm_scale_estimators",
-    "batchnorm_statistics_noise",
-    "batchnorm_layer_count",
-    "depth_recursion",
-    "depth_relu_critical",
-    "depth_residual",
-    "flatness_quadratic",
-    "flatness_second_order",
-    "flatness_hutchinson",
-    "lr_stability",
-    "lr_sgd_stationary",
-    "lr_sweet_spot",
-    "hardware_device_moments",
-    "hardware_compensation",
-]
-
 #: topic -> the functions that derive its results (in reading order).
 DERIVATIONS = {
     "linear": (linear_fixed_input, linear_random_input, linear_width),
@@ -76,6 +45,9 @@ DERIVATIONS = {
 }
 
 TOPICS = tuple(DERIVATIONS)
+
+__all__ = ["Derivation", "DERIVATIONS", "TOPICS", "derive", "get_derivation", "DERIVATION_NAMES"] + [
+    f.__name__ for fns in DERIVATIONS.values() for f in fns]
 
 
 def _derivation_name(topic: str, fn) -> str:
