@@ -257,34 +257,46 @@ def analyse(p: StudyPlan, results: dict, grid: Grid) -> StudyResult:
         pd.concat([variant_frame(curves, "digital"), variant_frame(curves, "folded")], ignore_index=True)
         .sort_values(["n_norm"], kind="stable"),
         lambda r: f"BN {r['k']}", conf, panel=lambda r: f"{r['arch']}, BN {r['variant']}")
-    bars = summ.assign(group=summ["k"], value=summ["robustness"], ci_low=summ["robustness_ci_low"],
+    return norm_study_result(
+        NAME, TITLE, p, results, grid, "k", mf, summ, side, paired, assoc, curves, curves_fig, comp, comp_cells,
+        validation, findings,
+        curves_caption="Accuracy vs η with BatchNorm in none / the first k / all places, noise on unfolded (BN "
+                       "digital) and on folded weights; solid: Monte-Carlo mean over seeds with band, "
+                       + THEORY_LINES + ".",
+        bars_caption="Normalised accuracy (noisy/clean) averaged over η > 0, per number of BatchNorm layers, mean "
+                     "over seeds with interval.",
+        mechanisms_caption="Candidate mechanisms side by side (mean over seeds with interval).")
+
+
+def norm_study_result(name, title, p, results, grid, key: str, mf, summ, side, paired, assoc, curves, curves_fig,
+                      comp, comp_cells, validation, findings, *, curves_caption: str, bars_caption: str,
+                      mechanisms_caption: str) -> StudyResult:
+    """The figures, tables and notes of a study of normalisation layers (this one and
+    ``norm_type``), whose models differ in the column ``key`` (``k``, ``norm_type``)."""
+    from .architecture import _theory_notes
+    from .frames import excluded_frame
+
+    bars = summ.assign(group=summ[key], value=summ["robustness"], ci_low=summ["robustness_ci_low"],
                        ci_high=summ["robustness_ci_high"], panel=summ["arch"] + ", BN " + summ["variant"])
     mech_fig = []
     for c in MECHANISMS:
         if c in side.columns:
-            mech_fig.append(side.assign(group=side["arch"] + " " + side["k"], value=side[c],
+            mech_fig.append(side.assign(group=side["arch"] + " " + side[key], value=side[c],
                                         ci_low=side[f"{c}_ci_low"], ci_high=side[f"{c}_ci_high"], panel=c)
                             [["panel", "group", "value", "ci_low", "ci_high"]])
+    cols = ["panel", "group", "value", "ci_low", "ci_high"]
     figs = [
-        Figure("batchnorm_curves", "Accuracy vs η with BatchNorm in none / the first k / all places, noise on "
-               "unfolded (BN digital) and on folded weights; solid: Monte-Carlo mean over seeds with band, " + THEORY_LINES + ".", "curves", curves_fig, {"ylabel": "accuracy"}),
-        Figure("batchnorm_robustness", "Normalised accuracy (noisy/clean) averaged over η > 0, per number of "
-               "BatchNorm layers, mean over seeds with interval.", "bars",
-               bars[["panel", "group", "value", "ci_low", "ci_high"]], {"ylabel": "normalised accuracy"}),
-        Figure("batchnorm_mechanisms", "Candidate mechanisms side by side (mean over seeds with interval).", "bars",
-               pd.concat(mech_fig, ignore_index=True) if mech_fig else pd.DataFrame(
-                   columns=["panel", "group", "value", "ci_low", "ci_high"]), {}),
-        Figure("batchnorm_calibration", "Predicted vs Monte-Carlo accuracy, every model, placement and η.",
+        Figure(f"{name}_curves", curves_caption, "curves", curves_fig, {"ylabel": "accuracy"}),
+        Figure(f"{name}_robustness", bars_caption, "bars", bars[cols], {"ylabel": "normalised accuracy"}),
+        Figure(f"{name}_mechanisms", mechanisms_caption, "bars",
+               pd.concat(mech_fig, ignore_index=True) if mech_fig else pd.DataFrame(columns=cols), {}),
+        Figure(f"{name}_calibration", "Predicted vs Monte-Carlo accuracy, every model, placement and η.",
                "calibration", calibration_figure_frame(comp, "accuracy", lambda r: f"BN {r['variant']}"), {}),
     ]
-    tables = {"batchnorm_models": mf, "batchnorm_summary": summ, "batchnorm_mechanisms": side,
-              "batchnorm_mechanism_tests": paired, "batchnorm_mechanism_association": assoc,
-              "batchnorm_layers": layer_gain_frame(p, results, grid),
-              "batchnorm_curves": curves, "batchnorm_compare": comp_cells, "batchnorm_validation": validation}
-    from .architecture import _theory_notes
-
-    from .frames import excluded_frame
-
-    tables["batchnorm_training"] = excluded_frame(p, results, grid)
-    return StudyResult(NAME, TITLE, dict(p.params, **grid.to_dict()), tables, tuple(findings),
+    tables = {f"{name}_models": mf, f"{name}_summary": summ, f"{name}_mechanisms": side,
+              f"{name}_mechanism_tests": paired, f"{name}_mechanism_association": assoc,
+              f"{name}_layers": layer_gain_frame(p, results, grid),
+              f"{name}_curves": curves, f"{name}_compare": comp_cells, f"{name}_validation": validation,
+              f"{name}_training": excluded_frame(p, results, grid)}
+    return StudyResult(name, title, dict(p.params, **grid.to_dict()), tables, tuple(findings),
                        tuple(_theory_notes(mf) + diverged_notes(p, results, grid)), figures=tuple(figs))

@@ -21,18 +21,15 @@ import numpy as np
 import pandas as pd
 
 from ..stats import paired_effect
-from .batchnorm import MECHANISMS, mechanism_tables, paired_finding, variant_frame
+from .batchnorm import mechanism_tables, norm_study_result, paired_finding, variant_frame
 from .common import (
     Finding,
     Grid,
     StudyPlan,
     StudyResult,
-    calibration_figure_frame,
     compare_frame,
     curve_frame,
     curves_figure_frame,
-    diverged_notes,
-    layer_gain_frame,
     finalise_findings,
     model_cells,
     model_frame,
@@ -40,7 +37,6 @@ from .common import (
     seed_summary,
     validation_tables,
 )
-from .figures import Figure
 
 MECHANISM = ("folding inflation from the spread of the normalisation gains (log-normal closed form 1/C + (1 − 1/C)e^{4τ²})")
 PAPER_NOTE = "the paper reports directions only (abstract)"
@@ -109,34 +105,10 @@ def analyse(p: StudyPlan, results: dict, grid: Grid) -> StudyResult:
         pd.concat([variant_frame(curves, "digital"), variant_frame(curves, "folded")], ignore_index=True)
         .sort_values("norm_type", key=lambda c: c.map(order), kind="stable"),
         lambda r: str(r["norm_type"]), conf, panel=lambda r: f"{r['arch']}, BN {r['variant']}")
-    bars = summ.assign(group=summ["norm_type"], value=summ["robustness"], ci_low=summ["robustness_ci_low"],
-                       ci_high=summ["robustness_ci_high"], panel=summ["arch"] + ", BN " + summ["variant"])
-    mech_fig = []
-    for c in MECHANISMS:
-        if c in side.columns:
-            mech_fig.append(side.assign(group=side["arch"] + " " + side["norm_type"], value=side[c],
-                                        ci_low=side[f"{c}_ci_low"], ci_high=side[f"{c}_ci_high"], panel=c)
-                            [["panel", "group", "value", "ci_low", "ci_high"]])
-    figs = [
-        Figure("norm_type_curves", "Accuracy vs η per normalisation type, noise on unfolded (BN digital) and on "
-               "folded weights; solid: Monte-Carlo mean over seeds with band, dashed: theory.", "curves",
-               curves_fig, {"ylabel": "accuracy"}),
-        Figure("norm_type_robustness", "Normalised accuracy averaged over η > 0 per normalisation type.", "bars",
-               bars[["panel", "group", "value", "ci_low", "ci_high"]], {"ylabel": "normalised accuracy"}),
-        Figure("norm_type_mechanisms", "Candidate mechanisms side by side per normalisation type.", "bars",
-               pd.concat(mech_fig, ignore_index=True) if mech_fig else pd.DataFrame(
-                   columns=["panel", "group", "value", "ci_low", "ci_high"]), {}),
-        Figure("norm_type_calibration", "Predicted vs Monte-Carlo accuracy, every model, placement and η.",
-               "calibration", calibration_figure_frame(comp, "accuracy", lambda r: f"BN {r['variant']}"), {}),
-    ]
-    tables = {"norm_type_models": mf, "norm_type_summary": summ, "norm_type_mechanisms": side,
-              "norm_type_mechanism_tests": paired, "norm_type_mechanism_association": assoc,
-              "norm_type_layers": layer_gain_frame(p, results, grid),
-              "norm_type_curves": curves, "norm_type_compare": comp_cells, "norm_type_validation": validation}
-    from .architecture import _theory_notes
-
-    from .frames import excluded_frame
-
-    tables["norm_type_training"] = excluded_frame(p, results, grid)
-    return StudyResult(NAME, TITLE, dict(p.params, **grid.to_dict()), tables, tuple(findings),
-                       tuple(_theory_notes(mf) + diverged_notes(p, results, grid)), figures=tuple(figs))
+    return norm_study_result(
+        NAME, TITLE, p, results, grid, "norm_type", mf, summ, side, paired, assoc, curves, curves_fig, comp,
+        comp_cells, validation, findings,
+        curves_caption="Accuracy vs η per normalisation type, noise on unfolded (BN digital) and on folded weights; "
+                       "solid: Monte-Carlo mean over seeds with band, dashed: theory.",
+        bars_caption="Normalised accuracy averaged over η > 0 per normalisation type.",
+        mechanisms_caption="Candidate mechanisms side by side per normalisation type.")
