@@ -26,7 +26,7 @@ import math
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -345,7 +345,30 @@ def _draw_stat(values: str, i: int) -> property:
 
 
 @dataclass(frozen=True)
-class MCResult(LogitResult):
+class _Draws:
+    """The fields of every Monte-Carlo result: the noise and targets (display strings),
+    the draws and seed, per-draw accuracies and losses, the clean values; keyword-only,
+    the interval level and the setting :func:`~noiseprop.empirical.compare.compare`
+    checks (the noise model and targets objects, a fingerprint of ``(x, y)``)."""
+
+    noise: str
+    targets: str
+    draws: int
+    seed: int
+    accuracies: np.ndarray
+    losses: np.ndarray
+    clean_accuracy: float
+    clean_loss: float
+    seconds: float
+    _: KW_ONLY
+    confidence: float = 0.95
+    noise_model: object = None
+    targets_spec: object = None
+    inputs_fingerprint: str | None = None
+
+
+@dataclass(frozen=True)
+class MCResult(_Draws, LogitResult):
     """Monte-Carlo estimate of a network's behaviour under weight noise.
 
     ``logit_mean``/``logit_var`` are per input and class over draws (sample variance,
@@ -353,25 +376,10 @@ class MCResult(LogitResult):
     mean cross-entropy). Intervals are Student-t over draws at ``confidence``.
     """
 
-    noise: str
-    targets: str
-    draws: int
-    seed: int
     logit_mean: torch.Tensor
     logit_var: torch.Tensor
     clean_logits: torch.Tensor
-    accuracies: np.ndarray
-    losses: np.ndarray
-    clean_accuracy: float
-    clean_loss: float
-    seconds: float
-    confidence: float = 0.95
     extras: dict = field(default_factory=dict)
-    #: the noise model and targets objects, and a fingerprint of ``(x, y)``:
-    #: :func:`~noiseprop.empirical.compare.compare` refuses results that differ in them
-    noise_model: object = None
-    targets_spec: object = None
-    inputs_fingerprint: str | None = None
 
     #: mean, standard error and Student-t interval at ``confidence`` of the per-draw
     #: accuracies and losses
@@ -435,31 +443,19 @@ class MCResult(LogitResult):
 
 
 @dataclass(frozen=True)
-class SweepResult:
+class SweepResult(_Draws):
     """Accuracy and loss over noise levels, with common random numbers across levels.
 
     ``accuracies``/``losses`` are ``[levels, draws]``: column ``d`` is the same
     standard-normal draw at every level, so differences between levels are paired.
+    ``noise_model`` is the family at level 1 (hardware models: at the first time).
     """
 
-    noise: str
-    targets: str
     levels: np.ndarray
-    draws: int
-    seed: int
-    accuracies: np.ndarray
-    losses: np.ndarray
-    clean_accuracy: float
-    clean_loss: float
-    seconds: float
-    confidence: float = 0.95
     logit_mean: list | None = None
     logit_var: list | None = None
     clean_logits: torch.Tensor | None = None
     nonfinite_draws: np.ndarray | None = None  # per level: draws with NaN/inf loss (None: none)
-    noise_model: object = None  # the family at level 1 (hardware models: at the first time)
-    targets_spec: object = None
-    inputs_fingerprint: str | None = None
 
     def to_frame(self) -> pd.DataFrame:
         """One row per level (a time in seconds, ``time_s``, for hardware models): the

@@ -29,24 +29,9 @@ import numpy as np
 import pandas as pd
 
 from ..stats import Effect, ols_effect, paired_effect
-from .common import (
-    Finding,
-    Grid,
-    StudyPlan,
-    StudyResult,
-    bootstrap_seed_means,
-    calibration_figure_frame,
-    compare_frame,
-    curve_frame,
-    curves_figure_frame,
-    diverged_notes,
-    finalise_findings,
-    model_cells,
-    model_frame,
-    seed_matrix,
-    seed_summary,
-    validation_tables,
-)
+from .common import (Finding, Grid, StudyPlan, StudyResult, bootstrap_seed_means, calibration_figure_frame,
+                     compare_frame, curve_frame, curves_figure_frame, diverged_notes, finalise_findings, model_cells,
+                     model_frame, seed_matrix, seed_summary, validation_tables)
 from .figures import THEORY_LINES, Figure
 
 MECHANISM = ("per-layer gains: logit noise power per unit η² summed over layers; depth law of the first order (docs/THEORY.md §3)")

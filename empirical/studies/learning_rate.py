@@ -41,24 +41,9 @@ import numpy as np
 import pandas as pd
 
 from ..stats import Effect, mean_ci, ols_effect
-from .common import (
-    Finding,
-    Grid,
-    StudyPlan,
-    StudyResult,
-    bootstrap_seed_means,
-    calibration_figure_frame,
-    compare_frame,
-    curve_frame,
-    curves_figure_frame,
-    diverged_notes,
-    finalise_findings,
-    model_cells,
-    model_frame,
-    seed_matrix,
-    seed_summary,
-    validation_tables,
-)
+from .common import (Finding, Grid, StudyPlan, StudyResult, bootstrap_seed_means, calibration_figure_frame,
+                     compare_frame, curve_frame, curves_figure_frame, diverged_notes, finalise_findings, model_cells,
+                     model_frame, seed_matrix, seed_summary, validation_tables)
 from .figures import THEORY_LINES, Figure
 
 MECHANISM = ("sharpness ≈ 2/lr (edge of stability) and the loss increase ½η² tr(Σ_ε H): flatter minima lose less")

@@ -34,26 +34,9 @@ import pandas as pd
 
 from ..stats import paired_effect
 from .batchnorm import paired_finding, variant_frame
-from .common import (
-    CELL_VERSION,
-    Finding,
-    Grid,
-    StudyPlan,
-    StudyResult,
-    _train,
-    calibration_figure_frame,
-    compare_frame,
-    curve_frame,
-    curves_figure_frame,
-    diverged_notes,
-    finalise_findings,
-    load_data,
-    model_cells,
-    model_frame,
-    seed_paired,
-    seed_summary,
-    validation_tables,
-)
+from .common import (CELL_VERSION, Finding, Grid, StudyPlan, StudyResult, _train, calibration_figure_frame,
+                     compare_frame, curve_frame, curves_figure_frame, diverged_notes, finalise_findings, load_data,
+                     model_cells, model_frame, seed_paired, seed_summary, validation_tables)
 from .figures import Figure
 
 NAME = "noise_aware"

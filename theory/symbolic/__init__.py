@@ -11,14 +11,8 @@ setting in ``tests/theory/test_symbolic_*.py``.
 from __future__ import annotations
 
 from .base import Derivation
-from .batchnorm import (
-    batchnorm_folded_noise,
-    batchnorm_folding,
-    batchnorm_layer_count,
-    batchnorm_lognormal_scales,
-    batchnorm_scale_estimators,
-    batchnorm_statistics_noise,
-)
+from .batchnorm import (batchnorm_folded_noise, batchnorm_folding, batchnorm_layer_count, batchnorm_lognormal_scales,
+                        batchnorm_scale_estimators, batchnorm_statistics_noise)
 from .conv import conv_pooling, conv_spatial_covariance
 from .depth import depth_recursion, depth_relu_critical, depth_residual
 from .flatness import flatness_hutchinson, flatness_quadratic, flatness_second_order

@@ -37,6 +37,15 @@ __all__ = ["linear_fixed_input", "linear_random_input", "linear_width"]
 
 _SOURCE = r"docs/THEORY.md \S 2 (one linear layer); noise models of \S 1"
 
+#: the left-hand sides of a linear layer's output mean and covariance (both input settings)
+_COV_LHS = {
+    "mean": r"\mathbb{E}[y]",
+    "cov": r"\operatorname{Cov}(y)",
+    "cov_additive": r"\operatorname{Cov}(y)\big|_{\mathrm{add}}",
+    "cov_relative": r"\operatorname{Cov}(y)\big|_{\mathrm{rel}}",
+    "cov_multiplicative": r"\operatorname{Cov}(y)\big|_{\mathrm{mult}}",
+}
+
 _M, _N = 2, 3  # size of the generic instance used for the symbolic checks
 
 
@@ -110,13 +119,7 @@ def linear_fixed_input() -> Derivation:
         ),
         expressions=exprs,
         symbols={"W": W, "x": x, "S": S, "sigma": sig, "eta": et, "m": m, "n": n},
-        lhs={
-            "mean": r"\mathbb{E}[y]",
-            "cov": r"\operatorname{Cov}(y)",
-            "cov_additive": r"\operatorname{Cov}(y)\big|_{\mathrm{add}}",
-            "cov_relative": r"\operatorname{Cov}(y)\big|_{\mathrm{rel}}",
-            "cov_multiplicative": r"\operatorname{Cov}(y)\big|_{\mathrm{mult}}",
-        },
+        lhs=dict(_COV_LHS),
         descriptions={
             "mean": "the noise does not bias a linear layer.",
             "cov": r"general per-element variances $S=(\Sigma_{ij})$; $x^{\circ 2}$ is the elementwise square.",
@@ -201,11 +204,7 @@ def linear_random_input() -> Derivation:
         expressions=exprs,
         symbols={"W": W, "mu": mu_, "Gamma": G, "S": S, "sigma": sig, "eta": et, "m": m, "n": n},
         lhs={
-            "mean": r"\mathbb{E}[y]",
-            "cov": r"\operatorname{Cov}(y)",
-            "cov_additive": r"\operatorname{Cov}(y)\big|_{\mathrm{add}}",
-            "cov_relative": r"\operatorname{Cov}(y)\big|_{\mathrm{rel}}",
-            "cov_multiplicative": r"\operatorname{Cov}(y)\big|_{\mathrm{mult}}",
+            **_COV_LHS,
             "noise_variance_additive": r"\operatorname{Var}(y_i)-(W\Gamma W^\top)_{ii}",
         },
         descriptions={
