@@ -8,7 +8,15 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
+import math
+import os
 import sys
+
+import numpy as np
+
+from .checkpoint import CheckpointError
+from .executor import TaskError
 
 #: Modules that register sub-commands (each defines ``register(subparsers)``).
 COMMAND_MODULES = [
@@ -42,10 +50,6 @@ def build_parser() -> argparse.ArgumentParser:
 def json_safe(obj):
     """``obj`` with every non-finite float (NaN, ±inf) replaced by ``None``, so that
     ``json.dumps(..., allow_nan=False)`` writes valid JSON (``null``)."""
-    import math
-
-    import numpy as np
-
     if isinstance(obj, dict):
         return {k: json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -60,17 +64,12 @@ def json_safe(obj):
 
 def dumps(obj) -> str:
     """Strict JSON (no bare ``NaN``): non-finite numbers become ``null``."""
-    import json
-
     return json.dumps(json_safe(obj), allow_nan=False)
 
 
 def run_command(func, args) -> int:
     """Run a command handler: user errors as one line ``noiseprop: error: ...`` (exit 2),
     Ctrl-C as one line (exit 130), never a traceback for either."""
-    from .checkpoint import CheckpointError
-    from .executor import TaskError
-
     try:
         return int(func(args) or 0)
     except KeyboardInterrupt:
@@ -95,8 +94,6 @@ def exit_now(code: int) -> None:
     worth keeping is already on disk (every file is written atomically, workers are
     stopped), so the interpreter's slow teardown of torch and friends (seconds on a
     loaded machine) does not delay the prompt."""
-    import os
-
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import sys
 
+from noiseprop.theory.symbolic import DERIVATION_NAMES, TOPICS, derive, get_derivation
+
 
 def register(subparsers) -> None:
-    from noiseprop.theory.symbolic import TOPICS
-
     p = subparsers.add_parser(
         "derive",
         help="print the symbolic derivations (closed forms, assumptions, sources)",
@@ -35,8 +35,6 @@ def register(subparsers) -> None:
 
 
 def _select(topic):
-    from noiseprop.theory.symbolic import DERIVATION_NAMES, TOPICS, derive, get_derivation
-
     if topic is None:
         return derive()
     if topic in TOPICS:

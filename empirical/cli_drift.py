@@ -14,7 +14,12 @@ import math
 
 import numpy as np
 
+from noiseprop.theory.drift import predict_drift
+from noiseprop.theory.hardware import PCMLike
+
+from .cli import CLIError
 from .cli_mc import add_model_data_args, load_model_and_data
+from .montecarlo import drift_sweep
 
 DEFAULT_TIMES = "1,3600,86400,2.6e6,3.15e7,3.15e8"
 
@@ -22,8 +27,6 @@ _TIME_LABELS = [(1.0, "1 s"), (3600.0, "1 h"), (86400.0, "1 d"), (2.6e6, "1 mo")
 
 
 def _parse_times(text: str) -> list[float]:
-    from .cli import CLIError
-
     try:
         times = [float(v) for v in str(text).split(",") if v.strip()]
     except ValueError:
@@ -37,7 +40,7 @@ def drift_figure(curves, path, title: str = "") -> None:
     """Predicted and simulated accuracy against log time (PNG). ``curves`` is a list of
     ``(label, DriftPrediction or None, SweepResult or None)``: the prediction as a line
     with its pairwise bounds shaded, Monte-Carlo as points with 95% CIs."""
-    import matplotlib
+    import matplotlib  # lazy: matplotlib.pyplot adds seconds (measured) to every command's start
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
@@ -72,12 +75,6 @@ def drift_figure(curves, path, title: str = "") -> None:
 
 
 def cmd_drift(args) -> int:
-    from noiseprop.theory.drift import predict_drift
-    from noiseprop.theory.hardware import PCMLike
-
-    from .cli import CLIError
-    from .montecarlo import drift_sweep
-
     times = _parse_times(args.times)
     if args.draws != 0 and args.draws < 2:
         raise CLIError(f"--draws must be 0 (prediction only) or >= 2, got {args.draws}")

@@ -4,9 +4,12 @@ from __future__ import annotations
 import numpy as np
 
 from noiseprop.theory.noise import NOISE_STRING_FORMS, parse_noise
+from noiseprop.theory.validation import check_seed
 
 from .checkpoint import load_checkpoint
 from .cli import dumps
+from .data import load_dataset
+from .montecarlo import monte_carlo, sweep
 
 
 def add_model_data_args(p) -> None:
@@ -23,10 +26,6 @@ def add_model_data_args(p) -> None:
 
 def load_model_and_data(args):
     """(model, x_test, y_test, checkpoint) for a checkpoint and its (or the given) data set."""
-    from noiseprop.theory.validation import check_seed
-
-    from .data import load_dataset
-
     check_seed("--seed", args.seed)
     ckpt = load_checkpoint(args.model)
     name = args.dataset or ckpt.meta.get("dataset")
@@ -46,8 +45,6 @@ def _progress(args):
 
 
 def cmd_mc(args) -> int:
-    from .montecarlo import monte_carlo
-
     noise = parse_noise(args.noise)
     model, x, y, _ = load_model_and_data(args)
     res = monte_carlo(model, x, y, noise, draws=args.draws, seed=args.seed, targets=args.targets,
@@ -75,8 +72,6 @@ def _parse_levels(text: str) -> list[float]:
 
 
 def cmd_sweep(args) -> int:
-    from .montecarlo import sweep
-
     noise = parse_noise(args.noise, default_level=1.0)
     levels = _parse_levels(args.levels)
     model, x, y, _ = load_model_and_data(args)

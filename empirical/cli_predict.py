@@ -9,9 +9,11 @@ from __future__ import annotations
 import math
 
 from noiseprop.theory.noise import NOISE_STRING_FORMS, parse_noise
+from noiseprop.theory.predict import predict
 
-from .cli import dumps
+from .cli import CLIError, dumps
 from .cli_mc import add_model_data_args, load_model_and_data
+from .montecarlo import monte_carlo
 
 
 def _num(v):
@@ -22,10 +24,6 @@ def _num(v):
 
 
 def cmd_predict(args) -> int:
-    from noiseprop.theory.predict import predict
-
-    from .cli import CLIError
-
     noise = parse_noise(args.noise)
     if args.compare_mc is not None and args.compare_mc < 2:
         raise CLIError(f"--compare-mc needs at least 2 draws, got {args.compare_mc}")
@@ -38,8 +36,6 @@ def cmd_predict(args) -> int:
                    accuracy_draws=args.accuracy_draws, loss_probes=args.loss_probes)
     mc = None
     if args.compare_mc is not None:
-        from .montecarlo import monte_carlo
-
         mc = monte_carlo(model, x, y, noise, draws=args.compare_mc, seed=args.seed, targets=args.targets,
                          batch_size=args.batch_size, progress=False if args.no_progress else None)
     if args.json:

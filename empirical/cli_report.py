@@ -8,7 +8,7 @@ from __future__ import annotations
 
 
 def cmd_report(args) -> int:
-    from .report import ReportConfig, make_report
+    from .report import ReportConfig, make_report  # lazy: the studies load statsmodels (~2 s measured)
     from .studies import PUBLISHED_STUDIES, STUDIES
 
     studies = tuple(args.studies) if args.studies else PUBLISHED_STUDIES

@@ -10,7 +10,9 @@ import json
 import math
 
 from noiseprop.theory.noise import NOISE_STRING_FORMS
+from noiseprop.theory.sensitivity import _noise_with_level, keep_digital, noise_budget, sensitivity
 
+from .cli import CLIError
 from .cli_mc import add_model_data_args, load_model_and_data
 
 
@@ -21,10 +23,6 @@ def _num(v):
 
 
 def cmd_sensitivity(args) -> int:
-    from noiseprop.theory.sensitivity import _noise_with_level, keep_digital, noise_budget, sensitivity
-
-    from .cli import CLIError
-
     noise = _noise_with_level(args.noise, "--noise")
     if args.budget is not None and not 0 < args.budget < 1:
         raise CLIError(f"--budget is the largest accuracy drop allowed, in (0, 1) (0.01 = one point), got {args.budget}")

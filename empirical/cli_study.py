@@ -12,6 +12,14 @@ Examples::
 from __future__ import annotations
 
 import sys
+from pathlib import Path
+
+from noiseprop.theory.validation import check_output_dir
+
+from .cells import ResultStore
+from .checkpoint import check_replaceable_folder, publish_folder, sweep_temp
+from .executor import close_executor, make_executor, print_progress, stop_workers
+from .train import default_cache_dir
 
 
 def _ks(values):
@@ -28,16 +36,8 @@ def _ks(values):
 
 
 def cmd_study(args) -> int:
-    from pathlib import Path
-
+    # lazy: the studies load statsmodels (~2 s measured), which every other command would pay
     from .studies import STUDIES, default_grid, quick_grid, quick_options, run_plans, study_module
-    from .cells import ResultStore
-    from .executor import close_executor, make_executor, print_progress, stop_workers
-    from .train import default_cache_dir
-
-    from noiseprop.theory.validation import check_output_dir
-
-    from .checkpoint import check_replaceable_folder, publish_folder, sweep_temp
 
     if args.name not in STUDIES:
         raise ValueError(f"unknown study {args.name!r}; accepted: {list(STUDIES)}")
@@ -89,7 +89,7 @@ def cmd_study(args) -> int:
     plan = mod.plan(grid, cache_dir=str(cache), **opts)
     print(f"[study {args.name}] {plan.n_models} models, {len(plan.tasks)} cells", file=sys.stderr)
     if getattr(args, "scheduler", None):
-        from .cluster import make_dask_executor
+        from .cluster import make_dask_executor  # lazy: dask is optional
 
         executor = make_dask_executor(args.scheduler)
     else:
@@ -105,7 +105,7 @@ def cmd_study(args) -> int:
     res = mod.analyse(plan, results, grid)
     print(res.summary())
     if args.out:
-        from .report import ReportConfig, write_report
+        from .report import ReportConfig, write_report  # lazy: the report loads the studies (statsmodels)
 
         out = publish_folder(Path(args.out), lambda staging: write_report(
             [res], grid, staging, ReportConfig(out_dir=args.out, quick=args.quick)))

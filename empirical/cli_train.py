@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import sys
 
+from noiseprop.theory.validation import check_output_dir, check_output_file, check_seed
+
+from .cli import CLIError
 from .data import DATASETS, load_dataset
 from .models import NORMS, model_spec
 from .train import SCHEDULES, TrainingDivergedError, default_train_config, train
@@ -59,10 +62,6 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from noiseprop.theory.validation import check_output_dir, check_output_file, check_seed
-
-    from .cli import CLIError
-
     # everything that can be refused is refused before the training starts
     if args.out is not None:
         check_output_file(args.out, "--out")

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 from noiseprop.theory.hashing import tensor_digest
@@ -111,8 +112,6 @@ class Dataset:
 
     def to_frame(self):
         """One row per split: examples and per-class counts."""
-        import pandas as pd
-
         rows = []
         for split, y in (("train", self.y_train), ("test", self.y_test)):
             row = {"dataset": self.name, "split": split, "n": int(y.numel())}
@@ -229,7 +228,7 @@ def _load_digits(test_fraction: float = 0.2, split_seed: int = 0) -> Dataset:
         raise ValueError(f"digits: test_fraction must be in (0, 1), got {test_fraction!r}")
     if not isinstance(split_seed, int) or isinstance(split_seed, bool):
         raise ValueError(f"digits: split_seed must be an int, got {split_seed!r}")
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # lazy: only the digits data set needs scikit-learn
 
     d = load_digits()
     x = d.images.astype(np.float64)[:, None, :, :]

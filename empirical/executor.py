@@ -20,8 +20,10 @@ reproducible whatever the number of workers.
 """
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import queue
+import signal
 import sys
 import threading
 import time
@@ -29,6 +31,10 @@ import traceback
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
+
+import torch
+
+from noiseprop.theory.validation import env_int
 
 from .cells import MISSING
 
@@ -100,10 +106,6 @@ def _watch_parent(parent_pid: int, period: float) -> None:
 
 
 def _init_worker(threads: int, parent_pid: int | None = None) -> None:
-    import signal
-
-    import torch
-
     # Ctrl-C goes to the whole process group: the parent handles it (and stops the
     # workers), so a worker neither prints a traceback nor dies half-way on its own
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -120,8 +122,6 @@ def _init_worker(threads: int, parent_pid: int | None = None) -> None:
 
 def default_workers() -> int:
     """``min(2, cores)``, or ``NOISEPROP_WORKERS`` when set (an integer >= 1)."""
-    from noiseprop.theory.validation import env_int
-
     env = env_int("NOISEPROP_WORKERS", None, minimum=1)
     if env is not None:
         return env
@@ -162,8 +162,6 @@ def _start_method() -> str:
     start in milliseconds; safe for torch because every worker runs with one thread,
     so no OpenMP region is ever entered in a child, the same arrangement as
     ``torch.utils.data.DataLoader`` workers), else ``spawn``."""
-    import multiprocessing as mp
-
     env = os.environ.get("NOISEPROP_START_METHOD")
     methods = mp.get_all_start_methods()
     if env:
@@ -197,8 +195,6 @@ def make_executor(workers=None, threads: int = 1, start_method: str | None = Non
         raise ValueError(f"workers must be an integer >= 0, 'serial' or an executor with submit(); got {workers!r}")
     if workers <= 1:
         return SerialExecutor()
-    import multiprocessing as mp
-
     ctx = mp.get_context(start_method or _start_method())
     return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
                                initargs=(threads, os.getpid()))
@@ -206,8 +202,6 @@ def make_executor(workers=None, threads: int = 1, start_method: str | None = Non
 
 def _call(fn, kwargs, threads):
     """Run one task with a fixed torch thread count (restored afterwards)."""
-    import torch
-
     old = torch.get_num_threads()
     if threads:
         torch.set_num_threads(int(threads))
@@ -385,8 +379,6 @@ def probe(value=None, fail: bool = False, deps: dict | None = None, seconds: flo
     """A trivial task (used by tests and to check a new executor): returns the value,
     the process id, torch's thread count and the dependency results it received, after
     sleeping ``seconds``."""
-    import torch
-
     if seconds:
         time.sleep(seconds)
     if fail:

@@ -43,8 +43,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import pandas as pd
 import torch
 from torch import nn
+from tqdm.auto import tqdm
+
+from noiseprop.theory.noise import parse_noise
+from noiseprop.theory.targets import Targets, resolve_targets
 
 from .checkpoint import FORMAT as CHECKPOINT_FORMAT
 from .checkpoint import CheckpointError, _torch_load, load_checkpoint, save_checkpoint
@@ -154,8 +159,6 @@ class TrainHistory:
         return cls(**{k: tuple(d.get(k, ())) for k in cls.__dataclass_fields__})
 
     def to_frame(self):
-        import pandas as pd
-
         return pd.DataFrame(self.to_dict())
 
 
@@ -324,8 +327,6 @@ class _Progress:
         if callable(progress) and not isinstance(progress, bool):
             self.callback = progress
         elif progress:
-            from tqdm.auto import tqdm
-
             self.bar = tqdm(total=total, desc=desc, unit="epoch", file=sys.stderr, leave=True,
                             disable=not getattr(sys.stderr, "isatty", lambda: False)() if progress == "auto" else False)
 
@@ -472,9 +473,6 @@ def train(model_or_spec, data="digits", lr=None, epochs=None, batch_size=None, m
                                                                                      kind=int, lo=1)
     config["threads"] = num_threads
     if noise is not None:
-        from noiseprop.theory.noise import parse_noise
-        from noiseprop.theory.targets import Targets
-
         try:
             nm = parse_noise(noise)
         except (ValueError, TypeError) as e:
@@ -584,9 +582,6 @@ def _fit(model: nn.Module, data: Dataset, config: dict, eval_every: int, progres
     rec = {k: [] for k in TrainHistory.__dataclass_fields__}
     noisy, noise_model, noise_gen = [], None, None
     if config.get("noise"):
-        from noiseprop.theory.noise import parse_noise
-        from noiseprop.theory.targets import Targets, resolve_targets
-
         noise_model = parse_noise(config["noise"])
         plan = resolve_targets(model, Targets(**config["noise_targets"]))
         named = dict(model.named_parameters())
