@@ -34,8 +34,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from noiseprop.theory.validation import check_output_dir
+
+from .cells import ResultStore
 from .checkpoint import atomic_write, check_replaceable_folder, publish_folder, sweep_temp
+from .executor import close_executor, make_executor, print_progress, stop_workers
 from .formatting import fmt_number, fmt_p
+from .studies import (CPU_SCALE_DATASETS, default_grid, paper_grid, paper_options, quick_grid, quick_options,
+                      run_plans, study_module)
+from .studies.common import calibration_figure_frame, validation_by_eta, validation_tables
+from .studies.figures import Figure, render
+from .studies.validation import ACCURACY_TOLERANCE, validation_by_method
+from .train import default_cache_dir
 
 __all__ = ["ReportConfig", "make_report", "render_markdown", "render_html"]
 
@@ -191,8 +201,6 @@ def _write_csv(path: Path, frame: pd.DataFrame) -> None:
 def render_figure(fig, path: str) -> str:
     """Draw one figure to ``path`` atomically (a top-level function, so a worker
     process can run it)."""
-    from .studies.figures import render
-
     atomic_write(Path(path), lambda tmp: render(fig, tmp))
     return path
 
@@ -298,8 +306,6 @@ def training_table(study_results) -> pd.DataFrame:
 def _study_blocks(res, out: Path, written: dict) -> list:
     blocks = [("h", 2, res.title)]
     params = res.params
-    from .studies import study_module
-
     mod = study_module(res.name)
     doc = (mod.__doc__ or "").strip().split("\n\n")
     blocks.append(("p", " ".join(doc[0].split())))
@@ -340,13 +346,6 @@ def _compact(frame: pd.DataFrame) -> pd.DataFrame:
 
 def make_report(cfg: ReportConfig = ReportConfig()) -> Path:
     """Run the studies and write the report folder; returns the path of report.md."""
-    from .cells import ResultStore
-    from .executor import close_executor, make_executor, print_progress, stop_workers
-    from .studies import default_grid, quick_grid, quick_options, run_plans, study_module
-    from .train import default_cache_dir
-
-    from noiseprop.theory.validation import check_output_dir
-
     t_start = time.perf_counter()
     # refuse what can be refused before any work: the folders, then the grid
     out = check_replaceable_folder(cfg.out_dir, "--out")
@@ -360,8 +359,6 @@ def make_report(cfg: ReportConfig = ReportConfig()) -> Path:
     if cfg.scale == "paper" and cfg.quick:
         raise ValueError("quick and scale='paper' exclude each other: choose one")
     if cfg.scale == "paper":
-        from .studies import paper_grid, paper_options
-
         if cfg.dataset == "digits":
             overrides["dataset"] = "cifar10"
         grid = paper_grid(**overrides)
@@ -381,7 +378,7 @@ def make_report(cfg: ReportConfig = ReportConfig()) -> Path:
         plans.append((mod, p))
         log(f"[report] study {i + 1}/{len(cfg.studies)} {name}: {p.n_models} models, {len(p.tasks)} cells")
     if cfg.scheduler is not None:
-        from .cluster import make_dask_executor
+        from .cluster import make_dask_executor  # lazy: dask is optional
 
         executor = make_dask_executor(cfg.scheduler)
         local_pool = None  # figures are drawn here: a remote worker's files would not be ours
@@ -477,8 +474,6 @@ def write_report(study_results, grid, out: Path, cfg: ReportConfig, executor=Non
 
 
 def _by_method(study_results) -> pd.DataFrame:
-    from .studies.validation import validation_by_method
-
     parts = [f for r in study_results for n, f in r.tables.items() if n.endswith("_compare") and not f.empty]
     if not parts:
         return pd.DataFrame()
@@ -493,9 +488,6 @@ def report_blocks(study_results, grid, cfg, allf, validation, by_eta, figs, trai
     the conclusion, the theory's verdict and mechanism); the models (clean accuracy,
     exclusions); theory vs Monte-Carlo (the share of cells agreeing); then, as an
     appendix, each study's tables and figures with links to every CSV."""
-    from .studies import CPU_SCALE_DATASETS
-    from .studies.validation import ACCURACY_TOLERANCE
-
     scale = "CPU scale" if grid.dataset in CPU_SCALE_DATASETS else "published scale"
     if len(study_results) == 1:
         title = f"noiseprop study {study_results[0].name}: {study_results[0].title} ({grid.dataset}, {scale})"
@@ -571,9 +563,6 @@ def overall_validation(study_results, grid):
     """Prediction vs Monte-Carlo pooled over the studies, each (model, placement, η,
     quantity) cell counted once: the summary per quantity, the table by η and the
     calibration figures (accuracy; logit variance on log axes)."""
-    from .studies.common import calibration_figure_frame, validation_by_eta, validation_tables
-    from .studies.figures import Figure
-
     parts = [f for r in study_results for n, f in r.tables.items() if n.endswith("_compare") and not f.empty]
     if not parts:
         return pd.DataFrame(), pd.DataFrame(), []

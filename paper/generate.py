@@ -34,6 +34,9 @@ import numpy as np
 import pandas as pd
 
 from noiseprop.empirical.checkpoint import atomic_write  # the one atomic-write helper
+from noiseprop.empirical.report import paper_table, round_to_ci
+from noiseprop.empirical.studies.theory_helpers import first_order_valid
+from noiseprop.theory.symbolic import derive
 
 STUDIES = ("architecture", "batchnorm", "learning_rate", "norm_type")
 #: the column that names a curve's group in each study's curves table
@@ -99,7 +102,7 @@ def write(path: Path, text: str) -> None:
 
 
 def _plt():
-    import matplotlib
+    import matplotlib  # lazy: the backend is chosen before pyplot is imported
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
@@ -152,8 +155,6 @@ def missing_table(caption: str, label: str, what: str) -> str:
 
 # ----------------------------------------------------------------------------- equations
 def generate_equations(out: Path) -> list[Path]:
-    from noiseprop.theory.symbolic import derive
-
     paths = []
     for topic in TOPICS:
         text = "\n".join(d.latex() for d in derive(topic))
@@ -171,8 +172,6 @@ def _curve_means(curves: pd.DataFrame, study: str) -> pd.DataFrame:
     cols = [c for c in ("accuracy", "pred_accuracy") if c in curves.columns]
     if {"pred_accuracy", "pred_preact_frac", "theory_method"} <= set(curves.columns):
         # as in the report: the first order is drawn only where its validity diagnostic holds
-        from noiseprop.empirical.studies.theory_helpers import first_order_valid
-
         bad = (curves["theory_method"] == "linear").to_numpy() & ~first_order_valid(curves["pred_preact_frac"])
         curves = curves.assign(pred_accuracy=curves["pred_accuracy"].mask(bad), _bad=bad.astype(float))
         m = curves.groupby(keys, sort=True, dropna=False)[cols + ["_bad"]].mean().reset_index()
@@ -208,8 +207,6 @@ def generate_curves(report: Path, out: Path, study: str) -> None:
 def generate_findings(report: Path, out: Path, study: str) -> None:
     """The study's findings as in the report's per-paper table: our test of the claim,
     the paper's number, our effect rounded to its interval, the verdict, the theory."""
-    from noiseprop.empirical.report import paper_table
-
     f = find_csv(report, f"{study}_findings")
     cap = f"Findings of the {tex(study.replace('_', ' '))} study: effects with 95\\% intervals, rounded to what the interval supports."
     label = f"tab:{study}:findings"
@@ -317,8 +314,6 @@ def generate_info(report: Path, out: Path) -> None:
 
 # ----------------------------------------------------------------------------- results in words
 def _effect_words(r) -> str:
-    from noiseprop.empirical.report import round_to_ci
-
     unit = r["unit"] if isinstance(r.get("unit", ""), str) else ""
     return tex(round_to_ci(float(r["effect"]), float(r["ci_low"]), float(r["ci_high"]), unit).replace("−", "-"))
 
