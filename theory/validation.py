@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -233,8 +234,6 @@ def _writable_dir_ancestor(path: Path, name: str, shown=None) -> None:
     if p.exists() and not p.is_dir():
         raise ValueError(f"{name} {str(shown)!r} cannot be created: {str(p)!r} is a file, not a folder")
     if p.exists():
-        import tempfile
-
         try:  # a real probe: permission bits do not tell root (or read-only mounts) the truth
             fd, probe = tempfile.mkstemp(prefix=".noiseprop-probe.", dir=p)
             os.close(fd)

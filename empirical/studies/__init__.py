@@ -19,8 +19,15 @@ and a killed run resumes where it stopped.
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 
+from noiseprop.theory.symbolic.learning_rate import lr_sweet_spot
+
+from ..cells import ResultStore
+from ..executor import run_tasks
+from ..train import default_cache_dir
 from .common import Finding, Grid, StudyPlan, StudyResult
+from .figures import _mpl
 
 __all__ = ["STUDIES", "PUBLISHED_STUDIES", "Grid", "StudyPlan", "StudyResult", "Finding", "study_module", "run_plans",
            "run_study", "default_grid", "quick_grid", "quick_options", "paper_grid", "paper_options", "PAPER_COST"]
@@ -118,8 +125,6 @@ def quick_options() -> dict:
 def run_plans(plans, grid: Grid, store, executor=None, progress=None, stop_after=None):
     """Run the cells of every plan (deduplicated) through ``executor`` and ``store``;
     return ``(results, RunStats)``."""
-    from ..executor import run_tasks
-
     preload()
     tasks = [t for p in plans for t in p.tasks]
     return run_tasks(tasks, store, executor, progress=progress, stop_after=stop_after)
@@ -128,8 +133,6 @@ def run_plans(plans, grid: Grid, store, executor=None, progress=None, stop_after
 def preload() -> None:
     """Import what the cells use, in this process, before workers are forked (so
     each worker does not pay for the imports again)."""
-    import importlib
-
     # torch.optim's first step() imports torch._dynamo (seconds): do it once, here
     for m in ("torch._dynamo", "noiseprop.empirical.train", "noiseprop.empirical.montecarlo",
               "noiseprop.empirical.compare", "noiseprop.theory", "statsmodels.api", "statsmodels.formula.api",
@@ -140,13 +143,9 @@ def preload() -> None:
             importlib.import_module(m)
         except ImportError:
             pass
-    from .figures import _mpl
-
     _mpl()  # matplotlib with the Agg backend, for figures drawn in workers
     try:  # the symbolic derivations the studies evaluate (sympy: seconds to build, cached)
         from noiseprop.theory.symbolic.batchnorm import batchnorm_lognormal_scales
-        from noiseprop.theory.symbolic.learning_rate import lr_sweet_spot
-
         batchnorm_lognormal_scales().numeric("inflation_mean")
         d = lr_sweet_spot()
         d.numeric("lr_opt"), d.numeric("sweet_spot_exists")
@@ -158,11 +157,6 @@ def run_study(name: str, grid: Grid | None = None, store=None, executor=None, ca
               **options) -> StudyResult:
     """Plan, run and analyse one study. ``store``: a
     :class:`~noiseprop.empirical.cells.ResultStore` (default: ``<cache_dir>/cells``)."""
-    from pathlib import Path
-
-    from ..cells import ResultStore
-    from ..train import default_cache_dir
-
     grid = grid or default_grid()
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     store = store or ResultStore(cache_dir / "cells")

@@ -25,14 +25,18 @@ The same tests on the predicted curves say whether the theory predicts each clai
 """
 from __future__ import annotations
 
+from dataclasses import replace as _replace
+
 import numpy as np
 import pandas as pd
 
+from ..models import _family
 from ..stats import Effect, ols_effect, paired_effect
 from .common import (Finding, Grid, StudyPlan, StudyResult, bootstrap_seed_means, calibration_figure_frame,
                      compare_frame, curve_frame, curves_figure_frame, diverged_notes, finalise_findings, model_cells,
                      model_frame, seed_matrix, seed_summary, validation_tables)
-from .figures import THEORY_LINES, Figure
+from .figures import Figure, THEORY_LINES
+from .frames import excluded_frame
 
 MECHANISM = ("per-layer gains: logit noise power per unit η² summed over layers; depth law of the first order (docs/THEORY.md §3)")
 PAPER_NOTE = "the paper reports directions only (no effect size in its abstract)"
@@ -64,8 +68,6 @@ def plan(grid: Grid, models=DEFAULT_MODELS, norm: str | None = None, cache_dir=N
 
 
 def _depth_of(arch: str) -> int:
-    from ..models import _family
-
     return int(_family(arch, None)[1])
 
 
@@ -112,8 +114,6 @@ def analyse(p: StudyPlan, results: dict, grid: Grid) -> StudyResult:
     # design matters: omnibus over architectures
     if mf["arch"].nunique() >= 2:
         findings.append(_omnibus_finding(mf, conf, theory_ok))
-    from dataclasses import replace as _replace
-
     findings = finalise_findings([_replace(f, mechanism=MECHANISM, paper_note=PAPER_NOTE) for f in findings], alpha)
 
     comp_cells, validation = validation_tables(comp, alpha, conf)
@@ -134,8 +134,6 @@ def analyse(p: StudyPlan, results: dict, grid: Grid) -> StudyResult:
     tables = {"architecture_models": mf, "architecture_summary": summ, "architecture_curves": curves,
               "architecture_compare": comp_cells, "architecture_validation": validation}
     notes = _theory_notes(mf) + diverged_notes(p, results, grid)
-    from .frames import excluded_frame
-
     tables["architecture_training"] = excluded_frame(p, results, grid)
     return StudyResult(NAME, TITLE, dict(p.params, **grid.to_dict()), tables, tuple(findings), tuple(notes),
                        figures=tuple(figs))
@@ -180,7 +178,7 @@ def _vgg_finding(mf, conf, theory_ok) -> Finding:
 
 
 def _omnibus(frame, col):
-    import statsmodels.formula.api as smf
+    import statsmodels.formula.api as smf  # lazy: statsmodels adds ~2 s (measured) to importing the studies
     from statsmodels.stats.anova import anova_lm
 
     f = frame.assign(y=frame[col])

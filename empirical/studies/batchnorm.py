@@ -30,28 +30,19 @@ across seeds, log scale), and associated with robustness across all models
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 
+from ..models import _family, norm_places
 from ..stats import Effect, holm, ols_effect, paired_effect
-from .common import (
-    Finding,
-    Grid,
-    StudyPlan,
-    StudyResult,
-    calibration_figure_frame,
-    compare_frame,
-    curve_frame,
-    curves_figure_frame,
-    diverged_notes,
-    layer_gain_frame,
-    finalise_findings,
-    model_cells,
-    model_frame,
-    seed_summary,
-    validation_tables,
-)
-from .figures import THEORY_LINES, Figure
+from .architecture import _theory_notes
+from .common import (Finding, Grid, StudyPlan, StudyResult, calibration_figure_frame, compare_frame, curve_frame,
+                     curves_figure_frame, diverged_notes, finalise_findings, layer_gain_frame, model_cells,
+                     model_frame, seed_paired, seed_summary, validation_tables)
+from .figures import Figure, THEORY_LINES
+from .frames import excluded_frame
 
 NAME = "batchnorm"
 TITLE = "Study 2: BatchNorm"
@@ -79,10 +70,6 @@ MECHANISM = ("folding inflation: noise on W' = diag(a)W is inflated by std(W')/(
 
 def _with_paper(f: Finding) -> Finding:
     """Attach the paper's effect (all vs none) or what it says (the count law)."""
-    from dataclasses import replace
-
-    from ..models import _family
-
     arch = f.claim.split(",")[0]
     fam = _family(arch, None)[0]
     if "(all vs none)" in f.claim and fam in PAPER_EFFECTS:
@@ -106,8 +93,6 @@ def k_label(n_norm: int, total: int) -> str:
 def plan(grid: Grid, archs=DEFAULT_ARCHS, ks=DEFAULT_KS, cache_dir=None, norm: str = "bn", name: str = NAME,
          title: str = TITLE) -> StudyPlan:
     """``ks``: numbers of BatchNorm places (0 = none, ``None`` = all)."""
-    from ..models import _family, norm_places
-
     if not archs:
         raise ValueError(f"{name} study: give at least one architecture")
     tasks, rows = [], []
@@ -145,8 +130,6 @@ def variant_frame(mf: pd.DataFrame, variant: str) -> pd.DataFrame:
 
 def paired_finding(study, source, frame, col, a, b, claim, sign, conf, by="norm_key", unit="normalised accuracy",
                    theory_col=None, theory_ok=True) -> Finding:
-    from .common import seed_paired
-
     x, y = seed_paired(frame, col, by, a, b)
     eff = paired_effect(x, y, f"{a} − {b}", conf, unit=unit)
     teff = None
@@ -178,8 +161,6 @@ def mechanism_tables(mf: pd.DataFrame, group: str, reference, others, conf: floa
         da = d[d["arch"] == arch]
         for lvl in others:
             for c in cols:
-                from .common import seed_paired
-
                 x, y = seed_paired(da.assign(v=np.log(da[c].astype(float))), "v", group, lvl, reference)
                 ok = np.isfinite(x) & np.isfinite(y)
                 if ok.sum() < 2:
@@ -273,9 +254,6 @@ def norm_study_result(name, title, p, results, grid, key: str, mf, summ, side, p
                       mechanisms_caption: str) -> StudyResult:
     """The figures, tables and notes of a study of normalisation layers (this one and
     ``norm_type``), whose models differ in the column ``key`` (``k``, ``norm_type``)."""
-    from .architecture import _theory_notes
-    from .frames import excluded_frame
-
     bars = summ.assign(group=summ[key], value=summ["robustness"], ci_low=summ["robustness_ci_low"],
                        ci_high=summ["robustness_ci_high"], panel=summ["arch"] + ", BN " + summ["variant"])
     mech_fig = []

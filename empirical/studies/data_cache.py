@@ -4,13 +4,14 @@ from __future__ import annotations
 import functools
 import json
 
+from ..data import load_dataset
+from ..models import _family
+
 __all__ = ["load_data"]
 
 
 @functools.lru_cache(maxsize=4)
 def _dataset_cached(spec_json: str):
-    from ..data import load_dataset
-
     spec = json.loads(spec_json)
     return load_dataset(**spec)
 
@@ -28,6 +29,4 @@ def load_data(dataset: str, data_dir=None, n_train: int | None = None):
 
 
 def _family_of(name: str) -> str:
-    from ..models import _family
-
     return _family(name, None)[0]

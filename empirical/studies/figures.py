@@ -44,7 +44,7 @@ class Figure:
 
 
 def _mpl():
-    import matplotlib
+    import matplotlib  # lazy: the Agg backend is chosen before pyplot is imported (pyplot: seconds, measured)
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt

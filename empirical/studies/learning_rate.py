@@ -36,15 +36,23 @@ measurements; it is set beside the empirical interval.
 from __future__ import annotations
 
 import math
+from dataclasses import replace as _replace
 
 import numpy as np
 import pandas as pd
+from scipy import stats as st
 
-from ..stats import Effect, mean_ci, ols_effect
+from noiseprop.theory.symbolic.learning_rate import lr_sweet_spot
+
+from . import CPU_SCALE_DATASETS
+from ..stats import Effect, mean_ci, ols_effect, paired_effect
+from ..train import default_train_config
+from .architecture import _theory_notes
 from .common import (Finding, Grid, StudyPlan, StudyResult, bootstrap_seed_means, calibration_figure_frame,
                      compare_frame, curve_frame, curves_figure_frame, diverged_notes, finalise_findings, model_cells,
                      model_frame, seed_matrix, seed_summary, validation_tables)
-from .figures import THEORY_LINES, Figure
+from .figures import Figure, THEORY_LINES
+from .frames import excluded_frame
 
 MECHANISM = ("sharpness ≈ 2/lr (edge of stability) and the loss increase ½η² tr(Σ_ε H): flatter minima lose less")
 PAPER_NOTE = "the paper reports a sweet spot (no effect size in its abstract)"
@@ -64,8 +72,6 @@ def default_lrs(arch: str, norm: str, dataset: str, n: int = 6) -> list[float]:
     to 5·lr0, just below the largest rate at which the default MLP still trains on
     digits (at 8·lr0 = 0.4 it stays at chance; measured with constant lr, momentum 0.9,
     6 epochs)."""
-    from ..train import default_train_config
-
     lr0 = default_train_config(arch, norm=norm, dataset=dataset)["lr"]
     return [float(f"{v:.3g}") for v in lr0 * np.logspace(-1.3, 0.7, n)]
 
@@ -73,8 +79,6 @@ def default_lrs(arch: str, norm: str, dataset: str, n: int = 6) -> list[float]:
 def plan(grid: Grid, arch: str | None = None, norm: str = DEFAULT_NORM, lrs=None, schedule: str = "constant",
          cache_dir=None) -> StudyPlan:
     """``arch``: default the MLP on the CPU-scale datasets, the VGG-style CNN otherwise."""
-    from . import CPU_SCALE_DATASETS
-
     if arch is None:
         arch = DEFAULT_ARCH if grid.dataset in CPU_SCALE_DATASETS else "vgg"
     lrs = default_lrs(arch, norm, grid.dataset) if lrs is None else [float(v) for v in lrs]
@@ -88,8 +92,6 @@ def plan(grid: Grid, arch: str | None = None, norm: str = DEFAULT_NORM, lrs=None
                                  train_overrides={"lr": lr, "schedule": schedule})
             tasks += t
             rows.append(row)
-    from ..train import default_train_config
-
     momentum = default_train_config(arch, norm=norm, dataset=grid.dataset)["momentum"]
     return StudyPlan(NAME, TITLE, tuple(tasks), pd.DataFrame(rows),
                      {"arch": arch, "norm": norm, "lrs": lrs, "schedule": schedule, "momentum": momentum,
@@ -98,7 +100,7 @@ def plan(grid: Grid, arch: str | None = None, norm: str = DEFAULT_NORM, lrs=None
 
 def _quad_fit(frame: pd.DataFrame, col: str, center: float):
     """(fit, curvature, linear, vertex log10 lr) of OLS ``col ~ x + x² + C(seed)``."""
-    import statsmodels.formula.api as smf
+    import statsmodels.formula.api as smf  # lazy: statsmodels adds ~2 s (measured) to importing the studies
 
     f = frame.assign(x=np.log10(frame["lr"].astype(float)) - center, y=frame[col].astype(float))
     formula = "y ~ x + I(x**2)" + (" + C(seed)" if f["seed"].nunique() > 1 else "")
@@ -113,8 +115,6 @@ def fieller_vertex(res, center: float, confidence: float) -> tuple[float, float]
     ``{θ : (b + 2cθ)² ≤ t² Var(b + 2cθ)}`` with the OLS covariance of ``(b, c)``
     (Fieller 1954; exact for normal errors). Bounded only when the curvature is
     significantly non-zero; otherwise ``(nan, nan)``."""
-    from scipy import stats as st
-
     b, c = float(res.params["x"]), float(res.params["I(x ** 2)"])
     V = res.cov_params()
     vbb, vcc, vbc = float(V.loc["x", "x"]), float(V.loc["I(x ** 2)", "I(x ** 2)"]), float(V.loc["x", "I(x ** 2)"])
@@ -250,8 +250,6 @@ def fit_noise_loss(lr: np.ndarray, noise: np.ndarray) -> tuple[np.ndarray, np.nd
 def _sweet_spot_model(lr, clean, noise):
     """Closed-form ``lr*`` of the derivation for the terms fitted to each row of
     ``clean`` and ``noise``."""
-    from noiseprop.theory.symbolic.learning_rate import lr_sweet_spot
-
     d = lr_sweet_spot()
     L0, a, p = fit_clean_loss(lr, clean)
     b, q = fit_noise_loss(lr, noise)
@@ -276,8 +274,6 @@ def symbolic_sweet_spot(mf: pd.DataFrame, lrs, confidence: float):
     levels, C = seed_matrix(mf, "clean_loss", "lr")
     _, N = seed_matrix(mf, "noise_loss", "lr")
     lr = np.asarray(levels, float)
-    from noiseprop.theory.symbolic.learning_rate import lr_sweet_spot
-
     with np.errstate(all="ignore"):
         fit = _sweet_spot_model(lr, np.nanmean(C, 0)[None], np.nanmean(N, 0)[None])
     out = {k: float(v[0]) for k, v in fit.items() if k != "ok"}
@@ -329,8 +325,6 @@ def analyse(p: StudyPlan, results: dict, grid: Grid) -> StudyResult:
     per_seed = mf.groupby("seed")["log_stability_ratio"].mean().to_numpy(float)
     per_seed = per_seed[np.isfinite(per_seed)]
     if per_seed.size >= 2:
-        from ..stats import paired_effect
-
         e = paired_effect(per_seed, np.zeros_like(per_seed), "mean log(λ·lr/(2(1+β)))", conf, unit="log")
         e = Effect(e.name, e.estimate, e.ci_low, e.ci_high, e.p_value, e.n,
                    "t-test across seeds of the mean over lrs of log(λ_max·lr/(2(1+β)))", df=e.df, se=e.se,
@@ -346,8 +340,6 @@ def analyse(p: StudyPlan, results: dict, grid: Grid) -> StudyResult:
                             _ols(mf, f"robustness ~ log_trace{seedf}", "log_trace", "per log trace"), expected_sign=-1,
                             theory_effect=_ols(mf, f"pred_robustness ~ log_trace{seedf}", "log_trace", "per log trace")
                             if theory_ok else None))
-    from dataclasses import replace as _replace
-
     findings = finalise_findings([_replace(f, mechanism=MECHANISM, paper_note=PAPER_NOTE) for f in findings], alpha)
     cols = ["clean_accuracy", "clean_loss", "noise_loss", "auc", "robustness", "top_eigenvalue",
             "sharpness_x_lr_over_2", "trace_digital", "pred_auc", "pred_robustness", "log_sharpness", "log_trace"]
@@ -402,10 +394,6 @@ def analyse(p: StudyPlan, results: dict, grid: Grid) -> StudyResult:
     tables = {"learning_rate_models": mf, "learning_rate_summary": summ, "learning_rate_sweet_spot": sweet,
               "learning_rate_curves": curves, "learning_rate_compare": comp_cells,
               "learning_rate_validation": validation}
-    from .architecture import _theory_notes
-
-    from .frames import excluded_frame
-
     tables["learning_rate_training"] = excluded_frame(p, results, grid)
     return StudyResult(NAME, TITLE, dict(p.params, **grid.to_dict()), tables, tuple(findings),
                        tuple(notes + _theory_notes(mf) + diverged_notes(p, results, grid)), figures=tuple(figs))

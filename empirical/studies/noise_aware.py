@@ -32,7 +32,12 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from noiseprop.theory import RelativeGaussian, sensitivity
+
+from ..cells import config_key
+from ..executor import Task
 from ..stats import paired_effect
+from .architecture import _theory_notes, default_norm
 from .batchnorm import paired_finding, variant_frame
 from .common import (CELL_VERSION, Finding, Grid, StudyPlan, StudyResult, _train, calibration_figure_frame,
                      compare_frame, curve_frame, curves_figure_frame, diverged_notes, finalise_findings, load_data,
@@ -52,8 +57,6 @@ def sensitivity_cell(model: dict, train: dict, dataset: str, data_dir, seed: int
                      n_inputs: int, n_train=None, deps=None) -> dict:
     """Per-layer sensitivity (:func:`noiseprop.theory.sensitivity`) of one trained model at
     relative noise ``eta`` on the first ``n_inputs`` test inputs."""
-    from noiseprop.theory import RelativeGaussian, sensitivity
-
     if deps and any(isinstance(d, dict) and d.get("diverged") for d in deps.values()):
         return {"diverged": True}
     res, data = _train(model, train, dataset, data_dir, seed, cache_dir, n_train)
@@ -68,10 +71,6 @@ def sensitivity_cell(model: dict, train: dict, dataset: str, data_dir, seed: int
 def plan(grid: Grid, archs=DEFAULT_ARCHS, train_eta: float = DEFAULT_TRAIN_ETA, cache_dir=None) -> StudyPlan:
     """The cells: per architecture and seed, a standard and a noise-aware model (train,
     measure) and the per-layer sensitivity of each."""
-    from ..cells import config_key
-    from ..executor import Task
-    from .architecture import default_norm
-
     if not archs:
         raise ValueError("noise_aware study: give at least one architecture")
     if isinstance(train_eta, bool) or not isinstance(train_eta, (int, float)) or not 0 < float(train_eta) <= 5:
@@ -181,8 +180,6 @@ def analyse(p: StudyPlan, results: dict, grid: Grid) -> StudyResult:
     tables = {"noise_aware_models": d, "noise_aware_summary": summ, "noise_aware_layers": lf,
               "noise_aware_layer_summary": lsum, "noise_aware_curves": curves, "noise_aware_compare": comp_cells,
               "noise_aware_validation": validation}
-    from .architecture import _theory_notes
-
     notes = _theory_notes(d) + diverged_notes(p, results)
     return StudyResult(NAME, TITLE, dict(p.params, **grid.to_dict()), tables, tuple(findings), tuple(notes),
                        figures=tuple(figs))

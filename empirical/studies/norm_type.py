@@ -17,26 +17,16 @@ Mechanisms side by side as in study 2 (each type against L2).
 """
 from __future__ import annotations
 
+from dataclasses import replace as _replace
+
 import numpy as np
 import pandas as pd
 
+from ..models import norm_places
 from ..stats import paired_effect
 from .batchnorm import mechanism_tables, norm_study_result, paired_finding, variant_frame
-from .common import (
-    Finding,
-    Grid,
-    StudyPlan,
-    StudyResult,
-    compare_frame,
-    curve_frame,
-    curves_figure_frame,
-    finalise_findings,
-    model_cells,
-    model_frame,
-    seed_paired,
-    seed_summary,
-    validation_tables,
-)
+from .common import (Finding, Grid, StudyPlan, StudyResult, compare_frame, curve_frame, curves_figure_frame,
+                     finalise_findings, model_cells, model_frame, seed_paired, seed_summary, validation_tables)
 
 MECHANISM = ("folding inflation from the spread of the normalisation gains (log-normal closed form 1/C + (1 − 1/C)e^{4τ²})")
 PAPER_NOTE = "the paper reports directions only (abstract)"
@@ -55,8 +45,6 @@ def plan(grid: Grid, archs=DEFAULT_ARCHS, norms=DEFAULT_NORMS, cache_dir=None) -
     bad = [n for n in norms if n not in NORM_NAMES]
     if bad or "bn" not in norms:
         raise ValueError(f"norms must include 'bn' (the L2 reference) and be among {list(NORM_NAMES)}; got {list(norms)}")
-    from ..models import norm_places
-
     tasks, rows = [], []
     for arch in archs:
         total = norm_places(arch)
@@ -92,8 +80,6 @@ def analyse(p: StudyPlan, results: dict, grid: Grid) -> StudyResult:
             findings.append(Finding(NAME, f"{arch}: no clean-accuracy sacrifice with {o} BatchNorm (within "
                                     f"±{CLEAN_MARGIN * 100:g} pp of L2)", SOURCE, "equivalence", eff,
                                     margin=CLEAN_MARGIN))
-    from dataclasses import replace as _replace
-
     findings = finalise_findings([_replace(f, mechanism=MECHANISM, paper_note=PAPER_NOTE) for f in findings], alpha)
     side, paired, assoc = mechanism_tables(mf, "norm_type", "L2", others, conf, alpha)
     summ = pd.concat([seed_summary(variant_frame(mf, v).assign(variant=v), ["arch", "norm_type", "variant"],

@@ -1,6 +1,7 @@
 """Statistics over training seeds (the unit of replication)."""
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Sequence
 
 import numpy as np
@@ -47,8 +48,6 @@ def bootstrap_seed_means(M: np.ndarray, stat: Callable[[np.ndarray], np.ndarray]
 
 
 def warnings_ignored():
-    import warnings
-
     cm = warnings.catch_warnings()
 
     class _Ctx:

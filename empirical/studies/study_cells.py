@@ -6,8 +6,12 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from noiseprop.theory import Targets
+
 from ..cells import config_key
 from ..executor import Task
+from ..models import count_norm_layers, model_spec, norm_places
+from ..train import TrainingDivergedError, default_train_config, train as _train_fn
 from .data_cache import _family_of, load_data
 from .grid import Grid
 from .theory_helpers import _mechanisms, _variant, resolve_theory
@@ -20,8 +24,6 @@ CELL_VERSION = 3
 
 
 def _train(model: dict, train: dict, dataset: str, data_dir, seed: int, cache_dir, n_train=None):
-    from ..train import train as _train_fn
-
     data = load_data(dataset, data_dir, n_train)
     return _train_fn(dict(model), data, seed=seed, cache_dir=cache_dir, progress=False, **train), data
 
@@ -30,8 +32,6 @@ def train_cell(model: dict, train: dict, dataset: str, data_dir, seed: int, cach
     """Train one model (or load it from the checkpoint cache); return its clean
     accuracy, loss and per-epoch history (``{"diverged": message}`` when the loss
     became NaN: the model is then left out of the analysis, with a note)."""
-    from ..train import TrainingDivergedError
-
     try:
         res, _ = _train(model, train, dataset, data_dir, seed, cache_dir, n_train)
     except TrainingDivergedError as e:
@@ -48,10 +48,6 @@ def train_cell(model: dict, train: dict, dataset: str, data_dir, seed: int, cach
 def eval_cell(model: dict, train: dict, dataset: str, data_dir, seed: int, cache_dir, grid: dict,
               alpha: float = 0.05, confidence: float = 0.95, n_train=None, deps=None) -> dict:
     """All measurements of one trained model (see the module doc)."""
-    from noiseprop.theory import Targets
-
-    from ..models import count_norm_layers
-
     if deps and any(isinstance(d, dict) and d.get("diverged") for d in deps.values()):
         return {"diverged": True, "variants": {}}
     res, data = _train(model, train, dataset, data_dir, seed, cache_dir, n_train)
@@ -101,9 +97,6 @@ def model_cells(study: str, grid: Grid, arch: str, norm: str = "none", norm_laye
     ``train_overrides`` replace defaults of
     :func:`noiseprop.empirical.train.default_train_config` (e.g. ``lr``).
     """
-    from ..models import model_spec
-    from ..train import default_train_config
-
     data = load_data(grid.dataset, grid.data_dir, grid.n_train)
     family = _family_of(arch)
     d = default_train_config(arch, norm=norm, dataset=data.name)
@@ -135,8 +128,6 @@ def model_cells(study: str, grid: Grid, arch: str, norm: str = "none", norm_laye
 
 
 def _n_norm(spec: dict) -> int:
-    from ..models import norm_places
-
     if spec["norm"] == "none":
         return 0
     if spec["norm_layers"] is not None:

@@ -2,18 +2,27 @@
 curvature and per-layer gains of one trained model."""
 from __future__ import annotations
 
-import time
 import math
+import time
+import warnings
 
 import numpy as np
+import torch
+
+from noiseprop.theory import RelativeGaussian, Targets, predict_sweep
+from noiseprop.theory.flatness import hessian_top_eigenvalue, hessian_trace
+from noiseprop.theory.linearize import LinearizedNetwork, jacobian_pass
+from noiseprop.theory.predict import PREACT_WARN_FRACTION
+from noiseprop.theory.targets import find_fold_pairs, folding_affine, resolve_targets
+
+from ..compare import compare
+from ..montecarlo import sweep
 
 __all__ = ["folding_factors", "layer_gains", "PREDICT_SETTINGS", "THEORY_METHODS", "resolve_theory",
            "first_order_valid"]
 
 
 def _norm_pairs(model):
-    from noiseprop.theory.targets import find_fold_pairs
-
     try:
         return find_fold_pairs(model)
     except Exception:  # noqa: BLE001 - a model without foldable pairs
@@ -33,10 +42,6 @@ def folding_factors(model) -> dict:
     ``1/C + (1 − 1/C) e^{4τ²}`` of :func:`noiseprop.theory.symbolic.batchnorm.batchnorm_lognormal_scales`
     (log-normal gains, rows of equal spread).
     """
-    import torch
-
-    from noiseprop.theory.targets import folding_affine
-
     try:
         from noiseprop.theory.symbolic.batchnorm import batchnorm_lognormal_scales
 
@@ -89,8 +94,6 @@ class _StudyPrediction:
 def _theory_curve(model, x, y, etas, targets, method):
     """The theory's Prediction at every level (``None`` at η = 0), from one pass of
     derivatives (:func:`noiseprop.theory.predict_sweep`)."""
-    from noiseprop.theory import RelativeGaussian, predict_sweep
-
     noisy = [e for e in etas if e > 0]
     curve = predict_sweep(model, x, y, RelativeGaussian(1.0), noisy, targets=targets, method=method,
                           **PREDICT_SETTINGS)
@@ -99,8 +102,6 @@ def _theory_curve(model, x, y, etas, targets, method):
 
 
 def _compare_rows(pred, mc, calibrate: bool, alpha: float, confidence: float) -> list[dict]:
-    from ..compare import compare
-
     c = compare(pred, mc, calibrate=calibrate, alpha=alpha, confidence=confidence, n_resamples=1000)
     rows = []
     for _, r in c.to_frame().iterrows():
@@ -138,8 +139,6 @@ def first_order_valid(preact_frac) -> np.ndarray:
     """Where the first order's validity diagnostic holds: at most
     ``PREACT_WARN_FRACTION`` of the ReLU pre-activations have a predicted noise sd above
     their magnitude (:data:`noiseprop.theory.predict.PREACT_WARN_FRACTION`)."""
-    from noiseprop.theory.predict import PREACT_WARN_FRACTION
-
     f = np.asarray(preact_frac, float)
     return np.isfinite(f) & (f <= PREACT_WARN_FRACTION)
 
@@ -150,12 +149,6 @@ def _variant(model, x, y, grid: dict, targets, alpha, confidence, method: str | 
     ``method``: the prediction method compared with Monte-Carlo (default the grid's;
     "auto" is resolved by the caller). When it is "moments", the first-order curve is
     computed too (seconds) for its validity diagnostic and to be drawn where it holds."""
-    import warnings
-
-    from noiseprop.theory import RelativeGaussian
-
-    from ..montecarlo import sweep
-
     method = method or grid["theory"]
     if method == "auto":
         method = "linear"
@@ -208,11 +201,6 @@ def _variant(model, x, y, grid: dict, targets, alpha, confidence, method: str | 
 def _mechanisms(model, data, grid: dict, has_norm: bool) -> dict:
     """Folding factors, tr(Σ_ε H) (BN digital and folded), top Hessian eigenvalue and
     per-layer gains of one model."""
-    import warnings
-
-    from noiseprop.theory import RelativeGaussian, Targets
-    from noiseprop.theory.flatness import hessian_top_eigenvalue, hessian_trace
-
     n = min(grid["curvature_inputs"], data.n_train)
     xc, yc = data.x_train[:n], data.y_train[:n]
     unit = RelativeGaussian(1.0)
@@ -246,12 +234,6 @@ def layer_gains(model, xg, yg) -> dict:
     averaged over inputs and classes and divided by the clean logits' spread across
     classes (mean squared deviation from each input's mean logit): the output noise
     power per unit η² contributed by that layer."""
-    import torch
-
-    from noiseprop.theory import RelativeGaussian, Targets
-    from noiseprop.theory.linearize import LinearizedNetwork, jacobian_pass
-    from noiseprop.theory.targets import resolve_targets
-
     unit = RelativeGaussian(1.0)
     with torch.inference_mode():
         clean = model(xg).double()

@@ -13,6 +13,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from ..compare import combine_cells
+from .theory_helpers import first_order_valid
+
 __all__ = ["validation_tables", "validation_by_eta", "validation_by_method", "agreement", "ACCURACY_TOLERANCE"]
 
 #: An accuracy prediction agrees with Monte-Carlo when inside its interval or within
@@ -41,8 +44,6 @@ def validation_tables(comp: pd.DataFrame, alpha: float, confidence: float) -> tu
     number of cells, the median |relative error|, the share of cells whose interval
     contains the prediction, the share agreeing (:func:`agreement`; accuracy only), the
     equivalences after Holm and the calibration regression across cells."""
-    from ..compare import combine_cells
-
     if comp.empty or "quantity" not in comp.columns:
         return comp, pd.DataFrame()
     cc = combine_cells(comp.drop(columns=[c for c in ("tost_p_holm", "equivalent_holm") if c in comp.columns]),
@@ -102,8 +103,6 @@ def validation_by_method(comp: pd.DataFrame) -> pd.DataFrame:
     >>> validation_by_method(rows)[["theory", "cells", "agreement"]].values.tolist()
     [['moment propagation', 1, 1.0], ['first order, all cells', 2, 0.5], ['first order, where its validity diagnostic holds', 1, 1.0]]
     """
-    from .theory_helpers import first_order_valid
-
     if comp.empty or "quantity" not in comp.columns:
         return pd.DataFrame()
     a = comp[comp["quantity"] == "accuracy"]

@@ -6,6 +6,7 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
+from scipy import optimize, stats as st
 
 from ..stats import Effect, holm, tost_t
 
@@ -40,8 +41,6 @@ def equivalence_verdict(effect: Effect, margin: float, alpha: float) -> tuple[st
     if not (np.isfinite(effect.se) and effect.se > 0 and np.isfinite(effect.estimate)):
         return "inconclusive", float("nan")
     p, _, _ = tost_t(effect.estimate, effect.se, effect.df, -margin, margin)
-    from scipy import stats as st
-
     q = st.t.ppf(1 - alpha, effect.df) if np.isfinite(effect.df) else st.norm.ppf(1 - alpha)
     lo, hi = effect.estimate - q * effect.se, effect.estimate + q * effect.se
     if p < alpha:
@@ -160,8 +159,6 @@ def _effect_se_df(effect: Effect) -> tuple[float, float]:
     """The effect's standard error and degrees of freedom; without a standard error
     (a bootstrap or F-test effect), the half-width of its interval over the normal
     quantile, with infinite degrees of freedom."""
-    from scipy import stats as st
-
     if np.isfinite(effect.se) and effect.se > 0:
         return float(effect.se), float(effect.df) if np.isfinite(effect.df) and effect.df > 0 else float("inf")
     if np.isfinite(effect.ci_low) and np.isfinite(effect.ci_high) and effect.ci_high > effect.ci_low:
@@ -189,8 +186,6 @@ def minimum_detectable_effect(effect: Effect, alpha: float = 0.05, power: float 
     >>> round(minimum_detectable_effect(e), 2)   # (1.96 + 0.84)·se
     2.8
     """
-    from scipy import optimize, stats as st
-
     if kind not in ("direction", "equivalence"):
         raise ValueError(f"kind must be 'direction' or 'equivalence', got {kind!r}")
     if not 0 < power < 1:

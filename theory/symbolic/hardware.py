@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+import mpmath
 import sympy as sp
 
 from .base import Derivation
@@ -40,8 +41,6 @@ def _phi(x):
 def _numeric_check(closed, pieces, var, subs_list, what: str) -> str:
     """``closed`` against ``Σ ∫ integrand d var`` over ``pieces = [(integrand, lo, hi)]``
     by mpmath quadrature at 25 digits, at each substitution."""
-    import mpmath
-
     with mpmath.workdps(25):
         for subs in subs_list:
             ref = mpmath.mpf(0)
