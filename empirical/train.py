@@ -50,6 +50,7 @@ from tqdm.auto import tqdm
 
 from noiseprop.theory.noise import parse_noise
 from noiseprop.theory.targets import Targets, resolve_targets
+from noiseprop.theory.validation import check_int, check_number
 
 from .checkpoint import FORMAT as CHECKPOINT_FORMAT
 from .checkpoint import CheckpointError, _torch_load, load_checkpoint, save_checkpoint
@@ -244,26 +245,6 @@ class TrainResult:
 # ----------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------
-def _check_num(name, v, *, kind=float, lo=None, lo_open=False, hi=None):
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool)
-    if kind is int:
-        ok = isinstance(v, int) and not isinstance(v, bool)
-    if ok and isinstance(v, float) and not math.isfinite(v):
-        ok = False
-    if ok and lo is not None:
-        ok = v > lo if lo_open else v >= lo
-    if ok and hi is not None:
-        ok = v <= hi
-    if not ok:
-        rng = []
-        if lo is not None:
-            rng.append(f"{'>' if lo_open else '>='} {lo}")
-        if hi is not None:
-            rng.append(f"<= {hi}")
-        raise ValueError(f"{name} must be {'an int' if kind is int else 'a finite number'} {' and '.join(rng)}, got {v!r}")
-    return kind(v)
-
-
 def _state_hash(model: nn.Module) -> str:
     h = hashlib.sha256()
     for k, v in model.state_dict().items():
@@ -457,20 +438,19 @@ def train(model_or_spec, data="digits", lr=None, epochs=None, batch_size=None, m
              "weight_decay": weight_decay, "schedule": schedule, "warmup_epochs": warmup_epochs}
     cfg = {k: (d[k] if v is None else v) for k, v in given.items()}
     config = {
-        "lr": _check_num("lr", cfg["lr"], lo=0.0, lo_open=True),
-        "epochs": _check_num("epochs", cfg["epochs"], kind=int, lo=1),
-        "batch_size": _check_num("batch_size", cfg["batch_size"], kind=int, lo=1),
-        "momentum": _check_num("momentum", cfg["momentum"], lo=0.0, hi=1.0),
-        "weight_decay": _check_num("weight_decay", cfg["weight_decay"], lo=0.0),
-        "warmup_epochs": _check_num("warmup_epochs", cfg["warmup_epochs"], kind=int, lo=0),
+        "lr": check_number("lr", cfg["lr"], 0.0, open_min=True),
+        "epochs": check_int("epochs", cfg["epochs"], 1),
+        "batch_size": check_int("batch_size", cfg["batch_size"], 1),
+        "momentum": check_number("momentum", cfg["momentum"], 0.0, 1.0),
+        "weight_decay": check_number("weight_decay", cfg["weight_decay"], 0.0),
+        "warmup_epochs": check_int("warmup_epochs", cfg["warmup_epochs"], 0),
         "schedule": cfg["schedule"],
-        "seed": _check_num("seed", seed, kind=int),
+        "seed": check_int("seed", seed),
     }
     if config["schedule"] not in SCHEDULES:
         raise ValueError(f"unknown schedule {config['schedule']!r}; accepted: {list(SCHEDULES)}")
-    eval_every = _check_num("eval_every", eval_every, kind=int, lo=1)
-    num_threads = torch.get_num_threads() if num_threads is None else _check_num("num_threads", num_threads,
-                                                                                     kind=int, lo=1)
+    eval_every = check_int("eval_every", eval_every, 1)
+    num_threads = torch.get_num_threads() if num_threads is None else check_int("num_threads", num_threads, 1)
     config["threads"] = num_threads
     if noise is not None:
         try:
