@@ -48,6 +48,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from noiseprop.theory.hashing import tensor_digest
 from noiseprop.theory.noise import parse_noise
 from noiseprop.theory.targets import Targets, resolve_targets
 from noiseprop.theory.validation import check_int, check_number
@@ -246,12 +247,10 @@ class TrainResult:
 # helpers
 # ----------------------------------------------------------------------------
 def _state_hash(model: nn.Module) -> str:
-    h = hashlib.sha256()
-    for k, v in model.state_dict().items():
-        a = v.detach().cpu().contiguous()
-        h.update(f"{k}:{a.dtype}:{tuple(a.shape)}".encode())
-        h.update(a.reshape(-1).view(torch.uint8).numpy().tobytes() if a.numel() else b"")
-    return h.hexdigest()
+    """SHA-256 of a user model's initial state (the one hashing scheme,
+    :func:`noiseprop.theory.hashing.tensor_digest`)."""
+    sd = model.state_dict()
+    return tensor_digest(list(sd.values()), names=list(sd))
 
 
 def cache_key(model_id: dict, data_fingerprint: str, config: dict) -> str:
