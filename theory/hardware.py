@@ -54,6 +54,7 @@ import numpy as np
 import torch
 
 from .noise import NOISE_STRING_FORMS, WeightNoise, _check_weight
+from .validation import check_number
 
 __all__ = [
     "HardwareNoise",
@@ -81,32 +82,10 @@ _PERS = ("layer", "channel")
 # ----------------------------------------------------------------------------
 # Checks
 # ----------------------------------------------------------------------------
-def _finite_nonneg(name: str, value, what: str = "a finite number >= 0") -> float:
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be {what}, got {value!r}")
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be {what}, got {value!r}") from None
-    if not math.isfinite(v) or v < 0:
-        raise ValueError(f"{name} must be {what}, got {value!r}")
-    return v
-
-
 def _check_per(per) -> str:
     if per not in _PERS:
         raise ValueError(f"per must be 'layer' or 'channel', got {per!r}")
     return per
-
-
-def _check_fraction(name, value) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        v = float("nan")
-    if isinstance(value, bool) or not math.isfinite(v) or not 0.0 <= v <= 1.0:
-        raise ValueError(f"{name} must be a fraction in [0, 1], got {value!r}")
-    return v
 
 
 def _reference(w: torch.Tensor, per: str) -> torch.Tensor:
@@ -320,9 +299,9 @@ class PCMLike(HardwareNoise):
     kind: ClassVar[str] = "pcm"
 
     def __post_init__(self):
-        object.__setattr__(self, "t", _finite_nonneg("t (seconds since programming)", self.t))
+        object.__setattr__(self, "t", check_number("t (seconds since programming)", self.t, 0.0))
         for name in ("prog_noise_scale", "drift_scale", "read_noise_scale"):
-            object.__setattr__(self, name, _finite_nonneg(name, getattr(self, name)))
+            object.__setattr__(self, name, check_number(name, getattr(self, name), 0.0))
         if not isinstance(self.compensation, (bool, np.bool_)):
             raise ValueError(f"compensation must be True or False, got {self.compensation!r}")
         object.__setattr__(self, "compensation", bool(self.compensation))
@@ -595,8 +574,8 @@ class StuckAt(HardwareNoise):
     kind: ClassVar[str] = "stuck"
 
     def __post_init__(self):
-        object.__setattr__(self, "p_zero", _check_fraction("p_zero (stuck-at-0 fraction)", self.p_zero))
-        object.__setattr__(self, "p_max", _check_fraction("p_max (stuck-at-g_max fraction)", self.p_max))
+        object.__setattr__(self, "p_zero", check_number("p_zero (stuck-at-0 fraction)", self.p_zero, 0.0, 1.0))
+        object.__setattr__(self, "p_max", check_number("p_max (stuck-at-g_max fraction)", self.p_max, 0.0, 1.0))
         if self.p_zero + self.p_max > 1:
             raise ValueError(f"p_zero + p_max must be a fraction in [0, 1], got {self.p_zero} + {self.p_max}")
         _check_per(self.per)
