@@ -761,7 +761,8 @@ def predict(model: nn.Module, x, y, noise, targets=None, method: str = "linear",
         from .drift import predict_hardware
 
         return predict_hardware(model, x, y, noise, targets, method=method, chunk_size=chunk_size, cov=cov,
-                                accuracy_draws=accuracy_draws, seed=seed, n_points=n_points, batch_size=batch_size)
+                                accuracy_draws=accuracy_draws, seed=seed, n_points=n_points, batch_size=batch_size,
+                                rank=rank, spatial_rank=spatial_rank, moment_chunk=moment_chunk)
     run = _run_settings(method, cov, n_points, rank, spatial_rank, moment_chunk)
     opts = _options(chunk_size, accuracy_draws, loss_increase, loss_probes, seed, batch_size, per_layer, diagnostic,
                     classes)
