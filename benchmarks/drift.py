@@ -10,6 +10,7 @@ linear in the draws: measured at ``--draws`` and scaled to 100 when fewer).
 
     .venv/bin/python benchmarks/drift.py [--models mlp,vgg,resnet20] [--scales 1,2]
         [--draws 50] [--times 1,3600,86400,2.6e6,3.15e7,3.15e8] [--linearize-at mean]
+        [--methods linear,moments] [--compensation both|on|off]
 """
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ def main(argv=None):
     ap.add_argument("--draws", type=int, default=50)
     ap.add_argument("--times", default="1,3600,86400,2.6e6,3.15e7,3.15e8")
     ap.add_argument("--linearize-at", default="mean")
+    ap.add_argument("--methods", default="linear", help="prediction methods, e.g. linear,moments")
+    ap.add_argument("--compensation", default="both", choices=("both", "on", "off"))
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -47,28 +50,33 @@ def main(argv=None):
     for name in a.models.split(","):
         model = train(MODELS[name], data, seed=0).model
         for scale in [float(s) for s in a.scales.split(",")]:
-            for comp in (True, False):
+            for comp in {"both": (True, False), "on": (True,), "off": (False,)}[a.compensation]:
                 noise = PCMLike(compensation=comp, prog_noise_scale=scale, drift_scale=scale, read_noise_scale=scale)
-                t0 = time.perf_counter()
-                pred = predict_drift(model, x, y, noise, times, linearize_at=a.linearize_at, accuracy_draws=0)
-                tp = time.perf_counter() - t0
+                preds, tps = {}, {}
+                for method in a.methods.split(","):
+                    t0 = time.perf_counter()
+                    preds[method] = predict_drift(model, x, y, noise, times, method=method,
+                                                  linearize_at=a.linearize_at, accuracy_draws=0)
+                    tps[method] = time.perf_counter() - t0
                 t0 = time.perf_counter()
                 mc = drift_sweep(model, x, y, noise, times, draws=a.draws, seed=0, progress=False)
                 tm = time.perf_counter() - t0
                 df = mc.to_frame()
-                ok_all = True
-                for i, t in enumerate(times):
-                    p, m = float(pred.accuracy[i]), float(df.accuracy[i])
-                    lo, hi = float(df.accuracy_ci_low[i]), float(df.accuracy_ci_high[i])
-                    ok = abs(p - m) <= 0.01 or lo <= p <= hi
-                    ok_all &= ok
-                    emit(dict(part="curve", model=name, scale=scale, compensation=comp, time_s=t, predicted=round(p, 4),
-                              mc=round(m, 4), mc_ci=[round(lo, 4), round(hi, 4)], diff=round(p - m, 4), within=ok))
-                emit(dict(part="speed", model=name, scale=scale, compensation=comp, linearize_at=a.linearize_at,
-                          clean=round(mc.clean_accuracy, 4), predict_s=round(tp, 2), mc_s=round(tm, 2), draws=a.draws,
-                          mc_s_100_draws=round(tm * 100 / a.draws, 2), speedup_vs_mc100=round(tm * 100 / a.draws / tp, 2),
-                          all_within=ok_all))
-
+                for method, pred in preds.items():
+                    ok_all = True
+                    for i, t in enumerate(times):
+                        p, m = float(pred.accuracy[i]), float(df.accuracy[i])
+                        lo, hi = float(df.accuracy_ci_low[i]), float(df.accuracy_ci_high[i])
+                        ok = abs(p - m) <= 0.01 or lo <= p <= hi
+                        ok_all &= ok
+                        emit(dict(part="curve", model=name, scale=scale, compensation=comp, method=method, time_s=t,
+                                  predicted=round(p, 4), mc=round(m, 4), mc_ci=[round(lo, 4), round(hi, 4)],
+                                  diff=round(p - m, 4), within=ok))
+                    tp = tps[method]
+                    emit(dict(part="speed", model=name, scale=scale, compensation=comp, method=method,
+                              linearize_at=a.linearize_at, clean=round(mc.clean_accuracy, 4), predict_s=round(tp, 2),
+                              mc_s=round(tm, 2), draws=a.draws, mc_s_100_draws=round(tm * 100 / a.draws, 2),
+                              speedup_vs_mc100=round(tm * 100 / a.draws / tp, 2), all_within=ok_all))
 
 if __name__ == "__main__":
     main()

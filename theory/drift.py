@@ -28,7 +28,15 @@ Derivation: :func:`noiseprop.theory.symbolic.derive` ``("hardware")``.
 Accuracy per time from the Gaussian logits ``N(f(μ), Σ)`` by
 :func:`~noiseprop.theory.accuracy.correct_probability`; the chip-to-chip spread from
 ``K`` shared draws of the linearised network (plus ``sd(α_l) v_l η``).
-Only ``method="linear"``: moment propagation of a shifted mean is not implemented.
+``method="moments"`` (docs/THEORY.md §10, "Beyond first order"): moment propagation
+(:mod:`noiseprop.theory.moments`) of the network at the expected weights ``E[w̃]`` with
+independent per-element noise of variance ``Var(w̃)`` (``ᾱ² Var W`` under compensation):
+the devices of a layer are drawn independently given the programmed weights, and a
+pre-activation sums many of them, so their first two moments are what reaches it. The
+compensation scalar's own variance and its covariance with the weights (which couple
+the elements of a layer) enter to first order as in the linear method. This keeps the
+ReLU mean shift and the noise acting on perturbed inputs, which the first order misses
+once drift and read noise are large.
 """
 from __future__ import annotations
 
@@ -50,6 +58,7 @@ from .accuracy import correct_probability, sampled_accuracies
 from .hardware import HardwareNoise, PCMLike
 from .hashing import inputs_fingerprint
 from .linearize import LinearizedNetwork, jacobian_pass
+from .moments import DEFAULT_RANK, DEFAULT_SPATIAL_RANK, MomentPropagator, propagate_moments
 from .noise import WeightNoise, parse_noise
 from .validation import check_inputs, check_int, check_labels, check_times
 
@@ -58,12 +67,17 @@ __all__ = ["DriftPrediction", "predict_drift", "predict_hardware", "LINEARIZE_AT
 LINEARIZE_AT = ("mean", "programmed")
 
 
+METHODS = ("linear", "moments")
+
+
+def _moment_settings(rank, spatial_rank, moment_chunk) -> tuple[int, int, int]:
+    return (check_int("rank", rank, 1), check_int("spatial_rank", spatial_rank, 1),
+            check_int("moment_chunk", moment_chunk, 1))
+
+
 def _check_options(method, linearize_at):
-    if method != "linear":
-        if method == "moments":
-            raise NotImplementedError("method='moments' is not implemented for non-zero-mean (hardware) noise; "
-                                      "use method='linear'")
-        raise ValueError(f"method must be 'linear' for hardware noise, got {method!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {list(METHODS)} for hardware noise, got {method!r}")
     if linearize_at not in LINEARIZE_AT:
         raise ValueError(f"linearize_at must be one of {list(LINEARIZE_AT)}, got {linearize_at!r}")
 
@@ -105,6 +119,44 @@ def _at(lin: LinearizedNetwork, point: dict) -> LinearizedNetwork:
     out.params = {**lin.params, **point}
     out.target_params = {n: point[n] for n in lin.names}
     return out
+
+
+class _ElementNoise(WeightNoise):
+    """Zero-mean Gaussian noise with given per-element standard deviations (one tensor
+    per target, matched by storage and shape): how :func:`_moment_logits` hands the
+    hardware model's ``Var(w̃)`` to the moment propagation."""
+
+    kind = "element"
+
+    def __init__(self, pairs):
+        object.__setattr__(self, "_sd", {(t.data_ptr(), tuple(t.shape)): s for t, s in pairs})
+
+    @property
+    def level(self) -> float:
+        return 1.0
+
+    def with_level(self, level):
+        return self
+
+    def unit_scale(self, w):
+        key = (w.data_ptr(), tuple(w.shape))
+        if key not in self._sd:
+            raise KeyError(f"no noise variance given for a weight of shape {tuple(w.shape)}")
+        return self._sd[key]
+
+    def to_string(self) -> str:
+        return "element"
+
+
+def _moment_logits(lin_mu: LinearizedNetwork, x: torch.Tensor, mo: "_Moments", rank: int, spatial_rank: int,
+                   chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logit mean and covariance ``[N, C]``, ``[N, C, C]`` by moment propagation at the
+    expected weights (``lin_mu``) with independent element noise of sd ``mo.unit``
+    (without the compensation terms, added by the caller)."""
+    noise = _ElementNoise([(lin_mu.target_params[n], mo.unit[n]) for n in lin_mu.names])
+    prop = MomentPropagator(lin_mu, noise, rank=rank, spatial_rank=spatial_rank)
+    res = propagate_moments(lin_mu, x, noise, chunk_size=chunk, propagator=prop)
+    return res.mean.double().cpu(), res.cov.double().cpu(), res
 
 
 def _forward(lin: LinearizedNetwork, x: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -360,7 +412,8 @@ class DriftPrediction:
 # Engine
 # ----------------------------------------------------------------------------
 def _predict_models(model, x, y, noises: Sequence[HardwareNoise], targets, linearize_at, accuracy_draws, seed,
-                    n_points, chunk_size, batch_size, keep_cov):
+                    n_points, chunk_size, batch_size, keep_cov, method="linear", rank=DEFAULT_RANK,
+                    spatial_rank=DEFAULT_SPATIAL_RANK, moment_chunk=32):
     from .predict import Prediction
 
     x, y = check_inputs(model, x, y)
@@ -397,6 +450,16 @@ def _predict_models(model, x, y, noises: Sequence[HardwareNoise], targets, linea
                 z = z * torch.where(v0 > 0, (vk / torch.where(v0 > 0, v0, torch.ones_like(v0))).sqrt(),
                                     torch.zeros_like(v0)).unsqueeze(-1)
         comp_cov, pairs = _compensation_cov(jt, mo)
+        mdiag = {}
+        if method == "moments":
+            v_lin = torch.diagonal(cov, dim1=1, dim2=2)
+            mean, cov, res = _moment_logits(lin_mu, x, mo, rank, spatial_rank, moment_chunk)
+            mdiag = dict(preact_frac=res.preact_frac, preact_source="moment propagation, all inputs",
+                         compression_loss=res.compression_loss, rank=res.rank)
+            if z is not None:  # the linearised network's draws, rescaled per class to the moments' sd
+                v_m = torch.diagonal(cov, dim1=1, dim2=2)
+                z = z * torch.where(v_lin > 0, (v_m / torch.where(v_lin > 0, v_lin, torch.ones_like(v_lin))).sqrt(),
+                                    torch.zeros_like(v_lin)).unsqueeze(-1)
         if comp_cov is not None:
             cov = cov + comp_cov
         cov = 0.5 * (cov + cov.mT)
@@ -413,11 +476,11 @@ def _predict_models(model, x, y, noises: Sequence[HardwareNoise], targets, linea
             kd, acc_std = accs.size, float(accs.std(ddof=1))
         gl = _gaussian_logit_loss(mean, cov, y, seed=seed) - clean_loss
         diag = dict(labels=y.clone(), linearize_at=linearize_at,
-                    frac_inputs_uncertain=float(((p > 0.01) & (p < 0.99)).double().mean()))
+                    frac_inputs_uncertain=float(((p > 0.01) & (p < 0.99)).double().mean()), **mdiag)
         if isinstance(nz, PCMLike) and nz.compensation:
             diag["alpha_mean"] = float(np.mean(list(mo.alpha_mean.values())))
         preds.append(Prediction(
-            method="linear", noise=nz.to_string(), targets=lin.plan.targets.describe(), clean_logits=clean,
+            method=method, noise=nz.to_string(), targets=lin.plan.targets.describe(), clean_logits=clean,
             logit_mean=mean, logit_var=torch.diagonal(cov, dim1=1, dim2=2).clone(), logit_cov=cov if keep_cov else None,
             correct_prob=p, clean_accuracy=clean_acc, accuracy=float(p.mean()), accuracy_lower=float(lo.mean()),
             accuracy_upper=float(hi.mean()), accuracy_std=acc_std, accuracy_std_draws=int(kd), clean_loss=clean_loss,
@@ -429,7 +492,8 @@ def _predict_models(model, x, y, noises: Sequence[HardwareNoise], targets, linea
 
 def predict_drift(model: nn.Module, x, y, noise, times, targets=None, *, method: str = "linear",
                   linearize_at: str = "mean", accuracy_draws: int = 32, seed: int = 0, n_points: int = 1024,
-                  chunk_size: int | None = None, batch_size: int = 512, cov: bool = False) -> DriftPrediction:
+                  chunk_size: int | None = None, batch_size: int = 512, cov: bool = False,
+                  rank: int = DEFAULT_RANK, spatial_rank: int = DEFAULT_SPATIAL_RANK, moment_chunk: int = 32) -> DriftPrediction:
     """Predicted accuracy of ``model`` on ``(x, y)`` at each time since programming in
     ``times`` (seconds >= 0) under a time-dependent hardware noise model ``noise``
     (:class:`~noiseprop.theory.hardware.PCMLike`; its own ``t`` is ignored).
@@ -438,7 +502,10 @@ def predict_drift(model: nn.Module, x, y, noise, times, targets=None, *, method:
     derivative pass per time) or ``"programmed"`` (the Jacobian at the programmed weights
     for every time, one pass in all). ``accuracy_draws``: shared draws of the linearised
     network for the chip-to-chip spread (0: skip). ``seed`` seeds those draws and the
-    quasi-Monte-Carlo points. ``method="moments"`` raises ``NotImplementedError``.
+    quasi-Monte-Carlo points. ``method="moments"``: moment propagation at each time
+    (``rank``, ``spatial_rank``, ``moment_chunk`` as in
+    :func:`~noiseprop.theory.predict.predict`), needed once drift and read noise take
+    the accuracy far below clean, where the first order is optimistic.
 
     >>> import torch
     >>> from noiseprop.theory.examples import tiny_problem
@@ -461,7 +528,7 @@ def predict_drift(model: nn.Module, x, y, noise, times, targets=None, *, method:
         model, x, y, [noise.with_level(float(t)) for t in tv], targets, linearize_at, accuracy_draws,
         check_int("seed", seed, 0), check_int("n_points", n_points, 16),
         None if chunk_size is None else check_int("chunk_size", chunk_size, 1), check_int("batch_size", batch_size, 1),
-        bool(cov))
+        bool(cov), method, *_moment_settings(rank, spatial_rank, moment_chunk))
     head, _, tail = noise.to_string().partition(":")
     opts = tail.split(",", 1)[1] if "," in tail else ""
     return DriftPrediction(noise=head + (f"({opts})" if opts else ""),
@@ -471,7 +538,8 @@ def predict_drift(model: nn.Module, x, y, noise, times, targets=None, *, method:
 
 def predict_hardware(model: nn.Module, x, y, noise, targets=None, *, method: str = "linear",
                      linearize_at: str = "mean", accuracy_draws: int = 32, seed: int = 0, n_points: int = 1024,
-                     chunk_size: int | None = None, batch_size: int = 512, cov: bool = False):
+                     chunk_size: int | None = None, batch_size: int = 512, cov: bool = False,
+                  rank: int = DEFAULT_RANK, spatial_rank: int = DEFAULT_SPATIAL_RANK, moment_chunk: int = 32):
     """:class:`~noiseprop.theory.predict.Prediction` for one hardware noise model
     (:class:`~noiseprop.theory.hardware.PCMLike` at its ``t``, :class:`Quantized`,
     :class:`StuckAt`): logit mean ``f(μ)``, covariance ``J Σ Jᵀ`` (+ the compensation
@@ -496,7 +564,8 @@ def predict_hardware(model: nn.Module, x, y, noise, targets=None, *, method: str
     preds, _, _ = _predict_models(model, x, y, [noise], targets, linearize_at, accuracy_draws,
                                   check_int("seed", seed, 0), check_int("n_points", n_points, 16),
                                   None if chunk_size is None else check_int("chunk_size", chunk_size, 1),
-                                  check_int("batch_size", batch_size, 1), bool(cov))
+                                  check_int("batch_size", batch_size, 1), bool(cov), method,
+                                  *_moment_settings(rank, spatial_rank, moment_chunk))
     p = preds[0]
     object.__setattr__(p, "seconds", time.perf_counter() - t0)
     return p

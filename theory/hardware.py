@@ -77,6 +77,12 @@ T_READ = 250e-9
 _PROG_COEFF = (0.26348, 1.9650, -1.1731)
 _R_FLOOR = 1e-7
 _PERS = ("layer", "channel")
+#: Draws of a layer's devices for the compensation scalar's ``E α``, ``Var α``
+#: (:meth:`PCMLike.compensation_moments`); small layers get up to 16× more, so that about
+#: :data:`ALPHA_SAMPLE_ELEMENTS` device pairs are drawn; :data:`ALPHA_SEED` seeds them.
+ALPHA_DRAWS = 16
+ALPHA_SAMPLE_ELEMENTS = 2**17
+ALPHA_SEED = 0
 
 
 # ----------------------------------------------------------------------------
@@ -438,9 +444,19 @@ class PCMLike(HardwareNoise):
                     prog_mean=(d["prog_mean"][0] - d["prog_mean"][1]) * k, prog_var=(pvar_dev[0] + pvar_dev[1]) * k * k,
                     cov=(cov_dev[0] + cov_dev[1]) * k * k)
 
-    def compensation_moments(self, w: torch.Tensor, raw: dict | None = None) -> CompensationMoments:
+    def compensation_moments(self, w: torch.Tensor, raw: dict | None = None,
+                             draws: int | None = None) -> CompensationMoments:
         """Expectation and variance of the layer's ``α = A/B`` and ``Cov(α, W_ij)``
         (derivation ``hardware.compensation``).
+
+        ``draws`` (default :data:`ALPHA_DRAWS`): ``E α`` and ``Var α`` from that many
+        (or more, for small layers) draws of the layer's devices, cheap element-wise
+        sampling with no network evaluation, because ``E|W(t)|`` of a skewed device
+        distribution has no cheap closed form; ``draws=0``: the delta method below.
+        ``Cov(α, W_ij)`` (``O(1/n)``) always uses the formula. The delta method's
+        Gaussian ``|W|`` biased ``E α`` low by 1.5–7% at twice aihwkit's noise after ten
+        years (``benchmarks/drift.py``; ``tests/theory/test_hardware.py::
+        test_pcm_compensation_alpha_sampled``).
 
         Delta method on the ratio of the two layer means ``A = mean|W_P|``,
         ``B = mean|W(t)|`` (independent elements):
@@ -451,6 +467,7 @@ class PCMLike(HardwareNoise):
         element with its exact mean and variance (``Cov(|X|, Y) = κ_X Cov(X, Y)``,
         :func:`_abs_moments`); the error is confined to elements within a few s.d. of
         zero and enters ``α`` through a layer mean."""
+        draws = ALPHA_DRAWS if draws is None else draws
         raw = self.raw_moments(w) if raw is None else raw
         n = raw["mean"].numel()
         ea_p, k_p = _abs_moments(raw["prog_mean"], raw["prog_var"])
@@ -458,16 +475,38 @@ class PCMLike(HardwareNoise):
         a_bar, b_bar = float(ea_p.mean()), float(ea.mean())
         if a_bar <= 0 or b_bar <= 0:
             return CompensationMoments(1.0, 0.0, torch.zeros_like(raw["mean"]))
-        var_abs_p = (raw["prog_var"] + raw["prog_mean"] ** 2 - ea_p ** 2).clamp_min(0)
-        var_abs = (raw["var"] + raw["mean"] ** 2 - ea ** 2).clamp_min(0)
-        var_a = float(var_abs_p.sum()) / n**2
-        var_b = float(var_abs.sum()) / n**2
-        cov_ab = float((k_p * k * raw["cov"]).sum()) / n**2
-        ratio = a_bar / b_bar
-        mean = ratio * (1 + var_b / b_bar**2 - cov_ab / (a_bar * b_bar))
-        var = ratio**2 * max(0.0, var_a / a_bar**2 + var_b / b_bar**2 - 2 * cov_ab / (a_bar * b_bar))
+        if draws:  # the layer's own α from draws of the device model
+            a_bar, b_bar, mean, var = self._alpha_sampled(w, draws)
+            ratio = mean
+        else:
+            var_abs_p = (raw["prog_var"] + raw["prog_mean"] ** 2 - ea_p ** 2).clamp_min(0)
+            var_abs = (raw["var"] + raw["mean"] ** 2 - ea ** 2).clamp_min(0)
+            var_a = float(var_abs_p.sum()) / n**2
+            var_b = float(var_abs.sum()) / n**2
+            cov_ab = float((k_p * k * raw["cov"]).sum()) / n**2
+            ratio = a_bar / b_bar
+            mean = ratio * (1 + var_b / b_bar**2 - cov_ab / (a_bar * b_bar))
+            var = ratio**2 * max(0.0, var_a / a_bar**2 + var_b / b_bar**2 - 2 * cov_ab / (a_bar * b_bar))
         cov_w = ratio * (k_p * raw["cov"] / (n * a_bar) - k * raw["var"] / (n * b_bar))
         return CompensationMoments(float(mean), float(var), cov_w)
+
+    def _alpha_sampled(self, w: torch.Tensor, draws: int) -> tuple[float, float, float, float]:
+        """``(Ā, B̄, E α, Var α)`` of one layer from ``K`` draws of its devices (no network
+        evaluation; ``K = clip(ALPHA_SAMPLE_ELEMENTS // n, draws, 16·draws)`` for ``n``
+        weights, so a small layer, whose ``α`` varies most, gets more), seeded by
+        :data:`ALPHA_SEED`: the same draws at every time, so a curve over times is smooth."""
+        n = w.numel()
+        k = int(min(16 * draws, max(draws, ALPHA_SAMPLE_ELEMENTS // max(n, 1))))
+        g = torch.Generator(device=w.device).manual_seed(ALPHA_SEED)
+        wd = w.detach().double()
+        a_s, b_s = [], []
+        for _ in range(k):
+            g_p, g_r, m = self.conductances(wd, self.draw(wd, g))
+            a_s.append(((g_p[0] - g_p[1]) * (m / G_MAX)).abs().mean())
+            b_s.append(((g_r[0] - g_r[1]) * (m / G_MAX)).abs().mean())
+        a, b = torch.stack(a_s), torch.stack(b_s)
+        alpha = torch.where(b > 0, a / torch.where(b > 0, b, torch.ones_like(b)), torch.ones_like(b))
+        return float(a.mean()), float(b.mean()), float(alpha.mean()), float(alpha.var()) if k > 1 else 0.0
 
     def effective_moments(self, w: torch.Tensor) -> dict:
         """Per-element moments of the weight the network uses (``α W(t)`` with

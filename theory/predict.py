@@ -852,7 +852,8 @@ def predict(model: nn.Module, x, y, noise, targets=None, *, method: str = "linea
 
         return predict_hardware(model, x, y, noise, targets, method=method, chunk_size=o.chunk_size, cov=cov,
                                 accuracy_draws=o.accuracy_draws, seed=seed, n_points=o.n_points,
-                                batch_size=o.batch_size)
+                                batch_size=o.batch_size, rank=o.rank, spatial_rank=o.spatial_rank,
+                                moment_chunk=o.moment_chunk)
     run, opts = _settings(o, method, cov, seed, per_layer, diagnostic, classes)
     check_bool("cache", cache)
     x, y = _check_inputs(model, x, y)
