@@ -80,8 +80,8 @@ _PERS = ("layer", "channel")
 #: Draws of a layer's devices for the compensation scalar's ``E α``, ``Var α``
 #: (:meth:`PCMLike.compensation_moments`); small layers get up to 16× more, so that about
 #: :data:`ALPHA_SAMPLE_ELEMENTS` device pairs are drawn; :data:`ALPHA_SEED` seeds them.
-ALPHA_DRAWS = 16
-ALPHA_SAMPLE_ELEMENTS = 2**17
+ALPHA_DRAWS = 4
+ALPHA_SAMPLE_ELEMENTS = 2**14
 ALPHA_SEED = 0
 
 
