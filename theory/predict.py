@@ -43,7 +43,8 @@ from torch import nn
 from .accuracy import CorrectCurve, correct_probability, sampled_accuracies
 from .flatness import HessianOperator, _trace_probes, loss_increase_gauss_newton
 from .hashing import inputs_fingerprint, tensor_digest
-from .linearize import JacobianPass, LinearizedNetwork, jacobian_pass, piecewise_linear
+from .linearize import (JacobianPass, LinearizedNetwork, jacobian_pass, module_structure, piecewise_linear,
+                        structure_memo)
 from .noise import MAX_LEVEL, WeightNoise, parse_noise
 
 __all__ = ["Prediction", "PredictionCurve", "Predictor", "predict", "predict_sweep", "clear_cache", "METHODS",
@@ -322,10 +323,16 @@ def _preact_ratios(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, t
 
     from ._graph import relu_input_graph
 
-    try:
-        gm, n_relu = relu_input_graph(lin.net)
-    except ValueError as e:
-        return None, f"not available ({e})"
+    def graph():
+        try:
+            return relu_input_graph(lin.net)
+        except ValueError as e:
+            return e
+
+    g = structure_memo(lin, "relu_input_graph", graph)
+    if isinstance(g, ValueError):
+        return None, f"not available ({g})"
+    gm, n_relu = g
     if n_relu == 0:
         return np.zeros(0), "no ReLU in the model"
     n = x.shape[0]
@@ -453,16 +460,7 @@ def clear_cache() -> None:
     _CACHE.clear()
 
 
-def _structure(net: nn.Module) -> list:
-    """What the parameters do not show: every module's class (by identity, so two classes
-    of the same name differ), a ``forward`` replaced on an instance, and the module tree's
-    printed form (activations, strides, paddings, ...)."""
-    parts = [repr(net)]
-    for name, m in net.named_modules():
-        fwd = m.__dict__.get("forward")
-        parts.append([name, f"{type(m).__module__}.{type(m).__qualname__}", id(type(m)),
-                      id(fwd) if fwd is not None else None])
-    return parts
+_structure = module_structure  # the cache key's structural part (theory/linearize.py)
 
 
 def _state_hash(lin: LinearizedNetwork) -> str:
@@ -470,7 +468,7 @@ def _state_hash(lin: LinearizedNetwork) -> str:
     parameters and buffers, and the noisy parameters' names (one hashing scheme,
     :mod:`noiseprop.theory.hashing`)."""
     items = sorted(lin.params.items()) + sorted(lin.buffers.items())
-    return tensor_digest([t for _, t in items], header={"structure": _structure(lin.net), "names": list(lin.names)},
+    return tensor_digest([t for _, t in items], header={"structure": lin.structure(), "names": list(lin.names)},
                          names=[n for n, _ in items], length=32)
 
 
