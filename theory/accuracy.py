@@ -43,6 +43,8 @@ _SQRT2 = math.sqrt(2.0)
 
 
 def _phi_cdf(x: torch.Tensor) -> torch.Tensor:
+    if x.dtype == torch.float32:  # erfc is vectorised on the CPU, ndtr is not (same float32 accuracy)
+        return torch.erfc(x * (-1.0 / _SQRT2)).mul_(0.5)
     return torch.special.ndtr(x)
 
 
@@ -129,22 +131,41 @@ def _factor(m: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return order, mo, L, sd
 
 
+#: ``Φ⁻¹`` by ``√2 erfinv(2q − 1)`` inside ``[q, 1 − q]`` for this ``q`` (float32 error below
+#: 1e-5 there), ``torch.special.ndtri`` in the tails (where ``2q − 1`` loses ``q``'s digits).
+_NDTRI_TAIL = 1e-3
+
+
+def _ndtri(q: torch.Tensor) -> torch.Tensor:
+    """``Φ⁻¹(q)``; for float32 the vectorised ``erfinv`` form in the bulk (three times faster
+    than ``torch.special.ndtri``, which is not vectorised on the CPU) and ``ndtri`` in the
+    tails; float64 exactly ``ndtri``."""
+    if q.dtype != torch.float32:
+        return torch.special.ndtri(q)
+    x = torch.erfinv(q * 2.0 - 1.0).mul_(math.sqrt(2.0))
+    tail = torch.nonzero(((q < _NDTRI_TAIL) | (q > 1.0 - _NDTRI_TAIL)).view(-1)).squeeze(1)
+    if tail.numel():
+        xf = x.view(-1)
+        xf[tail] = torch.special.ndtri(q.reshape(-1)[tail])
+    return x
+
+
 def _sov(m: torch.Tensor, L: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Genz's separation of variables for ``P(Z < m)``, ``Z ~ N(0, L Lᵀ)`` (``L`` lower
     triangular, the variables already in Genz–Bretz order); ``u`` are ``[M, d−1]`` points
-    in the unit cube. Returns ``[n]`` estimates."""
+    in the unit cube. Returns ``[n]`` estimates (float64)."""
     n, d = m.shape
     M = u.shape[0]
     fi = torch.finfo(m.dtype)
     tiny, top = fi.tiny, 1.0 - fi.eps
+    ut = u.T.contiguous()  # [d-1, M]
     e = _phi_cdf(m[:, 0] / L[:, 0, 0])[:, None].expand(n, M)  # [n, M]
     f = e.clone()
-    ws = torch.empty(n, M, d, dtype=m.dtype, device=m.device)
+    ws = torch.empty(n, d, M, dtype=m.dtype, device=m.device)
     for i in range(1, d):
-        q = (u[None, :, i - 1] * e).clamp(tiny, top)
-        ws[:, :, i - 1] = torch.special.ndtri(q)
+        ws[:, i - 1] = _ndtri((ut[None, i - 1] * e).clamp_(tiny, top))
         # constraint i: Σ_{j<i} L_ij w_j + L_ii w_i < m_i
-        acc = torch.bmm(ws[:, :, :i], L[:, i, :i, None]).squeeze(2)
+        acc = torch.bmm(L[:, i:i + 1, :i], ws[:, :i]).squeeze(1)  # [n, M]
         e = _phi_cdf((m[:, i, None] - acc) / L[:, i, i, None])
         f = f * e
     return f.mean(dim=1, dtype=torch.float64)
