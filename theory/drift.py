@@ -207,6 +207,7 @@ def _fast_pass(lin_pt: LinearizedNetwork, x: torch.Tensor, units: Sequence[dict]
                     for u, cv in zip(units, cov_c):
                         s = x2 @ (u[pname] ** 2).to(x2.dtype).T  # [B, out]
                         cv += torch.einsum("abo,cbo,bo->bac", dl, dl, s).double()
+                    _tangent_products(mod, pname, calls, None, tangents, jt_c, dirs, z_c, draws)
                 else:
                     J = None
                     for t, dl in calls:
@@ -215,17 +216,11 @@ def _fast_pass(lin_pt: LinearizedNetwork, x: torch.Tensor, units: Sequence[dict]
                     for u, cv in zip(units, cov_c):
                         Js = J * u[pname].reshape(1, 1, -1).to(J.dtype)
                         cv += torch.bmm(Js, Js.mT).double()
+                        del Js
+                    # with the per-sample Jacobian formed, every tangent and draw of this
+                    # layer is one matrix product with it (no convolution per tangent)
+                    _tangent_products(mod, pname, calls, J, tangents, jt_c, dirs, z_c, draws)
                     del J
-                for tg, jc in zip(tangents, jt_c):
-                    if pname in tg:
-                        for t, dl in calls:
-                            o = _layer_op(mod, t.x, tg[pname])
-                            jc += torch.einsum("cb...,b...->bc", dl, o).double()
-                if z_c is not None:
-                    for t, dl in calls:
-                        for k in range(draws):
-                            o = _layer_op(mod, t.x, dirs[pname][k])
-                            z_c[:, :, k] += torch.einsum("cb...,b...->bc", dl, o).double()
         del deltas, taps, out, by_module
         for lst, cv in zip(covs, cov_c):
             lst.append(cv)
@@ -234,6 +229,35 @@ def _fast_pass(lin_pt: LinearizedNetwork, x: torch.Tensor, units: Sequence[dict]
         if z_c is not None:
             zs.append(z_c)
     return ([torch.cat(c) for c in covs], [torch.cat(j) for j in jts], torch.cat(zs) if zs else None)
+
+
+def _tangent_products(mod, pname, calls, J, tangents, jt_c, dirs, z_c, draws) -> None:
+    """Add ``J t`` for every tangent with a share in this layer (into ``jt_c``) and the
+    draws ``J (u ⊙ ξ_k)`` (into ``z_c``): from the per-sample Jacobian ``J [B, C, P]`` when it
+    is formed, all tangents and draws stacked into one matrix product; otherwise from the
+    layer's map applied to its recorded input (``Σ_{o,p} δ_{o,p} (t x)_{o,p}``)."""
+    idx = [k for k, tg in enumerate(tangents) if pname in tg]
+    if J is not None:
+        cols = [tangents[k][pname].reshape(-1).to(J.dtype) for k in idx]
+        if z_c is not None:
+            cols += [dirs[pname][k].reshape(-1).to(J.dtype) for k in range(draws)]
+        if not cols:
+            return
+        out = torch.matmul(J, torch.stack(cols, dim=1)).double()  # [B, C, T]
+        for j, k in enumerate(idx):
+            jt_c[k] += out[:, :, j]
+        if z_c is not None:
+            z_c += out[:, :, len(idx):]
+        return
+    for k in idx:
+        for t, dl in calls:
+            o = _layer_op(mod, t.x, tangents[k][pname])
+            jt_c[k] += torch.einsum("cb...,b...->bc", dl, o).double()
+    if z_c is not None:
+        for t, dl in calls:
+            for k in range(draws):
+                o = _layer_op(mod, t.x, dirs[pname][k])
+                z_c[:, :, k] += torch.einsum("cb...,b...->bc", dl, o).double()
 
 
 def _comp_tangents(mo: _Moments) -> list[dict]:
