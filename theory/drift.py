@@ -303,17 +303,11 @@ def _derivatives(lin_pt, x, units, tangents, draws, seed, chunk_size, batch_size
 
 
 def _gaussian_logit_loss(mean: torch.Tensor, cov: torch.Tensor, y: torch.Tensor, points: int = 256, seed: int = 0) -> float:
-    """``mean_i E[CE(f_i, y_i)]`` for ``f_i ~ N(mean_i, cov_i)`` (scrambled Sobol points)."""
-    from scipy.stats import qmc
+    """``mean_i E[CE(f_i, y_i)]`` for ``f_i ~ N(mean_i, cov_i)`` (scrambled Sobol points; the
+    estimator of :func:`noiseprop.theory.predict`)."""
+    from .predict import _LogitLoss
 
-    n, c = mean.shape
-    z = qmc.Sobol(d=c, scramble=True, seed=np.random.default_rng(seed)).random_base2(int(math.log2(points)))
-    z = torch.special.ndtri(torch.from_numpy(z).clamp(1e-12, 1 - 1e-12))
-    w, V = torch.linalg.eigh(cov.double())
-    lh = V * w.clamp_min(0).sqrt().unsqueeze(1)
-    f = mean.double()[:, None, :] + torch.einsum("nab,pb->npa", lh, z)
-    ce = torch.logsumexp(f, dim=2) - f.gather(2, y[:, None, None].expand(-1, points, 1)).squeeze(2)
-    return float(ce.mean())
+    return _LogitLoss(cov, points, seed).at(mean, y, 1.0)
 
 
 # ----------------------------------------------------------------------------
