@@ -57,9 +57,10 @@ from torch.func import functional_call, jvp, vmap
 from .accuracy import correct_probability, sampled_accuracies
 from .hardware import HardwareNoise, PCMLike
 from .hashing import inputs_fingerprint
-from .linearize import LinearizedNetwork, jacobian_pass
+from .linearize import LinearizedNetwork, auto_chunk_size, backprop_signals, jacobian_pass, tap_jacobian, tapping
 from .moments import DEFAULT_RANK, DEFAULT_SPATIAL_RANK, MomentPropagator, propagate_moments
 from .noise import WeightNoise, parse_noise
+from .predict import Prediction, _LogitLoss
 from .validation import check_inputs, check_int, check_labels, check_times
 
 __all__ = ["DriftPrediction", "predict_drift", "predict_hardware", "LINEARIZE_AT"]
@@ -207,8 +208,6 @@ def _fast_pass(lin_pt: LinearizedNetwork, x: torch.Tensor, units: Sequence[dict]
     for a convolution ``J t = Σ_{o,p} δ_{o,p} conv(x, t)_{o,p}`` and the covariance from the
     per-sample Jacobian (:func:`~noiseprop.theory.linearize.tap_jacobian`).
     Returns ``None`` when a target is not such a weight (the caller falls back)."""
-    from .linearize import auto_chunk_size, backprop_signals, tap_jacobian, tapping
-
     modules = dict(lin_pt.net.named_modules())
     fast = {}
     for name in lin_pt.names:
@@ -260,6 +259,7 @@ def _fast_pass(lin_pt: LinearizedNetwork, x: torch.Tensor, units: Sequence[dict]
                     for u, cv in zip(units, cov_c):
                         s = x2 @ (u[pname] ** 2).to(x2.dtype).T  # [B, out]
                         cv += torch.einsum("abo,cbo,bo->bac", dl, dl, s).double()
+                    _tangent_products(mod, pname, calls, None, tangents, jt_c, dirs, z_c, draws)
                 else:
                     J = None
                     for t, dl in calls:
@@ -268,17 +268,11 @@ def _fast_pass(lin_pt: LinearizedNetwork, x: torch.Tensor, units: Sequence[dict]
                     for u, cv in zip(units, cov_c):
                         Js = J * u[pname].reshape(1, 1, -1).to(J.dtype)
                         cv += torch.bmm(Js, Js.mT).double()
+                        del Js
+                    # with the per-sample Jacobian formed, every tangent and draw of this
+                    # layer is one matrix product with it (no convolution per tangent)
+                    _tangent_products(mod, pname, calls, J, tangents, jt_c, dirs, z_c, draws)
                     del J
-                for tg, jc in zip(tangents, jt_c):
-                    if pname in tg:
-                        for t, dl in calls:
-                            o = _layer_op(mod, t.x, tg[pname])
-                            jc += torch.einsum("cb...,b...->bc", dl, o).double()
-                if z_c is not None:
-                    for t, dl in calls:
-                        for k in range(draws):
-                            o = _layer_op(mod, t.x, dirs[pname][k])
-                            z_c[:, :, k] += torch.einsum("cb...,b...->bc", dl, o).double()
         del deltas, taps, out, by_module
         for lst, cv in zip(covs, cov_c):
             lst.append(cv)
@@ -287,6 +281,35 @@ def _fast_pass(lin_pt: LinearizedNetwork, x: torch.Tensor, units: Sequence[dict]
         if z_c is not None:
             zs.append(z_c)
     return ([torch.cat(c) for c in covs], [torch.cat(j) for j in jts], torch.cat(zs) if zs else None)
+
+
+def _tangent_products(mod, pname, calls, J, tangents, jt_c, dirs, z_c, draws) -> None:
+    """Add ``J t`` for every tangent with a share in this layer (into ``jt_c``) and the
+    draws ``J (u ⊙ ξ_k)`` (into ``z_c``): from the per-sample Jacobian ``J [B, C, P]`` when it
+    is formed, all tangents and draws stacked into one matrix product; otherwise from the
+    layer's map applied to its recorded input (``Σ_{o,p} δ_{o,p} (t x)_{o,p}``)."""
+    idx = [k for k, tg in enumerate(tangents) if pname in tg]
+    if J is not None:
+        cols = [tangents[k][pname].reshape(-1).to(J.dtype) for k in idx]
+        if z_c is not None:
+            cols += [dirs[pname][k].reshape(-1).to(J.dtype) for k in range(draws)]
+        if not cols:
+            return
+        out = torch.matmul(J, torch.stack(cols, dim=1)).double()  # [B, C, T]
+        for j, k in enumerate(idx):
+            jt_c[k] += out[:, :, j]
+        if z_c is not None:
+            z_c += out[:, :, len(idx):]
+        return
+    for k in idx:
+        for t, dl in calls:
+            o = _layer_op(mod, t.x, tangents[k][pname])
+            jt_c[k] += torch.einsum("cb...,b...->bc", dl, o).double()
+    if z_c is not None:
+        for t, dl in calls:
+            for k in range(draws):
+                o = _layer_op(mod, t.x, dirs[pname][k])
+                z_c[:, :, k] += torch.einsum("cb...,b...->bc", dl, o).double()
 
 
 def _comp_tangents(mo: _Moments) -> list[dict]:
@@ -332,17 +355,9 @@ def _derivatives(lin_pt, x, units, tangents, draws, seed, chunk_size, batch_size
 
 
 def _gaussian_logit_loss(mean: torch.Tensor, cov: torch.Tensor, y: torch.Tensor, points: int = 256, seed: int = 0) -> float:
-    """``mean_i E[CE(f_i, y_i)]`` for ``f_i ~ N(mean_i, cov_i)`` (scrambled Sobol points)."""
-    from scipy.stats import qmc
-
-    n, c = mean.shape
-    z = qmc.Sobol(d=c, scramble=True, seed=np.random.default_rng(seed)).random_base2(int(math.log2(points)))
-    z = torch.special.ndtri(torch.from_numpy(z).clamp(1e-12, 1 - 1e-12))
-    w, V = torch.linalg.eigh(cov.double())
-    lh = V * w.clamp_min(0).sqrt().unsqueeze(1)
-    f = mean.double()[:, None, :] + torch.einsum("nab,pb->npa", lh, z)
-    ce = torch.logsumexp(f, dim=2) - f.gather(2, y[:, None, None].expand(-1, points, 1)).squeeze(2)
-    return float(ce.mean())
+    """``mean_i E[CE(f_i, y_i)]`` for ``f_i ~ N(mean_i, cov_i)`` (scrambled Sobol points; the
+    estimator of :func:`noiseprop.theory.predict`)."""
+    return _LogitLoss(cov, points, seed).at(mean, y, 1.0)
 
 
 # ----------------------------------------------------------------------------
@@ -414,8 +429,6 @@ class DriftPrediction:
 def _predict_models(model, x, y, noises: Sequence[HardwareNoise], targets, linearize_at, accuracy_draws, seed,
                     n_points, chunk_size, batch_size, keep_cov, method="linear", rank=DEFAULT_RANK,
                     spatial_rank=DEFAULT_SPATIAL_RANK, moment_chunk=32):
-    from .predict import Prediction
-
     x, y = check_inputs(model, x, y)
     lin = LinearizedNetwork(model, targets)
     clean = _forward(lin, x, batch_size).double().cpu()

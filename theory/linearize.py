@@ -39,6 +39,7 @@ import copy
 import math
 import operator
 import warnings
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Mapping, Sequence
@@ -111,6 +112,12 @@ class LinearizedNetwork:
         self.device = first.device
 
     # ------------------------------------------------------------------ basics
+    def structure(self) -> list:
+        """:func:`module_structure` of the evaluated network (computed once per object)."""
+        if getattr(self, "_structure", None) is None:
+            self._structure = module_structure(self.net)
+        return self._structure
+
     @property
     def num_target_elements(self) -> int:
         return int(sum(p.numel() for p in self.target_params.values()))
@@ -429,6 +436,46 @@ def weight_terms(by_module: Mapping[str, list], params: Mapping[str, list], scal
 
 
 # ----------------------------------------------------------------------------
+# Work that depends only on the network's structure, done once per structure
+# ----------------------------------------------------------------------------
+def module_structure(net: nn.Module) -> list:
+    """What the parameters do not show: every module's class (by identity, so two classes
+    of the same name differ), a ``forward`` replaced on an instance, and the module tree's
+    printed form (activations, strides, paddings, ...)."""
+    parts = [repr(net)]
+    for name, m in net.named_modules():
+        fwd = m.__dict__.get("forward")
+        parts.append([name, f"{type(m).__module__}.{type(m).__qualname__}", id(type(m)),
+                      id(fwd) if fwd is not None else None])
+    return parts
+
+
+#: net -> (its structure when last seen, {what: result}); results computed from a trace of
+#: the module tree (the piecewise-linearity check, the ReLU-input graph) are reused while
+#: the structure (:func:`module_structure`) is unchanged. Weak keys: nothing is kept alive.
+_STRUCTURE_MEMO: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def structure_memo(lin: "LinearizedNetwork", what, compute):
+    """``compute()`` for ``lin.net``, remembered per network object while its structure is
+    unchanged (a replaced layer, a patched ``forward`` or a new activation retraces)."""
+    struct = lin.structure()
+    try:
+        entry = _STRUCTURE_MEMO.get(lin.net)
+    except TypeError:  # an unhashable module: no memo
+        return compute()
+    if entry is None or entry[0] != struct:
+        entry = (struct, {})
+        try:
+            _STRUCTURE_MEMO[lin.net] = entry
+        except TypeError:
+            return compute()
+    if what not in entry[1]:
+        entry[1][what] = compute()
+    return entry[1][what]
+
+
+# ----------------------------------------------------------------------------
 # Piecewise linearity in the noisy parameters (exact Gauss-Newton loss increase)
 # ----------------------------------------------------------------------------
 _PL_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardtanh,
@@ -472,6 +519,10 @@ def piecewise_linear(lin: "LinearizedNetwork") -> tuple[bool, str]:
     constant, no parameter is read directly (``get_attr``), and no noisy layer is called
     twice (weight sharing across calls makes the logits quadratic in the weight). Any
     other construct, or a graph ``torch.fx`` cannot trace, answers ``False``."""
+    return structure_memo(lin, ("piecewise_linear", tuple(lin.names)), lambda: _piecewise_linear(lin))
+
+
+def _piecewise_linear(lin: "LinearizedNetwork") -> tuple[bool, str]:
     try:
         graph = trace(lin.net)
     except ValueError as e:

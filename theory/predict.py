@@ -42,10 +42,11 @@ from torch import nn
 from torch.func import functional_call, jvp, vmap
 
 from ._graph import relu_input_graph
-from .accuracy import correct_probability, sampled_accuracies
+from .accuracy import CorrectCurve, correct_probability, sampled_accuracies
 from .flatness import HessianOperator, _trace_probes, loss_increase_gauss_newton
 from .hashing import inputs_fingerprint, tensor_digest
-from .linearize import JacobianPass, LinearizedNetwork, jacobian_pass, piecewise_linear
+from .linearize import (JacobianPass, LinearizedNetwork, jacobian_pass, module_structure, piecewise_linear,
+                        structure_memo)
 from .moments import MomentPropagator, propagate_moments
 from .noise import MAX_LEVEL, WeightNoise, parse_noise
 from .results import LogitResult
@@ -76,6 +77,13 @@ TRUNCATION_CHECK_INPUTS = 32
 #: 0.40 (MLP at η = 0.5, 0.96 points off). 0.30 flags all 9 misses with 3 false alarms
 #: (the old 0.15: 9 false alarms, e.g. the MLP at η = 0.2, 0.09 points off).
 PREACT_WARN_FRACTION = 0.30
+#: The validity diagnostic's sample: inputs (evenly spaced over ``x``) and forward-mode
+#: directions per input. 8 inputs (16 before issue 10) halve its cost on large inputs; the
+#: fraction is a mean over inputs, so fewer inputs add sampling noise but no bias (checked
+#: against 16 at η = 0.05, 0.1, 0.3, 0.5: MLP moved by at most 0.021 (0.408 → 0.387 at
+#: η = 0.5), ResNet-20 on digits and on 3×32×32 by at most 0.002).
+DIAGNOSTIC_INPUTS = 8
+DIAGNOSTIC_DIRECTIONS = 8
 
 
 def _check_method(method):
@@ -289,6 +297,10 @@ class _Base:
     seconds: dict = field(default_factory=dict)
     #: ``classes=k``: (input indices, full-class pass on them) to measure the truncation
     trunc_check: tuple | None = None
+    #: level-independent work of ``_finish`` for the linear method, done at the first level
+    #: and reused by every later one (orthant factorisations, the loss's QMC projections,
+    #: the Gauss-Newton traces at level 1), keyed on the settings that shape it
+    memo: dict = field(default_factory=dict)
 
 
 def _linear_moments(base: _Base, level: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -312,6 +324,50 @@ def _slot_cov_to_full(cov: torch.Tensor, sel: torch.Tensor, c: int) -> torch.Ten
     return out
 
 
+class _EvalBatchNorm(nn.Module):
+    """A BatchNorm layer in eval mode written as its per-channel affine map, on the same
+    parameters and buffers (same names, so ``functional_call`` still substitutes them):
+    forward-mode products through it stay in plain tensor operations (``batch_norm``'s
+    forward-mode rule under ``vmap`` goes through slow Python decompositions)."""
+
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm):
+        super().__init__()
+        self.eps = bn.eps
+        for k in ("weight", "bias"):
+            v = getattr(bn, k)
+            if v is None:
+                self.register_parameter(k, None)
+            else:
+                setattr(self, k, v)
+        self.register_buffer("running_mean", bn.running_mean)
+        self.register_buffer("running_var", bn.running_var)
+
+    def forward(self, x):
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        scale = torch.rsqrt(self.running_var + self.eps)
+        if self.weight is not None:
+            scale = scale * self.weight
+        shift = -self.running_mean * scale
+        if self.bias is not None:
+            shift = shift + self.bias
+        return torch.addcmul(shift.reshape(shape), x, scale.reshape(shape))  # one op on the activations
+
+
+def _affine_norms(gm):
+    """``gm`` with its BatchNorm leaves (eval mode, running statistics) replaced by
+    :class:`_EvalBatchNorm` on the same tensors (the original network is not touched:
+    ``gm`` holds its own module tree)."""
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        m = gm.get_submodule(node.target)
+        if (isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)) and not m.training
+                and m.track_running_stats and m.running_mean is not None and m.running_var is not None):
+            parent, _, leaf = node.target.rpartition(".")
+            setattr(gm.get_submodule(parent) if parent else gm, leaf, _EvalBatchNorm(m))
+    return gm
+
+
 def _preact_ratios(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, torch.Tensor], directions: int,
                    seed: int, max_inputs: int = 16, batch: int = 16) -> tuple[np.ndarray | None, str]:
     """``|μ| / sd₁`` for every ReLU pre-activation of up to ``max_inputs`` inputs (evenly
@@ -319,10 +375,17 @@ def _preact_ratios(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, t
     ``directions`` forward-mode products ``J (u ⊙ ξ)`` (``torch.func.jvp``, vectorised
     over the directions with ``vmap``). The fraction above a level ``λ`` is the fraction
     of pre-activations whose predicted noise sd exceeds their magnitude at ``λ``."""
-    try:
-        gm, n_relu = relu_input_graph(lin.net)
-    except ValueError as e:
-        return None, f"not available ({e})"
+    def graph():
+        try:
+            gm, k = relu_input_graph(lin.net)
+        except ValueError as e:
+            return e
+        return _affine_norms(gm), k
+
+    g = structure_memo(lin, "relu_input_graph", graph)
+    if isinstance(g, ValueError):
+        return None, f"not available ({g})"
+    gm, n_relu = g
     if n_relu == 0:
         return np.zeros(0), "no ReLU in the model"
     n = x.shape[0]
@@ -425,7 +488,8 @@ def _build_base(lin: LinearizedNetwork, x, y, unit, opts: _Options) -> _Base:
     ratio, note = None, "not computed (diagnostic=False)"
     if opts.diagnostic:
         t = time.perf_counter()
-        ratio, note = _preact_ratios(lin, x, unit, directions=8, seed=opts.seed)
+        ratio, note = _preact_ratios(lin, x, unit, directions=DIAGNOSTIC_DIRECTIONS, seed=opts.seed,
+                                     max_inputs=DIAGNOSTIC_INPUTS)
         secs["diagnostic"] = time.perf_counter() - t
     if jp.classes is not None and not probes:
         method = "gauss_newton (label and closest competitors only)"
@@ -448,16 +512,7 @@ def clear_cache() -> None:
     _CACHE.clear()
 
 
-def _structure(net: nn.Module) -> list:
-    """What the parameters do not show: every module's class (by identity, so two classes
-    of the same name differ), a ``forward`` replaced on an instance, and the module tree's
-    printed form (activations, strides, paddings, ...)."""
-    parts = [repr(net)]
-    for name, m in net.named_modules():
-        fwd = m.__dict__.get("forward")
-        parts.append([name, f"{type(m).__module__}.{type(m).__qualname__}", id(type(m)),
-                      id(fwd) if fwd is not None else None])
-    return parts
+_structure = module_structure  # the cache key's structural part (theory/linearize.py)
 
 
 def _state_hash(lin: LinearizedNetwork) -> str:
@@ -465,7 +520,7 @@ def _state_hash(lin: LinearizedNetwork) -> str:
     parameters and buffers, and the noisy parameters' names (one hashing scheme,
     :mod:`noiseprop.theory.hashing`)."""
     items = sorted(lin.params.items()) + sorted(lin.buffers.items())
-    return tensor_digest([t for _, t in items], header={"structure": _structure(lin.net), "names": list(lin.names)},
+    return tensor_digest([t for _, t in items], header={"structure": lin.structure(), "names": list(lin.names)},
                          names=[n for n, _ in items], length=32)
 
 
@@ -508,57 +563,137 @@ def _base(model, x, y, noise, targets, opts: _Options, cache: bool, data_key: st
     return base, noise, False
 
 
+_QMC_NORMAL: dict = {}
+
+
+def _qmc_normal(c: int, points: int, seed: int) -> torch.Tensor:
+    key = (c, points, seed)
+    if key not in _QMC_NORMAL:
+        if len(_QMC_NORMAL) > 16:
+            _QMC_NORMAL.clear()
+        _QMC_NORMAL[key] = _qmc_normal_new(c, points, seed)
+    return _QMC_NORMAL[key]
+
+
+def _qmc_normal_new(c: int, points: int, seed: int) -> torch.Tensor:
+    from scipy.stats import qmc  # lazy: scipy.stats adds ~0.7 s (measured, -X importtime) to importing theory
+
+    z = qmc.Sobol(d=c, scramble=True, seed=np.random.default_rng(seed)).random_base2(int(math.log2(points)))
+    return torch.special.ndtri(torch.from_numpy(z).clamp(1e-12, 1 - 1e-12))  # [P, C]
+
+
+def _cov_factor(cov: torch.Tensor) -> torch.Tensor:
+    """``Lh`` with ``cov = Lh Lhᵀ`` per input: Cholesky where the covariance is positive
+    definite, the clipped eigen-decomposition where it is not (rank-deficient
+    covariances: fewer noisy directions than classes, classes not differentiated)."""
+    cov = cov.double()
+    L, info = torch.linalg.cholesky_ex(cov)
+    bad = torch.nonzero(info != 0).flatten()
+    if bad.numel():
+        w, V = torch.linalg.eigh(cov[bad])
+        L[bad] = V * w.clamp_min(0).sqrt().unsqueeze(1)
+    return L
+
+
+class _LogitLoss:
+    """``mean_i E[CE(f_i, y_i)]`` for ``f_i = mean_i + η Lh_i z``, ``z ~ N(0, I)``, by
+    randomised QMC (scrambled Sobol points mapped through ``Φ⁻¹``, shared by all inputs),
+    with the level-independent projections ``Lh_i z`` formed once (kept when they fit in
+    :data:`LOSS_PROJECTION_BUDGET` bytes, else formed per call in chunks). The
+    log-sum-exp runs in float32 (its rounding, ~1e-7 of the loss, is far below the QMC
+    error); sums are float64."""
+
+    def __init__(self, cov_unit: torch.Tensor, points: int = 128, seed: int = 0):
+        n, c, _ = cov_unit.shape
+        self.points = points
+        self.z = _qmc_normal(c, points, seed)
+        self.Lh = _cov_factor(cov_unit)
+        self.W = None
+        if n * points * c * 4 <= LOSS_PROJECTION_BUDGET:
+            self.W = torch.einsum("nab,pb->npa", self.Lh, self.z).float()  # [N, P, C]
+
+    def at(self, mean: torch.Tensor, y: torch.Tensor, level: float) -> float:
+        n, c = mean.shape
+        P = self.points
+        total = 0.0
+        step = max(1, 2**22 // (P * c))
+        for i in range(0, n, step):
+            W = self.W[i:i + step] if self.W is not None else \
+                torch.einsum("nab,pb->npa", self.Lh[i:i + step], self.z).float()
+            m32 = mean[i:i + step].float()
+            yb = y[i:i + step]
+            f = torch.addcmul(m32[:, None, :], W, torch.tensor(float(level), dtype=torch.float32))
+            lse = torch.logsumexp(f, dim=2)
+            fy = f.gather(2, yb[:, None, None].expand(-1, P, 1)).squeeze(2)
+            # the increase over the clean cross-entropy, both sides rounded alike in float32,
+            # plus the clean cross-entropy in float64: no float32 bias at small levels
+            ce0 = torch.logsumexp(m32, dim=1) - m32.gather(1, yb[:, None]).squeeze(1)
+            ce0_64 = torch.logsumexp(mean[i:i + step].double(), dim=1) - mean[i:i + step].double().gather(
+                1, yb[:, None]).squeeze(1)
+            total += float((lse - fy - ce0[:, None]).sum(dtype=torch.float64)) / P + float(ce0_64.sum())
+        return total / n
+
+
+#: Bytes up to which the loss's QMC projections ``Lh_i z`` ``[N, 128, C]`` are kept across
+#: levels (beyond, they are recomputed per level in chunks: memory independent of N).
+LOSS_PROJECTION_BUDGET = 64 * 2**20
+
+
 def _gaussian_logit_loss(mean: torch.Tensor, cov: torch.Tensor, y: torch.Tensor, points: int = 128,
                          seed: int = 0) -> float:
     """``mean_i E[CE(f_i, y_i)]`` for ``f_i ~ N(mean_i, cov_i)`` by randomised QMC
     (scrambled Sobol points mapped through ``Φ⁻¹``, shared by all inputs)."""
-    from scipy.stats import qmc  # lazy: scipy.stats adds ~0.7 s (measured, -X importtime) to importing theory
+    return _LogitLoss(cov, points, seed).at(mean, y, 1.0)
 
-    n, c = mean.shape
-    z = qmc.Sobol(d=c, scramble=True, seed=np.random.default_rng(seed)).random_base2(int(math.log2(points)))
-    z = torch.special.ndtri(torch.from_numpy(z).clamp(1e-12, 1 - 1e-12))  # [P, C]
-    w, V = torch.linalg.eigh(cov.double())
-    Lh = V * w.clamp_min(0).sqrt().unsqueeze(1)  # [N, C, C], cov = Lh Lhᵀ
-    total = 0.0
-    step = max(1, 2**22 // (points * c))
-    for i in range(0, n, step):
-        f = mean[i:i + step, None, :].double() + torch.einsum("nab,pb->npa", Lh[i:i + step], z)
-        lse = torch.logsumexp(f, dim=2)
-        fy = f.gather(2, y[i:i + step, None, None].expand(-1, points, 1)).squeeze(2)
-        total += float((lse - fy).mean(1).sum())
-    return total / n
+
+def _memo(base: _Base, key, make):
+    hit = base.memo.get(key)
+    if hit is None:
+        hit = base.memo[key] = make()
+    return hit
 
 
 def _finish(base: _Base, noise: WeightNoise, method: str, mean: torch.Tensor, cov: torch.Tensor, keep_cov: bool,
             extra_diag: dict, warns: list, t0: float, n_points: int, seed: int) -> Prediction:
     y = base.y
-    lvl = noise.level
-    clean = base.jp.clean_logits.double().cpu()
-    mean = mean.double().cpu()
-    cov = cov.double().cpu()
+    lvl = float(noise.level)
+    linear = method == "linear"
+    clean = _memo(base, "clean", lambda: base.jp.clean_logits.double().cpu())
     sel = base.jp.classes.cpu() if base.jp.classes is not None else None
     y_acc = y if sel is None else torch.zeros_like(y)  # slot 0 is the label
-    p, lo, hi = correct_probability(mean, cov, y_acc, n_points=n_points, seed=seed)
+    if linear:  # the covariance is lvl² × the unit one: factorise once, rescale per level
+        cov_u = _memo(base, "cov_unit", lambda: base.jp.cov_unit.double().cpu())
+        mean = _memo(base, "mean", lambda: mean.double().cpu())
+        cov = cov_u * lvl**2
+        curve = _memo(base, ("accuracy", n_points, seed),
+                      lambda: CorrectCurve(mean, cov_u, y_acc, n_points=n_points, seed=seed))
+        p, lo, hi = curve.at(lvl)
+    else:
+        mean = mean.double().cpu()
+        cov = cov.double().cpu()
+        p, lo, hi = correct_probability(mean, cov, y_acc, n_points=n_points, seed=seed)
     trunc_diag = {}
     if sel is not None:
         idx, jpf = base.trunc_check
-        pf, _, _ = correct_probability(jpf.clean_logits.double().cpu(), jpf.cov_unit.cpu() * lvl**2, y[idx],
-                                       n_points=n_points, seed=seed)
+        full_curve = _memo(base, ("truncation", n_points, seed),
+                           lambda: CorrectCurve(jpf.clean_logits.double().cpu(), jpf.cov_unit.double().cpu(), y[idx],
+                                                n_points=n_points, seed=seed))
+        pf = full_curve.at(lvl)[0]
         d = (p[idx] - pf).abs()
         trunc_diag = dict(classes=int(sel.shape[1] - 1), classes_truncation_inputs=int(idx.numel()),
                           classes_truncation_max_abs=float(d.max()), classes_truncation_mean_abs=float(d.mean()),
                           classes_truncation_accuracy_error=float(p[idx].mean() - pf.mean()))
         # every class in the result: unselected ones noiseless, their variance unknown (NaN)
         mean = clean
-        cov_slots = cov
-        cov = _slot_cov_to_full(cov_slots, sel, clean.shape[1])
+        cov_full_u = _memo(base, "cov_full_unit", lambda: _slot_cov_to_full(cov_u, sel, clean.shape[1]))
+        cov = cov_full_u * lvl**2
     # chip-to-chip spread: shared draws of the linearised network, rescaled per class to
     # the method's marginal sd (same correlation structure)
     acc_std = float("nan")
     k = 0
     if base.jp.draws_unit is not None:
         z = base.jp.draws_unit.double().cpu() * lvl
-        if method != "linear":
+        if not linear:
             v_lin = torch.diagonal(base.jp.cov_unit, dim1=1, dim2=2).cpu() * lvl**2
             v_m = torch.diagonal(cov, dim1=1, dim2=2)
             ratio = torch.where(v_lin > 0, (v_m / torch.where(v_lin > 0, v_lin, torch.ones_like(v_lin))).sqrt(),
@@ -567,9 +702,13 @@ def _finish(base: _Base, noise: WeightNoise, method: str, mean: torch.Tensor, co
         accs = sampled_accuracies(mean if sel is None else clean.gather(1, sel), z, y_acc)
         k = accs.size
         acc_std = float(accs.std(ddof=1))
-    clean_loss = float(F.cross_entropy(clean, y))
-    cov_lin = cov if sel is not None else _linear_moments(base, lvl)[1].double().cpu()
-    gn = loss_increase_gauss_newton(clean, cov_lin)
+    clean_loss = _memo(base, "clean_loss", lambda: float(F.cross_entropy(clean, y)))
+    # the Gauss-Newton form is linear in the covariance: its value at level 1, times lvl²
+    if sel is not None:
+        cov_lin_u = cov_full_u
+    else:
+        cov_lin_u = _memo(base, "cov_unit", lambda: base.jp.cov_unit.double().cpu())
+    gn = _memo(base, "gn_unit", lambda: loss_increase_gauss_newton(clean, cov_lin_u)) * lvl**2
     if base.loss_method == "hutchinson":
         li, li_se = 0.5 * base.trace_unit * lvl**2, 0.5 * base.trace_unit_se * lvl**2
     else:
@@ -577,26 +716,33 @@ def _finish(base: _Base, noise: WeightNoise, method: str, mean: torch.Tensor, co
     by_layer = None
     if base.jp.layer_cov_unit is not None:
         def full(c):
-            c = c.double().cpu() * lvl**2
+            c = c.double().cpu()
             return c if sel is None else _slot_cov_to_full(c, sel, clean.shape[1])
 
-        by_layer = types.MappingProxyType({m: loss_increase_gauss_newton(clean, full(c))
-                                           for m, c in base.jp.layer_cov_unit.items()})
-    gl = _gaussian_logit_loss(mean, cov, y, seed=seed) - clean_loss if lvl > 0 else 0.0
+        unit_layers = _memo(base, "gn_by_layer_unit", lambda: {m: loss_increase_gauss_newton(clean, full(c))
+                                                               for m, c in base.jp.layer_cov_unit.items()})
+        by_layer = types.MappingProxyType({m: v * lvl**2 for m, v in unit_layers.items()})
+    if lvl <= 0:
+        gl = 0.0
+    elif linear:
+        loss = _memo(base, ("logit_loss", seed), lambda: _LogitLoss(cov_lin_u, seed=seed))
+        gl = loss.at(mean, y, lvl) - clean_loss
+    else:
+        gl = _gaussian_logit_loss(mean, cov, y, seed=seed) - clean_loss
     diag = dict(extra_diag)
     diag.update(trunc_diag)
     if base.preact_ratio is not None:
         frac = float((base.preact_ratio < lvl).mean()) if base.preact_ratio.size else 0.0
-        if method == "linear" or "preact_frac" not in diag:
+        if linear or "preact_frac" not in diag:
             diag["preact_frac"] = frac
             diag["preact_source"] = base.preact_note
     diag["frac_inputs_uncertain"] = float(((p > 0.01) & (p < 0.99)).double().mean())
     diag["labels"] = y.clone()
     diag["chunk_size"] = base.jp.chunk_size
     diag["piecewise_linear"] = base.piecewise_linear
-    for part, s in base.seconds.items():
-        diag[f"seconds_{part}"] = s
-    if method == "linear" and diag.get("preact_frac", 0.0) > PREACT_WARN_FRACTION:
+    for part, sec in base.seconds.items():
+        diag[f"seconds_{part}"] = sec
+    if linear and diag.get("preact_frac", 0.0) > PREACT_WARN_FRACTION:
         msg = (f"first order outside its range: {diag['preact_frac']:.0%} of ReLU pre-activations have predicted noise "
                f"sd above their magnitude (> {PREACT_WARN_FRACTION:.0%}); the linear method misses the mean shift and "
                "underestimates the damage here, use method='moments'")
@@ -606,9 +752,10 @@ def _finish(base: _Base, noise: WeightNoise, method: str, mean: torch.Tensor, co
         known = torch.zeros_like(logit_var, dtype=torch.bool).scatter_(1, sel, True)
         logit_var = torch.where(known, logit_var, torch.full_like(logit_var, float("nan")))
     return Prediction(
-        method=method, noise=noise.to_string(), targets=base.lin.plan.targets.describe(), clean_logits=clean,
-        logit_mean=mean, logit_var=logit_var, logit_cov=cov if keep_cov else None,
-        correct_prob=p, clean_accuracy=float((clean.argmax(1) == y).double().mean()), accuracy=float(p.mean()),
+        method=method, noise=noise.to_string(), targets=base.lin.plan.targets.describe(), clean_logits=clean.clone(),
+        logit_mean=mean.clone() if linear else mean, logit_var=logit_var, logit_cov=cov if keep_cov else None,
+        correct_prob=p, clean_accuracy=_memo(base, "clean_accuracy", lambda: float((clean.argmax(1) == y).double().mean())),
+        accuracy=float(p.mean()),
         accuracy_lower=float(lo.mean()), accuracy_upper=float(hi.mean()), accuracy_std=acc_std,
         accuracy_std_draws=int(k), clean_loss=clean_loss, loss_increase=li,
         loss_increase_se=li_se, loss_increase_gn=gn, loss_increase_logits=gl,

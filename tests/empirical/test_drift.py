@@ -214,3 +214,28 @@ def test_linearize_at_programmed_runs(digits_mlp):
     a = predict_drift(model, x[:60], y[:60], nz, [1.0, 86400.0], linearize_at="programmed", accuracy_draws=4)
     b = predict_drift(model, x[:60], y[:60], nz, [1.0, 86400.0], linearize_at="mean", accuracy_draws=4)
     assert np.allclose(a.accuracy, b.accuracy, atol=0.01) and a.linearize_at == "programmed"
+
+
+def test_fast_pass_draws_and_tangents_from_the_jacobian():
+    """The tap-based pass's shared draws J(u⊙ξ_k) and tangent products J·t, taken from the
+    per-sample Jacobian in one matrix product, equal forward-mode jvp with the same ξ."""
+    from noiseprop.theory import drift as D
+
+    g = torch.Generator().manual_seed(1)
+    net = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 4, 3, stride=2), nn.ReLU(),
+                        nn.Flatten(), nn.Linear(36, 5)).double().eval()
+    x = torch.randn(7, 1, 8, 8, generator=g, dtype=torch.float64)
+    lin = D.LinearizedNetwork(net)
+    mo = D._moments(lin, PCMLike(t=3600.0))
+    tangents = D._comp_tangents(mo)
+    covs, jts, z = D._fast_pass(lin, x, [mo.unit], tangents, 3, 5, 4)
+    gen = torch.Generator().manual_seed(5)
+    dirs = {nm: torch.randn((3,) + tuple(p.shape), generator=gen, dtype=p.dtype) * mo.unit[nm]
+            for nm, p in lin.target_params.items()}
+    for k in range(3):
+        f0, fl = lin.linearized_logits(x, {nm: dirs[nm][k] for nm in lin.names})
+        assert torch.allclose(z[:, :, k], fl - f0, rtol=1e-9, atol=1e-12)
+    for tg, jt in zip(tangents, jts):
+        delta = {nm: tg.get(nm, torch.zeros_like(p)) for nm, p in lin.target_params.items()}
+        f0, fl = lin.linearized_logits(x, delta)
+        assert torch.allclose(jt, fl - f0, rtol=1e-9, atol=1e-12)

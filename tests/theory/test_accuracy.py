@@ -108,3 +108,39 @@ def test_sampled_accuracies_shape_and_value():
     z[0, 1, 1] = 5.0  # draw 1 flips input 0
     acc = sampled_accuracies(mean, z, torch.tensor([0, 1]))
     assert acc.tolist() == [1.0, 0.5, 1.0]
+
+
+def test_orthant_curve_levels_match_scipy_and_single_calls():
+    """One factorisation serves every level: OrthantCurve(m, S).at(η) equals
+    orthant_probability(m, η²S) (the same integration) and scipy's Genz integration."""
+    from noiseprop.theory.accuracy import OrthantCurve
+
+    mean, cov, y = _random_case(10, 6, seed=21, scale=1.0)
+    m, s = margin_moments(mean, cov, y)
+    curve = OrthantCurve(m, s, n_points=2048, seed=0)
+    for lv in (0.3, 1.0, 2.5):
+        p, lo, hi = curve.at(lv)
+        single = orthant_probability(m, s * lv**2, n_points=2048, seed=0)
+        assert torch.allclose(p, single, atol=1e-6)  # equal up to float32 rounding of the factor
+        ref = np.array([multivariate_normal(mean=np.zeros(5), cov=(s[i] * lv**2).numpy(), abseps=1e-6, releps=1e-6)
+                        .cdf(m[i].numpy()) for i in range(10)])
+        assert np.abs(p.numpy() - ref).max() < 1e-3
+        assert bool((lo <= p + 1e-12).all() and (p <= hi + 1e-12).all())
+    p0, _, _ = curve.at(0.0)  # no noise: correct iff every margin is positive
+    assert p0.tolist() == (m > 0).all(1).double().tolist()
+
+
+def test_float32_inverse_normal_and_loop_accuracy():
+    """The float32 Φ⁻¹ (erfinv in the bulk, ndtri in the tails) against float64 ndtri, and
+    the float32 separation-of-variables loop against the float64 one on the same points."""
+    from noiseprop.theory.accuracy import _factor, _ndtri, _qmc_points, _sov
+
+    q = torch.cat([torch.logspace(-37, -1e-7, 4000), torch.rand(20000, generator=torch.Generator().manual_seed(0))])
+    q = q.float().clamp(1e-37, 1 - 1e-7)
+    assert (_ndtri(q).double() - torch.special.ndtri(q.double())).abs().max() < 1e-5
+    mean, cov, y = _random_case(40, 10, seed=5, scale=1.0)
+    m, s = margin_moments(mean, cov, y)
+    _, mo, L, _ = _factor(m, s)
+    u = _qmc_points(8, 512, 0)
+    a, b = _sov(mo, L, u), _sov(mo.float(), L.float(), u.float())
+    assert (a - b).abs().max() < 1e-6

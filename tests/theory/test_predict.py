@@ -410,3 +410,54 @@ def test_cache_tells_models_with_equal_parameters_apart():
         assert torch.equal(p.logit_var, q.logit_var)
         outs.append(p.logit_var)
     assert not torch.allclose(outs[0], outs[1]) and not torch.allclose(outs[1], outs[2])
+
+
+def test_structure_memo_follows_the_network():
+    """Trace-derived results (piecewise-linearity, the diagnostic's graph) are remembered per
+    network object and recomputed when its structure changes in place."""
+    m = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 10)).eval()
+    assert piecewise_linear(LinearizedNetwork(m))[0]
+    m[2] = nn.Tanh()  # same object, new structure: no stale answer
+    ok, why = piecewise_linear(LinearizedNetwork(m))
+    assert not ok and "Tanh" in why
+    x, y = held_out(16)
+    p = predict(m, x, y, RelativeGaussian(0.1), cache=False)
+    assert p.loss_increase_method == "hutchinson" and p.diagnostics["preact_source"] == "no ReLU in the model"
+
+
+def test_gaussian_logit_loss_against_sampling():
+    """The float32 QMC estimate of E[CE] under Gaussian logits (relative to the clean loss,
+    so no float32 bias at small levels) against plain float64 sampling (4 s.e.), with the
+    projections kept or recomputed per call."""
+    from noiseprop.theory import predict as P
+
+    mod = __import__("sys").modules[P.__module__]
+    g = torch.Generator().manual_seed(3)
+    n, c = 40, 6
+    mean = torch.randn(n, c, generator=g, dtype=torch.float64) * 3
+    A = torch.randn(n, c, c, generator=g, dtype=torch.float64)
+    cov_u = A @ A.mT / c
+    y = torch.randint(0, c, (n,), generator=g)
+    ce0 = float(torch.nn.functional.cross_entropy(mean, y))
+    kept = mod._LogitLoss(cov_u, points=128, seed=0)
+    budget = mod.LOSS_PROJECTION_BUDGET
+    try:
+        mod.LOSS_PROJECTION_BUDGET = 0
+        chunked = mod._LogitLoss(cov_u, points=128, seed=0)
+    finally:
+        mod.LOSS_PROJECTION_BUDGET = budget
+    assert kept.W is not None and chunked.W is None
+    L = torch.linalg.cholesky(cov_u)
+    draws = 4000
+    z = torch.randn(draws, n, c, generator=g, dtype=torch.float64)
+    for lv in (1e-3, 0.3, 1.0):
+        est = kept.at(mean, y, lv)
+        assert est == pytest.approx(chunked.at(mean, y, lv), rel=1e-9, abs=1e-12)
+        f = mean + lv * torch.einsum("nab,knb->kna", L, z)
+        per_draw = torch.nn.functional.cross_entropy(f.reshape(-1, c), y.repeat(draws), reduction="none")
+        per_draw = per_draw.reshape(draws, n).mean(1)
+        se = float(per_draw.std()) / math.sqrt(draws)
+        assert abs(est - float(per_draw.mean())) < 4 * se + 1e-6
+        if lv == 1e-3:  # tiny level: the increase itself, second order, stays accurate
+            inc = float(per_draw.mean()) - ce0
+            assert abs((est - ce0) - inc) < 4 * se + 1e-6
