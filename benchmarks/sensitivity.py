@@ -155,6 +155,84 @@ def keep(models, drop, draws, k=3):
               "mc_rank_of_chosen": 1 + sum(res[m][0] > res[chosen][0] for m in layers), "layers": len(layers)})
 
 
+def _mc_logits(model, x, noise, draws, seed, targets=None):
+    """Per-draw logits ``[draws, N, C]`` (the Monte-Carlo of noiseprop.empirical, its
+    noisy evaluator, kept whole for the moment diagnostics)."""
+    from noiseprop.empirical.montecarlo import NoisyEvaluator
+    from noiseprop.theory.noise import parse_noise
+    from noiseprop.theory.targets import resolve_targets
+
+    noise = parse_noise(noise)
+    ev = NoisyEvaluator(resolve_targets(model, targets), noise)
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(draws):
+        ev.set(noise.level, ev.draw(gen))
+        out.append(ev.logits(x).double())
+    return torch.stack(out)
+
+
+def budget_diag(models, draws):
+    """Why the first-order budget level loses more than predicted: at that level,
+    Monte-Carlo logits against the first-order Gaussian model, term by term."""
+    from noiseprop.theory import RelativeGaussian, noise_budget, predict
+    from noiseprop.theory.accuracy import correct_probability, margin_moments
+
+    for name in models:
+        model, x, y = _load(name)
+        import inspect
+
+        kw = {"refine": None} if "refine" in inspect.signature(noise_budget).parameters else {}
+        b = noise_budget(model, x, y, "relative", max_drop=0.01, **kw)
+        noise = RelativeGaussian(b.level)
+        lg = _mc_logits(model, x, noise, draws, 11)  # [D, N, C]
+        clean = predict(model, x, y, noise, cov=True)
+        acc_d = (lg.argmax(2) == y[None]).double().mean(1).numpy()
+        mc_acc, se = float(acc_d.mean()), float(acc_d.std(ddof=1) / math.sqrt(draws))
+        mu = lg.mean(0)
+        dev = lg - mu
+        cov = torch.einsum("dni,dnj->nij", dev, dev) / (draws - 1)
+        cl = clean.clean_logits.double()
+        g = lambda mean, c: float(correct_probability(mean, c, y, n_points=1024, seed=0)[0].mean())  # noqa: E731
+        acc_mc_moments = g(mu, cov)
+        acc_mc_cov_clean_mean = g(cl, cov)
+        acc_fo_cov_mc_mean = g(mu, clean.logit_cov.double())
+        # margins: live pairs (first-order error probability > 1e-4)
+        m0, s0 = margin_moments(cl, clean.logit_cov.double(), y)
+        m1, s1 = margin_moments(mu, cov, y)
+        sd0 = torch.diagonal(s0, dim1=1, dim2=2).clamp_min(1e-30).sqrt()
+        sd1 = torch.diagonal(s1, dim1=1, dim2=2).clamp_min(1e-30).sqrt()
+        live = torch.special.ndtr(-m0 / sd0) > 1e-4
+        var_ratio = float((sd1[live] ** 2).sum() / (sd0[live] ** 2).sum())
+        shift_sd = float(((m1 - m0)[live] / sd0[live]).mean())
+        # tails: per live pair, empirical P(margin < 0) against Gaussian with MC moments
+        from noiseprop.theory.accuracy import _other_classes
+
+        idx = _other_classes(y, cl.shape[1])
+        ly = lg.gather(2, y[None, :, None].expand(draws, -1, 1))
+        marg = ly - lg.gather(2, idx[None].expand(draws, -1, -1))  # [D, N, C-1]
+        emp = (marg < 0).double().mean(0)[live]
+        gau = torch.special.ndtr(-m1 / sd1)[live]
+        kurt = float((((marg - marg.mean(0)) / marg.std(0).clamp_min(1e-30)) ** 4).mean(0)[live].mean())
+        mom = {}
+        try:
+            t = time.perf_counter()
+            pm = predict(model, x, y, noise, method="moments")
+            mom = {"moments_acc": pm.accuracy, "moments_drop": pm.clean_accuracy - pm.accuracy,
+                   "moments_s": time.perf_counter() - t}
+        except Exception as e:  # noqa: BLE001
+            mom = {"moments_error": str(e)[:200]}
+        emit({"part": "budget_diag", "model": name, "level": b.level, "clean": b.clean_accuracy,
+              "first_order_drop": b.predicted_drop, "mc_drop": b.clean_accuracy - mc_acc, "mc_se": se,
+              "gauss_mc_mean_cov_drop": b.clean_accuracy - acc_mc_moments,
+              "gauss_clean_mean_mc_cov_drop": b.clean_accuracy - acc_mc_cov_clean_mean,
+              "gauss_mc_mean_fo_cov_drop": b.clean_accuracy - acc_fo_cov_mc_mean,
+              "live_pairs": int(live.sum()), "margin_var_ratio_mc_over_fo": var_ratio,
+              "margin_shift_in_fo_sd": shift_sd, "live_emp_err_sum": float(emp.sum()),
+              "live_gauss_err_sum": float(gau.sum()), "live_margin_kurtosis": kurt,
+              **mom, "draws": draws})
+
+
 def cost(models, reps):
     from noiseprop.theory import noise_budget, predict, sensitivity
 
@@ -189,6 +267,7 @@ def main(argv=None):
     ap.add_argument("--drop", type=float, default=0.075)
     ap.add_argument("--draws", type=int, default=100)
     ap.add_argument("--budget-draws", type=int, default=300)
+    ap.add_argument("--diag-draws", type=int, default=300)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args(argv)
@@ -200,6 +279,8 @@ def main(argv=None):
         cost(a.budget_models.split(","), a.reps)
     if "budget" in parts:
         budget(a.budget_models.split(","), a.budget_draws)
+    if "budget_diag" in parts:
+        budget_diag(a.budget_models.split(","), a.diag_draws)
     if "alone" in parts:
         alone(models, a.drop, a.draws)
     if "keep" in parts:

@@ -65,7 +65,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .accuracy import correct_probability, margin_moments, pairwise_error_bounds
+from .accuracy import correct_probability, margin_moments, orthant_probability, pairwise_error_bounds
 from .flatness import loss_increase_gauss_newton
 from .linearize import LinearizedNetwork, jacobian_pass
 from .noise import NOISE_STRING_FORMS, WeightNoise, parse_noise
@@ -388,6 +388,11 @@ class NoiseBudget:
     layer_drop: float
     bits_saved: float
     evaluations: int
+    refine: str | None = None
+    first_order_level: float = float("nan")
+    refine_inputs: int = 0
+    refine_neglected: float = 0.0
+    refine_seconds: float = 0.0
     mc_accuracy: float | None = None
     mc_accuracy_ci: tuple | None = None
     mc_drop: float | None = None
@@ -425,63 +430,175 @@ class NoiseBudget:
         return self.summary()
 
 
-def _solve_scale(clean, y, cov_of, target_drop, clean_acc, n_points, seed, rtol=1e-3):
-    """Largest ``s`` with predicted drop ``acc₀ − mean P(s² C) ≤ target_drop``; ``cov_of(s)``
-    gives the covariance at scale ``s``. Bracket by the pairwise bounds (no integration;
-    the orthant estimate is clamped between them, so the bracket is valid for it too),
-    then Brent's method on the orthant probability. Returns ``(s, drop, evaluations)``."""
+class _Curve:
+    """Predicted accuracy of one zero-mean noise family as a function of its scale ``s``.
+
+    The logits are Gaussian with mean ``clean + s² δ`` and covariance ``s² C₁ + s⁴ C₂``
+    (first order: ``δ = 0``, ``C₂ = 0``; the moment refinement fits ``δ`` and ``C₂`` at
+    one level, docs/THEORY.md §11). The margins' moments are linear in the logits', so
+    they are formed once (``m(s) = m₀ + s² a``, ``S(s) = s² S₁ + s⁴ S₂``) and a level
+    costs one orthant probability; the pairwise bounds cost ``O(N C)``."""
+
+    def __init__(self, clean, y, cov1, clean_acc, n_points, seed, shift=None, cov2=None):
+        self.m0, self.s1 = margin_moments(clean, cov1, y)
+        self.a = self.s2 = None
+        if shift is not None:
+            self.a = margin_moments(shift, torch.zeros_like(cov1), y)[0]
+        if cov2 is not None:
+            self.s2 = margin_moments(torch.zeros_like(clean, dtype=torch.float64), cov2, y)[1]
+        self.clean_acc, self.n_points, self.seed = clean_acc, n_points, seed
+        self.evaluations = 0
+
+    def margins(self, s):
+        m = self.m0 if self.a is None else self.m0 + (s * s) * self.a
+        S = self.s1 * (s * s) if self.s2 is None else self.s1 * (s * s) + self.s2 * s ** 4
+        return m, S
+
+    def union(self, s) -> torch.Tensor:
+        """Per input, the union (Bonferroni) bound on the error probability, ``min(1, Σ_k p_k)``."""
+        _, lo, _ = pairwise_error_bounds(*self.margins(s))
+        return 1.0 - lo
+
+    def bound_drops(self, s):
+        """``(smallest, largest)`` possible predicted drop at ``s`` (pairwise bounds)."""
+        _, lo, hi = pairwise_error_bounds(*self.margins(s))
+        return self.clean_acc - float(hi.mean()), self.clean_acc - float(lo.mean())
+
+    def errors(self, s, cheap=False) -> torch.Tensor:
+        """Per-input error probability ``1 − P_i(correct)`` at ``s``; ``cheap``: fewer
+        quasi-Monte-Carlo points and a looser bound tolerance (used only to steer the
+        root finder, never reported)."""
+        self.evaluations += 1
+        npnt, tol = (min(256, self.n_points), 1e-6) if cheap else (self.n_points, 1e-9)
+        return 1.0 - orthant_probability(*self.margins(s), n_points=npnt, seed=self.seed, bound_tol=tol)
+
+    def drop(self, s) -> float:
+        return float(self.errors(s).mean()) - (1.0 - self.clean_acc)
+
+
+_BIG = 1e12
+#: ``noise_budget(refine=...)`` choices: ``"moments"`` (one moment propagation at the
+#: first-order root refines the curve there) or ``None`` (first order only).
+REFINE = ("moments", None)
+#: Inputs whose union bound on the error at ``REFINE_REACH`` times the first-order level
+#: exceeds ``REFINE_TOL`` get the moment propagation; the others cannot matter.
+REFINE_TOL = 1e-4
+REFINE_REACH = 1.25
+
+
+def _bound_root(f, target, s0=1.0):
+    """Smallest ``s`` (to 1e-10 relative) with ``f(s) ≥ target`` for a non-decreasing
+    ``f``; ``None`` if ``f`` stays below ``target`` up to ``_BIG``."""
     from scipy.optimize import brentq
 
-    m, s1 = margin_moments(clean, cov_of(1.0), y)
-    if not bool((torch.diagonal(s1, dim1=1, dim2=2) > 0).any()):
-        raise ValueError("the noisy parameters do not affect the logits to first order: no level reaches the budget")
-
-    def hi_drop(s):  # largest possible drop at s
-        _, lo, _ = pairwise_error_bounds(m, s1 * (s * s))
-        return clean_acc - float(lo.mean())
-
-    def lo_drop(s):  # smallest possible drop at s
-        _, _, hi = pairwise_error_bounds(m, s1 * (s * s))
-        return clean_acc - float(hi.mean())
-
-    big = 1e12
-    s = 1.0
-    if hi_drop(s) <= target_drop:
-        while s < big and hi_drop(2 * s) <= target_drop:
-            s *= 2
+    hi = s0
+    if f(hi) >= target:
+        lo = hi / 2
+        while lo > 1 / _BIG and f(lo) >= target:
+            hi, lo = lo, lo / 2
+        if f(lo) >= target:
+            return lo
     else:
-        while s > 1 / big and hi_drop(s) > target_drop:
-            s /= 2
-    s_lo = s
-    s_hi = 2 * s_lo
-    while s_hi < s_lo * 2**20 and lo_drop(s_hi) < target_drop:
-        s_hi *= 2
-    evals = 0
+        while f(hi) < target:
+            hi *= 2
+            if hi > _BIG:
+                return None
+        lo = hi / 2
+    g = lambda t: f(math.exp(t)) - target  # noqa: E731
+    return math.exp(brentq(g, math.log(lo), math.log(hi), xtol=1e-10))
 
-    def f(sc):
-        nonlocal evals
-        evals += 1
-        return clean_acc - _accuracy(clean, cov_of(sc), y, n_points, seed) - target_drop
 
-    f_lo = f(s_lo)
-    while f_lo > 0 and s_lo > 1 / big:  # not expected (bounds), kept for safety
-        s_lo /= 2
-        f_lo = f(s_lo)
-    while f(s_hi) < 0:
-        s_hi *= 2
-        if s_hi > big:
-            raise ValueError(f"max_drop={target_drop:g} is never reached: the predicted accuracy stays within it at "
-                             "any level")
-    if f_lo == 0:
-        return s_lo, target_drop, evals
-    root = brentq(f, s_lo, s_hi, rtol=rtol, xtol=1e-12 * s_hi)
-    drop = f(root) + target_drop
-    return root, drop, evals
+def _solve_scale(curve: _Curve, target: float, rtol: float = 2e-3):
+    """Largest ``s`` with predicted drop ``≤ target`` (to ``rtol`` relative). Returns
+    ``(s, drop)``.
+
+    Bracket without integration: the pairwise bounds give ``lo_drop(s) ≤ drop(s) ≤
+    hi_drop(s)`` (the orthant estimate is clamped between them), so the root of
+    ``hi_drop`` is feasible and that of ``lo_drop`` is not. Then a per-input model: each
+    input's error probability is ``r_i`` times its union bound ``U_i(s) = min(1, Σ_k
+    Φ(−m_ik/s_ik))``, with ``r_i`` taken from the last orthant evaluation (``r_i = 1``
+    when one competitor dominates; it varies slowly with the level, while ``U_i`` carries
+    the steep Gaussian tail). The model's root needs only the bounds. One cheap
+    evaluations (fewer QMC points) at the feasible end and at the model's root set ``r_i``
+    and its log-linear trend in ``1/s²``; one full evaluation just below the model's root
+    usually ends it; otherwise repeat from there, bisecting in ``1/s²`` if the model's
+    root leaves the bracket."""
+    if not bool((torch.diagonal(curve.margins(1.0)[1], dim1=1, dim2=2) > 0).any()):
+        raise ValueError("the noisy parameters do not affect the logits to first order: no level reaches the budget")
+    base = 1.0 - curve.clean_acc
+    s_feas = _bound_root(lambda q: curve.bound_drops(q)[1], target)
+    if s_feas is None:
+        raise ValueError(f"max_drop={target:g} is never reached: the predicted accuracy stays within it at any level")
+    s_feas *= 1 - 1e-9  # hi_drop(s_feas) < target: surely feasible
+    s_inf = _bound_root(lambda q: curve.bound_drops(q)[0], target, s_feas)  # surely infeasible from here
+    lo, hi = s_feas, (s_inf if s_inf is not None else math.inf)
+    best = None  # (s, drop) of the largest fully evaluated feasible level
+    hist = []  # (1/s², log r_i) of the last evaluations
+    s, n_cheap = s_feas, 2
+    for _ in range(12):
+        cheap = n_cheap > 0
+        n_cheap -= 1
+        err = curve.errors(s, cheap=cheap)
+        if not cheap:
+            d = float(err.mean()) - base
+            if d <= target:
+                lo = max(lo, s)
+                if best is None or s > best[0]:
+                    best = (s, d)
+            else:
+                hi = min(hi, s)
+            if best is not None and hi <= best[0] * (1 + rtol):
+                break
+        u = curve.union(s)
+        r = torch.where(u > 0, err / u.clamp_min(1e-300), torch.ones_like(u)).clamp(1e-12, 1.0)
+        hist = (hist + [(1.0 / (s * s), r.log())])[-2:]
+        if len(hist) == 2 and hist[0][0] != hist[1][0]:
+            (u1, l1), (u2, l2) = hist
+            rate = (l2 - l1) / (u2 - u1)
+            ratio = lambda q: (l2 + rate * (1.0 / (q * q) - u2)).exp().clamp(max=1.0)  # noqa: E731
+        else:
+            ratio = lambda q, rr=r: rr  # noqa: E731
+        nxt = _bound_root(lambda q: float((ratio(q) * curve.union(q)).mean()) - base, target, s)
+        if not cheap and best is not None and best[0] == s and nxt is not None and nxt <= s * (1 + rtol):
+            break  # feasible, and the model puts the root within rtol above it
+        if nxt is not None and n_cheap <= 0:
+            nxt *= 1 - rtol / 4  # a full evaluation next: aim just below the root, to end on the feasible side
+        if nxt is None or not (lo < nxt < hi):
+            nxt = 2 * lo if not math.isfinite(hi) else (0.5 / lo ** 2 + 0.5 / hi ** 2) ** -0.5
+        s = nxt
+    if best is None:
+        best = (s_feas, curve.drop(s_feas))
+    return best
+
+
+def _moment_curve(ps: _Pass, x, fam: WeightNoise, level: float, curve: _Curve, n_points: int, seed: int):
+    """The predicted curve refined by one moment propagation at ``level`` (the first-order
+    root): logit mean ``clean + s² δ`` and covariance ``s² C₁ + s⁴ C₂``, with ``δ`` and
+    ``C₂`` fitted so that the curve equals the moment method at ``level``
+    (docs/THEORY.md §11). Only inputs that can matter are propagated: those whose union
+    bound on the error at ``REFINE_REACH × level`` exceeds ``REFINE_TOL`` (the others keep
+    the first order; the sum of their bounds over N, ``refine_neglected``, bounds what
+    they could add to the drop at that reach)."""
+    from .moments import propagate_moments
+
+    u = curve.union(REFINE_REACH * level)
+    sel = torch.nonzero(u > REFINE_TOL).flatten()
+    neglected = float(u[u <= REFINE_TOL].sum()) / u.numel()
+    shift = torch.zeros_like(ps.clean)
+    cov2 = torch.zeros_like(ps.cov_unit)
+    t = time.perf_counter()
+    if sel.numel():
+        res = propagate_moments(ps.lin, x[sel.to(x.device)].to(ps.lin.device), fam.with_level(level))
+        shift[sel] = (res.mean.double().cpu() - ps.clean[sel]) / level ** 2
+        cov2[sel] = (res.cov.double().cpu() - level ** 2 * ps.cov_unit[sel]) / level ** 4
+    extra = dict(refine_inputs=int(sel.numel()), refine_neglected=neglected, refine_seconds=time.perf_counter() - t)
+    return _Curve(ps.clean, ps.y, ps.cov_unit, curve.clean_acc, n_points, seed, shift=shift, cov2=cov2), extra
 
 
 def noise_budget(model: nn.Module, x, y, noise_family, max_drop: float = 0.01, targets=None, *,
-                 mc_draws: int = 0, mc_seed: int = 0, chunk_size: int | None = None, n_points: int = 1024,
-                 seed: int = 0, rtol: float = 1e-3) -> NoiseBudget:
+                 refine: str | None = "moments", mc_draws: int = 0, mc_seed: int = 0,
+                 chunk_size: int | None = None, n_points: int = 1024, seed: int = 0,
+                 rtol: float = 2e-3) -> NoiseBudget:
     """The largest level of ``noise_family`` whose predicted accuracy drop stays within
     ``max_drop``, and a per-layer allocation of levels within the same budget.
 
@@ -515,10 +632,19 @@ def noise_budget(model: nn.Module, x, y, noise_family, max_drop: float = 0.01, t
     mc_draws = _check_int("mc_draws", mc_draws, 0)
     if mc_draws == 1:
         raise ValueError("mc_draws must be 0 (no Monte-Carlo check) or >= 2")
+    if refine not in REFINE:
+        raise ValueError(f"refine must be one of {list(REFINE)}, got {refine!r}")
     ps = _pass(model, x, y, fam, targets, chunk_size)
     clean_acc = _clean_accuracy(ps.clean, ps.y)
-    level, drop, ev = _solve_scale(ps.clean, ps.y, lambda s: ps.cov_unit * (s * s), max_drop, clean_acc, n_points,
-                                   seed, rtol)
+    curve = _Curve(ps.clean, ps.y, ps.cov_unit, clean_acc, n_points, seed)
+    level, drop = _solve_scale(curve, max_drop, rtol)
+    fo_level, ev = level, curve.evaluations
+    extra = {}
+    if refine == "moments":
+        xx, _ = check_inputs(model, x, y)
+        rcurve, extra = _moment_curve(ps, xx, fam, level, curve, n_points, seed)
+        level, drop = _solve_scale(rcurve, max_drop, rtol)
+        ev += rcurve.evaluations
     layers = list(ps.layer_cov)
     g = _gn_per_unit(ps.clean, ps.layer_cov)
     active = [m for m in layers if g[m] > 0]
@@ -526,15 +652,16 @@ def noise_budget(model: nn.Module, x, y, noise_family, max_drop: float = 0.01, t
     # normalise so that the weight-averaged log level equals 0 (s is then comparable to η)
     norm = math.exp(sum(ps.params[m] * math.log(w[m]) for m in active) / sum(ps.params[m] for m in active))
     w = {m: v / norm for m, v in w.items()}
-    alloc_cov = lambda s: sum(ps.layer_cov[m] * (s * w[m]) ** 2 for m in active)  # noqa: E731
-    s, ldrop, ev2 = _solve_scale(ps.clean, ps.y, alloc_cov, max_drop, clean_acc, n_points, seed, rtol)
+    alloc = _Curve(ps.clean, ps.y, sum(ps.layer_cov[m] * w[m] ** 2 for m in active), clean_acc, n_points, seed)
+    s, ldrop = _solve_scale(alloc, max_drop, rtol)
     levels = [s * w[m] if m in w else math.inf for m in layers]
     n_act = sum(ps.params[m] for m in active)
-    bits = sum(ps.params[m] * math.log2(s * w[m] / level) for m in active) / n_act
+    bits = sum(ps.params[m] * math.log2(s * w[m] / fo_level) for m in active) / n_act
     out = dict(noise=fam.with_level(level).to_string(), targets=ps.lin.plan.targets.describe(), max_drop=max_drop,
                level=float(level), predicted_drop=float(drop), clean_accuracy=clean_acc,
                predicted_accuracy=clean_acc - float(drop), layers=tuple(layers), layer_levels=tuple(levels),
-               layer_drop=float(ldrop), bits_saved=float(bits), evaluations=ev + ev2)
+               layer_drop=float(ldrop), bits_saved=float(bits), evaluations=ev + alloc.evaluations,
+               refine=refine, first_order_level=float(fo_level), **extra)
     if mc_draws:
         from noiseprop.empirical import monte_carlo  # optional: theory does not depend on empirical
 
