@@ -374,6 +374,10 @@ class NoiseBudget:
     predicted drop, ``bits_saved`` the mean over weights of ``log₂(η_l/level)`` (bits
     per weight of precision the allocation saves against the uniform level).
     ``mc_*``: the Monte-Carlo check at ``level`` when asked for (``mc_draws > 0``).
+    ``refine``: ``"moments"`` when the level was refined by moment propagation (then
+    ``first_order_level`` is the first-order root, ``refine_inputs`` the inputs
+    propagated, ``refine_neglected`` the mean union bound of the others at 1.25× that
+    level), ``None`` for the first order (``refine_note``: why, when asked for).
     """
 
     noise: str
@@ -393,6 +397,7 @@ class NoiseBudget:
     refine_inputs: int = 0
     refine_neglected: float = 0.0
     refine_seconds: float = 0.0
+    refine_note: str = ""
     mc_accuracy: float | None = None
     mc_accuracy_ci: tuple | None = None
     mc_drop: float | None = None
@@ -415,6 +420,11 @@ class NoiseBudget:
                  f"  level {self.level:.5g}: predicted accuracy {self.predicted_accuracy:.4f} "
                  f"(clean {self.clean_accuracy:.4f}, drop {self.predicted_drop:.4f}); {self.evaluations} evaluations, "
                  f"{self.seconds:.2f} s"]
+        if self.refine == "moments":
+            lines.append(f"  refined by moment propagation on {self.refine_inputs} inputs ({self.refine_seconds:.2f} s); "
+                         f"first-order level {self.first_order_level:.5g}")
+        elif self.refine_note:
+            lines.append(f"  {self.refine_note}")
         if self.mc_draws:
             lo, hi = self.mc_drop_ci
             lines.append(f"  Monte-Carlo at that level ({self.mc_draws} draws): accuracy {self.mc_accuracy:.4f}, "
@@ -478,8 +488,11 @@ class _Curve:
 
 _BIG = 1e12
 #: ``noise_budget(refine=...)`` choices: ``"moments"`` (one moment propagation at the
-#: first-order root refines the curve there) or ``None`` (first order only).
-REFINE = ("moments", None)
+#: first-order root refines the curve there; an error if the model is outside the moment
+#: method's layers), ``"auto"`` (the default: ``"moments"`` where the model allows it,
+#: the first order otherwise, said in ``NoiseBudget.refine_note``) or ``None`` (first
+#: order only, the cheapest).
+REFINE = ("auto", "moments", None)
 #: Inputs whose union bound on the error at ``REFINE_REACH`` times the first-order level
 #: exceeds ``REFINE_TOL`` get the moment propagation; the others cannot matter.
 REFINE_TOL = 1e-4
@@ -579,8 +592,9 @@ def _moment_curve(ps: _Pass, x, fam: WeightNoise, level: float, curve: _Curve, n
     bound on the error at ``REFINE_REACH × level`` exceeds ``REFINE_TOL`` (the others keep
     the first order; the sum of their bounds over N, ``refine_neglected``, bounds what
     they could add to the drop at that reach)."""
-    from .moments import propagate_moments
+    from .moments import MomentPropagator, propagate_moments
 
+    prop = MomentPropagator(ps.lin, fam.with_level(level))  # ValueError: a model the moment method does not cover
     u = curve.union(REFINE_REACH * level)
     sel = torch.nonzero(u > REFINE_TOL).flatten()
     neglected = float(u[u <= REFINE_TOL].sum()) / u.numel()
@@ -588,7 +602,8 @@ def _moment_curve(ps: _Pass, x, fam: WeightNoise, level: float, curve: _Curve, n
     cov2 = torch.zeros_like(ps.cov_unit)
     t = time.perf_counter()
     if sel.numel():
-        res = propagate_moments(ps.lin, x[sel.to(x.device)].to(ps.lin.device), fam.with_level(level))
+        res = propagate_moments(ps.lin, x[sel.to(x.device)].to(ps.lin.device), fam.with_level(level),
+                                propagator=prop)
         shift[sel] = (res.mean.double().cpu() - ps.clean[sel]) / level ** 2
         cov2[sel] = (res.cov.double().cpu() - level ** 2 * ps.cov_unit[sel]) / level ** 4
     extra = dict(refine_inputs=int(sel.numel()), refine_neglected=neglected, refine_seconds=time.perf_counter() - t)
@@ -596,21 +611,38 @@ def _moment_curve(ps: _Pass, x, fam: WeightNoise, level: float, curve: _Curve, n
 
 
 def noise_budget(model: nn.Module, x, y, noise_family, max_drop: float = 0.01, targets=None, *,
-                 refine: str | None = "moments", mc_draws: int = 0, mc_seed: int = 0,
+                 refine: str | None = "auto", mc_draws: int = 0, mc_seed: int = 0,
                  chunk_size: int | None = None, n_points: int = 1024, seed: int = 0,
                  rtol: float = 2e-3) -> NoiseBudget:
     """The largest level of ``noise_family`` whose predicted accuracy drop stays within
     ``max_drop``, and a per-layer allocation of levels within the same budget.
 
-    The predicted drop at level η is ``acc₀ − mean_i Φ_{η² S_i}(m_i)`` (first order,
-    Gaussian logits; one Jacobian pass at level 1, then only orthant probabilities).
-    Root finding: bracket by the pairwise bounds (no integration), Brent's method on the
-    orthant probability (relative tolerance ``rtol`` on the level).
+    The first-order drop at level η is ``acc₀ − mean_i Φ_{η² S_i}(m_i)`` (Gaussian
+    logits; one Jacobian pass at level 1, then only orthant probabilities). Root finding
+    (:func:`_solve_scale`): bracket by the pairwise bounds (no integration), then a
+    per-input model of the error against its union bound; about three orthant
+    evaluations (two with fewer points), relative tolerance ``rtol`` on the level.
+
+    ``refine``: the first order misses the logits' mean shift (ReLU gates that flip
+    lower the margins of the inputs near a decision boundary, which are the ones a
+    1-point budget is about), so at its root the network loses more than ``max_drop``
+    (digits: 1.16–1.21 points for a 1-point budget on the MLP and VGG).
+    ``"moments"`` runs one moment propagation (:mod:`noiseprop.theory.moments`) at the
+    first-order root, on the inputs that can matter (``REFINE_TOL``), fits the curve
+    ``mean = clean + η² δ``, ``cov = η² C₁ + η⁴ C₂`` to it there and solves again on that
+    curve (docs/THEORY.md §11). ``"auto"`` (default) does so where the model is one the
+    moment method covers (Linear, Conv2d, BatchNorm, ReLU, pooling, residual add) and
+    falls back to the first order otherwise (``refine_note`` says why); ``None``: first
+    order only. The refinement costs one moment pass over the selected inputs: several
+    times a ``predict`` call on a small MLP, where that call is a few milliseconds of
+    Jacobians; the first order alone costs at most about 3 ``predict`` calls.
+    ``first_order_level`` is the first-order root either way.
 
     Allocation: ``η_l = s √(n_l / g_l)``, ``g_l`` the first-order loss increase of layer
     ``l`` at level 1 and ``n_l`` its noisy weight count (the levels that minimise the
     total precision ``Σ_l n_l log₂(1/η_l)`` at a fixed loss increase), with ``s`` found
-    by root finding on the predicted drop as above.
+    by root finding on the first-order predicted drop (not refined; ``bits_saved`` is
+    against the first-order uniform level, same model).
 
     noise_family: ``'relative'``, ``'additive'``, ... (no level: the level is the
     answer) or a WeightNoise (its level is ignored). max_drop: in (0, 1), e.g. 0.01 for
@@ -639,12 +671,19 @@ def noise_budget(model: nn.Module, x, y, noise_family, max_drop: float = 0.01, t
     curve = _Curve(ps.clean, ps.y, ps.cov_unit, clean_acc, n_points, seed)
     level, drop = _solve_scale(curve, max_drop, rtol)
     fo_level, ev = level, curve.evaluations
-    extra = {}
-    if refine == "moments":
+    extra, used = {}, None
+    if refine is not None:
         xx, _ = check_inputs(model, x, y)
-        rcurve, extra = _moment_curve(ps, xx, fam, level, curve, n_points, seed)
-        level, drop = _solve_scale(rcurve, max_drop, rtol)
-        ev += rcurve.evaluations
+        try:
+            rcurve, extra = _moment_curve(ps, xx, fam, level, curve, n_points, seed)
+        except ValueError as e:
+            if refine == "moments":
+                raise ValueError(f"refine='moments': {e}") from e
+            extra = dict(refine_note=f"first order only: {e}")
+        else:
+            level, drop = _solve_scale(rcurve, max_drop, rtol)
+            ev += rcurve.evaluations
+            used = "moments"
     layers = list(ps.layer_cov)
     g = _gn_per_unit(ps.clean, ps.layer_cov)
     active = [m for m in layers if g[m] > 0]
@@ -661,7 +700,7 @@ def noise_budget(model: nn.Module, x, y, noise_family, max_drop: float = 0.01, t
                level=float(level), predicted_drop=float(drop), clean_accuracy=clean_acc,
                predicted_accuracy=clean_acc - float(drop), layers=tuple(layers), layer_levels=tuple(levels),
                layer_drop=float(ldrop), bits_saved=float(bits), evaluations=ev + alloc.evaluations,
-               refine=refine, first_order_level=float(fo_level), **extra)
+               refine=used, first_order_level=float(fo_level), **extra)
     if mc_draws:
         from noiseprop.empirical import monte_carlo  # optional: theory does not depend on empirical
 
