@@ -9,18 +9,26 @@ cached), all test inputs.
    predicted accuracy with only that layer noisy against Monte-Carlo with
    ``Targets(layers=[layer])`` (``--draws``); also the whole network at that level.
    Target: within 1 point or inside the 95% CI.
-2. ``budget``: ``noise_budget(max_drop=0.01)`` and Monte-Carlo at the returned level
-   (``--budget-draws``). Target: the Monte-Carlo drop's 95% CI contains 1 point.
-3. ``keep``: ``keep_digital(k=3)`` at the level of part 1; Monte-Carlo after each step
+2. ``budget``: ``noise_budget(max_drop=0.01)`` (default ``refine="auto"``) and
+   Monte-Carlo at the returned level (``--budget-draws``), and at the first-order level
+   when the level was refined. Target: the Monte-Carlo drop's 95% CI contains 1 point.
+   ``budget_diag``: why the first-order level loses more: at that level, Monte-Carlo
+   logits (``--diag-draws``) against the Gaussian model term by term (Gaussian with
+   Monte-Carlo's mean and covariance, with the clean mean and Monte-Carlo's covariance,
+   with Monte-Carlo's mean and the first-order covariance; the live margins' variance
+   ratio, mean shift and kurtosis) and the moment method's drop.
+3. ``keep``: ``keep_digital(k=3)`` at the level of part 1, first order and
+   ``method="moments"``; Monte-Carlo with every layer noisy and after each step
    (target: within 1 point of the prediction) and, for k=1, Monte-Carlo of every single
    layer kept digital (target: none better than the chosen one by more than the CI of
    the difference).
-4. ``cost``: wall time of ``sensitivity`` and ``noise_budget`` against ``predict`` with
-   its defaults (same inputs, alternated, median of ``--reps``). Targets: ≤ 2× and ≤ 3×.
+4. ``cost``: wall time of ``sensitivity`` and ``noise_budget`` (default, and
+   ``refine=None``) against ``predict`` with its defaults (same inputs, alternated,
+   median of ``--reps``). Targets: ≤ 2× and ≤ 3×.
 
 One JSON line per result. Figures come from a shared machine (other jobs running).
 
-    .venv/bin/python benchmarks/sensitivity.py [--parts alone,budget,keep,cost]
+    .venv/bin/python benchmarks/sensitivity.py [--parts alone,budget,budget_diag,keep,cost]
         [--models resnet20,vgg] [--budget-models mlp,vgg,resnet20] [--draws 100]
 """
 from __future__ import annotations
@@ -71,7 +79,10 @@ def _level(model, x, y, drop, draws=30):
     from noiseprop.empirical import sweep
     from noiseprop.theory import noise_budget
 
-    hi = noise_budget(model, x, y, "relative", max_drop=drop).level
+    import inspect
+
+    kw = {"refine": None} if "refine" in inspect.signature(noise_budget).parameters else {}
+    hi = noise_budget(model, x, y, "relative", max_drop=drop, **kw).level
     levels = list(np.geomspace(hi / 16, hi, 9))
     sw = sweep(model, x, y, "relative", levels, draws=draws, seed=7, progress=False)
     acc = sw.to_frame()["accuracy"].to_numpy()
@@ -109,17 +120,29 @@ def alone(models, drop, draws):
 
 
 def budget(models, draws):
+    """The budget with its default (``refine="auto"``: moment refinement where the model
+    allows it) checked by Monte-Carlo at the returned level, and Monte-Carlo at the
+    first-order level (``refine=None``) in the same run for comparison."""
     from noiseprop.theory import noise_budget
 
     for name in models:
         model, x, y = _load(name)
         b = noise_budget(model, x, y, "relative", max_drop=0.01, mc_draws=draws, mc_seed=0)
         lo, hi = b.mc_drop_ci
-        emit({"part": "budget", "model": name, "max_drop": 0.01, "level": b.level, "predicted_drop": b.predicted_drop,
-              "mc_drop": b.mc_drop, "mc_drop_ci": [lo, hi], "ci_contains_budget": bool(lo <= 0.01 <= hi),
-              "within_1pt": bool(abs(b.mc_drop - 0.01) <= 0.01), "draws": draws,
-              "allocation_bits_saved": b.bits_saved, "allocation_predicted_drop": b.layer_drop,
-              "seconds": b.seconds})
+        row = {"part": "budget", "model": name, "max_drop": 0.01, "refine": getattr(b, "refine", None),
+               "level": b.level, "predicted_drop": b.predicted_drop,
+               "mc_drop": b.mc_drop, "mc_drop_ci": [lo, hi], "ci_contains_budget": bool(lo <= 0.01 <= hi),
+               "within_1pt": bool(abs(b.mc_drop - 0.01) <= 0.01), "draws": draws,
+               "allocation_bits_saved": b.bits_saved, "allocation_predicted_drop": b.layer_drop,
+               "evaluations": b.evaluations, "seconds": b.seconds}
+        if getattr(b, "refine", None) == "moments":
+            acc, ci, se, _ = _mc(model, x, y, f"relative:{b.first_order_level}", draws, 0)
+            row.update(first_order_level=b.first_order_level, first_order_mc_drop=b.clean_accuracy - acc,
+                       first_order_mc_drop_ci=[b.clean_accuracy - ci[1], b.clean_accuracy - ci[0]],
+                       first_order_ci_contains_budget=bool(b.clean_accuracy - ci[1] <= 0.01 <= b.clean_accuracy - ci[0]),
+                       refine_inputs=b.refine_inputs, refine_neglected=b.refine_neglected,
+                       refine_seconds=b.refine_seconds)
+        emit(row)
 
 
 def keep(models, drop, draws, k=3):
@@ -130,12 +153,30 @@ def keep(models, drop, draws, k=3):
         level = _level(model, x, y, drop)
         noise = RelativeGaussian(level)
         kd = keep_digital(model, x, y, noise, k=k, exhaustive=False)
+        km = None
+        try:
+            km = keep_digital(model, x, y, noise, k=k, exhaustive=False, method="moments")
+        except TypeError:  # before method= existed
+            pass
+        acc, ci, se, _ = _mc(model, x, y, noise, draws, 2)
+        row = {"part": "keep", "model": name, "level": level, "k": 0, "layers": [],
+               "predicted": kd.accuracy_all_noisy, "mc": acc, "mc_ci": ci, "diff": kd.accuracy_all_noisy - acc,
+               "within_1pt": bool(abs(kd.accuracy_all_noisy - acc) <= 0.01), "draws": draws}
+        if km is not None:
+            row.update(predicted_moments=km.accuracy_all_noisy, diff_moments=km.accuracy_all_noisy - acc,
+                       within_1pt_moments=bool(abs(km.accuracy_all_noisy - acc) <= 0.01))
+        emit(row)
         for step in range(1, k + 1):
             acc, ci, se, _ = _mc(model, x, y, noise, draws, 2, kd.targets_after(step))
-            emit({"part": "keep", "model": name, "level": level, "k": step, "layers": list(kd.layers[:step]),
-                  "predicted": kd.accuracy[step - 1], "mc": acc, "mc_ci": ci, "diff": kd.accuracy[step - 1] - acc,
-                  "within_1pt": bool(abs(kd.accuracy[step - 1] - acc) <= 0.01),
-                  "interaction": kd.interaction[step - 1], "draws": draws})
+            row = {"part": "keep", "model": name, "level": level, "k": step, "layers": list(kd.layers[:step]),
+                   "predicted": kd.accuracy[step - 1], "mc": acc, "mc_ci": ci, "diff": kd.accuracy[step - 1] - acc,
+                   "within_1pt": bool(abs(kd.accuracy[step - 1] - acc) <= 0.01),
+                   "interaction": kd.interaction[step - 1], "draws": draws, "seconds_linear": kd.seconds}
+            if km is not None:
+                a = km.accuracy[step - 1]
+                row.update(predicted_moments=a, diff_moments=a - acc, within_1pt_moments=bool(abs(a - acc) <= 0.01),
+                           seconds_moments=km.seconds, moment_inputs=km.moment_inputs)
+            emit(row)
         # exhaustive k = 1 by Monte-Carlo: every single layer kept digital
         from noiseprop.theory import Targets
 
@@ -242,7 +283,10 @@ def cost(models, reps):
         # warm-up (first-call costs)
         predict(model, x[:8], y[:8], noise)
         sensitivity(model, x[:8], y[:8], noise)
-        tp, ts, tb = [], [], []
+        tp, ts, tb, tf = [], [], [], []
+        import inspect
+
+        fo = "refine" in inspect.signature(noise_budget).parameters  # default refine="auto", and refine=None
         for _ in range(reps):
             t = time.perf_counter()
             predict(model, x, y, noise, cache=False)  # a fresh derivative pass, as a first call pays
@@ -253,10 +297,18 @@ def cost(models, reps):
             t = time.perf_counter()
             noise_budget(model, x, y, "relative", 0.01)
             tb.append(time.perf_counter() - t)
+            if fo:
+                t = time.perf_counter()
+                noise_budget(model, x, y, "relative", 0.01, refine=None)
+                tf.append(time.perf_counter() - t)
         p, s, b = statistics.median(tp), statistics.median(ts), statistics.median(tb)
-        emit({"part": "cost", "model": name, "n_inputs": int(x.shape[0]), "predict_s": p, "sensitivity_s": s,
-              "noise_budget_s": b, "sensitivity_ratio": s / p, "noise_budget_ratio": b / p,
-              "target_sensitivity": 2.0, "target_budget": 3.0, "reps": reps})
+        row = {"part": "cost", "model": name, "n_inputs": int(x.shape[0]), "predict_s": p, "sensitivity_s": s,
+               "noise_budget_s": b, "sensitivity_ratio": s / p, "noise_budget_ratio": b / p,
+               "target_sensitivity": 2.0, "target_budget": 3.0, "reps": reps}
+        if fo:
+            f = statistics.median(tf)
+            row.update(noise_budget_first_order_s=f, noise_budget_first_order_ratio=f / p)
+        emit(row)
 
 
 def main(argv=None):
