@@ -449,6 +449,14 @@ class _Curve:
             self.s2 = margin_moments(torch.zeros_like(clean, dtype=torch.float64), cov2, y)[1]
         self.clean_acc, self.n_points, self.seed = clean_acc, n_points, seed
         self.evaluations = 0
+        # the pairwise bounds need only the margins' variances: O(N C) per level
+        self.v1 = torch.diagonal(self.s1, dim1=1, dim2=2)
+        self.v2 = None if self.s2 is None else torch.diagonal(self.s2, dim1=1, dim2=2)
+
+    def _bounds(self, s):
+        m = self.m0 if self.a is None else self.m0 + (s * s) * self.a
+        var = self.v1 * (s * s) if self.v2 is None else self.v1 * (s * s) + self.v2 * s ** 4
+        return pairwise_error_bounds(m, torch.diag_embed(var))
 
     def margins(self, s):
         m = self.m0 if self.a is None else self.m0 + (s * s) * self.a
@@ -457,12 +465,12 @@ class _Curve:
 
     def union(self, s) -> torch.Tensor:
         """Per input, the union (Bonferroni) bound on the error probability, ``min(1, Σ_k p_k)``."""
-        _, lo, _ = pairwise_error_bounds(*self.margins(s))
+        _, lo, _ = self._bounds(s)
         return 1.0 - lo
 
     def bound_drops(self, s):
         """``(smallest, largest)`` possible predicted drop at ``s`` (pairwise bounds)."""
-        _, lo, hi = pairwise_error_bounds(*self.margins(s))
+        _, lo, hi = self._bounds(s)
         return self.clean_acc - float(hi.mean()), self.clean_acc - float(lo.mean())
 
     def errors(self, s, cheap=False) -> torch.Tensor:
@@ -494,7 +502,7 @@ REFINE_REACH = 1.25
 
 
 def _bound_root(f, target, s0=1.0):
-    """Smallest ``s`` (to 1e-10 relative) with ``f(s) ≥ target`` for a non-decreasing
+    """Smallest ``s`` (to 1e-7 relative) with ``f(s) ≥ target`` for a non-decreasing
     ``f``; ``None`` if ``f`` stays below ``target`` up to ``_BIG``."""
     from scipy.optimize import brentq
 
@@ -512,7 +520,7 @@ def _bound_root(f, target, s0=1.0):
                 return None
         lo = hi / 2
     g = lambda t: f(math.exp(t)) - target  # noqa: E731
-    return math.exp(brentq(g, math.log(lo), math.log(hi), xtol=1e-10))
+    return math.exp(brentq(g, math.log(lo), math.log(hi), xtol=1e-7))
 
 
 def _solve_scale(curve: _Curve, target: float, rtol: float = 2e-3):
@@ -536,7 +544,7 @@ def _solve_scale(curve: _Curve, target: float, rtol: float = 2e-3):
     s_feas = _bound_root(lambda q: curve.bound_drops(q)[1], target)
     if s_feas is None:
         raise ValueError(f"max_drop={target:g} is never reached: the predicted accuracy stays within it at any level")
-    s_feas *= 1 - 1e-9  # hi_drop(s_feas) < target: surely feasible
+    s_feas *= 1 - 1e-6  # hi_drop(s_feas) < target: surely feasible
     s_inf = _bound_root(lambda q: curve.bound_drops(q)[0], target, s_feas)  # surely infeasible from here
     lo, hi = s_feas, (s_inf if s_inf is not None else math.inf)
     best = None  # (s, drop) of the largest fully evaluated feasible level
