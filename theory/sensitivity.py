@@ -28,9 +28,24 @@ how far the greedy choice is from additive (``interaction``) and, where it is ch
 from the best set by exhaustive search.
 
 The noise budget (:func:`noise_budget`) solves ``drop(η) = max_drop`` on the predicted
-curve ``drop(η) = acc₀ − mean_i Φ_{η² S_i}(m_i)``, bracketed by the pairwise
-(Bonferroni) bounds, which need no integration, and refined by Brent's method. The
-per-layer allocation minimises the precision cost ``Σ_l n_l log₂(1/η_l)`` (bits per
+curve ``drop(η) = acc₀ − mean_i Φ_{η² S_i}(m_i)``: bracketed by the pairwise
+(Bonferroni) bounds, which need no integration, then a per-input model (each input's
+error is ``r_i`` times its union bound, ``r_i`` from the last orthant evaluation and
+log-linear in ``1/η²``), whose root needs only the bounds: two cheap and one full
+orthant evaluation per root. The first order misses the logits' mean shift: ReLU gates
+that flip under noise lower the margins of the inputs near a decision boundary, the
+very inputs a 1-point budget is about (measured at the first-order level, digits MLP:
+Gaussian logits with Monte-Carlo's mean and the first-order covariance lose 1.19
+points, with the clean mean and Monte-Carlo's covariance 0.97, with both of
+Monte-Carlo's 1.15, Monte-Carlo itself 1.14: the mean, not the covariance or the tails).
+``refine="moments"`` (default where the model allows it) runs one moment propagation
+at the first-order root ``η₁`` on the inputs that can matter and fits
+
+    mean(η) = clean + (η/η₁)² (μ_m − clean),   cov(η) = η² C₁ + (η/η₁)⁴ (Σ_m − η₁² C₁)
+
+(the mean shift and the covariance beyond first order are even in the noise and start
+at η² and η⁴), equal to the moment method at ``η₁``, then solves again on that curve.
+The per-layer allocation minimises the precision cost ``Σ_l n_l log₂(1/η_l)`` (bits per
 weight of a device whose relative noise is η_l, ``n_l`` weights) subject to a fixed
 first-order loss increase ``Σ_l η_l² g_l`` (``g_l`` = ``ΔL_l`` at level 1); the
 Lagrange condition ``n_l/η_l = 2λ g_l η_l`` gives
@@ -38,18 +53,19 @@ Lagrange condition ``n_l/η_l = 2λ g_l η_l`` gives
     η_l ∝ √(n_l / g_l)    (every layer's loss increase proportional to its weight count),
 
 the reverse water-filling rule of rate-distortion bit allocation. The common factor is
-then set by root finding so that the predicted accuracy drop is ``max_drop``.
+then set by root finding so that the first-order predicted drop is ``max_drop``.
 
-Measured limits (``benchmarks/sensitivity.py``, digits, all 359 test inputs, 100–300
-Monte-Carlo draws): the accuracy with one layer alone noisy is within 0.1 point
+Measured (``benchmarks/sensitivity.py``, digits, all 359 test inputs, 60–200
+Monte-Carlo draws): the accuracy with one layer alone noisy is within 0.13 point
 (ResNet-20, 22 layers) and 0.2 point (VGG with BatchNorm, 9 layers) of Monte-Carlo at
-the level where the whole network loses 5–7 points, and within 1.4 points even where
-it loses 30–60. The whole network is where the first order falls short: it misses the
-noise of each layer acting on the perturbation of its input, so at a 7-point drop it
-underestimates the damage by 2–3.5 points, and :func:`keep_digital`'s accuracies, which
-have most layers noisy, inherit that error (1–2 points there, under 0.5 point at a
-3-point drop). ``noise_budget(max_drop=0.01)``: Monte-Carlo drop 1.03% (ResNet-20),
-1.20% (MLP), 1.26% (VGG): within 0.3 point of the budget.
+the level where the whole network loses 4–7 points. The whole network is where the
+first order falls short: it misses the mean shift and the noise of each layer acting on
+the perturbation of its input, so at a 6-point drop (ResNet-20) it underestimates the
+damage by 2.6 points and :func:`keep_digital`'s accuracies, which have most layers
+noisy, inherit that error (1.1–2.4 points; ``method="moments"`` 0.7–1.9, the moment
+method's own limit on residual networks). ``noise_budget(max_drop=0.01)``: Monte-Carlo
+drop at the refined level 1.05% (MLP), 1.04% (VGG), 1.08% (ResNet-20), each 95% CI
+containing 1 point (first-order level: 1.18%, 1.28%, 1.04%).
 """
 from __future__ import annotations
 
