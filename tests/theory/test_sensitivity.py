@@ -102,7 +102,7 @@ def test_accuracy_alone_matches_monte_carlo_per_layer(kind):
     model = trained(kind)
     x, y = held_out(300 if FULL else 120)
     draws = 200 if FULL else 48
-    level = noise_budget(model, x, y, "relative", 0.07).level
+    level = noise_budget(model, x, y, "relative", 0.07, refine=None).level
     s = sensitivity(model, x, y, RelativeGaussian(level))
     for layer, acc in zip(s.layers, s.accuracy_alone):
         mc = monte_carlo(model, x, y, RelativeGaussian(level), draws=draws, seed=3, targets=Targets(layers=[layer]),
@@ -329,6 +329,14 @@ def test_bad_input_is_rejected_with_clear_messages():
     for k in (1.5, True, "1"):
         with pytest.raises(ValueError, match="k must be an integer"):
             keep_digital(model, x, y, "relative:0.1", k=k)
+    from noiseprop.theory.validation import check_int, check_number
+
+    with pytest.raises(ValueError, match=r"k must be an integer in \[1, 2\] \(three layers\), got float 1.5"):
+        check_int("k", 1.5, 1, 2, what="an integer in [1, 2] (three layers)", wrong_type=ValueError)
+    with pytest.raises(TypeError, match=r"k must be an integer >= 1 and <= 2, got float 1.5"):
+        check_int("k", 1.5, 1, 2)  # the defaults are unchanged
+    with pytest.raises(ValueError, match=r"d must be a fraction, got str '0.1'"):
+        check_number("d", "0.1", 0, 1, what="a fraction", wrong_type=ValueError)
     with pytest.raises(ValueError, match=r"refine must be one of \['auto', 'moments', None\]"):
         noise_budget(model, x, y, "relative", 0.01, refine="exact")
     with pytest.raises(ValueError, match=r"method must be one of \['linear', 'moments'\]"):
