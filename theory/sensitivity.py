@@ -63,7 +63,8 @@ first order falls short: it misses the mean shift and the noise of each layer ac
 the perturbation of its input, so at a 6-point drop (ResNet-20) it underestimates the
 damage by 2.6 points and :func:`keep_digital`'s accuracies, which have most layers
 noisy, inherit that error (1.1–2.4 points; ``method="moments"`` 0.7–1.9, the moment
-method's own limit on residual networks). ``noise_budget(max_drop=0.01)``: Monte-Carlo
+method's own limit on residual networks; VGG: first order 0.3–1.0 after 1–3 steps,
+moments within 0.2). ``noise_budget(max_drop=0.01)``: Monte-Carlo
 drop at the refined level 1.05% (MLP), 1.04% (VGG), 1.08% (ResNet-20), each 95% CI
 containing 1 point (first-order level: 1.18%, 1.28%, 1.04%).
 """
@@ -877,8 +878,9 @@ def keep_digital(model: nn.Module, x, y, noise, k: int = 1, targets=None, *, exh
     ``"moments"`` reports it by moment propagation (one pass per step and one with every
     layer noisy, on the inputs that can matter; the choice stays first order). Where
     the whole network loses 5–10 points the first order underestimates the damage
-    (digits ResNet-20 at a 6.5-point Monte-Carlo drop: 3.2 points); moments halve that
-    (docs/THEORY.md §11) at several times the cost.
+    (digits, every layer noisy: ResNet-20 at a 6-point Monte-Carlo drop 2.6 points,
+    VGG at 4.7 points 2.1); moments: 1.5 and 0.7 (docs/THEORY.md §11), at 4–13 times the
+    cost of the first-order call.
 
     >>> import torch
     >>> from noiseprop.theory.examples import tiny_problem
