@@ -884,7 +884,7 @@ def keep_digital(model: nn.Module, x, y, noise, k: int = 1, targets=None, *, exh
     layer noisy, on the inputs that can matter; the choice stays first order). Where
     the whole network loses 5–10 points the first order underestimates the damage
     (digits, every layer noisy: ResNet-20 at a 6-point Monte-Carlo drop 2.6 points,
-    VGG at 4.7 points 2.1); moments: 1.5 and 0.7 (docs/THEORY.md §11), at 4–13 times the
+    VGG at 4.7 points 2.1); moments: 1.6 and 0.8 (docs/THEORY.md §11), at 3–11 times the
     cost of the first-order call.
 
     >>> import torch
