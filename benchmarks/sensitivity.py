@@ -9,18 +9,26 @@ cached), all test inputs.
    predicted accuracy with only that layer noisy against Monte-Carlo with
    ``Targets(layers=[layer])`` (``--draws``); also the whole network at that level.
    Target: within 1 point or inside the 95% CI.
-2. ``budget``: ``noise_budget(max_drop=0.01)`` and Monte-Carlo at the returned level
-   (``--budget-draws``). Target: the Monte-Carlo drop's 95% CI contains 1 point.
-3. ``keep``: ``keep_digital(k=3)`` at the level of part 1; Monte-Carlo after each step
+2. ``budget``: ``noise_budget(max_drop=0.01)`` (default ``refine="auto"``) and
+   Monte-Carlo at the returned level (``--budget-draws``), and at the first-order level
+   when the level was refined. Target: the Monte-Carlo drop's 95% CI contains 1 point.
+   ``budget_diag``: why the first-order level loses more: at that level, Monte-Carlo
+   logits (``--diag-draws``) against the Gaussian model term by term (Gaussian with
+   Monte-Carlo's mean and covariance, with the clean mean and Monte-Carlo's covariance,
+   with Monte-Carlo's mean and the first-order covariance; the live margins' variance
+   ratio, mean shift and kurtosis) and the moment method's drop.
+3. ``keep``: ``keep_digital(k=3)`` at the level of part 1, first order and
+   ``method="moments"``; Monte-Carlo with every layer noisy and after each step
    (target: within 1 point of the prediction) and, for k=1, Monte-Carlo of every single
    layer kept digital (target: none better than the chosen one by more than the CI of
    the difference).
-4. ``cost``: wall time of ``sensitivity`` and ``noise_budget`` against ``predict`` with
-   its defaults (same inputs, alternated, median of ``--reps``). Targets: ≤ 2× and ≤ 3×.
+4. ``cost``: wall time of ``sensitivity`` and ``noise_budget`` (default, and
+   ``refine=None``) against ``predict`` with its defaults (same inputs, alternated,
+   median of ``--reps``). Targets: ≤ 2× and ≤ 3×.
 
 One JSON line per result. Figures come from a shared machine (other jobs running).
 
-    .venv/bin/python benchmarks/sensitivity.py [--parts alone,budget,keep,cost]
+    .venv/bin/python benchmarks/sensitivity.py [--parts alone,budget,budget_diag,keep,cost]
         [--models resnet20,vgg] [--budget-models mlp,vgg,resnet20] [--draws 100]
 """
 from __future__ import annotations
@@ -71,7 +79,10 @@ def _level(model, x, y, drop, draws=30):
     from noiseprop.empirical import sweep
     from noiseprop.theory import noise_budget
 
-    hi = noise_budget(model, x, y, "relative", max_drop=drop).level
+    import inspect
+
+    kw = {"refine": None} if "refine" in inspect.signature(noise_budget).parameters else {}
+    hi = noise_budget(model, x, y, "relative", max_drop=drop, **kw).level
     levels = list(np.geomspace(hi / 16, hi, 9))
     sw = sweep(model, x, y, "relative", levels, draws=draws, seed=7, progress=False)
     acc = sw.to_frame()["accuracy"].to_numpy()
@@ -109,17 +120,29 @@ def alone(models, drop, draws):
 
 
 def budget(models, draws):
+    """The budget with its default (``refine="auto"``: moment refinement where the model
+    allows it) checked by Monte-Carlo at the returned level, and Monte-Carlo at the
+    first-order level (``refine=None``) in the same run for comparison."""
     from noiseprop.theory import noise_budget
 
     for name in models:
         model, x, y = _load(name)
         b = noise_budget(model, x, y, "relative", max_drop=0.01, mc_draws=draws, mc_seed=0)
         lo, hi = b.mc_drop_ci
-        emit({"part": "budget", "model": name, "max_drop": 0.01, "level": b.level, "predicted_drop": b.predicted_drop,
-              "mc_drop": b.mc_drop, "mc_drop_ci": [lo, hi], "ci_contains_budget": bool(lo <= 0.01 <= hi),
-              "within_1pt": bool(abs(b.mc_drop - 0.01) <= 0.01), "draws": draws,
-              "allocation_bits_saved": b.bits_saved, "allocation_predicted_drop": b.layer_drop,
-              "seconds": b.seconds})
+        row = {"part": "budget", "model": name, "max_drop": 0.01, "refine": getattr(b, "refine", None),
+               "level": b.level, "predicted_drop": b.predicted_drop,
+               "mc_drop": b.mc_drop, "mc_drop_ci": [lo, hi], "ci_contains_budget": bool(lo <= 0.01 <= hi),
+               "within_1pt": bool(abs(b.mc_drop - 0.01) <= 0.01), "draws": draws,
+               "allocation_bits_saved": b.bits_saved, "allocation_predicted_drop": b.layer_drop,
+               "evaluations": b.evaluations, "seconds": b.seconds}
+        if getattr(b, "refine", None) == "moments":
+            acc, ci, se, _ = _mc(model, x, y, f"relative:{b.first_order_level}", draws, 0)
+            row.update(first_order_level=b.first_order_level, first_order_mc_drop=b.clean_accuracy - acc,
+                       first_order_mc_drop_ci=[b.clean_accuracy - ci[1], b.clean_accuracy - ci[0]],
+                       first_order_ci_contains_budget=bool(b.clean_accuracy - ci[1] <= 0.01 <= b.clean_accuracy - ci[0]),
+                       refine_inputs=b.refine_inputs, refine_neglected=b.refine_neglected,
+                       refine_seconds=b.refine_seconds)
+        emit(row)
 
 
 def keep(models, drop, draws, k=3):
@@ -130,12 +153,30 @@ def keep(models, drop, draws, k=3):
         level = _level(model, x, y, drop)
         noise = RelativeGaussian(level)
         kd = keep_digital(model, x, y, noise, k=k, exhaustive=False)
+        km = None
+        try:
+            km = keep_digital(model, x, y, noise, k=k, exhaustive=False, method="moments")
+        except TypeError:  # before method= existed
+            pass
+        acc, ci, se, _ = _mc(model, x, y, noise, draws, 2)
+        row = {"part": "keep", "model": name, "level": level, "k": 0, "layers": [],
+               "predicted": kd.accuracy_all_noisy, "mc": acc, "mc_ci": ci, "diff": kd.accuracy_all_noisy - acc,
+               "within_1pt": bool(abs(kd.accuracy_all_noisy - acc) <= 0.01), "draws": draws}
+        if km is not None:
+            row.update(predicted_moments=km.accuracy_all_noisy, diff_moments=km.accuracy_all_noisy - acc,
+                       within_1pt_moments=bool(abs(km.accuracy_all_noisy - acc) <= 0.01))
+        emit(row)
         for step in range(1, k + 1):
             acc, ci, se, _ = _mc(model, x, y, noise, draws, 2, kd.targets_after(step))
-            emit({"part": "keep", "model": name, "level": level, "k": step, "layers": list(kd.layers[:step]),
-                  "predicted": kd.accuracy[step - 1], "mc": acc, "mc_ci": ci, "diff": kd.accuracy[step - 1] - acc,
-                  "within_1pt": bool(abs(kd.accuracy[step - 1] - acc) <= 0.01),
-                  "interaction": kd.interaction[step - 1], "draws": draws})
+            row = {"part": "keep", "model": name, "level": level, "k": step, "layers": list(kd.layers[:step]),
+                   "predicted": kd.accuracy[step - 1], "mc": acc, "mc_ci": ci, "diff": kd.accuracy[step - 1] - acc,
+                   "within_1pt": bool(abs(kd.accuracy[step - 1] - acc) <= 0.01),
+                   "interaction": kd.interaction[step - 1], "draws": draws, "seconds_linear": kd.seconds}
+            if km is not None:
+                a = km.accuracy[step - 1]
+                row.update(predicted_moments=a, diff_moments=a - acc, within_1pt_moments=bool(abs(a - acc) <= 0.01),
+                           seconds_moments=km.seconds, moment_inputs=km.moment_inputs)
+            emit(row)
         # exhaustive k = 1 by Monte-Carlo: every single layer kept digital
         from noiseprop.theory import Targets
 
@@ -155,6 +196,84 @@ def keep(models, drop, draws, k=3):
               "mc_rank_of_chosen": 1 + sum(res[m][0] > res[chosen][0] for m in layers), "layers": len(layers)})
 
 
+def _mc_logits(model, x, noise, draws, seed, targets=None):
+    """Per-draw logits ``[draws, N, C]`` (the Monte-Carlo of noiseprop.empirical, its
+    noisy evaluator, kept whole for the moment diagnostics)."""
+    from noiseprop.empirical.montecarlo import NoisyEvaluator
+    from noiseprop.theory.noise import parse_noise
+    from noiseprop.theory.targets import resolve_targets
+
+    noise = parse_noise(noise)
+    ev = NoisyEvaluator(resolve_targets(model, targets), noise)
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(draws):
+        ev.set(noise.level, ev.draw(gen))
+        out.append(ev.logits(x).double())
+    return torch.stack(out)
+
+
+def budget_diag(models, draws):
+    """Why the first-order budget level loses more than predicted: at that level,
+    Monte-Carlo logits against the first-order Gaussian model, term by term."""
+    from noiseprop.theory import RelativeGaussian, noise_budget, predict
+    from noiseprop.theory.accuracy import correct_probability, margin_moments
+
+    for name in models:
+        model, x, y = _load(name)
+        import inspect
+
+        kw = {"refine": None} if "refine" in inspect.signature(noise_budget).parameters else {}
+        b = noise_budget(model, x, y, "relative", max_drop=0.01, **kw)
+        noise = RelativeGaussian(b.level)
+        lg = _mc_logits(model, x, noise, draws, 11)  # [D, N, C]
+        clean = predict(model, x, y, noise, cov=True)
+        acc_d = (lg.argmax(2) == y[None]).double().mean(1).numpy()
+        mc_acc, se = float(acc_d.mean()), float(acc_d.std(ddof=1) / math.sqrt(draws))
+        mu = lg.mean(0)
+        dev = lg - mu
+        cov = torch.einsum("dni,dnj->nij", dev, dev) / (draws - 1)
+        cl = clean.clean_logits.double()
+        g = lambda mean, c: float(correct_probability(mean, c, y, n_points=1024, seed=0)[0].mean())  # noqa: E731
+        acc_mc_moments = g(mu, cov)
+        acc_mc_cov_clean_mean = g(cl, cov)
+        acc_fo_cov_mc_mean = g(mu, clean.logit_cov.double())
+        # margins: live pairs (first-order error probability > 1e-4)
+        m0, s0 = margin_moments(cl, clean.logit_cov.double(), y)
+        m1, s1 = margin_moments(mu, cov, y)
+        sd0 = torch.diagonal(s0, dim1=1, dim2=2).clamp_min(1e-30).sqrt()
+        sd1 = torch.diagonal(s1, dim1=1, dim2=2).clamp_min(1e-30).sqrt()
+        live = torch.special.ndtr(-m0 / sd0) > 1e-4
+        var_ratio = float((sd1[live] ** 2).sum() / (sd0[live] ** 2).sum())
+        shift_sd = float(((m1 - m0)[live] / sd0[live]).mean())
+        # tails: per live pair, empirical P(margin < 0) against Gaussian with MC moments
+        from noiseprop.theory.accuracy import _other_classes
+
+        idx = _other_classes(y, cl.shape[1])
+        ly = lg.gather(2, y[None, :, None].expand(draws, -1, 1))
+        marg = ly - lg.gather(2, idx[None].expand(draws, -1, -1))  # [D, N, C-1]
+        emp = (marg < 0).double().mean(0)[live]
+        gau = torch.special.ndtr(-m1 / sd1)[live]
+        kurt = float((((marg - marg.mean(0)) / marg.std(0).clamp_min(1e-30)) ** 4).mean(0)[live].mean())
+        mom = {}
+        try:
+            t = time.perf_counter()
+            pm = predict(model, x, y, noise, method="moments")
+            mom = {"moments_acc": pm.accuracy, "moments_drop": pm.clean_accuracy - pm.accuracy,
+                   "moments_s": time.perf_counter() - t}
+        except Exception as e:  # noqa: BLE001
+            mom = {"moments_error": str(e)[:200]}
+        emit({"part": "budget_diag", "model": name, "level": b.level, "clean": b.clean_accuracy,
+              "first_order_drop": b.predicted_drop, "mc_drop": b.clean_accuracy - mc_acc, "mc_se": se,
+              "gauss_mc_mean_cov_drop": b.clean_accuracy - acc_mc_moments,
+              "gauss_clean_mean_mc_cov_drop": b.clean_accuracy - acc_mc_cov_clean_mean,
+              "gauss_mc_mean_fo_cov_drop": b.clean_accuracy - acc_fo_cov_mc_mean,
+              "live_pairs": int(live.sum()), "margin_var_ratio_mc_over_fo": var_ratio,
+              "margin_shift_in_fo_sd": shift_sd, "live_emp_err_sum": float(emp.sum()),
+              "live_gauss_err_sum": float(gau.sum()), "live_margin_kurtosis": kurt,
+              **mom, "draws": draws})
+
+
 def cost(models, reps):
     from noiseprop.theory import noise_budget, predict, sensitivity
 
@@ -164,7 +283,10 @@ def cost(models, reps):
         # warm-up (first-call costs)
         predict(model, x[:8], y[:8], noise)
         sensitivity(model, x[:8], y[:8], noise)
-        tp, ts, tb = [], [], []
+        tp, ts, tb, tf = [], [], [], []
+        import inspect
+
+        fo = "refine" in inspect.signature(noise_budget).parameters  # default refine="auto", and refine=None
         for _ in range(reps):
             t = time.perf_counter()
             predict(model, x, y, noise, cache=False)  # a fresh derivative pass, as a first call pays
@@ -175,10 +297,18 @@ def cost(models, reps):
             t = time.perf_counter()
             noise_budget(model, x, y, "relative", 0.01)
             tb.append(time.perf_counter() - t)
+            if fo:
+                t = time.perf_counter()
+                noise_budget(model, x, y, "relative", 0.01, refine=None)
+                tf.append(time.perf_counter() - t)
         p, s, b = statistics.median(tp), statistics.median(ts), statistics.median(tb)
-        emit({"part": "cost", "model": name, "n_inputs": int(x.shape[0]), "predict_s": p, "sensitivity_s": s,
-              "noise_budget_s": b, "sensitivity_ratio": s / p, "noise_budget_ratio": b / p,
-              "target_sensitivity": 2.0, "target_budget": 3.0, "reps": reps})
+        row = {"part": "cost", "model": name, "n_inputs": int(x.shape[0]), "predict_s": p, "sensitivity_s": s,
+               "noise_budget_s": b, "sensitivity_ratio": s / p, "noise_budget_ratio": b / p,
+               "target_sensitivity": 2.0, "target_budget": 3.0, "reps": reps}
+        if fo:
+            f = statistics.median(tf)
+            row.update(noise_budget_first_order_s=f, noise_budget_first_order_ratio=f / p)
+        emit(row)
 
 
 def main(argv=None):
@@ -189,6 +319,7 @@ def main(argv=None):
     ap.add_argument("--drop", type=float, default=0.075)
     ap.add_argument("--draws", type=int, default=100)
     ap.add_argument("--budget-draws", type=int, default=300)
+    ap.add_argument("--diag-draws", type=int, default=300)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args(argv)
@@ -200,6 +331,8 @@ def main(argv=None):
         cost(a.budget_models.split(","), a.reps)
     if "budget" in parts:
         budget(a.budget_models.split(","), a.budget_draws)
+    if "budget_diag" in parts:
+        budget_diag(a.budget_models.split(","), a.diag_draws)
     if "alone" in parts:
         alone(models, a.drop, a.draws)
     if "keep" in parts:

@@ -39,10 +39,12 @@ def cmd_sensitivity(args) -> int:
     budget = None
     if args.budget is not None:
         budget = noise_budget(model, x, y, noise.with_level(1.0), args.budget, targets=args.targets, seed=args.seed,
-                              mc_draws=args.budget_mc or 0, mc_seed=args.seed)
+                              mc_draws=args.budget_mc or 0, mc_seed=args.seed,
+                              refine=None if args.refine == "none" else args.refine)
     keep = None
     if args.keep_digital is not None:
-        keep = keep_digital(model, x, y, noise, args.keep_digital, targets=args.targets, seed=args.seed)
+        keep = keep_digital(model, x, y, noise, args.keep_digital, targets=args.targets, seed=args.seed,
+                            method=args.keep_method)
     if args.plot:
         sens.plot(args.plot)
     if args.json:
@@ -55,13 +57,15 @@ def cmd_sensitivity(args) -> int:
                              "predicted_drop": budget.predicted_drop, "predicted_accuracy": budget.predicted_accuracy,
                              "layer_levels": {m: _num(v) for m, v in zip(budget.layers, budget.layer_levels)},
                              "layer_drop": budget.layer_drop, "bits_saved": budget.bits_saved,
+                             "refine": budget.refine, "first_order_level": budget.first_order_level,
                              "seconds": budget.seconds}
             if budget.mc_draws:
                 out["budget"].update(mc_draws=budget.mc_draws, mc_accuracy=budget.mc_accuracy,
                                      mc_drop=budget.mc_drop, mc_drop_ci=list(budget.mc_drop_ci))
         if keep is not None:
             out["keep_digital"] = {"layers": list(keep.layers), "accuracy": list(keep.accuracy),
-                                   "accuracy_all_noisy": keep.accuracy_all_noisy,
+                                   "accuracy_all_noisy": keep.accuracy_all_noisy, "method": keep.method,
+                                   "accuracy_first_order": list(keep.accuracy_first_order),
                                    "interaction": list(keep.interaction),
                                    "exhaustive_layers": None if keep.exhaustive_layers is None
                                    else list(keep.exhaustive_layers),
@@ -92,8 +96,14 @@ def register(sub) -> None:
                         "MAX_DROP (e.g. 0.01), with a per-layer allocation")
     p.add_argument("--budget-mc", type=int, default=None, metavar="DRAWS",
                    help="check the budget's level by Monte-Carlo with this many draws")
+    p.add_argument("--refine", choices=("auto", "moments", "none"), default="auto",
+                   help="--budget: refine the first-order level by one moment propagation (auto: where the model "
+                        "allows it; none: first order only, cheapest)")
     p.add_argument("--keep-digital", type=int, default=None, metavar="K",
                    help="also choose the K layers to keep digital (greedy, with interactions)")
+    p.add_argument("--keep-method", choices=("linear", "moments"), default="linear",
+                   help="--keep-digital: predict the accuracy after each step by the first order (default) or by "
+                        "moment propagation (one pass per step)")
     p.add_argument("--plot", default=None, metavar="PNG", help="write a bar chart of the per-layer shares")
     p.add_argument("--n-inputs", type=int, default=None, help="use only the first N test inputs")
     p.set_defaults(func=cmd_sensitivity)

@@ -326,8 +326,10 @@ sens = pd.DataFrame(rows).sort_values("measured_drop", ascending=False); sens'''
     ("md", "## Sensitivity estimates on a zoo model\nThe same questions answered analytically, from one derivative "
            "pass (`noiseprop.theory`): which layers cause the damage (`sensitivity`: exact shares of the logit "
            "variance and of the loss increase, accuracy with each layer alone noisy), how much noise the network "
-           "affords for a one-point drop (`noise_budget`, checked here by Monte-Carlo), and which layers to keep "
-           "digital (`keep_digital`, greedy, with the interactions it ignores)."),
+           "affords for a one-point drop (`noise_budget`, checked here by Monte-Carlo; by default its first-order "
+           "level is refined by one moment propagation, since the first order misses the logits' mean shift and "
+           "would overspend the budget), and which layers to keep digital (`keep_digital`, greedy, with the "
+           "interactions it ignores; `method=\"moments\"` predicts the accuracy after each step by moments)."),
     ("code", '''from noiseprop.theory import keep_digital, noise_budget, sensitivity
 spec = {"name": "resnet20", "norm": "bn"} if FULL else {"name": "resnet8", "norm": "bn", "width": 4}
 zoo = train(spec, data, seed=0, epochs=EPOCHS, cache_dir=CACHE, num_threads=1).model.eval()

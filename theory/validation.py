@@ -36,15 +36,21 @@ def _is_int(value) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
-def check_int(name: str, value, minimum: int | None = None, maximum: int | None = None, allow_none: bool = False):
-    """An integer (not a bool, not a float) in ``[minimum, maximum]``; returns ``int``."""
+def check_int(name: str, value, minimum: int | None = None, maximum: int | None = None, allow_none: bool = False,
+              *, what: str | None = None, wrong_type: type = TypeError):
+    """An integer (not a bool, not a float) in ``[minimum, maximum]``; returns ``int``.
+
+    ``what`` replaces the description of what is accepted in the message ("k must be
+    {what}, got ..."); ``wrong_type``: the exception raised for a value that is not an
+    integer (``TypeError``; ``ValueError`` where an API has always raised that)."""
     if value is None and allow_none:
         return None
     lo = "" if minimum is None else f" >= {minimum}"
     hi = "" if maximum is None else f" <= {maximum}"
-    what = f"an integer{lo}{' and' if lo and hi else ''}{hi}{' or None' if allow_none else ''}"
+    if what is None:
+        what = f"an integer{lo}{' and' if lo and hi else ''}{hi}{' or None' if allow_none else ''}"
     if not _is_int(value):
-        raise TypeError(f"{name} must be {what}, got {type(value).__name__} {value!r}")
+        raise wrong_type(f"{name} must be {what}, got {type(value).__name__} {value!r}")
     v = int(value)
     if (minimum is not None and v < minimum) or (maximum is not None and v > maximum):
         raise ValueError(f"{name} must be {what}, got {v!r}")
@@ -52,9 +58,10 @@ def check_int(name: str, value, minimum: int | None = None, maximum: int | None 
 
 
 def check_number(name: str, value, minimum: float | None = None, maximum: float | None = None,
-                 open_min: bool = False, open_max: bool = False, allow_none: bool = False) -> float | None:
+                 open_min: bool = False, open_max: bool = False, allow_none: bool = False, *,
+                 what: str | None = None, wrong_type: type = TypeError) -> float | None:
     """A finite real number (int or float, not a bool or a string) in the given range;
-    returns ``float``."""
+    returns ``float``. ``what`` and ``wrong_type`` as for :func:`check_int`."""
     if value is None and allow_none:
         return None
     parts = []
@@ -62,9 +69,10 @@ def check_number(name: str, value, minimum: float | None = None, maximum: float 
         parts.append(f"{'>' if open_min else '>='} {minimum:g}")
     if maximum is not None:
         parts.append(f"{'<' if open_max else '<='} {maximum:g}")
-    what = "a finite number" + (" " + " and ".join(parts) if parts else "") + (" or None" if allow_none else "")
+    if what is None:
+        what = "a finite number" + (" " + " and ".join(parts) if parts else "") + (" or None" if allow_none else "")
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name} must be {what}, got {type(value).__name__} {value!r}")
+        raise wrong_type(f"{name} must be {what}, got {type(value).__name__} {value!r}")
     try:
         v = float(value)
     except OverflowError:

@@ -17,7 +17,7 @@ def checkpoint(tmp_path_factory):
 def test_sensitivity_json_with_budget_keep_digital_and_plot(checkpoint, tmp_path, capsys):
     png = tmp_path / "bars.png"
     rc = main(["sensitivity", "--model", checkpoint, "--noise", "relative:0.3", "--budget", "0.02",
-               "--keep-digital", "1", "--plot", str(png), "--json", "--n-inputs", "60"])
+               "--keep-digital", "1", "--keep-method", "moments", "--plot", str(png), "--json", "--n-inputs", "60"])
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
     assert out["noise"] == "relative:0.3" and out["n_inputs"] == 60
@@ -26,6 +26,8 @@ def test_sensitivity_json_with_budget_keep_digital_and_plot(checkpoint, tmp_path
     assert out["budget"]["max_drop"] == 0.02 and out["budget"]["level"] > 0
     assert out["budget"]["noise"].startswith("relative:")
     assert len(out["keep_digital"]["layers"]) == 1
+    assert out["budget"]["refine"] == "moments" and out["budget"]["first_order_level"] > 0
+    assert out["keep_digital"]["method"] == "moments" and len(out["keep_digital"]["accuracy_first_order"]) == 1
     assert png.stat().st_size > 1000
 
 

@@ -102,7 +102,7 @@ def test_accuracy_alone_matches_monte_carlo_per_layer(kind):
     model = trained(kind)
     x, y = held_out(300 if FULL else 120)
     draws = 200 if FULL else 48
-    level = noise_budget(model, x, y, "relative", 0.07).level
+    level = noise_budget(model, x, y, "relative", 0.07, refine=None).level
     s = sensitivity(model, x, y, RelativeGaussian(level))
     for layer, acc in zip(s.layers, s.accuracy_alone):
         mc = monte_carlo(model, x, y, RelativeGaussian(level), draws=draws, seed=3, targets=Targets(layers=[layer]),
@@ -116,8 +116,8 @@ def test_noise_budget_level_checked_by_monte_carlo():
     model = trained("resnet")
     x, y = held_out(300 if FULL else 150)
     draws = 200 if FULL else 60
-    b = noise_budget(model, x, y, "relative", max_drop=0.02, mc_draws=draws, mc_seed=1)
-    assert isinstance(b, NoiseBudget)
+    b = noise_budget(model, x, y, "relative", max_drop=0.02, mc_draws=draws, mc_seed=1, refine=None)
+    assert isinstance(b, NoiseBudget) and b.refine is None and b.level == b.first_order_level
     assert b.predicted_drop == pytest.approx(0.02, abs=2e-4)
     # the prediction at the returned level, independently
     clean, _, acc = _ref(model, x, y, b.noise_model)
@@ -125,6 +125,65 @@ def test_noise_budget_level_checked_by_monte_carlo():
     se = (b.mc_drop_ci[1] - b.mc_drop_ci[0]) / 2 / 1.99  # t quantile, ~60 draws
     assert abs(b.mc_drop - 0.02) <= _mc_tol(se), b.summary()
     assert "Monte-Carlo" in b.summary()
+
+
+def _fo_drop(model, x, y, level):
+    clean, _, acc = _ref(model, x, y, RelativeGaussian(level))
+    return float((clean.argmax(1) == y).double().mean()) - acc
+
+
+@pytest.mark.parametrize("kind, max_drop", [("mlp", 0.01), ("cnn", 0.03)])
+def test_root_finder_against_direct_evaluation(kind, max_drop):
+    """The first-order level: the drop there (evaluated independently) is within the
+    budget, and 2·rtol above it the budget is exceeded; a handful of orthant evaluations."""
+    model = trained(kind)
+    x, y = held_out(120)
+    b = noise_budget(model, x, y, "relative", max_drop=max_drop, refine=None)
+    assert b.refine is None and b.evaluations <= 12  # both solves (uniform and allocation)
+    d = _fo_drop(model, x, y, b.level)
+    assert d == pytest.approx(b.predicted_drop, abs=1e-9) and d <= max_drop
+    assert _fo_drop(model, x, y, b.level * (1 + 2 * 2e-3)) > max_drop
+
+
+def test_refined_curve_equals_moment_method_at_the_first_order_root():
+    """The refined curve is fitted to the moment method at the first-order root: there its
+    drop equals ``predict(method="moments")`` (inputs left out by the selection bound what
+    can differ), and the refined level solves it to rtol."""
+    import sys
+
+    model = trained("mlp")
+    x, y = held_out(120)
+    b = noise_budget(model, x, y, "relative", max_drop=0.02)
+    assert b.refine == "moments" and 0 < b.refine_inputs <= 120 and b.refine_neglected <= 1e-4 + 1e-12
+    pm = predict(model, x, y, RelativeGaussian(b.first_order_level), method="moments")
+    sens = sys.modules["noiseprop.theory.sensitivity"]
+    ps = sens._pass(model, x, y, RelativeGaussian(1.0), None, None)
+    acc0 = sens._clean_accuracy(ps.clean, ps.y)
+    fo = sens._Curve(ps.clean, ps.y, ps.cov_unit, acc0, 1024, 0)
+    curve, extra = sens._moment_curve(ps, x, RelativeGaussian(1.0), b.first_order_level, fo, 1024, 0)
+    assert curve.drop(b.first_order_level) == pytest.approx(pm.clean_accuracy - pm.accuracy,
+                                                            abs=1e-6 + extra["refine_neglected"])
+    assert curve.drop(b.level) == pytest.approx(b.predicted_drop, abs=1e-12) and b.predicted_drop <= 0.02
+    assert curve.drop(b.level * (1 + 4e-3)) > 0.02
+    assert b.level < b.first_order_level  # the mean shift lowers the margins: less noise affordable
+    assert "refined by moment propagation" in b.summary()
+    b0 = noise_budget(model, x, y, "relative", max_drop=0.02, refine=None)
+    assert b0.level == pytest.approx(b.first_order_level, rel=1e-12)
+
+
+@pytest.mark.slow
+def test_refined_budget_checked_by_monte_carlo():
+    """Monte-Carlo at the refined level loses max_drop (4 s.e.); at the first-order level
+    the MLP loses more (the mean shift the first order misses)."""
+    from noiseprop.empirical import monte_carlo
+
+    model = trained("mlp")
+    x, y = held_out(300 if FULL else 200)
+    draws = 300 if FULL else 150
+    b = noise_budget(model, x, y, "relative", max_drop=0.03, mc_draws=draws, mc_seed=2)
+    assert b.refine == "moments"
+    se = (b.mc_drop_ci[1] - b.mc_drop_ci[0]) / 2 / 1.98
+    assert abs(b.mc_drop - 0.03) <= 4 * se, b.summary()
 
 
 @pytest.mark.slow
@@ -181,6 +240,36 @@ def test_keep_digital_greedy_steps_and_exhaustive_k1():
     assert kd.exhaustive_accuracy >= kd.accuracy[1] - 1e-12 and kd.subsets_searched == math.comb(len(layers), 2)
     assert kd.targets_after().layers == tuple(rest)
     assert list(kd.to_frame()["layer"]) == list(kd.layers)
+
+
+def test_keep_digital_moments_equal_moment_predictions_per_step():
+    """method="moments": the same greedy choice, and after each step the accuracy of
+    ``predict(method="moments")`` with the remaining layers noisy (an independent
+    reference; inputs the selection leaves to the first order can differ by < 1e-4 each)."""
+    model = trained("cnn")
+    x, y = held_out(40)
+    noise = RelativeGaussian(0.3)
+    kl = keep_digital(model, x, y, noise, k=2)
+    km = keep_digital(model, x, y, noise, k=2, method="moments")
+    assert km.layers == kl.layers and km.accuracy_first_order == kl.accuracy and km.method == "moments"
+    assert km.accuracy_all_noisy_first_order == kl.accuracy_all_noisy and 0 < km.moment_inputs <= 40
+    import sys
+
+    sens = sys.modules["noiseprop.theory.sensitivity"]
+    ps = sens._pass(model, x, y, noise, None, None)
+    curve = sens._Curve(ps.clean, ps.y, ps.cov_unit, sens._clean_accuracy(ps.clean, ps.y), 1024, 0)
+    sel, neglected = sens._select(curve, noise.level, sens.KEEP_REACH)
+    assert int(sel.sum()) == km.moment_inputs and neglected <= sens.REFINE_MASS
+    for step, acc in [(0, km.accuracy_all_noisy), (1, km.accuracy[0]), (2, km.accuracy[1])]:
+        tg = km.targets_after(step) if step else None
+        ref = predict(model, x[sel], y[sel], noise, targets=tg, method="moments")  # the inputs propagated
+        lin = predict(model, x[~sel], y[~sel], noise, targets=tg)  # the others: first order
+        want = (ref.correct_prob.sum() + lin.correct_prob.sum()) / len(y)
+        assert acc == pytest.approx(float(want), abs=1e-9), step
+        full = predict(model, x, y, noise, targets=tg, method="moments")  # all inputs: within the neglected
+        assert acc == pytest.approx(full.accuracy, abs=1e-3), step  # mass and the sketches' chunking
+    assert "moment propagation" in km.summary()
+    assert list(km.to_frame()["accuracy_first_order"]) == list(kl.accuracy)
 
 
 @pytest.mark.slow
@@ -240,6 +329,21 @@ def test_bad_input_is_rejected_with_clear_messages():
     for k in (1.5, True, "1"):
         with pytest.raises(ValueError, match="k must be an integer"):
             keep_digital(model, x, y, "relative:0.1", k=k)
+    from noiseprop.theory.validation import check_int, check_number
+
+    with pytest.raises(ValueError, match=r"k must be an integer in \[1, 2\] \(three layers\), got float 1.5"):
+        check_int("k", 1.5, 1, 2, what="an integer in [1, 2] (three layers)", wrong_type=ValueError)
+    with pytest.raises(TypeError, match=r"k must be an integer >= 1 and <= 2, got float 1.5"):
+        check_int("k", 1.5, 1, 2)  # the defaults are unchanged
+    with pytest.raises(ValueError, match=r"d must be a fraction, got str '0.1'"):
+        check_number("d", "0.1", 0, 1, what="a fraction", wrong_type=ValueError)
+    with pytest.raises(ValueError, match=r"refine must be one of \['auto', 'moments', None\]"):
+        noise_budget(model, x, y, "relative", 0.01, refine="exact")
+    with pytest.raises(ValueError, match=r"method must be one of \['linear', 'moments'\]"):
+        keep_digital(model, x, y, "relative:0.1", k=1, method="mc")
+    for bad in (0, 8, 2.0, "16"):
+        with pytest.raises((TypeError, ValueError), match="n_points must be an integer >= 16"):
+            noise_budget(model, x, y, "relative", 0.01, n_points=bad)
     with pytest.raises(ValueError, match="x and y must have the same length"):
         sensitivity(model, x, y[:5], "relative:0.1")
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\)"):
