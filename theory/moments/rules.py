@@ -499,8 +499,9 @@ class _MomentPass(GraphInterpreter):
                 newF = newF + torch.einsum("kbcl,bkR->Rbcl", Fy, V1)
         before = (Fy.pow(2).sum(0) + carried) if K else carried
         if p.compression == "sketch":
-            newF = renormalise(newF, before)
-        lost_y = (before - newF.pow(2).sum(0)).clamp_min(0)
+            newF, lost_y = renormalise(newF, before, with_lost=True)
+        else:
+            lost_y = (before - newF.pow(2).sum(0)).clamp_min(0)
         self.stats["lost"] += float(lost_y.sum())
         self.stats["total"] += float(before.sum())
         for t, Ft in others:
@@ -510,8 +511,9 @@ class _MomentPass(GraphInterpreter):
                 Fn = torch.einsum("kbn,bkR->Rbn", Ft.reshape(K, B, -1), V1).reshape((R,) + tuple(t.mu.shape))
             fsq = Ft.pow(2).sum(0)
             if p.compression == "sketch":
-                Fn = renormalise(Fn, fsq)
-            lost = (fsq - Fn.pow(2).sum(0)).clamp_min(0)
+                Fn, lost = renormalise(Fn, fsq, with_lost=True)
+            else:
+                lost = (fsq - Fn.pow(2).sum(0)).clamp_min(0)
             self.stats["lost"] += float(lost.sum())
             self.stats["total"] += float(fsq.sum())
             t.F = Fn
