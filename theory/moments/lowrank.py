@@ -157,8 +157,8 @@ def patch_gram(Fm: torch.Tensor, groups: int, kernel, stride, padding, dilation,
     Ho, Wo = out_hw
     # one batched product over the (column, channel) pairs: [B, g, K·C/g, HW]ᵀ[…]
     # (measured 3× faster than the equivalent einsum, which contracts two separated axes)
-    Fg = Fm.reshape(K, B, groups, C // groups, H * W)
-    S = torch.einsum("kbgcp,kbgcq->bgpq", Fg, Fg).reshape(B, groups, H, W, H, W)
+    Fg = Fm.reshape(K, B, groups, C // groups, H * W).permute(1, 2, 0, 3, 4).reshape(B, groups, -1, H * W)
+    S = (Fg.mT @ Fg).reshape(B, groups, H, W, H, W)
     S = F.pad(S, (pw, pw, ph, ph, pw, pw, ph, ph))
     G = torch.zeros(B, groups, Ho, Wo, Ho, Wo, dtype=Fm.dtype, device=Fm.device)
     for i in range(kh):
