@@ -155,21 +155,28 @@ the per-unit variance it feeds back into the mean shift, estimated e.g. from
 ``E[J(X) Σ J(Y_t)ᵀ]`` at a few correlated pairs of sampled gate patterns; beyond
 Gaussian logits a per-input scale mixture (heavier tails of the logit margin).
 
-Cost (``benchmarks/moments_speed.py``, 120 inputs, one thread, shared machine): a
-10-level moments sweep against a 10-level Monte-Carlo sweep with 100 draws per level.
-Profiled with cProfile on ResNet-20: the patch Gram matrices and the surrogate's
-injection covariance are batched matrix products (the einsums they replace contracted
-separated axes, 3× and 1.6× slower), and the ReLU rule writes its new columns once with
-their norms known (no further passes over ``F``). What bounds it per level: the pass
-carries ``rank + h2_rank`` columns through every convolution (about 48 forward passes of
-the network), re-mixes every live activation's columns at each noisy layer (``K × rank``
-per unit), forms a spatial Gram matrix per noisy convolution (``K·C·L²``), and the
-surrogate costs one batched backward pass per class; Monte-Carlo costs 100 forward
-passes per level. Nothing of the pass is shared across levels (every gate's ``Φ(μ/s)``
-depends on the level); what would go further: fewer columns at small levels (where the
-moment prediction approaches the linear one; not measured here), the previous level's
-eigenvectors as the start of the randomised eigensolver, and float32 for the covariance
-contractions.
+Cost (``benchmarks/moments_speed.py --n 120``, one thread): a 10-level moments sweep
+against a 10-level Monte-Carlo sweep with 100 draws per level, speed-up (Monte-Carlo
+time / moments time) on a quiet machine: ResNet-20 0.34–0.38, VGG 0.36–0.38, MLP 0.15;
+one level alone 0.39–0.44 of a 100-draw level (ResNet-20, VGG). Profiled with cProfile
+(ResNet-20, 120 inputs, 1.5 s per level): convolving the columns 0.23 s, the surrogate's
+batched backward 0.2 s, re-mixing the columns at the noisy layers 0.34 s, patch Gram
+matrices 0.11 s, the surrogate's injection covariance 0.14 s, the rest spread over
+~75 000 small operations. Batched matrix products for the patch Gram matrix and the
+injection covariance (the einsums they replace contracted separated axes: 3–4× and 2×
+slower alone) and a ReLU rule that writes its columns once with known norms did not
+change the per-level time measurably (paired runs, same load). What bounds it per level:
+the pass carries ``rank + h2_rank`` = 48 columns through every convolution (as many
+forward passes of the convolutions), re-mixes every live activation's columns at each
+noisy layer (``K × rank`` per unit), forms a spatial Gram matrix per noisy convolution
+(``K·C·L²``), and the surrogate costs one batched backward pass per class; Monte-Carlo
+costs 100 plain forward passes per level, about what the columns and the backward pass
+alone cost here, so 1× is not reachable by trimming. Nothing of the pass is shared
+across levels (every gate's ``Φ(μ/s)`` depends on the level). What would go further:
+fewer columns where the level is small (the moment prediction approaches the linear
+one there; not measured), the previous level's eigenvectors to start the randomised
+eigensolver, or a cheaper representation of a convolution's new noise than its patch
+Gram eigenvectors (e.g. random kernels applied to the mean input).
 
 A layer the propagation does not support (LayerNorm, attention, anything not listed)
 raises ``ValueError`` naming it and pointing to ``method="linear"`` (which works for
