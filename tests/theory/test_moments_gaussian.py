@@ -52,6 +52,27 @@ def test_relu_moments_against_quadrature(mu, s):
     assert float(e) * s * s == pytest.approx(m2 - m1 * m1 - stats.norm.cdf(mu / s) ** 2 * s * s, rel=1e-5, abs=1e-12)
 
 
+
+@pytest.mark.parametrize("mu,s", CASES)
+def test_relu_variance_is_the_interpolated_gate_transmission(mu, s):
+    """docs/THEORY.md §3 (gates under the Gaussian interpolation): for ``z = μ + sX``,
+    ``Var relu(z) = s² ∫₀¹ P(X > −α, Y_t > −α) dt``, ``(X, Y_t)`` standard bivariate normal
+    with correlation ``t`` (``d/dt Cov(f(X), f(Y_t)) = E f'(X) f'(Y_t)``). The integrand runs
+    from ``Φ(α)²`` (t = 0: the expected slope squared) to ``Φ(α)`` (t = 1: the gate's second
+    moment); the exact variance, which the closed form (``Φ²s²`` + the excess) is, lies
+    between. Reference: scipy's bivariate normal CDF, integrated over ``t = sin θ`` by
+    32-point Gauss–Legendre (smooth in θ)."""
+    a = mu / s
+    _, var, slope, _, _ = relu_moments(_t(mu), _t(s * s))
+    nodes, weights = np.polynomial.legendre.leggauss(32)
+    th = (nodes + 1) * math.pi / 4  # [0, π/2]
+    gate = [stats.multivariate_normal(mean=[0.0, 0.0], cov=[[1.0, math.sin(v)], [math.sin(v), 1.0]],
+                                      allow_singular=True).cdf([a, a]) for v in th]
+    integral = float(np.sum(weights * np.array(gate) * np.cos(th))) * math.pi / 4
+    assert float(var) / (s * s) == pytest.approx(integral, rel=2e-4, abs=1e-6)
+    # the two ends bracket it: Φ² ≤ Var/s² ≤ Φ
+    assert float(slope) ** 2 - 1e-12 <= float(var) / (s * s) <= float(slope) + 1e-12
+
 def test_relu_moments_zero_variance_is_relu():
     mean, var, slope, c2, _ = relu_moments(torch.tensor([1.5, -2.0], dtype=torch.float64), torch.zeros(2))
     assert mean.tolist() == [1.5, 0.0] and var.tolist() == [0.0, 0.0] and slope.tolist() == [1.0, 0.0]

@@ -40,6 +40,12 @@ def test_renormalise_sets_each_units_variance_and_dist_algebra():
     target = torch.rand(2, 7, generator=g, dtype=torch.float64)
     out = renormalise(Fm, target)
     assert torch.allclose(out.pow(2).sum(0), target)
+    # with_lost: the variance a zero row cannot carry, without another pass
+    Fz = Fm.clone()
+    Fz[:, 1, 3] = 0
+    out, lost = renormalise(Fz, target, with_lost=True)
+    assert torch.allclose(out.pow(2).sum(0) + lost, target)
+    assert float(lost[1, 3]) == float(target[1, 3]) and float(lost.sum()) == float(target[1, 3])
     d = Dist(torch.zeros(2, 7, dtype=torch.float64), Fm, target)
     assert torch.allclose(d.var(), Fm.pow(2).sum(0) + target)
     assert d.padded(8).shape == (8, 2, 7) and torch.equal(d.padded(8)[:5], Fm)
@@ -53,3 +59,28 @@ def test_generator_streams_are_reproducible_and_distinct():
     assert not torch.equal(a, torch.randn(4, generator=generator(0, 2, 0)))
     assert not torch.equal(a, torch.randn(4, generator=generator(0, 1, 1)))
     assert not torch.equal(a, torch.randn(4, generator=generator(1, 1, 0)))
+
+
+def test_nonlinearity_rule_keeps_each_units_exact_variance():
+    """The ReLU rule's output ``μ + Fξ + √d ζ`` (slope·F, the Hermite columns, ``d``)
+    has each unit's exact Gaussian moments (``relu_moments``): the rule's known row
+    norms (no summation over the columns) add up to the closed form's variance."""
+    from torch import nn
+
+    from noiseprop.theory.linearize import LinearizedNetwork
+    from noiseprop.theory.moments.gaussian import relu_moments
+    from noiseprop.theory.moments.rules import MomentPropagator, _MomentPass
+    from noiseprop.theory.noise import RelativeGaussian
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    prop = MomentPropagator(LinearizedNetwork(net), RelativeGaussian(0.3), dtype=torch.float64)
+    g = torch.Generator().manual_seed(3)
+    x = Dist(torch.randn(5, 9, generator=g, dtype=torch.float64), torch.randn(6, 5, 9, generator=g,
+             dtype=torch.float64), torch.rand(5, 9, generator=g, dtype=torch.float64))
+    ps = _MomentPass(prop)
+    ps.cur = "relu"
+    y = ps._nonlin(x, "relu")
+    mean, var, *_ = relu_moments(x.mu, x.var())
+    assert y.K == 6 + prop.h2_rank
+    assert torch.allclose(y.mu, mean) and torch.allclose(y.var(), var, rtol=1e-9, atol=1e-12)

@@ -132,12 +132,51 @@ to η = 0.15, then +1.1 (0.2), +4.3 (0.3), +11.7 (0.4), +15.0 (0.5); VGG with Ba
 within 0.6 to η = 0.4, +2.6 at 0.5, +1.1 at 0.7. The deeper the residual net, the
 more optimistic the prediction once the shortfall above compounds.
 
-What would close the rest: the second-order term of the covariance through the gates
-(``E[J Σ Jᵀ] − E[J] Σ E[J]ᵀ``, the Jacobian's own variance over the gate flips,
-estimated e.g. from a few Jacobians at sampled gate patterns, or by carrying the
-weight-noise sources as columns of the pass end to end instead of through the smoothed
-Jacobian), and beyond Gaussian logits a per-input scale mixture (heavier tails of the
-logit margin, worth 0.9 point here).
+At η = 0.4 (same model, 128 inputs, 150 draws; ``moments_diagnose.py --eta 0.4``):
+Monte-Carlo 0.814 ± 0.006, predicted 0.863 (+4.9 points); Gaussian logits with
+Monte-Carlo's mean and covariance 0.831 (+1.7: the Gaussian-logit limit), the predicted
+mean with Monte-Carlo's covariance 0.851, Monte-Carlo's mean with the predicted
+covariance 0.846; logit variance ratio 0.88, mean-shift projection 0.90; per-ReLU
+pre-activation variance 0.74 of Monte-Carlo's in the last block. In a second run (other
+draws, Monte-Carlo 0.822) the pass's own logit covariance (the sources carried as
+columns end to end, no surrogate) was worse: variance ratio 0.65 (rank 32) and 0.74
+(rank 96), accuracy +8.2 and +6.4 points, while rank 96 moved the surrogate's accuracy
+by 0.1 point and the sketch's seed by ±0.1.
+
+Not the cause (docs/THEORY.md §3, "gates under the Gaussian interpolation"): a
+per-gate variance term. By the Gaussian interpolation ``Cov f = ∫₀¹ E[J(X) Σ J(Y_t)ᵀ]
+dt``; for one ReLU the integrand runs from ``Φ²`` (expected slope squared) to ``Φ``
+(the gate's second moment), and the closed form ``Φ²s² + excess`` is its integral, so
+propagating variance through gates with ``Φ`` instead of ``Φ²`` would count the excess
+twice; for Gaussian pre-activations the closure is exact. What would close the rest:
+the cross-unit correlation of the gate fluctuations that one early perturbation causes
+(units it reaches flip together; only the second Hermite term of it is carried) and
+the per-unit variance it feeds back into the mean shift, estimated e.g. from
+``E[J(X) Σ J(Y_t)ᵀ]`` at a few correlated pairs of sampled gate patterns; beyond
+Gaussian logits a per-input scale mixture (heavier tails of the logit margin).
+
+Cost (``benchmarks/moments_speed.py --n 120``, one thread): a 10-level moments sweep
+against a 10-level Monte-Carlo sweep with 100 draws per level, speed-up (Monte-Carlo
+time / moments time) on a quiet machine: ResNet-20 0.34–0.38, VGG 0.36–0.38, MLP 0.15;
+one level alone 0.39–0.44 of a 100-draw level (ResNet-20, VGG). Profiled with cProfile
+(ResNet-20, 120 inputs, 1.5 s per level): convolving the columns 0.23 s, the surrogate's
+batched backward 0.2 s, re-mixing the columns at the noisy layers 0.34 s, patch Gram
+matrices 0.11 s, the surrogate's injection covariance 0.14 s, the rest spread over
+~75 000 small operations. Batched matrix products for the patch Gram matrix and the
+injection covariance (the einsums they replace contracted separated axes: 3–4× and 2×
+slower alone) and a ReLU rule that writes its columns once with known norms did not
+change the per-level time measurably (paired runs, same load). What bounds it per level:
+the pass carries ``rank + h2_rank`` = 48 columns through every convolution (as many
+forward passes of the convolutions), re-mixes every live activation's columns at each
+noisy layer (``K × rank`` per unit), forms a spatial Gram matrix per noisy convolution
+(``K·C·L²``), and the surrogate costs one batched backward pass per class; Monte-Carlo
+costs 100 plain forward passes per level, about what the columns and the backward pass
+alone cost here, so 1× is not reachable by trimming. Nothing of the pass is shared
+across levels (every gate's ``Φ(μ/s)`` depends on the level). What would go further:
+fewer columns where the level is small (the moment prediction approaches the linear
+one there; not measured), the previous level's eigenvectors to start the randomised
+eigensolver, or a cheaper representation of a convolution's new noise than its patch
+Gram eigenvectors (e.g. random kernels applied to the mean input).
 
 A layer the propagation does not support (LayerNorm, attention, anything not listed)
 raises ``ValueError`` naming it and pointing to ``method="linear"`` (which works for

@@ -77,13 +77,19 @@ def map_batched(fn, Fm: torch.Tensor | None):
     return out.reshape((K, B) + tuple(out.shape[1:]))
 
 
-def renormalise(Fm: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def renormalise(Fm: torch.Tensor, target: torch.Tensor, with_lost: bool = False):
     """Scale every unit's row of ``F`` so that its squared norm is ``target`` (the
-    variance-preserving sketch: marginal variances exact, correlations sketched)."""
+    variance-preserving sketch: marginal variances exact, correlations sketched).
+    ``with_lost``: also return the variance the rows cannot carry (``target`` where a
+    row is zero, else 0), without another pass over ``F``."""
     cur = Fm.pow(2).sum(0)
-    scale = torch.where(cur > 0, (target.clamp_min(0) / torch.where(cur > 0, cur, torch.ones_like(cur))).sqrt(),
+    nz = cur > 0
+    scale = torch.where(nz, (target.clamp_min(0) / torch.where(nz, cur, torch.ones_like(cur))).sqrt(),
                         torch.zeros_like(cur))
-    return Fm * scale.unsqueeze(0)
+    out = Fm * scale.unsqueeze(0)
+    if with_lost:
+        return out, torch.where(nz, torch.zeros_like(target), target.clamp_min(0))
+    return out
 
 
 def block_diag(Cm: torch.Tensor) -> torch.Tensor:
@@ -149,8 +155,10 @@ def patch_gram(Fm: torch.Tensor, groups: int, kernel, stride, padding, dilation,
     ph, pw = pair(padding)
     dh, dw = pair(dilation)
     Ho, Wo = out_hw
-    Fg = Fm.reshape(K, B, groups, C // groups, H * W)
-    S = torch.einsum("kbgcp,kbgcq->bgpq", Fg, Fg).reshape(B, groups, H, W, H, W)
+    # one batched product over the (column, channel) pairs: [B, g, K·C/g, HW]ᵀ[…]
+    # (measured 3× faster than the equivalent einsum, which contracts two separated axes)
+    Fg = Fm.reshape(K, B, groups, C // groups, H * W).permute(1, 2, 0, 3, 4).reshape(B, groups, -1, H * W)
+    S = (Fg.mT @ Fg).reshape(B, groups, H, W, H, W)
     S = F.pad(S, (pw, pw, ph, ph, pw, pw, ph, ph))
     G = torch.zeros(B, groups, Ho, Wo, Ho, Wo, dtype=Fm.dtype, device=Fm.device)
     for i in range(kh):

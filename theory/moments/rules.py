@@ -499,8 +499,9 @@ class _MomentPass(GraphInterpreter):
                 newF = newF + torch.einsum("kbcl,bkR->Rbcl", Fy, V1)
         before = (Fy.pow(2).sum(0) + carried) if K else carried
         if p.compression == "sketch":
-            newF = renormalise(newF, before)
-        lost_y = (before - newF.pow(2).sum(0)).clamp_min(0)
+            newF, lost_y = renormalise(newF, before, with_lost=True)
+        else:
+            lost_y = (before - newF.pow(2).sum(0)).clamp_min(0)
         self.stats["lost"] += float(lost_y.sum())
         self.stats["total"] += float(before.sum())
         for t, Ft in others:
@@ -510,8 +511,9 @@ class _MomentPass(GraphInterpreter):
                 Fn = torch.einsum("kbn,bkR->Rbn", Ft.reshape(K, B, -1), V1).reshape((R,) + tuple(t.mu.shape))
             fsq = Ft.pow(2).sum(0)
             if p.compression == "sketch":
-                Fn = renormalise(Fn, fsq)
-            lost = (fsq - Fn.pow(2).sum(0)).clamp_min(0)
+                Fn, lost = renormalise(Fn, fsq, with_lost=True)
+            else:
+                lost = (fsq - Fn.pow(2).sum(0)).clamp_min(0)
             self.stats["lost"] += float(lost.sum())
             self.stats["total"] += float(fsq.sum())
             t.F = Fn
@@ -527,8 +529,8 @@ class _MomentPass(GraphInterpreter):
         Dtot = sum(sizes)
         Sig = torch.zeros(B, Dtot, Dtot, dtype=self.dtype, device=y.mu.device)
         if K:
-            Fall = torch.cat(parts, dim=2)
-            Sig += torch.einsum("kbi,kbj->bij", Fall, Fall)
+            Fall = torch.cat(parts, dim=2).permute(1, 2, 0)  # [B, D, K]
+            Sig += Fall @ Fall.mT
         blocks = torch.einsum("bcr,bcrl,bcrm->bclm", a * a, ug, ug)  # new sources, block-diagonal by channel
         Sig[:, :C * L, :C * L] += block_diag(blocks)
         R = min(self.p.rank, Dtot)
@@ -575,7 +577,8 @@ class _MomentPass(GraphInterpreter):
                 val, slope = fz.detach().to(dt), slope.to(dt)
             self.rec[self.cur] = {"s": torch.zeros_like(x.mu), "excess": [torch.zeros_like(x.mu)], "kind": kind}
             return Dist(val, None if x.F is None else slope * x.F, slope * slope * x.d)
-        var = x.var()
+        fsq_in = x.fsq()
+        var = x.d + fsq_in
         if kind == "relu":
             mean, v_out, slope, c2, s = relu_moments(x.mu, var)
             self.stats["pre_count"].append(int(x.mu.numel()))
@@ -584,33 +587,45 @@ class _MomentPass(GraphInterpreter):
             mean, v_out, slope, c2, s = smooth_moments(SMOOTH_ACTIVATIONS[kind], x.mu, var)
         excess = (v_out - slope * slope * var.double()).clamp_min(0)
         slope, s, c2, mean, v_out, excess = (t.to(dt) for t in (slope, s, c2, mean, v_out, excess))
-        cols, rest = self._hermite2(x.F, s, c2, excess)
+        cols, rest, carried = self._hermite2(x.F, fsq_in, s, c2, excess)
         self.rec[self.cur] = {"s": s, "excess": [rest], "cols": [cols], "kind": kind}
-        Fn = None if x.F is None else slope.unsqueeze(0) * x.F
-        if cols is not None:
-            Fn = cols if Fn is None else torch.cat([Fn, cols])
-        fsq = torch.zeros_like(mean) if Fn is None else (Fn * Fn).sum(0)
+        # the new columns [slope·F; cols], written once; their row norms are known:
+        # slope²‖F‖² + what the Hermite columns carry (no pass over the columns)
+        Fn = None
+        if x.F is not None and x.K:
+            K = x.K
+            M = 0 if cols is None else cols.shape[0]
+            Fn = torch.empty((K + M,) + tuple(x.F.shape[1:]), dtype=x.F.dtype, device=x.F.device)
+            torch.mul(x.F, slope.unsqueeze(0), out=Fn[:K])
+            if M:
+                Fn[K:] = cols
+        elif cols is not None:
+            Fn = cols
+        fsq = slope * slope * fsq_in + carried
         return Dist(mean, Fn, (v_out - fsq).clamp_min(0))
 
-    def _hermite2(self, Fw, sd, c2, excess):
+    def _hermite2(self, Fw, fsq, sd, c2, excess):
         """The second Hermite component ``c₂ He₂(Z)`` of a nonlinearity of a Gaussian
         ``w = μ + sd·Z``: for two units ``Cov = 2 c₂ᵢ c₂ⱼ ρᵢⱼ²`` (ρ from the correlated part
         ``F``), carried by ``h2_rank`` new columns (random features
-        ``((F̂·ω)² − ‖F̂‖²)/√2``, rows rescaled so each unit carries exactly
-        ``2c₂²‖F̂‖⁴``); returns ``(columns or None, remaining excess variance)``."""
+        ``((F̂·ω)² − ‖F̂‖²)/√2``, ``F̂ = F/sd``, rows rescaled so each unit carries exactly
+        ``2c₂²‖F̂‖⁴``); ``fsq = ‖F‖²`` per unit. Returns ``(columns or None, remaining
+        excess variance, variance the columns carry)``."""
         M = self.p.h2_rank
         if M == 0 or Fw is None or Fw.shape[0] == 0:
-            return None, excess
+            return None, excess, torch.zeros_like(excess)
         K = Fw.shape[0]
         pos = sd > 0
-        Fh = Fw / torch.where(pos, sd, torch.ones_like(sd)).unsqueeze(0) * pos.unsqueeze(0)
+        inv = torch.where(pos, 1.0 / torch.where(pos, sd, torch.ones_like(sd)), torch.zeros_like(sd))
         om = torch.randn(M, K, generator=self._gen(_STREAM_H2), dtype=torch.float64).to(dtype=self.dtype,
                                                                                           device=Fw.device)
-        n2 = (Fh * Fh).sum(0)
-        proj = torch.einsum("mk,k...->m...", om, Fh)
+        n2 = fsq * inv * inv  # ‖F̂‖²
+        proj = (om @ Fw.reshape(K, -1)).reshape((M,) + tuple(Fw.shape[1:])) * inv.unsqueeze(0)  # ω·F̂
         g = (proj * proj - n2.unsqueeze(0)) / math.sqrt(2.0)
-        cols = renormalise(g, (2 * c2 * c2 * n2 * n2).clamp_max(excess))
-        return cols, (excess - (cols * cols).sum(0)).clamp_min(0)
+        target = (2 * c2 * c2 * n2 * n2).clamp_max(excess).clamp_min(0)
+        cols, uncarried = renormalise(g, target, with_lost=True)
+        carried = target - uncarried
+        return cols, (excess - carried).clamp_min(0), carried
 
     def _max2(self, a: Dist, b: Dist, K: int) -> Dist:
         """Clark's max of two window elements (:func:`~.gaussian.clark_max`), with
@@ -624,7 +639,11 @@ class _MomentPass(GraphInterpreter):
         mean, v, pa, th, c2, excess = clark_max(a.mu, b.mu, va, vb, cab)
         pa, th, c2, mean, v, excess = (t.to(dt) for t in (pa, th, c2, mean, v, excess))
         pb = 1 - pa
-        cols, rest = (None, excess) if self.p.first_order else self._hermite2(Fa - Fb if K else None, th, c2, excess)
+        if self.p.first_order or not K:
+            cols, rest = None, excess
+        else:
+            Fd = Fa - Fb
+            cols, rest, _ = self._hermite2(Fd, (Fd * Fd).sum(0), th, c2, excess)
         rec = self.rec.setdefault(self.cur, {"theta": [], "excess": [], "cols": []})
         rec["theta"].append(th)
         rec["excess"].append(rest)
