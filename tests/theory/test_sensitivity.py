@@ -145,24 +145,29 @@ def test_root_finder_against_direct_evaluation(kind, max_drop):
     assert _fo_drop(model, x, y, b.level * (1 + 2 * 2e-3)) > max_drop
 
 
-def test_refined_curve_equals_moment_method_at_the_first_order_root():
-    """The refined curve is fitted to the moment method at the first-order root: there its
-    drop equals ``predict(method="moments")`` (inputs left out by the selection bound what
-    can differ), and the refined level solves it to rtol."""
+def test_refined_curve_has_the_moment_mean_and_the_first_order_covariance():
+    """The refined curve at the first-order root: Gaussian logits with the mean of
+    ``predict(method="moments")`` and the first-order covariance of ``predict(cov=True)``
+    (an independent evaluation; inputs left out by the selection bound what can differ),
+    and the refined level solves it to rtol."""
     import sys
+
+    from noiseprop.theory.accuracy import correct_probability
 
     model = trained("mlp")
     x, y = held_out(120)
     b = noise_budget(model, x, y, "relative", max_drop=0.02)
     assert b.refine == "moments" and 0 < b.refine_inputs <= 120 and b.refine_neglected <= 1e-4 + 1e-12
-    pm = predict(model, x, y, RelativeGaussian(b.first_order_level), method="moments")
+    noise = RelativeGaussian(b.first_order_level)
+    pm = predict(model, x, y, noise, method="moments")
+    pl = predict(model, x, y, noise, cov=True)
+    ref = float(correct_probability(pm.logit_mean, pl.logit_cov, y, n_points=1024, seed=0)[0].mean())
     sens = sys.modules["noiseprop.theory.sensitivity"]
     ps = sens._pass(model, x, y, RelativeGaussian(1.0), None, None)
     acc0 = sens._clean_accuracy(ps.clean, ps.y)
     fo = sens._Curve(ps.clean, ps.y, ps.cov_unit, acc0, 1024, 0)
     curve, extra = sens._moment_curve(ps, x, RelativeGaussian(1.0), b.first_order_level, fo, 1024, 0)
-    assert curve.drop(b.first_order_level) == pytest.approx(pm.clean_accuracy - pm.accuracy,
-                                                            abs=1e-6 + extra["refine_neglected"])
+    assert curve.drop(b.first_order_level) == pytest.approx(acc0 - ref, abs=1e-6 + extra["refine_neglected"])
     assert curve.drop(b.level) == pytest.approx(b.predicted_drop, abs=1e-12) and b.predicted_drop <= 0.02
     assert curve.drop(b.level * (1 + 4e-3)) > 0.02
     assert b.level < b.first_order_level  # the mean shift lowers the margins: less noise affordable
