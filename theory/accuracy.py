@@ -150,6 +150,16 @@ def _ndtri(q: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _safe_ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """``num / den`` for a margin's standardised value, with a margin that carries no noise
+    (``den = 0``: a zero level, or the factor's jitter lost in float32) read as in
+    :func:`pairwise_error_bounds`: ``+∞`` if ``num > 0``, ``−∞`` if ``num < 0``, ``0`` for a
+    tie (``Φ = ½``), never ``0/0``."""
+    pos = den > 0
+    return torch.where(pos, num / torch.where(pos, den, torch.ones_like(den)),
+                       torch.where(num > 0, torch.inf, torch.where(num < 0, -torch.inf, torch.zeros_like(num))))
+
+
 def _sov(m: torch.Tensor, L: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Genz's separation of variables for ``P(Z < m)``, ``Z ~ N(0, L Lᵀ)`` (``L`` lower
     triangular, the variables already in Genz–Bretz order); ``u`` are ``[M, d−1]`` points
@@ -159,14 +169,17 @@ def _sov(m: torch.Tensor, L: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     fi = torch.finfo(m.dtype)
     tiny, top = fi.tiny, 1.0 - fi.eps
     ut = u.T.contiguous()  # [d-1, M]
-    e = _phi_cdf(m[:, 0] / L[:, 0, 0])[:, None].expand(n, M)  # [n, M]
+    # a margin without noise (zero level, or the jitter lost in float32): the safe ratio,
+    # only then (it costs half the loop's time)
+    ratio = _safe_ratio if bool((torch.diagonal(L, dim1=1, dim2=2) <= 0).any()) else torch.div
+    e = _phi_cdf(ratio(m[:, 0], L[:, 0, 0]))[:, None].expand(n, M)  # [n, M]
     f = e.clone()
     ws = torch.empty(n, d, M, dtype=m.dtype, device=m.device)
     for i in range(1, d):
         ws[:, i - 1] = _ndtri((ut[None, i - 1] * e).clamp_(tiny, top))
         # constraint i: Σ_{j<i} L_ij w_j + L_ii w_i < m_i
         acc = torch.bmm(L[:, i:i + 1, :i], ws[:, :i]).squeeze(1)  # [n, M]
-        e = _phi_cdf((m[:, i, None] - acc) / L[:, i, i, None])
+        e = _phi_cdf(ratio(m[:, i, None] - acc, L[:, i, i, None]))
         f = f * e
     return f.mean(dim=1, dtype=torch.float64)
 

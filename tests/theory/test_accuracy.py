@@ -89,6 +89,25 @@ def test_bounds_and_degenerate_covariance():
     assert pk.shape == (50, 5)
 
 
+
+def test_tied_margins_without_noise_are_not_nan():
+    """Tied logits that the noise does not move (margins 0, variance 0): each tie counts
+    as Φ(0) = ½, as in the pairwise bounds; two independent ties give exactly ¼ at any
+    level, zero included (the float32 loop once divided 0 by a jitter lost in rounding)."""
+    from noiseprop.theory.accuracy import OrthantCurve
+
+    mean = torch.tensor([[0.0, 0.0, 0.0], [2.0, 0.0, 1.0]], dtype=torch.float64)
+    cov = torch.zeros(2, 3, 3, dtype=torch.float64)
+    cov[1] = torch.eye(3, dtype=torch.float64)
+    y = torch.tensor([0, 0])
+    for level in (0.0, 0.1, 1.0):
+        p, lo, hi = correct_probability(mean, cov * level ** 2, y)
+        assert not bool(torch.isnan(p).any()) and p[0].item() == 0.25
+        assert bool((lo <= p + 1e-12).all() and (p <= hi + 1e-12).all())
+    m, s = margin_moments(mean, cov, y)
+    assert OrthantCurve(m, s).at(0.0)[0][0].item() == 0.25
+
+
 def test_orthant_is_deterministic_and_fast_for_many_inputs():
     import time
 
