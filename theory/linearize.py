@@ -438,15 +438,21 @@ def weight_terms(by_module: Mapping[str, list], params: Mapping[str, list], scal
 # ----------------------------------------------------------------------------
 # Work that depends only on the network's structure, done once per structure
 # ----------------------------------------------------------------------------
+_PLAIN = (bool, int, float, str, bytes, tuple, frozenset, type(None))
+
+
 def module_structure(net: nn.Module) -> list:
     """What the parameters do not show: every module's class (by identity, so two classes
-    of the same name differ), a ``forward`` replaced on an instance, and the module tree's
-    printed form (activations, strides, paddings, ...)."""
+    of the same name differ), a ``forward`` replaced on an instance, its plain attributes
+    (numbers, strings, tuples: a ``forward`` may branch on them) and the module tree's
+    printed form (activations, strides, paddings, ...). A ``forward`` that reads global
+    state is not seen: pass ``cache=False`` to ``predict`` after changing it."""
     parts = [repr(net)]
     for name, m in net.named_modules():
         fwd = m.__dict__.get("forward")
+        plain = sorted((k, repr(v)) for k, v in m.__dict__.items() if not k.startswith("_") and isinstance(v, _PLAIN))
         parts.append([name, f"{type(m).__module__}.{type(m).__qualname__}", id(type(m)),
-                      id(fwd) if fwd is not None else None])
+                      id(fwd) if fwd is not None else None, plain])
     return parts
 
 
@@ -458,7 +464,10 @@ _STRUCTURE_MEMO: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKey
 
 def structure_memo(lin: "LinearizedNetwork", what, compute):
     """``compute()`` for ``lin.net``, remembered per network object while its structure is
-    unchanged (a replaced layer, a patched ``forward`` or a new activation retraces)."""
+    unchanged (a replaced layer, a patched ``forward``, a new activation or a changed plain
+    attribute retraces); never remembered when ``lin.memo`` is False (``cache=False``)."""
+    if not getattr(lin, "memo", True):
+        return compute()
     struct = lin.structure()
     try:
         entry = _STRUCTURE_MEMO.get(lin.net)

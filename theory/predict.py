@@ -547,6 +547,7 @@ def _base(model, x, y, noise, targets, opts: _Options, cache: bool, data_key: st
     """The derivative pass for ``noise``'s family, from the cache when the model state,
     inputs, targets, family and settings match; returns ``(base, noise, from_cache)``."""
     x, y, noise, lin = _prepare(model, x, y, noise, targets)
+    lin.memo = cache  # cache=False: nothing remembered, the structure checks included
     store = _CACHE if store is None else store
     key = None
     if cache:

@@ -425,6 +425,37 @@ def test_structure_memo_follows_the_network():
     assert p.loss_increase_method == "hutchinson" and p.diagnostics["preact_source"] == "no ReLU in the model"
 
 
+class _Switch(nn.Module):
+    """A forward that branches on a plain attribute (not in the module tree)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.act = nn.Linear(64, 8), nn.Linear(8, 10), "relu"
+
+    def forward(self, x):
+        h = self.a(x.flatten(1))
+        return self.b(torch.relu(h) if self.act == "relu" else torch.tanh(h))
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_structure_memo_sees_plain_attributes(cache):
+    """Changing an attribute the forward branches on retraces (memo and derivative cache),
+    and ``cache=False`` remembers nothing: the same answers as a fresh object."""
+    torch.manual_seed(0)
+    net = _Switch().eval()
+    x, y = held_out(16)
+    assert predict(net, x, y, RelativeGaussian(0.1), cache=cache).loss_increase_method.startswith("gauss_newton")
+    net.act = "tanh"
+    p = predict(net, x, y, RelativeGaussian(0.1), cache=cache)
+    fresh = _Switch().eval()
+    fresh.load_state_dict(net.state_dict())
+    fresh.act = "tanh"
+    q = predict(fresh, x, y, RelativeGaussian(0.1), cache=False)
+    assert p.loss_increase_method == q.loss_increase_method == "hutchinson"
+    assert p.diagnostics["preact_source"] == q.diagnostics["preact_source"] == "no ReLU in the model"
+    assert torch.equal(p.logit_var, q.logit_var)
+
+
 def test_gaussian_logit_loss_against_sampling():
     """The float32 QMC estimate of E[CE] under Gaussian logits (relative to the clean loss,
     so no float32 bias at small levels) against plain float64 sampling (4 s.e.), with the
