@@ -621,16 +621,19 @@ class _LogitLoss:
         for i in range(0, n, step):
             W = self.W[i:i + step] if self.W is not None else \
                 torch.einsum("nab,pb->npa", self.Lh[i:i + step], self.z).float()
-            m32 = mean[i:i + step].float()
             yb = y[i:i + step]
+            # the cross-entropy is unchanged by a shift of a row's logits: float32 holds the
+            # logits relative to the label's, never their (possibly large) common offset
+            m64 = mean[i:i + step].double()
+            m64 = m64 - m64.gather(1, yb[:, None])
+            m32 = m64.float()
             f = torch.addcmul(m32[:, None, :], W, torch.tensor(float(level), dtype=torch.float32))
             lse = torch.logsumexp(f, dim=2)
             fy = f.gather(2, yb[:, None, None].expand(-1, P, 1)).squeeze(2)
             # the increase over the clean cross-entropy, both sides rounded alike in float32,
             # plus the clean cross-entropy in float64: no float32 bias at small levels
             ce0 = torch.logsumexp(m32, dim=1) - m32.gather(1, yb[:, None]).squeeze(1)
-            ce0_64 = torch.logsumexp(mean[i:i + step].double(), dim=1) - mean[i:i + step].double().gather(
-                1, yb[:, None]).squeeze(1)
+            ce0_64 = torch.logsumexp(m64, dim=1)  # the label's logit is 0 after the shift
             total += float((lse - fy - ce0[:, None]).sum(dtype=torch.float64)) / P + float(ce0_64.sum())
         return total / n
 

@@ -12,6 +12,7 @@ from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
 from noiseprop.theory import Multiplicative, RelativeGaussian, predict, predict_sweep
+from noiseprop.theory.examples import tiny_problem
 from noiseprop.theory.linearize import LinearizedNetwork, jacobian_pass
 from predict_nets import batch_means_se, held_out, mc_logits, trained
 
@@ -454,6 +455,21 @@ def test_structure_memo_sees_plain_attributes(cache):
     assert p.loss_increase_method == q.loss_increase_method == "hutchinson"
     assert p.diagnostics["preact_source"] == q.diagnostics["preact_source"] == "no ReLU in the model"
     assert torch.equal(p.logit_var, q.logit_var)
+
+
+def test_logit_loss_is_shift_invariant():
+    """The cross-entropy does not see a common shift of the logits: a final bias of +1000
+    leaves the Gaussian-logit loss increase unchanged (float32 holds only the logits
+    relative to the label's, not the offset that would swamp a small increase)."""
+    net, x, y = tiny_problem()
+    net, x = net.double(), x.double()
+    shifted = copy.deepcopy(net)
+    with torch.no_grad():
+        shifted[2].bias += 1000.0
+    for level in (0.003, 0.03):
+        a = predict(net, x, y, RelativeGaussian(level), cache=False, diagnostic=False)
+        b = predict(shifted, x, y, RelativeGaussian(level), cache=False, diagnostic=False)
+        assert b.loss_increase_logits == pytest.approx(a.loss_increase_logits, rel=1e-5)
 
 
 def test_gaussian_logit_loss_against_sampling():
