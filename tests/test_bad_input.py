@@ -201,6 +201,26 @@ def test_mc_follows_global_and_pre_hooks():
         h.remove()
 
 
+def test_hardware_noise_refused_where_a_level_scales_one_pass():
+    """Predictor and predict_sweep rescale one derivative pass by the level: a PCM model's
+    time is no such scale (this once gave 0.33 where predict gave 0.93); and predict's
+    knobs that hardware noise cannot honour are refused, not ignored."""
+    from noiseprop.theory import PCMLike, Predictor, predict_sweep
+
+    m = _mlp()
+    nz = PCMLike(t=3600.0)
+    with pytest.raises(ValueError, match="PCMLike noise has a non-zero mean.*predict_drift"):
+        Predictor(m, X, Y).predict(nz)
+    with pytest.raises(TypeError, match="predict_sweep needs a Gaussian noise family.*predict_drift"):
+        predict_sweep(m, X, Y, nz, [1.0, 10.0])
+    with pytest.raises(ValueError, match="non-zero mean"):
+        Predictor(m, X, Y).sweep(nz, [1.0, 10.0])
+    for kw in ({"classes": 2}, {"per_layer": True}, {"loss_probes": 4}):
+        with pytest.raises(ValueError, match=f"{next(iter(kw))} not available for non-zero-mean hardware noise"):
+            predict(m, X, Y, nz, **kw)
+    assert 0 <= predict(m, X, Y, nz).accuracy <= 1
+
+
 # ----------------------------------------------------------------------------
 # Tracebacks from deep inside
 # ----------------------------------------------------------------------------

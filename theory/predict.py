@@ -536,6 +536,11 @@ def _prepare(model, x, y, noise, targets):
     """Checked inputs, the linearised network and the noise model."""
     x, y = _check_inputs(model, x, y)
     noise = parse_noise(noise)
+    if not noise.zero_mean:  # its level is not a scale of one derivative pass
+        raise ValueError(f"{type(noise).__name__} noise has a non-zero mean: Predictor and predict_sweep take "
+                         "zero-mean families whose level scales the noise (relative, additive, ...); use "
+                         "predict(model, x, y, noise) for one hardware setting or predict_drift(...) for a curve "
+                         "over times")
     lin = LinearizedNetwork(model, targets)
     probe = probe_logits(lin.forward, x[:1].to(lin.device))
     _check_labels(y, probe.shape[1])
@@ -1000,6 +1005,14 @@ def predict(model: nn.Module, x, y, noise, targets=None, *, method: str = "linea
     # non-zero-mean hardware noise (PCMLike, Quantized, StuckAt): theory/drift.py
     if not parse_noise(noise).zero_mean:
         from .drift import predict_hardware  # drift builds Predictions (imports this module): a cycle at top level
+
+        unused = [k for k, v, d in (("classes", classes, None), ("per_layer", per_layer, False),
+                                    ("loss_increase", o.loss_increase, "auto"), ("loss_probes", o.loss_probes, None))
+                  if v != d]
+        if unused:
+            raise ValueError(f"{', '.join(unused)} not available for non-zero-mean hardware noise "
+                             f"({type(parse_noise(noise)).__name__}): its prediction has no truncated classes, "
+                             "per-layer split or Hessian estimator; leave them at their defaults")
 
         return predict_hardware(model, x, y, noise, targets, method=method, chunk_size=o.chunk_size, cov=cov,
                                 accuracy_draws=o.accuracy_draws, seed=seed, n_points=o.n_points,
