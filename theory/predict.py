@@ -356,13 +356,16 @@ class _EvalBatchNorm(nn.Module):
 def _affine_norms(gm):
     """``gm`` with its BatchNorm leaves (eval mode, running statistics) replaced by
     :class:`_EvalBatchNorm` on the same tensors (the original network is not touched:
-    ``gm`` holds its own module tree)."""
+    ``gm`` holds its own module tree). Only torch's own classes with their own forward: a
+    subclass, a patched ``forward`` or a hook keeps the module as it is."""
     for node in gm.graph.nodes:
         if node.op != "call_module":
             continue
         m = gm.get_submodule(node.target)
-        if (isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)) and not m.training
-                and m.track_running_stats and m.running_mean is not None and m.running_var is not None):
+        standard = (type(m) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d) and "forward" not in m.__dict__
+                    and not m._forward_hooks and not m._forward_pre_hooks)
+        if (standard and not m.training and m.track_running_stats and m.running_mean is not None
+                and m.running_var is not None):
             parent, _, leaf = node.target.rpartition(".")
             setattr(gm.get_submodule(parent) if parent else gm, leaf, _EvalBatchNorm(m))
     return gm

@@ -457,6 +457,40 @@ def test_structure_memo_sees_plain_attributes(cache):
     assert torch.equal(p.logit_var, q.logit_var)
 
 
+class _Affine(nn.Module):
+    def forward(self, x):
+        return 2 * x + 1
+
+
+def test_diagnostic_keeps_a_hooked_batchnorm():
+    """The diagnostic's forward-mode graph replaces only a plain torch BatchNorm by its
+    affine map: one with a forward hook gives the same fractions as the same function
+    written as BatchNorm followed by that map (a subclass is traced through, or the
+    diagnostic says it is not available)."""
+    mod = __import__("sys").modules[predict.__module__]
+
+    def net(tail):
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), *tail, nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 5))
+        with torch.no_grad():
+            m[1].running_mean.uniform_(-1, 1)
+            m[1].running_var.uniform_(0.5, 2.0)
+        return m.eval()
+
+    hooked, ref = net([]), net([_Affine()])
+    hooked[1].register_forward_hook(lambda mod_, inp, out: 2 * out + 1)
+    x = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(hooked(x), ref(x))
+    out = []
+    for m in (hooked, ref):
+        lin = LinearizedNetwork(m)
+        ratios, why = mod._preact_ratios(lin, x, lin.unit_scales(RelativeGaussian(1.0)), 8, 0)
+        assert ratios is not None, why
+        out.append(torch.as_tensor(ratios))
+    torch.testing.assert_close(out[0], out[1], rtol=1e-5, atol=1e-6)
+
+
 def test_logit_loss_is_shift_invariant():
     """The cross-entropy does not see a common shift of the logits: a final bias of +1000
     leaves the Gaussian-logit loss increase unchanged (float32 holds only the logits
