@@ -958,7 +958,9 @@ def predict(model: nn.Module, x, y, noise, targets=None, *, method: str = "linea
         eval mode (a warning if it is in training mode), never modified.
     x, y: inputs and integer labels in ``[0, C)``.
     noise: a :class:`~noiseprop.theory.noise.WeightNoise` or its string form
-        (``"relative:0.05"``).
+        (``"relative:0.05"``). Non-zero-mean hardware noise (``PCMLike``, ``Quantized``,
+        ``StuckAt``) goes to :func:`~noiseprop.theory.drift.predict_hardware`; ``classes``,
+        ``per_layer`` and the loss estimator's knobs are refused there.
     targets: what gets noise (:class:`~noiseprop.theory.targets.Targets`; default the
         Conv/Linear weights), resolved exactly as Monte-Carlo does.
     method: ``"linear"`` (first order, any differentiable module) or ``"moments"``
@@ -1074,9 +1076,10 @@ class Predictor:
     ``Predictor(model, x, y, targets=None, *, method="linear", options=None, ...)`` takes
     the keywords of :func:`predict` (and the :class:`PredictOptions` fields by name).
     ``p.predict(noise)`` gives a :class:`Prediction`;
-    ``p.sweep(family, levels)`` a :class:`PredictionCurve`. The first call for a noise
-    family (``"relative"``, ``"additive"``, ...) pays the Jacobian pass (and the
-    requested extras); later calls at any level of that family only rescale it. The
+    ``p.sweep(family, levels)`` a :class:`PredictionCurve`. The first call for a
+    zero-mean noise family (``"relative"``, ``"additive"``, ...; hardware noise is
+    refused: use :func:`predict` or :func:`~noiseprop.theory.drift.predict_drift`) pays the
+    Jacobian pass (and the requested extras); later calls at any level of that family only rescale it. The
     inputs are hashed once; the model's parameters and buffers are re-hashed at every
     call, so a model changed in between gets a fresh pass, never a stale one.
 
