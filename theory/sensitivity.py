@@ -107,15 +107,25 @@ def _noise_with_level(noise, arg: str = "noise") -> WeightNoise:
         raise ValueError(f"{arg}={noise!r} has no level; give the family with its level, e.g. "
                          f"'{noise.strip()}:0.05' (accepted: {', '.join(k + ':LEVEL' for k in NOISE_STRING_FORMS)})")
     try:
-        return parse_noise(noise)
+        out = parse_noise(noise)
     except (ValueError, TypeError) as e:
         raise type(e)(f"{arg}: {e}") from None
+    return _zero_mean(out, arg)
+
+
+def _zero_mean(noise: WeightNoise, arg: str) -> WeightNoise:
+    """The decomposition and the budget scale one zero-mean covariance by the level."""
+    if not noise.zero_mean:
+        raise ValueError(f"{arg}: {type(noise).__name__} noise has a non-zero mean, and sensitivity, noise_budget "
+                         "and keep_digital split and scale a zero-mean covariance (relative, additive, ...); for "
+                         "hardware noise use predict(model, x, y, noise) or predict_drift(...)")
+    return noise
 
 
 def _noise_family(noise, arg: str = "noise_family") -> WeightNoise:
     """A noise family without level (``'relative'``, or a WeightNoise whose level is ignored)."""
     if isinstance(noise, WeightNoise):
-        return noise.with_level(1.0)
+        return _zero_mean(noise, arg).with_level(1.0)
     if isinstance(noise, str) and ":" in noise:
         fam = noise.partition(":")[0].strip()
         raise ValueError(f"{arg}={noise!r} gives a level, but the level is what noise_budget finds; give the family "
@@ -577,6 +587,12 @@ def _solve_scale(curve: _Curve, target: float, rtol: float = 2e-3):
         raise ValueError(f"max_drop={target:g} is never reached: the predicted accuracy stays within it at any level")
     s_feas *= 1 - 1e-6  # hi_drop(s_feas) < target: surely feasible
     s_inf = _bound_root(lambda q: curve.bound_drops(q)[0], target, s_feas)  # surely infeasible from here
+    if s_inf is None:  # the bounds cannot tell whether the drop ever reaches the target: ask the curve
+        top = curve.drop(_BIG)
+        if top < target:
+            raise ValueError(f"max_drop={target:g} is never reached: the predicted drop stays below {top:.4g} at "
+                             f"any level (accuracy {curve.clean_acc - top:.4g} under unbounded noise, from a "
+                             f"clean {curve.clean_acc:.4g}); give a smaller max_drop")
     lo, hi = s_feas, (s_inf if s_inf is not None else math.inf)
     best = None  # (s, drop) of the largest fully evaluated feasible level
     hist = []  # (1/s², log r_i) of the last evaluations
@@ -899,6 +915,9 @@ def keep_digital(model: nn.Module, x, y, noise, k: int = 1, targets=None, *, exh
     check_int("k", k, what="an integer number of layers >= 1", wrong_type=ValueError)  # the range: after the pass
     ps = _pass(model, x, y, noise, targets, chunk_size)
     layers = list(ps.layer_cov)
+    if len(layers) < 2:
+        raise ValueError(f"keep_digital needs at least 2 noisy layers to choose from; the targets give "
+                         f"{len(layers)} ({', '.join(layers) or 'none'}), and keeping it digital leaves no noise")
     k = check_int("k", k, 1, len(layers) - 1, what=f"an integer in [1, {len(layers) - 1}] (fewer than the "
                   f"{len(layers)} noisy layers: keeping every layer digital leaves no noise)")
     lv2 = noise.level ** 2

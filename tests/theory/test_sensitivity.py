@@ -353,3 +353,19 @@ def test_bad_input_is_rejected_with_clear_messages():
         sensitivity(model, x, y[:5], "relative:0.1")
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\)"):
         sensitivity(model, x, y + 10, "relative:0.1")
+    # a drop the curve never reaches (it saturates at chance), hardware noise, one noisy layer
+    from noiseprop.theory.examples import tiny_problem
+
+    net3, x3, y3 = tiny_problem()  # 3 classes, clean accuracy 1: the drop saturates near 2/3
+    with pytest.raises(ValueError, match=r"max_drop=0.8 is never reached: the predicted drop stays below 0.6\d+"):
+        noise_budget(net3, x3, y3, "relative", 0.8, refine=None)
+    from noiseprop.theory import PCMLike, Quantized
+
+    for hw in (PCMLike(t=3600.0), Quantized(bits=4)):
+        for call in (lambda: sensitivity(model, x, y, hw), lambda: keep_digital(model, x, y, hw, k=1),
+                     lambda: noise_budget(model, x, y, hw, 0.01)):
+            with pytest.raises(ValueError, match="non-zero mean.*predict_drift"):
+                call()
+    last = list(sensitivity(model, x, y, "relative:0.1").to_frame()["layer"])[-1]
+    with pytest.raises(ValueError, match="keep_digital needs at least 2 noisy layers"):
+        keep_digital(model, x, y, "relative:0.1", k=1, targets=Targets(layers=[last]))
