@@ -231,6 +231,8 @@ class NoisyEvaluator:
 
 def _accuracy_and_loss(logits: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
     lg = logits.double()
+    if not bool(torch.isfinite(lg).all()):  # argmax of NaN logits is no prediction: the draw has no accuracy
+        return math.nan, math.nan
     acc = (lg.argmax(dim=1) == y).double().mean().item()
     loss = F.cross_entropy(lg, y).item()
     return acc, loss
@@ -486,6 +488,8 @@ class SweepResult(_Draws):
             clean_loss=self.clean_loss, seconds=self.seconds, confidence=self.confidence,
             noise_model=self.noise_model.with_level(float(self.levels[i])) if self.noise_model is not None else None,
             targets_spec=self.targets_spec, inputs_fingerprint=self.inputs_fingerprint,
+            extras={"nonfinite_draws": int(self.nonfinite_draws[i])}
+            if self.nonfinite_draws is not None and self.nonfinite_draws[i] else {},
         )
 
     def summary(self) -> str:

@@ -91,9 +91,13 @@ def test_mc_nonfinite_results_are_flagged():
     with pytest.warns(RuntimeWarning, match="non-finite results.*level 1e\\+15: 2/2 draws"):
         r = monte_carlo(_deep_mlp(), X, Y, "additive:1e15", draws=2)
     assert r.extras["nonfinite_draws"] == 2
+    # no accuracy from the argmax of NaN logits (it gave a number with a zero-width interval)
+    assert np.isnan(r.accuracy) and np.isnan(r.accuracies).all() and np.isnan(r.accuracy_ci).all()
     with pytest.warns(RuntimeWarning, match="non-finite"):
-        s = sweep(_deep_mlp(), X, Y, "additive", [0.0, 1e15], draws=2)
+        s = sweep(_deep_mlp(), X, Y, "additive", [0.0, 1e15], draws=2, keep_logits=True)
     assert s.nonfinite_draws.tolist() == [0, 2]
+    assert s.result(1).extras == {"nonfinite_draws": 2} and s.result(0).extras == {}
+    assert np.isnan(s.to_frame()["accuracy"][1]) and not np.isnan(s.to_frame()["accuracy"][0])
 
 
 def test_json_never_prints_bare_nan(capsys, tmp_path):
