@@ -230,8 +230,13 @@ def _noise_difference(a, b) -> str | None:
     la, lb = getattr(a, "level", None), getattr(b, "level", None)
     try:
         fa, fb = a.with_level(1.0), b.with_level(1.0)
-    except (AttributeError, NotImplementedError, ValueError):
-        return "settings differ"
+    except (AttributeError, NotImplementedError, ValueError):  # no level 1 (StuckAt with p_max > 0): field by field
+        try:
+            diff = [f"{f.name} {getattr(a, f.name)!r} vs {getattr(b, f.name)!r}" for f in fields(a)
+                    if getattr(a, f.name) != getattr(b, f.name)]
+        except TypeError:  # not a dataclass
+            diff = []
+        return ", ".join(diff) if diff else "settings differ"
     if fa != fb:
         diff = [f"{f.name} {getattr(fa, f.name)!r} vs {getattr(fb, f.name)!r}" for f in fields(fa)
                 if getattr(fa, f.name) != getattr(fb, f.name)]

@@ -85,3 +85,13 @@ def test_hardware_predictions_carry_the_setting():
         compare(p, _mc(noise=PCMLike(t=7200.0)))
     with pytest.raises(ValueError, match=r"compensation True vs False"):
         compare(p, _mc(noise=PCMLike(t=3600.0, compensation=False)))
+
+
+def test_names_the_difference_of_stuck_at_faults():
+    """StuckAt with p_max > 0 has no level-1 form: the difference is named field by field."""
+    from noiseprop.theory import StuckAt
+    from noiseprop.theory.drift import predict_hardware
+
+    p = predict_hardware(NET, X, Y, StuckAt(p_zero=0.01, p_max=0.01), accuracy_draws=0)
+    with pytest.raises(ValueError, match=r"different noise: .*\(p_zero 0.01 vs 0.02\)"):
+        compare(p, _mc(noise=StuckAt(p_zero=0.02, p_max=0.01)))
