@@ -54,7 +54,7 @@ import numpy as np
 import torch
 
 from .noise import NOISE_STRING_FORMS, WeightNoise, _check_weight
-from .validation import check_number
+from .validation import check_int, check_number
 
 __all__ = [
     "HardwareNoise",
@@ -467,7 +467,7 @@ class PCMLike(HardwareNoise):
         element with its exact mean and variance (``Cov(|X|, Y) = κ_X Cov(X, Y)``,
         :func:`_abs_moments`); the error is confined to elements within a few s.d. of
         zero and enters ``α`` through a layer mean."""
-        draws = ALPHA_DRAWS if draws is None else draws
+        draws = ALPHA_DRAWS if draws is None else check_int("draws", draws, 0)
         raw = self.raw_moments(w) if raw is None else raw
         n = raw["mean"].numel()
         ea_p, k_p = _abs_moments(raw["prog_mean"], raw["prog_var"])

@@ -209,6 +209,7 @@ def test_common_random_numbers_and_rng():
     (lambda: Quantized(4, per="tile"), "per"), (lambda: StuckAt(p_zero=1.5), "p_zero"),
     (lambda: StuckAt(p_zero=-0.1), "p_zero"), (lambda: StuckAt(p_max=2), "p_max"),
     (lambda: StuckAt(p_zero=0.6, p_max=0.6), r"p_zero \+ p_max"), (lambda: parse_noise("quantized:2.5"), "bits"),
+    (lambda: PCMLike(t=10.0).compensation_moments(torch.ones(4, 4), draws=-1), r"draws must be an integer >= 0"),
 ])
 def test_bad_input(make, name):
     with pytest.raises(ValueError, match=name):
