@@ -503,3 +503,16 @@ def test_report_out_with_hidden_foreign_files(tmp_path, capsys):
 def test_cli_seed_2_70(capsys, ckpt, cmd):
     rc, out, err = _cli(capsys, *cmd, "--model", ckpt, "--seed", 2 ** 70)
     _one_line_error(rc, err, "--seed must be an integer >= 0 and <= 9223372036854775807")
+
+
+@pytest.mark.parametrize("bad", [[True], ["10"], [[1.0, 2.0]], [1.0, [2.0]], "3600", None])
+def test_times_and_levels_are_flat_numbers(bad):
+    """Booleans, strings and nested sequences are neither times nor levels (they were
+    converted silently: [True] became one second)."""
+    from noiseprop.theory.validation import check_levels, check_times
+
+    with pytest.raises(ValueError, match="times must be seconds since programming"):
+        check_times(bad)
+    with pytest.raises(ValueError, match="levels must be a sequence of numbers >= 0"):
+        check_levels(bad)
+    assert check_times((0, 3600.0)).tolist() == [0.0, 3600.0] and check_levels(np.float32(0.5)).tolist() == [0.5]

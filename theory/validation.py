@@ -300,12 +300,26 @@ def probe_logits(forward, x: torch.Tensor) -> torch.Tensor:
     return check_logits(out, x.shape[0])
 
 
+def _real_vector(values) -> np.ndarray:
+    """``values`` as a float64 vector: one real number or a flat sequence of them (no
+    booleans, strings or nested sequences); ``TypeError`` otherwise."""
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().numpy()
+    try:
+        a = np.asarray(values)
+    except (TypeError, ValueError):
+        raise TypeError("not a flat sequence of numbers") from None
+    if a.dtype.kind not in "iuf" or a.ndim > 1:
+        raise TypeError("not a flat sequence of numbers")
+    return a.astype(np.float64).ravel()
+
+
 def check_levels(levels, maximum: float | None = None, name: str = "levels") -> np.ndarray:
     """Noise levels: a non-empty sequence of finite numbers ``>= 0`` (and ``<= maximum``);
     returns a float64 vector."""
     top = "" if maximum is None else f" and <= {maximum:.3g}"
     try:
-        lv = np.asarray(levels, dtype=np.float64).ravel()
+        lv = _real_vector(levels)
     except (TypeError, ValueError, OverflowError):
         raise ValueError(f"{name} must be a sequence of numbers >= 0{top}, got {levels!r}") from None
     if lv.size == 0:
@@ -319,7 +333,7 @@ def check_levels(levels, maximum: float | None = None, name: str = "levels") -> 
 def check_times(times, name: str = "times") -> np.ndarray:
     """Times since programming, in seconds: a non-empty sequence of finite numbers ``>= 0``."""
     try:
-        tv = np.asarray(times, dtype=np.float64).ravel()
+        tv = _real_vector(times)
     except (TypeError, ValueError, OverflowError):
         raise ValueError(f"{name} must be seconds since programming (finite numbers >= 0), got {times!r}") from None
     if tv.size == 0:
