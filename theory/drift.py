@@ -60,15 +60,12 @@ from .hashing import inputs_fingerprint
 from .linearize import LinearizedNetwork, auto_chunk_size, backprop_signals, jacobian_pass, tap_jacobian, tapping
 from .moments import DEFAULT_RANK, DEFAULT_SPATIAL_RANK, MomentPropagator, propagate_moments
 from .noise import WeightNoise, parse_noise
-from .predict import Prediction, _LogitLoss
+from .predict import METHODS, Prediction, _gaussian_logit_loss
 from .validation import check_inputs, check_int, check_labels, check_times
 
 __all__ = ["DriftPrediction", "predict_drift", "predict_hardware", "LINEARIZE_AT"]
 
 LINEARIZE_AT = ("mean", "programmed")
-
-
-METHODS = ("linear", "moments")
 
 
 def _moment_settings(rank, spatial_rank, moment_chunk) -> tuple[int, int, int]:
@@ -150,10 +147,10 @@ class _ElementNoise(WeightNoise):
 
 
 def _moment_logits(lin_mu: LinearizedNetwork, x: torch.Tensor, mo: "_Moments", rank: int, spatial_rank: int,
-                   chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+                   chunk: int):
     """Logit mean and covariance ``[N, C]``, ``[N, C, C]`` by moment propagation at the
     expected weights (``lin_mu``) with independent element noise of sd ``mo.unit``
-    (without the compensation terms, added by the caller)."""
+    (without the compensation terms, added by the caller), and the propagation's result."""
     noise = _ElementNoise([(lin_mu.target_params[n], mo.unit[n]) for n in lin_mu.names])
     prop = MomentPropagator(lin_mu, noise, rank=rank, spatial_rank=spatial_rank)
     res = propagate_moments(lin_mu, x, noise, chunk_size=chunk, propagator=prop)
@@ -354,10 +351,12 @@ def _derivatives(lin_pt, x, units, tangents, draws, seed, chunk_size, batch_size
     return [c.double().cpu() for c in covs], [j.double().cpu() for j in jts], (None if z is None else z.double().cpu())
 
 
-def _gaussian_logit_loss(mean: torch.Tensor, cov: torch.Tensor, y: torch.Tensor, points: int = 256, seed: int = 0) -> float:
-    """``mean_i E[CE(f_i, y_i)]`` for ``f_i ~ N(mean_i, cov_i)`` (scrambled Sobol points; the
-    estimator of :func:`noiseprop.theory.predict`)."""
-    return _LogitLoss(cov, points, seed).at(mean, y, 1.0)
+def _rescale_draws(z: torch.Tensor, v_to: torch.Tensor, v_from: torch.Tensor) -> torch.Tensor:
+    """Shared draws ``z [N, C, K]`` of logits with variances ``v_from [N, C]`` rescaled per
+    class to variances ``v_to`` (zero where ``v_from`` is zero)."""
+    pos = v_from > 0
+    return z * torch.where(pos, (v_to / torch.where(pos, v_from, torch.ones_like(v_from))).sqrt(),
+                           torch.zeros_like(v_from)).unsqueeze(-1)
 
 
 # ----------------------------------------------------------------------------
@@ -458,10 +457,7 @@ def _predict_models(model, x, y, noises: Sequence[HardwareNoise], targets, linea
         else:
             cov, jt, z = shared[0][k], shared[1][k], shared[2]
             if z is not None and k > 0:  # rescale the shared draws per class to this time's marginal sd
-                v0 = torch.diagonal(shared[0][0], dim1=1, dim2=2)
-                vk = torch.diagonal(cov, dim1=1, dim2=2)
-                z = z * torch.where(v0 > 0, (vk / torch.where(v0 > 0, v0, torch.ones_like(v0))).sqrt(),
-                                    torch.zeros_like(v0)).unsqueeze(-1)
+                z = _rescale_draws(z, torch.diagonal(cov, dim1=1, dim2=2), torch.diagonal(shared[0][0], dim1=1, dim2=2))
         comp_cov, pairs = _compensation_cov(jt, mo)
         mdiag = {}
         if method == "moments":
@@ -470,9 +466,7 @@ def _predict_models(model, x, y, noises: Sequence[HardwareNoise], targets, linea
             mdiag = dict(preact_frac=res.preact_frac, preact_source="moment propagation, all inputs",
                          compression_loss=res.compression_loss, rank=res.rank)
             if z is not None:  # the linearised network's draws, rescaled per class to the moments' sd
-                v_m = torch.diagonal(cov, dim1=1, dim2=2)
-                z = z * torch.where(v_lin > 0, (v_m / torch.where(v_lin > 0, v_lin, torch.ones_like(v_lin))).sqrt(),
-                                    torch.zeros_like(v_lin)).unsqueeze(-1)
+                z = _rescale_draws(z, torch.diagonal(cov, dim1=1, dim2=2), v_lin)
         if comp_cov is not None:
             cov = cov + comp_cov
         cov = 0.5 * (cov + cov.mT)
@@ -487,7 +481,7 @@ def _predict_models(model, x, y, noises: Sequence[HardwareNoise], targets, linea
                     z += sd * v[:, :, None] * e[None, None, :]
             accs = sampled_accuracies(mean, z, y)
             kd, acc_std = accs.size, float(accs.std(ddof=1))
-        gl = _gaussian_logit_loss(mean, cov, y, seed=seed) - clean_loss
+        gl = _gaussian_logit_loss(mean, cov, y, points=256, seed=seed) - clean_loss
         diag = dict(labels=y.clone(), linearize_at=linearize_at,
                     frac_inputs_uncertain=float(((p > 0.01) & (p < 0.99)).double().mean()), **mdiag)
         if isinstance(nz, PCMLike) and nz.compensation:
