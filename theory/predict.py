@@ -1008,7 +1008,8 @@ def predict(model: nn.Module, x, y, noise, targets=None, *, method: str = "linea
     t0 = time.perf_counter()
     o = _resolve(options, knobs, "predict")
     # non-zero-mean hardware noise (PCMLike, Quantized, StuckAt): theory/drift.py
-    if not parse_noise(noise).zero_mean:
+    hw = parse_noise(noise)
+    if not hw.zero_mean:
         from .drift import predict_hardware  # drift builds Predictions (imports this module): a cycle at top level
 
         unused = [k for k, v, d in (("classes", classes, None), ("per_layer", per_layer, False),
@@ -1016,7 +1017,7 @@ def predict(model: nn.Module, x, y, noise, targets=None, *, method: str = "linea
                   if v != d]
         if unused:
             raise ValueError(f"{', '.join(unused)} not available for non-zero-mean hardware noise "
-                             f"({type(parse_noise(noise)).__name__}): its prediction has no truncated classes, "
+                             f"({type(hw).__name__}): its prediction has no truncated classes, "
                              "per-layer split or Hessian estimator; leave them at their defaults")
 
         return predict_hardware(model, x, y, noise, targets, method=method, chunk_size=o.chunk_size, cov=cov,
