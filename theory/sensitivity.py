@@ -148,6 +148,7 @@ def _check_fraction(name, v):
 @dataclass
 class _Pass:
     lin: LinearizedNetwork
+    x: torch.Tensor  # the checked inputs
     y: torch.Tensor
     clean: torch.Tensor  # [N, C] float64
     cov_unit: torch.Tensor  # [N, C, C] float64, level 1
@@ -174,7 +175,7 @@ def _pass(model, x, y, noise: WeightNoise, targets, chunk_size) -> _Pass:
         m = n.rpartition(".")[0]
         params[m] = params.get(m, 0) + int(lin.target_params[n].numel())
     layer_cov = {m: jp.layer_cov_unit[m].double().cpu() for m in params}
-    return _Pass(lin, y.cpu(), jp.clean_logits.double().cpu(), jp.cov_unit.double().cpu(), layer_cov, params,
+    return _Pass(lin, x, y.cpu(), jp.clean_logits.double().cpu(), jp.cov_unit.double().cpu(), layer_cov, params,
                  time.perf_counter() - t0)
 
 
@@ -373,8 +374,7 @@ def sensitivity(model: nn.Module, x, y, noise, targets=None, *, channels=None, c
         rank[i] = r + 1
     ch = None
     if channels:
-        xx, _ = check_inputs(model, x, y)
-        ch = _channel_frame(model, xx, noise, targets, channels, chunk_size, ps.clean)
+        ch = _channel_frame(model, ps.x, noise, targets, channels, chunk_size, ps.clean)
     return Sensitivity(
         noise=noise.to_string(), targets=ps.lin.plan.targets.describe(), layers=tuple(layers),
         share_logit_var=tuple(share_v), share_loss=tuple(share_l), loss_increase=tuple(gn[m] for m in layers),
@@ -481,13 +481,14 @@ class _Curve:
         # the pairwise bounds need only the margins' variances: O(N C) per level
         self.v1 = torch.diagonal(self.s1, dim1=1, dim2=2)
 
+    def _mean(self, s):
+        return self.m0 if self.a is None else self.m0 + (s * s) * self.a
+
     def _bounds(self, s):
-        m = self.m0 if self.a is None else self.m0 + (s * s) * self.a
-        return pairwise_error_bounds(m, torch.diag_embed(self.v1 * (s * s)))
+        return pairwise_error_bounds(self._mean(s), torch.diag_embed(self.v1 * (s * s)))
 
     def margins(self, s):
-        m = self.m0 if self.a is None else self.m0 + (s * s) * self.a
-        return m, self.s1 * (s * s)
+        return self._mean(s), self.s1 * (s * s)
 
     def union(self, s) -> torch.Tensor:
         """Per input, the union (Bonferroni) bound on the error probability, ``min(1, Σ_k p_k)``."""
@@ -579,7 +580,7 @@ def _solve_scale(curve: _Curve, target: float, rtol: float = 2e-3):
     and its log-linear trend in ``1/s²``; one full evaluation just below the model's root
     usually ends it; otherwise repeat from there, bisecting in ``1/s²`` if the model's
     root leaves the bracket."""
-    if not bool((torch.diagonal(curve.margins(1.0)[1], dim1=1, dim2=2) > 0).any()):
+    if not bool((curve.v1 > 0).any()):
         raise ValueError("the noisy parameters do not affect the logits to first order: no level reaches the budget")
     base = 1.0 - curve.clean_acc
     s_feas = _bound_root(lambda q: curve.bound_drops(q)[1], target)
@@ -633,23 +634,23 @@ def _solve_scale(curve: _Curve, target: float, rtol: float = 2e-3):
     return best
 
 
-def _moment_curve(ps: _Pass, x, fam: WeightNoise, level: float, curve: _Curve, n_points: int, seed: int):
+def _moment_curve(ps: _Pass, noise: WeightNoise, curve: _Curve, n_points: int, seed: int):
     """The predicted curve refined by one moment propagation at ``level`` (the first-order
-    root): logit mean ``clean + s² δ``, ``δ`` fitted so that the mean equals the moment
+    root, ``noise``'s level): logit mean ``clean + s² δ``, ``δ`` fitted so that the mean equals the moment
     method's at ``level``, and the first-order covariance ``s² C₁`` (docs/THEORY.md §11:
     the mean shift is the leading correction; the moment method's covariance is not used,
     its compression error there exceeds the ``s⁴`` term it would add). Only inputs that
     can matter are propagated (:func:`_select`; the others keep the first order, and the
     mean of their union bounds at ``REFINE_REACH × level``, ``refine_neglected`` ≤
     ``REFINE_MASS``, bounds what they could add to the drop there)."""
-    prop = MomentPropagator(ps.lin, fam.with_level(level))  # ValueError: a model the moment method does not cover
+    level = noise.level
+    prop = MomentPropagator(ps.lin, noise)  # ValueError: a model the moment method does not cover
     mask, neglected = _select(curve, level, REFINE_REACH)
     sel = torch.nonzero(mask).flatten()
     shift = torch.zeros_like(ps.clean)
     t = time.perf_counter()
     if sel.numel():
-        res = propagate_moments(ps.lin, x[sel.to(x.device)].to(ps.lin.device), fam.with_level(level),
-                                propagator=prop)
+        res = propagate_moments(ps.lin, ps.x[sel.to(ps.x.device)].to(ps.lin.device), noise, propagator=prop)
         shift[sel] = (res.mean.double().cpu() - ps.clean[sel]) / level ** 2
     extra = dict(refine_inputs=int(sel.numel()), refine_neglected=neglected, refine_seconds=time.perf_counter() - t)
     return _Curve(ps.clean, ps.y, ps.cov_unit, curve.clean_acc, n_points, seed, shift=shift), extra
@@ -722,9 +723,8 @@ def noise_budget(model: nn.Module, x, y, noise_family, max_drop: float = 0.01, t
     fo_level, ev = level, curve.evaluations
     extra, used = {}, None
     if refine is not None:
-        xx, _ = check_inputs(model, x, y)
         try:
-            rcurve, extra = _moment_curve(ps, xx, fam, level, curve, n_points, seed)
+            rcurve, extra = _moment_curve(ps, fam.with_level(level), curve, n_points, seed)
         except ValueError as e:
             if refine == "moments":
                 raise ValueError(f"refine='moments': {e}") from e
@@ -753,8 +753,7 @@ def noise_budget(model: nn.Module, x, y, noise_family, max_drop: float = 0.01, t
     if mc_draws:
         from noiseprop.empirical import monte_carlo  # optional: theory does not depend on empirical
 
-        xx, yy = check_inputs(model, x, y)
-        mc = monte_carlo(model, xx, yy, fam.with_level(level), draws=mc_draws, seed=mc_seed, targets=targets,
+        mc = monte_carlo(model, ps.x, ps.y, fam.with_level(level), draws=mc_draws, seed=mc_seed, targets=targets,
                          progress=False)
         lo, hi = mc.accuracy_ci
         out.update(mc_accuracy=float(mc.accuracy), mc_accuracy_ci=(float(lo), float(hi)),
@@ -841,7 +840,7 @@ class KeepDigital:
         return self.summary()
 
 
-def _moment_steps(model, x, ps: _Pass, noise: WeightNoise, targets, chosen, n_points, seed):
+def _moment_steps(model, ps: _Pass, noise: WeightNoise, targets, chosen, n_points, seed):
     """Predicted accuracy by moment propagation with every layer noisy and after each
     step of ``chosen`` kept digital (one moment pass per step, noise on the remaining
     layers, as ``KeepDigital.targets_after`` gives them to Monte-Carlo). Inputs are
@@ -867,7 +866,7 @@ def _moment_steps(model, x, ps: _Pass, noise: WeightNoise, targets, chosen, n_po
             except ValueError as e:
                 raise ValueError(f"method='moments': {e}") from e
             idx = torch.nonzero(sel).flatten()
-            res = propagate_moments(lin, x[idx.to(x.device)].to(lin.device), noise, propagator=prop)
+            res = propagate_moments(lin, ps.x[idx.to(ps.x.device)].to(lin.device), noise, propagator=prop)
             p[sel] = correct_probability(res.mean.double().cpu(), res.cov.double().cpu(), ps.y[sel],
                                          n_points=n_points, seed=seed)[0]
         out.append(float(p.mean()))
@@ -957,8 +956,7 @@ def keep_digital(model: nn.Module, x, y, noise, k: int = 1, targets=None, *, exh
                 ex_layers, ex_acc = tuple(sub), a
     fo = dict(accuracy_first_order=tuple(accs), accuracy_all_noisy_first_order=acc0)
     if method == "moments":
-        xx, _ = check_inputs(model, x, y)
-        acc0, accs, n_sel = _moment_steps(model, xx, ps, noise, targets, chosen, n_points, seed)
+        acc0, accs, n_sel = _moment_steps(model, ps, noise, targets, chosen, n_points, seed)
         fo["moment_inputs"] = n_sel
     return KeepDigital(
         noise=noise.to_string(), targets=ps.lin.plan.targets.describe(), k=k, layers=tuple(chosen),

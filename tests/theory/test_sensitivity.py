@@ -166,7 +166,7 @@ def test_refined_curve_has_the_moment_mean_and_the_first_order_covariance():
     ps = sens._pass(model, x, y, RelativeGaussian(1.0), None, None)
     acc0 = sens._clean_accuracy(ps.clean, ps.y)
     fo = sens._Curve(ps.clean, ps.y, ps.cov_unit, acc0, 1024, 0)
-    curve, extra = sens._moment_curve(ps, x, RelativeGaussian(1.0), b.first_order_level, fo, 1024, 0)
+    curve, extra = sens._moment_curve(ps, RelativeGaussian(b.first_order_level), fo, 1024, 0)
     assert curve.drop(b.first_order_level) == pytest.approx(acc0 - ref, abs=1e-6 + extra["refine_neglected"])
     assert curve.drop(b.level) == pytest.approx(b.predicted_drop, abs=1e-12) and b.predicted_drop <= 0.02
     assert curve.drop(b.level * (1 + 4e-3)) > 0.02
