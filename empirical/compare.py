@@ -220,6 +220,16 @@ def _noise_of(result):
         return None
 
 
+def _field_difference(a, b) -> str:
+    """``"name x vs y, ..."`` for the dataclass fields where ``a`` and ``b`` differ ("" if
+    none, or if they are not dataclasses)."""
+    try:
+        names = [f.name for f in fields(a)]
+    except TypeError:
+        return ""
+    return ", ".join(f"{n} {getattr(a, n)!r} vs {getattr(b, n)!r}" for n in names if getattr(a, n) != getattr(b, n))
+
+
 def _noise_difference(a, b) -> str | None:
     """What differs between two noise models (``None``: the same). Levels are compared
     up to the 6 significant digits of their string forms (``relative@0.1``)."""
@@ -231,16 +241,9 @@ def _noise_difference(a, b) -> str | None:
     try:
         fa, fb = a.with_level(1.0), b.with_level(1.0)
     except (AttributeError, NotImplementedError, ValueError):  # no level 1 (StuckAt with p_max > 0): field by field
-        try:
-            diff = [f"{f.name} {getattr(a, f.name)!r} vs {getattr(b, f.name)!r}" for f in fields(a)
-                    if getattr(a, f.name) != getattr(b, f.name)]
-        except TypeError:  # not a dataclass
-            diff = []
-        return ", ".join(diff) if diff else "settings differ"
+        return _field_difference(a, b) or "settings differ"
     if fa != fb:
-        diff = [f"{f.name} {getattr(fa, f.name)!r} vs {getattr(fb, f.name)!r}" for f in fields(fa)
-                if getattr(fa, f.name) != getattr(fb, f.name)]
-        return "family settings: " + ", ".join(diff)
+        return "family settings: " + _field_difference(fa, fb)
     if la is None or lb is None or not math.isclose(la, lb, rel_tol=1e-5, abs_tol=1e-12):
         return f"level {la:g} vs {lb:g}"
     return None
