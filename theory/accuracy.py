@@ -73,13 +73,22 @@ def margin_moments(mean: torch.Tensor, cov: torch.Tensor, y: torch.Tensor) -> tu
     return m, s
 
 
+def _safe_ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """``num / den`` for a margin's standardised value, with a margin that carries no noise
+    (``den = 0``: a zero level, or the factor's jitter lost in float32) read as the limit:
+    ``+∞`` if ``num > 0``, ``−∞`` if ``num < 0``, ``0`` for a tie (``Φ = ½``), never
+    ``0/0``. Shared by the pairwise bounds and the separation-of-variables loop."""
+    pos = den > 0
+    return torch.where(pos, num / torch.where(pos, den, torch.ones_like(den)),
+                       torch.where(num > 0, torch.inf, torch.where(num < 0, -torch.inf, torch.zeros_like(num))))
+
+
 def pairwise_error_bounds(m: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(p, lower, upper)`` for ``P(D > 0)``: ``p_k = Φ(−m_k/s_k)``; the probability of
     staying correct lies in ``[1 − min(1, Σ_k p_k), 1 − max_k p_k]`` (Bonferroni)."""
     sd = torch.diagonal(s, dim1=-2, dim2=-1).clamp_min(0).sqrt()
     with torch.no_grad():
-        z = torch.where(sd > 0, -m / torch.where(sd > 0, sd, torch.ones_like(sd)),
-                        torch.where(m > 0, -torch.inf, torch.where(m < 0, torch.inf, torch.zeros_like(m))))
+        z = _safe_ratio(-m, sd)
     p = _phi_cdf(z)
     lower = 1.0 - p.sum(dim=1).clamp(max=1.0)
     upper = 1.0 - p.max(dim=1).values
@@ -148,16 +157,6 @@ def _ndtri(q: torch.Tensor) -> torch.Tensor:
         xf = x.view(-1)
         xf[tail] = torch.special.ndtri(q.reshape(-1)[tail])
     return x
-
-
-def _safe_ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-    """``num / den`` for a margin's standardised value, with a margin that carries no noise
-    (``den = 0``: a zero level, or the factor's jitter lost in float32) read as in
-    :func:`pairwise_error_bounds`: ``+∞`` if ``num > 0``, ``−∞`` if ``num < 0``, ``0`` for a
-    tie (``Φ = ½``), never ``0/0``."""
-    pos = den > 0
-    return torch.where(pos, num / torch.where(pos, den, torch.ones_like(den)),
-                       torch.where(num > 0, torch.inf, torch.where(num < 0, -torch.inf, torch.zeros_like(num))))
 
 
 def _sov(m: torch.Tensor, L: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
