@@ -110,6 +110,9 @@ class LinearizedNetwork:
         first = self.target_params[self.names[0]]
         self.dtype = first.dtype
         self.device = first.device
+        #: remember trace-derived results across objects of the same network
+        #: (:func:`structure_memo`); ``predict(..., cache=False)`` turns it off
+        self.memo = True
 
     # ------------------------------------------------------------------ basics
     def structure(self) -> list:
@@ -466,7 +469,7 @@ def structure_memo(lin: "LinearizedNetwork", what, compute):
     """``compute()`` for ``lin.net``, remembered per network object while its structure is
     unchanged (a replaced layer, a patched ``forward``, a new activation or a changed plain
     attribute retraces); never remembered when ``lin.memo`` is False (``cache=False``)."""
-    if not getattr(lin, "memo", True):
+    if not lin.memo:
         return compute()
     struct = lin.structure()
     try:
