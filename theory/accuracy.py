@@ -86,7 +86,12 @@ def _safe_ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
 def pairwise_error_bounds(m: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(p, lower, upper)`` for ``P(D > 0)``: ``p_k = Φ(−m_k/s_k)``; the probability of
     staying correct lies in ``[1 − min(1, Σ_k p_k), 1 − max_k p_k]`` (Bonferroni)."""
-    sd = torch.diagonal(s, dim1=-2, dim2=-1).clamp_min(0).sqrt()
+    return pairwise_bounds_sd(m, torch.diagonal(s, dim1=-2, dim2=-1).clamp_min(0).sqrt())
+
+
+def pairwise_bounds_sd(m: torch.Tensor, sd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`pairwise_error_bounds` from the margins' standard deviations ``sd [N, d]``
+    alone (all the bounds need: no ``[N, d, d]`` covariance to form per level)."""
     with torch.no_grad():
         z = _safe_ratio(-m, sd)
     p = _phi_cdf(z)
@@ -213,14 +218,15 @@ class OrthantCurve:
         s = s.double()
         if m.dim() != 2 or s.shape != (m.shape[0], m.shape[1], m.shape[1]):
             raise ValueError(f"m must be [N, d] and S [N, d, d]; got {tuple(m.shape)} and {tuple(s.shape)}")
-        self.m, self.s = m, s
+        self.m = m  # S is needed only through its factor and its diagonal
         self.n_points, self.seed, self.bound_tol, self.max_elements = int(n_points), int(seed), bound_tol, max_elements
-        self.order, self.m_ordered, self.L, self.sd = _factor(m, s) if m.shape[1] > 1 else (None, m, None, None)
+        self.order, self.m_ordered, self.L, self.sd = _factor(m, s) if m.shape[1] > 1 else (
+            None, m, None, torch.diagonal(s, dim1=-2, dim2=-1).clamp_min(0).sqrt())
         self._u = None
 
     def bounds(self, level: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """:func:`pairwise_error_bounds` at ``level``: ``(p_k, lower, upper)``."""
-        return pairwise_error_bounds(self.m, self.s * float(level) ** 2)
+        return pairwise_bounds_sd(self.m, self.sd * abs(float(level)))
 
     def at(self, level: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(P(D > 0), lower, upper)`` per row at ``level`` (pairwise bounds as in

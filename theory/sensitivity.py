@@ -87,7 +87,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .accuracy import correct_probability, margin_moments, orthant_probability, pairwise_error_bounds
+from .accuracy import correct_probability, margin_moments, orthant_probability, pairwise_bounds_sd
 from .flatness import loss_increase_gauss_newton
 from .linearize import LinearizedNetwork, jacobian_pass
 from .moments import MomentPropagator, propagate_moments
@@ -478,14 +478,15 @@ class _Curve:
         self.a = None if shift is None else margin_moments(shift, torch.zeros_like(cov1), y)[0]
         self.clean_acc, self.n_points, self.seed = clean_acc, n_points, seed
         self.evaluations = 0
-        # the pairwise bounds need only the margins' variances: O(N C) per level
+        # the pairwise bounds need only the margins' standard deviations: O(N C) per level
         self.v1 = torch.diagonal(self.s1, dim1=1, dim2=2)
+        self.sd1 = self.v1.clamp_min(0).sqrt()
 
     def _mean(self, s):
         return self.m0 if self.a is None else self.m0 + (s * s) * self.a
 
     def _bounds(self, s):
-        return pairwise_error_bounds(self._mean(s), torch.diag_embed(self.v1 * (s * s)))
+        return pairwise_bounds_sd(self._mean(s), self.sd1 * abs(s))
 
     def margins(self, s):
         return self._mean(s), self.s1 * (s * s)
