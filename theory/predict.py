@@ -42,11 +42,10 @@ from torch import nn
 from torch.func import functional_call, jvp, vmap
 
 from ._graph import relu_input_graph
-from .accuracy import CorrectCurve, correct_probability, sampled_accuracies
+from .accuracy import CorrectCurve, _qmc_points, correct_probability, sampled_accuracies
 from .flatness import HessianOperator, _trace_probes, loss_increase_gauss_newton
 from .hashing import inputs_fingerprint, tensor_digest
-from .linearize import (JacobianPass, LinearizedNetwork, jacobian_pass, module_structure, piecewise_linear,
-                        structure_memo)
+from .linearize import JacobianPass, LinearizedNetwork, jacobian_pass, piecewise_linear, structure_memo
 from .moments import MomentPropagator, propagate_moments
 from .noise import MAX_LEVEL, WeightNoise, parse_noise
 from .results import LogitResult
@@ -515,11 +514,9 @@ def clear_cache() -> None:
     _CACHE.clear()
 
 
-_structure = module_structure  # the cache key's structural part (theory/linearize.py)
-
-
 def _state_hash(lin: LinearizedNetwork) -> str:
-    """The model's identity for the cache: its structure (:func:`_structure`), its
+    """The model's identity for the cache: its structure
+    (:func:`~noiseprop.theory.linearize.module_structure`), its
     parameters and buffers, and the noisy parameters' names (one hashing scheme,
     :mod:`noiseprop.theory.hashing`)."""
     items = sorted(lin.params.items()) + sorted(lin.buffers.items())
@@ -572,23 +569,9 @@ def _base(model, x, y, noise, targets, opts: _Options, cache: bool, data_key: st
     return base, noise, False
 
 
-_QMC_NORMAL: dict = {}
-
-
 def _qmc_normal(c: int, points: int, seed: int) -> torch.Tensor:
-    key = (c, points, seed)
-    if key not in _QMC_NORMAL:
-        if len(_QMC_NORMAL) > 16:
-            _QMC_NORMAL.clear()
-        _QMC_NORMAL[key] = _qmc_normal_new(c, points, seed)
-    return _QMC_NORMAL[key]
-
-
-def _qmc_normal_new(c: int, points: int, seed: int) -> torch.Tensor:
-    from scipy.stats import qmc  # lazy: scipy.stats adds ~0.7 s (measured, -X importtime) to importing theory
-
-    z = qmc.Sobol(d=c, scramble=True, seed=np.random.default_rng(seed)).random_base2(int(math.log2(points)))
-    return torch.special.ndtri(torch.from_numpy(z).clamp(1e-12, 1 - 1e-12))  # [P, C]
+    """``[P, C]`` scrambled Sobol normals (the accuracy module's cached points through ``Φ⁻¹``)."""
+    return torch.special.ndtri(_qmc_points(c, points, seed).clamp(1e-12, 1 - 1e-12))
 
 
 def _cov_factor(cov: torch.Tensor) -> torch.Tensor:
