@@ -50,7 +50,7 @@ from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
 from torch.func import grad, jvp, vmap
 
 from .linearize import LinearizedNetwork
-from .noise import WeightNoise, parse_noise
+from .noise import parse_noise
 from .validation import check_inputs, check_int, check_seed
 
 __all__ = [

@@ -45,7 +45,7 @@ from scipy import stats as st
 from noiseprop.theory.symbolic.learning_rate import lr_sweet_spot
 
 from . import CPU_SCALE_DATASETS
-from ..stats import Effect, mean_ci, ols_effect, paired_effect
+from ..stats import Effect, ols_effect, paired_effect
 from ..train import default_train_config
 from .architecture import _theory_notes
 from .common import (Finding, Grid, StudyPlan, StudyResult, bootstrap_seed_means, calibration_figure_frame,

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from dataclasses import replace as _replace
 
-import numpy as np
 import pandas as pd
 
 from ..models import norm_places
