@@ -10,7 +10,7 @@ import json
 import math
 
 from noiseprop.theory.noise import NOISE_STRING_FORMS
-from noiseprop.theory.sensitivity import _noise_with_level, keep_digital, noise_budget, sensitivity
+from noiseprop.theory.sensitivity import KEEP_METHODS, REFINE, _noise_with_level, keep_digital, noise_budget, sensitivity
 
 from .cli import CLIError
 from .cli_mc import add_model_data_args, load_model_and_data
@@ -96,12 +96,12 @@ def register(sub) -> None:
                         "MAX_DROP (e.g. 0.01), with a per-layer allocation")
     p.add_argument("--budget-mc", type=int, default=None, metavar="DRAWS",
                    help="check the budget's level by Monte-Carlo with this many draws")
-    p.add_argument("--refine", choices=("auto", "moments", "none"), default="auto",
+    p.add_argument("--refine", choices=[r or "none" for r in REFINE], default="auto",
                    help="--budget: refine the first-order level by one moment propagation (auto: where the model "
                         "allows it; none: first order only, cheapest)")
     p.add_argument("--keep-digital", type=int, default=None, metavar="K",
                    help="also choose the K layers to keep digital (greedy, with interactions)")
-    p.add_argument("--keep-method", choices=("linear", "moments"), default="linear",
+    p.add_argument("--keep-method", choices=KEEP_METHODS, default="linear",
                    help="--keep-digital: predict the accuracy after each step by the first order (default) or by "
                         "moment propagation (one pass per step)")
     p.add_argument("--plot", default=None, metavar="PNG", help="write a bar chart of the per-layer shares")

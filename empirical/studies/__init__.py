@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
+from noiseprop.theory.symbolic.batchnorm import batchnorm_lognormal_scales
 from noiseprop.theory.symbolic.learning_rate import lr_sweet_spot
 
 from ..cells import ResultStore
@@ -135,22 +136,14 @@ def preload() -> None:
     each worker does not pay for the imports again)."""
     # torch.optim's first step() imports torch._dynamo (seconds): do it once, here
     for m in ("torch._dynamo", "noiseprop.empirical.train", "noiseprop.empirical.montecarlo",
-              "noiseprop.empirical.compare", "noiseprop.theory", "statsmodels.api", "statsmodels.formula.api",
-              "scipy.stats"):
+              "noiseprop.empirical.compare", "noiseprop.theory", "noiseprop.theory.predict",
+              "noiseprop.theory.flatness", "statsmodels.api", "statsmodels.formula.api", "scipy.stats"):
         importlib.import_module(m)
-    for m in ("noiseprop.theory.predict", "noiseprop.theory.flatness"):
-        try:
-            importlib.import_module(m)
-        except ImportError:
-            pass
     _mpl()  # matplotlib with the Agg backend, for figures drawn in workers
-    try:  # the symbolic derivations the studies evaluate (sympy: seconds to build, cached)
-        from noiseprop.theory.symbolic.batchnorm import batchnorm_lognormal_scales
-        batchnorm_lognormal_scales().numeric("inflation_mean")
-        d = lr_sweet_spot()
-        d.numeric("lr_opt"), d.numeric("sweet_spot_exists")
-    except ImportError:
-        pass
+    # the symbolic derivations the studies evaluate (sympy: seconds to build, cached)
+    batchnorm_lognormal_scales().numeric("inflation_mean")
+    d = lr_sweet_spot()
+    d.numeric("lr_opt"), d.numeric("sweet_spot_exists")
 
 
 def run_study(name: str, grid: Grid | None = None, store=None, executor=None, cache_dir=None, progress=None,

@@ -13,6 +13,7 @@ from noiseprop.theory import RelativeGaussian, Targets, predict_sweep
 from noiseprop.theory.flatness import hessian_top_eigenvalue, hessian_trace
 from noiseprop.theory.linearize import LinearizedNetwork, jacobian_pass
 from noiseprop.theory.predict import PREACT_WARN_FRACTION
+from noiseprop.theory.symbolic.batchnorm import batchnorm_lognormal_scales
 from noiseprop.theory.targets import find_fold_pairs, folding_affine, resolve_targets
 
 from ..compare import compare
@@ -42,12 +43,7 @@ def folding_factors(model) -> dict:
     ``1/C + (1 − 1/C) e^{4τ²}`` of :func:`noiseprop.theory.symbolic.batchnorm.batchnorm_lognormal_scales`
     (log-normal gains, rows of equal spread).
     """
-    try:
-        from noiseprop.theory.symbolic.batchnorm import batchnorm_lognormal_scales
-
-        closed = batchnorm_lognormal_scales().numeric("inflation_mean")
-    except ImportError:  # the symbolic topic is optional here
-        closed = None
+    closed = batchnorm_lognormal_scales().numeric("inflation_mean")
     mods = dict(model.named_modules())
     out = {}
     for conv_name, bn_name in _norm_pairs(model):
@@ -60,7 +56,7 @@ def folding_factors(model) -> dict:
             infl = (sf / (a.abs() * s)) ** 2
         tau = float(torch.log(a.abs()).std(correction=1)) if a.numel() > 1 else 0.0
         out[conv_name] = {"inflation": float(infl[torch.isfinite(infl)].mean()), "log_gain_std": tau,
-                          "lognormal": float(closed(tau=tau, C=int(a.numel()))) if closed is not None and tau > 0
+                          "lognormal": float(closed(tau=tau, C=int(a.numel()))) if tau > 0
                           else float("nan")}
     return out
 
