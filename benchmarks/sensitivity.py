@@ -79,10 +79,7 @@ def _level(model, x, y, drop, draws=30):
     from noiseprop.empirical import sweep
     from noiseprop.theory import noise_budget
 
-    import inspect
-
-    kw = {"refine": None} if "refine" in inspect.signature(noise_budget).parameters else {}
-    hi = noise_budget(model, x, y, "relative", max_drop=drop, **kw).level
+    hi = noise_budget(model, x, y, "relative", max_drop=drop, refine=None).level
     levels = list(np.geomspace(hi / 16, hi, 9))
     sw = sweep(model, x, y, "relative", levels, draws=draws, seed=7, progress=False)
     acc = sw.to_frame()["accuracy"].to_numpy()
@@ -129,13 +126,13 @@ def budget(models, draws):
         model, x, y = _load(name)
         b = noise_budget(model, x, y, "relative", max_drop=0.01, mc_draws=draws, mc_seed=0)
         lo, hi = b.mc_drop_ci
-        row = {"part": "budget", "model": name, "max_drop": 0.01, "refine": getattr(b, "refine", None),
+        row = {"part": "budget", "model": name, "max_drop": 0.01, "refine": b.refine,
                "level": b.level, "predicted_drop": b.predicted_drop,
                "mc_drop": b.mc_drop, "mc_drop_ci": [lo, hi], "ci_contains_budget": bool(lo <= 0.01 <= hi),
                "within_1pt": bool(abs(b.mc_drop - 0.01) <= 0.01), "draws": draws,
                "allocation_bits_saved": b.bits_saved, "allocation_predicted_drop": b.layer_drop,
                "evaluations": b.evaluations, "seconds": b.seconds}
-        if getattr(b, "refine", None) == "moments":
+        if b.refine == "moments":
             acc, ci, se, _ = _mc(model, x, y, f"relative:{b.first_order_level}", draws, 0)
             row.update(first_order_level=b.first_order_level, first_order_mc_drop=b.clean_accuracy - acc,
                        first_order_mc_drop_ci=[b.clean_accuracy - ci[1], b.clean_accuracy - ci[0]],
@@ -153,18 +150,13 @@ def keep(models, drop, draws, k=3):
         level = _level(model, x, y, drop)
         noise = RelativeGaussian(level)
         kd = keep_digital(model, x, y, noise, k=k, exhaustive=False)
-        km = None
-        try:
-            km = keep_digital(model, x, y, noise, k=k, exhaustive=False, method="moments")
-        except TypeError:  # before method= existed
-            pass
+        km = keep_digital(model, x, y, noise, k=k, exhaustive=False, method="moments")
         acc, ci, se, _ = _mc(model, x, y, noise, draws, 2)
         row = {"part": "keep", "model": name, "level": level, "k": 0, "layers": [],
                "predicted": kd.accuracy_all_noisy, "mc": acc, "mc_ci": ci, "diff": kd.accuracy_all_noisy - acc,
-               "within_1pt": bool(abs(kd.accuracy_all_noisy - acc) <= 0.01), "draws": draws}
-        if km is not None:
-            row.update(predicted_moments=km.accuracy_all_noisy, diff_moments=km.accuracy_all_noisy - acc,
-                       within_1pt_moments=bool(abs(km.accuracy_all_noisy - acc) <= 0.01))
+               "within_1pt": bool(abs(kd.accuracy_all_noisy - acc) <= 0.01), "draws": draws,
+               "predicted_moments": km.accuracy_all_noisy, "diff_moments": km.accuracy_all_noisy - acc,
+               "within_1pt_moments": bool(abs(km.accuracy_all_noisy - acc) <= 0.01)}
         emit(row)
         for step in range(1, k + 1):
             acc, ci, se, _ = _mc(model, x, y, noise, draws, 2, kd.targets_after(step))
@@ -172,10 +164,9 @@ def keep(models, drop, draws, k=3):
                    "predicted": kd.accuracy[step - 1], "mc": acc, "mc_ci": ci, "diff": kd.accuracy[step - 1] - acc,
                    "within_1pt": bool(abs(kd.accuracy[step - 1] - acc) <= 0.01),
                    "interaction": kd.interaction[step - 1], "draws": draws, "seconds_linear": kd.seconds}
-            if km is not None:
-                a = km.accuracy[step - 1]
-                row.update(predicted_moments=a, diff_moments=a - acc, within_1pt_moments=bool(abs(a - acc) <= 0.01),
-                           seconds_moments=km.seconds, moment_inputs=km.moment_inputs)
+            a = km.accuracy[step - 1]
+            row.update(predicted_moments=a, diff_moments=a - acc, within_1pt_moments=bool(abs(a - acc) <= 0.01),
+                       seconds_moments=km.seconds, moment_inputs=km.moment_inputs)
             emit(row)
         # exhaustive k = 1 by Monte-Carlo: every single layer kept digital
         from noiseprop.theory import Targets
@@ -221,10 +212,7 @@ def budget_diag(models, draws):
 
     for name in models:
         model, x, y = _load(name)
-        import inspect
-
-        kw = {"refine": None} if "refine" in inspect.signature(noise_budget).parameters else {}
-        b = noise_budget(model, x, y, "relative", max_drop=0.01, **kw)
+        b = noise_budget(model, x, y, "relative", max_drop=0.01, refine=None)
         noise = RelativeGaussian(b.level)
         lg = _mc_logits(model, x, noise, draws, 11)  # [D, N, C]
         clean = predict(model, x, y, noise, cov=True)
@@ -284,9 +272,6 @@ def cost(models, reps):
         predict(model, x[:8], y[:8], noise)
         sensitivity(model, x[:8], y[:8], noise)
         tp, ts, tb, tf = [], [], [], []
-        import inspect
-
-        fo = "refine" in inspect.signature(noise_budget).parameters  # default refine="auto", and refine=None
         for _ in range(reps):
             t = time.perf_counter()
             predict(model, x, y, noise, cache=False)  # a fresh derivative pass, as a first call pays
@@ -297,17 +282,14 @@ def cost(models, reps):
             t = time.perf_counter()
             noise_budget(model, x, y, "relative", 0.01)
             tb.append(time.perf_counter() - t)
-            if fo:
-                t = time.perf_counter()
-                noise_budget(model, x, y, "relative", 0.01, refine=None)
-                tf.append(time.perf_counter() - t)
-        p, s, b = statistics.median(tp), statistics.median(ts), statistics.median(tb)
+            t = time.perf_counter()
+            noise_budget(model, x, y, "relative", 0.01, refine=None)
+            tf.append(time.perf_counter() - t)
+        p, s, b, f = (statistics.median(v) for v in (tp, ts, tb, tf))
         row = {"part": "cost", "model": name, "n_inputs": int(x.shape[0]), "predict_s": p, "sensitivity_s": s,
                "noise_budget_s": b, "sensitivity_ratio": s / p, "noise_budget_ratio": b / p,
-               "target_sensitivity": 2.0, "target_budget": 3.0, "reps": reps}
-        if fo:
-            f = statistics.median(tf)
-            row.update(noise_budget_first_order_s=f, noise_budget_first_order_ratio=f / p)
+               "target_sensitivity": 2.0, "target_budget": 3.0, "reps": reps,
+               "noise_budget_first_order_s": f, "noise_budget_first_order_ratio": f / p}
         emit(row)
 
 
