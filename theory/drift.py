@@ -60,7 +60,7 @@ from .hashing import inputs_fingerprint
 from .linearize import LinearizedNetwork, auto_chunk_size, backprop_signals, jacobian_pass, tap_jacobian, tapping
 from .moments import DEFAULT_RANK, DEFAULT_SPATIAL_RANK, MomentPropagator, propagate_moments
 from .noise import WeightNoise, parse_noise
-from .predict import METHODS, Prediction, _gaussian_logit_loss
+from .predict import METHODS, Prediction, _gaussian_logit_loss, _rescale_draws
 from .validation import check_inputs, check_int, check_labels, check_times
 
 __all__ = ["DriftPrediction", "predict_drift", "predict_hardware", "LINEARIZE_AT"]
@@ -349,14 +349,6 @@ def _derivatives(lin_pt, x, units, tangents, draws, seed, chunk_size, batch_size
         out = _slow_derivatives(lin_pt, x, units, tangents, draws, seed, chunk_size, batch_size)
     covs, jts, z = out
     return [c.double().cpu() for c in covs], [j.double().cpu() for j in jts], (None if z is None else z.double().cpu())
-
-
-def _rescale_draws(z: torch.Tensor, v_to: torch.Tensor, v_from: torch.Tensor) -> torch.Tensor:
-    """Shared draws ``z [N, C, K]`` of logits with variances ``v_from [N, C]`` rescaled per
-    class to variances ``v_to`` (zero where ``v_from`` is zero)."""
-    pos = v_from > 0
-    return z * torch.where(pos, (v_to / torch.where(pos, v_from, torch.ones_like(v_from))).sqrt(),
-                           torch.zeros_like(v_from)).unsqueeze(-1)
 
 
 # ----------------------------------------------------------------------------

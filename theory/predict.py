@@ -302,14 +302,24 @@ class _Base:
     memo: dict = field(default_factory=dict)
 
 
-def _linear_moments(base: _Base, level: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first-order logit mean and covariance at noise ``level`` from the derivative
-    pass: ``E f = f(θ)`` and ``Cov f = level² · J diag(u²) Jᵀ`` (noise linear in its
-    level, zero mean). The one place they are formed: a noise model with a non-zero mean
-    ``E[δθ]`` adds its first-order mean shift ``J E[δθ]`` here."""
-    if base.jp.classes is not None:  # over the selected classes (slots)
-        return base.jp.clean_logits.gather(1, base.jp.classes), base.jp.cov_unit * float(level) ** 2
-    return base.jp.clean_logits, base.jp.cov_unit * float(level) ** 2
+def _linear_moments(base: _Base) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first-order logit mean ``E f = f(θ)`` and unit covariance ``J diag(u²) Jᵀ``
+    (float64, CPU, formed once per derivative pass): at level ``η`` the covariance is
+    ``η²`` times it (noise linear in its level, zero mean). Over the selected classes
+    (slots) when the pass differentiated only those."""
+    def mean():
+        m = base.jp.clean_logits
+        return (m if base.jp.classes is None else m.gather(1, base.jp.classes)).double().cpu()
+
+    return _memo(base, "mean", mean), _memo(base, "cov_unit", lambda: base.jp.cov_unit.double().cpu())
+
+
+def _rescale_draws(z: torch.Tensor, v_to: torch.Tensor, v_from: torch.Tensor) -> torch.Tensor:
+    """Shared draws ``z [N, C, K]`` of logits with variances ``v_from [N, C]`` rescaled per
+    class to variances ``v_to`` (same correlation structure; zero where ``v_from`` is zero)."""
+    pos = v_from > 0
+    return z * torch.where(pos, (v_to / torch.where(pos, v_from, torch.ones_like(v_from))).sqrt(),
+                           torch.zeros_like(v_from)).unsqueeze(-1)
 
 
 def _slot_cov_to_full(cov: torch.Tensor, sel: torch.Tensor, c: int) -> torch.Tensor:
@@ -650,15 +660,17 @@ def _memo(base: _Base, key, make):
 
 def _finish(base: _Base, noise: WeightNoise, method: str, mean: torch.Tensor, cov: torch.Tensor, keep_cov: bool,
             extra_diag: dict, warns: list, t0: float, n_points: int, seed: int) -> Prediction:
+    """The :class:`Prediction` at ``noise``'s level from the logit moments: ``cov`` is the
+    unit covariance for ``method="linear"`` (:func:`_linear_moments`), else the
+    covariance at the level."""
     y = base.y
     lvl = float(noise.level)
     linear = method == "linear"
     clean = _memo(base, "clean", lambda: base.jp.clean_logits.double().cpu())
     sel = base.jp.classes.cpu() if base.jp.classes is not None else None
     y_acc = y if sel is None else torch.zeros_like(y)  # slot 0 is the label
-    if linear:  # the covariance is lvl² × the unit one: factorise once, rescale per level
-        cov_u = _memo(base, "cov_unit", lambda: base.jp.cov_unit.double().cpu())
-        mean = _memo(base, "mean", lambda: mean.double().cpu())
+    if linear:  # cov is the unit covariance (_linear_moments): factorise once, rescale per level
+        cov_u = cov
         cov = cov_u * lvl**2
         curve = _memo(base, ("accuracy", n_points, seed),
                       lambda: CorrectCurve(mean, cov_u, y_acc, n_points=n_points, seed=seed))
@@ -689,11 +701,8 @@ def _finish(base: _Base, noise: WeightNoise, method: str, mean: torch.Tensor, co
     if base.jp.draws_unit is not None:
         z = base.jp.draws_unit.double().cpu() * lvl
         if not linear:
-            v_lin = torch.diagonal(base.jp.cov_unit, dim1=1, dim2=2).cpu() * lvl**2
-            v_m = torch.diagonal(cov, dim1=1, dim2=2)
-            ratio = torch.where(v_lin > 0, (v_m / torch.where(v_lin > 0, v_lin, torch.ones_like(v_lin))).sqrt(),
-                                torch.zeros_like(v_lin))
-            z = z * ratio.unsqueeze(-1)
+            z = _rescale_draws(z, torch.diagonal(cov, dim1=1, dim2=2),
+                               torch.diagonal(base.jp.cov_unit, dim1=1, dim2=2).cpu() * lvl**2)
         accs = sampled_accuracies(mean if sel is None else clean.gather(1, sel), z, y_acc)
         k = accs.size
         acc_std = float(accs.std(ddof=1))
@@ -702,7 +711,7 @@ def _finish(base: _Base, noise: WeightNoise, method: str, mean: torch.Tensor, co
     if sel is not None:
         cov_lin_u = cov_full_u
     else:
-        cov_lin_u = _memo(base, "cov_unit", lambda: base.jp.cov_unit.double().cpu())
+        cov_lin_u = _linear_moments(base)[1]
     gn = _memo(base, "gn_unit", lambda: loss_increase_gauss_newton(clean, cov_lin_u)) * lvl**2
     if base.loss_method == "hutchinson":
         li, li_se = 0.5 * base.trace_unit * lvl**2, 0.5 * base.trace_unit_se * lvl**2
@@ -799,7 +808,7 @@ def _predict_one(base: _Base, noise: WeightNoise, run: _Run, seed: int, t0: floa
                  propagator=None):
     warns: list = []
     if run.method == "linear":
-        mean, c = _linear_moments(base, noise.level)
+        mean, c = _linear_moments(base)  # unit covariance: _finish scales it
         extra = {}
     else:
         mean, c, extra, propagator = _moments(base, noise, run.rank, run.spatial_rank, run.moment_chunk, propagator)
