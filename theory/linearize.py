@@ -113,11 +113,12 @@ class LinearizedNetwork:
         #: remember trace-derived results across objects of the same network
         #: (:func:`structure_memo`); ``predict(..., cache=False)`` turns it off
         self.memo = True
+        self._structure = None  # module_structure(net), computed on first use
 
     # ------------------------------------------------------------------ basics
     def structure(self) -> list:
         """:func:`module_structure` of the evaluated network (computed once per object)."""
-        if getattr(self, "_structure", None) is None:
+        if self._structure is None:
             self._structure = module_structure(self.net)
         return self._structure
 
