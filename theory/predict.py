@@ -46,7 +46,7 @@ from .accuracy import CorrectCurve, _qmc_points, correct_probability, sampled_ac
 from .flatness import HessianOperator, _trace_probes, loss_increase_gauss_newton
 from .hashing import inputs_fingerprint, tensor_digest
 from .linearize import JacobianPass, LinearizedNetwork, jacobian_pass, piecewise_linear, structure_memo
-from .moments import MomentPropagator, propagate_moments
+from .moments import DEFAULT_H2_RANK, MomentPropagator, propagate_moments
 from .noise import MAX_LEVEL, WeightNoise, parse_noise
 from .results import LogitResult
 from .validation import check_bool, check_int, check_levels, check_seed, probe_logits
@@ -768,12 +768,13 @@ def _finish(base: _Base, noise: WeightNoise, method: str, mean: torch.Tensor, co
     )
 
 
-def _moments(base: _Base, noise: WeightNoise, rank, spatial_rank, moment_chunk, propagator=None):
+def _moments(base: _Base, noise: WeightNoise, rank, spatial_rank, h2_rank, moment_chunk, propagator=None):
     if propagator is None:
-        propagator = MomentPropagator(base.lin, noise, rank=rank, spatial_rank=spatial_rank)
+        propagator = MomentPropagator(base.lin, noise, rank=rank, spatial_rank=spatial_rank, h2_rank=h2_rank)
     res = propagate_moments(base.lin, base.x, noise, chunk_size=moment_chunk, propagator=propagator)
     diag = {"preact_frac": res.preact_frac, "preact_source": "moment propagation, all inputs",
-            "compression_loss": res.compression_loss, "rank": res.rank, "spatial_rank": res.spatial_rank}
+            "compression_loss": res.compression_loss, "rank": res.rank, "spatial_rank": res.spatial_rank,
+            "h2_rank": propagator.h2_rank}
     return res.mean, res.cov, diag, propagator
 
 
@@ -786,12 +787,14 @@ class _Run:
     n_points: int
     rank: int
     spatial_rank: int
+    h2_rank: int
     moment_chunk: int
 
 
-def _run_settings(method, cov, n_points, rank, spatial_rank, moment_chunk) -> _Run:
+def _run_settings(method, cov, n_points, rank, spatial_rank, h2_rank, moment_chunk) -> _Run:
     return _Run(_check_method(method), check_bool("cov", cov), check_int("n_points", n_points, 16), check_int("rank", rank, 1),
-                check_int("spatial_rank", spatial_rank, 1), check_int("moment_chunk", moment_chunk, 1))
+                check_int("spatial_rank", spatial_rank, 1), check_int("h2_rank", h2_rank, 0),
+                check_int("moment_chunk", moment_chunk, 1))
 
 
 def _check_classes(run: _Run, opts: _Options) -> None:
@@ -811,7 +814,8 @@ def _predict_one(base: _Base, noise: WeightNoise, run: _Run, seed: int, t0: floa
         mean, c = _linear_moments(base)  # unit covariance: _finish scales it
         extra = {}
     else:
-        mean, c, extra, propagator = _moments(base, noise, run.rank, run.spatial_rank, run.moment_chunk, propagator)
+        mean, c, extra, propagator = _moments(base, noise, run.rank, run.spatial_rank, run.h2_rank, run.moment_chunk,
+                                               propagator)
     extra["derivative_pass"] = "cached" if cached else "computed"
     return _finish(base, noise, run.method, mean, c, run.cov, extra, warns, t0, run.n_points, seed), propagator
 
@@ -857,8 +861,10 @@ class PredictOptions:
     chunk_size: inputs per Jacobian chunk (``None``: from a memory budget of
         :data:`~noiseprop.theory.linearize.DEFAULT_JACOBIAN_BUDGET`).
     batch_size: inputs per Hessian-vector product (Hutchinson).
-    rank, spatial_rank, moment_chunk: moment-propagation settings
-        (``method="moments"``; see :mod:`noiseprop.theory.moments`).
+    rank, spatial_rank, h2_rank, moment_chunk: moment-propagation settings
+        (``method="moments"``; see :mod:`noiseprop.theory.moments`): columns kept per
+        input, new columns per channel of a noisy convolution, random-feature columns
+        for the second Hermite part of each ReLU / max (0: not carried), inputs per chunk.
 
     Checked when built (:mod:`noiseprop.theory.validation`):
 
@@ -878,16 +884,17 @@ class PredictOptions:
     batch_size: int = 512
     rank: int = 32
     spatial_rank: int = 4
+    h2_rank: int = DEFAULT_H2_RANK
     moment_chunk: int = 32
 
     def __post_init__(self):
         # the checks of the internal settings, in one place (_options, _run_settings)
         o = _options(self.chunk_size, self.accuracy_draws, self.loss_increase, self.loss_probes, 0, self.batch_size,
                      False, True)
-        r = _run_settings("linear", False, self.n_points, self.rank, self.spatial_rank, self.moment_chunk)
+        r = _run_settings("linear", False, self.n_points, self.rank, self.spatial_rank, self.h2_rank, self.moment_chunk)
         for name in ("chunk_size", "accuracy_draws", "loss_probes", "batch_size"):
             object.__setattr__(self, name, getattr(o, name))
-        for name in ("n_points", "rank", "spatial_rank", "moment_chunk"):
+        for name in ("n_points", "rank", "spatial_rank", "h2_rank", "moment_chunk"):
             object.__setattr__(self, name, getattr(r, name))
 
 
@@ -916,7 +923,7 @@ def _resolve(options, knobs: dict, where: str) -> PredictOptions:
 
 def _settings(o: PredictOptions, method, cov, seed, per_layer, diagnostic, classes) -> tuple[_Run, _Options]:
     """The internal settings of one call (checked), from the options and the general keywords."""
-    run = _run_settings(method, cov, o.n_points, o.rank, o.spatial_rank, o.moment_chunk)
+    run = _run_settings(method, cov, o.n_points, o.rank, o.spatial_rank, o.h2_rank, o.moment_chunk)
     opts = _options(o.chunk_size, o.accuracy_draws, o.loss_increase, o.loss_probes, seed, o.batch_size, per_layer,
                     diagnostic, classes)
     _check_classes(run, opts)
@@ -1005,7 +1012,8 @@ def predict(model: nn.Module, x, y, noise, targets=None, *, method: str = "linea
         from .drift import predict_hardware  # drift builds Predictions (imports this module): a cycle at top level
 
         unused = [k for k, v, d in (("classes", classes, None), ("per_layer", per_layer, False),
-                                    ("loss_increase", o.loss_increase, "auto"), ("loss_probes", o.loss_probes, None))
+                                    ("loss_increase", o.loss_increase, "auto"), ("loss_probes", o.loss_probes, None),
+                                    ("h2_rank", o.h2_rank, DEFAULT_H2_RANK))
                   if v != d]
         if unused:
             raise ValueError(f"{', '.join(unused)} not available for non-zero-mean hardware noise "
@@ -1098,7 +1106,7 @@ class Predictor:
     def _settings(self, method, cov) -> _Run:
         r = self._run
         run = _run_settings(r.method if method is None else method, r.cov if cov is None else cov, r.n_points,
-                            r.rank, r.spatial_rank, r.moment_chunk)
+                            r.rank, r.spatial_rank, r.h2_rank, r.moment_chunk)
         _check_classes(run, self._opts)
         return run
 

@@ -12,6 +12,7 @@ from noiseprop.empirical import monte_carlo, sweep
 from noiseprop.theory import Prediction, predict, predict_sweep
 from noiseprop.theory.examples import tiny_problem
 from noiseprop.theory import PredictOptions
+from noiseprop.theory.hardware import Quantized
 from noiseprop.theory.predict import OPTION_NAMES, Predictor
 
 NET, X, Y = tiny_problem()
@@ -25,7 +26,7 @@ def test_signature_reads_at_a_glance():
                      "per_layer", "diagnostic", "cache"]
     assert all(sig.parameters[n].kind is inspect.Parameter.KEYWORD_ONLY for n in named[5:])
     assert set(OPTION_NAMES) == {"accuracy_draws", "loss_increase", "loss_probes", "n_points", "chunk_size",
-                                 "batch_size", "rank", "spatial_rank", "moment_chunk"}
+                                 "batch_size", "rank", "spatial_rank", "h2_rank", "moment_chunk"}
 
 
 def _same(a: Prediction, b: Prediction):
@@ -71,6 +72,18 @@ def test_options_conflicts_and_bad_values_are_named():
         predict(NET, X, Y, "relative:0.1", cache="yes")
     with pytest.raises(TypeError):  # keyword-only after targets
         predict(NET, X, Y, "relative:0.1", None, "linear")
+
+
+def test_h2_rank_reaches_the_moment_propagation_and_is_checked():
+    p = predict(NET, X, Y, "relative:0.2", method="moments", h2_rank=0, cache=False)
+    assert p.diagnostics["h2_rank"] == 0
+    c = predict_sweep(NET, X, Y, "relative", [0.1, 0.2], method="moments", options=PredictOptions(h2_rank=3),
+                      cache=False)
+    assert [q.diagnostics["h2_rank"] for q in c.predictions] == [3, 3]
+    with pytest.raises(ValueError, match="h2_rank must be an integer >= 0, got -1"):
+        PredictOptions(h2_rank=-1)
+    with pytest.raises(ValueError, match="h2_rank not available for non-zero-mean hardware noise"):
+        predict(NET, X, Y, Quantized(bits=8), h2_rank=0)
 
 
 SHARED = {"level", "accuracy", "clean_accuracy", "loss", "clean_loss", "loss_increase", "mean_logit_var",
