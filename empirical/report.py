@@ -153,6 +153,13 @@ def render_markdown(blocks) -> str:
     return "\n".join(out)
 
 
+#: what the grid's ``theory`` puts on the curves, in the report's words
+THEORY_WORDS = {
+    "moments": "moment propagation on every curve, the first order beside it where its validity diagnostic holds",
+    "auto": "moment propagation on the MLPs, the first order on the convolutional networks",
+    "linear": "the first order (linearised network) on every curve",
+}
+
 _CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:0.5em 0 1em;font-size:0.85em}th,td{border:1px solid #ccc;padding:2px 6px;
 text-align:right}th{background:#f0f0f0}td.reproduced{background:#dfd}td.contradicted{background:#fdd}
@@ -530,8 +537,8 @@ def report_blocks(study_results, grid, cfg, allf, validation, by_eta, figs, trai
         blocks.append(("p", f"Across the {int(r['cells'])} cells (model × noise placement × η > 0), the predicted "
                             f"accuracy is inside Monte-Carlo's {int(grid.confidence * 100)}% interval or within "
                             f"{ACCURACY_TOLERANCE * 100:g} point of its mean in {r['agreement']:.0%} of them "
-                            f"(inside the interval: {r['ci_contains_prediction']:.0%}). Theory: {grid.theory} "
-                            "(auto: moment propagation on the MLPs, the first order on the convolutional networks)."))
+                            f"(inside the interval: {r['ci_contains_prediction']:.0%}). Theory: "
+                            f"{THEORY_WORDS.get(grid.theory, grid.theory)}."))
     if by_method is not None and not by_method.empty:
         blocks.append(("p", "Per prediction method: the share of cells agreeing (inside the interval or within 1 "
                             "point). Moment propagation is what the published comparison should use; the first "

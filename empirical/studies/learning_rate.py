@@ -36,6 +36,7 @@ measurements; it is set beside the empirical interval.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import replace as _replace
 
 import numpy as np
@@ -265,12 +266,7 @@ def symbolic_sweet_spot(mf: pd.DataFrame, lrs, confidence: float):
     ``J(lr) = L_0 + a lr^p + b lr^(−q)`` with the clean-loss term fitted to the per-lr
     mean clean loss and the noise term to the mean Monte-Carlo loss increase averaged
     over η > 0; its closed-form ``lr* = (q b/(p a))^(1/(p+q))`` with a bootstrap interval
-    over seeds, and whether the model's existence condition holds on the tested range.
-    ``None`` when the topic is not available."""
-    try:
-        from noiseprop.theory.symbolic.learning_rate import lr_sweet_spot  # noqa: F401
-    except ImportError:
-        return None
+    over seeds, and whether the model's existence condition holds on the tested range."""
     levels, C = seed_matrix(mf, "clean_loss", "lr")
     _, N = seed_matrix(mf, "noise_loss", "lr")
     lr = np.asarray(levels, float)
@@ -281,7 +277,10 @@ def symbolic_sweet_spot(mf: pd.DataFrame, lrs, confidence: float):
         a=out["a"], b=out["b"], p=out["p"], q=out["q"], lr_min=min(lrs), lr_max=max(lrs)))
     rng = np.random.default_rng(4)
     idx = rng.integers(0, C.shape[0], size=(1000, C.shape[0]))
-    with np.errstate(all="ignore"):
+    # a resample holding only excluded seeds (NaN) of one learning rate has no mean there:
+    # its lr* is NaN and is dropped below (bootstrap_defined says how often)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Mean of empty slice", category=RuntimeWarning)
         stars = _sweet_spot_model(lr, np.nanmean(C[idx], 1), np.nanmean(N[idx], 1))["lr_star"]
     ok = stars[np.isfinite(stars)]
     a = (1 - confidence) / 2

@@ -19,7 +19,7 @@ from noiseprop.theory.targets import find_fold_pairs, folding_affine, resolve_ta
 from ..compare import compare
 from ..montecarlo import sweep
 
-__all__ = ["folding_factors", "layer_gains", "PREDICT_SETTINGS", "THEORY_METHODS", "resolve_theory",
+__all__ = ["folding_factors", "layer_gains", "PREDICT_SETTINGS", "MOMENT_SETTINGS", "THEORY_METHODS", "resolve_theory",
            "first_order_valid"]
 
 
@@ -67,6 +67,14 @@ def folding_factors(model) -> dict:
 #: points per orthant probability.
 PREDICT_SETTINGS = {"loss_probes": 0, "accuracy_draws": 0, "n_points": 512}
 
+#: moment-propagation settings of the studies: 16 columns per input and no random
+#: features for the second Hermite part (``h2_rank=0``). On the report's models (180
+#: inputs, η = 0.1 … 1.0, one thread) they cost 0.38 (MLP), 0.49 (VGG), 0.70 (ResNet-8)
+#: and 0.73 (ResNet-20) of the defaults (32 and 16), and their predicted accuracy is
+#: within 0.75 point of the defaults' at every level, while both miss Monte-Carlo by up
+#: to 3–6 points on VGG and ResNet-20 at η = 0.3–0.5 (``benchmarks/moment_settings.py``).
+MOMENT_SETTINGS = {"rank": 16, "h2_rank": 0}
+
 
 class _StudyPrediction:
     """A Prediction whose ``loss_increase`` is its Gauss-Newton form (see
@@ -91,8 +99,8 @@ def _theory_curve(model, x, y, etas, targets, method):
     """The theory's Prediction at every level (``None`` at η = 0), from one pass of
     derivatives (:func:`noiseprop.theory.predict_sweep`)."""
     noisy = [e for e in etas if e > 0]
-    curve = predict_sweep(model, x, y, RelativeGaussian(1.0), noisy, targets=targets, method=method,
-                          **PREDICT_SETTINGS)
+    settings = dict(PREDICT_SETTINGS, **(MOMENT_SETTINGS if method == "moments" else {}))
+    curve = predict_sweep(model, x, y, RelativeGaussian(1.0), noisy, targets=targets, method=method, **settings)
     it = iter(curve.predictions)
     return [None if e == 0 else _StudyPrediction(next(it)) for e in etas]
 
@@ -109,12 +117,9 @@ def _compare_rows(pred, mc, calibrate: bool, alpha: float, confidence: float) ->
     return rows
 
 
-#: Theory methods of the grid: "linear" (first order), "moments" (moment propagation,
-#: the default of the published comparison) or "auto": moments where they cost seconds
-#: (the MLP family) and the first order elsewhere, until moment propagation through
-#: convolutions is fast enough (about 140 s per sweep for a ResNet-20 of width 8 on one
-#: core today, against 2–5 s for the first order): ``Grid(theory="moments")`` is the one
-#: switch that puts moments on every curve.
+#: Theory methods of the grid: "linear" (first order), "moments" (moment propagation on
+#: every curve, with :data:`MOMENT_SETTINGS`: the default grid's) or "auto": moments on
+#: the MLP family only and the first order elsewhere (the cheapest overlay).
 THEORY_METHODS = ("linear", "moments", "auto")
 
 

@@ -312,7 +312,8 @@ def test_default_and_paper_grids():
     from noiseprop.empirical.studies import PAPER_COST, default_grid, paper_grid, paper_options
 
     g = default_grid()
-    assert g.min_clean_accuracy == 0.95 and g.theory == "auto" and min(g.widths.values()) >= 8
+    assert g.min_clean_accuracy == 0.95 and g.theory == "moments" and min(g.widths.values()) >= 8
+    assert g.n_test == 180
     p = paper_grid()
     assert p.dataset == "cifar10" and p.widths is None and p.epochs is None
     assert default_grid(dataset="cifar100").dataset == "cifar100"
@@ -322,3 +323,17 @@ def test_default_and_paper_grids():
         make_report(ReportConfig(scale="huge", progress=False))
     with pytest.raises(ValueError, match="quick"):
         make_report(ReportConfig(scale="paper", quick=True, progress=False))
+
+
+def test_study_theory_uses_the_study_moment_settings():
+    from noiseprop.empirical.studies.theory_helpers import MOMENT_SETTINGS, _theory_curve
+    from noiseprop.theory import Targets
+    from noiseprop.theory.examples import tiny_problem
+
+    net, x, y = tiny_problem()
+    preds = _theory_curve(net, x, y, [0.0, 0.2], Targets(), "moments")
+    assert preds[0] is None
+    assert (preds[1].diagnostics["rank"], preds[1].diagnostics["h2_rank"]) == \
+        (MOMENT_SETTINGS["rank"], MOMENT_SETTINGS["h2_rank"])
+    lin = _theory_curve(net, x, y, [0.0, 0.2], Targets(), "linear")
+    assert "h2_rank" not in lin[1].diagnostics
