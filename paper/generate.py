@@ -171,12 +171,22 @@ def _curve_means(curves: pd.DataFrame, study: str) -> pd.DataFrame:
     keys = [g] + (["variant"] if "variant" in curves.columns else []) + ["eta"]
     cols = [c for c in ("accuracy", "pred_accuracy") if c in curves.columns]
     if {"pred_accuracy", "pred_preact_frac", "theory_method"} <= set(curves.columns):
-        # as in the report: the first order is drawn only where its validity diagnostic holds
-        bad = (curves["theory_method"] == "linear").to_numpy() & ~first_order_valid(curves["pred_preact_frac"])
-        curves = curves.assign(pred_accuracy=curves["pred_accuracy"].mask(bad), _bad=bad.astype(float))
-        m = curves.groupby(keys, sort=True, dropna=False)[cols + ["_bad"]].mean().reset_index()
+        # as in the report: the first order is drawn only where its validity diagnostic
+        # holds (for every seed of the group), beside the moments as "pred_linear"
+        invalid = ~first_order_valid(curves["pred_preact_frac"])
+        bad = (curves["theory_method"] == "linear").to_numpy() & invalid
+        extra = {"_bad": bad.astype(float)}
+        moments = (curves["theory_method"] == "moments").to_numpy()
+        if "pred_accuracy_linear" in curves.columns and moments.any():
+            extra.update(pred_linear=curves["pred_accuracy_linear"].where(moments),
+                         _bad_linear=(moments & invalid).astype(float))
+        curves = curves.assign(pred_accuracy=curves["pred_accuracy"].mask(bad), **extra)
+        agg = cols + list(extra)
+        m = curves.groupby(keys, sort=True, dropna=False)[agg].mean().reset_index()
         m.loc[m["_bad"] > 0, "pred_accuracy"] = np.nan
-        return m.drop(columns="_bad")
+        if "pred_linear" in m.columns:
+            m.loc[m["_bad_linear"] > 0, "pred_linear"] = np.nan
+        return m.drop(columns=[c for c in ("_bad", "_bad_linear") if c in m.columns])
     return curves.groupby(keys, sort=True, dropna=False)[cols].mean().reset_index()
 
 
@@ -196,6 +206,8 @@ def generate_curves(report: Path, out: Path, study: str) -> None:
             ax.plot(gs["eta"], gs["accuracy"], marker="o", ms=3, color=color, label=str(grp))
             if "pred_accuracy" in gs and gs["pred_accuracy"].notna().any():
                 ax.plot(gs["eta"], gs["pred_accuracy"], ls="--", color=color)
+            if "pred_linear" in gs and gs["pred_linear"].notna().any():
+                ax.plot(gs["eta"], gs["pred_linear"], ls=":", color=color)
         ax.set_xlabel(r"$\eta$")
         ax.set_ylabel("accuracy")
         ax.set_title(f"noise: {var}" if var is not None else study.replace("_", " "))
@@ -271,7 +283,7 @@ def _all_curves(report: Path) -> pd.DataFrame:
         if c is not None and "pred_accuracy" in c.columns:
             c = c.assign(study=st)
             frames.append(c[["study", "eta", "accuracy", "pred_accuracy"]
-                            + [x for x in ("variant", "seed", GROUP[st]) if x in c.columns]])
+                            + [x for x in ("variant", "seed", GROUP[st], "theory_method") if x in c.columns]])
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
@@ -308,7 +320,24 @@ def generate_info(report: Path, out: Path) -> None:
         text = "The report behind this paper holds the studies " + "; ".join(parts) + ".\n"
     else:
         text = "The report behind this paper holds none of the four studies' tables.\n"
+    # the curve figures' captions say which theory the dashed lines are (\theorylines)
+    text = "\\newcommand{\\theorylines}{" + theory_lines(_all_curves(report)) + "}\n" + text
     write(out / "report_info.tex", text)
+
+
+def theory_lines(curves: pd.DataFrame) -> str:
+    """What the dashed prediction lines of the curve figures are, from the curves'
+    ``theory_method``."""
+    methods = set(curves["theory_method"].dropna()) if "theory_method" in curves.columns else set()
+    if methods == {"moments"}:
+        return ("moment propagation on every curve; dotted: the first order, drawn only where its validity "
+                "diagnostic holds")
+    if methods == {"linear"}:
+        return "the first order, drawn only where its validity diagnostic holds"
+    if methods:
+        return ("moment propagation for the MLP; the first order for the convolutional networks, drawn only "
+                "where its validity diagnostic holds")
+    return "none: the report holds no predictions"
 
 
 
@@ -384,6 +413,18 @@ def generate_results_text(report: Path, out: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- disagreement
+_FIRST_ORDER_LEAVES_OUT = (r"This is the regime where the neglected terms (each layer's noise acting on its "
+                           r"already-perturbed input, the ReLU mean shift, non-Gaussian logits) matter.")
+_MOMENTS_LEAVE_OUT = (r"This is the regime where what moment propagation leaves out matters: the correlation "
+                      r"of the gate flips that one perturbation causes in the units it reaches (a shortfall of "
+                      r"logit variance) and the non-Gaussian tails of the logits.")
+
+
+def _all_moments(curves: pd.DataFrame) -> bool:
+    """Every prediction in ``curves`` is by moment propagation."""
+    return "theory_method" in curves.columns and bool((curves["theory_method"] == "moments").all())
+
+
 def _accuracy_errors(report: Path) -> list[str]:
     c = _all_curves(report)
     if not len(c):
@@ -400,7 +441,8 @@ def _accuracy_errors(report: Path) -> list[str]:
         return items
     c = c.assign(err=c["pred_accuracy"] - c["accuracy"])
     med = float(np.median(np.abs(c["err"])))
-    items.append(rf"\item Over {len(c)} cells with $\eta>0$, the median absolute error of the predicted accuracy is "
+    items.append(rf"\item Over {len(c)} curve points with $\eta>0$ (model, noise placement, $\eta$; a model "
+                 r"shared by two studies counts in each), the median absolute error of the predicted accuracy is "
                  rf"{num(100 * med)} points; the mean signed error (prediction minus measurement) is "
                  rf"{num(100 * c['err'].mean())} points.")
     etas = np.sort(c["eta"].unique())
@@ -414,8 +456,7 @@ def _accuracy_errors(report: Path) -> list[str]:
                      rf"$\eta={num(lo)}$ and {num(100 * e_hi)} points at $\eta={num(hi)}$, where the prediction is "
                      + ("optimistic" if bias_hi > 0 else "pessimistic")
                      + rf" on average ({num(100 * bias_hi)} points). "
-                     + (r"This is the regime where the neglected terms (each layer's noise acting on its "
-                        r"already-perturbed input, the ReLU mean shift, non-Gaussian logits) matter."
+                     + ((_MOMENTS_LEAVE_OUT if _all_moments(c) else _FIRST_ORDER_LEAVES_OUT)
                         if bias_hi > 0 else r"A pessimistic bias points at over-counted variance."))
     per = c.groupby("study")["err"].apply(lambda e: float(np.median(np.abs(e))))
     worst = per.idxmax()
@@ -476,8 +517,12 @@ def _finding_items(report: Path) -> list[str]:
         tc = f["theory"].fillna("no prediction").value_counts().sort_index()
         items.append(r"\item The same tests on the theory's predictions: "
                      + ", ".join(f"{int(n)} {tex(v)}" for v, n in tc.items()) + ".")
+        # the theory's column speaks of predictions: the words that match each verdict
+        # (empirical.studies.verdicts: reproduced ↔ predicted, contradicted ↔ predicted
+        # the opposite); a disagreement is a decided verdict the theory did not match
+        matching = f["verdict"].map({"reproduced": "predicted", "contradicted": "predicted the opposite"})
         dis = f[(f["theory"].notna()) & (f["theory"] != "no prediction") & (f["verdict"] != "inconclusive")
-                & (f["theory"] != f["verdict"])]
+                & (f["theory"] != matching)]
         for _, r in dis.iterrows():
             items.append(rf"\item Disagreement: ``{tex(r['claim'])}'' is {tex(r['verdict'])} by measurement, "
                          rf"{tex(r['theory'])} by theory.")

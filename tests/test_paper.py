@@ -75,3 +75,21 @@ def test_tex_escape():
         sys.path.remove(str(PAPER))
     assert generate.tex("a_b & 50% η²") == r"a\_b \& 50\% $\eta$$^2$"
     assert generate.num(float("nan")) == "n/a"
+
+
+def test_disagreements_are_decided_verdicts_the_theory_did_not_match(tmp_path):
+    import importlib.util
+
+    import pandas as pd
+
+    spec = importlib.util.spec_from_file_location("paper_generate", PAPER / "generate.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    rows = [("a", "reproduced", "predicted"), ("b", "reproduced", "not predicted"),
+            ("c", "contradicted", "predicted the opposite"), ("d", "contradicted", "predicted"),
+            ("e", "inconclusive", "predicted"), ("f", "reproduced", "no prediction")]
+    (tmp_path / "csv").mkdir()
+    pd.DataFrame(rows, columns=["claim", "verdict", "theory"]).to_csv(tmp_path / "csv" / "architecture_findings.csv",
+                                                                      index=False)
+    items = [i for i in gen._finding_items(tmp_path) if "Disagreement" in i]
+    assert [i.split("``")[1].split("''")[0] for i in items] == ["b", "d"]
