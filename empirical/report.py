@@ -503,7 +503,9 @@ def report_blocks(study_results, grid, cfg, allf, validation, by_eta, figs, trai
     blocks = [("h", 1, title)]
     blocks.append(("p", f"What was run: {grid.dataset}; relative Gaussian noise on the Conv/Linear weights, "
                         f"σ_l = η·std(W_l) per layer, η ∈ {list(grid.etas)}; {grid.draws} Monte-Carlo draws per level "
-                        f"with common random numbers (the same draws for every model and level); training seeds "
+                        f"with common random numbers (the same draws for every model and level), on "
+                        + ("every test input" if grid.n_test is None else f"the first {grid.n_test} test inputs")
+                        + f" (theory on the same inputs: {THEORY_WORDS.get(grid.theory, grid.theory)}); training seeds "
                         f"{list(grid.seeds)}, the unit of replication of every test; models below "
                         f"{grid.min_clean_accuracy:.0%} clean accuracy excluded. Tests at α = {grid.alpha} with "
                         "Holm's correction within each study; verdicts are computed: reproduced (significant in the "
