@@ -651,7 +651,8 @@ def _moment_curve(ps: _Pass, noise: WeightNoise, curve: _Curve, n_points: int, s
     shift = torch.zeros_like(ps.clean)
     t = time.perf_counter()
     if sel.numel():
-        res = propagate_moments(ps.lin, ps.x[sel.to(ps.x.device)].to(ps.lin.device), noise, propagator=prop)
+        res = propagate_moments(ps.lin, ps.x[sel.to(ps.x.device)].to(ps.lin.device), noise, propagator=prop,
+                                mean_only=True)
         shift[sel] = (res.mean.double().cpu() - ps.clean[sel]) / level ** 2
     extra = dict(refine_inputs=int(sel.numel()), refine_neglected=neglected, refine_seconds=time.perf_counter() - t)
     return _Curve(ps.clean, ps.y, ps.cov_unit, curve.clean_acc, n_points, seed, shift=shift), extra

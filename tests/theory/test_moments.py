@@ -223,3 +223,17 @@ def test_moments_sweep_and_diagnostics():
     assert b.diagnostics["preact_frac"] > a.diagnostics["preact_frac"]
     assert np.all(np.diff(c.accuracy) < 0)
     assert np.isfinite(b.accuracy_std) and b.accuracy_std > 0
+
+
+def test_mean_only_is_the_moment_pass_mean_without_the_surrogate():
+    from noiseprop.theory.moments import propagate_moments
+
+    model = trained("cnn")
+    x, _ = held_out(40)
+    noise = RelativeGaussian(0.3)
+    lin = LinearizedNetwork(model)
+    full = propagate_moments(lin, x, noise, chunk_size=16, propagator=MomentPropagator(lin, noise))
+    mean = propagate_moments(lin, x, noise, chunk_size=16, propagator=MomentPropagator(lin, noise), mean_only=True)
+    assert mean.cov is None and full.cov is not None
+    torch.testing.assert_close(mean.mean, full.mean, rtol=0, atol=0)
+    assert (mean.preact_frac, mean.compression_loss) == (full.preact_frac, full.compression_loss)

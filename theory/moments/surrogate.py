@@ -30,10 +30,11 @@ class MomentResult:
     """Logit mean ``[N, C]`` and covariance ``[N, C, C]`` (float64) from moment
     propagation, and diagnostics: for every ReLU input, the fraction of units whose
     predicted noise std exceeds their mean magnitude (``preact_frac``), and the share
-    of variance moved into the diagonal part by compression (``compression_loss``)."""
+    of variance moved into the diagonal part by compression (``compression_loss``).
+    ``cov`` is ``None`` when only the mean was asked for (``mean_only=True``)."""
 
     mean: torch.Tensor
-    cov: torch.Tensor
+    cov: torch.Tensor | None
     preact_frac: float
     preact_frac_per_layer: tuple
     compression_loss: float
@@ -145,13 +146,15 @@ def _injection_covariance(deltas_e: dict, deltas_r: dict, rec: dict, B: int, C: 
 
 def propagate_moments(lin: LinearizedNetwork, x: torch.Tensor, noise: WeightNoise, rank: int | None = None,
                       spatial_rank: int | None = None, chunk_size: int = 32,
-                      propagator: MomentPropagator | None = None) -> MomentResult:
+                      propagator: MomentPropagator | None = None, mean_only: bool = False) -> MomentResult:
     """Logit mean and covariance of every input under ``noise`` (package docstring), in
     chunks of ``chunk_size`` inputs: a moment pass (per-unit variances, window
     correlations, perturbation Gram matrices), then one batched backward pass per class
     through the surrogate network for the covariance. ``propagator`` (built for any
     level of the same noise family) is reused at ``noise``; otherwise one is built with
-    ``rank``/``spatial_rank`` (defaults of :class:`MomentPropagator`)."""
+    ``rank``/``spatial_rank`` (defaults of :class:`MomentPropagator`). ``mean_only``:
+    the logit mean only (it is the moment pass's output): the surrogate pass is skipped
+    and ``cov`` is ``None``."""
     if propagator is not None:
         prop = propagator.with_noise(noise)
     else:
@@ -172,6 +175,16 @@ def propagate_moments(lin: LinearizedNetwork, x: torch.Tensor, noise: WeightNois
             res = prop.run(xb)
         mu, rec, st = res.mean, res.rec, res.stats
         B, C = mu.shape
+        means.append(mu.double())
+        if pre_count is None:
+            pre_count, pre_exceed = list(st["pre_count"]), list(st["pre_exceed"])
+        else:
+            pre_count = [a + b for a, b in zip(pre_count, st["pre_count"])]
+            pre_exceed = [a + b for a, b in zip(pre_exceed, st["pre_exceed"])]
+        lost += st["lost"]
+        total += st["total"]
+        if mean_only:
+            continue
         sur = _Surrogate(prop, rec)
         with torch.enable_grad():
             out = sur.run(xb.to(mdt))
@@ -192,16 +205,8 @@ def propagate_moments(lin: LinearizedNetwork, x: torch.Tensor, noise: WeightNois
             k += len(rs)
         cov += _injection_covariance(deltas_e, deltas_r, rec, B, C)
         covs.append(cov)
-        means.append(mu.double())
-        if pre_count is None:
-            pre_count, pre_exceed = list(st["pre_count"]), list(st["pre_exceed"])
-        else:
-            pre_count = [a + b for a, b in zip(pre_count, st["pre_count"])]
-            pre_exceed = [a + b for a, b in zip(pre_exceed, st["pre_exceed"])]
-        lost += st["lost"]
-        total += st["total"]
     per_layer = tuple(e / c if c else 0.0 for e, c in zip(pre_exceed or [], pre_count or []))
     frac = (sum(pre_exceed) / sum(pre_count)) if pre_count and sum(pre_count) else 0.0
-    return MomentResult(mean=torch.cat(means), cov=torch.cat(covs), preact_frac=float(frac),
+    return MomentResult(mean=torch.cat(means), cov=None if mean_only else torch.cat(covs), preact_frac=float(frac),
                         preact_frac_per_layer=per_layer, compression_loss=float(lost / total) if total > 0 else 0.0,
                         rank=prop.rank, spatial_rank=prop.spatial_rank)
