@@ -73,7 +73,10 @@ PREDICT_SETTINGS = {"loss_probes": 0, "accuracy_draws": 0, "n_points": 512}
 #: and 0.73 (ResNet-20) of the defaults (32 and 16), and their predicted accuracy is
 #: within 0.75 point of the defaults' at every level, while both miss Monte-Carlo by up
 #: to 3–6 points on VGG and ResNet-20 at η = 0.3–0.5 (``benchmarks/moment_settings.py``).
-MOMENT_SETTINGS = {"rank": 16, "h2_rank": 0}
+#: ``moment_chunk`` 90 (the report's 180 inputs in two chunks, against 32 by default):
+#: per model from −21% (ResNet-20) to +13% (VGG) of the time, over the whole default
+#: report (4 seeds) 527 s against 586 s (``benchmarks/report_time.py``).
+MOMENT_SETTINGS = {"rank": 16, "h2_rank": 0, "moment_chunk": 90}
 
 
 class _StudyPrediction:
