@@ -44,7 +44,7 @@ from .studies import (CPU_SCALE_DATASETS, default_grid, paper_grid, paper_option
                       run_plans, study_module)
 from .studies.common import calibration_figure_frame, validation_by_eta, validation_tables
 from .studies.figures import Figure, render
-from .studies.validation import ACCURACY_TOLERANCE, validation_by_method
+from .studies.validation import ACCURACY_TOLERANCE, validation_by_method, validation_by_model
 from .train import default_cache_dir
 
 __all__ = ["ReportConfig", "make_report", "render_markdown", "render_html"]
@@ -463,6 +463,9 @@ def write_report(study_results, grid, out: Path, cfg: ReportConfig, executor=Non
     validation, by_eta, figs = overall_validation(study_results, grid)
     by_method = _by_method(study_results)
     _write_csv(out / "csv/validation_by_method.csv", by_method)
+    cells = _cells(study_results)
+    by_model = validation_by_model(cells) if not cells.empty else cells
+    _write_csv(out / "csv/validation_by_model.csv", by_model)
     _write_csv(out / "csv/validation.csv", validation)
     _write_csv(out / "csv/validation_by_eta.csv", by_eta)
     for fig in figs:
@@ -471,7 +474,7 @@ def write_report(study_results, grid, out: Path, cfg: ReportConfig, executor=Non
     training = training_table(study_results)
     _write_csv(out / "csv/training.csv", training)
     title, blocks = report_blocks(study_results, grid, cfg, allf, validation, by_eta, figs, training, written,
-                                  by_method)
+                                  by_method, by_model)
     for f in futures:
         f.result()
     md = render_markdown(blocks)
@@ -480,16 +483,24 @@ def write_report(study_results, grid, out: Path, cfg: ReportConfig, executor=Non
     return out / "report.md"
 
 
-def _by_method(study_results) -> pd.DataFrame:
+def _cells(study_results) -> pd.DataFrame:
+    """The studies' prediction-vs-Monte-Carlo rows, each (model, placement, η, quantity)
+    cell once (a model shared by two studies appears in both)."""
     parts = [f for r in study_results for n, f in r.tables.items() if n.endswith("_compare") and not f.empty]
     if not parts:
         return pd.DataFrame()
     comp = pd.concat(parts, ignore_index=True)
     keep = [c for c in ("eval_key", "variant", "eta", "quantity") if c in comp.columns]
-    return validation_by_method(comp.drop_duplicates(subset=keep))
+    return comp.drop_duplicates(subset=keep)
 
 
-def report_blocks(study_results, grid, cfg, allf, validation, by_eta, figs, training, written, by_method=None):
+def _by_method(study_results) -> pd.DataFrame:
+    comp = _cells(study_results)
+    return validation_by_method(comp) if not comp.empty else comp
+
+
+def report_blocks(study_results, grid, cfg, allf, validation, by_eta, figs, training, written, by_method=None,
+                  by_model=None):
     """The report's content, in reading order: what was run; one table per paper (the
     claim in the paper's words, the paper's number, our effect with unit and interval,
     the conclusion, the theory's verdict and mechanism); the models (clean accuracy,
@@ -547,6 +558,12 @@ def report_blocks(study_results, grid, cfg, allf, validation, by_eta, figs, trai
                             "order is reliable only where its validity diagnostic (at most 15% of ReLU "
                             "pre-activations with predicted noise sd above their magnitude) holds."))
         blocks.append(("table", by_method, None, None, "csv/validation_by_method.csv"))
+    if by_model is not None and not by_model.empty:
+        blocks.append(("p", "Per architecture, normalisation and noise placement: the share of cells agreeing, the "
+                            "mean signed error of the predicted accuracy (points; positive: the theory is optimistic) "
+                            "and the largest error with its η."))
+        blocks.append(("table", by_model.round({"agreement": 3, "mean_error_points": 2, "max_abs_error_points": 2}),
+                       None, None, "csv/validation_by_model.csv"))
     blocks.append(("p", "Per quantity: cells, median relative error, share of intervals containing the prediction, "
                         "share agreeing (accuracy), TOST equivalences after Holm, and the calibration of observed on "
                         "predicted across cells."))
@@ -572,13 +589,10 @@ def overall_validation(study_results, grid):
     """Prediction vs Monte-Carlo pooled over the studies, each (model, placement, η,
     quantity) cell counted once: the summary per quantity, the table by η and the
     calibration figures (accuracy; logit variance on log axes)."""
-    parts = [f for r in study_results for n, f in r.tables.items() if n.endswith("_compare") and not f.empty]
-    if not parts:
+    comp = _cells(study_results)
+    if comp.empty:
         return pd.DataFrame(), pd.DataFrame(), []
-    comp = pd.concat(parts, ignore_index=True)
-    keep = [c for c in ("eval_key", "variant", "eta", "quantity") if c in comp.columns]
-    comp = comp.drop_duplicates(subset=keep).drop(columns=[c for c in ("tost_p_holm", "equivalent_holm")
-                                                           if c in comp.columns])
+    comp = comp.drop(columns=[c for c in ("tost_p_holm", "equivalent_holm") if c in comp.columns])
     _, summary = validation_tables(comp, grid.alpha, grid.confidence)
     label = lambda r: f"η = {r['eta']:g}"  # noqa: E731
     figs = [Figure("validation_accuracy", "Predicted vs Monte-Carlo accuracy, every model, noise placement and η of "

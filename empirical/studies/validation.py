@@ -16,7 +16,8 @@ import pandas as pd
 from ..compare import combine_cells
 from .theory_helpers import first_order_valid
 
-__all__ = ["validation_tables", "validation_by_eta", "validation_by_method", "agreement", "ACCURACY_TOLERANCE"]
+__all__ = ["validation_tables", "validation_by_eta", "validation_by_method", "validation_by_model", "agreement",
+           "ACCURACY_TOLERANCE"]
 
 #: An accuracy prediction agrees with Monte-Carlo when inside its interval or within
 #: this many accuracy units (1 percentage point) of its mean.
@@ -117,4 +118,33 @@ def validation_by_method(comp: pd.DataFrame) -> pd.DataFrame:
         if mask.any():
             rows.append({"theory": name, "cells": int(mask.sum()), "agreement": float(ok[mask].mean()),
                          "ci_contains_prediction": float(inside[mask].mean())})
+    return pd.DataFrame(rows)
+
+
+def validation_by_model(comp: pd.DataFrame) -> pd.DataFrame:
+    """Where the theory misses, per model family: for the accuracy, per architecture,
+    normalisation and noise placement, the number of cells, the share agreeing
+    (:func:`agreement`), the mean signed and the largest absolute error (accuracy
+    points, predicted − Monte-Carlo: positive is optimistic) and the η of the largest.
+
+    >>> rows = pd.DataFrame({"quantity": "accuracy", "arch": ["vgg", "vgg", "mlp"], "norm": ["bn", "bn", "none"],
+    ...                      "variant": "digital", "eta": [0.1, 0.5, 0.5], "predicted": [0.9, 0.75, 0.8],
+    ...                      "observed": [0.9, 0.5, 0.8], "ci_low": [0.89, 0.45, 0.79], "ci_high": [0.91, 0.55, 0.81]})
+    >>> validation_by_model(rows)[["arch", "cells", "agreement", "mean_error_points", "worst_eta"]].values.tolist()
+    [['mlp', 1, 1.0, 0.0, 0.5], ['vgg', 2, 0.5, 12.5, 0.5]]
+    """
+    if comp.empty or "quantity" not in comp.columns:
+        return pd.DataFrame()
+    a = comp[comp["quantity"] == "accuracy"]
+    keys = [k for k in ("arch", "norm", "variant") if k in a.columns]
+    if a.empty or not keys:
+        return pd.DataFrame()
+    a = a.assign(_ok=agreement(a), _err=100 * (a["predicted"].astype(float) - a["observed"].astype(float)))
+    rows = []
+    for key, d in a.groupby(keys, sort=True):
+        key = key if isinstance(key, tuple) else (key,)
+        worst = d["_err"].abs().idxmax()
+        rows.append({**dict(zip(keys, key)), "cells": int(len(d)), "agreement": float(d["_ok"].mean()),
+                     "mean_error_points": float(d["_err"].mean()),
+                     "max_abs_error_points": float(d["_err"].abs().max()), "worst_eta": float(d.loc[worst, "eta"])})
     return pd.DataFrame(rows)

@@ -50,8 +50,14 @@ def test_quick_report_is_complete(uninterrupted):
     # every table shown has its CSV
     assert (out / "figures" / "validation_accuracy.png").exists() and (out / "figures" / "validation_logit_var.png").exists()
     for name in ("architecture_summary", "batchnorm_mechanisms", "batchnorm_layers", "learning_rate_summary",
-                 "learning_rate_sweet_spot", "norm_type_summary", "validation", "validation_by_eta"):
+                 "learning_rate_sweet_spot", "norm_type_summary", "validation", "validation_by_eta",
+                 "validation_by_model"):
         assert (out / "csv" / f"{name}.csv").exists(), name
+    # the per-model agreement counts every accuracy cell of the report once
+    by_model = pd.read_csv(out / "csv" / "validation_by_model.csv")
+    summary = pd.read_csv(out / "csv" / "validation.csv").set_index("quantity")
+    assert by_model["cells"].sum() == summary.loc["accuracy", "cells"]
+    assert "csv/validation_by_model.csv" in md
     t = json.loads((out / "timings.json").read_text())
     assert t["cells_computed"] > 0 and t["cells_loaded"] == 0
 
