@@ -1,7 +1,8 @@
 """Cost and accuracy of moment-propagation settings on the main job's models.
 
-The models of the default report (``noiseprop report``: digits, widths 8, 10 epochs for
-VGG and ResNets, the MLP of width 128 and 20 epochs, BatchNorm digital), its noise levels
+The models of the default report (``noiseprop report``: digits, widths 8, the families'
+default epochs (15 for VGG and ResNets, 20 for the MLP of width 128), seed 0, BatchNorm
+digital), its noise levels
 (relative η = 0.1 … 1.0) and its 180 test inputs. Per model: a Monte-Carlo sweep with
 ``--draws`` draws per level (the reference) and one ``predict_sweep(method="moments")``
 per setting, each timed (one thread); the error of the predicted accuracy in points
@@ -72,7 +73,7 @@ def main(argv=None):
         d = default_train_config(arch, norm=norm)
         spec = model_spec(arch, list(data.in_shape), int(data.num_classes), norm=norm,
                           width=128 if arch == "mlp" else 8, depth=d["depth"])
-        net = train(spec, data, epochs=20 if arch == "mlp" else 10, seed=0, cache_dir=args.cache_dir).model.eval()
+        net = train(spec, data, epochs=d["epochs"], seed=0, cache_dir=args.cache_dir).model.eval()
         sw = sweep(net, x, y, unit, LEVELS, draws=args.draws, seed=1, progress=False)
         mc = np.array([float(np.mean(a)) for a in sw.accuracies])
         se = np.array([float(np.std(a, ddof=1) / np.sqrt(len(a))) for a in sw.accuracies])

@@ -559,7 +559,8 @@ def report_blocks(study_results, grid, cfg, allf, validation, by_eta, figs, trai
                             "pre-activations with predicted noise sd above their magnitude) holds."))
         blocks.append(("table", by_method, None, None, "csv/validation_by_method.csv"))
     if by_model is not None and not by_model.empty:
-        blocks.append(("p", "Per architecture, normalisation and noise placement: the share of cells agreeing, the "
+        blocks.append(("p", "Per architecture, normalisation (n_norm: normalised layers), learning rate and noise "
+                            "placement: the share of cells agreeing, the "
                             "mean signed error of the predicted accuracy (points; positive: the theory is optimistic) "
                             "and the largest error with its η."))
         blocks.append(("table", by_model.round({"agreement": 3, "mean_error_points": 2, "max_abs_error_points": 2}),

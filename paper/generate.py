@@ -335,8 +335,9 @@ def theory_lines(curves: pd.DataFrame) -> str:
     if methods == {"linear"}:
         return "the first order, drawn only where its validity diagnostic holds"
     if methods:
-        return ("moment propagation for the MLP; the first order for the convolutional networks, drawn only "
-                "where its validity diagnostic holds")
+        return ("moment propagation for the MLP, with the first order dotted beside it where its validity "
+                "diagnostic holds; the first order for the convolutional networks, drawn only where that "
+                "diagnostic holds")
     return "none: the report holds no predictions"
 
 
@@ -460,7 +461,7 @@ def _accuracy_errors(report: Path) -> list[str]:
                         if bias_hi > 0 else r"A pessimistic bias points at over-counted variance."))
     per = c.groupby("study")["err"].apply(lambda e: float(np.median(np.abs(e))))
     worst = per.idxmax()
-    items.append(rf"\item By study, the median absolute error is "
+    items.append(r"\item By study, the median absolute error is "
                  + ", ".join(f"{tex(s.replace('_', ' '))} {num(100 * v)}" for s, v in per.items())
                  + rf" points; the {tex(worst.replace('_', ' '))} study is predicted worst.")
     return items

@@ -93,3 +93,19 @@ def test_disagreements_are_decided_verdicts_the_theory_did_not_match(tmp_path):
                                                                       index=False)
     items = [i for i in gen._finding_items(tmp_path) if "Disagreement" in i]
     assert [i.split("``")[1].split("''")[0] for i in items] == ["b", "d"]
+
+
+def test_theory_lines_say_what_the_dashed_lines_are():
+    import importlib.util
+
+    import pandas as pd
+
+    spec = importlib.util.spec_from_file_location("paper_generate", PAPER / "generate.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    assert gen.theory_lines(pd.DataFrame({"theory_method": ["moments", "moments"]})).startswith(
+        "moment propagation on every curve")
+    assert "first order for the convolutional" in gen.theory_lines(pd.DataFrame({"theory_method": ["moments",
+                                                                                                   "linear"]}))
+    assert gen.theory_lines(pd.DataFrame({"theory_method": ["linear"]})).startswith("the first order")
+    assert gen.theory_lines(pd.DataFrame()) == "none: the report holds no predictions"

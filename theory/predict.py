@@ -1018,7 +1018,8 @@ def predict(model: nn.Module, x, y, noise, targets=None, *, method: str = "linea
         if unused:
             raise ValueError(f"{', '.join(unused)} not available for non-zero-mean hardware noise "
                              f"({type(hw).__name__}): its prediction has no truncated classes, "
-                             "per-layer split or Hessian estimator; leave them at their defaults")
+                             "per-layer split or Hessian estimator, and its moment propagation keeps the default "
+                             "h2_rank; leave them at their defaults")
 
         return predict_hardware(model, x, y, noise, targets, method=method, chunk_size=o.chunk_size, cov=cov,
                                 accuracy_draws=o.accuracy_draws, seed=seed, n_points=o.n_points,

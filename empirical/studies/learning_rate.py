@@ -351,21 +351,17 @@ def analyse(p: StudyPlan, results: dict, grid: Grid) -> StudyResult:
     sweet = pd.DataFrame([dict(info, which="measured"), dict(tinfo, which="theory (predicted curves)")])
     sym = symbolic_sweet_spot(mf, lrs, conf)
     notes = []
-    if sym is None:
-        notes.append("symbolic sweet-spot model (theory.symbolic topic learning_rate) not available: "
-                     "closed-form lr* not computed")
-    else:
-        sweet = pd.concat([sweet, pd.DataFrame([dict(sym, which="symbolic model (fitted terms)")])],
-                          ignore_index=True)
-        lo_m, hi_m = info.get("lr_star_ci_low", float("nan")), info.get("lr_star_ci_high", float("nan"))
-        where = ("inside" if np.isfinite(lo_m) and lo_m <= sym["lr_star"] <= hi_m else "outside") \
-            if np.isfinite(sym["lr_star"]) and np.isfinite(lo_m) else "not comparable (an interval is undefined)"
-        notes.append(
-            f"symbolic sweet-spot model J = L0 + a·lr^p + b·lr^-q fitted to the measurements: a={sym['a']:.3g}, "
-            f"p={sym['p']:.3g}, b={sym['b']:.3g}, q={sym['q']:.3g} (edge of stability predicts q = 1); closed-form "
-            f"lr* = {sym['lr_star']:.3g} (bootstrap CI [{sym['lr_star_ci_low']:.3g}, {sym['lr_star_ci_high']:.3g}]); "
-            f"existence condition on the tested range: {'holds' if sym['exists'] else 'fails'}; model lr* is "
-            f"{where} the measured interval.")
+    sweet = pd.concat([sweet, pd.DataFrame([dict(sym, which="symbolic model (fitted terms)")])],
+                      ignore_index=True)
+    lo_m, hi_m = info.get("lr_star_ci_low", float("nan")), info.get("lr_star_ci_high", float("nan"))
+    where = ("inside" if np.isfinite(lo_m) and lo_m <= sym["lr_star"] <= hi_m else "outside") \
+        if np.isfinite(sym["lr_star"]) and np.isfinite(lo_m) else "not comparable (an interval is undefined)"
+    notes.append(
+        f"symbolic sweet-spot model J = L0 + a·lr^p + b·lr^-q fitted to the measurements: a={sym['a']:.3g}, "
+        f"p={sym['p']:.3g}, b={sym['b']:.3g}, q={sym['q']:.3g} (edge of stability predicts q = 1); closed-form "
+        f"lr* = {sym['lr_star']:.3g} (bootstrap CI [{sym['lr_star_ci_low']:.3g}, {sym['lr_star_ci_high']:.3g}]); "
+        f"existence condition on the tested range: {'holds' if sym['exists'] else 'fails'}; model lr* is "
+        f"{where} the measured interval.")
 
     lrfig = []
     for col, panel, series in (("clean_accuracy", "accuracy", "clean"), ("auc", "accuracy", "mean over η (MC)"),

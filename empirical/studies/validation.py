@@ -123,7 +123,8 @@ def validation_by_method(comp: pd.DataFrame) -> pd.DataFrame:
 
 def validation_by_model(comp: pd.DataFrame) -> pd.DataFrame:
     """Where the theory misses, per model family: for the accuracy, per architecture,
-    normalisation and noise placement, the number of cells, the share agreeing
+    normalisation (and number of normalised layers), learning rate and noise placement
+    (the columns present), the number of cells, the share agreeing
     (:func:`agreement`), the mean signed and the largest absolute error (accuracy
     points, predicted − Monte-Carlo: positive is optimistic) and the η of the largest.
 
@@ -136,12 +137,14 @@ def validation_by_model(comp: pd.DataFrame) -> pd.DataFrame:
     if comp.empty or "quantity" not in comp.columns:
         return pd.DataFrame()
     a = comp[comp["quantity"] == "accuracy"]
-    keys = [k for k in ("arch", "norm", "variant") if k in a.columns]
+    # n_norm: BatchNorm in the first k layers apart from everywhere; lr: the learning-rate
+    # study's models apart from the architecture study's
+    keys = [k for k in ("arch", "norm", "n_norm", "lr", "variant") if k in a.columns]
     if a.empty or not keys:
         return pd.DataFrame()
     a = a.assign(_ok=agreement(a), _err=100 * (a["predicted"].astype(float) - a["observed"].astype(float)))
     rows = []
-    for key, d in a.groupby(keys, sort=True):
+    for key, d in a.groupby(keys, sort=True, dropna=False):
         key = key if isinstance(key, tuple) else (key,)
         worst = d["_err"].abs().idxmax()
         rows.append({**dict(zip(keys, key)), "cells": int(len(d)), "agreement": float(d["_ok"].mean()),

@@ -237,3 +237,5 @@ def test_mean_only_is_the_moment_pass_mean_without_the_surrogate():
     assert mean.cov is None and full.cov is not None
     torch.testing.assert_close(mean.mean, full.mean, rtol=0, atol=0)
     assert (mean.preact_frac, mean.compression_loss) == (full.preact_frac, full.compression_loss)
+    with pytest.raises(TypeError, match="mean_only must be True or False"):
+        propagate_moments(lin, x, noise, mean_only="no")

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..linearize import LinearizedNetwork, Tap, backprop_signals, weight_terms
 from ..noise import WeightNoise
+from ..validation import check_bool
 from .gaussian import SMOOTH_ACTIVATIONS, smooth_activation, smooth_max, smooth_relu
 from .interpreter import GraphInterpreter
 from .rules import MomentPropagator, activation_kind, is_maxpool, maxpool_args, window_slices
@@ -155,6 +156,7 @@ def propagate_moments(lin: LinearizedNetwork, x: torch.Tensor, noise: WeightNois
     ``rank``/``spatial_rank`` (defaults of :class:`MomentPropagator`). ``mean_only``:
     the logit mean only (it is the moment pass's output): the surrogate pass is skipped
     and ``cov`` is ``None``."""
+    check_bool("mean_only", mean_only)
     if propagator is not None:
         prop = propagator.with_noise(noise)
     else:
