@@ -67,15 +67,15 @@ def folding_factors(model) -> dict:
 #: points per orthant probability.
 PREDICT_SETTINGS = {"loss_probes": 0, "accuracy_draws": 0, "n_points": 512}
 
-#: moment-propagation settings of the studies: 16 columns per input and no random
-#: features for the second Hermite part (``h2_rank=0``). On the report's models (180
-#: inputs, η = 0.1 … 1.0, one thread) they cost 0.38 (MLP), 0.49 (VGG), 0.70 (ResNet-8)
-#: and 0.73 (ResNet-20) of the defaults (32 and 16), and their predicted accuracy is
-#: within 0.75 point of the defaults' at every level, while both miss Monte-Carlo by up
-#: to 3–6 points on VGG and ResNet-20 at η = 0.3–0.5 (``benchmarks/moment_settings.py``).
-#: ``moment_chunk`` 90 (the report's 180 inputs in two chunks, against 32 by default):
-#: per model from −21% (ResNet-20) to +13% (VGG) of the time, over the whole default
-#: report (4 seeds) 527 s against 586 s (``benchmarks/report_time.py``).
+#: moment-propagation settings of the studies: 16 columns per input, no random features
+#: for the second Hermite part (``h2_rank=0``) and chunks of 90 inputs. On the report's
+#: models (seed 0, 180 inputs, η = 0.1 … 1.0, one thread) they cost 0.25 (MLP), 0.62
+#: (VGG), 0.60 (ResNet-8) and 0.62 (ResNet-20) of the defaults (32, 16, 32), and their
+#: predicted accuracy is within 1.25 points of the defaults' at every level (the largest:
+#: ResNet-8 at η = 0.5, +0.60 against −0.63), while both miss Monte-Carlo by up to 3
+#: (VGG) and 8–9 points (ResNet-20) at η = 0.5 (``benchmarks/moment_settings.py``). The
+#: chunks of 90: the whole default report took 527 s against 586 s with chunks of 32
+#: (``benchmarks/report_time.py``).
 MOMENT_SETTINGS = {"rank": 16, "h2_rank": 0, "moment_chunk": 90}
 
 

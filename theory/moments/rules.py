@@ -44,8 +44,8 @@ DEFAULT_D_RANK = 0
 #: unit-space path runs where it is exact (a Cholesky factor; with a smaller ``rank``, up
 #: to 32 units keep their top eigenvectors, the best truncation). Above, the sketch costs less for the
 #: same accuracy. Measured at the default settings against unit space up to 1024 units
-#: (180 digits test inputs, six levels η = 0.1 … 1.0, one thread): VGG width 8 16.5 s
-#: against 22.0 s, MLP width 128 0.80 s against 1.21 s, predicted accuracy within
+#: (180 digits test inputs, six levels η = 0.1 … 1.0, one thread): VGG width 8 14.7 s
+#: against 21.9 s, MLP width 128 0.80 s against 1.17 s, predicted accuracy within
 #: 0.13 point at every level (``benchmarks/moment_settings.py``).
 UNIT_SPACE_MAX = 32
 #: ... with an exact eigendecomposition up to this many (measured faster than the
