@@ -460,11 +460,10 @@ def write_report(study_results, grid, out: Path, cfg: ReportConfig, executor=Non
             _write_figure(fig, out, executor, futures, written)
     allf = pd.concat([r.findings_frame() for r in study_results], ignore_index=True) if study_results else pd.DataFrame()
     _write_csv(out / "csv/findings.csv", allf)
-    validation, by_eta, figs = overall_validation(study_results, grid)
-    by_method = _by_method(study_results)
-    _write_csv(out / "csv/validation_by_method.csv", by_method)
     cells = _cells(study_results)
-    by_model = validation_by_model(cells) if not cells.empty else cells
+    validation, by_eta, figs = overall_validation(cells, grid)
+    by_method, by_model = validation_by_method(cells), validation_by_model(cells)
+    _write_csv(out / "csv/validation_by_method.csv", by_method)
     _write_csv(out / "csv/validation_by_model.csv", by_model)
     _write_csv(out / "csv/validation.csv", validation)
     _write_csv(out / "csv/validation_by_eta.csv", by_eta)
@@ -493,10 +492,6 @@ def _cells(study_results) -> pd.DataFrame:
     keep = [c for c in ("eval_key", "variant", "eta", "quantity") if c in comp.columns]
     return comp.drop_duplicates(subset=keep)
 
-
-def _by_method(study_results) -> pd.DataFrame:
-    comp = _cells(study_results)
-    return validation_by_method(comp) if not comp.empty else comp
 
 
 def report_blocks(study_results, grid, cfg, allf, validation, by_eta, figs, training, written, by_method=None,
@@ -586,14 +581,12 @@ def report_blocks(study_results, grid, cfg, allf, validation, by_eta, figs, trai
     return title, blocks
 
 
-def overall_validation(study_results, grid):
-    """Prediction vs Monte-Carlo pooled over the studies, each (model, placement, η,
-    quantity) cell counted once: the summary per quantity, the table by η and the
-    calibration figures (accuracy; logit variance on log axes)."""
-    comp = _cells(study_results)
+def overall_validation(comp: pd.DataFrame, grid):
+    """Prediction vs Monte-Carlo pooled over the studies (``comp``: :func:`_cells`, each
+    (model, placement, η, quantity) cell once): the summary per quantity, the table by η
+    and the calibration figures (accuracy; logit variance on log axes)."""
     if comp.empty:
         return pd.DataFrame(), pd.DataFrame(), []
-    comp = comp.drop(columns=[c for c in ("tost_p_holm", "equivalent_holm") if c in comp.columns])
     _, summary = validation_tables(comp, grid.alpha, grid.confidence)
     label = lambda r: f"η = {r['eta']:g}"  # noqa: E731
     figs = [Figure("validation_accuracy", "Predicted vs Monte-Carlo accuracy, every model, noise placement and η of "
