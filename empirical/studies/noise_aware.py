@@ -20,13 +20,11 @@ Tests, per architecture (seed as the unit, paired):
   (log ratio < 0), and the predicted robustness gain beside the measured one.
 The per-layer shares of the loss increase before and after are tabulated and drawn.
 
-Cost: at MLP and ResNet-20 with 3 seeds (the default grid has 4 since; a fourth seed adds
-a third) the standard models are shared with the architecture study; the new work is 6
-noise-aware trainings (1.0–1.5× a
-standard training each, measured: one extra weight copy and draw per step), their
-Monte-Carlo curves and 12 sensitivity passes (one Jacobian pass each). Measured: 18 min
-for that grid from an empty cache (12 trainings), one worker, on a shared 2-core
-machine.
+Cost, measured at MLP and ResNet-20 with 3 seeds (the default grid now has 4, a third
+more): the standard models are shared with the architecture study; the new work is 6
+noise-aware trainings (1.0–1.5× a standard training each: one extra weight copy and draw
+per step), their Monte-Carlo curves and 12 sensitivity passes (one Jacobian pass each);
+18 min from an empty cache (12 trainings), one worker, on a shared 2-core machine.
 """
 from __future__ import annotations
 
