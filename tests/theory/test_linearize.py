@@ -13,6 +13,7 @@ from noiseprop.theory import Multiplicative, RelativeGaussian
 from noiseprop.theory.linearize import (
     LinearizedNetwork,
     auto_chunk_size,
+    pass_chunk_size,
     first_order_loss_change,
     jacobian_pass,
 )
@@ -76,6 +77,36 @@ def test_chunking_does_not_change_the_covariance(cnn):
     b = jacobian_pass(lin, x, unit, chunk_size=23).cov_unit
     assert torch.allclose(a, b, rtol=1e-6, atol=1e-10)
     assert auto_chunk_size(10, 10**9) == 1 and auto_chunk_size(10, 10, cap=64) == 64
+
+
+def test_default_chunk_follows_what_one_input_holds(cnn):
+    """The default chunk of the pass (:func:`pass_chunk_size`, from a one-input probe):
+    the covariance is the same as in chunks of 4; the size scales with the budget
+    and stops at the cap; and each convolution is budgeted for the route that
+    ``tap_covariance`` actually takes (Gram matrices exactly when it does not return
+    ``None``)."""
+    from noiseprop.theory.linearize import _gram_cheaper, tap_covariance, tapping
+
+    x, _ = held_out(23)
+    lin = LinearizedNetwork(cnn)
+    unit = lin.unit_scales(RelativeGaussian(1.0))
+    jp = jacobian_pass(lin, x, unit)
+    assert 1 < jp.chunk_size <= 128
+    assert torch.allclose(jp.cov_unit, jacobian_pass(lin, x, unit, chunk_size=4).cov_unit, rtol=1e-6, atol=1e-10)
+    mods = {id(m): (n, m) for n, m in cnn.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    with torch.no_grad(), tapping(mods) as taps:
+        lin.forward(x[:1])
+    one = pass_chunk_size(taps, 10, 0, budget=2**40, cap=10**9)  # budget // bytes per input
+    per = 2**40 // one
+    assert pass_chunk_size(taps, 10, 0, budget=7 * per) == 7
+    assert pass_chunk_size(taps, 10, 0, budget=per // 2) == 1
+    assert pass_chunk_size(taps, 10, 0, budget=2**40) == 128
+    convs = [t for t in taps if isinstance(t.module, nn.Conv2d)]
+    assert convs
+    for t in convs:
+        delta = torch.zeros((10,) + tuple(t.e.shape))
+        L = t.e[0].numel() // t.module.out_channels
+        assert _gram_cheaper(t.module, L, 10) == (tap_covariance(t, delta) is not None)
 
 
 def test_first_order_loss_change_is_the_directional_derivative():
