@@ -23,7 +23,12 @@
    curve of each digits model (120 inputs, 50 draws per level), and the warning
    threshold that flags every level where the linear accuracy misses (more than 1 point
    and outside the Monte-Carlo 95% interval) with the fewest false alarms.
-5. ``memory``: peak resident memory and time of ``predict`` (linear) on a ResNet-20
+5. ``qmc``: the expected accuracy at the default quasi-Monte-Carlo points per orthant
+   probability (and at 128–1,024) against 8,192, on each digits model's curve and on
+   synthetic logits with 10 and 100 classes.
+6. ``chunks``: seconds of the Jacobian pass per chunk size, the default chunk size from
+   what one input holds beside the older all-parameter budget.
+7. ``memory``: peak resident memory and time of ``predict`` (linear) on a ResNet-20
    (width 16, 3×32×32 inputs, 10 classes) for several numbers of inputs, each in a
    fresh subprocess (``ru_maxrss``). Target: ≤ 2 GiB and independent of N beyond one
    chunk; seconds per 1,000 inputs.
@@ -31,7 +36,7 @@
 One JSON line per result. Figures are from a shared machine (other jobs running): the
 ratios, both sides timed in one run, are what count.
 
-    .venv/bin/python benchmarks/predict_vs_mc.py [--parts cases,curve,cv,memory]
+    .venv/bin/python benchmarks/predict_vs_mc.py [--parts cases,curve,cv,qmc,chunks,memory]
         [--models mlp,vgg,resnet20,resnet20_c32] [--c32-n 64] [--memory-n 64,1000,10000]
         [--threads 1] [--reps 1]
 """
@@ -383,6 +388,66 @@ def memory(ns, chunk, threads, extras=True):
                   seconds_total=time.perf_counter() - t, target_gib=2.0, met=bool(gib <= 2.0), threads=threads))
 
 
+def qmc(models, reference=8192, points=(1024, 512, 256, 128)):
+    """The quasi-Monte-Carlo points of the orthant probabilities: expected accuracy (and
+    the largest per-input probability change) at ``points`` against ``reference`` points,
+    along the ten-level curve of each digits model (first order, every test input) and on
+    synthetic Gaussian logits with 10 and 100 classes (400 inputs, low-rank-plus-diagonal
+    covariance, levels that take accuracy to 85%, 60%/43% and 30%/12%); with the seconds
+    of the integration per level."""
+    from noiseprop.theory.accuracy import DEFAULT_N_POINTS, CorrectCurve
+
+    def curves(tag, mean, cov, y, levels):
+        ref = CorrectCurve(mean, cov, y, n_points=reference)
+        base = {lv: ref.at(lv)[0] for lv in levels}
+        for npt in points:
+            cc = CorrectCurve(mean, cov, y, n_points=npt)
+            t = time.perf_counter()
+            ps = {lv: cc.at(lv)[0] for lv in levels}
+            dt = (time.perf_counter() - t) / len(levels)
+            emit(dict(part="qmc", case=tag, n_points=npt, reference_points=reference, default=npt == DEFAULT_N_POINTS,
+                      levels=list(levels), accuracy_reference=[round(float(base[lv].mean()), 5) for lv in levels],
+                      max_abs_accuracy_error=max(float((ps[lv].mean() - base[lv].mean()).abs()) for lv in levels),
+                      max_abs_per_input_error=max(float((ps[lv] - base[lv]).abs().max()) for lv in levels),
+                      seconds_per_level=dt))
+
+    from noiseprop.theory import predict
+
+    for name in models:
+        model, x, y, _ = _case_model(name, 64)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # η = 1 is outside the first order's range: only its covariance is used
+            p = predict(model, x, y, "relative:1", cov=True, cache=False)
+        curves(f"zoo {name}, first order", p.logit_mean, p.logit_cov, y, LEVELS)
+    g = torch.Generator().manual_seed(0)
+    for C in (10, 100):
+        mean = torch.randn(400, C, generator=g, dtype=torch.float64) * 2
+        A = torch.randn(400, C, 8, generator=g, dtype=torch.float64) / 3
+        cov = A @ A.mT + 0.5 * torch.eye(C, dtype=torch.float64)
+        curves(f"synthetic, {C} classes", mean, cov, mean.argmax(1), (0.3, 1.0, 3.0))
+
+
+def chunks(models, sizes=(None, 32, 64, 128, 256, 512), reps=3):
+    """Seconds of the Jacobian pass (every test input, relative noise) per chunk size:
+    ``None`` is the default (:func:`~noiseprop.theory.linearize.pass_chunk_size`, from
+    what one input holds), beside the older budget for every parameter's per-sample
+    Jacobian (``auto_chunk_size``); minimum of ``reps`` alternating runs."""
+    from noiseprop.theory import RelativeGaussian
+    from noiseprop.theory.linearize import LinearizedNetwork, auto_chunk_size, jacobian_pass
+
+    for name in models:
+        model, x, y, _ = _case_model(name, 64)
+        lin = LinearizedNetwork(model)
+        unit = lin.unit_scales(RelativeGaussian(0.1))
+        old = auto_chunk_size(10, lin.num_target_elements)
+        fns = [(lambda c=c: jacobian_pass(lin, x, unit, chunk_size=c)) for c in sizes + (old,)]
+        outs, ts = _alternate(fns, reps)
+        for c, o, t in zip(sizes + (old,), outs, ts):
+            emit(dict(part="chunks", case=name, n_inputs=int(x.shape[0]), params=lin.num_target_elements,
+                      chunk_size=o.chunk_size, default=c is None, old_default=c == old and c is not None,
+                      seconds_pass=t))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--parts", default="cases,memory")
@@ -413,6 +478,10 @@ def main(argv=None):
         curve(digits)
     if "cv" in parts:
         cv(digits)
+    if "qmc" in parts:
+        qmc(digits)
+    if "chunks" in parts:
+        chunks(digits)
 
     return 0
 

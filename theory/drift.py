@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, jvp, vmap
 
-from .accuracy import correct_probability, sampled_accuracies
+from .accuracy import DEFAULT_N_POINTS, correct_probability, sampled_accuracies
 from .hardware import HardwareNoise, PCMLike
 from .hashing import inputs_fingerprint
 from .linearize import LinearizedNetwork, auto_chunk_size, backprop_signals, jacobian_pass, tap_jacobian, tapping
@@ -490,7 +490,7 @@ def _predict_models(model, x, y, noises: Sequence[HardwareNoise], targets, linea
 
 
 def predict_drift(model: nn.Module, x, y, noise, times, targets=None, *, method: str = "linear",
-                  linearize_at: str = "mean", accuracy_draws: int = 32, seed: int = 0, n_points: int = 1024,
+                  linearize_at: str = "mean", accuracy_draws: int = 32, seed: int = 0, n_points: int = DEFAULT_N_POINTS,
                   chunk_size: int | None = None, batch_size: int = 512, cov: bool = False,
                   rank: int = DEFAULT_RANK, spatial_rank: int = DEFAULT_SPATIAL_RANK, moment_chunk: int = 32) -> DriftPrediction:
     """Predicted accuracy of ``model`` on ``(x, y)`` at each time since programming in
@@ -536,7 +536,7 @@ def predict_drift(model: nn.Module, x, y, noise, times, targets=None, *, method:
 
 
 def predict_hardware(model: nn.Module, x, y, noise, targets=None, *, method: str = "linear",
-                     linearize_at: str = "mean", accuracy_draws: int = 32, seed: int = 0, n_points: int = 1024,
+                     linearize_at: str = "mean", accuracy_draws: int = 32, seed: int = 0, n_points: int = DEFAULT_N_POINTS,
                      chunk_size: int | None = None, batch_size: int = 512, cov: bool = False,
                   rank: int = DEFAULT_RANK, spatial_rank: int = DEFAULT_SPATIAL_RANK, moment_chunk: int = 32):
     """:class:`~noiseprop.theory.predict.Prediction` for one hardware noise model

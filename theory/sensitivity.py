@@ -87,7 +87,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .accuracy import correct_probability, margin_moments, orthant_probability, pairwise_bounds_sd
+from .accuracy import DEFAULT_N_POINTS, correct_probability, margin_moments, orthant_probability, pairwise_bounds_sd
 from .flatness import loss_increase_gauss_newton
 from .linearize import LinearizedNetwork, jacobian_pass
 from .moments import MomentPropagator, propagate_moments
@@ -318,7 +318,7 @@ def _channel_frame(model, x, noise, targets, layers, chunk_size, clean) -> pd.Da
 
 
 def sensitivity(model: nn.Module, x, y, noise, targets=None, *, channels=None, chunk_size: int | None = None,
-                n_points: int = 1024, seed: int = 0) -> Sensitivity:
+                n_points: int = DEFAULT_N_POINTS, seed: int = 0) -> Sensitivity:
     """Per noisy layer: share of the first-order logit variance, share of the loss
     increase, predicted accuracy with only that layer noisy, parameter count, rank.
 
@@ -660,7 +660,7 @@ def _moment_curve(ps: _Pass, noise: WeightNoise, curve: _Curve, n_points: int, s
 
 def noise_budget(model: nn.Module, x, y, noise_family, max_drop: float = 0.01, targets=None, *,
                  refine: str | None = "auto", mc_draws: int = 0, mc_seed: int = 0,
-                 chunk_size: int | None = None, n_points: int = 1024, seed: int = 0,
+                 chunk_size: int | None = None, n_points: int = DEFAULT_N_POINTS, seed: int = 0,
                  rtol: float = 2e-3) -> NoiseBudget:
     """The largest level of ``noise_family`` whose predicted accuracy drop stays within
     ``max_drop``, and a per-layer allocation of levels within the same budget.
@@ -876,7 +876,7 @@ def _moment_steps(model, ps: _Pass, noise: WeightNoise, targets, chosen, n_point
 
 
 def keep_digital(model: nn.Module, x, y, noise, k: int = 1, targets=None, *, exhaustive: bool | None = None,
-                 max_subsets: int = 200, chunk_size: int | None = None, n_points: int = 1024,
+                 max_subsets: int = 200, chunk_size: int | None = None, n_points: int = DEFAULT_N_POINTS,
                  seed: int = 0, method: str = "linear") -> KeepDigital:
     """The ``k`` layers whose removal from the noisy set most raises the predicted
     accuracy, chosen greedily on the exact per-layer decomposition of the first-order

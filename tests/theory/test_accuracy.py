@@ -163,3 +163,26 @@ def test_float32_inverse_normal_and_loop_accuracy():
     u = _qmc_points(8, 512, 0)
     a, b = _sov(mo, L, u), _sov(mo.float(), L.float(), u.float())
     assert (a - b).abs().max() < 1e-6
+
+
+def test_default_qmc_points_resolve_accuracy_to_a_tenth_of_a_point():
+    """The default points (``DEFAULT_N_POINTS``) against scipy's Genz integration (absolute
+    error 1e-5), 16 inputs with 10 classes and probabilities of staying correct from 0.3
+    to 0.95: every input within 2.5e-3 and their mean within 1e-3 (a tenth of the 1-point
+    fidelity target; 64 points miss the per-input bound here), and the randomised QMC
+    estimate is unbiased: the mean of 8 scrambles lies within 4 of their standard errors
+    of the reference."""
+    from noiseprop.theory.accuracy import DEFAULT_N_POINTS
+
+    mean, cov, _ = _random_case(16, 10, seed=11, scale=1.5)
+    y = mean.argmax(1)
+    m, s = margin_moments(mean, cov, y)
+    ref = np.array([multivariate_normal(mean=np.zeros(9), cov=s[i].numpy(), abseps=1e-5, releps=1e-5)
+                    .cdf(m[i].numpy()) for i in range(len(y))])
+    assert 0.25 < ref.min() and ref.max() < 0.99
+    est = np.stack([orthant_probability(m, s, n_points=DEFAULT_N_POINTS, seed=k).numpy() for k in range(8)])
+    assert np.abs(est[0] - ref).max() < 2.5e-3
+    assert abs(est[0].mean() - ref.mean()) < 1e-3
+    means = est.mean(axis=1)
+    se = means.std(ddof=1) / math.sqrt(len(means))
+    assert abs(means.mean() - ref.mean()) < 4 * se + 1e-5  # + scipy's own error
