@@ -506,7 +506,7 @@ class _Curve:
         quasi-Monte-Carlo points and a looser bound tolerance (used only to steer the
         root finder, never reported)."""
         self.evaluations += 1
-        npnt, tol = (min(256, self.n_points), 1e-6) if cheap else (self.n_points, 1e-9)
+        npnt, tol = (min(STEER_POINTS, self.n_points), 1e-6) if cheap else (self.n_points, 1e-9)
         return 1.0 - orthant_probability(*self.margins(s), n_points=npnt, seed=self.seed, bound_tol=tol)
 
     def drop(self, s) -> float:
@@ -514,6 +514,14 @@ class _Curve:
 
 
 _BIG = 1e12
+#: Quasi-Monte-Carlo points of the evaluations that only steer the root finder (never
+#: reported): the expected accuracy moves by at most 4e-4 against 8,192 points at 64 on
+#: the zoo models (``benchmarks/predict_vs_mc.py --parts qmc``, per input 4e-3), well
+#: inside the error the per-input ratio model of :func:`_solve_scale` already makes.
+STEER_POINTS = 64
+#: Relative precision of the roots of the pairwise bounds and of the ratio model
+#: (:func:`_bound_root`): a twentieth of ``_solve_scale``'s ``rtol``.
+BOUND_RTOL = 1e-4
 #: ``noise_budget(refine=...)`` choices: ``"moments"`` (one moment propagation at the
 #: first-order root refines the curve there; an error if the model is outside the moment
 #: method's layers), ``"auto"`` (the default: ``"moments"`` where the model allows it,
@@ -545,7 +553,7 @@ def _select(curve, level: float, reach: float):
 
 
 def _bound_root(f, target, s0=1.0):
-    """Smallest ``s`` (to 1e-7 relative) with ``f(s) ≥ target`` for a non-decreasing
+    """Smallest ``s`` (to :data:`BOUND_RTOL` relative) with ``f(s) ≥ target`` for a non-decreasing
     ``f``; ``None`` if ``f`` stays below ``target`` up to ``_BIG``."""
     from scipy.optimize import brentq  # lazy: importing scipy.optimize takes ~0.36 s (measured, -X importtime)
 
@@ -563,7 +571,7 @@ def _bound_root(f, target, s0=1.0):
                 return None
         lo = hi / 2
     g = lambda t: f(math.exp(t)) - target  # noqa: E731
-    return math.exp(brentq(g, math.log(lo), math.log(hi), xtol=1e-7))
+    return math.exp(brentq(g, math.log(lo), math.log(hi), xtol=BOUND_RTOL))
 
 
 def _solve_scale(curve: _Curve, target: float, rtol: float = 2e-3):

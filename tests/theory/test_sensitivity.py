@@ -21,6 +21,7 @@ from noiseprop.theory import (
     predict,
     sensitivity,
 )
+from noiseprop.theory.accuracy import DEFAULT_N_POINTS
 from noiseprop.theory.flatness import loss_increase_gauss_newton
 from predict_nets import held_out, trained
 
@@ -41,7 +42,7 @@ def _ref(model, x, y, noise, layers=None):
     jp = jacobian_pass(lin, x, lin.unit_scales(noise))
     cov = jp.cov_unit.double() * noise.level ** 2
     clean = jp.clean_logits.double()
-    return clean, cov, float(correct_probability(clean, cov, y, n_points=1024, seed=0)[0].mean())
+    return clean, cov, float(correct_probability(clean, cov, y, n_points=DEFAULT_N_POINTS, seed=0)[0].mean())
 
 
 def _mc_tol(se):
@@ -161,12 +162,12 @@ def test_refined_curve_has_the_moment_mean_and_the_first_order_covariance():
     noise = RelativeGaussian(b.first_order_level)
     pm = predict(model, x, y, noise, method="moments")
     pl = predict(model, x, y, noise, cov=True)
-    ref = float(correct_probability(pm.logit_mean, pl.logit_cov, y, n_points=1024, seed=0)[0].mean())
+    ref = float(correct_probability(pm.logit_mean, pl.logit_cov, y, n_points=DEFAULT_N_POINTS, seed=0)[0].mean())
     sens = sys.modules["noiseprop.theory.sensitivity"]
     ps = sens._pass(model, x, y, RelativeGaussian(1.0), None, None)
     acc0 = sens._clean_accuracy(ps.clean, ps.y)
-    fo = sens._Curve(ps.clean, ps.y, ps.cov_unit, acc0, 1024, 0)
-    curve, extra = sens._moment_curve(ps, RelativeGaussian(b.first_order_level), fo, 1024, 0)
+    fo = sens._Curve(ps.clean, ps.y, ps.cov_unit, acc0, DEFAULT_N_POINTS, 0)
+    curve, extra = sens._moment_curve(ps, RelativeGaussian(b.first_order_level), fo, DEFAULT_N_POINTS, 0)
     assert curve.drop(b.first_order_level) == pytest.approx(acc0 - ref, abs=1e-6 + extra["refine_neglected"])
     assert curve.drop(b.level) == pytest.approx(b.predicted_drop, abs=1e-12) and b.predicted_drop <= 0.02
     assert curve.drop(b.level * (1 + 4e-3)) > 0.02
@@ -262,7 +263,7 @@ def test_keep_digital_moments_equal_moment_predictions_per_step():
 
     sens = sys.modules["noiseprop.theory.sensitivity"]
     ps = sens._pass(model, x, y, noise, None, None)
-    curve = sens._Curve(ps.clean, ps.y, ps.cov_unit, sens._clean_accuracy(ps.clean, ps.y), 1024, 0)
+    curve = sens._Curve(ps.clean, ps.y, ps.cov_unit, sens._clean_accuracy(ps.clean, ps.y), DEFAULT_N_POINTS, 0)
     sel, neglected = sens._select(curve, noise.level, sens.KEEP_REACH)
     assert int(sel.sum()) == km.moment_inputs and neglected <= sens.REFINE_MASS
     for step, acc in [(0, km.accuracy_all_noisy), (1, km.accuracy[0]), (2, km.accuracy[1])]:
