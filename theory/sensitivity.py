@@ -91,6 +91,7 @@ from .accuracy import DEFAULT_N_POINTS, correct_probability, margin_moments, ort
 from .flatness import loss_increase_gauss_newton
 from .linearize import LinearizedNetwork, jacobian_pass
 from .moments import MomentPropagator, propagate_moments
+from .moments.surrogate import moment_chunk_size
 from .noise import NOISE_STRING_FORMS, WeightNoise, parse_noise
 from .targets import Targets
 from .validation import check_inputs, check_int, check_labels, check_number
@@ -659,8 +660,9 @@ def _moment_curve(ps: _Pass, noise: WeightNoise, curve: _Curve, n_points: int, s
     shift = torch.zeros_like(ps.clean)
     t = time.perf_counter()
     if sel.numel():
-        res = propagate_moments(ps.lin, ps.x[sel.to(ps.x.device)].to(ps.lin.device), noise, propagator=prop,
-                                mean_only=True)
+        xs = ps.x[sel.to(ps.x.device)].to(ps.lin.device)
+        res = propagate_moments(ps.lin, xs, noise, propagator=prop, mean_only=True,
+                                chunk_size=moment_chunk_size(ps.lin, xs, prop))
         shift[sel] = (res.mean.double().cpu() - ps.clean[sel]) / level ** 2
     extra = dict(refine_inputs=int(sel.numel()), refine_neglected=neglected, refine_seconds=time.perf_counter() - t)
     return _Curve(ps.clean, ps.y, ps.cov_unit, curve.clean_acc, n_points, seed, shift=shift), extra

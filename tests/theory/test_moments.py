@@ -239,3 +239,31 @@ def test_mean_only_is_the_moment_pass_mean_without_the_surrogate():
     assert (mean.preact_frac, mean.compression_loss) == (full.preact_frac, full.compression_loss)
     with pytest.raises(TypeError, match="mean_only must be True or False"):
         propagate_moments(lin, x, noise, mean_only="no")
+
+
+def test_moment_chunk_size_follows_one_input_and_the_budget():
+    """The refinement's chunk (:func:`moment_chunk_size`): inversely proportional to the
+    budget, capped, at least one; and the mean does not depend on the chunking beyond
+    the sketch's randomness (identical where the pass is exact in unit space: the MLP
+    narrower than the rank)."""
+    from noiseprop.theory.moments import propagate_moments
+    from noiseprop.theory.moments.surrogate import moment_chunk_size
+
+    model = trained("cnn")
+    x, _ = held_out(24)
+    noise = RelativeGaussian(0.3)
+    lin = LinearizedNetwork(model)
+    prop = MomentPropagator(lin, noise)
+    one = moment_chunk_size(lin, x, prop, budget=2**40, cap=10**9)
+    per = 2**40 // one
+    assert moment_chunk_size(lin, x, prop, budget=5 * per) == 5
+    assert moment_chunk_size(lin, x, prop, budget=per // 3) == 1
+    assert moment_chunk_size(lin, x, prop, budget=2**40) == 128
+    wider = MomentPropagator(lin, noise, rank=4 * prop.rank)  # more columns per input: a smaller chunk
+    assert moment_chunk_size(lin, x, wider, budget=100 * per) < 100
+    mlp = trained("mlp")
+    lm = LinearizedNetwork(mlp)
+    pm = MomentPropagator(lm, noise, rank=256)
+    a = propagate_moments(lm, x.flatten(1), noise, chunk_size=5, propagator=pm, mean_only=True).mean
+    b = propagate_moments(lm, x.flatten(1), noise, chunk_size=24, propagator=pm, mean_only=True).mean
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

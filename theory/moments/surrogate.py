@@ -14,14 +14,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..linearize import LinearizedNetwork, Tap, backprop_signals, weight_terms
+from ..linearize import (DEFAULT_JACOBIAN_BUDGET, PASS_CHUNK_CAP, LinearizedNetwork, Tap, backprop_signals, tapping,
+                         weight_terms)
 from ..noise import WeightNoise
 from ..validation import check_bool
 from .gaussian import SMOOTH_ACTIVATIONS, smooth_activation, smooth_max, smooth_relu
 from .interpreter import GraphInterpreter
 from .rules import MomentPropagator, activation_kind, is_maxpool, maxpool_args, window_slices
 
-__all__ = ["MomentResult", "propagate_moments"]
+__all__ = ["MomentResult", "propagate_moments", "moment_chunk_size"]
 
 from dataclasses import dataclass
 
@@ -143,6 +144,26 @@ def _injection_covariance(deltas_e: dict, deltas_r: dict, rec: dict, B: int, C: 
                 t = torch.einsum("abi,mbi->bam", Jf, cl.double().reshape(cl.shape[0], B, -1))
                 cov += torch.einsum("bam,bcm->bac", t, t)
     return cov
+
+
+def moment_chunk_size(lin: LinearizedNetwork, x1: torch.Tensor, propagator: MomentPropagator,
+                      budget: int = DEFAULT_JACOBIAN_BUDGET, cap: int = PASS_CHUNK_CAP) -> int:
+    """Inputs per chunk of the moment pass from what one input holds, measured on a
+    one-input forward (``x1``): four activations of the largest Linear/Conv2d input or
+    output carried as ``rank + h2_rank + 2`` columns (mean, columns, diagonal; the skip,
+    the branch, the current node and its output), and twice the largest convolution's
+    patch Gram matrix ``[L, L]``; against ``budget`` bytes, at most ``cap``."""
+    mods = {id(m): (n, m) for n, m in lin.net.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    with torch.no_grad(), tapping(mods) as taps:
+        lin.forward(x1[:1].to(lin.device))
+    if not taps:
+        return cap
+    cols = propagator.rank + propagator.h2_rank + 2
+    big = max(max(t.x[0].numel(), t.e[0].numel()) for t in taps)
+    gram = max([(t.e[0].numel() // t.module.out_channels) ** 2 for t in taps if isinstance(t.module, nn.Conv2d)],
+               default=0)
+    per = torch.tensor([], dtype=lin.dtype).element_size() * (4 * cols * big + 2 * gram)
+    return int(max(1, min(cap, budget // max(1, per))))
 
 
 def propagate_moments(lin: LinearizedNetwork, x: torch.Tensor, noise: WeightNoise, rank: int | None = None,
