@@ -200,6 +200,13 @@ def _gram_cheaper(m: nn.Module, L: int, num_slots: int) -> bool:
     return ghost < num_slots * m.out_channels * J * L + num_slots ** 2 * m.out_channels * J
 
 
+def _per_channel(u: torch.Tensor) -> bool:
+    """Whether a weight's noise scale is constant within each output channel (what the
+    Gram-matrix route of :func:`weight_terms` needs)."""
+    uc = u.reshape(u.shape[0], -1)
+    return bool((uc == uc[:, :1]).all())
+
+
 def pass_chunk_size(taps: Sequence["Tap"], num_slots: int, slow_elements: int, itemsize: int = 4,
                     budget: int = DEFAULT_JACOBIAN_BUDGET, cap: int = PASS_CHUNK_CAP) -> int:
     """Inputs per chunk of :func:`jacobian_pass` from what one input actually holds,
@@ -214,7 +221,11 @@ def pass_chunk_size(taps: Sequence["Tap"], num_slots: int, slow_elements: int, i
 
     The per-sample Jacobians of all parameters (what :func:`auto_chunk_size` budgets
     for) are never formed at once: a layer's is formed, contracted and freed before the
-    next, and most convolutions never form theirs."""
+    next, and most convolutions never form theirs. :func:`jacobian_pass` uses this only
+    where the Gram route is open to every layer (a scale constant within each output
+    channel, no draws, no further scale maps, every noisy layer called once); otherwise
+    every layer forms its Jacobian (and a scaled copy), and it keeps
+    :func:`auto_chunk_size`."""
     fwd = sig = work = 0
     for t in taps:
         m = t.module
@@ -456,7 +467,7 @@ def weight_terms(by_module: Mapping[str, list], params: Mapping[str, list], scal
             full = mname + "." + pname
             u = scale[full]
             uc = u.reshape(u.shape[0], -1)
-            per_channel = bool((uc == uc[:, :1]).all())
+            per_channel = _per_channel(u)
             if per_channel and z is None and not extra and pname == "weight" and len(calls) == 1:
                 t, dl = calls[0]
                 cg = tap_covariance(t, _scale_delta(dl, t.module, uc[:, 0]))
@@ -685,12 +696,17 @@ def jacobian_pass(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, to
     if chunk_size is None:
         itemsize = torch.tensor([], dtype=lin.dtype).element_size()
         slow_elements = sum(lin.target_params[k].numel() for k in slow)
-        if fast:
+        gram_route = draws == 0 and not extra_units and all(
+            _per_channel(unit[m + ".weight"]) for m, pn in fast.items() if "weight" in pn)
+        if fast and gram_route:
             with torch.no_grad(), tapping(watch) as probe:
                 lin.forward(x[:1].to(lin.device))
-            chunk_size = pass_chunk_size(probe, cs, slow_elements, itemsize)
+            calls = [t.name for t in probe]
+            if len(set(calls)) == len(calls):  # every noisy layer called once: the Gram route is open
+                chunk_size = pass_chunk_size(probe, cs, slow_elements, itemsize)
             del probe
-        else:
+        if chunk_size is None:  # draws, further scale maps, per-element scales or a shared layer: every
+            # layer forms its per-sample Jacobian (weight_terms), budgeted for all of them at once
             chunk_size = auto_chunk_size(cs, lin.num_target_elements, itemsize)
     dirs = _directions(lin, draws, seed) if draws > 0 else None
     slow_fn = None

@@ -596,7 +596,9 @@ def _solve_scale(curve: _Curve, target: float, rtol: float = 2e-3):
     s_feas = _bound_root(lambda q: curve.bound_drops(q)[1], target)
     if s_feas is None:
         raise ValueError(f"max_drop={target:g} is never reached: the predicted accuracy stays within it at any level")
-    s_feas *= 1 - 1e-6  # hi_drop(s_feas) < target: surely feasible
+    s_feas *= 1 - 2 * BOUND_RTOL  # below the bound's root by more than its tolerance
+    while curve.bound_drops(s_feas)[1] >= target:  # hi_drop(s_feas) < target: surely feasible
+        s_feas *= 1 - BOUND_RTOL
     s_inf = _bound_root(lambda q: curve.bound_drops(q)[0], target, s_feas)  # surely infeasible from here
     if s_inf is None:  # the bounds cannot tell whether the drop ever reaches the target: ask the curve
         top = curve.drop(_BIG)

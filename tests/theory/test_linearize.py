@@ -109,6 +109,22 @@ def test_default_chunk_follows_what_one_input_holds(cnn):
         assert _gram_cheaper(t.module, L, 10) == (tap_covariance(t, delta) is not None)
 
 
+def test_chunk_keeps_the_all_parameter_budget_where_every_layer_forms_its_jacobian(cnn):
+    """Per-element scales (multiplicative noise), draws or further scale maps make every
+    layer form its per-sample Jacobian: the default chunk is then the all-parameter
+    budget of ``auto_chunk_size``, not the Gram-route probe."""
+    x, _ = held_out(40)
+    lin = LinearizedNetwork(cnn)
+    old = auto_chunk_size(10, lin.num_target_elements)
+    rel = lin.unit_scales(RelativeGaussian(1.0))
+    mult = lin.unit_scales(Multiplicative(1.0))
+    assert old == 256  # this small network: the all-parameter budget reaches its cap, the probe's is 128
+    assert jacobian_pass(lin, x, rel).chunk_size == 128
+    assert jacobian_pass(lin, x, mult).chunk_size == old
+    assert jacobian_pass(lin, x, rel, draws=4).chunk_size == old
+    assert jacobian_pass(lin, x, rel, extra_units=(mult,)).chunk_size == old
+
+
 def test_first_order_loss_change_is_the_directional_derivative():
     """gᵀδ of the mean cross-entropy: the derivative of CE(f + tΔ) at t = 0."""
     g = torch.Generator().manual_seed(0)

@@ -243,11 +243,11 @@ def test_mean_only_is_the_moment_pass_mean_without_the_surrogate():
 
 def test_moment_chunk_size_follows_one_input_and_the_budget():
     """The refinement's chunk (:func:`moment_chunk_size`): inversely proportional to the
-    budget, capped, at least one; and the mean does not depend on the chunking beyond
-    the sketch's randomness (identical where the pass is exact in unit space: the MLP
-    narrower than the rank)."""
+    budget, capped, never below the default chunk; and the mean does not depend on the
+    chunking (checked where the pass is exact in unit space: the MLP narrower than the
+    rank)."""
     from noiseprop.theory.moments import propagate_moments
-    from noiseprop.theory.moments.surrogate import moment_chunk_size
+    from noiseprop.theory.moments.surrogate import DEFAULT_MOMENT_CHUNK, moment_chunk_size
 
     model = trained("cnn")
     x, _ = held_out(24)
@@ -256,8 +256,8 @@ def test_moment_chunk_size_follows_one_input_and_the_budget():
     prop = MomentPropagator(lin, noise)
     one = moment_chunk_size(lin, x, prop, budget=2**40, cap=10**9)
     per = 2**40 // one
-    assert moment_chunk_size(lin, x, prop, budget=5 * per) == 5
-    assert moment_chunk_size(lin, x, prop, budget=per // 3) == 1
+    assert moment_chunk_size(lin, x, prop, budget=50 * per) == 50
+    assert moment_chunk_size(lin, x, prop, budget=per // 3) == DEFAULT_MOMENT_CHUNK == 32
     assert moment_chunk_size(lin, x, prop, budget=2**40) == 128
     wider = MomentPropagator(lin, noise, rank=4 * prop.rank)  # more columns per input: a smaller chunk
     assert moment_chunk_size(lin, x, wider, budget=100 * per) < 100

@@ -370,3 +370,19 @@ def test_bad_input_is_rejected_with_clear_messages():
     last = list(sensitivity(model, x, y, "relative:0.1").to_frame()["layer"])[-1]
     with pytest.raises(ValueError, match="keep_digital needs at least 2 noisy layers"):
         keep_digital(model, x, y, "relative:0.1", k=1, targets=Targets(layers=[last]))
+
+
+def test_solve_scale_never_returns_a_drop_above_the_target():
+    """Whatever path the root finder ends on (a full evaluation, or the feasible end of
+    the bracket from the pairwise bounds), the returned drop is within the target, over
+    a range of targets."""
+    import sys
+
+    model = trained("cnn")
+    x, y = held_out(200)
+    sens = sys.modules["noiseprop.theory.sensitivity"]
+    ps = sens._pass(model, x, y, RelativeGaussian(1.0), None, None)
+    curve = sens._Curve(ps.clean, ps.y, ps.cov_unit, sens._clean_accuracy(ps.clean, ps.y), DEFAULT_N_POINTS, 0)
+    for target in np.linspace(0.002, 0.05, 25):
+        s, d = sens._solve_scale(curve, float(target))
+        assert d <= target and curve.bound_drops(s)[0] <= target, (target, s, d)
