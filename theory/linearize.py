@@ -192,10 +192,16 @@ def auto_chunk_size(num_classes: int, num_elements: int, itemsize: int = 4,
     return int(max(1, min(cap, budget // per)))
 
 
+def _patch_size(m: nn.Conv2d) -> int:
+    """Elements of one input patch of a convolution, per group (``Cin/g · kh · kw``)."""
+    return m.in_channels // m.groups * math.prod(m.kernel_size)
+
+
 def _gram_cheaper(m: nn.Module, L: int, num_slots: int) -> bool:
-    """Whether :func:`tap_covariance` takes the Gram-matrix route for this convolution
-    (the same cost comparison)."""
-    J = m.in_channels // m.groups * math.prod(m.kernel_size)
+    """Whether the Gram-matrix route of :func:`tap_covariance` is cheaper than forming the
+    per-sample Jacobian for this convolution at ``L`` output positions (the one cost
+    comparison, used by :func:`tap_covariance` and :func:`pass_chunk_size`)."""
+    J = _patch_size(m)
     ghost = L * L * J * m.groups + num_slots * m.out_channels * L * L + num_slots ** 2 * m.out_channels * L
     return ghost < num_slots * m.out_channels * J * L + num_slots ** 2 * m.out_channels * J
 
@@ -234,7 +240,7 @@ def pass_chunk_size(taps: Sequence["Tap"], num_slots: int, slow_elements: int, i
         sig += 2 * num_slots * nout
         if isinstance(m, nn.Conv2d):
             L = nout // m.out_channels
-            J = m.in_channels // m.groups * math.prod(m.kernel_size)
+            J = _patch_size(m)
             w = J * m.groups * L + num_slots * m.out_channels * L
             w += (m.groups * L * L + num_slots * m.out_channels * L * L) if _gram_cheaper(m, L, num_slots) \
                 else 2 * num_slots * m.weight.numel()
@@ -415,14 +421,12 @@ def tap_covariance(tap: Tap, delta: torch.Tensor) -> torch.Tensor | None:
         T = torch.einsum("absO,bst->abtO", d, G)
         return torch.einsum("abtO,cbtO->bac", T, d).double()
     g = m.groups
-    X = F.unfold(tap.x, kernel_size=m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
-    L = X.shape[-1]
-    J = X.shape[1] // g
     Cout = m.out_channels
-    ghost = L * L * J * g + C * Cout * L * L + C * C * Cout * L
-    direct = C * Cout * J * L + C * C * Cout * J
-    if ghost >= direct:
+    L = delta[0, 0].numel() // Cout  # output positions (the patches)
+    if not _gram_cheaper(m, L, C):
         return None
+    X = F.unfold(tap.x, kernel_size=m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
+    J = _patch_size(m)
     Xg = X.reshape(B, g, J, L)
     G = torch.einsum("bgjp,bgjq->bgpq", Xg, Xg)  # [B, g, L, L]
     d = delta.reshape(C, B, g, Cout // g, L)
@@ -677,11 +681,6 @@ def jacobian_pass(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, to
         if labels is None or labels.shape[0] != n:
             raise ValueError("classes=k needs labels, one per input")
     extra_units = tuple(extra_units)
-    with torch.no_grad():
-        c0 = lin.forward(x[:1].to(lin.device)).shape[-1]
-    if classes is not None and classes >= c0 - 1:
-        classes = None  # every class is a competitor: the full pass
-    cs = c0 if classes is None else classes + 1
     modules = dict(lin.net.named_modules())
     fast: dict[str, list[str]] = {}  # module name -> its target parameter names
     slow: list[str] = []
@@ -693,21 +692,22 @@ def jacobian_pass(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, to
         else:
             slow.append(name)
     watch = {id(modules[m]): (m, modules[m]) for m in fast}
+    with torch.no_grad(), tapping(watch) as probe:  # one input: the number of classes, and what one input holds
+        c0 = lin.forward(x[:1].to(lin.device)).shape[-1]
+    if classes is not None and classes >= c0 - 1:
+        classes = None  # every class is a competitor: the full pass
+    cs = c0 if classes is None else classes + 1
     if chunk_size is None:
         itemsize = torch.tensor([], dtype=lin.dtype).element_size()
-        slow_elements = sum(lin.target_params[k].numel() for k in slow)
-        gram_route = draws == 0 and not extra_units and all(
+        calls = [t.name for t in probe]
+        gram_route = bool(fast) and draws == 0 and not extra_units and len(set(calls)) == len(calls) and all(
             _per_channel(unit[m + ".weight"]) for m, pn in fast.items() if "weight" in pn)
-        if fast and gram_route:
-            with torch.no_grad(), tapping(watch) as probe:
-                lin.forward(x[:1].to(lin.device))
-            calls = [t.name for t in probe]
-            if len(set(calls)) == len(calls):  # every noisy layer called once: the Gram route is open
-                chunk_size = pass_chunk_size(probe, cs, slow_elements, itemsize)
-            del probe
-        if chunk_size is None:  # draws, further scale maps, per-element scales or a shared layer: every
-            # layer forms its per-sample Jacobian (weight_terms), budgeted for all of them at once
+        if gram_route:  # every layer can take the Gram route (each called once, scales per channel)
+            chunk_size = pass_chunk_size(probe, cs, sum(lin.target_params[k].numel() for k in slow), itemsize)
+        else:  # draws, further scale maps, per-element scales or a shared layer: every layer
+            # forms its per-sample Jacobian (weight_terms), budgeted for all of them at once
             chunk_size = auto_chunk_size(cs, lin.num_target_elements, itemsize)
+    del probe
     dirs = _directions(lin, draws, seed) if draws > 0 else None
     slow_fn = None
     if slow:

@@ -10,14 +10,12 @@ pass per class, map every noise source to the logits.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..linearize import (DEFAULT_JACOBIAN_BUDGET, PASS_CHUNK_CAP, LinearizedNetwork, Tap, backprop_signals, tapping,
-                         weight_terms)
+from ..linearize import (DEFAULT_JACOBIAN_BUDGET, PASS_CHUNK_CAP, LinearizedNetwork, Tap, _patch_size,
+                         backprop_signals, tapping, weight_terms)
 from ..noise import WeightNoise
 from ..validation import check_bool
 from .gaussian import SMOOTH_ACTIVATIONS, smooth_activation, smooth_max, smooth_relu
@@ -177,7 +175,7 @@ def moment_chunk_size(lin: LinearizedNetwork, x1: torch.Tensor, propagator: Mome
         m = t.module
         if isinstance(m, nn.Conv2d):
             L = t.e[0].numel() // m.out_channels
-            J = m.in_channels // m.groups * math.prod(m.kernel_size)
+            J = _patch_size(m)
             conv = max(conv, 3 * cols * J * L + 4 * L * L)
     per = 8 * conv + torch.tensor([], dtype=lin.dtype).element_size() * 4 * cols * big
     return int(max(DEFAULT_MOMENT_CHUNK, min(cap, budget // max(1, per))))
