@@ -182,22 +182,46 @@ def smooth_moments(fn, mu: torch.Tensor, var: torch.Tensor, n: int = GH_NODES):
 # ----------------------------------------------------------------------------
 # The surrogate's smoothed nonlinearities (std fixed, differentiable in the mean)
 # ----------------------------------------------------------------------------
+def _with_slopes(value: torch.Tensor, *pairs) -> torch.Tensor:
+    """``value`` (computed without a graph) with the derivative ``slope`` with respect to
+    each ``x`` of ``pairs = (x, slope), ...``: ``value + Σ slope·(x − x.detach())``. The
+    added terms are exactly zero, so the value is unchanged; the backward pass is one
+    product per input instead of the chain rule through ``Φ`` and ``φ`` (the surrogate's
+    backward runs once per class, so this halves it on max-pooling networks)."""
+    out = value
+    for x, slope in pairs:
+        if x.requires_grad:
+            out = out + slope * (x - x.detach())
+    return out
+
+
 def smooth_relu(z: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """``E[relu(z + sζ)]`` as a function of ``z`` with ``s`` fixed: ``zΦ(z/s) + sφ(z/s)``;
-    its derivative is ``Φ(z/s)``, the expected slope. Test: ``test_smooth_relu_gradient``."""
-    pos = s > TINY
-    ss = torch.where(pos, s, torch.ones_like(s))
-    a = z / ss
-    return torch.where(pos, z * ncdf(a) + ss * npdf(a), torch.relu(z))
+    its derivative is ``Φ(z/s)``, the expected slope (attached directly, see
+    :func:`_with_slopes`). Test: ``test_smoothed_functions_and_their_slopes``."""
+    with torch.no_grad():
+        pos = s > TINY
+        ss = torch.where(pos, s, torch.ones_like(s))
+        a = z / ss
+        cdf = ncdf(a)
+        val = torch.where(pos, z * cdf + ss * npdf(a), torch.relu(z))
+        slope = torch.where(pos, cdf, (z > 0).to(z.dtype))
+    return _with_slopes(val, (z, slope))
 
 
 def smooth_max(a: torch.Tensor, b: torch.Tensor, th: torch.Tensor) -> torch.Tensor:
     """Clark's ``E[max(A, B)]`` with ``θ = sd(A − B)`` fixed: ``aΦ(α) + bΦ(−α) + θφ(α)``,
-    ``α = (a − b)/θ``; its derivatives are ``Φ(α)`` and ``Φ(−α)``."""
-    pos = th > TINY
-    ts = torch.where(pos, th, torch.ones_like(th))
-    al = (a - b) / ts
-    return torch.where(pos, a * ncdf(al) + b * ncdf(-al) + ts * npdf(al), torch.maximum(a, b))
+    ``α = (a − b)/θ``; its derivatives are ``Φ(α)`` and ``Φ(−α)`` (attached directly, see
+    :func:`_with_slopes`; with ``θ = 0`` those of ``max``, ties split evenly)."""
+    with torch.no_grad():
+        pos = th > TINY
+        ts = torch.where(pos, th, torch.ones_like(th))
+        al = (a - b) / ts
+        pa, pb = ncdf(al), ncdf(-al)
+        val = torch.where(pos, a * pa + b * pb + ts * npdf(al), torch.maximum(a, b))
+        hard = (a > b).to(a.dtype) + 0.5 * (a == b).to(a.dtype)
+        pa, pb = torch.where(pos, pa, hard), torch.where(pos, pb, 1.0 - hard)
+    return _with_slopes(val, (a, pa), (b, pb))
 
 
 def smooth_activation(fn, z: torch.Tensor, s: torch.Tensor, n: int = GH_NODES) -> torch.Tensor:

@@ -636,32 +636,37 @@ class _MomentPass(GraphInterpreter):
 
     def _max2(self, a: Dist, b: Dist, K: int) -> Dist:
         """Clark's max of two window elements (:func:`~.gaussian.clark_max`), with
-        ``Cov(max, ·) = Φ Cov(a, ·) + (1 − Φ) Cov(b, ·)``."""
+        ``Cov(max, ·) = Φ Cov(a, ·) + (1 − Φ) Cov(b, ·)``. The row norms of the new
+        columns ``Φ F_a + (1 − Φ) F_b`` follow from ``‖F_a‖², ‖F_b‖², F_a·F_b`` (one pass over
+        the columns for the three, none for the result)."""
         dt = self.dtype
         Fa, Fb = a.padded(K), b.padded(K)
-        va, vb = a.var(), b.var()
-        cab = (Fa * Fb).sum(0) if K else torch.zeros_like(va)
+        if K:
+            fa, fb, cab = (Fa * Fa).sum(0), (Fb * Fb).sum(0), (Fa * Fb).sum(0)
+        else:
+            fa = fb = cab = torch.zeros_like(a.mu)
+        va, vb = a.d + fa, b.d + fb
         if self.p.first_order:
             va, vb, cab = torch.zeros_like(va), torch.zeros_like(vb), torch.zeros_like(cab)
         mean, v, pa, th, c2, excess = clark_max(a.mu, b.mu, va, vb, cab)
         pa, th, c2, mean, v, excess = (t.to(dt) for t in (pa, th, c2, mean, v, excess))
         pb = 1 - pa
-        if self.p.first_order or not K:
+        if self.p.first_order or not K or self.p.h2_rank == 0:
             cols, rest = None, excess
         else:
             Fd = Fa - Fb
-            cols, rest, _ = self._hermite2(Fd, (Fd * Fd).sum(0), th, c2, excess)
+            cols, rest, _ = self._hermite2(Fd, (fa + fb - 2 * cab).clamp_min(0), th, c2, excess)
         rec = self.rec.setdefault(self.cur, {"theta": [], "excess": [], "cols": []})
         rec["theta"].append(th)
         rec["excess"].append(rest)
         rec["cols"].append(cols)
-        if self.p.first_order:
-            return Dist(mean, pa.unsqueeze(0) * Fa + pb.unsqueeze(0) * Fb if K else None,
-                        pa * pa * a.d + pb * pb * b.d)
         Fn = pa.unsqueeze(0) * Fa + pb.unsqueeze(0) * Fb if K else None
+        if self.p.first_order:
+            return Dist(mean, Fn, pa * pa * a.d + pb * pb * b.d)
+        fsq = (pa * pa * fa + pb * pb * fb + 2 * pa * pb * cab).clamp_min(0)  # ‖Φ F_a + (1 − Φ) F_b‖²
         if cols is not None:
             Fn = cols if Fn is None else torch.cat([Fn, cols])
-        fsq = torch.zeros_like(mean) if Fn is None else (Fn * Fn).sum(0)
+            fsq = fsq + (cols * cols).sum(0)
         return Dist(mean, Fn, (v - fsq).clamp_min(0))
 
     def _maxpool(self, node, x: Dist, kernel, stride, padding, dilation, ceil_mode):
