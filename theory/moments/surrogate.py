@@ -104,45 +104,48 @@ class _Surrogate(GraphInterpreter):
 
 
 def _quad(Jf: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``Σ_i J[a, b, i] w[b, i] J[c, b, i]`` → ``[B, C, C]`` (``Jf [C, B, I]``, ``w [B, I]``), as
-    one batched matrix product (measured 1.6× the three-operand einsum)."""
+    """``Σ_i J[a, b, i] w[b, i] J[c, b, i]`` → ``[B, C, C]`` float64 (``Jf [C, B, I]``,
+    ``w [B, I]``), as one batched matrix product in ``Jf``'s dtype (measured 1.6× the
+    three-operand einsum)."""
     X = Jf.permute(1, 0, 2)
-    return (X * w.unsqueeze(1)) @ X.mT
+    return ((X * w.to(X.dtype).unsqueeze(1)) @ X.mT).double()
 
 
 def _injection_covariance(deltas_e: dict, deltas_r: dict, rec: dict, B: int, C: int) -> torch.Tensor:
     """The noise of each layer acting on its input's perturbation (``e``) and the
     variance the expected-slope linearisation misses (``r``), mapped to the logits by
-    the surrogate's signals ``δ [C, B, *shape]``."""
+    the surrogate's signals ``δ [C, B, *shape]``. Each term is a sum of products in the
+    signals' dtype (as the first-order weight terms, :func:`~..linearize.tap_covariance`),
+    accumulated in float64."""
     cov = torch.zeros(B, C, C, dtype=torch.float64)
     for name, de in deltas_e.items():
         rc = rec[name]
-        de = de.double()
+        dt = de.dtype
         if "gpert" not in rc:  # Linear: independent per output unit
-            cov += _quad(de.reshape(C, B, -1), rc["vpert"].double().reshape(B, -1))
+            cov += _quad(de.reshape(C, B, -1), rc["vpert"].reshape(B, -1))
         else:  # Conv: per channel σ̄_c² G_pert off the diagonal + the exact diagonal
             Cout = rc["vpert"].shape[1]
             Jf = de.reshape(C, B, Cout, -1)  # [C, B, Cout, L]
             Lp = Jf.shape[-1]
-            vp = rc["vpert"].double().reshape(B, -1)
-            G = rc["gpert"].double()  # [B, g, L, L]
+            vp = rc["vpert"].reshape(B, -1)
+            G = rc["gpert"].to(dt)  # [B, g, L, L]
             g = G.shape[1]
             Goff = G - torch.diag_embed(torch.diagonal(G, dim1=-2, dim2=-1))
-            sb = rc["sbar2"].double().reshape(g, Cout // g)
+            sb = rc["sbar2"].to(dt).reshape(g, Cout // g)
             # Σ_c σ̄_c² J_c Goff J_cᵀ, grouped (no per-channel copy of G), as batched
             # products: X [B, g, C·Cout/g, L] @ Goff, then contracted with X over (c, q)
             X = Jf.reshape(C, B, g, Cout // g, Lp).permute(1, 2, 0, 3, 4)  # [B, g, C, c, L]
             A = (X.reshape(B, g, -1, Lp) @ Goff).reshape(B, g, C, Cout // g, Lp) * sb[None, :, None, :, None]
-            cov += A.permute(0, 2, 1, 3, 4).reshape(B, C, -1) @ X.permute(0, 2, 1, 3, 4).reshape(B, C, -1).mT
+            cov += (A.permute(0, 2, 1, 3, 4).reshape(B, C, -1) @ X.permute(0, 2, 1, 3, 4).reshape(B, C, -1).mT).double()
             cov += _quad(Jf.reshape(C, B, -1), vp)
     for name, drs in deltas_r.items():
         cols = rec[name].get("cols") or [None] * len(drs)
         for dr, ex, cl in zip(drs, rec[name]["excess"], cols):
-            Jf = dr.double().reshape(C, B, -1)
-            cov += _quad(Jf, ex.double().reshape(B, -1))
+            Jf = dr.reshape(C, B, -1)
+            cov += _quad(Jf, ex.reshape(B, -1))
             if cl is not None:  # correlated second-order part: Σ_m (J l_m)(J l_m)ᵀ
-                t = torch.einsum("abi,mbi->bam", Jf, cl.double().reshape(cl.shape[0], B, -1))
-                cov += torch.einsum("bam,bcm->bac", t, t)
+                t = torch.einsum("abi,mbi->bam", Jf, cl.to(Jf.dtype).reshape(cl.shape[0], B, -1))
+                cov += torch.einsum("bam,bcm->bac", t, t).double()
     return cov
 
 
