@@ -12,11 +12,14 @@ cached), all test inputs.
 2. ``budget``: ``noise_budget(max_drop=0.01)`` (default ``refine="auto"``) and
    Monte-Carlo at the returned level (``--budget-draws``), and at the first-order level
    when the level was refined. Target: the Monte-Carlo drop's 95% CI contains 1 point.
-   ``budget_diag``: why the first-order level loses more: at that level, Monte-Carlo
-   logits (``--diag-draws``) against the Gaussian model term by term (Gaussian with
-   Monte-Carlo's mean and covariance, with the clean mean and Monte-Carlo's covariance,
-   with Monte-Carlo's mean and the first-order covariance; the live margins' variance
-   ratio, mean shift and kurtosis) and the moment method's drop.
+   ``budget_diag``: why the levels miss: at the first-order and at the refined level,
+   Monte-Carlo logits (``--diag-draws``) against the Gaussian model term by term (each
+   combination of the Monte-Carlo, first-order and moment-method means and covariances;
+   the live margins' variance ratios, mean shifts, skewness and kurtosis; per input,
+   Gaussian-with-Monte-Carlo-moments minus sampled P(correct), summed over the inputs
+   the clean network gets right and wrong).
+   ``budget_refit``: the budget with the mean and the covariance refitted to the moment
+   method (an alternative to the shipped mean-only refinement), checked like ``budget``.
 3. ``keep``: ``keep_digital(k=3)`` at the level of part 1, first order and
    ``method="moments"``; Monte-Carlo with every layer noisy and after each step
    (target: within 1 point of the prediction) and, for k=1, Monte-Carlo of every single
@@ -28,7 +31,7 @@ cached), all test inputs.
 
 One JSON line per result. Figures come from a shared machine (other jobs running).
 
-    .venv/bin/python benchmarks/sensitivity.py [--parts alone,budget,budget_diag,keep,cost]
+    .venv/bin/python benchmarks/sensitivity.py [--parts alone,budget,budget_diag,budget_refit,keep,cost]
         [--models resnet20,vgg] [--budget-models mlp,vgg,resnet20] [--draws 100]
 """
 from __future__ import annotations
@@ -205,61 +208,125 @@ def _mc_logits(model, x, noise, draws, seed, targets=None):
 
 
 def budget_diag(models, draws):
-    """Why the first-order budget level loses more than predicted: at that level,
-    Monte-Carlo logits against the first-order Gaussian model, term by term."""
+    """Why the budget's levels miss: at the first-order level and at the refined one,
+    Monte-Carlo logits against the Gaussian model term by term. Drops (points) of
+    Gaussian logits with: Monte-Carlo's mean and covariance (``gauss_mc_mean_cov``: the
+    Gaussian-logit limit), the first order (clean mean, first-order covariance), the
+    moment method's mean and covariance (``gauss_moments``), the moment mean with the
+    first-order covariance (the refinement's curve), the clean mean with Monte-Carlo's
+    covariance, Monte-Carlo's mean with the first-order or the moment covariance, the
+    moment mean with Monte-Carlo's covariance; on the live margins (first-order error
+    probability > 1e-4): the margin variance of Monte-Carlo and of the moment method over
+    the first order's, the mean shift of each in first-order sd, the kurtosis."""
     from noiseprop.theory import RelativeGaussian, noise_budget, predict
-    from noiseprop.theory.accuracy import correct_probability, margin_moments
+    from noiseprop.theory.accuracy import _other_classes, correct_probability, margin_moments
 
     for name in models:
         model, x, y = _load(name)
         b = noise_budget(model, x, y, "relative", max_drop=0.01, refine=None)
-        noise = RelativeGaussian(b.level)
-        lg = _mc_logits(model, x, noise, draws, 11)  # [D, N, C]
-        clean = predict(model, x, y, noise, cov=True)
-        acc_d = (lg.argmax(2) == y[None]).double().mean(1).numpy()
-        mc_acc, se = float(acc_d.mean()), float(acc_d.std(ddof=1) / math.sqrt(draws))
-        mu = lg.mean(0)
-        dev = lg - mu
-        cov = torch.einsum("dni,dnj->nij", dev, dev) / (draws - 1)
-        cl = clean.clean_logits.double()
-        g = lambda mean, c: float(correct_probability(mean, c, y, n_points=1024, seed=0)[0].mean())  # noqa: E731
-        acc_mc_moments = g(mu, cov)
-        acc_mc_cov_clean_mean = g(cl, cov)
-        acc_fo_cov_mc_mean = g(mu, clean.logit_cov.double())
-        # margins: live pairs (first-order error probability > 1e-4)
-        m0, s0 = margin_moments(cl, clean.logit_cov.double(), y)
-        m1, s1 = margin_moments(mu, cov, y)
-        sd0 = torch.diagonal(s0, dim1=1, dim2=2).clamp_min(1e-30).sqrt()
-        sd1 = torch.diagonal(s1, dim1=1, dim2=2).clamp_min(1e-30).sqrt()
-        live = torch.special.ndtr(-m0 / sd0) > 1e-4
-        var_ratio = float((sd1[live] ** 2).sum() / (sd0[live] ** 2).sum())
-        shift_sd = float(((m1 - m0)[live] / sd0[live]).mean())
-        # tails: per live pair, empirical P(margin < 0) against Gaussian with MC moments
-        from noiseprop.theory.accuracy import _other_classes
-
-        idx = _other_classes(y, cl.shape[1])
-        ly = lg.gather(2, y[None, :, None].expand(draws, -1, 1))
-        marg = ly - lg.gather(2, idx[None].expand(draws, -1, -1))  # [D, N, C-1]
-        emp = (marg < 0).double().mean(0)[live]
-        gau = torch.special.ndtr(-m1 / sd1)[live]
-        kurt = float((((marg - marg.mean(0)) / marg.std(0).clamp_min(1e-30)) ** 4).mean(0)[live].mean())
-        mom = {}
-        try:
+        br = noise_budget(model, x, y, "relative", max_drop=0.01)
+        clean_acc = b.clean_accuracy
+        for which, level in (("first_order", b.level), ("refined", br.level)):
+            noise = RelativeGaussian(level)
+            lg = _mc_logits(model, x, noise, draws, 11)  # [D, N, C]
+            acc_d = (lg.argmax(2) == y[None]).double().mean(1).numpy()
+            mc_acc, se = float(acc_d.mean()), float(acc_d.std(ddof=1) / math.sqrt(draws))
+            mu = lg.mean(0)
+            dev = lg - mu
+            cov = torch.einsum("dni,dnj->nij", dev, dev) / (draws - 1)
+            fo = predict(model, x, y, noise, cov=True)
             t = time.perf_counter()
-            pm = predict(model, x, y, noise, method="moments")
-            mom = {"moments_acc": pm.accuracy, "moments_drop": pm.clean_accuracy - pm.accuracy,
-                   "moments_s": time.perf_counter() - t}
-        except Exception as e:  # noqa: BLE001
-            mom = {"moments_error": str(e)[:200]}
-        emit({"part": "budget_diag", "model": name, "level": b.level, "clean": b.clean_accuracy,
-              "first_order_drop": b.predicted_drop, "mc_drop": b.clean_accuracy - mc_acc, "mc_se": se,
-              "gauss_mc_mean_cov_drop": b.clean_accuracy - acc_mc_moments,
-              "gauss_clean_mean_mc_cov_drop": b.clean_accuracy - acc_mc_cov_clean_mean,
-              "gauss_mc_mean_fo_cov_drop": b.clean_accuracy - acc_fo_cov_mc_mean,
-              "live_pairs": int(live.sum()), "margin_var_ratio_mc_over_fo": var_ratio,
-              "margin_shift_in_fo_sd": shift_sd, "live_emp_err_sum": float(emp.sum()),
-              "live_gauss_err_sum": float(gau.sum()), "live_margin_kurtosis": kurt,
-              **mom, "draws": draws})
+            pm = predict(model, x, y, noise, method="moments", cov=True)
+            mom_s = time.perf_counter() - t
+            cl, foc = fo.clean_logits.double(), fo.logit_cov.double()
+            mm, mcv = pm.logit_mean.double(), pm.logit_cov.double()
+
+            def drop(mean, c):
+                return 100 * (clean_acc - float(correct_probability(mean, c, y, n_points=1024, seed=0)[0].mean()))
+
+            m0, s0 = margin_moments(cl, foc, y)
+            sd0 = torch.diagonal(s0, dim1=1, dim2=2).clamp_min(1e-30).sqrt()
+            live = torch.special.ndtr(-m0 / sd0) > 1e-4
+
+            def var_ratio(c):
+                _, s = margin_moments(cl, c, y)
+                return float(torch.diagonal(s, dim1=1, dim2=2)[live].sum() / (sd0[live] ** 2).sum())
+
+            def shift(mean):
+                m, _ = margin_moments(mean, foc, y)
+                return float(((m - m0)[live] / sd0[live]).mean())
+
+            idx = _other_classes(y, cl.shape[1])
+            ly = lg.gather(2, y[None, :, None].expand(draws, -1, 1))
+            marg = ly - lg.gather(2, idx[None].expand(draws, -1, -1))  # [D, N, C-1]
+            zs = (marg - marg.mean(0)) / marg.std(0).clamp_min(1e-30)
+            kurt = float((zs ** 4).mean(0)[live].mean())
+            skew = float((zs ** 3).mean(0)[live].mean())
+            # per-margin tails: summed error probabilities of the live margins, sampled
+            # against Gaussian margins with the same mean and sd
+            emp = float((marg < 0).double().mean(0)[live].sum())
+            # per input: P(correct) of Gaussian logits with Monte-Carlo's own mean and
+            # covariance minus the sampled one, summed over the inputs the clean network
+            # gets right and over those it gets wrong (points of accuracy once / N)
+            pg = correct_probability(mu, cov, y, n_points=1024, seed=0)[0]
+            pe = (lg.argmax(2) == y[None]).double().mean(0)
+            ok = cl.argmax(1) == y
+            gap_ok, gap_wrong = float((pg - pe)[ok].sum()), float((pg - pe)[~ok].sum())
+            gap_var = float((pe * (1 - pe) / draws).sum())
+            gau = float(torch.special.ndtr(-marg.mean(0) / marg.std(0).clamp_min(1e-30))[live].sum())
+            emit({"part": "budget_diag", "model": name, "at": which, "level": level, "clean": clean_acc,
+                  "mc_drop": 100 * (clean_acc - mc_acc), "mc_se": 100 * se,
+                  "gauss_mc_mean_cov": drop(mu, cov), "gauss_first_order": drop(cl, foc),
+                  "gauss_moments": drop(mm, mcv), "gauss_moment_mean_fo_cov": drop(mm, foc),
+                  "gauss_clean_mean_mc_cov": drop(cl, cov), "gauss_mc_mean_fo_cov": drop(mu, foc),
+                  "gauss_mc_mean_moment_cov": drop(mu, mcv), "gauss_moment_mean_mc_cov": drop(mm, cov),
+                  "live_pairs": int(live.sum()), "margin_var_mc_over_fo": var_ratio(cov),
+                  "margin_var_moments_over_fo": var_ratio(mcv), "margin_shift_mc_in_fo_sd": shift(mu),
+                  "margin_shift_moments_in_fo_sd": shift(mm), "live_margin_kurtosis": kurt,
+                  "live_margin_skewness": skew, "live_err_sum_mc": emp, "live_err_sum_gauss_mc_moments": gau,
+                  "gauss_minus_mc_p_correct_sum_clean_right": gap_ok, "gauss_minus_mc_p_correct_sum_clean_wrong": gap_wrong,
+                  "mc_p_correct_sum_var": gap_var, "n_inputs": int(y.numel()),
+                  "moments_s": mom_s, "draws": draws})
+
+
+def budget_refit(models, draws):
+    """An alternative refinement, measured against the shipped one: the logit mean *and*
+    covariance refitted to the moment method at the first-order root (``clean + s² δ``,
+    ``s² C_m/η₁²`` on the propagated inputs), solved again, and Monte-Carlo at that level.
+    Built from ``noise_budget``'s own pieces (``_select``, ``_Curve``), not an option of it."""
+    import sys
+
+    from noiseprop.theory import noise_budget
+    from noiseprop.theory.moments import MomentPropagator, propagate_moments
+    from noiseprop.theory.moments.surrogate import moment_chunk_size
+
+    ts = sys.modules["noiseprop.theory.sensitivity"]  # the module (noiseprop.theory.sensitivity is the function)
+
+    def refit_curve(ps, noise, curve, n_points, seed):
+        level = noise.level
+        prop = MomentPropagator(ps.lin, noise)
+        mask, _ = ts._select(curve, level, ts.REFINE_REACH)
+        sel = torch.nonzero(mask).flatten()
+        shift, cov1 = torch.zeros_like(ps.clean), ps.cov_unit.clone()
+        if sel.numel():
+            xs = ps.x[sel.to(ps.x.device)].to(ps.lin.device)
+            res = propagate_moments(ps.lin, xs, noise, propagator=prop, chunk_size=moment_chunk_size(ps.lin, xs, prop))
+            shift[sel] = (res.mean.double().cpu() - ps.clean[sel]) / level ** 2
+            cov1[sel] = res.cov.double().cpu() / level ** 2
+        return ts._Curve(ps.clean, ps.y, cov1, curve.clean_acc, n_points, seed, shift=shift), {}
+
+    shipped = ts._moment_curve
+    for name in models:
+        model, x, y = _load(name)
+        ts._moment_curve = refit_curve
+        try:
+            b = noise_budget(model, x, y, "relative", max_drop=0.01, mc_draws=draws, mc_seed=0)
+        finally:
+            ts._moment_curve = shipped
+        lo, hi = b.mc_drop_ci
+        emit({"part": "budget_refit", "model": name, "level": b.level, "first_order_level": b.first_order_level,
+              "mc_drop": b.mc_drop, "mc_drop_ci": [lo, hi], "ci_contains_budget": bool(lo <= 0.01 <= hi),
+              "draws": draws})
 
 
 def cost(models, reps):
@@ -315,6 +382,8 @@ def main(argv=None):
         budget(a.budget_models.split(","), a.budget_draws)
     if "budget_diag" in parts:
         budget_diag(a.budget_models.split(","), a.diag_draws)
+    if "budget_refit" in parts:
+        budget_refit(a.budget_models.split(","), a.budget_draws)
     if "alone" in parts:
         alone(models, a.drop, a.draws)
     if "keep" in parts:
