@@ -13,8 +13,9 @@ linearisation point ``θ*``:
   network with the expected weights, the mean shift ``J·E[δw]`` to all orders along
   the mean) and the covariance is ``J(μ) Σ J(μ)ᵀ``: one pass of derivatives per time.
 * ``linearize_at="programmed"``: the mean is still ``f(μ)`` but the covariance uses the
-  Jacobian at the programmed weights ``w`` for every time: one pass of derivatives
-  serves the whole curve (``jacobian_pass(..., extra_units=...)``).
+  Jacobian at the programmed weights ``w`` for every time, each layer's share rescaled
+  by the other layers' drift (:func:`_drift_factors`): one pass of derivatives serves
+  the whole curve (``jacobian_pass(..., extra_units=...)``).
 
 With global drift compensation the layer weight is ``α W`` with the layer scalar
 ``α`` random; to first order ``δ(αW) = ᾱ δW + E[W] δα``, so the layer's share of the
@@ -309,10 +310,35 @@ def _tangent_products(mod, pname, calls, J, tangents, jt_c, dirs, z_c, draws) ->
                 z_c[:, :, k] += torch.einsum("cb...,b...->bc", dl, o).double()
 
 
-def _comp_tangents(mo: _Moments) -> list[dict]:
-    """Tangents ``E[W_l]`` then ``Cov(α_l, W_l)`` for every compensated layer."""
+def _comp_tangents(mo: _Moments, factors: dict | None = None) -> list[dict]:
+    """Tangents ``E[W_l]`` then ``Cov(α_l, W_l)`` for every compensated layer (each
+    times its :func:`_drift_factors` entry when given)."""
     names = list(mo.raw_mean)
-    return [{n: mo.raw_mean[n]} for n in names] + [{n: mo.cov_w[n]} for n in names]
+    f = factors or {}
+    return ([{n: mo.raw_mean[n] * f.get(n, 1.0)} for n in names]
+            + [{n: mo.cov_w[n] * f.get(n, 1.0)} for n in names])
+
+
+def _drift_factors(lin: LinearizedNetwork, mo: _Moments) -> dict:
+    """Per target parameter, the factor that maps its Jacobian at the programmed weights
+    ``w`` to its Jacobian at the drifted mean ``μ_t`` (``linearize_at="programmed"``):
+    with ``c_m = ‖μ_m‖/‖w_m‖`` the drift of weight layer ``m``, the product of the other
+    weight layers' ``c_m``. Exact for a chain of bias-free Linear/Conv layers and ReLUs
+    whose every layer drifts by one factor (``f(c₁W₁, …, c_LW_L) = Π c_m f(W)``, so
+    ``∂f/∂W_l`` scales by ``Π_{m≠l} c_m``); otherwise (a drift that depends on the
+    weight's size, biases, BatchNorm, skip connections) an approximation, measured in
+    docs/THEORY.md §10. Without it, the programmed Jacobian ignores that uncompensated
+    drift shrinks every layer (digits MLP, one year: 13 points low)."""
+    ratio = {}
+    for n in lin.names:
+        mname, _, pname = n.rpartition(".")
+        if pname == "weight":
+            nw = float(lin.target_params[n].double().norm())
+            ratio[mname] = float(mo.mean[n].double().norm()) / nw if nw > 0 else 1.0
+    if not ratio or min(ratio.values()) <= 0:
+        return {n: 1.0 for n in lin.names}
+    total = sum(math.log(r) for r in ratio.values())
+    return {n: math.exp(total - math.log(ratio.get(n.rpartition(".")[0], 1.0))) for n in lin.names}
 
 
 def _compensation_cov(jt: Sequence[torch.Tensor], mo: _Moments):
@@ -431,10 +457,11 @@ def _predict_models(model, x, y, noises: Sequence[HardwareNoise], targets, linea
     moments = [_moments(lin, nz) for nz in noises]
     shared = None
     if linearize_at == "programmed":  # one pass at the programmed weights serves every time
-        tangents = [_comp_tangents(mo) for mo in moments]
+        facs = [_drift_factors(lin, mo) for mo in moments]
+        tangents = [_comp_tangents(mo, f) for mo, f in zip(moments, facs)]
         flat = [t for ts in tangents for t in ts]
-        covs, jts, z0 = _derivatives(lin, x, [mo.unit for mo in moments], flat, accuracy_draws, seed, chunk_size,
-                                     batch_size)
+        units = [{n: u * f[n] for n, u in mo.unit.items()} for mo, f in zip(moments, facs)]
+        covs, jts, z0 = _derivatives(lin, x, units, flat, accuracy_draws, seed, chunk_size, batch_size)
         offsets = np.cumsum([0] + [len(ts) for ts in tangents])
         shared = (covs, [jts[offsets[k]:offsets[k + 1]] for k in range(len(moments))], z0)
     preds = []
@@ -499,7 +526,7 @@ def predict_drift(model: nn.Module, x, y, noise, times, targets=None, *, method:
 
     ``linearize_at``: ``"mean"`` (the Jacobian at the expected weights of each time, one
     derivative pass per time) or ``"programmed"`` (the Jacobian at the programmed weights
-    for every time, one pass in all). ``accuracy_draws``: shared draws of the linearised
+    for every time, each layer rescaled by the other layers' drift, one pass in all). ``accuracy_draws``: shared draws of the linearised
     network for the chip-to-chip spread (0: skip). ``seed`` seeds those draws and the
     quasi-Monte-Carlo points. ``method="moments"``: moment propagation at each time
     (``rank``, ``spatial_rank``, ``moment_chunk`` as in

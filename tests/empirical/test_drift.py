@@ -216,6 +216,53 @@ def test_linearize_at_programmed_runs(digits_mlp):
     assert np.allclose(a.accuracy, b.accuracy, atol=0.01) and a.linearize_at == "programmed"
 
 
+def test_programmed_jacobian_rescaled_exactly_on_a_homogeneous_chain():
+    """A bias-free ReLU chain whose every layer drifts by one factor c_l: the Jacobian at
+    the drifted weights is the programmed one times Π_{m≠l} c_m, so the rescaled
+    programmed covariance equals the one linearised at the mean (float64 rounding)."""
+    from noiseprop.theory import drift as D
+    from noiseprop.theory.linearize import LinearizedNetwork
+
+    g = torch.Generator().manual_seed(3)
+    net = nn.Sequential(nn.Linear(6, 8, bias=False), nn.ReLU(), nn.Linear(8, 5, bias=False), nn.ReLU(),
+                        nn.Linear(5, 3, bias=False)).double().eval()
+    with torch.no_grad():
+        for m in net:
+            if isinstance(m, nn.Linear):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g, dtype=torch.float64))
+    x = torch.randn(20, 6, generator=g, dtype=torch.float64)
+    lin = LinearizedNetwork(net)
+    c = dict(zip(lin.names, (0.7, 0.9, 0.55)))
+    mean = {n: lin.target_params[n] * c[n] for n in lin.names}
+    unit = {n: 0.1 * lin.target_params[n].abs() + 0.01 for n in lin.names}
+    mo = D._Moments(mean, unit, {}, {}, {}, {})
+    f = D._drift_factors(lin, mo)
+    assert all(abs(f[n] - np.prod([c[m] for m in lin.names if m != n])) < 1e-12 for n in lin.names)
+    at_mean = D._derivatives(D._at(lin, mean), x, [unit], [], 0, 0, None, 64)[0][0]
+    rescaled = D._derivatives(lin, x, [{n: unit[n] * f[n] for n in lin.names}], [], 0, 0, None, 64)[0][0]
+    plain = D._derivatives(lin, x, [unit], [], 0, 0, None, 64)[0][0]
+    assert torch.allclose(rescaled, at_mean, rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(plain, at_mean, rtol=0.1)
+
+
+def test_programmed_follows_uncompensated_drift(digits_mlp, monkeypatch):
+    """Without compensation drift shrinks every layer; the rescaled programmed Jacobian
+    follows the curve linearised at each time's mean (measured gap 2e-4 on all 359
+    inputs, docs/THEORY.md §10; required: half a point), where the unrescaled one was
+    several points low after a day."""
+    from noiseprop.theory import drift as D
+
+    model, x, y = digits_mlp
+    nz = PCMLike(compensation=False)
+    times = [86400.0, 3.15e7]
+    a = predict_drift(model, x[:120], y[:120], nz, times, linearize_at="programmed", accuracy_draws=0)
+    b = predict_drift(model, x[:120], y[:120], nz, times, linearize_at="mean", accuracy_draws=0)
+    assert np.allclose(a.accuracy, b.accuracy, atol=0.005)
+    monkeypatch.setattr(D, "_drift_factors", lambda lin, mo: {n: 1.0 for n in lin.names})
+    plain = predict_drift(model, x[:120], y[:120], nz, times, linearize_at="programmed", accuracy_draws=0)
+    assert (b.accuracy - plain.accuracy)[-1] > 0.05
+
+
 def test_fast_pass_draws_and_tangents_from_the_jacobian():
     """The tap-based pass's shared draws J(u⊙ξ_k) and tangent products J·t, taken from the
     per-sample Jacobian in one matrix product, equal forward-mode jvp with the same ξ."""
