@@ -139,7 +139,7 @@ def register(sub) -> None:
     p.add_argument("--per", choices=("layer", "channel"), default="layer", help="conductance mapping max|W| per layer or per output channel")
     p.add_argument("--draws", type=int, default=100, help="Monte-Carlo chips per time (0: prediction only)")
     p.add_argument("--linearize-at", choices=("mean", "programmed"), default="mean",
-                   help="Jacobian at the expected weights of each time (default) or at the programmed weights")
+                   help="Jacobian at the expected weights of each time (default) or at the programmed weights, rescaled per layer by the drift (one pass; faster, less accurate at large noise)")
     p.add_argument("--accuracy-draws", type=int, default=32, help="draws of the linearised network for the chip-to-chip spread")
     p.add_argument("--n-inputs", type=int, default=None, help="use only the first N test inputs")
     p.add_argument("--plot", default=None, metavar="PNG", help="write the figure of accuracy vs log time")
