@@ -164,12 +164,14 @@ def rectified_expectation(h, a: torch.Tensor, s: torch.Tensor, kinks=(), nodes: 
     ``∫_{z > −a/s} h(a + s z) φ(z) dz`` by Gauss–Legendre quadrature (``nodes`` per piece)
     on ``[max(−a/s, −z_max), z_max]``, split at the points where ``a + s z`` crosses one
     of ``kinks`` (where ``h`` is not smooth), so each piece has an analytic integrand.
-    Elementwise over ``a, s`` (float64); ``s = 0`` gives ``h(max(a, 0))``."""
+    Elementwise over ``a, s`` (float64); ``s = 0`` gives ``h(max(a, 0))``. ``h`` may
+    return several integrands at once along a last axis (``[..., k]``: the result is then
+    ``[n, k]``, all on the same nodes)."""
     a = torch.as_tensor(a, dtype=torch.float64).reshape(-1)
     s = torch.as_tensor(s, dtype=torch.float64).reshape(-1)
     a, s = torch.broadcast_tensors(a, s)
     xg, wg = _gauss_legendre(nodes)
-    out = torch.empty_like(a)
+    out = None
     for i in range(0, a.numel(), chunk):
         ai, si = a[i:i + chunk], s[i:i + chunk]
         pos = si > 0
@@ -178,26 +180,26 @@ def rectified_expectation(h, a: torch.Tensor, s: torch.Tensor, kinks=(), nodes: 
         hi = torch.full_like(ai, z_max)
         bps = [torch.clamp((k - ai) / ss, min=lo, max=hi) for k in kinks]
         edges = torch.sort(torch.stack([lo] + bps + [hi]), dim=0).values  # [P+1, B]
-        total = torch.zeros_like(ai)
+        total = None
         for j in range(edges.shape[0] - 1):
             l, r = edges[j], edges[j + 1]
             half = 0.5 * (r - l)
             z = (0.5 * (r + l))[:, None] + half[:, None] * xg[None, :]
-            f = h(ai[:, None] + si[:, None] * z) * torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
-            total += half * (f * wg[None, :]).sum(1)
+            dens = torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
+            f = h(ai[:, None] + si[:, None] * z)
+            if f.dim() == 3:  # several integrands: [B, nodes, k]
+                piece = half[:, None] * (f * (dens * wg[None, :])[:, :, None]).sum(1)
+            else:
+                piece = half * (f * dens * wg[None, :]).sum(1)
+            total = piece if total is None else total + piece
         det = h(ai.clamp_min(0)[:, None])[:, 0]
-        out[i:i + chunk] = torch.where(pos, total, det)
+        val = torch.where(pos[:, None], total, det) if total.dim() == 2 else torch.where(pos, total, det)
+        if out is None:
+            out = torch.empty((a.numel(),) + tuple(val.shape[1:]), dtype=val.dtype)
+        out[i:i + chunk] = val
+    if out is None:
+        out = torch.empty(0, dtype=torch.float64)
     return out
-
-
-def _m1(s: torch.Tensor) -> torch.Tensor:
-    """``E max(0, 1 + s z)``."""
-    return rectified_normal_moments(torch.ones_like(s), s)[0]
-
-
-def _m2(s: torch.Tensor) -> torch.Tensor:
-    """``E max(0, 1 + s z)²``."""
-    return rectified_normal_moments(torch.ones_like(s), s)[1]
 
 
 def _q_read(g: torch.Tensor) -> torch.Tensor:
@@ -360,16 +362,20 @@ class PCMLike(HardwareNoise):
 
     def conductances(self, w: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(g_P, g(t), M)``: programmed and read conductances ``[2, *w.shape]`` (µS) for
-        the draws ``z`` (:meth:`draw`), and the mapping reference ``M``."""
+        the draws ``z`` (:meth:`draw`), and the mapping reference ``M``. ``z`` may carry
+        leading batch axes (``[..., 3, 2, *w.shape]``: several draws at once, the
+        conductances ``[..., 2, *w.shape]``)."""
         _check_weight(w)
-        if z.shape != (3, 2) + tuple(w.shape):
-            raise ValueError(f"PCM draws must have shape {(3, 2) + tuple(w.shape)}, got {tuple(z.shape)}")
+        tail = (3, 2) + tuple(w.shape)
+        if tuple(z.shape[z.dim() - len(tail):]) != tail or z.dim() < len(tail):
+            raise ValueError(f"PCM draws must have shape {tail} (after any batch axes), got {tuple(z.shape)}")
+        z1, z2, z3 = z.unbind(z.dim() - len(tail))
         g_t, m = _device_targets(w, self.per)
-        g_p = (g_t + self._sigma_prog(g_t) * z[0]).clamp_min(0)
+        g_p = (g_t + self._sigma_prog(g_t) * z1).clamp_min(0)
         mu, sd = self._drift_params(g_t)
-        nu = self.drift_scale * (mu + sd * z[1]).abs()
+        nu = self.drift_scale * (mu + sd * z2).abs()
         g_d = g_p * torch.exp(-nu * self.log_drift_time)
-        g = (g_d + g_d * _q_read(g_p) * self.read_factor * z[2]).clamp_min(0)
+        g = (g_d + g_d * _q_read(g_p) * self.read_factor * z3).clamp_min(0)
         return g_p, g, m
 
     def apply(self, w, z):
@@ -397,9 +403,11 @@ class PCMLike(HardwareNoise):
         c = self.read_factor
         shape = g_t.shape
         a, s = g_t.reshape(-1), s_p.reshape(-1)
-        i1 = rectified_expectation(lambda g: g * _m1(c * _q_read(g)), a, s, _Q_KINKS).reshape(shape)
-        i2 = rectified_expectation(lambda g: g * g * _m2(c * _q_read(g)), a, s, _Q_KINKS).reshape(shape)
-        i3 = rectified_expectation(lambda g: g * g * _m1(c * _q_read(g)), a, s, _Q_KINKS).reshape(shape)
+        def integrands(g):  # E g_D-free parts of E g, E g², E[g_P g] (one set of nodes for the three)
+            m1, m2 = rectified_normal_moments(torch.ones_like(g), c * _q_read(g))
+            return torch.stack([g * m1, g * g * m2, g * g * m1], dim=-1)
+
+        i1, i2, i3 = (v.reshape(shape) for v in rectified_expectation(integrands, a, s, _Q_KINKS).unbind(-1))
         return dict(prog_mean=pm, prog_sq=psq, mean=d1 * i1, sq=d2 * i2, cross=d1 * i3)
 
     def device_table(self, points: int = 4097) -> tuple[torch.Tensor, dict]:
@@ -499,12 +507,15 @@ class PCMLike(HardwareNoise):
         k = int(min(16 * draws, max(draws, ALPHA_SAMPLE_ELEMENTS // max(n, 1))))
         g = torch.Generator(device=w.device).manual_seed(ALPHA_SEED)
         wd = w.detach().double()
+        step = max(1, (1 << 21) // max(n, 1))  # draws evaluated together (bounded memory)
         a_s, b_s = [], []
-        for _ in range(k):
-            g_p, g_r, m = self.conductances(wd, self.draw(wd, g))
-            a_s.append(((g_p[0] - g_p[1]) * (m / G_MAX)).abs().mean())
-            b_s.append(((g_r[0] - g_r[1]) * (m / G_MAX)).abs().mean())
-        a, b = torch.stack(a_s), torch.stack(b_s)
+        for i in range(0, k, step):
+            z = torch.stack([self.draw(wd, g) for _ in range(min(step, k - i))])  # the same numbers as one by one
+            g_p, g_r, m = self.conductances(wd, z)
+            scale = m / G_MAX
+            a_s.append(((g_p[:, 0] - g_p[:, 1]) * scale).abs().reshape(z.shape[0], -1).mean(1))
+            b_s.append(((g_r[:, 0] - g_r[:, 1]) * scale).abs().reshape(z.shape[0], -1).mean(1))
+        a, b = torch.cat(a_s), torch.cat(b_s)
         alpha = torch.where(b > 0, a / torch.where(b > 0, b, torch.ones_like(b)), torch.ones_like(b))
         return float(a.mean()), float(b.mean()), float(alpha.mean()), float(alpha.var()) if k > 1 else 0.0
 
