@@ -134,6 +134,43 @@ def test_pcm_compensation_alpha_sampled(shape):
     assert abs(al.mean() - delta.alpha_mean) > 4 * se
 
 
+def test_conductances_of_several_draws_at_once():
+    """Draws stacked along leading axes give, draw by draw, the conductances of one call
+    each (the compensation scalar's sampled moments evaluate a layer's draws together);
+    a wrong trailing shape is refused."""
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(5, 3, generator=g, dtype=torch.float64) * 0.2
+    nz = PCMLike(t=86400.0, prog_noise_scale=1.5)
+    zs = torch.stack([nz.draw(w, g) for _ in range(4)])
+    gp, gr, m = nz.conductances(w, zs)
+    for i in range(4):
+        gp1, gr1, m1 = nz.conductances(w, zs[i])
+        assert torch.equal(gp[i], gp1) and torch.equal(gr[i], gr1) and torch.equal(m, m1)
+    with pytest.raises(ValueError, match="PCM draws must have shape"):
+        nz.conductances(w, zs[..., :2])
+
+
+def test_device_table_integrals_on_shared_nodes():
+    """The three read-noise integrals of :meth:`PCMLike.device_moments`, taken on one set
+    of quadrature nodes, equal each taken alone (``rectified_expectation`` of one integrand)."""
+    nz = PCMLike(t=3.15e7, read_noise_scale=2.0)
+    g = torch.linspace(0.0, G_MAX, 257, dtype=torch.float64)
+    d = nz.device_moments(g)
+    c, s_p = nz.read_factor, nz._sigma_prog(g)
+
+    def one(power, which):
+        return rectified_expectation(
+            lambda x: x ** power * hw.rectified_normal_moments(torch.ones_like(x), c * hw._q_read(x))[which], g, s_p,
+            hw._Q_KINKS)
+
+    mu, sd = nz._drift_params(g)
+    lam = nz.drift_scale * nz.log_drift_time
+    d1, d2 = folded_normal_laplace(lam, mu, sd), folded_normal_laplace(2 * lam, mu, sd)
+    assert torch.allclose(d["mean"], d1 * one(1, 0), rtol=1e-13, atol=0)
+    assert torch.allclose(d["sq"], d2 * one(2, 1), rtol=1e-13, atol=0)
+    assert torch.allclose(d["cross"], d1 * one(2, 0), rtol=1e-13, atol=0)
+
+
 def test_folded_normal_laplace_against_quadrature():
     for s, mu, sd in [(0.5, 0.05, 0.01), (20.0, 0.1, 0.045), (60.0, 0.049, 0.008), (3.0, -0.2, 0.3)]:
         ref = integrate.quad(lambda x: math.exp(-s * abs(x)) * stats.norm.pdf(x, mu, sd), mu - 12 * sd, mu + 12 * sd,
