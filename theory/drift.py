@@ -526,8 +526,10 @@ def predict_drift(model: nn.Module, x, y, noise, times, targets=None, *, method:
 
     ``linearize_at``: ``"mean"`` (the Jacobian at the expected weights of each time, one
     derivative pass per time) or ``"programmed"`` (the Jacobian at the programmed weights
-    for every time, each layer rescaled by the other layers' drift, one pass in all). ``accuracy_draws``: shared draws of the linearised
-    network for the chip-to-chip spread (0: skip). ``seed`` seeds those draws and the
+    for every time, each layer rescaled by the other layers' drift, one pass in all;
+    faster, and less accurate at large noise on networks with BatchNorm, docs/THEORY.md
+    §10). ``accuracy_draws``: shared draws of the linearised network for the chip-to-chip
+    spread (0: skip). ``seed`` seeds those draws and the
     quasi-Monte-Carlo points. ``method="moments"``: moment propagation at each time
     (``rank``, ``spatial_rank``, ``moment_chunk`` as in
     :func:`~noiseprop.theory.predict.predict`), needed once drift and read noise take
