@@ -241,8 +241,13 @@ def budget_diag(models, draws):
             cl, foc = fo.clean_logits.double(), fo.logit_cov.double()
             mm, mcv = pm.logit_mean.double(), pm.logit_cov.double()
 
-            def drop(mean, c):
-                return 100 * (clean_acc - float(correct_probability(mean, c, y, n_points=1024, seed=0)[0].mean()))
+            def p_correct(mean, c):
+                return correct_probability(mean, c, y, n_points=1024, seed=0)[0]
+
+            def drop(mean, c, p=None):
+                return 100 * (clean_acc - float((p_correct(mean, c) if p is None else p).mean()))
+
+            pg = p_correct(mu, cov)  # Gaussian logits with Monte-Carlo's own mean and covariance, per input
 
             m0, s0 = margin_moments(cl, foc, y)
             sd0 = torch.diagonal(s0, dim1=1, dim2=2).clamp_min(1e-30).sqrt()
@@ -268,7 +273,6 @@ def budget_diag(models, draws):
             # per input: P(correct) of Gaussian logits with Monte-Carlo's own mean and
             # covariance minus the sampled one, summed over the inputs the clean network
             # gets right and over those it gets wrong (points of accuracy once / N)
-            pg = correct_probability(mu, cov, y, n_points=1024, seed=0)[0]
             pe = (lg.argmax(2) == y[None]).double().mean(0)
             ok = cl.argmax(1) == y
             gap_ok, gap_wrong = float((pg - pe)[ok].sum()), float((pg - pe)[~ok].sum())
@@ -276,7 +280,7 @@ def budget_diag(models, draws):
             gau = float(torch.special.ndtr(-marg.mean(0) / marg.std(0).clamp_min(1e-30))[live].sum())
             emit({"part": "budget_diag", "model": name, "at": which, "level": level, "clean": clean_acc,
                   "mc_drop": 100 * (clean_acc - mc_acc), "mc_se": 100 * se,
-                  "gauss_mc_mean_cov": drop(mu, cov), "gauss_first_order": drop(cl, foc),
+                  "gauss_mc_mean_cov": drop(mu, cov, pg), "gauss_first_order": drop(cl, foc),
                   "gauss_moments": drop(mm, mcv), "gauss_moment_mean_fo_cov": drop(mm, foc),
                   "gauss_clean_mean_mc_cov": drop(cl, cov), "gauss_mc_mean_fo_cov": drop(mu, foc),
                   "gauss_mc_mean_moment_cov": drop(mu, mcv), "gauss_moment_mean_mc_cov": drop(mm, cov),
@@ -291,34 +295,19 @@ def budget_diag(models, draws):
 
 def budget_refit(models, draws):
     """An alternative refinement, measured against the shipped one: the logit mean *and*
-    covariance refitted to the moment method at the first-order root (``clean + s² δ``,
-    ``s² C_m/η₁²`` on the propagated inputs), solved again, and Monte-Carlo at that level.
-    Built from ``noise_budget``'s own pieces (``_select``, ``_Curve``), not an option of it."""
+    covariance refitted to the moment method at the first-order root (``noise_budget``'s
+    own ``_moment_curve(..., refit_cov=True)``, not an option of it), solved again, and
+    Monte-Carlo at that level."""
+    import functools
     import sys
 
     from noiseprop.theory import noise_budget
-    from noiseprop.theory.moments import MomentPropagator, propagate_moments
-    from noiseprop.theory.moments.surrogate import moment_chunk_size
 
     ts = sys.modules["noiseprop.theory.sensitivity"]  # the module (noiseprop.theory.sensitivity is the function)
-
-    def refit_curve(ps, noise, curve, n_points, seed):
-        level = noise.level
-        prop = MomentPropagator(ps.lin, noise)
-        mask, _ = ts._select(curve, level, ts.REFINE_REACH)
-        sel = torch.nonzero(mask).flatten()
-        shift, cov1 = torch.zeros_like(ps.clean), ps.cov_unit.clone()
-        if sel.numel():
-            xs = ps.x[sel.to(ps.x.device)].to(ps.lin.device)
-            res = propagate_moments(ps.lin, xs, noise, propagator=prop, chunk_size=moment_chunk_size(ps.lin, xs, prop))
-            shift[sel] = (res.mean.double().cpu() - ps.clean[sel]) / level ** 2
-            cov1[sel] = res.cov.double().cpu() / level ** 2
-        return ts._Curve(ps.clean, ps.y, cov1, curve.clean_acc, n_points, seed, shift=shift), {}
-
     shipped = ts._moment_curve
     for name in models:
         model, x, y = _load(name)
-        ts._moment_curve = refit_curve
+        ts._moment_curve = functools.partial(shipped, refit_cov=True)
         try:
             b = noise_budget(model, x, y, "relative", max_drop=0.01, mc_draws=draws, mc_seed=0)
         finally:

@@ -171,7 +171,8 @@ def rectified_expectation(h, a: torch.Tensor, s: torch.Tensor, kinks=(), nodes: 
     s = torch.as_tensor(s, dtype=torch.float64).reshape(-1)
     a, s = torch.broadcast_tensors(a, s)
     xg, wg = _gauss_legendre(nodes)
-    out = None
+    parts = []
+    vector = None
     for i in range(0, a.numel(), chunk):
         ai, si = a[i:i + chunk], s[i:i + chunk]
         pos = si > 0
@@ -180,26 +181,22 @@ def rectified_expectation(h, a: torch.Tensor, s: torch.Tensor, kinks=(), nodes: 
         hi = torch.full_like(ai, z_max)
         bps = [torch.clamp((k - ai) / ss, min=lo, max=hi) for k in kinks]
         edges = torch.sort(torch.stack([lo] + bps + [hi]), dim=0).values  # [P+1, B]
-        total = None
+        total = 0.0
         for j in range(edges.shape[0] - 1):
             l, r = edges[j], edges[j + 1]
             half = 0.5 * (r - l)
             z = (0.5 * (r + l))[:, None] + half[:, None] * xg[None, :]
-            dens = torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
             f = h(ai[:, None] + si[:, None] * z)
-            if f.dim() == 3:  # several integrands: [B, nodes, k]
-                piece = half[:, None] * (f * (dens * wg[None, :])[:, :, None]).sum(1)
-            else:
-                piece = half * (f * dens * wg[None, :]).sum(1)
-            total = piece if total is None else total + piece
+            vector = f.dim() == 3
+            f = f if vector else f.unsqueeze(-1)  # [B, nodes, k]
+            dw = torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi) * wg[None, :]
+            total = total + half[:, None] * (f * dw[:, :, None]).sum(1)
         det = h(ai.clamp_min(0)[:, None])[:, 0]
-        val = torch.where(pos[:, None], total, det) if total.dim() == 2 else torch.where(pos, total, det)
-        if out is None:
-            out = torch.empty((a.numel(),) + tuple(val.shape[1:]), dtype=val.dtype)
-        out[i:i + chunk] = val
-    if out is None:
-        out = torch.empty(0, dtype=torch.float64)
-    return out
+        parts.append(torch.where(pos[:, None], total, det if vector else det.unsqueeze(-1)))
+    if not parts:
+        return torch.empty(0, dtype=torch.float64)
+    out = torch.cat(parts)
+    return out if vector else out.squeeze(-1)
 
 
 def _q_read(g: torch.Tensor) -> torch.Tensor:
@@ -367,7 +364,7 @@ class PCMLike(HardwareNoise):
         conductances ``[..., 2, *w.shape]``)."""
         _check_weight(w)
         tail = (3, 2) + tuple(w.shape)
-        if tuple(z.shape[z.dim() - len(tail):]) != tail or z.dim() < len(tail):
+        if z.dim() < len(tail) or tuple(z.shape[z.dim() - len(tail):]) != tail:
             raise ValueError(f"PCM draws must have shape {tail} (after any batch axes), got {tuple(z.shape)}")
         z1, z2, z3 = z.unbind(z.dim() - len(tail))
         g_t, m = _device_targets(w, self.per)

@@ -646,12 +646,14 @@ def _solve_scale(curve: _Curve, target: float, rtol: float = 2e-3):
     return best
 
 
-def _moment_curve(ps: _Pass, noise: WeightNoise, curve: _Curve, n_points: int, seed: int):
+def _moment_curve(ps: _Pass, noise: WeightNoise, curve: _Curve, n_points: int, seed: int, refit_cov: bool = False):
     """The predicted curve refined by one moment propagation at ``level`` (the first-order
     root, ``noise``'s level): logit mean ``clean + s² δ``, ``δ`` fitted so that the mean equals the moment
     method's at ``level``, and the first-order covariance ``s² C₁`` (docs/THEORY.md §11:
     the mean shift is the leading correction; the moment method's covariance is not used,
-    its compression error there exceeds the ``s⁴`` term it would add). Only inputs that
+    its compression error there exceeds the ``s⁴`` term it would add; ``refit_cov=True``,
+    measured as an alternative by ``benchmarks/sensitivity.py --parts budget_refit``,
+    takes the moment method's covariance ``s² C_m/η²`` too). Only inputs that
     can matter are propagated (:func:`_select`; the others keep the first order, and the
     mean of their union bounds at ``REFINE_REACH × level``, ``refine_neglected`` ≤
     ``REFINE_MASS``, bounds what they could add to the drop there)."""
@@ -660,14 +662,17 @@ def _moment_curve(ps: _Pass, noise: WeightNoise, curve: _Curve, n_points: int, s
     mask, neglected = _select(curve, level, REFINE_REACH)
     sel = torch.nonzero(mask).flatten()
     shift = torch.zeros_like(ps.clean)
+    cov1 = ps.cov_unit.clone() if refit_cov else ps.cov_unit
     t = time.perf_counter()
     if sel.numel():
         xs = ps.x[sel.to(ps.x.device)].to(ps.lin.device)
-        res = propagate_moments(ps.lin, xs, noise, propagator=prop, mean_only=True,
+        res = propagate_moments(ps.lin, xs, noise, propagator=prop, mean_only=not refit_cov,
                                 chunk_size=moment_chunk_size(ps.lin, xs, prop))
         shift[sel] = (res.mean.double().cpu() - ps.clean[sel]) / level ** 2
+        if refit_cov:
+            cov1[sel] = res.cov.double().cpu() / level ** 2
     extra = dict(refine_inputs=int(sel.numel()), refine_neglected=neglected, refine_seconds=time.perf_counter() - t)
-    return _Curve(ps.clean, ps.y, ps.cov_unit, curve.clean_acc, n_points, seed, shift=shift), extra
+    return _Curve(ps.clean, ps.y, cov1, curve.clean_acc, n_points, seed, shift=shift), extra
 
 
 def noise_budget(model: nn.Module, x, y, noise_family, max_drop: float = 0.01, targets=None, *,

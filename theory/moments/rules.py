@@ -641,13 +641,11 @@ class _MomentPass(GraphInterpreter):
         the columns for the three, none for the result)."""
         dt = self.dtype
         Fa, Fb = a.padded(K), b.padded(K)
-        if K:
+        if K and not self.p.first_order:
             fa, fb, cab = (Fa * Fa).sum(0), (Fb * Fb).sum(0), (Fa * Fb).sum(0)
-        else:
+        else:  # no columns, or the first order (the max of the means: no variance enters)
             fa = fb = cab = torch.zeros_like(a.mu)
-        va, vb = a.d + fa, b.d + fb
-        if self.p.first_order:
-            va, vb, cab = torch.zeros_like(va), torch.zeros_like(vb), torch.zeros_like(cab)
+        va, vb = (a.d + fa, b.d + fb) if not self.p.first_order else (fa, fb)
         mean, v, pa, th, c2, excess = clark_max(a.mu, b.mu, va, vb, cab)
         pa, th, c2, mean, v, excess = (t.to(dt) for t in (pa, th, c2, mean, v, excess))
         pb = 1 - pa
