@@ -80,6 +80,53 @@ def test_exact_residual_correlation():
     _check_mean_var(p, L)
 
 
+def test_skewness_of_a_rectified_residual_sum_matches_monte_carlo():
+    """``s = relu(h) + W₂h`` with ``h = (W₁ + N)x`` (noise on fc1 only): ``h`` and the
+    branch are exactly jointly Gaussian, so the third cumulant the pass gives the sum
+    (the ReLU output's own plus the cross cumulants, ``rectified_cross_cumulants``), as
+    the skewness the next ReLU's closure takes, is exact: against the sample third
+    cumulant of 20 000 draws, each cell within 5 of its standard errors."""
+
+    class Res(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1 = nn.Linear(4, 6)
+            self.relu = nn.ReLU()
+            self.fc2 = nn.Linear(6, 6)
+            self.relu2 = nn.ReLU()
+            self.fc3 = nn.Linear(6, 3)
+
+        def forward(self, x):
+            h = self.fc1(x)
+            return self.fc3(self.relu2(self.relu(h) + self.fc2(h)))
+
+    torch.manual_seed(3)
+    model = Res().eval()
+    x = torch.randn(10, 4, generator=torch.Generator().manual_seed(4))
+    noise = RelativeGaussian(0.8)
+    targets = Targets(layers=("fc1",))
+    lin = LinearizedNetwork(model, targets)
+    res = MomentPropagator(lin, noise, dtype=torch.float64).run(x.double())
+    rec = res.rec["relu2"]
+    pred_k3 = rec["g1"] * rec["s"] ** 3
+    # Monte-Carlo of the sum, from the same noise model
+    g = torch.Generator().manual_seed(5)
+    W, b = model.fc1.weight.detach().double(), model.fc1.bias.detach().double()
+    D = 20000
+    with torch.no_grad():
+        Wn = W + noise.scale(model.fc1.weight).double() * torch.randn((D,) + W.shape, generator=g, dtype=torch.float64)
+        h = torch.einsum("dij,nj->dni", Wn, x.double()) + b
+        ssum = torch.relu(h) + h @ model.fc2.weight.detach().double().T + model.fc2.bias.detach().double()
+    c = ssum - ssum.mean(0)
+    k3_mc = (c ** 3).mean(0)
+    se = (c ** 3).std(0) / math.sqrt(D)
+    assert torch.allclose(rec["s"] ** 2, ssum.var(0), rtol=0.05)  # the variance is exact (4% is > 5 s.e.)
+    ok = rec["g1"].abs() < 0.99  # the closure clips the skewness at ±1
+    assert bool(ok.any()) and float(pred_k3[ok].abs().max()) > 5 * float(se.max())  # a skewness to detect
+    z = ((pred_k3 - k3_mc) / se)[ok]
+    assert float(z.abs().max()) < 5, float(z.abs().max())
+
+
 def test_exact_max_of_two_correlated_units():
     """A (1×2) convolution then a (1×2) max-pool: per channel the max of two correlated
     Gaussians (one kernel shared by both positions), Clark's formulas exactly."""

@@ -9,8 +9,9 @@ import pytest
 import torch
 from scipy import integrate, special, stats
 
-from noiseprop.theory.moments.gaussian import (SMOOTH_ACTIVATIONS, clark_max, relu_moments, relu_shape,
-                                               smooth_activation, smooth_max, smooth_moments, smooth_relu)
+from noiseprop.theory.moments.gaussian import (SMOOTH_ACTIVATIONS, clark_max, rectified_cross_cumulants,
+                                               relu_moments, relu_moments_skew, relu_shape, smooth_activation,
+                                               smooth_max, smooth_moments, smooth_relu)
 
 # the activations in NumPy (scalar quadrature is far faster without torch)
 NP_ACTIVATIONS = {
@@ -131,6 +132,61 @@ def test_smooth_moments_against_quadrature(name, mu, s):
     assert float(c2) == pytest.approx(c2_q / 2, rel=2e-4, abs=1e-7)
 
 
+SKEW_CASES = [(0.0, 1.0, 0.5), (1.3, 0.4, -0.3), (-0.7, 0.5, 0.8), (2.0, 0.05, 0.2), (-3.0, 1.0, 0.6),
+              (0.2, 3.0, -0.9), (9.0, 1.0, 0.4)]
+
+
+@pytest.mark.parametrize("mu,s,g1", SKEW_CASES)
+def test_relu_moments_skew_against_quadrature(mu, s, g1):
+    """relu_moments_skew is exact for the one-term Gram–Charlier density
+    ``φ(Z)(1 + γ₁He₃(Z)/6)`` of ``z = μ + sZ``: mean, variance, ``P(z > 0)`` and the third
+    cumulant of ``relu(z)`` against adaptive quadrature of that density; with γ₁ = 0 it
+    is relu_moments."""
+    dens = lambda z: stats.norm.pdf(z) * (1 + g1 * (z ** 3 - 3 * z) / 6)
+    pts = [(-mu / s)] if abs(mu / s) < 12 else None
+    E = [integrate.quad(lambda z: max(mu + s * z, 0.0) ** k * dens(z), -12, 12, limit=200, points=pts)[0]
+         for k in (1, 2, 3)]
+    p_pos = integrate.quad(dens, -mu / s, 12, limit=200)[0] if -mu / s < 12 else 0.0
+    mean, var, slope, c2, sd, k3 = relu_moments_skew(_t(mu), _t(s * s), _t(g1 * s ** 3))
+    assert float(mean) == pytest.approx(E[0], rel=1e-7, abs=1e-12)
+    assert float(var) == pytest.approx(E[1] - E[0] ** 2, rel=1e-6, abs=1e-12)
+    assert float(slope) == pytest.approx(min(max(p_pos, 0.0), 1.0), rel=1e-7, abs=1e-12)
+    assert float(k3) == pytest.approx(E[2] - 3 * E[0] * E[1] + 2 * E[0] ** 3, rel=1e-5, abs=1e-10 * s ** 3)
+    g0 = relu_moments_skew(_t(mu), _t(s * s), _t(0.0))
+    for a, b in zip(g0[:5], relu_moments(_t(mu), _t(s * s))):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("ma,sa,mb,sb,rho", [(0.0, 1.0, 0.3, 0.8, 0.6), (1.2, 0.5, -0.4, 1.0, -0.5),
+                                             (-1.5, 0.7, 0.2, 0.4, 0.9), (0.4, 2.0, 1.0, 0.3, 0.0)])
+def test_rectified_cross_cumulants_against_quadrature(ma, sa, mb, sb, rho):
+    """For ``r = relu(a)`` and ``b`` jointly Gaussian: the cross cumulants
+    ``κ(r, r, b)``, ``κ(r, b, b)`` and the third cumulant of the residual sum ``r + b``
+    against quadrature over ``a`` with ``b | a`` Gaussian (exact conditional moments)."""
+    beta = rho * sb / sa
+    tau2 = sb * sb * (1 - rho * rho)
+
+    def e(f):  # E f(a, E[b'|a], E[b'²|a]) over a ~ N(ma, sa²)
+        return integrate.quad(lambda z: f(ma + sa * z, beta * sa * z, (beta * sa * z) ** 2 + tau2) * stats.norm.pdf(z),
+                              -12, 12, limit=200, points=[-ma / sa])[0]
+
+    mr = e(lambda a, b1, b2: max(a, 0.0))
+    c_rb = e(lambda a, b1, b2: (max(a, 0.0) - mr) * b1)
+    rrb_q = e(lambda a, b1, b2: (max(a, 0.0) - mr) ** 2 * b1)
+    rbb_q = e(lambda a, b1, b2: (max(a, 0.0) - mr) * b2)
+    rrb, rbb = rectified_cross_cumulants(_t(ma), _t(sa), _t(c_rb), _t(sb * sb))
+    assert float(rrb) == pytest.approx(rrb_q, rel=1e-6, abs=1e-12)
+    assert float(rbb) == pytest.approx(rbb_q, rel=1e-6, abs=1e-12)
+    # the third cumulant of h = r + b from the parts (b Gaussian: κ₃(b) = 0)
+    k3_r = float(relu_moments_skew(_t(ma), _t(sa * sa), _t(0.0))[5])
+    mh = mr + mb
+    k3_q = integrate.quad(lambda z: sum(
+        w * (max(ma + sa * z, 0.0) + mb + beta * sa * z + math.sqrt(tau2) * t - mh) ** 3
+        for t, w in zip(*np.polynomial.hermite_e.hermegauss(8))) / math.sqrt(2 * math.pi) * stats.norm.pdf(z),
+        -12, 12, limit=200, points=[-ma / sa])[0]
+    assert k3_r + 3 * float(rrb) + 3 * float(rbb) == pytest.approx(k3_q, rel=1e-6, abs=1e-10)
+
+
 def test_smoothed_functions_and_their_slopes():
     """The surrogate's functions equal the Gaussian expectations at the mean, and their
     derivatives the expected slopes (Φ(z/s) for the ReLU, Φ(α) for Clark's max)."""
@@ -157,3 +213,10 @@ def test_smoothed_functions_and_their_slopes():
     assert torch.allclose(m, cm)
     ga, gb = torch.autograd.grad(m.sum(), (a, b))
     assert torch.allclose(ga, pa) and torch.allclose(gb, 1 - pa)
+    # with a skewness: the Gram–Charlier mean and P(z > 0) of relu_moments_skew
+    g1 = torch.tensor([0.5, -0.3, 0.9], dtype=torch.float64)
+    v = smooth_relu(z, s, g1)
+    mean, _, slope, _, _, _ = relu_moments_skew(z.detach(), s * s, g1 * s ** 3)
+    assert torch.allclose(v, mean)
+    (g,) = torch.autograd.grad(v.sum(), z)
+    assert torch.allclose(g, slope)

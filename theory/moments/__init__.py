@@ -35,6 +35,15 @@ Two passes per chunk of inputs, over the network traced with ``torch.fx``.
      ``α = μ/s``, the exact Gaussian moments ``E[relu] = μΦ(α) + sφ(α)``, ``E[relu²] = (μ² + s²)Φ(α) + μsφ(α)`` (the mean shift
      from activation flips that the first order misses) and, exact for Gaussians
      (Price's theorem), ``Cov(relu(h), ·) = Φ(α) Cov(h, ·)``.
+   * Beyond the Gaussian, along residual connections: every ReLU output also carries its
+     third cumulant and its pre-activation ``(μ_a, s_a)``; a sum of a ReLU output and a
+     branch gets ``κ₃(r + b) = κ₃(r) + κ₃(b) + 3κ(r, r, b) + 3κ(r, b, b)`` with the
+     cross cumulants of a rectified Gaussian (:func:`~.gaussian.rectified_cross_cumulants`,
+     exact for jointly Gaussian ``a, b``; ``Cov(r, b)`` from the shared columns), and a
+     ReLU of a skewed input uses the one-term Gram–Charlier closure
+     (:func:`~.gaussian.relu_moments_skew`: mean, variance, slope ``P(z > 0)`` and the
+     output's ``κ₃``; skewness clipped to ±1). Linear / Conv / pooling outputs are taken
+     as Gaussian (docs/THEORY.md §3, "rectified skips").
    * Max pooling: Clark's (1961) moments of the maximum of two correlated Gaussians,
      pairwise over the window, with ``Cov(max, ·) = Φ(α)Cov(h₁, ·) + Φ(−α)Cov(h₂, ·)``.
    * Dropout and Identity (eval mode): the identity. Average pooling (also adaptive),
@@ -58,7 +67,7 @@ Two passes per chunk of inputs, over the network traced with ``torch.fx``.
 
 2. **Surrogate pass.** The network's mean path with every ReLU replaced by its Gaussian
    expectation at the recorded ``s`` (``zΦ(z/s) + sφ(z/s)``, whose derivative is the
-   expected slope ``Φ(z/s)``) and every max-pool by Clark's expectation. Its output is
+   expected slope ``Φ(z/s)``; with the recorded skewness, the Gram–Charlier mean) and every max-pool by Clark's expectation. Its output is
    the propagated logit mean (the mean shift); its Jacobian, computed exactly by one
    batched backward pass per class as in the linear method, maps every noise source to
    the logits:

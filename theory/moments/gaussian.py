@@ -10,6 +10,18 @@ moments of a nonlinearity of it. Each names its derivation and its test
   expected slope ``E relu'(z) = Φ(α)`` (Stein's lemma: ``Cov(relu z, z) = s²E relu'``,
   so for jointly Gaussian units ``Cov(relu zᵢ, zⱼ) = Φ(αᵢ)Cov(zᵢ, zⱼ)``, Price 1958) and
   the second Hermite coefficient ``c₂ = E[relu(z)(Z² − 1)]/2 = sφ(α)/2``.
+* :func:`relu_moments_skew`: the same for a pre-activation with a third cumulant ``κ₃``
+  (skewness ``γ₁ = κ₃/s³``), under the one-term Gram–Charlier density
+  ``φ(Z)(1 + γ₁He₃(Z)/6)``: integrating ``He₃φ`` against ``1``, ``z``, ``z²``, ``z³`` over
+  ``z > 0`` (``∫_c^∞ Heₙφ = Heₙ₋₁(c)φ(c)``, ``z·Heₙ = Heₙ₊₁ + n·Heₙ₋₁``) adds
+  ``−γ₁sαφ(α)/6`` to ``E relu``, ``γ₁s²φ(α)/3`` to ``E relu²``, ``κ₃Φ(α)`` to ``E relu³``
+  and ``γ₁(α² − 1)φ(α)/6`` to ``P(z > 0)`` (the derivative of the mean in ``μ``, used as
+  the slope); it also returns the output's third cumulant.
+* :func:`rectified_cross_cumulants`: for ``r = relu(a)`` and ``b`` jointly Gaussian with
+  ``a``, the third-order cross cumulants of ``r`` and ``b`` (Stein's lemma):
+  ``κ(r, r, b) = 2·Cov(a, b)·E r·(1 − Φ(α))`` and ``κ(r, b, b) = Cov(a, b)²φ(α)/s_a``,
+  with ``Cov(a, b) = Cov(r, b)/Φ(α)``. A residual connection adds a rectified skip to a
+  branch: its sum is skewed, ``κ₃(r + b) = κ₃(r) + κ₃(b) + 3κ(r, r, b) + 3κ(r, b, b)``.
 * :func:`clark_max`: Clark (1961), the maximum of two jointly Gaussian variables,
   ``max(a, b) = b + relu(a − b)``, ``a − b ~ N(Δ, θ²)``.
 * :func:`smooth_moments`: any smooth activation (GELU, SiLU, tanh, sigmoid, softplus)
@@ -31,7 +43,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["npdf", "ncdf", "relu_shape", "relu_moments", "clark_max", "smooth_moments", "smooth_relu",
+__all__ = ["npdf", "ncdf", "relu_shape", "relu_moments", "relu_moments_skew", "rectified_cross_cumulants",
+           "SKEW_MAX", "clark_max", "smooth_moments", "smooth_relu",
            "smooth_max", "smooth_activation", "SMOOTH_ACTIVATIONS", "GH_NODES", "TINY"]
 
 INV_SQRT2PI = 1.0 / math.sqrt(2 * math.pi)
@@ -87,6 +100,70 @@ def relu_moments(mu: torch.Tensor, var: torch.Tensor):
     mean = mu * slope + s * pdf
     v = torch.where(pos, (var * (cdf + g)).clamp_min(0), torch.zeros_like(s))
     return mean, v, slope, s * pdf / 2, s
+
+
+#: the largest |skewness| the Gram–Charlier ReLU closure takes (larger values are clipped):
+#: the one-term density ``φ(1 + γ₁He₃/6)`` is negative somewhere for any ``γ₁ ≠ 0``, but
+#: only beyond ``|Z| ≈ 2.4`` at ``|γ₁| = 1``, where its weight is small
+SKEW_MAX = 1.0
+#: beyond this ``|μ/s|`` a ReLU is the identity (or zero) for the third cumulant
+_K3_ALPHA_MAX = 8.0
+
+
+def relu_moments_skew(mu: torch.Tensor, var: torch.Tensor, k3: torch.Tensor):
+    """``(mean, var, slope, c2, s, k3_out)`` of ``relu(z)`` for ``z`` with mean ``mu``,
+    variance ``var`` and third cumulant ``k3``, under the one-term Gram–Charlier density
+    (module docstring; skewness clipped to ``±SKEW_MAX``), float64. ``slope = P(z > 0)``
+    (the derivative of the mean in ``μ``), ``c2`` the Gaussian second Hermite coefficient,
+    ``k3_out`` the output's third cumulant. With ``k3 = 0`` the first five equal
+    :func:`relu_moments`.
+
+    Test: ``test_relu_moments_skew_against_quadrature``."""
+    mean, v, slope, c2, s = relu_moments(mu, var)
+    mu = mu.double()
+    var = var.double().clamp_min(0)
+    pos = s > TINY
+    ss = torch.where(pos, s, torch.ones_like(s))
+    al = torch.where(pos, mu / ss, torch.zeros_like(s))
+    pdf = torch.where(pos, npdf(al), torch.zeros_like(s))
+    cdf = torch.where(pos, ncdf(al), (mu > 0).double())
+    g1 = torch.where(pos, k3.double() / (ss * ss * ss), torch.zeros_like(s)).clamp(-SKEW_MAX, SKEW_MAX)
+    dm = -g1 * s * al * pdf / 6
+    de2 = g1 * var * pdf / 3
+    var_out = (v + de2 - 2 * mean * dm - dm * dm).clamp_min(0)
+    slope_out = torch.where(pos, (slope + g1 * (al * al - 1) * pdf / 6).clamp(0, 1), slope)
+    # third cumulant, in units of s (no cancellation for |α| ≤ _K3_ALPHA_MAX)
+    m1 = al * cdf + pdf - g1 * al * pdf / 6
+    e2 = (al * al + 1) * cdf + al * pdf + g1 * pdf / 3
+    e3 = al ** 3 * cdf + 3 * al * al * pdf + 3 * al * (cdf - al * pdf) + (al * al + 2) * pdf + g1 * cdf
+    k3_mid = ss ** 3 * (e3 - 3 * m1 * e2 + 2 * m1 ** 3)
+    k3_out = torch.where(al > _K3_ALPHA_MAX, g1 * ss ** 3, torch.where(al < -_K3_ALPHA_MAX, torch.zeros_like(s), k3_mid))
+    k3_out = torch.where(pos, k3_out, torch.zeros_like(s))
+    return mean + dm, var_out, slope_out, c2, s, k3_out
+
+
+def rectified_cross_cumulants(mu_a: torch.Tensor, s_a: torch.Tensor, c_rb: torch.Tensor, var_b: torch.Tensor):
+    """``(κ(r, r, b), κ(r, b, b))`` for ``r = relu(a)``, ``a ~ N(mu_a, s_a²)``, and ``b``
+    jointly Gaussian with ``a``, given ``Cov(r, b) = c_rb`` (module docstring), float64.
+    ``Cov(a, b) = c_rb/Φ(α)`` is clipped to ``±s_a·sd(b)``; zero where ``s_a`` is tiny.
+
+    Derivation: Stein's lemma ``E[g(a)b'] = Cov(a, b)E g'(a)`` with ``g = (r − E r)²``
+    gives ``κ(r, r, b) = 2Cov(a, b)E[(r − E r)1{a>0}] = 2Cov(a, b)E r(1 − Φ)``; writing
+    ``b' = βa' + e`` (``e`` independent of ``a``) and applying it twice,
+    ``κ(r, b, b) = β²E[r a'²] − β²s_a²E r = Cov(a, b)²φ(α)/s_a``.
+    Test: ``test_rectified_cross_cumulants_against_quadrature``."""
+    mu_a, s_a, c_rb, var_b = mu_a.double(), s_a.double(), c_rb.double(), var_b.double().clamp_min(0)
+    pos = s_a > TINY
+    ss = torch.where(pos, s_a, torch.ones_like(s_a))
+    al = torch.where(pos, mu_a / ss, torch.zeros_like(s_a))
+    cdf, pdf = ncdf(al), npdf(al)
+    lim = ss * var_b.sqrt()
+    cov_ab = torch.where(cdf > 0, c_rb / cdf.clamp_min(1e-300), torch.zeros_like(c_rb))
+    cov_ab = torch.maximum(torch.minimum(cov_ab, lim), -lim)
+    mean_r = ss * (al * cdf + pdf)
+    rrb = torch.where(pos, 2 * cov_ab * mean_r * ncdf(-al), torch.zeros_like(s_a))
+    rbb = torch.where(pos, cov_ab * cov_ab * pdf / ss, torch.zeros_like(s_a))
+    return rrb, rbb
 
 
 def clark_max(mu_a, mu_b, va, vb, cab):
@@ -195,17 +272,26 @@ def _with_slopes(value: torch.Tensor, *pairs) -> torch.Tensor:
     return out
 
 
-def smooth_relu(z: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+def smooth_relu(z: torch.Tensor, s: torch.Tensor, g1: torch.Tensor | None = None) -> torch.Tensor:
     """``E[relu(z + sζ)]`` as a function of ``z`` with ``s`` fixed: ``zΦ(z/s) + sφ(z/s)``;
     its derivative is ``Φ(z/s)``, the expected slope (attached directly, see
-    :func:`_with_slopes`). Test: ``test_smoothed_functions_and_their_slopes``."""
+    :func:`_with_slopes`). With a skewness ``g1`` (fixed too) the Gram–Charlier mean of
+    :func:`relu_moments_skew`, ``− g1·zφ(z/s)/6``, and its slope. Test:
+    ``test_smoothed_functions_and_their_slopes``."""
     with torch.no_grad():
         pos = s > TINY
         ss = torch.where(pos, s, torch.ones_like(s))
         a = z / ss
         cdf = ncdf(a)
-        val = torch.where(pos, z * cdf + ss * npdf(a), torch.relu(z))
-        slope = torch.where(pos, cdf, (z > 0).to(z.dtype))
+        pdf = npdf(a)
+        val = z * cdf + ss * pdf
+        slope = cdf
+        if g1 is not None:
+            g = g1.to(z.dtype)
+            val = val - g * z * pdf / 6
+            slope = (slope + g * (a * a - 1) * pdf / 6).clamp(0, 1)
+        val = torch.where(pos, val, torch.relu(z))
+        slope = torch.where(pos, slope, (z > 0).to(z.dtype))
     return _with_slopes(val, (z, slope))
 
 

@@ -30,11 +30,17 @@ OVERSAMPLE = 10
 
 @dataclass
 class Dist:
-    """``μ + F ξ + √d ζ``: ``mu [B, *s]``, ``F [K, B, *s]`` or ``None``, ``d [B, *s]``."""
+    """``μ + F ξ + √d ζ``: ``mu [B, *s]``, ``F [K, B, *s]`` or ``None``, ``d [B, *s]``.
+
+    Optionally, beyond the Gaussian: ``k3 [B, *s]``, each unit's third cumulant (``None``:
+    zero), and ``src = (μ_a, s_a)``, the pre-activation mean and std of the ReLU whose
+    output this is (its rectification, for the cross cumulants of a residual sum)."""
 
     mu: torch.Tensor
     F: torch.Tensor | None
     d: torch.Tensor
+    k3: torch.Tensor | None = None
+    src: tuple | None = None
 
     @property
     def K(self) -> int:
@@ -58,7 +64,8 @@ class Dist:
 
     def map(self, fn) -> "Dist":
         """An op that copies elements (view, flatten, slicing, permute, zero padding)."""
-        return Dist(fn(self.mu), map_columns(fn, self.F), fn(self.d))
+        return Dist(fn(self.mu), map_columns(fn, self.F), fn(self.d), None if self.k3 is None else fn(self.k3),
+                    None if self.src is None else tuple(fn(t) for t in self.src))
 
 
 def map_columns(fn, Fm: torch.Tensor | None):

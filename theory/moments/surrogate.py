@@ -63,7 +63,8 @@ class _Surrogate(GraphInterpreter):
         if kind is not None and rc is not None and "s" in rc:
             s = rc["s"].to(args[0].dtype)
             z = args[0]
-            val = smooth_relu(z, s) if kind == "relu" else smooth_activation(SMOOTH_ACTIVATIONS[kind], z, s)
+            val = (smooth_relu(z, s, rc.get("g1")) if kind == "relu"
+                   else smooth_activation(SMOOTH_ACTIVATIONS[kind], z, s))
             r = torch.zeros_like(val, requires_grad=True)
             self.rtaps.append((name, [r]))
             return val + r
