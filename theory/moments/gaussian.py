@@ -43,7 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["npdf", "ncdf", "relu_shape", "relu_moments", "relu_moments_skew", "rectified_cross_cumulants",
+__all__ = ["npdf", "ncdf", "relu_shape", "relu_moments", "relu_moments_skew", "relu_k3", "rectified_cross_cumulants",
            "SKEW_MAX", "clark_max", "smooth_moments", "smooth_relu",
            "smooth_max", "smooth_activation", "SMOOTH_ACTIVATIONS", "GH_NODES", "TINY"]
 
@@ -82,12 +82,9 @@ def relu_shape(alpha: torch.Tensor):
     return cdf, pdf, g, cdf * q + g
 
 
-def relu_moments(mu: torch.Tensor, var: torch.Tensor):
-    """``(mean, var, slope, c2, s)`` of ``relu(z)``, ``z ~ N(mu, var)`` (float64), with
-    ``slope = E relu'(z) = Φ(μ/s)`` and ``c2 = sφ(μ/s)/2`` (module docstring). Where
-    ``s`` is below :data:`TINY` the ReLU acts on the mean (slope 1 or 0).
-
-    Test: ``test_relu_moments_against_quadrature``."""
+def _relu_core(mu: torch.Tensor, var: torch.Tensor):
+    """Shared by the ReLU closures: float64 ``μ``, variance, ``s``, ``s > TINY``, ``s``
+    with ones where tiny, ``α`` and :func:`relu_shape`'s ``Φ, φ, g``."""
     mu = mu.double()
     var = var.double().clamp_min(0)
     s = var.sqrt()
@@ -95,6 +92,16 @@ def relu_moments(mu: torch.Tensor, var: torch.Tensor):
     sa = torch.where(pos, s, torch.ones_like(s))
     alpha = torch.where(pos, mu / sa, torch.zeros_like(s))
     cdf, pdf, g, _ = relu_shape(alpha)
+    return mu, var, s, pos, sa, alpha, cdf, pdf, g
+
+
+def relu_moments(mu: torch.Tensor, var: torch.Tensor):
+    """``(mean, var, slope, c2, s)`` of ``relu(z)``, ``z ~ N(mu, var)`` (float64), with
+    ``slope = E relu'(z) = Φ(μ/s)`` and ``c2 = sφ(μ/s)/2`` (module docstring). Where
+    ``s`` is below :data:`TINY` the ReLU acts on the mean (slope 1 or 0).
+
+    Test: ``test_relu_moments_against_quadrature``."""
+    mu, var, s, pos, sa, alpha, cdf, pdf, g = _relu_core(mu, var)
     slope = torch.where(pos, cdf, (mu > 0).double())
     pdf = torch.where(pos, pdf, torch.zeros_like(s))
     mean = mu * slope + s * pdf
@@ -110,36 +117,53 @@ SKEW_MAX = 1.0
 _K3_ALPHA_MAX = 8.0
 
 
-def relu_moments_skew(mu: torch.Tensor, var: torch.Tensor, k3: torch.Tensor):
+def _skew(k3, pos, sa):
+    """γ₁ = κ₃/s³, zero where ``s`` is tiny, clipped to ``±SKEW_MAX``."""
+    if k3 is None:
+        return torch.zeros_like(sa)
+    return torch.where(pos, k3.double() / (sa * sa * sa), torch.zeros_like(sa)).clamp(-SKEW_MAX, SKEW_MAX)
+
+
+def _relu_k3(pos, sa, al, cdf, pdf, g1):
+    """The third cumulant of ``relu(z)`` under the Gram–Charlier density, in units of
+    ``s`` (no cancellation for ``|α| ≤ _K3_ALPHA_MAX``; the identity / zero beyond)."""
+    pdf = torch.where(pos, pdf, torch.zeros_like(sa))
+    m1 = al * cdf + pdf - g1 * al * pdf / 6
+    e2 = (al * al + 1) * cdf + al * pdf + g1 * pdf / 3
+    e3 = al ** 3 * cdf + 3 * al * al * pdf + 3 * al * (cdf - al * pdf) + (al * al + 2) * pdf + g1 * cdf
+    k3 = sa ** 3 * (e3 - 3 * m1 * e2 + 2 * m1 ** 3)
+    k3 = torch.where(al > _K3_ALPHA_MAX, g1 * sa ** 3, torch.where(al < -_K3_ALPHA_MAX, torch.zeros_like(sa), k3))
+    return torch.where(pos, k3, torch.zeros_like(sa))
+
+
+def relu_k3(mu: torch.Tensor, var: torch.Tensor, k3: torch.Tensor | None = None) -> torch.Tensor:
+    """The third cumulant of ``relu(z)`` (the last output of :func:`relu_moments_skew`;
+    ``k3 = None``: ``z`` Gaussian), float64."""
+    mu, var, s, pos, sa, alpha, cdf, pdf, g = _relu_core(mu, var)
+    return _relu_k3(pos, sa, alpha, cdf, pdf, _skew(k3, pos, sa))
+
+
+def relu_moments_skew(mu: torch.Tensor, var: torch.Tensor, k3: torch.Tensor, with_k3: bool = True):
     """``(mean, var, slope, c2, s, k3_out)`` of ``relu(z)`` for ``z`` with mean ``mu``,
     variance ``var`` and third cumulant ``k3``, under the one-term Gram–Charlier density
     (module docstring; skewness clipped to ``±SKEW_MAX``), float64. ``slope = P(z > 0)``
     (the derivative of the mean in ``μ``), ``c2`` the Gaussian second Hermite coefficient,
-    ``k3_out`` the output's third cumulant. With ``k3 = 0`` the first five equal
-    :func:`relu_moments`.
+    ``k3_out`` the output's third cumulant (``None`` unless ``with_k3``). With ``k3 = 0``
+    the first five equal :func:`relu_moments`.
 
     Test: ``test_relu_moments_skew_against_quadrature``."""
-    mean, v, slope, c2, s = relu_moments(mu, var)
-    mu = mu.double()
-    var = var.double().clamp_min(0)
-    pos = s > TINY
-    ss = torch.where(pos, s, torch.ones_like(s))
-    al = torch.where(pos, mu / ss, torch.zeros_like(s))
-    pdf = torch.where(pos, npdf(al), torch.zeros_like(s))
-    cdf = torch.where(pos, ncdf(al), (mu > 0).double())
-    g1 = torch.where(pos, k3.double() / (ss * ss * ss), torch.zeros_like(s)).clamp(-SKEW_MAX, SKEW_MAX)
-    dm = -g1 * s * al * pdf / 6
-    de2 = g1 * var * pdf / 3
+    mu, var, s, pos, sa, al, cdf, pdf, g = _relu_core(mu, var)
+    g1 = _skew(k3, pos, sa)
+    slope = torch.where(pos, cdf, (mu > 0).double())
+    pdf0 = torch.where(pos, pdf, torch.zeros_like(s))
+    mean = mu * slope + s * pdf0
+    v = torch.where(pos, (var * (cdf + g)).clamp_min(0), torch.zeros_like(s))
+    dm = -g1 * s * al * pdf0 / 6
+    de2 = g1 * var * pdf0 / 3
     var_out = (v + de2 - 2 * mean * dm - dm * dm).clamp_min(0)
-    slope_out = torch.where(pos, (slope + g1 * (al * al - 1) * pdf / 6).clamp(0, 1), slope)
-    # third cumulant, in units of s (no cancellation for |α| ≤ _K3_ALPHA_MAX)
-    m1 = al * cdf + pdf - g1 * al * pdf / 6
-    e2 = (al * al + 1) * cdf + al * pdf + g1 * pdf / 3
-    e3 = al ** 3 * cdf + 3 * al * al * pdf + 3 * al * (cdf - al * pdf) + (al * al + 2) * pdf + g1 * cdf
-    k3_mid = ss ** 3 * (e3 - 3 * m1 * e2 + 2 * m1 ** 3)
-    k3_out = torch.where(al > _K3_ALPHA_MAX, g1 * ss ** 3, torch.where(al < -_K3_ALPHA_MAX, torch.zeros_like(s), k3_mid))
-    k3_out = torch.where(pos, k3_out, torch.zeros_like(s))
-    return mean + dm, var_out, slope_out, c2, s, k3_out
+    slope_out = torch.where(pos, (slope + g1 * (al * al - 1) * pdf0 / 6).clamp(0, 1), slope)
+    k3_out = _relu_k3(pos, sa, al, cdf, pdf, g1) if with_k3 else None
+    return mean + dm, var_out, slope_out, s * pdf0 / 2, s, k3_out
 
 
 def rectified_cross_cumulants(mu_a: torch.Tensor, s_a: torch.Tensor, c_rb: torch.Tensor, var_b: torch.Tensor):

@@ -33,8 +33,9 @@ class Dist:
     """``μ + F ξ + √d ζ``: ``mu [B, *s]``, ``F [K, B, *s]`` or ``None``, ``d [B, *s]``.
 
     Optionally, beyond the Gaussian: ``k3 [B, *s]``, each unit's third cumulant (``None``:
-    zero), and ``src = (μ_a, s_a)``, the pre-activation mean and std of the ReLU whose
-    output this is (its rectification, for the cross cumulants of a residual sum)."""
+    zero, unless ``src`` is set), and ``src = (μ_a, var_a, k3_a)``, the pre-activation of
+    the ReLU whose output this is (its rectification: the output's third cumulant, formed
+    when needed, and the cross cumulants of a residual sum)."""
 
     mu: torch.Tensor
     F: torch.Tensor | None
@@ -65,7 +66,7 @@ class Dist:
     def map(self, fn) -> "Dist":
         """An op that copies elements (view, flatten, slicing, permute, zero padding)."""
         return Dist(fn(self.mu), map_columns(fn, self.F), fn(self.d), None if self.k3 is None else fn(self.k3),
-                    None if self.src is None else tuple(fn(t) for t in self.src))
+                    None if self.src is None else tuple(None if t is None else fn(t) for t in self.src))
 
 
 def map_columns(fn, Fm: torch.Tensor | None):

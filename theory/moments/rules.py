@@ -21,8 +21,8 @@ from .._graph import is_relu, trace
 from ..linearize import LinearizedNetwork
 from ..noise import WeightNoise
 from ..targets import folding_affine, is_norm_layer
-from .gaussian import (SKEW_MAX, SMOOTH_ACTIVATIONS, clark_max, rectified_cross_cumulants, relu_moments_skew,
-                       smooth_moments)
+from .gaussian import (SKEW_MAX, SMOOTH_ACTIVATIONS, clark_max, rectified_cross_cumulants, relu_k3, relu_moments,
+                       relu_moments_skew, smooth_moments)
 from .interpreter import GraphInterpreter, flatten_args
 from .lowrank import Dist, block_diag, generator, map_batched, pair, patch_gram, renormalise, top_eigh
 
@@ -69,6 +69,16 @@ _SMOOTH_METHODS = {"tanh": "tanh", "sigmoid": "sigmoid"}
 _ADD_OPS = {operator.add: operator.add, torch.add: operator.add, operator.iadd: operator.add,
             operator.sub: operator.sub, torch.sub: operator.sub, operator.mul: operator.mul, torch.mul: operator.mul,
             operator.truediv: operator.truediv, torch.div: operator.truediv}
+
+
+def third_cumulant(x: Dist):
+    """Each unit's third cumulant of ``x`` (``None``: Gaussian): its own ``k3``, or, for
+    a ReLU output, the rectified pre-activation's (:func:`~.gaussian.relu_k3`)."""
+    if x.k3 is not None:
+        return x.k3
+    if x.src is not None:
+        return relu_k3(*x.src).to(x.mu.dtype)
+    return None
 
 
 def activation_kind(node: fx.Node, modules: dict):
@@ -318,8 +328,9 @@ class _MomentPass(GraphInterpreter):
             a, c = self.p.affines[node.target]
             shape = (1, -1) + (1,) * (x.mu.dim() - 2)
             a, c = a.reshape(shape), c.reshape(shape)
+            k3 = third_cumulant(x)
             return Dist(a * x.mu + c, None if x.F is None else a.unsqueeze(0) * x.F, a * a * x.d,
-                        None if x.k3 is None else a * a * a * x.k3)
+                        None if k3 is None else a * a * a * k3)
         if isinstance(m, _PASS_MODULES):
             return x  # eval mode: identity
         if isinstance(m, nn.Flatten):
@@ -588,13 +599,17 @@ class _MomentPass(GraphInterpreter):
             return Dist(val, None if x.F is None else slope * x.F, slope * slope * x.d)
         fsq_in = x.fsq()
         var = x.d + fsq_in
-        k3 = src = None
+        k3_in = src = None
         if kind == "relu":
             # beyond the Gaussian (package docstring): the input's third cumulant, if any,
-            # enters the Gram–Charlier closure; the output carries its own
-            mean, v_out, slope, c2, s, k3 = relu_moments_skew(x.mu, var, torch.zeros_like(x.mu) if x.k3 is None
-                                                              else x.k3)
-            k3, src = k3.to(dt), (x.mu, s.to(dt))
+            # enters the Gram–Charlier closure; the output keeps its pre-activation (its
+            # own third cumulant is formed only where a residual sum needs it)
+            k3_in = third_cumulant(x)
+            if k3_in is None:
+                mean, v_out, slope, c2, s = relu_moments(x.mu, var)
+            else:
+                mean, v_out, slope, c2, s, _ = relu_moments_skew(x.mu, var, k3_in, with_k3=False)
+            src = (x.mu, var, k3_in)
             self.stats["pre_count"].append(int(x.mu.numel()))
             self.stats["pre_exceed"].append(int((s > x.mu.abs()).sum()))
         else:
@@ -603,11 +618,11 @@ class _MomentPass(GraphInterpreter):
         slope, s, c2, mean, v_out, excess = (t.to(dt) for t in (slope, s, c2, mean, v_out, excess))
         cols, rest, carried = self._hermite2(x.F, fsq_in, s, c2, excess)
         self.rec[self.cur] = {"s": s, "excess": [rest], "cols": [cols], "kind": kind}
-        if x.k3 is not None and kind == "relu":  # the surrogate's smoothed ReLU takes the same skewness
+        if k3_in is not None:  # the surrogate's smoothed ReLU takes the same skewness
             pos = s > 0
             ss = torch.where(pos, s, torch.ones_like(s))
-            self.rec[self.cur]["g1"] = torch.where(pos, x.k3 / ss ** 3, torch.zeros_like(s)).clamp(-SKEW_MAX,
-                                                                                                  SKEW_MAX)
+            self.rec[self.cur]["g1"] = torch.where(pos, k3_in / ss ** 3, torch.zeros_like(s)).clamp(-SKEW_MAX,
+                                                                                                   SKEW_MAX)
         # the new columns [slope·F; cols], written once; their row norms are known:
         # slope²‖F‖² + what the Hermite columns carry (no pass over the columns)
         Fn = None
@@ -621,7 +636,7 @@ class _MomentPass(GraphInterpreter):
         elif cols is not None:
             Fn = cols
         fsq = slope * slope * fsq_in + carried
-        return Dist(mean, Fn, (v_out - fsq).clamp_min(0), k3, src)
+        return Dist(mean, Fn, (v_out - fsq).clamp_min(0), None, src)
 
     def _hermite2(self, Fw, fsq, sd, c2, excess):
         """The second Hermite component ``c₂ He₂(Z)`` of a nonlinearity of a Gaussian
@@ -812,15 +827,15 @@ class _MomentPass(GraphInterpreter):
             raise self._unsupported(node, "a product or quotient of two noisy tensors")
         if isinstance(b, torch.Tensor):
             b = b.to(self.dtype)
+        k3 = third_cumulant(a)
         if op is operator.add:
-            return Dist(a.mu + b, a.F, a.d, a.k3)
+            return Dist(a.mu + b, a.F, a.d, k3)
         if op is operator.sub:
-            return Dist(a.mu - b, a.F, a.d, a.k3)
+            return Dist(a.mu - b, a.F, a.d, k3)
         if op is operator.mul:
-            return Dist(a.mu * b, None if a.F is None else a.F * b, a.d * b * b, None if a.k3 is None else a.k3 * b ** 3)
+            return Dist(a.mu * b, None if a.F is None else a.F * b, a.d * b * b, None if k3 is None else k3 * b ** 3)
         if op is operator.truediv:
-            return Dist(a.mu / b, None if a.F is None else a.F / b, a.d / (b * b),
-                        None if a.k3 is None else a.k3 / b ** 3)
+            return Dist(a.mu / b, None if a.F is None else a.F / b, a.d / (b * b), None if k3 is None else k3 / b ** 3)
         raise self._unsupported(node, f"operator {op}")
 
     def _sum_k3(self, a: Dist, b: Dist, Fa, Fb, sign: float):
@@ -829,14 +844,15 @@ class _MomentPass(GraphInterpreter):
         jointly Gaussian with its pre-activation, the cross cumulants
         :func:`~.gaussian.rectified_cross_cumulants` (a residual sum of a rectified skip
         and a branch); their covariance is the columns' ``Σ_k F_a F_b``."""
-        if self.p.first_order or (a.k3 is None and b.k3 is None):
+        ka, kb = third_cumulant(a), third_cumulant(b)
+        if self.p.first_order or (ka is None and kb is None):
             return None
-        k3 = torch.zeros_like(a.mu) if a.k3 is None else a.k3
-        if b.k3 is not None:
-            k3 = k3 + sign ** 3 * b.k3
+        k3 = torch.zeros_like(a.mu) if ka is None else ka
+        if kb is not None:
+            k3 = k3 + sign ** 3 * kb
         if (a.src is None) == (b.src is None):
             return k3
         r, g, Fr, Fg, s_r, s_g = (a, b, Fa, Fb, 1.0, sign) if a.src is not None else (b, a, Fb, Fa, sign, 1.0)
         c = (Fr * Fg).sum(0) if Fr.shape[0] else torch.zeros_like(r.mu)
-        rrb, rbb = rectified_cross_cumulants(r.src[0], r.src[1], c, g.var())
+        rrb, rbb = rectified_cross_cumulants(r.src[0], r.src[1].clamp_min(0).sqrt(), c, g.var())
         return k3 + (3 * s_r * s_r * s_g * rrb + 3 * s_r * s_g * s_g * rbb).to(k3.dtype)
