@@ -131,15 +131,43 @@ Measured limits (zoo ResNet-20, width 8, BatchNorm, trained on digits; relative 
 
 Accuracy curves (``benchmarks/fidelity.py --checks curve --n 150 --curve-draws 100
 --methods moments``; error = predicted − Monte-Carlo, in points): MLP within 0.4 at
-every level to η = 1.4 (relative); the small ResNet with its own block class within 1
-point to η = 0.3, then −2.3 (η = 0.4) and −3.1 (η = 0.5) with a Monte-Carlo s.e. of 1.5;
-ResNet-20 within 0.4 to η = 0.2, then +2.0 (0.3), +4.9 (0.4), +7.2 (0.5) for relative
-noise (BN digital or folded alike), +2.7 at relative-max η = 0.1 and +5.5 at 0.15,
-+1.4/+4.4/+7.1 at multiplicative η = 0.3/0.4/0.5; ResNet-32 within 1 point to
-η = 0.15, then +1.1 (0.2), +3.6 (0.3), +7.5 (0.4), +8.5 (0.5); ResNet-56 within 0.5
-to η = 0.15, then +1.1 (0.2), +4.3 (0.3), +11.7 (0.4), +15.0 (0.5); VGG with BatchNorm
-within 0.6 to η = 0.4, +2.6 at 0.5, +1.1 at 0.7. The deeper the residual net, the
-more optimistic the prediction once the shortfall above compounds.
+every level to η = 1.4 (relative); VGG with BatchNorm within 0.6 to η = 0.4, +2.6 at
+0.5, +1.1 at 0.7 (earlier stops). Residual networks, before → after the rectified-skip
+closure (the same Monte-Carlo draws, run side by side): ResNet-20 within 0.4 to η = 0.2,
+then +1.8 → +1.7 (0.3), +4.2 → +3.6 (0.4), +6.1 → +4.2 (0.5) for relative noise with
+BatchNorm digital, +1.8/+4.4/+6.8 → +1.6/+3.7/+5.1 folded; relative-max +2.2/+5.8 →
++2.0/+3.8 at η = 0.1/0.15 (folded +2.8/+6.9 → +2.5/+4.6); multiplicative
++1.4/+4.2/+7.7 → +1.2/+3.4/+5.8 at η = 0.3/0.4/0.5 (folded the same within 0.1);
+ResNet-32 within 0.8 to η = 0.2, then +4.0 → +3.9 (0.3), +11.2 → +9.8 (0.4), +4.2 →
++1.8 (0.5); ResNet-56 within 1.3 to η = 0.2, then +5.3 → +5.3 (0.3), +14.5 → +13.9
+(0.4), +17.0 → +15.1 (0.5); the small ResNet with its own block class (one identity
+shortcut) unchanged within 0.05, worst −2.4 (η = 0.5, inside Monte-Carlo's interval).
+The deeper the residual net, the more optimistic the prediction once the shortfall
+above compounds.
+
+Where the rest comes from (``benchmarks/moments_diagnose.py``-style per-ReLU statistics
+of 300 Monte-Carlo draws, ResNet-20 with BatchNorm, relative η = 0.5): at the ReLU after
+each residual sum ``h = r + b`` (``r`` the rectified skip, ``b`` the branch), the pooled
+third cumulant splits as ``κ₃(r)`` 0.34–0.91, ``κ₃(b)`` −0.20–0.15, ``3κ(r, r, b)``
+0.01–0.19 and ``3κ(r, b, b)`` 0.11–0.58 of the total. The rectified-Gaussian formulas
+give ``3κ(r, r, b)`` about right (0.00–0.10) but ``3κ(r, b, b)`` only 0.01–0.04: the
+branch's noise variance grows with the block's input (the weight noise acts on the
+rectified skip, ``Var(n | x) = Σ σ²x²``), a heteroscedasticity the pass does not carry.
+Carrying it was tried and not kept: a third-order cross moment ``H = ½E[ξ e²]`` per
+unit and column (``e`` the independent part; formed at each noisy layer as
+``Σ_j σ_ij²(μ_j F_j + H_j)`` plus a ReLU input's rectification part, mapped by ``W∘W``,
+by the gates' slope², re-based with the columns, and adding ``2F·H`` to the cross
+cumulants) raised the predicted median skewness at the post-sum ReLUs from about half to
+65–80% of Monte-Carlo's (0.45/0.48 against 0.57/0.68 in the last stage), but moved the
+accuracy by ≤ 0.4 point (0.5234 → 0.5252 at η = 0.5, 0.6371 → 0.6330 with BatchNorm in
+the first layer only at η = 0.75; Monte-Carlo 0.4903 and 0.5634) for 30% more time
+per sweep. So the rest of the error is mostly not skewness; the candidates left are
+the excess kurtosis (below) and the correlation of gate flips across units (above). On
+a VGG with BatchNorm in
+its first layer only (relative η = 1.0) the pre-activations are negatively skewed
+(median −0.1 to −0.4) with excess kurtosis up to 0.95, and the Gaussian closure with
+Monte-Carlo's own mean and variance overestimates each ReLU's mean by 2–8.5%: a
+closure with the fourth cumulant would be needed there.
 
 At η = 0.4 (same model, 128 inputs, 150 draws; ``moments_diagnose.py --eta 0.4``):
 Monte-Carlo 0.814 ± 0.006, predicted 0.863 (+4.9 points); Gaussian logits with
