@@ -233,19 +233,20 @@ def _mechanisms(model, data, grid: dict, has_norm: bool) -> dict:
 
 def layer_gains(model, xg, yg) -> dict:
     """Per noisy layer ``l``: the first-order logit variance when only layer ``l``
-    gets relative noise at η = 1 (``diag J_l diag(u_l²) J_lᵀ``, docs/THEORY.md §3, from one
-    Jacobian pass of :func:`noiseprop.theory.linearize.jacobian_pass` per layer),
-    averaged over inputs and classes and divided by the clean logits' spread across
-    classes (mean squared deviation from each input's mean logit): the output noise
-    power per unit η² contributed by that layer."""
+    gets relative noise at η = 1 (``diag J_l diag(u_l²) J_lᵀ``, docs/THEORY.md §3: the
+    layer's exact share of one Jacobian pass of
+    :func:`noiseprop.theory.linearize.jacobian_pass` with ``per_layer=True``), averaged
+    over inputs and classes and divided by the clean logits' spread across classes (mean
+    squared deviation from each input's mean logit): the output noise power per unit η²
+    contributed by that layer."""
     unit = RelativeGaussian(1.0)
     with torch.inference_mode():
         clean = model(xg).double()
     spread = float(((clean - clean.mean(1, keepdim=True)) ** 2).mean())
-    gains = {}
-    for name in resolve_targets(model, None).names:
-        layer = name.rsplit(".", 1)[0]
-        lin = LinearizedNetwork(model, Targets(layers=(layer,)))
-        jp = jacobian_pass(lin, xg, lin.unit_scales(unit))
-        gains[layer] = float(torch.diagonal(jp.cov_unit, dim1=-2, dim2=-1).double().mean()) / spread
-    return gains
+    lin = LinearizedNetwork(model)
+    jp = jacobian_pass(lin, xg, lin.unit_scales(unit), per_layer=True)
+    layers = dict.fromkeys(name.rsplit(".", 1)[0] for name in resolve_targets(model, None).names)
+    shares = jp.layer_cov_unit
+    return {layer: (float(torch.diagonal(shares[layer], dim1=-2, dim2=-1).double().mean()) / spread
+                    if layer in shares else 0.0)  # a layer the inputs do not reach
+            for layer in layers}

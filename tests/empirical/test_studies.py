@@ -18,6 +18,7 @@ from noiseprop.empirical.studies.common import (
     eta_drop,
     finalise_findings,
     folding_factors,
+    layer_gains,
 )
 
 
@@ -56,6 +57,42 @@ def test_folding_factors_equal_the_closed_form():
     # log-normal gains of spread 0.7 over 16 channels: the closed form 1/C + (1 - 1/C) e^{4 tau^2}
     tau = f["0"]["log_gain_std"]
     assert f["0"]["lognormal"] == pytest.approx(1 / 16 + (15 / 16) * math.exp(4 * tau ** 2), rel=1e-9)
+
+
+def test_layer_gains_are_the_single_layer_first_order_variances():
+    """The per-layer gains (one Jacobian pass, each layer's exact share) equal, layer by
+    layer, a pass with only that layer noisy (weight and bias), over the clean logits'
+    spread; a layer the logits do not depend on has gain 0."""
+    from noiseprop.theory import RelativeGaussian, Targets
+    from noiseprop.theory.linearize import LinearizedNetwork, jacobian_pass
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(),
+                                      nn.Linear(48, 5))
+            self.unused = nn.Linear(5, 5)
+
+        def forward(self, x):
+            return self.body(x)
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    with torch.no_grad():
+        model.body[1].running_var.uniform_(0.5, 2.0)
+    x = torch.randn(6, 1, 4, 4)
+    y = torch.zeros(6, dtype=torch.int64)
+    gains = layer_gains(model, x, y)
+    with torch.no_grad():
+        clean = model(x).double()
+    spread = float(((clean - clean.mean(1, keepdim=True)) ** 2).mean())
+    assert gains["unused"] == 0.0
+    for layer in ("body.0", "body.4"):
+        lin = LinearizedNetwork(model, Targets(layers=(layer,)))
+        jp = jacobian_pass(lin, x, lin.unit_scales(RelativeGaussian(1.0)))
+        ref = float(torch.diagonal(jp.cov_unit, dim1=-2, dim2=-1).double().mean()) / spread
+        assert gains[layer] == pytest.approx(ref, rel=1e-6)
+        assert ref > 0
 
 
 # ----------------------------------------------------------------------------- verdicts
