@@ -102,25 +102,25 @@ class _ScaleBatchNorm(nn.Module):
                 f"{type(self).__name__}({self.num_features}) got an input with {x.shape[1]} channels"
             )
 
-    def _batch_scale(self, dev: torch.Tensor, dims: tuple, n: int) -> torch.Tensor:  # pragma: no cover - abstract
-        """Scale per channel from ``dev = x − μ`` (the input's layout; ``dims`` are the
-        batch and spatial dimensions, ``n`` elements per channel)."""
+    def _batch_scale(self, dev: torch.Tensor, n: int) -> torch.Tensor:  # pragma: no cover - abstract
+        """Scale per channel from ``dev`` = (x − μ) shaped [C, n]."""
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         shape = (1, -1) + (1,) * (x.dim() - 2)
         if self.training:
-            dims = (0,) + tuple(range(2, x.dim()))
-            n = x.numel() // x.shape[1]
+            c = x.shape[1]
+            flat = x.transpose(0, 1).reshape(c, -1)  # [C, n]: all elements of a channel
+            n = flat.shape[1]
             if n < 2:
                 raise ValueError(
                     f"{type(self).__name__}: expected more than 1 value per channel when training, "
                     f"got input shape {tuple(x.shape)}"
                 )
-            mean = x.mean(dim=dims)
-            dev = x - mean.reshape(shape)
-            scale = self._batch_scale(dev, dims, n)
+            mean = flat.mean(dim=1)
+            dev = flat - mean[:, None]
+            scale = self._batch_scale(dev, n)
             with torch.no_grad():
                 m = self.momentum
                 self.running_mean.mul_(1.0 - m).add_(mean.detach(), alpha=m)
@@ -129,15 +129,10 @@ class _ScaleBatchNorm(nn.Module):
         else:
             mean = self.running_mean
             scale = self.running_scale
-        # y = γ(x − μ)/(s + eps) + β written as the per-channel affine a·x + c: one pass
-        # over the input (and its gradient) instead of four
-        a = 1.0 / (scale + self.eps)
+        y = (x - mean.reshape(shape)) / (scale.reshape(shape) + self.eps)
         if self.affine:
-            a = a * self.weight
-        c = -mean * a
-        if self.affine:
-            c = c + self.bias
-        return torch.addcmul(c.reshape(shape), x, a.reshape(shape))
+            y = y * self.weight.reshape(shape) + self.bias.reshape(shape)
+        return y
 
     @torch.no_grad()
     def folding_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,9 +148,9 @@ class _ScaleBatchNorm(nn.Module):
 
 
 class _L1Mixin:
-    def _batch_scale(self, dev, dims, n):
+    def _batch_scale(self, dev, n):
         # √(π/2)·E|x−μ| = σ for Gaussian x (Hoffer et al. 2018, §5; Wu et al. 2018).
-        return math.sqrt(math.pi / 2.0) * dev.abs().mean(dim=dims)
+        return math.sqrt(math.pi / 2.0) * dev.abs().mean(dim=1)
 
 
 class _TopKMixin:
@@ -164,10 +159,9 @@ class _TopKMixin:
             raise ValueError(f"k must be a positive int, got {k!r}")
         self.k = k
 
-    def _batch_scale(self, dev, dims, n):
+    def _batch_scale(self, dev, n):
         k = min(self.k, n)
-        flat = dev.abs().transpose(0, 1).reshape(dev.shape[1], -1)  # [C, n]: all elements of a channel
-        top = torch.topk(flat, k, dim=1, largest=True, sorted=False).values
+        top = torch.topk(dev.abs(), k, dim=1, largest=True, sorted=False).values
         return topk_constant(n) * top.mean(dim=1)
 
     def extra_repr(self):

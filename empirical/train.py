@@ -71,7 +71,7 @@ __all__ = [
 
 #: Bumped whenever a change to the trainer changes the weights it produces; part of
 #: every cache key, so old cache entries are not reused.
-TRAINER_VERSION = 2
+TRAINER_VERSION = 1
 SCHEDULES = ("constant", "step", "cosine")
 CACHE_ENV = "NOISEPROP_CACHE_DIR"
 _EVAL_BATCH = 1024
