@@ -52,23 +52,31 @@ def test_exact_for_one_noisy_layer_before_relu():
     assert abs(float(q.logit_var.sum() / L.var(0).sum()) - 1) > 0.1
 
 
+class _Res(nn.Module):
+    """``h = fc1(x)``; ``fc2(relu h) + h``, or with ``head``: ``fc3(relu(relu h + fc2 h))``."""
+
+    def __init__(self, head: bool = False):
+        super().__init__()
+        self.fc1 = nn.Linear(4, 6)
+        self.relu = nn.ReLU()
+        self.fc2 = nn.Linear(6, 6)
+        self.head = head
+        if head:
+            self.relu2 = nn.ReLU()
+            self.fc3 = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        if self.head:
+            return self.fc3(self.relu2(self.relu(h) + self.fc2(h)))
+        return self.fc2(self.relu(h)) + h
+
+
 def test_exact_residual_correlation():
     """out = W2·relu(h) + h with h = (W1 + N) x: the skip and the branch are correlated
     (Cov(relu h, h) = Φ·Var h); exact in the shared-basis representation."""
-
-    class Res(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc1 = nn.Linear(4, 6)
-            self.relu = nn.ReLU()
-            self.fc2 = nn.Linear(6, 6)
-
-        def forward(self, x):
-            h = self.fc1(x)
-            return self.fc2(self.relu(h)) + h
-
     torch.manual_seed(3)
-    model = Res().eval()
+    model = _Res().eval()
     x = torch.randn(15, 4, generator=torch.Generator().manual_seed(4))
     y = torch.zeros(15, dtype=torch.int64)
     noise = RelativeGaussian(0.8)
@@ -86,22 +94,8 @@ def test_skewness_of_a_rectified_residual_sum_matches_monte_carlo():
     (the ReLU output's own plus the cross cumulants, ``rectified_cross_cumulants``), as
     the skewness the next ReLU's closure takes, is exact: against the sample third
     cumulant of 20 000 draws, each cell within 5 of its standard errors."""
-
-    class Res(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc1 = nn.Linear(4, 6)
-            self.relu = nn.ReLU()
-            self.fc2 = nn.Linear(6, 6)
-            self.relu2 = nn.ReLU()
-            self.fc3 = nn.Linear(6, 3)
-
-        def forward(self, x):
-            h = self.fc1(x)
-            return self.fc3(self.relu2(self.relu(h) + self.fc2(h)))
-
     torch.manual_seed(3)
-    model = Res().eval()
+    model = _Res(head=True).eval()
     x = torch.randn(10, 4, generator=torch.Generator().manual_seed(4))
     noise = RelativeGaussian(0.8)
     targets = Targets(layers=("fc1",))
