@@ -35,8 +35,9 @@ Two passes per chunk of inputs, over the network traced with ``torch.fx``.
      ``α = μ/s``, the exact Gaussian moments ``E[relu] = μΦ(α) + sφ(α)``, ``E[relu²] = (μ² + s²)Φ(α) + μsφ(α)`` (the mean shift
      from activation flips that the first order misses) and, exact for Gaussians
      (Price's theorem), ``Cov(relu(h), ·) = Φ(α) Cov(h, ·)``.
-   * Beyond the Gaussian, along residual connections: every ReLU output also carries its
-     third cumulant and its pre-activation ``(μ_a, s_a)``; a sum of a ReLU output and a
+   * Beyond the Gaussian, along residual connections: every ReLU output keeps its
+     pre-activation (mean, variance, third cumulant), from which its own third cumulant
+     is formed where a residual sum needs it; a sum of a ReLU output and a
      branch gets ``κ₃(r + b) = κ₃(r) + κ₃(b) + 3κ(r, r, b) + 3κ(r, b, b)`` with the
      cross cumulants of a rectified Gaussian (:func:`~.gaussian.rectified_cross_cumulants`,
      exact for jointly Gaussian ``a, b``; ``Cov(r, b)`` from the shared columns), and a
