@@ -134,7 +134,7 @@ Accuracy curves (``benchmarks/fidelity.py --checks curve --n 150 --curve-draws 1
 --methods moments``; error = predicted − Monte-Carlo, in points): MLP within 0.4 at
 every level to η = 1.4 (relative); VGG with BatchNorm within 0.6 to η = 0.4, +2.6 at
 0.5, +1.1 at 0.7 (earlier stops). Residual networks, before → after the rectified-skip
-closure (the same Monte-Carlo draws, run side by side): ResNet-20 within 0.4 to η = 0.2,
+closure (the same Monte-Carlo draws, run side by side): ResNet-20 within 0.45 to η = 0.2,
 then +1.8 → +1.7 (0.3), +4.2 → +3.6 (0.4), +6.1 → +4.2 (0.5) for relative noise with
 BatchNorm digital, +1.8/+4.4/+6.8 → +1.6/+3.7/+5.1 folded; relative-max +2.2/+5.8 →
 +2.0/+3.8 at η = 0.1/0.15 (folded +2.8/+6.9 → +2.5/+4.6); multiplicative
