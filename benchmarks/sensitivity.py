@@ -223,10 +223,9 @@ def budget_diag(models, draws):
 
     for name in models:
         model, x, y = _load(name)
-        b = noise_budget(model, x, y, "relative", max_drop=0.01, refine=None)
-        br = noise_budget(model, x, y, "relative", max_drop=0.01)
-        clean_acc = b.clean_accuracy
-        for which, level in (("first_order", b.level), ("refined", br.level)):
+        br = noise_budget(model, x, y, "relative", max_drop=0.01)  # carries the first-order root too
+        clean_acc = br.clean_accuracy
+        for which, level in (("first_order", br.first_order_level), ("refined", br.level)):
             noise = RelativeGaussian(level)
             lg = _mc_logits(model, x, noise, draws, 11)  # [D, N, C]
             acc_d = (lg.argmax(2) == y[None]).double().mean(1).numpy()

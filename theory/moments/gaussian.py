@@ -43,7 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["npdf", "ncdf", "relu_shape", "relu_moments", "relu_moments_skew", "relu_k3", "rectified_cross_cumulants",
+__all__ = ["npdf", "ncdf", "relu_shape", "relu_moments", "relu_moments_skew", "relu_k3", "skewness", "rectified_cross_cumulants",
            "SKEW_MAX", "clark_max", "smooth_moments", "smooth_relu",
            "smooth_max", "smooth_activation", "SMOOTH_ACTIVATIONS", "GH_NODES", "TINY"]
 
@@ -92,7 +92,16 @@ def _relu_core(mu: torch.Tensor, var: torch.Tensor):
     sa = torch.where(pos, s, torch.ones_like(s))
     alpha = torch.where(pos, mu / sa, torch.zeros_like(s))
     cdf, pdf, g, _ = relu_shape(alpha)
+    pdf = torch.where(pos, pdf, torch.zeros_like(s))
     return mu, var, s, pos, sa, alpha, cdf, pdf, g
+
+
+def _relu_gauss(mu, var, s, pos, cdf, pdf, g):
+    """The Gaussian closure from :func:`_relu_core`: ``(mean, var, slope)``."""
+    slope = torch.where(pos, cdf, (mu > 0).double())
+    mean = mu * slope + s * pdf
+    v = torch.where(pos, (var * (cdf + g)).clamp_min(0), torch.zeros_like(s))
+    return mean, v, slope
 
 
 def relu_moments(mu: torch.Tensor, var: torch.Tensor):
@@ -102,10 +111,7 @@ def relu_moments(mu: torch.Tensor, var: torch.Tensor):
 
     Test: ``test_relu_moments_against_quadrature``."""
     mu, var, s, pos, sa, alpha, cdf, pdf, g = _relu_core(mu, var)
-    slope = torch.where(pos, cdf, (mu > 0).double())
-    pdf = torch.where(pos, pdf, torch.zeros_like(s))
-    mean = mu * slope + s * pdf
-    v = torch.where(pos, (var * (cdf + g)).clamp_min(0), torch.zeros_like(s))
+    mean, v, slope = _relu_gauss(mu, var, s, pos, cdf, pdf, g)
     return mean, v, slope, s * pdf / 2, s
 
 
@@ -117,17 +123,25 @@ SKEW_MAX = 1.0
 _K3_ALPHA_MAX = 8.0
 
 
-def _skew(k3, pos, sa):
-    """γ₁ = κ₃/s³, zero where ``s`` is tiny, clipped to ``±SKEW_MAX``."""
+def skewness(k3: torch.Tensor | None, s: torch.Tensor) -> torch.Tensor:
+    """``γ₁ = κ₃/s³`` as the closure takes it: zero where ``s`` is below :data:`TINY` (or
+    ``k3`` is ``None``), clipped to ``±SKEW_MAX``."""
+    pos = s > TINY
     if k3 is None:
-        return torch.zeros_like(sa)
-    return torch.where(pos, k3.double() / (sa * sa * sa), torch.zeros_like(sa)).clamp(-SKEW_MAX, SKEW_MAX)
+        return torch.zeros_like(s)
+    sa = torch.where(pos, s, torch.ones_like(s))
+    return torch.where(pos, k3.to(s.dtype) / (sa * sa * sa), torch.zeros_like(s)).clamp(-SKEW_MAX, SKEW_MAX)
+
+
+def _skew_terms(s, al, pdf, g1):
+    """What the Gram–Charlier term adds to ``E relu`` and to the slope ``P(z > 0)``:
+    ``(−γ₁sαφ(α)/6, γ₁(α² − 1)φ(α)/6)``."""
+    return -g1 * s * al * pdf / 6, g1 * (al * al - 1) * pdf / 6
 
 
 def _relu_k3(pos, sa, al, cdf, pdf, g1):
     """The third cumulant of ``relu(z)`` under the Gram–Charlier density, in units of
     ``s`` (no cancellation for ``|α| ≤ _K3_ALPHA_MAX``; the identity / zero beyond)."""
-    pdf = torch.where(pos, pdf, torch.zeros_like(sa))
     m1 = al * cdf + pdf - g1 * al * pdf / 6
     e2 = (al * al + 1) * cdf + al * pdf + g1 * pdf / 3
     e3 = al ** 3 * cdf + 3 * al * al * pdf + 3 * al * (cdf - al * pdf) + (al * al + 2) * pdf + g1 * cdf
@@ -140,7 +154,7 @@ def relu_k3(mu: torch.Tensor, var: torch.Tensor, k3: torch.Tensor | None = None)
     """The third cumulant of ``relu(z)`` (the last output of :func:`relu_moments_skew`;
     ``k3 = None``: ``z`` Gaussian), float64."""
     mu, var, s, pos, sa, alpha, cdf, pdf, g = _relu_core(mu, var)
-    return _relu_k3(pos, sa, alpha, cdf, pdf, _skew(k3, pos, sa))
+    return _relu_k3(pos, sa, alpha, cdf, pdf, skewness(k3, s))
 
 
 def relu_moments_skew(mu: torch.Tensor, var: torch.Tensor, k3: torch.Tensor, with_k3: bool = True):
@@ -153,17 +167,14 @@ def relu_moments_skew(mu: torch.Tensor, var: torch.Tensor, k3: torch.Tensor, wit
 
     Test: ``test_relu_moments_skew_against_quadrature``."""
     mu, var, s, pos, sa, al, cdf, pdf, g = _relu_core(mu, var)
-    g1 = _skew(k3, pos, sa)
-    slope = torch.where(pos, cdf, (mu > 0).double())
-    pdf0 = torch.where(pos, pdf, torch.zeros_like(s))
-    mean = mu * slope + s * pdf0
-    v = torch.where(pos, (var * (cdf + g)).clamp_min(0), torch.zeros_like(s))
-    dm = -g1 * s * al * pdf0 / 6
-    de2 = g1 * var * pdf0 / 3
+    g1 = skewness(k3, s)
+    mean, v, slope = _relu_gauss(mu, var, s, pos, cdf, pdf, g)
+    dm, dslope = _skew_terms(s, al, pdf, g1)
+    de2 = g1 * var * pdf / 3
     var_out = (v + de2 - 2 * mean * dm - dm * dm).clamp_min(0)
-    slope_out = torch.where(pos, (slope + g1 * (al * al - 1) * pdf0 / 6).clamp(0, 1), slope)
+    slope_out = torch.where(pos, (slope + dslope).clamp(0, 1), slope)
     k3_out = _relu_k3(pos, sa, al, cdf, pdf, g1) if with_k3 else None
-    return mean + dm, var_out, slope_out, s * pdf0 / 2, s, k3_out
+    return mean + dm, var_out, slope_out, s * pdf / 2, s, k3_out
 
 
 def rectified_cross_cumulants(mu_a: torch.Tensor, s_a: torch.Tensor, c_rb: torch.Tensor, var_b: torch.Tensor):
@@ -311,9 +322,9 @@ def smooth_relu(z: torch.Tensor, s: torch.Tensor, g1: torch.Tensor | None = None
         val = z * cdf + ss * pdf
         slope = cdf
         if g1 is not None:
-            g = g1.to(z.dtype)
-            val = val - g * z * pdf / 6
-            slope = (slope + g * (a * a - 1) * pdf / 6).clamp(0, 1)
+            dm, dslope = _skew_terms(ss, a, pdf, g1.to(z.dtype))
+            val = val + dm
+            slope = (slope + dslope).clamp(0, 1)
         val = torch.where(pos, val, torch.relu(z))
         slope = torch.where(pos, slope, (z > 0).to(z.dtype))
     return _with_slopes(val, (z, slope))

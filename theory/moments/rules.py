@@ -21,8 +21,8 @@ from .._graph import is_relu, trace
 from ..linearize import LinearizedNetwork
 from ..noise import WeightNoise
 from ..targets import folding_affine, is_norm_layer
-from .gaussian import (SKEW_MAX, SMOOTH_ACTIVATIONS, clark_max, rectified_cross_cumulants, relu_k3, relu_moments,
-                       relu_moments_skew, smooth_moments)
+from .gaussian import (SMOOTH_ACTIVATIONS, clark_max, rectified_cross_cumulants, relu_k3, relu_moments,
+                       relu_moments_skew, skewness, smooth_moments)
 from .interpreter import GraphInterpreter, flatten_args
 from .lowrank import Dist, block_diag, generator, map_batched, pair, patch_gram, renormalise, top_eigh
 
@@ -619,10 +619,7 @@ class _MomentPass(GraphInterpreter):
         cols, rest, carried = self._hermite2(x.F, fsq_in, s, c2, excess)
         self.rec[self.cur] = {"s": s, "excess": [rest], "cols": [cols], "kind": kind}
         if k3_in is not None:  # the surrogate's smoothed ReLU takes the same skewness
-            pos = s > 0
-            ss = torch.where(pos, s, torch.ones_like(s))
-            self.rec[self.cur]["g1"] = torch.where(pos, k3_in / ss ** 3, torch.zeros_like(s)).clamp(-SKEW_MAX,
-                                                                                                   SKEW_MAX)
+            self.rec[self.cur]["g1"] = skewness(k3_in, s)
         # the new columns [slope·F; cols], written once; their row norms are known:
         # slope²‖F‖² + what the Hermite columns carry (no pass over the columns)
         Fn = None
