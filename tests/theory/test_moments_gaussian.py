@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy import integrate, special, stats
 
-from noiseprop.theory.moments.gaussian import (SMOOTH_ACTIVATIONS, clark_max, rectified_cross_cumulants,
+from noiseprop.theory.moments.gaussian import (SMOOTH_ACTIVATIONS, clark_max, max_k3, rectified_cross_cumulants,
                                                relu_moments, relu_moments_skew, relu_shape, smooth_activation,
                                                smooth_max, smooth_moments, smooth_relu)
 
@@ -86,7 +86,7 @@ def test_clark_max_against_quadrature(ma, mb, va, vb, rho):
     over D = a − b ~ N(Δ, θ²): max = b + relu(D), and b = μ_b + β(D − Δ) + (independent
     of D), β = Cov(b, D)/θ² (likewise a with γ = Cov(a, D)/θ²)."""
     cab = rho * math.sqrt(va * vb)
-    mean, var, pa, th, c2, ex = clark_max(_t(ma), _t(mb), _t(va), _t(vb), _t(cab))
+    mean, var, pa, th, c2, ex, g1 = clark_max(_t(ma), _t(mb), _t(va), _t(vb), _t(cab))
     dl, t2 = ma - mb, va + vb - 2 * cab
     t = math.sqrt(t2)
     beta, gamma = (cab - vb) / t2, (va - cab) / t2
@@ -208,9 +208,17 @@ def test_smoothed_functions_and_their_slopes():
     th = torch.tensor([0.7, 0.2], dtype=torch.float64)
     m = smooth_max(a, b, th)
     # with va = th², vb = 0: Clark's mean at these means
-    cm, _, pa, _, _, _ = clark_max(a.detach(), b.detach(), th * th, torch.zeros(2, dtype=torch.float64),
+    cm, _, pa, _, _, _, _ = clark_max(a.detach(), b.detach(), th * th, torch.zeros(2, dtype=torch.float64),
                                    torch.zeros(2, dtype=torch.float64))
     assert torch.allclose(m, cm)
+    ga, gb = torch.autograd.grad(m.sum(), (a, b))
+    assert torch.allclose(ga, pa) and torch.allclose(gb, 1 - pa)
+    # with the skewness of a − b: the Gram–Charlier mean and P(a > b) of the skewed clark_max
+    g1m = torch.tensor([0.6, -0.4], dtype=torch.float64)
+    m = smooth_max(a, b, th, g1m)
+    cm, _, pa, _, _, _, g1c = clark_max(a.detach(), b.detach(), th * th, torch.zeros(2, dtype=torch.float64),
+                                        torch.zeros(2, dtype=torch.float64), k3_a=g1m * th ** 3)
+    assert torch.allclose(g1c, g1m) and torch.allclose(m, cm)
     ga, gb = torch.autograd.grad(m.sum(), (a, b))
     assert torch.allclose(ga, pa) and torch.allclose(gb, 1 - pa)
     # with a skewness: the Gram–Charlier mean and P(z > 0) of relu_moments_skew
@@ -220,3 +228,66 @@ def test_smoothed_functions_and_their_slopes():
     assert torch.allclose(v, mean)
     (g,) = torch.autograd.grad(v.sum(), z)
     assert torch.allclose(g, slope)
+
+
+@pytest.mark.parametrize("ma,mb,va,vb,rho", [(0.3, -0.1, 1.0, 0.5, 0.4), (1.0, 1.0, 0.2, 0.2, -0.6),
+                                             (-2.0, 0.5, 0.3, 1.5, 0.9), (0.5, 0.0, 1.0, 2.0, 0.35)])
+def test_max_k3_against_quadrature(ma, mb, va, vb, rho):
+    """The third cumulant of max(a, b) for a bivariate Gaussian, reduced exactly to 1-D
+    quadrature over D = a − b: max − E max = X + e, X = β(D − Δ) + relu D + μ_b − E max
+    and e independent of D and Gaussian, so κ₃ = E X³ (E X = 0, E e = E e³ = 0)."""
+    cab = rho * math.sqrt(va * vb)
+    mean, var, pa, th, c2, ex, g1 = clark_max(_t(ma), _t(mb), _t(va), _t(vb), _t(cab))
+    dl, t2 = ma - mb, va + vb - 2 * cab
+    t = math.sqrt(t2)
+    beta = (cab - vb) / t2
+    m = float(mean)
+    k3_q = _expect(lambda z: (beta * (z - dl) + max(z, 0.0) + mb - m) ** 3, dl, t)
+    assert float(max_k3(_t(dl), th, _t(cab - vb), _t(vb))) == pytest.approx(k3_q, rel=1e-6, abs=1e-10)
+    # the moment pass takes it from clark_max's own intermediates
+    assert float(clark_max(_t(ma), _t(mb), _t(va), _t(vb), _t(cab), with_k3=True)[-1]) == pytest.approx(k3_q, rel=1e-6,
+                                                                                                         abs=1e-10)
+
+
+def _window_max_closure(mu, cov, skewed):
+    """The moment pass's pairwise maximum over a window (``((e₀ ∨ e₁) ∨ e₂) ∨ e₃``) from
+    the elements' means and covariance, with or without the running maximum's skewness."""
+    m, v, c, k3 = mu[:, 0], cov[:, 0, 0], cov[:, 0, :].clone(), None
+    for j in range(1, mu.shape[1]):
+        mean, var, pa, th, _, _, _, k3n = clark_max(m, mu[:, j], v, cov[:, j, j], c[:, j], k3, with_k3=True)
+        if skewed:
+            assert torch.allclose(k3n, max_k3(m - mu[:, j], th, c[:, j] - cov[:, j, j], cov[:, j, j], k3))
+            k3 = k3n
+        c = pa[:, None] * c + (1 - pa[:, None]) * cov[:, j, :]
+        m, v = mean, var
+    return m, v
+
+
+def test_skewed_window_max_is_closer_to_monte_carlo():
+    """Clark's pairwise maximum re-approximates the running maximum of a 2×2 window as
+    Gaussian at every step; carrying its third cumulant (:func:`max_k3`) into the next
+    step (the skewed :func:`clark_max`) brings the window maximum's variance closer to
+    the exact one (Monte-Carlo, 400 000 draws per window, on 40 windows of correlated
+    Gaussians like a convolution's outputs): the pooled error shrinks by more than three
+    of Monte-Carlo's standard errors, and so does the mean's."""
+    g = torch.Generator().manual_seed(4)
+    n, draws = 40, 400_000
+    A = torch.randn(n, 4, 4, generator=g, dtype=torch.float64)
+    cov = A @ A.mT / 4 + 0.6 * torch.ones(4, 4, dtype=torch.float64)  # positively correlated neighbours
+    mu = 0.5 * torch.randn(n, 4, generator=g, dtype=torch.float64)
+    L = torch.linalg.cholesky(cov)
+    mc_m, mc_v, se_m, se_v = [], [], [], []
+    for i in range(n):
+        z = torch.randn(draws, 4, generator=g, dtype=torch.float64) @ L[i].T + mu[i]
+        mx = z.max(1).values
+        c = mx - mx.mean()
+        mc_m.append(mx.mean()); mc_v.append(mx.var())
+        se_m.append(mx.std() / math.sqrt(draws)); se_v.append(((c ** 4).mean() - mx.var() ** 2).sqrt() / math.sqrt(draws))
+    mc_m, mc_v, se_m, se_v = (torch.stack(t) for t in (mc_m, mc_v, se_m, se_v))
+    m0, v0 = _window_max_closure(mu, cov, skewed=False)
+    m1, v1 = _window_max_closure(mu, cov, skewed=True)
+    se_vsum, se_msum = float(se_v.pow(2).sum().sqrt()), float(se_m.pow(2).sum().sqrt())
+    err_v0, err_v1 = float((v0 - mc_v).sum()), float((v1 - mc_v).sum())
+    err_m0, err_m1 = float((m0 - mc_m).sum()), float((m1 - mc_m).sum())
+    assert abs(err_v1) < abs(err_v0) - 3 * se_vsum, (err_v0, err_v1, se_vsum)
+    assert abs(err_m1) < abs(err_m0) - 3 * se_msum, (err_m0, err_m1, se_msum)

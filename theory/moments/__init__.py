@@ -47,6 +47,11 @@ Two passes per chunk of inputs, over the network traced with ``torch.fx``.
      as Gaussian (docs/THEORY.md §3, "rectified skips").
    * Max pooling: Clark's (1961) moments of the maximum of two correlated Gaussians,
      pairwise over the window, with ``Cov(max, ·) = Φ(α)Cov(h₁, ·) + Φ(−α)Cov(h₂, ·)``.
+     The maximum is skewed: each pairwise step also gives its third cumulant
+     (:func:`~.gaussian.max_k3`, exact for two Gaussians), which the next step's
+     ``relu(a − b)`` and the ReLU after the pool (a ``maxpool(relu(z))`` is traced as
+     ``relu(maxpool(z))``) take through the Gram–Charlier closure (docs/THEORY.md §3,
+     "skewed max-pooling").
    * Dropout and Identity (eval mode): the identity. Average pooling (also adaptive),
      ``mean``, flatten/view/reshape, slicing, zero padding, ``torch.cat`` and ``+``
      (residual, 1×1 projection shortcuts included): linear, applied to ``μ``, ``F`` and

@@ -23,7 +23,11 @@ moments of a nonlinearity of it. Each names its derivation and its test
   with ``Cov(a, b) = Cov(r, b)/Φ(α)``. A residual connection adds a rectified skip to a
   branch: its sum is skewed, ``κ₃(r + b) = κ₃(r) + κ₃(b) + 3κ(r, r, b) + 3κ(r, b, b)``.
 * :func:`clark_max`: Clark (1961), the maximum of two jointly Gaussian variables,
-  ``max(a, b) = b + relu(a − b)``, ``a − b ~ N(Δ, θ²)``.
+  ``max(a, b) = b + relu(a − b)``, ``a − b ~ N(Δ, θ²)``; with a skewed input (the
+  running maximum of a pooling window) the Gram–Charlier ``relu(a − b)``.
+* :func:`max_k3`: the third cumulant of that maximum, ``κ₃(relu(a − b)) + 3κ(r, r, b) +
+  3κ(r, b, b)`` (the cross cumulants of :func:`rectified_cross_cumulants` with
+  ``Cov(relu(a − b), b) = Φ·Cov(a − b, b)``), exact for jointly Gaussian ``a, b``.
 * :func:`smooth_moments`: any smooth activation (GELU, SiLU, tanh, sigmoid, softplus)
   by ``GH_NODES``-point Gauss–Hermite quadrature: ``E f``, ``E f²``, the expected slope
   ``E f'(z) = E[f(z)Z]/s`` (Stein) and ``c₂``.
@@ -43,7 +47,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["npdf", "ncdf", "relu_shape", "relu_moments", "relu_moments_skew", "relu_k3", "skewness", "rectified_cross_cumulants",
+__all__ = ["npdf", "ncdf", "relu_shape", "relu_moments", "relu_moments_skew", "relu_k3", "skewness", "rectified_cross_cumulants", "max_k3",
            "SKEW_MAX", "clark_max", "smooth_moments", "smooth_relu",
            "smooth_max", "smooth_activation", "SMOOTH_ACTIVATIONS", "GH_NODES", "TINY"]
 
@@ -142,12 +146,15 @@ def _skew_terms(s, al, pdf, g1):
 def _relu_k3(pos, sa, al, cdf, pdf, g1):
     """The third cumulant of ``relu(z)`` under the Gram–Charlier density, in units of
     ``s`` (no cancellation for ``|α| ≤ _K3_ALPHA_MAX``; the identity / zero beyond)."""
-    m1 = al * cdf + pdf - g1 * al * pdf / 6
-    e2 = (al * al + 1) * cdf + al * pdf + g1 * pdf / 3
-    e3 = al ** 3 * cdf + 3 * al * al * pdf + 3 * al * (cdf - al * pdf) + (al * al + 2) * pdf + g1 * cdf
-    k3 = sa ** 3 * (e3 - 3 * m1 * e2 + 2 * m1 ** 3)
-    k3 = torch.where(al > _K3_ALPHA_MAX, g1 * sa ** 3, torch.where(al < -_K3_ALPHA_MAX, torch.zeros_like(sa), k3))
-    return torch.where(pos, k3, torch.zeros_like(sa))
+    # E relu, E relu², E relu³ in units of s (E relu³ = Φ(α³ + 3α) + φ(α² + 2) + γ₁Φ)
+    a2, t, gp = al * al, al * cdf, g1 * pdf
+    m1 = t + pdf - gp * al / 6
+    e2 = (a2 + 1) * cdf + al * pdf + gp / 3
+    e3 = t * (a2 + 3) + pdf * (a2 + 2) + g1 * cdf
+    s3 = sa * sa * sa
+    k3 = s3 * (e3 - m1 * (3 * e2 - 2 * m1 * m1))
+    k3 = torch.where(al > _K3_ALPHA_MAX, g1 * s3, k3)
+    return torch.where(pos & (al >= -_K3_ALPHA_MAX), k3, torch.zeros_like(sa))
 
 
 def relu_k3(mu: torch.Tensor, var: torch.Tensor, k3: torch.Tensor | None = None) -> torch.Tensor:
@@ -201,18 +208,25 @@ def rectified_cross_cumulants(mu_a: torch.Tensor, s_a: torch.Tensor, c_rb: torch
     return rrb, rbb
 
 
-def clark_max(mu_a, mu_b, va, vb, cab):
+def clark_max(mu_a, mu_b, va, vb, cab, k3_a=None, k3_b=None, with_k3: bool = False):
     """Clark (1961): moments of ``max(a, b)`` for jointly Gaussian ``a, b`` (means
     ``mu_a, mu_b``, variances ``va, vb``, covariance ``cab``), float64.
 
     ``max(a, b) = b + relu(a − b)``, ``a − b ~ N(Δ, θ²)``, ``θ² = va + vb − 2cab``,
     ``α = Δ/θ``: ``E = μ_b + ΔΦ(α) + θφ(α)``; ``Var = v_b + θ²(Φ + g(α)) + 2Φ(c_ab − v_b)``
     (``Cov(b, relu(a − b)) = Φ·Cov(b, a − b)`` by Stein's lemma). Returns
-    ``(mean, var, pa, theta, c2, excess)``: ``pa = Φ(α)`` (so ``Cov(max, ·) =
+    ``(mean, var, pa, theta, c2, excess, g1)``: ``pa = Φ(α)`` (so ``Cov(max, ·) =
     Φ Cov(a, ·) + (1 − Φ) Cov(b, ·)``), ``c2 = θφ(α)/2`` the second Hermite coefficient
-    of ``relu(a − b)``, ``excess = θ²e(α)`` the variance the linear part misses.
+    of ``relu(a − b)``, ``excess`` the variance the linear part ``pa·a + (1 − pa)·b``
+    misses (``θ²e(α)``), ``g1`` the skewness of ``a − b`` the closure took (``None``:
+    Gaussian); ``with_k3``: also the output's third cumulant (:func:`max_k3`).
 
-    Test: ``test_clark_max_against_quadrature``."""
+    Beyond the Gaussian (the running maximum of a pooling window is skewed): with third
+    cumulants ``k3_a``/``k3_b``, ``a − b`` takes ``κ₃(a) − κ₃(b)`` and ``relu(a − b)`` the
+    one-term Gram–Charlier closure of :func:`relu_moments_skew` (its mean, variance and
+    slope ``pa = P(a > b)``), the covariance term ``2·pa·(c_ab − v_b)``.
+
+    Tests: ``test_clark_max_against_quadrature``, ``test_skewed_window_max_is_closer_to_monte_carlo``."""
     va, vb, cab = va.double(), vb.double(), cab.double()
     th2 = (va + vb - 2 * cab).clamp_min(0)
     th = th2.sqrt()
@@ -221,12 +235,57 @@ def clark_max(mu_a, mu_b, va, vb, cab):
     delta = mu_a.double() - mu_b.double()
     alpha = torch.where(pos, delta / ts, torch.zeros_like(th))
     cdf, pdf, g, exc = relu_shape(alpha)
-    pa = torch.where(pos, cdf, (delta >= 0).double())
     pdf = torch.where(pos, pdf, torch.zeros_like(th))
-    mean = mu_b.double() + delta * pa + th * pdf
-    v = (vb + th2 * torch.where(pos, cdf + g, torch.zeros_like(th)) + 2 * pa * (cab - vb)).clamp_min(0)
-    excess = torch.where(pos, th2 * exc, torch.zeros_like(th)).clamp_min(0)
-    return mean, v, pa, th, th * pdf / 2, excess
+    tie = (delta >= 0).double()
+    if k3_a is None and k3_b is None:
+        g1 = None
+        pa = torch.where(pos, cdf, tie)
+        mean = mu_b.double() + delta * pa + th * pdf
+        v = (vb + th2 * torch.where(pos, cdf + g, torch.zeros_like(th)) + 2 * pa * (cab - vb)).clamp_min(0)
+        excess = torch.where(pos, th2 * exc, torch.zeros_like(th)).clamp_min(0)
+    else:
+        g1 = skewness((0 if k3_a is None else k3_a.double()) - (0 if k3_b is None else k3_b.double()), th)
+        rm, rv, _ = _relu_gauss(delta, th2, th, pos, cdf, pdf, g)
+        dm, dslope = _skew_terms(th, alpha, pdf, g1)
+        rv = (rv + g1 * th2 * pdf / 3 - 2 * rm * dm - dm * dm).clamp_min(0)
+        pa = torch.where(pos, (cdf + dslope).clamp(0, 1), tie)
+        mean = mu_b.double() + rm + dm
+        v = (vb + rv + 2 * pa * (cab - vb)).clamp_min(0)
+        lin = pa * pa * va + (1 - pa) ** 2 * vb + 2 * pa * (1 - pa) * cab
+        excess = (v - lin).clamp_min(0)
+    out = (mean, v, pa, th, th * pdf / 2, excess, g1)
+    if with_k3:
+        out += (_max_k3(pos, ts, alpha, cdf, pdf, cab - vb, vb, g1, k3_b),)
+    return out
+
+
+def _max_k3(pos, ts, al, cdf, pdf, c_db, vb, g1, k3_b):
+    """:func:`max_k3` from :func:`clark_max`'s intermediates (``c_db = Cov(a − b, b)``)."""
+    k3_r = _relu_k3(pos, ts, al, cdf, pdf, torch.zeros_like(ts) if g1 is None else g1)
+    # rectified_cross_cumulants with Cov(relu d, b) = Φ·Cov(d, b): Cov(d, b) clipped to ±θ·sd(b)
+    lim = ts * vb.clamp_min(0).sqrt()
+    c = torch.maximum(torch.minimum(c_db.double(), lim), -lim)
+    rrb = 2 * c * ts * (al * cdf + pdf) * (1 - cdf)
+    rbb = c * c * pdf / ts
+    out = torch.where(pos, k3_r + 3 * rrb + 3 * rbb, torch.zeros_like(ts))
+    return out if k3_b is None else out + k3_b.double()
+
+
+def max_k3(delta, th, c_db, vb, k3_a=None, k3_b=None):
+    """The third cumulant of ``max(a, b) = b + relu(d)``, ``d = a − b`` (mean ``delta``,
+    std ``th``), with ``Cov(d, b) = c_db`` and ``Var b = vb``, float64:
+    ``κ₃(relu d) + κ₃(b) + 3κ(r, r, b) + 3κ(r, b, b)`` (the cross cumulants of
+    :func:`rectified_cross_cumulants`, ``Cov(r, b) = P(d > 0)·c_db``). Exact for jointly
+    Gaussian ``a, b``; where ``a`` or ``b`` carries a third cumulant (a running maximum
+    over a pooling window), ``d`` takes ``κ₃(a) − κ₃(b)`` and the cross cumulants stay
+    the Gaussian ones.
+
+    Test: ``test_max_k3_against_quadrature``."""
+    th = th.double()
+    k3_d = None if k3_a is None and k3_b is None else (
+        (0 if k3_a is None else k3_a.double()) - (0 if k3_b is None else k3_b.double()))
+    _, _, s, pos, sa, al, cdf, pdf, _ = _relu_core(delta, th * th)
+    return _max_k3(pos, sa, al, cdf, pdf, c_db, vb.double(), None if k3_d is None else skewness(k3_d, s), k3_b)
 
 
 # ----------------------------------------------------------------------------
@@ -330,16 +389,24 @@ def smooth_relu(z: torch.Tensor, s: torch.Tensor, g1: torch.Tensor | None = None
     return _with_slopes(val, (z, slope))
 
 
-def smooth_max(a: torch.Tensor, b: torch.Tensor, th: torch.Tensor) -> torch.Tensor:
+def smooth_max(a: torch.Tensor, b: torch.Tensor, th: torch.Tensor, g1: torch.Tensor | None = None) -> torch.Tensor:
     """Clark's ``E[max(A, B)]`` with ``θ = sd(A − B)`` fixed: ``aΦ(α) + bΦ(−α) + θφ(α)``,
     ``α = (a − b)/θ``; its derivatives are ``Φ(α)`` and ``Φ(−α)`` (attached directly, see
-    :func:`_with_slopes`; with ``θ = 0`` those of ``max``, ties split evenly)."""
+    :func:`_with_slopes`; with ``θ = 0`` those of ``max``, ties split evenly). With the
+    skewness ``g1`` of ``A − B`` (fixed), the Gram–Charlier mean of :func:`clark_max`."""
     with torch.no_grad():
         pos = th > TINY
         ts = torch.where(pos, th, torch.ones_like(th))
         al = (a - b) / ts
-        pa, pb = ncdf(al), ncdf(-al)
-        val = torch.where(pos, a * pa + b * pb + ts * npdf(al), torch.maximum(a, b))
+        pdf = npdf(al)
+        pa = ncdf(al)
+        val = a * pa + b * (1 - pa) + ts * pdf
+        if g1 is not None:
+            dm, dslope = _skew_terms(ts, al, pdf, g1.to(a.dtype))
+            val = val + dm
+            pa = (pa + dslope).clamp(0, 1)
+        pb = 1 - pa
+        val = torch.where(pos, val, torch.maximum(a, b))
         hard = (a > b).to(a.dtype) + 0.5 * (a == b).to(a.dtype)
         pa, pb = torch.where(pos, pa, hard), torch.where(pos, pb, 1.0 - hard)
     return _with_slopes(val, (a, pa), (b, pb))

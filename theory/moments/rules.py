@@ -670,7 +670,11 @@ class _MomentPass(GraphInterpreter):
         else:  # no columns, or the first order (the max of the means: no variance enters)
             fa = fb = cab = torch.zeros_like(a.mu)
         va, vb = (a.d + fa, b.d + fb) if not self.p.first_order else (fa, fb)
-        mean, v, pa, th, c2, excess = clark_max(a.mu, b.mu, va, vb, cab)
+        # beyond the Gaussian: the running maximum of a window is skewed; its third
+        # cumulant enters the next pairwise step and the ReLU after the pool
+        k3_a, k3_b = (None, None) if self.p.first_order else (third_cumulant(a), third_cumulant(b))
+        mean, v, pa, th, c2, excess, g1, k3 = clark_max(a.mu, b.mu, va, vb, cab, k3_a, k3_b, with_k3=True)
+        k3 = None if self.p.first_order else k3
         pa, th, c2, mean, v, excess = (t.to(dt) for t in (pa, th, c2, mean, v, excess))
         pb = 1 - pa
         if self.p.first_order or not K or self.p.h2_rank == 0:
@@ -678,8 +682,9 @@ class _MomentPass(GraphInterpreter):
         else:
             Fd = Fa - Fb
             cols, rest, _ = self._hermite2(Fd, (fa + fb - 2 * cab).clamp_min(0), th, c2, excess)
-        rec = self.rec.setdefault(self.cur, {"theta": [], "excess": [], "cols": []})
+        rec = self.rec.setdefault(self.cur, {"theta": [], "excess": [], "cols": [], "g1": []})
         rec["theta"].append(th)
+        rec["g1"].append(None if g1 is None else g1.to(dt))
         rec["excess"].append(rest)
         rec["cols"].append(cols)
         Fn = pa.unsqueeze(0) * Fa + pb.unsqueeze(0) * Fb if K else None
@@ -689,14 +694,15 @@ class _MomentPass(GraphInterpreter):
         if cols is not None:
             Fn = cols if Fn is None else torch.cat([Fn, cols])
             fsq = fsq + (cols * cols).sum(0)
-        return Dist(mean, Fn, (v - fsq).clamp_min(0))
+        return Dist(mean, Fn, (v - fsq).clamp_min(0), None if k3 is None else k3.to(dt))
 
     def _maxpool(self, node, x: Dist, kernel, stride, padding, dilation, ceil_mode):
         if pair(padding) != (0, 0) or pair(dilation) != (1, 1) or ceil_mode:
             raise self._unsupported(node, "max pooling with padding, dilation or ceil_mode")
         cur = None
+        k3 = third_cumulant(x)
         for sl in window_slices(*x.mu.shape[-2:], kernel, stride):
-            e = Dist(x.mu[sl], None if x.F is None else x.F[sl], x.d[sl])
+            e = Dist(x.mu[sl], None if x.F is None else x.F[sl], x.d[sl], None if k3 is None else k3[sl])
             cur = e if cur is None else self._max2(cur, e, max(cur.K, e.K))
         return cur
 

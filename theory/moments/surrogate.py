@@ -71,7 +71,7 @@ class _Surrogate(GraphInterpreter):
         if is_maxpool(node, self.modules) and rc is not None:
             m = self.modules.get(node.target) if node.op == "call_module" else None
             kernel, stride, *_ = maxpool_args(node, m, args, kwargs)
-            return self._maxpool(name, args[0], kernel, stride, rc["theta"])
+            return self._maxpool(name, args[0], kernel, stride, rc["theta"], rc.get("g1"))
         if node.op == "call_module":
             m = self.modules[node.target]
             if isinstance(m, (nn.Linear, nn.Conv2d)):
@@ -89,7 +89,7 @@ class _Surrogate(GraphInterpreter):
                 return val
         return self.plain(node, args, kwargs)
 
-    def _maxpool(self, name, x, kernel, stride, thetas):
+    def _maxpool(self, name, x, kernel, stride, thetas, g1s=None):
         cur = None
         rs = []
         for step, sl in enumerate(window_slices(*x.shape[-2:], kernel, stride)):
@@ -99,7 +99,8 @@ class _Surrogate(GraphInterpreter):
             else:
                 r = torch.zeros_like(el, requires_grad=True)
                 rs.append(r)
-                cur = smooth_max(cur, el, thetas[step - 1].to(x.dtype)) + r
+                g1 = None if not g1s or g1s[step - 1] is None else g1s[step - 1]
+                cur = smooth_max(cur, el, thetas[step - 1].to(x.dtype), g1) + r
         self.rtaps.append((name, rs))
         return cur
 
