@@ -45,7 +45,7 @@ import copy
 import math
 import time
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import numpy as np
@@ -94,11 +94,11 @@ class _Moments:
     alpha_mean: dict
 
 
-def _moments(lin: LinearizedNetwork, noise: WeightNoise) -> _Moments:
+def _moments(lin: LinearizedNetwork, noise: WeightNoise, sampled: dict | None = None) -> _Moments:
     mean, unit, raw_mean, cov_w, avar, amean = {}, {}, {}, {}, {}, {}
     for n, w in lin.target_params.items():
         if isinstance(noise, PCMLike) and noise.compensation:
-            eff = noise.effective_moments(w)
+            eff = noise.effective_moments(w, sampled=None if sampled is None else sampled[n])
             comp = eff["comp"]
             mean[n] = eff["mean"].to(w.dtype)
             unit[n] = (comp.alpha_mean * eff["raw"]["var"].sqrt()).to(w.dtype)
@@ -110,6 +110,23 @@ def _moments(lin: LinearizedNetwork, noise: WeightNoise) -> _Moments:
             mean[n] = noise.mean(w).to(w.dtype)
             unit[n] = noise.variance(w).clamp_min(0).sqrt().to(w.dtype)
     return _Moments(mean, unit, raw_mean, cov_w, avar, amean)
+
+
+def _moments_over_times(lin: LinearizedNetwork, noises: Sequence[HardwareNoise]) -> list[_Moments]:
+    """:func:`_moments` at every noise model of a curve. When they are one compensated
+    :class:`~noiseprop.theory.hardware.PCMLike` at several times, each layer's
+    compensation draws are made once for all the times
+    (:meth:`~noiseprop.theory.hardware.PCMLike.alpha_over_times`: the same numbers as
+    one time at a time)."""
+    first = noises[0] if noises else None
+    if len(noises) > 1 and isinstance(first, PCMLike) and first.compensation and all(
+            isinstance(nz, PCMLike) and replace(nz, t=0.0) == replace(first, t=0.0) for nz in noises):
+        per_time = [{} for _ in noises]
+        for n, w in lin.target_params.items():
+            for k, st in enumerate(first.alpha_over_times(w, [nz.t for nz in noises])):
+                per_time[k][n] = st
+        return [_moments(lin, nz, st) for nz, st in zip(noises, per_time)]
+    return [_moments(lin, nz) for nz in noises]
 
 
 def _at(lin: LinearizedNetwork, point: dict) -> LinearizedNetwork:
@@ -454,7 +471,7 @@ def _predict_models(model, x, y, noises: Sequence[HardwareNoise], targets, linea
     check_labels(y, clean.shape[1])
     clean_loss = float(F.cross_entropy(clean, y))
     clean_acc = float((clean.argmax(1) == y).double().mean())
-    moments = [_moments(lin, nz) for nz in noises]
+    moments = _moments_over_times(lin, noises)
     shared = None
     if linearize_at == "programmed":  # one pass at the programmed weights serves every time
         facs = [_drift_factors(lin, mo) for mo in moments]

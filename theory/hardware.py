@@ -369,11 +369,18 @@ class PCMLike(HardwareNoise):
         z1, z2, z3 = z.unbind(z.dim() - len(tail))
         g_t, m = _device_targets(w, self.per)
         g_p = (g_t + self._sigma_prog(g_t) * z1).clamp_min(0)
+        return g_p, self._read(*self._time_free(g_t, g_p, z2, z3)), m
+
+    def _time_free(self, g_t, g_p, z2, z3):
+        """What the read conductance needs that does not depend on ``t``: ``(g_P, |μ_ν +
+        σ_ν z₂|, Q(g_P)·z₃)``."""
         mu, sd = self._drift_params(g_t)
-        nu = self.drift_scale * (mu + sd * z2).abs()
-        g_d = g_p * torch.exp(-nu * self.log_drift_time)
-        g = (g_d + g_d * _q_read(g_p) * self.read_factor * z3).clamp_min(0)
-        return g_p, g, m
+        return g_p, (mu + sd * z2).abs(), _q_read(g_p) * z3
+
+    def _read(self, g_p, nu0, qz3):
+        """``g(t) = max(0, g_D(1 + c·Q(g_P)z₃))``, ``g_D = g_P e^{−k_ν ν₀ λ}`` at this ``t``."""
+        g_d = g_p * torch.exp(-(self.drift_scale * self.log_drift_time) * nu0)
+        return (g_d + g_d * (qz3 * self.read_factor)).clamp_min(0)
 
     def apply(self, w, z):
         g_p, g, m = self.conductances(w, z)
@@ -450,7 +457,7 @@ class PCMLike(HardwareNoise):
                     cov=(cov_dev[0] + cov_dev[1]) * k * k)
 
     def compensation_moments(self, w: torch.Tensor, raw: dict | None = None,
-                             draws: int | None = None) -> CompensationMoments:
+                             draws: int | None = None, sampled: tuple | None = None) -> CompensationMoments:
         """Expectation and variance of the layer's ``α = A/B`` and ``Cov(α, W_ij)``
         (derivation ``hardware.compensation``).
 
@@ -471,7 +478,10 @@ class PCMLike(HardwareNoise):
         ``E|W|`` and the covariances of ``|W|`` use a Gaussian approximation of each
         element with its exact mean and variance (``Cov(|X|, Y) = κ_X Cov(X, Y)``,
         :func:`_abs_moments`); the error is confined to elements within a few s.d. of
-        zero and enters ``α`` through a layer mean."""
+        zero and enters ``α`` through a layer mean.
+
+        ``sampled``: ``(Ā, B̄, E α, Var α)`` already drawn for this layer and time
+        (:meth:`alpha_over_times`), used instead of drawing them again."""
         draws = ALPHA_DRAWS if draws is None else check_int("draws", draws, 0)
         raw = self.raw_moments(w) if raw is None else raw
         n = raw["mean"].numel()
@@ -480,8 +490,8 @@ class PCMLike(HardwareNoise):
         a_bar, b_bar = float(ea_p.mean()), float(ea.mean())
         if a_bar <= 0 or b_bar <= 0:
             return CompensationMoments(1.0, 0.0, torch.zeros_like(raw["mean"]))
-        if draws:  # the layer's own α from draws of the device model
-            a_bar, b_bar, mean, var = self._alpha_sampled(w, draws)
+        if sampled is not None or draws:  # the layer's own α from draws of the device model
+            a_bar, b_bar, mean, var = sampled if sampled is not None else self._alpha_sampled(w, draws)[0]
             ratio = mean
         else:
             var_abs_p = (raw["prog_var"] + raw["prog_mean"] ** 2 - ea_p ** 2).clamp_min(0)
@@ -495,37 +505,63 @@ class PCMLike(HardwareNoise):
         cov_w = ratio * (k_p * raw["cov"] / (n * a_bar) - k * raw["var"] / (n * b_bar))
         return CompensationMoments(float(mean), float(var), cov_w)
 
-    def _alpha_sampled(self, w: torch.Tensor, draws: int) -> tuple[float, float, float, float]:
-        """``(Ā, B̄, E α, Var α)`` of one layer from ``K`` draws of its devices (no network
+    def _alpha_sampled(self, w: torch.Tensor, draws: int, times: tuple = ()) -> list[tuple[float, float, float, float]]:
+        """``[(Ā, B̄, E α, Var α)]`` of one layer from ``K`` draws of its devices (no network
         evaluation; ``K = clip(ALPHA_SAMPLE_ELEMENTS // n, draws, 16·draws)`` for ``n``
         weights, so a small layer, whose ``α`` varies most, gets more), seeded by
-        :data:`ALPHA_SEED`: the same draws at every time, so a curve over times is smooth."""
+        :data:`ALPHA_SEED`: the same draws at every time, so a curve over times is smooth.
+        The first entry is at ``self.t``, then one per further time in ``times``, all from
+        the same draws (the programmed conductances, ``Ā`` and the time-free parts of the
+        read conductance are formed once)."""
         n = w.numel()
         k = int(min(16 * draws, max(draws, ALPHA_SAMPLE_ELEMENTS // max(n, 1))))
         g = torch.Generator(device=w.device).manual_seed(ALPHA_SEED)
         wd = w.detach().double()
+        g_t, m = _device_targets(wd, self.per)
+        scale = m / G_MAX
+        models = [self] + [replace(self, t=float(t)) for t in times]
         step = max(1, (1 << 21) // max(n, 1))  # draws evaluated together (bounded memory)
-        a_s, b_s = [], []
+        a_s, b_s = [], [[] for _ in models]
         for i in range(0, k, step):
             z = torch.stack([self.draw(wd, g) for _ in range(min(step, k - i))])  # the same numbers as one by one
-            g_p, g_r, m = self.conductances(wd, z)
-            scale = m / G_MAX
+            z1, z2, z3 = z.unbind(1)
+            g_p = (g_t + self._sigma_prog(g_t) * z1).clamp_min(0)
             a_s.append(((g_p[:, 0] - g_p[:, 1]) * scale).abs().reshape(z.shape[0], -1).mean(1))
-            b_s.append(((g_r[:, 0] - g_r[:, 1]) * scale).abs().reshape(z.shape[0], -1).mean(1))
-        a, b = torch.cat(a_s), torch.cat(b_s)
-        alpha = torch.where(b > 0, a / torch.where(b > 0, b, torch.ones_like(b)), torch.ones_like(b))
-        return float(a.mean()), float(b.mean()), float(alpha.mean()), float(alpha.var()) if k > 1 else 0.0
+            free = self._time_free(g_t, g_p, z2, z3)
+            for bs, q in zip(b_s, models):
+                g_r = q._read(*free)
+                bs.append(((g_r[:, 0] - g_r[:, 1]) * scale).abs().reshape(z.shape[0], -1).mean(1))
+        a = torch.cat(a_s)
+        out = []
+        for bs in b_s:
+            b = torch.cat(bs)
+            alpha = torch.where(b > 0, a / torch.where(b > 0, b, torch.ones_like(b)), torch.ones_like(b))
+            out.append((float(a.mean()), float(b.mean()), float(alpha.mean()), float(alpha.var()) if k > 1 else 0.0))
+        return out
 
-    def effective_moments(self, w: torch.Tensor) -> dict:
+    def alpha_over_times(self, w: torch.Tensor, times, draws: int | None = None) -> list[tuple]:
+        """The sampled compensation statistics ``(Ā, B̄, E α, Var α)`` of one layer at each
+        of ``times`` (this model otherwise), from one set of draws: what
+        :meth:`compensation_moments` draws at each time separately, the same numbers.
+        Pass each as ``sampled=``."""
+        _check_weight(w)
+        draws = ALPHA_DRAWS if draws is None else check_int("draws", draws, 1)
+        times = [float(t) for t in times]
+        if not times:
+            return []
+        return replace(self, t=times[0])._alpha_sampled(w, draws, tuple(times[1:]))
+
+    def effective_moments(self, w: torch.Tensor, sampled: tuple | None = None) -> dict:
         """Per-element moments of the weight the network uses (``α W(t)`` with
         compensation, else ``W(t)``), plus the compensation statistics: ``mean``,
         ``var``, ``raw`` (:meth:`raw_moments`) and ``comp`` (:class:`CompensationMoments`
         or ``None``). With compensation, ``E[αW] = E α E W + Cov(α, W)`` and, to first
-        order, ``Var(αW) = (Eα)² Var W + (E W)² Var α + 2 Eα E W Cov(α, W)``."""
+        order, ``Var(αW) = (Eα)² Var W + (E W)² Var α + 2 Eα E W Cov(α, W)``. ``sampled``:
+        see :meth:`compensation_moments`."""
         raw = self.raw_moments(w)
         if not self.compensation:
             return dict(mean=raw["mean"], var=raw["var"], raw=raw, comp=None)
-        comp = self.compensation_moments(w, raw)
+        comp = self.compensation_moments(w, raw, sampled=sampled)
         a = comp.alpha_mean
         mean = a * raw["mean"] + comp.cov_w
         var = (a * a * raw["var"] + raw["mean"] ** 2 * comp.alpha_var + 2 * a * raw["mean"] * comp.cov_w).clamp_min(0)

@@ -251,3 +251,25 @@ def test_common_random_numbers_and_rng():
 def test_bad_input(make, name):
     with pytest.raises(ValueError, match=name):
         make()
+
+
+def test_alpha_over_times_equals_each_time_drawn_alone():
+    """A curve over times makes each layer's compensation draws once
+    (``alpha_over_times``): the statistics equal those of ``compensation_moments`` drawn
+    at each time alone (the same seeded numbers), and so do the effective moments that
+    take them (``sampled=``)."""
+    w = torch.randn(8, 3, 3, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 0.1
+    nz = PCMLike(prog_noise_scale=1.5, drift_scale=1.5, read_noise_scale=1.5)
+    times = [1.0, 3600.0, 3.15e7]
+    stats = nz.alpha_over_times(w, times)
+    assert len(stats) == 3
+    for t, st in zip(times, stats):
+        one = nz.with_level(t)
+        alone = one.compensation_moments(w)
+        shared = one.compensation_moments(w, sampled=st)
+        assert shared.alpha_mean == pytest.approx(alone.alpha_mean, rel=1e-12)
+        assert shared.alpha_var == pytest.approx(alone.alpha_var, rel=1e-10)
+        assert torch.allclose(shared.cov_w, alone.cov_w, rtol=1e-12, atol=0)
+        assert torch.allclose(one.effective_moments(w, sampled=st)["var"], one.effective_moments(w)["var"], rtol=1e-12)
+    assert stats[0][2] != stats[2][2]  # the statistics do move with time
+    assert nz.alpha_over_times(w, []) == []
