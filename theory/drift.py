@@ -275,6 +275,11 @@ def _fast_pass(lin_pt: LinearizedNetwork, x: torch.Tensor, units: Sequence[dict]
                         s = x2 @ (u[pname] ** 2).to(x2.dtype).T  # [B, out]
                         cv += torch.einsum("abo,cbo,bo->bac", dl, dl, s).double()
                     _tangent_products(mod, pname, calls, None, tangents, jt_c, dirs, z_c, draws)
+                elif _element_gram_cheaper(mod, calls, c0, len(units), sum(pname in tg for tg in tangents) + draws):
+                    t, dl = calls[0]  # small feature map: the per-sample Jacobian is never formed
+                    for cv, term in zip(cov_c, _conv_element_cov(t, dl, [u[pname] for u in units])):
+                        cv += term
+                    _tangent_products(mod, pname, calls, None, tangents, jt_c, dirs, z_c, draws)
                 else:
                     J = None
                     for t, dl in calls:
@@ -298,6 +303,44 @@ def _fast_pass(lin_pt: LinearizedNetwork, x: torch.Tensor, units: Sequence[dict]
     return ([torch.cat(c) for c in covs], [torch.cat(j) for j in jts], torch.cat(zs) if zs else None)
 
 
+def _element_gram_cheaper(mod: nn.Module, calls, num_classes: int, num_units: int, num_maps: int) -> bool:
+    """Whether :func:`_conv_element_cov` (and a convolution per tangent or draw) costs
+    less than forming the per-sample Jacobian ``J [C, P]`` and its products, for a
+    convolution called once with ``L`` output positions: per input and weight element,
+    ``U·L² + L·T`` against ``C·L + U·C² + C·T`` multiply-adds (``U`` scale maps, ``T``
+    tangents and draws, ``C`` classes): the small feature maps of deep layers."""
+    if not isinstance(mod, nn.Conv2d) or len(calls) != 1:
+        return False
+    t, dl = calls[0]
+    L = dl[0, 0].numel() // mod.out_channels
+    C, U, T = num_classes, num_units, num_maps
+    return U * L * L + L * T < C * L + U * C * C + C * T
+
+
+def _conv_element_cov(tap, delta: torch.Tensor, scales: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """``J diag(u_k²) Jᵀ`` ``[B, C, C]`` (float64) of a convolution's weight for every
+    per-element scale map ``u_k``, without the per-sample Jacobian: with ``J_{a,(o,j)} =
+    Σ_p δ_{a,o,p} X_{j,p}`` (``X`` the unfolded input patches), ``Σ_{o,j} u²_{oj} J_{a,oj}
+    J_{c,oj} = Σ_o Σ_{p,q} δ_{a,o,p} δ_{c,o,q} G_{o,pq}``, ``G_{o,pq} = Σ_j u²_{oj} X_{j,p}
+    X_{j,q}`` (the Gram route of :func:`~noiseprop.theory.linearize.tap_covariance`, with
+    the scale inside the patch Gram matrix because it varies within an output channel)."""
+    m = tap.module
+    C, B = delta.shape[:2]
+    O, g = m.out_channels, m.groups
+    X = F.unfold(tap.x, kernel_size=m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
+    L = X.shape[-1]
+    X = X.reshape(B, g, -1, L)  # [B, g, Jp, L]
+    XX = (X.unsqueeze(-1) * X.unsqueeze(-2)).reshape(B, g, X.shape[2], L * L)  # [B, g, Jp, L²]
+    d = delta.reshape(C, B, O, L)
+    out = []
+    for u in scales:
+        u2 = (u.reshape(g, O // g, -1) ** 2).to(X.dtype)  # [g, O/g, Jp]
+        G = torch.matmul(u2.unsqueeze(0), XX).reshape(B, O, L, L)  # [B, g, O/g, L²] → per output channel
+        T = torch.einsum("abop,bopq->baoq", d, G)
+        out.append(torch.einsum("baoq,cboq->bac", T, d).double())
+    return out
+
+
 def _tangent_products(mod, pname, calls, J, tangents, jt_c, dirs, z_c, draws) -> None:
     """Add ``J t`` for every tangent with a share in this layer (into ``jt_c``) and the
     draws ``J (u ⊙ ξ_k)`` (into ``z_c``): from the per-sample Jacobian ``J [B, C, P]`` when it
@@ -316,15 +359,20 @@ def _tangent_products(mod, pname, calls, J, tangents, jt_c, dirs, z_c, draws) ->
         if z_c is not None:
             z_c += out[:, :, len(idx):]
         return
-    for k in idx:
-        for t, dl in calls:
-            o = _layer_op(mod, t.x, tangents[k][pname])
-            jt_c[k] += torch.einsum("cb...,b...->bc", dl, o).double()
-    if z_c is not None:
-        for t, dl in calls:
-            for k in range(draws):
-                o = _layer_op(mod, t.x, dirs[pname][k])
-                z_c[:, :, k] += torch.einsum("cb...,b...->bc", dl, o).double()
+    ws = [tangents[k][pname] for k in idx] + ([dirs[pname][k] for k in range(draws)] if z_c is not None else [])
+    if not ws:
+        return
+    for t, dl in calls:
+        if isinstance(mod, nn.Conv2d) and mod.groups > 1:  # stacked kernels would change the grouping
+            out = torch.stack([torch.einsum("cb...,b...->bc", dl, _layer_op(mod, t.x, w)) for w in ws], -1)
+        else:  # every tangent and draw in one map: [B, T·out, …] → [B, C, T]
+            o = _layer_op(mod, t.x, torch.cat(ws)).reshape((t.x.shape[0], len(ws)) + tuple(dl.shape[2:]))
+            out = torch.einsum("cb...,bt...->bct", dl, o)
+        out = out.double()
+        for j, k in enumerate(idx):
+            jt_c[k] += out[:, :, j]
+        if z_c is not None:
+            z_c += out[:, :, len(idx):]
 
 
 def _comp_tangents(mo: _Moments, factors: dict | None = None) -> list[dict]:

@@ -286,3 +286,40 @@ def test_fast_pass_draws_and_tangents_from_the_jacobian():
         delta = {nm: tg.get(nm, torch.zeros_like(p)) for nm, p in lin.target_params.items()}
         f0, fl = lin.linearized_logits(x, delta)
         assert torch.allclose(jt, fl - f0, rtol=1e-9, atol=1e-12)
+
+
+def test_fast_pass_gram_route_on_small_feature_maps():
+    """On a small feature map (2×2 outputs, here also grouped) the tap-based pass takes
+    the per-element patch-Gram route (no per-sample Jacobian) and one stacked map for the
+    tangents and draws: its covariances for six scale maps, its tangent products and its
+    draws equal jacobian_pass + forward-mode products (and jvp for the draws)."""
+    from noiseprop.theory import drift as D
+
+    g = torch.Generator().manual_seed(2)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 6, 3, padding=1),
+                        nn.ReLU(), nn.Conv2d(6, 6, 3, padding=1, groups=2), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(24, 10)).double().eval()
+    x = torch.randn(9, 1, 4, 4, generator=g, dtype=torch.float64)
+    lin = D.LinearizedNetwork(net)
+    mos = [D._moments(lin, PCMLike(t=t, prog_noise_scale=2.0)) for t in TIMES]
+    units = [m.unit for m in mos]
+    tangents = D._comp_tangents(mos[2])
+    taken = []
+    orig = D._conv_element_cov
+    D._conv_element_cov = lambda *a: taken.append(a[0].name) or orig(*a)
+    try:
+        fast = D._fast_pass(lin, x, units, tangents, 3, 5, 4)
+    finally:
+        D._conv_element_cov = orig
+    assert set(taken) == {"3", "5"}  # both 2×2 convolutions, not the 4×4 one
+    slow = D._slow_derivatives(lin, x, units, tangents, 0, 0, 4, 4)
+    for a, b in zip(fast[0], slow[0]):
+        assert torch.allclose(a, b.double(), rtol=1e-9, atol=1e-12)
+    for a, b in zip(fast[1], slow[1]):
+        assert torch.allclose(a, b.double(), rtol=1e-9, atol=1e-12)
+    gen = torch.Generator().manual_seed(5)
+    dirs = {nm: torch.randn((3,) + tuple(p.shape), generator=gen, dtype=p.dtype) * units[0][nm]
+            for nm, p in lin.target_params.items()}
+    for k in range(3):
+        f0, fl = lin.linearized_logits(x, {nm: dirs[nm][k] for nm in lin.names})
+        assert torch.allclose(fast[2][:, :, k], fl - f0, rtol=1e-9, atol=1e-12)
