@@ -17,6 +17,14 @@ linearisation point ``θ*``:
   by the other layers' drift (:func:`_drift_factors`): one pass of derivatives serves
   the whole curve (``jacobian_pass(..., extra_units=...)``).
 
+The derivative pass (:func:`_fast_pass`) takes each Linear/Conv2d weight from the
+signals backpropagated to its output: a convolution with a large feature map forms its
+per-sample Jacobian once and contracts it with every scale map, tangent and draw; one
+with a small feature map (:func:`_element_gram_cheaper`) never forms it
+(:func:`_conv_element_cov`: the per-element scale inside the patch Gram matrix, the
+tangents and draws through one stacked convolution). Each layer's compensation draws
+are made once for the whole curve (:meth:`~noiseprop.theory.hardware.PCMLike.alpha_over_times`).
+
 With global drift compensation the layer weight is ``α W`` with the layer scalar
 ``α`` random; to first order ``δ(αW) = ᾱ δW + E[W] δα``, so the layer's share of the
 logit covariance is
