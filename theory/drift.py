@@ -319,7 +319,7 @@ def _element_gram_cheaper(mod: nn.Module, calls, num_classes: int, num_units: in
     tangents and draws, ``C`` classes): the small feature maps of deep layers."""
     if not isinstance(mod, nn.Conv2d) or len(calls) != 1:
         return False
-    t, dl = calls[0]
+    dl = calls[0][1]
     L = dl[0, 0].numel() // mod.out_channels
     C, U, T = num_classes, num_units, num_maps
     return U * L * L + L * T < C * L + U * C * C + C * T

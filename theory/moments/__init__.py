@@ -142,7 +142,8 @@ every level to η = 1.4 (relative); VGG with BatchNorm within 0.6 to η = 0.4, +
 max-pooling (the same Monte-Carlo draws, run side by side): relative +1.40/+5.06 →
 +1.25/+3.86 at η = 0.5/0.7 with BatchNorm digital, +1.39/+4.22 → +1.23/+3.05 folded;
 relative-max +3.16 → +2.40 (digital) and +4.44 → +3.32 (folded) at η = 0.15;
-multiplicative +2.46/+4.93 → +2.27/+3.74 at η = 0.5/0.7 (folded the same within 0.05). Residual networks, before → after the rectified-skip
+multiplicative +2.46/+4.93 → +2.27/+3.74 at η = 0.5/0.7 (folded the same within 0.05).
+Residual networks, before → after the rectified-skip
 closure (the same Monte-Carlo draws, run side by side): ResNet-20 within 0.45 to η = 0.2,
 then +1.8 → +1.7 (0.3), +4.2 → +3.6 (0.4), +6.1 → +4.2 (0.5) for relative noise with
 BatchNorm digital, +1.8/+4.4/+6.8 → +1.6/+3.7/+5.1 folded; relative-max +2.2/+5.8 →

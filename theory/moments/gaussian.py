@@ -47,7 +47,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["npdf", "ncdf", "relu_shape", "relu_moments", "relu_moments_skew", "relu_k3", "skewness", "rectified_cross_cumulants", "max_k3",
+__all__ = ["npdf", "ncdf", "relu_shape", "relu_moments", "relu_moments_skew", "relu_k3", "skewness",
+           "rectified_cross_cumulants", "max_k3",
            "SKEW_MAX", "clark_max", "smooth_moments", "smooth_relu",
            "smooth_max", "smooth_activation", "SMOOTH_ACTIVATIONS", "GH_NODES", "TINY"]
 
