@@ -368,8 +368,12 @@ class PCMLike(HardwareNoise):
             raise ValueError(f"PCM draws must have shape {tail} (after any batch axes), got {tuple(z.shape)}")
         z1, z2, z3 = z.unbind(z.dim() - len(tail))
         g_t, m = _device_targets(w, self.per)
-        g_p = (g_t + self._sigma_prog(g_t) * z1).clamp_min(0)
+        g_p = self._programmed(g_t, z1)
         return g_p, self._read(*self._time_free(g_t, g_p, z2, z3)), m
+
+    def _programmed(self, g_t, z1):
+        """``g_P = max(0, g_T + σ_P z₁)``."""
+        return (g_t + self._sigma_prog(g_t) * z1).clamp_min(0)
 
     def _time_free(self, g_t, g_p, z2, z3):
         """What the read conductance needs that does not depend on ``t``: ``(g_P, |μ_ν +
@@ -525,7 +529,7 @@ class PCMLike(HardwareNoise):
         for i in range(0, k, step):
             z = torch.stack([self.draw(wd, g) for _ in range(min(step, k - i))])  # the same numbers as one by one
             z1, z2, z3 = z.unbind(1)
-            g_p = (g_t + self._sigma_prog(g_t) * z1).clamp_min(0)
+            g_p = self._programmed(g_t, z1)
             a_s.append(((g_p[:, 0] - g_p[:, 1]) * scale).abs().reshape(z.shape[0], -1).mean(1))
             free = self._time_free(g_t, g_p, z2, z3)
             for bs, q in zip(b_s, models):

@@ -86,7 +86,7 @@ def test_clark_max_against_quadrature(ma, mb, va, vb, rho):
     over D = a − b ~ N(Δ, θ²): max = b + relu(D), and b = μ_b + β(D − Δ) + (independent
     of D), β = Cov(b, D)/θ² (likewise a with γ = Cov(a, D)/θ²)."""
     cab = rho * math.sqrt(va * vb)
-    mean, var, pa, th, c2, ex, g1 = clark_max(_t(ma), _t(mb), _t(va), _t(vb), _t(cab))
+    mean, var, pa, th, c2, ex, g1, _ = clark_max(_t(ma), _t(mb), _t(va), _t(vb), _t(cab))
     dl, t2 = ma - mb, va + vb - 2 * cab
     t = math.sqrt(t2)
     beta, gamma = (cab - vb) / t2, (va - cab) / t2
@@ -208,7 +208,7 @@ def test_smoothed_functions_and_their_slopes():
     th = torch.tensor([0.7, 0.2], dtype=torch.float64)
     m = smooth_max(a, b, th)
     # with va = th², vb = 0: Clark's mean at these means
-    cm, _, pa, _, _, _, _ = clark_max(a.detach(), b.detach(), th * th, torch.zeros(2, dtype=torch.float64),
+    cm, _, pa, _, _, _, _, _ = clark_max(a.detach(), b.detach(), th * th, torch.zeros(2, dtype=torch.float64),
                                    torch.zeros(2, dtype=torch.float64))
     assert torch.allclose(m, cm)
     ga, gb = torch.autograd.grad(m.sum(), (a, b))
@@ -216,7 +216,7 @@ def test_smoothed_functions_and_their_slopes():
     # with the skewness of a − b: the Gram–Charlier mean and P(a > b) of the skewed clark_max
     g1m = torch.tensor([0.6, -0.4], dtype=torch.float64)
     m = smooth_max(a, b, th, g1m)
-    cm, _, pa, _, _, _, g1c = clark_max(a.detach(), b.detach(), th * th, torch.zeros(2, dtype=torch.float64),
+    cm, _, pa, _, _, _, g1c, _ = clark_max(a.detach(), b.detach(), th * th, torch.zeros(2, dtype=torch.float64),
                                         torch.zeros(2, dtype=torch.float64), k3_a=g1m * th ** 3)
     assert torch.allclose(g1c, g1m) and torch.allclose(m, cm)
     ga, gb = torch.autograd.grad(m.sum(), (a, b))
@@ -237,7 +237,7 @@ def test_max_k3_against_quadrature(ma, mb, va, vb, rho):
     quadrature over D = a − b: max − E max = X + e, X = β(D − Δ) + relu D + μ_b − E max
     and e independent of D and Gaussian, so κ₃ = E X³ (E X = 0, E e = E e³ = 0)."""
     cab = rho * math.sqrt(va * vb)
-    mean, var, pa, th, c2, ex, g1 = clark_max(_t(ma), _t(mb), _t(va), _t(vb), _t(cab))
+    mean, var, pa, th, c2, ex, g1, _ = clark_max(_t(ma), _t(mb), _t(va), _t(vb), _t(cab))
     dl, t2 = ma - mb, va + vb - 2 * cab
     t = math.sqrt(t2)
     beta = (cab - vb) / t2

@@ -144,6 +144,15 @@ def _skew_terms(s, al, pdf, g1):
     return -g1 * s * al * pdf / 6, g1 * (al * al - 1) * pdf / 6
 
 
+def _relu_skew(mu, var, s, pos, al, cdf, pdf, g, g1):
+    """The one-term Gram–Charlier closure from :func:`_relu_core`: ``(mean, var, slope)``
+    (:func:`_relu_gauss` plus the skewness terms; slope ``P(z > 0)``, clipped to [0, 1])."""
+    mean, v, slope = _relu_gauss(mu, var, s, pos, cdf, pdf, g)
+    dm, dslope = _skew_terms(s, al, pdf, g1)
+    var_out = (v + g1 * var * pdf / 3 - 2 * mean * dm - dm * dm).clamp_min(0)
+    return mean + dm, var_out, torch.where(pos, (slope + dslope).clamp(0, 1), slope)
+
+
 def _relu_k3(pos, sa, al, cdf, pdf, g1):
     """The third cumulant of ``relu(z)`` under the Gram–Charlier density, in units of
     ``s`` (no cancellation for ``|α| ≤ _K3_ALPHA_MAX``; the identity / zero beyond)."""
@@ -176,13 +185,9 @@ def relu_moments_skew(mu: torch.Tensor, var: torch.Tensor, k3: torch.Tensor, wit
     Test: ``test_relu_moments_skew_against_quadrature``."""
     mu, var, s, pos, sa, al, cdf, pdf, g = _relu_core(mu, var)
     g1 = skewness(k3, s)
-    mean, v, slope = _relu_gauss(mu, var, s, pos, cdf, pdf, g)
-    dm, dslope = _skew_terms(s, al, pdf, g1)
-    de2 = g1 * var * pdf / 3
-    var_out = (v + de2 - 2 * mean * dm - dm * dm).clamp_min(0)
-    slope_out = torch.where(pos, (slope + dslope).clamp(0, 1), slope)
+    mean, var_out, slope = _relu_skew(mu, var, s, pos, al, cdf, pdf, g, g1)
     k3_out = _relu_k3(pos, sa, al, cdf, pdf, g1) if with_k3 else None
-    return mean + dm, var_out, slope_out, s * pdf / 2, s, k3_out
+    return mean, var_out, slope, s * pdf / 2, s, k3_out
 
 
 def rectified_cross_cumulants(mu_a: torch.Tensor, s_a: torch.Tensor, c_rb: torch.Tensor, var_b: torch.Tensor):
@@ -195,17 +200,21 @@ def rectified_cross_cumulants(mu_a: torch.Tensor, s_a: torch.Tensor, c_rb: torch
     ``b' = βa' + e`` (``e`` independent of ``a``) and applying it twice,
     ``κ(r, b, b) = β²E[r a'²] − β²s_a²E r = Cov(a, b)²φ(α)/s_a``.
     Test: ``test_rectified_cross_cumulants_against_quadrature``."""
-    mu_a, s_a, c_rb, var_b = mu_a.double(), s_a.double(), c_rb.double(), var_b.double().clamp_min(0)
+    mu_a, s_a, c_rb = mu_a.double(), s_a.double(), c_rb.double()
     pos = s_a > TINY
     ss = torch.where(pos, s_a, torch.ones_like(s_a))
     al = torch.where(pos, mu_a / ss, torch.zeros_like(s_a))
     cdf, pdf = ncdf(al), npdf(al)
-    lim = ss * var_b.sqrt()
     cov_ab = torch.where(cdf > 0, c_rb / cdf.clamp_min(1e-300), torch.zeros_like(c_rb))
-    cov_ab = torch.maximum(torch.minimum(cov_ab, lim), -lim)
-    mean_r = ss * (al * cdf + pdf)
-    rrb = torch.where(pos, 2 * cov_ab * mean_r * ncdf(-al), torch.zeros_like(s_a))
-    rbb = torch.where(pos, cov_ab * cov_ab * pdf / ss, torch.zeros_like(s_a))
+    return _cross_cumulants(pos, ss, al, cdf, pdf, cov_ab, var_b)
+
+
+def _cross_cumulants(pos, ss, al, cdf, pdf, cov_ab, var_b):
+    """:func:`rectified_cross_cumulants` from ``Cov(a, b)`` (clipped to ``±s_a·sd(b)``)."""
+    lim = ss * var_b.double().clamp_min(0).sqrt()
+    cov_ab = torch.maximum(torch.minimum(cov_ab.double(), lim), -lim)
+    rrb = torch.where(pos, 2 * cov_ab * ss * (al * cdf + pdf) * ncdf(-al), torch.zeros_like(ss))
+    rbb = torch.where(pos, cov_ab * cov_ab * pdf / ss, torch.zeros_like(ss))
     return rrb, rbb
 
 
@@ -216,11 +225,12 @@ def clark_max(mu_a, mu_b, va, vb, cab, k3_a=None, k3_b=None, with_k3: bool = Fal
     ``max(a, b) = b + relu(a − b)``, ``a − b ~ N(Δ, θ²)``, ``θ² = va + vb − 2cab``,
     ``α = Δ/θ``: ``E = μ_b + ΔΦ(α) + θφ(α)``; ``Var = v_b + θ²(Φ + g(α)) + 2Φ(c_ab − v_b)``
     (``Cov(b, relu(a − b)) = Φ·Cov(b, a − b)`` by Stein's lemma). Returns
-    ``(mean, var, pa, theta, c2, excess, g1)``: ``pa = Φ(α)`` (so ``Cov(max, ·) =
+    ``(mean, var, pa, theta, c2, excess, g1, k3)``: ``pa = Φ(α)`` (so ``Cov(max, ·) =
     Φ Cov(a, ·) + (1 − Φ) Cov(b, ·)``), ``c2 = θφ(α)/2`` the second Hermite coefficient
     of ``relu(a − b)``, ``excess`` the variance the linear part ``pa·a + (1 − pa)·b``
     misses (``θ²e(α)``), ``g1`` the skewness of ``a − b`` the closure took (``None``:
-    Gaussian); ``with_k3``: also the output's third cumulant (:func:`max_k3`).
+    Gaussian), ``k3`` the output's third cumulant (:func:`max_k3`) if ``with_k3``, else
+    ``None``.
 
     Beyond the Gaussian (the running maximum of a pooling window is skewed): with third
     cumulants ``k3_a``/``k3_b``, ``a − b`` takes ``κ₃(a) − κ₃(b)`` and ``relu(a − b)`` the
@@ -246,28 +256,20 @@ def clark_max(mu_a, mu_b, va, vb, cab, k3_a=None, k3_b=None, with_k3: bool = Fal
         excess = torch.where(pos, th2 * exc, torch.zeros_like(th)).clamp_min(0)
     else:
         g1 = skewness((0 if k3_a is None else k3_a.double()) - (0 if k3_b is None else k3_b.double()), th)
-        rm, rv, _ = _relu_gauss(delta, th2, th, pos, cdf, pdf, g)
-        dm, dslope = _skew_terms(th, alpha, pdf, g1)
-        rv = (rv + g1 * th2 * pdf / 3 - 2 * rm * dm - dm * dm).clamp_min(0)
-        pa = torch.where(pos, (cdf + dslope).clamp(0, 1), tie)
-        mean = mu_b.double() + rm + dm
+        rm, rv, pa = _relu_skew(delta, th2, th, pos, alpha, cdf, pdf, g, g1)
+        pa = torch.where(pos, pa, tie)
+        mean = mu_b.double() + rm
         v = (vb + rv + 2 * pa * (cab - vb)).clamp_min(0)
         lin = pa * pa * va + (1 - pa) ** 2 * vb + 2 * pa * (1 - pa) * cab
         excess = (v - lin).clamp_min(0)
-    out = (mean, v, pa, th, th * pdf / 2, excess, g1)
-    if with_k3:
-        out += (_max_k3(pos, ts, alpha, cdf, pdf, cab - vb, vb, g1, k3_b),)
-    return out
+    k3 = _max_k3(pos, ts, alpha, cdf, pdf, cab - vb, vb, g1, k3_b) if with_k3 else None
+    return mean, v, pa, th, th * pdf / 2, excess, g1, k3
 
 
 def _max_k3(pos, ts, al, cdf, pdf, c_db, vb, g1, k3_b):
     """:func:`max_k3` from :func:`clark_max`'s intermediates (``c_db = Cov(a − b, b)``)."""
     k3_r = _relu_k3(pos, ts, al, cdf, pdf, torch.zeros_like(ts) if g1 is None else g1)
-    # rectified_cross_cumulants with Cov(relu d, b) = Φ·Cov(d, b): Cov(d, b) clipped to ±θ·sd(b)
-    lim = ts * vb.clamp_min(0).sqrt()
-    c = torch.maximum(torch.minimum(c_db.double(), lim), -lim)
-    rrb = 2 * c * ts * (al * cdf + pdf) * (1 - cdf)
-    rbb = c * c * pdf / ts
+    rrb, rbb = _cross_cumulants(pos, ts, al, cdf, pdf, c_db, vb)  # Cov(d, b) itself: no division by Φ
     out = torch.where(pos, k3_r + 3 * rrb + 3 * rbb, torch.zeros_like(ts))
     return out if k3_b is None else out + k3_b.double()
 

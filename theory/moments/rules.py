@@ -673,8 +673,8 @@ class _MomentPass(GraphInterpreter):
         # beyond the Gaussian: the running maximum of a window is skewed; its third
         # cumulant enters the next pairwise step and the ReLU after the pool
         k3_a, k3_b = (None, None) if self.p.first_order else (third_cumulant(a), third_cumulant(b))
-        mean, v, pa, th, c2, excess, g1, k3 = clark_max(a.mu, b.mu, va, vb, cab, k3_a, k3_b, with_k3=True)
-        k3 = None if self.p.first_order else k3
+        mean, v, pa, th, c2, excess, g1, k3 = clark_max(a.mu, b.mu, va, vb, cab, k3_a, k3_b,
+                                                       with_k3=not self.p.first_order)
         pa, th, c2, mean, v, excess = (t.to(dt) for t in (pa, th, c2, mean, v, excess))
         pb = 1 - pa
         if self.p.first_order or not K or self.p.h2_rank == 0:
