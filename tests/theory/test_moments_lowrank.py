@@ -34,6 +34,28 @@ def test_top_eigh_exact_and_randomised():
         assert torch.allclose(Gm @ U, U * w.unsqueeze(-2), atol=1e-3 * float(w0.max()))
 
 
+def test_top_eigh_orthonormal_in_float32():
+    # a float32 Gram with a fast-decaying spectrum (as a convolution's patch Gram), the
+    # randomised path asked for as many pairs as there are units (r + OVERSAMPLE >= L):
+    # every eigenvector has norm 1 (or 0: a direction below the iteration's resolution,
+    # whose true eigenvalue is then negligible), they are orthogonal, and the eigenvalues
+    # match float64's (before the fix: norms up to 2.5)
+    g = torch.Generator().manual_seed(3)
+    L, k = 64, 72
+    A = torch.randn(3, L, k, generator=g, dtype=torch.float64) * torch.logspace(0, -4, k, dtype=torch.float64)
+    Gd = A @ A.mT
+    for r in (4, 40, 54, 64):
+        w, U = top_eigh(Gd.float(), r)
+        assert w.dtype == U.dtype == torch.float32
+        UU = (U.mT @ U).double()
+        norms = torch.diagonal(UU, dim1=-2, dim2=-1)
+        unit = (norms - 1).abs() < 1e-5
+        assert bool((unit | (norms < 1e-12)).all()) and bool(unit[:, :4].all())
+        assert float((UU - torch.diag_embed(norms)).abs().max()) < 1e-5
+        w0 = torch.linalg.eigvalsh(Gd).flip(-1)[..., :r]
+        assert float((w.double() - w0).abs().max()) < 1e-5 * float(w0.max())
+
+
 def test_renormalise_sets_each_units_variance_and_dist_algebra():
     g = torch.Generator().manual_seed(2)
     Fm = torch.randn(5, 2, 7, generator=g, dtype=torch.float64)
