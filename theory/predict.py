@@ -47,6 +47,7 @@ from .flatness import HessianOperator, _trace_probes, loss_increase_gauss_newton
 from .hashing import inputs_fingerprint, tensor_digest
 from .linearize import JacobianPass, LinearizedNetwork, jacobian_pass, piecewise_linear, structure_memo
 from .moments import DEFAULT_H2_RANK, MomentPropagator, propagate_moments
+from .moments.head import MIXTURE_NODES, mixture_correct_probability
 from .noise import MAX_LEVEL, WeightNoise, parse_noise
 from .results import LogitResult
 from .validation import check_bool, check_int, check_levels, check_seed, probe_logits
@@ -659,10 +660,11 @@ def _memo(base: _Base, key, make):
 
 
 def _finish(base: _Base, noise: WeightNoise, method: str, mean: torch.Tensor, cov: torch.Tensor, keep_cov: bool,
-            extra_diag: dict, warns: list, t0: float, n_points: int, seed: int) -> Prediction:
+            extra_diag: dict, warns: list, t0: float, n_points: int, seed: int, head: tuple | None = None) -> Prediction:
     """The :class:`Prediction` at ``noise``'s level from the logit moments: ``cov`` is the
     unit covariance for ``method="linear"`` (:func:`_linear_moments`), else the
-    covariance at the level."""
+    covariance at the level. ``head``: the output layer's scale-mixture terms
+    (:mod:`.moments.head`; the accuracy integrates the mixture instead of Gaussian logits)."""
     y = base.y
     lvl = float(noise.level)
     linear = method == "linear"
@@ -678,7 +680,10 @@ def _finish(base: _Base, noise: WeightNoise, method: str, mean: torch.Tensor, co
     else:
         mean = mean.double().cpu()
         cov = cov.double().cpu()
-        p, lo, hi = correct_probability(mean, cov, y_acc, n_points=n_points, seed=seed)
+        if head is not None:
+            p, lo, hi = mixture_correct_probability(mean, cov, head, y_acc, n_points=n_points, seed=seed)
+        else:
+            p, lo, hi = correct_probability(mean, cov, y_acc, n_points=n_points, seed=seed)
     trunc_diag = {}
     if sel is not None:
         idx, jpf = base.trunc_check
@@ -774,8 +779,10 @@ def _moments(base: _Base, noise: WeightNoise, rank, spatial_rank, h2_rank, momen
     res = propagate_moments(base.lin, base.x, noise, chunk_size=moment_chunk, propagator=propagator)
     diag = {"preact_frac": res.preact_frac, "preact_source": "moment propagation, all inputs",
             "compression_loss": res.compression_loss, "rank": res.rank, "spatial_rank": res.spatial_rank,
-            "h2_rank": propagator.h2_rank}
-    return res.mean, res.cov, diag, propagator
+            "h2_rank": propagator.h2_rank,
+            "accuracy_model": ("gaussian" if res.head is None
+                               else f"output-layer scale mixture ({MIXTURE_NODES} Gauss-Hermite nodes)")}
+    return res.mean, res.cov, diag, propagator, res.head
 
 
 @dataclass(frozen=True)
@@ -814,10 +821,11 @@ def _predict_one(base: _Base, noise: WeightNoise, run: _Run, seed: int, t0: floa
         mean, c = _linear_moments(base)  # unit covariance: _finish scales it
         extra = {}
     else:
-        mean, c, extra, propagator = _moments(base, noise, run.rank, run.spatial_rank, run.h2_rank, run.moment_chunk,
-                                               propagator)
+        mean, c, extra, propagator, head = _moments(base, noise, run.rank, run.spatial_rank, run.h2_rank,
+                                                     run.moment_chunk, propagator)
     extra["derivative_pass"] = "cached" if cached else "computed"
-    return _finish(base, noise, run.method, mean, c, run.cov, extra, warns, t0, run.n_points, seed), propagator
+    return _finish(base, noise, run.method, mean, c, run.cov, extra, warns, t0, run.n_points, seed,
+                   head=head if run.method != "linear" else None), propagator
 
 
 def _sweep(base: _Base, noise: WeightNoise, lv: np.ndarray, run: _Run, seed: int, t0: float, cached: bool,

@@ -86,14 +86,21 @@ Two passes per chunk of inputs, over the network traced with ``torch.fx``.
    smoothed gates; the low-rank pass only supplies per-unit variances and local
    correlations. At small noise the surrogate is the network itself and the result is
    the linear method's.
+3. **Accuracy.** Where the logits are a noisy Linear layer's output, they are Gaussian
+   only given that layer's input ``h``: their scale ``v_c = Σ_j s_cj h_j²`` moves with
+   ``h``. ``predict`` integrates this scale mixture (:mod:`.head`: Isserlis' moments of
+   ``v`` and its covariance with the logits from the moment pass's ``h``, Gauss–Hermite
+   along ``v``'s dominant direction) instead of taking the logits as Gaussian
+   (``diagnostics["accuracy_model"]`` says which; docs/THEORY.md §7).
 
 Package layout: :mod:`.gaussian` (the closed forms: ReLU moments, Clark's max, Hermite
 coefficients, Gauss–Hermite moments of smooth activations; each tested against
 ``scipy.integrate.quad``), :mod:`.lowrank` (the ``μ + Fξ + √d ζ`` representation and its
 algebra), :mod:`.interpreter` (the one graph walker both passes use), :mod:`.rules` (the
 moment pass: one rule per layer kind), :mod:`.surrogate` (the surrogate pass and the
-covariance). Defaults: ``rank = 32``, ``spatial_rank = 4`` (:data:`DEFAULT_RANK`,
-:data:`DEFAULT_SPATIAL_RANK`, the same in ``predict``).
+covariance), :mod:`.head` (the output layer's scale mixture). Defaults: ``rank = 32``,
+``spatial_rank = 4`` (:data:`DEFAULT_RANK`, :data:`DEFAULT_SPATIAL_RANK`, the same in
+``predict``).
 
 Measured limits (zoo ResNet-20, width 8, BatchNorm, trained on digits; relative noise
 η = 0.3; 200 test inputs, 200 Monte-Carlo draws, MC accuracy 0.918 ± 0.002;

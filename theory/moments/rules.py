@@ -202,6 +202,17 @@ class MomentPropagator:
                 self.affines[node.target] = (a.to(dtype), c.to(dtype))
         self.noise_var: dict[str, torch.Tensor] = {}
         self._set_noise(noise)
+        self.head, self.head_target = self._find_head()
+
+    def _find_head(self) -> tuple:
+        """``(graph node, module path)`` of the output layer when the logits are a Linear
+        layer's output (for :mod:`.head`'s scale mixture), else ``(None, None)``."""
+        out = next((n for n in self.graph.nodes if n.op == "output"), None)
+        node = out.args[0] if out is not None and out.args else None
+        if (isinstance(node, fx.Node) and node.op == "call_module"
+                and isinstance(self.modules.get(node.target), nn.Linear)):
+            return node.name, node.target
+        return None, None
 
     def _swap_relu_maxpool(self):
         """Rewrite ``maxpool(relu(z))`` as ``relu(maxpool(z))`` (equal: the max commutes
@@ -363,12 +374,16 @@ class _MomentPass(GraphInterpreter):
         bv = self.p.noise_var.get(name + ".bias")
         if wv is None and bv is None:
             return Dist(mu, Fy, d)
+        if self.cur == self.p.head and not self.p.first_order:  # its input, for the scale mixture
+            src = None if x.src is None or x.src[0].shape != x.mu.shape else (x.src[0].clone(), x.src[1].clone())
+            self.rec.setdefault(self.cur, {})["head"] = (x.mu.clone(), None if x.F is None else x.F.clone(),
+                                                          x.d.clone(), src)
         # new noise: Var(δy_i) = Σ_j σ_ij² E[x_j²] (+ σ_b,i²)
         v = torch.zeros_like(mu)
         if wv is not None:
             xv = torch.zeros_like(x.mu) if self.p.first_order else x.var()
             vpert = xv @ wv.T  # the noise acting on the input's perturbation: Σ_j σ_ij² Var(x_j)
-            self.rec[self.cur] = {"vpert": vpert}
+            self.rec.setdefault(self.cur, {})["vpert"] = vpert
             v = v + (x.mu * x.mu) @ wv.T + vpert
         if bv is not None:
             v = v + bv

@@ -19,6 +19,7 @@ from ..linearize import (DEFAULT_JACOBIAN_BUDGET, PASS_CHUNK_CAP, LinearizedNetw
 from ..noise import WeightNoise
 from ..validation import check_bool
 from .gaussian import SMOOTH_ACTIVATIONS, smooth_activation, smooth_max, smooth_relu
+from .head import head_terms
 from .interpreter import GraphInterpreter
 from .rules import MomentPropagator, activation_kind, is_maxpool, maxpool_args, window_slices
 
@@ -33,7 +34,9 @@ class MomentResult:
     propagation, and diagnostics: for every ReLU input, the fraction of units whose
     predicted noise std exceeds their mean magnitude (``preact_frac``), and the share
     of variance moved into the diagonal part by compression (``compression_loss``).
-    ``cov`` is ``None`` when only the mean was asked for (``mean_only=True``)."""
+    ``cov`` is ``None`` when only the mean was asked for (``mean_only=True``). ``head``:
+    the output layer's scale-mixture terms ``(E v, c_m, c_v)`` (:mod:`.head`), each
+    ``[N, C]``, when the logits are a noisy Linear layer's output, else ``None``."""
 
     mean: torch.Tensor
     cov: torch.Tensor | None
@@ -42,6 +45,7 @@ class MomentResult:
     compression_loss: float
     rank: int
     spatial_rank: int
+    head: tuple | None = None
 
 
 class _Surrogate(GraphInterpreter):
@@ -208,7 +212,9 @@ def propagate_moments(lin: LinearizedNetwork, x: torch.Tensor, noise: WeightNois
     for n in lin.names:
         mname, _, pname = n.rpartition(".")
         params.setdefault(mname, []).append(pname)
-    means, covs = [], []
+    means, covs, heads = [], [], []
+    hname, tgt = prop.head, prop.head_target
+    hw = hname is not None and not prop.first_order and prop.noise_var.get(f"{tgt}.weight") is not None
     pre_count = pre_exceed = None
     lost = total = 0.0
     mdt = lin.dtype
@@ -228,6 +234,10 @@ def propagate_moments(lin: LinearizedNetwork, x: torch.Tensor, noise: WeightNois
         total += st["total"]
         if mean_only:
             continue
+        if hw:
+            hm, hF, hd, hsrc = rec[hname]["head"]
+            heads.append(head_terms(hm, hF, hd, prop.weights[tgt][0], prop.noise_var[f"{tgt}.weight"],
+                                    prop.noise_var.get(f"{tgt}.bias"), src=hsrc))
         sur = _Surrogate(prop, rec)
         with torch.enable_grad():
             out = sur.run(xb.to(mdt))
@@ -252,4 +262,5 @@ def propagate_moments(lin: LinearizedNetwork, x: torch.Tensor, noise: WeightNois
     frac = (sum(pre_exceed) / sum(pre_count)) if pre_count and sum(pre_count) else 0.0
     return MomentResult(mean=torch.cat(means), cov=None if mean_only else torch.cat(covs), preact_frac=float(frac),
                         preact_frac_per_layer=per_layer, compression_loss=float(lost / total) if total > 0 else 0.0,
-                        rank=prop.rank, spatial_rank=prop.spatial_rank)
+                        rank=prop.rank, spatial_rank=prop.spatial_rank,
+                        head=tuple(torch.cat(t) for t in zip(*heads)) if heads else None)
