@@ -13,7 +13,7 @@ from noiseprop.empirical.montecarlo import monte_carlo
 from noiseprop.empirical.train import train
 from noiseprop.theory import RelativeGaussian, predict
 from noiseprop.theory.accuracy import correct_probability
-from noiseprop.theory.moments.head import head_terms, mixture_correct_probability, rectified_square_variance
+from noiseprop.theory.moments.head import MAX_SHARE, head_terms, mixture_correct_probability, rectified_square_variance
 
 
 
@@ -141,3 +141,29 @@ def test_head_mixture_on_a_trained_mlp_closes_most_of_the_gaussian_gap():
     gap = gauss - mc.accuracy
     assert abs(gap) > 5 * se
     assert abs(p.accuracy - mc.accuracy) < 0.5 * abs(gap) + 3 * se
+
+
+def test_mixture_caps_the_mean_coupling_to_what_the_logits_carry():
+    # c_m is shrunk to MAX_SHARE of Cov(m) = Σ_L − diag(E v), and dropped along a
+    # direction Cov(m) lacks, so every conditional covariance stays a covariance
+    g = torch.Generator().manual_seed(6)
+    N, C = 3, 4
+    mean = torch.randn(N, C, generator=g, dtype=torch.float64)
+    ev = torch.ones(N, C, dtype=torch.float64)
+    a = torch.randn(N, C, 1, generator=g, dtype=torch.float64)
+    cov = a @ a.mT + torch.diag_embed(ev)  # Cov(m) of rank one
+    y = torch.zeros(N, dtype=torch.long)
+    cv = 0.2 * ev
+    zero = torch.zeros(N, C, dtype=torch.float64)
+    ref = mixture_correct_probability(mean, cov, (ev, zero, cv), y, n_points=1024, seed=0)[0]
+    ortho = torch.linalg.svd(a.mT).Vh[:, -1, :]  # orthogonal to a: outside Cov(m)
+    got = mixture_correct_probability(mean, cov, (ev, ortho, cv), y, n_points=1024, seed=0)[0]
+    assert torch.allclose(got, ref)
+    big = 10 * a.squeeze(-1)  # along a but 100x its variance: capped at MAX_SHARE
+    capped = mixture_correct_probability(mean, cov, (ev, big, cv), y, n_points=1024, seed=0)[0]
+    at_cap = mixture_correct_probability(mean, cov, (ev, MAX_SHARE ** 0.5 * a.squeeze(-1), cv), y, n_points=1024,
+                                         seed=0)[0]
+    assert torch.allclose(capped, at_cap) and bool(torch.isfinite(capped).all())
+    # a coupling inside Cov(m) is kept, whatever rounding leaves along the directions it lacks
+    half = mixture_correct_probability(mean, cov, (ev, 0.5 * a.squeeze(-1), cv), y, n_points=1024, seed=0)[0]
+    assert float((half - ref).abs().max()) > 1e-3

@@ -114,8 +114,8 @@ def head_terms(mu: torch.Tensor, F: torch.Tensor | None, d: torch.Tensor, W: tor
 
 def mixture_correct_probability(mean: torch.Tensor, cov: torch.Tensor, terms: tuple, y: torch.Tensor,
                                 n_points: int, seed: int, nodes: int = MIXTURE_NODES):
-    """Per-input ``P(correct)`` and its QMC bounds (as
-    :func:`~noiseprop.theory.accuracy.correct_probability`) for logits with mean
+    """Per-input ``(P(correct), lower, upper)``, each the mixture's average of what
+    :func:`~noiseprop.theory.accuracy.correct_probability` returns, for logits with mean
     ``mean [N, C]`` and covariance ``cov [N, C, C]`` under the output layer's scale
     mixture ``terms = (E v, c_m, c_v)`` (:func:`head_terms`)."""
     mean, cov = mean.double(), cov.double()
@@ -124,7 +124,10 @@ def mixture_correct_probability(mean: torch.Tensor, cov: torch.Tensor, terms: tu
     w, V = torch.linalg.eigh(cov - torch.diag_embed(ev))
     proj = (V.mT @ cm.unsqueeze(-1)).squeeze(-1)
     tol = 1e-12 * w.abs().amax(-1, keepdim=True).clamp_min(1e-300)
-    share = torch.where(w > tol, proj * proj / w.clamp_min(1e-300), torch.where(proj.abs() > 0, torch.inf, 0.0)).sum(-1)
+    # a direction Cov(m) does not have may carry no c_m (beyond rounding)
+    off = (proj * proj > 1e-12 * (cm * cm).sum(-1, keepdim=True)) & (w <= tol)
+    share = torch.where(w > tol, proj * proj / w.clamp_min(1e-300), torch.zeros_like(w)).sum(-1)
+    share = torch.where(off.any(-1), torch.full_like(share, torch.inf), share)
     shrink = torch.where(share > MAX_SHARE, (MAX_SHARE / share).sqrt(), torch.ones_like(share)).nan_to_num(0.0)
     cm = cm * shrink.unsqueeze(1)
     t, wk = np.polynomial.hermite_e.hermegauss(nodes)
