@@ -819,13 +819,13 @@ def _predict_one(base: _Base, noise: WeightNoise, run: _Run, seed: int, t0: floa
     warns: list = []
     if run.method == "linear":
         mean, c = _linear_moments(base)  # unit covariance: _finish scales it
-        extra = {}
+        extra, head = {}, None
     else:
         mean, c, extra, propagator, head = _moments(base, noise, run.rank, run.spatial_rank, run.h2_rank,
                                                      run.moment_chunk, propagator)
     extra["derivative_pass"] = "cached" if cached else "computed"
-    return _finish(base, noise, run.method, mean, c, run.cov, extra, warns, t0, run.n_points, seed,
-                   head=head if run.method != "linear" else None), propagator
+    pred = _finish(base, noise, run.method, mean, c, run.cov, extra, warns, t0, run.n_points, seed, head=head)
+    return pred, propagator
 
 
 def _sweep(base: _Base, noise: WeightNoise, lv: np.ndarray, run: _Run, seed: int, t0: float, cached: bool,

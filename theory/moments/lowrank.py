@@ -130,12 +130,12 @@ def _orthonormal(Y: torch.Tensor) -> torch.Tensor:
 def top_eigh(G: torch.Tensor, r: int, seed: int = 0):
     """Top ``r`` eigenpairs of symmetric ``G [..., L, L]``: ``(λ [..., r], U [..., L, r])``,
     largest first, in ``G``'s dtype. Exact ``eigh`` for ``L <=`` :data:`EXACT_EIGH_MAX`,
-    randomised subspace iteration above; both in float64. In float32 the iteration's
-    ``(YᵀY)^(-1/2)`` loses orthonormality once ``r + OVERSAMPLE`` approaches the rank of
-    ``G`` (patch Gram matrices have fast-decaying spectra; float64 and a second
-    orthonormalisation keep it to 1e-7): columns of norm up to 2.5
-    were measured at ``r = L = 64``, and the variance they injected blew up a ResNet-20's
-    pre-activation variance 500-fold (``test_top_eigh_orthonormal_in_float32``)."""
+    randomised subspace iteration above; both in float64, the iteration with a second
+    orthonormalisation. In float32 the iteration's ``(YᵀY)^(-1/2)`` lost orthonormality
+    once ``r + OVERSAMPLE`` approached the rank of ``G`` (patch Gram matrices have
+    fast-decaying spectra): columns of norm up to 2.5 at ``r = L = 64``, whose injected
+    variance blew a ResNet-20's pre-activation variance up 500-fold
+    (``test_top_eigh_orthonormal_in_float32``)."""
     L = G.shape[-1]
     dt = G.dtype
     G = G.double()
