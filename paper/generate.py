@@ -418,7 +418,8 @@ _FIRST_ORDER_LEAVES_OUT = (r"This is the regime where the neglected terms (each 
                            r"already-perturbed input, the ReLU mean shift, non-Gaussian logits) matter.")
 _MOMENTS_LEAVE_OUT = (r"This is the regime where what moment propagation leaves out matters: the correlation "
                       r"of the gate flips that one perturbation causes in the units it reaches (a shortfall of "
-                      r"logit variance) and the non-Gaussian tails of the logits.")
+                      r"logit variance) and the non-Gaussian features that the output layer reads (its own "
+                      r"scale mixture is integrated).")
 
 
 def _all_moments(curves: pd.DataFrame) -> bool:
