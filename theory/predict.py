@@ -42,12 +42,12 @@ from torch import nn
 from torch.func import functional_call, jvp, vmap
 
 from ._graph import relu_input_graph
-from .accuracy import DEFAULT_N_POINTS, CorrectCurve, _qmc_points, correct_probability, sampled_accuracies
+from .accuracy import DEFAULT_N_POINTS, CorrectCurve, _qmc_points, sampled_accuracies
 from .flatness import HessianOperator, _trace_probes, loss_increase_gauss_newton
 from .hashing import inputs_fingerprint, tensor_digest
 from .linearize import JacobianPass, LinearizedNetwork, jacobian_pass, piecewise_linear, structure_memo
 from .moments import DEFAULT_H2_RANK, MomentPropagator, propagate_moments
-from .moments.head import MIXTURE_NODES, mixture_correct_probability
+from .moments.head import MIXTURE_NODES, moment_correct_probability
 from .noise import MAX_LEVEL, WeightNoise, parse_noise
 from .results import LogitResult
 from .validation import check_bool, check_int, check_levels, check_seed, probe_logits
@@ -680,10 +680,7 @@ def _finish(base: _Base, noise: WeightNoise, method: str, mean: torch.Tensor, co
     else:
         mean = mean.double().cpu()
         cov = cov.double().cpu()
-        if head is not None:
-            p, lo, hi = mixture_correct_probability(mean, cov, head, y_acc, n_points=n_points, seed=seed)
-        else:
-            p, lo, hi = correct_probability(mean, cov, y_acc, n_points=n_points, seed=seed)
+        p, lo, hi = moment_correct_probability(mean, cov, head, y_acc, n_points, seed)
     trunc_diag = {}
     if sel is not None:
         idx, jpf = base.trunc_check
@@ -776,7 +773,7 @@ def _finish(base: _Base, noise: WeightNoise, method: str, mean: torch.Tensor, co
 def _moments(base: _Base, noise: WeightNoise, rank, spatial_rank, h2_rank, moment_chunk, propagator=None):
     if propagator is None:
         propagator = MomentPropagator(base.lin, noise, rank=rank, spatial_rank=spatial_rank, h2_rank=h2_rank)
-    res = propagate_moments(base.lin, base.x, noise, chunk_size=moment_chunk, propagator=propagator)
+    res = propagate_moments(base.lin, base.x, noise, chunk_size=moment_chunk, propagator=propagator, with_head=True)
     diag = {"preact_frac": res.preact_frac, "preact_source": "moment propagation, all inputs",
             "compression_loss": res.compression_loss, "rank": res.rank, "spatial_rank": res.spatial_rank,
             "h2_rank": propagator.h2_rank,

@@ -91,7 +91,7 @@ from .accuracy import DEFAULT_N_POINTS, correct_probability, margin_moments, ort
 from .flatness import loss_increase_gauss_newton
 from .linearize import LinearizedNetwork, jacobian_pass
 from .moments import MomentPropagator, propagate_moments
-from .moments.head import mixture_correct_probability
+from .moments.head import moment_correct_probability
 from .moments.surrogate import moment_chunk_size
 from .noise import NOISE_STRING_FORMS, WeightNoise, parse_noise
 from .targets import Targets
@@ -886,10 +886,10 @@ def _moment_steps(model, ps: _Pass, noise: WeightNoise, targets, chosen, n_point
             except ValueError as e:
                 raise ValueError(f"method='moments': {e}") from e
             idx = torch.nonzero(sel).flatten()
-            res = propagate_moments(lin, ps.x[idx.to(ps.x.device)].to(lin.device), noise, propagator=prop)
-            mean, cov = res.mean.double().cpu(), res.cov.double().cpu()
-            p[sel] = (correct_probability(mean, cov, ps.y[sel], n_points=n_points, seed=seed) if res.head is None
-                      else mixture_correct_probability(mean, cov, res.head, ps.y[sel], n_points=n_points, seed=seed))[0]
+            res = propagate_moments(lin, ps.x[idx.to(ps.x.device)].to(lin.device), noise, propagator=prop,
+                                    with_head=True)
+            p[sel] = moment_correct_probability(res.mean.double().cpu(), res.cov.double().cpu(), res.head, ps.y[sel],
+                                                n_points, seed)[0]
         out.append(float(p.mean()))
     return out[0], out[1:], int(sel.sum())
 

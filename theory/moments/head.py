@@ -46,8 +46,10 @@ import numpy as np
 import torch
 
 from ..accuracy import correct_probability
+from .gaussian import ncdf, npdf
 
-__all__ = ["head_terms", "mixture_correct_probability", "node_points", "rectified_square_variance", "MIXTURE_NODES"]
+__all__ = ["head_terms", "mixture_correct_probability", "moment_correct_probability", "node_points",
+           "rectified_square_variance", "MIXTURE_NODES"]
 
 #: Gauss–Hermite nodes of the mixture over ``t``: on the learning-rate study's MLP
 #: (digits, 200 inputs, η = 0.5, 1, 1.5) the accuracy is within 3e-4 of 41 nodes'.
@@ -68,7 +70,7 @@ def rectified_square_variance(mz: torch.Tensor, vz: torch.Tensor) -> torch.Tenso
     sd = v.sqrt()
     pos = sd > 0
     a = torch.where(pos, m / sd.clamp_min(1e-300), torch.zeros_like(m))
-    cdf, pdf = torch.special.ndtr(a), torch.exp(-0.5 * a * a) / math.sqrt(2 * math.pi)
+    cdf, pdf = ncdf(a), npdf(a)
     e2 = (m * m + v) * cdf + m * sd * pdf
     e4 = (m ** 4 + 6 * m * m * v + 3 * v * v) * cdf + (m ** 3 * sd + 5 * m * v * sd) * pdf
     return torch.where(pos, (e4 - e2 * e2).clamp_min(0), torch.zeros_like(m))
@@ -98,16 +100,19 @@ def head_terms(mu: torch.Tensor, F: torch.Tensor | None, d: torch.Tensor, W: tor
     if sb is not None:
         ev = ev + sb.double()
     A = s.unsqueeze(0) * mu.unsqueeze(1)  # [B, C, J]: s_c ∘ μ
-    cmv = 2 * torch.einsum("aj,bcj->bac", W, A @ S)  # Cov(m_a, v_c) = 2 W_aᵀ Σ (s_c ∘ μ)
+    AS = A @ S
+    cmv = 2 * torch.einsum("aj,bcj->bac", W, AS)  # Cov(m_a, v_c) = 2 W_aᵀ Σ (s_c ∘ μ)
     # Cov(v_c, v_e) = s_cᵀ G s_e, G = 2 Σ∘Σ + 4 (μμᵀ)∘Σ (Isserlis), or G ∘ rrᵀ with the
     # rectified variances on its diagonal: the same sums with s̃_c = s_c ∘ r
     st = s.unsqueeze(0).expand(B, -1, -1)
     if src is not None:
-        gd = 2 * torch.diagonal(S, dim1=1, dim2=2) ** 2 + 4 * mu * mu * torch.diagonal(S, dim1=1, dim2=2)
+        sjj = torch.diagonal(S, dim1=1, dim2=2)
+        gd = 2 * sjj * sjj + 4 * mu * mu * sjj
         r = torch.where(gd > 0, (rectified_square_variance(*src) / gd.clamp_min(1e-300)).sqrt(), torch.ones_like(gd))
         st = st * r.unsqueeze(1)
-    At = st * mu.unsqueeze(1)
-    vv = 2 * (st @ (S * S)) @ st.mT + 4 * (At @ S) @ At.mT
+        A = st * mu.unsqueeze(1)
+        AS = A @ S
+    vv = 2 * (st @ (S * S)) @ st.mT + 4 * AS @ A.mT
     lam, U = torch.linalg.eigh((vv + vv.mT) / 2)
     lam, u = lam[:, -1].clamp_min(0), U[:, :, -1]  # [B], [B, C]
     live = lam > 0
@@ -116,6 +121,16 @@ def head_terms(mu: torch.Tensor, F: torch.Tensor | None, d: torch.Tensor, W: tor
     cm = torch.where(live.unsqueeze(1), (cmv @ u.unsqueeze(-1)).squeeze(-1) / root.clamp_min(1e-300).unsqueeze(1),
                      torch.zeros_like(u))
     return ev, cm, cv
+
+
+def moment_correct_probability(mean: torch.Tensor, cov: torch.Tensor, terms: tuple | None, y: torch.Tensor,
+                               n_points: int, seed: int):
+    """``(P(correct), lower, upper)`` per input of the moment method: under the output
+    layer's scale mixture when its terms are known (:func:`mixture_correct_probability`),
+    else Gaussian logits (:func:`~noiseprop.theory.accuracy.correct_probability`)."""
+    if terms is None:
+        return correct_probability(mean, cov, y, n_points=n_points, seed=seed)
+    return mixture_correct_probability(mean, cov, terms, y, n_points=n_points, seed=seed)
 
 
 def node_points(n_points: int, weight: float) -> int:

@@ -36,7 +36,8 @@ class MomentResult:
     of variance moved into the diagonal part by compression (``compression_loss``).
     ``cov`` is ``None`` when only the mean was asked for (``mean_only=True``). ``head``:
     the output layer's scale-mixture terms ``(E v, c_m, c_v)`` (:mod:`.head`), each
-    ``[N, C]``, when the logits are a noisy Linear layer's output, else ``None``."""
+    ``[N, C]``, when asked for (``with_head``) and the logits are a noisy Linear layer's
+    output, else ``None``."""
 
     mean: torch.Tensor
     cov: torch.Tensor | None
@@ -192,7 +193,8 @@ def moment_chunk_size(lin: LinearizedNetwork, x1: torch.Tensor, propagator: Mome
 
 def propagate_moments(lin: LinearizedNetwork, x: torch.Tensor, noise: WeightNoise, rank: int | None = None,
                       spatial_rank: int | None = None, chunk_size: int = DEFAULT_MOMENT_CHUNK,
-                      propagator: MomentPropagator | None = None, mean_only: bool = False) -> MomentResult:
+                      propagator: MomentPropagator | None = None, mean_only: bool = False,
+                      with_head: bool = False) -> MomentResult:
     """Logit mean and covariance of every input under ``noise`` (package docstring), in
     chunks of ``chunk_size`` inputs: a moment pass (per-unit variances, window
     correlations, perturbation Gram matrices), then one batched backward pass per class
@@ -200,8 +202,10 @@ def propagate_moments(lin: LinearizedNetwork, x: torch.Tensor, noise: WeightNois
     level of the same noise family) is reused at ``noise``; otherwise one is built with
     ``rank``/``spatial_rank`` (defaults of :class:`MomentPropagator`). ``mean_only``:
     the logit mean only (it is the moment pass's output): the surrogate pass is skipped
-    and ``cov`` is ``None``."""
+    and ``cov`` is ``None``. ``with_head``: also the output layer's scale-mixture terms
+    (``head``; :mod:`.head`) where the logits are a noisy Linear layer's output."""
     check_bool("mean_only", mean_only)
+    check_bool("with_head", with_head)
     if propagator is not None:
         prop = propagator.with_noise(noise)
     else:
@@ -214,7 +218,8 @@ def propagate_moments(lin: LinearizedNetwork, x: torch.Tensor, noise: WeightNois
         params.setdefault(mname, []).append(pname)
     means, covs, heads = [], [], []
     hname, tgt = prop.head, prop.head_target
-    hw = hname is not None and not prop.first_order and prop.noise_var.get(f"{tgt}.weight") is not None
+    hw = (with_head and hname is not None and not prop.first_order
+          and prop.noise_var.get(f"{tgt}.weight") is not None)
     pre_count = pre_exceed = None
     lost = total = 0.0
     mdt = lin.dtype
