@@ -590,7 +590,7 @@ def overall_validation(comp: pd.DataFrame, grid):
     _, summary = validation_tables(comp, grid.alpha, grid.confidence)
     label = lambda r: f"η = {r['eta']:g}"  # noqa: E731
     figs = [Figure("validation_accuracy", "Predicted vs Monte-Carlo accuracy, every model, noise placement and η of "
-                   "every study (bars: BCa interval of the Monte-Carlo mean; colour: η).", "calibration",
+                   "every study (bars: Student-t interval of the Monte-Carlo mean over draws; colour: η).", "calibration",
                    calibration_figure_frame(comp, "accuracy", label), {}),
             Figure("validation_logit_var", "Predicted vs Monte-Carlo logit variance (mean over inputs and classes), "
                    "log axes (bars: chi-square interval; colour: η).", "calibration",

@@ -123,7 +123,7 @@ def analyse(p: StudyPlan, results: dict, grid: Grid) -> StudyResult:
                "(" + THEORY_LINES + "); BatchNorm digital.", "curves", curves_figure_frame(curves, _arch_label, conf),
                {"ylabel": "accuracy"}),
         Figure("architecture_calibration", "Predicted vs Monte-Carlo accuracy for every model and noise level "
-               "(bars: BCa interval of the Monte-Carlo mean).", "calibration",
+               "(bars: Student-t interval of the Monte-Carlo mean over draws).", "calibration",
                calibration_figure_frame(comp, "accuracy", _arch_label), {}),
         Figure("architecture_auc", "Area under the accuracy-vs-η curve (mean accuracy over the η range) per "
                f"architecture, mean over seeds with {int(conf * 100)}% interval.", "bars",

@@ -20,7 +20,7 @@ __all__ = ["CELL_VERSION", "StudyPlan", "train_cell", "eval_cell", "model_cells"
 
 #: Bumped whenever a change to the cell functions changes what they compute; part of
 #: every cell configuration, so stored cells of an older protocol are not reused.
-CELL_VERSION = 5
+CELL_VERSION = 6
 
 
 def _train(model: dict, train: dict, dataset: str, data_dir, seed: int, cache_dir, n_train=None):
