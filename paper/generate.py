@@ -52,6 +52,9 @@ _UNICODE = {
     "χ": r"$\chi$", "²": r"$^2$", "½": r"$\frac12$", "×": r"$\times$", "≤": r"$\le$", "≥": r"$\ge$",
     "≈": r"$\approx$", "→": r"$\to$", "±": r"$\pm$", "·": r"$\cdot$", "∝": r"$\propto$", "—": "---",
     "–": "--", "’": "'", "‖": r"$\|$", "√": r"$\sqrt{}$", "μ": r"$\mu$", "τ": r"$\tau$", "γ": r"$\gamma$",
+    "−": r"$-$", "α": r"$\alpha$", "β": r"$\beta$", "δ": r"$\delta$", "Δ": r"$\Delta$", "κ": r"$\kappa$",
+    "ν": r"$\nu$", "ρ": r"$\rho$", "θ": r"$\theta$", "φ": r"$\phi$", "Φ": r"$\Phi$", "ω": r"$\omega$",
+    "∈": r"$\in$", "∞": r"$\infty$", "§": r"\S{}", "“": "``", "”": "''", "‘": "`",
 }
 
 
@@ -66,8 +69,11 @@ def tex(text) -> str:
     for ch in s:
         if ord(ch) < 128:
             out.append(ch)
-        else:
-            out.append(_UNICODE.get(ch, "?"))
+        elif ch in _UNICODE:
+            out.append(_UNICODE[ch])
+        else:  # never a silent "?" in the paper (a minus sign once printed as one)
+            raise ValueError(f"paper/generate.py: no LaTeX for {ch!r} (U+{ord(ch):04X}) in {str(text)!r}; "
+                             "add it to _UNICODE")
     return "".join(out)
 
 

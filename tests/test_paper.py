@@ -74,6 +74,10 @@ def test_tex_escape():
     finally:
         sys.path.remove(str(PAPER))
     assert generate.tex("a_b & 50% η²") == r"a\_b \& 50\% $\eta$$^2$"
+    # the report's minus signs and momentum β (they printed as "?" before)
+    assert generate.tex("−0.83 (β = 0.9)") == r"$-$0.83 ($\beta$ = 0.9)"
+    with pytest.raises(ValueError, match="U\\+263A"):
+        generate.tex("☺")
     assert generate.num(float("nan")) == "n/a"
 
 
