@@ -49,7 +49,8 @@ from .frames import (  # noqa: F401
     model_frame,
 )
 from .grid import Grid  # noqa: F401
-from .seed_stats import bootstrap_seed_means, seed_matrix, seed_paired, seed_summary, warnings_ignored  # noqa: F401
+from .seed_stats import (bootstrap_seed_means, bootstrap_seed_t, seed_matrix, seed_paired, seed_summary,  # noqa: F401
+                         warnings_ignored)
 from .study_cells import CELL_VERSION, StudyPlan, _train, eval_cell, model_cells, train_cell  # noqa: F401
 from .theory_helpers import PREDICT_SETTINGS, folding_factors, layer_gains  # noqa: F401
 from .validation import validation_by_eta, validation_tables  # noqa: F401

@@ -9,7 +9,7 @@ import pandas as pd
 
 from ..stats import mean_ci
 
-__all__ = ["seed_paired", "seed_matrix", "bootstrap_seed_means", "seed_summary"]
+__all__ = ["seed_paired", "seed_matrix", "bootstrap_seed_means", "bootstrap_seed_t", "seed_summary"]
 
 
 def seed_paired(frame: pd.DataFrame, value: str, factor: str, a, b, keys: Sequence[str] = ("seed",)):
@@ -45,6 +45,42 @@ def bootstrap_seed_means(M: np.ndarray, stat: Callable[[np.ndarray], np.ndarray]
     if ok.size < 0.5 * n_resamples:
         return float("nan"), float("nan"), vals
     return float(np.quantile(ok, a)), float(np.quantile(ok, 1 - a)), vals
+
+
+def bootstrap_seed_t(M: np.ndarray, stat: Callable[[np.ndarray], np.ndarray], estimate: float,
+                     n_resamples: int = 2000, seed: int = 0, confidence: float = 0.95) -> dict:
+    """Student-t interval and two-sided test of a statistic of the per-level seed
+    means, its standard error from the bootstrap over seeds of
+    :func:`bootstrap_seed_means`: ``se = sd*(stat)·√(S/(S−1))`` over ``S`` seeds,
+    ``df = S − 1``, interval ``estimate ± t_{S−1}·se``, ``p`` of ``estimate/se``.
+
+    The resampling keeps what the statistic does to the seeds (a maximum re-selected
+    in every resample); the ``√(S/(S−1))`` and Student-t quantile give it the width a
+    handful of seeds calls for. For the mean of one level it is the Student-t interval
+    (the bootstrap's spread of a mean is ``s·√((S−1)/S)/√S``). The percentile interval
+    of :func:`bootstrap_seed_means` is too narrow at a study's few seeds: with 4 it
+    covered the mean of normal data 80% of the time for a nominal 95%
+    (``tests/empirical/test_seed_stats.py``).
+
+    Returns ``{"ci_low", "ci_high", "p", "se", "df", "values"}`` (NaN where fewer than
+    half the resamples give a finite value, or with fewer than two seeds)."""
+    from scipy import stats as st
+
+    _, _, vals = bootstrap_seed_means(M, stat, n_resamples=n_resamples, seed=seed, confidence=confidence)
+    ok = vals[np.isfinite(vals)]
+    S = int(M.shape[0])
+    nan = float("nan")
+    out = {"ci_low": nan, "ci_high": nan, "p": nan, "se": nan, "df": float(S - 1), "values": vals}
+    if S < 2 or ok.size < 0.5 * n_resamples or not np.isfinite(estimate):
+        return out
+    se = float(ok.std(ddof=1) * np.sqrt(S / (S - 1)))
+    h = float(st.t.ppf(0.5 + confidence / 2, S - 1)) * se
+    if se > 0:
+        p = float(2 * st.t.sf(abs(estimate) / se, S - 1))
+    else:  # every resample agrees: the sign is certain only if the estimate is not 0
+        p = 0.0 if estimate != 0 else 1.0
+    out.update(ci_low=float(estimate - h), ci_high=float(estimate + h), p=p, se=se)
+    return out
 
 
 def warnings_ignored():
