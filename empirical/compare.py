@@ -420,6 +420,7 @@ def compare(prediction, mc, *, var_margin: float = 0.10, acc_margin: float = 0.0
     pred_acc = _scalar(getattr(prediction, "accuracy", None))
     if pred_acc is not None:
         obs_a, _, (lo, hi) = mean_ci(accs, confidence)
+        lo, hi = max(lo, 0.0), min(hi, 1.0)  # an accuracy's mean lies in [0, 1]
         p_eq = tost_mean(accs, pred_acc - acc_margin, pred_acc + acc_margin)[0]
         quantities.append(QuantityComparison(
             "accuracy", pred_acc, obs_a, lo, hi, f"Student-t over draws, df={n - 1}", pred_acc - acc_margin,

@@ -350,7 +350,7 @@ def test_default_and_paper_grids():
 
     g = default_grid()
     assert g.min_clean_accuracy == 0.95 and g.theory == "moments" and min(g.widths.values()) >= 8
-    assert g.n_test == 180
+    assert g.n_test == 100 and g.etas == (0.0, 0.1, 0.3, 0.5, 0.75, 1.0)
     p = paper_grid()
     assert p.dataset == "cifar10" and p.widths is None and p.epochs is None
     assert default_grid(dataset="cifar100").dataset == "cifar100"
