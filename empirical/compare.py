@@ -32,10 +32,9 @@ Quantities and their tests (unit of replication: one noise draw, n = draws)
     Monte-Carlo engine's own interval and the TOST's reference); TOST (statsmodels
     ``ttost_mean``) at ``±acc_margin`` (default ±1 percentage point). Not BCa: with the
     few draws of a study cell the BCa bootstrap interval is too narrow. Resampling 12
-    draws from 500-draw populations of per-draw accuracies (five report models, six
-    levels each, skewness −1.8 to +1.0), BCa covered the population mean 90.4% of the
-    time (86–94% per level), the t interval 94.2% (91.5–96.8%)
-    (``benchmarks/ci_coverage.py``).
+    draws from 500-draw populations of per-draw accuracies (five report models, five
+    levels each), BCa covered the population mean 90.5% of the time (84–93% per
+    level), the t interval 94.3% (92–97%) (``benchmarks/ci_coverage.py``).
 ``accuracy_std`` (when the prediction has it)
     The draw-to-draw spread of accuracy: chi-square interval of the variance of the
     per-draw accuracies; TOST on the variance log-ratio at ``±var_margin``.
