@@ -1,5 +1,7 @@
 """Coverage of the Monte-Carlo accuracy interval at a study cell's few draws (issue 14).
 
+``--quantity loss_increase`` checks the loss increase's interval the same way.
+
 A study cell compares the predicted accuracy with the mean accuracy of ``draws``
 Monte-Carlo draws (12 in the default grid) and its 95% interval. Which interval holds
 its 95% at that size? Per model of the default report (trained as the report trains
@@ -41,6 +43,8 @@ def main(argv=None):
     ap.add_argument("--trials", type=int, default=400, help="resampled cells per level and draw count")
     ap.add_argument("--cache", default=".noiseprop-cache/ci_coverage", help="training cache directory")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quantity", default="accuracy", choices=("accuracy", "loss_increase"),
+                    help="per-draw accuracy, or per-draw loss minus the clean loss")
     args = ap.parse_args(argv)
     import torch
 
@@ -65,7 +69,10 @@ def main(argv=None):
         res, _ = _train(**tasks[0].kwargs)
         net = res.model.eval()
         sw = sweep(net, x, y, RelativeGaussian(1.0), grid.etas, draws=args.population, seed=99, progress=False)
-        acc = np.asarray(sw.accuracies, dtype=np.float64)
+        if args.quantity == "accuracy":
+            acc = np.asarray(sw.accuracies, dtype=np.float64)
+        else:
+            acc = np.asarray(sw.losses, dtype=np.float64) - float(sw.clean_loss)
         label = f"{arch} norm={norm}" + (f" k={k}" if k is not None else "") + f" seed={seed}"
         for i, eta in enumerate(grid.etas):
             if eta == 0:
@@ -85,12 +92,14 @@ def main(argv=None):
                     summary[n][m].append(cov[m])
                 from scipy.stats import skew
 
-                print(json.dumps({"benchmark": "ci_coverage", "model": label, "eta": eta, "draws": n,
+                print(json.dumps({"benchmark": "ci_coverage", "quantity": args.quantity, "model": label, "eta": eta,
+                                  "draws": n,
                                   "population_mean": round(mu, 4), "population_sd": round(float(pop.std()), 4),
                                   "skewness": round(float(skew(pop)), 2), "coverage_bca": cov["bca"],
                                   "coverage_t": cov["t"]}), flush=True)
     for n in sizes:
-        out = {"benchmark": "ci_coverage", "summary": True, "draws": n, "cells": len(summary[n]["t"]),
+        out = {"benchmark": "ci_coverage", "quantity": args.quantity, "summary": True, "draws": n,
+               "cells": len(summary[n]["t"]),
                "trials": args.trials}
         for m in ("bca", "t"):
             v = np.asarray(summary[n][m])

@@ -109,7 +109,7 @@ def _theory_curve(model, x, y, etas, targets, method):
 
 
 def _compare_rows(pred, mc, calibrate: bool, alpha: float, confidence: float) -> list[dict]:
-    c = compare(pred, mc, calibrate=calibrate, alpha=alpha, confidence=confidence, n_resamples=1000)
+    c = compare(pred, mc, calibrate=calibrate, alpha=alpha, confidence=confidence)
     rows = []
     for _, r in c.to_frame().iterrows():
         d = {k: (None if (isinstance(v, float) and math.isnan(v)) else v) for k, v in r.items()
