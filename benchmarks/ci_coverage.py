@@ -8,12 +8,12 @@ its 95% at that size? Per model of the default report (trained as the report tra
 it, cached in ``--cache``): a ``--population``-draw Monte-Carlo sweep over the grid's
 levels gives each level's per-draw accuracies; ``--trials`` times, ``n`` draws are
 resampled from that population and the BCa bootstrap interval
-(:func:`noiseprop.empirical.stats.bootstrap_ci`, 1,000 resamples as the report
-uses) and the Student-t interval (:func:`noiseprop.empirical.stats.mean_ci`) are
-checked against the population's mean.
+(:func:`noiseprop.empirical.stats.bootstrap_ci`, 1,000 resamples: what the comparison
+used before) and the Student-t interval (:func:`noiseprop.empirical.stats.mean_ci`,
+what it uses now) are checked against the population's mean.
 
     .venv/bin/python benchmarks/ci_coverage.py [--draws 12,20,50] [--population 500]
-        [--trials 400] [--cache DIR]
+        [--trials 400] [--cache DIR] [--quantity accuracy|loss_increase]
 
 One JSON line per model, level and ``n``, and a summary line per ``n``: the mean,
 smallest and largest coverage of each interval over the cells. The coverage of one
