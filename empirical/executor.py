@@ -317,6 +317,7 @@ def run_tasks(tasks: Iterable[Task], store, executor=None, threads: int = 1, pro
             if not try_start(key, t):
                 waiting[key] = t
 
+    interrupted = False
     try:
         while True:
             before = -1
@@ -348,6 +349,7 @@ def run_tasks(tasks: Iterable[Task], store, executor=None, threads: int = 1, pro
         # leave nothing behind: on Ctrl-C stop the workers now (finished cells are
         # stored; running ones are recomputed on resume); on an error cancel the queue
         if isinstance(e, KeyboardInterrupt):
+            interrupted = True
             stop_workers(executor)
         elif isinstance(executor, ProcessPoolExecutor):
             executor.shutdown(wait=False, cancel_futures=True)
@@ -356,7 +358,9 @@ def run_tasks(tasks: Iterable[Task], store, executor=None, threads: int = 1, pro
         for c in claims.values():
             c.release()
         if own:
-            executor.shutdown(wait=True)
+            # after Ctrl-C the workers are already killed: never block on the pool's
+            # internal joins (its manager and queue-feeder threads) on the way out
+            executor.shutdown(wait=not interrupted)
     stats.wall_seconds = time.perf_counter() - t_start
     return results, stats
 
