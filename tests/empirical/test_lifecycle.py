@@ -78,8 +78,14 @@ def test_ctrl_c_stops_within_two_seconds_with_one_line(tmp_path):
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         assert proc.stdout.readline().strip() == "started"
-        time.sleep(1.0)  # the workers are in their tasks
-        kids = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+        # the workers are in their tasks: wait for both to exist (on a loaded machine a
+        # fixed second after "started" was not always enough), then one second more
+        deadline = time.monotonic() + 20.0
+        kids = []
+        while len(kids) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+            kids = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+        time.sleep(1.0)
         t0 = time.monotonic()
         os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole group
         proc.wait(timeout=15)
