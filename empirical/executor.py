@@ -141,15 +141,18 @@ def stop_workers(executor) -> None:
     if not isinstance(executor, ProcessPoolExecutor):
         return
     procs = list((getattr(executor, "_processes", None) or {}).values())
+    # cancel first, then kill: once a worker is killed the pool's manager thread cleans
+    # up under the pool's shutdown lock, and can block there (joining its queue feeder),
+    # which would block a shutdown call made after the kill
+    try:
+        executor.shutdown(wait=False, cancel_futures=True)
+    except Exception:  # noqa: BLE001 - a broken pool is what we want here
+        pass
     for p in procs:
         try:
             p.kill()
         except (OSError, AttributeError, ValueError):
             pass
-    try:
-        executor.shutdown(wait=False, cancel_futures=True)
-    except Exception:  # noqa: BLE001 - a broken pool is what we want here
-        pass
     for p in procs:
         try:
             p.join(2.0)
@@ -357,10 +360,11 @@ def run_tasks(tasks: Iterable[Task], store, executor=None, threads: int = 1, pro
     finally:
         for c in claims.values():
             c.release()
-        if own:
-            # after Ctrl-C the workers are already killed: never block on the pool's
-            # internal joins (its manager and queue-feeder threads) on the way out
-            executor.shutdown(wait=not interrupted)
+        if own and not interrupted:
+            # (after Ctrl-C, stop_workers has shut the pool down and killed its workers:
+            # a second shutdown could wait on the pool's lock while its manager thread
+            # cleans up, see stop_workers)
+            executor.shutdown(wait=True)
     stats.wall_seconds = time.perf_counter() - t_start
     return results, stats
 
