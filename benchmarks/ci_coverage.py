@@ -50,6 +50,8 @@ def main(argv=None):
 
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
+    from scipy.stats import skew
+
     from noiseprop.empirical import sweep
     from noiseprop.empirical.stats import bootstrap_ci, mean_ci
     from noiseprop.empirical.studies import default_grid
@@ -70,14 +72,14 @@ def main(argv=None):
         net = res.model.eval()
         sw = sweep(net, x, y, RelativeGaussian(1.0), grid.etas, draws=args.population, seed=99, progress=False)
         if args.quantity == "accuracy":
-            acc = np.asarray(sw.accuracies, dtype=np.float64)
+            per_draw = np.asarray(sw.accuracies, dtype=np.float64)
         else:
-            acc = np.asarray(sw.losses, dtype=np.float64) - float(sw.clean_loss)
+            per_draw = np.asarray(sw.losses, dtype=np.float64) - float(sw.clean_loss)
         label = f"{arch} norm={norm}" + (f" k={k}" if k is not None else "") + f" seed={seed}"
         for i, eta in enumerate(grid.etas):
             if eta == 0:
                 continue
-            pop = acc[i]
+            pop = per_draw[i]
             mu = float(pop.mean())
             for n in sizes:
                 hits = {"bca": 0, "t": 0}
@@ -90,8 +92,6 @@ def main(argv=None):
                 cov = {m: h / args.trials for m, h in hits.items()}
                 for m in cov:
                     summary[n][m].append(cov[m])
-                from scipy.stats import skew
-
                 print(json.dumps({"benchmark": "ci_coverage", "quantity": args.quantity, "model": label, "eta": eta,
                                   "draws": n,
                                   "population_mean": round(mu, 4), "population_sd": round(float(pop.std()), 4),
@@ -99,8 +99,7 @@ def main(argv=None):
                                   "coverage_t": cov["t"]}), flush=True)
     for n in sizes:
         out = {"benchmark": "ci_coverage", "quantity": args.quantity, "summary": True, "draws": n,
-               "cells": len(summary[n]["t"]),
-               "trials": args.trials}
+               "cells": len(summary[n]["t"]), "trials": args.trials}
         for m in ("bca", "t"):
             v = np.asarray(summary[n][m])
             out.update({f"coverage_{m}_mean": round(float(v.mean()), 4), f"coverage_{m}_min": round(float(v.min()), 4),

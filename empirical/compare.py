@@ -418,13 +418,13 @@ def compare(prediction, mc, *, var_margin: float = 0.10, acc_margin: float = 0.0
     accs = np.asarray(mc.accuracies, dtype=np.float64)
     pred_acc = _scalar(getattr(prediction, "accuracy", None))
     if pred_acc is not None:
-        obs_a, _, (lo, hi) = mean_ci(accs, confidence)
+        obs_a, se_a, (lo, hi) = mean_ci(accs, confidence)
         lo, hi = max(lo, 0.0), min(hi, 1.0)  # an accuracy's mean lies in [0, 1]
         p_eq = tost_mean(accs, pred_acc - acc_margin, pred_acc + acc_margin)[0]
         quantities.append(QuantityComparison(
             "accuracy", pred_acc, obs_a, lo, hi, f"Student-t over draws, df={n - 1}", pred_acc - acc_margin,
             pred_acc + acc_margin, f"±{acc_margin * 100:g} pp", p_eq, alpha, n,
-            dict(observed_se=float(accs.std(ddof=1) / math.sqrt(n)))))
+            dict(observed_se=se_a)))
 
     pred_astd = _scalar(getattr(prediction, "accuracy_std", None))
     if pred_astd is not None:
@@ -440,9 +440,9 @@ def compare(prediction, mc, *, var_margin: float = 0.10, acc_margin: float = 0.0
     pred_l = _scalar(getattr(prediction, "loss_increase", None))
     if pred_l is not None:
         inc = np.asarray(mc.losses, dtype=np.float64) - float(mc.clean_loss)
-        obs_l, _, (lo, hi) = mean_ci(inc, confidence)
+        obs_l, se_l, (lo, hi) = mean_ci(inc, confidence)
         pred_se = _scalar(getattr(prediction, "loss_increase_se", None)) or 0.0
-        se = math.sqrt(float(inc.var(ddof=1)) / n + pred_se ** 2)
+        se = math.sqrt(se_l ** 2 + pred_se ** 2)
         kl = 1.0 + loss_margin
         if pred_l > 0:
             b_lo, b_hi = pred_l / kl, pred_l * kl
@@ -452,7 +452,7 @@ def compare(prediction, mc, *, var_margin: float = 0.10, acc_margin: float = 0.0
         quantities.append(QuantityComparison(
             "loss_increase", pred_l, obs_l, lo, hi, f"Student-t over draws, df={n - 1}", b_lo, b_hi,
             f"ratio within ±{loss_margin:.0%}", p_eq, alpha, n,
-            dict(prediction_se=pred_se, observed_se=float(inc.std(ddof=1) / math.sqrt(n)))))
+            dict(prediction_se=pred_se, observed_se=se_l)))
 
     noise = getattr(mc, "noise", "")
     return Comparison(tuple(quantities), calibrations, str(noise), n, N, C, float(alpha), float(confidence))

@@ -69,7 +69,7 @@ def default_grid(**overrides) -> Grid:
       clean-accuracy claims use the whole test set). The moment sweeps of the 44
       convolutional models cost 10× their Monte-Carlo and 57% of the job: with
       η = 0.2 and 180 inputs the job took 798 s (``benchmarks/report_time.py``, from an
-      empty cache, 2 cores), with 100 inputs and five levels 524 s. The price: the
+      empty cache, 2 cores), with 100 inputs and five levels 517–524 s (two runs). The price: the
       smallest detectable effects of most robustness claims grew, typically by
       20–45% and at most 84% (the depth claim's, 0.0032 → 0.0059); the BatchNorm
       rows' went from 0.074–0.28 to 0.096–0.38 normalised accuracy, still a fraction
