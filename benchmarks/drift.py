@@ -3,10 +3,13 @@
 times), with and without global drift compensation, on networks trained on digits.
 
 One JSON line per (model, scales, compensation, time): predicted and simulated accuracy,
-the Monte-Carlo 95% CI and whether the prediction is within 1 point or inside the CI;
+the Monte-Carlo 95% CI, whether the prediction is within 1 point or inside the CI, and the
+first order's validity diagnostic there (``preact_frac``, ``warned``);
 then one line per curve with the wall times (prediction, then Monte-Carlo, in the same
 run) and the speed-up against Monte-Carlo at 100 draws per time (Monte-Carlo time is
-linear in the draws: measured at ``--draws`` and scaled to 100 when fewer).
+linear in the draws: measured at ``--draws`` and scaled to 100 when fewer); last, one
+``diagnostic`` line: over every first-order point, the misses, how many of them the
+validity warning flagged, and its false alarms (warned where the first order was right).
 
     .venv/bin/python benchmarks/drift.py [--models mlp,vgg,resnet20] [--scales 1,2]
         [--draws 50] [--times 1,3600,86400,2.6e6,3.15e7,3.15e8] [--linearize-at mean]
@@ -45,6 +48,7 @@ def main(argv=None):
     from noiseprop.theory import PCMLike, predict_drift
 
     times = [float(t) for t in a.times.split(",")]
+    calib = []  # (within, warned, ...) of every first-order point: the validity diagnostic's calibration
     data = load_dataset("digits")
     x, y = data.x_test, data.y_test
     for name in a.models.split(","):
@@ -69,14 +73,29 @@ def main(argv=None):
                         lo, hi = float(df.accuracy_ci_low[i]), float(df.accuracy_ci_high[i])
                         ok = abs(p - m) <= 0.01 or lo <= p <= hi
                         ok_all &= ok
+                        frac = pred.predictions[i].diagnostics.get("preact_frac")
+                        warned = bool(pred.predictions[i].warnings)
                         emit(dict(part="curve", model=name, scale=scale, compensation=comp, method=method, time_s=t,
                                   predicted=round(p, 4), mc=round(m, 4), mc_ci=[round(lo, 4), round(hi, 4)],
-                                  diff=round(p - m, 4), within=ok))
+                                  diff=round(p - m, 4), within=ok,
+                                  preact_frac=None if frac is None else round(float(frac), 3), warned=warned))
+                        if method == "linear":
+                            calib.append((ok, warned, name, scale, comp, t, frac))
                     tp = tps[method]
                     emit(dict(part="speed", model=name, scale=scale, compensation=comp, method=method,
                               linearize_at=a.linearize_at, clean=round(mc.clean_accuracy, 4), predict_s=round(tp, 2),
                               mc_s=round(tm, 2), draws=a.draws, mc_s_100_draws=round(tm * 100 / a.draws, 2),
                               speedup_vs_mc100=round(tm * 100 / a.draws / tp, 2), all_within=ok_all))
+    if calib:
+        miss = [c for c in calib if not c[0]]
+        emit(dict(part="diagnostic", points=len(calib), misses=len(miss), misses_warned=sum(c[1] for c in miss),
+                  false_alarms=sum(c[1] for c in calib if c[0]),
+                  unflagged_misses=[dict(model=c[2], scale=c[3], compensation=c[4], time_s=c[5],
+                                         preact_frac=None if c[6] is None else round(float(c[6]), 3))
+                                    for c in miss if not c[1]],
+                  false_alarm_points=[dict(model=c[2], scale=c[3], compensation=c[4], time_s=c[5],
+                                           preact_frac=None if c[6] is None else round(float(c[6]), 3))
+                                      for c in calib if c[0] and c[1]]))
 
 if __name__ == "__main__":
     main()

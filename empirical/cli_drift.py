@@ -91,7 +91,7 @@ def cmd_drift(args) -> int:
         noise = PCMLike(compensation=comp, prog_noise_scale=args.prog_scale, drift_scale=args.drift_scale,
                         read_noise_scale=args.read_scale, per=args.per)
         pred = predict_drift(model, x, y, noise, times, targets=args.targets, seed=args.seed,
-                             linearize_at=args.linearize_at, accuracy_draws=args.accuracy_draws)
+                             linearize_at=args.linearize_at, accuracy_draws=args.accuracy_draws, method=args.method)
         mc = None
         if args.draws:
             mc = drift_sweep(model, x, y, noise, times, draws=args.draws, seed=args.seed, targets=args.targets,
@@ -102,7 +102,9 @@ def cmd_drift(args) -> int:
         for i, t in enumerate(times):
             r = dict(compensation=comp, time_s=t, predicted_accuracy=float(pred.accuracy[i]),
                      predicted_lower=float(pred.accuracy_lower[i]), predicted_upper=float(pred.accuracy_upper[i]),
-                     predicted_chip_sd=float(pred.accuracy_std[i]))
+                     predicted_chip_sd=float(pred.accuracy_std[i]), method=args.method,
+                     preact_frac=pred.predictions[i].diagnostics.get("preact_frac"),
+                     first_order_outside_range=bool(pred.predictions[i].warnings))
             if mdf is not None:
                 r.update(mc_accuracy=float(mdf.accuracy[i]), mc_ci=[float(mdf.accuracy_ci_low[i]),
                                                                     float(mdf.accuracy_ci_high[i])],
@@ -140,6 +142,8 @@ def register(sub) -> None:
     p.add_argument("--draws", type=int, default=100, help="Monte-Carlo chips per time (0: prediction only)")
     p.add_argument("--linearize-at", choices=("mean", "programmed"), default="mean",
                    help="Jacobian at the expected weights of each time (default) or at the programmed weights, rescaled per layer by the drift (one pass; faster, less accurate at large noise)")
+    p.add_argument("--method", choices=("linear", "moments"), default="linear",
+                   help="prediction method: first order (default; warns at the times where it is outside its range) or moment propagation")
     p.add_argument("--accuracy-draws", type=int, default=32, help="draws of the linearised network for the chip-to-chip spread")
     p.add_argument("--n-inputs", type=int, default=None, help="use only the first N test inputs")
     p.add_argument("--plot", default=None, metavar="PNG", help="write the figure of accuracy vs log time")

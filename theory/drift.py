@@ -53,6 +53,7 @@ import copy
 import math
 import time
 import types
+import warnings
 from dataclasses import dataclass, replace
 from typing import Sequence
 
@@ -69,8 +70,9 @@ from .hashing import inputs_fingerprint
 from .linearize import LinearizedNetwork, auto_chunk_size, backprop_signals, jacobian_pass, tap_jacobian, tapping
 from .moments import DEFAULT_RANK, DEFAULT_SPATIAL_RANK, MomentPropagator, propagate_moments
 from .noise import WeightNoise, parse_noise
-from .predict import METHODS, Prediction, _gaussian_logit_loss, _rescale_draws
-from .validation import check_inputs, check_int, check_labels, check_times
+from .predict import (DIAGNOSTIC_DIRECTIONS, DIAGNOSTIC_INPUTS, METHODS, Prediction, _gaussian_logit_loss,
+                      _preact_ratios, _rescale_draws, range_warning)
+from .validation import check_bool, check_inputs, check_int, check_labels, check_times
 
 __all__ = ["DriftPrediction", "predict_drift", "predict_hardware", "LINEARIZE_AT"]
 
@@ -459,7 +461,9 @@ class DriftPrediction:
 
     ``predictions[i]`` is the full :class:`~noiseprop.theory.predict.Prediction` at
     ``times[i]``; ``accuracy``, ``accuracy_lower``/``accuracy_upper`` (pairwise bounds),
-    ``accuracy_std`` (chip to chip) and ``loss`` are arrays over times.
+    ``accuracy_std`` (chip to chip) and ``loss`` are arrays over times. ``to_frame()``
+    also gives the validity diagnostic per time (``preact_frac``, NaN where not
+    computed, and ``outside_range``: the linear method's warning fired there).
     """
 
     noise: str
@@ -497,7 +501,10 @@ class DriftPrediction:
         return pd.DataFrame(dict(time_s=self.times, accuracy=self.accuracy, accuracy_lower=self.accuracy_lower,
                                  accuracy_upper=self.accuracy_upper, accuracy_std=self.accuracy_std, loss=self.loss,
                                  mean_logit_var=[float(p.logit_var.mean()) for p in self.predictions],
-                                 mean_abs_logit_shift=[float(p.logit_mean_shift.abs().mean()) for p in self.predictions]))
+                                 mean_abs_logit_shift=[float(p.logit_mean_shift.abs().mean()) for p in self.predictions],
+                                 preact_frac=[float(p.diagnostics.get("preact_frac", float("nan")))
+                                              for p in self.predictions],
+                                 outside_range=[bool(p.warnings) for p in self.predictions]))
 
     def summary(self) -> str:
         lines = [f"Predicted accuracy vs time since programming: {self.noise} on {self.targets}",
@@ -506,7 +513,8 @@ class DriftPrediction:
                  f"  {'t (s)':>10}{'accuracy':>10}{'bounds':>20}{'chip sd':>9}{'loss':>9}"]
         for _, r in self.to_frame().iterrows():
             lines.append(f"  {r.time_s:>10.3g}{r.accuracy:>10.4f}   [{r.accuracy_lower:.4f}, {r.accuracy_upper:.4f}]"
-                         f"{r.accuracy_std:>9.4f}{r.loss:>9.4f}")
+                         f"{r.accuracy_std:>9.4f}{r.loss:>9.4f}" + ("   first order outside its range" if r.outside_range
+                                                                     else ""))
         return "\n".join(lines)
 
     def __str__(self):
@@ -518,7 +526,7 @@ class DriftPrediction:
 # ----------------------------------------------------------------------------
 def _predict_models(model, x, y, noises: Sequence[HardwareNoise], targets, linearize_at, accuracy_draws, seed,
                     n_points, chunk_size, batch_size, keep_cov, method="linear", rank=DEFAULT_RANK,
-                    spatial_rank=DEFAULT_SPATIAL_RANK, moment_chunk=32):
+                    spatial_rank=DEFAULT_SPATIAL_RANK, moment_chunk=32, diagnostic=True):
     x, y = check_inputs(model, x, y)
     lin = LinearizedNetwork(model, targets)
     clean = _forward(lin, x, batch_size).double().cpu()
@@ -551,7 +559,16 @@ def _predict_models(model, x, y, noises: Sequence[HardwareNoise], targets, linea
             if z is not None and k > 0:  # rescale the shared draws per class to this time's marginal sd
                 z = _rescale_draws(z, torch.diagonal(cov, dim1=1, dim2=2), torch.diagonal(shared[0][0], dim1=1, dim2=2))
         comp_cov, pairs = _compensation_cov(jt, mo)
-        mdiag = {}
+        mdiag, warns = {}, []
+        if method == "linear" and diagnostic:  # the validity diagnostic of predict, at this time's noise
+            ratio, note = _preact_ratios(lin_mu, x, mo.unit, directions=DIAGNOSTIC_DIRECTIONS, seed=seed,
+                                         max_inputs=DIAGNOSTIC_INPUTS)
+            mdiag = dict(preact_source=note if ratio is None else note + ", around the expected weights")
+            if ratio is not None:
+                mdiag["preact_frac"] = float((ratio < 1.0).mean()) if ratio.size else 0.0
+                msg = range_warning(mdiag["preact_frac"])
+                if msg:
+                    warns.append(msg)
         if method == "moments":
             v_lin = torch.diagonal(cov, dim1=1, dim2=2)
             mean, cov, res = _moment_logits(lin_mu, x, mo, rank, spatial_rank, moment_chunk)
@@ -584,7 +601,8 @@ def _predict_models(model, x, y, noises: Sequence[HardwareNoise], targets, linea
             correct_prob=p, clean_accuracy=clean_acc, accuracy=float(p.mean()), accuracy_lower=float(lo.mean()),
             accuracy_upper=float(hi.mean()), accuracy_std=acc_std, accuracy_std_draws=int(kd), clean_loss=clean_loss,
             loss_increase=gl, loss_increase_se=float("nan"), loss_increase_gn=float("nan"), loss_increase_logits=gl,
-            loss_probes=0, diagnostics=types.MappingProxyType(diag), warnings=(), seconds=time.perf_counter() - t1,
+            loss_probes=0, diagnostics=types.MappingProxyType(diag), warnings=tuple(warns),
+            seconds=time.perf_counter() - t1,
             noise_model=nz, targets_spec=lin.plan.targets, inputs_fingerprint=inputs_fingerprint(x, y)))
     return preds, lin, clean_acc
 
@@ -592,7 +610,8 @@ def _predict_models(model, x, y, noises: Sequence[HardwareNoise], targets, linea
 def predict_drift(model: nn.Module, x, y, noise, times, targets=None, *, method: str = "linear",
                   linearize_at: str = "mean", accuracy_draws: int = 32, seed: int = 0, n_points: int = DEFAULT_N_POINTS,
                   chunk_size: int | None = None, batch_size: int = 512, cov: bool = False,
-                  rank: int = DEFAULT_RANK, spatial_rank: int = DEFAULT_SPATIAL_RANK, moment_chunk: int = 32) -> DriftPrediction:
+                  rank: int = DEFAULT_RANK, spatial_rank: int = DEFAULT_SPATIAL_RANK, moment_chunk: int = 32,
+                  diagnostic: bool = True) -> DriftPrediction:
     """Predicted accuracy of ``model`` on ``(x, y)`` at each time since programming in
     ``times`` (seconds >= 0) under a time-dependent hardware noise model ``noise``
     (:class:`~noiseprop.theory.hardware.PCMLike`; its own ``t`` is ignored).
@@ -607,6 +626,13 @@ def predict_drift(model: nn.Module, x, y, noise, times, targets=None, *, method:
     (``rank``, ``spatial_rank``, ``moment_chunk`` as in
     :func:`~noiseprop.theory.predict.predict`), needed once drift and read noise take
     the accuracy far below clean, where the first order is optimistic.
+    ``diagnostic`` (``method="linear"``): at each time, the validity diagnostic of
+    :func:`~noiseprop.theory.predict.predict` (the fraction of ReLU pre-activations whose
+    first-order noise sd exceeds their magnitude, around that time's expected weights:
+    ``diagnostics["preact_frac"]``, the ``preact_frac`` column of ``to_frame()``), with
+    one ``RuntimeWarning`` naming the times where it exceeds
+    :data:`~noiseprop.theory.predict.PREACT_WARN_FRACTION` (the compensation scalar's
+    own spread is not part of it).
 
     >>> import torch
     >>> from noiseprop.theory.examples import tiny_problem
@@ -629,7 +655,11 @@ def predict_drift(model: nn.Module, x, y, noise, times, targets=None, *, method:
         model, x, y, [noise.with_level(float(t)) for t in tv], targets, linearize_at, accuracy_draws,
         check_int("seed", seed, 0), check_int("n_points", n_points, 16),
         None if chunk_size is None else check_int("chunk_size", chunk_size, 1), check_int("batch_size", batch_size, 1),
-        bool(cov), method, *_moment_settings(rank, spatial_rank, moment_chunk))
+        bool(cov), method, *_moment_settings(rank, spatial_rank, moment_chunk), check_bool("diagnostic", diagnostic))
+    flagged = [f"{t:g} s" for t, p in zip(tv, preds) if p.warnings]
+    if flagged:
+        warnings.warn(f"first order outside its range at {', '.join(flagged)} after programming (see the predictions' "
+                      "warnings); use method='moments' there", RuntimeWarning, stacklevel=2)
     head, _, tail = noise.to_string().partition(":")
     opts = tail.split(",", 1)[1] if "," in tail else ""
     return DriftPrediction(noise=head + (f"({opts})" if opts else ""),
@@ -640,11 +670,15 @@ def predict_drift(model: nn.Module, x, y, noise, times, targets=None, *, method:
 def predict_hardware(model: nn.Module, x, y, noise, targets=None, *, method: str = "linear",
                      linearize_at: str = "mean", accuracy_draws: int = 32, seed: int = 0, n_points: int = DEFAULT_N_POINTS,
                      chunk_size: int | None = None, batch_size: int = 512, cov: bool = False,
-                  rank: int = DEFAULT_RANK, spatial_rank: int = DEFAULT_SPATIAL_RANK, moment_chunk: int = 32):
+                  rank: int = DEFAULT_RANK, spatial_rank: int = DEFAULT_SPATIAL_RANK, moment_chunk: int = 32,
+                     diagnostic: bool = True, _warn: bool = True):
     """:class:`~noiseprop.theory.predict.Prediction` for one hardware noise model
     (:class:`~noiseprop.theory.hardware.PCMLike` at its ``t``, :class:`Quantized`,
     :class:`StuckAt`): logit mean ``f(μ)``, covariance ``J Σ Jᵀ`` (+ the compensation
     terms), accuracy from the Gaussian logits. What ``predict`` calls for such noise.
+    ``diagnostic``: the linear method's validity diagnostic and warning, as in
+    :func:`predict_drift` (``_warn=False``: kept in ``warnings`` only, for ``predict``,
+    which raises them at its caller's line).
 
     >>> import torch
     >>> from noiseprop.theory.examples import tiny_problem
@@ -666,7 +700,11 @@ def predict_hardware(model: nn.Module, x, y, noise, targets=None, *, method: str
                                   check_int("seed", seed, 0), check_int("n_points", n_points, 16),
                                   None if chunk_size is None else check_int("chunk_size", chunk_size, 1),
                                   check_int("batch_size", batch_size, 1), bool(cov), method,
-                                  *_moment_settings(rank, spatial_rank, moment_chunk))
+                                  *_moment_settings(rank, spatial_rank, moment_chunk),
+                                  check_bool("diagnostic", diagnostic))
     p = preds[0]
     object.__setattr__(p, "seconds", time.perf_counter() - t0)
+    if _warn:
+        for w in p.warnings:
+            warnings.warn(w, RuntimeWarning, stacklevel=2)
     return p

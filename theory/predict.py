@@ -86,6 +86,18 @@ DIAGNOSTIC_INPUTS = 8
 DIAGNOSTIC_DIRECTIONS = 8
 
 
+def range_warning(frac: float | None) -> str | None:
+    """The linear method's validity warning at a fraction ``frac`` of ReLU pre-activations
+    whose predicted noise sd exceeds their magnitude (``None`` at or below
+    :data:`PREACT_WARN_FRACTION`, or when the fraction was not computed). Shared by
+    :func:`predict` and the hardware-noise predictions (:mod:`.drift`)."""
+    if frac is None or not frac > PREACT_WARN_FRACTION:
+        return None
+    return (f"first order outside its range: {frac:.0%} of ReLU pre-activations have predicted noise "
+            f"sd above their magnitude (> {PREACT_WARN_FRACTION:.0%}); the linear method misses the mean shift and "
+            "underestimates the damage here, use method='moments'")
+
+
 def _check_method(method):
     if method not in METHODS:
         raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
@@ -748,10 +760,8 @@ def _finish(base: _Base, noise: WeightNoise, method: str, mean: torch.Tensor, co
     diag["piecewise_linear"] = base.piecewise_linear
     for part, sec in base.seconds.items():
         diag[f"seconds_{part}"] = sec
-    if linear and diag.get("preact_frac", 0.0) > PREACT_WARN_FRACTION:
-        msg = (f"first order outside its range: {diag['preact_frac']:.0%} of ReLU pre-activations have predicted noise "
-               f"sd above their magnitude (> {PREACT_WARN_FRACTION:.0%}); the linear method misses the mean shift and "
-               "underestimates the damage here, use method='moments'")
+    msg = range_warning(diag.get("preact_frac")) if linear else None
+    if msg:
         warns.append(msg)
     logit_var = torch.diagonal(cov, dim1=1, dim2=2).clone()
     if sel is not None:
@@ -1031,10 +1041,13 @@ def predict(model: nn.Module, x, y, noise, targets=None, *, method: str = "linea
                              "per-layer split or Hessian estimator, and its moment propagation keeps the default "
                              "h2_rank; leave them at their defaults")
 
-        return predict_hardware(model, x, y, noise, targets, method=method, chunk_size=o.chunk_size, cov=cov,
+        pred = predict_hardware(model, x, y, noise, targets, method=method, chunk_size=o.chunk_size, cov=cov,
                                 accuracy_draws=o.accuracy_draws, seed=seed, n_points=o.n_points,
                                 batch_size=o.batch_size, rank=o.rank, spatial_rank=o.spatial_rank,
-                                moment_chunk=o.moment_chunk)
+                                moment_chunk=o.moment_chunk, diagnostic=diagnostic, _warn=False)
+        for w in pred.warnings:
+            warnings.warn(w, RuntimeWarning, stacklevel=2)
+        return pred
     run, opts = _settings(o, method, cov, seed, per_layer, diagnostic, classes)
     check_bool("cache", cache)
     x, y = _check_inputs(model, x, y)

@@ -83,6 +83,8 @@ def test_method_and_options(digits_mlp):
         predict_drift(model, x[:8], y[:8], PCMLike(), [1.0], linearize_at="nowhere")
     with pytest.raises(TypeError, match="PCMLike"):
         predict_drift(model, x[:8], y[:8], "relative:0.1", [1.0])
+    with pytest.raises(TypeError, match="diagnostic must be True or False"):
+        predict_drift(model, x[:8], y[:8], PCMLike(), [1.0], diagnostic="yes")
     with pytest.raises(ValueError, match="control_variate"):
         monte_carlo(model, x[:8], y[:8], PCMLike(), draws=2, control_variate=True)
 
@@ -114,6 +116,48 @@ def test_moments_at_strong_drift_vs_monte_carlo(digits_mlp, comp):
     lo, hi = mc.accuracy_ci
     assert abs(mom.accuracy - mc.accuracy) <= 0.01 or lo <= mom.accuracy <= hi, (mom.accuracy, mc.accuracy_ci)
     assert abs(mom.accuracy - mc.accuracy) < abs(lin.accuracy - mc.accuracy), (mom.accuracy, lin.accuracy, mc.accuracy)
+
+
+def test_validity_warning_where_the_first_order_misses(digits_mlp):
+    """The first order's validity diagnostic on hardware noise (issues 10 and 12). Digits
+    MLP, compensated PCM noise at three times its scales 10 years after programming: the
+    first order is far too optimistic (about 10 points, ``benchmarks/drift.py``) and the
+    warning fires, raised at the caller's line; at the default scales 1 s after
+    programming the first order is within 1 point and nothing is raised. Both checked
+    against Monte-Carlo (40 draws). ``predict_drift`` names the flagged times in one
+    warning and flags them in its frame; ``diagnostic=False`` skips it."""
+    import warnings
+
+    from noiseprop.theory.predict import PREACT_WARN_FRACTION
+
+    model, x, y = digits_mlp
+    hard = PCMLike(t=3.15e8, prog_noise_scale=3.0, drift_scale=3.0, read_noise_scale=3.0)
+    mc = monte_carlo(model, x, y, hard, draws=40, seed=0)
+    with pytest.warns(RuntimeWarning, match="first order outside its range") as rec:
+        p = predict(model, x, y, hard, accuracy_draws=0)
+    assert [w.filename for w in rec if w.category is RuntimeWarning] == [__file__]
+    assert p.accuracy - mc.accuracy_ci[1] > 0.01, (p.accuracy, mc.accuracy_ci)
+    assert p.diagnostics["preact_frac"] > PREACT_WARN_FRACTION and p.warnings
+    mild = PCMLike(t=1.0)
+    mc = monte_carlo(model, x, y, mild, draws=40, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        q = predict(model, x, y, mild, accuracy_draws=0)
+    lo, hi = mc.accuracy_ci
+    assert abs(q.accuracy - mc.accuracy) <= 0.01 or lo <= q.accuracy <= hi, (q.accuracy, mc.accuracy_ci)
+    assert q.diagnostics["preact_frac"] < PREACT_WARN_FRACTION and not q.warnings
+    curve = PCMLike(prog_noise_scale=3.0, drift_scale=3.0, read_noise_scale=3.0)
+    with pytest.warns(RuntimeWarning, match=r"outside its range at 3\.15e\+08 s after programming"):
+        d = predict_drift(model, x, y, curve, [3.15e8], accuracy_draws=0)
+    assert list(d.to_frame().outside_range) == [True]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        d = predict_drift(model, x, y, PCMLike(), [1.0, 3600.0], accuracy_draws=0)
+        off = predict_drift(model, x, y, curve, [3.15e8], accuracy_draws=0, diagnostic=False)
+    frame = d.to_frame()
+    assert list(frame.outside_range) == [False, False] and (frame.preact_frac < PREACT_WARN_FRACTION).all()
+    assert np.isnan(off.to_frame().preact_frac[0]) and not off.predictions[0].warnings
+    assert "outside its range" not in d.summary()
 
 
 @pytest.mark.parametrize("noise", [Quantized(3), StuckAt(p_zero=0.02, p_max=0.005)])
@@ -167,7 +211,14 @@ def test_cli_drift_json_and_plot(small_checkpoint, tmp_path, capsys):
     assert [r["time_s"] for r in out["rows"]] == [1.0, 3.15e7, 1.0, 3.15e7]
     assert [r["compensation"] for r in out["rows"]] == [True, True, False, False]
     assert all(0 <= r["predicted_accuracy"] <= 1 and len(r["mc_ci"]) == 2 for r in out["rows"])
+    assert all(r["method"] == "linear" and 0 <= r["preact_frac"] <= 1 and isinstance(r["first_order_outside_range"], bool)
+               for r in out["rows"])
     assert png.stat().st_size > 1000
+    rc = main(["drift", "--model", small_checkpoint, "--times", "1,3.15e7", "--draws", "0", "--method", "moments",
+               "--n-inputs", "40", "--accuracy-draws", "0", "--json"])
+    assert rc == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [r["method"] for r in rows] == ["moments", "moments"] and not any(r["first_order_outside_range"] for r in rows)
 
 
 def test_cli_drift_user_errors(small_checkpoint, capsys):
