@@ -7,7 +7,23 @@ accuracy predicted, the accuracy Monte-Carlo measures, and the accuracy of Gauss
 logits with Monte-Carlo's own mean and covariance (the Gaussian-logit limit).
 One JSON line per (setting, stage).
 
+Two further parts locate the error of the moment method on residual networks:
+
+* ``groups``: noise on one group of layers at a time (each top-level child of the model
+  holding noisy layers: for ResNet-20 the stem ``conv1``, the stages ``layer1``–``layer3``
+  and ``fc``), the first order, the moment method and Monte-Carlo (``--draws``) on
+  ``--n`` inputs: which noise sources the moment method loses.
+* ``chaos``: noise on one layer (``--chaos-layer``, default the stem): the logit-margin
+  variance of Monte-Carlo, of the moment method, and of its two parts (the surrogate's
+  linear response ``Σ σ² J̃ J̃ᵀ`` through the expected slopes, and the injected
+  nonlinear excess), against the exact first Wiener chaos ``E[J] Σ E[J]ᵀ`` (the
+  Jacobian averaged over the Monte-Carlo draws, less its sampling variance): what the
+  product of expected slopes loses against the expected product of the gates. Margins
+  are the live ones (first-order error probability > 1e-3), each quantity as a ratio to
+  the first order's margin variance.
+
     .venv/bin/python benchmarks/moments_diagnose.py --model resnet20 --eta 0.3 --draws 200 --n 200
+    .venv/bin/python benchmarks/moments_diagnose.py --parts groups,chaos --model resnet20 --eta 0.5 --draws 300 --n 359
 """
 from __future__ import annotations
 
@@ -22,7 +38,7 @@ import torch
 
 from noiseprop.empirical.data import load_dataset
 from noiseprop.empirical.train import train
-from noiseprop.theory import predict
+from noiseprop.theory import Targets, predict
 from noiseprop.theory._graph import relu_input_graph
 from noiseprop.theory.accuracy import correct_probability
 from noiseprop.theory.linearize import LinearizedNetwork
@@ -69,8 +85,114 @@ def mc_stages(model, x, noise, draws, seed):
     return m, v, torch.stack(logits), gm
 
 
+def _groups(model):
+    """Top-level children of ``model`` that hold noisy layers, in order."""
+    names = resolve_targets(model).names
+    out = []
+    for n in names:
+        g = n.split(".")[0]
+        if g not in out:
+            out.append(g)
+    return out
+
+
+def groups(model, x, y, noise, draws):
+    from noiseprop.empirical import monte_carlo
+
+    for g in [None] + _groups(model):
+        t = Targets(layers=[g]) if g else None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            lin = predict(model, x, y, noise, targets=t, diagnostic=False)
+            mom = predict(model, x, y, noise, targets=t, method="moments", diagnostic=False)
+        mc = monte_carlo(model, x, y, noise, draws=draws, seed=3, targets=t, progress=False)
+        se = float(mc.accuracies.std(ddof=1) / math.sqrt(draws))
+        print(json.dumps(dict(stage="groups", noise=noise.to_string(), noisy=g or "(all)", clean=lin.clean_accuracy,
+                              mc=float(mc.accuracy), mc_se=se, linear=lin.accuracy, moments=mom.accuracy,
+                              mc_drop=lin.clean_accuracy - float(mc.accuracy),
+                              moments_drop=lin.clean_accuracy - mom.accuracy,
+                              moments_error_points=100 * (mom.accuracy - float(mc.accuracy)),
+                              linear_error_points=100 * (lin.accuracy - float(mc.accuracy)))), flush=True)
+
+
+def chaos(model, x, y, noise, draws, layer):
+    from torch.func import functional_call, jacrev, vmap
+
+    import noiseprop.theory.moments.surrogate as sur
+    from noiseprop.theory.accuracy import margin_moments
+
+    t = Targets(layers=[layer])
+    name = resolve_targets(model, t).names
+    if len(name) != 1:
+        raise SystemExit(f"--chaos-layer must name one noisy layer, got {layer!r} ({len(name)} noisy tensors)")
+    name = name[0]
+    P = {k: v.detach() for k, v in model.named_parameters()}
+    B = dict(model.named_buffers())
+    w0 = P[name]
+    var = noise.variance(w0).double()
+
+    def f(w, xi):
+        return functional_call(model, ({**P, name: w}, B), (xi[None],))[0]
+
+    jf = vmap(jacrev(f), in_dims=(None, 0))
+    gen = torch.Generator().manual_seed(4)
+    n, c = x.shape[0], None
+    js = jq = None
+    logits = []
+    for _ in range(draws):
+        w = noise.sample(w0, gen)
+        J = jf(w, x).detach().double().reshape(n, -1, w0.numel())  # [N, C, P]
+        c = J.shape[1]
+        q = torch.einsum("nap,p,nbp->nab", J, var.reshape(-1), J)
+        js = J if js is None else js + J
+        jq = q if jq is None else jq + q
+        with torch.no_grad():
+            logits.append(functional_call(model, ({**P, name: w}, B), (x,)).double())
+    jbar = js / draws
+    first = torch.einsum("nap,p,nbp->nab", jbar, var.reshape(-1), jbar)
+    spread = (jq - draws * first) / (draws - 1)  # sample covariance of J Σ^½ over draws
+    chaos1 = first - spread / draws  # E[J] Σ E[J]ᵀ without the average's own sampling variance
+    L = torch.stack(logits)
+    Lc = torch.einsum("dna,dnb->nab", L - L.mean(0), L - L.mean(0)) / (draws - 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fo = predict(model, x, y, noise, targets=t, cov=True, diagnostic=False)
+        injected = []
+        orig = sur._injection_covariance  # record the surrogate's injected part (diagnostic only)
+
+        def record(*a, **k):
+            out = orig(*a, **k)
+            injected.append(out.clone())
+            return out
+
+        sur._injection_covariance = record
+        try:
+            mom = predict(model, x, y, noise, targets=t, method="moments", cov=True, diagnostic=False, cache=False)
+        finally:
+            sur._injection_covariance = orig
+    inj = torch.cat(injected)
+    cl, foc = fo.clean_logits.double(), fo.logit_cov.double()
+    m0, s0 = margin_moments(cl, foc, y)
+    sd0 = torch.diagonal(s0, dim1=1, dim2=2).clamp_min(1e-30).sqrt()
+    live = torch.special.ndtr(-m0 / sd0) > 1e-3
+
+    def ratio(cov):
+        _, sm = margin_moments(cl, cov, y)
+        return float(torch.diagonal(sm, dim1=1, dim2=2)[live].sum() / (sd0[live] ** 2).sum())
+
+    mc_margin_var = ratio(Lc)
+    print(json.dumps(dict(stage="chaos", noise=noise.to_string(), noisy=layer, draws=draws, live_margins=int(live.sum()),
+                          mc=mc_margin_var, first_chaos=ratio(chaos1), moments=ratio(mom.logit_cov.double()),
+                          moments_linear_response=ratio(mom.logit_cov.double() - inj), moments_injected=ratio(inj),
+                          higher_chaoses_mc=mc_margin_var - ratio(chaos1),
+                          mc_accuracy=float((L.argmax(2) == y).double().mean()), moments_accuracy=mom.accuracy,
+                          linear_accuracy=fo.accuracy)), flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--parts", default="stages", help="stages,groups,chaos")
+    ap.add_argument("--chaos-layer", default="conv1")
     ap.add_argument("--model", default="resnet20")
     ap.add_argument("--noise", default="relative")
     ap.add_argument("--eta", type=float, default=0.3)
@@ -84,6 +206,13 @@ def main():
     model = train(MODELS[args.model], data, seed=0).model.eval()
     x, y = data.x_test[:args.n], data.y_test[:args.n]
     noise = parse_noise(f"{args.noise}:{args.eta}")
+    parts = args.parts.split(",")
+    if "groups" in parts:
+        groups(model, x, y, noise, args.draws)
+    if "chaos" in parts:
+        chaos(model, x, y, noise, args.draws, args.chaos_layer)
+    if "stages" not in parts:
+        return
     t0 = time.perf_counter()
     mc_m, mc_v, L, gm = mc_stages(model, x, noise, args.draws, seed=11)
     t_mc = time.perf_counter() - t0
