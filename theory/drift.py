@@ -67,7 +67,8 @@ from torch.func import functional_call, jvp, vmap
 from .accuracy import DEFAULT_N_POINTS, correct_probability, sampled_accuracies
 from .hardware import HardwareNoise, PCMLike
 from .hashing import inputs_fingerprint
-from .linearize import LinearizedNetwork, auto_chunk_size, backprop_signals, jacobian_pass, tap_jacobian, tapping
+from .linearize import (DEFAULT_JACOBIAN_BUDGET, PASS_CHUNK_CAP, LinearizedNetwork, _patch_size,
+                        backprop_signals, jacobian_pass, tap_jacobian, tapping)
 from .moments import DEFAULT_RANK, DEFAULT_SPATIAL_RANK, MomentPropagator, propagate_moments
 from .noise import WeightNoise, parse_noise
 from .predict import (DIAGNOSTIC_DIRECTIONS, DIAGNOSTIC_INPUTS, METHODS, Prediction, _gaussian_logit_loss,
@@ -245,10 +246,12 @@ def _fast_pass(lin_pt: LinearizedNetwork, x: torch.Tensor, units: Sequence[dict]
         fast[mname] = name
     watch = {id(modules[m]): (m, modules[m]) for m in fast}
     n = x.shape[0]
-    with torch.no_grad():
+    with torch.no_grad(), tapping(watch) as probe:  # one input: the classes, and what one input holds
         c0 = lin_pt.forward(x[:1].to(lin_pt.device)).shape[-1]
     if chunk_size is None:
-        chunk_size = auto_chunk_size(c0, lin_pt.num_target_elements, torch.tensor([], dtype=lin_pt.dtype).element_size())
+        chunk_size = _fast_chunk_size(probe, c0, len(units), len(tangents) + draws,
+                                      torch.tensor([], dtype=lin_pt.dtype).element_size())
+    del probe
     dirs = None
     if draws:
         g = torch.Generator(device=lin_pt.device).manual_seed(int(seed))
@@ -311,6 +314,34 @@ def _fast_pass(lin_pt: LinearizedNetwork, x: torch.Tensor, units: Sequence[dict]
         if z_c is not None:
             zs.append(z_c)
     return ([torch.cat(c) for c in covs], [torch.cat(j) for j in jts], torch.cat(zs) if zs else None)
+
+
+def _fast_chunk_size(taps, num_classes: int, num_units: int, num_maps: int, itemsize: int,
+                     budget: int = DEFAULT_JACOBIAN_BUDGET, cap: int = PASS_CHUNK_CAP) -> int:
+    """Inputs per chunk of :func:`_fast_pass` from what one input holds, measured on the
+    taps of a one-input forward: the forward graph (each tapped layer's input and output,
+    twice), the backpropagated signals (one per class, twice for the batched backward's
+    working gradients) and the largest single layer's contraction. A layer's per-sample
+    Jacobian ``[C, P]`` is formed, used and freed before the next layer's, so the budget
+    holds one layer's: that Jacobian, its scaled copy and the product's working memory
+    (``3·C·P``), or for a convolution on the element-Gram route its ``U`` per-channel
+    ``L × L`` Gram matrices and unfolded patches, whichever is larger, plus the ``T``
+    tangent and draw outputs of the layer. (The older all-parameter budget,
+    :func:`~noiseprop.theory.linearize.auto_chunk_size`, held every layer's Jacobian at
+    once: 5 inputs per chunk on the digits VGG.) At most ``cap``, at least 1."""
+    fwd = sig = work = 0
+    for t in taps:
+        m = t.module
+        nin, nout = t.x[0].numel(), t.e[0].numel()
+        fwd += 2 * (nin + nout)
+        sig += 2 * num_classes * nout
+        w = 3 * num_classes * m.weight.numel()
+        if isinstance(m, nn.Conv2d):
+            L = nout // m.out_channels
+            w = max(w, num_units * m.out_channels * L * L + _patch_size(m) * m.groups * L)
+        work = max(work, w + num_maps * nout)
+    per = itemsize * (fwd + sig + work)
+    return int(max(1, min(cap, budget // max(1, per))))
 
 
 def _element_gram_cheaper(mod: nn.Module, calls, num_classes: int, num_units: int, num_maps: int) -> bool:

@@ -374,3 +374,32 @@ def test_fast_pass_gram_route_on_small_feature_maps():
     for k in range(3):
         f0, fl = lin.linearized_logits(x, {nm: dirs[nm][k] for nm in lin.names})
         assert torch.allclose(fast[2][:, :, k], fl - f0, rtol=1e-9, atol=1e-12)
+
+
+def test_fast_pass_chunk_from_one_input():
+    """The tap-based pass's default chunk comes from what one input holds (one layer's
+    per-sample Jacobian at a time, not every layer's): it shrinks with the budget, stays
+    within [1, cap], is larger than the older all-parameter budget on a network whose
+    parameters spread over several layers, and the covariances, tangent products and
+    draws do not depend on the chunking."""
+    from noiseprop.theory import drift as D
+    from noiseprop.theory.linearize import auto_chunk_size
+
+    g = torch.Generator().manual_seed(3)
+    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 10)).double().eval()
+    x = torch.randn(23, 1, 6, 6, generator=g, dtype=torch.float64)
+    lin = D.LinearizedNetwork(net)
+    mos = [D._moments(lin, PCMLike(t=t, prog_noise_scale=2.0)) for t in (1.0, 3.15e7)]
+    units, tangents = [m.unit for m in mos], D._comp_tangents(mos[1])
+    watch = {id(m): (n, m) for n, m in net.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    with torch.no_grad(), D.tapping(watch) as taps:
+        net(x[:1])
+    sizes = [D._fast_chunk_size(taps, 10, 2, len(tangents) + 3, 8, budget=b, cap=64) for b in (2**18, 2**21, 2**23, 2**40)]
+    assert sizes == sorted(sizes) and sizes[0] >= 1 and sizes[-1] == 64 and sizes[0] < sizes[2]
+    assert D._fast_chunk_size(taps, 10, 2, 9, 8, budget=2**23, cap=10**6) > auto_chunk_size(
+        10, lin.num_target_elements, 8, budget=2**23)
+    whole = D._fast_pass(lin, x, units, tangents, 3, 5, None)
+    small = D._fast_pass(lin, x, units, tangents, 3, 5, 4)
+    for a, b in zip(whole[0] + whole[1] + [whole[2]], small[0] + small[1] + [small[2]]):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
