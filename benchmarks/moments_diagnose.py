@@ -119,7 +119,7 @@ def chaos(model, x, y, noise, draws, layer):
     from torch.func import functional_call, jacrev, vmap
 
     import noiseprop.theory.moments.surrogate as sur
-    from noiseprop.theory.accuracy import margin_moments
+    from sensitivity import live_margin_variance  # benchmarks/sensitivity.py (this script's folder)
 
     t = Targets(layers=[layer])
     name = resolve_targets(model, t).names
@@ -171,14 +171,7 @@ def chaos(model, x, y, noise, draws, layer):
         finally:
             sur._injection_covariance = orig
     inj = torch.cat(injected)
-    cl, foc = fo.clean_logits.double(), fo.logit_cov.double()
-    m0, s0 = margin_moments(cl, foc, y)
-    sd0 = torch.diagonal(s0, dim1=1, dim2=2).clamp_min(1e-30).sqrt()
-    live = torch.special.ndtr(-m0 / sd0) > 1e-3
-
-    def ratio(cov):
-        _, sm = margin_moments(cl, cov, y)
-        return float(torch.diagonal(sm, dim1=1, dim2=2)[live].sum() / (sd0[live] ** 2).sum())
+    ratio, (_, _, live) = live_margin_variance(fo.clean_logits.double(), fo.logit_cov.double(), y, 1e-3)
 
     mc_margin_var = ratio(Lc)
     print(json.dumps(dict(stage="chaos", noise=noise.to_string(), noisy=layer, draws=draws, live_margins=int(live.sum()),

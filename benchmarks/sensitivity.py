@@ -207,6 +207,24 @@ def _mc_logits(model, x, noise, draws, seed, targets=None):
     return torch.stack(out)
 
 
+def live_margin_variance(clean, ref_cov, y, min_error):
+    """The live margins of Gaussian logits ``N(clean, ref_cov)`` (label minus each other
+    class, error probability above ``min_error``) and a function giving, for another
+    logit covariance, their summed margin variance over ``ref_cov``'s; also ``(margin
+    means, sds, live mask)`` under ``ref_cov``. Shared with moments_diagnose.py."""
+    from noiseprop.theory.accuracy import margin_moments
+
+    m0, s0 = margin_moments(clean, ref_cov, y)
+    sd0 = torch.diagonal(s0, dim1=1, dim2=2).clamp_min(1e-30).sqrt()
+    live = torch.special.ndtr(-m0 / sd0) > min_error
+
+    def ratio(cov):
+        _, s = margin_moments(clean, cov, y)
+        return float(torch.diagonal(s, dim1=1, dim2=2)[live].sum() / (sd0[live] ** 2).sum())
+
+    return ratio, (m0, sd0, live)
+
+
 def budget_diag(models, draws):
     """Why the budget's levels miss: at the first-order level and at the refined one,
     Monte-Carlo logits against the Gaussian model term by term. Drops (points) of
@@ -248,13 +266,7 @@ def budget_diag(models, draws):
 
             pg = p_correct(mu, cov)  # Gaussian logits with Monte-Carlo's own mean and covariance, per input
 
-            m0, s0 = margin_moments(cl, foc, y)
-            sd0 = torch.diagonal(s0, dim1=1, dim2=2).clamp_min(1e-30).sqrt()
-            live = torch.special.ndtr(-m0 / sd0) > 1e-4
-
-            def var_ratio(c):
-                _, s = margin_moments(cl, c, y)
-                return float(torch.diagonal(s, dim1=1, dim2=2)[live].sum() / (sd0[live] ** 2).sum())
+            var_ratio, (m0, sd0, live) = live_margin_variance(cl, foc, y, 1e-4)
 
             def shift(mean):
                 m, _ = margin_moments(mean, foc, y)

@@ -68,7 +68,7 @@ from .accuracy import DEFAULT_N_POINTS, correct_probability, sampled_accuracies
 from .hardware import HardwareNoise, PCMLike
 from .hashing import inputs_fingerprint
 from .linearize import (DEFAULT_JACOBIAN_BUDGET, PASS_CHUNK_CAP, LinearizedNetwork, _patch_size,
-                        backprop_signals, jacobian_pass, tap_jacobian, tapping)
+                        backprop_signals, graph_and_signals, jacobian_pass, tap_jacobian, tapping)
 from .moments import DEFAULT_RANK, DEFAULT_SPATIAL_RANK, MomentPropagator, propagate_moments
 from .noise import WeightNoise, parse_noise
 from .predict import (DIAGNOSTIC_DIRECTIONS, DIAGNOSTIC_INPUTS, METHODS, Prediction, _gaussian_logit_loss,
@@ -329,18 +329,16 @@ def _fast_chunk_size(taps, num_classes: int, num_units: int, num_maps: int, item
     tangent and draw outputs of the layer. (The older all-parameter budget,
     :func:`~noiseprop.theory.linearize.auto_chunk_size`, held every layer's Jacobian at
     once: 5 inputs per chunk on the digits VGG.) At most ``cap``, at least 1."""
-    fwd = sig = work = 0
+    work = 0
     for t in taps:
         m = t.module
-        nin, nout = t.x[0].numel(), t.e[0].numel()
-        fwd += 2 * (nin + nout)
-        sig += 2 * num_classes * nout
+        nout = t.e[0].numel()
         w = 3 * num_classes * m.weight.numel()
         if isinstance(m, nn.Conv2d):
             L = nout // m.out_channels
             w = max(w, num_units * m.out_channels * L * L + _patch_size(m) * m.groups * L)
         work = max(work, w + num_maps * nout)
-    per = itemsize * (fwd + sig + work)
+    per = itemsize * (graph_and_signals(taps, num_classes) + work)
     return int(max(1, min(cap, budget // max(1, per))))
 
 

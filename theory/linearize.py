@@ -232,12 +232,10 @@ def pass_chunk_size(taps: Sequence["Tap"], num_slots: int, slow_elements: int, i
     channel, no draws, no further scale maps, every noisy layer called once); otherwise
     every layer forms its Jacobian (and a scaled copy), and it keeps
     :func:`auto_chunk_size`."""
-    fwd = sig = work = 0
+    work = 0
     for t in taps:
         m = t.module
         nin, nout = t.x[0].numel(), t.e[0].numel()
-        fwd += 2 * (nin + nout)
-        sig += 2 * num_slots * nout
         if isinstance(m, nn.Conv2d):
             L = nout // m.out_channels
             J = _patch_size(m)
@@ -248,8 +246,22 @@ def pass_chunk_size(taps: Sequence["Tap"], num_slots: int, slow_elements: int, i
             S = max(1, nin // max(1, m.in_features))
             w = num_slots * nout + S * S + 2 * num_slots * m.weight.numel()
         work = max(work, w)
-    per = itemsize * (fwd + sig + work + 3 * num_slots * slow_elements)
+    per = itemsize * (graph_and_signals(taps, num_slots) + work + 3 * num_slots * slow_elements)
     return int(max(1, min(cap, budget // max(1, per))))
+
+
+def graph_and_signals(taps: Sequence["Tap"], num_slots: int) -> int:
+    """Elements one input holds in a derivative pass besides the layers' contractions,
+    from the taps of a one-input forward: the forward graph (each tapped layer's input
+    and output, twice for what the layers between them save) and the backpropagated
+    signals at every tapped output (``num_slots`` of them, twice for the batched
+    backward's working gradients). Shared by :func:`pass_chunk_size` and the drift
+    pass's chunk (:func:`~noiseprop.theory.drift._fast_chunk_size`)."""
+    total = 0
+    for t in taps:
+        nin, nout = t.x[0].numel(), t.e[0].numel()
+        total += 2 * (nin + nout) + 2 * num_slots * nout
+    return total
 
 
 @dataclass(frozen=True)
