@@ -68,7 +68,7 @@ from .accuracy import DEFAULT_N_POINTS, correct_probability, sampled_accuracies
 from .hardware import HardwareNoise, PCMLike
 from .hashing import inputs_fingerprint
 from .linearize import (DEFAULT_JACOBIAN_BUDGET, PASS_CHUNK_CAP, LinearizedNetwork, _patch_size,
-                        backprop_signals, graph_and_signals, jacobian_pass, tap_jacobian, tapping)
+                        backprop_signals, graph_and_signals, jacobian_pass, scratch_view, tap_jacobian, tapping)
 from .moments import DEFAULT_RANK, DEFAULT_SPATIAL_RANK, MomentPropagator, propagate_moments
 from .noise import WeightNoise, parse_noise
 from .predict import (DIAGNOSTIC_DIRECTIONS, DIAGNOSTIC_INPUTS, METHODS, Prediction, _gaussian_logit_loss,
@@ -260,6 +260,7 @@ def _fast_pass(lin_pt: LinearizedNetwork, x: torch.Tensor, units: Sequence[dict]
     covs = [[] for _ in units]
     jts = [[] for _ in tangents]
     zs = []
+    scratch: dict = {}  # a layer's per-sample Jacobian and its scaled copy, buffers reused (scratch_view)
     for i in range(0, n, chunk_size):
         xb = x[i:i + chunk_size].to(lin_pt.device)
         b = xb.shape[0]
@@ -295,11 +296,12 @@ def _fast_pass(lin_pt: LinearizedNetwork, x: torch.Tensor, units: Sequence[dict]
                     _tangent_products(mod, pname, calls, None, tangents, jt_c, dirs, z_c, draws)
                 else:
                     J = None
-                    for t, dl in calls:
-                        Jt = tap_jacobian(t, dl, "weight")
+                    for t, dl in calls:  # a layer called once: its Jacobian in the reused buffer
+                        Jt = tap_jacobian(t, dl, "weight", scratch=scratch if len(calls) == 1 else None)
                         J = Jt if J is None else J + Jt
                     for u, cv in zip(units, cov_c):
-                        Js = J * u[pname].reshape(1, 1, -1).to(J.dtype)
+                        Js = torch.mul(J, u[pname].reshape(1, 1, -1).to(J.dtype),
+                                       out=scratch_view(scratch, "scaled", J.shape, J))
                         cv += torch.bmm(Js, Js.mT).double()
                         del Js
                     # with the per-sample Jacobian formed, every tangent and draw of this

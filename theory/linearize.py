@@ -385,11 +385,29 @@ def backprop_signals(out: torch.Tensor, leaves: Sequence[torch.Tensor],
     return [torch.stack(lst) for lst in per]
 
 
-def tap_jacobian(tap: Tap, delta: torch.Tensor, pname: str) -> torch.Tensor:
+def scratch_view(scratch: dict | None, key: str, shape, like: torch.Tensor) -> torch.Tensor | None:
+    """A tensor of ``shape`` (``like``'s dtype and device) backed by one flat buffer kept
+    in ``scratch[key]`` and reused by every layer and chunk of a pass (grown when a
+    larger one is asked for); ``None`` without ``scratch``. A fresh tensor of a
+    per-sample Jacobian's size (tens to hundreds of MB) costs more to allocate and fault
+    in than filling it: measured 78 against 31 ms for ``[20, 10, 147456]`` floats
+    (``J * u``), against 19 ms for the batched product that reads it."""
+    if scratch is None:
+        return None
+    n = math.prod(shape)
+    buf = scratch.get(key)
+    if buf is None or buf.numel() < n or buf.dtype != like.dtype or buf.device != like.device:
+        buf = scratch[key] = torch.empty(n, dtype=like.dtype, device=like.device)
+    return buf[:n].view(shape)
+
+
+def tap_jacobian(tap: Tap, delta: torch.Tensor, pname: str, scratch: dict | None = None) -> torch.Tensor:
     """Per-sample Jacobian ``[B, C, numel]`` of the logits with respect to parameter
     ``pname`` ("weight"/"bias") of the tapped layer, from its input and the signal
     ``delta [C, B, *out]`` at its output: ``∂f_a/∂W = Σ_p δ_{a,p} ⊗ x_p`` (patches ``x_p``
-    for a convolution, by ``F.unfold``), formed by batched matrix products."""
+    for a convolution, by ``F.unfold``), formed by batched matrix products. With
+    ``scratch`` (a dict kept by the caller) the weight's Jacobian is written into a reused
+    buffer (:func:`scratch_view`): valid until the next call with the same ``scratch``."""
     m = tap.module
     C, B = delta.shape[:2]
     if isinstance(m, nn.Linear):
@@ -397,7 +415,8 @@ def tap_jacobian(tap: Tap, delta: torch.Tensor, pname: str) -> torch.Tensor:
             return delta.reshape(C, B, -1, m.out_features).sum(2).permute(1, 0, 2)
         x = tap.x.reshape(B, -1, m.in_features)  # [B, S, in]
         d = delta.reshape(C, B, -1, m.out_features).permute(1, 0, 3, 2).reshape(B, C * m.out_features, -1)  # [B, C·out, S]
-        return torch.bmm(d, x).reshape(B, C, -1)
+        out = scratch_view(scratch, "jacobian", (B, C * m.out_features, m.in_features), d)
+        return torch.bmm(d, x, out=out).reshape(B, C, -1)
     # Conv2d
     Cout = m.out_channels
     if pname == "bias":
@@ -407,7 +426,9 @@ def tap_jacobian(tap: Tap, delta: torch.Tensor, pname: str) -> torch.Tensor:
     L = X.shape[-1]
     X = X.reshape(B, g, -1, L)  # [B, g, J, L]
     d = delta.reshape(C, B, g, Cout // g, L).permute(1, 2, 0, 3, 4).reshape(B * g, C * (Cout // g), L)
-    Jg = torch.bmm(d, X.reshape(B * g, -1, L).mT)  # [B·g, C·Cout/g, J]
+    Xt = X.reshape(B * g, -1, L).mT
+    out = scratch_view(scratch, "jacobian", (B * g, C * (Cout // g), Xt.shape[-1]), d) if g == 1 else None
+    Jg = torch.bmm(d, Xt, out=out)  # [B·g, C·Cout/g, J]
     Jg = Jg.reshape(B, g, C, Cout // g, -1).permute(0, 2, 1, 3, 4)  # [B, C, g, Cout/g, J]
     return Jg.reshape(B, C, -1)
 

@@ -155,3 +155,32 @@ def test_model_untouched_eval_copy_and_non_finite_refused(cnn):
         LinearizedNetwork(broken)
     tiny = nn.Sequential(nn.Linear(3, 2))
     assert LinearizedNetwork(tiny).names == ("0.weight",)
+
+
+def test_tap_jacobian_into_a_reused_buffer():
+    """``tap_jacobian(..., scratch=...)`` writes a layer's per-sample Jacobian into one
+    flat buffer reused across layers and chunks (grown when a larger one comes): the same
+    values as a fresh tensor for a Linear and a convolution, a smaller one after a larger
+    one reuses the memory, and a grouped convolution (not written into the buffer) is
+    unchanged."""
+    from noiseprop.theory.linearize import Tap, scratch_view, tap_jacobian
+
+    g = torch.Generator().manual_seed(0)
+    scratch = {}
+    cases = [(nn.Conv2d(3, 8, 3, padding=1), (5, 3, 6, 6)), (nn.Linear(12, 7), (5, 12)),
+             (nn.Conv2d(4, 6, 3, groups=2), (5, 4, 5, 5)), (nn.Conv2d(3, 4, 3), (2, 3, 4, 4))]
+    sizes = []
+    for mod, shape in cases:
+        mod = mod.double()
+        x = torch.randn(shape, generator=g, dtype=torch.float64)
+        out = mod(x)
+        delta = torch.randn((3,) + tuple(out.shape), generator=g, dtype=torch.float64)
+        tap = Tap("m", mod, x, torch.zeros_like(out))
+        fresh = tap_jacobian(tap, delta, "weight")
+        reused = tap_jacobian(tap, delta, "weight", scratch=scratch)
+        assert torch.equal(fresh, reused)
+        sizes.append(scratch["jacobian"].numel())
+    assert sizes[0] == sizes[1] == sizes[2] == sizes[3]  # the first (largest) buffer serves every later layer
+    v = scratch_view(scratch, "jacobian", (2, 3), torch.zeros(1, dtype=torch.float64))
+    assert v.shape == (2, 3) and v.data_ptr() == scratch["jacobian"].data_ptr()
+    assert scratch_view(None, "jacobian", (2, 3), v) is None
