@@ -480,8 +480,8 @@ def _layer_of(name: str) -> str:
 
 def weight_terms(by_module: Mapping[str, list], params: Mapping[str, list], scale: Mapping[str, torch.Tensor],
                  cov: torch.Tensor, z: torch.Tensor | None = None, dirs: Mapping[str, torch.Tensor] | None = None,
-                 layer_cov: dict | None = None, extra: Sequence[tuple[Mapping[str, torch.Tensor], torch.Tensor]] = ()
-                 ) -> None:
+                 layer_cov: dict | None = None, extra: Sequence[tuple[Mapping[str, torch.Tensor], torch.Tensor]] = (),
+                 scratch: dict | None = None) -> None:
     """Add ``Σ_θ σ_θ² J_a J_b`` (and ``J (σ ⊙ ξ_k)`` to ``z``) for the parameters
     ``params[module] = ["weight", "bias"]`` of tapped Linear/Conv2d layers, in place.
 
@@ -491,7 +491,9 @@ def weight_terms(by_module: Mapping[str, list], params: Mapping[str, list], scal
     asked for, the Gram-matrix trick (:func:`tap_covariance`) avoids forming ``J``.
     ``layer_cov`` (a dict) also receives each module's own term under its name;
     ``extra`` is a sequence of ``(scale map, cov)`` pairs, each cov receiving the same
-    sum for that scale map from the same Jacobians."""
+    sum for that scale map from the same Jacobians. ``scratch`` (a dict the caller keeps
+    for the pass): the per-sample Jacobians and their scaled copies go into reused
+    buffers (:func:`scratch_view`)."""
     for mname, pnames in params.items():
         calls = by_module.get(mname, [])
         if not calls:  # a layer that is not used: zero Jacobian
@@ -511,24 +513,29 @@ def weight_terms(by_module: Mapping[str, list], params: Mapping[str, list], scal
                 if cg is not None:
                     target += cg.to(cov.device)
                     continue
+            buf = scratch if len(calls) == 1 else None  # a layer called once: its Jacobian in the buffer
+
+            def scaled(J, smap):
+                return torch.mul(J, smap.reshape(1, 1, -1).to(J.dtype), out=scratch_view(scratch, "scaled", J.shape, J))
+
             if extra:  # one unscaled Jacobian serves every scale map
                 J = None
                 for t, dl in calls:
-                    Jt = tap_jacobian(t, dl, pname)
+                    Jt = tap_jacobian(t, dl, pname, scratch=buf)
                     J = Jt if J is None else J + Jt
                 for smap, ecov in extra:
-                    Js = J * smap[full].reshape(1, 1, -1).to(J.dtype)
+                    Js = scaled(J, smap[full])
                     ecov += torch.bmm(Js, Js.mT).double()
-                J = J * u.reshape(1, 1, -1).to(J.dtype)
+                J = scaled(J, u)
             else:
                 J = None
                 for t, dl in calls:
                     if per_channel:
                         dl = _scale_delta(dl, t.module, uc[:, 0])
-                    Jt = tap_jacobian(t, dl, pname)
+                    Jt = tap_jacobian(t, dl, pname, scratch=buf)
                     J = Jt if J is None else J + Jt
                 if not per_channel:
-                    J = J * u.reshape(1, 1, -1).to(J.dtype)
+                    J = scaled(J, u)
             target += torch.bmm(J, J.mT).double()
             if z is not None:
                 z += J @ dirs[full]
@@ -751,6 +758,7 @@ def jacobian_pass(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, to
 
         slow_fn = lambda xb: vmap(jacrev(single), in_dims=(None, 0))(sub, xb)  # noqa: E731
     covs, f0s, zs, sels = [], [], [], []
+    scratch: dict = {}  # per-sample Jacobians and their scaled copies, buffers reused (scratch_view)
     layer_covs: dict[str, list] = {}
     extra_covs: list[list] = [[] for _ in extra_units]
     for i in range(0, n, chunk_size):
@@ -788,7 +796,7 @@ def jacobian_pass(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, to
             by_module: dict[str, list] = {}
             for t, dl in zip(taps, deltas):
                 by_module.setdefault(t.name, []).append((t, dl.detach()))
-            weight_terms(by_module, fast, unit, cov, z, dirs, layer_cov=lcov, extra=extra)
+            weight_terms(by_module, fast, unit, cov, z, dirs, layer_cov=lcov, extra=extra, scratch=scratch)
             del deltas, taps, out, by_module
         else:
             with torch.no_grad():

@@ -223,6 +223,7 @@ def propagate_moments(lin: LinearizedNetwork, x: torch.Tensor, noise: WeightNois
     pre_count = pre_exceed = None
     lost = total = 0.0
     mdt = lin.dtype
+    scratch: dict = {}  # the weight terms' per-sample Jacobians, buffers reused across chunks
     for i in range(0, x.shape[0], chunk_size):
         xb = x[i:i + chunk_size].to(lin.device)
         with torch.no_grad():
@@ -256,7 +257,7 @@ def propagate_moments(lin: LinearizedNetwork, x: torch.Tensor, noise: WeightNois
             by_module.setdefault(t.name, []).append((t, dl.detach()))
             if node_name in rec and "vpert" in rec[node_name]:
                 deltas_e[node_name] = dl.detach()
-        weight_terms(by_module, params, scale, cov)
+        weight_terms(by_module, params, scale, cov, scratch=scratch)
         deltas_r, k = {}, 0
         for name, rs in sur.rtaps:
             deltas_r[name] = [d.detach() for d in dr[k:k + len(rs)]]
