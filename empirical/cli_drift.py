@@ -39,7 +39,8 @@ def _parse_times(text: str) -> list[float]:
 def drift_figure(curves, path, title: str = "") -> None:
     """Predicted and simulated accuracy against log time (PNG). ``curves`` is a list of
     ``(label, DriftPrediction or None, SweepResult or None)``: the prediction as a line
-    with its pairwise bounds shaded, Monte-Carlo as points with 95% CIs."""
+    with its pairwise bounds shaded (a cross where the first order's validity check
+    fired), Monte-Carlo as points with 95% CIs."""
     import matplotlib  # lazy: matplotlib.pyplot adds seconds (measured) to every command's start
 
     matplotlib.use("Agg", force=True)
@@ -52,6 +53,10 @@ def drift_figure(curves, path, title: str = "") -> None:
         if pred is not None:
             ax.plot(pred.times, pred.accuracy, "-", color=col, label=f"{label}: predicted")
             ax.fill_between(pred.times, pred.accuracy_lower, pred.accuracy_upper, color=col, alpha=0.12, lw=0)
+            out = np.array([bool(p.warnings) for p in pred.predictions])
+            if out.any():
+                ax.plot(pred.times[out], pred.accuracy[out], "x", color=col, ms=7, mew=1.5,
+                        label=f"{label}: first order outside its range (--method moments)")
             clean = pred.clean_accuracy
         if mc is not None:
             df = mc.to_frame()

@@ -118,7 +118,7 @@ def test_moments_at_strong_drift_vs_monte_carlo(digits_mlp, comp):
     assert abs(mom.accuracy - mc.accuracy) < abs(lin.accuracy - mc.accuracy), (mom.accuracy, lin.accuracy, mc.accuracy)
 
 
-def test_validity_warning_where_the_first_order_misses(digits_mlp):
+def test_validity_warning_where_the_first_order_misses(digits_mlp, tmp_path):
     """The first order's validity diagnostic on hardware noise (issues 10 and 12). Digits
     MLP, compensated PCM noise at three times its scales 10 years after programming: the
     first order is far too optimistic (about 10 points, ``benchmarks/drift.py``) and the
@@ -150,6 +150,10 @@ def test_validity_warning_where_the_first_order_misses(digits_mlp):
     with pytest.warns(RuntimeWarning, match=r"outside its range at 3\.15e\+08 s after programming"):
         d = predict_drift(model, x, y, curve, [3.15e8], accuracy_draws=0)
     assert list(d.to_frame().outside_range) == [True]
+    from noiseprop.empirical.cli_drift import drift_figure
+
+    drift_figure([("compensated", d, None)], tmp_path / "flagged.png")  # the flagged time drawn as a cross
+    assert (tmp_path / "flagged.png").stat().st_size > 1000
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         d = predict_drift(model, x, y, PCMLike(), [1.0, 3600.0], accuracy_draws=0)
