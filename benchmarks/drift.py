@@ -22,6 +22,8 @@ import json
 import time
 import warnings
 
+import numpy as np
+
 import torch
 
 MODELS = {"mlp": "mlp", "vgg": {"name": "vgg", "norm": "bn"}, "resnet20": {"name": "resnet20", "norm": "bn"}}
@@ -73,8 +75,8 @@ def main(argv=None):
                         lo, hi = float(df.accuracy_ci_low[i]), float(df.accuracy_ci_high[i])
                         ok = abs(p - m) <= 0.01 or lo <= p <= hi
                         ok_all &= ok
-                        frac = pred.predictions[i].diagnostics.get("preact_frac")
-                        warned = bool(pred.predictions[i].warnings)
+                        frac = None if np.isnan(pred.preact_frac[i]) else float(pred.preact_frac[i])
+                        warned = bool(pred.outside_range[i])
                         emit(dict(part="curve", model=name, scale=scale, compensation=comp, method=method, time_s=t,
                                   predicted=round(p, 4), mc=round(m, 4), mc_ci=[round(lo, 4), round(hi, 4)],
                                   diff=round(p - m, 4), within=ok,

@@ -53,7 +53,7 @@ def drift_figure(curves, path, title: str = "") -> None:
         if pred is not None:
             ax.plot(pred.times, pred.accuracy, "-", color=col, label=f"{label}: predicted")
             ax.fill_between(pred.times, pred.accuracy_lower, pred.accuracy_upper, color=col, alpha=0.12, lw=0)
-            out = np.array([bool(p.warnings) for p in pred.predictions])
+            out = pred.outside_range
             if out.any():
                 ax.plot(pred.times[out], pred.accuracy[out], "x", color=col, ms=7, mew=1.5,
                         label=f"{label}: first order outside its range (--method moments)")
@@ -108,8 +108,8 @@ def cmd_drift(args) -> int:
             r = dict(compensation=comp, time_s=t, predicted_accuracy=float(pred.accuracy[i]),
                      predicted_lower=float(pred.accuracy_lower[i]), predicted_upper=float(pred.accuracy_upper[i]),
                      predicted_chip_sd=float(pred.accuracy_std[i]), method=args.method,
-                     preact_frac=pred.predictions[i].diagnostics.get("preact_frac"),
-                     first_order_outside_range=bool(pred.predictions[i].warnings))
+                     preact_frac=None if np.isnan(pred.preact_frac[i]) else float(pred.preact_frac[i]),
+                     first_order_outside_range=bool(pred.outside_range[i]))
             if mdf is not None:
                 r.update(mc_accuracy=float(mdf.accuracy[i]), mc_ci=[float(mdf.accuracy_ci_low[i]),
                                                                     float(mdf.accuracy_ci_high[i])],

@@ -68,11 +68,12 @@ from .accuracy import DEFAULT_N_POINTS, correct_probability, sampled_accuracies
 from .hardware import HardwareNoise, PCMLike
 from .hashing import inputs_fingerprint
 from .linearize import (DEFAULT_JACOBIAN_BUDGET, PASS_CHUNK_CAP, LinearizedNetwork, _patch_size,
-                        backprop_signals, graph_and_signals, jacobian_pass, scratch_view, tap_jacobian, tapping)
+                        backprop_signals, graph_and_signals, jacobian_pass, scaled_jacobian, tap_jacobian,
+                        tapping)
 from .moments import DEFAULT_RANK, DEFAULT_SPATIAL_RANK, MomentPropagator, propagate_moments
 from .noise import WeightNoise, parse_noise
 from .predict import (DIAGNOSTIC_DIRECTIONS, DIAGNOSTIC_INPUTS, METHODS, Prediction, _gaussian_logit_loss,
-                      _preact_ratios, _rescale_draws, range_warning)
+                      _preact_ratios, _rescale_draws, curve_range_warning, range_warning)
 from .validation import check_bool, check_inputs, check_int, check_labels, check_times
 
 __all__ = ["DriftPrediction", "predict_drift", "predict_hardware", "LINEARIZE_AT"]
@@ -300,8 +301,7 @@ def _fast_pass(lin_pt: LinearizedNetwork, x: torch.Tensor, units: Sequence[dict]
                         Jt = tap_jacobian(t, dl, "weight", scratch=scratch if len(calls) == 1 else None)
                         J = Jt if J is None else J + Jt
                     for u, cv in zip(units, cov_c):
-                        Js = torch.mul(J, u[pname].reshape(1, 1, -1).to(J.dtype),
-                                       out=scratch_view(scratch, "scaled", J.shape, J))
+                        Js = scaled_jacobian(J, u[pname], scratch)
                         cv += torch.bmm(Js, Js.mT).double()
                         del Js
                     # with the per-sample Jacobian formed, every tangent and draw of this
@@ -492,9 +492,9 @@ class DriftPrediction:
 
     ``predictions[i]`` is the full :class:`~noiseprop.theory.predict.Prediction` at
     ``times[i]``; ``accuracy``, ``accuracy_lower``/``accuracy_upper`` (pairwise bounds),
-    ``accuracy_std`` (chip to chip) and ``loss`` are arrays over times. ``to_frame()``
-    also gives the validity diagnostic per time (``preact_frac``, NaN where not
-    computed, and ``outside_range``: the linear method's warning fired there).
+    ``accuracy_std`` (chip to chip) and ``loss`` are arrays over times, and so is the
+    validity diagnostic: ``preact_frac`` (NaN where not computed) and ``outside_range``
+    (the linear method's warning fired there); ``to_frame()`` has them all.
     """
 
     noise: str
@@ -525,6 +525,14 @@ class DriftPrediction:
         return self._arr("accuracy_std")
 
     @property
+    def preact_frac(self):
+        return np.asarray([p.diagnostics.get("preact_frac", float("nan")) for p in self.predictions], dtype=np.float64)
+
+    @property
+    def outside_range(self):
+        return np.asarray([bool(p.warnings) for p in self.predictions])
+
+    @property
     def loss(self):
         return np.asarray([p.clean_loss + p.loss_increase_logits for p in self.predictions])
 
@@ -533,9 +541,7 @@ class DriftPrediction:
                                  accuracy_upper=self.accuracy_upper, accuracy_std=self.accuracy_std, loss=self.loss,
                                  mean_logit_var=[float(p.logit_var.mean()) for p in self.predictions],
                                  mean_abs_logit_shift=[float(p.logit_mean_shift.abs().mean()) for p in self.predictions],
-                                 preact_frac=[float(p.diagnostics.get("preact_frac", float("nan")))
-                                              for p in self.predictions],
-                                 outside_range=[bool(p.warnings) for p in self.predictions]))
+                                 preact_frac=self.preact_frac, outside_range=self.outside_range))
 
     def summary(self) -> str:
         lines = [f"Predicted accuracy vs time since programming: {self.noise} on {self.targets}",
@@ -688,9 +694,8 @@ def predict_drift(model: nn.Module, x, y, noise, times, targets=None, *, method:
         None if chunk_size is None else check_int("chunk_size", chunk_size, 1), check_int("batch_size", batch_size, 1),
         bool(cov), method, *_moment_settings(rank, spatial_rank, moment_chunk), check_bool("diagnostic", diagnostic))
     flagged = [f"{t:g} s" for t, p in zip(tv, preds) if p.warnings]
-    if flagged:
-        warnings.warn(f"first order outside its range at {', '.join(flagged)} after programming (see the predictions' "
-                      "warnings); use method='moments' there", RuntimeWarning, stacklevel=2)
+    if flagged:  # one warning for the curve (each time's own stays in its prediction)
+        warnings.warn(curve_range_warning(f"{', '.join(flagged)} after programming"), RuntimeWarning, stacklevel=2)
     head, _, tail = noise.to_string().partition(":")
     opts = tail.split(",", 1)[1] if "," in tail else ""
     return DriftPrediction(noise=head + (f"({opts})" if opts else ""),
@@ -701,15 +706,15 @@ def predict_drift(model: nn.Module, x, y, noise, times, targets=None, *, method:
 def predict_hardware(model: nn.Module, x, y, noise, targets=None, *, method: str = "linear",
                      linearize_at: str = "mean", accuracy_draws: int = 32, seed: int = 0, n_points: int = DEFAULT_N_POINTS,
                      chunk_size: int | None = None, batch_size: int = 512, cov: bool = False,
-                  rank: int = DEFAULT_RANK, spatial_rank: int = DEFAULT_SPATIAL_RANK, moment_chunk: int = 32,
-                     diagnostic: bool = True, _warn: bool = True):
+                     rank: int = DEFAULT_RANK, spatial_rank: int = DEFAULT_SPATIAL_RANK, moment_chunk: int = 32,
+                     diagnostic: bool = True, stacklevel: int = 2):
     """:class:`~noiseprop.theory.predict.Prediction` for one hardware noise model
     (:class:`~noiseprop.theory.hardware.PCMLike` at its ``t``, :class:`Quantized`,
     :class:`StuckAt`): logit mean ``f(μ)``, covariance ``J Σ Jᵀ`` (+ the compensation
     terms), accuracy from the Gaussian logits. What ``predict`` calls for such noise.
     ``diagnostic``: the linear method's validity diagnostic and warning, as in
-    :func:`predict_drift` (``_warn=False``: kept in ``warnings`` only, for ``predict``,
-    which raises them at its caller's line).
+    :func:`predict_drift`; ``stacklevel`` places the warning as :func:`warnings.warn`'s
+    does (2: the caller's line; ``predict`` passes 3, its own caller's).
 
     >>> import torch
     >>> from noiseprop.theory.examples import tiny_problem
@@ -726,6 +731,7 @@ def predict_hardware(model: nn.Module, x, y, noise, targets=None, *, method: str
     accuracy_draws = check_int("accuracy_draws", accuracy_draws, 0)
     if accuracy_draws == 1:
         raise ValueError("accuracy_draws must be 0 (no chip-to-chip spread) or >= 2")
+    stacklevel = check_int("stacklevel", stacklevel, 1)
     t0 = time.perf_counter()
     preds, _, _ = _predict_models(model, x, y, [noise], targets, linearize_at, accuracy_draws,
                                   check_int("seed", seed, 0), check_int("n_points", n_points, 16),
@@ -735,7 +741,6 @@ def predict_hardware(model: nn.Module, x, y, noise, targets=None, *, method: str
                                   check_bool("diagnostic", diagnostic))
     p = preds[0]
     object.__setattr__(p, "seconds", time.perf_counter() - t0)
-    if _warn:
-        for w in p.warnings:
-            warnings.warn(w, RuntimeWarning, stacklevel=2)
+    for w in p.warnings:
+        warnings.warn(w, RuntimeWarning, stacklevel=stacklevel)
     return p

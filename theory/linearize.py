@@ -401,6 +401,13 @@ def scratch_view(scratch: dict | None, key: str, shape, like: torch.Tensor) -> t
     return buf[:n].view(shape)
 
 
+def scaled_jacobian(J: torch.Tensor, scale: torch.Tensor, scratch: dict | None = None) -> torch.Tensor:
+    """``J * scale`` over the parameter axis (``J [B, C, P]``, ``scale`` with ``P``
+    elements), written into ``scratch``'s ``"scaled"`` buffer when given
+    (:func:`scratch_view`)."""
+    return torch.mul(J, scale.reshape(1, 1, -1).to(J.dtype), out=scratch_view(scratch, "scaled", J.shape, J))
+
+
 def tap_jacobian(tap: Tap, delta: torch.Tensor, pname: str, scratch: dict | None = None) -> torch.Tensor:
     """Per-sample Jacobian ``[B, C, numel]`` of the logits with respect to parameter
     ``pname`` ("weight"/"bias") of the tapped layer, from its input and the signal
@@ -514,19 +521,15 @@ def weight_terms(by_module: Mapping[str, list], params: Mapping[str, list], scal
                     target += cg.to(cov.device)
                     continue
             buf = scratch if len(calls) == 1 else None  # a layer called once: its Jacobian in the buffer
-
-            def scaled(J, smap):
-                return torch.mul(J, smap.reshape(1, 1, -1).to(J.dtype), out=scratch_view(scratch, "scaled", J.shape, J))
-
             if extra:  # one unscaled Jacobian serves every scale map
                 J = None
                 for t, dl in calls:
                     Jt = tap_jacobian(t, dl, pname, scratch=buf)
                     J = Jt if J is None else J + Jt
                 for smap, ecov in extra:
-                    Js = scaled(J, smap[full])
+                    Js = scaled_jacobian(J, smap[full], scratch)
                     ecov += torch.bmm(Js, Js.mT).double()
-                J = scaled(J, u)
+                J = scaled_jacobian(J, u, scratch)
             else:
                 J = None
                 for t, dl in calls:
@@ -535,7 +538,7 @@ def weight_terms(by_module: Mapping[str, list], params: Mapping[str, list], scal
                     Jt = tap_jacobian(t, dl, pname, scratch=buf)
                     J = Jt if J is None else J + Jt
                 if not per_channel:
-                    J = scaled(J, u)
+                    J = scaled_jacobian(J, u, scratch)
             target += torch.bmm(J, J.mT).double()
             if z is not None:
                 z += J @ dirs[full]

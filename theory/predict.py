@@ -98,6 +98,12 @@ def range_warning(frac: float | None) -> str | None:
             "underestimates the damage here, use method='moments'")
 
 
+def curve_range_warning(where: str) -> str:
+    """One warning for a curve whose points ``where`` (e.g. ``"levels 0.5, 1"``) carry
+    :func:`range_warning`: :func:`predict_sweep` and :func:`~.drift.predict_drift`."""
+    return f"first order outside its range at {where} (see the predictions' warnings); use method='moments' there"
+
+
 def _check_method(method):
     if method not in METHODS:
         raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
@@ -844,8 +850,7 @@ def _sweep(base: _Base, noise: WeightNoise, lv: np.ndarray, run: _Run, seed: int
         preds.append(p)
     flagged = [f"{level:g}" for level, p in zip(lv, preds) if p.warnings]
     if flagged:
-        warnings.warn(f"first order outside its range at levels {', '.join(flagged)} (see the predictions' warnings); "
-                      "use method='moments' there", RuntimeWarning, stacklevel=stacklevel)
+        warnings.warn(curve_range_warning(f"levels {', '.join(flagged)}"), RuntimeWarning, stacklevel=stacklevel)
     family = noise.to_string().split(":")[0]
     return PredictionCurve(method=run.method, noise=family, targets=base.lin.plan.targets.describe(), levels=lv,
                            predictions=tuple(preds), seconds=time.perf_counter() - t0)
@@ -1041,13 +1046,10 @@ def predict(model: nn.Module, x, y, noise, targets=None, *, method: str = "linea
                              "per-layer split or Hessian estimator, and its moment propagation keeps the default "
                              "h2_rank; leave them at their defaults")
 
-        pred = predict_hardware(model, x, y, noise, targets, method=method, chunk_size=o.chunk_size, cov=cov,
+        return predict_hardware(model, x, y, noise, targets, method=method, chunk_size=o.chunk_size, cov=cov,
                                 accuracy_draws=o.accuracy_draws, seed=seed, n_points=o.n_points,
                                 batch_size=o.batch_size, rank=o.rank, spatial_rank=o.spatial_rank,
-                                moment_chunk=o.moment_chunk, diagnostic=diagnostic, _warn=False)
-        for w in pred.warnings:
-            warnings.warn(w, RuntimeWarning, stacklevel=2)
-        return pred
+                                moment_chunk=o.moment_chunk, diagnostic=diagnostic, stacklevel=3)
     run, opts = _settings(o, method, cov, seed, per_layer, diagnostic, classes)
     check_bool("cache", cache)
     x, y = _check_inputs(model, x, y)
