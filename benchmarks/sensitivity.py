@@ -12,6 +12,10 @@ cached), all test inputs.
 2. ``budget``: ``noise_budget(max_drop=0.01)`` (default ``refine="auto"``) and
    Monte-Carlo at the returned level (``--budget-draws``), and at the first-order level
    when the level was refined. Target: the Monte-Carlo drop's 95% CI contains 1 point.
+   With ``--calibrate D`` (default 300; 0: off) also ``noise_budget(calibrate=D,
+   calibrate_seed=1)`` (the level calibrated by Monte-Carlo) checked by independent
+   Monte-Carlo at the returned level with seeds 0, 2 and 3 (``--budget-draws`` each):
+   one ``budget_calibrated`` line per model.
    ``budget_diag``: why the levels miss: at the first-order and at the refined level,
    Monte-Carlo logits (``--diag-draws``) against the Gaussian model term by term (each
    combination of the Monte-Carlo, first-order and moment-method means and covariances;
@@ -32,7 +36,7 @@ cached), all test inputs.
 One JSON line per result. Figures come from a shared machine (other jobs running).
 
     .venv/bin/python benchmarks/sensitivity.py [--parts alone,budget,budget_diag,budget_refit,keep,cost]
-        [--models resnet20,vgg] [--budget-models mlp,vgg,resnet20] [--draws 100]
+        [--models resnet20,vgg] [--budget-models mlp,vgg,resnet20] [--draws 100] [--calibrate 300]
 """
 from __future__ import annotations
 
@@ -119,7 +123,27 @@ def alone(models, drop, draws):
         emit({"part": "alone_summary", "model": name, "level": level, "layers": len(s.layers), "met": ok})
 
 
-def budget(models, draws):
+def budget_calibrated(name, model, x, y, draws, calibrate, seeds=(0, 2, 3)):
+    """The budget calibrated by Monte-Carlo (``calibrate`` draws per step, seed 1) and
+    independent Monte-Carlo checks at the returned level (other seeds)."""
+    from noiseprop.theory import noise_budget
+
+    b = noise_budget(model, x, y, "relative", max_drop=0.01, calibrate=calibrate, calibrate_seed=1)
+    checks = []
+    for sd in seeds:
+        acc, ci, se, _ = _mc(model, x, y, b.noise_model, draws, sd)
+        lo, hi = b.clean_accuracy - ci[1], b.clean_accuracy - ci[0]
+        checks.append({"seed": sd, "mc_drop": b.clean_accuracy - acc, "mc_drop_ci": [lo, hi],
+                       "ci_contains_budget": bool(lo <= 0.01 <= hi)})
+    emit({"part": "budget_calibrated", "model": name, "max_drop": 0.01, "refine": b.refine, "level": b.level,
+          "analytic_level": b.analytic_level, "predicted_drop_at_level": b.predicted_drop,
+          "calibrate_draws": calibrate,
+          "steps": [{"level": lv, "mc_drop": d, "mc_drop_ci": [lo, hi]} for lv, d, lo, hi in b.calibration],
+          "calibrate_note": b.calibrate_note, "checks": checks, "draws": draws,
+          "checks_containing_budget": sum(c["ci_contains_budget"] for c in checks), "seconds": b.seconds})
+
+
+def budget(models, draws, calibrate=0):
     """The budget with its default (``refine="auto"``: moment refinement where the model
     allows it) checked by Monte-Carlo at the returned level, and Monte-Carlo at the
     first-order level (``refine=None``) in the same run for comparison."""
@@ -143,6 +167,8 @@ def budget(models, draws):
                        refine_inputs=b.refine_inputs, refine_neglected=b.refine_neglected,
                        refine_seconds=b.refine_seconds)
         emit(row)
+        if calibrate:
+            budget_calibrated(name, model, x, y, draws, calibrate)
 
 
 def keep(models, drop, draws, k=3):
@@ -368,6 +394,7 @@ def main(argv=None):
     ap.add_argument("--drop", type=float, default=0.075)
     ap.add_argument("--draws", type=int, default=100)
     ap.add_argument("--budget-draws", type=int, default=300)
+    ap.add_argument("--calibrate", type=int, default=300)
     ap.add_argument("--diag-draws", type=int, default=300)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
@@ -379,7 +406,7 @@ def main(argv=None):
     if "cost" in parts:
         cost(a.budget_models.split(","), a.reps)
     if "budget" in parts:
-        budget(a.budget_models.split(","), a.budget_draws)
+        budget(a.budget_models.split(","), a.budget_draws, a.calibrate)
     if "budget_diag" in parts:
         budget_diag(a.budget_models.split(","), a.diag_draws)
     if "budget_refit" in parts:

@@ -30,6 +30,8 @@ def cmd_sensitivity(args) -> int:
         raise CLIError(f"--keep-digital takes a number of layers >= 1, got {args.keep_digital}")
     if args.budget_mc is not None and (args.budget is None or args.budget_mc < 2):
         raise CLIError("--budget-mc needs --budget and at least 2 draws")
+    if args.budget_calibrate is not None and (args.budget is None or args.budget_calibrate < 2):
+        raise CLIError("--budget-calibrate needs --budget and at least 2 draws per step")
     model, x, y, _ = load_model_and_data(args)
     if args.n_inputs is not None:
         if args.n_inputs < 1:
@@ -40,6 +42,7 @@ def cmd_sensitivity(args) -> int:
     if args.budget is not None:
         budget = noise_budget(model, x, y, noise.with_level(1.0), args.budget, targets=args.targets, seed=args.seed,
                               mc_draws=args.budget_mc or 0, mc_seed=args.seed,
+                              calibrate=args.budget_calibrate or 0, calibrate_seed=args.seed + 1,
                               refine=None if args.refine == "none" else args.refine)
     keep = None
     if args.keep_digital is not None:
@@ -58,7 +61,11 @@ def cmd_sensitivity(args) -> int:
                              "layer_levels": {m: _num(v) for m, v in zip(budget.layers, budget.layer_levels)},
                              "layer_drop": budget.layer_drop, "bits_saved": budget.bits_saved,
                              "refine": budget.refine, "first_order_level": budget.first_order_level,
-                             "seconds": budget.seconds}
+                             "analytic_level": budget.analytic_level, "seconds": budget.seconds}
+            if budget.calibrate_draws:
+                out["budget"].update(calibrate_draws=budget.calibrate_draws, calibrate_note=budget.calibrate_note,
+                                     calibration=[dict(level=lv, mc_drop=d, mc_drop_ci=[lo, hi])
+                                                  for lv, d, lo, hi in budget.calibration])
             if budget.mc_draws:
                 out["budget"].update(mc_draws=budget.mc_draws, mc_accuracy=budget.mc_accuracy,
                                      mc_drop=budget.mc_drop, mc_drop_ci=list(budget.mc_drop_ci))
@@ -96,6 +103,9 @@ def register(sub) -> None:
                         "MAX_DROP (e.g. 0.01), with a per-layer allocation")
     p.add_argument("--budget-mc", type=int, default=None, metavar="DRAWS",
                    help="check the budget's level by Monte-Carlo with this many draws")
+    p.add_argument("--budget-calibrate", type=int, default=None, metavar="DRAWS",
+                   help="calibrate the budget's level by Monte-Carlo (DRAWS per step, two to four steps from the "
+                        "predicted level; with --budget-mc the check uses other draws)")
     p.add_argument("--refine", choices=[r or "none" for r in REFINE], default="auto",
                    help="--budget: refine the first-order level by one moment propagation (auto: where the model "
                         "allows it; none: first order only, cheapest)")

@@ -31,6 +31,17 @@ def test_sensitivity_json_with_budget_keep_digital_and_plot(checkpoint, tmp_path
     assert png.stat().st_size > 1000
 
 
+def test_sensitivity_budget_calibrated_by_monte_carlo(checkpoint, capsys):
+    rc = main(["sensitivity", "--model", checkpoint, "--noise", "relative:0.3", "--budget", "0.03", "--refine", "none",
+               "--budget-calibrate", "20", "--budget-mc", "20", "--json", "--n-inputs", "60"])
+    assert rc == 0
+    b = json.loads(capsys.readouterr().out)["budget"]
+    steps = b["calibration"]
+    assert b["calibrate_draws"] == 20 and b["mc_draws"] == 20 and steps[0]["level"] == b["analytic_level"]
+    assert b["level"] in [st["level"] for st in steps]
+    assert b["analytic_level"] == b["first_order_level"]
+
+
 def test_sensitivity_text(checkpoint, capsys):
     assert main(["sensitivity", "--model", checkpoint, "--noise", "relative:0.3", "--n-inputs", "40",
                  "--keep-digital", "2"]) == 0
@@ -45,6 +56,8 @@ def test_sensitivity_text(checkpoint, capsys):
     (["--noise", "relative:0.1", "--keep-digital", "0"], "--keep-digital takes a number of layers >= 1"),
     (["--noise", "relative:0.1", "--keep-digital", "3"], "k must be an integer in [1, 2]"),
     (["--noise", "relative:0.1", "--budget-mc", "10"], "--budget-mc needs --budget"),
+    (["--noise", "relative:0.1", "--budget-calibrate", "10"], "--budget-calibrate needs --budget"),
+    (["--noise", "relative:0.1", "--budget", "0.02", "--budget-calibrate", "1"], "at least 2 draws per step"),
 ])
 def test_sensitivity_user_errors(checkpoint, capsys, args, message):
     assert main(["sensitivity", "--model", checkpoint, "--n-inputs", "20"] + args) == 2

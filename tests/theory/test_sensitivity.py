@@ -193,6 +193,54 @@ def test_refined_budget_checked_by_monte_carlo():
 
 
 @pytest.mark.slow
+def test_calibrated_budget_checked_by_independent_monte_carlo():
+    """``calibrate`` (from the first-order level): the steps share their draws (common
+    random numbers), start at the prediction's level and end where their Monte-Carlo drop is within CALIBRATE_RTOL of
+    max_drop; an independent Monte-Carlo (another seed) at the returned level loses
+    max_drop within 4 combined standard errors (the calibration's own sampling error
+    and the check's) plus that tolerance."""
+    import sys
+
+    from noiseprop.empirical import monte_carlo
+
+    sens = sys.modules["noiseprop.theory.sensitivity"]
+    model = trained("resnet")
+    state = _state(model)
+    x, y = held_out(300 if FULL else 150)
+    draws = 300 if FULL else 80
+    b = noise_budget(model, x, y, "relative", max_drop=0.03, calibrate=draws, calibrate_seed=5, refine=None)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert b.calibrate_draws == draws and b.mc_draws == draws and 1 <= len(b.calibration) <= sens.CALIBRATE_STEPS
+    assert b.calibration[0][0] == b.analytic_level
+    lv, d, lo, hi = min(b.calibration, key=lambda st: abs(st[1] - 0.03))
+    assert lv == b.level and d == pytest.approx(b.mc_drop, abs=1e-12) and (lo, hi) == pytest.approx(b.mc_drop_ci)
+    assert abs(d - 0.03) <= sens.CALIBRATE_RTOL * 0.03 or b.calibrate_note
+    # the same draws at the returned level: the calibration's Monte-Carlo, reproduced
+    same = monte_carlo(model, x, y, b.noise_model, draws=draws, seed=5, progress=False)
+    assert b.clean_accuracy - same.accuracy == pytest.approx(d, abs=1e-12)
+    check = monte_carlo(model, x, y, b.noise_model, draws=draws, seed=6, progress=False)
+    se_c = (hi - lo) / 2 / 1.99
+    se_k = float(check.accuracies.std(ddof=1) / math.sqrt(draws))
+    assert abs(b.clean_accuracy - check.accuracy - 0.03) <= 4 * math.hypot(se_c, se_k) + sens.CALIBRATE_RTOL * 0.03
+    assert "calibrated by Monte-Carlo" in b.summary()
+    # the prediction's drop at the returned level (first order here), evaluated independently
+    assert b.predicted_drop == pytest.approx(_fo_drop(model, x, y, b.level), abs=1e-9)
+
+
+def test_calibrate_arguments_are_checked():
+    model = trained("mlp")
+    x, y = held_out(20)
+    for bad in (1, -2):
+        with pytest.raises(ValueError, match="calibrate must be"):
+            noise_budget(model, x, y, "relative", 0.01, calibrate=bad)
+    for bad in (2.5, "300", True):
+        with pytest.raises(TypeError, match="calibrate must be an integer"):
+            noise_budget(model, x, y, "relative", 0.01, calibrate=bad)
+    with pytest.raises(ValueError, match="mc_seed=3 equals calibrate_seed"):
+        noise_budget(model, x, y, "relative", 0.01, calibrate=10, calibrate_seed=3, mc_draws=10, mc_seed=3)
+
+
+@pytest.mark.slow
 def test_per_layer_allocation_by_monte_carlo_with_layer_levels():
     """The allocation's levels (one per layer) checked by a Monte-Carlo written here:
     each layer's weights get ``η_l · std(W_l) · z``."""
