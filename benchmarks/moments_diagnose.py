@@ -21,9 +21,15 @@ Two further parts locate the error of the moment method on residual networks:
   product of expected slopes loses against the expected product of the gates. Margins
   are the live ones (first-order error probability > 1e-3), each quantity as a ratio to
   the first order's margin variance.
+* ``stein``: every layer noisy; the first chaos taken through the moment pass itself
+  (``mean_map_first_chaos``: autograd of the propagated mean, the per-unit variances'
+  dependence on the means included; Stein's lemma) in place of the surrogate's linear
+  response, plus the same injected part: live-margin variance and accuracy against the
+  shipped moment method and Monte-Carlo (``--draws``), and both costs.
 
     .venv/bin/python benchmarks/moments_diagnose.py --model resnet20 --eta 0.3 --draws 200 --n 200
     .venv/bin/python benchmarks/moments_diagnose.py --parts groups,chaos --model resnet20 --eta 0.5 --draws 300 --n 359
+    .venv/bin/python benchmarks/moments_diagnose.py --parts stein --model resnet20 --eta 0.5 --draws 300 --n 359
 """
 from __future__ import annotations
 
@@ -115,10 +121,68 @@ def groups(model, x, y, noise, draws):
                               linear_error_points=100 * (lin.accuracy - float(mc.accuracy)))), flush=True)
 
 
+def _moments_with_injected(model, x, y, noise, targets=None):
+    """The first-order and the moment prediction (covariances included), and the part of
+    the moment covariance the surrogate injects (noise on each layer's input perturbation
+    and the nonlinear excess; recorded by wrapping a private function for the one call)."""
+    import noiseprop.theory.moments.surrogate as sur
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fo = predict(model, x, y, noise, targets=targets, cov=True, diagnostic=False)
+        injected = []
+        orig = sur._injection_covariance
+
+        def record(*a, **k):
+            out = orig(*a, **k)
+            injected.append(out.clone())
+            return out
+
+        sur._injection_covariance = record
+        try:
+            mom = predict(model, x, y, noise, targets=targets, method="moments", cov=True, diagnostic=False,
+                          cache=False)
+        finally:
+            sur._injection_covariance = orig
+    return fo, mom, torch.cat(injected)
+
+
+def stein(model, x, y, noise, draws):
+    """The first chaos through the moment pass itself (:func:`mean_map_first_chaos`:
+    autograd of the propagated mean, Stein's lemma) in place of the surrogate's linear
+    response, plus the same injected part, against the shipped moment method and
+    Monte-Carlo (live-margin variance as a ratio to the first order's, and accuracy)."""
+    from sensitivity import _mc_logits, live_margin_variance  # benchmarks/sensitivity.py (this script's folder)
+
+    from noiseprop.theory.moments.surrogate import mean_map_first_chaos
+
+    t0 = time.perf_counter()
+    fo, mom, inj = _moments_with_injected(model, x, y, noise)
+    t_mom = time.perf_counter() - t0
+    lin = LinearizedNetwork(model)
+    t0 = time.perf_counter()
+    mean, first = mean_map_first_chaos(lin, x, noise, chunk_size=64)
+    t_stein = time.perf_counter() - t0
+    L = _mc_logits(model, x, noise, draws, seed=5)
+    Lc = torch.einsum("dna,dnb->nab", L - L.mean(0), L - L.mean(0)) / (draws - 1)
+    accs = (L.argmax(2) == y).double().mean(1)
+    ratio, (_, _, live) = live_margin_variance(fo.clean_logits.double(), fo.logit_cov.double(), y, 1e-3)
+    cov = mom.logit_cov.double()
+    mom_mean = mom.logit_mean.double()
+    acc = lambda c: float(correct_probability(mom_mean, c, y, n_points=2048, seed=0)[0].mean())  # noqa: E731
+    print(json.dumps(dict(stage="stein", noise=noise.to_string(), n=int(x.shape[0]), draws=draws,
+                          live_margins=int(live.sum()), margin_var_mc=ratio(Lc), margin_var_moments=ratio(cov),
+                          moments_linear_response=ratio(cov - inj), moments_injected=ratio(inj),
+                          stein_first_chaos=ratio(first), stein_total=ratio(first + inj),
+                          mean_max_diff=float((mean - mom_mean).abs().max()),
+                          mc_accuracy=float(accs.mean()), mc_se=float(accs.std() / math.sqrt(draws)),
+                          moments_accuracy=mom.accuracy, stein_accuracy=acc(first + inj),
+                          linear_accuracy=fo.accuracy, moments_s=t_mom, stein_s=t_stein)), flush=True)
+
+
 def chaos(model, x, y, noise, draws, layer):
     from torch.func import functional_call, jacrev, vmap
 
-    import noiseprop.theory.moments.surrogate as sur
     from sensitivity import live_margin_variance  # benchmarks/sensitivity.py (this script's folder)
 
     t = Targets(layers=[layer])
@@ -154,23 +218,7 @@ def chaos(model, x, y, noise, draws, layer):
     chaos1 = first - spread / draws  # E[J] Σ E[J]ᵀ without the average's own sampling variance
     L = torch.stack(logits)
     Lc = torch.einsum("dna,dnb->nab", L - L.mean(0), L - L.mean(0)) / (draws - 1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        fo = predict(model, x, y, noise, targets=t, cov=True, diagnostic=False)
-        injected = []
-        orig = sur._injection_covariance  # record the surrogate's injected part (diagnostic only)
-
-        def record(*a, **k):
-            out = orig(*a, **k)
-            injected.append(out.clone())
-            return out
-
-        sur._injection_covariance = record
-        try:
-            mom = predict(model, x, y, noise, targets=t, method="moments", cov=True, diagnostic=False, cache=False)
-        finally:
-            sur._injection_covariance = orig
-    inj = torch.cat(injected)
+    fo, mom, inj = _moments_with_injected(model, x, y, noise, t)
     ratio, (_, _, live) = live_margin_variance(fo.clean_logits.double(), fo.logit_cov.double(), y, 1e-3)
 
     mc_margin_var = ratio(Lc)
@@ -184,7 +232,7 @@ def chaos(model, x, y, noise, draws, layer):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--parts", default="stages", help="stages,groups,chaos")
+    ap.add_argument("--parts", default="stages", help="stages,groups,chaos,stein")
     ap.add_argument("--chaos-layer", default="conv1")
     ap.add_argument("--model", default="resnet20")
     ap.add_argument("--noise", default="relative")
@@ -204,6 +252,8 @@ def main():
         groups(model, x, y, noise, args.draws)
     if "chaos" in parts:
         chaos(model, x, y, noise, args.draws, args.chaos_layer)
+    if "stein" in parts:
+        stein(model, x, y, noise, args.draws)
     if "stages" not in parts:
         return
     t0 = time.perf_counter()

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 __all__ = ["npdf", "ncdf", "relu_shape", "relu_moments", "relu_moments_skew", "relu_k3", "skewness",
            "rectified_cross_cumulants", "max_k3",
            "SKEW_MAX", "clark_max", "smooth_moments", "smooth_relu",
-           "smooth_max", "smooth_activation", "SMOOTH_ACTIVATIONS", "GH_NODES", "TINY"]
+           "smooth_max", "smooth_activation", "SMOOTH_ACTIVATIONS", "GH_NODES", "TINY", "safe_sqrt"]
 
 INV_SQRT2PI = 1.0 / math.sqrt(2 * math.pi)
 #: a std below this is treated as zero (the nonlinearity is then applied to the mean)
@@ -60,6 +60,32 @@ TINY = 1e-30
 #: the hardest (poles at ±iπ/2), variance to 1e-8 relative at s = 1, 8e-5 at s = 2,
 #: 1.5e-3 at s = 3 (a pre-activation noise std three times tanh's own scale).
 GH_NODES = 64
+
+
+class _SafeSqrt(torch.autograd.Function):
+    """``√x`` whose derivative is 0 where ``x ≤ 0`` (instead of ``inf``, which turns into
+    NaN when it meets a zero gradient): a zero variance stays zero to first order under
+    a perturbation of the means, so its square root has no first-order change there."""
+
+    @staticmethod
+    def forward(ctx, x):
+        r = x.sqrt()
+        ctx.save_for_backward(r)
+        return r
+
+    @staticmethod
+    def backward(ctx, g):
+        (r,) = ctx.saved_tensors
+        pos = r > 0
+        return torch.where(pos, g / (2 * torch.where(pos, r, torch.ones_like(r))), torch.zeros_like(g))
+
+
+def safe_sqrt(x: torch.Tensor) -> torch.Tensor:
+    """``x.sqrt()``; differentiable at 0 with derivative 0 (:class:`_SafeSqrt`); the
+    plain square root when no gradient is being recorded."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _SafeSqrt.apply(x)
+    return x.sqrt()
 
 
 def npdf(a: torch.Tensor) -> torch.Tensor:
@@ -92,7 +118,7 @@ def _relu_core(mu: torch.Tensor, var: torch.Tensor):
     with ones where tiny, ``α`` and :func:`relu_shape`'s ``Φ, φ, g``."""
     mu = mu.double()
     var = var.double().clamp_min(0)
-    s = var.sqrt()
+    s = safe_sqrt(var)
     pos = s > TINY
     sa = torch.where(pos, s, torch.ones_like(s))
     alpha = torch.where(pos, mu / sa, torch.zeros_like(s))
@@ -205,13 +231,14 @@ def rectified_cross_cumulants(mu_a: torch.Tensor, s_a: torch.Tensor, c_rb: torch
     ss = torch.where(pos, s_a, torch.ones_like(s_a))
     al = torch.where(pos, mu_a / ss, torch.zeros_like(s_a))
     cdf, pdf = ncdf(al), npdf(al)
-    cov_ab = torch.where(cdf > 0, c_rb / cdf.clamp_min(1e-300), torch.zeros_like(c_rb))
+    ok = cdf > 0
+    cov_ab = torch.where(ok, c_rb / torch.where(ok, cdf, torch.ones_like(cdf)), torch.zeros_like(c_rb))
     return _cross_cumulants(pos, ss, al, cdf, pdf, cov_ab, var_b)
 
 
 def _cross_cumulants(pos, ss, al, cdf, pdf, cov_ab, var_b):
     """:func:`rectified_cross_cumulants` from ``Cov(a, b)`` (clipped to ``±s_a·sd(b)``)."""
-    lim = ss * var_b.double().clamp_min(0).sqrt()
+    lim = ss * safe_sqrt(var_b.double().clamp_min(0))
     cov_ab = torch.maximum(torch.minimum(cov_ab.double(), lim), -lim)
     rrb = torch.where(pos, 2 * cov_ab * ss * (al * cdf + pdf) * ncdf(-al), torch.zeros_like(ss))
     rbb = torch.where(pos, cov_ab * cov_ab * pdf / ss, torch.zeros_like(ss))
@@ -240,7 +267,7 @@ def clark_max(mu_a, mu_b, va, vb, cab, k3_a=None, k3_b=None, with_k3: bool = Fal
     Tests: ``test_clark_max_against_quadrature``, ``test_skewed_window_max_is_closer_to_monte_carlo``."""
     va, vb, cab = va.double(), vb.double(), cab.double()
     th2 = (va + vb - 2 * cab).clamp_min(0)
-    th = th2.sqrt()
+    th = safe_sqrt(th2)
     pos = th > TINY
     ts = torch.where(pos, th, torch.ones_like(th))
     delta = mu_a.double() - mu_b.double()
@@ -332,7 +359,7 @@ def smooth_moments(fn, mu: torch.Tensor, var: torch.Tensor, n: int = GH_NODES):
     w = w.to(mu.device)
     mu = mu.double()
     var = var.double().clamp_min(0)
-    s = var.sqrt()
+    s = safe_sqrt(var)
     z = mu.unsqueeze(-1) + s.unsqueeze(-1) * t  # [..., n]
     fz = fn(z)
     mean = (fz * w).sum(-1)

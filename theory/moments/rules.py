@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .._graph import is_relu, trace
-from ..linearize import LinearizedNetwork
+from ..linearize import LinearizedNetwork, Tap
 from ..noise import WeightNoise
 from ..targets import folding_affine, is_norm_layer
-from .gaussian import (SMOOTH_ACTIVATIONS, clark_max, rectified_cross_cumulants, relu_k3, relu_moments,
+from .gaussian import (SMOOTH_ACTIVATIONS, clark_max, safe_sqrt, rectified_cross_cumulants, relu_k3, relu_moments,
                        relu_moments_skew, skewness, smooth_moments)
 from .interpreter import GraphInterpreter, flatten_args
 from .lowrank import Dist, block_diag, generator, map_batched, pair, patch_gram, renormalise, top_eigh
@@ -271,12 +271,28 @@ class MomentPropagator:
         return _MomentPass(self).result(x)
 
 
+def _eigen_factor(S: torch.Tensor, w: torch.Tensor, V: torch.Tensor, val: torch.Tensor | None = None) -> torch.Tensor:
+    """Columns ``F`` (``[..., D, R]``, ``F Fᵀ ≈ S``) of the symmetric matrix ``S``,
+    differentiable in ``S``: ``val`` (default ``V Λ^½`` from the top eigenpairs ``(w,
+    V)`` found without gradient), with the derivative of ``½ S P⁺ F`` (``P⁺ = V Λ⁻¹ Vᵀ``
+    fixed), so ``d(F Fᵀ) = ½(dS P + P dS)`` (``P = V Vᵀ``; ``= dS`` at full rank) and no
+    derivative of an eigenvector (unbounded where eigenvalues are close) is taken.
+    Eigenvalues below 1e-12 of the largest get no column derivative."""
+    top = w.amax(-1, keepdim=True).clamp_min(0)
+    ok = w > top * 1e-12
+    inv = torch.where(ok, 1.0 / torch.where(ok, w, torch.ones_like(w)), torch.zeros_like(w))
+    if val is None:
+        val = V * safe_sqrt(w.clamp_min(0)).unsqueeze(-2)
+    SV = 0.5 * S @ (V @ (inv.unsqueeze(-1) * (V.mT @ val)))
+    return val + (SV - SV.detach())
+
+
 # ----------------------------------------------------------------------------
 class _MomentPass(GraphInterpreter):
     """The per-layer rules, for one batch. Configuration is read from the propagator
     ``p``; what the pass produces (``rec``, ``stats``) lives here only."""
 
-    def __init__(self, p: MomentPropagator):
+    def __init__(self, p: MomentPropagator, tap: bool = False):
         super().__init__(p.graph, p.lin.net, p.lin.params, p.lin.buffers)
         self.p = p
         self.dtype = p.dtype
@@ -284,6 +300,11 @@ class _MomentPass(GraphInterpreter):
         self.stats = {"pre_count": [], "pre_exceed": [], "lost": 0.0, "total": 0.0}
         self.calls = [0, 0, 0]  # per random stream
         self.cur = None
+        # tap: a zero tensor requiring grad added to the mean after every noisy layer, to
+        # differentiate the propagated mean (the Gaussian closure's E[f]) with respect to
+        # each layer's output mean; (node name, Tap with the layer's mean input) per call
+        self.noisy = {n.rpartition(".")[0] for n in p.lin.names} if tap else set()
+        self.taps: list = []
 
     def _gen(self, stream):
         g = generator(self.p.seed, stream, self.calls[stream])
@@ -331,10 +352,14 @@ class _MomentPass(GraphInterpreter):
         x = args[0]
         if not isinstance(x, Dist):
             raise self._unsupported(node, f"layer {node.target!r} with a noisy argument other than its input")
-        if isinstance(m, nn.Linear):
-            return self._linear(node.target, x, live)
-        if isinstance(m, nn.Conv2d):
-            return self._conv(node.target, m, x, live)
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            mu_in = x.mu.detach()
+            y = self._linear(node.target, x, live) if isinstance(m, nn.Linear) else self._conv(node.target, m, x, live)
+            if node.target in self.noisy:
+                e = torch.zeros_like(y.mu, requires_grad=True)
+                self.taps.append((node.name, Tap(node.target, m, mu_in, e)))
+                y = Dist(y.mu + e, y.F, y.d, y.k3, y.src)
+            return y
         if node.target in self.p.affines:
             a, c = self.p.affines[node.target]
             shape = (1, -1) + (1,) * (x.mu.dim() - 2)
@@ -389,7 +414,7 @@ class _MomentPass(GraphInterpreter):
             v = v + bv
         B, C = mu.shape
         u = torch.ones(B, 1, 1, 1, dtype=self.dtype, device=mu.device)  # one source per unit: [B, g=1, r=1, L=1]
-        a = v.clamp_min(0).sqrt().unsqueeze(-1)
+        a = safe_sqrt(v.clamp_min(0)).unsqueeze(-1)
         y = Dist(mu.unsqueeze(-1), None if Fy is None else Fy.unsqueeze(-1), d.unsqueeze(-1))
         y = self._inject(y, u, a, v.unsqueeze(-1), live, groups=1)
         return Dist(y.mu.squeeze(-1), None if y.F is None else y.F.squeeze(-1), y.d.squeeze(-1))
@@ -437,14 +462,17 @@ class _MomentPass(GraphInterpreter):
             self.rec[self.cur] = {"vpert": vpert, "gpert": G.clone(), "sbar2": sbar2}
             G = G + torch.einsum("bgjp,bgjq->bgpq", Pm, Pm)
             r = min(self.p.spatial_rank, L)
-            lam, U = top_eigh(G, r, self.p.seed)
+            with torch.no_grad():  # differentiated pass: no eigenvector derivative (see _eigen_factor)
+                lam, U = top_eigh(G, r, self.p.seed)
+            if torch.is_grad_enabled() and G.requires_grad:
+                U = _eigen_factor(G, lam, U, U)  # value U; d(a·u) = ½ √(σ̄²) dG U Λ^(-½)
             lam_c = lam.repeat_interleave(cout_g, dim=1)  # [B, Cout, r]
             profiles.append(U.mT)
-            coeffs.append((sbar2[None, :, None] * lam_c.clamp_min(0)).sqrt())
+            coeffs.append(safe_sqrt(sbar2[None, :, None] * lam_c.clamp_min(0)))
         if bv is not None:
             vdiag = vdiag + bv.reshape(1, -1, 1, 1)
             profiles.append(torch.full((B, g, 1, L), 1.0 / math.sqrt(L), dtype=self.dtype, device=mu.device))
-            coeffs.append((bv * L).sqrt().reshape(1, Cout, 1).expand(B, -1, -1))
+            coeffs.append(safe_sqrt(bv * L).reshape(1, Cout, 1).expand(B, -1, -1))
         u = torch.cat(profiles, dim=2)
         a = torch.cat(coeffs, dim=2)
         y = Dist(mu.reshape(B, Cout, L), None if Fy is None else Fy.reshape(Fy.shape[0], B, Cout, L),
@@ -467,7 +495,7 @@ class _MomentPass(GraphInterpreter):
         r = torch.randint(0, 2, (M,) + tuple(x.d.shape), generator=self._gen(_STREAM_D))
         r = r.to(dtype=self.dtype, device=x.d.device) * 2 - 1
         d_in = x.d
-        x.F = torch.cat([x.padded(K), r * (d_in.clamp_min(0).sqrt() / math.sqrt(M)).unsqueeze(0)])
+        x.F = torch.cat([x.padded(K), r * (safe_sqrt(d_in.clamp_min(0)) / math.sqrt(M)).unsqueeze(0)])
         x.d = torch.zeros_like(d_in)
         return d_in, M
 
@@ -537,8 +565,8 @@ class _MomentPass(GraphInterpreter):
             newF, lost_y = renormalise(newF, before, with_lost=True)
         else:
             lost_y = (before - newF.pow(2).sum(0)).clamp_min(0)
-        self.stats["lost"] += float(lost_y.sum())
-        self.stats["total"] += float(before.sum())
+        self.stats["lost"] += float(lost_y.detach().sum())
+        self.stats["total"] += float(before.detach().sum())
         for t, Ft in others:
             if shared:
                 Fn = (V1.T @ Ft.reshape(K, -1)).reshape((R,) + tuple(t.mu.shape))
@@ -549,11 +577,27 @@ class _MomentPass(GraphInterpreter):
                 Fn, lost = renormalise(Fn, fsq, with_lost=True)
             else:
                 lost = (fsq - Fn.pow(2).sum(0)).clamp_min(0)
-            self.stats["lost"] += float(lost.sum())
-            self.stats["total"] += float(fsq.sum())
+            self.stats["lost"] += float(lost.detach().sum())
+            self.stats["total"] += float(fsq.detach().sum())
             t.F = Fn
             t.d = t.d + lost
         return Dist(y.mu, newF, d + lost_y)
+
+    def _factor(self, Sig, R, Dtot):
+        """``R`` columns ``F [R, B, D]`` with ``F Fᵀ ≈ Σ``: a Cholesky factor when ``R = D``
+        (jittered by 1e-12 of the mean variance), else (or when it fails) the top ``R``
+        eigenpairs, exact up to ``UNIT_EIGH_MAX`` units, randomised above."""
+        if R == Dtot:
+            jit = 1e-12 * torch.diagonal(Sig, dim1=1, dim2=2).mean(1).clamp_min(1e-300)
+            Lc, info = torch.linalg.cholesky_ex(Sig + jit[:, None, None] * torch.eye(Dtot, dtype=self.dtype))
+            if not bool(info.any()):
+                return Lc.permute(2, 0, 1)
+        if Dtot <= UNIT_EIGH_MAX:
+            w, V = torch.linalg.eigh(Sig)
+            w, V = w[:, -R:], V[:, :, -R:]
+        else:
+            w, V = top_eigh(Sig, R, self.p.seed)
+        return (V * safe_sqrt(w.clamp_min(0)).unsqueeze(1)).permute(2, 0, 1)
 
     def _compress_units(self, y: Dist, Fy, others, ug, a, d, K):
         """Unit-space re-factorisation: the joint covariance ``Σ`` of ``y`` and the live
@@ -569,23 +613,17 @@ class _MomentPass(GraphInterpreter):
         blocks = torch.einsum("bcr,bcrl,bcrm->bclm", a * a, ug, ug)  # new sources, block-diagonal by channel
         Sig[:, :C * L, :C * L] += block_diag(blocks)
         R = min(self.p.rank, Dtot)
-        Fnew = None
-        if R == Dtot:  # exact: a Cholesky factor (jittered by 1e-12 of the mean variance)
-            jit = 1e-12 * torch.diagonal(Sig, dim1=1, dim2=2).mean(1).clamp_min(1e-300)
-            Lc, info = torch.linalg.cholesky_ex(Sig + jit[:, None, None] * torch.eye(Dtot, dtype=self.dtype))
-            if not bool(info.any()):
-                Fnew = Lc.permute(2, 0, 1)
-        if Fnew is None:  # top R eigenpairs: exact up to UNIT_EIGH_MAX units, randomised above
-            if Dtot <= UNIT_EIGH_MAX:
-                w, V = torch.linalg.eigh(Sig)
-                w, V = w[:, -R:], V[:, :, -R:]
-            else:
-                w, V = top_eigh(Sig, R, self.p.seed)
-            Fnew = (V * w.clamp_min(0).sqrt().unsqueeze(1)).permute(2, 0, 1)
+        with torch.no_grad():
+            Fnew = self._factor(Sig, R, Dtot)
+        if torch.is_grad_enabled() and Sig.requires_grad:  # differentiated pass: the same columns (_eigen_factor)
+            with torch.no_grad():
+                w, V = torch.linalg.eigh(Sig) if Dtot <= UNIT_EIGH_MAX else top_eigh(Sig, R, self.p.seed)
+                w, V = (w[:, -R:], V[:, :, -R:]) if Dtot <= UNIT_EIGH_MAX else (w, V)
+            Fnew = _eigen_factor(Sig, w, V, Fnew.permute(1, 2, 0)).permute(2, 0, 1)
         diag = torch.diagonal(Sig, dim1=1, dim2=2)
         lost = (diag - Fnew.pow(2).sum(0)).clamp_min(0)
-        self.stats["lost"] += float(lost.sum())
-        self.stats["total"] += float(diag.sum())
+        self.stats["lost"] += float(lost.detach().sum())
+        self.stats["total"] += float(diag.detach().sum())
         chunks = torch.split(Fnew, sizes, dim=2)
         lchunks = torch.split(lost, sizes, dim=1)
         for (t, _), Fc, lc in zip(others, chunks[1:], lchunks[1:]):
@@ -641,10 +679,13 @@ class _MomentPass(GraphInterpreter):
         if x.F is not None and x.K:
             K = x.K
             M = 0 if cols is None else cols.shape[0]
-            Fn = torch.empty((K + M,) + tuple(x.F.shape[1:]), dtype=x.F.dtype, device=x.F.device)
-            torch.mul(x.F, slope.unsqueeze(0), out=Fn[:K])
-            if M:
-                Fn[K:] = cols
+            if torch.is_grad_enabled() and (x.F.requires_grad or slope.requires_grad):  # differentiated pass
+                Fn = torch.cat([x.F * slope.unsqueeze(0)] + ([cols] if M else []))
+            else:
+                Fn = torch.empty((K + M,) + tuple(x.F.shape[1:]), dtype=x.F.dtype, device=x.F.device)
+                torch.mul(x.F, slope.unsqueeze(0), out=Fn[:K])
+                if M:
+                    Fn[K:] = cols
         elif cols is not None:
             Fn = cols
         fsq = slope * slope * fsq_in + carried
@@ -872,5 +913,5 @@ class _MomentPass(GraphInterpreter):
             return k3
         r, g, Fr, Fg, s_r, s_g = (a, b, Fa, Fb, 1.0, sign) if a.src is not None else (b, a, Fb, Fa, sign, 1.0)
         c = (Fr * Fg).sum(0) if Fr.shape[0] else torch.zeros_like(r.mu)
-        rrb, rbb = rectified_cross_cumulants(r.src[0], r.src[1].clamp_min(0).sqrt(), c, g.var())
+        rrb, rbb = rectified_cross_cumulants(r.src[0], safe_sqrt(r.src[1].clamp_min(0)), c, g.var())
         return k3 + (3 * s_r * s_r * s_g * rrb + 3 * s_r * s_g * s_g * rbb).to(k3.dtype)

@@ -21,9 +21,9 @@ from ..validation import check_bool
 from .gaussian import SMOOTH_ACTIVATIONS, smooth_activation, smooth_max, smooth_relu
 from .head import head_terms
 from .interpreter import GraphInterpreter
-from .rules import MomentPropagator, activation_kind, is_maxpool, maxpool_args, window_slices
+from .rules import MomentPropagator, _MomentPass, activation_kind, is_maxpool, maxpool_args, window_slices
 
-__all__ = ["MomentResult", "propagate_moments", "moment_chunk_size", "DEFAULT_MOMENT_CHUNK"]
+__all__ = ["MomentResult", "propagate_moments", "moment_chunk_size", "DEFAULT_MOMENT_CHUNK", "mean_map_first_chaos"]
 
 from dataclasses import dataclass
 
@@ -270,3 +270,44 @@ def propagate_moments(lin: LinearizedNetwork, x: torch.Tensor, noise: WeightNois
                         preact_frac_per_layer=per_layer, compression_loss=float(lost / total) if total > 0 else 0.0,
                         rank=prop.rank, spatial_rank=prop.spatial_rank,
                         head=tuple(torch.cat(t) for t in zip(*heads)) if heads else None)
+
+
+def mean_map_first_chaos(lin: LinearizedNetwork, x: torch.Tensor, noise: WeightNoise,
+                         propagator: MomentPropagator | None = None, chunk_size: int = DEFAULT_MOMENT_CHUNK):
+    """``(mean [N, C], cov [N, C, C])``: the logit mean of the moment pass and the
+    covariance ``Σ_θ σ_θ² J̄_θ J̄_θᵀ`` of its *first Wiener chaos* taken through the moment
+    pass itself: ``J̄`` is the derivative of the propagated mean (the Gaussian closure of
+    ``E[f(θ + ξ)]``) with respect to each noisy layer's output mean, by autograd through
+    the whole pass (per-unit variances, correlations and compression included; no
+    eigenvector is differentiated, :func:`.rules._eigen_factor`), times the layer's mean
+    input. By Stein's lemma ``E[∂f/∂ξ] = ∂E[f(θ + ξ)]/∂θ``; the surrogate of
+    :func:`propagate_moments` differentiates a network with every unit's variance held
+    fixed (the product of the expected slopes), which misses how a mean shift moves the
+    variances downstream (the gates along a path moving together). What this leaves out
+    of ``∂E f/∂W``: the layer's weights acting on its input's perturbation (the
+    covariance of the downstream gates with that perturbation); exact for noise on the
+    first noisy layer, whose input is the clean input. A diagnostic
+    (``benchmarks/moments_diagnose.py --parts stein``): one backward pass per class
+    through the moment pass, 15–25× the cost of ``propagate_moments``."""
+    prop = (propagator or MomentPropagator(lin, noise)).with_noise(noise)
+    scale = {n: noise.scale(p) for n, p in lin.target_params.items()}
+    params: dict[str, list] = {}
+    for n in lin.names:
+        mname, _, pname = n.rpartition(".")
+        params.setdefault(mname, []).append(pname)
+    means, covs = [], []
+    for i in range(0, x.shape[0], chunk_size):
+        xb = x[i:i + chunk_size].to(lin.device)
+        ps = _MomentPass(prop, tap=True)
+        with torch.enable_grad():
+            mu = ps.result(xb).mean
+            deltas = backprop_signals(mu, [t.e for _, t in ps.taps]) if ps.taps else []
+        B, C = mu.shape
+        cov = torch.zeros(B, C, C, dtype=torch.float64)
+        by_module: dict[str, list] = {}
+        for (_, t), dl in zip(ps.taps, deltas):
+            by_module.setdefault(t.name, []).append((t, dl.detach()))
+        weight_terms(by_module, params, scale, cov)
+        means.append(mu.detach().double())
+        covs.append(cov)
+    return torch.cat(means), torch.cat(covs)
