@@ -452,8 +452,9 @@ class NoiseBudget:
                              "allocated_level": list(self.layer_levels)})
 
     def summary(self) -> str:
+        how = " (calibrated by Monte-Carlo, below)" if self.calibrate_draws else ""
         lines = [f"Noise budget for {self.noise.split(':')[0]} noise on {self.targets}, max drop {self.max_drop:g}",
-                 f"  level {self.level:.5g}: predicted accuracy {self.predicted_accuracy:.4f} "
+                 f"  level {self.level:.5g}{how}: predicted accuracy {self.predicted_accuracy:.4f} "
                  f"(clean {self.clean_accuracy:.4f}, drop {self.predicted_drop:.4f}); {self.evaluations} evaluations, "
                  f"{self.seconds:.2f} s"]
         if self.refine == "moments":
@@ -728,7 +729,8 @@ def _calibrate(model, ps: _Pass, fam: WeightNoise, curve: _Curve, level: float, 
             (s1, d1, *_), (s2, d2, *_) = steps[-2:]
             if d1 > 0 and d2 > 0 and s1 != s2 and (math.log(d2) - math.log(d1)) / (math.log(s2) - math.log(s1)) > 0:
                 b = (math.log(d2) - math.log(d1)) / (math.log(s2) - math.log(s1))
-                nxt = s2 * math.exp((math.log(max_drop) - math.log(d2)) / b)
+                step = (math.log(max_drop) - math.log(d2)) / b
+                nxt = s2 * math.exp(max(-math.log(4.0), min(math.log(4.0), step)))  # at most 4× per step
         if nxt is None:
             p = curve.drop(s)
             try:  # ValueError: the scaled target is out of the predicted curve's reach
