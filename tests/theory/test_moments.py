@@ -377,49 +377,62 @@ def test_moment_mean_derivatives_match_finite_differences():
     moment pass, against central differences of the pass (float64; noise variances
     fixed) for a shift of that layer's output: the MLP through each Linear bias, the
     residual net through the BatchNorm shift after each convolution (a shift c of
-    BatchNorm's output is a shift c/a of the convolution's). Central differences with
-    step h err by O(h²): compared at h and h/2, the tolerance is 4× their difference plus
-    float64 rounding."""
+    BatchNorm's output is a shift c/a of the convolution's) and the output layer's bias.
+
+    The pass is smooth (central differences at steps h and h/2 agree to 1e-4 of the
+    signal; before the batch-independent random features and eigenvector signs they
+    jumped by ~1 at some layers). On the MLP (no eigen-solves) the derivative is exact:
+    within 4× the step difference plus float64 rounding. On the residual net the
+    derivative holds every eigenbasis fixed (``_eigen_factor``; the sketches and
+    random features downstream depend on the columns' basis, whose rotation it leaves
+    out): measured within 6.3% of the signal's largest entry at the stem and 1% at the
+    last block's first convolution, exact (to the step difference) after it (its second
+    convolution, its shortcut, the head); asserted within 10% where a spatial eigen-solve
+    or a compression follows, exact elsewhere."""
     x, _ = held_out(12)
     noise = RelativeGaussian(0.4)
     gen = torch.Generator().manual_seed(0)
     for kind in ("mlp", "resnet"):
         model = trained(kind)
         prop, mu, taps, deltas = _tapped_pass(model, x, noise)
-        names = [t.name for _, t in taps]
-        checked = 0
+        errors = []
         for (node, t), dl in zip(taps, deltas):
-            C_out = t.e.shape[1]
-            v = torch.randn(C_out, generator=gen, dtype=torch.float64)
+            v = torch.randn(t.e.shape[1], generator=gen, dtype=torch.float64)
             if prop.weights[t.name][1] is not None:  # the layer's bias
                 W, b = prop.weights[t.name]
-                key, base, shift, t_name = "weights", (W, b), (lambda h: (W, b + h * v)), t.name
-                scale = v
+                store, key, base, shift, scale = prop.weights, t.name, (W, b), (lambda h: (W, b + h * v)), v
             else:  # the BatchNorm right after the convolution
                 bn = next(n.target for n in prop.graph.nodes
                           if n.op == "call_module" and n.args and getattr(n.args[0], "name", None) == node)
                 a, c = prop.affines[bn]
-                key, base, shift, t_name = "affines", (a, c), (lambda h: (a, c + h * v)), bn
-                scale = v / a.double()
+                store, key, base, shift, scale = prop.affines, bn, (a, c), (lambda h: (a, c + h * v)), v / a.double()
             shape = (1, -1) + (1,) * (t.e.dim() - 2)
             pred = (dl * scale.reshape(shape).unsqueeze(0)).reshape(dl.shape[0], dl.shape[1], -1).sum(-1).T  # [B, C]
 
             def fd(h):
-                store = getattr(prop, key)
-                tgt = t_name
-                store[tgt] = shift(h)
+                store[key] = shift(h)
                 up = _tapped_mean(prop, x)
-                store[tgt] = shift(-h)
+                store[key] = shift(-h)
                 dn = _tapped_mean(prop, x)
-                store[tgt] = base
+                store[key] = base
                 return (up - dn) / (2 * h)
 
             g1, g2 = fd(1e-3), fd(5e-4)
-            tol = 4 * (g1 - g2).abs().max() + 1e-7 * pred.abs().max()
-            assert (g2 - pred).abs().max() <= tol, (kind, t.name, float((g2 - pred).abs().max()), float(tol))
-            assert pred.abs().max() > 1e-3  # a real signal
-            checked += 1
-        assert checked == len(names) >= 3
+            sig = float(pred.abs().max())
+            assert sig > 1e-3  # a real signal
+            step = float((g1 - g2).abs().max())
+            assert step <= 1e-4 * sig, (kind, t.name, step, sig)  # smooth
+            errors.append((t.name, float((g2 - pred).abs().max()), 4 * step + 1e-7 * sig, sig))
+        if kind == "mlp":
+            for name, err, tol, _ in errors:
+                assert err <= tol, (name, err, tol)
+        else:
+            *inner, last, shortcut, head = errors  # the last block's second convolution, its shortcut, the head
+            for name, err, tol, sig in inner:
+                assert err <= 0.10 * sig, (name, err, sig)
+            for name, err, tol, _ in (last, shortcut, head):
+                assert err <= tol, (name, err, tol)
+            assert len(errors) == 7
 
 
 def _tapped_mean(prop, x):
@@ -427,3 +440,26 @@ def _tapped_mean(prop, x):
 
     with torch.no_grad():
         return _MomentPass(prop).result(x).mean
+
+
+@pytest.mark.parametrize("kind", ["resnet", "cnn"])
+def test_an_input_gets_the_same_moments_whatever_its_chunk(kind):
+    """The moment pass's random features (the Rademacher columns of an input's
+    independent part, the subspace iteration's start) are shared across the batch, its
+    branches decided by structure, its factors computed per input with eigenvector signs
+    fixed by a convention: an input's logit mean and covariance do not depend on the
+    other inputs in its chunk (float rounding of batched products aside), a batch of one
+    included."""
+    from noiseprop.theory.moments import propagate_moments
+
+    x, _ = held_out(40)
+    lin = LinearizedNetwork(trained(kind))
+    noise = RelativeGaussian(0.4)
+    prop = MomentPropagator(lin, noise)
+    a = propagate_moments(lin, x, noise, propagator=prop, chunk_size=40)
+    b = propagate_moments(lin, x, noise, propagator=prop, chunk_size=7)
+    c = propagate_moments(lin, x[13:14], noise, propagator=prop)
+    scale = float(a.mean.abs().max())
+    assert torch.allclose(a.mean, b.mean, rtol=0, atol=1e-5 * scale)
+    assert torch.allclose(a.cov, b.cov, rtol=0, atol=1e-5 * float(a.cov.abs().max()))
+    assert torch.allclose(a.mean[13:14], c.mean, rtol=0, atol=1e-5 * scale)

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from .gaussian import safe_sqrt
 
-__all__ = ["Dist", "map_columns", "map_batched", "renormalise", "block_diag", "top_eigh", "patch_gram", "pair",
+__all__ = ["Dist", "map_columns", "map_batched", "renormalise", "block_diag", "top_eigh", "canonical_signs",
+           "patch_gram", "pair",
            "generator", "EXACT_EIGH_MAX"]
 
 #: symmetric matrices up to this size get an exact eigendecomposition in
@@ -129,6 +130,16 @@ def _orthonormal(Y: torch.Tensor) -> torch.Tensor:
     return Y @ (V * inv.unsqueeze(-2))
 
 
+def canonical_signs(V: torch.Tensor) -> torch.Tensor:
+    """Eigenvectors ``V [..., L, r]`` with each column's largest-magnitude entry made
+    positive: an eigenvector's sign is arbitrary, and batched and single LAPACK calls
+    choose it differently, so without a convention an input's sketched columns (and its
+    result) would depend on the batch it is computed in."""
+    idx = V.abs().argmax(-2, keepdim=True)
+    sign = torch.sign(torch.gather(V, -2, idx))
+    return V * torch.where(sign == 0, torch.ones_like(sign), sign)
+
+
 def top_eigh(G: torch.Tensor, r: int, seed: int = 0):
     """Top ``r`` eigenpairs of symmetric ``G [..., L, L]``: ``(λ [..., r], U [..., L, r])``,
     largest first, in ``G``'s dtype. Exact ``eigh`` for ``L <=`` :data:`EXACT_EIGH_MAX`,
@@ -143,17 +154,18 @@ def top_eigh(G: torch.Tensor, r: int, seed: int = 0):
     G = G.double()
     if L <= EXACT_EIGH_MAX:
         w, U = torch.linalg.eigh(G)
-        return w[..., -r:].flip(-1).to(dt), U[..., -r:].flip(-1).to(dt)
+        return w[..., -r:].flip(-1).to(dt), canonical_signs(U[..., -r:].flip(-1)).to(dt)
     gen = generator(seed, 99, 0)
     p = min(L, r + OVERSAMPLE)
-    Q = torch.randn(G.shape[:-2] + (L, p), generator=gen, dtype=dt).to(G.device, torch.float64)
+    # one start for every matrix of the batch: a matrix's result must not depend on the batch
+    Q = torch.randn((L, p), generator=gen, dtype=dt).to(G.device, torch.float64).expand(G.shape[:-2] + (L, p))
     for _ in range(SUBSPACE_ITERS):
         Q = _orthonormal(G @ Q)
     Q = _orthonormal(Q)  # a second pass restores what the first lost (as CholeskyQR2)
     T = Q.mT @ G @ Q
     w, V = torch.linalg.eigh(T)
     U = Q @ V
-    return w[..., -r:].flip(-1).to(dt), U[..., -r:].flip(-1).to(dt)
+    return w[..., -r:].flip(-1).to(dt), canonical_signs(U[..., -r:].flip(-1)).to(dt)
 
 
 def pair(v):

@@ -24,7 +24,8 @@ from ..targets import folding_affine, is_norm_layer
 from .gaussian import (SMOOTH_ACTIVATIONS, clark_max, safe_sqrt, rectified_cross_cumulants, relu_k3, relu_moments,
                        relu_moments_skew, skewness, smooth_moments)
 from .interpreter import GraphInterpreter, flatten_args
-from .lowrank import Dist, block_diag, generator, map_batched, pair, patch_gram, renormalise, top_eigh
+from .lowrank import (Dist, block_diag, canonical_signs, generator, map_batched, pair, patch_gram, renormalise,
+                      top_eigh)
 
 __all__ = ["MomentPropagator", "PassResult", "DEFAULT_RANK", "DEFAULT_SPATIAL_RANK", "DEFAULT_H2_RANK",
            "DEFAULT_D_RANK", "UNIT_SPACE_MAX", "activation_kind", "LINEAR_HINT"]
@@ -489,10 +490,16 @@ class _MomentPass(GraphInterpreter):
         it. Returns ``(old d, M)``; the caller rescales the mapped columns to the exact
         diagonal ``(W∘W) d``."""
         M = self.p.d_rank
-        if M == 0 or self.p.first_order or not bool((x.d > 0).any()):
+        # whether to add the columns is decided by the structure, not by the values of this
+        # batch (otherwise an input's column count, and the sketches drawn to that count,
+        # would depend on its chunk): only a layer input without columns and with no
+        # independent part (the network's own input) is skipped
+        if M == 0 or self.p.first_order or (x.K == 0 and not bool((x.d > 0).any())):
             return None, 0
         K = max([x.K] + [t.K for t in live if isinstance(t, Dist)])
-        r = torch.randint(0, 2, (M,) + tuple(x.d.shape), generator=self._gen(_STREAM_D))
+        # the same signs for every input of the batch (broadcast): an input's result must
+        # not depend on which inputs share its chunk
+        r = torch.randint(0, 2, (M, 1) + tuple(x.d.shape[1:]), generator=self._gen(_STREAM_D))
         r = r.to(dtype=self.dtype, device=x.d.device) * 2 - 1
         d_in = x.d
         x.F = torch.cat([x.padded(K), r * (safe_sqrt(d_in.clamp_min(0)) / math.sqrt(M)).unsqueeze(0)])
@@ -548,7 +555,7 @@ class _MomentPass(GraphInterpreter):
             UG = torch.einsum("bcrl,bcsl->bcrs", ug, ug)
             Mg[:, K:, K:] = block_diag(a.unsqueeze(-1) * a.unsqueeze(-2) * UG)
             _, V = torch.linalg.eigh(Mg)  # ascending
-            V = V[:, :, -R:].flip(-1)  # [B, Mtot, R]
+            V = canonical_signs(V[:, :, -R:].flip(-1))  # [B, Mtot, R]
         shared = p.compression == "sketch"  # one sketch for the whole batch: plain GEMMs
         if shared:
             V1, V2 = V[0, :K, :], V[0, K:, :].reshape(C, r, R)
@@ -584,17 +591,15 @@ class _MomentPass(GraphInterpreter):
         return Dist(y.mu, newF, d + lost_y)
 
     def _factor(self, Sig, R, Dtot):
-        """``R`` columns ``F [R, B, D]`` with ``F Fᵀ ≈ Σ``: a Cholesky factor when ``R = D``
-        (jittered by 1e-12 of the mean variance), else (or when it fails) the top ``R``
-        eigenpairs, exact up to ``UNIT_EIGH_MAX`` units, randomised above."""
-        if R == Dtot:
-            jit = 1e-12 * torch.diagonal(Sig, dim1=1, dim2=2).mean(1).clamp_min(1e-300)
-            Lc, info = torch.linalg.cholesky_ex(Sig + jit[:, None, None] * torch.eye(Dtot, dtype=self.dtype))
-            if not bool(info.any()):
-                return Lc.permute(2, 0, 1)
-        if Dtot <= UNIT_EIGH_MAX:
+        """``R`` columns ``F [R, B, D]`` with ``F Fᵀ ≈ Σ``: ``V_R Λ_R^½`` from the top ``R``
+        eigenpairs (eigenvector signs fixed by :func:`~.lowrank.canonical_signs`), exact up
+        to ``UNIT_EIGH_MAX`` units (so exact when ``R = D``), randomised above. (A Cholesky
+        factor, used before for ``R = D``, failed on rank-deficient ``Σ`` and then sent the
+        whole batch to this path: an input's columns, and through the sketches downstream
+        its result, depended on its chunk.)"""
+        if Dtot <= UNIT_EIGH_MAX or R == Dtot:
             w, V = torch.linalg.eigh(Sig)
-            w, V = w[:, -R:], V[:, :, -R:]
+            w, V = w[:, -R:], canonical_signs(V[:, :, -R:])
         else:
             w, V = top_eigh(Sig, R, self.p.seed)
         return (V * safe_sqrt(w.clamp_min(0)).unsqueeze(1)).permute(2, 0, 1)
@@ -617,8 +622,9 @@ class _MomentPass(GraphInterpreter):
             Fnew = self._factor(Sig, R, Dtot)
         if torch.is_grad_enabled() and Sig.requires_grad:  # differentiated pass: the same columns (_eigen_factor)
             with torch.no_grad():
-                w, V = torch.linalg.eigh(Sig) if Dtot <= UNIT_EIGH_MAX else top_eigh(Sig, R, self.p.seed)
-                w, V = (w[:, -R:], V[:, :, -R:]) if Dtot <= UNIT_EIGH_MAX else (w, V)
+                exact = Dtot <= UNIT_EIGH_MAX or R == Dtot
+                w, V = torch.linalg.eigh(Sig) if exact else top_eigh(Sig, R, self.p.seed)
+                w, V = (w[:, -R:], V[:, :, -R:]) if exact else (w, V)
             Fnew = _eigen_factor(Sig, w, V, Fnew.permute(1, 2, 0)).permute(2, 0, 1)
         diag = torch.diagonal(Sig, dim1=1, dim2=2)
         lost = (diag - Fnew.pow(2).sum(0)).clamp_min(0)
