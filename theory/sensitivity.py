@@ -727,10 +727,10 @@ def _calibrate(model, ps: _Pass, fam: WeightNoise, curve: _Curve, level: float, 
         nxt = None
         if len(steps) >= 2:
             (s1, d1, *_), (s2, d2, *_) = steps[-2:]
-            if d1 > 0 and d2 > 0 and s1 != s2 and (math.log(d2) - math.log(d1)) / (math.log(s2) - math.log(s1)) > 0:
-                b = (math.log(d2) - math.log(d1)) / (math.log(s2) - math.log(s1))
-                step = (math.log(max_drop) - math.log(d2)) / b
-                nxt = s2 * math.exp(max(-math.log(4.0), min(math.log(4.0), step)))  # at most 4× per step
+            b = (math.log(d2 / d1) / math.log(s2 / s1)) if d1 > 0 and d2 > 0 and s1 != s2 else 0.0
+            if b > 0:  # log drop increasing in log level: the secant's root, at most 4× away
+                step = math.log(max_drop / d2) / b
+                nxt = s2 * math.exp(max(-math.log(4.0), min(math.log(4.0), step)))
         if nxt is None:
             p = curve.drop(s)
             try:  # ValueError: the scaled target is out of the predicted curve's reach
