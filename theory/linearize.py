@@ -131,6 +131,16 @@ class LinearizedNetwork:
         return self._structure
 
     @property
+    def params_by_module(self) -> dict[str, list[str]]:
+        """Module name → the names of its noisy parameters (``"weight"``, ``"bias"``), in
+        target order."""
+        out: dict[str, list[str]] = {}
+        for n in self.names:
+            mname, _, pname = n.rpartition(".")
+            out.setdefault(mname, []).append(pname)
+        return out
+
+    @property
     def num_target_elements(self) -> int:
         return int(sum(p.numel() for p in self.target_params.values()))
 

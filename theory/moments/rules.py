@@ -304,7 +304,7 @@ class _MomentPass(GraphInterpreter):
         # tap: a zero tensor requiring grad added to the mean after every noisy layer, to
         # differentiate the propagated mean (the Gaussian closure's E[f]) with respect to
         # each layer's output mean; (node name, Tap with the layer's mean input) per call
-        self.noisy = {n.rpartition(".")[0] for n in p.lin.names} if tap else set()
+        self.noisy = set(p.lin.params_by_module) if tap else set()
         self.taps: list = []
 
     def _gen(self, stream):
@@ -354,11 +354,10 @@ class _MomentPass(GraphInterpreter):
         if not isinstance(x, Dist):
             raise self._unsupported(node, f"layer {node.target!r} with a noisy argument other than its input")
         if isinstance(m, (nn.Linear, nn.Conv2d)):
-            mu_in = x.mu.detach()
             y = self._linear(node.target, x, live) if isinstance(m, nn.Linear) else self._conv(node.target, m, x, live)
-            if node.target in self.noisy:
+            if node.target in self.noisy:  # (the rules change the input's columns in place, never its mean)
                 e = torch.zeros_like(y.mu, requires_grad=True)
-                self.taps.append((node.name, Tap(node.target, m, mu_in, e)))
+                self.taps.append((node.name, Tap(node.target, m, x.mu.detach(), e)))
                 y = Dist(y.mu + e, y.F, y.d, y.k3, y.src)
             return y
         if node.target in self.p.affines:

@@ -57,7 +57,7 @@ class _Surrogate(GraphInterpreter):
         super().__init__(prop.graph, lin.net, lin.params, lin.buffers)
         self.prop = prop
         self.rec = rec
-        self.noisy = {n.rpartition(".")[0] for n in lin.names}
+        self.noisy = set(lin.params_by_module)
         self.taps: list = []  # (node name, Tap) of the noisy layers
         self.rtaps: list = []  # (node name, [r tensors]) of the nonlinearities
 
@@ -211,11 +211,8 @@ def propagate_moments(lin: LinearizedNetwork, x: torch.Tensor, noise: WeightNois
     else:
         kw = {k: v for k, v in (("rank", rank), ("spatial_rank", spatial_rank)) if v is not None}
         prop = MomentPropagator(lin, noise, **kw)
-    scale = {n: noise.scale(p) for n, p in lin.target_params.items()}
-    params: dict[str, list] = {}
-    for n in lin.names:
-        mname, _, pname = n.rpartition(".")
-        params.setdefault(mname, []).append(pname)
+    scale = lin.scales(noise)
+    params = lin.params_by_module
     means, covs, heads = [], [], []
     hname, tgt = prop.head, prop.head_target
     hw = (with_head and hname is not None and not prop.first_order
@@ -290,11 +287,7 @@ def mean_map_first_chaos(lin: LinearizedNetwork, x: torch.Tensor, noise: WeightN
     (``benchmarks/moments_diagnose.py --parts stein``): one backward pass per class
     through the moment pass, 15–25× the cost of ``propagate_moments``."""
     prop = (propagator or MomentPropagator(lin, noise)).with_noise(noise)
-    scale = {n: noise.scale(p) for n, p in lin.target_params.items()}
-    params: dict[str, list] = {}
-    for n in lin.names:
-        mname, _, pname = n.rpartition(".")
-        params.setdefault(mname, []).append(pname)
+    scale, params = lin.scales(noise), lin.params_by_module
     means, covs = [], []
     for i in range(0, x.shape[0], chunk_size):
         xb = x[i:i + chunk_size].to(lin.device)
