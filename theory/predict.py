@@ -75,13 +75,16 @@ TRUNCATION_CHECK_INPUTS = 32
 #: points): the linear accuracy missed (> 1 point and outside the 95% interval) at 9
 #: levels, all with a fraction ≥ 0.34; it was right at 19 levels, with fractions up to
 #: 0.40 (MLP at η = 0.5, 0.96 points off). 0.30 flags all 9 misses with 3 false alarms
-#: (the old 0.15: 9 false alarms, e.g. the MLP at η = 0.2, 0.09 points off).
+#: (the old 0.15: 9 false alarms, e.g. the MLP at η = 0.2, 0.09 points off). Re-run with
+#: the one-sided differences and, paired, with forward mode (same 28 levels): 8 misses,
+#: all flagged, 4 false alarms, either way; fractions at most 5e-4 apart.
 PREACT_WARN_FRACTION = 0.30
-#: The validity diagnostic's sample: inputs (evenly spaced over ``x``) and forward-mode
-#: directions per input. 8 inputs (16 before issue 10) halve its cost on large inputs; the
-#: fraction is a mean over inputs, so fewer inputs add sampling noise but no bias (checked
-#: against 16 at η = 0.05, 0.1, 0.3, 0.5: MLP moved by at most 0.021 (0.408 → 0.387 at
-#: η = 0.5), ResNet-20 on digits and on 3×32×32 by at most 0.002).
+#: The validity diagnostic's sample: inputs (evenly spaced over ``x``) and noise
+#: directions per input (one-sided differences, :data:`DIAGNOSTIC_STEP`). 8 inputs (16
+#: before issue 10) halve its cost on large inputs; the fraction is a mean over inputs,
+#: so fewer inputs add sampling noise but no bias (checked against 16 at η = 0.05, 0.1,
+#: 0.3, 0.5: MLP moved by at most 0.021 (0.408 → 0.387 at η = 0.5), ResNet-20 on digits
+#: and on 3×32×32 by at most 0.002).
 DIAGNOSTIC_INPUTS = 8
 DIAGNOSTIC_DIRECTIONS = 8
 
@@ -399,13 +402,27 @@ def _affine_norms(gm):
     return gm
 
 
+#: Step of the diagnostic's one-sided differences, as a noise level: the directions are
+#: draws of the noise at level 1, so ``h(θ + t u ξ) − h(θ)`` is ``t J (u ⊙ ξ)`` up to the
+#: gates that flip within a level-``t`` perturbation (units with ``|μ|/sd₁ ≲ 3t``, counted
+#: as outside the range at every level the diagnostic reports) and float32 rounding
+#: (relative ``≈ 1e-7 |μ| / (t sd₁)``).
+DIAGNOSTIC_STEP = 1e-3
+
+
 def _preact_ratios(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, torch.Tensor], directions: int,
-                   seed: int, max_inputs: int = 16, batch: int = 16) -> tuple[np.ndarray | None, str]:
+                   seed: int, max_inputs: int = 16, batch: int = 16,
+                   step: float | None = DIAGNOSTIC_STEP) -> tuple[np.ndarray | None, str]:
     """``|μ| / sd₁`` for every ReLU pre-activation of up to ``max_inputs`` inputs (evenly
     spaced over ``x``), with ``sd₁`` the first-order noise std at level 1, from
-    ``directions`` forward-mode products ``J (u ⊙ ξ)`` (``torch.func.jvp``, vectorised
-    over the directions with ``vmap``). The fraction above a level ``λ`` is the fraction
-    of pre-activations whose predicted noise sd exceeds their magnitude at ``λ``."""
+    ``directions`` products ``J (u ⊙ ξ)``. The fraction above a level ``λ`` is the
+    fraction of pre-activations whose predicted noise sd exceeds their magnitude at ``λ``.
+
+    ``step``: the products by one-sided differences of the network at ``step`` (one plain
+    forward pass per direction, batched over the directions with ``vmap``; forward mode
+    carries a tangent beside every primal: 0.12-0.13 s against 0.18 s on 8 inputs of the
+    3×32×32 ResNet-20 of ``benchmarks/predict_vs_mc.py``); ``None``: by forward mode (``torch.func.jvp``), the exact reference
+    (``test_diagnostic_differences_match_forward_mode``)."""
     def graph():
         try:
             gm, k = relu_input_graph(lin.net)
@@ -436,22 +453,36 @@ def _preact_ratios(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, t
         def f(tp):
             return functional_call(gm, ({**params, **tp}, bufs), (xb,))[1]
 
-        def one(tang):
-            return jvp(f, (tp0,), (tang,))
-
         with torch.no_grad():
-            try:
-                mu, dz = vmap(one, in_dims=(0,), out_dims=(None, 0))(tangs)
-            except Exception:  # noqa: BLE001 - an op without a batching rule: one direction at a time
-                res = [one({k: v[j] for k, v in tangs.items()}) for j in range(directions)]
-                mu = res[0][0]
-                dz = [torch.stack([r[1][li] for r in res]) for li in range(len(mu))]
-        mus.append(torch.cat([m.double().abs().reshape(-1) for m in mu]))
-        sds.append(torch.cat([(t.double() ** 2).mean(0).sqrt().reshape(-1) for t in dz]))
+            if step is None:
+                def one(tang):
+                    return jvp(f, (tp0,), (tang,))
+                try:
+                    mu, dz = vmap(one, in_dims=(0,), out_dims=(None, 0))(tangs)
+                except Exception:  # noqa: BLE001 - an op without a batching rule: one direction at a time
+                    res = [one({k: v[j] for k, v in tangs.items()}) for j in range(directions)]
+                    mu = res[0][0]
+                    dz = [torch.stack([r[1][li] for r in res]) for li in range(len(mu))]
+            else:
+                # the clean network as direction 0 of the same batched call: the same kernels
+                # (and rounding) on both sides of every difference
+                moved = {k: torch.cat([tp0[k][None], tp0[k] + step * v]) for k, v in tangs.items()}
+                try:
+                    hs = vmap(f)(moved)
+                except Exception:  # noqa: BLE001 - an op without a batching rule: one direction at a time
+                    res = [f({k: v[j] for k, v in moved.items()}) for j in range(directions + 1)]
+                    hs = [torch.stack([r[li] for r in res]) for li in range(len(res[0]))]
+                mu = [h[0] for h in hs]
+                # in the network's own precision (a difference is exact where its two sides
+                # are within a factor 2; the rounding of the mean square is ~1e-7 relative)
+                dz = [(h[1:] - h[:1]).div_(step) for h in hs]
+        mus.append(torch.cat([m.abs().reshape(-1) for m in mu]).double())
+        sds.append(torch.cat([t.square().mean(0).sqrt().reshape(-1) for t in dz]).double())
     sd = torch.cat(sds)
     mu = torch.cat(mus)
     ratio = torch.where(sd > 0, mu / torch.where(sd > 0, sd, torch.ones_like(sd)), torch.full_like(sd, math.inf))
-    return ratio.cpu().numpy(), f"first order, {directions} forward-mode directions on {xs.shape[0]} inputs"
+    how = "forward-mode directions" if step is None else f"directions (one-sided differences at level {step:g})"
+    return ratio.cpu().numpy(), f"first order, {directions} {how} on {xs.shape[0]} inputs"
 
 
 @dataclass(frozen=True)
