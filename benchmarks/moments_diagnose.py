@@ -26,10 +26,23 @@ Two further parts locate the error of the moment method on residual networks:
   dependence on the means included; Stein's lemma) in place of the surrogate's linear
   response, plus the same injected part: live-margin variance and accuracy against the
   shipped moment method and Monte-Carlo (``--draws``), and both costs.
+* ``skew``: the skewness of the logit margins (label minus a competitor) that the
+  Gaussian-logit model leaves out. For a sample of live margins (Monte-Carlo
+  z = mean/sd < 2.5, ``--skew-pairs`` of them) the gate-flip third cumulant
+  ``κ₃ ≈ 3 Σ_u (∂m/∂a_u) p_u(0) Cov(h_u, m)²`` (``h_u`` a ReLU's input, ``a_u`` its
+  output, ``p_u(0) = φ(μ_u/s_u)/s_u`` the first-order density of ``h_u`` at the kink,
+  ``Cov(h_u, m) = ∇h_uᵀ Σ ∇m`` by one forward-mode product per margin, ``s_u`` from 128
+  forward-mode directions per input) and the smooth weight-Hessian term ``3 gᵀΣHΣg``,
+  each as a skewness ``κ₃ / s_m³`` against Monte-Carlo's; and the margins' summed error
+  probabilities: Monte-Carlo, Gaussian with Monte-Carlo's mean and variance, and
+  Edgeworth ``Φ(x) − γ/6 (x² − 1) φ(x)`` with Monte-Carlo's or the predicted skewness.
+  Single-input ``torch.func`` products on models whose ReLUs are ``nn.ReLU`` modules: a
+  diagnostic, minutes on the zoo's models.
 
     .venv/bin/python benchmarks/moments_diagnose.py --model resnet20 --eta 0.3 --draws 200 --n 200
     .venv/bin/python benchmarks/moments_diagnose.py --parts groups,chaos --model resnet20 --eta 0.5 --draws 300 --n 359
     .venv/bin/python benchmarks/moments_diagnose.py --parts stein --model resnet20 --eta 0.5 --draws 300 --n 359
+    .venv/bin/python benchmarks/moments_diagnose.py --parts skew --model resnet20 --eta 0.2209 --draws 2000 --n 359
 """
 from __future__ import annotations
 
@@ -230,9 +243,100 @@ def chaos(model, x, y, noise, draws, layer):
                           linear_accuracy=fo.accuracy)), flush=True)
 
 
+def skew(model, x, y, noise, draws, pairs, probes=128):
+    """Gate-flip skewness of the live logit margins against Monte-Carlo (``skew`` above)."""
+    import numpy as np
+    from scipy.stats import norm
+    from torch.func import functional_call, grad, jvp, vmap
+
+    from sensitivity import _mc_logits  # benchmarks/sensitivity.py (this script's folder)
+
+    L = _mc_logits(model, x, noise, draws, seed=11)  # [D, N, C]
+    net = copy.deepcopy(model).double().eval()
+    names = resolve_targets(net).names
+    P = {k: v.detach() for k, v in net.named_parameters()}
+    B = dict(net.named_buffers())
+    var = {k: noise.variance(P[k]).double() for k in names}
+    relus = [(k, m) for k, m in net.named_modules() if isinstance(m, torch.nn.ReLU)]
+    if not relus:
+        raise SystemExit("--parts skew needs nn.ReLU modules")
+    state = {"pre": {}, "probe": None}
+
+    def hook(key):
+        def h(mod, inp, out):
+            state["pre"][key] = inp[0]
+            if state["probe"] is not None:
+                return out + state["probe"][key]
+        return h
+
+    handles = [m.register_forward_hook(hook(k)) for k, m in relus]
+    xd = x.double()
+    q0 = {k: P[k] for k in names}
+
+    def run(q, n, probe=None):
+        state["pre"], state["probe"] = {}, probe
+        out = functional_call(net, ({**P, **q}, B), (xd[n:n + 1],))[0]
+        state["probe"] = None
+        return out, dict(state["pre"])
+
+    y = y.long()
+    live = []
+    for n in range(x.shape[0]):
+        m = L[:, n, y[n]:y[n] + 1] - L[:, n]
+        z = m.mean(0) / m.std(0).clamp_min(1e-30)
+        live += [(n, c) for c in range(L.shape[2]) if c != int(y[n]) and float(z[c]) < 2.5]
+    gen = torch.Generator().manual_seed(0)
+    pick = torch.randperm(len(live), generator=gen)[:pairs].sort().values.tolist()
+    rows, sd_n = [], None
+    for i in pick:
+        n, c = live[i]
+        if sd_n != n:  # first-order sd of every ReLU input of this input, from forward-mode probes
+            g2 = torch.Generator().manual_seed(1000 + n)
+            dirs = {k: torch.randn((probes,) + P[k].shape, generator=g2, dtype=torch.float64) * var[k].sqrt()
+                    for k in names}
+            pre0 = {k: v.detach() for k, v in run(q0, n)[1].items()}
+            dh = vmap(lambda d: jvp(lambda q: run(q, n)[1], (q0,), (d,))[1], chunk_size=32)(dirs)
+            s_u = {k: (v ** 2).mean(0).sqrt().clamp_min(1e-30) for k, v in dh.items()}
+            sd_n = n
+        zeros = {k: torch.zeros_like(v) for k, v in pre0.items()}
+
+        def margin(q, probe):
+            out = run(q, n, probe)[0]
+            return out[y[n]] - out[c]
+
+        g, ga = grad(margin, argnums=(0, 1))(q0, zeros)
+        v = {k: var[k] * g[k] for k in names}
+        s2 = sum(float((g[k] * v[k]).sum()) for k in names)
+        cov_h = jvp(lambda q: run(q, n)[1], (q0,), (v,))[1]
+        dens = {k: torch.exp(-0.5 * (pre0[k] / s_u[k]) ** 2) / (math.sqrt(2 * math.pi) * s_u[k]) for k in pre0}
+        k3_gate = 3 * sum(float((ga[k] * dens[k] * cov_h[k] ** 2).sum()) for k in pre0)
+        hv = jvp(grad(lambda q: margin(q, zeros)), (q0,), (v,))[1]
+        k3_smooth = 3 * sum(float((v[k] * hv[k]).sum()) for k in names)
+        mc = (L[:, n, y[n]] - L[:, n, c]).double()
+        mv = float(mc.var())
+        rows.append((float(mc.mean()), mv, float(((mc - mc.mean()) ** 3).mean()) / mv ** 1.5, s2,
+                     k3_gate / s2 ** 1.5, k3_smooth / s2 ** 1.5, float((mc < 0).double().mean())))
+    for h in handles:
+        h.remove()
+    a = np.array(rows)
+    mean, mvar, sk_mc, s2, sk_gate, sk_smooth, emp = a.T
+    xs = -mean / np.sqrt(mvar)
+    edge = lambda g: float((norm.cdf(xs) - g / 6 * (xs ** 2 - 1) * norm.pdf(xs)).sum())  # noqa: E731
+    corr = lambda p: float(np.corrcoef(p, sk_mc)[0, 1])  # noqa: E731
+    print(json.dumps(dict(stage="skew", noise=noise.to_string(), n=int(x.shape[0]), draws=draws,
+                          live_margins=len(live), pairs=len(rows), mc_skew_se=math.sqrt(6 / draws),
+                          skew_mc_mean=float(sk_mc.mean()), skew_gate_mean=float(sk_gate.mean()),
+                          skew_smooth_mean=float(sk_smooth.mean()), corr_gate=corr(sk_gate), corr_smooth=corr(sk_smooth),
+                          corr_total=corr(sk_gate + sk_smooth), var_fo_over_mc_median=float(np.median(s2 / mvar)),
+                          err_sum_mc=float(emp.sum()), err_sum_gauss_mc_moments=float(norm.cdf(xs).sum()),
+                          err_sum_edgeworth_mc_skew=edge(sk_mc), err_sum_edgeworth_gate_skew=edge(sk_gate),
+                          err_sum_edgeworth_total_skew=edge(sk_gate + sk_smooth))), flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--parts", default="stages", help="stages,groups,chaos,stein")
+    ap.add_argument("--parts", default="stages", help="stages,groups,chaos,stein,skew")
+    ap.add_argument("--skew-pairs", type=int, default=100)
     ap.add_argument("--chaos-layer", default="conv1")
     ap.add_argument("--model", default="resnet20")
     ap.add_argument("--noise", default="relative")
@@ -254,6 +358,8 @@ def main():
         chaos(model, x, y, noise, args.draws, args.chaos_layer)
     if "stein" in parts:
         stein(model, x, y, noise, args.draws)
+    if "skew" in parts:
+        skew(model, x, y, noise, args.draws, args.skew_pairs)
     if "stages" not in parts:
         return
     t0 = time.perf_counter()
