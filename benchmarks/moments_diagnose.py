@@ -297,6 +297,7 @@ def skew(model, x, y, noise, draws, pairs, probes=128):
             pre0 = {k: v.detach() for k, v in run(q0, n)[1].items()}
             dh = vmap(lambda d: jvp(lambda q: run(q, n)[1], (q0,), (d,))[1], chunk_size=32)(dirs)
             s_u = {k: (v ** 2).mean(0).sqrt().clamp_min(1e-30) for k, v in dh.items()}
+            dens = {k: torch.exp(-0.5 * (pre0[k] / s_u[k]) ** 2) / (math.sqrt(2 * math.pi) * s_u[k]) for k in pre0}
             sd_n = n
         zeros = {k: torch.zeros_like(v) for k, v in pre0.items()}
 
@@ -308,7 +309,6 @@ def skew(model, x, y, noise, draws, pairs, probes=128):
         v = {k: var[k] * g[k] for k in names}
         s2 = sum(float((g[k] * v[k]).sum()) for k in names)
         cov_h = jvp(lambda q: run(q, n)[1], (q0,), (v,))[1]
-        dens = {k: torch.exp(-0.5 * (pre0[k] / s_u[k]) ** 2) / (math.sqrt(2 * math.pi) * s_u[k]) for k in pre0}
         k3_gate = 3 * sum(float((ga[k] * dens[k] * cov_h[k] ** 2).sum()) for k in pre0)
         hv = jvp(grad(lambda q: margin(q, zeros)), (q0,), (v,))[1]
         k3_smooth = 3 * sum(float((v[k] * hv[k]).sum()) for k in names)
