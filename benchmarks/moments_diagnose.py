@@ -38,11 +38,15 @@ Two further parts locate the error of the moment method on residual networks:
   Edgeworth ``Φ(x) − γ/6 (x² − 1) φ(x)`` with Monte-Carlo's or the predicted skewness.
   Single-input ``torch.func`` products on models whose ReLUs are ``nn.ReLU`` modules: a
   diagnostic, minutes on the zoo's models.
+* ``skew_accuracy``: the moment method's accuracy with that skewness added to every
+  margin (moment-predicted z < 3) by the same Edgeworth term, against the shipped moment
+  method and Monte-Carlo.
 
     .venv/bin/python benchmarks/moments_diagnose.py --model resnet20 --eta 0.3 --draws 200 --n 200
     .venv/bin/python benchmarks/moments_diagnose.py --parts groups,chaos --model resnet20 --eta 0.5 --draws 300 --n 359
     .venv/bin/python benchmarks/moments_diagnose.py --parts stein --model resnet20 --eta 0.5 --draws 300 --n 359
     .venv/bin/python benchmarks/moments_diagnose.py --parts skew --model resnet20 --eta 0.2209 --draws 2000 --n 359
+    .venv/bin/python benchmarks/moments_diagnose.py --parts skew_accuracy --model resnet20 --eta 0.5 --draws 1000 --n 120
 """
 from __future__ import annotations
 
@@ -53,7 +57,10 @@ import math
 import time
 import warnings
 
+import numpy as np
 import torch
+from scipy.stats import norm
+from torch.func import functional_call, grad, jvp, vmap
 
 from noiseprop.empirical.data import load_dataset
 from noiseprop.empirical.train import train
@@ -194,7 +201,7 @@ def stein(model, x, y, noise, draws):
 
 
 def chaos(model, x, y, noise, draws, layer):
-    from torch.func import functional_call, jacrev, vmap
+    from torch.func import jacrev
 
     from sensitivity import live_margin_variance  # benchmarks/sensitivity.py (this script's folder)
 
@@ -243,42 +250,88 @@ def chaos(model, x, y, noise, draws, layer):
                           linear_accuracy=fo.accuracy)), flush=True)
 
 
-def skew(model, x, y, noise, draws, pairs, probes=128):
-    """Gate-flip skewness of the live logit margins against Monte-Carlo (``skew`` above)."""
-    import numpy as np
-    from scipy.stats import norm
-    from torch.func import functional_call, grad, jvp, vmap
+class _KinkSkew:
+    """Per-margin skewness of a ReLU network's logit margin ``m = z_y − z_c`` under weight
+    noise, to leading order: the kinks, ``3 Σ_u (∂m/∂a_u) p_u(0) Cov(h_u, m)² / s_m³``, and
+    the smooth weight products, ``3 gᵀΣHΣg / s_m³`` (``skew`` in the module docstring).
+    First-order ingredients at the clean weights: ``s_u`` from ``probes`` forward-mode
+    directions per input (cached for consecutive margins of one input), ``g = ∇m``,
+    ``Cov(h_u, m)`` by one forward-mode product, ``H (Σ g)`` by forward-over-reverse.
+    Single-input ``torch.func`` calls on a float64 copy; the ReLUs must be ``nn.ReLU``."""
 
+    def __init__(self, model, x, noise, probes=128):
+        net = copy.deepcopy(model).double().eval()
+        self.names = resolve_targets(net).names
+        self.P = {k: v.detach() for k, v in net.named_parameters()}
+        self.B = dict(net.named_buffers())
+        self.var = {k: noise.variance(self.P[k]).double() for k in self.names}
+        relus = [(k, m) for k, m in net.named_modules() if isinstance(m, torch.nn.ReLU)]
+        if not relus:
+            raise SystemExit("the skew parts need nn.ReLU modules")
+        self.state = {"pre": {}, "probe": None}
+        for k, m in relus:
+            m.register_forward_hook(self._hook(k))  # on the private copy
+        self.net, self.x, self.probes = net, x.double(), probes
+        self.q0 = {k: self.P[k] for k in self.names}
+        self._n = None
+
+    def _hook(self, key):
+        def h(mod, inp, out):
+            self.state["pre"][key] = inp[0]
+            if self.state["probe"] is not None:
+                return out + self.state["probe"][key]
+        return h
+
+    def _run(self, q, n, probe=None):
+        self.state["pre"], self.state["probe"] = {}, probe
+        out = functional_call(self.net, ({**self.P, **q}, self.B), (self.x[n:n + 1],))[0]
+        self.state["probe"] = None
+        return out, dict(self.state["pre"])
+
+    def _input(self, n):
+        """Each ReLU input's clean value, first-order sd and density at the kink."""
+        if self._n == n:
+            return
+        g = torch.Generator().manual_seed(1000 + n)
+        dirs = {k: torch.randn((self.probes,) + self.P[k].shape, generator=g, dtype=torch.float64)
+                * self.var[k].sqrt() for k in self.names}
+        self.pre0 = {k: v.detach() for k, v in self._run(self.q0, n)[1].items()}
+        dh = vmap(lambda d: jvp(lambda q: self._run(q, n)[1], (self.q0,), (d,))[1], chunk_size=32)(dirs)
+        s_u = {k: (v ** 2).mean(0).sqrt().clamp_min(1e-30) for k, v in dh.items()}
+        self.dens = {k: torch.exp(-0.5 * (self.pre0[k] / s_u[k]) ** 2) / (math.sqrt(2 * math.pi) * s_u[k])
+                     for k in self.pre0}
+        self._n = n
+
+    def __call__(self, n, y, c):
+        """``(s_m², skewness from the kinks, from the smooth products)`` of ``z_y − z_c`` at input ``n``."""
+        self._input(n)
+        zeros = {k: torch.zeros_like(v) for k, v in self.pre0.items()}
+
+        def margin(q, probe):
+            out = self._run(q, n, probe)[0]
+            return out[y] - out[c]
+
+        g, ga = grad(margin, argnums=(0, 1))(self.q0, zeros)
+        v = {k: self.var[k] * g[k] for k in self.names}
+        s2 = sum(float((g[k] * v[k]).sum()) for k in self.names)
+        cov_h = jvp(lambda q: self._run(q, n)[1], (self.q0,), (v,))[1]
+        k3_kinks = 3 * sum(float((ga[k] * self.dens[k] * cov_h[k] ** 2).sum()) for k in self.pre0)
+        hv = jvp(grad(lambda q: margin(q, zeros)), (self.q0,), (v,))[1]
+        k3_smooth = 3 * sum(float((v[k] * hv[k]).sum()) for k in self.names)
+        return s2, k3_kinks / s2 ** 1.5, k3_smooth / s2 ** 1.5
+
+
+def _edgeworth_cdf(x, gamma):
+    """``P(X < x)`` for a standardised variable of skewness ``gamma``, first Edgeworth term."""
+    return norm.cdf(x) - gamma / 6 * (x ** 2 - 1) * norm.pdf(x)
+
+
+def skew(model, x, y, noise, draws, pairs):
+    """Gate-flip skewness of the live logit margins against Monte-Carlo (``skew`` above)."""
     from sensitivity import _mc_logits  # benchmarks/sensitivity.py (this script's folder)
 
     L = _mc_logits(model, x, noise, draws, seed=11)  # [D, N, C]
-    net = copy.deepcopy(model).double().eval()
-    names = resolve_targets(net).names
-    P = {k: v.detach() for k, v in net.named_parameters()}
-    B = dict(net.named_buffers())
-    var = {k: noise.variance(P[k]).double() for k in names}
-    relus = [(k, m) for k, m in net.named_modules() if isinstance(m, torch.nn.ReLU)]
-    if not relus:
-        raise SystemExit("--parts skew needs nn.ReLU modules")
-    state = {"pre": {}, "probe": None}
-
-    def hook(key):
-        def h(mod, inp, out):
-            state["pre"][key] = inp[0]
-            if state["probe"] is not None:
-                return out + state["probe"][key]
-        return h
-
-    handles = [m.register_forward_hook(hook(k)) for k, m in relus]
-    xd = x.double()
-    q0 = {k: P[k] for k in names}
-
-    def run(q, n, probe=None):
-        state["pre"], state["probe"] = {}, probe
-        out = functional_call(net, ({**P, **q}, B), (xd[n:n + 1],))[0]
-        state["probe"] = None
-        return out, dict(state["pre"])
-
+    ks = _KinkSkew(model, x, noise)
     y = y.long()
     live = []
     for n in range(x.shape[0]):
@@ -287,41 +340,18 @@ def skew(model, x, y, noise, draws, pairs, probes=128):
         live += [(n, c) for c in range(L.shape[2]) if c != int(y[n]) and float(z[c]) < 2.5]
     gen = torch.Generator().manual_seed(0)
     pick = torch.randperm(len(live), generator=gen)[:pairs].sort().values.tolist()
-    rows, sd_n = [], None
+    rows = []
     for i in pick:
         n, c = live[i]
-        if sd_n != n:  # first-order sd of every ReLU input of this input, from forward-mode probes
-            g2 = torch.Generator().manual_seed(1000 + n)
-            dirs = {k: torch.randn((probes,) + P[k].shape, generator=g2, dtype=torch.float64) * var[k].sqrt()
-                    for k in names}
-            pre0 = {k: v.detach() for k, v in run(q0, n)[1].items()}
-            dh = vmap(lambda d: jvp(lambda q: run(q, n)[1], (q0,), (d,))[1], chunk_size=32)(dirs)
-            s_u = {k: (v ** 2).mean(0).sqrt().clamp_min(1e-30) for k, v in dh.items()}
-            dens = {k: torch.exp(-0.5 * (pre0[k] / s_u[k]) ** 2) / (math.sqrt(2 * math.pi) * s_u[k]) for k in pre0}
-            sd_n = n
-        zeros = {k: torch.zeros_like(v) for k, v in pre0.items()}
-
-        def margin(q, probe):
-            out = run(q, n, probe)[0]
-            return out[y[n]] - out[c]
-
-        g, ga = grad(margin, argnums=(0, 1))(q0, zeros)
-        v = {k: var[k] * g[k] for k in names}
-        s2 = sum(float((g[k] * v[k]).sum()) for k in names)
-        cov_h = jvp(lambda q: run(q, n)[1], (q0,), (v,))[1]
-        k3_gate = 3 * sum(float((ga[k] * dens[k] * cov_h[k] ** 2).sum()) for k in pre0)
-        hv = jvp(grad(lambda q: margin(q, zeros)), (q0,), (v,))[1]
-        k3_smooth = 3 * sum(float((v[k] * hv[k]).sum()) for k in names)
+        s2, sk_kinks, sk_smooth = ks(n, int(y[n]), c)
         mc = (L[:, n, y[n]] - L[:, n, c]).double()
         mv = float(mc.var())
         rows.append((float(mc.mean()), mv, float(((mc - mc.mean()) ** 3).mean()) / mv ** 1.5, s2,
-                     k3_gate / s2 ** 1.5, k3_smooth / s2 ** 1.5, float((mc < 0).double().mean())))
-    for h in handles:
-        h.remove()
+                     sk_kinks, sk_smooth, float((mc < 0).double().mean())))
     a = np.array(rows)
     mean, mvar, sk_mc, s2, sk_gate, sk_smooth, emp = a.T
     xs = -mean / np.sqrt(mvar)
-    edge = lambda g: float((norm.cdf(xs) - g / 6 * (xs ** 2 - 1) * norm.pdf(xs)).sum())  # noqa: E731
+    edge = lambda g: float(_edgeworth_cdf(xs, g).sum())  # noqa: E731
     corr = lambda p: float(np.corrcoef(p, sk_mc)[0, 1])  # noqa: E731
     print(json.dumps(dict(stage="skew", noise=noise.to_string(), n=int(x.shape[0]), draws=draws,
                           live_margins=len(live), pairs=len(rows), mc_skew_se=math.sqrt(6 / draws),
@@ -333,9 +363,43 @@ def skew(model, x, y, noise, draws, pairs, probes=128):
                           err_sum_edgeworth_total_skew=edge(sk_gate + sk_smooth))), flush=True)
 
 
+def skew_accuracy(model, x, y, noise, draws, max_z=3.0):
+    """The moment method's accuracy with the kinks' skewness added by Edgeworth: for every
+    margin whose moment-predicted ``z = mean/sd`` is below ``max_z``, the error probability
+    moves by ``−γ/6 (x² − 1) φ(x)`` (``x = −z``, ``γ`` from :class:`_KinkSkew`) and the
+    input's probability of being right by minus that (first inclusion-exclusion term);
+    against the shipped moment method and Monte-Carlo (``--draws``)."""
+    from sensitivity import _mc_logits  # benchmarks/sensitivity.py (this script's folder)
+
+    y = y.long()
+    L = _mc_logits(model, x, noise, draws, seed=11)
+    accs = (L.argmax(2) == y).double().mean(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = predict(model, x, y, noise, method="moments", cov=True, diagnostic=False)
+    mean, cov = pm.logit_mean.double(), pm.logit_cov.double()
+    ks = _KinkSkew(model, x, noise)
+    shift, margins = np.zeros(x.shape[0]), 0
+    for n in range(x.shape[0]):
+        yn = int(y[n])
+        for c in range(L.shape[2]):
+            if c == yn:
+                continue
+            mu = float(mean[n, yn] - mean[n, c])
+            sd = math.sqrt(max(float(cov[n, yn, yn] + cov[n, c, c] - 2 * cov[n, yn, c]), 1e-30))
+            if mu / sd < max_z:
+                gamma = ks(n, yn, c)[1]
+                shift[n] += float(_edgeworth_cdf(-mu / sd, gamma) - norm.cdf(-mu / sd))
+                margins += 1
+    print(json.dumps(dict(stage="skew_accuracy", noise=noise.to_string(), n=int(x.shape[0]), draws=draws,
+                          margins=margins, mc_accuracy=float(accs.mean()), mc_se=float(accs.std() / math.sqrt(draws)),
+                          moments_accuracy=pm.accuracy, moments_edgeworth_accuracy=pm.accuracy - float(shift.mean()),
+                          edgeworth_shift_points=-100 * float(shift.mean()))), flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--parts", default="stages", help="stages,groups,chaos,stein,skew")
+    ap.add_argument("--parts", default="stages", help="stages,groups,chaos,stein,skew,skew_accuracy")
     ap.add_argument("--skew-pairs", type=int, default=100)
     ap.add_argument("--chaos-layer", default="conv1")
     ap.add_argument("--model", default="resnet20")
@@ -360,6 +424,8 @@ def main():
         stein(model, x, y, noise, args.draws)
     if "skew" in parts:
         skew(model, x, y, noise, args.draws, args.skew_pairs)
+    if "skew_accuracy" in parts:
+        skew_accuracy(model, x, y, noise, args.draws)
     if "stages" not in parts:
         return
     t0 = time.perf_counter()
