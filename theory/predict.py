@@ -402,11 +402,13 @@ def _affine_norms(gm):
     return gm
 
 
-#: Step of the diagnostic's one-sided differences, as a noise level: the directions are
-#: draws of the noise at level 1, so ``h(θ + t u ξ) − h(θ)`` is ``t J (u ⊙ ξ)`` up to the
-#: gates that flip within a level-``t`` perturbation (units with ``|μ|/sd₁ ≲ 3t``, counted
-#: as outside the range at every level the diagnostic reports) and float32 rounding
-#: (relative ``≈ 1e-7 |μ| / (t sd₁)``).
+#: Step of the diagnostic's one-sided differences, relative to the weights: the directions
+#: are draws of the noise at level 1, taken at the level ``t`` whose perturbation has this
+#: fraction of the noisy weights' rms (``t = 1e-3`` for relative noise; smaller for additive
+#: noise on small weights), so ``h(θ + t u ξ) − h(θ)`` is ``t J (u ⊙ ξ)`` up to the
+#: second-order term (relative ``≈ 1e-3 ×`` the noisy layers on the path), the gates that
+#: flip within the step (units with ``|μ|/sd₁ ≲ 3t``, outside the range at every level the
+#: diagnostic reports) and float32 rounding (relative ``≈ 1e-7 |μ| / (t sd₁)``).
 DIAGNOSTIC_STEP = 1e-3
 
 
@@ -418,8 +420,8 @@ def _preact_ratios(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, t
     ``directions`` products ``J (u ⊙ ξ)``. The fraction above a level ``λ`` is the
     fraction of pre-activations whose predicted noise sd exceeds their magnitude at ``λ``.
 
-    ``step``: the products by one-sided differences of the network at ``step`` (one plain
-    forward pass per direction, batched over the directions with ``vmap``; forward mode
+    ``step``: the products by one-sided differences of the network, perturbed by ``step``
+    times the noisy weights' rms (:data:`DIAGNOSTIC_STEP`; one plain forward pass per direction, batched over the directions with ``vmap``; forward mode
     carries a tangent beside every primal: 0.12-0.13 s against 0.18 s on 8 inputs of the
     3×32×32 ResNet-20 of ``benchmarks/predict_vs_mc.py``); ``None``: by forward mode (``torch.func.jvp``), the exact reference
     (``test_diagnostic_differences_match_forward_mode``)."""
@@ -446,6 +448,12 @@ def _preact_ratios(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, t
     gen = torch.Generator(device=lin.device).manual_seed(int(seed) + 17)
     tangs = {k: torch.randn((directions,) + tuple(v.shape), generator=gen, dtype=v.dtype, device=v.device) * unit[k]
              for k, v in tp0.items()}
+    if step is not None and any(v.dtype not in (torch.float32, torch.float64) for v in tp0.values()):
+        step = None  # half precision: a difference at step 1e-3 would be mostly rounding
+    if step is not None:  # the level whose perturbation is `step` of the weights' rms
+        w2 = sum(float(v.double().square().sum()) for v in tp0.values())
+        u2 = sum(float(torch.broadcast_to(unit[k], v.shape).double().square().sum()) for k, v in tp0.items())
+        t = step * math.sqrt(w2 / u2) if w2 > 0 and u2 > 0 else step
     sds, mus = [], []
     for i in range(0, xs.shape[0], batch):  # small batches: bounded memory on large models
         xb = xs[i:i + batch]
@@ -466,7 +474,7 @@ def _preact_ratios(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, t
             else:
                 # the clean network as direction 0 of the same batched call: the same kernels
                 # (and rounding) on both sides of every difference
-                moved = {k: torch.cat([tp0[k][None], tp0[k] + step * v]) for k, v in tangs.items()}
+                moved = {k: torch.cat([tp0[k][None], tp0[k] + t * v]) for k, v in tangs.items()}
                 try:
                     hs = vmap(f)(moved)
                 except Exception:  # noqa: BLE001 - an op without a batching rule: one direction at a time
@@ -475,13 +483,13 @@ def _preact_ratios(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, t
                 mu = [h[0] for h in hs]
                 # in the network's own precision (a difference is exact where its two sides
                 # are within a factor 2; the rounding of the mean square is ~1e-7 relative)
-                dz = [(h[1:] - h[:1]).div_(step) for h in hs]
+                dz = [(h[1:] - h[:1]).div_(t) for h in hs]
         mus.append(torch.cat([m.abs().reshape(-1) for m in mu]).double())
         sds.append(torch.cat([t.square().mean(0).sqrt().reshape(-1) for t in dz]).double())
     sd = torch.cat(sds)
     mu = torch.cat(mus)
     ratio = torch.where(sd > 0, mu / torch.where(sd > 0, sd, torch.ones_like(sd)), torch.full_like(sd, math.inf))
-    how = "forward-mode directions" if step is None else f"directions (one-sided differences at level {step:g})"
+    how = "forward-mode directions" if step is None else f"directions (one-sided differences at level {t:.3g})"
     return ratio.cpu().numpy(), f"first order, {directions} {how} on {xs.shape[0]} inputs"
 
 

@@ -14,6 +14,7 @@ from torch.func import functional_call, jacrev, vmap
 from noiseprop.theory import Multiplicative, RelativeGaussian, predict, predict_sweep
 from noiseprop.theory.examples import tiny_problem
 from noiseprop.theory.linearize import LinearizedNetwork, jacobian_pass
+from noiseprop.theory.noise import parse_noise
 from predict_nets import batch_means_se, held_out, mc_logits, trained
 
 
@@ -457,12 +458,14 @@ def test_structure_memo_sees_plain_attributes(cache):
     assert torch.equal(p.logit_var, q.logit_var)
 
 
-@pytest.mark.parametrize("kind", ["mlp", "resnet"])
-def test_diagnostic_differences_match_forward_mode(kind):
-    """The diagnostic's one-sided differences at level ``DIAGNOSTIC_STEP`` against forward
-    mode (the exact ``J (u ⊙ ξ)``, same directions), in float64 so that rounding is out of
-    the way: what is left is the step's second-order term, relative ``≈ t × (noisy layers
-    on the path)`` (at ``t = 1e-5`` the largest is ``2.6 t``), and the gates that flip within
+@pytest.mark.parametrize("kind,noise", [("mlp", "relative"), ("resnet", "relative"), ("resnet", "additive")])
+def test_diagnostic_differences_match_forward_mode(kind, noise):
+    """The diagnostic's one-sided differences (a perturbation of ``DIAGNOSTIC_STEP`` = t of
+    the weights' rms) against forward mode (the exact ``J (u ⊙ ξ)``, same directions), in
+    float64 so that rounding is out of the way: what is left is the step's second-order
+    term, relative ``≈ t × (noisy layers on the path)`` (at ``t = 1e-5`` the largest is
+    ``2.6 t``; additive noise is stepped at the level that perturbs the weights as much as
+    relative noise at ``t``), and the gates that flip within
     the step, which move a few units downstream of them by up to 26% on the residual net.
     So: the median relative difference of the sds below ``10 t``, and the fractions outside
     the range at levels 0.1, 0.3 and 1 (what the diagnostic reports) within 1e-3, a 300th of
@@ -472,7 +475,7 @@ def test_diagnostic_differences_match_forward_mode(kind):
     net = copy.deepcopy(trained(kind)).double()
     x, _ = held_out(16)
     lin = LinearizedNetwork(net)
-    unit = lin.unit_scales(RelativeGaussian(1.0))
+    unit = lin.unit_scales(parse_noise(f"{noise}:1"))
     fwd, how_f = mod._preact_ratios(lin, x.double(), unit, 8, 0, step=None)
     dif, how_d = mod._preact_ratios(lin, x.double(), unit, 8, 0)
     assert "forward-mode" in how_f and "one-sided differences" in how_d
