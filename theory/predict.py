@@ -75,9 +75,10 @@ TRUNCATION_CHECK_INPUTS = 32
 #: points): the linear accuracy missed (> 1 point and outside the 95% interval) at 9
 #: levels, all with a fraction ≥ 0.34; it was right at 19 levels, with fractions up to
 #: 0.40 (MLP at η = 0.5, 0.96 points off). 0.30 flags all 9 misses with 3 false alarms
-#: (the old 0.15: 9 false alarms, e.g. the MLP at η = 0.2, 0.09 points off). Re-run with
-#: the one-sided differences and, paired, with forward mode (same 28 levels): 8 misses,
-#: all flagged, 4 false alarms, either way; fractions at most 5e-4 apart.
+#: (the old 0.15: 9 false alarms, e.g. the MLP at η = 0.2, 0.09 points off). Re-run at
+#: stop 28 with the one-sided differences and, paired, with forward mode (same 28 levels):
+#: 8 misses, all flagged, 4 false alarms, either way, fractions at most 5e-4 apart; the
+#: counts moved from the first calibration's for both estimators alike (not this change).
 PREACT_WARN_FRACTION = 0.30
 #: The validity diagnostic's sample: inputs (evenly spaced over ``x``) and noise
 #: directions per input (one-sided differences, :data:`DIAGNOSTIC_STEP`). 8 inputs (16
@@ -406,10 +407,25 @@ def _affine_norms(gm):
 #: are draws of the noise at level 1, taken at the level ``t`` whose perturbation has this
 #: fraction of the noisy weights' rms (``t = 1e-3`` for relative noise; smaller for additive
 #: noise on small weights), so ``h(θ + t u ξ) − h(θ)`` is ``t J (u ⊙ ξ)`` up to the
-#: second-order term (relative ``≈ 1e-3 ×`` the noisy layers on the path), the gates that
-#: flip within the step (units with ``|μ|/sd₁ ≲ 3t``, outside the range at every level the
-#: diagnostic reports) and float32 rounding (relative ``≈ 1e-7 |μ| / (t sd₁)``).
+#: second-order term (relative ``≈ 1e-3 ×`` the noisy layers on the path), float32 rounding
+#: (relative ``≈ 1e-7 |μ| / (t sd₁)``) and the gates that flip within the step (units with
+#: ``|μ|/sd₁ ≲ 3t``); a flip moves the units downstream of it, single sds by up to 30% on
+#: the test's residual net, the reported fractions by at most 5e-4
+#: (``test_diagnostic_differences_match_forward_mode``, ``predict_vs_mc.py --parts
+#: calibrate``). Used on the CPU in float32/float64 outside autocast; elsewhere (half
+#: precision, autocast, a GPU whose convolutions may round to TF32's 10-bit mantissa) a
+#: 1e-3 difference would be mostly rounding, and forward mode is used.
 DIAGNOSTIC_STEP = 1e-3
+
+
+def _differences_ok(params, device) -> bool:
+    """Whether one-sided differences at :data:`DIAGNOSTIC_STEP` are accurate here (see there)."""
+    if torch.device(device).type != "cpu" or any(v.dtype not in (torch.float32, torch.float64) for v in params):
+        return False
+    try:
+        return not torch.is_autocast_enabled("cpu")
+    except TypeError:  # an older signature
+        return not torch.is_autocast_cpu_enabled()
 
 
 def _preact_ratios(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, torch.Tensor], directions: int,
@@ -421,10 +437,12 @@ def _preact_ratios(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, t
     fraction of pre-activations whose predicted noise sd exceeds their magnitude at ``λ``.
 
     ``step``: the products by one-sided differences of the network, perturbed by ``step``
-    times the noisy weights' rms (:data:`DIAGNOSTIC_STEP`; one plain forward pass per direction, batched over the directions with ``vmap``; forward mode
-    carries a tangent beside every primal: 0.12-0.13 s against 0.18 s on 8 inputs of the
-    3×32×32 ResNet-20 of ``benchmarks/predict_vs_mc.py``); ``None``: by forward mode (``torch.func.jvp``), the exact reference
-    (``test_diagnostic_differences_match_forward_mode``)."""
+    times the noisy weights' rms (:data:`DIAGNOSTIC_STEP`): one plain forward pass per
+    direction, batched over the directions with ``vmap``, where forward mode carries a
+    tangent beside every primal (0.12-0.13 s against 0.18 s on the 8 inputs of the
+    3×32×32 ResNet-20 of ``benchmarks/predict_vs_mc.py``, 2 CPU threads). ``None``, and
+    wherever differences would be mostly rounding (:func:`_differences_ok`): forward mode
+    (``torch.func.jvp``), the exact reference (``test_diagnostic_differences_match_forward_mode``)."""
     def graph():
         try:
             gm, k = relu_input_graph(lin.net)
@@ -448,12 +466,16 @@ def _preact_ratios(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, t
     gen = torch.Generator(device=lin.device).manual_seed(int(seed) + 17)
     tangs = {k: torch.randn((directions,) + tuple(v.shape), generator=gen, dtype=v.dtype, device=v.device) * unit[k]
              for k, v in tp0.items()}
-    if step is not None and any(v.dtype not in (torch.float32, torch.float64) for v in tp0.values()):
-        step = None  # half precision: a difference at step 1e-3 would be mostly rounding
+    if step is not None and not _differences_ok(tp0.values(), lin.device):
+        step = None
     if step is not None:  # the level whose perturbation is `step` of the weights' rms
         w2 = sum(float(v.double().square().sum()) for v in tp0.values())
         u2 = sum(float(torch.broadcast_to(unit[k], v.shape).double().square().sum()) for k, v in tp0.items())
         t = step * math.sqrt(w2 / u2) if w2 > 0 and u2 > 0 else step
+        # the clean network as direction 0 of the same batched call: the same kernels (and
+        # rounding) on both sides of every difference; built once for all input batches
+        moved = {k: torch.cat([tp0[k][None], v.mul_(t).add_(tp0[k])]) for k, v in tangs.items()}
+        del tangs
     sds, mus = [], []
     for i in range(0, xs.shape[0], batch):  # small batches: bounded memory on large models
         xb = xs[i:i + batch]
@@ -472,20 +494,19 @@ def _preact_ratios(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, t
                     mu = res[0][0]
                     dz = [torch.stack([r[1][li] for r in res]) for li in range(len(mu))]
             else:
-                # the clean network as direction 0 of the same batched call: the same kernels
-                # (and rounding) on both sides of every difference
-                moved = {k: torch.cat([tp0[k][None], tp0[k] + t * v]) for k, v in tangs.items()}
                 try:
                     hs = vmap(f)(moved)
                 except Exception:  # noqa: BLE001 - an op without a batching rule: one direction at a time
                     res = [f({k: v[j] for k, v in moved.items()}) for j in range(directions + 1)]
                     hs = [torch.stack([r[li] for r in res]) for li in range(len(res[0]))]
                 mu = [h[0] for h in hs]
-                # in the network's own precision (a difference is exact where its two sides
-                # are within a factor 2; the rounding of the mean square is ~1e-7 relative)
+                # in float32/float64 (a difference is exact where its two sides are within a
+                # factor 2; the rounding of the mean square is ~1e-7 relative)
                 dz = [(h[1:] - h[:1]).div_(t) for h in hs]
         mus.append(torch.cat([m.abs().reshape(-1) for m in mu]).double())
-        sds.append(torch.cat([t.square().mean(0).sqrt().reshape(-1) for t in dz]).double())
+        # forward mode may run in half precision, where a square overflows above 256
+        sds.append(torch.cat([(d if d.dtype in (torch.float32, torch.float64) else d.double())
+                              .square().mean(0).sqrt().reshape(-1) for d in dz]).double())
     sd = torch.cat(sds)
     mu = torch.cat(mus)
     ratio = torch.where(sd > 0, mu / torch.where(sd > 0, sd, torch.ones_like(sd)), torch.full_like(sd, math.inf))
