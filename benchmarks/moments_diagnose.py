@@ -257,7 +257,11 @@ class _KinkSkew:
     First-order ingredients at the clean weights: ``s_u`` from ``probes`` forward-mode
     directions per input (cached for consecutive margins of one input), ``g = ∇m``,
     ``Cov(h_u, m)`` by one forward-mode product, ``H (Σ g)`` by forward-over-reverse.
-    Single-input ``torch.func`` calls on a float64 copy; the ReLUs must be ``nn.ReLU``."""
+    Both skewnesses are ``κ₃ / s_m³`` with ``s_m²`` the first-order margin variance: the
+    shape the first-order ingredients imply (a common scale error of the first-order
+    variances cancels in it, and it is compared with and used on margins standardised by
+    another variance). Single-input ``torch.func`` calls on a float64 copy; the ReLUs must
+    be ``nn.ReLU`` modules, each called once per forward and not in place (checked)."""
 
     def __init__(self, model, x, noise, probes=128):
         net = copy.deepcopy(model).double().eval()
@@ -274,6 +278,14 @@ class _KinkSkew:
         self.net, self.x, self.probes = net, x.double(), probes
         self.q0 = {k: self.P[k] for k in self.names}
         self._n = None
+        bad = [k for k, m in relus if m.inplace]
+        calls = {}
+        for k, m in relus:
+            m.register_forward_pre_hook(lambda mod, inp, k=k: calls.__setitem__(k, calls.get(k, 0) + 1))
+        self._run(self.q0, 0)
+        bad += [k for k, c in calls.items() if c != 1]
+        if bad:
+            raise SystemExit(f"the skew parts need each nn.ReLU called once per forward, not in place: {bad}")
 
     def _hook(self, key):
         def h(mod, inp, out):
@@ -302,8 +314,9 @@ class _KinkSkew:
                      for k in self.pre0}
         self._n = n
 
-    def __call__(self, n, y, c):
-        """``(s_m², skewness from the kinks, from the smooth products)`` of ``z_y − z_c`` at input ``n``."""
+    def __call__(self, n, y, c, smooth=True):
+        """``(s_m², skewness from the kinks, from the smooth products)`` of ``z_y − z_c`` at
+        input ``n`` (the last NaN when ``smooth`` is False)."""
         self._input(n)
         zeros = {k: torch.zeros_like(v) for k, v in self.pre0.items()}
 
@@ -316,6 +329,8 @@ class _KinkSkew:
         s2 = sum(float((g[k] * v[k]).sum()) for k in self.names)
         cov_h = jvp(lambda q: self._run(q, n)[1], (self.q0,), (v,))[1]
         k3_kinks = 3 * sum(float((ga[k] * self.dens[k] * cov_h[k] ** 2).sum()) for k in self.pre0)
+        if not smooth:
+            return s2, k3_kinks / s2 ** 1.5, math.nan
         hv = jvp(grad(lambda q: margin(q, zeros)), (self.q0,), (v,))[1]
         k3_smooth = 3 * sum(float((v[k] * hv[k]).sum()) for k in self.names)
         return s2, k3_kinks / s2 ** 1.5, k3_smooth / s2 ** 1.5
@@ -338,6 +353,8 @@ def skew(model, x, y, noise, draws, pairs):
         m = L[:, n, y[n]:y[n] + 1] - L[:, n]
         z = m.mean(0) / m.std(0).clamp_min(1e-30)
         live += [(n, c) for c in range(L.shape[2]) if c != int(y[n]) and float(z[c]) < 2.5]
+    if not live:
+        raise SystemExit(f"--parts skew: no live margin (Monte-Carlo z < 2.5) at {noise.to_string()}")
     gen = torch.Generator().manual_seed(0)
     pick = torch.randperm(len(live), generator=gen)[:pairs].sort().values.tolist()
     rows = []
@@ -388,7 +405,7 @@ def skew_accuracy(model, x, y, noise, draws, max_z=3.0):
             mu = float(mean[n, yn] - mean[n, c])
             sd = math.sqrt(max(float(cov[n, yn, yn] + cov[n, c, c] - 2 * cov[n, yn, c]), 1e-30))
             if mu / sd < max_z:
-                gamma = ks(n, yn, c)[1]
+                gamma = ks(n, yn, c, smooth=False)[1]
                 shift[n] += float(_edgeworth_cdf(-mu / sd, gamma) - norm.cdf(-mu / sd))
                 margins += 1
     print(json.dumps(dict(stage="skew_accuracy", noise=noise.to_string(), n=int(x.shape[0]), draws=draws,
