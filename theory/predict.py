@@ -500,13 +500,14 @@ def _preact_ratios(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, t
                     res = [f({k: v[j] for k, v in moved.items()}) for j in range(directions + 1)]
                     hs = [torch.stack([r[li] for r in res]) for li in range(len(res[0]))]
                 mu = [h[0] for h in hs]
-                # in float32/float64 (a difference is exact where its two sides are within a
-                # factor 2; the rounding of the mean square is ~1e-7 relative)
-                dz = [(h[1:] - h[:1]).div_(t) for h in hs]
+                # rms over the directions of the differences, in float32/float64 (a difference
+                # is exact where its two sides are within a factor 2), scaled once by the step
+                sd_b = [(h[1:] - h[:1]).square_().mean(0).sqrt_().div_(t) for h in hs]
         mus.append(torch.cat([m.abs().reshape(-1) for m in mu]).double())
-        # forward mode may run in half precision, where a square overflows above 256
-        sds.append(torch.cat([(d if d.dtype in (torch.float32, torch.float64) else d.double())
-                              .square().mean(0).sqrt().reshape(-1) for d in dz]).double())
+        if step is None:  # forward mode may run in half precision, where a square overflows above 256
+            sd_b = [(d if d.dtype in (torch.float32, torch.float64) else d.double()).square().mean(0).sqrt()
+                    for d in dz]
+        sds.append(torch.cat([v.reshape(-1) for v in sd_b]).double())
     sd = torch.cat(sds)
     mu = torch.cat(mus)
     ratio = torch.where(sd > 0, mu / torch.where(sd > 0, sd, torch.ones_like(sd)), torch.full_like(sd, math.inf))
