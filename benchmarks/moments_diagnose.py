@@ -66,7 +66,7 @@ from noiseprop.empirical.data import load_dataset
 from noiseprop.empirical.train import train
 from noiseprop.theory import Targets, predict
 from noiseprop.theory._graph import relu_input_graph
-from noiseprop.theory.accuracy import correct_probability
+from noiseprop.theory.accuracy import _other_classes, correct_probability, margin_moments
 from noiseprop.theory.linearize import LinearizedNetwork
 from noiseprop.theory.moments import MomentPropagator
 from noiseprop.theory.noise import parse_noise
@@ -394,20 +394,16 @@ def skew_accuracy(model, x, y, noise, draws, max_z=3.0):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pm = predict(model, x, y, noise, method="moments", cov=True, diagnostic=False)
-    mean, cov = pm.logit_mean.double(), pm.logit_cov.double()
+    m, S = margin_moments(pm.logit_mean, pm.logit_cov, y)  # [N, C-1], margins z_y - z_k
+    z = (m / torch.diagonal(S, dim1=1, dim2=2).clamp_min(1e-60).sqrt()).numpy()
+    others = _other_classes(y, m.shape[1] + 1)
     ks = _KinkSkew(model, x, noise)
-    shift, margins = np.zeros(x.shape[0]), 0
-    for n in range(x.shape[0]):
-        yn = int(y[n])
-        for c in range(L.shape[2]):
-            if c == yn:
-                continue
-            mu = float(mean[n, yn] - mean[n, c])
-            sd = math.sqrt(max(float(cov[n, yn, yn] + cov[n, c, c] - 2 * cov[n, yn, c]), 1e-30))
-            if mu / sd < max_z:
-                gamma = ks(n, yn, c, smooth=False)[1]
-                shift[n] += float(_edgeworth_cdf(-mu / sd, gamma) - norm.cdf(-mu / sd))
-                margins += 1
+    shift = np.zeros(x.shape[0])
+    live = np.argwhere(z < max_z)  # (input, margin slot), by input
+    for n, j in live:
+        gamma = ks(int(n), int(y[n]), int(others[n, j]), smooth=False)[1]
+        shift[n] += float(_edgeworth_cdf(-z[n, j], gamma) - norm.cdf(-z[n, j]))
+    margins = len(live)
     print(json.dumps(dict(stage="skew_accuracy", noise=noise.to_string(), n=int(x.shape[0]), draws=draws,
                           margins=margins, mc_accuracy=float(accs.mean()), mc_se=float(accs.std() / math.sqrt(draws)),
                           moments_accuracy=pm.accuracy, moments_edgeworth_accuracy=pm.accuracy - float(shift.mean()),

@@ -493,6 +493,9 @@ def _preact_ratios(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, t
                     res = [one({k: v[j] for k, v in tangs.items()}) for j in range(directions)]
                     mu = res[0][0]
                     dz = [torch.stack([r[1][li] for r in res]) for li in range(len(mu))]
+                # in float64 where forward mode runs in half precision (a square overflows above 256)
+                sd_b = [(d if d.dtype in (torch.float32, torch.float64) else d.double()).square().mean(0).sqrt()
+                        for d in dz]
             else:
                 try:
                     hs = vmap(f)(moved)
@@ -504,9 +507,6 @@ def _preact_ratios(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, t
                 # is exact where its two sides are within a factor 2), scaled once by the step
                 sd_b = [(h[1:] - h[:1]).square_().mean(0).sqrt_().div_(t) for h in hs]
         mus.append(torch.cat([m.abs().reshape(-1) for m in mu]).double())
-        if step is None:  # forward mode may run in half precision, where a square overflows above 256
-            sd_b = [(d if d.dtype in (torch.float32, torch.float64) else d.double()).square().mean(0).sqrt()
-                    for d in dz]
         sds.append(torch.cat([v.reshape(-1) for v in sd_b]).double())
     sd = torch.cat(sds)
     mu = torch.cat(mus)

@@ -590,18 +590,19 @@ class _MomentPass(GraphInterpreter):
         return Dist(y.mu, newF, d + lost_y)
 
     def _factor(self, Sig, R, Dtot):
-        """``R`` columns ``F [R, B, D]`` with ``F Fᵀ ≈ Σ``: ``V_R Λ_R^½`` from the top ``R``
-        eigenpairs (eigenvector signs fixed by :func:`~.lowrank.canonical_signs`), exact up
-        to ``UNIT_EIGH_MAX`` units (so exact when ``R = D``), randomised above. (A Cholesky
-        factor, used before for ``R = D``, failed on rank-deficient ``Σ`` and then sent the
-        whole batch to this path: an input's columns, and through the sketches downstream
-        its result, depended on its chunk.)"""
+        """``(F [R, B, D], w, V)``: ``R`` columns with ``F Fᵀ ≈ Σ``, ``V_R Λ_R^½`` from the top
+        ``R`` eigenpairs ``(w, V)`` (eigenvector signs fixed by
+        :func:`~.lowrank.canonical_signs`), exact up to ``UNIT_EIGH_MAX`` units (so exact
+        when ``R = D``), randomised above. (A Cholesky factor, used before for ``R = D``,
+        failed on rank-deficient ``Σ`` and then sent the whole batch to this path: an
+        input's columns, and through the sketches downstream its result, depended on its
+        chunk.)"""
         if Dtot <= UNIT_EIGH_MAX or R == Dtot:
             w, V = torch.linalg.eigh(Sig)
             w, V = w[:, -R:], canonical_signs(V[:, :, -R:])
         else:
             w, V = top_eigh(Sig, R, self.p.seed)
-        return (V * safe_sqrt(w.clamp_min(0)).unsqueeze(1)).permute(2, 0, 1)
+        return (V * safe_sqrt(w.clamp_min(0)).unsqueeze(1)).permute(2, 0, 1), w, V
 
     def _compress_units(self, y: Dist, Fy, others, ug, a, d, K):
         """Unit-space re-factorisation: the joint covariance ``Σ`` of ``y`` and the live
@@ -618,12 +619,8 @@ class _MomentPass(GraphInterpreter):
         Sig[:, :C * L, :C * L] += block_diag(blocks)
         R = min(self.p.rank, Dtot)
         with torch.no_grad():
-            Fnew = self._factor(Sig, R, Dtot)
+            Fnew, w, V = self._factor(Sig, R, Dtot)
         if torch.is_grad_enabled() and Sig.requires_grad:  # differentiated pass: the same columns (_eigen_factor)
-            with torch.no_grad():
-                exact = Dtot <= UNIT_EIGH_MAX or R == Dtot
-                w, V = torch.linalg.eigh(Sig) if exact else top_eigh(Sig, R, self.p.seed)
-                w, V = (w[:, -R:], V[:, :, -R:]) if exact else (w, V)
             Fnew = _eigen_factor(Sig, w, V, Fnew.permute(1, 2, 0)).permute(2, 0, 1)
         diag = torch.diagonal(Sig, dim1=1, dim2=2)
         lost = (diag - Fnew.pow(2).sum(0)).clamp_min(0)
