@@ -440,7 +440,9 @@ def _preact_ratios(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, t
     times the noisy weights' rms (:data:`DIAGNOSTIC_STEP`): one plain forward pass per
     direction, batched over the directions with ``vmap``, where forward mode carries a
     tangent beside every primal (0.12-0.13 s against 0.18 s on the 8 inputs of the
-    3×32×32 ResNet-20 of ``benchmarks/predict_vs_mc.py``, 2 CPU threads). ``None``, and
+    3×32×32 ResNet-20 of ``benchmarks/predict_vs_mc.py``, 2 CPU threads; 0.09-0.12 s with
+    the ratios formed in float32 in place and the directions remembered
+    (:func:`_diagnostic_normals`)). ``None``, and
     wherever differences would be mostly rounding (:func:`_differences_ok`): forward mode
     (``torch.func.jvp``), the exact reference (``test_diagnostic_differences_match_forward_mode``)."""
     def graph():
@@ -448,35 +450,34 @@ def _preact_ratios(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, t
             gm, k = relu_input_graph(lin.net)
         except ValueError as e:
             return e
-        return _affine_norms(gm), k
+        gm = _affine_norms(gm)
+        return gm, k, {n for n, _ in gm.named_parameters()} | {n for n, _ in gm.named_buffers()}
 
     g = structure_memo(lin, "relu_input_graph", graph)
     if isinstance(g, ValueError):
         return None, f"not available ({g})"
-    gm, n_relu = g
+    gm, n_relu, names = g
     if n_relu == 0:
         return np.zeros(0), "no ReLU in the model"
     n = x.shape[0]
     idx = torch.linspace(0, n - 1, min(n, max_inputs)).round().long().unique()
     xs = x[idx].to(lin.device)
-    names = {k for k, _ in gm.named_parameters()} | {k for k, _ in gm.named_buffers()}
     params = {k: v for k, v in lin.params.items() if k in names}
     bufs = {k: v for k, v in lin.buffers.items() if k in names}
     tp0 = {k: lin.target_params[k] for k in lin.names}
-    gen = torch.Generator(device=lin.device).manual_seed(int(seed) + 17)
-    tangs = {k: torch.randn((directions,) + tuple(v.shape), generator=gen, dtype=v.dtype, device=v.device) * unit[k]
-             for k, v in tp0.items()}
+    tangs = {k: z * unit[k] for k, z in _diagnostic_normals(lin, tp0, directions, seed).items()}
     if step is not None and not _differences_ok(tp0.values(), lin.device):
         step = None
     if step is not None:  # the level whose perturbation is `step` of the weights' rms
-        w2 = sum(float(v.double().square().sum()) for v in tp0.values())
-        u2 = sum(float(torch.broadcast_to(unit[k], v.shape).double().square().sum()) for k, v in tp0.items())
+        w2 = sum(float(torch.linalg.vector_norm(v, dtype=torch.float64)) ** 2 for v in tp0.values())
+        u2 = sum(float(torch.linalg.vector_norm(unit[k], dtype=torch.float64)) ** 2 * (v.numel() / unit[k].numel())
+                 for k, v in tp0.items())
         t = step * math.sqrt(w2 / u2) if w2 > 0 and u2 > 0 else step
         # the clean network as direction 0 of the same batched call: the same kernels (and
         # rounding) on both sides of every difference; built once for all input batches
         moved = {k: torch.cat([tp0[k][None], v.mul_(t).add_(tp0[k])]) for k, v in tangs.items()}
         del tangs
-    sds, mus = [], []
+    ratios = []
     for i in range(0, xs.shape[0], batch):  # small batches: bounded memory on large models
         xb = xs[i:i + batch]
 
@@ -506,13 +507,33 @@ def _preact_ratios(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, t
                 # rms over the directions of the differences, in float32/float64 (a difference
                 # is exact where its two sides are within a factor 2), scaled once by the step
                 sd_b = [(h[1:] - h[:1]).square_().mean(0).sqrt_().div_(t) for h in hs]
-        mus.append(torch.cat([m.abs().reshape(-1) for m in mu]).double())
-        sds.append(torch.cat([v.reshape(-1) for v in sd_b]).double())
-    sd = torch.cat(sds)
-    mu = torch.cat(mus)
-    ratio = torch.where(sd > 0, mu / torch.where(sd > 0, sd, torch.ones_like(sd)), torch.full_like(sd, math.inf))
+        # |μ| / sd in float32 (only compared with levels), in place; +inf where sd = 0
+        ratios += [torch.nan_to_num_(m.abs().to(v.dtype).div_(v), nan=math.inf, posinf=math.inf).float().reshape(-1)
+                   for m, v in zip(mu, sd_b)]
     how = "forward-mode directions" if step is None else f"directions (one-sided differences at level {t:.3g})"
-    return ratio.cpu().numpy(), f"first order, {directions} {how} on {xs.shape[0]} inputs"
+    return torch.cat(ratios).cpu().numpy(), f"first order, {directions} {how} on {xs.shape[0]} inputs"
+
+
+#: The diagnostic's standard normal directions are remembered with the network's
+#: structure (:func:`~noiseprop.theory.linearize.structure_memo`) up to this many numbers
+#: (16 MB in float32): drawing them was a third of the diagnostic's time on the zoo MLP.
+DIAGNOSTIC_MEMO_NUMBERS = 1 << 22
+
+
+def _diagnostic_normals(lin: LinearizedNetwork, tp0: Mapping[str, torch.Tensor], directions: int,
+                        seed: int) -> dict[str, torch.Tensor]:
+    """``directions`` standard normal draws of every noisy parameter (seeded; never
+    modified by the caller), remembered per network and structure while small."""
+    def draw():
+        gen = torch.Generator(device=lin.device).manual_seed(int(seed) + 17)
+        return {k: torch.randn((directions,) + tuple(v.shape), generator=gen, dtype=v.dtype, device=v.device)
+                for k, v in tp0.items()}
+
+    if directions * sum(v.numel() for v in tp0.values()) > DIAGNOSTIC_MEMO_NUMBERS:
+        return draw()
+    key = ("diagnostic_normals", int(seed), int(directions), str(lin.device),
+           tuple((k, tuple(v.shape), str(v.dtype)) for k, v in tp0.items()))
+    return structure_memo(lin, key, draw)
 
 
 @dataclass(frozen=True)
