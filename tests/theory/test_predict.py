@@ -490,6 +490,30 @@ def test_diagnostic_differences_match_forward_mode(kind, noise, dtype):
         assert abs(float((fwd < lam).mean()) - float((dif < lam).mean())) <= 1e-3
 
 
+def test_diagnostic_directions_remembered_unchanged():
+    """The diagnostic's standard normal directions, remembered with the network's
+    structure, are the seeded draws themselves and are not modified by a call: a second
+    call (from the memo) and a call with the memo off give the same ratios, bit for bit;
+    another seed gives other directions."""
+    mod = __import__("sys").modules[predict.__module__]
+    net = trained("resnet")
+    x, _ = held_out(8)
+    lin = LinearizedNetwork(net)
+    unit = lin.unit_scales(RelativeGaussian(1.0))
+    tp0 = {k: lin.target_params[k] for k in lin.names}
+    first = mod._preact_ratios(lin, x, unit, 8, 0)[0]
+    z = mod._diagnostic_normals(lin, tp0, 8, 0)
+    assert mod._diagnostic_normals(lin, tp0, 8, 0) is z  # remembered
+    again = mod._preact_ratios(lin, x, unit, 8, 0)[0]
+    off = LinearizedNetwork(net)
+    off.memo = False
+    fresh = mod._diagnostic_normals(off, tp0, 8, 0)
+    assert fresh is not z and all(torch.equal(fresh[k], z[k]) for k in z)
+    assert np.array_equal(first, again) and np.array_equal(first, mod._preact_ratios(off, x, unit, 8, 0)[0])
+    other = mod._diagnostic_normals(lin, tp0, 8, 1)
+    assert not torch.equal(other[lin.names[0]], z[lin.names[0]])
+
+
 class _Affine(nn.Module):
     def forward(self, x):
         return 2 * x + 1
