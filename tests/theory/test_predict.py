@@ -369,6 +369,7 @@ def test_cache_and_predictor_reuse_one_pass():
 def test_closest_competitors_only():
     """classes=k: the slot covariance is the full one restricted to the label and its k
     closest competitors; the accuracy's truncation error is measured and reported."""
+    mod = __import__("sys").modules[predict.__module__]
     model = trained("cnn")
     x, y = held_out(40)
     lin = LinearizedNetwork(model)
@@ -382,7 +383,8 @@ def test_closest_competitors_only():
     f = predict(model, x, y, "relative:0.1", cache=False)
     k = predict(model, x, y, "relative:0.1", classes=3, cache=False)
     d = k.diagnostics
-    assert d["classes"] == 3 and d["classes_truncation_inputs"] == 32
+    assert d["classes"] == 3 and d["classes_truncation_inputs"] == 8  # an eighth of 40, at least 8
+    assert [mod._truncation_check_inputs(n) for n in (5, 40, 64, 100, 359, 10000)] == [5, 8, 8, 13, 32, 32]
     assert abs(k.accuracy - f.accuracy) <= d["classes_truncation_max_abs"] + 1e-6
     assert k.accuracy >= f.accuracy - 1e-4  # fewer constraints: an upper bound (up to QMC error)
     assert torch.isnan(k.logit_var).sum() == 40 * 6
