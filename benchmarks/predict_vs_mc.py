@@ -105,13 +105,16 @@ def _case_model(name, c32_n):
 
 
 def _alternate(fns, reps):
-    """Time each callable ``reps`` times, alternating; returns (last outputs, min times)."""
+    """Time each callable ``reps`` times, alternating; returns (the outputs of each one's
+    fastest call, min times): a share of a call's time read from its output (the
+    diagnostic's seconds) is then a share of the call that was timed."""
     best = [math.inf] * len(fns)
     outs = [None] * len(fns)
     for _ in range(reps):
         for i, fn in enumerate(fns):
-            outs[i], t = _timed(fn)
-            best[i] = min(best[i], t)
+            out, t = _timed(fn)
+            if t < best[i]:
+                outs[i], best[i] = out, t
     return outs, best
 
 
