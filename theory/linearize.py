@@ -452,7 +452,8 @@ def tap_jacobian(tap: Tap, delta: torch.Tensor, pname: str, scratch: dict | None
 
 def tap_covariance(tap: Tap, delta: torch.Tensor) -> torch.Tensor | None:
     """``Σ_W J_a J_b`` ``[B, C, C]`` for the weight of a tapped layer whose noise scale
-    is already folded into ``delta`` (constant within each output channel), without
+    is already folded into ``delta`` (constant within each output channel; or left out,
+    one scale for the whole tensor, by the caller, who multiplies the result), without
     forming the per-sample Jacobian (the Gram-matrix trick of per-sample gradient norms,
     Goodfellow 2015; Li et al. 2022): ``Σ_o Σ_{p,q} δ_{a,o,p} δ_{b,o,q} ⟨x_p, x_q⟩``.
     Returns ``None`` when forming the Jacobian is cheaper (large feature maps).
@@ -504,7 +505,8 @@ def weight_terms(by_module: Mapping[str, list], params: Mapping[str, list], scal
 
     ``by_module[module]`` lists ``(tap, δ [C, B, *out])`` for every call of the layer (a
     layer called several times has the sum of the calls' Jacobians). A scale constant
-    within each output channel is folded into ``δ``; then, when cheaper and no draws are
+    within each output channel is folded into ``δ`` (one scale for the whole tensor, in
+    float32/float64, multiplies the contraction instead); then, when cheaper and no draws are
     asked for, the Gram-matrix trick (:func:`tap_covariance`) avoids forming ``J``.
     ``layer_cov`` (a dict) also receives each module's own term under its name;
     ``extra`` is a sequence of ``(scale map, cov)`` pairs, each cov receiving the same
@@ -525,8 +527,10 @@ def weight_terms(by_module: Mapping[str, list], params: Mapping[str, list], scal
             uc = u.reshape(u.shape[0], -1)
             per_channel = _per_channel(u)
             # one scale for the whole tensor (relative noise per layer, additive noise): it
-            # multiplies the contraction afterwards instead of a scaled copy of the signals
-            s_uni = float(uc[0, 0]) if per_channel and bool((uc[:, 0] == uc[0, 0]).all()) else None
+            # multiplies the contraction afterwards instead of a scaled copy of the signals;
+            # in float32/float64 only (unscaled, a half-precision Gram term can overflow)
+            s_uni = (float(uc[0, 0]) if per_channel and bool((uc[:, 0] == uc[0, 0]).all())
+                     and all(dl.dtype in (torch.float32, torch.float64) for _, dl in calls) else None)
             if per_channel and z is None and not extra and pname == "weight" and len(calls) == 1:
                 t, dl = calls[0]
                 cg = tap_covariance(t, dl if s_uni is not None else _scale_delta(dl, t.module, uc[:, 0]))

@@ -67,8 +67,8 @@ DEFAULT_LOSS_PROBES = 16
 #: ``classes=k``: inputs on which the full-class pass is also run to measure the error of
 #: keeping only the label and its ``k`` closest competitors: an eighth of the inputs
 #: (:data:`TRUNCATION_CHECK_SHARE`), at least :data:`TRUNCATION_CHECK_MIN` (all of them
-#: when fewer) and at most this many, so that the check costs at most about an eighth of
-#: the full pass it saves (on 64 inputs of the 3×32×32 ResNet-20 a check on 32 inputs took
+#: when fewer) and at most this many, so that on 64 inputs or more the check costs at
+#: most about an eighth of the full pass it saves (on 64 inputs of the 3×32×32 ResNet-20 a check on 32 inputs took
 #: as long as the truncated pass, and ``classes=3`` was slower than every class).
 TRUNCATION_CHECK_INPUTS = 32
 TRUNCATION_CHECK_MIN = 8
@@ -526,8 +526,9 @@ def _preact_ratios(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, t
 
 
 #: The diagnostic's standard normal directions are remembered with the network's
-#: structure (:func:`~noiseprop.theory.linearize.structure_memo`) up to this many numbers
-#: (16 MB in float32): drawing them was a third of the diagnostic's time on the zoo MLP.
+#: structure (:func:`~noiseprop.theory.linearize.structure_memo`; one set per network, the
+#: last seed's) up to this many numbers (16 MB in float32, 32 MB in float64): drawing them
+#: was a third of the diagnostic's time on the zoo MLP.
 DIAGNOSTIC_MEMO_NUMBERS = 1 << 22
 
 
@@ -542,9 +543,14 @@ def _diagnostic_normals(lin: LinearizedNetwork, tp0: Mapping[str, torch.Tensor],
 
     if directions * sum(v.numel() for v in tp0.values()) > DIAGNOSTIC_MEMO_NUMBERS:
         return draw()
-    key = ("diagnostic_normals", int(seed), int(directions), str(lin.device),
-           tuple((k, tuple(v.shape), str(v.dtype)) for k, v in tp0.items()))
-    return structure_memo(lin, key, draw)
+    key = (int(seed), int(directions), str(lin.device), tuple((k, tuple(v.shape), str(v.dtype)) for k, v in tp0.items()))
+    # one entry per network, replaced when the seed, targets, dtype or device change: a
+    # loop over seeds does not accumulate draws
+    slot = structure_memo(lin, "diagnostic_normals", dict)
+    if slot.get("key") != key:
+        slot.clear()
+        slot.update(key=key, normals=draw())
+    return slot["normals"]
 
 
 @dataclass(frozen=True)
@@ -1093,7 +1099,8 @@ def predict(model: nn.Module, x, y, noise, targets=None, *, method: str = "linea
         competitors (highest other clean logits): ``classes + 1`` backward passes instead
         of ``C``. ``accuracy`` then ignores the other classes (an upper bound, exact when
         they never overtake); the error is measured on an eighth of the inputs (8 to
-        :data:`TRUNCATION_CHECK_INPUTS`, evenly spaced) with every class and reported in
+        :data:`TRUNCATION_CHECK_INPUTS`, evenly spaced; all of them when fewer than 8) with
+        every class and reported in
         ``diagnostics`` (``classes_truncation_*``); ``logit_var`` is NaN for the classes
         not differentiated, the loss increase is their Gauss-Newton form over the selected
         classes. Default ``None``: every class (needed for ``cov=True`` and ``"moments"``).

@@ -514,6 +514,28 @@ def test_diagnostic_directions_remembered_unchanged():
     assert np.array_equal(first, again) and np.array_equal(first, mod._preact_ratios(off, x, unit, 8, 0)[0])
     other = mod._diagnostic_normals(lin, tp0, 8, 1)
     assert not torch.equal(other[lin.names[0]], z[lin.names[0]])
+    back = mod._diagnostic_normals(lin, tp0, 8, 0)  # one set per network: redrawn, not accumulated
+    assert back is not z and all(torch.equal(back[k], z[k]) for k in z)
+
+
+def test_uniform_scale_pass_in_half_precision():
+    """A scale uniform over a whole weight is applied after the contraction only in
+    float32/float64: in float16 the unscaled Gram term of large inputs would overflow, so
+    the signals are scaled first, as before (finite, and close to the float32 pass). With
+    draws the per-sample Jacobian route runs (the Gram route without draws has its own
+    float16 limit, ⟨x_p, x_q⟩ of large inputs, unchanged by this)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(2000, 64), nn.ReLU(), nn.Linear(64, 4))
+    with torch.no_grad():
+        net[0].weight.mul_(0.3)
+    x = torch.randn(4, 2000) * 100
+    ref = LinearizedNetwork(net)
+    half = LinearizedNetwork(copy.deepcopy(net).half())
+    for draws in (5,):
+        c32 = jacobian_pass(ref, x, ref.scales(RelativeGaussian(1.0)), draws=draws).cov_unit
+        c16 = jacobian_pass(half, x.half(), half.scales(RelativeGaussian(1.0)), draws=draws).cov_unit
+        assert torch.isfinite(c16).all()
+        torch.testing.assert_close(c16, c32, rtol=0.05, atol=0.05 * float(c32.abs().max()))
 
 
 class _Affine(nn.Module):
