@@ -280,9 +280,11 @@ class _KinkSkew:
         self._n = None
         bad = [k for k, m in relus if m.inplace]
         calls = {}
-        for k, m in relus:
-            m.register_forward_pre_hook(lambda mod, inp, k=k: calls.__setitem__(k, calls.get(k, 0) + 1))
+        counters = [m.register_forward_pre_hook(lambda mod, inp, k=k: calls.__setitem__(k, calls.get(k, 0) + 1))
+                    for k, m in relus]
         self._run(self.q0, 0)
+        for h in counters:  # the check's counters off again: not on every later forward
+            h.remove()
         bad += [k for k, c in calls.items() if c != 1]
         if bad:
             raise SystemExit(f"the skew parts need each nn.ReLU called once per forward, not in place: {bad}")

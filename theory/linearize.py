@@ -529,15 +529,15 @@ def weight_terms(by_module: Mapping[str, list], params: Mapping[str, list], scal
             # one scale for the whole tensor (relative noise per layer, additive noise): it
             # multiplies the contraction afterwards instead of a scaled copy of the signals;
             # in float32/float64 only (unscaled, a half-precision Gram term can overflow)
-            s_uni = (float(uc[0, 0]) if per_channel and bool((uc[:, 0] == uc[0, 0]).all())
+            s_uni = (float(uc[0, 0]) if per_channel and not extra and bool((uc[:, 0] == uc[0, 0]).all())
                      and all(dl.dtype in (torch.float32, torch.float64) for _, dl in calls) else None)
+            post = 1.0 if s_uni is None else s_uni  # the scale still to apply after the contraction
             if per_channel and z is None and not extra and pname == "weight" and len(calls) == 1:
                 t, dl = calls[0]
                 cg = tap_covariance(t, dl if s_uni is not None else _scale_delta(dl, t.module, uc[:, 0]))
                 if cg is not None:
-                    target += (cg if s_uni is None else cg * s_uni**2).to(cov.device)
+                    target += (cg * post**2).to(cov.device)
                     continue
-            post = 1.0  # the scale still to apply to J (a uniform one, left out of the signals)
             buf = scratch if len(calls) == 1 else None  # a layer called once: its Jacobian in the buffer
             if extra:  # one unscaled Jacobian serves every scale map
                 J = None
@@ -557,12 +557,9 @@ def weight_terms(by_module: Mapping[str, list], params: Mapping[str, list], scal
                     J = Jt if J is None else J + Jt
                 if not per_channel:
                     J = scaled_jacobian(J, u, scratch)
-                elif s_uni is not None:
-                    post = s_uni
-            gram = torch.bmm(J, J.mT).double()
-            target += gram if post == 1.0 else gram * post**2
+            target += torch.bmm(J, J.mT).double() * post**2
             if z is not None:
-                z += J @ dirs[full] if post == 1.0 else (J @ dirs[full]) * post
+                z += (J @ dirs[full]) * post
             del J
         if layer_cov is not None:
             cov += target
