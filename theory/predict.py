@@ -26,6 +26,7 @@ so prediction and simulation put noise on the same parameters.
 """
 from __future__ import annotations
 
+import copy
 import math
 import time
 import types
@@ -49,8 +50,8 @@ from .linearize import JacobianPass, LinearizedNetwork, jacobian_pass, piecewise
 from .moments import DEFAULT_H2_RANK, MomentPropagator, propagate_moments
 from .moments.head import MIXTURE_NODES, moment_correct_probability
 from .noise import MAX_LEVEL, WeightNoise, parse_noise
-from .results import LogitResult
-from .validation import check_bool, check_int, check_levels, check_seed, probe_logits
+from .results import Deferred, LogitResult, deferred_field
+from .validation import check_bool, check_int, check_levels, check_model, check_seed, probe_logits
 from .validation import check_inputs as _check_inputs
 from .validation import check_labels as _check_labels
 
@@ -170,7 +171,7 @@ class Prediction(LogitResult):
     loss_increase: float
     loss_increase_se: float
     loss_increase_gn: float
-    loss_increase_logits: float
+    loss_increase_logits: float = deferred_field()  # computed when first read (predict's own calls)
     loss_probes: int
     diagnostics: Mapping = field(default_factory=dict)
     warnings: tuple = ()
@@ -660,26 +661,28 @@ def _family(noise: WeightNoise) -> str:
     return noise.with_level(1.0).to_string()
 
 
-def _prepare(model, x, y, noise, targets):
-    """Checked inputs, the linearised network and the noise model."""
-    x, y = _check_inputs(model, x, y)
+def _prepare(model, noise, targets, model_checked: bool):
+    """The noise model and the linearised network; the model is checked here unless the
+    caller just did (:func:`~.validation.check_inputs`; a :class:`Predictor`'s model may
+    change between its calls)."""
+    if not model_checked:
+        check_model(model)
     noise = parse_noise(noise)
     if not noise.zero_mean:  # its level is not a scale of one derivative pass
         raise ValueError(f"{type(noise).__name__} noise has a non-zero mean: Predictor and predict_sweep take "
                          "zero-mean families whose level scales the noise (relative, additive, ...); use "
                          "predict(model, x, y, noise) for one hardware setting or predict_drift(...) for a curve "
                          "over times")
-    lin = LinearizedNetwork(model, targets)
-    probe = probe_logits(lin.forward, x[:1].to(lin.device))
-    _check_labels(y, probe.shape[1])
-    return x, y, noise, lin
+    return noise, LinearizedNetwork(model, targets)
 
 
 def _base(model, x, y, noise, targets, opts: _Options, cache: bool, data_key: str | None = None,
-          store: "OrderedDict | None" = None) -> tuple[_Base, WeightNoise, bool]:
+          store: "OrderedDict | None" = None, model_checked: bool = False) -> tuple[_Base, WeightNoise, bool]:
     """The derivative pass for ``noise``'s family, from the cache when the model state,
-    inputs, targets, family and settings match; returns ``(base, noise, from_cache)``."""
-    x, y, noise, lin = _prepare(model, x, y, noise, targets)
+    inputs, targets, family and settings match; returns ``(base, noise, from_cache)``.
+    The one-input probe of the model's output (logits shape, label range) runs before a
+    new pass only: a cached one was made for the same model state and inputs."""
+    noise, lin = _prepare(model, noise, targets, model_checked)
     lin.memo = cache  # cache=False: nothing remembered, the structure checks included
     store = _CACHE if store is None else store
     key = None
@@ -689,6 +692,8 @@ def _base(model, x, y, noise, targets, opts: _Options, cache: bool, data_key: st
         if hit is not None:
             store.move_to_end(key)
             return hit, noise, True
+    probe = probe_logits(lin.forward, x[:1].to(lin.device))
+    _check_labels(y, probe.shape[1])
     base = _build_base(lin, x, y, lin.unit_scales(noise), opts)
     if cache:
         store[key] = base
@@ -776,6 +781,21 @@ def _memo(base: _Base, key, make):
     return hit
 
 
+def _logit_loss_increase(memo: dict, linear: bool, mean, cov, y, lvl: float, seed: int, clean_loss: float):
+    """``loss_increase_logits`` when first read: the expected cross-entropy under Gaussian
+    logits (``N(mean, lvl² cov)`` for the first order, whose unit covariance ``cov`` and its
+    QMC projections serve every level through ``memo``; ``N(mean, cov)`` otherwise) less
+    the clean one. The closure holds the memo and the moments, not the derivative pass."""
+    def value() -> float:
+        if linear:
+            loss = memo.get(("logit_loss", seed))
+            if loss is None:
+                loss = memo[("logit_loss", seed)] = _LogitLoss(cov, seed=seed)
+            return loss.at(mean, y, lvl) - clean_loss
+        return _gaussian_logit_loss(mean, cov, y, seed=seed) - clean_loss
+    return value
+
+
 def _finish(base: _Base, noise: WeightNoise, method: str, mean: torch.Tensor, cov: torch.Tensor, keep_cov: bool,
             extra_diag: dict, warns: list, t0: float, n_points: int, seed: int, head: tuple | None = None) -> Prediction:
     """The :class:`Prediction` at ``noise``'s level from the logit moments: ``cov`` is the
@@ -845,13 +865,8 @@ def _finish(base: _Base, noise: WeightNoise, method: str, mean: torch.Tensor, co
         unit_layers = _memo(base, "gn_by_layer_unit", lambda: {m: loss_increase_gauss_newton(clean, full(c))
                                                                for m, c in base.jp.layer_cov_unit.items()})
         by_layer = types.MappingProxyType({m: v * lvl**2 for m, v in unit_layers.items()})
-    if lvl <= 0:
-        gl = 0.0
-    elif linear:
-        loss = _memo(base, ("logit_loss", seed), lambda: _LogitLoss(cov_lin_u, seed=seed))
-        gl = loss.at(mean, y, lvl) - clean_loss
-    else:
-        gl = _gaussian_logit_loss(mean, cov, y, seed=seed) - clean_loss
+    gl = 0.0 if lvl <= 0 else Deferred(_logit_loss_increase(base.memo, linear, mean, cov_lin_u if linear else cov, y,
+                                                                  lvl, seed, clean_loss))
     diag = dict(extra_diag)
     diag.update(trunc_diag)
     if base.preact_ratio is not None:
@@ -1057,7 +1072,16 @@ def _settings(o: PredictOptions, method, cov, seed, per_layer, diagnostic, class
 def _stamp(pred: Prediction, noise: WeightNoise, base: _Base, fingerprint: str) -> Prediction:
     """The prediction with its noise model, targets and inputs fingerprint (what
     :func:`~noiseprop.empirical.compare.compare` checks)."""
-    return replace(pred, noise_model=noise, targets_spec=base.lin.plan.targets, inputs_fingerprint=fingerprint)
+    return _amend(pred, noise_model=noise, targets_spec=base.lin.plan.targets, inputs_fingerprint=fingerprint)
+
+
+def _amend(result, **changes):
+    """A copy of a frozen result with ``changes``, its :class:`~.results.Deferred` extras
+    still deferred (``dataclasses.replace`` would read, i.e. compute, every field)."""
+    new = copy.copy(result)
+    for name, value in changes.items():
+        object.__setattr__(new, name, value)
+    return new
 
 
 def _stamp_curve(curve: PredictionCurve, family: WeightNoise, base: _Base, fingerprint: str) -> PredictionCurve:
@@ -1154,7 +1178,7 @@ def predict(model: nn.Module, x, y, noise, targets=None, *, method: str = "linea
     check_bool("cache", cache)
     x, y = _check_inputs(model, x, y)
     fingerprint = _data_hash(x, y)
-    base, noise, cached = _base(model, x, y, noise, targets, opts, cache, data_key=fingerprint)
+    base, noise, cached = _base(model, x, y, noise, targets, opts, cache, data_key=fingerprint, model_checked=True)
     pred, _ = _predict_one(base, noise, run, opts.seed, t0, cached)
     for w in pred.warnings:
         warnings.warn(w, RuntimeWarning, stacklevel=2)
@@ -1192,7 +1216,7 @@ def predict_sweep(model: nn.Module, x, y, noise, levels: Sequence[float], target
                         "noiseprop.theory.predict_drift(model, x, y, noise, times)")
     x, y = _check_inputs(model, x, y)
     fingerprint = _data_hash(x, y)
-    base, noise, cached = _base(model, x, y, noise.with_level(1.0), targets, opts, cache, data_key=fingerprint)
+    base, noise, cached = _base(model, x, y, noise.with_level(1.0), targets, opts, cache, data_key=fingerprint, model_checked=True)
     return _stamp_curve(_sweep(base, noise, lv, run, opts.seed, t0, cached, stacklevel=3), noise, base, fingerprint)
 
 

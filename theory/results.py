@@ -39,3 +39,55 @@ class LogitResult:
     def level(self) -> float:
         """The noise level (η, σ, or the time of a hardware model); NaN when unknown."""
         return float(self.noise_model.level) if self.noise_model is not None else float("nan")
+
+
+class Deferred:
+    """A value computed on first read: the stored form of a :class:`deferred_field`
+    (an extra a result holds without paying for it in the call that made it). Pickling
+    or deep-copying it computes it (it travels as the value)."""
+
+    __slots__ = ("_fn",)
+
+    def __init__(self, fn):
+        self._fn = fn
+
+    def __call__(self):
+        return self._fn()
+
+    def __reduce__(self):
+        return _identity, (self(),)
+
+
+def _identity(v):
+    return v
+
+
+class deferred_field:
+    """A field of a frozen result dataclass that may be given a :class:`Deferred`: the
+    first read computes it and keeps the value, so ``repr``, ``==``, ``dataclasses.asdict``
+    and attribute access all see the value.
+
+    >>> from dataclasses import dataclass
+    >>> @dataclass(frozen=True)
+    ... class R:
+    ...     x: float = deferred_field()
+    >>> calls = []
+    >>> r = R(Deferred(lambda: calls.append(1) or 2.5))
+    >>> before = len(calls)
+    >>> before, r.x, r.x, len(calls)
+    (0, 2.5, 2.5, 1)
+    """
+
+    def __set_name__(self, owner, name):
+        self._slot = "_deferred_" + name
+
+    def __get__(self, obj, owner=None):
+        if obj is None:  # the dataclass looking for a default: there is none
+            raise AttributeError(self._slot)
+        v = obj.__dict__[self._slot]
+        if type(v) is Deferred:
+            v = obj.__dict__[self._slot] = v()
+        return v
+
+    def __set__(self, obj, value):
+        obj.__dict__[self._slot] = value

@@ -118,3 +118,27 @@ def test_to_frame_has_one_meaning_on_siblings():
     row = sw.result(0).to_frame()
     for c in SHARED:
         assert fs[c][0] == pytest.approx(row[c][0]), c
+
+
+def test_logit_loss_is_computed_when_first_read(monkeypatch):
+    """``loss_increase_logits`` (an extra: a QMC integral per level) is not paid for by a
+    ``predict`` call that does not read it; read, it is the Gaussian-logit value, and the
+    levels of a sweep share its level-independent projections."""
+    import importlib
+
+    P = importlib.import_module("noiseprop.theory.predict")  # the module, not the function
+    net, x, y = tiny_problem()
+    made, evaluated = [], []
+    init, at = P._LogitLoss.__init__, P._LogitLoss.at
+    monkeypatch.setattr(P._LogitLoss, "__init__", lambda self, *a, **k: (made.append(1), init(self, *a, **k))[1])
+    monkeypatch.setattr(P._LogitLoss, "at", lambda self, *a, **k: (evaluated.append(1), at(self, *a, **k))[1])
+    curve = predict_sweep(net, x, y, "relative", [0.1, 0.3], cache=False)
+    assert made == [] and evaluated == []
+    got = [p.loss_increase_logits for p in curve.predictions]
+    assert len(made) == 1 and len(evaluated) == 2
+    curve.to_frame()
+    assert len(evaluated) == 2  # kept once read
+    pred = predict(net, x, y, "relative:0.3", cov=True, cache=False)
+    want = P._gaussian_logit_loss(pred.logit_mean, pred.logit_cov, y) - pred.clean_loss
+    assert got[1] == pytest.approx(want, rel=1e-6)
+    assert predict(net, x, y, "relative:0.0", cache=False).loss_increase_logits == 0.0
