@@ -13,7 +13,7 @@
    ``hessian_trace`` with 100 probes against curvlinops' ``hutchinson_trace`` on the
    same Hessian (when curvlinops is importable; the line says so when it is not); and
    ``predict(..., classes=3)`` (label and 3 closest competitors differentiated) with its
-   measured truncation error.
+   measured truncation error and its Gauss-Newton loss increase against every class's.
 2. ``curve``: the older issue-4 curve timing (accuracy curve alone, with the extras,
    and ``method="moments"``).
 3. ``cv``: 95% CI half-width of mean accuracy and mean loss with and without the
@@ -230,7 +230,9 @@ def cases(models, c32_n, reps, hessian_n):
             row.update(seconds_predict_classes3=tt, classes3_over_pass=tt / t_jp, classes3_speedup_vs_mc100=t_mc / tt,
                        classes3_accuracy=pt.accuracy, classes3_accuracy_minus_full=pt.accuracy - p.accuracy,
                        classes3_truncation_accuracy_error_measured=pt.diagnostics.get("classes_truncation_accuracy_error"),
-                       classes3_truncation_max_abs_measured=pt.diagnostics.get("classes_truncation_max_abs"))
+                       classes3_truncation_max_abs_measured=pt.diagnostics.get("classes_truncation_max_abs"),
+                       classes3_loss_increase_gn_rel_error=pt.loss_increase_gn / p.loss_increase_gn - 1,
+                       classes3_loss_estimated_share=pt.diagnostics.get("classes_truncation_loss_estimated_share"))
         row.update(h)
         emit(row)
 

@@ -487,8 +487,13 @@ def loss_increase_gauss_newton(clean_logits: torch.Tensor, logit_cov: torch.Tens
     """Gauss-Newton form ``½ mean_i tr(H_z,i Cov f_i)``, ``H_z = diag(p) − ppᵀ`` with
     ``p = softmax(f_i)`` at the clean logits (docs/THEORY.md §5; derivation
     ``flatness.quadratic``); ``½ tr(Σ_ε H)`` exactly for piecewise-linear networks."""
+    return float(gauss_newton_per_input(clean_logits, logit_cov).mean())
+
+
+def gauss_newton_per_input(clean_logits: torch.Tensor, logit_cov: torch.Tensor) -> torch.Tensor:
+    """``½ tr(H_z,i Cov f_i)`` per input (float64 ``[N]``), the terms whose mean is
+    :func:`loss_increase_gauss_newton`."""
     p = torch.softmax(clean_logits.double(), dim=1)
     cov = logit_cov.double()
     diag = torch.diagonal(cov, dim1=1, dim2=2)
-    tr = (p * diag).sum(1) - torch.einsum("na,nab,nb->n", p, cov, p)
-    return 0.5 * float(tr.mean())
+    return 0.5 * ((p * diag).sum(1) - torch.einsum("na,nab,nb->n", p, cov, p))

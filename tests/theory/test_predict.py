@@ -400,6 +400,41 @@ def test_closest_competitors_only():
         predict(model, x, y, "relative:0.1", classes=0)
 
 
+def test_truncated_gauss_newton_adds_the_other_classes_from_the_check():
+    """classes=k: the Gauss-Newton loss increase is the label-and-competitors part of every
+    input, the exact terms of the truncation check's inputs (the half with the most
+    left-out softmax mass, then evenly spaced ones), and a ratio estimate of what the left-out
+    classes add to the rest. Against the full pass (the exact reference): its error is
+    within the estimated part it reports, and far below the part alone's; exact when
+    every input is checked."""
+    mod = __import__("sys").modules[predict.__module__]
+    from noiseprop.theory.flatness import gauss_newton_per_input
+
+    model = trained("cnn")
+    x, y = held_out(40)
+    lin = LinearizedNetwork(model)
+    unit = lin.unit_scales(RelativeGaussian(1.0))
+    f = predict(model, x, y, "relative:0.1", cache=False)
+    for k in (1, 2):
+        p = predict(model, x, y, "relative:0.1", classes=k, cache=False)
+        d = p.diagnostics
+        assert d["classes_truncation_inputs"] == 8 and d["classes_truncation_largest"] == 4
+        tk = jacobian_pass(lin, x, unit, classes=k, labels=y)
+        proxy = mod._omitted_proxy(tk)
+        idx, top = mod._check_split(proxy, 8)
+        assert set(idx[top].tolist()) == set(torch.argsort(proxy, descending=True)[:4].tolist())
+        part_only = 0.01 * float(gauss_newton_per_input(tk.clean_logits, mod._slot_cov_to_full(
+            tk.cov_unit.double(), tk.classes, 10)).mean())
+        err = abs(p.loss_increase_gn - f.loss_increase_gn)
+        assert err <= d["classes_truncation_loss_estimated_share"] * p.loss_increase_gn + 1e-9 * f.loss_increase_gn
+        assert err < 0.5 * abs(part_only - f.loss_increase_gn)
+        assert math.isnan(p.loss_increase_se) and "estimated on the truncation check" in p.loss_increase_method
+    few = predict(model, x[:6], y[:6], "relative:0.1", classes=1, cache=False)  # every input checked
+    ref = predict(model, x[:6], y[:6], "relative:0.1", cache=False)
+    assert few.diagnostics["classes_truncation_loss_estimated_share"] == 0.0
+    assert few.loss_increase_gn == pytest.approx(ref.loss_increase_gn, rel=1e-5)
+
+
 def test_cache_tells_models_with_equal_parameters_apart():
     """Two networks with the same parameters but another activation (or a forward replaced
     on an instance) never share a cached derivative pass."""
