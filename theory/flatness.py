@@ -210,6 +210,50 @@ def _rademacher(shapes: Mapping[str, torch.Size], gen: torch.Generator, dtype, d
     return {k: (torch.randint(0, 2, tuple(s), generator=gen, device=device).to(dtype) * 2 - 1) for k, s in shapes.items()}
 
 
+#: ``probe_batch=None`` (:func:`auto_probe_batch`): the vectors of one ``vmap`` group times
+#: the noisy parameters are kept near this many elements (every product of the group
+#: holds a tangent and a result of the parameters' size)...
+PROBE_PARAMETER_ELEMENTS = 1 << 23
+#: ... and the group times the inputs of a chunk times one input's activations below this
+#: many (the tangents of the forward and backward graphs).
+PROBE_ACTIVATION_ELEMENTS = 1 << 26
+
+
+def activation_elements(lin: LinearizedNetwork, x: torch.Tensor) -> int:
+    """Elements of every leaf module's output for one input (a one-input forward)."""
+    total = [0]
+
+    def hook(_m, _i, out):
+        if isinstance(out, torch.Tensor):
+            total[0] += out.numel()
+
+    leaves = [m for m in lin.net.modules() if next(m.children(), None) is None]
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    try:
+        with torch.no_grad():
+            lin.forward(x[:1].to(lin.device))
+    finally:
+        for h in handles:
+            h.remove()
+    return max(1, total[0])
+
+
+def auto_probe_batch(op: "HessianOperator", probes: int) -> int:
+    """Hessian-vector products per ``vmap`` group for ``probes`` products on ``op``: as
+    many as keep the group's parameter-sized tensors near :data:`PROBE_PARAMETER_ELEMENTS`
+    and its activation tangents below :data:`PROBE_ACTIVATION_ELEMENTS`. Larger groups
+    share one forward and backward over more vectors (per-operation overheads dominate on
+    small networks) until their tensors leave the cache (``benchmarks/predict_vs_mc.py``
+    cases, 16 inputs, one thread, seconds for 100 probes at groups of 16 / the best
+    measured: ResNet-20 on digits 1.27-1.35 / 0.67 at 100; MLP 0.084 / 0.07 at 64; VGG
+    2.8-3.2, best at 14-16, 3.6 at 32 and 5.4 at 100; 3×32×32 ResNet-20 16.2-17.2, 17.5
+    at 8, 24.6 at 50). This gives 100, 100, 15 and 6 there."""
+    by_params = -(-PROBE_PARAMETER_ELEMENTS // max(1, op.numel))
+    step = min(op.n, max(1, op.batch_size // 4))
+    by_acts = PROBE_ACTIVATION_ELEMENTS // (step * activation_elements(op.lin, op.x))
+    return int(max(1, min(probes, by_params, by_acts)))
+
+
 def _probe_batches(op: HessianOperator, scale, probes: int, seed: int, probe_batch: int):
     """Rademacher probes (scaled by ``scale``) in groups of ``probe_batch``, drawn in the
     same order as one at a time, with their Hessian-vector products."""
@@ -226,9 +270,12 @@ def _probe_batches(op: HessianOperator, scale, probes: int, seed: int, probe_bat
 
 
 def _trace_probes(op: HessianOperator, scale: Mapping[str, torch.Tensor] | None, probes: int, seed: int,
-                  probe_batch: int = 16, per_layer: bool = False):
+                  probe_batch: int | None = None, per_layer: bool = False):
     """Per-probe ``vᵀ H v`` (``v`` scaled by ``scale``); with ``per_layer`` also the
-    per-probe sums over each module's parameters (``{module: [probes]}``)."""
+    per-probe sums over each module's parameters (``{module: [probes]}``).
+    ``probe_batch=None``: :func:`auto_probe_batch`."""
+    if probe_batch is None:
+        probe_batch = auto_probe_batch(op, probes)
     vals = np.zeros(probes)
     layers: dict[str, np.ndarray] = {}
     j = 0
@@ -267,13 +314,16 @@ def _flat_operator(op: HessianOperator, scale):
     return matmat, sum(sizes)
 
 
-def _hutchpp(op: HessianOperator, scale, matvecs: int, seed: int, probe_batch: int) -> tuple[float, float, np.ndarray]:
+def _hutchpp(op: HessianOperator, scale, matvecs: int, seed: int,
+             probe_batch: int | None) -> tuple[float, float, np.ndarray]:
     """Hutch++ (Meyer, Musco, Musco & Woodruff 2021): ``m/3`` products sketch the top
     of the spectrum, ``tr(QᵀAQ)`` is taken exactly on that sketch, and Hutchinson with the
     remaining ``m/3`` Rademacher probes on the deflated ``(I−QQᵀ)A(I−QQᵀ)``. Returns
     ``(estimate, s.e. of the residual part, residual probe values)``."""
     matmat, d = _flat_operator(op, scale)
     k = max(1, matvecs // 3)
+    if probe_batch is None:
+        probe_batch = auto_probe_batch(op, k)
     gen = torch.Generator().manual_seed(int(seed))
     S = (torch.randint(0, 2, (d, k), generator=gen).double() * 2 - 1)
     G = (torch.randint(0, 2, (d, matvecs - 2 * k), generator=gen).double() * 2 - 1)
@@ -286,7 +336,7 @@ def _hutchpp(op: HessianOperator, scale, matvecs: int, seed: int, probe_batch: i
 
 
 def hessian_trace(model, x, y, noise=None, targets=None, probes: int = 100, seed: int = 0,
-                  batch_size: int = 512, *, method: str = "hutchinson", probe_batch: int = 16,
+                  batch_size: int = 512, *, method: str = "hutchinson", probe_batch: int | None = None,
                   per_layer: bool = False) -> HessianTrace:
     """Estimate of ``tr(H)`` or, with ``noise``, of ``tr(Σ_ε H)``.
 
@@ -296,7 +346,9 @@ def hessian_trace(model, x, y, noise=None, targets=None, probes: int = 100, seed
     private generator seeded by ``seed``; ``method="hutch++"``: Hutch++ with ``probes``
     Hessian-vector products in all (lower variance when a few eigenvalues dominate).
     ``probe_batch`` products are computed at once (``vmap`` over the probes: one forward
-    and backward pass shared by the group). ``per_layer=True`` (Hutchinson) also gives
+    and backward pass shared by the group); ``None`` (default) chooses the group from the
+    network's parameter and activation sizes (:func:`auto_probe_batch`; the values do not
+    depend on it). ``per_layer=True`` (Hutchinson) also gives
     each noisy module's share ``tr(Σ_l H_ll)`` (``layer_estimates``; ½ of it is the
     module's share of the loss increase under noise). See the module docstring
     (docs/THEORY.md §5).
@@ -316,7 +368,7 @@ def hessian_trace(model, x, y, noise=None, targets=None, probes: int = 100, seed
     x, y = _check_xy(lin, x, y)
     probes = check_int("probes", probes, 2)
     seed = check_seed("seed", seed)
-    probe_batch = check_int("probe_batch", probe_batch, 1)
+    probe_batch = check_int("probe_batch", probe_batch, 1, allow_none=True)
     if method not in ("hutchinson", "hutch++"):
         raise ValueError(f"method must be 'hutchinson' or 'hutch++', got {method!r}")
     if method == "hutch++" and probes < 6:

@@ -198,3 +198,24 @@ def test_top_k_and_smallest_eigenvalues_against_exact_hessian():
         hessian_top_eigenvalue(model, x, y, which="middle")
     with pytest.raises(ValueError, match="k must be an integer"):
         hessian_top_eigenvalue(model, x, y, k=0)
+
+
+def test_auto_probe_batch_groups_by_size_and_keeps_the_values(monkeypatch):
+    """probe_batch=None: one vmap group for a small network, smaller groups as the
+    parameters (or a chunk's activations) grow; the probe values do not depend on it."""
+    import noiseprop.theory.flatness as fl
+    from noiseprop.theory.linearize import LinearizedNetwork
+
+    model, x, y = _small()
+    a = hessian_trace(model, x, y, noise=RelativeGaussian(0.1), probes=20, seed=3, probe_batch=1)
+    b = hessian_trace(model, x, y, noise=RelativeGaussian(0.1), probes=20, seed=3)
+    np.testing.assert_allclose(a.values, b.values, rtol=1e-5, atol=1e-12)
+    op = fl.HessianOperator(LinearizedNetwork(model), x, y)
+    assert fl.auto_probe_batch(op, 20) == 20
+    monkeypatch.setattr(fl, "PROBE_PARAMETER_ELEMENTS", 3 * op.numel)
+    assert fl.auto_probe_batch(op, 20) == 3
+    acts = fl.activation_elements(op.lin, x)
+    monkeypatch.setattr(fl, "PROBE_ACTIVATION_ELEMENTS", 2 * x.shape[0] * acts)
+    assert fl.auto_probe_batch(op, 20) == 2
+    monkeypatch.setattr(fl, "PROBE_ACTIVATION_ELEMENTS", 1)
+    assert fl.auto_probe_batch(op, 20) == 1
