@@ -54,6 +54,7 @@ from ._graph import trace
 from .accuracy import correct_probability
 from .noise import WeightNoise
 from .targets import TargetPlan, resolve_targets
+from .validation import check_labels, probe_logits
 
 __all__ = [
     "LinearizedNetwork",
@@ -754,7 +755,9 @@ def jacobian_pass(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, to
             slow.append(name)
     watch = {id(modules[m]): (m, modules[m]) for m in fast}
     with torch.no_grad(), tapping(watch) as probe:  # one input: the number of classes, and what one input holds
-        c0 = lin.forward(x[:1].to(lin.device)).shape[-1]
+        c0 = probe_logits(lin.forward, x[:1].to(lin.device)).shape[-1]  # logits [1, C], or a clear error
+    if labels is not None:
+        check_labels(labels, c0)
     if classes is not None and classes >= c0 - 1:
         classes = None  # every class is a competitor: the full pass
     cs = c0 if classes is None else classes + 1

@@ -51,9 +51,8 @@ from .moments import DEFAULT_H2_RANK, MomentPropagator, propagate_moments
 from .moments.head import MIXTURE_NODES, moment_correct_probability
 from .noise import MAX_LEVEL, WeightNoise, parse_noise
 from .results import Deferred, LogitResult, deferred_field
-from .validation import check_bool, check_int, check_levels, check_model, check_seed, probe_logits
+from .validation import check_bool, check_int, check_levels, check_model, check_seed
 from .validation import check_inputs as _check_inputs
-from .validation import check_labels as _check_labels
 
 __all__ = ["Prediction", "PredictionCurve", "PredictOptions", "Predictor", "predict", "predict_sweep", "clear_cache",
            "METHODS", "LOSS_METHODS"]
@@ -726,8 +725,9 @@ def _base(model, x, y, noise, targets, opts: _Options, cache: bool, data_key: st
           store: "OrderedDict | None" = None, model_checked: bool = False) -> tuple[_Base, WeightNoise, bool]:
     """The derivative pass for ``noise``'s family, from the cache when the model state,
     inputs, targets, family and settings match; returns ``(base, noise, from_cache)``.
-    The one-input probe of the model's output (logits shape, label range) runs before a
-    new pass only: a cached one was made for the same model state and inputs."""
+    The model's output (logits shape, label range) is checked by the pass's own
+    one-input probe (:func:`~.linearize.jacobian_pass`), so a cached pass, made for the
+    same model state and inputs, needs no check."""
     noise, lin = _prepare(model, noise, targets, model_checked)
     lin.memo = cache  # cache=False: nothing remembered, the structure checks included
     store = _CACHE if store is None else store
@@ -738,8 +738,6 @@ def _base(model, x, y, noise, targets, opts: _Options, cache: bool, data_key: st
         if hit is not None:
             store.move_to_end(key)
             return hit, noise, True
-    probe = probe_logits(lin.forward, x[:1].to(lin.device))
-    _check_labels(y, probe.shape[1])
     base = _build_base(lin, x, y, lin.unit_scales(noise), opts)
     if cache:
         store[key] = base
