@@ -90,7 +90,8 @@ def _omitted_proxy(jp: JacobianPass) -> torch.Tensor:
     correlates 0.71-0.99 with the exact part, which is concentrated on few inputs (the
     top 5 of 359 hold 54-85% of it), so that an evenly spaced check alone misses it."""
     p = torch.softmax(jp.clean_logits.double().cpu(), dim=1)
-    q = (1.0 - p.gather(1, jp.classes.cpu()).sum(1)).clamp_min(0.0)
+    left_out = torch.ones_like(p, dtype=torch.bool).scatter_(1, jp.classes.cpu(), False)
+    q = (p * left_out).sum(1)  # summed directly: 1 − Σ p_S cancels below 1e-16
     return 0.5 * q * torch.diagonal(jp.cov_unit.double().cpu(), dim1=1, dim2=2).mean(1)
 
 
@@ -186,7 +187,8 @@ class Prediction(LogitResult):
     ``loss_increase_gn`` its Gauss-Newton form, ``loss_increase_logits`` the expected
     cross-entropy increase under the method's Gaussian logit model (a quasi-Monte-Carlo
     integral computed when first read, so a call that does not read it does not pay
-    for it; ``seconds`` is the call's time without it).
+    for it; ``seconds`` is the call's time without it; until read, the result keeps
+    the ``[N, C, C]`` unit covariance it needs alive).
 
     ``noise``/``targets`` are display strings; ``noise_model``, ``targets_spec`` and
     ``inputs_fingerprint`` are the noise model and targets objects and a fingerprint of
@@ -825,8 +827,8 @@ def _memo(base: _Base, key, make):
     return hit
 
 
-def _truncated_gauss_newton(clean: torch.Tensor, cov_full_u: torch.Tensor, proxy: torch.Tensor, idx: torch.Tensor,
-                            is_top: torch.Tensor, check: JacobianPass) -> tuple[float, float]:
+def _truncated_gauss_newton(clean: torch.Tensor, cov_full_u: torch.Tensor, proxy: torch.Tensor, sel_chk: torch.Tensor,
+                            idx: torch.Tensor, is_top: torch.Tensor, check: JacobianPass) -> tuple[float, float]:
     """The Gauss-Newton form ``½ mean_i tr(H_z,i Cov f_i)`` at level 1 from a ``classes=k``
     pass, and the part of it that is estimated. Per input the pass gives the terms of the
     label and its competitors (the other classes' rows and columns zero, ``cov_full_u``);
@@ -834,7 +836,10 @@ def _truncated_gauss_newton(clean: torch.Tensor, cov_full_u: torch.Tensor, proxy
     and what the left-out classes add to the unchecked inputs, ``d_i``, is estimated from
     the check's evenly spaced sample by a ratio estimator on :func:`_omitted_proxy`
     ``a_i`` (``d_i ≈ β a_i``, ``β = Σ d / Σ a`` over the sample; Cochran, Sampling
-    Techniques, §6.3). Its textbook standard error is not reported: the residuals
+    Techniques, §6.3; over the first stratum where the sample has no left-out mass, 0
+    where neither has). ``d`` of a checked input is taken within the check pass (its
+    every-class covariance against its own restriction to the selected classes
+    ``sel_chk``), so float32 rounding between two passes does not enter ``β``. Its textbook standard error is not reported: the residuals
     ``d − β a`` are heavy-tailed and an evenly spaced sample of 16 understated the error
     up to 11-fold. Returned instead: the estimated part (0 when every input is checked,
     then exact), the scale of what is not exact. Measured on the four cases of
@@ -844,30 +849,51 @@ def _truncated_gauss_newton(clean: torch.Tensor, cov_full_u: torch.Tensor, proxy
     competitors part alone was 1.4-24% low) and 11-28% on the random 3×32×32 ResNet-20
     (errors ≤ 0.7%; alone 13-33% low)."""
     part = gauss_newton_per_input(clean, cov_full_u)
-    full = gauss_newton_per_input(check.clean_logits, check.cov_unit.cpu())
+    f_chk, cov_chk = check.clean_logits.double().cpu(), check.cov_unit.double().cpu()
+    full = gauss_newton_per_input(f_chk, cov_chk)
+    # the left-out classes' part of the checked inputs within the check pass alone (the
+    # same pass on both sides: no rounding difference between two passes in it)
+    sel = sel_chk.cpu()
+    slots = cov_chk.gather(1, sel[:, :, None].expand(-1, -1, cov_chk.shape[2])).gather(
+        2, sel[:, None, :].expand(-1, sel.shape[1], -1))
+    d_chk = full - gauss_newton_per_input(f_chk, _slot_cov_to_full(slots, sel, cov_chk.shape[1]))
     n_all = part.numel()
     unchecked = torch.ones(n_all, dtype=torch.bool)
     unchecked[idx] = False
     total = float(full.sum()) + float(part[unchecked].sum())
     if not bool(unchecked.any()):
         return total / n_all, 0.0
-    sample = idx[~is_top]
-    d, a = full[~is_top] - part[sample], proxy[sample]
-    beta = float(d.sum() / a.sum()) if float(a.sum()) > 0.0 else 1.0  # no left-out mass sampled: unscaled
+    beta = 0.0
+    for stratum in (~is_top, is_top):  # the sample; failing left-out mass there, the largest
+        a = float(proxy[idx[stratum]].sum())
+        if a > 0.0:
+            beta = float(d_chk[stratum].sum()) / a
+            break
     est = beta * float(proxy[unchecked].sum())
     return (total + est) / n_all, est / n_all
 
 
-def _logit_loss_increase(memo: dict, linear: bool, mean, cov, y, lvl: float, seed: int, clean_loss: float):
+class _LazyLogitLoss:
+    """The first order's :class:`_LogitLoss` of one derivative pass, built at its first
+    use and shared by that pass's levels; until then it holds only the unit covariance."""
+
+    def __init__(self, cov_unit: torch.Tensor, seed: int):
+        self.cov_unit, self.seed, self.loss = cov_unit, seed, None
+
+    def at(self, mean: torch.Tensor, y: torch.Tensor, level: float) -> float:
+        if self.loss is None:
+            self.loss, self.cov_unit = _LogitLoss(self.cov_unit, seed=self.seed), None
+        return self.loss.at(mean, y, level)
+
+
+def _logit_loss_increase(loss, mean, cov, y, lvl: float, seed: int, clean_loss: float):
     """``loss_increase_logits`` when first read: the expected cross-entropy under Gaussian
-    logits (``N(mean, lvl² cov)`` for the first order, whose unit covariance ``cov`` and its
-    QMC projections serve every level through ``memo``; ``N(mean, cov)`` otherwise) less
-    the clean one. The closure holds the memo and the moments, not the derivative pass."""
+    logits less the clean one; ``loss`` a :class:`_LazyLogitLoss` (the first order:
+    ``N(mean, lvl² cov_unit)``), else ``None`` and ``N(mean, cov)``. An unread value keeps
+    these alive with its result: the unit covariance ``[N, C, C]`` (shared by a pass's
+    levels, and once read the loss's factor and projections) or the level's covariance."""
     def value() -> float:
-        if linear:
-            loss = memo.get(("logit_loss", seed))
-            if loss is None:
-                loss = memo[("logit_loss", seed)] = _LogitLoss(cov, seed=seed)
+        if loss is not None:
             return loss.at(mean, y, lvl) - clean_loss
         return _gaussian_logit_loss(mean, cov, y, seed=seed) - clean_loss
     return value
@@ -905,7 +931,8 @@ def _finish(base: _Base, noise: WeightNoise, method: str, mean: torch.Tensor, co
         d = (p[idx] - pf).abs()
         trunc_diag = dict(classes=int(sel.shape[1] - 1), classes_truncation_inputs=int(idx.numel()),
                           classes_truncation_largest=int(is_top.sum()),
-                          classes_truncation_max_abs=float(d.max()), classes_truncation_mean_abs=float(d.mean()),
+                          classes_truncation_max_abs=float(d.max()),
+                          classes_truncation_mean_abs=_stratified_mean(d, is_top, p.numel()),
                           classes_truncation_accuracy_error=_stratified_mean(p[idx] - pf, is_top, p.numel()))
         # every class in the result: unselected ones noiseless, their variance unknown (NaN)
         mean = clean
@@ -927,8 +954,8 @@ def _finish(base: _Base, noise: WeightNoise, method: str, mean: torch.Tensor, co
     # the Gauss-Newton form is linear in the covariance: its value at level 1, times lvl²
     if sel is not None:
         cov_lin_u = cov_full_u
-        gn_u, gn_est_u = _memo(base, "gn_unit", lambda: _truncated_gauss_newton(clean, cov_full_u, _omitted_proxy(base.jp),
-                                                                              *base.trunc_check))
+        gn_u, gn_est_u = _memo(base, "gn_unit", lambda: _truncated_gauss_newton(
+            clean, cov_full_u, _omitted_proxy(base.jp), sel[base.trunc_check[0]], *base.trunc_check))
         trunc_diag["classes_truncation_loss_estimated_share"] = gn_est_u / gn_u if gn_u else 0.0
     else:
         cov_lin_u = _linear_moments(base)[1]
@@ -947,8 +974,9 @@ def _finish(base: _Base, noise: WeightNoise, method: str, mean: torch.Tensor, co
         unit_layers = _memo(base, "gn_by_layer_unit", lambda: {m: loss_increase_gauss_newton(clean, full(c))
                                                                for m, c in base.jp.layer_cov_unit.items()})
         by_layer = types.MappingProxyType({m: v * lvl**2 for m, v in unit_layers.items()})
-    gl = 0.0 if lvl <= 0 else Deferred(_logit_loss_increase(base.memo, linear, mean, cov_lin_u if linear else cov, y,
-                                                                  lvl, seed, clean_loss))
+    lazy = _memo(base, ("logit_loss", seed), lambda: _LazyLogitLoss(cov_lin_u, seed)) if linear else None
+    gl = 0.0 if lvl <= 0 else Deferred(_logit_loss_increase(lazy, mean, None if linear else cov, y, lvl, seed,
+                                                            clean_loss))
     diag = dict(extra_diag)
     diag.update(trunc_diag)
     if base.preact_ratio is not None:
@@ -1205,15 +1233,17 @@ def predict(model: nn.Module, x, y, noise, targets=None, *, method: str = "linea
         competitors (highest other clean logits): ``classes + 1`` backward passes instead
         of ``C``. ``accuracy`` then ignores the other classes (an upper bound, exact when
         they never overtake); the error is measured on an eighth of the inputs (8 to
-        :data:`TRUNCATION_CHECK_INPUTS`; all of them when fewer than 8) with every class:
-        half of them those with the most softmax mass outside their selected classes,
-        half evenly spaced over the others (a sample standing for them), and reported in
+        :data:`TRUNCATION_CHECK_INPUTS`; all of them when fewer than 8) with every class
+        (half of them the inputs with the largest left-out softmax mass times logit
+        variance, :func:`_omitted_proxy`; half evenly spaced over the others, a sample
+        standing for them), and reported in
         ``diagnostics`` (``classes_truncation_*``; the accuracy error is the stratified
         estimate over all inputs); ``logit_var`` is NaN for the classes not
         differentiated. The Gauss-Newton loss increase adds to the selected classes'
         terms what the other classes contribute: exact on the checked inputs, a ratio
         estimate from them elsewhere (``classes_truncation_loss_estimated_share`` is
-        that estimate's share; ``loss_increase_se`` NaN).
+        that estimate's share; ``loss_increase_se`` NaN); ``loss_increase_logits``
+        covers the selected classes only.
         Default ``None``: every class (needed for ``cov=True`` and ``"moments"``).
     per_layer: also each noisy layer's share of the loss increase
         (``loss_increase_by_layer``, Gauss-Newton form).

@@ -46,13 +46,15 @@ class Deferred:
     (an extra a result holds without paying for it in the call that made it). Pickling
     or deep-copying it computes it (it travels as the value)."""
 
-    __slots__ = ("_fn",)
+    __slots__ = ("_fn", "_value")
 
     def __init__(self, fn):
         self._fn = fn
 
     def __call__(self):
-        return self._fn()
+        if self._fn is not None:  # computed once, also for copies that share it
+            self._value, self._fn = self._fn(), None
+        return self._value
 
     def __reduce__(self):
         return _identity, (self(),)
@@ -84,7 +86,10 @@ class deferred_field:
     def __get__(self, obj, owner=None):
         if obj is None:  # the dataclass looking for a default: there is none
             raise AttributeError(self._slot)
-        v = obj.__dict__[self._slot]
+        try:
+            v = obj.__dict__[self._slot]
+        except KeyError:
+            raise AttributeError(f"{type(obj).__name__!r} object has no attribute {self._slot[10:]!r}") from None
         if type(v) is Deferred:
             v = obj.__dict__[self._slot] = v()
         return v
