@@ -320,6 +320,11 @@ class _Returns(nn.Module):
 def test_model_returning_tuple_or_dict(kind):
     with pytest.raises(TypeError, match=f"must return one tensor of logits shaped \\[N, C\\]; it returned a {kind}"):
         monte_carlo(_Returns(kind), X, Y, "relative:0.1", draws=2)
+    from noiseprop.theory import hessian_top_eigenvalue, hessian_trace
+
+    for curvature in (hessian_trace, hessian_top_eigenvalue):  # a raw AttributeError before
+        with pytest.raises(TypeError, match=f"must return one tensor of logits.*returned a {kind}"):
+            curvature(_Returns(kind), X, Y)
 
 
 # ----------------------------------------------------------------------------

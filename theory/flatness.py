@@ -51,7 +51,7 @@ from torch.func import grad, jvp, vmap
 
 from .linearize import LinearizedNetwork
 from .noise import parse_noise
-from .validation import check_inputs, check_int, check_seed
+from .validation import check_inputs, check_int, check_seed, probe_logits
 
 __all__ = [
     "HessianTrace",
@@ -391,8 +391,7 @@ def hessian_trace(model, x, y, noise=None, targets=None, probes: int = 100, seed
 
 
 def _check_labels_against(lin, x, y):
-    with torch.no_grad():
-        c = lin.forward(x[:1].to(lin.device)).shape[-1]
+    c = probe_logits(lin.forward, x[:1].to(lin.device)).shape[-1]  # logits [1, C], or a clear error
     lo, hi = int(y.min()), int(y.max())
     if lo < 0 or hi >= c:
         raise ValueError(f"labels must lie in [0, {c}) for a model with {c} logits; found range [{lo}, {hi}]")

@@ -224,6 +224,12 @@ def _per_channel(u: torch.Tensor) -> bool:
     return bool((uc == uc[:, :1]).all())
 
 
+def qualified_name(module: str, param: str) -> str:
+    """A parameter's name in ``named_parameters()``: ``"module.param"``, or ``"param"`` for
+    the root module (a model that is one bare layer, ``nn.Linear(5, 3)``)."""
+    return f"{module}.{param}" if module else param
+
+
 def pass_chunk_size(taps: Sequence["Tap"], num_slots: int, slow_elements: int, itemsize: int = 4,
                     budget: int = DEFAULT_JACOBIAN_BUDGET, cap: int = PASS_CHUNK_CAP) -> int:
     """Inputs per chunk of :func:`jacobian_pass` from what one input actually holds,
@@ -523,7 +529,7 @@ def weight_terms(by_module: Mapping[str, list], params: Mapping[str, list], scal
         else:
             target = cov
         for pname in pnames:
-            full = mname + "." + pname
+            full = qualified_name(mname, pname)
             u = scale[full]
             uc = u.reshape(u.shape[0], -1)
             per_channel = _per_channel(u)
@@ -765,7 +771,7 @@ def jacobian_pass(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, to
         itemsize = torch.tensor([], dtype=lin.dtype).element_size()
         calls = [t.name for t in probe]
         gram_route = bool(fast) and draws == 0 and not extra_units and len(set(calls)) == len(calls) and all(
-            _per_channel(unit[m + ".weight"]) for m, pn in fast.items() if "weight" in pn)
+            _per_channel(unit[qualified_name(m, "weight")]) for m, pn in fast.items() if "weight" in pn)
         if gram_route:  # every layer can take the Gram route (each called once, scales per channel)
             chunk_size = pass_chunk_size(probe, cs, sum(lin.target_params[k].numel() for k in slow), itemsize)
         else:  # draws, further scale maps, per-element scales or a shared layer: every layer

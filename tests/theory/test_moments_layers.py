@@ -135,3 +135,58 @@ def test_one_interpreter_for_both_passes():
     x = torch.randn(2, 1, 8, 8)
     out = GraphInterpreter(prop.graph, lin.net, lin.params, lin.buffers).run(x)
     assert torch.allclose(out, model(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_functional_pooling_equals_the_module_form(adaptive):
+    """``F.avg_pool2d`` / ``F.adaptive_avg_pool2d`` called in a forward give the same
+    moment prediction as the ``nn.AvgPool2d`` / ``nn.AdaptiveAvgPool2d`` modules (the
+    function form raised AttributeError on torch releases without ``torch.avg_pool2d``)."""
+    import torch.nn.functional as F
+
+    class Net(nn.Module):
+        def __init__(self, functional):
+            super().__init__()
+            self.functional = functional
+            self.c = nn.Conv2d(1, 6, 3, padding=1)
+            self.pool = nn.AdaptiveAvgPool2d(1) if adaptive else nn.AvgPool2d(2)
+            self.l = nn.Linear(6 if adaptive else 24, 4)
+
+        def forward(self, x):
+            h = torch.relu(self.c(x))
+            if self.functional:
+                h = F.adaptive_avg_pool2d(h, 1) if adaptive else F.avg_pool2d(h, 2)
+            else:
+                h = self.pool(h)
+            return self.l(h.flatten(1))
+
+    torch.manual_seed(0)
+    mod, fun = Net(False), Net(True)
+    fun.load_state_dict(mod.state_dict())
+    x = torch.randn(64, 1, 4, 4)
+    with torch.no_grad():
+        y = mod(x).argmax(1)
+    a = predict(mod, x, y, "relative:0.5", method="moments", cache=False, diagnostic=False)
+    b = predict(fun, x, y, "relative:0.5", method="moments", cache=False, diagnostic=False)
+    torch.testing.assert_close(b.logit_mean, a.logit_mean, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(b.logit_var, a.logit_var, rtol=1e-6, atol=1e-9)
+    assert b.accuracy == pytest.approx(a.accuracy, abs=1e-9)
+
+
+def test_bare_layer_model():
+    """A model that is one bare layer (``nn.Linear``; its parameters are ``weight`` and
+    ``bias``, with no module prefix): the first order runs and matches Monte-Carlo within
+    its interval; the moment method names the traced function it does not support."""
+    from noiseprop.empirical import monte_carlo
+
+    torch.manual_seed(0)
+    net = nn.Linear(5, 3)
+    x = torch.randn(400, 5)
+    with torch.no_grad():
+        y = net(x).argmax(1)
+    p = predict(net, x, y, "relative:0.5", cache=False)
+    mc = monte_carlo(net, x, y, "relative:0.5", draws=400, seed=0, progress=False)
+    se = (mc.accuracy_ci[1] - mc.accuracy_ci[0]) / (2 * 1.96)
+    assert abs(p.accuracy - mc.accuracy) <= 3 * se
+    with pytest.raises(ValueError, match="does not support function 'linear'.*method='linear'"):
+        predict(net, x, y, "relative:0.5", method="moments", cache=False)

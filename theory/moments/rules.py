@@ -111,7 +111,7 @@ def activation_kind(node: fx.Node, modules: dict):
 def is_maxpool(node: fx.Node, modules: dict) -> bool:
     if node.op == "call_module":
         return isinstance(modules.get(node.target), nn.MaxPool2d)
-    return node.op == "call_function" and node.target in (F.max_pool2d, torch.max_pool2d)
+    return node.op == "call_function" and node.target in _MAX_POOL_FUNCTIONS
 
 
 def maxpool_args(node: fx.Node, m, args, kwargs):
@@ -138,6 +138,20 @@ def _adaptive_len(i, size, out):
     start = (i * size) // out
     end = -((-(i + 1) * size) // out)
     return end - start
+
+
+def _pool_functions(name: str) -> tuple:
+    """``F.<name>`` and the builtins it may trace to. ``torch.avg_pool2d`` and
+    ``torch.adaptive_avg_pool2d`` are absent from some torch releases, 2.13 among them:
+    naming them raised AttributeError for every function node that reached the check,
+    instead of the clear unsupported-function error."""
+    return tuple(f for f in (getattr(F, name), getattr(torch, name, None), getattr(torch._C._nn, name, None))
+                 if f is not None)
+
+
+_MAX_POOL_FUNCTIONS = _pool_functions("max_pool2d")
+_AVG_POOL_FUNCTIONS = _pool_functions("avg_pool2d")
+_ADAPTIVE_AVG_POOL_FUNCTIONS = _pool_functions("adaptive_avg_pool2d")
 
 
 @dataclass(frozen=True)
@@ -846,15 +860,15 @@ class _MomentPass(GraphInterpreter):
             dim = dim % ts[0].mu.dim()
             Fm = torch.cat([t.padded(K) for t in ts], dim + 1) if K else None
             return Dist(torch.cat([t.mu for t in ts], dim), Fm, torch.cat([t.d for t in ts], dim))
-        if fn in (F.max_pool2d, torch.max_pool2d):
+        if fn in _MAX_POOL_FUNCTIONS:
             return self._maxpool(node, args[0], *maxpool_args(node, None, args, kwargs))
-        if fn in (F.avg_pool2d, torch.avg_pool2d):
+        if fn in _AVG_POOL_FUNCTIONS:
             names = ["kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"]
             defaults = [None, None, 0, False, True, None]
             vals = [kwargs.get(n, args[i + 1] if len(args) > i + 1 else defaults[i]) for i, n in enumerate(names)]
             vals[1] = vals[1] or vals[0]
             return self._avgpool(args[0], *vals)
-        if fn in (F.adaptive_avg_pool2d, torch.adaptive_avg_pool2d):
+        if fn in _ADAPTIVE_AVG_POOL_FUNCTIONS:
             return self._adaptive_avgpool(args[0], kwargs.get("output_size", args[1] if len(args) > 1 else None))
         if fn in (torch.mean, torch.sum):
             return self._reduce(node, args[0], fn.__name__, args[1:], kwargs)
