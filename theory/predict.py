@@ -172,6 +172,10 @@ def _check_method(method):
 # ----------------------------------------------------------------------------
 # Results
 # ----------------------------------------------------------------------------
+class _FrozenMapping(dict):
+    """A ``types.MappingProxyType``'s contents in a pickled or copied result."""
+
+
 @dataclass(frozen=True)
 class Prediction(LogitResult):
     """Analytic prediction of a network's behaviour under weight noise.
@@ -239,6 +243,16 @@ class Prediction(LogitResult):
     def loss(self) -> float:
         """Predicted mean cross-entropy under noise, ``clean_loss + loss_increase``."""
         return self.clean_loss + self.loss_increase
+
+    def __getstate__(self):
+        """Pickling and copying: the read-only mappings (``diagnostics``,
+        ``loss_increase_by_layer``) travel as plain dicts and come back read-only; a
+        deferred value travels as its value when pickled or deep-copied."""
+        return {k: _FrozenMapping(v) if isinstance(v, types.MappingProxyType) else v for k, v in self.__dict__.items()}
+
+    def __setstate__(self, state):
+        self.__dict__.update({k: types.MappingProxyType(dict(v)) if isinstance(v, _FrozenMapping) else v
+                              for k, v in state.items()})
 
     def scalars(self) -> dict:
         """The scalar results by name (one row of :meth:`to_frame`)."""

@@ -142,3 +142,26 @@ def test_logit_loss_is_computed_when_first_read(monkeypatch):
     want = P._gaussian_logit_loss(pred.logit_mean, pred.logit_cov, y) - pred.clean_loss
     assert got[1] == pytest.approx(want, rel=1e-6)
     assert predict(net, x, y, "relative:0.0", cache=False).loss_increase_logits == 0.0
+
+
+def test_predictions_pickle_and_deep_copy():
+    """A Prediction (and a curve of them) survives pickle and ``copy.deepcopy``: its
+    read-only mappings come back read-only with the same contents (they made both fail),
+    a deferred value comes back as its value."""
+    import copy
+    import pickle
+    import types
+
+    net, x, y = tiny_problem()
+    p = predict(net, x, y, "relative:0.3", per_layer=True, cache=False)
+    for q in (pickle.loads(pickle.dumps(p)), copy.deepcopy(p)):
+        assert isinstance(q.diagnostics, types.MappingProxyType)
+        assert isinstance(q.loss_increase_by_layer, types.MappingProxyType)
+        assert dict(q.loss_increase_by_layer) == dict(p.loss_increase_by_layer)
+        assert q.diagnostics["preact_frac"] == p.diagnostics["preact_frac"]
+        assert torch.equal(q.logit_var, p.logit_var) and q.accuracy == p.accuracy
+        assert q.loss_increase_logits == p.loss_increase_logits
+        assert q.noise_model.to_string() == "relative:0.3"
+    curve = predict_sweep(net, x, y, "relative", [0.1, 0.3])
+    again = pickle.loads(pickle.dumps(curve))
+    pd.testing.assert_frame_equal(again.to_frame(), curve.to_frame())
