@@ -53,7 +53,7 @@ from torch.func import functional_call, jacrev, jvp, vmap
 from ._graph import trace
 from .accuracy import correct_probability
 from .noise import WeightNoise
-from .targets import TargetPlan, resolve_targets
+from .targets import TargetPlan, qualified_name, resolve_targets
 from .validation import check_labels, probe_logits
 
 __all__ = [
@@ -222,12 +222,6 @@ def _per_channel(u: torch.Tensor) -> bool:
     Gram-matrix route of :func:`weight_terms` needs)."""
     uc = u.reshape(u.shape[0], -1)
     return bool((uc == uc[:, :1]).all())
-
-
-def qualified_name(module: str, param: str) -> str:
-    """A parameter's name in ``named_parameters()``: ``"module.param"``, or ``"param"`` for
-    the root module (a model that is one bare layer, ``nn.Linear(5, 3)``)."""
-    return f"{module}.{param}" if module else param
 
 
 def pass_chunk_size(taps: Sequence["Tap"], num_slots: int, slow_elements: int, itemsize: int = 4,

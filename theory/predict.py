@@ -33,7 +33,7 @@ import types
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field, fields, replace
-from typing import Mapping, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import numpy as np
 import pandas as pd
@@ -80,6 +80,11 @@ def _truncation_check_inputs(n: int) -> int:
     return min(n, max(TRUNCATION_CHECK_MIN, min(TRUNCATION_CHECK_INPUTS, -(-n // TRUNCATION_CHECK_SHARE))))
 
 
+def _class_mask(sel: torch.Tensor, c: int) -> torch.Tensor:
+    """``[N, C]`` booleans, true at each input's selected classes ``sel [N, k]``."""
+    return torch.zeros(sel.shape[0], c, dtype=torch.bool, device=sel.device).scatter_(1, sel, True)
+
+
 def _omitted_proxy(jp: JacobianPass) -> torch.Tensor:
     """Per input (float64 ``[N]``), ``½ q_i v̄_i``: the clean softmax mass ``q_i`` of the
     classes a ``classes=k`` pass left out, times the mean logit variance ``v̄_i`` of the
@@ -90,8 +95,7 @@ def _omitted_proxy(jp: JacobianPass) -> torch.Tensor:
     correlates 0.71-0.99 with the exact part, which is concentrated on few inputs (the
     top 5 of 359 hold 54-85% of it), so that an evenly spaced check alone misses it."""
     p = torch.softmax(jp.clean_logits.double().cpu(), dim=1)
-    left_out = torch.ones_like(p, dtype=torch.bool).scatter_(1, jp.classes.cpu(), False)
-    q = (p * left_out).sum(1)  # summed directly: 1 − Σ p_S cancels below 1e-16
+    q = (p * ~_class_mask(jp.classes.cpu(), p.shape[1])).sum(1)  # summed directly: 1 − Σ p_S cancels below 1e-16
     return 0.5 * q * torch.diagonal(jp.cov_unit.double().cpu(), dim1=1, dim2=2).mean(1)
 
 
@@ -375,6 +379,17 @@ class PredictionCurve:
 # ----------------------------------------------------------------------------
 # Shared work: one pass of derivatives at level 1
 # ----------------------------------------------------------------------------
+class _TruncationCheck(NamedTuple):
+    """``classes=k``: the inputs (sorted) run again with every class, which of them are
+    the stratum of largest :func:`_omitted_proxy` (the rest a sample), the proxy of every
+    input, and that pass."""
+
+    idx: torch.Tensor
+    is_top: torch.Tensor
+    proxy: torch.Tensor
+    jp: JacobianPass
+
+
 @dataclass
 class _Base:
     lin: LinearizedNetwork
@@ -391,7 +406,7 @@ class _Base:
     pl_reason: str = ""
     seconds: dict = field(default_factory=dict)
     #: ``classes=k``: (input indices, full-class pass on them) to measure the truncation
-    trunc_check: tuple | None = None
+    trunc_check: _TruncationCheck | None = None
     #: level-independent work of ``_finish`` for the linear method, done at the first level
     #: and reused by every later one (orthant factorisations, the loss's QMC projections,
     #: the Gauss-Newton traces at level 1), keyed on the settings that shape it
@@ -659,8 +674,10 @@ def _build_base(lin: LinearizedNetwork, x, y, unit, opts: _Options) -> _Base:
     trunc = None
     if jp.classes is not None:  # the truncation error, measured on a subset with every class
         t = time.perf_counter()
-        idx, top = _check_split(_omitted_proxy(jp), _truncation_check_inputs(x.shape[0]))
-        trunc = (idx, top, jacobian_pass(lin, x[idx.to(x.device)], unit, chunk_size=opts.chunk_size))
+        proxy = _omitted_proxy(jp)
+        idx, top = _check_split(proxy, _truncation_check_inputs(x.shape[0]))
+        trunc = _TruncationCheck(idx, top, proxy, jacobian_pass(lin, x[idx.to(x.device)], unit,
+                                                                chunk_size=opts.chunk_size))
         secs["truncation_check"] = time.perf_counter() - t
     pl, why = piecewise_linear(lin)
     probes = opts.loss_probes
@@ -841,19 +858,19 @@ def _memo(base: _Base, key, make):
     return hit
 
 
-def _truncated_gauss_newton(clean: torch.Tensor, cov_full_u: torch.Tensor, proxy: torch.Tensor, sel_chk: torch.Tensor,
-                            idx: torch.Tensor, is_top: torch.Tensor, check: JacobianPass) -> tuple[float, float]:
+def _truncated_gauss_newton(clean: torch.Tensor, cov_full_u: torch.Tensor, sel: torch.Tensor,
+                            chk: _TruncationCheck) -> tuple[float, float]:
     """The Gauss-Newton form ``½ mean_i tr(H_z,i Cov f_i)`` at level 1 from a ``classes=k``
     pass, and the part of it that is estimated. Per input the pass gives the terms of the
     label and its competitors (the other classes' rows and columns zero, ``cov_full_u``);
-    the check's inputs ``idx`` have every class (``check``): their exact terms are used,
+    the check's inputs ``chk.idx`` have every class (``chk.jp``): their exact terms are used,
     and what the left-out classes add to the unchecked inputs, ``d_i``, is estimated from
     the check's evenly spaced sample by a ratio estimator on :func:`_omitted_proxy`
     ``a_i`` (``d_i ≈ β a_i``, ``β = Σ d / Σ a`` over the sample; Cochran, Sampling
     Techniques, §6.3; over the first stratum where the sample has no left-out mass, 0
     where neither has). ``d`` of a checked input is taken within the check pass (its
     every-class covariance against its own restriction to the selected classes
-    ``sel_chk``), so float32 rounding between two passes does not enter ``β``. Its textbook standard error is not reported: the residuals
+    ``sel``), so float32 rounding between two passes does not enter ``β``. Its textbook standard error is not reported: the residuals
     ``d − β a`` are heavy-tailed and an evenly spaced sample of 16 understated the error
     up to 11-fold. Returned instead: the estimated part (0 when every input is checked,
     then exact), the scale of what is not exact. Measured on the four cases of
@@ -862,15 +879,14 @@ def _truncated_gauss_newton(clean: torch.Tensor, cov_full_u: torch.Tensor, proxy
     0.05-2.3% of the value on the digits models (errors ≤ 0.2%; the labels-and-
     competitors part alone was 1.4-24% low) and 11-28% on the random 3×32×32 ResNet-20
     (errors ≤ 0.7%; alone 13-33% low)."""
+    idx, is_top, proxy = chk.idx, chk.is_top, chk.proxy
     part = gauss_newton_per_input(clean, cov_full_u)
-    f_chk, cov_chk = check.clean_logits.double().cpu(), check.cov_unit.double().cpu()
+    f_chk, cov_chk = chk.jp.clean_logits.double().cpu(), chk.jp.cov_unit.double().cpu()
     full = gauss_newton_per_input(f_chk, cov_chk)
     # the left-out classes' part of the checked inputs within the check pass alone (the
     # same pass on both sides: no rounding difference between two passes in it)
-    sel = sel_chk.cpu()
-    slots = cov_chk.gather(1, sel[:, :, None].expand(-1, -1, cov_chk.shape[2])).gather(
-        2, sel[:, None, :].expand(-1, sel.shape[1], -1))
-    d_chk = full - gauss_newton_per_input(f_chk, _slot_cov_to_full(slots, sel, cov_chk.shape[1]))
+    keep = _class_mask(sel[idx].cpu(), cov_chk.shape[1])
+    d_chk = full - gauss_newton_per_input(f_chk, cov_chk * (keep[:, :, None] & keep[:, None, :]))
     n_all = part.numel()
     unchecked = torch.ones(n_all, dtype=torch.bool)
     unchecked[idx] = False
@@ -937,7 +953,7 @@ def _finish(base: _Base, noise: WeightNoise, method: str, mean: torch.Tensor, co
         p, lo, hi = moment_correct_probability(mean, cov, head, y_acc, n_points, seed)
     trunc_diag = {}
     if sel is not None:
-        idx, is_top, jpf = base.trunc_check
+        idx, is_top, _, jpf = base.trunc_check
         full_curve = _memo(base, ("truncation", n_points, seed),
                            lambda: CorrectCurve(jpf.clean_logits.double().cpu(), jpf.cov_unit.double().cpu(), y[idx],
                                                 n_points=n_points, seed=seed))
@@ -968,8 +984,8 @@ def _finish(base: _Base, noise: WeightNoise, method: str, mean: torch.Tensor, co
     # the Gauss-Newton form is linear in the covariance: its value at level 1, times lvl²
     if sel is not None:
         cov_lin_u = cov_full_u
-        gn_u, gn_est_u = _memo(base, "gn_unit", lambda: _truncated_gauss_newton(
-            clean, cov_full_u, _omitted_proxy(base.jp), sel[base.trunc_check[0]], *base.trunc_check))
+        gn_u, gn_est_u = _memo(base, "gn_unit", lambda: _truncated_gauss_newton(clean, cov_full_u, sel,
+                                                                              base.trunc_check))
         trunc_diag["classes_truncation_loss_estimated_share"] = gn_est_u / gn_u if gn_u else 0.0
     else:
         cov_lin_u = _linear_moments(base)[1]
@@ -1009,7 +1025,7 @@ def _finish(base: _Base, noise: WeightNoise, method: str, mean: torch.Tensor, co
         warns.append(msg)
     logit_var = torch.diagonal(cov, dim1=1, dim2=2).clone()
     if sel is not None:
-        known = torch.zeros_like(logit_var, dtype=torch.bool).scatter_(1, sel, True)
+        known = _class_mask(sel, logit_var.shape[1])
         logit_var = torch.where(known, logit_var, torch.full_like(logit_var, float("nan")))
     return Prediction(
         method=method, noise=noise.to_string(), targets=base.lin.plan.targets.describe(), clean_logits=clean.clone(),

@@ -166,6 +166,12 @@ class TargetPlan:
     folded: tuple[tuple[str, str], ...] = ()
 
 
+def qualified_name(module: str, param: str) -> str:
+    """A parameter's name in ``named_parameters()``: ``"module.param"``, or ``"param"`` for
+    the root module (a model that is one bare layer, ``nn.Linear(5, 3)``)."""
+    return f"{module}.{param}" if module else param
+
+
 def _in_layers(name: str, layers) -> bool:
     if layers is None:
         return True
@@ -197,17 +203,16 @@ def resolve_targets(model: nn.Module, targets=None) -> TargetPlan:
     for mname, module in net.named_modules():
         if not _in_layers(mname, t.layers):
             continue
-        prefix = mname + "." if mname else ""
         if isinstance(module, WEIGHT_LAYERS):
             if t.weights and module.weight is not None:
-                names.append(prefix + "weight")
+                names.append(qualified_name(mname, "weight"))
             if t.biases and module.bias is not None:
-                names.append(prefix + "bias")
+                names.append(qualified_name(mname, "bias"))
         elif is_norm_layer(module) and t.norm:
             for pname in ("weight", "bias"):
                 p = getattr(module, pname, None)
                 if isinstance(p, nn.Parameter):
-                    names.append(prefix + pname)
+                    names.append(qualified_name(mname, pname))
     if not names:
         layers = [type(m).__name__ for m in net.modules()][:8]
         raise ValueError(
