@@ -12,7 +12,7 @@ linear in the draws: measured at ``--draws`` and scaled to 100 when fewer); last
 validity warning flagged, and its false alarms (warned where the first order was right).
 
     .venv/bin/python benchmarks/drift.py [--models mlp,vgg,resnet20] [--scales 1,2]
-        [--draws 50] [--times 1,3600,86400,2.6e6,3.15e7,3.15e8] [--linearize-at mean]
+        [--draws 50] [--times 1,3600,86400,2.6e6,3.15e7,3.15e8] [--linearize-at earliest|mean|programmed]
         [--methods linear,moments] [--compensation both|on|off]
 """
 from __future__ import annotations
@@ -39,7 +39,7 @@ def main(argv=None):
     ap.add_argument("--scales", default="1,2")
     ap.add_argument("--draws", type=int, default=50)
     ap.add_argument("--times", default="1,3600,86400,2.6e6,3.15e7,3.15e8")
-    ap.add_argument("--linearize-at", default="mean")
+    ap.add_argument("--linearize-at", default="earliest")
     ap.add_argument("--methods", default="linear", help="prediction methods, e.g. linear,moments")
     ap.add_argument("--compensation", default="both", choices=("both", "on", "off"))
     ap.add_argument("--threads", type=int, default=1)

@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from noiseprop.theory.drift import predict_drift
+from noiseprop.theory.drift import LINEARIZE_AT, predict_drift
 from noiseprop.theory.hardware import PCMLike
 
 from .cli import CLIError
@@ -145,8 +145,11 @@ def register(sub) -> None:
     p.add_argument("--read-scale", type=float, default=1.0, help="read-noise scale (default 1)")
     p.add_argument("--per", choices=("layer", "channel"), default="layer", help="conductance mapping max|W| per layer or per output channel")
     p.add_argument("--draws", type=int, default=100, help="Monte-Carlo chips per time (0: prediction only)")
-    p.add_argument("--linearize-at", choices=("mean", "programmed"), default="mean",
-                   help="Jacobian at the expected weights of each time (default) or at the programmed weights, rescaled per layer by the drift (one pass; faster, less accurate at large noise)")
+    p.add_argument("--linearize-at", choices=LINEARIZE_AT, default="earliest",
+                   help="where the Jacobian is taken: at the expected weights of the earliest time, rescaled per layer "
+                        "by the drift since then (default: one pass for the curve), at those of each time (one pass "
+                        "per time), or at the programmed weights rescaled by the drift (one pass; less accurate at "
+                        "large noise)")
     p.add_argument("--method", choices=("linear", "moments"), default="linear",
                    help="prediction method: first order (default; warns at the times where it is outside its range) or moment propagation")
     p.add_argument("--accuracy-draws", type=int, default=32, help="draws of the linearised network for the chip-to-chip spread")
