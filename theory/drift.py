@@ -127,14 +127,19 @@ def _moments(lin: LinearizedNetwork, noise: WeightNoise, sampled: dict | None = 
 
 
 def _moments_over_times(lin: LinearizedNetwork, noises: Sequence[HardwareNoise]) -> list[_Moments]:
-    """:func:`_moments` at every noise model of a curve. When they are one compensated
-    :class:`~noiseprop.theory.hardware.PCMLike` at several times, each layer's
-    compensation draws are made once for all the times
-    (:meth:`~noiseprop.theory.hardware.PCMLike.alpha_over_times`: the same numbers as
-    one time at a time)."""
+    """:func:`_moments` at every noise model of a curve. When they are one
+    :class:`~noiseprop.theory.hardware.PCMLike` at several times, the device tables of
+    all the times are computed on one set of quadrature nodes
+    (:meth:`~noiseprop.theory.hardware.PCMLike.device_tables_over_times`), and with
+    compensation each layer's compensation draws are made once for all the times
+    (:meth:`~noiseprop.theory.hardware.PCMLike.alpha_over_times`): the same numbers as
+    one time at a time."""
     first = noises[0] if noises else None
-    if len(noises) > 1 and isinstance(first, PCMLike) and first.compensation and all(
-            isinstance(nz, PCMLike) and replace(nz, t=0.0) == replace(first, t=0.0) for nz in noises):
+    one_model = len(noises) > 1 and isinstance(first, PCMLike) and all(
+        isinstance(nz, PCMLike) and replace(nz, t=0.0) == replace(first, t=0.0) for nz in noises)
+    if one_model:  # every time's device table on one set of quadrature nodes
+        PCMLike.device_tables_over_times(noises)
+    if one_model and first.compensation:
         per_time = [{} for _ in noises]
         for n, w in lin.target_params.items():
             for k, st in enumerate(first.alpha_over_times(w, [nz.t for nz in noises])):

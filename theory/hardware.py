@@ -401,37 +401,65 @@ class PCMLike(HardwareNoise):
         """Exact per-device moments (float64) for targets ``g_t`` (µS): ``prog_mean``,
         ``prog_sq`` (``E g_P``, ``E g_P²``), ``mean``, ``sq`` (``E g``, ``E g²`` at ``t``)
         and ``cross`` (``E[g_P g]``). Derivation ``hardware.device_moments``."""
+        return self._device_moments_over_times(g_t, (self.t,))[0]
+
+    def _device_moments_over_times(self, g_t: torch.Tensor, times) -> list[dict]:
+        """:meth:`device_moments` of this model at each of ``times``, on one set of
+        quadrature nodes: the programmed conductance's distribution (the nodes) and
+        ``Q(g_P)`` do not depend on ``t``, only the drift and read factors do."""
         g_t = g_t.double()
         s_p = self._sigma_prog(g_t)
         pm, psq = rectified_normal_moments(g_t, s_p)
         mu, sd = self._drift_params(g_t)
-        lam = self.drift_scale * self.log_drift_time
-        d1 = folded_normal_laplace(lam, mu, sd)
-        d2 = folded_normal_laplace(2 * lam, mu, sd)
-        c = self.read_factor
+        models = [replace(self, t=float(t)) for t in times]
+        cs = [q.read_factor for q in models]
         shape = g_t.shape
         a, s = g_t.reshape(-1), s_p.reshape(-1)
-        def integrands(g):  # E g_D-free parts of E g, E g², E[g_P g] (one set of nodes for the three)
-            m1, m2 = rectified_normal_moments(torch.ones_like(g), c * _q_read(g))
-            return torch.stack([g * m1, g * g * m2, g * g * m1], dim=-1)
 
-        i1, i2, i3 = (v.reshape(shape) for v in rectified_expectation(integrands, a, s, _Q_KINKS).unbind(-1))
-        return dict(prog_mean=pm, prog_sq=psq, mean=d1 * i1, sq=d2 * i2, cross=d1 * i3)
+        def integrands(g):  # E g_D-free parts of E g, E g², E[g_P g] per time (one set of nodes)
+            q = _q_read(g)
+            out = []
+            for c in cs:
+                m1, m2 = rectified_normal_moments(torch.ones_like(g), c * q)
+                out += [g * m1, g * g * m2, g * g * m1]
+            return torch.stack(out, dim=-1)
+
+        ints = rectified_expectation(integrands, a, s, _Q_KINKS).unbind(-1)
+        res = []
+        for k, q in enumerate(models):
+            lam = q.drift_scale * q.log_drift_time
+            d1 = folded_normal_laplace(lam, mu, sd)
+            d2 = folded_normal_laplace(2 * lam, mu, sd)
+            i1, i2, i3 = (v.reshape(shape) for v in ints[3 * k:3 * k + 3])
+            res.append(dict(prog_mean=pm, prog_sq=psq, mean=d1 * i1, sq=d2 * i2, cross=d1 * i3))
+        return res
 
     def device_table(self, points: int = 4097) -> tuple[torch.Tensor, dict]:
         """:meth:`device_moments` on a grid of targets ``[0, g_max]`` (``points`` nodes,
         quadratically spaced so they are dense near 0, plus the kinks of ``μ_ν``, ``σ_ν`` in ``r``): the moments depend on the
         weight only through its device target, so one table serves every layer.
         Cached per model instance."""
+        return self.device_tables_over_times([self], points)[0]
+
+    @staticmethod
+    def device_tables_over_times(models, points: int = 4097) -> list[tuple[torch.Tensor, dict]]:
+        """:meth:`device_table` of each of ``models`` (one :class:`PCMLike` at several
+        times), the missing ones computed together on one set of quadrature nodes
+        (:meth:`_device_moments_over_times`) and cached in each model."""
         key = ("_table", points)
-        cache = self.__dict__.setdefault("_cache", {})
-        if key not in cache:
+        caches = [q.__dict__.setdefault("_cache", {}) for q in models]
+        todo = [k for k, c in enumerate(caches) if key not in c]
+        if todo:
+            first = models[todo[0]]
+            if any(replace(models[k], t=first.t) != first for k in todo):
+                raise ValueError("device_tables_over_times needs one PCMLike model at several times")
             kinks = [G_MAX * math.exp((0.0244 - c) / 0.0155) for c in (0.049, 0.1)]
             kinks += [G_MAX * math.exp((-0.0059 - c) / 0.0125) for c in (0.008, 0.045)]
             grid = G_MAX * torch.linspace(0.0, 1.0, points, dtype=torch.float64) ** 2  # dense near 0
             grid = torch.unique(torch.cat([grid, torch.tensor([k for k in kinks if 0 < k < G_MAX], dtype=torch.float64)]))
-            cache[key] = (grid, self.device_moments(grid))
-        return cache[key]
+            for k, d in zip(todo, first._device_moments_over_times(grid, [models[k].t for k in todo])):
+                caches[k][key] = (grid, d)
+        return [c[key] for c in caches]
 
     def table_moments(self, g_t: torch.Tensor, points: int = 4097) -> dict:
         """:meth:`device_moments` at ``g_t`` by linear interpolation in :meth:`device_table`

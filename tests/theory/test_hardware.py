@@ -171,6 +171,21 @@ def test_device_table_integrals_on_shared_nodes():
     assert torch.allclose(d["cross"], d1 * one(2, 0), rtol=1e-13, atol=0)
 
 
+def test_device_tables_over_times_equal_one_time_at_a_time():
+    """The device tables of one PCM model at several times, computed together on one set
+    of quadrature nodes (what a drift curve does), equal each time's own table; models
+    that differ in more than ``t`` are refused."""
+    times = [1.0, 3600.0, 3.15e8]
+    together = PCMLike.device_tables_over_times([PCMLike(t=t, read_noise_scale=2.0) for t in times], points=257)
+    for t, (grid, d) in zip(times, together):
+        g1, d1 = PCMLike(t=t, read_noise_scale=2.0).device_table(points=257)
+        assert torch.equal(grid, g1)
+        for k in d1:
+            assert torch.allclose(d[k], d1[k], rtol=1e-13, atol=0), k
+    with pytest.raises(ValueError, match="one PCMLike model at several times"):
+        PCMLike.device_tables_over_times([PCMLike(t=1.0), PCMLike(t=2.0, drift_scale=2.0)], points=17)
+
+
 def test_folded_normal_laplace_against_quadrature():
     for s, mu, sd in [(0.5, 0.05, 0.01), (20.0, 0.1, 0.045), (60.0, 0.049, 0.008), (3.0, -0.2, 0.3)]:
         ref = integrate.quad(lambda x: math.exp(-s * abs(x)) * stats.norm.pdf(x, mu, sd), mu - 12 * sd, mu + 12 * sd,
