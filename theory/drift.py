@@ -353,18 +353,30 @@ def _fast_chunk_size(taps, num_classes: int, num_units: int, num_maps: int, item
     return int(max(1, min(cap, budget // max(1, per))))
 
 
+#: What one element read or written by the per-sample Jacobian route's memory-bound steps
+#: (the scaled copy ``J ⊙ u`` and the product ``(J ⊙ u)(J ⊙ u)ᵀ`` that reads it, about
+#: ``3·C`` per weight element and scale map) costs in multiply-adds of a compute-bound
+#: product. Measured on the digits VGG, compensated, six times (docs/THEORY.md §10): with
+#: multiply-adds alone its 4×4 layers took the Jacobian route and the curve took
+#: 17.6–19.0 s; on the element-Gram route 11.9–13.6 s; its 8×8 layers on that route,
+#: 35–38 s. 8 sends the 4×4 layers to the Gram route and keeps the 8×8 ones.
+MEMORY_ELEMENT_COST = 8
+
+
 def _element_gram_cheaper(mod: nn.Module, calls, num_classes: int, num_units: int, num_maps: int) -> bool:
     """Whether :func:`_conv_element_cov` (and a convolution per tangent or draw) costs
     less than forming the per-sample Jacobian ``J [C, P]`` and its products, for a
     convolution called once with ``L`` output positions: per input and weight element,
     ``U·L² + L·T`` against ``C·L + U·C² + C·T`` multiply-adds (``U`` scale maps, ``T``
-    tangents and draws, ``C`` classes): the small feature maps of deep layers."""
+    tangents and draws, ``C`` classes) plus the Jacobian route's memory-bound ``3·U·C``
+    element reads and writes at :data:`MEMORY_ELEMENT_COST` each: the small feature maps
+    of deep layers."""
     if not isinstance(mod, nn.Conv2d) or len(calls) != 1:
         return False
     dl = calls[0][1]
     L = dl[0, 0].numel() // mod.out_channels
     C, U, T = num_classes, num_units, num_maps
-    return U * L * L + L * T < C * L + U * C * C + C * T
+    return U * L * L + L * T < C * L + U * C * C + C * T + MEMORY_ELEMENT_COST * 3 * U * C
 
 
 def _conv_element_cov(tap, delta: torch.Tensor, scales: Sequence[torch.Tensor]) -> list[torch.Tensor]:

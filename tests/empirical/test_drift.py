@@ -364,7 +364,7 @@ def test_fast_pass_draws_and_tangents_from_the_jacobian():
 
 
 def test_fast_pass_gram_route_on_small_feature_maps():
-    """On a small feature map (2×2 outputs, here also grouped) the tap-based pass takes
+    """On a small feature map (4×4 outputs, here also grouped) the tap-based pass takes
     the per-element patch-Gram route (no per-sample Jacobian) and one stacked map for the
     tangents and draws: its covariances for six scale maps, its tangent products and its
     draws equal jacobian_pass + forward-mode products (and jvp for the draws)."""
@@ -373,8 +373,8 @@ def test_fast_pass_gram_route_on_small_feature_maps():
     g = torch.Generator().manual_seed(2)
     net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 6, 3, padding=1),
                         nn.ReLU(), nn.Conv2d(6, 6, 3, padding=1, groups=2), nn.ReLU(), nn.Flatten(),
-                        nn.Linear(24, 10)).double().eval()
-    x = torch.randn(9, 1, 4, 4, generator=g, dtype=torch.float64)
+                        nn.Linear(96, 10)).double().eval()
+    x = torch.randn(9, 1, 8, 8, generator=g, dtype=torch.float64)
     lin = D.LinearizedNetwork(net)
     mos = [D._moments(lin, PCMLike(t=t, prog_noise_scale=2.0)) for t in TIMES]
     units = [m.unit for m in mos]
@@ -386,7 +386,7 @@ def test_fast_pass_gram_route_on_small_feature_maps():
         fast = D._fast_pass(lin, x, units, tangents, 3, 5, 4)
     finally:
         D._conv_element_cov = orig
-    assert set(taken) == {"3", "5"}  # both 2×2 convolutions, not the 4×4 one
+    assert set(taken) == {"3", "5"}  # both 4×4 convolutions, not the 8×8 one
     slow = D._slow_derivatives(lin, x, units, tangents, 0, 0, 4, 4)
     for a, b in zip(fast[0], slow[0]):
         assert torch.allclose(a, b.double(), rtol=1e-9, atol=1e-12)
