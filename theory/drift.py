@@ -9,9 +9,10 @@ linearisation point ``θ*``:
 
     f(w̃) ≈ f(θ*) + J(θ*) (w̃ − θ*),
 
-* ``linearize_at="mean"`` (default): ``θ* = μ``, so the logit mean is ``f(μ)`` (the
-  network with the expected weights, the mean shift ``J·E[δw]`` to all orders along
-  the mean) and the covariance is ``J(μ) Σ J(μ)ᵀ``: one pass of derivatives per time.
+* ``linearize_at="mean"`` (the default of :func:`predict_hardware`, one time):
+  ``θ* = μ``, so the logit mean is ``f(μ)`` (the network with the expected weights, the
+  mean shift ``J·E[δw]`` to all orders along the mean) and the covariance is
+  ``J(μ) Σ J(μ)ᵀ``: one pass of derivatives per time.
 * ``linearize_at="earliest"`` (the default of :func:`predict_drift`): the mean is still
   ``f(μ_t)`` but the covariance at every time uses the Jacobian at the expected weights
   of the curve's earliest time ``μ_0``, each layer's share rescaled by the other layers'
@@ -690,8 +691,9 @@ def predict_drift(model: nn.Module, x, y, noise, times, targets=None, *, method:
     accurate at large noise on networks with BatchNorm, because the programming noise's
     own mean shift is left out of the Jacobian). Measured in docs/THEORY.md §10:
     ``"earliest"`` is as accurate as ``"mean"`` (closer to Monte-Carlo at twice
-    aihwkit's scales on ResNet-20) at 1.3–2.3× its speed. ``accuracy_draws``: shared draws of the linearised network for the chip-to-chip
-    spread (0: skip). ``seed`` seeds those draws and the
+    aihwkit's scales on ResNet-20) and 1.2–2.3× faster on the VGG and ResNet-20 (the
+    MLP's curve is mostly fixed costs). ``accuracy_draws``: shared draws of the
+    linearised network for the chip-to-chip spread (0: skip). ``seed`` seeds those draws and the
     quasi-Monte-Carlo points. ``method="moments"``: moment propagation at each time
     (``rank``, ``spatial_rank``, ``moment_chunk`` as in
     :func:`~noiseprop.theory.predict.predict`), needed once drift and read noise take
