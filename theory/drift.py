@@ -82,6 +82,9 @@ from .validation import check_bool, check_inputs, check_int, check_labels, check
 __all__ = ["DriftPrediction", "predict_drift", "predict_hardware", "LINEARIZE_AT"]
 
 LINEARIZE_AT = ("earliest", "mean", "programmed")
+#: How a summary names each linearisation point.
+_LINEARIZE_WORDS = {"earliest": "the earliest time's expected weights (rescaled by the drift)",
+                    "mean": "each time's expected weights", "programmed": "the programmed weights (rescaled by the drift)"}
 
 
 def _moment_settings(rank, spatial_rank, moment_chunk) -> tuple[int, int, int]:
@@ -574,7 +577,8 @@ class DriftPrediction:
 
     def summary(self) -> str:
         lines = [f"Predicted accuracy vs time since programming: {self.noise} on {self.targets}",
-                 f"  linearised at the {self.linearize_at} weights; clean accuracy {self.clean_accuracy:.4f}; "
+                 f"  linearised at {_LINEARIZE_WORDS.get(self.linearize_at, self.linearize_at)}; "
+                 f"clean accuracy {self.clean_accuracy:.4f}; "
                  f"{self.seconds:.2f} s",
                  f"  {'t (s)':>10}{'accuracy':>10}{'bounds':>20}{'chip sd':>9}{'loss':>9}"]
         for _, r in self.to_frame().iterrows():
