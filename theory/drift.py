@@ -607,15 +607,20 @@ def _predict_models(model, x, y, noises: Sequence[HardwareNoise], targets, linea
     clean_acc = float((clean.argmax(1) == y).double().mean())
     moments = _moments_over_times(lin, noises)
     shared = None
+    first = _earliest(noises)
     if linearize_at != "mean":  # one pass serves every time
-        base = lin if linearize_at == "programmed" else _at(lin, moments[_earliest(noises)].mean)
-        facs = [_drift_factors(base, mo) for mo in moments]
-        tangents = [_comp_tangents(mo, f) for mo, f in zip(moments, facs)]
-        flat = [t for ts in tangents for t in ts]
-        units = [{n: u * f[n] for n, u in mo.unit.items()} for mo, f in zip(moments, facs)]
+        base = lin if linearize_at == "programmed" else _at(lin, moments[first].mean)
+        # the earliest time first: the pass draws its shared chip-to-chip draws at the
+        # first scale map, so they are the earliest time's whatever the order of ``times``
+        order = [first] + [k for k in range(len(moments)) if k != first]
+        facs = {k: _drift_factors(base, moments[k]) for k in order}
+        tangents = {k: _comp_tangents(moments[k], facs[k]) for k in order}
+        flat = [t for k in order for t in tangents[k]]
+        units = [{n: u * facs[k][n] for n, u in moments[k].unit.items()} for k in order]
         covs, jts, z0 = _derivatives(base, x, units, flat, accuracy_draws, seed, chunk_size, batch_size)
-        offsets = np.cumsum([0] + [len(ts) for ts in tangents])
-        shared = (covs, [jts[offsets[k]:offsets[k + 1]] for k in range(len(moments))], z0)
+        offsets = np.cumsum([0] + [len(tangents[k]) for k in order])
+        shared = ({k: covs[i] for i, k in enumerate(order)},
+                  {k: jts[offsets[i]:offsets[i + 1]] for i, k in enumerate(order)}, z0)
     preds = []
     for k, (nz, mo) in enumerate(zip(noises, moments)):
         t1 = time.perf_counter()
@@ -627,8 +632,9 @@ def _predict_models(model, x, y, noises: Sequence[HardwareNoise], targets, linea
             cov = covs[0]
         else:
             cov, jt, z = shared[0][k], shared[1][k], shared[2]
-            if z is not None and k > 0:  # rescale the shared draws per class to this time's marginal sd
-                z = _rescale_draws(z, torch.diagonal(cov, dim1=1, dim2=2), torch.diagonal(shared[0][0], dim1=1, dim2=2))
+            if z is not None and k != first:  # rescale the shared draws per class to this time's marginal sd
+                z = _rescale_draws(z, torch.diagonal(cov, dim1=1, dim2=2),
+                                   torch.diagonal(shared[0][first], dim1=1, dim2=2))
         comp_cov, pairs = _compensation_cov(jt, mo)
         mdiag, warns = {}, []
         if method == "linear" and diagnostic:  # the validity diagnostic of predict, at this time's noise

@@ -289,6 +289,13 @@ def test_linearize_at_earliest_is_the_mean_at_the_earliest_time(digits_mlp):
         assert np.allclose(a.accuracy, b.accuracy, atol=0.005)
         one = predict_drift(model, x[:120], y[:120], nz, [3.15e7], accuracy_draws=0)
         assert torch.allclose(one.predictions[0].logit_var, b.predictions[2].logit_var, rtol=1e-6, atol=0)
+    # the chip-to-chip spread's shared draws are the earliest time's, whatever the order
+    nz = PCMLike(prog_noise_scale=3.0, read_noise_scale=3.0)
+    a = predict_drift(model, x[:120], y[:120], nz, [86400.0, 1.0, 3.15e7], accuracy_draws=16)
+    s = predict_drift(model, x[:120], y[:120], nz, [1.0, 86400.0, 3.15e7], accuracy_draws=16)
+    b = predict_drift(model, x[:120], y[:120], nz, [86400.0, 1.0, 3.15e7], linearize_at="mean", accuracy_draws=16)
+    assert np.allclose(a.accuracy_std, s.accuracy_std[[1, 0, 2]], rtol=1e-9, atol=0)
+    assert a.accuracy_std[1] == pytest.approx(b.accuracy_std[1], rel=1e-9)
 
 
 def test_programmed_jacobian_rescaled_exactly_on_a_homogeneous_chain():
