@@ -419,7 +419,7 @@ ax.plot(w.flatten(), s.mean(0).flatten(), "r+", label="sample mean")
 ax.set_xlabel("programmed weight w"); ax.set_ylabel("read weight after 1 year"); ax.legend()'''),
     ("md", "## Accuracy against time since programming\nA network trained on digits (the MLP at reduced "
            "size, ResNet-20 with BatchNorm at full size), with and without compensation: `predict_drift` (one "
-           "derivative pass per time, no sampling) and `drift_sweep` (Monte-Carlo, the same chips at every time)."),
+           "derivative pass for the whole curve, no sampling) and `drift_sweep` (Monte-Carlo, the same chips at every time)."),
     ("code", '''import pandas as pd
 from IPython.display import Image, display
 data = load_dataset("digits")
@@ -443,8 +443,10 @@ pd.DataFrame(rows)'''),
     ("md", "Without compensation the conductances shrink by $((t+t_0)/t_0)^{-\\nu}$ (about x0.4 after ten years "
            "at $\\nu \\approx 0.05$): BatchNorm's running statistics no longer match and accuracy collapses; the "
            "global scalar restores the scale, and what remains is the spread of $\\nu$ across devices and the "
-           "growing read noise. The first-order prediction linearises at the expected weights of each time; at "
-           "large noise it underestimates the damage (the ReLU mean shift it leaves out)."),
+           "growing read noise. The first-order prediction linearises at the expected weights of the earliest "
+           "time and rescales each layer by the drift since then (`linearize_at=\"earliest\"`; `\"mean\"` "
+           "linearises again at each time); at large noise it underestimates the damage (the ReLU mean shift "
+           "it leaves out)."),
 ]
 
 
