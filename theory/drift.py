@@ -112,11 +112,15 @@ class _Moments:
     alpha_mean: dict
 
 
-def _moments(lin: LinearizedNetwork, noise: WeightNoise, sampled: dict | None = None) -> _Moments:
+def _moments(lin: LinearizedNetwork, noise: WeightNoise, sampled: dict | None = None, raw: dict | None = None) -> _Moments:
     mean, unit, raw_mean, cov_w, avar, amean = {}, {}, {}, {}, {}, {}
     for n, w in lin.target_params.items():
-        if isinstance(noise, PCMLike) and noise.compensation:
-            eff = noise.effective_moments(w, sampled=None if sampled is None else sampled[n])
+        if isinstance(noise, PCMLike) and raw is not None and not noise.compensation:
+            mean[n] = raw[n]["mean"].to(w.dtype)
+            unit[n] = raw[n]["var"].to(w.dtype).clamp_min(0).sqrt()
+        elif isinstance(noise, PCMLike) and noise.compensation:
+            eff = noise.effective_moments(w, sampled=None if sampled is None else sampled[n],
+                                          raw=None if raw is None else raw[n])
             comp = eff["comp"]
             mean[n] = eff["mean"].to(w.dtype)
             unit[n] = (comp.alpha_mean * eff["raw"]["var"].sqrt()).to(w.dtype)
@@ -133,23 +137,27 @@ def _moments(lin: LinearizedNetwork, noise: WeightNoise, sampled: dict | None = 
 def _moments_over_times(lin: LinearizedNetwork, noises: Sequence[HardwareNoise]) -> list[_Moments]:
     """:func:`_moments` at every noise model of a curve. When they are one
     :class:`~noiseprop.theory.hardware.PCMLike` at several times, the device tables of
-    all the times are computed on one set of quadrature nodes
-    (:meth:`~noiseprop.theory.hardware.PCMLike.device_tables_over_times`), and with
+    all the times are computed on one set of quadrature nodes and each weight's place in
+    them is found once (:meth:`~noiseprop.theory.hardware.PCMLike.raw_moments_over_times`), and with
     compensation each layer's compensation draws are made once for all the times
     (:meth:`~noiseprop.theory.hardware.PCMLike.alpha_over_times`): the same numbers as
     one time at a time."""
     first = noises[0] if noises else None
     one_model = len(noises) > 1 and isinstance(first, PCMLike) and all(
         isinstance(nz, PCMLike) and replace(nz, t=0.0) == replace(first, t=0.0) for nz in noises)
-    if one_model:  # every time's device table on one set of quadrature nodes
-        PCMLike.device_tables_over_times(noises)
-    if one_model and first.compensation:
+    if not one_model:
+        return [_moments(lin, nz) for nz in noises]
+    raws = [{} for _ in noises]  # every time's device table on one set of quadrature nodes
+    for n, w in lin.target_params.items():
+        for k, raw in enumerate(PCMLike.raw_moments_over_times(w, noises)):
+            raws[k][n] = raw
+    per_time = [None for _ in noises]
+    if first.compensation:
         per_time = [{} for _ in noises]
         for n, w in lin.target_params.items():
             for k, st in enumerate(first.alpha_over_times(w, [nz.t for nz in noises])):
                 per_time[k][n] = st
-        return [_moments(lin, nz, st) for nz, st in zip(noises, per_time)]
-    return [_moments(lin, nz) for nz in noises]
+    return [_moments(lin, nz, st, raw) for nz, st, raw in zip(noises, per_time, raws)]
 
 
 def _at(lin: LinearizedNetwork, point: dict) -> LinearizedNetwork:

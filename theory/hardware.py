@@ -199,6 +199,15 @@ def rectified_expectation(h, a: torch.Tensor, s: torch.Tensor, kinks=(), nodes: 
     return out if vector else out.squeeze(-1)
 
 
+def _table_position(grid: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index ``i`` (of the node above) and fraction ``f`` of each target ``g`` (µS, clamped
+    to ``[0, g_max]``) in a device table's ``grid``: the value is ``v[i−1] + f (v[i] − v[i−1])``."""
+    x = g.double().clamp(0, G_MAX).reshape(-1)
+    i = torch.searchsorted(grid, x, right=True).clamp(1, grid.numel() - 1)
+    x0, x1 = grid[i - 1], grid[i]
+    return i, ((x - x0) / (x1 - x0)).clamp(0, 1)
+
+
 def _q_read(g: torch.Tensor) -> torch.Tensor:
     """Relative 1/f read-noise amplitude ``Q(g) = min(0.2, 0.0088/max(1e-3, (g/g_max)^0.65))``."""
     return (0.0088 / ((g.clamp_min(0) / G_MAX) ** 0.65).clamp_min(1e-3)).clamp_max(0.2)
@@ -466,20 +475,19 @@ class PCMLike(HardwareNoise):
         (the moments are smooth between the table's nodes; relative error about 1e-5, below 1e-4
         tests/theory/test_hardware.py)."""
         grid, tab = self.device_table(points)
-        x = g_t.double().clamp(0, G_MAX).reshape(-1)
-        i = torch.searchsorted(grid, x, right=True).clamp(1, grid.numel() - 1)
-        x0, x1 = grid[i - 1], grid[i]
-        f = ((x - x0) / (x1 - x0)).clamp(0, 1)
+        i, f = _table_position(grid, g_t)
         return {k: (v[i - 1] + f * (v[i] - v[i - 1])).reshape(g_t.shape) for k, v in tab.items()}
 
     def raw_moments(self, w: torch.Tensor, exact: bool = False) -> dict:
         """Exact per-element moments of the read weight before compensation (float64,
         shaped like ``w``): ``mean``, ``var`` of ``W(t)``, ``prog_mean``, ``prog_var`` of
         ``W_P`` and ``cov`` ``= Cov(W_P, W(t))``. ``exact=True``: quadrature per element
-        instead of the interpolated table (:meth:`table_moments`)."""
+        instead of the interpolated table (:meth:`raw_moments_over_times`)."""
         _check_weight(w)
+        if not exact:
+            return self.raw_moments_over_times(w, [self])[0]
         g_t, m = _device_targets(w.double(), self.per)
-        d = self.device_moments(g_t) if exact else self.table_moments(g_t)
+        d = self.device_moments(g_t)
         k = (m / G_MAX).double()
         var_dev = d["sq"] - d["mean"] ** 2
         pvar_dev = d["prog_sq"] - d["prog_mean"] ** 2
@@ -487,6 +495,39 @@ class PCMLike(HardwareNoise):
         return dict(mean=(d["mean"][0] - d["mean"][1]) * k, var=(var_dev[0] + var_dev[1]) * k * k,
                     prog_mean=(d["prog_mean"][0] - d["prog_mean"][1]) * k, prog_var=(pvar_dev[0] + pvar_dev[1]) * k * k,
                     cov=(cov_dev[0] + cov_dev[1]) * k * k)
+
+    @staticmethod
+    def raw_moments_over_times(w: torch.Tensor, models, points: int = 4097) -> list[dict]:
+        """:meth:`raw_moments` of ``w`` under each of ``models`` (one :class:`PCMLike` at
+        several times), from their device tables (:meth:`device_tables_over_times`) with
+        the interpolation position of each weight found once. Of a weight's two devices one
+        has target ``g_max|w|/M`` and the other target 0 (the table's first node), so
+        ``E W = sign(w)(m(g) − m(0)) M/g_max`` and the variances add the idle device's
+        constant: the same numbers as interpolating both devices."""
+        _check_weight(w)
+        tables = PCMLike.device_tables_over_times(list(models), points)
+        wd = w.detach().double()
+        m = _reference(wd, models[0].per)
+        safe = torch.where(m > 0, m, torch.ones_like(m))
+        r = torch.where(m > 0, wd / safe, torch.zeros_like(wd))
+        sign = torch.sign(r)
+        k = (m / G_MAX).double()
+        i, f = _table_position(tables[0][0], r.abs() * G_MAX)
+        keys = ("mean", "sq", "prog_mean", "prog_sq", "cross")
+        out = []
+        for grid, tab in tables:
+            v = torch.stack([tab[key] for key in keys])  # [5, nodes]
+            lo = v[:, i - 1]
+            on = (lo + f * (v[:, i] - lo)).reshape((5,) + tuple(w.shape))  # the active device
+            idle = v[:, 0]  # target 0: the first node
+            mean, sq, pm, psq, cross = on.unbind(0)
+            mean0, sq0, pm0, psq0, cross0 = idle.unbind(0)
+            var = (sq - mean ** 2) + (sq0 - mean0 ** 2)
+            pvar = (psq - pm ** 2) + (psq0 - pm0 ** 2)
+            cov = (cross - pm * mean) + (cross0 - pm0 * mean0)
+            out.append(dict(mean=sign * (mean - mean0) * k, var=var * k * k, prog_mean=sign * (pm - pm0) * k,
+                            prog_var=pvar * k * k, cov=cov * k * k))
+        return out
 
     def compensation_moments(self, w: torch.Tensor, raw: dict | None = None,
                              draws: int | None = None, sampled: tuple | None = None) -> CompensationMoments:
@@ -583,14 +624,15 @@ class PCMLike(HardwareNoise):
             return []
         return replace(self, t=times[0])._alpha_sampled(w, draws, tuple(times[1:]))
 
-    def effective_moments(self, w: torch.Tensor, sampled: tuple | None = None) -> dict:
+    def effective_moments(self, w: torch.Tensor, sampled: tuple | None = None, raw: dict | None = None) -> dict:
         """Per-element moments of the weight the network uses (``α W(t)`` with
         compensation, else ``W(t)``), plus the compensation statistics: ``mean``,
         ``var``, ``raw`` (:meth:`raw_moments`) and ``comp`` (:class:`CompensationMoments`
         or ``None``). With compensation, ``E[αW] = E α E W + Cov(α, W)`` and, to first
         order, ``Var(αW) = (Eα)² Var W + (E W)² Var α + 2 Eα E W Cov(α, W)``. ``sampled``:
-        see :meth:`compensation_moments`."""
-        raw = self.raw_moments(w)
+        see :meth:`compensation_moments`; ``raw``: :meth:`raw_moments` of ``w`` at this time,
+        already computed (:meth:`raw_moments_over_times`)."""
+        raw = self.raw_moments(w) if raw is None else raw
         if not self.compensation:
             return dict(mean=raw["mean"], var=raw["var"], raw=raw, comp=None)
         comp = self.compensation_moments(w, raw, sampled=sampled)

@@ -186,6 +186,31 @@ def test_device_tables_over_times_equal_one_time_at_a_time():
         PCMLike.device_tables_over_times([PCMLike(t=1.0), PCMLike(t=2.0, drift_scale=2.0)], points=17)
 
 
+@pytest.mark.parametrize("per", ["layer", "channel"])
+def test_raw_moments_over_times_equal_both_devices_interpolated(per):
+    """A curve's raw moments (one table position per weight, the idle device's moments
+    from the table's first node) equal, to the bit, interpolating both devices of every
+    weight in each time's table; zero weights and a zero channel included."""
+    w = torch.randn(6, 5, 3, 3, generator=torch.Generator().manual_seed(3))
+    w[0, 0] = 0.0
+    w[1] = 0.0
+    models = [PCMLike(t=t, per=per, prog_noise_scale=2.0) for t in (1.0, 86400.0, 3.15e8)]
+    for q, raw in zip(models, PCMLike.raw_moments_over_times(w, models, points=257)):
+        g_t, m = hw._device_targets(w.double(), per)
+        d = q.table_moments(g_t, points=257)
+        k = (m / G_MAX).double()
+        var_dev = d["sq"] - d["mean"] ** 2
+        pvar_dev = d["prog_sq"] - d["prog_mean"] ** 2
+        cov_dev = d["cross"] - d["prog_mean"] * d["mean"]
+        both = dict(mean=(d["mean"][0] - d["mean"][1]) * k, var=(var_dev[0] + var_dev[1]) * k * k,
+                    prog_mean=(d["prog_mean"][0] - d["prog_mean"][1]) * k,
+                    prog_var=(pvar_dev[0] + pvar_dev[1]) * k * k, cov=(cov_dev[0] + cov_dev[1]) * k * k)
+        for key, v in both.items():
+            assert torch.equal(raw[key], v), key
+    assert all(torch.equal(a, b) for a, b in zip(models[0].raw_moments(w).values(),
+                                                  PCMLike.raw_moments_over_times(w, models[:1])[0].values()))
+
+
 def test_folded_normal_laplace_against_quadrature():
     for s, mu, sd in [(0.5, 0.05, 0.01), (20.0, 0.1, 0.045), (60.0, 0.049, 0.008), (3.0, -0.2, 0.3)]:
         ref = integrate.quad(lambda x: math.exp(-s * abs(x)) * stats.norm.pdf(x, mu, sd), mu - 12 * sd, mu + 12 * sd,
