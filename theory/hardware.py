@@ -505,7 +505,12 @@ class PCMLike(HardwareNoise):
         ``E W = sign(w)(m(g) − m(0)) M/g_max`` and the variances add the idle device's
         constant: the same numbers as interpolating both devices."""
         _check_weight(w)
-        tables = PCMLike.device_tables_over_times(list(models), points)
+        models = list(models)
+        if not models or not all(isinstance(q, PCMLike) and replace(q, t=0.0) == replace(models[0], t=0.0)
+                                 for q in models):
+            raise ValueError("raw_moments_over_times needs one or more PCMLike models that differ only in t, "
+                             f"got {models!r}")
+        tables = PCMLike.device_tables_over_times(models, points)
         wd = w.detach().double()
         m = _reference(wd, models[0].per)
         safe = torch.where(m > 0, m, torch.ones_like(m))
