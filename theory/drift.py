@@ -113,16 +113,19 @@ class _Moments:
 
 
 def _moments(lin: LinearizedNetwork, noise: WeightNoise, sampled: dict | None = None, raw: dict | None = None) -> _Moments:
+    """Per-parameter moments under ``noise``; ``sampled``, ``raw``: per parameter name, a PCM
+    layer's compensation draws and raw moments at this time, already computed
+    (:func:`_moments_over_times`)."""
     mean, unit, raw_mean, cov_w, avar, amean = {}, {}, {}, {}, {}, {}
     for n, w in lin.target_params.items():
-        if isinstance(noise, PCMLike) and raw is not None and not noise.compensation:
-            mean[n] = raw[n]["mean"].to(w.dtype)
-            unit[n] = raw[n]["var"].to(w.dtype).clamp_min(0).sqrt()
-        elif isinstance(noise, PCMLike) and noise.compensation:
+        if isinstance(noise, PCMLike):
             eff = noise.effective_moments(w, sampled=None if sampled is None else sampled[n],
                                           raw=None if raw is None else raw[n])
-            comp = eff["comp"]
             mean[n] = eff["mean"].to(w.dtype)
+            comp = eff["comp"]
+            if comp is None:  # without compensation
+                unit[n] = eff["var"].to(w.dtype).clamp_min(0).sqrt()
+                continue
             unit[n] = (comp.alpha_mean * eff["raw"]["var"].sqrt()).to(w.dtype)
             raw_mean[n] = eff["raw"]["mean"].to(w.dtype)
             cov_w[n] = comp.cov_w.to(w.dtype)
