@@ -39,7 +39,7 @@ def _parse_times(text: str) -> list[float]:
 def drift_figure(curves, path, title: str = "") -> None:
     """Predicted and simulated accuracy against log time (PNG). ``curves`` is a list of
     ``(label, DriftPrediction or None, SweepResult or None)``: the prediction as a line
-    with its pairwise bounds shaded (a cross where the first order's validity check
+    with its pairwise bounds shaded (a cross where the method's validity check
     fired), Monte-Carlo as points with 95% CIs."""
     import matplotlib  # lazy: matplotlib.pyplot adds seconds (measured) to every command's start
 
@@ -55,8 +55,9 @@ def drift_figure(curves, path, title: str = "") -> None:
             ax.fill_between(pred.times, pred.accuracy_lower, pred.accuracy_upper, color=col, alpha=0.12, lw=0)
             out = pred.outside_range
             if out.any():
-                ax.plot(pred.times[out], pred.accuracy[out], "x", color=col, ms=7, mew=1.5,
-                        label=f"{label}: first order outside its range (--method moments)")
+                what = ("first order outside its range (--method moments)" if pred.predictions[0].method == "linear"
+                        else "moment method outside its measured range")
+                ax.plot(pred.times[out], pred.accuracy[out], "x", color=col, ms=7, mew=1.5, label=f"{label}: {what}")
             clean = pred.clean_accuracy
         if mc is not None:
             df = mc.to_frame()
@@ -109,7 +110,8 @@ def cmd_drift(args) -> int:
                      predicted_lower=float(pred.accuracy_lower[i]), predicted_upper=float(pred.accuracy_upper[i]),
                      predicted_chip_sd=float(pred.accuracy_std[i]), method=args.method,
                      preact_frac=None if np.isnan(pred.preact_frac[i]) else float(pred.preact_frac[i]),
-                     first_order_outside_range=bool(pred.outside_range[i]))
+                     outside_range=bool(pred.outside_range[i]),
+                     first_order_outside_range=bool(pred.outside_range[i]) and args.method == "linear")
             if mdf is not None:
                 r.update(mc_accuracy=float(mdf.accuracy[i]), mc_ci=[float(mdf.accuracy_ci_low[i]),
                                                                     float(mdf.accuracy_ci_high[i])],
@@ -151,7 +153,9 @@ def register(sub) -> None:
                         "per time), or at the programmed weights rescaled by the drift (one pass; less accurate at "
                         "large noise)")
     p.add_argument("--method", choices=("linear", "moments"), default="linear",
-                   help="prediction method: first order (default; warns at the times where it is outside its range) or moment propagation")
+                   help="prediction method: first order (default; warns at the times where it is outside its range) or moment "
+                        "propagation (warns where it is outside its measured range on networks with residual connections or "
+                        "max pooling)")
     p.add_argument("--accuracy-draws", type=int, default=32, help="draws of the linearised network for the chip-to-chip spread")
     p.add_argument("--n-inputs", type=int, default=None, help="use only the first N test inputs")
     p.add_argument("--plot", default=None, metavar="PNG", help="write the figure of accuracy vs log time")

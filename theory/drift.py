@@ -76,7 +76,8 @@ from .linearize import (DEFAULT_JACOBIAN_BUDGET, PASS_CHUNK_CAP, LinearizedNetwo
 from .moments import DEFAULT_RANK, DEFAULT_SPATIAL_RANK, MomentPropagator, propagate_moments
 from .noise import WeightNoise, parse_noise
 from .predict import (DIAGNOSTIC_DIRECTIONS, DIAGNOSTIC_INPUTS, METHODS, Prediction, _gaussian_logit_loss,
-                      _preact_ratios, _rescale_draws, curve_range_warning, range_warning)
+                      _moment_risks, _preact_ratios, _rescale_draws, curve_range_warning, moments_range_warning,
+                      range_warning)
 from .validation import check_bool, check_inputs, check_int, check_labels, check_times
 
 __all__ = ["DriftPrediction", "predict_drift", "predict_hardware", "LINEARIZE_AT"]
@@ -537,7 +538,9 @@ class DriftPrediction:
     ``times[i]``; ``accuracy``, ``accuracy_lower``/``accuracy_upper`` (pairwise bounds),
     ``accuracy_std`` (chip to chip) and ``loss`` are arrays over times, and so is the
     validity diagnostic: ``preact_frac`` (NaN where not computed) and ``outside_range``
-    (the linear method's warning fired there); ``to_frame()`` has them all.
+    (the method's validity warning fired there: the first order's, or the moment
+    method's on networks with residual connections or max pooling); ``to_frame()`` has
+    them all.
     """
 
     noise: str
@@ -592,10 +595,11 @@ class DriftPrediction:
                  f"clean accuracy {self.clean_accuracy:.4f}; "
                  f"{self.seconds:.2f} s",
                  f"  {'t (s)':>10}{'accuracy':>10}{'bounds':>20}{'chip sd':>9}{'loss':>9}"]
+        flag = ("   first order outside its range" if self.predictions[0].method == "linear"
+                else "   moment method outside its measured range")
         for _, r in self.to_frame().iterrows():
             lines.append(f"  {r.time_s:>10.3g}{r.accuracy:>10.4f}   [{r.accuracy_lower:.4f}, {r.accuracy_upper:.4f}]"
-                         f"{r.accuracy_std:>9.4f}{r.loss:>9.4f}" + ("   first order outside its range" if r.outside_range
-                                                                     else ""))
+                         f"{r.accuracy_std:>9.4f}{r.loss:>9.4f}" + (flag if r.outside_range else ""))
         return "\n".join(lines)
 
     def __str__(self):
@@ -662,6 +666,9 @@ def _predict_models(model, x, y, noises: Sequence[HardwareNoise], targets, linea
             mean, cov, res = _moment_logits(lin_mu, x, mo, rank, spatial_rank, moment_chunk)
             mdiag = dict(preact_frac=res.preact_frac, preact_source="moment propagation, all inputs",
                          compression_loss=res.compression_loss, rank=res.rank)
+            msg = moments_range_warning(res.preact_frac, _moment_risks(lin_mu))
+            if msg:
+                warns.append(msg)
             if z is not None:  # the linearised network's draws, rescaled per class to the moments' sd
                 z = _rescale_draws(z, torch.diagonal(cov, dim1=1, dim2=2), v_lin)
         if comp_cov is not None:
@@ -751,7 +758,8 @@ def predict_drift(model: nn.Module, x, y, noise, times, targets=None, *, method:
         bool(cov), method, *_moment_settings(rank, spatial_rank, moment_chunk), check_bool("diagnostic", diagnostic))
     flagged = [f"{t:g} s" for t, p in zip(tv, preds) if p.warnings]
     if flagged:  # one warning for the curve (each time's own stays in its prediction)
-        warnings.warn(curve_range_warning(f"{', '.join(flagged)} after programming"), RuntimeWarning, stacklevel=2)
+        warnings.warn(curve_range_warning(f"{', '.join(flagged)} after programming", method), RuntimeWarning,
+                      stacklevel=2)
     head, _, tail = noise.to_string().partition(":")
     opts = tail.split(",", 1)[1] if "," in tail else ""
     return DriftPrediction(noise=head + (f"({opts})" if opts else ""),

@@ -166,6 +166,7 @@ def _variant(model, x, y, grid: dict, targets, alpha, confidence, method: str | 
         with warnings.catch_warnings():
             # the validity diagnostic is recorded per level (pred_preact_frac) and reported
             warnings.filterwarnings("ignore", message="first order outside its range", category=RuntimeWarning)
+            warnings.filterwarnings("ignore", message="moment method outside its measured range", category=RuntimeWarning)
             lin = _theory_curve(model, x, y, etas, targets, "linear")
             preds = lin if method == "linear" else _theory_curve(model, x, y, etas, targets, method)
     except Exception as e:  # noqa: BLE001 - recorded and shown in the report, never silent

@@ -164,6 +164,35 @@ def test_validity_warning_where_the_first_order_misses(digits_mlp, tmp_path):
     assert "outside its range" not in d.summary()
 
 
+def test_drift_moments_warn_on_a_residual_network(tmp_path):
+    """``predict_drift(method="moments")`` on the zoo's ResNet-20 (digits) at twice
+    aihwkit's scales: flagged ten years after programming, where its fraction of ReLU
+    pre-activations with noise sd above their magnitude passes the residual limit, not
+    one second after; one warning names the time, the summary and the figure mark it."""
+    import warnings
+
+    from noiseprop.theory.predict import MOMENTS_WARN_FRACTION
+
+    data = load_dataset("digits")
+    model = train({"name": "resnet20", "norm": "bn"}, data, seed=0).model
+    x, y = data.x_test[:60], data.y_test[:60]
+    noise = PCMLike(prog_noise_scale=2.0, drift_scale=2.0, read_noise_scale=2.0)
+    with pytest.warns(RuntimeWarning, match=r"moment method outside its measured range at 3\.15e\+08 s after programming"):
+        d = predict_drift(model, x, y, noise, [1.0, 3.15e8], method="moments", accuracy_draws=0)
+    frame = d.to_frame()
+    assert list(frame.outside_range) == [False, True]
+    assert frame.preact_frac[0] <= MOMENTS_WARN_FRACTION["residual"] < frame.preact_frac[1]
+    assert "moment method outside its measured range" in d.summary().splitlines()[-1]
+    assert "first order" not in d.summary()
+    from noiseprop.empirical.cli_drift import drift_figure
+
+    drift_figure([("compensated", d, None)], tmp_path / "moments.png")
+    assert (tmp_path / "moments.png").stat().st_size > 1000
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        predict_drift(model, x, y, noise, [1.0], method="moments", accuracy_draws=0)
+
+
 @pytest.mark.parametrize("noise", [Quantized(3), StuckAt(p_zero=0.02, p_max=0.005)])
 def test_quantized_and_stuck_predict_vs_mc(digits_mlp, noise):
     model, x, y = digits_mlp
@@ -223,6 +252,7 @@ def test_cli_drift_json_and_plot(small_checkpoint, tmp_path, capsys):
     assert rc == 0
     rows = json.loads(capsys.readouterr().out)["rows"]
     assert [r["method"] for r in rows] == ["moments", "moments"] and not any(r["first_order_outside_range"] for r in rows)
+    assert not any(r["outside_range"] for r in rows)  # an MLP: the moment method is not flagged
 
 
 def test_cli_drift_user_errors(small_checkpoint, capsys):

@@ -223,6 +223,93 @@ def test_warns_outside_first_order_range():
     assert q.diagnostics["preact_frac"] < 0.15 and not q.warnings
 
 
+def test_moment_risks_from_the_graph():
+    """The structures the moment method's warning keys on, read from the traced graph: a
+    residual sum (two input-dependent tensors, ``+`` or ``+=``) and max pooling; an
+    activation plus a parameter or a constant is not a residual sum."""
+    from noiseprop.theory._graph import trace
+    from noiseprop.theory.moments.rules import moment_risks
+
+    def risks(m):
+        return moment_risks(trace(m), dict(m.named_modules()))
+
+    assert [risks(trained(k)) for k in ("mlp", "cnn", "resnet")] == [(), ("max_pool",), ("residual",)]
+
+    class Shifted(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(64, 10)
+            self.shift = nn.Parameter(torch.zeros(10))
+
+        def forward(self, x):
+            return torch.relu(self.fc(x.flatten(1))) + self.shift - 1.0
+
+    class InPlace(Shifted):
+        def forward(self, x):
+            h = self.fc(x.flatten(1))
+            out = torch.relu(h)
+            out += h
+            return out
+
+    assert risks(Shifted()) == () and risks(InPlace()) == ("residual",)
+
+
+def test_moments_range_warning_thresholds():
+    from noiseprop.theory.predict import MOMENTS_WARN_FRACTION, moments_range_warning
+
+    res, mp = MOMENTS_WARN_FRACTION["residual"], MOMENTS_WARN_FRACTION["max_pool"]
+    assert moments_range_warning(0.95, ()) is None and moments_range_warning(None, ("residual",)) is None
+    assert moments_range_warning(res, ("residual",)) is None
+    assert "residual connections" in moments_range_warning(res + 0.01, ("residual",))
+    assert moments_range_warning(mp, ("max_pool",)) is None
+    assert "max pooling" in moments_range_warning(mp + 0.01, ("max_pool",))
+    assert "residual connections" in moments_range_warning(res + 0.01, ("max_pool", "residual"))
+
+
+def test_moments_warns_outside_its_measured_range():
+    """``method="moments"`` warns (at the caller's line, and once per curve naming the
+    levels) on a residual network where its own fraction of ReLU pre-activations with noise
+    sd above their magnitude passes the calibrated limit; not at small noise, and never on
+    an MLP, where it stays right far beyond that fraction."""
+    from noiseprop.theory.predict import MOMENTS_WARN_FRACTION
+
+    x, y = held_out(80)
+    res = trained("resnet")
+    with pytest.warns(RuntimeWarning, match="moment method outside its measured range") as rec:
+        p = predict(res, x, y, "relative:0.6", method="moments", accuracy_draws=0, loss_probes=0)
+    assert [w.filename for w in rec if w.category is RuntimeWarning] == [__file__]
+    assert p.diagnostics["preact_frac"] > MOMENTS_WARN_FRACTION["residual"] and p.warnings
+    with pytest.warns(RuntimeWarning, match=r"moment method outside its measured range at levels 0\.6"):
+        curve = predict_sweep(res, x, y, "relative", [0.05, 0.6], method="moments", accuracy_draws=0, loss_probes=0)
+    assert [bool(q.warnings) for q in curve.predictions] == [False, True]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        q = predict(trained("mlp"), x, y, "relative:1.0", method="moments", accuracy_draws=0, loss_probes=0)
+    assert q.diagnostics["preact_frac"] > MOMENTS_WARN_FRACTION["residual"] and not q.warnings
+
+
+def test_moments_warning_against_monte_carlo_on_resnet20():
+    """The zoo's ResNet-20 trained on digits (120 test inputs, Monte-Carlo 100 draws): at
+    η = 0.15 the moment method is within 1 point or Monte-Carlo's 95% CI and does not
+    warn; at η = 0.4 it warns, and it overestimates the accuracy by more than a point and
+    beyond the CI (the residual-network limit the warning is calibrated on)."""
+    from noiseprop.empirical import load_dataset, monte_carlo, train
+
+    data = load_dataset("digits")
+    model = train({"name": "resnet20", "norm": "bn"}, data, seed=0).model
+    x, y = data.x_test[:120], data.y_test[:120]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        ok = predict(model, x, y, "relative:0.15", method="moments", accuracy_draws=0, loss_probes=0)
+    mc = monte_carlo(model, x, y, "relative:0.15", draws=100, seed=0, progress=False)
+    lo, hi = mc.accuracy_ci
+    assert abs(ok.accuracy - mc.accuracy) <= 0.01 or lo <= ok.accuracy <= hi, (ok.accuracy, mc.accuracy_ci)
+    with pytest.warns(RuntimeWarning, match="moment method outside its measured range"):
+        far = predict(model, x, y, "relative:0.4", method="moments", accuracy_draws=0, loss_probes=0)
+    mc = monte_carlo(model, x, y, "relative:0.4", draws=100, seed=0, progress=False)
+    assert far.accuracy - mc.accuracy > 0.01 and far.accuracy > mc.accuracy_ci[1], (far.accuracy, mc.accuracy_ci)
+
+
 @pytest.mark.parametrize("kind", ["mlp", "resnet"])
 def test_jacobian_pass_per_layer_and_extra_scales(kind):
     """Per-layer shares add up to the total and each equals the exact reference with noise

@@ -114,6 +114,35 @@ def is_maxpool(node: fx.Node, modules: dict) -> bool:
     return node.op == "call_function" and node.target in _MAX_POOL_FUNCTIONS
 
 
+#: Sums of two tensors: the residual connections of :func:`moment_risks`.
+_SUM_FUNCTIONS = (operator.add, torch.add, operator.iadd, operator.sub, torch.sub)
+_SUM_METHODS = ("add", "__add__", "add_", "__iadd__", "sub", "__sub__", "sub_")
+
+
+def moment_risks(graph: fx.Graph, modules: dict) -> tuple[str, ...]:
+    """Where a network has the structures on which the moment method is measured to lose
+    accuracy at large noise (docs/THEORY.md §9; ``MOMENTS_WARN_FRACTION`` in
+    :mod:`noiseprop.theory.predict`): ``"residual"`` (a sum of two tensors that both
+    depend on the input: a skip connection) and ``"max_pool"``, sorted. Static, from the
+    traced graph; a bias or constant added to an activation is not a residual sum."""
+    live: set = set()
+    risks = set()
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            live.add(node)
+            continue
+        if not any(a in live for a in node.all_input_nodes):
+            continue
+        live.add(node)
+        if is_maxpool(node, modules):
+            risks.add("max_pool")
+        elif ((node.op == "call_function" and node.target in _SUM_FUNCTIONS)
+              or (node.op == "call_method" and node.target in _SUM_METHODS)):
+            if sum(isinstance(a, fx.Node) and a in live for a in node.args[:2]) == 2:
+                risks.add("residual")
+    return tuple(sorted(risks))
+
+
 def maxpool_args(node: fx.Node, m, args, kwargs):
     """``(kernel, stride, padding, dilation, ceil_mode)`` of a max-pool node."""
     if m is not None:
