@@ -169,18 +169,21 @@ def range_warning(frac: float | None) -> str | None:
 #: MLP stayed within a point up to a fraction of 0.89). Calibrated on the digits models
 #: against Monte-Carlo (``benchmarks/fidelity.py --checks curve --methods moments --n 150``
 #: for relative, relative-max and multiplicative noise; ``benchmarks/drift.py --methods
-#: moments`` at twice aihwkit's PCM scales): on residual networks (ResNet-20, -32, the small
-#: ResNet with its own block class) the 15 levels that missed (1.4-8.3 points high, the
-#: residual-network limit of docs/THEORY.md §9) had fractions 0.337-0.567 and every level
-#: at or below 0.295 was within, so 0.30 flags every miss, with 3 false alarms (the small
-#: ResNet at 0.34-0.54, 0.5-1.7 points off, inside Monte-Carlo's interval); on the VGG with
-#: max pooling the 3 misses (1.3-2.7 points high) had 0.43-0.47 and the levels within at
-#: most 0.386 below them, so 0.40 flags them, with 3 false alarms at 0.49-0.63 (where the
-#: error changes sign as the accuracy falls towards chance). Over the 111 levels and
-#: times (the MLP's included): all 18 misses flagged, 6 false alarms.
-MOMENTS_WARN_FRACTION = {"residual": 0.30, "max_pool": 0.40}
+#: moments`` at twice aihwkit's PCM scales; 111 levels and times): on residual networks
+#: (ResNet-20, -32, the small ResNet with its own block class) the 15 levels that missed
+#: (1.4-8.3 points high, the residual-network limit of docs/THEORY.md §9) had fractions
+#: 0.337-0.567 and every level at or below 0.295 was within; on the VGG with max pooling
+#: the 3 misses (1.3-2.7 points high) had 0.43-0.47 and the levels within at most 0.386
+#: below them (and 0.49-0.63 above, where the error changes sign as the accuracy falls
+#: towards chance). Held out (ResNet-56; ResNet-20 and the VGG with BatchNorm folded; 25
+#: levels): all 7 misses above the limits, ResNet-56's first at 0.301 (3.6 points high),
+#: right at the 0.30 the calibration set alone gives: the onset moves down with depth,
+#: so the residual limit is 0.25, for a margin. Flagged: all 25 misses; false alarms 10
+#: of the calibration set's 93 levels within (4 of them ResNet-20 at 0.26-0.30, 0.5-1.0
+#: point off) and 1 of the held-out 18.
+MOMENTS_WARN_FRACTION = {"residual": 0.25, "max_pool": 0.40}
 #: How a warning names each structure, and what the calibration measured beyond its limit.
-_RISK_WORDS = {"residual": ("residual connections", "ResNet-20 and -32 on digits by 1.4-8.3 points"),
+_RISK_WORDS = {"residual": ("residual connections", "ResNet-20, -32 and -56 on digits by 1.4-10 points"),
                "max_pool": ("max pooling", "a VGG on digits by 1.3-2.7 points")}
 
 

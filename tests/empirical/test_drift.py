@@ -165,7 +165,7 @@ def test_validity_warning_where_the_first_order_misses(digits_mlp, tmp_path):
 
 
 def test_drift_moments_warn_on_a_residual_network(tmp_path):
-    """``predict_drift(method="moments")`` on the zoo's ResNet-20 (digits) at twice
+    """``predict_drift(method="moments")`` on the zoo's ResNet-20 (digits) at 1.5 times
     aihwkit's scales: flagged ten years after programming, where its fraction of ReLU
     pre-activations with noise sd above their magnitude passes the residual limit, not
     one second after; one warning names the time, the summary and the figure mark it."""
@@ -176,7 +176,7 @@ def test_drift_moments_warn_on_a_residual_network(tmp_path):
     data = load_dataset("digits")
     model = train({"name": "resnet20", "norm": "bn"}, data, seed=0).model
     x, y = data.x_test[:60], data.y_test[:60]
-    noise = PCMLike(prog_noise_scale=2.0, drift_scale=2.0, read_noise_scale=2.0)
+    noise = PCMLike(prog_noise_scale=1.5, drift_scale=1.5, read_noise_scale=1.5)
     with pytest.warns(RuntimeWarning, match=r"moment method outside its measured range at 3\.15e\+08 s after programming"):
         d = predict_drift(model, x, y, noise, [1.0, 3.15e8], method="moments", accuracy_draws=0)
     frame = d.to_frame()
