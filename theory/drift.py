@@ -57,7 +57,7 @@ import math
 import time
 import types
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -147,8 +147,7 @@ def _moments_over_times(lin: LinearizedNetwork, noises: Sequence[HardwareNoise])
     (:meth:`~noiseprop.theory.hardware.PCMLike.alpha_over_times`): the same numbers as
     one time at a time."""
     first = noises[0] if noises else None
-    one_model = len(noises) > 1 and isinstance(first, PCMLike) and all(
-        isinstance(nz, PCMLike) and replace(nz, t=0.0) == replace(first, t=0.0) for nz in noises)
+    one_model = len(noises) > 1 and PCMLike.one_model_over_times(noises)
     if not one_model:
         return [_moments(lin, nz) for nz in noises]
     raws = [{} for _ in noises]  # every time's device table on one set of quadrature nodes
@@ -732,7 +731,10 @@ def predict_drift(model: nn.Module, x, y, noise, times, targets=None, *, method:
     ``diagnostics["preact_frac"]``, the ``preact_frac`` column of ``to_frame()``), with
     one ``RuntimeWarning`` naming the times where it exceeds
     :data:`~noiseprop.theory.predict.PREACT_WARN_FRACTION` (the compensation scalar's
-    own spread is not part of it).
+    own spread is not part of it). ``method="moments"`` carries the propagation's own
+    fraction at every time (whatever ``diagnostic``) and warns, naming the times, above
+    :data:`~noiseprop.theory.predict.MOMENTS_WARN_FRACTION` on networks with residual
+    sums or max pooling.
 
     >>> import torch
     >>> from noiseprop.theory.examples import tiny_problem
@@ -777,7 +779,7 @@ def predict_hardware(model: nn.Module, x, y, noise, targets=None, *, method: str
     :class:`StuckAt`): logit mean ``f(μ)``, covariance ``J Σ Jᵀ`` (+ the compensation
     terms), accuracy from the Gaussian logits. What ``predict`` calls for such noise.
     ``diagnostic``: the linear method's validity diagnostic and warning, as in
-    :func:`predict_drift`; ``stacklevel`` places the warning as :func:`warnings.warn`'s
+    :func:`predict_drift` (the moment method's warning as there too); ``stacklevel`` places the warning as :func:`warnings.warn`'s
     does (2: the caller's line; ``predict`` passes 3, its own caller's).
 
     >>> import torch

@@ -451,6 +451,13 @@ class PCMLike(HardwareNoise):
         return self.device_tables_over_times([self], points)[0]
 
     @staticmethod
+    def one_model_over_times(models) -> bool:
+        """Whether ``models`` are all :class:`PCMLike` and differ at most in ``t`` (one
+        model at several times, what a drift curve takes)."""
+        models = list(models)
+        return all(isinstance(q, PCMLike) and replace(q, t=0.0) == replace(models[0], t=0.0) for q in models)
+
+    @staticmethod
     def device_tables_over_times(models, points: int = 4097) -> list[tuple[torch.Tensor, dict]]:
         """:meth:`device_table` of each of ``models`` (one :class:`PCMLike` at several
         times), the missing ones computed together on one set of quadrature nodes
@@ -460,7 +467,7 @@ class PCMLike(HardwareNoise):
         todo = [k for k, c in enumerate(caches) if key not in c]
         if todo:
             first = models[todo[0]]
-            if any(replace(models[k], t=first.t) != first for k in todo):
+            if not PCMLike.one_model_over_times([models[k] for k in todo]):
                 raise ValueError("device_tables_over_times needs one PCMLike model at several times")
             kinks = [G_MAX * math.exp((0.0244 - c) / 0.0155) for c in (0.049, 0.1)]
             kinks += [G_MAX * math.exp((-0.0059 - c) / 0.0125) for c in (0.008, 0.045)]
@@ -505,9 +512,10 @@ class PCMLike(HardwareNoise):
         ``E W = sign(w)(m(g) − m(0)) M/g_max`` and the variances add the idle device's
         constant: the same numbers as interpolating both devices."""
         _check_weight(w)
+        if w.numel() == 0:
+            raise ValueError(f"raw_moments_over_times needs a non-empty weight, got an empty weight of shape {tuple(w.shape)}")
         models = list(models)
-        if not models or not all(isinstance(q, PCMLike) and replace(q, t=0.0) == replace(models[0], t=0.0)
-                                 for q in models):
+        if not models or not PCMLike.one_model_over_times(models):
             raise ValueError("raw_moments_over_times needs one or more PCMLike models that differ only in t, "
                              f"got {models!r}")
         tables = PCMLike.device_tables_over_times(models, points)

@@ -197,14 +197,15 @@ def moments_range_warning(frac: float | None, risks: Sequence[str]) -> str | Non
         return None
     limit, risk = limits[0]
     words, measured = _RISK_WORDS[risk]
-    return (f"moment method outside its measured range: {frac:.0%} of ReLU pre-activations have noise sd above "
+    return (f"moment method outside its measured range: {frac:.1%} of ReLU pre-activations have noise sd above "
             f"their magnitude (> {limit:.0%} in a network with {words}); beyond that it overestimated the accuracy "
             f"of {measured}: check with Monte-Carlo (monte_carlo, sweep or drift_sweep)")
 
 
 def _moment_risks(lin: LinearizedNetwork) -> tuple[str, ...]:
     """:func:`~.moments.rules.moment_risks` of the network, remembered per structure."""
-    return structure_memo(lin, "moment_risks", lambda: moment_risks(trace(lin.net), dict(lin.net.named_modules())))
+    return structure_memo(lin, ("moment_risks", tuple(lin.names)),
+                          lambda: moment_risks(trace(lin.net), dict(lin.net.named_modules()), lin.names))
 
 
 def curve_range_warning(where: str, method: str = "linear") -> str:
@@ -1330,8 +1331,10 @@ def predict(model: nn.Module, x, y, noise, targets=None, *, method: str = "linea
     per_layer: also each noisy layer's share of the loss increase
         (``loss_increase_by_layer``, Gauss-Newton form).
     diagnostic: compute the validity diagnostic (fraction of ReLU pre-activations whose
-        first-order noise sd exceeds their magnitude, on 16 inputs; a warning above
-        :data:`PREACT_WARN_FRACTION`).
+        first-order noise sd exceeds their magnitude, on :data:`DIAGNOSTIC_INPUTS` inputs;
+        a warning above :data:`PREACT_WARN_FRACTION`). ``method="moments"`` carries its
+        own fraction (from the propagation, whatever ``diagnostic``) and warns above
+        :data:`MOMENTS_WARN_FRACTION` on networks with residual sums or max pooling.
     cache: reuse the derivative pass of an earlier call with the same model state (a
         hash of its parameters and buffers), inputs, labels, targets, noise family and
         settings (:data:`CACHE_SIZE` passes are kept; :func:`clear_cache` empties it): ten

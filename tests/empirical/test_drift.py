@@ -164,7 +164,7 @@ def test_validity_warning_where_the_first_order_misses(digits_mlp, tmp_path):
     assert "outside its range" not in d.summary()
 
 
-def test_drift_moments_warn_on_a_residual_network(tmp_path):
+def test_drift_moments_warn_on_a_residual_network(tmp_path, capsys):
     """``predict_drift(method="moments")`` on the zoo's ResNet-20 (digits) at 1.5 times
     aihwkit's scales: flagged ten years after programming, where its fraction of ReLU
     pre-activations with noise sd above their magnitude passes the residual limit, not
@@ -191,6 +191,20 @@ def test_drift_moments_warn_on_a_residual_network(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         predict_drift(model, x, y, noise, [1.0], method="moments", accuracy_draws=0)
+    import json
+
+    from noiseprop.empirical.checkpoint import save_checkpoint
+    from noiseprop.empirical.cli import main
+
+    ckpt = str(save_checkpoint(tmp_path / "r20.pt", model, model.spec, {"dataset": "digits"}))
+    with pytest.warns(RuntimeWarning, match="moment method outside its measured range"):
+        rc = main(["drift", "--model", ckpt, "--times", "1,3.15e8", "--draws", "0", "--method", "moments",
+                   "--prog-scale", "1.5", "--drift-scale", "1.5", "--read-scale", "1.5", "--n-inputs", "60",
+                   "--accuracy-draws", "0", "--json"])
+    assert rc == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [r["outside_range"] for r in rows] == [False, True]
+    assert not any(r["first_order_outside_range"] for r in rows)
 
 
 @pytest.mark.parametrize("noise", [Quantized(3), StuckAt(p_zero=0.02, p_max=0.005)])

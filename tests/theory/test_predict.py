@@ -225,13 +225,15 @@ def test_warns_outside_first_order_range():
 
 def test_moment_risks_from_the_graph():
     """The structures the moment method's warning keys on, read from the traced graph: a
-    residual sum (two input-dependent tensors, ``+`` or ``+=``) and max pooling; an
-    activation plus a parameter or a constant is not a residual sum."""
+    residual sum (two different tensors that both carry weight noise, ``+`` or ``+=``) and
+    max pooling; an activation plus a parameter or a constant, ``h + h`` and input
+    preprocessing before the first noisy layer are not residual sums."""
     from noiseprop.theory._graph import trace
     from noiseprop.theory.moments.rules import moment_risks
+    from noiseprop.theory.targets import resolve_targets
 
     def risks(m):
-        return moment_risks(trace(m), dict(m.named_modules()))
+        return moment_risks(trace(m), dict(m.named_modules()), resolve_targets(m).names)
 
     assert [risks(trained(k)) for k in ("mlp", "cnn", "resnet")] == [(), ("max_pool",), ("residual",)]
 
@@ -244,6 +246,16 @@ def test_moment_risks_from_the_graph():
         def forward(self, x):
             return torch.relu(self.fc(x.flatten(1))) + self.shift - 1.0
 
+    class Doubled(Shifted):
+        def forward(self, x):
+            h = torch.relu(self.fc(x.flatten(1)))
+            return h + h
+
+    class Centred(Shifted):  # preprocessing: a sum of input-dependent tensors before any noise
+        def forward(self, x):
+            x = x.flatten(1)
+            return self.fc(x - x.mean(1, keepdim=True))
+
     class InPlace(Shifted):
         def forward(self, x):
             h = self.fc(x.flatten(1))
@@ -251,7 +263,8 @@ def test_moment_risks_from_the_graph():
             out += h
             return out
 
-    assert risks(Shifted()) == () and risks(InPlace()) == ("residual",)
+    assert [risks(m()) for m in (Shifted, Doubled, Centred)] == [(), (), ()]
+    assert risks(InPlace()) == ("residual",)
 
 
 def test_moments_range_warning_thresholds():

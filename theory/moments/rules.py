@@ -70,6 +70,8 @@ _SMOOTH_METHODS = {"tanh": "tanh", "sigmoid": "sigmoid"}
 _ADD_OPS = {operator.add: operator.add, torch.add: operator.add, operator.iadd: operator.add,
             operator.sub: operator.sub, torch.sub: operator.sub, operator.mul: operator.mul, torch.mul: operator.mul,
             operator.truediv: operator.truediv, torch.div: operator.truediv}
+_ARITH_METHODS = {"add": operator.add, "__add__": operator.add, "sub": operator.sub, "__sub__": operator.sub,
+                  "mul": operator.mul, "__mul__": operator.mul, "div": operator.truediv, "__truediv__": operator.truediv}
 
 
 def third_cumulant(x: Dist):
@@ -114,31 +116,41 @@ def is_maxpool(node: fx.Node, modules: dict) -> bool:
     return node.op == "call_function" and node.target in _MAX_POOL_FUNCTIONS
 
 
-#: Sums of two tensors: the residual connections of :func:`moment_risks`.
-_SUM_FUNCTIONS = (operator.add, torch.add, operator.iadd, operator.sub, torch.sub)
-_SUM_METHODS = ("add", "__add__", "add_", "__iadd__", "sub", "__sub__", "sub_")
+def _is_sum(node: fx.Node) -> bool:
+    """A sum or difference the moment pass evaluates (:data:`_ADD_OPS`, :data:`_ARITH_METHODS`)."""
+    if node.op == "call_function":
+        return _ADD_OPS.get(node.target) in (operator.add, operator.sub)
+    return node.op == "call_method" and _ARITH_METHODS.get(node.target) in (operator.add, operator.sub)
 
 
-def moment_risks(graph: fx.Graph, modules: dict) -> tuple[str, ...]:
+def moment_risks(graph: fx.Graph, modules: dict, noisy) -> tuple[str, ...]:
     """Where a network has the structures on which the moment method is measured to lose
     accuracy at large noise (docs/THEORY.md §9; ``MOMENTS_WARN_FRACTION`` in
-    :mod:`noiseprop.theory.predict`): ``"residual"`` (a sum of two tensors that both
-    depend on the input: a skip connection) and ``"max_pool"``, sorted. Static, from the
-    traced graph; a bias or constant added to an activation is not a residual sum."""
-    live: set = set()
+    :mod:`noiseprop.theory.predict`): ``"residual"`` (a sum of two different tensors that
+    both carry weight noise: a skip connection) and ``"max_pool"`` after a noisy layer,
+    sorted. ``noisy``: the noisy parameters' qualified names. Static, from the traced
+    graph; input preprocessing, a bias or constant added to an activation and ``h + h``
+    are not residual sums."""
+    noisy = set(noisy)
+    carry: set = set()  # nodes downstream of a noisy parameter
     risks = set()
     for node in graph.nodes:
-        if node.op == "placeholder":
-            live.add(node)
+        if node.op == "get_attr" and node.target in noisy:
+            carry.add(node)
             continue
-        if not any(a in live for a in node.all_input_nodes):
+        if node.op == "call_module":
+            m = modules.get(node.target)
+            if m is not None and any(f"{node.target}.{n}" in noisy for n, _ in m.named_parameters(recurse=False)):
+                carry.add(node)
+                continue
+        if not any(a in carry for a in node.all_input_nodes):
             continue
-        live.add(node)
+        carry.add(node)
         if is_maxpool(node, modules):
             risks.add("max_pool")
-        elif ((node.op == "call_function" and node.target in _SUM_FUNCTIONS)
-              or (node.op == "call_method" and node.target in _SUM_METHODS)):
-            if sum(isinstance(a, fx.Node) and a in live for a in node.args[:2]) == 2:
+        elif _is_sum(node):
+            a = [v for v in list(node.args[:2]) + list(node.kwargs.values()) if isinstance(v, fx.Node)]
+            if len(a) == 2 and a[0] is not a[1] and all(v in carry for v in a):
                 risks.add("residual")
     return tuple(sorted(risks))
 
@@ -847,10 +859,8 @@ class _MomentPass(GraphInterpreter):
             return self._reduce(node, x, name, rest, kwargs)
         if name in ("size", "dim"):
             return getattr(x.mu, name)(*rest, **kwargs)
-        ops = {"add": operator.add, "__add__": operator.add, "sub": operator.sub, "__sub__": operator.sub,
-               "mul": operator.mul, "__mul__": operator.mul, "div": operator.truediv, "__truediv__": operator.truediv}
-        if name in ops:
-            return self._arith(node, ops[name], x, rest[0])
+        if name in _ARITH_METHODS:
+            return self._arith(node, _ARITH_METHODS[name], x, rest[0])
         raise self._unsupported(node, f"tensor method {name!r}")
 
     def _function(self, node, args, kwargs):
