@@ -15,6 +15,7 @@ import math
 import numpy as np
 
 from noiseprop.theory.drift import LINEARIZE_AT, predict_drift
+from noiseprop.theory.predict import OUTSIDE_RANGE
 from noiseprop.theory.hardware import PCMLike
 
 from .cli import CLIError
@@ -55,8 +56,8 @@ def drift_figure(curves, path, title: str = "") -> None:
             ax.fill_between(pred.times, pred.accuracy_lower, pred.accuracy_upper, color=col, alpha=0.12, lw=0)
             out = pred.outside_range
             if out.any():
-                what = ("first order outside its range (--method moments)" if pred.predictions[0].method == "linear"
-                        else "moment method outside its measured range")
+                method = pred.predictions[0].method
+                what = OUTSIDE_RANGE[method] + (" (--method moments)" if method == "linear" else "")
                 ax.plot(pred.times[out], pred.accuracy[out], "x", color=col, ms=7, mew=1.5, label=f"{label}: {what}")
             clean = pred.clean_accuracy
         if mc is not None:

@@ -75,9 +75,9 @@ from .linearize import (DEFAULT_JACOBIAN_BUDGET, PASS_CHUNK_CAP, LinearizedNetwo
                         tapping)
 from .moments import DEFAULT_RANK, DEFAULT_SPATIAL_RANK, MomentPropagator, propagate_moments
 from .noise import WeightNoise, parse_noise
-from .predict import (DIAGNOSTIC_DIRECTIONS, DIAGNOSTIC_INPUTS, METHODS, Prediction, _gaussian_logit_loss,
-                      _moment_risks, _preact_ratios, _rescale_draws, curve_range_warning, moments_range_warning,
-                      range_warning)
+from .predict import (DIAGNOSTIC_DIRECTIONS, DIAGNOSTIC_INPUTS, METHODS, OUTSIDE_RANGE, Prediction,
+                      _gaussian_logit_loss, _moment_risks, _preact_ratios, _rescale_draws, curve_range_warning,
+                      moments_range_warning, range_warning)
 from .validation import check_bool, check_inputs, check_int, check_labels, check_times
 
 __all__ = ["DriftPrediction", "predict_drift", "predict_hardware", "LINEARIZE_AT"]
@@ -151,13 +151,11 @@ def _moments_over_times(lin: LinearizedNetwork, noises: Sequence[HardwareNoise])
     if not one_model:
         return [_moments(lin, nz) for nz in noises]
     raws = [{} for _ in noises]  # every time's device table on one set of quadrature nodes
+    per_time = [{} if first.compensation else None for _ in noises]
     for n, w in lin.target_params.items():
         for k, raw in enumerate(PCMLike.raw_moments_over_times(w, noises)):
             raws[k][n] = raw
-    per_time = [None for _ in noises]
-    if first.compensation:
-        per_time = [{} for _ in noises]
-        for n, w in lin.target_params.items():
+        if first.compensation:
             for k, st in enumerate(first.alpha_over_times(w, [nz.t for nz in noises])):
                 per_time[k][n] = st
     return [_moments(lin, nz, st, raw) for nz, st, raw in zip(noises, per_time, raws)]
@@ -594,8 +592,7 @@ class DriftPrediction:
                  f"clean accuracy {self.clean_accuracy:.4f}; "
                  f"{self.seconds:.2f} s",
                  f"  {'t (s)':>10}{'accuracy':>10}{'bounds':>20}{'chip sd':>9}{'loss':>9}"]
-        flag = ("   first order outside its range" if self.predictions[0].method == "linear"
-                else "   moment method outside its measured range")
+        flag = "   " + OUTSIDE_RANGE[self.predictions[0].method]
         for _, r in self.to_frame().iterrows():
             lines.append(f"  {r.time_s:>10.3g}{r.accuracy:>10.4f}   [{r.accuracy_lower:.4f}, {r.accuracy_upper:.4f}]"
                          f"{r.accuracy_std:>9.4f}{r.loss:>9.4f}" + (flag if r.outside_range else ""))

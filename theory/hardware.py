@@ -208,6 +208,23 @@ def _table_position(grid: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, 
     return i, ((x - x0) / (x1 - x0)).clamp(0, 1)
 
 
+def _raw_from_devices(a: dict, b: dict, k: torch.Tensor, sign: torch.Tensor | None = None) -> dict:
+    """The read weight's raw moments (:meth:`PCMLike.raw_moments`) from the per-device
+    moments (:meth:`PCMLike.device_moments`) of its positive device ``a`` and negative
+    device ``b``, ``k = M/g_max``; with ``sign``, ``a`` is the active device and ``b`` the
+    idle one (target 0) and the mean takes the weight's sign. The devices are independent,
+    so the variances and covariances add."""
+    def spread(d):
+        return d["sq"] - d["mean"] ** 2, d["prog_sq"] - d["prog_mean"] ** 2, d["cross"] - d["prog_mean"] * d["mean"]
+
+    (va, pa, ca), (vb, pb, cb) = spread(a), spread(b)
+    mean, prog_mean = a["mean"] - b["mean"], a["prog_mean"] - b["prog_mean"]
+    if sign is not None:
+        mean, prog_mean = sign * mean, sign * prog_mean
+    return dict(mean=mean * k, var=(va + vb) * k * k, prog_mean=prog_mean * k, prog_var=(pa + pb) * k * k,
+                cov=(ca + cb) * k * k)
+
+
 def _q_read(g: torch.Tensor) -> torch.Tensor:
     """Relative 1/f read-noise amplitude ``Q(g) = min(0.2, 0.0088/max(1e-3, (g/g_max)^0.65))``."""
     return (0.0088 / ((g.clamp_min(0) / G_MAX) ** 0.65).clamp_min(1e-3)).clamp_max(0.2)
@@ -495,13 +512,7 @@ class PCMLike(HardwareNoise):
             return self.raw_moments_over_times(w, [self])[0]
         g_t, m = _device_targets(w.double(), self.per)
         d = self.device_moments(g_t)
-        k = (m / G_MAX).double()
-        var_dev = d["sq"] - d["mean"] ** 2
-        pvar_dev = d["prog_sq"] - d["prog_mean"] ** 2
-        cov_dev = d["cross"] - d["prog_mean"] * d["mean"]
-        return dict(mean=(d["mean"][0] - d["mean"][1]) * k, var=(var_dev[0] + var_dev[1]) * k * k,
-                    prog_mean=(d["prog_mean"][0] - d["prog_mean"][1]) * k, prog_var=(pvar_dev[0] + pvar_dev[1]) * k * k,
-                    cov=(cov_dev[0] + cov_dev[1]) * k * k)
+        return _raw_from_devices({n: v[0] for n, v in d.items()}, {n: v[1] for n, v in d.items()}, (m / G_MAX).double())
 
     @staticmethod
     def raw_moments_over_times(w: torch.Tensor, models, points: int = 4097) -> list[dict]:
@@ -526,20 +537,12 @@ class PCMLike(HardwareNoise):
         sign = torch.sign(r)
         k = (m / G_MAX).double()
         i, f = _table_position(tables[0][0], r.abs() * G_MAX)
-        keys = ("mean", "sq", "prog_mean", "prog_sq", "cross")
         out = []
         for grid, tab in tables:
-            v = torch.stack([tab[key] for key in keys])  # [5, nodes]
+            v = torch.stack(list(tab.values()))  # [moments, nodes]
             lo = v[:, i - 1]
-            on = (lo + f * (v[:, i] - lo)).reshape((5,) + tuple(w.shape))  # the active device
-            idle = v[:, 0]  # target 0: the first node
-            mean, sq, pm, psq, cross = on.unbind(0)
-            mean0, sq0, pm0, psq0, cross0 = idle.unbind(0)
-            var = (sq - mean ** 2) + (sq0 - mean0 ** 2)
-            pvar = (psq - pm ** 2) + (psq0 - pm0 ** 2)
-            cov = (cross - pm * mean) + (cross0 - pm0 * mean0)
-            out.append(dict(mean=sign * (mean - mean0) * k, var=var * k * k, prog_mean=sign * (pm - pm0) * k,
-                            prog_var=pvar * k * k, cov=cov * k * k))
+            on = (lo + f * (v[:, i] - lo)).reshape((len(tab),) + tuple(w.shape))  # the active device
+            out.append(_raw_from_devices(dict(zip(tab, on.unbind(0))), dict(zip(tab, v[:, 0].unbind(0))), k, sign))
         return out
 
     def compensation_moments(self, w: torch.Tensor, raw: dict | None = None,

@@ -150,6 +150,10 @@ DIAGNOSTIC_INPUTS = 8
 DIAGNOSTIC_DIRECTIONS = 8
 
 
+#: How a result, a warning and a figure name a point flagged by each method's validity check.
+OUTSIDE_RANGE = {"linear": "first order outside its range", "moments": "moment method outside its measured range"}
+
+
 def range_warning(frac: float | None) -> str | None:
     """The linear method's validity warning at a fraction ``frac`` of ReLU pre-activations
     whose predicted noise sd exceeds their magnitude (``None`` at or below
@@ -157,7 +161,7 @@ def range_warning(frac: float | None) -> str | None:
     :func:`predict` and the hardware-noise predictions (:mod:`.drift`)."""
     if frac is None or not frac > PREACT_WARN_FRACTION:
         return None
-    return (f"first order outside its range: {frac:.0%} of ReLU pre-activations have predicted noise "
+    return (f"{OUTSIDE_RANGE['linear']}: {frac:.0%} of ReLU pre-activations have predicted noise "
             f"sd above their magnitude (> {PREACT_WARN_FRACTION:.0%}); the linear method misses the mean shift and "
             "underestimates the damage here, use method='moments'")
 
@@ -197,7 +201,7 @@ def moments_range_warning(frac: float | None, risks: Sequence[str]) -> str | Non
         return None
     limit, risk = limits[0]
     words, measured = _RISK_WORDS[risk]
-    return (f"moment method outside its measured range: {frac:.1%} of ReLU pre-activations have noise sd above "
+    return (f"{OUTSIDE_RANGE['moments']}: {frac:.1%} of ReLU pre-activations have noise sd above "
             f"their magnitude (> {limit:.0%} in a network with {words}); beyond that it overestimated the accuracy "
             f"of {measured}: check with Monte-Carlo (monte_carlo, sweep or drift_sweep)")
 
@@ -212,10 +216,8 @@ def curve_range_warning(where: str, method: str = "linear") -> str:
     """One warning for a curve whose points ``where`` (e.g. ``"levels 0.5, 1"``) carry
     :func:`range_warning` (``method="linear"``) or :func:`moments_range_warning`:
     :func:`predict_sweep` and :func:`~.drift.predict_drift`."""
-    if method == "linear":
-        return f"first order outside its range at {where} (see the predictions' warnings); use method='moments' there"
-    return (f"moment method outside its measured range at {where} (see the predictions' warnings); check those "
-            "points with Monte-Carlo")
+    advice = "use method='moments' there" if method == "linear" else "check those points with Monte-Carlo"
+    return f"{OUTSIDE_RANGE[method]} at {where} (see the predictions' warnings); {advice}"
 
 
 def _check_method(method):

@@ -12,7 +12,7 @@ import torch
 from noiseprop.theory import RelativeGaussian, Targets, predict_sweep
 from noiseprop.theory.flatness import hessian_top_eigenvalue, hessian_trace
 from noiseprop.theory.linearize import LinearizedNetwork, jacobian_pass
-from noiseprop.theory.predict import PREACT_WARN_FRACTION
+from noiseprop.theory.predict import OUTSIDE_RANGE, PREACT_WARN_FRACTION
 from noiseprop.theory.symbolic.batchnorm import batchnorm_lognormal_scales
 from noiseprop.theory.targets import find_fold_pairs, folding_affine, resolve_targets
 
@@ -165,8 +165,8 @@ def _variant(model, x, y, grid: dict, targets, alpha, confidence, method: str | 
     try:
         with warnings.catch_warnings():
             # the validity diagnostic is recorded per level (pred_preact_frac) and reported
-            warnings.filterwarnings("ignore", message="first order outside its range", category=RuntimeWarning)
-            warnings.filterwarnings("ignore", message="moment method outside its measured range", category=RuntimeWarning)
+            for words in OUTSIDE_RANGE.values():
+                warnings.filterwarnings("ignore", message=words, category=RuntimeWarning)
             lin = _theory_curve(model, x, y, etas, targets, "linear")
             preds = lin if method == "linear" else _theory_curve(model, x, y, etas, targets, method)
     except Exception as e:  # noqa: BLE001 - recorded and shown in the report, never silent
