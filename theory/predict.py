@@ -623,7 +623,10 @@ def _preact_ratios(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, t
         xb = xs[i:i + batch]
 
         def f(tp):
-            return functional_call(gm, ({**params, **tp}, bufs), (xb,))[1]
+            # a target the traced graph does not use (a layer the forward never calls) has
+            # no attribute on `gm`: its noise reaches no pre-activation
+            return functional_call(gm, ({**params, **{k: v for k, v in tp.items() if k in names}}, bufs),
+                                   (xb,))[1]
 
         with torch.no_grad():
             if step is None:

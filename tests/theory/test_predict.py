@@ -152,6 +152,42 @@ def test_model_not_mutated_and_train_mode_warns():
     assert torch.allclose(p.clean_logits, model(x).double(), atol=1e-5)
 
 
+class _WithUnusedLayer(nn.Module):
+    """A network with a layer its forward never calls (an auxiliary head, say)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(5, 12), nn.ReLU(), nn.Linear(12, 3))
+        self.aux = nn.Linear(12, 7)
+
+    def forward(self, x):
+        return self.body(x)
+
+
+@pytest.mark.parametrize("method", ["linear", "moments"])
+def test_a_layer_the_forward_never_calls(method):
+    """Its noise reaches nothing: the prediction is the one without it (the validity
+    diagnostic raised an AttributeError from deep inside torch before), and its share
+    in the sensitivity breakdown is 0."""
+    from noiseprop.theory import sensitivity
+
+    torch.manual_seed(0)
+    net = _WithUnusedLayer().eval()
+    x = torch.randn(32, 5, generator=torch.Generator().manual_seed(1))
+    y = net(x).argmax(1)
+    kw = dict(accuracy_draws=0, loss_probes=0, method=method)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        p = predict(net, x, y, RelativeGaussian(0.3), **kw)
+        q = predict(net.body, x, y, RelativeGaussian(0.3), **kw)
+    torch.testing.assert_close(p.logit_cov, q.logit_cov)
+    assert p.accuracy == pytest.approx(q.accuracy, abs=1e-12)
+    if method == "linear":
+        assert p.diagnostics["preact_frac"] == q.diagnostics["preact_frac"]
+        s = sensitivity(net, x, y, RelativeGaussian(0.3)).to_frame().set_index("layer")
+        assert s.loc["aux", "share_logit_var"] == 0 and s.loc["aux", "share_loss"] == 0
+
+
 def test_deterministic_and_no_global_rng():
     model = trained("mlp")
     x, y = held_out(30)
