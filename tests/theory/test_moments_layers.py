@@ -190,3 +190,55 @@ def test_bare_layer_model():
     assert abs(p.accuracy - mc.accuracy) <= 3 * se
     with pytest.raises(ValueError, match="does not support function 'linear'.*method='linear'"):
         predict(net, x, y, "relative:0.5", method="moments", cache=False)
+
+
+class _KeywordNet(nn.Module):
+    """The same arithmetic written by position or by keyword (``form``)."""
+
+    def __init__(self, form):
+        super().__init__()
+        self.a, self.b, self.c, self.form = nn.Linear(6, 10), nn.Linear(10, 10), nn.Linear(10, 3), form
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        g = self.b(h)
+        f = self.form
+        h = {"add": lambda: h + g, "add_kw": lambda: torch.add(input=h, other=g),
+             "add_method_kw": lambda: h.add(other=g),
+             "sub_alpha": lambda: h - 2 * g, "sub_alpha_kw": lambda: torch.sub(h, g, alpha=2),
+             "rsub_alpha": lambda: 1.0 - 3 * g, "rsub_alpha_kw": lambda: torch.sub(1.0, other=g, alpha=3),
+             "add_alpha_method": lambda: h.add(g, alpha=-0.5), "add_half": lambda: h - 0.5 * g,
+             "cat": lambda: torch.cat([h, g], 1)[:, 5:15], "cat_kw": lambda: torch.cat(tensors=[h, g], dim=1)[:, 5:15],
+             "flatten": lambda: torch.flatten(g[:, :, None], 1), "flatten_kw": lambda: torch.flatten(input=g[:, :, None],
+                                                                                                   start_dim=1),
+             "floor_div": lambda: torch.div(g, 2.0, rounding_mode="floor")}[f]()
+        return self.c(torch.relu(h))
+
+
+@pytest.mark.parametrize("plain,keyword", [("add", "add_kw"), ("add", "add_method_kw"), ("sub_alpha", "sub_alpha_kw"),
+                                           ("rsub_alpha", "rsub_alpha_kw"), ("add_half", "add_alpha_method"),
+                                           ("cat", "cat_kw"), ("flatten", "flatten_kw")])
+def test_operands_by_keyword_and_alpha(plain, keyword):
+    """``torch.add(input=a, other=b)``, ``h.add(other=b)``, ``torch.cat(tensors=...)``,
+    ``torch.flatten(input=...)`` and ``alpha`` (torch's ``a + alpha·b``) give the moment
+    method what the positional forms give (they raised an IndexError, and ``alpha`` on a
+    tensor method was ignored)."""
+    x = torch.randn(24, 6, generator=torch.Generator().manual_seed(0))
+    out = []
+    for form in (plain, keyword):
+        torch.manual_seed(0)
+        net = _KeywordNet(form).eval()
+        y = net(x).argmax(1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out.append(predict(net, x, y, RelativeGaussian(0.3), method="moments", **_quiet()))
+    torch.testing.assert_close(out[1].logit_mean, out[0].logit_mean)
+    torch.testing.assert_close(out[1].logit_cov, out[0].logit_cov)
+
+
+def test_division_with_rounding_mode_is_refused_by_name():
+    torch.manual_seed(0)
+    net = _KeywordNet("floor_div").eval()
+    x = torch.randn(8, 6, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="rounding_mode.*method='linear'"):
+        predict(net, x, net(x).argmax(1), RelativeGaussian(0.3), method="moments", **_quiet())

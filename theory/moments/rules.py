@@ -860,31 +860,49 @@ class _MomentPass(GraphInterpreter):
         if name in ("size", "dim"):
             return getattr(x.mu, name)(*rest, **kwargs)
         if name in _ARITH_METHODS:
-            return self._arith(node, _ARITH_METHODS[name], x, rest[0])
+            return self._binary(node, _ARITH_METHODS[name], args, kwargs)
         raise self._unsupported(node, f"tensor method {name!r}")
+
+    def _binary(self, node, op, args, kwargs):
+        """``a op b`` of a function or method call, its operands by position or by keyword
+        (``torch.add(input=a, other=b)``, ``h.add(other=b)``); ``alpha`` scales ``b`` as
+        torch does (``torch.sub(a, b, alpha=2)`` is ``a − 2b``); a ``rounding_mode`` or any
+        other keyword is refused by name."""
+        kwargs = dict(kwargs)
+        a = args[0] if args else kwargs.pop("input", None)
+        b = args[1] if len(args) > 1 else kwargs.pop("other", None)
+        alpha = args[2] if len(args) > 2 else kwargs.pop("alpha", 1)
+        extra = sorted(k for k, v in kwargs.items() if v is not None)
+        if a is None or b is None or extra:
+            raise self._unsupported(node, f"{op.__name__} with the keyword(s) {extra}" if extra
+                                    else f"{op.__name__} without two operands")
+        if alpha != 1:
+            if op not in (operator.add, operator.sub):
+                raise self._unsupported(node, f"{op.__name__} with alpha")
+            b = self._arith(node, operator.mul, b, alpha) if isinstance(b, Dist) else b * alpha
+        if not isinstance(a, Dist):
+            if op in (operator.add, operator.mul):
+                a, b = b, a
+            elif op is operator.sub:
+                return self._arith(node, operator.add, self._arith(node, operator.mul, b, -1.0), a)
+            else:
+                raise self._unsupported(node, "division by a noisy tensor")
+        return self._arith(node, op, a, b)
 
     def _function(self, node, args, kwargs):
         fn = node.target
+        if not args and ("input" in kwargs or "tensors" in kwargs):  # torch.flatten(input=h, ...)
+            kwargs = dict(kwargs)
+            args = (kwargs.pop("input") if "input" in kwargs else kwargs.pop("tensors"),)
         if fn in _SELECTION_FUNCTIONS:
             x, *rest = args
             if not isinstance(x, Dist) or any(isinstance(v, Dist) for v in rest):
                 raise self._unsupported(node, f"{getattr(fn, '__name__', fn)} with these arguments")
             return x.map(lambda t: fn(t, *rest, **kwargs))
         if fn in _ADD_OPS:
-            op = _ADD_OPS[fn]
-            if kwargs.get("alpha", 1) != 1:
-                raise self._unsupported(node, "add/sub with alpha")
-            a, b = args[0], args[1]
-            if not isinstance(a, Dist):
-                if op in (operator.add, operator.mul):
-                    a, b = b, a
-                elif op is operator.sub:
-                    return self._arith(node, operator.add, self._arith(node, operator.mul, b, -1.0), a)
-                else:
-                    raise self._unsupported(node, "division by a noisy tensor")
-            return self._arith(node, op, a, b)
+            return self._binary(node, _ADD_OPS[fn], args, kwargs)
         if fn is F.pad:
-            x, pad = args[0], args[1]
+            x, pad = args[0], (args[1] if len(args) > 1 else kwargs["pad"])
             mode = kwargs.get("mode", args[2] if len(args) > 2 else "constant")
             value = kwargs.get("value", args[3] if len(args) > 3 else None) or 0.0
             if mode != "constant":
