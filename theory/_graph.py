@@ -43,18 +43,24 @@ def is_relu(node: fx.Node, modules: dict) -> bool:
     if node.op == "call_module":
         return isinstance(modules.get(node.target), nn.ReLU)
     if node.op == "call_function":
-        return node.target in (F.relu, torch.relu, torch.nn.functional.relu)
+        return node.target in (F.relu, torch.relu, F.relu_, torch.relu_)
     if node.op == "call_method":
-        return node.target == "relu"
+        return node.target in ("relu", "relu_")
     return False
 
 
 def relu_input_graph(net: nn.Module) -> tuple[fx.GraphModule, int]:
     """A GraphModule computing ``(logits, (pre-activation_1, ...))``: the inputs of
-    every ReLU, in forward order. Returns it and the number of ReLUs."""
+    every ReLU, in forward order. Returns it and the number of ReLUs. Each input is
+    copied before its ReLU: an in-place ReLU (``nn.ReLU(inplace=True)``, torchvision's
+    default, or ``torch.relu_``) would otherwise overwrite it with its output."""
     graph = trace(net)
     modules = dict(net.named_modules())
-    pre = [node.args[0] for node in graph.nodes if is_relu(node, modules) and isinstance(node.args[0], fx.Node)]
+    pre = []
+    for node in list(graph.nodes):
+        if is_relu(node, modules) and node.args and isinstance(node.args[0], fx.Node):
+            with graph.inserting_before(node):
+                pre.append(graph.call_method("clone", (node.args[0],)))
     out = next(n for n in graph.nodes if n.op == "output")
     result = out.args[0]
     graph.erase_node(out)

@@ -628,13 +628,13 @@ _PL_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ReLU, nn.ReLU6, nn
 
 def _pl_functions():
     return {operator.add, operator.sub, operator.neg, operator.getitem, getattr, torch.add, torch.sub, torch.flatten,
-            torch.cat, torch.relu, F.relu, F.relu6, F.leaky_relu, F.hardtanh, F.max_pool1d, F.max_pool2d,
+            torch.cat, torch.relu, F.relu, torch.relu_, F.relu_, F.relu6, F.leaky_relu, F.hardtanh, F.max_pool1d, F.max_pool2d,
             F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d,
             F.pad, torch.mean, torch.sum, torch.reshape, torch.squeeze, torch.unsqueeze, torch.permute,
             torch.transpose}
 
 
-_PL_METHODS = {"view", "reshape", "flatten", "size", "relu", "add", "sub", "mean", "sum", "permute", "transpose",
+_PL_METHODS = {"view", "reshape", "flatten", "size", "relu", "relu_", "add", "sub", "mean", "sum", "permute", "transpose",
                "contiguous", "squeeze", "unsqueeze", "clone", "neg", "__getitem__", "dim"}
 
 
