@@ -211,18 +211,22 @@ class _KeywordNet(nn.Module):
              "cat": lambda: torch.cat([h, g], 1)[:, 5:15], "cat_kw": lambda: torch.cat(tensors=[h, g], dim=1)[:, 5:15],
              "flatten": lambda: torch.flatten(g[:, :, None], 1), "flatten_kw": lambda: torch.flatten(input=g[:, :, None],
                                                                                                    start_dim=1),
+             "reshape_shape": lambda: g[:, :, None].reshape(g.shape[0], -1),
+             "relu": lambda: h + torch.relu(g), "relu_": lambda: h + torch.relu_(g),
              "floor_div": lambda: torch.div(g, 2.0, rounding_mode="floor")}[f]()
         return self.c(torch.relu(h))
 
 
 @pytest.mark.parametrize("plain,keyword", [("add", "add_kw"), ("add", "add_method_kw"), ("sub_alpha", "sub_alpha_kw"),
                                            ("rsub_alpha", "rsub_alpha_kw"), ("add_half", "add_alpha_method"),
-                                           ("cat", "cat_kw"), ("flatten", "flatten_kw")])
+                                           ("cat", "cat_kw"), ("flatten", "flatten_kw"),
+                                           ("flatten", "reshape_shape"), ("relu", "relu_")])
 def test_operands_by_keyword_and_alpha(plain, keyword):
     """``torch.add(input=a, other=b)``, ``h.add(other=b)``, ``torch.cat(tensors=...)``,
     ``torch.flatten(input=...)`` and ``alpha`` (torch's ``a + alpha·b``) give the moment
     method what the positional forms give (they raised an IndexError, and ``alpha`` on a
-    tensor method was ignored)."""
+    tensor method was ignored); so do ``x.reshape(x.shape[0], -1)`` and ``torch.relu_``
+    (refused before)."""
     x = torch.randn(24, 6, generator=torch.Generator().manual_seed(0))
     out = []
     for form in (plain, keyword):

@@ -891,6 +891,8 @@ class _MomentPass(GraphInterpreter):
 
     def _function(self, node, args, kwargs):
         fn = node.target
+        if fn is getattr and isinstance(args[0], Dist) and args[1] in ("shape", "ndim", "device"):
+            return getattr(args[0].mu, args[1])  # x.reshape(x.shape[0], -1)
         if not args and ("input" in kwargs or "tensors" in kwargs):  # torch.flatten(input=h, ...)
             kwargs = dict(kwargs)
             args = (kwargs.pop("input") if "input" in kwargs else kwargs.pop("tensors"),)
