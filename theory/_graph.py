@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-__all__ = ["LeafTracer", "trace", "is_relu", "relu_input_graph", "WEIGHT_LAYERS"]
+__all__ = ["LeafTracer", "trace", "is_relu", "relu_input_graph", "WEIGHT_LAYERS", "conv_padding", "unfold_input"]
 
 #: Layers whose weights are stored on the crossbar (get noise by default; leaves of the trace).
 WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -67,3 +67,30 @@ def relu_input_graph(net: nn.Module) -> tuple[fx.GraphModule, int]:
     graph.output((result, tuple(pre)))
     gm = fx.GraphModule(net, graph)
     return gm, len(pre)
+
+
+def conv_padding(m: nn.Conv2d) -> tuple[tuple[int, int, int, int] | None, tuple[int, int]]:
+    """A Conv2d's padding as numbers, for the ops that take no ``'same'``/``'valid'``
+    (``F.unfold``): ``(pre, padding)``, ``pre`` a zero padding ``(left, right, top,
+    bottom)`` to put on the input first (``None`` where none is needed) and ``padding``
+    the symmetric rest. ``'same'`` pads ``dilation·(kernel − 1)`` in all, the odd one at
+    the right and bottom, as torch does."""
+    p = m.padding
+    if p == "valid":
+        return None, (0, 0)
+    if p == "same":
+        tot = [d * (k - 1) for d, k in zip(m.dilation, m.kernel_size)]
+        lo = [t // 2 for t in tot]
+        if all(t % 2 == 0 for t in tot):
+            return None, (lo[0], lo[1])
+        return (lo[1], tot[1] - lo[1], lo[0], tot[0] - lo[0]), (0, 0)
+    return None, tuple(p)
+
+
+def unfold_input(x: torch.Tensor, m: nn.Conv2d) -> torch.Tensor:
+    """``F.unfold`` of a Conv2d's input ``x`` into its patches ``[B, C·kh·kw, L]``, for
+    any padding the layer accepts (:func:`conv_padding`)."""
+    pre, pad = conv_padding(m)
+    if pre is not None:
+        x = F.pad(x, pre)
+    return F.unfold(x, kernel_size=m.kernel_size, dilation=m.dilation, padding=pad, stride=m.stride)

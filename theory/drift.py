@@ -67,6 +67,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, jvp, vmap
 
+from ._graph import unfold_input
 from .accuracy import DEFAULT_N_POINTS, correct_probability, sampled_accuracies
 from .hardware import HardwareNoise, PCMLike
 from .hashing import inputs_fingerprint
@@ -402,7 +403,7 @@ def _conv_element_cov(tap, delta: torch.Tensor, scales: Sequence[torch.Tensor]) 
     m = tap.module
     C, B = delta.shape[:2]
     O, g = m.out_channels, m.groups
-    X = F.unfold(tap.x, kernel_size=m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
+    X = unfold_input(tap.x, m)
     L = X.shape[-1]
     X = X.reshape(B, g, -1, L)  # [B, g, Jp, L]
     XX = (X.unsqueeze(-1) * X.unsqueeze(-2)).reshape(B, g, X.shape[2], L * L)  # [B, g, Jp, L²]

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, jacrev, jvp, vmap
 
-from ._graph import trace
+from ._graph import trace, unfold_input
 from .accuracy import correct_probability
 from .noise import WeightNoise
 from .targets import TargetPlan, qualified_name, resolve_targets
@@ -440,7 +440,7 @@ def tap_jacobian(tap: Tap, delta: torch.Tensor, pname: str, scratch: dict | None
     if pname == "bias":
         return delta.reshape(C, B, Cout, -1).sum(3).permute(1, 0, 2)
     g = m.groups
-    X = F.unfold(tap.x, kernel_size=m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
+    X = unfold_input(tap.x, m)
     L = X.shape[-1]
     X = X.reshape(B, g, -1, L)  # [B, g, J, L]
     d = delta.reshape(C, B, g, Cout // g, L).permute(1, 2, 0, 3, 4).reshape(B * g, C * (Cout // g), L)
@@ -477,7 +477,7 @@ def tap_covariance(tap: Tap, delta: torch.Tensor) -> torch.Tensor | None:
     L = delta[0, 0].numel() // Cout  # output positions (the patches)
     if not _gram_cheaper(m, L, C):
         return None
-    X = F.unfold(tap.x, kernel_size=m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
+    X = unfold_input(tap.x, m)
     J = _patch_size(m)
     Xg = X.reshape(B, g, J, L)
     G = torch.einsum("bgjp,bgjq->bgpq", Xg, Xg)  # [B, g, L, L]

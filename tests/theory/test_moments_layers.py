@@ -6,6 +6,7 @@ covariance), plus the graph walker that both passes share."""
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -246,3 +247,29 @@ def test_division_with_rounding_mode_is_refused_by_name():
     x = torch.randn(8, 6, generator=torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="rounding_mode.*method='linear'"):
         predict(net, x, net(x).argmax(1), RelativeGaussian(0.3), method="moments", **_quiet())
+
+
+@pytest.mark.parametrize("kernel,dilation", [(3, 1), (2, 1), (4, 1), (2, 3)])
+def test_conv_padding_same_equals_explicit_zero_padding(kernel, dilation):
+    """``Conv2d(padding='same')`` (an even kernel pads one more at the right and bottom,
+    as torch does) gives what an explicit zero padding and ``padding=0`` give, in the
+    first order, the moment method and the drift curve (whose per-element Gram unfolds
+    the input); the moment method raised a TypeError from inside ``F.unfold`` before."""
+    from noiseprop.theory import PCMLike, predict_drift
+
+    tot = dilation * (kernel - 1)
+    pad = (tot // 2, tot - tot // 2, tot // 2, tot - tot // 2)
+    x = torch.randn(16, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+    nets = []
+    for same in (True, False):
+        torch.manual_seed(0)
+        conv = nn.Conv2d(6, 6, kernel, padding="same" if same else 0, dilation=dilation)
+        nets.append(nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), *([] if same else [nn.ZeroPad2d(pad)]),
+                                  conv, nn.ReLU(), nn.Flatten(), nn.Linear(6 * 36, 4)).eval())
+    y = nets[0](x).argmax(1)
+    for method in ("linear", "moments"):
+        p, q = (predict(n, x, y, RelativeGaussian(0.2), method=method, **_quiet(cov=True)) for n in nets)
+        torch.testing.assert_close(p.logit_mean, q.logit_mean)
+        torch.testing.assert_close(p.logit_cov, q.logit_cov)
+    p, q = (predict_drift(n, x, y, PCMLike(t=1.0), [1.0, 3600.0], accuracy_draws=0) for n in nets)
+    np.testing.assert_allclose(p.accuracy, q.accuracy, rtol=1e-6)  # float32 sums in another order

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .._graph import is_relu, trace
+from .._graph import conv_padding, is_relu, trace
 from ..linearize import LinearizedNetwork, Tap
 from ..noise import WeightNoise
 from ..targets import folding_affine, is_norm_layer
@@ -293,7 +293,7 @@ class MomentPropagator:
                 continue
             m = self.modules[node.target]
             ok = (isinstance(m, (nn.Linear, nn.Conv2d, nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
-                                 nn.Flatten) + _PASS_MODULES)
+                                 nn.Flatten, nn.ConstantPad2d) + _PASS_MODULES)
                   or (is_norm_layer(m) and not isinstance(m, (nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d,
                                                               nn.InstanceNorm2d, nn.InstanceNorm3d)))
                   or activation_kind(node, self.modules) is not None)
@@ -426,6 +426,8 @@ class _MomentPass(GraphInterpreter):
             return x  # eval mode: identity
         if isinstance(m, nn.Flatten):
             return x.map(m)
+        if isinstance(m, nn.ConstantPad2d):  # nn.ZeroPad2d too
+            return self._pad(x, m.padding, m.value)
         if isinstance(m, nn.MaxPool2d):
             return self._maxpool(node, x, *maxpool_args(node, m, args, kwargs))
         if isinstance(m, nn.AvgPool2d):
@@ -481,7 +483,10 @@ class _MomentPass(GraphInterpreter):
             raise ValueError(f"method='moments': Conv2d {name!r} with padding_mode={m.padding_mode!r} is not "
                              "supported; use method='linear'")
         W, b = self.p.weights[name]
-        kw = dict(stride=m.stride, padding=m.padding, dilation=m.dilation, groups=m.groups)
+        pre, padding = conv_padding(m)  # padding='same' / 'valid' as numbers (unfold takes no strings)
+        if pre is not None:
+            x = self._pad(x, pre)
+        kw = dict(stride=m.stride, padding=padding, dilation=m.dilation, groups=m.groups)
         mu = F.conv2d(x.mu, W, b, **kw)
         d_in, M = self._d_to_columns(x, live)
         Fy = map_batched(lambda t: F.conv2d(t, W, None, **kw), x.F)
@@ -506,11 +511,11 @@ class _MomentPass(GraphInterpreter):
             vpert = F.conv2d(xv, wv, None, **kw)  # Σ_j σ_cj² Var(x̃_pj): noise on the perturbation
             vdiag = vdiag + F.conv2d(x.mu * x.mu, wv, None, **kw) + vpert  # exact per-unit variance
             # patch Gram per group: G = Σ_j E[x̃_pj x̃_qj] = (mean patches) + (perturbation patches)
-            unf = dict(kernel_size=m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
+            unf = dict(kernel_size=m.kernel_size, dilation=m.dilation, padding=padding, stride=m.stride)
             Pm = F.unfold(x.mu, **unf).reshape(B, g, cin_g * m.kernel_size[0] * m.kernel_size[1], L)
             G = torch.zeros(B, g, L, L, dtype=self.dtype, device=mu.device)
             if x.K and not first:
-                G = G + patch_gram(x.F, g, m.kernel_size, m.stride, m.padding, m.dilation, (Ho, Wo))
+                G = G + patch_gram(x.F, g, m.kernel_size, m.stride, padding, m.dilation, (Ho, Wo))
             if not first:
                 G = G + torch.diag_embed(F.unfold(x.d, **unf).reshape(B, g, -1, L).sum(2))
             sbar2 = wv.reshape(Cout, -1).mean(1)  # mean noise variance of channel c's kernel
@@ -909,7 +914,7 @@ class _MomentPass(GraphInterpreter):
             value = kwargs.get("value", args[3] if len(args) > 3 else None) or 0.0
             if mode != "constant":
                 raise self._unsupported(node, f"padding mode {mode!r}")
-            return Dist(F.pad(x.mu, pad, value=value), x.map(lambda t: F.pad(t, pad)).F, F.pad(x.d, pad))
+            return self._pad(x, pad, value)
         if fn is torch.cat:
             ts = args[0]
             dim = kwargs.get("dim", args[1] if len(args) > 1 else 0)
@@ -932,6 +937,11 @@ class _MomentPass(GraphInterpreter):
         if fn in (torch.mean, torch.sum):
             return self._reduce(node, args[0], fn.__name__, args[1:], kwargs)
         raise self._unsupported(node, f"function {getattr(fn, '__name__', fn)!r}")
+
+    @staticmethod
+    def _pad(x: Dist, pad, value=0.0) -> Dist:
+        """``x`` padded with the constant ``value`` (no noise: zero columns, zero variance)."""
+        return Dist(F.pad(x.mu, pad, value=value), x.map(lambda t: F.pad(t, pad)).F, F.pad(x.d, pad))
 
     def _reduce(self, node, x: Dist, name, rest, kwargs):
         dim = kwargs.get("dim", rest[0] if rest else None)
