@@ -44,7 +44,7 @@ from noiseprop.theory.noise import MAX_LEVEL, WeightNoise, parse_noise
 from noiseprop.theory.results import LogitResult
 from noiseprop.theory.validation import check_levels, check_times
 from noiseprop.theory.validation import (check_bool, check_int, check_inputs, check_logits, check_probability,
-                                         check_seed, is_fit_error, model_fit_error)
+                                         check_seed, is_fit_error, model_fit_error, warn_if_probabilities)
 from noiseprop.theory.validation import check_labels as _check_labels
 from noiseprop.theory.targets import (TargetPlan, find_fold_pairs, fold_bn, folding_affine, is_norm_layer,
                                       resolve_targets)
@@ -269,6 +269,7 @@ def _run(model, x, y, noise, levels, draws, seed, targets, batch_size, keep_logi
         raise ValueError("the model's clean logits on x contain NaN or infinite values: the model itself overflows "
                          "on these inputs, before any noise")
     _check_labels(y, clean.shape[1])
+    warn_if_probabilities(clean)
     clean_acc, clean_loss = _accuracy_and_loss(clean, y_dev)
     L = len(levels)
     accs = np.empty((L, draws))

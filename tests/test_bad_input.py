@@ -24,7 +24,8 @@ from noiseprop.empirical.cli import dumps, main
 from noiseprop.empirical.data import DatasetFormatError, load_dataset, make_dataset
 from noiseprop.empirical.executor import default_workers
 from noiseprop.empirical.models import build_model, model_spec
-from noiseprop.theory import AdditiveGaussian, Multiplicative, RelativeGaussian, fold_bn, parse_noise, predict
+from noiseprop.theory import (AdditiveGaussian, Multiplicative, PCMLike, RelativeGaussian, fold_bn, hessian_trace,
+                              parse_noise, predict, predict_drift, predict_sweep, sensitivity)
 from noiseprop.theory.targets import Targets
 from noiseprop.theory.validation import (check_int, check_number, check_output_dir, check_output_file,
                                          check_probability, check_seed, env_int)
@@ -521,3 +522,32 @@ def test_times_and_levels_are_flat_numbers(bad):
     with pytest.raises(ValueError, match="levels must be a sequence of numbers >= 0"):
         check_levels(bad)
     assert check_times((0, 3600.0)).tolist() == [0.0, 3600.0] and check_levels(np.float32(0.5)).tolist() == [0.5]
+
+
+_PROBABILITY_CALLS = {
+    "predict": lambda m: predict(m, X, Y, RelativeGaussian(0.1), accuracy_draws=0),
+    "predict_sweep": lambda m: predict_sweep(m, X, Y, "relative", [0.1]),
+    "predict_drift": lambda m: predict_drift(m, X, Y, PCMLike(), [1.0], accuracy_draws=0),
+    "sensitivity": lambda m: sensitivity(m, X, Y, RelativeGaussian(0.1)),
+    "hessian_trace": lambda m: hessian_trace(m, X, Y, probes=4),
+    "monte_carlo": lambda m: monte_carlo(m, X, Y, RelativeGaussian(0.1), draws=3, progress=False),
+    "sweep": lambda m: sweep(m, X, Y, "relative", [0.1], draws=3, progress=False),
+}
+
+
+@pytest.mark.parametrize("call", sorted(_PROBABILITY_CALLS))
+def test_softmax_outputs_are_flagged_once_at_the_callers_line(call):
+    """A model ending in Softmax returns probabilities, which every entry point would
+    treat as logits (the predicted loss increase on the test net was 11 times too small,
+    the accuracy 0.3 points off): one warning per call, pointing at the caller's line; a
+    cached pass warns too (predict_sweep after predict); LogSoftmax outputs are logits
+    and do not warn."""
+    probs = nn.Sequential(_mlp(), nn.Softmax(1)).eval()
+    _PROBABILITY_CALLS["predict"](probs)  # fills the derivative cache for predict_sweep
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        _PROBABILITY_CALLS[call](probs)
+        _PROBABILITY_CALLS[call](nn.Sequential(_mlp(), nn.LogSoftmax(1)).eval())
+    hits = [w for w in rec if "probabilities" in str(w.message)]
+    assert len(hits) == 1, [str(w.message) for w in hits]
+    assert hits[0].filename == __file__ and "Remove the final Softmax" in str(hits[0].message)

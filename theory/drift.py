@@ -79,7 +79,7 @@ from .noise import WeightNoise, parse_noise
 from .predict import (DIAGNOSTIC_DIRECTIONS, DIAGNOSTIC_INPUTS, METHODS, OUTSIDE_RANGE, Prediction,
                       _gaussian_logit_loss, _moment_risks, _preact_ratios, _rescale_draws, curve_range_warning,
                       moments_range_warning, range_warning)
-from .validation import check_bool, check_inputs, check_int, check_labels, check_times
+from .validation import check_bool, check_inputs, check_int, check_labels, check_times, warn_if_probabilities
 
 __all__ = ["DriftPrediction", "predict_drift", "predict_hardware", "LINEARIZE_AT"]
 
@@ -615,6 +615,7 @@ def _predict_models(model, x, y, noises: Sequence[HardwareNoise], targets, linea
     if clean.dim() != 2:
         raise ValueError(f"the model must map a batch of inputs to logits of shape [N, C]; got shape {tuple(clean.shape)}")
     check_labels(y, clean.shape[1])
+    warn_if_probabilities(clean)
     clean_loss = float(F.cross_entropy(clean, y))
     clean_acc = float((clean.argmax(1) == y).double().mean())
     moments = _moments_over_times(lin, noises)

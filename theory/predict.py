@@ -52,7 +52,7 @@ from .moments.head import MIXTURE_NODES, moment_correct_probability
 from .moments.rules import moment_risks
 from .noise import MAX_LEVEL, WeightNoise, parse_noise
 from .results import Deferred, LogitResult, deferred_field
-from .validation import check_bool, check_int, check_levels, check_model, check_seed
+from .validation import check_bool, check_int, check_levels, check_model, check_seed, warn_if_probabilities
 from .validation import check_inputs as _check_inputs
 
 __all__ = ["Prediction", "PredictionCurve", "PredictOptions", "Predictor", "predict", "predict_sweep", "clear_cache",
@@ -826,6 +826,7 @@ def _base(model, x, y, noise, targets, opts: _Options, cache: bool, data_key: st
         hit = store.get(key)
         if hit is not None:
             store.move_to_end(key)
+            warn_if_probabilities(hit.jp.clean_logits)  # as the pass's own probe would
             return hit, noise, True
     base = _build_base(lin, x, y, lin.unit_scales(noise), opts)
     if cache:

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -206,6 +208,36 @@ def check_logits(out, n: int | None = None) -> torch.Tensor:
     return out
 
 
+_PACKAGE_DIRS = tuple(str(Path(__file__).resolve().parents[1] / d) + os.sep for d in ("theory", "empirical"))
+_TORCH_DIR = str(Path(torch.__file__).resolve().parent) + os.sep
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` (for a ``warnings.warn`` in the caller of this function) of the
+    first frame outside noiseprop and torch: the user's line, however deep the warning is
+    raised."""
+    frame, level = sys._getframe(2), 2
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIRS + (_TORCH_DIR,)):
+        frame, level = frame.f_back, level + 1
+    return level if frame is not None else 2
+
+
+def warn_if_probabilities(out: torch.Tensor) -> None:
+    """Warn where a model's outputs are probabilities rather than logits: every row in
+    ``[0, 1]`` and summing to 1 (a final Softmax). The theory's Gaussian-logit model and
+    cross-entropy loss then apply to the probabilities: accuracy is the first order of a
+    saturating function and the loss increase is not the network's. (Logits of ``C ≥ 2``
+    classes do not land on the simplex by chance; LogSoftmax outputs are logits.)"""
+    if out.numel() == 0 or out.shape[-1] < 2:
+        return
+    o = out.detach()
+    if bool(((o >= 0) & (o <= 1)).all()) and bool(((o.double().sum(-1) - 1).abs() < 1e-4).all()):
+        warnings.warn("the model's outputs are probabilities (every row lies in [0, 1] and sums to 1: a final "
+                      "Softmax?), but noiseprop treats them as logits: predictions on them are less accurate and "
+                      "the loss is cross-entropy on the probabilities. Remove the final Softmax (LogSoftmax "
+                      "outputs are fine)", UserWarning, stacklevel=_user_stacklevel())
+
+
 def model_fit_error(exc: BaseException, x: torch.Tensor) -> ValueError:
     """A ``ValueError`` saying that ``x`` does not fit the model, for an error raised
     by the model's forward on ``x`` (wrong shape, channel count or dtype)."""
@@ -297,7 +329,9 @@ def probe_logits(forward, x: torch.Tensor) -> torch.Tensor:
         if is_fit_error(e):
             raise model_fit_error(e, x) from e
         raise
-    return check_logits(out, x.shape[0])
+    out = check_logits(out, x.shape[0])
+    warn_if_probabilities(out)
+    return out
 
 
 def _real_vector(values) -> np.ndarray:
