@@ -8,11 +8,15 @@ modules are traced through.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-__all__ = ["LeafTracer", "trace", "is_relu", "relu_input_graph", "WEIGHT_LAYERS", "conv_padding", "unfold_input"]
+__all__ = ["LeafTracer", "trace", "is_relu", "relu_input_graph", "WEIGHT_LAYERS", "conv_padding", "unfold_input",
+           "differentiable_attention"]
 
 #: Layers whose weights are stored on the crossbar (get noise by default; leaves of the trace).
 WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -67,6 +71,23 @@ def relu_input_graph(net: nn.Module) -> tuple[fx.GraphModule, int]:
     graph.output((result, tuple(pre)))
     gm = fx.GraphModule(net, graph)
     return gm, len(pre)
+
+
+@contextmanager
+def differentiable_attention():
+    """A context in which attention (``nn.MultiheadAttention``, ``nn.Transformer*``)
+    runs ops that every autodiff mode supports: ``F.scaled_dot_product_attention`` by its
+    math kernel and no fused "fast path" of the Transformer layers. The fused CPU kernels
+    have no forward-mode derivative (forward-over-reverse Hessian products, the
+    diagnostic's and the drift curve's ``jvp``) and no double backward. Same values up to
+    rounding."""
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
 
 
 def conv_padding(m: nn.Conv2d) -> tuple[tuple[int, int, int, int] | None, tuple[int, int]]:

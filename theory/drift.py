@@ -67,11 +67,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, jvp, vmap
 
-from ._graph import unfold_input
+from ._graph import differentiable_attention, unfold_input
 from .accuracy import DEFAULT_N_POINTS, correct_probability, sampled_accuracies
 from .hardware import HardwareNoise, PCMLike
 from .hashing import inputs_fingerprint
-from .linearize import (DEFAULT_JACOBIAN_BUDGET, PASS_CHUNK_CAP, LinearizedNetwork, _patch_size,
+from .linearize import (DEFAULT_JACOBIAN_BUDGET, PASS_CHUNK_CAP, LinearizedNetwork, _patch_size, read_without_call,
                         backprop_signals, graph_and_signals, jacobian_pass, scaled_jacobian, tap_jacobian,
                         tapping)
 from .moments import DEFAULT_RANK, DEFAULT_SPATIAL_RANK, MomentPropagator, propagate_moments
@@ -224,7 +224,8 @@ def _layer_jvps(lin: LinearizedNetwork, x: torch.Tensor, tangents: list[dict], b
         xb = x[i:i + batch_size].to(lin.device)
 
         def f(tp):
-            return functional_call(lin.net, ({**lin.params, **tp}, lin.buffers), (xb,))
+            with differentiable_attention():
+                return functional_call(lin.net, ({**lin.params, **tp}, lin.buffers), (xb,))
 
         def one(tang):
             return jvp(f, (primals,), (tang,))[1]
@@ -262,7 +263,7 @@ def _fast_pass(lin_pt: LinearizedNetwork, x: torch.Tensor, units: Sequence[dict]
         mname, _, pname = name.rpartition(".")
         mod = modules.get(mname)
         ok = pname == "weight" and mname and (isinstance(mod, nn.Linear) or (
-            isinstance(mod, nn.Conv2d) and mod.padding_mode == "zeros" and not isinstance(mod.padding, str)))
+            isinstance(mod, nn.Conv2d) and mod.padding_mode == "zeros"))
         if not ok:
             return None
         fast[mname] = name
@@ -270,6 +271,8 @@ def _fast_pass(lin_pt: LinearizedNetwork, x: torch.Tensor, units: Sequence[dict]
     n = x.shape[0]
     with torch.no_grad(), tapping(watch) as probe:  # one input: the classes, and what one input holds
         c0 = lin_pt.forward(x[:1].to(lin_pt.device)).shape[-1]
+    if read_without_call(lin_pt, [fast[m] for m in fast if m not in {t.name for t in probe}], x[:1].to(lin_pt.device)):
+        return None  # a weight read without calling its layer (attention's out_proj): the generic route
     if chunk_size is None:
         chunk_size = _fast_chunk_size(probe, c0, len(units), len(tangents) + draws,
                                       torch.tensor([], dtype=lin_pt.dtype).element_size())

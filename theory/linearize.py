@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, jacrev, jvp, vmap
 
-from ._graph import trace, unfold_input
+from ._graph import differentiable_attention, trace, unfold_input
 from .accuracy import correct_probability
 from .noise import WeightNoise
 from .targets import TargetPlan, qualified_name, resolve_targets
@@ -148,7 +148,8 @@ class LinearizedNetwork:
     def forward(self, x: torch.Tensor, tparams: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Logits of a batch with the target parameters replaced by ``tparams``."""
         params = self.params if tparams is None else {**self.params, **tparams}
-        return functional_call(self.net, (params, self.buffers), (x,))
+        with differentiable_attention():
+            return functional_call(self.net, (params, self.buffers), (x,))
 
     @torch.no_grad()
     def logits(self, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
@@ -336,7 +337,7 @@ class Tap:
 def _fast_ok(module: nn.Module) -> bool:
     if isinstance(module, nn.Linear):
         return True
-    return isinstance(module, nn.Conv2d) and module.padding_mode == "zeros" and not isinstance(module.padding, str)
+    return isinstance(module, nn.Conv2d) and module.padding_mode == "zeros"  # padding="same" too (unfold_input)
 
 
 @contextmanager
@@ -495,6 +496,24 @@ def _scale_delta(dl: torch.Tensor, module: nn.Module, uvec: torch.Tensor) -> tor
 
 def _layer_of(name: str) -> str:
     return name.rpartition(".")[0]
+
+
+def read_without_call(lin: LinearizedNetwork, names: Sequence[str], x1: torch.Tensor) -> list[str]:
+    """Those of the target parameters ``names``, of layers that a forward pass on
+    ``x1`` never called, that the forward reads all the same: ``nn.MultiheadAttention``
+    hands ``out_proj.weight`` to ``F.multi_head_attention_forward`` without calling
+    ``out_proj``. A tap sees no such layer, so its weights need the generic route
+    (their gradient exists); a layer the forward does not use at all is left out (its
+    weights have no gradient and no effect)."""
+    if not names:
+        return []
+    tp = {n: lin.target_params[n].detach().requires_grad_(True) for n in names}
+    with torch.enable_grad():
+        out = lin.forward(x1, tp)
+        if not out.requires_grad:  # none of them is read
+            return []
+        gs = torch.autograd.grad(out.sum(), list(tp.values()), allow_unused=True)
+    return [n for n, g in zip(names, gs) if g is not None]
 
 
 def weight_terms(by_module: Mapping[str, list], params: Mapping[str, list], scale: Mapping[str, torch.Tensor],
@@ -756,6 +775,11 @@ def jacobian_pass(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, to
     watch = {id(modules[m]): (m, modules[m]) for m in fast}
     with torch.no_grad(), tapping(watch) as probe:  # one input: the number of classes, and what one input holds
         c0 = probe_logits(lin.forward, x[:1].to(lin.device)).shape[-1]  # logits [1, C], or a clear error
+    uncalled = [m for m in fast if m not in {t.name for t in probe}]
+    if uncalled:  # weights read without calling their layer take the generic route; unused ones none
+        slow += read_without_call(lin, [qualified_name(m, p) for m in uncalled for p in fast[m]], x[:1].to(lin.device))
+        for m in uncalled:
+            del fast[m], watch[id(modules[m])]
     if labels is not None:
         check_labels(labels, c0)
     if classes is not None and classes >= c0 - 1:

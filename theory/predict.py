@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, jvp, vmap
 
-from ._graph import relu_input_graph, trace
+from ._graph import differentiable_attention, relu_input_graph, trace
 from .accuracy import DEFAULT_N_POINTS, CorrectCurve, _qmc_points, sampled_accuracies
 from .flatness import HessianOperator, _trace_probes, gauss_newton_per_input, loss_increase_gauss_newton
 from .hashing import inputs_fingerprint, tensor_digest
@@ -625,8 +625,9 @@ def _preact_ratios(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, t
         def f(tp):
             # a target the traced graph does not use (a layer the forward never calls) has
             # no attribute on `gm`: its noise reaches no pre-activation
-            return functional_call(gm, ({**params, **{k: v for k, v in tp.items() if k in names}}, bufs),
-                                   (xb,))[1]
+            with differentiable_attention():
+                return functional_call(gm, ({**params, **{k: v for k, v in tp.items() if k in names}}, bufs),
+                                       (xb,))[1]
 
         with torch.no_grad():
             if step is None:
