@@ -551,3 +551,63 @@ def test_softmax_outputs_are_flagged_once_at_the_callers_line(call):
     hits = [w for w in rec if "probabilities" in str(w.message)]
     assert len(hits) == 1, [str(w.message) for w in hits]
     assert hits[0].filename == __file__ and "Remove the final Softmax" in str(hits[0].message)
+
+
+def test_targets_layers_must_each_select_something():
+    """A typo in ``layers`` narrowed the noise silently (``["0", "3"]`` gave the result
+    of ``["0"]``); a layer without weights likewise. ``layers=5`` was "'int' object is
+    not iterable"; ``"fold_bn"`` alone now means the default weights, folded."""
+    net = _mlp()
+    with pytest.raises(ValueError, match=r"layers names '9'.*no module of that name.*\['1', '3'\]"):
+        predict(net, X, Y, "relative:0.1", targets={"layers": ["1", "9"]})
+    with pytest.raises(ValueError, match=r"layers names '2'.*ReLU has no weights"):
+        monte_carlo(net, X, Y, RelativeGaussian(0.1), targets=Targets(layers=("1", "2")), draws=2, progress=False)
+    with pytest.raises(TypeError, match="layers must be a module name or a non-empty list"):
+        Targets(layers=5)
+    with pytest.raises(TypeError, match="layers must be"):
+        Targets(layers=[])
+    assert Targets.parse("fold_bn") == Targets(fold_bn=True)
+
+
+def test_hardware_noise_checks_its_switches_and_seed():
+    """The hardware path took ``cov="no"`` as true, accepted ``cache="no"``, and passed
+    seed 2**64 to torch ("Overflow when unpacking long long")."""
+    net = _mlp()
+    for call in (lambda: predict(net, X, Y, "pcm:3600", cov="no"),
+                 lambda: predict_drift(net, X, Y, PCMLike(), [1.0], cov="no")):
+        with pytest.raises(TypeError, match="cov must be True or False"):
+            call()
+    with pytest.raises(TypeError, match="cache must be True or False"):
+        predict(net, X, Y, "pcm:3600", cache="no")
+    for call in (lambda: predict(net, X, Y, "pcm:3600", seed=2 ** 64),
+                 lambda: predict_drift(net, X, Y, PCMLike(), [1.0], seed=2 ** 64)):
+        with pytest.raises(ValueError, match="seed must be"):
+            call()
+
+
+class _TupleNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = _mlp()
+
+    def forward(self, x):
+        return self.body(x), x
+
+
+def test_hardware_noise_says_when_x_does_not_fit():
+    """Inputs that do not fit, and a model returning a tuple, raised torch's errors on
+    the hardware path; the Gaussian path's messages now."""
+    net = _mlp()
+    for call in (lambda: predict(net, X[:, :, :4], Y, "pcm:3600"),
+                 lambda: predict_drift(net, X[:, :, :4], Y, PCMLike(), [1.0])):
+        with pytest.raises(ValueError, match="x does not fit the model"):
+            call()
+    with pytest.raises(TypeError, match="returned a tuple of 2 items"):
+        predict_drift(_TupleNet().eval(), X, Y, PCMLike(), [1.0])
+
+
+def test_overflowing_drift_is_refused_not_a_cholesky_error():
+    """drift_scale=1000 at 10⁸ s overflows the compensation factor: a LinAlgError from
+    the Cholesky factorisation before, a message naming the noise model now."""
+    with pytest.raises(ValueError, match=r"noise pcm:1e\+08,drift=1000: the predicted logit moments are not finite"):
+        predict(_mlp(), X, Y, PCMLike(t=1e8, drift_scale=1e3))

@@ -79,7 +79,8 @@ from .noise import WeightNoise, parse_noise
 from .predict import (DIAGNOSTIC_DIRECTIONS, DIAGNOSTIC_INPUTS, METHODS, OUTSIDE_RANGE, Prediction,
                       _gaussian_logit_loss, _moment_risks, _preact_ratios, _rescale_draws, curve_range_warning,
                       moments_range_warning, range_warning)
-from .validation import check_bool, check_inputs, check_int, check_labels, check_times, warn_if_probabilities
+from .validation import (check_bool, check_inputs, check_int, check_labels, check_seed, check_times,
+                         probe_logits)
 
 __all__ = ["DriftPrediction", "predict_drift", "predict_hardware", "LINEARIZE_AT"]
 
@@ -614,11 +615,11 @@ def _predict_models(model, x, y, noises: Sequence[HardwareNoise], targets, linea
                     spatial_rank=DEFAULT_SPATIAL_RANK, moment_chunk=32, diagnostic=True):
     x, y = check_inputs(model, x, y)
     lin = LinearizedNetwork(model, targets)
+    probe_logits(lin.forward, x[:1].to(lin.device))  # "x does not fit the model", a tuple output: clear errors
     clean = _forward(lin, x, batch_size).double().cpu()
     if clean.dim() != 2:
         raise ValueError(f"the model must map a batch of inputs to logits of shape [N, C]; got shape {tuple(clean.shape)}")
     check_labels(y, clean.shape[1])
-    warn_if_probabilities(clean)
     clean_loss = float(F.cross_entropy(clean, y))
     clean_acc = float((clean.argmax(1) == y).double().mean())
     moments = _moments_over_times(lin, noises)
@@ -675,6 +676,10 @@ def _predict_models(model, x, y, noises: Sequence[HardwareNoise], targets, linea
         if comp_cov is not None:
             cov = cov + comp_cov
         cov = 0.5 * (cov + cov.mT)
+        if not (torch.isfinite(mean).all() and torch.isfinite(cov).all()):
+            raise ValueError(f"noise {nz.to_string()}: the predicted logit moments are not finite: the noise model's weight "
+                             "moments overflow at this time and these scales (e.g. a drift-compensation factor beyond "
+                             "float range); reduce the scales or the time")
         p, lo, hi = correct_probability(mean, cov, y, n_points=n_points, seed=seed)
         acc_std, kd = float("nan"), 0
         if z is not None:
@@ -757,9 +762,9 @@ def predict_drift(model: nn.Module, x, y, noise, times, targets=None, *, method:
         raise ValueError("accuracy_draws must be 0 (no chip-to-chip spread) or >= 2")
     preds, lin, clean_acc = _predict_models(
         model, x, y, [noise.with_level(float(t)) for t in tv], targets, linearize_at, accuracy_draws,
-        check_int("seed", seed, 0), check_int("n_points", n_points, 16),
+        check_seed("seed", seed), check_int("n_points", n_points, 16),
         None if chunk_size is None else check_int("chunk_size", chunk_size, 1), check_int("batch_size", batch_size, 1),
-        bool(cov), method, *_moment_settings(rank, spatial_rank, moment_chunk), check_bool("diagnostic", diagnostic))
+        check_bool("cov", cov), method, *_moment_settings(rank, spatial_rank, moment_chunk), check_bool("diagnostic", diagnostic))
     flagged = [f"{t:g} s" for t, p in zip(tv, preds) if p.warnings]
     if flagged:  # one warning for the curve (each time's own stays in its prediction)
         warnings.warn(curve_range_warning(f"{', '.join(flagged)} after programming", method), RuntimeWarning,
@@ -802,9 +807,9 @@ def predict_hardware(model: nn.Module, x, y, noise, targets=None, *, method: str
     stacklevel = check_int("stacklevel", stacklevel, 1)
     t0 = time.perf_counter()
     preds, _, _ = _predict_models(model, x, y, [noise], targets, linearize_at, accuracy_draws,
-                                  check_int("seed", seed, 0), check_int("n_points", n_points, 16),
+                                  check_seed("seed", seed), check_int("n_points", n_points, 16),
                                   None if chunk_size is None else check_int("chunk_size", chunk_size, 1),
-                                  check_int("batch_size", batch_size, 1), bool(cov), method,
+                                  check_int("batch_size", batch_size, 1), check_bool("cov", cov), method,
                                   *_moment_settings(rank, spatial_rank, moment_chunk),
                                   check_bool("diagnostic", diagnostic))
     p = preds[0]

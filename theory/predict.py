@@ -1364,6 +1364,7 @@ def predict(model: nn.Module, x, y, noise, targets=None, *, method: str = "linea
     """
     t0 = time.perf_counter()
     o = _resolve(options, knobs, "predict")
+    check_bool("cache", cache)
     # non-zero-mean hardware noise (PCMLike, Quantized, StuckAt): theory/drift.py
     hw = parse_noise(noise)
     if not hw.zero_mean:
@@ -1384,7 +1385,6 @@ def predict(model: nn.Module, x, y, noise, targets=None, *, method: str = "linea
                                 batch_size=o.batch_size, rank=o.rank, spatial_rank=o.spatial_rank,
                                 moment_chunk=o.moment_chunk, diagnostic=diagnostic, stacklevel=3)
     run, opts = _settings(o, method, cov, seed, per_layer, diagnostic, classes)
-    check_bool("cache", cache)
     x, y = _check_inputs(model, x, y)
     fingerprint = _data_hash(x, y)
     base, noise, cached = _base(model, x, y, noise, targets, opts, cache, data_key=fingerprint, model_checked=True)

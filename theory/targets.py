@@ -88,7 +88,8 @@ class Targets:
     fold_bn: fold every BatchNorm-like layer into the preceding Conv/Linear first, then
         inject into the folded weights (and biases, when ``biases``).
     layers: restrict to modules whose qualified name equals, or starts with, one of
-        these names (``None``: all).
+        these names (``None``: all); each name must select at least one parameter
+        (a name the model lacks, or a layer without such parameters, is an error).
 
     >>> Targets(biases=True).describe()
     'weights+biases'
@@ -108,15 +109,21 @@ class Targets:
         if not (self.weights or self.biases or self.norm):
             raise ValueError("targets: at least one of weights, biases, norm must be True")
         if self.layers is not None:
-            if isinstance(self.layers, str):
-                object.__setattr__(self, "layers", (self.layers,))
-            else:
-                object.__setattr__(self, "layers", tuple(self.layers))
+            layers = (self.layers,) if isinstance(self.layers, str) else self.layers
+            try:
+                layers = tuple(layers)
+            except TypeError:
+                layers = None
+            if layers is None or not layers or not all(isinstance(n, str) for n in layers):
+                raise TypeError("targets: layers must be a module name or a non-empty list of module names "
+                                f"(as in model.named_modules()), got {self.layers!r}")
+            object.__setattr__(self, "layers", layers)
 
     @classmethod
     def parse(cls, spec) -> "Targets":
         """``None`` → default; a :class:`Targets` passes through; a string of
-        comma/plus-separated words from ``weights, biases, norm, fold_bn``."""
+        comma/plus-separated words from ``weights, biases, norm, fold_bn`` (``"fold_bn"``
+        alone: the default weights, BatchNorm folded)."""
         if spec is None:
             return cls()
         if isinstance(spec, Targets):
@@ -137,8 +144,8 @@ class Targets:
             if bad or not words:
                 raise ValueError(f"unknown targets {spec!r}; accepted words: {sorted(allowed)} joined by ',' or '+'")
             words = {w.strip() for w in words}
-            return cls(weights="weights" in words, biases="biases" in words, norm="norm" in words,
-                       fold_bn="fold_bn" in words)
+            return cls(weights="weights" in words or not words & {"biases", "norm"}, biases="biases" in words,
+                       norm="norm" in words, fold_bn="fold_bn" in words)
         raise TypeError(f"targets must be None, a Targets, a dict or a string, got {type(spec).__name__}")
 
     def describe(self) -> str:
@@ -164,6 +171,10 @@ class TargetPlan:
     names: tuple[str, ...]
     targets: Targets
     folded: tuple[tuple[str, str], ...] = ()
+
+
+def _layer_of(name: str) -> str:
+    return name.rpartition(".")[0]
 
 
 def qualified_name(module: str, param: str) -> str:
@@ -213,6 +224,17 @@ def resolve_targets(model: nn.Module, targets=None) -> TargetPlan:
                 p = getattr(module, pname, None)
                 if isinstance(p, nn.Parameter):
                     names.append(qualified_name(mname, pname))
+    if t.layers is not None:  # every name must select something: a typo must not narrow the noise silently
+        modules = dict(net.named_modules())
+        for layer in t.layers:
+            if any(_in_layers(_layer_of(n), (layer,)) for n in names):
+                continue
+            with_weights = [m for m, mod in modules.items() if isinstance(mod, WEIGHT_LAYERS)]
+            what = ("the model has no module of that name" if layer not in modules else
+                    f"its {type(modules[layer]).__name__} has no {Targets(**{**t.__dict__, 'layers': None}).describe()} "
+                    "to perturb")
+            raise ValueError(f"targets: layers names {layer!r}, but {what}; the model's Conv/Linear layers are "
+                             f"{with_weights[:12]}{' ...' if len(with_weights) > 12 else ''}")
     if not names:
         layers = [type(m).__name__ for m in net.modules()][:8]
         raise ValueError(
