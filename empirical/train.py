@@ -460,6 +460,15 @@ def train(model_or_spec, data="digits", lr=None, epochs=None, batch_size=None, m
             raise ValueError("noise_targets: fold_bn=True is not accepted for noise-aware training (BatchNorm folds "
                              "only in eval mode); inject into the unfolded weights (the default)")
         config["noise"] = nm.to_string()
+        try:  # the run stores the noise by its string form (_fit reads it back): it must read back exactly
+            back = parse_noise(config["noise"])
+        except (ValueError, TypeError):
+            back = None
+        if back != nm:
+            raise ValueError(f"noise (noise-aware training): {type(nm).__name__} noise {nm!r} does not read back from "
+                             f"its string form {config['noise']!r} (parse_noise gives {back!r}); noise-aware training "
+                             "stores the noise by that string: use a built-in model (relative, additive, "
+                             "multiplicative, pcm, quantized, stuck) or its string form")
         config["noise_targets"] = {"weights": tg.weights, "biases": tg.biases, "norm": tg.norm,
                                    "layers": list(tg.layers) if tg.layers is not None else None}
     elif noise_targets is not None:

@@ -51,7 +51,7 @@ from torch.func import grad, jvp, vmap
 
 from .linearize import LinearizedNetwork
 from .noise import parse_noise
-from .validation import check_inputs, check_int, check_seed, probe_logits
+from .validation import check_bool, check_inputs, check_int, check_number, check_seed, probe_logits
 
 __all__ = [
     "HessianTrace",
@@ -145,6 +145,11 @@ def _noise_scale(lin: LinearizedNetwork, noise):
     if noise is None:
         return None, None
     noise = parse_noise(noise)
+    if not noise.zero_mean:  # scaled probes take a zero-mean covariance; a mean shift is not curvature
+        raise ValueError(f"noise: {type(noise).__name__} noise ({noise.to_string()}) has a non-zero mean, and the "
+                         "noise-scaled Hessian (tr(Σ_ε H), Σ^½ H Σ^½) takes zero-mean Gaussian noise (additive, relative, "
+                         "relative-max, relative-channel, relative-max-channel, multiplicative) or None; for "
+                         "hardware noise use predict(model, x, y, noise) or predict_drift(...)")
     return lin.scales(noise), noise.to_string()
 
 
@@ -471,8 +476,8 @@ def hessian_top_eigenvalue(model, x, y, targets=None, noise=None, tol: float = 1
     k = check_int("k", k, 1)
     if which not in ("largest", "smallest", "both"):
         raise ValueError(f"which must be 'largest', 'smallest' or 'both', got {which!r}")
-    if not (isinstance(tol, (int, float)) and tol >= 0 and math.isfinite(tol)):
-        raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
+    tol = check_number("tol", tol, 0.0)
+    return_vector = check_bool("return_vector", return_vector)
     op = HessianOperator(lin, x, y, batch_size=check_int("batch_size", batch_size, 1))
     nev = 2 * k if which == "both" else k
     if nev >= op.numel and op.numel > 1:

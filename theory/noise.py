@@ -59,6 +59,13 @@ def _check_level(name: str, value) -> float:
     return v
 
 
+def _fmt(v: float) -> str:
+    """``v`` for a string form: ``{v:g}`` where that reads back exactly (``0.05``, ``3600``),
+    else the shortest exact form (``repr``), so that ``parse_noise(m.to_string()) == m``."""
+    s = f"{v:g}"
+    return s if float(s) == v else repr(float(v))
+
+
 @dataclass(frozen=True)
 class WeightNoise:
     """Base class: Gaussian weight noise ``w + level · u(w) ⊙ z``.
@@ -101,13 +108,14 @@ class WeightNoise:
 
     def variance(self, w: torch.Tensor) -> torch.Tensor:
         """Per-element noise variance ``σ² = s(w)²``, shaped like ``w``."""
+        _check_weight(w, finite=True)
         return self.scale(w) ** 2
 
     def mean(self, w: torch.Tensor) -> torch.Tensor:
         """Per-element mean of the noisy weight, ``E[w̃]``, shaped like ``w``: ``w`` itself
         for these zero-mean models (the contract every noise model follows: the theory
         consumes ``mean(w)`` and ``variance(w)``)."""
-        _check_weight(w)
+        _check_weight(w, finite=True)
         return w.detach().clone()
 
     def perturb(self, w: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -119,6 +127,8 @@ class WeightNoise:
     def sample(self, w: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """A noisy copy of ``w``, drawn with ``generator`` (no global RNG state touched
         when a generator is given)."""
+        _check_weight(w)
+        _check_generator(generator)
         z = torch.randn(w.shape, generator=generator, dtype=w.dtype, device=w.device)
         return self.perturb(w, z)
 
@@ -129,11 +139,25 @@ class WeightNoise:
         raise NotImplementedError
 
 
-def _check_weight(w) -> None:
+def _check_weight(w, finite: bool = False) -> None:
+    """A floating-point tensor; with ``finite``, also free of NaN and inf (one pass over
+    ``w``: done where the moments are formed, not in the sampling inner loops
+    (:meth:`WeightNoise.sample`/``perturb``, ``draw``/``apply``: Monte-Carlo checks its
+    weights once, and in noise-aware training a non-finite weight must surface as
+    ``TrainingDivergedError`` through the loss, empirical/train.py))."""
     if not isinstance(w, torch.Tensor):
         raise TypeError(f"expected a torch.Tensor weight, got {type(w).__name__}")
     if not torch.is_floating_point(w):
         raise TypeError(f"expected a floating-point weight tensor, got dtype {w.dtype}")
+    if finite and not bool(torch.isfinite(w).all()):
+        raise ValueError(f"weight w contains NaN or infinite values ({int((~torch.isfinite(w)).sum())} of "
+                         f"{w.numel()}); the noise model needs finite weights")
+
+
+def _check_generator(generator) -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__} {generator!r} "
+                        "(e.g. torch.Generator().manual_seed(0))")
 
 
 @dataclass(frozen=True)
@@ -153,7 +177,7 @@ class AdditiveGaussian(WeightNoise):
         return torch.ones_like(w)
 
     def to_string(self):
-        return f"additive:{self.sigma:g}"
+        return f"additive:{_fmt(self.sigma)}"
 
 
 @dataclass(frozen=True)
@@ -206,7 +230,7 @@ class RelativeGaussian(WeightNoise):
         name = "relative" if self.reference == "std" else "relative-max"
         if self.per == "channel":
             name += "-channel"
-        return f"{name}:{self.eta:g}"
+        return f"{name}:{_fmt(self.eta)}"
 
 
 @dataclass(frozen=True)
@@ -226,7 +250,7 @@ class Multiplicative(WeightNoise):
         return w.clone()
 
     def to_string(self):
-        return f"multiplicative:{self.eta:g}"
+        return f"multiplicative:{_fmt(self.eta)}"
 
 
 #: CLI string forms: ``name:level``.
@@ -239,12 +263,61 @@ NOISE_STRING_FORMS = {
     "multiplicative": lambda v: Multiplicative(v),
 }
 
+#: ``,key=value`` settings a string form takes after its level (``pcm:3600,drift=2``: what
+#: the model's ``to_string`` writes for its non-default settings), per form name:
+#: ``key -> (field, kind)``, ``kind`` one of ``float`` (a number), a tuple of accepted
+#: words, or ``("flag", value)`` (a bare ``key`` that sets ``field`` to ``value``).
+#: Filled where the forms are registered (:mod:`noiseprop.theory.hardware`); the
+#: Gaussian forms here take none (their options are in the name).
+NOISE_STRING_OPTIONS: dict[str, dict[str, tuple]] = {}
+
+
+def _options_help(name: str) -> str:
+    opts = NOISE_STRING_OPTIONS.get(name, {})
+    parts = [k if isinstance(kind, tuple) and kind[:1] == ("flag",) else
+             f"{k}=NUMBER" if kind is float else f"{k}={'|'.join(kind)}" for k, (_, kind) in opts.items()]
+    return f"accepted settings for '{name}:LEVEL': " + ", ".join(parts) if parts else f"'{name}:LEVEL' takes no settings"
+
+
+def _parse_options(spec: str, name: str, items: list[str]) -> dict:
+    """The model fields set by the ``,key=value`` settings ``items`` of form ``name``."""
+    opts = NOISE_STRING_OPTIONS.get(name, {})
+    fields: dict = {}
+    seen = set()
+    for item in items:
+        key, eq, raw = (part.strip() for part in item.partition("="))
+        if key not in opts:
+            raise ValueError(f"noise {spec!r}: unknown setting {item.strip()!r}; {_options_help(name)}")
+        if key in seen:
+            raise ValueError(f"noise {spec!r}: setting {key!r} is given twice")
+        seen.add(key)
+        field, kind = opts[key]
+        if isinstance(kind, tuple) and kind[:1] == ("flag",):
+            if eq:
+                raise ValueError(f"noise {spec!r}: setting {key!r} takes no value; {_options_help(name)}")
+            fields[field] = kind[1]
+        elif not eq:
+            raise ValueError(f"noise {spec!r}: setting {key!r} needs a value; {_options_help(name)}")
+        elif kind is float:
+            try:
+                fields[field] = float(raw)
+            except ValueError:
+                raise ValueError(f"noise {spec!r}: {key}={raw!r} is not a number; {_options_help(name)}") from None
+        elif raw in kind:
+            fields[field] = raw
+        else:
+            raise ValueError(f"noise {spec!r}: {key} must be one of {', '.join(map(repr, kind))}, got {raw!r}")
+    return fields
+
 
 def parse_noise(spec, default_level: float | None = None) -> WeightNoise:
     """Build a noise model from its string form, e.g. ``"relative:0.05"``.
 
     Accepted forms: ``additive:S``, ``relative:ETA``, ``relative-max:ETA``,
-    ``relative-channel:ETA``, ``relative-max-channel:ETA``, ``multiplicative:ETA``.
+    ``relative-channel:ETA``, ``relative-max-channel:ETA``, ``multiplicative:ETA``
+    (and the hardware forms ``pcm:T``, ``pcm-nocomp:T``, ``quantized:BITS``, ``stuck:P``,
+    with the ``,key=value`` settings of :data:`NOISE_STRING_OPTIONS` after the level, e.g.
+    ``pcm:3600,drift=2,per=channel``: every model's ``to_string`` reads back).
     With ``default_level``, a bare family name (``"relative"``) is accepted too and
     gets that level (used where only the family matters, e.g. sweeps).
     A :class:`WeightNoise` passes through unchanged.
@@ -265,11 +338,19 @@ def parse_noise(spec, default_level: float | None = None) -> WeightNoise:
         return NOISE_STRING_FORMS[name](default_level)
     if not sep or name not in NOISE_STRING_FORMS:
         raise ValueError(f"unknown noise {spec!r}; accepted forms: {accepted}")
+    value, *settings = value.split(",")
     try:
         level = float(value)
     except ValueError:
         raise ValueError(f"noise {spec!r}: level {value!r} is not a number; accepted forms: {accepted}") from None
     try:
-        return NOISE_STRING_FORMS[name](level)
-    except ValueError as e:
+        out = NOISE_STRING_FORMS[name](level)
+    except (ValueError, TypeError, OverflowError) as e:
+        raise ValueError(f"noise {spec!r}: {e}") from None
+    if not settings:
+        return out
+    fields = _parse_options(spec, name, settings)
+    try:
+        return replace(out, **fields)
+    except (ValueError, TypeError) as e:
         raise ValueError(f"noise {spec!r}: {e}") from None
