@@ -587,6 +587,11 @@ def sweep(model: nn.Module, x, y, noise, levels, targets=None, *, draws: int = 1
     """
     noise = parse_noise(noise, default_level=1.0)
     levels = check_levels(levels, MAX_LEVEL)
+    for lv in levels:  # every level the family takes (bits of 'quantized', a fraction of 'stuck'), before any draw
+        try:
+            noise.with_level(float(lv))
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"levels: {float(lv):g} is not a level of {noise.to_string().split(':')[0]!r} noise: {e}") from None
     confidence = check_probability("confidence", confidence)
     keep_logits = check_bool("keep_logits", keep_logits)
     run, plan = _run(model, x, y, noise, list(levels), draws, seed, targets, batch_size, keep_logits, progress, "sweep")

@@ -608,6 +608,18 @@ def test_hardware_noise_says_when_x_does_not_fit():
 
 def test_overflowing_drift_is_refused_not_a_cholesky_error():
     """drift_scale=1000 at 10⁸ s overflows the compensation factor: a LinAlgError from
-    the Cholesky factorisation before, a message naming the noise model now."""
-    with pytest.raises(ValueError, match=r"noise pcm:1e\+08,drift=1000: the predicted logit moments are not finite"):
-        predict(_mlp(), X, Y, PCMLike(t=1e8, drift_scale=1e3))
+    the Cholesky factorisation before (and NaN variances from the noise model itself), a
+    message naming the noise model now."""
+    noise = PCMLike(t=1e8, drift_scale=1e3)
+    for call in (lambda: predict(_mlp(), X, Y, noise), lambda: noise.variance(torch.randn(8, 8)),
+                 lambda: predict_drift(_mlp(), X, Y, PCMLike(drift_scale=1e3), [1.0, 1e8])):
+        with pytest.raises(ValueError, match=r"pcm:1e\+08,drift=1000: the drift-compensation factor overflows"):
+            call()
+
+
+def test_sweep_checks_every_level_before_drawing():
+    """A level the family does not take (2.5 bits, a stuck fraction of 2) was refused
+    only when the run reached it."""
+    for fam, levels, what in (("quantized", [4, 2.5], "bits must be an integer"), ("stuck", [0.1, 2], "p_zero")):
+        with pytest.raises(ValueError, match=f"levels: {levels[1]:g} is not a level of '{fam}' noise: {what}"):
+            sweep(_mlp(), X, Y, fam, levels, draws=2, progress=False)

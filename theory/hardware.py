@@ -693,6 +693,10 @@ class PCMLike(HardwareNoise):
             return dict(mean=raw["mean"], var=raw["var"], raw=raw, comp=None)
         comp = self.compensation_moments(w, raw, sampled=sampled)
         a = comp.alpha_mean
+        if not (math.isfinite(a) and math.isfinite(comp.alpha_var)):
+            raise ValueError(f"{self.to_string()}: the drift-compensation factor overflows (E α = {a:.3g}, Var α = "
+                             f"{comp.alpha_var:.3g}): the weights read at this time are about zero against the "
+                             "programmed ones; reduce drift_scale or t, or turn compensation off")
         mean = a * raw["mean"] + comp.cov_w
         var = (a * a * raw["var"] + raw["mean"] ** 2 * comp.alpha_var + 2 * a * raw["mean"] * comp.cov_w).clamp_min(0)
         return dict(mean=mean, var=var, raw=raw, comp=comp)
