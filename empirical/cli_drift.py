@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 
 from noiseprop.theory.drift import LINEARIZE_AT, predict_drift
 from noiseprop.theory.predict import OUTSIDE_RANGE
 from noiseprop.theory.hardware import PCMLike
+from noiseprop.theory.validation import check_figure_path, check_number, save_figure
 
 from .cli import CLIError
-from .cli_mc import add_model_data_args, load_model_and_data
+from .cli_mc import add_model_data_args, check_accuracy_draws, check_batch_size, check_n_inputs, load_model_and_data
 from .montecarlo import drift_sweep
 
 DEFAULT_TIMES = "1,3600,86400,2.6e6,3.15e7,3.15e8"
@@ -37,11 +39,15 @@ def _parse_times(text: str) -> list[float]:
     return times
 
 
-def drift_figure(curves, path, title: str = "") -> None:
+def drift_figure(curves, path, title: str = "") -> Path:
     """Predicted and simulated accuracy against log time (PNG). ``curves`` is a list of
     ``(label, DriftPrediction or None, SweepResult or None)``: the prediction as a line
     with its pairwise bounds shaded (a cross where the method's validity check
-    fired), Monte-Carlo as points with 95% CIs."""
+    fired), Monte-Carlo as points with 95% CIs. ``path``: a file name whose extension
+    is a format matplotlib writes (``.png``, ``.pdf``, ``.svg``, ...), checked before
+    drawing (a folder or a name without extension is refused); written whole or not at
+    all. Returns the path written."""
+    path = check_figure_path(path, "path")
     import matplotlib  # lazy: matplotlib.pyplot adds seconds (measured) to every command's start
 
     matplotlib.use("Agg", force=True)
@@ -77,21 +83,31 @@ def drift_figure(curves, path, title: str = "") -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    try:
+        save_figure(fig, path, dpi=130)
+    finally:
+        plt.close(fig)
+    return path
 
 
 def cmd_drift(args) -> int:
+    # every flag is checked here, by its name, before the checkpoint is loaded
     times = _parse_times(args.times)
     if args.draws != 0 and args.draws < 2:
         raise CLIError(f"--draws must be 0 (prediction only) or >= 2, got {args.draws}")
     if args.no_compensation and args.both:
         raise CLIError("--no-compensation and --both exclude each other")
+    for flag, field, v in (("--prog-scale", "prog_noise_scale", args.prog_scale),
+                           ("--drift-scale", "drift_scale", args.drift_scale),
+                           ("--read-scale", "read_noise_scale", args.read_scale)):
+        check_number(f"{flag} (PCMLike's {field})", v, 0.0)  # PCMLike's own range, >= 0
+    check_accuracy_draws(args.accuracy_draws)
+    check_batch_size(args.batch_size)
+    check_n_inputs(args.n_inputs)
+    plot = check_figure_path(args.plot, "--plot") if args.plot is not None else None
     settings = [False] if args.no_compensation else ([True, False] if args.both else [True])
     model, x, y, _ = load_model_and_data(args)
     if args.n_inputs is not None:
-        if args.n_inputs < 1:
-            raise CLIError(f"--n-inputs must be >= 1, got {args.n_inputs}")
         x, y = x[:args.n_inputs], y[:args.n_inputs]
     rows, curves = [], []
     for comp in settings:
@@ -124,13 +140,16 @@ def cmd_drift(args) -> int:
                 print(mc.summary())
         for r in rows[-len(times):]:
             r.update(predict_seconds=pred.seconds, mc_seconds=mc.seconds if mc is not None else None)
-    if args.plot:
-        drift_figure(curves, args.plot, title=f"{args.model}: PCM (prog ×{args.prog_scale:g}, drift ×{args.drift_scale:g}, "
-                                              f"read ×{args.read_scale:g}, per {args.per})")
+    if plot is not None:
+        plot = drift_figure(curves, plot, title=f"{args.model}: PCM (prog ×{args.prog_scale:g}, drift ×{args.drift_scale:g}, "
+                                                f"read ×{args.read_scale:g}, per {args.per})")
         if not args.json:
-            print(f"figure written to {args.plot}")
+            print(f"figure written to {plot}")
     if args.json:
-        print(json.dumps(dict(model=args.model, times=times, noise=curves[0][1].noise, rows=rows)))
+        out = dict(model=args.model, times=times, noise=curves[0][1].noise, rows=rows)
+        if plot is not None:
+            out["plot"] = str(plot)
+        print(json.dumps(out))
     return 0
 
 
@@ -159,5 +178,7 @@ def register(sub) -> None:
                         "max pooling)")
     p.add_argument("--accuracy-draws", type=int, default=32, help="draws of the linearised network for the chip-to-chip spread")
     p.add_argument("--n-inputs", type=int, default=None, help="use only the first N test inputs")
-    p.add_argument("--plot", default=None, metavar="PNG", help="write the figure of accuracy vs log time")
+    p.add_argument("--plot", default=None, metavar="PNG",
+                   help="write the figure of accuracy vs log time to this file (its extension sets the format: .png, "
+                        ".pdf, .svg, ...)")
     p.set_defaults(func=cmd_drift)

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from noiseprop.theory.noise import NOISE_STRING_FORMS, parse_noise
-from noiseprop.theory.validation import check_seed
+from noiseprop.theory.noise import MAX_LEVEL, NOISE_STRING_FORMS, parse_noise
+from noiseprop.theory.targets import Targets
+from noiseprop.theory.validation import check_int, check_levels, check_seed
 
 from .checkpoint import load_checkpoint
 from .cli import dumps
 from .data import load_dataset
-from .montecarlo import monte_carlo, sweep
+from .montecarlo import check_family_levels, monte_carlo, sweep
 
 
 def add_model_data_args(p) -> None:
@@ -24,9 +25,36 @@ def add_model_data_args(p) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+# Flags are checked in the CLI, by their names, before any work (the library's own checks
+# would name its Python arguments: prog_noise_scale, accuracy_draws, k, p_zero, ...).
+def check_batch_size(value) -> int:
+    return check_int("--batch-size", value, 1)
+
+
+def check_n_inputs(value):
+    return check_int("--n-inputs", value, 1, allow_none=True, what="an integer >= 1 (the first N test inputs)")
+
+
+def check_accuracy_draws(value) -> int:
+    what = "0 (no chip-to-chip spread) or an integer >= 2"
+    v = check_int("--accuracy-draws", value, 0, what=what)
+    if v == 1:
+        raise ValueError(f"--accuracy-draws must be {what}, got 1")
+    return v
+
+
+def check_draws(value) -> int:
+    return check_int("--draws", value, 2, what="an integer >= 2 (Monte-Carlo draws)")
+
+
 def load_model_and_data(args):
     """(model, x_test, y_test, checkpoint) for a checkpoint and its (or the given) data set."""
     check_seed("--seed", args.seed)
+    check_batch_size(args.batch_size)
+    try:
+        Targets.parse(args.targets)
+    except (ValueError, TypeError) as e:
+        raise type(e)(f"--targets {args.targets!r}: {e}") from None
     ckpt = load_checkpoint(args.model)
     name = args.dataset or ckpt.meta.get("dataset")
     if not name:
@@ -46,6 +74,7 @@ def _progress(args):
 
 def cmd_mc(args) -> int:
     noise = parse_noise(args.noise)
+    check_draws(args.draws)
     model, x, y, _ = load_model_and_data(args)
     res = monte_carlo(model, x, y, noise, draws=args.draws, seed=args.seed, targets=args.targets,
                       batch_size=args.batch_size, progress=_progress(args))
@@ -64,16 +93,21 @@ def cmd_mc(args) -> int:
     return 0
 
 
-def _parse_levels(text: str) -> list[float]:
+def _parse_levels(text: str, noise=None) -> list[float]:
+    """The levels of ``--levels``, each checked (when ``noise`` is given) to be a level of
+    that family (a fraction for stuck, whole bits for quantized, ...), by the flag's name."""
     try:
-        return [float(v) for v in text.split(",") if v.strip()]
+        levels = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise ValueError(f"--levels must be comma-separated numbers such as 0,0.05,0.1; got {text!r}") from None
+    levels = [float(v) for v in check_levels(levels, MAX_LEVEL, name="--levels")]
+    return levels if noise is None else check_family_levels(noise, levels, "--levels")
 
 
 def cmd_sweep(args) -> int:
     noise = parse_noise(args.noise, default_level=1.0)
-    levels = _parse_levels(args.levels)
+    levels = _parse_levels(args.levels, noise)
+    check_draws(args.draws)
     model, x, y, _ = load_model_and_data(args)
     res = sweep(model, x, y, noise, levels, draws=args.draws, seed=args.seed, targets=args.targets,
                 batch_size=args.batch_size, progress=_progress(args))

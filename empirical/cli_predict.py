@@ -10,10 +10,14 @@ import math
 
 from noiseprop.theory.noise import NOISE_STRING_FORMS, parse_noise
 from noiseprop.theory.predict import predict
+from noiseprop.theory.validation import check_int
 
 from .cli import CLIError, dumps
-from .cli_mc import add_model_data_args, load_model_and_data
+from .cli_mc import add_model_data_args, check_accuracy_draws, check_n_inputs, load_model_and_data
 from .montecarlo import monte_carlo
+
+
+LOSS_PROBES_ACCEPTED = "0 (skip the Hutchinson estimate) or an integer >= 2"
 
 
 def _num(v):
@@ -23,17 +27,39 @@ def _num(v):
     return None if math.isnan(v) else v
 
 
+def _loss_probes(args, noise):
+    """What ``--loss-probes`` passes to predict: nothing when not given (the library's
+    default: the exact Gauss-Newton form where the network is piecewise linear, Hutchinson
+    otherwise), else the flag's value for zero-mean (Gaussian) noise; for non-zero-mean
+    hardware noise (no Hessian estimator) a number of probes is refused by the flag's name
+    (0, "skip", is what it does anyway)."""
+    probes = args.loss_probes
+    if probes is not None:
+        check_int("--loss-probes", probes, 0, what=LOSS_PROBES_ACCEPTED)
+        if probes == 1:
+            raise ValueError(f"--loss-probes must be {LOSS_PROBES_ACCEPTED}, got 1")
+    if noise.zero_mean or probes is None:
+        return probes
+    if probes:
+        raise CLIError(f"--loss-probes {probes}: not available for hardware noise {noise.to_string()!r} (non-zero "
+                       "mean): its prediction has no Hutchinson loss estimate; leave --loss-probes out (or 0)")
+    return None
+
+
 def cmd_predict(args) -> int:
+    # every flag is checked here, by its name, before the checkpoint is loaded
     noise = parse_noise(args.noise)
     if args.compare_mc is not None and args.compare_mc < 2:
         raise CLIError(f"--compare-mc needs at least 2 draws, got {args.compare_mc}")
+    check_n_inputs(args.n_inputs)
+    check_accuracy_draws(args.accuracy_draws)
+    loss_probes = _loss_probes(args, noise)
     model, x, y, _ = load_model_and_data(args)
     if args.n_inputs is not None:
-        if args.n_inputs < 1:
-            raise CLIError(f"--n-inputs must be >= 1, got {args.n_inputs}")
         x, y = x[:args.n_inputs], y[:args.n_inputs]
+    knobs = {} if loss_probes is None else {"loss_probes": loss_probes}
     pred = predict(model, x, y, noise, targets=args.targets, method=args.method, seed=args.seed,
-                   accuracy_draws=args.accuracy_draws, loss_probes=args.loss_probes)
+                   accuracy_draws=args.accuracy_draws, **knobs)
     mc = None
     if args.compare_mc is not None:
         mc = monte_carlo(model, x, y, noise, draws=args.compare_mc, seed=args.seed, targets=args.targets,
@@ -78,5 +104,8 @@ def register(sub) -> None:
     p.add_argument("--n-inputs", type=int, default=None, help="use only the first N test inputs")
     p.add_argument("--accuracy-draws", type=int, default=32,
                    help="draws of the linearised network for the chip-to-chip accuracy spread (0: skip)")
-    p.add_argument("--loss-probes", type=int, default=16, help="Hutchinson probes for the loss increase (0: skip)")
+    p.add_argument("--loss-probes", type=int, default=None,
+                   help="Hutchinson probes for the loss increase (0: skip; default: the exact Gauss-Newton form where "
+                        "the network is piecewise linear, 16 probes otherwise); Gaussian noise only: hardware noise "
+                        "(pcm, quantized, stuck) has no Hutchinson estimate")
     p.set_defaults(func=cmd_predict)

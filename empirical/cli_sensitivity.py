@@ -10,10 +10,12 @@ import json
 import math
 
 from noiseprop.theory.noise import NOISE_STRING_FORMS
-from noiseprop.theory.sensitivity import KEEP_METHODS, REFINE, _noise_with_level, keep_digital, noise_budget, sensitivity
+from noiseprop.theory.sensitivity import (KEEP_METHODS, REFINE, _noise_with_level, check_keep_k, keep_digital,
+                                          noise_budget, sensitivity)
+from noiseprop.theory.validation import SEED_MAX, check_figure_path, check_seed
 
 from .cli import CLIError
-from .cli_mc import add_model_data_args, load_model_and_data
+from .cli_mc import add_model_data_args, check_n_inputs, load_model_and_data
 
 
 def _num(v):
@@ -22,7 +24,16 @@ def _num(v):
     return v
 
 
+def calibrate_seed(seed: int) -> int:
+    """The seed of ``--budget-calibrate``'s Monte-Carlo: the next one after ``--seed``
+    (which the ``--budget-mc`` check uses), wrapping to 0 after the largest seed, so any
+    valid ``--seed`` works and the two never share draws."""
+    return 0 if seed >= SEED_MAX else seed + 1
+
+
 def cmd_sensitivity(args) -> int:
+    # every flag is checked here, by its name, before the work (the checkpoint is loaded
+    # first only for --keep-digital's upper bound, the number of noisy layers)
     noise = _noise_with_level(args.noise, "--noise")
     if args.budget is not None and not 0 < args.budget < 1:
         raise CLIError(f"--budget is the largest accuracy drop allowed, in (0, 1) (0.01 = one point), got {args.budget}")
@@ -32,24 +43,27 @@ def cmd_sensitivity(args) -> int:
         raise CLIError("--budget-mc needs --budget and at least 2 draws")
     if args.budget_calibrate is not None and (args.budget is None or args.budget_calibrate < 2):
         raise CLIError("--budget-calibrate needs --budget and at least 2 draws per step")
+    check_n_inputs(args.n_inputs)
+    check_seed("--seed", args.seed)
+    plot = check_figure_path(args.plot, "--plot") if args.plot is not None else None
     model, x, y, _ = load_model_and_data(args)
+    if args.keep_digital is not None:
+        check_keep_k(model, args.targets, args.keep_digital, "--keep-digital")
     if args.n_inputs is not None:
-        if args.n_inputs < 1:
-            raise CLIError(f"--n-inputs must be >= 1, got {args.n_inputs}")
         x, y = x[:args.n_inputs], y[:args.n_inputs]
     sens = sensitivity(model, x, y, noise, targets=args.targets, seed=args.seed)
     budget = None
     if args.budget is not None:
         budget = noise_budget(model, x, y, noise.with_level(1.0), args.budget, targets=args.targets, seed=args.seed,
                               mc_draws=args.budget_mc or 0, mc_seed=args.seed,
-                              calibrate=args.budget_calibrate or 0, calibrate_seed=args.seed + 1,
+                              calibrate=args.budget_calibrate or 0, calibrate_seed=calibrate_seed(args.seed),
                               refine=None if args.refine == "none" else args.refine)
     keep = None
     if args.keep_digital is not None:
         keep = keep_digital(model, x, y, noise, args.keep_digital, targets=args.targets, seed=args.seed,
                             method=args.keep_method)
-    if args.plot:
-        sens.plot(args.plot)
+    if plot is not None:
+        sens.plot(plot)
     if args.json:
         out = {"noise": sens.noise, "targets": sens.targets, "n_inputs": sens.n_inputs,
                "clean_accuracy": sens.clean_accuracy, "accuracy": sens.accuracy,
@@ -77,8 +91,8 @@ def cmd_sensitivity(args) -> int:
                                    "exhaustive_layers": None if keep.exhaustive_layers is None
                                    else list(keep.exhaustive_layers),
                                    "exhaustive_accuracy": keep.exhaustive_accuracy, "seconds": keep.seconds}
-        if args.plot:
-            out["plot"] = args.plot
+        if plot is not None:
+            out["plot"] = str(plot)
         print(json.dumps(out))
         return 0
     print(sens.summary())
@@ -86,8 +100,8 @@ def cmd_sensitivity(args) -> int:
         print(budget.summary())
     if keep is not None:
         print(keep.summary())
-    if args.plot:
-        print(f"bar chart written to {args.plot}")
+    if plot is not None:
+        print(f"bar chart written to {plot}")
     return 0
 
 
@@ -114,6 +128,8 @@ def register(sub) -> None:
     p.add_argument("--keep-method", choices=KEEP_METHODS, default="linear",
                    help="--keep-digital: predict the accuracy after each step by the first order (default) or by "
                         "moment propagation (one pass per step)")
-    p.add_argument("--plot", default=None, metavar="PNG", help="write a bar chart of the per-layer shares")
+    p.add_argument("--plot", default=None, metavar="PNG",
+                   help="write a bar chart of the per-layer shares to this file (its extension sets the format: .png, "
+                        ".pdf, .svg, ...)")
     p.add_argument("--n-inputs", type=int, default=None, help="use only the first N test inputs")
     p.set_defaults(func=cmd_sensitivity)

@@ -569,6 +569,19 @@ def monte_carlo(model: nn.Module, x, y, noise, targets=None, *, draws: int = 200
     )
 
 
+def check_family_levels(noise, levels, name: str = "levels"):
+    """``levels``, each checked to be a level the family of ``noise`` takes (whole bits
+    for ``quantized``, a fraction for ``stuck``, ...) before any draw; the error names
+    ``name`` (the argument, or the command line's flag)."""
+    for lv in levels:
+        try:
+            noise.with_level(float(lv))
+        except (ValueError, TypeError, OverflowError) as e:
+            raise ValueError(f"{name}: {float(lv):g} is not a level of {noise.to_string().split(':')[0]!r} noise: "
+                             f"{e}") from None
+    return levels
+
+
 def sweep(model: nn.Module, x, y, noise, levels, targets=None, *, draws: int = 100, seed: int = 0,
           batch_size: int | None = 1024, keep_logits: bool = False, progress: bool | None = None,
           confidence: float = 0.95) -> SweepResult:
@@ -586,12 +599,7 @@ def sweep(model: nn.Module, x, y, noise, levels, targets=None, *, draws: int = 1
     ((2, 10), True)
     """
     noise = parse_noise(noise, default_level=1.0)
-    levels = check_levels(levels, MAX_LEVEL)
-    for lv in levels:  # every level the family takes (bits of 'quantized', a fraction of 'stuck'), before any draw
-        try:
-            noise.with_level(float(lv))
-        except (ValueError, TypeError) as e:
-            raise ValueError(f"levels: {float(lv):g} is not a level of {noise.to_string().split(':')[0]!r} noise: {e}") from None
+    levels = check_family_levels(noise, check_levels(levels, MAX_LEVEL))
     confidence = check_probability("confidence", confidence)
     keep_logits = check_bool("keep_logits", keep_logits)
     run, plan = _run(model, x, y, noise, list(levels), draws, seed, targets, batch_size, keep_logits, progress, "sweep")

@@ -94,8 +94,8 @@ from .moments import MomentPropagator, propagate_moments
 from .moments.head import moment_correct_probability
 from .moments.surrogate import moment_chunk_size
 from .noise import NOISE_STRING_FORMS, WeightNoise, parse_noise
-from .targets import Targets
-from .validation import check_inputs, check_int, check_labels, check_number
+from .targets import Targets, resolve_targets
+from .validation import check_figure_path, check_inputs, check_int, check_number, save_figure
 
 __all__ = ["Sensitivity", "NoiseBudget", "KeepDigital", "sensitivity", "noise_budget", "keep_digital"]
 
@@ -103,11 +103,24 @@ __all__ = ["Sensitivity", "NoiseBudget", "KeepDigital", "sensitivity", "noise_bu
 # ----------------------------------------------------------------------------
 # Input checks
 # ----------------------------------------------------------------------------
+def _zero_mean_forms() -> list[str]:
+    """The string forms of the zero-mean families (what sensitivity, noise_budget and
+    keep_digital accept; the hardware forms in NOISE_STRING_FORMS are not)."""
+    out = []
+    for k, make in NOISE_STRING_FORMS.items():
+        try:
+            if make(1.0).zero_mean:
+                out.append(k)
+        except (ValueError, TypeError):
+            pass
+    return out
+
+
 def _noise_with_level(noise, arg: str = "noise") -> WeightNoise:
     """A noise model with its level (``'relative:0.05'`` or a WeightNoise)."""
     if isinstance(noise, str) and ":" not in noise and noise.strip() in NOISE_STRING_FORMS:
         raise ValueError(f"{arg}={noise!r} has no level; give the family with its level, e.g. "
-                         f"'{noise.strip()}:0.05' (accepted: {', '.join(k + ':LEVEL' for k in NOISE_STRING_FORMS)})")
+                         f"'{noise.strip()}:0.05' (accepted: {', '.join(k + ':LEVEL' for k in _zero_mean_forms())})")
     try:
         out = parse_noise(noise)
     except (ValueError, TypeError) as e:
@@ -119,24 +132,27 @@ def _zero_mean(noise: WeightNoise, arg: str) -> WeightNoise:
     """The decomposition and the budget scale one zero-mean covariance by the level."""
     if not noise.zero_mean:
         raise ValueError(f"{arg}: {type(noise).__name__} noise has a non-zero mean, and sensitivity, noise_budget "
-                         "and keep_digital split and scale a zero-mean covariance (relative, additive, ...); for "
-                         "hardware noise use predict(model, x, y, noise) or predict_drift(...)")
+                         "and keep_digital split and scale a zero-mean covariance (accepted: "
+                         f"{', '.join(_zero_mean_forms())}); for hardware noise use predict(model, x, y, noise) or "
+                         "predict_drift(...)")
     return noise
 
 
 def _noise_family(noise, arg: str = "noise_family") -> WeightNoise:
-    """A noise family without level (``'relative'``, or a WeightNoise whose level is ignored)."""
+    """A zero-mean noise family without level (``'relative'``, or a WeightNoise whose
+    level is ignored); the hardware families (``'pcm'``, ``'stuck'``, ...) are refused
+    as their objects are."""
     if isinstance(noise, WeightNoise):
         return _zero_mean(noise, arg).with_level(1.0)
-    if isinstance(noise, str) and ":" in noise:
-        fam = noise.partition(":")[0].strip()
-        raise ValueError(f"{arg}={noise!r} gives a level, but the level is what noise_budget finds; give the family "
-                         f"alone, e.g. {fam!r} (accepted: {', '.join(NOISE_STRING_FORMS)})")
-    if isinstance(noise, str) and noise.strip() not in NOISE_STRING_FORMS:
-        raise ValueError(f"unknown {arg} {noise!r}; accepted: {', '.join(NOISE_STRING_FORMS)} (or a WeightNoise)")
     if not isinstance(noise, str):
         raise TypeError(f"{arg} must be a family name such as 'relative' or a WeightNoise, got {type(noise).__name__}")
-    return parse_noise(noise, default_level=1.0)
+    if ":" in noise:
+        fam = noise.partition(":")[0].strip()
+        raise ValueError(f"{arg}={noise!r} gives a level, but the level is what noise_budget finds; give the family "
+                         f"alone, e.g. {fam!r} (accepted: {', '.join(_zero_mean_forms())})")
+    if noise.strip() not in NOISE_STRING_FORMS:
+        raise ValueError(f"unknown {arg} {noise!r}; accepted: {', '.join(_zero_mean_forms())} (or a WeightNoise)")
+    return _zero_mean(parse_noise(noise.strip(), default_level=1.0), arg)
 
 
 def _check_fraction(name, v):
@@ -162,16 +178,15 @@ class _Pass:
 def _pass(model, x, y, noise: WeightNoise, targets, chunk_size) -> _Pass:
     t0 = time.perf_counter()
     x, y = check_inputs(model, x, y)
-    lin = LinearizedNetwork(model, targets)
-    with torch.no_grad():
-        probe = lin.forward(x[:1].to(lin.device))
-    if probe.dim() != 2:
-        raise ValueError(f"the model must map a batch of inputs to logits of shape [N, C]; got shape {tuple(probe.shape)}")
-    check_labels(y, probe.shape[1])
     if chunk_size is not None:
         chunk_size = check_int("chunk_size", chunk_size, 1)
+    lin = LinearizedNetwork(model, targets)
     unit = lin.unit_scales(noise)
-    jp = jacobian_pass(lin, x, unit, chunk_size=chunk_size, per_layer=True)
+    # the pass probes one input first (validation.probe_logits): inputs that do not fit the
+    # model ("x does not fit the model: ..."), a model that does not return one [N, C]
+    # tensor (a tuple, a dict) and labels outside [0, C) are refused there, before any
+    # derivative is taken, and a model returning probabilities warns once
+    jp = jacobian_pass(lin, x, unit, chunk_size=chunk_size, per_layer=True, labels=y)
     params: dict[str, int] = {}
     for n in lin.names:
         m = n.rpartition(".")[0]
@@ -257,8 +272,13 @@ class Sensitivity:
 
     def plot(self, path=None, ax=None):
         """Bar chart of the shares (logit variance and loss) and the accuracy drop with the
-        layer alone noisy, per layer in network order. Returns the figure; saves a PNG
-        when ``path`` is given."""
+        layer alone noisy, per layer in network order. Returns the figure; saves it when
+        ``path`` is given: a file name whose extension is a format matplotlib writes
+        (``.png``, ``.pdf``, ``.svg``, ...; checked first, as is that the file can be
+        created; a folder or a name without extension is refused), written whole or not
+        at all."""
+        if path is not None:
+            path = check_figure_path(path, "path")
         import matplotlib
 
         if ax is None and path is not None:
@@ -285,7 +305,7 @@ class Sensitivity:
         ax.legend(fontsize=8)
         fig.tight_layout()
         if path is not None:
-            fig.savefig(path, dpi=110)
+            save_figure(fig, path, dpi=110)
         return fig
 
 
@@ -319,6 +339,28 @@ def _channel_frame(model, x, noise, targets, layers, chunk_size, clean) -> pd.Da
     return pd.DataFrame(rows)
 
 
+_CHANNELS_ACCEPTED = ("a layer name, a list of layer names, True (every noisy layer) or None / False (none)")
+
+
+def _check_channels(channels):
+    """``sensitivity(channels=...)`` before the pass: ``None`` (none), ``True`` (all), or a
+    list of layer names (the names are checked against the noisy layers after the pass)."""
+    if channels is None or channels is False or (isinstance(channels, np.bool_) and not channels):
+        return None
+    if channels is True or isinstance(channels, np.bool_):
+        return True
+    if isinstance(channels, str):
+        return [channels]
+    if isinstance(channels, (bytes, Mapping)) or not hasattr(channels, "__iter__"):
+        raise TypeError(f"channels must be {_CHANNELS_ACCEPTED}, got {type(channels).__name__} {channels!r}")
+    out = list(channels)
+    wrong = [c for c in out if not isinstance(c, str)]
+    if wrong:
+        raise TypeError(f"channels must be {_CHANNELS_ACCEPTED}; the list holds {type(wrong[0]).__name__} "
+                        f"{wrong[0]!r}, not a layer name")
+    return list(dict.fromkeys(out)) or None
+
+
 def sensitivity(model: nn.Module, x, y, noise, targets=None, *, channels=None, chunk_size: int | None = None,
                 n_points: int = DEFAULT_N_POINTS, seed: int = 0) -> Sensitivity:
     """Per noisy layer: share of the first-order logit variance, share of the loss
@@ -334,8 +376,11 @@ def sensitivity(model: nn.Module, x, y, noise, targets=None, *, channels=None, c
         (``'relative:0.05'``); a level is needed.
     targets: what gets noise (:class:`~noiseprop.theory.targets.Targets`), as for
         :func:`~noiseprop.theory.predict.predict`; the layers are its noisy modules.
-    channels: layer names (or ``True`` for all) for which per-output-channel shares are
-        also computed (``Sensitivity.channels``; one extra pass per layer).
+    channels: the layers for which per-output-channel shares are also computed
+        (``Sensitivity.channels``; one extra pass per layer): a layer name, a list (or
+        other iterable) of layer names, ``True`` for every noisy layer, or ``None`` /
+        ``False`` for none (the default; ``False`` is the natural opposite of ``True``).
+        Anything else (a number, a name that is not a noisy layer) is an error.
     n_points, seed: quasi-Monte-Carlo points and seed of the orthant probabilities.
 
     >>> import torch
@@ -349,18 +394,17 @@ def sensitivity(model: nn.Module, x, y, noise, targets=None, *, channels=None, c
     noise = _noise_with_level(noise)
     n_points = check_int("n_points", n_points, 16)
     seed = check_int("seed", seed, 0)
+    channels = _check_channels(channels)
     ps = _pass(model, x, y, noise, targets, chunk_size)
     lv2 = noise.level ** 2
     layers = list(ps.layer_cov)
     if channels is True:
         channels = list(layers)
     elif channels is not None:
-        if isinstance(channels, str):
-            channels = [channels]
-        channels = list(channels)
         bad = [c for c in channels if c not in layers]
         if bad:
-            raise ValueError(f"channels: {bad} are not noisy layers; accepted: {layers} (or True for all)")
+            raise ValueError(f"channels: {bad} are not noisy layers; accepted: {layers} (or True for all, "
+                             "None or False for none)")
     tr_tot = float(torch.diagonal(ps.cov_unit, dim1=1, dim2=2).sum())
     tr = {m: float(torch.diagonal(c, dim1=1, dim2=2).sum()) for m, c in ps.layer_cov.items()}
     gn = {m: v * lv2 for m, v in _gn_per_unit(ps.clean, ps.layer_cov).items()}
@@ -761,7 +805,8 @@ def noise_budget(model: nn.Module, x, y, noise_family, max_drop: float = 0.01, t
     logits; one Jacobian pass at level 1, then only orthant probabilities). Root finding
     (:func:`_solve_scale`): bracket by the pairwise bounds (no integration), then a
     per-input model of the error against its union bound; about three orthant
-    evaluations (two with fewer points), relative tolerance ``rtol`` on the level.
+    evaluations (two with fewer points), relative tolerance ``rtol`` on the level (a
+    number in the open interval (0, 1); default 2e-3).
 
     ``refine``: the first order misses the logits' mean shift (ReLU gates that flip
     lower the margins of the inputs near a decision boundary, which are the ones a
@@ -813,6 +858,8 @@ def noise_budget(model: nn.Module, x, y, noise_family, max_drop: float = 0.01, t
     t0 = time.perf_counter()
     fam = _noise_family(noise_family)
     max_drop = _check_fraction("max_drop", max_drop)
+    rtol = check_number("rtol", rtol, 0, 1, open_min=True, open_max=True,
+                        what="a relative tolerance on the level in the open interval (0, 1), e.g. 2e-3")
     n_points = check_int("n_points", n_points, 16)
     seed = check_int("seed", seed, 0)
     mc_draws = check_int("mc_draws", mc_draws, 0)
@@ -998,6 +1045,18 @@ def _moment_steps(model, ps: _Pass, noise: WeightNoise, targets, chosen, n_point
     return out[0], out[1:], int(sel.sum())
 
 
+def check_keep_k(model: nn.Module, targets, k, name: str = "k") -> int:
+    """``k`` of :func:`keep_digital` (``name``: the argument, or the command line's flag)
+    against the number of noisy layers, from the targets alone (no pass)."""
+    check_int(name, k, what="an integer number of layers >= 1", wrong_type=ValueError)
+    layers = list(dict.fromkeys(n.rpartition(".")[0] for n in resolve_targets(model, targets).names))
+    if len(layers) < 2:
+        raise ValueError(f"keep_digital needs at least 2 noisy layers to choose from; the targets give "
+                         f"{len(layers)} ({', '.join(layers) or 'none'}), and keeping it digital leaves no noise")
+    return check_int(name, k, 1, len(layers) - 1, what=f"an integer in [1, {len(layers) - 1}] (fewer than the "
+                     f"{len(layers)} noisy layers: keeping every layer digital leaves no noise)")
+
+
 def keep_digital(model: nn.Module, x, y, noise, k: int = 1, targets=None, *, exhaustive: bool | None = None,
                  max_subsets: int = 200, chunk_size: int | None = None, n_points: int = DEFAULT_N_POINTS,
                  seed: int = 0, method: str = "linear") -> KeepDigital:
@@ -1036,14 +1095,9 @@ def keep_digital(model: nn.Module, x, y, noise, k: int = 1, targets=None, *, exh
         raise TypeError(f"exhaustive must be True, False or None, got {exhaustive!r}")
     if method not in KEEP_METHODS:
         raise ValueError(f"method must be one of {list(KEEP_METHODS)}, got {method!r}")
-    check_int("k", k, what="an integer number of layers >= 1", wrong_type=ValueError)  # the range: after the pass
+    k = check_keep_k(model, targets, k)
     ps = _pass(model, x, y, noise, targets, chunk_size)
     layers = list(ps.layer_cov)
-    if len(layers) < 2:
-        raise ValueError(f"keep_digital needs at least 2 noisy layers to choose from; the targets give "
-                         f"{len(layers)} ({', '.join(layers) or 'none'}), and keeping it digital leaves no noise")
-    k = check_int("k", k, 1, len(layers) - 1, what=f"an integer in [1, {len(layers) - 1}] (fewer than the "
-                  f"{len(layers)} noisy layers: keeping every layer digital leaves no noise)")
     lv2 = noise.level ** 2
     acc = lambda cov: _accuracy(ps.clean, cov * lv2, ps.y, n_points, seed)  # noqa: E731
     total = ps.cov_unit

@@ -7,8 +7,10 @@ accepted. Checks run at the boundary, before any long work starts.
 Scalars: :func:`check_int`, :func:`check_number`, :func:`check_probability`,
 :func:`check_seed`, :func:`check_bool`, :func:`env_int`.
 Model and data: :func:`check_inputs`, :func:`check_labels`, :func:`check_model`,
-:func:`check_logits`, :func:`model_fit_error`, :func:`check_noise_fits`.
-Files: :func:`check_output_file`, :func:`check_output_dir`.
+:func:`check_logits`, :func:`model_fit_error`, :func:`check_noise_fits`,
+:func:`warn_if_probabilities`.
+Files: :func:`check_output_file`, :func:`check_output_dir`, :func:`check_figure_path`
+(and :func:`save_figure`, which writes a figure whole or not at all).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import math
 import os
 import sys
 import tempfile
+import uuid
 import warnings
 from pathlib import Path
 
@@ -25,7 +28,8 @@ from torch import nn
 
 __all__ = ["check_inputs", "check_labels", "check_int", "check_number", "check_probability", "check_seed",
            "check_bool", "env_int", "check_model", "check_logits", "model_fit_error", "check_noise_fits",
-           "check_output_file", "check_output_dir", "check_levels", "check_times", "SEED_MAX", "probe_logits", "is_fit_error"]
+           "check_output_file", "check_output_dir", "check_levels", "check_times", "SEED_MAX", "probe_logits", "is_fit_error",
+           "warn_if_probabilities", "check_figure_path", "save_figure", "figure_formats"]
 
 #: Largest accepted seed: torch and numpy generators both take any integer in [0, 2**63).
 SEED_MAX = 2 ** 63 - 1
@@ -295,6 +299,54 @@ def check_output_file(path, name: str = "--out") -> Path:
         raise ValueError(f"{name} {str(p)!r} exists and is not writable")
     _writable_dir_ancestor(p.parent, name, shown=p)
     return p
+
+
+def figure_formats() -> dict:
+    """The file formats matplotlib can write, ``{extension: description}``."""
+    from matplotlib.backend_bases import FigureCanvasBase  # lazy; much lighter than pyplot
+
+    return FigureCanvasBase.get_supported_filetypes()
+
+
+def check_figure_path(path, name: str = "path") -> Path:
+    """A figure file to write later (checked before the work): not a folder, a name
+    whose extension is a format matplotlib writes, under a folder that exists or can be
+    made and is writable. A name without extension is refused rather than silently
+    given ``.png`` (matplotlib would write ``NAME.png``, not the path asked for)."""
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise TypeError(f"{name} must be a figure file path such as 'figure.png', got {path!r}")
+    p = Path(path).expanduser()
+    formats = figure_formats()
+    shown = ", ".join("." + k for k in formats)
+    if p.is_dir():
+        raise ValueError(f"{name} {str(p)!r} is a folder; give a figure file path such as "
+                         f"{str(p / 'figure.png')!r}")
+    ext = p.suffix[1:].lower()
+    if not ext:
+        raise ValueError(f"{name} {str(p)!r} has no file extension, which sets the figure's format; give a file "
+                         f"name ending in one of {shown} (e.g. {str(p) + '.png'!r})")
+    if ext not in formats:
+        raise ValueError(f"{name} {str(p)!r}: matplotlib cannot write {p.suffix!r} files; give a file name ending in "
+                         f"one of {shown}")
+    return check_output_file(p, name)
+
+
+def save_figure(fig, path, **kwargs) -> None:
+    """``fig.savefig`` written whole or not at all: into a temporary file beside ``path``,
+    then renamed over it (a failure leaves nothing half-written). Makes the folder."""
+    p = Path(path).expanduser()
+    p.parent.mkdir(parents=True, exist_ok=True)
+    # a unique name that savefig itself creates (the file gets the usual permissions)
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.part{p.suffix}")
+    try:
+        fig.savefig(tmp, format=p.suffix[1:].lower() or None, **kwargs)
+        os.replace(tmp, p)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def check_output_dir(path, name: str = "--out") -> Path:

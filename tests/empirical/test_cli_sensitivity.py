@@ -54,7 +54,7 @@ def test_sensitivity_text(checkpoint, capsys):
     (["--noise", "relative:0.1", "--budget", "1.5"], "--budget is the largest accuracy drop allowed, in (0, 1)"),
     (["--noise", "relative:0.1", "--budget", "0"], "in (0, 1)"),
     (["--noise", "relative:0.1", "--keep-digital", "0"], "--keep-digital takes a number of layers >= 1"),
-    (["--noise", "relative:0.1", "--keep-digital", "3"], "k must be an integer in [1, 2]"),
+    (["--noise", "relative:0.1", "--keep-digital", "3"], "--keep-digital must be an integer in [1, 2]"),
     (["--noise", "relative:0.1", "--budget-mc", "10"], "--budget-mc needs --budget"),
     (["--noise", "relative:0.1", "--budget-calibrate", "10"], "--budget-calibrate needs --budget"),
     (["--noise", "relative:0.1", "--budget", "0.02", "--budget-calibrate", "1"], "at least 2 draws per step"),
