@@ -154,16 +154,17 @@ DIAGNOSTIC_DIRECTIONS = 8
 OUTSIDE_RANGE = {"linear": "first order outside its range", "moments": "moment method outside its measured range"}
 
 
-def range_warning(frac: float | None) -> str | None:
+def range_warning(frac: float | None, hint: str = "use method='moments'") -> str | None:
     """The linear method's validity warning at a fraction ``frac`` of ReLU pre-activations
     whose predicted noise sd exceeds their magnitude (``None`` at or below
-    :data:`PREACT_WARN_FRACTION`, or when the fraction was not computed). Shared by
-    :func:`predict` and the hardware-noise predictions (:mod:`.drift`)."""
+    :data:`PREACT_WARN_FRACTION`, or when the fraction was not computed), ending with
+    ``hint``. Shared by :func:`predict`, the hardware-noise predictions (:mod:`.drift`)
+    and the sensitivity analyses (:mod:`.sensitivity`)."""
     if frac is None or not frac > PREACT_WARN_FRACTION:
         return None
     return (f"{OUTSIDE_RANGE['linear']}: {frac:.0%} of ReLU pre-activations have predicted noise "
             f"sd above their magnitude (> {PREACT_WARN_FRACTION:.0%}); the linear method misses the mean shift and "
-            "underestimates the damage here, use method='moments'")
+            f"underestimates the damage here, {hint}")
 
 
 #: Fraction of ReLU pre-activations whose noise sd exceeds their magnitude (the moment

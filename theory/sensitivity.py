@@ -79,6 +79,7 @@ import dataclasses
 import itertools
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -94,8 +95,9 @@ from .moments import MomentPropagator, propagate_moments
 from .moments.head import moment_correct_probability
 from .moments.surrogate import moment_chunk_size
 from .noise import NOISE_STRING_FORMS, WeightNoise, parse_noise
+from .predict import DIAGNOSTIC_DIRECTIONS, DIAGNOSTIC_INPUTS, _preact_ratios, range_warning
 from .targets import Targets, resolve_targets
-from .validation import check_figure_path, check_inputs, check_int, check_number, save_figure
+from .validation import _user_stacklevel, check_figure_path, check_inputs, check_int, check_number, save_figure
 
 __all__ = ["Sensitivity", "NoiseBudget", "KeepDigital", "sensitivity", "noise_budget", "keep_digital"]
 
@@ -196,6 +198,23 @@ def _pass(model, x, y, noise: WeightNoise, targets, chunk_size) -> _Pass:
                  time.perf_counter() - t0)
 
 
+def _first_order_range(ps: _Pass, noise: WeightNoise, seed: int, hint: str) -> float:
+    """:func:`~.predict.predict`'s validity diagnostic at ``noise`` (every layer noisy):
+    the fraction of ReLU pre-activations whose first-order noise sd exceeds their
+    magnitude, on the same inputs and directions as ``predict`` (NaN where it cannot be
+    computed); warns, at the caller's line and ending with ``hint``, where it is above
+    predict's calibrated limit, as ``predict`` would at that level."""
+    ratio, _ = _preact_ratios(ps.lin, ps.x, ps.lin.unit_scales(noise), directions=DIAGNOSTIC_DIRECTIONS, seed=seed,
+                              max_inputs=DIAGNOSTIC_INPUTS)
+    if ratio is None:
+        return float("nan")
+    frac = float((ratio < noise.level).mean()) if ratio.size else 0.0
+    msg = range_warning(frac, hint)
+    if msg:
+        warnings.warn(msg, RuntimeWarning, stacklevel=_user_stacklevel())
+    return frac
+
+
 def _accuracy(clean, cov, y, n_points, seed) -> float:
     p, _, _ = correct_probability(clean, cov, y, n_points=n_points, seed=seed)
     return float(p.mean())
@@ -223,7 +242,9 @@ class Sensitivity:
     ``params`` (noisy elements), ``rank`` (1 = most damaging: largest accuracy drop
     alone, ties broken by ``share_loss``). ``accuracy`` is the predicted accuracy with
     every layer noisy, ``loss_increase_total`` the whole ``ΔL``. ``channels``: per output
-    channel shares for the layers asked for (or ``None``).
+    channel shares for the layers asked for (or ``None``). ``preact_frac``: predict's
+    validity diagnostic at this level (warned above its limit: the accuracies, first
+    order, are then too high; the shares stay the exact split of the first order).
     """
 
     noise: str
@@ -241,6 +262,7 @@ class Sensitivity:
     n_inputs: int
     channels: pd.DataFrame | None = field(default=None, repr=False)
     seconds: float = float("nan")
+    preact_frac: float = float("nan")
 
     def to_frame(self) -> pd.DataFrame:
         """One row per noisy layer (network order)."""
@@ -411,6 +433,8 @@ def sensitivity(model: nn.Module, x, y, noise, targets=None, *, channels=None, c
     gn_tot = sum(gn.values())
     clean_acc = _clean_accuracy(ps.clean, ps.y)
     acc_all = _accuracy(ps.clean, ps.cov_unit * lv2, ps.y, n_points, seed)
+    frac = _first_order_range(ps, noise, seed, "the accuracies (every layer noisy, each layer alone) are first order "
+                              "and too high; the shares stay its exact split")
     alone = [_accuracy(ps.clean, ps.layer_cov[m] * lv2, ps.y, n_points, seed) for m in layers]
     share_v = [tr[m] / tr_tot if tr_tot > 0 else 0.0 for m in layers]
     share_l = [gn[m] / gn_tot if gn_tot > 0 else 0.0 for m in layers]
@@ -426,7 +450,7 @@ def sensitivity(model: nn.Module, x, y, noise, targets=None, *, channels=None, c
         share_logit_var=tuple(share_v), share_loss=tuple(share_l), loss_increase=tuple(gn[m] for m in layers),
         accuracy_alone=tuple(alone), params=tuple(ps.params[m] for m in layers), rank=tuple(rank),
         clean_accuracy=clean_acc, accuracy=acc_all, loss_increase_total=gn_tot, n_inputs=int(ps.y.shape[0]),
-        channels=ch, seconds=time.perf_counter() - t0,
+        channels=ch, seconds=time.perf_counter() - t0, preact_frac=frac,
     )
 
 
@@ -951,7 +975,9 @@ class KeepDigital:
     first order; ``"moments"``: moment propagation, one pass per step, on
     ``moment_inputs`` inputs); ``accuracy_first_order`` and
     ``accuracy_all_noisy_first_order`` are the first-order values either way (the ones
-    the greedy choice, ``gain_alone`` and ``interaction`` use).
+    the greedy choice, ``gain_alone`` and ``interaction`` use). ``preact_frac``:
+    predict's validity diagnostic with every layer noisy (``method="linear"``; warned
+    above its limit, where ``method="moments"`` is the better estimate).
     """
 
     noise: str
@@ -971,6 +997,7 @@ class KeepDigital:
     accuracy_all_noisy_first_order: float = float("nan")
     moment_inputs: int = 0
     seconds: float = float("nan")
+    preact_frac: float = float("nan")
 
     @property
     def noisy_layers(self) -> tuple:
@@ -1137,6 +1164,9 @@ def keep_digital(model: nn.Module, x, y, noise, k: int = 1, targets=None, *, exh
     if method == "moments":
         acc0, accs, n_sel = _moment_steps(model, ps, noise, targets, chosen, n_points, seed)
         fo["moment_inputs"] = n_sel
+    else:
+        fo["preact_frac"] = _first_order_range(ps, noise, seed, "keep_digital(..., method='moments') reports the "
+                                               "accuracies by moment propagation")
     return KeepDigital(
         noise=noise.to_string(), targets=ps.lin.plan.targets.describe(), k=k, layers=tuple(chosen),
         accuracy=tuple(accs), clean_accuracy=_clean_accuracy(ps.clean, ps.y), accuracy_all_noisy=acc0,

@@ -5,6 +5,7 @@ point where the first order's own error is larger), input checks, no mutation.""
 import copy
 import math
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -434,3 +435,29 @@ def test_solve_scale_never_returns_a_drop_above_the_target():
     for target in np.linspace(0.002, 0.05, 25):
         s, d = sens._solve_scale(curve, float(target))
         assert d <= target and curve.bound_drops(s)[0] <= target, (target, s, d)
+
+
+@pytest.mark.parametrize("eta,warns", [(0.02, False), (1.0, True)])
+def test_first_order_range_warning_as_predict(eta, warns):
+    """sensitivity and keep_digital (linear) report predict's validity diagnostic at the
+    level (the same fraction) and warn where predict warns: their accuracies are first
+    order, too high beyond its range (keep_digital points to method='moments')."""
+    from noiseprop.theory import RelativeGaussian, keep_digital, predict, sensitivity
+    from noiseprop.theory.examples import tiny_problem
+
+    net, x, y = tiny_problem(48)
+    noise = RelativeGaussian(eta)
+    out = {}
+    for name, fn in (("predict", lambda: predict(net, x, y, noise).diagnostics["preact_frac"]),
+                     ("sensitivity", lambda: sensitivity(net, x, y, noise).preact_frac),
+                     ("keep_digital", lambda: keep_digital(net, x, y, noise, k=1).preact_frac)):
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            out[name] = fn()
+        hits = [w for w in rec if "first order outside its range" in str(w.message)]
+        assert len(hits) == int(warns), (name, [str(w.message) for w in rec])
+        if warns:
+            assert hits[0].filename == __file__
+            if name == "keep_digital":
+                assert "method='moments'" in str(hits[0].message)
+    assert out["sensitivity"] == out["keep_digital"] == out["predict"]
