@@ -8,7 +8,8 @@ modules are traced through.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+import threading
+from contextlib import ExitStack, contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -73,6 +74,9 @@ def relu_input_graph(net: nn.Module) -> tuple[fx.GraphModule, int]:
     return gm, len(pre)
 
 
+_ATTENTION = {"lock": threading.Lock(), "depth": 0, "restore": None}
+
+
 @contextmanager
 def differentiable_attention():
     """A context in which attention (``nn.MultiheadAttention``, ``nn.Transformer*``)
@@ -80,14 +84,26 @@ def differentiable_attention():
     math kernel and no fused "fast path" of the Transformer layers. The fused CPU kernels
     have no forward-mode derivative (forward-over-reverse Hessian products, the
     diagnostic's and the drift curve's ``jvp``) and no double backward. Same values up to
-    rounding."""
-    fast = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
+    rounding. Both switches are process-wide: the first context in (of any thread) sets
+    them and the last one out restores them, so threads that overlap neither undo each
+    other's setting nor leave it behind."""
+    with _ATTENTION["lock"]:
+        if _ATTENTION["depth"] == 0:
+            stack = ExitStack()
+            fast = torch.backends.mha.get_fastpath_enabled()
+            torch.backends.mha.set_fastpath_enabled(False)
+            stack.callback(torch.backends.mha.set_fastpath_enabled, fast)
+            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+            _ATTENTION["restore"] = stack
+        _ATTENTION["depth"] += 1
     try:
-        with sdpa_kernel(SDPBackend.MATH):
-            yield
+        yield
     finally:
-        torch.backends.mha.set_fastpath_enabled(fast)
+        with _ATTENTION["lock"]:
+            _ATTENTION["depth"] -= 1
+            if _ATTENTION["depth"] == 0:
+                _ATTENTION["restore"].close()
+                _ATTENTION["restore"] = None
 
 
 def conv_padding(m: nn.Conv2d) -> tuple[tuple[int, int, int, int] | None, tuple[int, int]]:

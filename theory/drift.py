@@ -470,7 +470,7 @@ def _earliest(noises: Sequence[HardwareNoise]) -> int:
     return int(np.argmin([float(getattr(nz, "t", 0.0)) for nz in noises]))
 
 
-def _drift_factors(lin: LinearizedNetwork, mo: _Moments) -> dict:
+def _drift_factors(lin: LinearizedNetwork, mo: _Moments, used: set | None = None) -> dict:
     """Per target parameter, the factor that maps its Jacobian at ``lin``'s weights ``w``
     (the programmed weights, or the earliest time's expected weights) to its Jacobian at
     the drifted mean ``μ_t`` (``linearize_at="programmed"``, ``"earliest"``):
@@ -480,11 +480,13 @@ def _drift_factors(lin: LinearizedNetwork, mo: _Moments) -> dict:
     ``∂f/∂W_l`` scales by ``Π_{m≠l} c_m``); otherwise (a drift that depends on the
     weight's size, biases, BatchNorm, skip connections) an approximation, measured in
     docs/THEORY.md §10. Without it, the programmed Jacobian ignores that uncompensated
-    drift shrinks every layer (digits MLP, one year: 13 points low)."""
+    drift shrinks every layer (digits MLP, one year: 13 points low). ``used``: the target
+    weights that reach the logits (:func:`~.linearize.read_without_call`); a layer the
+    forward never uses has no place in the products."""
     ratio = {}
     for n in lin.names:
         mname, _, pname = n.rpartition(".")
-        if pname == "weight":
+        if pname == "weight" and (used is None or n in used):  # a layer that never reaches the logits: no factor
             nw = float(lin.target_params[n].double().norm())
             ratio[mname] = float(mo.mean[n].double().norm()) / nw if nw > 0 else 1.0
     if not ratio or min(ratio.values()) <= 0:
@@ -630,7 +632,8 @@ def _predict_models(model, x, y, noises: Sequence[HardwareNoise], targets, linea
         # the earliest time first: the pass draws its shared chip-to-chip draws at the
         # first scale map, so they are the earliest time's whatever the order of ``times``
         order = [first] + [k for k in range(len(moments)) if k != first]
-        facs = {k: _drift_factors(base, moments[k]) for k in order}
+        used = set(read_without_call(base, list(base.names), x[:1].to(base.device)))  # the weights that reach the logits
+        facs = {k: _drift_factors(base, moments[k], used) for k in order}
         tangents = {k: _comp_tangents(moments[k], facs[k]) for k in order}
         flat = [t for k in order for t in tangents[k]]
         units = [{n: u * facs[k][n] for n, u in moments[k].unit.items()} for k in order]

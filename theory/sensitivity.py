@@ -1124,7 +1124,11 @@ def keep_digital(model: nn.Module, x, y, noise, k: int = 1, targets=None, *, exh
         raise ValueError(f"method must be one of {list(KEEP_METHODS)}, got {method!r}")
     k = check_keep_k(model, targets, k)
     ps = _pass(model, x, y, noise, targets, chunk_size)
-    layers = list(ps.layer_cov)
+    layers = [m for m in ps.layer_cov if bool(ps.layer_cov[m].any())]  # a layer the forward never uses: no choice
+    if k > len(layers) - 1:
+        raise ValueError(f"k must be an integer in [1, {len(layers) - 1}]: only {len(layers)} of the {len(ps.layer_cov)} "
+                         f"noisy layers reach the logits ({', '.join(m for m in ps.layer_cov if m not in layers)} "
+                         f"does not), and keeping them all digital leaves no noise; got {k}")
     lv2 = noise.level ** 2
     acc = lambda cov: _accuracy(ps.clean, cov * lv2, ps.y, n_points, seed)  # noqa: E731
     total = ps.cov_unit

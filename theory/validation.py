@@ -235,7 +235,8 @@ def warn_if_probabilities(out: torch.Tensor) -> None:
     if out.numel() == 0 or out.shape[-1] < 2:
         return
     o = out.detach()
-    if bool(((o >= 0) & (o <= 1)).all()) and bool(((o.double().sum(-1) - 1).abs() < 1e-4).all()):
+    tol = max(1e-4, 4 * torch.finfo(o.dtype).eps * o.shape[-1])  # a half-precision softmax sums to 1 within ~C·eps
+    if bool(((o >= 0) & (o <= 1)).all()) and bool(((o.double().sum(-1) - 1).abs() < tol).all()):
         warnings.warn("the model's outputs are probabilities (every row lies in [0, 1] and sums to 1: a final "
                       "Softmax?), but noiseprop treats them as logits: predictions on them are less accurate and "
                       "the loss is cross-entropy on the probabilities. Remove the final Softmax (LogSoftmax "

@@ -384,7 +384,7 @@ def test_programmed_follows_uncompensated_drift(digits_mlp, monkeypatch):
     a = predict_drift(model, x[:120], y[:120], nz, times, linearize_at="programmed", accuracy_draws=0)
     b = predict_drift(model, x[:120], y[:120], nz, times, linearize_at="mean", accuracy_draws=0)
     assert np.allclose(a.accuracy, b.accuracy, atol=0.005)
-    monkeypatch.setattr(D, "_drift_factors", lambda lin, mo: {n: 1.0 for n in lin.names})
+    monkeypatch.setattr(D, "_drift_factors", lambda lin, mo, used=None: {n: 1.0 for n in lin.names})
     plain = predict_drift(model, x[:120], y[:120], nz, times, linearize_at="programmed", accuracy_draws=0)
     assert (b.accuracy - plain.accuracy)[-1] > 0.05
 

@@ -230,6 +230,15 @@ def test_a_layer_the_forward_never_calls(method):
         assert p.diagnostics["preact_frac"] == q.diagnostics["preact_frac"]
         s = sensitivity(net, x, y, RelativeGaussian(0.3)).to_frame().set_index("layer")
         assert s.loc["aux", "share_logit_var"] == 0 and s.loc["aux", "share_loss"] == 0
+        # the drift curve's shared pass scales each layer by the others' drift: not by the unused one's
+        from noiseprop.theory import PCMLike, keep_digital, predict_drift
+
+        d = [predict_drift(m, x, y, PCMLike(compensation=False), [1.0, 3.15e7], accuracy_draws=0) for m in (net, net.body)]
+        np.testing.assert_allclose(d[0].accuracy, d[1].accuracy, rtol=1e-9)
+        # keep_digital chooses among the layers that reach the logits
+        assert keep_digital(net, x, y, RelativeGaussian(0.3), k=1).layers[0] in ("body.0", "body.2")
+        with pytest.raises(ValueError, match="2 of the 3 noisy layers reach the logits"):
+            keep_digital(net, x, y, RelativeGaussian(0.3), k=2)
 
 
 def test_diagnostic_with_in_place_relus():

@@ -459,5 +459,5 @@ def test_first_order_range_warning_as_predict(eta, warns):
         if warns:
             assert hits[0].filename == __file__
             if name == "keep_digital":
-                assert "method='moments'" in str(hits[0].message)
+                assert "keep_digital(..., method='moments')" in str(hits[0].message)
     assert out["sensitivity"] == out["keep_digital"] == out["predict"]
