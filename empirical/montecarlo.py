@@ -220,7 +220,7 @@ class NoisyEvaluator:
             xb = x[i:i + bs].to(self.device, non_blocking=True).contiguous(memory_format=fmt)
             try:
                 out = self.net(xb)
-            except RuntimeError as e:
+            except (RuntimeError, IndexError) as e:
                 if first and i == 0 and is_fit_error(e):
                     raise model_fit_error(e, x) from e
                 raise

@@ -301,7 +301,13 @@ def test_checkpoint_spec_width_2_40(tmp_path, capsys, ckpt):
 def test_checkpoint_spec_that_does_not_build(tmp_path):
     spec = model_spec("mlp", (1, 8, 8), 10, width=16, depth=1)
     bad = tmp_path / "bad.pt"
-    save_checkpoint(bad, build_model(**spec), dict(spec, name="nonsense"), {})
+    with pytest.raises(ValueError, match="spec does not build a model"):  # refused before writing
+        save_checkpoint(bad, build_model(**spec), dict(spec, name="nonsense"), {})
+    assert not bad.exists()
+    save_checkpoint(bad, build_model(**spec), spec, {})  # a file written elsewhere, its spec edited
+    payload = torch.load(bad, weights_only=False)
+    payload["spec"]["name"] = "nonsense"
+    torch.save(payload, bad)
     with pytest.raises(CheckpointError, match="bad.pt.*spec that does not build"):
         load_checkpoint(bad)
 
@@ -623,3 +629,73 @@ def test_sweep_checks_every_level_before_drawing():
     for fam, levels, what in (("quantized", [4, 2.5], "bits must be an integer"), ("stuck", [0.1, 2], "p_zero")):
         with pytest.raises(ValueError, match=f"levels: {levels[1]:g} is not a level of '{fam}' noise: {what}"):
             sweep(_mlp(), X, Y, fam, levels, draws=2, progress=False)
+
+
+def test_predictor_holds_its_own_inputs():
+    """A change to the caller's x in place reached a Predictor, which had hashed x once:
+    a stale result for the family it had, and a new family's result stamped with the old
+    inputs' fingerprint."""
+    from noiseprop.theory import Predictor
+
+    x = X.clone()
+    pr = Predictor(_mlp(), x, Y)
+    a = pr.predict("relative:0.1")
+    x.mul_(5)
+    b, c = pr.predict("relative:0.1"), pr.predict("additive:0.01")
+    assert a.accuracy == b.accuracy
+    assert c.inputs_fingerprint == a.inputs_fingerprint
+    assert c.accuracy == predict(_mlp(), X, Y, "additive:0.01").accuracy
+
+
+def test_prediction_sizes_are_bounded():
+    """n_points=2**34 and accuracy_draws=10**9 were accepted and ran out of memory inside
+    scipy or torch."""
+    for kw, name in (({"n_points": 2 ** 34}, "n_points"), ({"accuracy_draws": 10 ** 9}, "accuracy_draws")):
+        with pytest.raises(ValueError, match=f"{name} must be an integer >= .* and <= 16384"):
+            predict(_mlp(), X, Y, "relative:0.1", **kw)
+        with pytest.raises(ValueError, match=f"{name} must be"):
+            predict_drift(_mlp(), X, Y, PCMLike(), [1.0], **kw)
+
+
+def test_one_dimensional_x_and_batch_statistics_norm():
+    """1-D x raised torch's IndexError from Flatten; a BatchNorm without running
+    statistics raised torch's 'Expected more than 1 value per channel' (predict) or was
+    blamed on fold_bn (monte_carlo)."""
+    for call in (lambda: predict(_mlp(), X[:4, 0, 0, 0], Y[:4], "relative:0.1"),
+                 lambda: monte_carlo(_mlp(), X[:4, 0, 0, 0], Y[:4], RelativeGaussian(0.1), draws=2, progress=False)):
+        with pytest.raises(ValueError, match=r"x must be a batch of inputs \[N, ...\].*got shape \(4,\)"):
+            call()
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.BatchNorm1d(8, track_running_stats=False), nn.ReLU(),
+                        nn.Linear(8, 4)).eval()
+    for call in (lambda: predict(net, X, Y, "relative:0.1"),
+                 lambda: monte_carlo(net, X, Y, RelativeGaussian(0.1), draws=2, progress=False)):
+        with pytest.raises(ValueError, match="track_running_stats=False"):
+            call()
+
+
+class _Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.flat, self.a, self.b = nn.Flatten(), nn.Linear(64, 64), nn.Linear(64, 64)
+        self.b.weight = self.a.weight
+        self.head = nn.Linear(64, 4)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.b(torch.relu(self.a(self.flat(x))))))
+
+
+def test_tied_weights_and_fold_pairs():
+    """Tied weights were 'not registered parameters' (and with one of the layers alone
+    the tap-based pass would miss the other use); fold_bn(pairs=...) raised torch's
+    AttributeError for a missing layer, an unpack error for a string, and silently folded
+    into a layer that does not feed the norm; fold_bn on a GroupNorm model was silent."""
+    for targets in (None, {"layers": ["a"]}):
+        with pytest.raises(ValueError, match="tied weights: a.weight = b.weight"):
+            predict(_Tied().eval(), X, Y, "relative:0.1", targets=targets)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.BatchNorm1d(8), nn.Linear(8, 8), nn.ReLU()).eval()
+    for pairs, err in (([("9", "2")], ValueError), ([("3", "2")], ValueError), ("1,2", TypeError)):
+        with pytest.raises(err, match=r"fold_bn: pairs .*\[\('1', '2'\)\]"):
+            fold_bn(net, pairs=pairs)
+    gn = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.GroupNorm(2, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    with pytest.warns(UserWarning, match="no BatchNorm layer .* to fold .*GroupNorm"):
+        monte_carlo(gn, X, Y, RelativeGaussian(0.1), targets="fold_bn", draws=2, progress=False)

@@ -68,7 +68,7 @@ from torch import nn
 from torch.func import functional_call, jvp, vmap
 
 from ._graph import differentiable_attention, unfold_input
-from .accuracy import DEFAULT_N_POINTS, correct_probability, sampled_accuracies
+from .accuracy import DEFAULT_N_POINTS, check_n_points, correct_probability, sampled_accuracies
 from .hardware import HardwareNoise, PCMLike
 from .hashing import inputs_fingerprint
 from .linearize import (DEFAULT_JACOBIAN_BUDGET, PASS_CHUNK_CAP, LinearizedNetwork, _patch_size, read_without_call,
@@ -76,7 +76,7 @@ from .linearize import (DEFAULT_JACOBIAN_BUDGET, PASS_CHUNK_CAP, LinearizedNetwo
                         tapping)
 from .moments import DEFAULT_RANK, DEFAULT_SPATIAL_RANK, MomentPropagator, propagate_moments
 from .noise import WeightNoise, parse_noise
-from .predict import (DIAGNOSTIC_DIRECTIONS, DIAGNOSTIC_INPUTS, METHODS, OUTSIDE_RANGE, Prediction,
+from .predict import (DIAGNOSTIC_DIRECTIONS, DIAGNOSTIC_INPUTS, MAX_ACCURACY_DRAWS, METHODS, OUTSIDE_RANGE, Prediction,
                       _gaussian_logit_loss, _moment_risks, _preact_ratios, _rescale_draws, curve_range_warning,
                       moments_range_warning, range_warning)
 from .validation import (check_bool, check_inputs, check_int, check_labels, check_seed, check_times,
@@ -760,12 +760,12 @@ def predict_drift(model: nn.Module, x, y, noise, times, targets=None, *, method:
     noise = parse_noise(noise)
     if not isinstance(noise, PCMLike):
         raise TypeError(f"noise must be a time-dependent hardware model such as PCMLike(...), got {noise!r}")
-    accuracy_draws = check_int("accuracy_draws", accuracy_draws, 0)
+    accuracy_draws = check_int("accuracy_draws", accuracy_draws, 0, MAX_ACCURACY_DRAWS)
     if accuracy_draws == 1:
         raise ValueError("accuracy_draws must be 0 (no chip-to-chip spread) or >= 2")
     preds, lin, clean_acc = _predict_models(
         model, x, y, [noise.with_level(float(t)) for t in tv], targets, linearize_at, accuracy_draws,
-        check_seed("seed", seed), check_int("n_points", n_points, 16),
+        check_seed("seed", seed), check_n_points(n_points),
         None if chunk_size is None else check_int("chunk_size", chunk_size, 1), check_int("batch_size", batch_size, 1),
         check_bool("cov", cov), method, *_moment_settings(rank, spatial_rank, moment_chunk), check_bool("diagnostic", diagnostic))
     flagged = [f"{t:g} s" for t, p in zip(tv, preds) if p.warnings]
@@ -804,13 +804,13 @@ def predict_hardware(model: nn.Module, x, y, noise, targets=None, *, method: str
     noise = parse_noise(noise)
     if not isinstance(noise, HardwareNoise):
         raise TypeError(f"noise must be a hardware noise model (PCMLike, Quantized, StuckAt), got {noise!r}")
-    accuracy_draws = check_int("accuracy_draws", accuracy_draws, 0)
+    accuracy_draws = check_int("accuracy_draws", accuracy_draws, 0, MAX_ACCURACY_DRAWS)
     if accuracy_draws == 1:
         raise ValueError("accuracy_draws must be 0 (no chip-to-chip spread) or >= 2")
     stacklevel = check_int("stacklevel", stacklevel, 1)
     t0 = time.perf_counter()
     preds, _, _ = _predict_models(model, x, y, [noise], targets, linearize_at, accuracy_draws,
-                                  check_seed("seed", seed), check_int("n_points", n_points, 16),
+                                  check_seed("seed", seed), check_n_points(n_points),
                                   None if chunk_size is None else check_int("chunk_size", chunk_size, 1),
                                   check_int("batch_size", batch_size, 1), check_bool("cov", cov), method,
                                   *_moment_settings(rank, spatial_rank, moment_chunk),

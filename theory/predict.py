@@ -43,7 +43,7 @@ from torch import nn
 from torch.func import functional_call, jvp, vmap
 
 from ._graph import differentiable_attention, relu_input_graph, trace
-from .accuracy import DEFAULT_N_POINTS, CorrectCurve, _qmc_points, sampled_accuracies
+from .accuracy import DEFAULT_N_POINTS, CorrectCurve, _qmc_points, check_n_points, sampled_accuracies
 from .flatness import HessianOperator, _trace_probes, gauss_newton_per_input, loss_increase_gauss_newton
 from .hashing import inputs_fingerprint, tensor_digest
 from .linearize import JacobianPass, LinearizedNetwork, jacobian_pass, piecewise_linear, structure_memo
@@ -65,6 +65,9 @@ METHODS = ("linear", "moments")
 LOSS_METHODS = ("auto", "gauss_newton", "hutchinson")
 #: Hutchinson probes when the Hessian estimator is used and ``loss_probes`` is not given.
 DEFAULT_LOSS_PROBES = 16
+#: Most draws of the linearised network for the chip-to-chip spread (``[N, C, draws]`` are
+#: held at once; 10**9 exhausted memory); a spread's sd is within 1% at a few thousand.
+MAX_ACCURACY_DRAWS = 2**14
 #: ``classes=k``: inputs on which the full-class pass is also run to measure the error of
 #: keeping only the label and its ``k`` closest competitors: an eighth of the inputs
 #: (:data:`TRUNCATION_CHECK_SHARE`), at least :data:`TRUNCATION_CHECK_MIN` (all of them
@@ -706,7 +709,7 @@ class _Options:
 def _options(chunk_size, accuracy_draws, loss_increase, loss_probes, seed, batch_size, per_layer, diagnostic,
              classes=None) -> _Options:
     chunk_size = check_int("chunk_size", chunk_size, 1, allow_none=True)
-    accuracy_draws = check_int("accuracy_draws", accuracy_draws, 0)
+    accuracy_draws = check_int("accuracy_draws", accuracy_draws, 0, MAX_ACCURACY_DRAWS)
     if accuracy_draws == 1:
         raise ValueError("accuracy_draws must be 0 (no chip-to-chip spread) or >= 2")
     loss_probes = check_int("loss_probes", loss_probes, 0, allow_none=True)
@@ -1126,7 +1129,7 @@ class _Run:
 
 
 def _run_settings(method, cov, n_points, rank, spatial_rank, h2_rank, moment_chunk) -> _Run:
-    return _Run(_check_method(method), check_bool("cov", cov), check_int("n_points", n_points, 16), check_int("rank", rank, 1),
+    return _Run(_check_method(method), check_bool("cov", cov), check_n_points(n_points), check_int("rank", rank, 1),
                 check_int("spatial_rank", spatial_rank, 1), check_int("h2_rank", h2_rank, 0),
                 check_int("moment_chunk", moment_chunk, 1))
 
@@ -1441,7 +1444,7 @@ class Predictor:
     zero-mean noise family (``"relative"``, ``"additive"``, ...; hardware noise is
     refused: use :func:`predict` or :func:`~noiseprop.theory.drift.predict_drift`) pays the
     Jacobian pass (and the requested extras); later calls at any level of that family only rescale it. The
-    inputs are hashed once; the model's parameters and buffers are re-hashed at every
+    inputs are copied and hashed once; the model's parameters and buffers are re-hashed at every
     call, so a model changed in between gets a fresh pass, never a stale one.
 
     >>> import torch
@@ -1459,6 +1462,9 @@ class Predictor:
         self.options = _resolve(options, knobs, "Predictor")
         self._run, self._opts = _settings(self.options, method, cov, seed, per_layer, diagnostic, classes)
         x, y = _check_inputs(model, x, y)
+        # copies: the inputs are hashed once, so a change to the caller's tensors in place
+        # must not reach later calls (a stale result stamped with the old fingerprint)
+        x, y = x.detach().clone(), y.detach().clone()
         self.model, self.x, self.y, self.targets = model, x, y, targets
         self._data_key = _data_hash(x, y)
         self._store: OrderedDict = OrderedDict()

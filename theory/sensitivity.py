@@ -88,7 +88,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .accuracy import DEFAULT_N_POINTS, correct_probability, margin_moments, orthant_probability, pairwise_bounds_sd
+from .accuracy import (DEFAULT_N_POINTS, check_n_points, correct_probability, margin_moments, orthant_probability,
+                       pairwise_bounds_sd)
 from .flatness import loss_increase_gauss_newton
 from .linearize import LinearizedNetwork, jacobian_pass
 from .moments import MomentPropagator, propagate_moments
@@ -414,7 +415,7 @@ def sensitivity(model: nn.Module, x, y, noise, targets=None, *, channels=None, c
     """
     t0 = time.perf_counter()
     noise = _noise_with_level(noise)
-    n_points = check_int("n_points", n_points, 16)
+    n_points = check_n_points(n_points)
     seed = check_int("seed", seed, 0)
     channels = _check_channels(channels)
     ps = _pass(model, x, y, noise, targets, chunk_size)
@@ -884,7 +885,7 @@ def noise_budget(model: nn.Module, x, y, noise_family, max_drop: float = 0.01, t
     max_drop = _check_fraction("max_drop", max_drop)
     rtol = check_number("rtol", rtol, 0, 1, open_min=True, open_max=True,
                         what="a relative tolerance on the level in the open interval (0, 1), e.g. 2e-3")
-    n_points = check_int("n_points", n_points, 16)
+    n_points = check_n_points(n_points)
     seed = check_int("seed", seed, 0)
     mc_draws = check_int("mc_draws", mc_draws, 0)
     if mc_draws == 1:
@@ -1115,7 +1116,7 @@ def keep_digital(model: nn.Module, x, y, noise, k: int = 1, targets=None, *, exh
     """
     t0 = time.perf_counter()
     noise = _noise_with_level(noise)
-    n_points = check_int("n_points", n_points, 16)
+    n_points = check_n_points(n_points)
     seed = check_int("seed", seed, 0)
     max_subsets = check_int("max_subsets", max_subsets, 1)
     if exhaustive is not None and not isinstance(exhaustive, bool):

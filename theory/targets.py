@@ -14,6 +14,7 @@ way (the L1 / TopK BatchNorm of :mod:`noiseprop.empirical.norms`).
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass, fields
 from typing import Iterable
 
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from ._graph import WEIGHT_LAYERS, trace  # the one fx tracer (WEIGHT_LAYERS: re-exported)
+from .validation import _user_stacklevel
 
 __all__ = [
     "Targets",
@@ -208,6 +210,11 @@ def resolve_targets(model: nn.Module, targets=None) -> TargetPlan:
     net = model
     if t.fold_bn:
         pairs = find_fold_pairs(model)
+        if not pairs:
+            unfoldable = [f"{n} ({type(m).__name__})" for n, m in model.named_modules() if is_norm_layer(m)]
+            warnings.warn(f"targets fold_bn=True: the model has no BatchNorm layer fed by a Conv/Linear layer to fold"
+                          f"{' (' + ', '.join(unfoldable[:4]) + ' normalise per input or stand alone)' if unfoldable else ''};"
+                          " the noise goes on the unfolded weights", UserWarning, stacklevel=_user_stacklevel())
         net = fold_bn(model, pairs=pairs)
         folded = tuple(pairs)
     names = []
@@ -243,6 +250,14 @@ def resolve_targets(model: nn.Module, targets=None) -> TargetPlan:
             f"(found modules: {layers}); pass targets= to choose others"
         )
     order = {n: i for i, (n, _) in enumerate(net.named_parameters())}
+    aliases: dict = {}
+    for n, p in net.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(n)
+    tied = [a for a in aliases.values() if len(a) > 1 and any(n in names for n in a)]
+    if tied:
+        raise ValueError(f"tied weights: {' / '.join(' = '.join(a) for a in tied)} are one tensor used by several "
+                         "layers, and noise on a shared weight is not supported; untie them (a copy per layer) to "
+                         "model one device array per layer")
     missing = [n for n in names if n not in order]
     if missing:  # shared or unregistered parameters
         raise ValueError(f"parameters {missing} are not registered parameters of the model")
@@ -338,8 +353,23 @@ def fold_bn(model: nn.Module, pairs: Iterable[tuple[str, str]] | None = None) ->
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fold_bn: model must be a torch.nn.Module, got {type(model).__name__} {model!r:.60}")
+    found = find_fold_pairs(model)
     if pairs is None:
-        pairs = find_fold_pairs(model)
+        pairs = found
+    else:  # only what the graph shows: a norm layer fed by that Conv/Linear alone
+        try:
+            pairs = [(str(a), str(b)) for a, b in pairs if isinstance(a, str) and isinstance(b, str)] \
+                if not isinstance(pairs, str) and all(isinstance(p, (tuple, list)) and len(p) == 2 for p in pairs) \
+                else None
+        except TypeError:
+            pairs = None
+        if pairs is None:
+            raise TypeError("fold_bn: pairs must be a list of (conv_or_linear_name, norm_name) name pairs, "
+                            f"such as find_fold_pairs(model) gives: {found}")
+        wrong = [p for p in pairs if p not in found]
+        if wrong:
+            raise ValueError(f"fold_bn: pairs {wrong} are not a norm layer fed by that Conv/Linear layer alone; the "
+                             f"model's foldable pairs are {found}")
     net = copy.deepcopy(model)
     net.eval()
     for conv_name, norm_name in pairs:

@@ -142,6 +142,11 @@ def check_model(model) -> nn.Module:
         if torch.is_floating_point(p) and not torch.isfinite(p).all():
             raise ValueError(f"model parameter {name!r} contains NaN or infinite values")
     for name, m in model.named_modules():
+        if isinstance(m, _BN) and not m.track_running_stats:
+            raise ValueError(f"BatchNorm layer {name or type(m).__name__!r} has track_running_stats=False: it "
+                             "normalises by the statistics of each batch it is given, even in eval mode, so an "
+                             "input's logits depend on the other inputs of its batch; noiseprop needs running "
+                             "statistics (a layer built with track_running_stats=True, trained)")
         if isinstance(m, _BN) and m.running_var is not None:
             rv = m.running_var.detach()
             if (rv + m.eps <= 0).any() or (rv < 0).any():
@@ -161,6 +166,9 @@ def check_inputs(model, x, y):
         raise TypeError(f"x must be a tensor of inputs, got {type(x).__name__}")
     if not torch.is_floating_point(x):
         raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+    if x.dim() < 2:
+        raise ValueError(f"x must be a batch of inputs [N, ...] (at least 2 dimensions), got shape {tuple(x.shape)}; "
+                         "N scalar inputs are x[:, None], one input is x[None]")
     if isinstance(y, np.ndarray):
         y = torch.from_numpy(y)
     if not isinstance(y, torch.Tensor):
@@ -368,6 +376,8 @@ _FIT_WORDS = ("shape", "size", "channel", "dtype", "scalar type", "expected", "d
 def is_fit_error(exc: BaseException) -> bool:
     """Whether an error raised by a forward pass reads like inputs that do not fit a
     layer (shape, channel count, dtype) rather than a failure of the model itself."""
+    if isinstance(exc, IndexError):  # torch's "Dimension out of range" (a flatten or a view of too few dims)
+        return "dimension out of range" in str(exc).lower()
     return isinstance(exc, RuntimeError) and any(w in str(exc).lower() for w in _FIT_WORDS)
 
 
@@ -378,7 +388,7 @@ def probe_logits(forward, x: torch.Tensor) -> torch.Tensor:
     try:
         with torch.no_grad():
             out = forward(x)
-    except RuntimeError as e:
+    except (RuntimeError, IndexError) as e:
         if is_fit_error(e):
             raise model_fit_error(e, x) from e
         raise
