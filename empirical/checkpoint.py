@@ -13,6 +13,7 @@ A bare ``state_dict`` (mapping of names to tensors) is also accepted by
 from __future__ import annotations
 
 import glob
+import io
 import os
 import pickle
 import shutil
@@ -26,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from noiseprop.theory.validation import check_output_dir
+from noiseprop.theory.validation import check_output_dir, check_output_file
 
 from .models import build_model
 
@@ -204,18 +205,35 @@ class Checkpoint:
     meta: dict
 
 
-def save_checkpoint(path, model: nn.Module, spec: dict, meta: dict | None = None) -> Path:
-    """Write ``model``'s state with the spec that rebuilds it (atomically).
+def _spec_shell(spec: dict) -> nn.Module:
+    """``build_model(**spec)`` on the meta device (no memory); raises what it raises."""
+    with torch.device("meta"):
+        return build_model(**spec)
 
-    >>> import os, tempfile
-    >>> from noiseprop.empirical import build_model
-    >>> net = build_model("mlp", (1, 8, 8), 10)
-    >>> with tempfile.TemporaryDirectory() as tmp:
-    ...     path = save_checkpoint(os.path.join(tmp, "m.pt"), net, net.spec)
-    ...     ck = load_checkpoint(path)
-    >>> ck.spec["name"], type(ck.model).__name__
-    ('mlp', 'MLP')
-    """
+
+_SAVE_FOR_CHECK, _LOAD_FOR_CHECK = torch.save, torch.load  # the meta check only (in memory)
+
+
+def _check_meta(meta) -> None:
+    """``meta`` must be None or a dict of plain data that ``torch.load(weights_only=True)``
+    reads back (what :func:`load_checkpoint` uses)."""
+    if meta is None:
+        return
+    if not isinstance(meta, dict):
+        raise TypeError(f"meta must be a dict (or None), got {type(meta).__name__} {str(meta)[:40]!r}")
+    buf = io.BytesIO()
+    try:
+        _SAVE_FOR_CHECK(meta, buf)
+        buf.seek(0)
+        _LOAD_FOR_CHECK(buf, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - pickling / weights_only unpickling errors of many kinds
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise TypeError(f"meta must hold plain data (dicts, lists, str, numbers, bools, None, tensors) that "
+                        f"torch.load(weights_only=True) reads back; it could not be stored ({type(e).__name__}: "
+                        f"{first[:200]})") from None
+
+
+def _write_checkpoint(path, model, spec, meta) -> Path:
     payload = {
         "format": FORMAT,
         "version": VERSION,
@@ -227,8 +245,59 @@ def save_checkpoint(path, model: nn.Module, spec: dict, meta: dict | None = None
     return Path(path)
 
 
+def _check_save_args(path, model, meta) -> Path:
+    if path is None or not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a checkpoint file path (str or os.PathLike), got {type(path).__name__} {path!r}")
+    path = check_output_file(path, "path")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module (its state_dict is stored), got {type(model).__name__}")
+    for k, v in model.state_dict().items():
+        if isinstance(v, torch.Tensor) and v.device.type == "meta":
+            raise ValueError(f"model parameter {k!r} is on the 'meta' device (no values); nothing to save")
+    _check_meta(meta)
+    return path
+
+
+def save_checkpoint(path, model: nn.Module, spec: dict, meta: dict | None = None) -> Path:
+    """Write ``model``'s state with the spec that rebuilds it (atomically).
+
+    Checked before anything is written: ``path`` a writable file path (not a folder),
+    ``model`` an ``nn.Module``, ``spec`` a dict that builds (``build_model(**spec)``) a
+    model with the same state-dict shapes as ``model`` (what :func:`load_checkpoint`
+    requires), ``meta`` ``None`` or a dict of plain data.
+
+    >>> import os, tempfile
+    >>> from noiseprop.empirical import build_model
+    >>> net = build_model("mlp", (1, 8, 8), 10)
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     path = save_checkpoint(os.path.join(tmp, "m.pt"), net, net.spec)
+    ...     ck = load_checkpoint(path)
+    >>> ck.spec["name"], type(ck.model).__name__
+    ('mlp', 'MLP')
+    """
+    path = _check_save_args(path, model, meta)
+    if not isinstance(spec, dict):
+        raise TypeError(f"spec must be a model spec dict for build_model(**spec) (e.g. model.spec of a zoo model), "
+                        f"got {type(spec).__name__} {str(spec)[:40]!r}")
+    try:
+        shell = _spec_shell(spec)
+    except Exception as e:  # noqa: BLE001 - any failure of a bad spec
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(f"spec does not build a model ({type(e).__name__}: {first[:200]}); load_checkpoint would "
+                         f"refuse the file. spec: {spec}") from None
+    want = {k: tuple(v.shape) for k, v in shell.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if want != have:
+        diff = sorted(set(want) ^ set(have))[:3] or [k for k in want if want[k] != have.get(k)][:3]
+        detail = ", ".join(f"{k}: spec {want.get(k)} vs model {have.get(k)}" for k in diff)
+        raise ValueError(f"spec {spec} does not describe model (a {type(model).__name__}): {detail}")
+    return _write_checkpoint(path, model, spec, meta)
+
+
 def _torch_load(path) -> Any:
-    path = Path(path)
+    if path is None or not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise TypeError(f"path must be a checkpoint file path (str or os.PathLike), got {type(path).__name__} {path!r}")
+    path = Path(path).expanduser()
     if not path.exists():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     if not path.is_file():
@@ -292,8 +361,7 @@ def load_checkpoint(path) -> Checkpoint:
     # build on the meta device first (no memory): a spec that does not build, or that
     # does not match the stored tensors (e.g. width=2**40), is refused before allocating
     try:
-        with torch.device("meta"):
-            shell = build_model(**spec)
+        shell = _spec_shell(spec)
     except Exception as e:  # noqa: BLE001 - any failure of a bad spec
         raise CheckpointError(f"checkpoint {str(path)!r} has a model spec that does not build ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''}); spec: {spec}") from None
@@ -309,4 +377,16 @@ def load_checkpoint(path) -> Checkpoint:
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint {str(path)!r} does not match its spec {spec}: {e}") from e
     model.eval()
-    return Checkpoint(model=model, spec=spec, meta=dict(obj.get("meta") or {}))
+    return Checkpoint(model=model, spec=spec, meta=checkpoint_meta(obj, path))
+
+
+def checkpoint_meta(obj: dict, path) -> dict:
+    """The ``meta`` of a loaded checkpoint dict: a dict (``{}`` when absent); a
+    :class:`CheckpointError` naming the file otherwise."""
+    meta = obj.get("meta")
+    if meta is None:
+        return {}
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"checkpoint {str(path)!r} has a 'meta' entry of type {type(meta).__name__}; expected a "
+                              "dict (dataset, training config, history) or none; re-save it with save_checkpoint")
+    return dict(meta)

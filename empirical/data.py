@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 
 from noiseprop.theory.hashing import tensor_digest
+from noiseprop.theory.validation import check_bool, check_seed
 
 __all__ = [
     "Dataset",
@@ -183,6 +184,7 @@ def make_dataset(x_train, y_train, x_test, y_test, num_classes: int | None = Non
     ``normalise=True`` standardises per channel with training statistics. The
     fingerprint hashes the arrays themselves.
     """
+    normalise = check_bool("normalise", normalise)
     xs = [np.asarray(x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x) for x in (x_train, x_test)]
     ys = [np.asarray(y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else y) for y in (y_train, y_test)]
     for nm, x in zip(("x_train", "x_test"), xs):
@@ -228,6 +230,10 @@ def _load_digits(test_fraction: float = 0.2, split_seed: int = 0) -> Dataset:
         raise ValueError(f"digits: test_fraction must be in (0, 1), got {test_fraction!r}")
     if not isinstance(split_seed, int) or isinstance(split_seed, bool):
         raise ValueError(f"digits: split_seed must be an int, got {split_seed!r}")
+    try:
+        split_seed = check_seed("split_seed", split_seed)
+    except (ValueError, TypeError) as e:
+        raise type(e)(f"digits: {e}") from None
     from sklearn.datasets import load_digits  # lazy: only the digits data set needs scikit-learn
 
     d = load_digits()

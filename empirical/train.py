@@ -50,10 +50,12 @@ from tqdm.auto import tqdm
 from noiseprop.theory.hashing import tensor_digest
 from noiseprop.theory.noise import parse_noise
 from noiseprop.theory.targets import Targets, resolve_targets
-from noiseprop.theory.validation import check_int, check_number
+from noiseprop.theory.validation import (check_bool, check_int, check_labels, check_model, check_number,
+                                         check_output_dir, check_seed, probe_logits)
 
 from .checkpoint import FORMAT as CHECKPOINT_FORMAT
-from .checkpoint import CheckpointError, _torch_load, load_checkpoint, save_checkpoint
+from .checkpoint import (CheckpointError, _check_save_args, _torch_load, _write_checkpoint, checkpoint_meta,
+                         load_checkpoint, save_checkpoint)
 from .data import Dataset, load_dataset
 from .models import _family, build_model, model_spec
 
@@ -210,8 +212,13 @@ class TrainResult:
     def save(self, path) -> Path:
         """Write the model as a noiseprop checkpoint (atomic; readable by
         :func:`.checkpoint.load_checkpoint` when the model has a spec)."""
-        spec = self.spec if self.spec is not None else dict(getattr(self.model, "spec", None) or {})
-        return save_checkpoint(path, self.model, spec, self.checkpoint_meta())
+        spec = self.spec if self.spec is not None else getattr(self.model, "spec", None)
+        if isinstance(spec, dict) and spec:
+            return save_checkpoint(path, self.model, spec, self.checkpoint_meta())
+        # a user's module without a spec: stored with an empty spec (read back by the
+        # cache / load_state_dict_file, not by load_checkpoint)
+        path = _check_save_args(path, self.model, None)
+        return _write_checkpoint(path, self.model, {}, self.checkpoint_meta())
 
     @property
     def test_accuracy(self) -> float:
@@ -371,6 +378,45 @@ def _resolve_model(model_or_spec, data: Dataset):
                     f"got {type(model_or_spec).__name__}")
 
 
+def _check_user_model(model: nn.Module, data: Dataset) -> None:
+    """A user's module, checked before any training (on a copy; the module is not
+    touched): real finite parameters, at least one trainable, the dataset's dtype, one
+    ``[N, C]`` logits tensor for a probe batch, and ``C`` covering the labels."""
+    name = "model_or_spec (an nn.Module)"
+    try:
+        check_model(model)
+    except (ValueError, TypeError) as e:
+        raise type(e)(f"{name}: {e}") from None
+    params = list(model.parameters())
+    if not any(p.requires_grad for p in params):
+        raise ValueError(f"{name}: the model has no trainable parameters ({len(params)} parameter tensor(s), none with "
+                         "requires_grad=True); unfreeze some with p.requires_grad_(True)")
+    x = data.x_train
+    dtypes = sorted({str(p.dtype) for p in params if torch.is_floating_point(p)})
+    if dtypes and dtypes != [str(x.dtype)]:
+        raise TypeError(f"{name}: the model's parameters are {', '.join(dtypes)} but the dataset {data.name!r} holds "
+                        f"{x.dtype} inputs; convert the model, e.g. model.to({x.dtype})")
+    probe = copy.deepcopy(model).eval()
+    xb = x[:2]
+    try:
+        with torch.random.fork_rng(devices=[]):
+            out = probe_logits(probe, xb)
+    except (ValueError, TypeError) as e:
+        msg = str(e).replace("x does not fit the model", f"the inputs of dataset {data.name!r} do not fit the model")
+        raise type(e)(f"{name}: {msg}") from None
+    except Exception as e:  # noqa: BLE001 - any failure of the user's forward
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(f"{name}: the model's forward pass on dataset {data.name!r} inputs of shape "
+                         f"{tuple(xb.shape)} failed with {type(e).__name__}: {first[:300]}") from e
+    labels = torch.cat([data.y_train.reshape(-1), data.y_test.reshape(-1)])
+    if labels.numel():
+        try:
+            check_labels(labels, int(out.shape[1]))
+        except ValueError as e:
+            raise ValueError(f"{name}: the model returns {out.shape[1]} logits but dataset {data.name!r} has "
+                             f"{data.num_classes} classes ({e})") from None
+
+
 def train(model_or_spec, data="digits", lr=None, epochs=None, batch_size=None, momentum=None, weight_decay=None,
           schedule=None, seed: int = 0, *, warmup_epochs=None, cache_dir=None, cache: bool = True,
           progress=None, eval_every: int = 1, num_threads: int | None = 1, noise=None,
@@ -443,11 +489,12 @@ def train(model_or_spec, data="digits", lr=None, epochs=None, batch_size=None, m
         "weight_decay": check_number("weight_decay", cfg["weight_decay"], 0.0),
         "warmup_epochs": check_int("warmup_epochs", cfg["warmup_epochs"], 0),
         "schedule": cfg["schedule"],
-        "seed": check_int("seed", seed),
+        "seed": check_seed("seed", seed),
     }
     if config["schedule"] not in SCHEDULES:
         raise ValueError(f"unknown schedule {config['schedule']!r}; accepted: {list(SCHEDULES)}")
     eval_every = check_int("eval_every", eval_every, 1)
+    cache = check_bool("cache", cache)
     num_threads = torch.get_num_threads() if num_threads is None else check_int("num_threads", num_threads, 1)
     config["threads"] = num_threads
     if noise is not None:
@@ -475,6 +522,16 @@ def train(model_or_spec, data="digits", lr=None, epochs=None, batch_size=None, m
         raise ValueError("noise_targets is given without noise: pass noise= (e.g. 'relative:0.1') for noise-aware "
                          "training, or drop noise_targets")
 
+    root = None
+    if cache:  # checked before training, so that no run is lost to a bad folder
+        if cache_dir is not None:
+            root = check_output_dir(cache_dir, "cache_dir")
+        else:
+            root = check_output_dir(default_cache_dir(), f"cache_dir (default, from ${CACHE_ENV} or ~/.cache)")
+        check_output_dir(root / "checkpoints", "cache_dir")
+    if user_model is not None:
+        _check_user_model(user_model, data)
+
     if spec is not None:
         if list(spec["in_shape"]) != list(data.in_shape) or spec["num_classes"] != data.num_classes:
             raise ValueError(
@@ -494,7 +551,6 @@ def train(model_or_spec, data="digits", lr=None, epochs=None, batch_size=None, m
 
     path = None
     if cache:
-        root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
         prefix = f"{spec['name']}-{spec['norm']}" if spec else type(user_model).__name__
         prefix = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in prefix)
         path = root / "checkpoints" / f"{prefix}-{key[:32]}.pt"
@@ -543,7 +599,7 @@ def _load_cached(path: Path, key: str, spec, user_model):
             sd = obj.get("state_dict")
             if not isinstance(sd, dict):
                 raise CheckpointError(f"{str(path)!r} has no state dict")
-            meta = dict(obj.get("meta") or {})
+            meta = checkpoint_meta(obj, path)
             model = copy.deepcopy(user_model)
             model.load_state_dict(sd)
             model.eval()
