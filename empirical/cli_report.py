@@ -6,8 +6,12 @@ with the same arguments, computes only what is missing and writes the same repor
 """
 from __future__ import annotations
 
+from noiseprop.theory.validation import check_int
+
 
 def cmd_report(args) -> int:
+    # before any import or work: 0 is refused (1 is the in-process executor), as by make_executor
+    check_int("--workers", args.workers, 1, allow_none=True, what="an integer >= 1 (1: in-process)")
     from .report import ReportConfig, make_report  # lazy: the studies load statsmodels (~2 s measured)
     from .studies import PUBLISHED_STUDIES, STUDIES
 
@@ -38,7 +42,8 @@ def register(sub) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds")
     p.add_argument("--etas", type=float, nargs="+", default=None, help="relative noise levels (include 0)")
     p.add_argument("--epochs", type=int, default=None, help="training epochs for every model")
-    p.add_argument("--workers", type=int, default=None, help="worker processes (default min(2, cores); 1: in-process)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="worker processes, >= 1 (default min(2, cores); 1: in-process)")
     p.add_argument("--cache-dir", default=None,
                    help="checkpoints and result cells (default: $NOISEPROP_CACHE_DIR or ~/.cache/noiseprop)")
     p.add_argument("--quick", action="store_true", help="a tiny grid, at most 90 s (used by the tests)")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from noiseprop.theory.validation import check_output_dir
+from noiseprop.theory.validation import check_int, check_output_dir
 
 from .cells import ResultStore
 from .checkpoint import check_replaceable_folder, publish_folder, sweep_temp
@@ -36,6 +36,8 @@ def _ks(values):
 
 
 def cmd_study(args) -> int:
+    # before any import or work: 0 is refused (1 is the in-process executor), as by make_executor
+    check_int("--workers", args.workers, 1, allow_none=True, what="an integer >= 1 (1: in-process)")
     # lazy: the studies load statsmodels (~2 s measured), which every other command would pay
     from .studies import STUDIES, default_grid, quick_grid, quick_options, run_plans, study_module
 
@@ -134,7 +136,8 @@ def register(sub) -> None:
     p.add_argument("--arch", default=None, help="learning_rate: the architecture")
     p.add_argument("--norm", default=None, help="learning_rate / architecture: normalisation (none, bn, l1, topk)")
     p.add_argument("--lrs", type=float, nargs="+", default=None, help="learning_rate: learning rates")
-    p.add_argument("--workers", type=int, default=None, help="worker processes (default min(2, cores); 1: in-process)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="worker processes, >= 1 (default min(2, cores); 1: in-process)")
     p.add_argument("--cache-dir", default=None, help="checkpoints and result cells (default $NOISEPROP_CACHE_DIR "
                                                       "or ~/.cache/noiseprop)")
     p.add_argument("--out", default=None, help="write report.md, figures and CSVs of this study to this folder")

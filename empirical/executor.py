@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from noiseprop.theory.validation import env_int
+from noiseprop.theory.validation import check_int, env_int
 
 from .cells import MISSING
 
@@ -177,8 +177,8 @@ def _start_method() -> str:
 def make_executor(workers=None, threads: int = 1, start_method: str | None = None):
     """An executor for :func:`run_tasks`.
 
-    ``workers``: ``None`` → :func:`default_workers`; an int ``<= 1`` →
-    :class:`SerialExecutor`; ``n > 1`` → a ``ProcessPoolExecutor`` with ``n`` worker
+    ``workers``: ``None`` → :func:`default_workers`; ``1`` (or ``"serial"``) →
+    :class:`SerialExecutor` (in-process); ``n > 1`` → a ``ProcessPoolExecutor`` with ``n`` worker
     processes (``start_method``: see :func:`_start_method`), each with
     ``torch.set_num_threads(threads)``; any object with a ``submit`` method (a pool, a
     ``dask.distributed.Client``) is returned unchanged.
@@ -194,9 +194,10 @@ def make_executor(workers=None, threads: int = 1, start_method: str | None = Non
             workers = int(workers)
         except ValueError:
             raise ValueError(f"workers must be an integer, 'serial' or an executor with submit(); got {workers!r}") from None
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
-        raise ValueError(f"workers must be an integer >= 0, 'serial' or an executor with submit(); got {workers!r}")
-    if workers <= 1:
+    # 0 is refused like NOISEPROP_WORKERS=0 (default_workers): 1 is the in-process executor
+    workers = check_int("workers", workers, 1, wrong_type=ValueError,
+                        what="an integer >= 1 (1: in-process), 'serial' or an executor with submit()")
+    if workers == 1:
         return SerialExecutor()
     ctx = mp.get_context(start_method or _start_method())
     return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,

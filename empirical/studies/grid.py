@@ -58,6 +58,11 @@ class Grid:
     min_clean_accuracy: float = 0.0
 
     def __post_init__(self):
+        for name, example in (("etas", "(0.0, 0.1, 0.2)"), ("seeds", "(0, 1, 2)")):
+            value = getattr(self, name)
+            if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__iter__"):
+                raise TypeError(f"{name} must be a sequence (tuple or list) of {name[:-1]} values, e.g. {example}; "
+                                f"got {type(value).__name__} {value!r}")
         etas = tuple(float(e) for e in self.etas)
         if len(etas) < 2 or any(not math.isfinite(e) or e < 0 for e in etas) or list(etas) != sorted(set(etas)):
             raise ValueError(f"etas must be at least two distinct increasing levels >= 0, got {self.etas!r}")
