@@ -62,7 +62,7 @@ def test_options_conflicts_and_bad_values_are_named():
         predict(NET, X, Y, "relative:0.1", n_point=64)
     with pytest.raises(TypeError, match="options must be a PredictOptions, a dict of its fields, or None; got str"):
         predict(NET, X, Y, "relative:0.1", options="fast")
-    with pytest.raises(ValueError, match="n_points must be an integer >= 16, got 8"):
+    with pytest.raises(ValueError, match="n_points must be an integer >= 16 and <= 16384, got 8"):
         PredictOptions(n_points=8)
     with pytest.raises(TypeError, match="chunk_size must be an integer >= 1 or None, got float 2.0"):
         PredictOptions(chunk_size=2.0)
