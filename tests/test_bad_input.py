@@ -699,3 +699,14 @@ def test_tied_weights_and_fold_pairs():
     gn = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.GroupNorm(2, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
     with pytest.warns(UserWarning, match="no BatchNorm layer .* to fold .*GroupNorm"):
         monte_carlo(gn, X, Y, RelativeGaussian(0.1), targets="fold_bn", draws=2, progress=False)
+
+
+def test_predictor_checks_its_inputs_at_construction():
+    """x that does not fit, and labels outside the logits, were refused only at the first
+    .predict()."""
+    from noiseprop.theory import Predictor
+
+    with pytest.raises(ValueError, match="x does not fit the model"):
+        Predictor(_mlp(), X[:, :, :4], Y)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 4\)"):
+        Predictor(_mlp(), X, Y + 4)

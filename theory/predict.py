@@ -52,7 +52,8 @@ from .moments.head import MIXTURE_NODES, moment_correct_probability
 from .moments.rules import moment_risks
 from .noise import MAX_LEVEL, WeightNoise, parse_noise
 from .results import Deferred, LogitResult, deferred_field
-from .validation import check_bool, check_int, check_levels, check_model, check_seed, warn_if_probabilities
+from .validation import (check_bool, check_int, check_labels, check_levels, check_model, check_seed, probe_logits,
+                         warn_if_probabilities)
 from .validation import check_inputs as _check_inputs
 
 __all__ = ["Prediction", "PredictionCurve", "PredictOptions", "Predictor", "predict", "predict_sweep", "clear_cache",
@@ -1462,6 +1463,10 @@ class Predictor:
         self.options = _resolve(options, knobs, "Predictor")
         self._run, self._opts = _settings(self.options, method, cov, seed, per_layer, diagnostic, classes)
         x, y = _check_inputs(model, x, y)
+        # refused here, not at the first call: inputs that do not fit, an output that is not
+        # one [N, C] tensor of logits, labels outside [0, C)
+        lin = LinearizedNetwork(model, targets, warn_train_mode=False)
+        check_labels(y, probe_logits(lin.forward, x[:1].to(lin.device)).shape[-1])
         # copies: the inputs are hashed once, so a change to the caller's tensors in place
         # must not reach later calls (a stale result stamped with the old fingerprint)
         x, y = x.detach().clone(), y.detach().clone()
