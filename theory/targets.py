@@ -357,15 +357,12 @@ def fold_bn(model: nn.Module, pairs: Iterable[tuple[str, str]] | None = None) ->
     if pairs is None:
         pairs = found
     else:  # only what the graph shows: a norm layer fed by that Conv/Linear alone
-        try:
-            pairs = [(str(a), str(b)) for a, b in pairs if isinstance(a, str) and isinstance(b, str)] \
-                if not isinstance(pairs, str) and all(isinstance(p, (tuple, list)) and len(p) == 2 for p in pairs) \
-                else None
-        except TypeError:
-            pairs = None
-        if pairs is None:
+        items = None if isinstance(pairs, (str, bytes)) or not hasattr(pairs, "__iter__") else list(pairs)
+        if items is None or not all(isinstance(p, (tuple, list)) and len(p) == 2 and all(isinstance(s, str) for s in p)
+                                    for p in items):
             raise TypeError("fold_bn: pairs must be a list of (conv_or_linear_name, norm_name) name pairs, "
                             f"such as find_fold_pairs(model) gives: {found}")
+        pairs = [tuple(p) for p in items]
         wrong = [p for p in pairs if p not in found]
         if wrong:
             raise ValueError(f"fold_bn: pairs {wrong} are not a norm layer fed by that Conv/Linear layer alone; the "
