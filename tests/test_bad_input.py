@@ -305,7 +305,7 @@ def test_checkpoint_spec_that_does_not_build(tmp_path):
         save_checkpoint(bad, build_model(**spec), dict(spec, name="nonsense"), {})
     assert not bad.exists()
     save_checkpoint(bad, build_model(**spec), spec, {})  # a file written elsewhere, its spec edited
-    payload = torch.load(bad, weights_only=False)
+    payload = torch.load(bad, weights_only=True)
     payload["spec"]["name"] = "nonsense"
     torch.save(payload, bad)
     with pytest.raises(CheckpointError, match="bad.pt.*spec that does not build"):
