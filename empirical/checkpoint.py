@@ -205,13 +205,22 @@ class Checkpoint:
     meta: dict
 
 
-def _spec_shell(spec: dict) -> nn.Module:
-    """``build_model(**spec)`` on the meta device (no memory); raises what it raises."""
+def _spec_mismatch(spec: dict, have: dict, what: str) -> str | None:
+    """Where ``build_model(**spec)`` (built on the meta device: no memory) and the
+    state-dict shapes ``have`` (``what``: "stored", "model") differ, in words; ``None``
+    when they agree. Raises what a spec that does not build raises."""
     with torch.device("meta"):
-        return build_model(**spec)
+        shell = build_model(**spec)
+    want = {k: tuple(v.shape) for k, v in shell.state_dict().items()}
+    if want == have:
+        return None
+    diff = sorted(set(want) ^ set(have))[:3] or [k for k in want if want[k] != have.get(k)][:3]
+    return ", ".join(f"{k}: spec {want.get(k)} vs {what} {have.get(k)}" for k in diff)
 
 
-_SAVE_FOR_CHECK, _LOAD_FOR_CHECK = torch.save, torch.load  # the meta check only (in memory)
+# bound at import for the in-memory meta check: a test that breaks torch.save to simulate a
+# failed write (tests/empirical/test_train.py) must reach the write, not fail in this check
+_SAVE_FOR_CHECK, _LOAD_FOR_CHECK = torch.save, torch.load
 
 
 def _check_meta(meta) -> None:
@@ -246,8 +255,6 @@ def _write_checkpoint(path, model, spec, meta) -> Path:
 
 
 def _check_save_args(path, model, meta) -> Path:
-    if path is None or not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"path must be a checkpoint file path (str or os.PathLike), got {type(path).__name__} {path!r}")
     path = check_output_file(path, "path")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module (its state_dict is stored), got {type(model).__name__}")
@@ -280,16 +287,12 @@ def save_checkpoint(path, model: nn.Module, spec: dict, meta: dict | None = None
         raise TypeError(f"spec must be a model spec dict for build_model(**spec) (e.g. model.spec of a zoo model), "
                         f"got {type(spec).__name__} {str(spec)[:40]!r}")
     try:
-        shell = _spec_shell(spec)
+        detail = _spec_mismatch(spec, {k: tuple(v.shape) for k, v in model.state_dict().items()}, "model")
     except Exception as e:  # noqa: BLE001 - any failure of a bad spec
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ValueError(f"spec does not build a model ({type(e).__name__}: {first[:200]}); load_checkpoint would "
                          f"refuse the file. spec: {spec}") from None
-    want = {k: tuple(v.shape) for k, v in shell.state_dict().items()}
-    have = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    if want != have:
-        diff = sorted(set(want) ^ set(have))[:3] or [k for k in want if want[k] != have.get(k)][:3]
-        detail = ", ".join(f"{k}: spec {want.get(k)} vs model {have.get(k)}" for k in diff)
+    if detail:
         raise ValueError(f"spec {spec} does not describe model (a {type(model).__name__}): {detail}")
     return _write_checkpoint(path, model, spec, meta)
 
@@ -361,15 +364,11 @@ def load_checkpoint(path) -> Checkpoint:
     # build on the meta device first (no memory): a spec that does not build, or that
     # does not match the stored tensors (e.g. width=2**40), is refused before allocating
     try:
-        shell = _spec_shell(spec)
+        detail = _spec_mismatch(spec, {k: tuple(v.shape) for k, v in sd.items()}, "stored")
     except Exception as e:  # noqa: BLE001 - any failure of a bad spec
         raise CheckpointError(f"checkpoint {str(path)!r} has a model spec that does not build ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''}); spec: {spec}") from None
-    want = {k: tuple(v.shape) for k, v in shell.state_dict().items()}
-    have = {k: tuple(v.shape) for k, v in sd.items()}
-    if want != have:
-        diff = sorted(set(want) ^ set(have))[:3] or [k for k in want if want[k] != have.get(k)][:3]
-        detail = ", ".join(f"{k}: spec {want.get(k)} vs stored {have.get(k)}" for k in diff)
+    if detail:
         raise CheckpointError(f"checkpoint {str(path)!r} does not match its spec {spec}: {detail}")
     model = build_model(**spec)
     try:

@@ -6,12 +6,12 @@ with the same arguments, computes only what is missing and writes the same repor
 """
 from __future__ import annotations
 
-from noiseprop.theory.validation import check_int
+from .executor import check_workers
 
 
 def cmd_report(args) -> int:
     # before any import or work: 0 is refused (1 is the in-process executor), as by make_executor
-    check_int("--workers", args.workers, 1, allow_none=True, what="an integer >= 1 (1: in-process)")
+    check_workers(args.workers, "--workers")
     from .report import ReportConfig, make_report  # lazy: the studies load statsmodels (~2 s measured)
     from .studies import PUBLISHED_STUDIES, STUDIES
 

@@ -14,11 +14,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from noiseprop.theory.validation import check_int, check_output_dir
+from noiseprop.theory.validation import check_output_dir
 
 from .cells import ResultStore
 from .checkpoint import check_replaceable_folder, publish_folder, sweep_temp
-from .executor import close_executor, make_executor, print_progress, stop_workers
+from .executor import check_workers, close_executor, make_executor, print_progress, stop_workers
 from .train import default_cache_dir
 
 
@@ -37,7 +37,7 @@ def _ks(values):
 
 def cmd_study(args) -> int:
     # before any import or work: 0 is refused (1 is the in-process executor), as by make_executor
-    check_int("--workers", args.workers, 1, allow_none=True, what="an integer >= 1 (1: in-process)")
+    check_workers(args.workers, "--workers")
     # lazy: the studies load statsmodels (~2 s measured), which every other command would pay
     from .studies import STUDIES, default_grid, quick_grid, quick_options, run_plans, study_module
 

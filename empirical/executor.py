@@ -174,6 +174,12 @@ def _start_method() -> str:
     return "fork" if "fork" in methods and sys.platform.startswith("linux") else "spawn"
 
 
+def check_workers(workers, name: str = "workers"):
+    """A number of worker processes: an integer >= 1 (1: in-process) or ``None`` (the
+    default, :func:`default_workers`); 0 is refused like ``NOISEPROP_WORKERS=0``."""
+    return check_int(name, workers, 1, allow_none=True, what="an integer >= 1 (1: in-process)")
+
+
 def make_executor(workers=None, threads: int = 1, start_method: str | None = None):
     """An executor for :func:`run_tasks`.
 

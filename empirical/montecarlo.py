@@ -46,7 +46,7 @@ from noiseprop.theory.validation import check_levels, check_times
 from noiseprop.theory.validation import (check_bool, check_int, check_inputs, check_logits, check_probability,
                                          check_seed, is_fit_error, model_fit_error, warn_if_probabilities)
 from noiseprop.theory.validation import check_labels as _check_labels
-from noiseprop.theory.targets import (TargetPlan, find_fold_pairs, fold_bn, folding_affine, is_norm_layer,
+from noiseprop.theory.targets import (TargetPlan, _fold, find_fold_pairs, folding_affine, is_norm_layer,
                                       resolve_targets)
 
 from .formatting import fmt_ci
@@ -135,7 +135,7 @@ def _fold_digital_norms(plan: TargetPlan):
         return net, {}
     if not pairs or not all(_standard_pair(net.get_submodule(c), net.get_submodule(n)) for c, n in pairs):
         return net, {}
-    net = fold_bn(net, pairs=pairs)
+    net = _fold(net, pairs)  # the pairs just found: folded without tracing again
     post = {}
     targets = set(plan.names)
     for conv_name, norm_name in pairs:

@@ -38,11 +38,12 @@ from noiseprop.theory.validation import check_bool, check_int, check_output_dir
 
 from .cells import ResultStore
 from .checkpoint import atomic_write, check_replaceable_folder, publish_folder, sweep_temp
-from .executor import close_executor, make_executor, print_progress, stop_workers
+from .executor import check_workers, close_executor, make_executor, print_progress, stop_workers
 from .formatting import fmt_number, fmt_p
 from .studies import (CPU_SCALE_DATASETS, STUDIES, default_grid, paper_grid, paper_options, quick_grid, quick_options,
                       run_plans, study_module)
 from .studies.common import calibration_figure_frame, validation_by_eta, validation_tables
+from .studies.grid import check_grid_sequences
 from .studies.figures import Figure, render
 from .studies.validation import ACCURACY_TOLERANCE, validation_by_method, validation_by_model
 from .train import default_cache_dir
@@ -87,8 +88,7 @@ class ReportConfig:
 
     def __post_init__(self):
         # refuse bad values at construction, before any work (a report runs for minutes)
-        check_int("workers", self.workers, 1, allow_none=True,
-                  what="an integer >= 1 (1: in-process) or None (the default, min(2, cores))")
+        check_workers(self.workers)
         check_bool("quick", self.quick)
         check_bool("progress", self.progress)
         check_int("stop_after", self.stop_after, 1, allow_none=True)
@@ -104,11 +104,7 @@ class ReportConfig:
             raise ValueError(f"studies must be one or more of {list(STUDIES)}; "
                              + (f"unknown: {bad}" if bad else "got none"))
         object.__setattr__(self, "studies", studies)
-        for name, example in (("seeds", "(0, 1, 2)"), ("etas", "(0.0, 0.1, 0.2)")):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, (str, bytes, dict)) or not hasattr(value, "__iter__")):
-                raise TypeError(f"{name} must be None or a sequence (tuple or list) of {name[:-1]} values, "
-                                f"e.g. {example}; got {type(value).__name__} {value!r}")
+        check_grid_sequences(self, none_keeps=True)
 
 
 # ----------------------------------------------------------------------------

@@ -215,7 +215,7 @@ def resolve_targets(model: nn.Module, targets=None) -> TargetPlan:
             warnings.warn(f"targets fold_bn=True: the model has no BatchNorm layer fed by a Conv/Linear layer to fold"
                           f"{' (' + ', '.join(unfoldable[:4]) + ' normalise per input or stand alone)' if unfoldable else ''};"
                           " the noise goes on the unfolded weights", UserWarning, stacklevel=_user_stacklevel())
-        net = fold_bn(model, pairs=pairs)
+        net = _fold(model, pairs)
         folded = tuple(pairs)
     names = []
     for mname, module in net.named_modules():
@@ -332,7 +332,6 @@ def fuse_weights(weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tenso
     return w, b
 
 
-@torch.no_grad()
 def fold_bn(model: nn.Module, pairs: Iterable[tuple[str, str]] | None = None) -> nn.Module:
     """A deep copy of ``model`` with every BatchNorm-like layer folded into the
     Conv/Linear that feeds it and replaced by ``nn.Identity`` (eval mode).
@@ -367,6 +366,13 @@ def fold_bn(model: nn.Module, pairs: Iterable[tuple[str, str]] | None = None) ->
         if wrong:
             raise ValueError(f"fold_bn: pairs {wrong} are not a norm layer fed by that Conv/Linear layer alone; the "
                              f"model's foldable pairs are {found}")
+    return _fold(model, pairs)
+
+
+@torch.no_grad()
+def _fold(model: nn.Module, pairs) -> nn.Module:
+    """:func:`fold_bn` of pairs that :func:`find_fold_pairs` gave (not checked again:
+    the callers that just traced the model fold without a second trace)."""
     net = copy.deepcopy(model)
     net.eval()
     for conv_name, norm_name in pairs:

@@ -10,6 +10,18 @@ from noiseprop.theory.validation import check_seed
 __all__ = ["Grid"]
 
 
+def check_grid_sequences(obj, none_keeps: bool = False) -> None:
+    """``obj.etas`` and ``obj.seeds`` are sequences of values, not one value or a string
+    (``none_keeps``: ``None`` is accepted too, the report's "keep the grid's")."""
+    for name, example in (("etas", "(0.0, 0.1, 0.2)"), ("seeds", "(0, 1, 2)")):
+        value = getattr(obj, name)
+        if none_keeps and value is None:
+            continue
+        if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__iter__"):
+            raise TypeError(f"{name} must be {'None or ' if none_keeps else ''}a sequence (tuple or list) of "
+                            f"{name[:-1]} values, e.g. {example}; got {type(value).__name__} {value!r}")
+
+
 @dataclass(frozen=True)
 class Grid:
     """Scale and protocol shared by the studies.
@@ -58,11 +70,7 @@ class Grid:
     min_clean_accuracy: float = 0.0
 
     def __post_init__(self):
-        for name, example in (("etas", "(0.0, 0.1, 0.2)"), ("seeds", "(0, 1, 2)")):
-            value = getattr(self, name)
-            if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__iter__"):
-                raise TypeError(f"{name} must be a sequence (tuple or list) of {name[:-1]} values, e.g. {example}; "
-                                f"got {type(value).__name__} {value!r}")
+        check_grid_sequences(self)
         etas = tuple(float(e) for e in self.etas)
         if len(etas) < 2 or any(not math.isfinite(e) or e < 0 for e in etas) or list(etas) != sorted(set(etas)):
             raise ValueError(f"etas must be at least two distinct increasing levels >= 0, got {self.etas!r}")
