@@ -235,38 +235,77 @@ class OrthantCurve:
     """
 
     def __init__(self, m: torch.Tensor, s: torch.Tensor, n_points: int = 2048, seed: int = 0,
-                 bound_tol: float = 1e-9, max_elements: int = 2**23):
+                 bound_tol: float = 1e-9, max_elements: int = 2**23, lazy: bool = False):
         m = m.double()
         s = s.double()
         if m.dim() != 2 or s.shape != (m.shape[0], m.shape[1], m.shape[1]):
             raise ValueError(f"m must be [N, d] and S [N, d, d]; got {tuple(m.shape)} and {tuple(s.shape)}")
         self.m = m  # S is needed only through its factor and its diagonal
         self.n_points, self.seed, self.bound_tol, self.max_elements = int(n_points), int(seed), bound_tol, max_elements
-        self.order, self.m_ordered, self.L, self.sd = _factor(m, s) if m.shape[1] > 1 else (
-            None, m, None, torch.diagonal(s, dim1=-2, dim2=-1).clamp_min(0).sqrt())
-        self._u = None
+        self._s = None
+        if m.shape[1] == 1:
+            self.order, self.m_ordered, self.L = None, m, None
+            self.sd = torch.diagonal(s, dim1=-2, dim2=-1).clamp_min(0).sqrt()
+        elif lazy:  # factor a row when a level first needs its integral (one level: only those rows)
+            n, d = m.shape
+            self._s, self._factored = s, torch.zeros(n, dtype=torch.bool, device=m.device)
+            self.order = torch.empty(n, d, dtype=torch.long, device=m.device)
+            self.m_ordered, self.L = torch.empty_like(m), torch.empty_like(s)
+            self.sd = torch.diagonal(s, dim1=-2, dim2=-1).clamp_min(0).sqrt()
+        else:
+            self.order, self.m_ordered, self.L, self.sd = _factor(m, s)
+        self._u = {}  # QMC points per point count
+
+    def _factor_rows(self, idx: torch.Tensor):
+        """Factor the rows ``idx`` not yet factored (``lazy`` curves only)."""
+        if self._s is None:
+            return
+        need = idx[~self._factored[idx]]
+        if need.numel():
+            o, mo, L, _ = _factor(self.m[need], self._s[need])
+            self.order[need], self.m_ordered[need], self.L[need] = o, mo, L
+            self._factored[need] = True
 
     def bounds(self, level: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """:func:`pairwise_error_bounds` at ``level``: ``(p_k, lower, upper)``."""
         return pairwise_bounds_sd(self.m, self.sd * abs(float(level)))
 
-    def at(self, level: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def at(self, level: float = 1.0, n_points: int | None = None, bound_tol: float | None = None,
+           mean_tol: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(P(D > 0), lower, upper)`` per row at ``level`` (pairwise bounds as in
-        :func:`pairwise_error_bounds`)."""
+        :func:`pairwise_error_bounds`); ``n_points`` and ``bound_tol`` override the
+        curve's own for this level (the factor is shared).
+
+        ``mean_tol`` > 0 is for callers that use only the mean over the rows: rows are
+        left to the middle of their bounds, narrowest first, while the sum of their
+        half-widths stays within ``mean_tol`` times the number of rows, so the mean moves
+        by at most ``mean_tol`` (a row's own value then only within its bounds)."""
         lv = float(level)
+        npnt = self.n_points if n_points is None else int(n_points)
+        btol = self.bound_tol if bound_tol is None else float(bound_tol)
         pk, lower, upper = self.bounds(lv)
         out = upper.clone()
         n, d = self.m.shape
         if d == 1:
             return out, lower, upper  # exact: 1 − Φ(−m/s)
-        todo = torch.nonzero(upper - lower > self.bound_tol).flatten()
+        gap = upper - lower
+        todo = torch.nonzero(gap > btol).flatten()
+        if mean_tol > 0 and todo.numel():
+            half = 0.5 * gap[todo]
+            by = torch.argsort(half)
+            cut = int((torch.cumsum(half[by], 0) <= mean_tol * n).sum())
+            if cut:
+                mid = todo[by[:cut]]
+                out[mid] = lower[mid] + 0.5 * gap[mid]
+                todo = todo[by[cut:]].sort().values
         if todo.numel() == 0:
             return out, lower, upper
-        if self._u is None:
-            self._u = _qmc_points(d - 1, self.n_points, self.seed).to(self.m.device)
-        u = self._u.to(SOV_DTYPE)
+        if npnt not in self._u:
+            self._u[npnt] = _qmc_points(d - 1, npnt, self.seed).to(self.m.device).to(SOV_DTYPE)
+        u = self._u[npnt]
+        self._factor_rows(todo)
         pko = pk[todo].gather(1, self.order[todo])  # decreasing: live margins first
-        live = pko > self.bound_tol / d
+        live = pko > btol / d
         count = live.sum(1)
         dropped = torch.where(live, torch.zeros_like(pko), pko).sum(1)
         one = count <= 1  # one live margin: exact, Φ(m/s) of that margin
@@ -278,7 +317,7 @@ class OrthantCurve:
         if multi.numel() == 0:
             return out, lower, upper
         top = int(count[multi].max())
-        if multi.numel() * self.n_points * top <= self.max_elements:
+        if multi.numel() * npnt * top <= self.max_elements:
             # few rows: one integration in the largest live dimension, each row's margins
             # beyond its own live count set to +∞ (a factor Φ(∞) = 1: the same estimate as
             # integrating in its own dimension, with the same points), instead of one
@@ -293,7 +332,7 @@ class OrthantCurve:
             if bool(pad.any()):
                 mm = mm.masked_fill(pad, math.inf)
             LL = (self.L[idx, :dk, :dk] * lv).to(SOV_DTYPE)
-            step = max(1, self.max_elements // (self.n_points * dk))
+            step = max(1, self.max_elements // (npnt * dk))
             for i in range(0, idx.numel(), step):
                 sl = slice(i, i + step)
                 est = _sov(mm[sl], LL[sl], u[:, :dk - 1]).double() - dropped[rows[sl]]
@@ -302,7 +341,7 @@ class OrthantCurve:
 
 
 def orthant_probability(m: torch.Tensor, s: torch.Tensor, n_points: int = 2048, seed: int = 0,
-                        bound_tol: float = 1e-9, max_elements: int = 2**23) -> torch.Tensor:
+                        bound_tol: float = 1e-9, max_elements: int = 2**23, mean_tol: float = 0.0) -> torch.Tensor:
     """``P(D > 0)`` for ``D ~ N(m, S)``, per row: ``m [N, d]``, ``S [N, d, d]`` (float64).
 
     Genz's separation of variables with randomised QMC (``n_points`` scrambled Sobol
@@ -310,10 +349,12 @@ def orthant_probability(m: torch.Tensor, s: torch.Tensor, n_points: int = 2048, 
     the bound (exact to that tolerance). ``d = 1`` is the exact ``Φ(m/s)``.
     Semi-definite ``S`` (some margins without noise) is handled by a relative jitter of
     ``1e-10``. Margins that can hardly be violated are left out of the integral (see
-    :class:`OrthantCurve`, which this calls at level 1; use it directly for many levels
-    of ``η² S``).
+    :class:`OrthantCurve`, which this calls at level 1, factoring only the rows it
+    integrates; use it directly for many levels of ``η² S``). ``mean_tol``: see
+    :meth:`OrthantCurve.at` (for callers that use only the mean over the rows).
     """
-    return OrthantCurve(m, s, n_points=n_points, seed=seed, bound_tol=bound_tol, max_elements=max_elements).at(1.0)[0]
+    return OrthantCurve(m, s, n_points=n_points, seed=seed, bound_tol=bound_tol, max_elements=max_elements,
+                        lazy=True).at(1.0, mean_tol=mean_tol)[0]
 
 
 def correct_probability(mean: torch.Tensor, cov: torch.Tensor, y: torch.Tensor, n_points: int = 2048,

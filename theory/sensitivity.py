@@ -88,8 +88,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .accuracy import (DEFAULT_N_POINTS, check_n_points, correct_probability, margin_moments, orthant_probability,
-                       pairwise_bounds_sd)
+from .accuracy import (DEFAULT_N_POINTS, OrthantCurve, _phi_cdf, check_n_points, correct_probability, margin_moments,
+                       orthant_probability, pairwise_bounds_sd)
 from .flatness import loss_increase_gauss_newton
 from .linearize import LinearizedNetwork, jacobian_pass
 from .moments import MomentPropagator, propagate_moments
@@ -567,9 +567,16 @@ class _Curve:
         self.a = None if shift is None else margin_moments(shift, torch.zeros_like(cov1), y)[0]
         self.clean_acc, self.n_points, self.seed = clean_acc, n_points, seed
         self.evaluations = 0
+        self.hint = None  # the ratio model of the last _solve_scale on this curve
         # the pairwise bounds need only the margins' standard deviations: O(N C) per level
         self.v1 = torch.diagonal(self.s1, dim1=1, dim2=2)
         self.sd1 = self.v1.clamp_min(0).sqrt()
+        self.err0 = 1.0 - clean_acc
+        noisy = bool((self.sd1 > 0).all())
+        self._z1 = -self.m0 / self.sd1 if noisy else None
+        self._zeta = self.a / self.sd1 if noisy and self.a is not None else None
+        # without a mean shift the margins are N(m₀, s² S₁): order and Cholesky factor once
+        self._orthant = None if shift is not None else OrthantCurve(self.m0, self.s1, n_points=n_points, seed=seed)
 
     def _mean(self, s):
         return self.m0 if self.a is None else self.m0 + (s * s) * self.a
@@ -577,26 +584,40 @@ class _Curve:
     def _bounds(self, s):
         return pairwise_bounds_sd(self._mean(s), self.sd1 * abs(s))
 
+    def _p(self, s):
+        """``p_k = Φ(−m_k/s_k)`` per input and margin at ``s`` (what the bounds are made
+        of): ``z = z₁/s − s ζ`` with ``z₁ = −m₀/sd₁`` and ``ζ = a/sd₁`` formed once when every
+        margin carries noise (the root finders call this a hundred times per solve);
+        otherwise through :func:`pairwise_bounds_sd`'s limits for noiseless margins."""
+        if self._z1 is None:
+            return self._bounds(s)[0]
+        z = self._z1 / abs(s) if self._zeta is None else self._z1 / abs(s) - abs(s) * self._zeta
+        return _phi_cdf(z)
+
     def margins(self, s):
         return self._mean(s), self.s1 * (s * s)
 
     def union(self, s) -> torch.Tensor:
         """Per input, the union (Bonferroni) bound on the error probability, ``min(1, Σ_k p_k)``."""
-        _, lo, _ = self._bounds(s)
-        return 1.0 - lo
+        return self._p(s).sum(dim=1).clamp(max=1.0)
 
     def bound_drops(self, s):
         """``(smallest, largest)`` possible predicted drop at ``s`` (pairwise bounds)."""
-        _, lo, hi = self._bounds(s)
-        return self.clean_acc - float(hi.mean()), self.clean_acc - float(lo.mean())
+        p = self._p(s)
+        return float(p.amax(dim=1).mean()) - self.err0, float(p.sum(dim=1).clamp(max=1.0).mean()) - self.err0
 
     def errors(self, s, cheap=False) -> torch.Tensor:
-        """Per-input error probability ``1 − P_i(correct)`` at ``s``; ``cheap``: fewer
-        quasi-Monte-Carlo points and a looser bound tolerance (used only to steer the
-        root finder, never reported)."""
+        """Per-input error probability ``1 − P_i(correct)`` at ``s``, whose mean is exact to
+        :data:`CURVE_MEAN_TOL` (inputs whose pairwise bounds nearly meet take the bounds'
+        middle: each input only within its bounds); ``cheap``: fewer quasi-Monte-Carlo
+        points and looser tolerances (used only to steer the root finder, never reported)."""
         self.evaluations += 1
-        npnt, tol = (min(STEER_POINTS, self.n_points), 1e-6) if cheap else (self.n_points, 1e-9)
-        return 1.0 - orthant_probability(*self.margins(s), n_points=npnt, seed=self.seed, bound_tol=tol)
+        npnt, tol, mtol = ((min(STEER_POINTS, self.n_points), 1e-6, 10 * CURVE_MEAN_TOL) if cheap
+                           else (self.n_points, 1e-9, CURVE_MEAN_TOL))
+        if self._orthant is not None:
+            return 1.0 - self._orthant.at(s, n_points=npnt, bound_tol=tol, mean_tol=mtol)[0]
+        return 1.0 - orthant_probability(*self.margins(s), n_points=npnt, seed=self.seed, bound_tol=tol,
+                                         mean_tol=mtol)
 
     def drop(self, s) -> float:
         return float(self.errors(s).mean()) - (1.0 - self.clean_acc)
@@ -611,6 +632,17 @@ STEER_POINTS = 64
 #: Relative precision of the roots of the pairwise bounds and of the ratio model
 #: (:func:`_bound_root`): a twentieth of ``_solve_scale``'s ``rtol``.
 BOUND_RTOL = 1e-4
+#: The curves of the budget need only the mean error over the inputs: an evaluation may
+#: move it by at most this (1e-4 accuracy points; the quasi-Monte-Carlo error of 256
+#: points is ~1e-4, a hundred times more), leaving the inputs whose bounds nearly meet
+#: to the bounds (:meth:`~.accuracy.OrthantCurve.at`'s ``mean_tol``): two thirds of the
+#: integrals on the digits MLP and VGG at their 1-point budgets.
+CURVE_MEAN_TOL = 1e-6
+#: First log step of :func:`_bound_root`'s bracket (then ×4 per step).
+BRACKET_STEP = 0.02
+#: Relative precision of :func:`_solve_scale`'s bracket from the pairwise bounds (its
+#: ends only start the search and bound the bisection fallback).
+BRACKET_XTOL = 1e-2
 #: ``noise_budget(refine=...)`` choices: ``"moments"`` (one moment propagation at the
 #: first-order root refines the curve there; an error if the model is outside the moment
 #: method's layers), ``"auto"`` (the default: ``"moments"`` where the model allows it,
@@ -641,29 +673,68 @@ def _select(curve, level: float, reach: float):
     return sel, float(u[left].sum()) / u.numel()
 
 
-def _bound_root(f, target, s0=1.0):
-    """Smallest ``s`` (to :data:`BOUND_RTOL` relative) with ``f(s) ≥ target`` for a non-decreasing
-    ``f``; ``None`` if ``f`` stays below ``target`` up to ``_BIG``."""
-    from scipy.optimize import brentq  # lazy: importing scipy.optimize takes ~0.36 s (measured, -X importtime)
+def _bound_root(f, target, s0=1.0, xtol=BOUND_RTOL, side=None):
+    """The root in ``s`` of ``f(s) = target`` for a non-decreasing ``f``, to ``xtol``
+    relative; ``None`` if ``f`` stays below ``target`` up to ``_BIG``. ``side``: ``None``
+    returns the root's estimate, ``"below"`` a level where ``f`` was evaluated below
+    ``target`` and ``"above"`` one where it was at or above it (each within ``xtol`` of
+    the root), so a bracket end is certain without a further check.
 
-    hi = s0
-    if f(hi) >= target:
-        lo = hi / 2
-        while lo > 1 / _BIG and f(lo) >= target:
-            hi, lo = lo, lo / 2
-        if f(lo) >= target:
-            return lo
+    The bracket grows from ``s0`` in log steps of 2%, 8%, 32%, ... (the callers' ``s0``
+    is usually within a few per cent of the root), then the Illinois variant of regula
+    falsi in ``log s`` narrows it, keeping both ends."""
+    lim = math.log(_BIG)
+    g = lambda u: f(math.exp(u)) - target  # noqa: E731
+    t0 = math.log(s0)
+    g0, step = g(t0), BRACKET_STEP
+    if g0 >= 0:  # the root is below s0
+        b, gb = t0, g0
+        while True:
+            a = max(t0 - step, -lim)
+            ga = g(a)
+            if ga < 0:
+                break
+            b, gb = a, ga
+            if a <= -lim:
+                return math.exp(a)
+            step *= 4
     else:
-        while f(hi) < target:
-            hi *= 2
-            if hi > _BIG:
+        a, ga = t0, g0
+        while True:
+            b = t0 + step
+            if b > lim:
                 return None
-        lo = hi / 2
-    g = lambda t: f(math.exp(t)) - target  # noqa: E731
-    return math.exp(brentq(g, math.log(lo), math.log(hi), xtol=BOUND_RTOL))
+            gb = g(b)
+            if gb >= 0:
+                break
+            a, ga = b, gb
+            step *= 4
+    last = 0
+    for _ in range(100):
+        if b - a <= xtol:
+            break
+        c = b - gb * (b - a) / (gb - ga) if gb != ga else 0.5 * (a + b)
+        if not a < c < b:
+            c = 0.5 * (a + b)
+        gc = g(c)
+        if gc >= 0:
+            b, gb = c, gc
+            if last == 1:
+                ga *= 0.5  # Illinois: the same end moved twice, halve the other's value
+            last = 1
+        else:
+            a, ga = c, gc
+            if last == -1:
+                gb *= 0.5
+            last = -1
+    if side == "below":
+        return math.exp(a)
+    if side == "above":
+        return math.exp(b)
+    return math.exp(a - ga * (b - a) / (gb - ga)) if gb != ga else math.exp(0.5 * (a + b))
 
 
-def _solve_scale(curve: _Curve, target: float, rtol: float = 2e-3):
+def _solve_scale(curve: _Curve, target: float, rtol: float = 2e-3, hint: list | None = None):
     """Largest ``s`` with predicted drop ``≤ target`` (to ``rtol`` relative). Returns
     ``(s, drop)``.
 
@@ -677,17 +748,23 @@ def _solve_scale(curve: _Curve, target: float, rtol: float = 2e-3):
     evaluations (fewer QMC points) at the feasible end and at the model's root set ``r_i``
     and its log-linear trend in ``1/s²``; one full evaluation just below the model's root
     usually ends it; otherwise repeat from there, bisecting in ``1/s²`` if the model's
-    root leaves the bracket."""
+    root leaves the bracket.
+
+    ``hint``: the ratio model (``curve.hint`` after a solve) of a solve on a curve of the
+    same inputs near this one (the moment-refined curve after the first-order one, the
+    per-layer allocation's): it replaces the two cheap evaluations, so the first
+    evaluation is a full one just below that model's root. The model only steers: the
+    result is decided by full evaluations either way. Sets ``curve.hint``."""
     if not bool((curve.v1 > 0).any()):
         raise ValueError("the noisy parameters do not affect the logits to first order: no level reaches the budget")
     base = 1.0 - curve.clean_acc
-    s_feas = _bound_root(lambda q: curve.bound_drops(q)[1], target)
+    s0 = 1.0 if not hint else hint[-1][0] ** -0.5
+    # the bracket: hi_drop(s_feas) < target (surely feasible), lo_drop(s_inf) ≥ target
+    # (surely infeasible from there); its ends need no precision
+    s_feas = _bound_root(lambda q: curve.bound_drops(q)[1], target, s0, xtol=BRACKET_XTOL, side="below")
     if s_feas is None:
         raise ValueError(f"max_drop={target:g} is never reached: the predicted accuracy stays within it at any level")
-    s_feas *= 1 - 2 * BOUND_RTOL  # below the bound's root by more than its tolerance
-    while curve.bound_drops(s_feas)[1] >= target:  # hi_drop(s_feas) < target: surely feasible
-        s_feas *= 1 - BOUND_RTOL
-    s_inf = _bound_root(lambda q: curve.bound_drops(q)[0], target, s_feas)  # surely infeasible from here
+    s_inf = _bound_root(lambda q: curve.bound_drops(q)[0], target, s_feas, xtol=BRACKET_XTOL, side="above")
     if s_inf is None:  # the bounds cannot tell whether the drop ever reaches the target: ask the curve
         top = curve.drop(_BIG)
         if top < target:
@@ -696,8 +773,32 @@ def _solve_scale(curve: _Curve, target: float, rtol: float = 2e-3):
                              f"clean {curve.clean_acc:.4g}); give a smaller max_drop")
     lo, hi = s_feas, (s_inf if s_inf is not None else math.inf)
     best = None  # (s, drop) of the largest fully evaluated feasible level
-    hist = []  # (1/s², log r_i) of the last evaluations
-    s, n_cheap = s_feas, 2
+
+    def model_root(hist, s):
+        """The ratio model's root from ``hist`` (``(1/s², log r_i)`` of the last one or two
+        evaluations: ``r_i`` constant, or log-linear in ``1/s²``), searched from ``s``."""
+        if len(hist) == 2 and hist[0][0] != hist[1][0]:
+            (u1, l1), (u2, l2) = hist
+            rate = (l2 - l1) / (u2 - u1)
+            ratio = lambda q: (l2 + rate * (1.0 / (q * q) - u2)).exp().clamp(max=1.0)  # noqa: E731
+        else:
+            ratio = lambda q, rr=hist[-1][1].exp(): rr  # noqa: E731
+        return _bound_root(lambda q: float((ratio(q) * curve.union(q)).mean()) - base, target, s)
+
+    def step(nxt):
+        if nxt is not None and n_cheap <= 0:
+            nxt *= 1 - rtol / 4  # a full evaluation next: aim just below the root, to end on the feasible side
+        if nxt is None or not (lo < nxt < hi):
+            nxt = 2 * lo if not math.isfinite(hi) else (0.5 / lo ** 2 + 0.5 / hi ** 2) ** -0.5
+        return nxt
+
+    anchor = None
+    if hint:
+        hist, n_cheap = list(hint)[-2:], 1
+        anchor = hist if len(hist) == 2 and hist[0][0] != hist[1][0] else None
+        s = step(model_root(hist, min(max(s0, lo), hi if math.isfinite(hi) else s0)))
+    else:
+        hist, s, n_cheap = [], s_feas, 2
     for _ in range(12):
         cheap = n_cheap > 0
         n_cheap -= 1
@@ -714,21 +815,15 @@ def _solve_scale(curve: _Curve, target: float, rtol: float = 2e-3):
                 break
         u = curve.union(s)
         r = torch.where(u > 0, err / u.clamp_min(1e-300), torch.ones_like(u)).clamp(1e-12, 1.0)
+        if anchor:  # the first evaluation on a hinted curve: the hint's trend, anchored here
+            (u1, l1), (u2, l2) = anchor
+            hist, anchor = [(1.0 / (s * s) - (u2 - u1), r.log() - (l2 - l1))], None
         hist = (hist + [(1.0 / (s * s), r.log())])[-2:]
-        if len(hist) == 2 and hist[0][0] != hist[1][0]:
-            (u1, l1), (u2, l2) = hist
-            rate = (l2 - l1) / (u2 - u1)
-            ratio = lambda q: (l2 + rate * (1.0 / (q * q) - u2)).exp().clamp(max=1.0)  # noqa: E731
-        else:
-            ratio = lambda q, rr=r: rr  # noqa: E731
-        nxt = _bound_root(lambda q: float((ratio(q) * curve.union(q)).mean()) - base, target, s)
+        nxt = model_root(hist, s)
         if not cheap and best is not None and best[0] == s and nxt is not None and nxt <= s * (1 + rtol):
             break  # feasible, and the model puts the root within rtol above it
-        if nxt is not None and n_cheap <= 0:
-            nxt *= 1 - rtol / 4  # a full evaluation next: aim just below the root, to end on the feasible side
-        if nxt is None or not (lo < nxt < hi):
-            nxt = 2 * lo if not math.isfinite(hi) else (0.5 / lo ** 2 + 0.5 / hi ** 2) ** -0.5
-        s = nxt
+        s = step(nxt)
+    curve.hint = hist
     if best is None:
         best = (s_feas, curve.drop(s_feas))
     return best
@@ -843,9 +938,9 @@ def noise_budget(model: nn.Module, x, y, noise_family, max_drop: float = 0.01, t
     curve (docs/THEORY.md §11). ``"auto"`` (default) does so where the model is one the
     moment method covers (Linear, Conv2d, BatchNorm, ReLU, pooling, residual add) and
     falls back to the first order otherwise (``refine_note`` says why); ``None``: first
-    order only. The refinement costs one moment pass over the selected inputs: several
-    times a ``predict`` call on a small MLP, where that call is a few milliseconds of
-    Jacobians; the first order alone costs at most about 3 ``predict`` calls.
+    order only. The refinement costs one moment pass over the selected inputs, about one
+    ``predict`` call on the digits MLP and VGG (``benchmarks/sensitivity.py --parts
+    cost``); the first order alone costs 1–1.5 ``predict`` calls there.
     ``first_order_level`` is the first-order root either way. Only the mean is taken from
     the moment method: on residual networks its covariance misses about 10% of the logit
     variance (docs/THEORY.md §9), and refitting the covariance too moved the level up
@@ -914,7 +1009,7 @@ def noise_budget(model: nn.Module, x, y, noise_family, max_drop: float = 0.01, t
                 raise ValueError(f"refine='moments': {e}") from e
             extra = dict(refine_note=f"first order only: {e}")
         else:
-            level, drop = _solve_scale(rcurve, max_drop, rtol)
+            level, drop = _solve_scale(rcurve, max_drop, rtol, hint=curve.hint)
             ev += rcurve.evaluations
             used, pcurve = "moments", rcurve
     extra["analytic_level"] = float(level)
@@ -934,7 +1029,7 @@ def noise_budget(model: nn.Module, x, y, noise_family, max_drop: float = 0.01, t
     norm = math.exp(sum(ps.params[m] * math.log(w[m]) for m in active) / sum(ps.params[m] for m in active))
     w = {m: v / norm for m, v in w.items()}
     alloc = _Curve(ps.clean, ps.y, sum(ps.layer_cov[m] * w[m] ** 2 for m in active), clean_acc, n_points, seed)
-    s, ldrop = _solve_scale(alloc, max_drop, rtol)
+    s, ldrop = _solve_scale(alloc, max_drop, rtol, hint=curve.hint)
     levels = [s * w[m] if m in w else math.inf for m in layers]
     n_act = sum(ps.params[m] for m in active)
     bits = sum(ps.params[m] * math.log2(s * w[m] / fo_level) for m in active) / n_act

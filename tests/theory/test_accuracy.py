@@ -186,3 +186,40 @@ def test_default_qmc_points_resolve_accuracy_to_a_tenth_of_a_point():
     means = est.mean(axis=1)
     se = means.std(ddof=1) / math.sqrt(len(means))
     assert abs(means.mean() - ref.mean()) < 4 * se + 1e-5  # + scipy's own error
+
+
+def test_lazy_factor_and_mean_tolerance():
+    """``orthant_probability`` factors only the rows it integrates: the same values as the
+    eager curve. ``mean_tol`` leaves the narrowest rows to the middle of their bounds: the
+    mean moves by at most ``mean_tol`` (checked against the full integration with the same
+    points), every row stays within its bounds, and fewer rows are integrated."""
+    from noiseprop.theory import accuracy as acc
+    from noiseprop.theory.accuracy import OrthantCurve
+
+    mean, cov, y = _random_case(400, 10, seed=5, scale=3.0)  # many rows with nearly met bounds
+    m, s = margin_moments(mean, cov, y)
+    eager = OrthantCurve(m, s, n_points=256, seed=0)
+    for lv in (0.5, 1.0):
+        full, lo, hi = eager.at(lv)
+        # one level, lazily factored (only the integrated rows): equal up to the factor's rounding
+        assert torch.allclose(orthant_probability(m, s * lv**2, n_points=256, seed=0), full, atol=1e-6)
+        lazy = OrthantCurve(m, s, n_points=256, seed=0, lazy=True)
+        assert torch.equal(lazy.at(lv)[0], full)
+        gap = hi - lo
+        integrated = int((gap > 1e-9).sum())
+        for tol in (1e-6, 1e-4):
+            calls = []
+            sov = acc._sov
+
+            def counting(mm, LL, u):
+                calls.append(mm.shape[0])
+                return sov(mm, LL, u)
+
+            acc._sov = counting
+            try:
+                p, _, _ = eager.at(lv, mean_tol=tol)
+            finally:
+                acc._sov = sov
+            assert abs(float(p.mean() - full.mean())) <= tol + 1e-15
+            assert bool((lo - 1e-12 <= p).all() and (p <= hi + 1e-12).all())
+            assert 0 < sum(calls) < integrated
