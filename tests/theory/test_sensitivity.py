@@ -503,3 +503,30 @@ def test_hinted_solve_matches_the_unhinted_one():
         assert abs(math.log(s1 / s0)) <= 2 * 2e-3
         assert curve.evaluations <= plain.evaluations, (curve.evaluations, plain.evaluations)
         assert curve.drop(s1 * (1 + 2 * 2e-3)) > 0.01
+
+
+def test_refinement_widens_its_selection_when_the_level_leaves_its_reach(monkeypatch):
+    """The inputs left to the first order are bounded at the returned level: with a
+    selection made for a level far below the root (reach 0.5), the neglected mass there
+    exceeds REFINE_MASS, so the selection is widened once to 1.1 times the refined level,
+    and the result is the one the default selection gives (to rtol)."""
+    sens = sys.modules["noiseprop.theory.sensitivity"]
+    model = trained("mlp")
+    x, y = held_out(120)
+    ref = noise_budget(model, x, y, "relative", max_drop=0.02)
+    assert ref.refine_neglected <= sens.REFINE_MASS
+    calls = []
+    orig = sens._moment_curve
+
+    def spy(*a, **k):
+        calls.append(k["reach"])
+        return orig(*a, **k)
+
+    monkeypatch.setattr(sens, "REFINE_REACH", 0.5)
+    monkeypatch.setattr(sens, "_moment_curve", spy)
+    b = noise_budget(model, x, y, "relative", max_drop=0.02)
+    # widened to 1.1 times the level the first (narrow) selection gave, which is above
+    # the final one (fewer inputs refined, less mean shift)
+    assert len(calls) == 2 and calls[0] == 0.5 and calls[1] * b.first_order_level >= 1.1 * b.level
+    assert b.refine_neglected <= sens.REFINE_MASS and b.refine_inputs >= ref.refine_inputs
+    assert b.level == pytest.approx(ref.level, rel=2 * 2e-3)
