@@ -400,14 +400,14 @@ def _check_user_model(model: nn.Module, data: Dataset) -> None:
     xb = x[:2]
     try:
         with torch.random.fork_rng(devices=[]):
-            out = probe_logits(probe, xb)
+            out = probe_logits(probe, xb, x.shape)
     except (ValueError, TypeError) as e:
         msg = str(e).replace("x does not fit the model", f"the inputs of dataset {data.name!r} do not fit the model")
         raise type(e)(f"{name}: {msg}") from None
     except Exception as e:  # noqa: BLE001 - any failure of the user's forward
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ValueError(f"{name}: the model's forward pass on dataset {data.name!r} inputs of shape "
-                         f"{tuple(xb.shape)} failed with {type(e).__name__}: {first[:300]}") from e
+                         f"{tuple(x.shape)} failed with {type(e).__name__}: {first[:300]}") from e
     labels = torch.cat([data.y_train.reshape(-1), data.y_test.reshape(-1)])
     if labels.numel():
         try:

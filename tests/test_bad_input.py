@@ -710,3 +710,25 @@ def test_predictor_checks_its_inputs_at_construction():
         Predictor(_mlp(), X[:, :, :4], Y)
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 4\)"):
         Predictor(_mlp(), X, Y + 4)
+
+
+def test_x_that_does_not_fit_is_quoted_with_the_callers_shape():
+    """The entry points probe the model on the first input; the message quoted the probe's
+    shape (1, ...) instead of the batch the caller gave."""
+    from noiseprop.theory import Predictor, noise_budget
+
+    net, x = _mlp(), X[:, :, :4]
+    calls = {
+        "predict": lambda: predict(net, x, Y, "relative:0.1"),
+        "predict pcm": lambda: predict(net, x, Y, "pcm:3600"),
+        "predict_sweep": lambda: predict_sweep(net, x, Y, "relative", [0.1]),
+        "predict_drift": lambda: predict_drift(net, x, Y, PCMLike(), [1.0]),
+        "hessian_trace": lambda: hessian_trace(net, x, Y, probes=2),
+        "sensitivity": lambda: sensitivity(net, x, Y, "relative:0.1"),
+        "noise_budget": lambda: noise_budget(net, x, Y, "relative"),
+        "Predictor": lambda: Predictor(net, x, Y),
+        "monte_carlo": lambda: monte_carlo(net, x, Y, "relative:0.1", draws=2),
+    }
+    for what, call in calls.items():
+        with pytest.raises(ValueError, match=r"x does not fit the model: .*shape \(24, 1, 4, 8\)"):
+            call()

@@ -617,7 +617,7 @@ def _predict_models(model, x, y, noises: Sequence[HardwareNoise], targets, linea
                     spatial_rank=DEFAULT_SPATIAL_RANK, moment_chunk=32, diagnostic=True):
     x, y = check_inputs(model, x, y)
     lin = LinearizedNetwork(model, targets)
-    probe_logits(lin.forward, x[:1].to(lin.device))  # "x does not fit the model", a tuple output: clear errors
+    probe_logits(lin.forward, x[:1].to(lin.device), x.shape)  # "x does not fit the model", a tuple output: clear errors
     clean = _forward(lin, x, batch_size).double().cpu()
     if clean.dim() != 2:
         raise ValueError(f"the model must map a batch of inputs to logits of shape [N, C]; got shape {tuple(clean.shape)}")

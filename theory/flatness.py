@@ -396,7 +396,7 @@ def hessian_trace(model, x, y, noise=None, targets=None, probes: int = 100, seed
 
 
 def _check_labels_against(lin, x, y):
-    c = probe_logits(lin.forward, x[:1].to(lin.device)).shape[-1]  # logits [1, C], or a clear error
+    c = probe_logits(lin.forward, x[:1].to(lin.device), x.shape).shape[-1]  # logits [1, C], or a clear error
     lo, hi = int(y.min()), int(y.max())
     if lo < 0 or hi >= c:
         raise ValueError(f"labels must lie in [0, {c}) for a model with {c} logits; found range [{lo}, {hi}]")

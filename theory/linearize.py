@@ -774,7 +774,7 @@ def jacobian_pass(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, to
             slow.append(name)
     watch = {id(modules[m]): (m, modules[m]) for m in fast}
     with torch.no_grad(), tapping(watch) as probe:  # one input: the number of classes, and what one input holds
-        c0 = probe_logits(lin.forward, x[:1].to(lin.device)).shape[-1]  # logits [1, C], or a clear error
+        c0 = probe_logits(lin.forward, x[:1].to(lin.device), x.shape).shape[-1]  # logits [1, C], or a clear error
     uncalled = [m for m in fast if m not in {t.name for t in probe}]
     if uncalled:  # weights read without calling their layer take the generic route; unused ones none
         slow += read_without_call(lin, [qualified_name(m, p) for m in uncalled for p in fast[m]], x[:1].to(lin.device))

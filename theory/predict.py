@@ -1466,7 +1466,7 @@ class Predictor:
         # refused here, not at the first call: inputs that do not fit, an output that is not
         # one [N, C] tensor of logits, labels outside [0, C)
         lin = LinearizedNetwork(model, targets, warn_train_mode=False)
-        check_labels(y, probe_logits(lin.forward, x[:1].to(lin.device)).shape[-1])
+        check_labels(y, probe_logits(lin.forward, x[:1].to(lin.device), x.shape).shape[-1])
         # copies: the inputs are hashed once, so a change to the caller's tensors in place
         # must not reach later calls (a stale result stamped with the old fingerprint)
         x, y = x.detach().clone(), y.detach().clone()

@@ -251,11 +251,13 @@ def warn_if_probabilities(out: torch.Tensor) -> None:
                       "outputs are fine)", UserWarning, stacklevel=_user_stacklevel())
 
 
-def model_fit_error(exc: BaseException, x: torch.Tensor) -> ValueError:
+def model_fit_error(exc: BaseException, x: torch.Tensor, shape=None) -> ValueError:
     """A ``ValueError`` saying that ``x`` does not fit the model, for an error raised
-    by the model's forward on ``x`` (wrong shape, channel count or dtype)."""
+    by the model's forward on ``x`` (wrong shape, channel count or dtype); ``shape``: the
+    shape to quote (the caller's whole batch, when ``x`` is a probe of its first input)."""
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return ValueError(f"x does not fit the model: its forward pass on inputs of shape {tuple(x.shape)} and dtype "
+    shape = tuple(x.shape if shape is None else shape)
+    return ValueError(f"x does not fit the model: its forward pass on inputs of shape {shape} and dtype "
                       f"{x.dtype} failed with {type(exc).__name__}: {first}")
 
 
@@ -381,16 +383,17 @@ def is_fit_error(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(w in str(exc).lower() for w in _FIT_WORDS)
 
 
-def probe_logits(forward, x: torch.Tensor) -> torch.Tensor:
+def probe_logits(forward, x: torch.Tensor, shape=None) -> torch.Tensor:
     """``forward(x)`` (no gradients) checked to be a ``[N, C]`` logits tensor; an error
-    from a layer that ``x`` does not fit becomes "x does not fit the model: ...".
+    from a layer that ``x`` does not fit becomes "x does not fit the model: ..."
+    (quoting ``shape``, the caller's batch, when ``x`` is a probe of its first input).
     For entry points that run one probe pass before the real work."""
     try:
         with torch.no_grad():
             out = forward(x)
     except (RuntimeError, IndexError) as e:
         if is_fit_error(e):
-            raise model_fit_error(e, x) from e
+            raise model_fit_error(e, x, shape) from e
         raise
     out = check_logits(out, x.shape[0])
     warn_if_probabilities(out)
