@@ -732,3 +732,23 @@ def test_x_that_does_not_fit_is_quoted_with_the_callers_shape():
     for what, call in calls.items():
         with pytest.raises(ValueError, match=r"x does not fit the model: .*shape \(24, 1, 4, 8\)"):
             call()
+
+
+def test_predictor_of_a_softmax_model_warns_once():
+    """A Predictor probes the model at construction and warns there; its calls (a fresh
+    pass, a cached one, a sweep) warned again each."""
+    from noiseprop.theory import Predictor
+
+    probs = nn.Sequential(_mlp(), nn.Softmax(1)).eval()
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        pr = Predictor(probs, X, Y)
+        pr.predict("relative:0.1")
+        pr.predict("relative:0.2")
+        pr.sweep("relative", [0.1, 0.2])
+    hits = [w for w in rec if "probabilities" in str(w.message)]
+    assert len(hits) == 1 and hits[0].filename == __file__, [(str(w.message), w.filename) for w in hits]
+    with warnings.catch_warnings(record=True) as rec:  # other warnings of the calls still reach the caller
+        warnings.simplefilter("always")
+        pr.predict("relative:5.0")
+    assert any("first order" in str(w.message) for w in rec), [str(w.message) for w in rec]

@@ -26,8 +26,10 @@ so prediction and simulation put noise on the same parameters.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+import re
 import time
 import types
 import warnings
@@ -52,8 +54,8 @@ from .moments.head import MIXTURE_NODES, moment_correct_probability
 from .moments.rules import moment_risks
 from .noise import MAX_LEVEL, WeightNoise, parse_noise
 from .results import Deferred, LogitResult, deferred_field
-from .validation import (check_bool, check_int, check_labels, check_levels, check_model, check_seed, probe_logits,
-                         warn_if_probabilities)
+from .validation import (PROBABILITIES_WARNING, check_bool, check_int, check_labels, check_levels, check_model,
+                         check_seed, probe_logits, warn_if_probabilities)
 from .validation import check_inputs as _check_inputs
 
 __all__ = ["Prediction", "PredictionCurve", "PredictOptions", "Predictor", "predict", "predict_sweep", "clear_cache",
@@ -1434,6 +1436,15 @@ def predict_sweep(model: nn.Module, x, y, noise, levels: Sequence[float], target
     return _stamp_curve(_sweep(base, noise, lv, run, opts.seed, t0, cached, stacklevel=3), noise, base, fingerprint)
 
 
+@contextlib.contextmanager
+def _warned_at_construction():
+    """A ``Predictor``'s calls: the warning about a model that outputs probabilities was
+    given once, at construction (where the model is probed), not again at every call."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=re.escape(PROBABILITIES_WARNING), category=UserWarning)
+        yield
+
+
 class Predictor:
     """A prepared predictor: the model, the inputs and the settings fixed once, one
     derivative pass per noise family, reused by every :meth:`predict` and :meth:`sweep`.
@@ -1485,9 +1496,10 @@ class Predictor:
         """:func:`predict` at ``noise`` (method and ``cov`` default to the predictor's)."""
         t0 = time.perf_counter()
         run = self._settings(method, cov)
-        base, noise, cached = _base(self.model, self.x, self.y, noise, self.targets, self._opts, True,
-                                    data_key=self._data_key, store=self._store)
-        pred, _ = _predict_one(base, noise, run, self._opts.seed, t0, cached)
+        with _warned_at_construction():
+            base, noise, cached = _base(self.model, self.x, self.y, noise, self.targets, self._opts, True,
+                                        data_key=self._data_key, store=self._store)
+            pred, _ = _predict_one(base, noise, run, self._opts.seed, t0, cached)
         for w in pred.warnings:
             warnings.warn(w, RuntimeWarning, stacklevel=2)
         return _stamp(pred, noise, base, self._data_key)
@@ -1499,10 +1511,11 @@ class Predictor:
         run = self._settings(method, cov)
         lv = check_levels(levels, MAX_LEVEL)
         noise = parse_noise(noise, default_level=1.0)
-        base, noise, cached = _base(self.model, self.x, self.y, noise.with_level(1.0), self.targets, self._opts, True,
-                                    data_key=self._data_key, store=self._store)
-        return _stamp_curve(_sweep(base, noise, lv, run, self._opts.seed, t0, cached, stacklevel=3), noise, base,
-                            self._data_key)
+        with _warned_at_construction():
+            base, noise, cached = _base(self.model, self.x, self.y, noise.with_level(1.0), self.targets, self._opts,
+                                        True, data_key=self._data_key, store=self._store)
+            curve = _sweep(base, noise, lv, run, self._opts.seed, t0, cached, stacklevel=3)
+        return _stamp_curve(curve, noise, base, self._data_key)
 
     def clear(self) -> None:
         """Forget the derivative passes held."""

@@ -234,6 +234,11 @@ def _user_stacklevel() -> int:
     return level if frame is not None else 2
 
 
+#: The start of :func:`warn_if_probabilities`' message (a filter for callers that have
+#: already warned once, e.g. a ``Predictor`` at construction).
+PROBABILITIES_WARNING = "the model's outputs are probabilities"
+
+
 def warn_if_probabilities(out: torch.Tensor) -> None:
     """Warn where a model's outputs are probabilities rather than logits: every row in
     ``[0, 1]`` and summing to 1 (a final Softmax). The theory's Gaussian-logit model and
@@ -245,7 +250,7 @@ def warn_if_probabilities(out: torch.Tensor) -> None:
     o = out.detach()
     tol = max(1e-4, 4 * torch.finfo(o.dtype).eps * o.shape[-1])  # a half-precision softmax sums to 1 within ~C·eps
     if bool(((o >= 0) & (o <= 1)).all()) and bool(((o.double().sum(-1) - 1).abs() < tol).all()):
-        warnings.warn("the model's outputs are probabilities (every row lies in [0, 1] and sums to 1: a final "
+        warnings.warn(PROBABILITIES_WARNING + " (every row lies in [0, 1] and sums to 1: a final "
                       "Softmax?), but noiseprop treats them as logits: predictions on them are less accurate and "
                       "the loss is cross-entropy on the probabilities. Remove the final Softmax (LogSoftmax "
                       "outputs are fine)", UserWarning, stacklevel=_user_stacklevel())
