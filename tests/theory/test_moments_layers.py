@@ -21,7 +21,8 @@ def _quiet(**kw):
     return dict(accuracy_draws=0, loss_probes=0, **kw)
 
 
-@pytest.mark.parametrize("act", [nn.GELU(), nn.SiLU(), nn.Tanh(), nn.Sigmoid()], ids=lambda m: type(m).__name__)
+@pytest.mark.parametrize("act", [nn.GELU(), nn.SiLU(), nn.Tanh(), nn.Sigmoid(), nn.LeakyReLU(0.1), nn.ELU(),
+                                 nn.ELU(0.5)], ids=lambda m: repr(m))
 def test_smooth_activation_exact_for_one_noisy_layer(act):
     """Noise on the first Linear only: its outputs are independent Gaussians, so the
     Gauss–Hermite moments and hence the logit mean and covariance are exact. Every logit
@@ -120,6 +121,58 @@ def test_moments_on_more_layers_against_monte_carlo():
     assert abs(proj - 1) < 0.10 + 4 * rel_noise, (proj, rel_noise)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not model.training
+
+
+class _Leaky(nn.Module):
+    """A small CNN with LeakyReLU (module and functional, two slopes), ELU (module and
+    functional, two alphas) and max pooling after a LeakyReLU."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv0 = nn.Conv2d(1, 4, 3, padding=1)
+        self.act0 = nn.LeakyReLU(0.1)
+        self.pool = nn.MaxPool2d(2)
+        self.conv1 = nn.Conv2d(4, 6, 3, padding=1)
+        self.act1 = nn.ELU()
+        self.fc1 = nn.Linear(6 * 16, 16)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        h = self.pool(self.act0(self.conv0(x)))
+        h = torch.nn.functional.leaky_relu(self.act1(self.conv1(h)), negative_slope=0.3)
+        h = torch.nn.functional.elu(self.fc1(torch.flatten(h, 1)), 0.5)
+        return self.fc(h)
+
+
+def test_leaky_relu_and_elu_through_the_low_rank_pass():
+    """LeakyReLU and ELU (modules and functions): with first-order rules the pass carries
+    exactly the first-order covariance; at η = 0.5 the logit variance (pooled) and mean
+    shift within 10% of Monte-Carlo beyond its error, as for the other layers, and the
+    variance closer to Monte-Carlo's than the first order's (0.94 against 0.78 here)."""
+    torch.manual_seed(8)
+    model = _Leaky().eval()
+    x = torch.randn(24, 1, 8, 8, generator=torch.Generator().manual_seed(9))
+    y = torch.zeros(24, dtype=torch.int64)
+    lin = LinearizedNetwork(model)
+    prop = MomentPropagator(lin, RelativeGaussian(0.1), rank=100000, spatial_rank=64, first_order=True,
+                            dtype=torch.float64)
+    with torch.no_grad():
+        res = prop.run(x[:3])
+    q = predict(model, x[:3], y[:3], RelativeGaussian(0.1), cov=True, **_quiet())
+    assert torch.allclose(res.mean, q.clean_logits.double(), atol=1e-5)
+    assert torch.allclose(res.cov, q.logit_cov, rtol=1e-4, atol=1e-6 * float(q.logit_cov.abs().max()))
+    noise = RelativeGaussian(0.5)
+    draws = 3000
+    L = mc_logits(model, x, noise, draws, seed=10)
+    p = predict(model, x, y, noise, method="moments", **_quiet())
+    ratio = float(p.logit_var.sum() / L.var(0).sum())
+    assert abs(ratio - 1) < 0.10 + 4 * math.sqrt(2 / (draws - 1)), ratio
+    fo = float(predict(model, x, y, noise, **_quiet()).logit_var.sum() / L.var(0).sum())
+    assert abs(ratio - 1) + 4 * math.sqrt(2 / (draws - 1)) < abs(fo - 1), (ratio, fo)
+    shift = L.mean(0) - p.clean_logits
+    rel_noise = math.sqrt(float((L.var(0) / draws).sum()) / float((shift ** 2).sum()))
+    proj = float((p.logit_mean_shift * shift).sum() / (shift ** 2).sum())
+    assert abs(proj - 1) < 0.10 + 4 * rel_noise, (proj, rel_noise)
 
 
 def test_one_interpreter_for_both_passes():

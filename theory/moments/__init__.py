@@ -30,8 +30,9 @@ Two passes per chunk of inputs, over the network traced with ``torch.fx``.
      kept exactly) or their top eigenvectors (``"eigh"``); with at most ``rank`` units
      (an MLP no wider than ``rank``) the factorisation is exact.
    * BatchNorm-like layers in eval (any ``folding_affine()``): the affine map.
-   * ReLU (and GELU, SiLU, tanh, sigmoid, softplus by Gauss–Hermite quadrature,
-     :func:`~.gaussian.smooth_moments`, with ``E f'`` for ``Φ``): with ``s² = Var``,
+   * ReLU (LeakyReLU and ELU in closed form, :func:`~.gaussian.leaky_relu_moments`,
+     :func:`~.gaussian.elu_moments`; GELU, SiLU, tanh, sigmoid, softplus by Gauss–Hermite
+     quadrature, :func:`~.gaussian.smooth_moments`, with ``E f'`` for ``Φ``): with ``s² = Var``,
      ``α = μ/s``, the exact Gaussian moments ``E[relu] = μΦ(α) + sφ(α)``, ``E[relu²] = (μ² + s²)Φ(α) + μsφ(α)`` (the mean shift
      from activation flips that the first order misses) and, exact for Gaussians
      (Price's theorem), ``Cov(relu(h), ·) = Φ(α) Cov(h, ·)``.

@@ -28,10 +28,15 @@ moments of a nonlinearity of it. Each names its derivation and its test
 * :func:`max_k3`: the third cumulant of that maximum, ``κ₃(relu(a − b)) + 3κ(r, r, b) +
   3κ(r, b, b)`` (the cross cumulants of :func:`rectified_cross_cumulants` with
   ``Cov(relu(a − b), b) = Φ·Cov(a − b, b)``), exact for jointly Gaussian ``a, b``.
+* :func:`leaky_relu_moments`: ``(1 − a)·relu(z) + a·z`` from the ReLU's moments and
+  ``Cov(relu z, z) = σ²Φ(μ/σ)``; :func:`elu_moments`: ELU in closed form through the
+  truncated moments ``E[e^{kz}; z ≤ 0] = e^{kμ + k²σ²/2}Φ(−μ/σ − kσ)`` (Gauss–Hermite is
+  off by up to 1% there: the derivative jumps at 0).
 * :func:`smooth_moments`: any smooth activation (GELU, SiLU, tanh, sigmoid, softplus)
   by ``GH_NODES``-point Gauss–Hermite quadrature: ``E f``, ``E f²``, the expected slope
   ``E f'(z) = E[f(z)Z]/s`` (Stein) and ``c₂``.
-* :func:`smooth_relu`, :func:`smooth_max`, :func:`smooth_activation`: the same
+* :func:`smooth_relu`, :func:`smooth_leaky_relu`, :func:`smooth_elu`, :func:`smooth_max`,
+  :func:`smooth_activation`: the same
   expectations as functions of the mean with the std fixed (the surrogate network);
   their derivatives are the expected slopes.
 
@@ -50,7 +55,8 @@ import torch.nn.functional as F
 __all__ = ["npdf", "ncdf", "relu_shape", "relu_moments", "relu_moments_skew", "relu_k3", "skewness",
            "rectified_cross_cumulants", "max_k3",
            "SKEW_MAX", "clark_max", "smooth_moments", "smooth_relu",
-           "smooth_max", "smooth_activation", "SMOOTH_ACTIVATIONS", "GH_NODES", "TINY", "safe_sqrt"]
+           "smooth_max", "smooth_activation", "SMOOTH_ACTIVATIONS", "GH_NODES", "TINY", "safe_sqrt",
+           "leaky_relu_moments", "smooth_leaky_relu", "elu_moments", "smooth_elu", "activation_function"]
 
 INV_SQRT2PI = 1.0 / math.sqrt(2 * math.pi)
 #: a std below this is treated as zero (the nonlinearity is then applied to the mean)
@@ -335,6 +341,77 @@ SMOOTH_ACTIVATIONS = {
     "softplus": F.softplus,
 }
 
+
+def leaky_relu_moments(mu: torch.Tensor, var: torch.Tensor, slope: float):
+    """``(mean, var, slope, c2, s)`` of ``leaky_relu(z) = (1 − a)·relu(z) + a·z``,
+    ``z ~ N(mu, var)``, ``a`` the negative slope, exactly from the ReLU's
+    (:func:`relu_moments`): ``E f = (1 − a) E relu + a μ``, ``Var f = (1 − a)² Var relu +
+    a² σ² + 2a(1 − a) Cov(relu z, z)`` with ``Cov(relu z, z) = σ² Φ(μ/σ)`` (Stein),
+    ``E f' = (1 − a) Φ(μ/σ) + a``, and the second Hermite coefficient ``(1 − a) c₂``
+    (the linear part has none). Test: ``test_leaky_relu_and_elu_moments_against_quadrature``."""
+    a = float(slope)
+    mean, v, sl, c2, sd = relu_moments(mu, var)
+    var = var.double()
+    out_v = (1 - a) ** 2 * v + a * a * var + 2 * a * (1 - a) * var * sl
+    return (1 - a) * mean + a * mu.double(), out_v.clamp_min(0), (1 - a) * sl + a, (1 - a) * c2, sd
+
+
+def _exp_tail(c: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``e^c Φ(b)`` without overflow (``exp(c + log Φ(b))``)."""
+    return torch.exp(c + torch.special.log_ndtr(b))
+
+
+def elu_moments(mu: torch.Tensor, var: torch.Tensor, alpha: float):
+    """``(mean, var, slope, c2, s)`` of ``elu(z) = z`` (``z > 0``), ``α(eᶻ − 1)``
+    (``z ≤ 0``), ``z ~ N(μ, σ²)``, in closed form (float64; ``a = μ/σ``):
+    ``E[z; z > 0] = μΦ(a) + σφ(a)``, ``E[z²; z > 0] = (μ² + σ²)Φ(a) + μσφ(a)``,
+    ``E[e^{kz}; z ≤ 0] = e^{kμ + k²σ²/2} Φ(−a − kσ)``; the expected slope
+    ``Φ(a) + α e^{μ+σ²/2} Φ(−a − σ)`` and the second Hermite coefficient ``σ² E f''/2``
+    with ``E f'' = (1 − α)φ(a)/σ + α e^{μ+σ²/2} Φ(−a − σ)`` (the jump of ``f'`` at 0 when
+    ``α ≠ 1``). Where ``σ`` is below :data:`TINY`: the function and its slope at ``μ``.
+    Test: ``test_leaky_relu_and_elu_moments_against_quadrature``."""
+    al = float(alpha)
+    mu, var, s, pos, sa, a, cdf, pdf, _ = _relu_core(mu, var)
+    e1 = _exp_tail(mu + var / 2, -a - sa)  # E[e^z; z ≤ 0]
+    e2 = _exp_tail(2 * mu + 2 * var, -a - 2 * sa)  # E[e^{2z}; z ≤ 0]
+    q = ncdf(-a)  # P(z ≤ 0)
+    m_pos = mu * cdf + sa * pdf
+    mean = m_pos + al * (e1 - q)
+    second = (mu * mu + var) * cdf + mu * sa * pdf + al * al * (e2 - 2 * e1 + q)
+    v = (second - mean * mean).clamp_min(0)
+    slope = cdf + al * e1
+    c2 = var / 2 * ((1 - al) * pdf / sa + al * e1)
+    # σ = 0: the function at μ, its slope there
+    f0 = torch.where(mu > 0, mu, al * torch.expm1(mu.clamp(max=0)))
+    d0 = torch.where(mu > 0, torch.ones_like(mu), al * torch.exp(mu.clamp(max=0)))
+    zero = torch.zeros_like(mu)
+    return (torch.where(pos, mean, f0), torch.where(pos, v, zero), torch.where(pos, slope, d0),
+            torch.where(pos, c2, zero), s)
+
+
+def smooth_elu(z: torch.Tensor, s: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``E[elu(z + sζ)]`` as a function of ``z`` with ``s`` fixed (:func:`elu_moments`'
+    mean); its derivative in ``z`` is the expected slope."""
+    al = float(alpha)
+    pos = s > TINY
+    ss = torch.where(pos, s, torch.ones_like(s))
+    a = z / ss
+    val = z * ncdf(a) + ss * npdf(a) + al * (_exp_tail(z + ss * ss / 2, -a - ss) - ncdf(-a))
+    return torch.where(pos, val, F.elu(z, al))
+
+
+def activation_function(kind):
+    """The elementwise function of an activation kind of the moment pass: ``"relu"``, a
+    name of :data:`SMOOTH_ACTIVATIONS`, ``("leaky_relu", negative_slope)`` or ``("elu",
+    alpha)``."""
+    if kind == "relu":
+        return torch.relu
+    if isinstance(kind, tuple):
+        name, a = kind
+        return (lambda z: F.leaky_relu(z, a)) if name == "leaky_relu" else (lambda z: F.elu(z, a))
+    return SMOOTH_ACTIVATIONS[kind]
+
+
 _GH_CACHE: dict = {}
 
 
@@ -440,6 +517,13 @@ def smooth_max(a: torch.Tensor, b: torch.Tensor, th: torch.Tensor, g1: torch.Ten
         hard = (a > b).to(a.dtype) + 0.5 * (a == b).to(a.dtype)
         pa, pb = torch.where(pos, pa, hard), torch.where(pos, pb, 1.0 - hard)
     return _with_slopes(val, (a, pa), (b, pb))
+
+
+def smooth_leaky_relu(z: torch.Tensor, s: torch.Tensor, slope: float, g1: torch.Tensor | None = None) -> torch.Tensor:
+    """``E[leaky_relu(z + sζ)] = (1 − a)·E[relu(z + sζ)] + a·z`` with ``s`` fixed
+    (:func:`smooth_relu`); its derivative is ``(1 − a)Φ(z/s) + a``."""
+    a = float(slope)
+    return (1 - a) * smooth_relu(z, s, g1) + a * z
 
 
 def smooth_activation(fn, z: torch.Tensor, s: torch.Tensor, n: int = GH_NODES) -> torch.Tensor:

@@ -21,8 +21,8 @@ from .._graph import conv_padding, is_relu, trace
 from ..linearize import LinearizedNetwork, Tap
 from ..noise import WeightNoise
 from ..targets import folding_affine, is_norm_layer
-from .gaussian import (SMOOTH_ACTIVATIONS, clark_max, safe_sqrt, rectified_cross_cumulants, relu_k3, relu_moments,
-                       relu_moments_skew, skewness, smooth_moments)
+from .gaussian import (activation_function, clark_max, elu_moments, leaky_relu_moments, rectified_cross_cumulants, relu_k3,
+                       relu_moments, relu_moments_skew, safe_sqrt, skewness, smooth_moments)
 from .interpreter import GraphInterpreter, flatten_args
 from .lowrank import (Dist, block_diag, canonical_signs, generator, map_batched, pair, patch_gram, renormalise,
                       top_eigh)
@@ -85,12 +85,16 @@ def third_cumulant(x: Dist):
 
 
 def activation_kind(node: fx.Node, modules: dict):
-    """``"relu"``, the name of a smooth activation of :data:`SMOOTH_ACTIVATIONS`, or
-    ``None``."""
+    """``"relu"``, the name of a smooth activation of :data:`SMOOTH_ACTIVATIONS`,
+    ``("leaky_relu", negative_slope)``, ``("elu", alpha)`` or ``None``."""
     if is_relu(node, modules):
         return "relu"
     if node.op == "call_module":
         m = modules.get(node.target)
+        if isinstance(m, nn.LeakyReLU):
+            return ("leaky_relu", float(m.negative_slope))
+        if isinstance(m, nn.ELU):
+            return ("elu", float(m.alpha))
         if isinstance(m, nn.GELU):
             return "gelu_tanh" if m.approximate == "tanh" else "gelu"
         if isinstance(m, nn.Softplus):
@@ -99,6 +103,11 @@ def activation_kind(node: fx.Node, modules: dict):
             if name is not None and isinstance(m, cls):
                 return name
         return None
+    if node.op == "call_function" and node.target in (F.leaky_relu, F.elu):
+        name, key, default = (("leaky_relu", "negative_slope", 0.01) if node.target is F.leaky_relu
+                              else ("elu", "alpha", 1.0))
+        a = node.args[1] if len(node.args) > 1 else node.kwargs.get(key, default)
+        return (name, float(a)) if isinstance(a, (int, float)) and not isinstance(a, bool) else None
     if node.op == "call_function" and node.target in _SMOOTH_FUNCTIONS:
         if node.target is F.gelu and node.kwargs.get("approximate", "none") == "tanh":
             return "gelu_tanh"
@@ -707,7 +716,7 @@ class _MomentPass(GraphInterpreter):
             else:
                 mu = x.mu.detach().double().requires_grad_(True)
                 with torch.enable_grad():
-                    fz = SMOOTH_ACTIVATIONS[kind](mu)
+                    fz = activation_function(kind)(mu)
                     (slope,) = torch.autograd.grad(fz.sum(), mu)
                 val, slope = fz.detach().to(dt), slope.to(dt)
             self.rec[self.cur] = {"s": torch.zeros_like(x.mu), "excess": [torch.zeros_like(x.mu)], "kind": kind}
@@ -727,8 +736,11 @@ class _MomentPass(GraphInterpreter):
             src = (x.mu, var, k3_in)
             self.stats["pre_count"].append(int(x.mu.numel()))
             self.stats["pre_exceed"].append(int((s > x.mu.abs()).sum()))
-        else:
-            mean, v_out, slope, c2, s = smooth_moments(SMOOTH_ACTIVATIONS[kind], x.mu, var)
+        elif isinstance(kind, tuple):  # LeakyReLU, ELU: closed forms
+            rule = leaky_relu_moments if kind[0] == "leaky_relu" else elu_moments
+            mean, v_out, slope, c2, s = rule(x.mu, var, kind[1])
+        else:  # smooth, by Gauss–Hermite quadrature
+            mean, v_out, slope, c2, s = smooth_moments(activation_function(kind), x.mu, var)
         excess = (v_out - slope * slope * var.double()).clamp_min(0)
         slope, s, c2, mean, v_out, excess = (t.to(dt) for t in (slope, s, c2, mean, v_out, excess))
         cols, rest, carried = self._hermite2(x.F, fsq_in, s, c2, excess)

@@ -18,7 +18,7 @@ from ..linearize import (DEFAULT_JACOBIAN_BUDGET, PASS_CHUNK_CAP, LinearizedNetw
                          backprop_signals, tapping, weight_terms)
 from ..noise import WeightNoise
 from ..validation import check_bool
-from .gaussian import SMOOTH_ACTIVATIONS, smooth_activation, smooth_max, smooth_relu
+from .gaussian import activation_function, smooth_activation, smooth_elu, smooth_leaky_relu, smooth_max, smooth_relu
 from .head import head_terms
 from .interpreter import GraphInterpreter
 from .rules import MomentPropagator, _MomentPass, activation_kind, is_maxpool, maxpool_args, window_slices
@@ -68,8 +68,12 @@ class _Surrogate(GraphInterpreter):
         if kind is not None and rc is not None and "s" in rc:
             s = rc["s"].to(args[0].dtype)
             z = args[0]
-            val = (smooth_relu(z, s, rc.get("g1")) if kind == "relu"
-                   else smooth_activation(SMOOTH_ACTIVATIONS[kind], z, s))
+            if kind == "relu":
+                val = smooth_relu(z, s, rc.get("g1"))
+            elif isinstance(kind, tuple):
+                val = (smooth_leaky_relu if kind[0] == "leaky_relu" else smooth_elu)(z, s, kind[1])
+            else:
+                val = smooth_activation(activation_function(kind), z, s)
             r = torch.zeros_like(val, requires_grad=True)
             self.rtaps.append((name, [r]))
             return val + r
