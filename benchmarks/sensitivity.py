@@ -78,13 +78,17 @@ def _mc(model, x, y, noise, draws, seed, targets=None):
     return float(mc.accuracy), (float(mc.accuracy_ci[0]), float(mc.accuracy_ci[1])), se, mc.accuracies
 
 
-def _level(model, x, y, drop, draws=30):
+def _level(model, x, y, drop, draws=30, steps=5):
     """The level where Monte-Carlo says the whole network loses ``drop``: a Monte-Carlo
     curve (common random numbers) over levels up to the first-order estimate, then
-    linear interpolation (the first order underestimates the whole network's damage at
-    such levels, so its own estimate is only the upper end of the search)."""
-    from noiseprop.empirical import sweep
-    from noiseprop.theory import noise_budget
+    regula falsi on ``log drop`` against ``log level`` inside the bracket the curve gives
+    (the drop is steep and convex in the level there: interpolating the curve alone
+    landed the VGG at a 4.6-point drop for 7.5), each step one Monte-Carlo with the same
+    draws, until the drop is within 10% of ``drop`` (the first order underestimates the
+    whole network's damage at such levels, so its own estimate is only the upper end of
+    the search)."""
+    from noiseprop.empirical import monte_carlo, sweep
+    from noiseprop.theory import RelativeGaussian, noise_budget
 
     hi = noise_budget(model, x, y, "relative", max_drop=drop, refine=None).level
     levels = list(np.geomspace(hi / 16, hi, 9))
@@ -97,8 +101,22 @@ def _level(model, x, y, drop, draws=30):
         return float(levels[0])
     if i >= len(levels):
         return float(levels[-1])
-    t = (drop - d[i - 1]) / (d[i] - d[i - 1])
-    return float(np.exp(np.log(levels[i - 1]) + t * (np.log(levels[i]) - np.log(levels[i - 1]))))
+    (a, da), (b, db) = (levels[i - 1], d[i - 1]), (levels[i], d[i])
+    s = a
+    for _ in range(steps):
+        if da > 0:
+            t = (math.log(drop) - math.log(da)) / (math.log(db) - math.log(da))
+        else:
+            t = (drop - da) / (db - da)
+        s = math.exp(math.log(a) + min(max(t, 0.05), 0.95) * (math.log(b) - math.log(a)))
+        ds = clean - float(monte_carlo(model, x, y, RelativeGaussian(s), draws=draws, seed=7, progress=False).accuracy)
+        if abs(ds - drop) <= 0.1 * drop:
+            break
+        if ds < drop:
+            a, da = s, ds
+        else:
+            b, db = s, ds
+    return float(s)
 
 
 def alone(models, drop, draws):
