@@ -24,9 +24,10 @@ cached), all test inputs.
    the clean network gets right and wrong).
    ``budget_refit``: the budget with the mean and the covariance refitted to the moment
    method (an alternative to the shipped mean-only refinement), checked like ``budget``.
-3. ``keep``: ``keep_digital(k=3)`` at the level of part 1, first order and
-   ``method="moments"``; Monte-Carlo with every layer noisy and after each step
-   (target: within 1 point of the prediction) and, for k=1, Monte-Carlo of every single
+3. ``keep``: ``keep_digital(k=3)`` at the level of part 1, first order,
+   ``method="moments"`` and ``method="refined"``; Monte-Carlo with every layer noisy
+   and after each step (target: within 1 point of the prediction) and, for k=1,
+   Monte-Carlo of every single
    layer kept digital (target: none better than the chosen one by more than the CI of
    the difference).
 4. ``cost``: wall time of ``sensitivity`` and ``noise_budget`` (default, and
@@ -37,6 +38,7 @@ One JSON line per result. Figures come from a shared machine (other jobs running
 
     .venv/bin/python benchmarks/sensitivity.py [--parts alone,budget,budget_diag,budget_refit,keep,cost]
         [--models resnet20,vgg] [--budget-models mlp,vgg,resnet20] [--draws 100] [--calibrate 300]
+        [--seeds 0,1,2]
 """
 from __future__ import annotations
 
@@ -62,12 +64,12 @@ def emit(row):
     print(json.dumps(row), flush=True)
 
 
-def _load(name):
+def _load(name, seed=0):
     from noiseprop.empirical.data import load_dataset
     from noiseprop.empirical.train import train
 
     data = load_dataset("digits")
-    return train(MODELS[name], data, seed=0).model.eval(), data.x_test, data.y_test
+    return train(MODELS[name], data, seed=seed).model.eval(), data.x_test, data.y_test
 
 
 def _mc(model, x, y, noise, draws, seed, targets=None):
@@ -161,17 +163,18 @@ def budget_calibrated(name, model, x, y, draws, calibrate, seeds=(0, 2, 3)):
           "checks_containing_budget": sum(c["ci_contains_budget"] for c in checks), "seconds": b.seconds})
 
 
-def budget(models, draws, calibrate=0):
+def budget(models, draws, calibrate=0, seeds=(0,)):
     """The budget with its default (``refine="auto"``: moment refinement where the model
     allows it) checked by Monte-Carlo at the returned level, and Monte-Carlo at the
-    first-order level (``refine=None``) in the same run for comparison."""
+    first-order level (``refine=None``) in the same run for comparison; per training
+    seed of the models (``--seeds``)."""
     from noiseprop.theory import noise_budget
 
-    for name in models:
-        model, x, y = _load(name)
+    for seed, name in ((sd, m) for sd in seeds for m in models):
+        model, x, y = _load(name, seed)
         b = noise_budget(model, x, y, "relative", max_drop=0.01, mc_draws=draws, mc_seed=0)
         lo, hi = b.mc_drop_ci
-        row = {"part": "budget", "model": name, "max_drop": 0.01, "refine": b.refine,
+        row = {"part": "budget", "model": name, "train_seed": seed, "max_drop": 0.01, "refine": b.refine,
                "level": b.level, "predicted_drop": b.predicted_drop,
                "mc_drop": b.mc_drop, "mc_drop_ci": [lo, hi], "ci_contains_budget": bool(lo <= 0.01 <= hi),
                "within_1pt": bool(abs(b.mc_drop - 0.01) <= 0.01), "draws": draws,
@@ -189,31 +192,38 @@ def budget(models, draws, calibrate=0):
             budget_calibrated(name, model, x, y, draws, calibrate)
 
 
-def keep(models, drop, draws, k=3):
+def keep(models, drop, draws, k=3, seeds=(0,)):
     from noiseprop.theory import RelativeGaussian, keep_digital
 
-    for name in models:
-        model, x, y = _load(name)
+    for seed, name in ((sd, m) for sd in seeds for m in models):
+        model, x, y = _load(name, seed)
         level = _level(model, x, y, drop)
         noise = RelativeGaussian(level)
         kd = keep_digital(model, x, y, noise, k=k, exhaustive=False)
         km = keep_digital(model, x, y, noise, k=k, exhaustive=False, method="moments")
+        kr = keep_digital(model, x, y, noise, k=k, exhaustive=False, method="refined")
         acc, ci, se, _ = _mc(model, x, y, noise, draws, 2)
-        row = {"part": "keep", "model": name, "level": level, "k": 0, "layers": [],
+        row = {"part": "keep", "model": name, "train_seed": seed, "level": level, "k": 0, "layers": [],
                "predicted": kd.accuracy_all_noisy, "mc": acc, "mc_ci": ci, "diff": kd.accuracy_all_noisy - acc,
                "within_1pt": bool(abs(kd.accuracy_all_noisy - acc) <= 0.01), "draws": draws,
                "predicted_moments": km.accuracy_all_noisy, "diff_moments": km.accuracy_all_noisy - acc,
-               "within_1pt_moments": bool(abs(km.accuracy_all_noisy - acc) <= 0.01)}
+               "within_1pt_moments": bool(abs(km.accuracy_all_noisy - acc) <= 0.01),
+               "predicted_refined": kr.accuracy_all_noisy, "diff_refined": kr.accuracy_all_noisy - acc,
+               "within_1pt_refined": bool(abs(kr.accuracy_all_noisy - acc) <= 0.01)}
         emit(row)
         for step in range(1, k + 1):
             acc, ci, se, _ = _mc(model, x, y, noise, draws, 2, kd.targets_after(step))
-            row = {"part": "keep", "model": name, "level": level, "k": step, "layers": list(kd.layers[:step]),
+            row = {"part": "keep", "model": name, "train_seed": seed, "level": level, "k": step,
+                   "layers": list(kd.layers[:step]),
                    "predicted": kd.accuracy[step - 1], "mc": acc, "mc_ci": ci, "diff": kd.accuracy[step - 1] - acc,
                    "within_1pt": bool(abs(kd.accuracy[step - 1] - acc) <= 0.01),
                    "interaction": kd.interaction[step - 1], "draws": draws, "seconds_linear": kd.seconds}
             a = km.accuracy[step - 1]
             row.update(predicted_moments=a, diff_moments=a - acc, within_1pt_moments=bool(abs(a - acc) <= 0.01),
                        seconds_moments=km.seconds, moment_inputs=km.moment_inputs)
+            a = kr.accuracy[step - 1]
+            row.update(predicted_refined=a, diff_refined=a - acc, within_1pt_refined=bool(abs(a - acc) <= 0.01),
+                       seconds_refined=kr.seconds)
             emit(row)
         # exhaustive k = 1 by Monte-Carlo: every single layer kept digital
         from noiseprop.theory import Targets
@@ -228,7 +238,7 @@ def keep(models, drop, draws, k=3):
         best = max(res, key=lambda m: res[m][0])
         diff = res[best][0] - res[chosen][0]
         half = 1.96 * math.sqrt(res[best][1] ** 2 + res[chosen][1] ** 2)
-        emit({"part": "keep_exhaustive_k1", "model": name, "level": level, "chosen": chosen,
+        emit({"part": "keep_exhaustive_k1", "model": name, "train_seed": seed, "level": level, "chosen": chosen,
               "chosen_mc": res[chosen][0], "best_by_mc": best, "best_mc": res[best][0], "diff": diff,
               "diff_ci_half": half, "chosen_within_ci_of_best": bool(diff <= half), "draws": draws,
               "mc_rank_of_chosen": 1 + sum(res[m][0] > res[chosen][0] for m in layers), "layers": len(layers)})
@@ -416,15 +426,17 @@ def main(argv=None):
     ap.add_argument("--diag-draws", type=int, default=300)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seeds", default="0", help="training seeds of the models (budget and keep parts)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     warnings.simplefilter("ignore")
     parts = a.parts.split(",")
     models = a.models.split(",")
+    seeds = [int(v) for v in a.seeds.split(",")]
     if "cost" in parts:
         cost(a.budget_models.split(","), a.reps)
     if "budget" in parts:
-        budget(a.budget_models.split(","), a.budget_draws, a.calibrate)
+        budget(a.budget_models.split(","), a.budget_draws, a.calibrate, seeds)
     if "budget_diag" in parts:
         budget_diag(a.budget_models.split(","), a.diag_draws)
     if "budget_refit" in parts:
@@ -432,7 +444,7 @@ def main(argv=None):
     if "alone" in parts:
         alone(models, a.drop, a.draws)
     if "keep" in parts:
-        keep(models, a.drop, a.draws)
+        keep(models, a.drop, a.draws, seeds=seeds)
 
 
 if __name__ == "__main__":

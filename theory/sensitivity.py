@@ -651,7 +651,7 @@ BRACKET_XTOL = 1e-2
 REFINE = ("auto", "moments", None)
 #: ``keep_digital(method=...)``: how the accuracy after each step is predicted (the
 #: greedy choice is always made on the exact first-order decomposition).
-KEEP_METHODS = ("linear", "moments")
+KEEP_METHODS = ("linear", "moments", "refined")
 #: Moment propagation only where it can matter: inputs are left to the first order,
 #: smallest first, while the mean over all inputs of their union bounds on the error at
 #: ``reach`` times the level stays within ``REFINE_MASS`` (0.01 accuracy point), so they
@@ -1083,7 +1083,8 @@ class KeepDigital:
     layers by exhaustive search, when it was run (``None`` otherwise).
     ``method``: how ``accuracy`` and ``accuracy_all_noisy`` were predicted (``"linear"``:
     first order; ``"moments"``: moment propagation, one pass per step, on
-    ``moment_inputs`` inputs); ``accuracy_first_order`` and
+    ``moment_inputs`` inputs; ``"refined"``: the moment method's logit mean with the
+    first-order covariance, as ``noise_budget``'s refinement); ``accuracy_first_order`` and
     ``accuracy_all_noisy_first_order`` are the first-order values either way (the ones
     the greedy choice, ``gain_alone`` and ``interaction`` use). ``preact_frac``:
     predict's validity diagnostic with every layer noisy (``method="linear"``; warned
@@ -1133,7 +1134,8 @@ class KeepDigital:
 
     def summary(self) -> str:
         how = "first order" if self.method == "linear" else (
-            f"moment propagation; first order {self.accuracy_all_noisy_first_order:.4f}")
+            f"{'moment propagation' if self.method == 'moments' else 'moment mean, first-order covariance'}; "
+            f"first order {self.accuracy_all_noisy_first_order:.4f}")
         lines = [f"Layers to keep digital under {self.noise} noise on {self.targets}",
                  f"  accuracy clean {self.clean_accuracy:.4f}, all noisy {self.accuracy_all_noisy:.4f} (predicted, {how})"]
         for j, (m, a, it) in enumerate(zip(self.layers, self.accuracy, self.interaction)):
@@ -1148,12 +1150,15 @@ class KeepDigital:
         return self.summary()
 
 
-def _moment_steps(model, ps: _Pass, noise: WeightNoise, targets, chosen, n_points, seed):
+def _moment_steps(model, ps: _Pass, noise: WeightNoise, targets, chosen, n_points, seed, refined: bool = False):
     """Predicted accuracy by moment propagation with every layer noisy and after each
     step of ``chosen`` kept digital (one moment pass per step, noise on the remaining
     layers, as ``KeepDigital.targets_after`` gives them to Monte-Carlo). Inputs are
     selected by :func:`_select` (every layer noisy, reach ``KEEP_REACH``); the others
-    keep their first-order probability. Returns ``(all noisy, per step, inputs propagated)``."""
+    keep their first-order probability. ``refined``: Gaussian logits with the moment
+    method's mean (a mean-only pass) and the first-order covariance of the remaining
+    layers, the curve of ``noise_budget``'s refinement; otherwise the moment method's
+    mean, covariance and head. Returns ``(all noisy, per step, inputs propagated)``."""
     lv2 = noise.level ** 2
     clean_acc = _clean_accuracy(ps.clean, ps.y)
     sel, _ = _select(_Curve(ps.clean, ps.y, ps.cov_unit, clean_acc, n_points, seed), noise.level, KEEP_REACH)
@@ -1174,10 +1179,16 @@ def _moment_steps(model, ps: _Pass, noise: WeightNoise, targets, chosen, n_point
             except ValueError as e:
                 raise ValueError(f"method='moments': {e}") from e
             idx = torch.nonzero(sel).flatten()
-            res = propagate_moments(lin, ps.x[idx.to(ps.x.device)].to(lin.device), noise, propagator=prop,
-                                    with_head=True)
-            p[sel] = moment_correct_probability(res.mean.double().cpu(), res.cov.double().cpu(), res.head, ps.y[sel],
-                                                n_points, seed)[0]
+            xs = ps.x[idx.to(ps.x.device)].to(lin.device)
+            if refined:
+                res = propagate_moments(lin, xs, noise, propagator=prop, mean_only=True,
+                                        chunk_size=moment_chunk_size(lin, xs, prop))
+                cov = sum(ps.layer_cov[m] for m in rest)[sel] * lv2
+                p[sel] = correct_probability(res.mean.double().cpu(), cov, ps.y[sel], n_points=n_points, seed=seed)[0]
+            else:
+                res = propagate_moments(lin, xs, noise, propagator=prop, with_head=True)
+                p[sel] = moment_correct_probability(res.mean.double().cpu(), res.cov.double().cpu(), res.head,
+                                                    ps.y[sel], n_points, seed)[0]
         out.append(float(p.mean()))
     return out[0], out[1:], int(sel.sum())
 
@@ -1275,8 +1286,8 @@ def keep_digital(model: nn.Module, x, y, noise, k: int = 1, targets=None, *, exh
             if a > ex_acc:
                 ex_layers, ex_acc = tuple(sub), a
     fo = dict(accuracy_first_order=tuple(accs), accuracy_all_noisy_first_order=acc0)
-    if method == "moments":
-        acc0, accs, n_sel = _moment_steps(model, ps, noise, targets, chosen, n_points, seed)
+    if method in ("moments", "refined"):
+        acc0, accs, n_sel = _moment_steps(model, ps, noise, targets, chosen, n_points, seed, method == "refined")
         fo["moment_inputs"] = n_sel
     else:
         fo["preact_frac"] = _first_order_range(ps, noise, seed, "keep_digital(..., method='moments') reports the "

@@ -325,6 +325,31 @@ def test_keep_digital_moments_equal_moment_predictions_per_step():
     assert list(km.to_frame()["accuracy_first_order"]) == list(kl.accuracy)
 
 
+def test_keep_digital_refined_equals_moment_mean_with_first_order_covariance():
+    """method="refined": the same greedy choice, and after each step the accuracy of
+    Gaussian logits with ``predict(method="moments")``'s mean and ``predict(cov=True)``'s
+    covariance, the remaining layers noisy (an independent reference; the inputs the
+    selection leaves to the first order carry < REFINE_MASS of error probability)."""
+    from noiseprop.theory.accuracy import correct_probability
+
+    model = trained("cnn")
+    x, y = held_out(40)
+    noise = RelativeGaussian(0.3)
+    kl = keep_digital(model, x, y, noise, k=2)
+    kr = keep_digital(model, x, y, noise, k=2, method="refined")
+    assert kr.layers == kl.layers and kr.accuracy_first_order == kl.accuracy and kr.method == "refined"
+    sens = sys.modules["noiseprop.theory.sensitivity"]
+    for step, acc in [(0, kr.accuracy_all_noisy), (1, kr.accuracy[0]), (2, kr.accuracy[1])]:
+        tg = kr.targets_after(step) if step else None
+        pm = predict(model, x, y, noise, targets=tg, method="moments")
+        pl = predict(model, x, y, noise, targets=tg, cov=True)
+        want = float(correct_probability(pm.logit_mean, pl.logit_cov, y, n_points=DEFAULT_N_POINTS, seed=0)[0].mean())
+        # the mean-only pass over the selected inputs against the full pass over all
+        # (sketches drawn per chunk), and the neglected inputs' first-order probabilities
+        assert acc == pytest.approx(want, abs=1e-4 + sens.REFINE_MASS), step
+    assert "moment mean, first-order covariance" in kr.summary()
+
+
 @pytest.mark.slow
 def test_keep_digital_checked_by_monte_carlo():
     from noiseprop.empirical import monte_carlo
@@ -392,7 +417,7 @@ def test_bad_input_is_rejected_with_clear_messages():
         check_number("d", "0.1", 0, 1, what="a fraction", wrong_type=ValueError)
     with pytest.raises(ValueError, match=r"refine must be one of \['auto', 'moments', None\]"):
         noise_budget(model, x, y, "relative", 0.01, refine="exact")
-    with pytest.raises(ValueError, match=r"method must be one of \['linear', 'moments'\]"):
+    with pytest.raises(ValueError, match=r"method must be one of \['linear', 'moments', 'refined'\]"):
         keep_digital(model, x, y, "relative:0.1", k=1, method="mc")
     for bad in (0, 8, 2.0, "16"):
         with pytest.raises((TypeError, ValueError), match="n_points must be an integer >= 16"):
