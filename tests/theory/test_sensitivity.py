@@ -11,6 +11,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from noiseprop.theory import (
     KeepDigital,
@@ -275,7 +276,7 @@ def test_keep_digital_greedy_steps_and_exhaustive_k1():
     model = trained("resnet")
     x, y = held_out(60)
     noise = RelativeGaussian(0.15)
-    kd = keep_digital(model, x, y, noise, k=2, exhaustive=True)
+    kd = keep_digital(model, x, y, noise, k=2, exhaustive=True, method="linear")
     assert isinstance(kd, KeepDigital) and len(kd.layers) == 2 and len(kd.accuracy) == 2
     layers = list(kd.gain_alone)
     # exhaustive k=1 by independent predictions: the greedy first step is the best single layer
@@ -304,7 +305,7 @@ def test_keep_digital_moments_equal_moment_predictions_per_step():
     model = trained("cnn")
     x, y = held_out(40)
     noise = RelativeGaussian(0.3)
-    kl = keep_digital(model, x, y, noise, k=2)
+    kl = keep_digital(model, x, y, noise, k=2, method="linear")
     km = keep_digital(model, x, y, noise, k=2, method="moments")
     assert km.layers == kl.layers and km.accuracy_first_order == kl.accuracy and km.method == "moments"
     assert km.accuracy_all_noisy_first_order == kl.accuracy_all_noisy and 0 < km.moment_inputs <= 40
@@ -335,7 +336,7 @@ def test_keep_digital_refined_equals_moment_mean_with_first_order_covariance():
     model = trained("cnn")
     x, y = held_out(40)
     noise = RelativeGaussian(0.3)
-    kl = keep_digital(model, x, y, noise, k=2)
+    kl = keep_digital(model, x, y, noise, k=2, method="linear")
     kr = keep_digital(model, x, y, noise, k=2, method="refined")
     assert kr.layers == kl.layers and kr.accuracy_first_order == kl.accuracy and kr.method == "refined"
     sens = sys.modules["noiseprop.theory.sensitivity"]
@@ -417,7 +418,7 @@ def test_bad_input_is_rejected_with_clear_messages():
         check_number("d", "0.1", 0, 1, what="a fraction", wrong_type=ValueError)
     with pytest.raises(ValueError, match=r"refine must be one of \['auto', 'moments', None\]"):
         noise_budget(model, x, y, "relative", 0.01, refine="exact")
-    with pytest.raises(ValueError, match=r"method must be one of \['linear', 'moments', 'refined'\]"):
+    with pytest.raises(ValueError, match=r"method must be one of \['auto', 'linear', 'moments', 'refined'\]"):
         keep_digital(model, x, y, "relative:0.1", k=1, method="mc")
     for bad in (0, 8, 2.0, "16"):
         with pytest.raises((TypeError, ValueError), match="n_points must be an integer >= 16"):
@@ -471,7 +472,7 @@ def test_first_order_range_warning_as_predict(eta, warns):
     out = {}
     for name, fn in (("predict", lambda: predict(net, x, y, noise).diagnostics["preact_frac"]),
                      ("sensitivity", lambda: sensitivity(net, x, y, noise).preact_frac),
-                     ("keep_digital", lambda: keep_digital(net, x, y, noise, k=1).preact_frac)):
+                     ("keep_digital", lambda: keep_digital(net, x, y, noise, k=1, method="linear").preact_frac)):
         with warnings.catch_warnings(record=True) as rec:
             warnings.simplefilter("always")
             out[name] = fn()
@@ -480,7 +481,7 @@ def test_first_order_range_warning_as_predict(eta, warns):
         if warns:
             assert hits[0].filename == __file__
             if name == "keep_digital":
-                assert "keep_digital(..., method='moments')" in str(hits[0].message)
+                assert "keep_digital(..., method='refined')" in str(hits[0].message)
     assert out["sensitivity"] == out["keep_digital"] == out["predict"]
 
 
@@ -555,3 +556,20 @@ def test_refinement_widens_its_selection_when_the_level_leaves_its_reach(monkeyp
     assert len(calls) == 2 and calls[0] == 0.5 and calls[1] * b.first_order_level >= 1.1 * b.level
     assert b.refine_neglected <= sens.REFINE_MASS and b.refine_inputs >= ref.refine_inputs
     assert b.level == pytest.approx(ref.level, rel=2 * 2e-3)
+
+
+def test_keep_digital_auto_is_refined_where_the_moment_method_covers_the_model():
+    """method="auto" (the default): the refined accuracies on a model the moment method
+    covers; the first order, with a note naming the layer, on one it does not (LayerNorm)."""
+    model = trained("cnn")
+    x, y = held_out(40)
+    noise = RelativeGaussian(0.3)
+    ka = keep_digital(model, x, y, noise, k=1)
+    kr = keep_digital(model, x, y, noise, k=1, method="refined")
+    assert ka.method == "refined" and ka.accuracy == kr.accuracy and ka.method_note == ""
+    torch.manual_seed(0)
+    ln = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.LayerNorm(16), nn.ReLU(), nn.Linear(16, 10)).eval()
+    ka = keep_digital(ln, x, y, noise, k=1)
+    kl = keep_digital(ln, x, y, noise, k=1, method="linear")
+    assert ka.method == "linear" and ka.accuracy == kl.accuracy and "LayerNorm" in ka.method_note
+    assert ka.method_note in ka.summary()
