@@ -1298,16 +1298,22 @@ def keep_digital(model: nn.Module, x, y, noise, k: int = 1, targets=None, *, exh
             if a > ex_acc:
                 ex_layers, ex_acc = tuple(sub), a
     fo = dict(accuracy_first_order=tuple(accs), accuracy_all_noisy_first_order=acc0)
-    if method == "auto":
+    auto = method == "auto"
+    if auto:
         try:
             MomentPropagator(ps.lin, noise)
             method = "refined"
         except ValueError as e:  # a model the moment method does not cover
             method, fo["method_note"] = "linear", f"first order: {e}"
     if method in ("moments", "refined"):
-        acc0, accs, n_sel = _moment_steps(model, ps, noise, targets, chosen, n_points, seed, method == "refined")
-        fo["moment_inputs"] = n_sel
-    else:
+        try:
+            acc0, accs, n_sel = _moment_steps(model, ps, noise, targets, chosen, n_points, seed, method == "refined")
+            fo["moment_inputs"] = n_sel
+        except ValueError as e:  # a layer the moment pass refuses on these inputs (e.g. a Linear on 3-D input)
+            if not auto:
+                raise
+            method, fo["method_note"] = "linear", f"first order: {e}"
+    if method == "linear":
         fo["preact_frac"] = _first_order_range(ps, noise, seed, "keep_digital(..., method='refined') reports the "
                                                "accuracies with the moment method's mean shift")
     return KeepDigital(

@@ -573,3 +573,28 @@ def test_keep_digital_auto_is_refined_where_the_moment_method_covers_the_model()
     kl = keep_digital(ln, x, y, noise, k=1, method="linear")
     assert ka.method == "linear" and ka.accuracy == kl.accuracy and "LayerNorm" in ka.method_note
     assert ka.method_note in ka.summary()
+
+
+class _Rows(nn.Module):
+    """A Linear layer applied to 3-D input (rows of the image): the moment pass refuses
+    it only when it runs, not when it is built."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(16, 8)
+        self.b = nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x.reshape(x.shape[0], 4, 16))).flatten(1))
+
+
+def test_keep_digital_auto_falls_back_when_the_moment_pass_refuses_the_inputs():
+    torch.manual_seed(0)
+    net = _Rows().eval()
+    x, y = held_out(30)
+    ka = keep_digital(net, x, y, RelativeGaussian(0.3), k=1)
+    kl = keep_digital(net, x, y, RelativeGaussian(0.3), k=1, method="linear")
+    assert ka.method == "linear" and ka.accuracy == kl.accuracy
+    assert "Linear layer 'a'" in ka.method_note and "method='linear'" in ka.method_note
+    with pytest.raises(ValueError, match="Linear layer 'a'"):
+        keep_digital(net, x, y, RelativeGaussian(0.3), k=1, method="refined")
