@@ -199,7 +199,7 @@ def keep(models, drop, draws, k=3, seeds=(0,)):
         model, x, y = _load(name, seed)
         level = _level(model, x, y, drop)
         noise = RelativeGaussian(level)
-        kd = keep_digital(model, x, y, noise, k=k, exhaustive=False)
+        kd = keep_digital(model, x, y, noise, k=k, exhaustive=False, method="linear")
         km = keep_digital(model, x, y, noise, k=k, exhaustive=False, method="moments")
         kr = keep_digital(model, x, y, noise, k=k, exhaustive=False, method="refined")
         acc, ci, se, _ = _mc(model, x, y, noise, draws, 2)
