@@ -329,7 +329,8 @@ sens = pd.DataFrame(rows).sort_values("measured_drop", ascending=False); sens'''
            "affords for a one-point drop (`noise_budget`, checked here by Monte-Carlo; by default its first-order "
            "level is refined by one moment propagation, since the first order misses the logits' mean shift and "
            "would overspend the budget), and which layers to keep digital (`keep_digital`, greedy, with the "
-           "interactions it ignores; `method=\"moments\"` predicts the accuracy after each step by moments)."),
+           "interactions it ignores; by default the accuracy after each step carries the logits' mean shift from one "
+           "moment propagation per step, `method=\"linear\"` is the first order alone)."),
     ("code", '''from noiseprop.theory import keep_digital, noise_budget, sensitivity
 spec = {"name": "resnet20", "norm": "bn"} if FULL else {"name": "resnet8", "norm": "bn", "width": 4}
 zoo = train(spec, data, seed=0, epochs=EPOCHS, cache_dir=CACHE, num_threads=1).model.eval()
