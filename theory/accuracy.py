@@ -240,7 +240,7 @@ class OrthantCurve:
         s = s.double()
         if m.dim() != 2 or s.shape != (m.shape[0], m.shape[1], m.shape[1]):
             raise ValueError(f"m must be [N, d] and S [N, d, d]; got {tuple(m.shape)} and {tuple(s.shape)}")
-        self.m = m  # S is needed only through its factor and its diagonal
+        self.m = m  # S is needed only through its factor and its diagonal (kept until factored when lazy)
         self.n_points, self.seed, self.bound_tol, self.max_elements = int(n_points), int(seed), bound_tol, max_elements
         self._s = None
         if m.shape[1] == 1:

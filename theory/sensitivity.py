@@ -758,9 +758,10 @@ def _solve_scale(curve: _Curve, target: float, rtol: float = 2e-3, hint: list | 
 
     ``hint``: the ratio model (``curve.hint`` after a solve) of a solve on a curve of the
     same inputs near this one (the moment-refined curve after the first-order one, the
-    per-layer allocation's): it replaces the two cheap evaluations, so the first
-    evaluation is a full one just below that model's root. The model only steers: the
-    result is decided by full evaluations either way. Sets ``curve.hint``."""
+    per-layer allocation's): one cheap evaluation at that model's root instead of two,
+    its ratios taking the hint's trend in ``1/s²``, then full evaluations as above. The
+    model only steers: the result is decided by full evaluations either way. Sets
+    ``curve.hint``."""
     if not bool((curve.v1 > 0).any()):
         raise ValueError("the noisy parameters do not affect the logits to first order: no level reaches the budget")
     base = 1.0 - curve.clean_acc
