@@ -298,17 +298,24 @@ def test_keep_digital_greedy_steps_and_exhaustive_k1():
     assert list(kd.to_frame()["layer"]) == list(kd.layers)
 
 
-def test_keep_digital_moments_equal_moment_predictions_per_step():
-    """method="moments": the same greedy choice, and after each step the accuracy of
-    ``predict(method="moments")`` with the remaining layers noisy (an independent
-    reference; inputs the selection leaves to the first order can differ by < 1e-4 each)."""
+def _keep_against_linear(method):
+    """keep_digital with ``method`` and with the first order on the same problem: the same
+    greedy choice and first-order accuracies. Returns ``(model, x, y, noise, linear, other)``."""
     model = trained("cnn")
     x, y = held_out(40)
     noise = RelativeGaussian(0.3)
     kl = keep_digital(model, x, y, noise, k=2, method="linear")
-    km = keep_digital(model, x, y, noise, k=2, method="moments")
-    assert km.layers == kl.layers and km.accuracy_first_order == kl.accuracy and km.method == "moments"
+    km = keep_digital(model, x, y, noise, k=2, method=method)
+    assert km.layers == kl.layers and km.accuracy_first_order == kl.accuracy and km.method == method
     assert km.accuracy_all_noisy_first_order == kl.accuracy_all_noisy and 0 < km.moment_inputs <= 40
+    return model, x, y, noise, kl, km
+
+
+def test_keep_digital_moments_equal_moment_predictions_per_step():
+    """method="moments": after each step the accuracy of ``predict(method="moments")``
+    with the remaining layers noisy (an independent reference; inputs the selection
+    leaves to the first order can differ by < 1e-4 each)."""
+    model, x, y, noise, kl, km = _keep_against_linear("moments")
     sens = sys.modules["noiseprop.theory.sensitivity"]
     ps = sens._pass(model, x, y, noise, None, None)
     curve = sens._Curve(ps.clean, ps.y, ps.cov_unit, sens._clean_accuracy(ps.clean, ps.y), DEFAULT_N_POINTS, 0)
@@ -327,18 +334,13 @@ def test_keep_digital_moments_equal_moment_predictions_per_step():
 
 
 def test_keep_digital_refined_equals_moment_mean_with_first_order_covariance():
-    """method="refined": the same greedy choice, and after each step the accuracy of
-    Gaussian logits with ``predict(method="moments")``'s mean and ``predict(cov=True)``'s
-    covariance, the remaining layers noisy (an independent reference; the inputs the
-    selection leaves to the first order carry < REFINE_MASS of error probability)."""
+    """method="refined": after each step the accuracy of Gaussian logits with
+    ``predict(method="moments")``'s mean and ``predict(cov=True)``'s covariance, the
+    remaining layers noisy (an independent reference; the inputs the selection leaves to
+    the first order carry < REFINE_MASS of error probability)."""
     from noiseprop.theory.accuracy import correct_probability
 
-    model = trained("cnn")
-    x, y = held_out(40)
-    noise = RelativeGaussian(0.3)
-    kl = keep_digital(model, x, y, noise, k=2, method="linear")
-    kr = keep_digital(model, x, y, noise, k=2, method="refined")
-    assert kr.layers == kl.layers and kr.accuracy_first_order == kl.accuracy and kr.method == "refined"
+    model, x, y, noise, kl, kr = _keep_against_linear("refined")
     sens = sys.modules["noiseprop.theory.sensitivity"]
     for step, acc in [(0, kr.accuracy_all_noisy), (1, kr.accuracy[0]), (2, kr.accuracy[1])]:
         tg = kr.targets_after(step) if step else None
