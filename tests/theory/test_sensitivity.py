@@ -313,22 +313,13 @@ def _keep_against_linear(method):
 
 def test_keep_digital_moments_equal_moment_predictions_per_step():
     """method="moments": after each step the accuracy of ``predict(method="moments")``
-    with the remaining layers noisy (an independent reference; inputs the selection
-    leaves to the first order can differ by < 1e-4 each)."""
+    over every input with the remaining layers noisy (an independent reference)."""
     model, x, y, noise, kl, km = _keep_against_linear("moments")
-    sens = sys.modules["noiseprop.theory.sensitivity"]
-    ps = sens._pass(model, x, y, noise, None, None)
-    curve = sens._Curve(ps.clean, ps.y, ps.cov_unit, sens._clean_accuracy(ps.clean, ps.y), DEFAULT_N_POINTS, 0)
-    sel, neglected = sens._select(curve, noise.level, sens.KEEP_REACH)
-    assert int(sel.sum()) == km.moment_inputs and neglected <= sens.REFINE_MASS
+    assert km.moment_inputs == len(y)
     for step, acc in [(0, km.accuracy_all_noisy), (1, km.accuracy[0]), (2, km.accuracy[1])]:
         tg = km.targets_after(step) if step else None
-        ref = predict(model, x[sel], y[sel], noise, targets=tg, method="moments")  # the inputs propagated
-        lin = predict(model, x[~sel], y[~sel], noise, targets=tg)  # the others: first order
-        want = (ref.correct_prob.sum() + lin.correct_prob.sum()) / len(y)
-        assert acc == pytest.approx(float(want), abs=1e-9), step
-        full = predict(model, x, y, noise, targets=tg, method="moments")  # all inputs: within the neglected
-        assert acc == pytest.approx(full.accuracy, abs=1e-3), step  # mass and the sketches' chunking
+        full = predict(model, x, y, noise, targets=tg, method="moments")
+        assert acc == pytest.approx(full.accuracy, abs=1e-9), step
     assert "moment propagation" in km.summary()
     assert list(km.to_frame()["accuracy_first_order"]) == list(kl.accuracy)
 
@@ -336,20 +327,16 @@ def test_keep_digital_moments_equal_moment_predictions_per_step():
 def test_keep_digital_refined_equals_moment_mean_with_first_order_covariance():
     """method="refined": after each step the accuracy of Gaussian logits with
     ``predict(method="moments")``'s mean and ``predict(cov=True)``'s covariance, the
-    remaining layers noisy (an independent reference; the inputs the selection leaves to
-    the first order carry < REFINE_MASS of error probability)."""
+    remaining layers noisy, over every input (an independent reference)."""
     from noiseprop.theory.accuracy import correct_probability
 
     model, x, y, noise, kl, kr = _keep_against_linear("refined")
-    sens = sys.modules["noiseprop.theory.sensitivity"]
     for step, acc in [(0, kr.accuracy_all_noisy), (1, kr.accuracy[0]), (2, kr.accuracy[1])]:
         tg = kr.targets_after(step) if step else None
         pm = predict(model, x, y, noise, targets=tg, method="moments")
         pl = predict(model, x, y, noise, targets=tg, cov=True)
         want = float(correct_probability(pm.logit_mean, pl.logit_cov, y, n_points=DEFAULT_N_POINTS, seed=0)[0].mean())
-        # the mean-only pass over the selected inputs against the full pass over all
-        # (sketches drawn per chunk), and the neglected inputs' first-order probabilities
-        assert acc == pytest.approx(want, abs=1e-4 + sens.REFINE_MASS), step
+        assert acc == pytest.approx(want, abs=1e-9), step
     assert "moment mean, first-order covariance" in kr.summary()
 
 
