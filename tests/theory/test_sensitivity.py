@@ -342,6 +342,8 @@ def test_keep_digital_refined_equals_moment_mean_with_first_order_covariance():
 
 @pytest.mark.slow
 def test_keep_digital_checked_by_monte_carlo():
+    """The default method ("auto": refined on this residual network) after each step
+    against Monte-Carlo with the chosen layers digital."""
     from noiseprop.empirical import monte_carlo
 
     model = trained("resnet")
@@ -349,6 +351,7 @@ def test_keep_digital_checked_by_monte_carlo():
     draws = 200 if FULL else 48
     noise = RelativeGaussian(0.13)
     kd = keep_digital(model, x, y, noise, k=2)
+    assert kd.method == "refined"
     for step in (1, 2):
         mc = monte_carlo(model, x, y, noise, draws=draws, seed=4, targets=kd.targets_after(step), progress=False)
         se = float(mc.accuracies.std(ddof=1) / math.sqrt(draws))
