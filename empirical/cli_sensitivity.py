@@ -125,11 +125,12 @@ def register(sub) -> None:
                         "allows it; none: first order only, cheapest)")
     p.add_argument("--keep-digital", type=int, default=None, metavar="K",
                    help="also choose the K layers to keep digital (greedy, with interactions)")
-    p.add_argument("--keep-method", choices=KEEP_METHODS, default="auto",
-                   help="--keep-digital: predict the accuracy after each step by 'refined' (the moment method's logit "
-                        "mean with the first-order covariance, noise_budget's refinement; one mean-only pass per step), "
-                        "'moments' (moment propagation) or 'linear' (first order, cheapest); 'auto' (default): refined "
-                        "where the moment method covers the model, else linear")
+    p.add_argument("--keep-method", choices=KEEP_METHODS, default="linear",
+                   help="--keep-digital: predict the accuracy after each step by 'linear' (first order, the default and "
+                        "cheapest), 'refined' (the moment method's logit mean with the first-order covariance, "
+                        "noise_budget's refinement; one mean-only moment pass per step: within a point of Monte-Carlo "
+                        "where the first order is not), 'moments' (moment propagation) or 'auto' (refined where the "
+                        "moment method covers the model, else linear)")
     p.add_argument("--plot", default=None, metavar="PNG",
                    help="write a bar chart of the per-layer shares to this file (its extension sets the format: .png, "
                         ".pdf, .svg, ...)")

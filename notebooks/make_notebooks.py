@@ -329,8 +329,8 @@ sens = pd.DataFrame(rows).sort_values("measured_drop", ascending=False); sens'''
            "affords for a one-point drop (`noise_budget`, checked here by Monte-Carlo; by default its first-order "
            "level is refined by one moment propagation, since the first order misses the logits' mean shift and "
            "would overspend the budget), and which layers to keep digital (`keep_digital`, greedy, with the "
-           "interactions it ignores; by default the accuracy after each step carries the logits' mean shift from one "
-           "moment propagation per step, `method=\"linear\"` is the first order alone)."),
+           "interactions it ignores; `method=\"refined\"` gives the accuracy after each step with the logits' mean "
+           "shift from one moment propagation per step, the default is the first order alone)."),
     ("code", '''from noiseprop.theory import keep_digital, noise_budget, sensitivity
 spec = {"name": "resnet20", "norm": "bn"} if FULL else {"name": "resnet8", "norm": "bn", "width": 4}
 zoo = train(spec, data, seed=0, epochs=EPOCHS, cache_dir=CACHE, num_threads=1).model.eval()
@@ -339,7 +339,7 @@ print(s.summary())
 s.plot(); s.to_frame().head()'''),
     ("code", '''b = noise_budget(zoo, x, y, "relative", max_drop=0.01, mc_draws=DRAWS)
 print(b.summary())'''),
-    ("code", '''kd = keep_digital(zoo, x, y, "relative:0.2", k=2)
+    ("code", '''kd = keep_digital(zoo, x, y, "relative:0.2", k=2, method="refined")
 print(kd.summary())
 after = monte_carlo(zoo, x, y, "relative:0.2", draws=DRAWS, seed=0, targets=kd.targets_after())
 print(f"Monte-Carlo with {list(kd.layers)} digital: {after.accuracy:.4f} "

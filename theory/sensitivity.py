@@ -67,10 +67,10 @@ and 3.9 points, and :func:`keep_digital`'s accuracies, which have most layers no
 inherit that error with ``method="linear"`` (0.4–3.4 points after 1–3 layers kept
 digital, three training seeds); the full moment method (``"moments"``) is within 0.5 on
 the VGG but 0.6–2.1 high on ResNet-20 (its limit on residual networks); its mean with
-the first-order covariance (``"refined"``, the default where the model allows it) is
-within 0.74 on both. ``noise_budget(max_drop=0.01)``, 300 draws: Monte-Carlo drop at the
-refined level 1.02% [0.95, 1.10] (MLP), 0.94% [0.86, 1.02] (VGG), 0.96% [0.90, 1.03]
-(ResNet-20); at the first-order level 1.20%, 1.26%, 1.03%. On two more training seeds 7
+the first-order covariance (``"refined"``) is within 0.74 on both.
+``noise_budget(max_drop=0.01)``, 300 draws: Monte-Carlo drop at the refined level
+1.02% [0.95, 1.10] (MLP), 0.94% [0.86, 1.02] (VGG), 0.96% [0.90, 1.03] (ResNet-20); at
+the first-order level 1.20%, 1.26%, 1.03%. On two more training seeds 7
 of 9 intervals contain 1 point (the two others on the safe side: 0.91% [0.82, 1.00],
 0.88% [0.78, 0.98]). Refitting the covariance to the moment method too (before issue
 13's closing) gave 1.06%, 1.03% and 1.13% [1.06, 1.20] (ResNet-20, outside: the moment
@@ -1216,7 +1216,7 @@ def check_keep_k(model: nn.Module, targets, k, name: str = "k") -> int:
 
 def keep_digital(model: nn.Module, x, y, noise, k: int = 1, targets=None, *, exhaustive: bool | None = None,
                  max_subsets: int = 200, chunk_size: int | None = None, n_points: int = DEFAULT_N_POINTS,
-                 seed: int = 0, method: str = "auto") -> KeepDigital:
+                 seed: int = 0, method: str = "linear") -> KeepDigital:
     """The ``k`` layers whose removal from the noisy set most raises the predicted
     accuracy, chosen greedily on the exact per-layer decomposition of the first-order
     covariance (each step: the layer whose removal gives the highest predicted accuracy
@@ -1229,17 +1229,19 @@ def keep_digital(model: nn.Module, x, y, noise, k: int = 1, targets=None, *, exh
 
     noise: ``'family:level'`` or a WeightNoise. k: 1 ≤ k < number of noisy layers.
     method: how the accuracy after each step is predicted (the choice is the first
-    order's either way). ``"linear"``: the first order. ``"moments"``: moment
+    order's either way). ``"linear"`` (default, the cheapest): the first order, with
+    ``predict``'s warning where it is outside its range. ``"moments"``: moment
     propagation (one pass per step and one with every layer noisy, over every input).
-    ``"refined"``: Gaussian logits with the moment method's mean (one
-    mean-only pass per step) and the first-order covariance, ``noise_budget``'s refined
-    curve. ``"auto"`` (default): ``"refined"`` where the moment method covers the model,
-    ``"linear"`` otherwise (``method_note`` says why). Where the whole network loses
-    about 7 points (digits, 359 inputs, 100 draws, three training seeds each; after
-    1–3 layers kept digital) the first order overestimates the accuracy by 0.4–3.4
-    points, moments by 0.0–2.1 (ResNet-20: 0.6–2.1, the moment method's limit on residual
-    networks; VGG within 0.5), refined within 0.74 on both (docs/THEORY.md §11); refined
-    costs about 10 first-order calls (ResNet-20: 11 s against 1.1 s).
+    ``"refined"``: Gaussian logits with the moment method's mean (one mean-only pass per
+    step) and the first-order covariance, ``noise_budget``'s refined curve. ``"auto"``:
+    ``"refined"`` where the moment method covers the model, ``"linear"`` otherwise
+    (``method_note`` says why). Where the whole network loses about 7 points (digits,
+    359 inputs, 100 draws, three training seeds each; after 1–3 layers kept digital) the
+    first order overestimates the accuracy by 0.4–3.4 points, moments by 0.0–2.1
+    (ResNet-20: 0.6–2.1, the moment method's limit on residual networks; VGG within
+    0.5), refined is within 0.74 on both (docs/THEORY.md §11): use it for the accuracies
+    there. It costs one moment pass per step (ResNet-20 12.6 s, VGG 35 s, against 1.1
+    and 1.9 s for the first order; the VGG's is more than 100 Monte-Carlo draws per step).
 
     >>> import torch
     >>> from noiseprop.theory.examples import tiny_problem

@@ -342,16 +342,15 @@ def test_keep_digital_refined_equals_moment_mean_with_first_order_covariance():
 
 @pytest.mark.slow
 def test_keep_digital_checked_by_monte_carlo():
-    """The default method ("auto": refined on this residual network) after each step
-    against Monte-Carlo with the chosen layers digital."""
+    """method="refined" after each step against Monte-Carlo with the chosen layers
+    digital, on a residual network."""
     from noiseprop.empirical import monte_carlo
 
     model = trained("resnet")
     x, y = held_out(300 if FULL else 120)
     draws = 200 if FULL else 48
     noise = RelativeGaussian(0.13)
-    kd = keep_digital(model, x, y, noise, k=2)
-    assert kd.method == "refined"
+    kd = keep_digital(model, x, y, noise, k=2, method="refined")
     for step in (1, 2):
         mc = monte_carlo(model, x, y, noise, draws=draws, seed=4, targets=kd.targets_after(step), progress=False)
         se = float(mc.accuracies.std(ddof=1) / math.sqrt(draws))
@@ -551,17 +550,19 @@ def test_refinement_widens_its_selection_when_the_level_leaves_its_reach(monkeyp
 
 
 def test_keep_digital_auto_is_refined_where_the_moment_method_covers_the_model():
-    """method="auto" (the default): the refined accuracies on a model the moment method
-    covers; the first order, with a note naming the layer, on one it does not (LayerNorm)."""
+    """method="auto": the refined accuracies on a model the moment method covers; the
+    first order, with a note naming the layer, on one it does not (LayerNorm). The
+    default is the first order."""
     model = trained("cnn")
     x, y = held_out(40)
     noise = RelativeGaussian(0.3)
-    ka = keep_digital(model, x, y, noise, k=1)
+    ka = keep_digital(model, x, y, noise, k=1, method="auto")
     kr = keep_digital(model, x, y, noise, k=1, method="refined")
     assert ka.method == "refined" and ka.accuracy == kr.accuracy and ka.method_note == ""
+    assert keep_digital(model, x, y, noise, k=1).method == "linear"
     torch.manual_seed(0)
     ln = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.LayerNorm(16), nn.ReLU(), nn.Linear(16, 10)).eval()
-    ka = keep_digital(ln, x, y, noise, k=1)
+    ka = keep_digital(ln, x, y, noise, k=1, method="auto")
     kl = keep_digital(ln, x, y, noise, k=1, method="linear")
     assert ka.method == "linear" and ka.accuracy == kl.accuracy and "LayerNorm" in ka.method_note
     assert ka.method_note in ka.summary()
@@ -584,7 +585,7 @@ def test_keep_digital_auto_falls_back_when_the_moment_pass_refuses_the_inputs():
     torch.manual_seed(0)
     net = _Rows().eval()
     x, y = held_out(30)
-    ka = keep_digital(net, x, y, RelativeGaussian(0.3), k=1)
+    ka = keep_digital(net, x, y, RelativeGaussian(0.3), k=1, method="auto")
     kl = keep_digital(net, x, y, RelativeGaussian(0.3), k=1, method="linear")
     assert ka.method == "linear" and ka.accuracy == kl.accuracy
     assert "Linear layer 'a'" in ka.method_note and "method='linear'" in ka.method_note
