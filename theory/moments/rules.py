@@ -21,8 +21,8 @@ from .._graph import conv_padding, is_relu, trace
 from ..linearize import LinearizedNetwork, Tap
 from ..noise import WeightNoise
 from ..targets import folding_affine, is_norm_layer
-from .gaussian import (activation_function, clark_max, elu_moments, leaky_relu_moments, rectified_cross_cumulants, relu_k3,
-                       relu_moments, relu_moments_skew, safe_sqrt, skewness, smooth_moments)
+from .gaussian import (activation_function, clark_max, elu_moments, leaky_relu_moments, rectified_cross_cumulants,
+                       relu_k3, relu_moments, relu_moments_skew, safe_sqrt, skewness, smooth_moments)
 from .interpreter import GraphInterpreter, flatten_args
 from .lowrank import (Dist, block_diag, canonical_signs, generator, map_batched, pair, patch_gram, renormalise,
                       top_eigh)
