@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-__all__ = ["LeafTracer", "trace", "is_relu", "relu_input_graph", "WEIGHT_LAYERS", "conv_padding", "unfold_input",
+__all__ = ["LeafTracer", "trace", "is_relu", "is_kink", "relu_input_graph", "WEIGHT_LAYERS", "conv_padding", "unfold_input",
            "differentiable_attention"]
 
 #: Layers whose weights are stored on the crossbar (get noise by default; leaves of the trace).
@@ -54,16 +54,27 @@ def is_relu(node: fx.Node, modules: dict) -> bool:
     return False
 
 
+def is_kink(node: fx.Node, modules: dict) -> bool:
+    """A ReLU or a LeakyReLU (module, ``F.leaky_relu``/``F.leaky_relu_``): a kink at 0,
+    where the first order's slope is wrong for the noise that crosses it."""
+    if is_relu(node, modules):
+        return True
+    if node.op == "call_module":
+        return isinstance(modules.get(node.target), nn.LeakyReLU)
+    return node.op == "call_function" and node.target in (F.leaky_relu, F.leaky_relu_)
+
+
 def relu_input_graph(net: nn.Module) -> tuple[fx.GraphModule, int]:
     """A GraphModule computing ``(logits, (pre-activation_1, ...))``: the inputs of
-    every ReLU, in forward order. Returns it and the number of ReLUs. Each input is
-    copied before its ReLU: an in-place ReLU (``nn.ReLU(inplace=True)``, torchvision's
-    default, or ``torch.relu_``) would otherwise overwrite it with its output."""
+    every ReLU and LeakyReLU (:func:`is_kink`), in forward order. Returns it and their
+    number. Each input is copied before its activation: an in-place ReLU
+    (``nn.ReLU(inplace=True)``, torchvision's default, or ``torch.relu_``) would
+    otherwise overwrite it with its output."""
     graph = trace(net)
     modules = dict(net.named_modules())
     pre = []
     for node in list(graph.nodes):
-        if is_relu(node, modules) and node.args and isinstance(node.args[0], fx.Node):
+        if is_kink(node, modules) and node.args and isinstance(node.args[0], fx.Node):
             with graph.inserting_before(node):
                 pre.append(graph.call_method("clone", (node.args[0],)))
     out = next(n for n in graph.nodes if n.op == "output")

@@ -134,8 +134,10 @@ def _stratified_mean(checked: torch.Tensor, is_top: torch.Tensor, n: int) -> flo
     n_rest = n - int(is_top.sum())
     return (float(checked[is_top].sum()) + (n_rest * float(rest.mean()) if rest.numel() else 0.0)) / n
 
-#: Fraction of ReLU pre-activations whose predicted noise std exceeds their magnitude
-#: above which the first order is flagged as outside its range. Calibrated against
+#: Fraction of ReLU pre-activations (and LeakyReLU ones, whose kink the first order
+#: misses alike, by ``1 − a`` of the ReLU's error for slope ``a``; not calibrated
+#: separately) whose predicted noise std exceeds their magnitude above which the first
+#: order is flagged as outside its range. Calibrated against
 #: Monte-Carlo (``benchmarks/predict_vs_mc.py --parts calibrate``: zoo MLP, VGG with BN and
 #: ResNet-20 on digits, 120 inputs, 50 draws per level, 28 levels down to chance + 20
 #: points): the linear accuracy missed (> 1 point and outside the 95% interval) at 9
@@ -168,7 +170,7 @@ def range_warning(frac: float | None, hint: str = "use method='moments'") -> str
     and the sensitivity analyses (:mod:`.sensitivity`)."""
     if frac is None or not frac > PREACT_WARN_FRACTION:
         return None
-    return (f"{OUTSIDE_RANGE['linear']}: {frac:.0%} of ReLU pre-activations have predicted noise "
+    return (f"{OUTSIDE_RANGE['linear']}: {frac:.0%} of ReLU/LeakyReLU pre-activations have predicted noise "
             f"sd above their magnitude (> {PREACT_WARN_FRACTION:.0%}); the linear method misses the mean shift and "
             f"underestimates the damage here, {hint}")
 
@@ -606,7 +608,7 @@ def _preact_ratios(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, t
         return None, f"not available ({g})"
     gm, n_relu, names = g
     if n_relu == 0:
-        return np.zeros(0), "no ReLU in the model"
+        return np.zeros(0), "no ReLU or LeakyReLU in the model"
     n = x.shape[0]
     idx = torch.linspace(0, n - 1, min(n, max_inputs)).round().long().unique()
     xs = x[idx].to(lin.device)
