@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from noiseprop.theory.validation import check_output_dir, check_output_file
+from noiseprop.theory.validation import check_output_dir, check_output_file, first_line
 
 from .models import build_model
 
@@ -236,7 +236,7 @@ def _check_meta(meta) -> None:
         buf.seek(0)
         _LOAD_FOR_CHECK(buf, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - pickling / weights_only unpickling errors of many kinds
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        first = first_line(e)
         raise TypeError(f"meta must hold plain data (dicts, lists, str, numbers, bools, None, tensors) that "
                         f"torch.load(weights_only=True) reads back; it could not be stored ({type(e).__name__}: "
                         f"{first[:200]})") from None
@@ -289,7 +289,7 @@ def save_checkpoint(path, model: nn.Module, spec: dict, meta: dict | None = None
     try:
         detail = _spec_mismatch(spec, {k: tuple(v.shape) for k, v in model.state_dict().items()}, "model")
     except Exception as e:  # noqa: BLE001 - any failure of a bad spec
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        first = first_line(e)
         raise ValueError(f"spec does not build a model ({type(e).__name__}: {first[:200]}); load_checkpoint would "
                          f"refuse the file. spec: {spec}") from None
     if detail:
@@ -309,7 +309,7 @@ def _torch_load(path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch's unpickler raises many kinds on a foreign file
         raise CheckpointError(
-            f"checkpoint {str(path)!r} could not be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            f"checkpoint {str(path)!r} could not be read ({type(e).__name__}: {first_line(e)}); "
             "it may be truncated or not a torch.save file. Accepted: a noiseprop checkpoint or a state dict "
             "saved with torch.save"
         ) from e
@@ -367,7 +367,7 @@ def load_checkpoint(path) -> Checkpoint:
         detail = _spec_mismatch(spec, {k: tuple(v.shape) for k, v in sd.items()}, "stored")
     except Exception as e:  # noqa: BLE001 - any failure of a bad spec
         raise CheckpointError(f"checkpoint {str(path)!r} has a model spec that does not build ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''}); spec: {spec}") from None
+                              f"{first_line(e)}); spec: {spec}") from None
     if detail:
         raise CheckpointError(f"checkpoint {str(path)!r} does not match its spec {spec}: {detail}")
     model = build_model(**spec)

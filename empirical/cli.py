@@ -15,6 +15,8 @@ import sys
 
 import numpy as np
 
+from noiseprop.theory.validation import first_line
+
 from .checkpoint import CheckpointError
 from .executor import TaskError
 
@@ -76,8 +78,7 @@ def run_command(func, args) -> int:
         print("noiseprop: interrupted; finished work is kept (rerun the same command to resume)", file=sys.stderr)
         return 130
     except TaskError as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"noiseprop: error: a task failed: {first}", file=sys.stderr)
+        print(f"noiseprop: error: a task failed: {first_line(e, type(e).__name__)}", file=sys.stderr)
         return 1
     except (CLIError, ValueError, TypeError, FileNotFoundError, KeyError, CheckpointError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e

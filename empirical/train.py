@@ -51,7 +51,7 @@ from noiseprop.theory.hashing import tensor_digest
 from noiseprop.theory.noise import parse_noise
 from noiseprop.theory.targets import Targets, resolve_targets
 from noiseprop.theory.validation import (check_bool, check_int, check_labels, check_model, check_number,
-                                         check_output_dir, check_seed, probe_logits)
+                                         check_output_dir, check_seed, first_line, probe_logits)
 
 from .checkpoint import FORMAT as CHECKPOINT_FORMAT
 from .checkpoint import (CheckpointError, _check_save_args, _torch_load, _write_checkpoint, checkpoint_meta,
@@ -405,9 +405,8 @@ def _check_user_model(model: nn.Module, data: Dataset) -> None:
         msg = str(e).replace("x does not fit the model", f"the inputs of dataset {data.name!r} do not fit the model")
         raise type(e)(f"{name}: {msg}") from None
     except Exception as e:  # noqa: BLE001 - any failure of the user's forward
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ValueError(f"{name}: the model's forward pass on dataset {data.name!r} inputs of shape "
-                         f"{tuple(x.shape)} failed with {type(e).__name__}: {first[:300]}") from e
+                         f"{tuple(x.shape)} failed with {type(e).__name__}: {first_line(e)[:300]}") from e
     labels = torch.cat([data.y_train.reshape(-1), data.y_test.reshape(-1)])
     if labels.numel():
         try:

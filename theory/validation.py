@@ -256,11 +256,18 @@ def warn_if_probabilities(out: torch.Tensor) -> None:
                       "outputs are fine)", UserWarning, stacklevel=_user_stacklevel())
 
 
+def first_line(exc: BaseException, default: str = "") -> str:
+    """The first line of an exception's message (``default`` when it has none): what a
+    one-line error quotes of an error raised deep inside torch or a user's code."""
+    msg = str(exc).strip()
+    return msg.splitlines()[0] if msg else default
+
+
 def model_fit_error(exc: BaseException, x: torch.Tensor, shape=None) -> ValueError:
     """A ``ValueError`` saying that ``x`` does not fit the model, for an error raised
     by the model's forward on ``x`` (wrong shape, channel count or dtype); ``shape``: the
     shape to quote (the caller's whole batch, when ``x`` is a probe of its first input)."""
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    first = first_line(exc, type(exc).__name__)
     shape = tuple(x.shape if shape is None else shape)
     return ValueError(f"x does not fit the model: its forward pass on inputs of shape {shape} and dtype "
                       f"{x.dtype} failed with {type(exc).__name__}: {first}")

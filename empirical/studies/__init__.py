@@ -19,7 +19,6 @@ and a killed run resumes where it stopped.
 from __future__ import annotations
 
 import importlib
-from pathlib import Path
 
 from noiseprop.theory.symbolic.batchnorm import batchnorm_lognormal_scales
 from noiseprop.theory.symbolic.learning_rate import lr_sweet_spot
@@ -174,20 +173,17 @@ def run_study(name: str, grid: Grid | None = None, store=None, executor=None, ca
     ``grid``: a :class:`Grid` (e.g. :func:`quick_grid`, :func:`default_grid`,
     :func:`paper_grid`) or ``None`` (:func:`default_grid`)."""
     # refuse what can be refused before any work
-    study_module(name)
+    mod = study_module(name)
     if grid is not None and not isinstance(grid, Grid):
         raise TypeError(f"grid must be a Grid (e.g. quick_grid(), default_grid() or paper_grid()) or None; "
                         f"got {type(grid).__name__} {grid!r}")
     if progress is not None and not callable(progress):
         raise TypeError(f"progress must be None or a callable progress(event, task, info); got {progress!r}")
-    if cache_dir is not None:
-        check_output_dir(cache_dir, "cache_dir")
+    cache_dir = check_output_dir(cache_dir, "cache_dir") if cache_dir is not None else default_cache_dir()
     grid = grid or default_grid()
-    cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     if store is None:
         check_output_dir(cache_dir / "cells", "cache_dir")
     store = store or ResultStore(cache_dir / "cells")
-    mod = study_module(name)
     plan = mod.plan(grid, cache_dir=str(cache_dir), **options)
     results, _ = run_plans([plan], grid, store, executor, progress)
     return mod.analyse(plan, results, grid)
