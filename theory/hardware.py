@@ -47,6 +47,7 @@ approximation of each element, stated there).
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
@@ -91,6 +92,10 @@ MAX_BITS = 53
 #: Most nodes of a PCM device table (:meth:`PCMLike.device_tables_over_times`): 256× the
 #: default 4097, whose relative error is already about 1e-5; more only costs time and memory.
 MAX_TABLE_POINTS = 2**20 + 1
+#: Device tables (:meth:`PCMLike.device_tables_over_times`) kept in the process, least
+#: recently used dropped first: each is about 200 kB at the default 4097 nodes.
+TABLE_CACHE_SIZE = 64
+_TABLES: "OrderedDict[tuple, tuple]" = OrderedDict()
 
 
 # ----------------------------------------------------------------------------
@@ -498,7 +503,7 @@ class PCMLike(HardwareNoise):
         """:meth:`device_moments` on a grid of targets ``[0, g_max]`` (``points`` nodes,
         quadratically spaced so they are dense near 0, plus the kinks of ``μ_ν``, ``σ_ν`` in ``r``): the moments depend on the
         weight only through its device target, so one table serves every layer.
-        Cached per model instance."""
+        Cached (:meth:`device_tables_over_times`)."""
         return self.device_tables_over_times([self], points)[0]
 
     @staticmethod
@@ -512,26 +517,39 @@ class PCMLike(HardwareNoise):
     def device_tables_over_times(models, points: int = 4097) -> list[tuple[torch.Tensor, dict]]:
         """:meth:`device_table` of each of ``models`` (one :class:`PCMLike` at several
         times), the missing ones computed together on one set of quadrature nodes
-        (:meth:`_device_moments_over_times`) and cached in each model. ``points``: at least
+        (:meth:`_device_moments_over_times`) and kept in a process-wide cache of the
+        :data:`TABLE_CACHE_SIZE` most recently used tables (keyed on the scales, ``t`` and
+        ``points``: a second curve with the same device model, for another network or
+        with compensation toggled, reuses them). ``points``: at least
         2 (the table's end nodes 0 and ``g_max``); the interpolation error falls about as
         ``points⁻²`` (relative error of the variance about 1e-5 at the default 4097, 3e-3 at
         257, over 100% below 9)."""
         models = _check_models(models, "device_tables_over_times")
         points = check_int("points", points, 2, MAX_TABLE_POINTS)
-        key = ("_table", points)
-        caches = [q.__dict__.setdefault("_cache", {}) for q in models]
-        todo = [k for k, c in enumerate(caches) if key not in c]
+        if not PCMLike.one_model_over_times(models):
+            raise ValueError("device_tables_over_times needs one PCMLike model at several times")
+        keys = [q._table_key(points) for q in models]
+        todo = [k for k, key in enumerate(keys) if key not in _TABLES]
         if todo:
             first = models[todo[0]]
-            if not PCMLike.one_model_over_times([models[k] for k in todo]):
-                raise ValueError("device_tables_over_times needs one PCMLike model at several times")
             kinks = [G_MAX * math.exp((0.0244 - c) / 0.0155) for c in (0.049, 0.1)]
             kinks += [G_MAX * math.exp((-0.0059 - c) / 0.0125) for c in (0.008, 0.045)]
             grid = G_MAX * torch.linspace(0.0, 1.0, points, dtype=torch.float64) ** 2  # dense near 0
             grid = torch.unique(torch.cat([grid, torch.tensor([k for k in kinks if 0 < k < G_MAX], dtype=torch.float64)]))
             for k, d in zip(todo, first._device_moments_over_times(grid, [models[k].t for k in todo])):
-                caches[k][key] = (grid, d)
-        return [c[key] for c in caches]
+                _TABLES[keys[k]] = (grid, d)
+        out = []
+        for key in keys:
+            _TABLES.move_to_end(key)  # the least recently used go first
+            out.append(_TABLES[key])
+        while len(_TABLES) > TABLE_CACHE_SIZE:
+            _TABLES.popitem(last=False)
+        return out
+
+    def _table_key(self, points: int) -> tuple:
+        """What a device table depends on: the three scales, ``t`` and the nodes (not the
+        mapping ``per`` nor the compensation, which act on the weights)."""
+        return (self.prog_noise_scale, self.drift_scale, self.read_noise_scale, self.t, points)
 
     def table_moments(self, g_t: torch.Tensor, points: int = 4097) -> dict:
         """:meth:`device_moments` at ``g_t`` by linear interpolation in :meth:`device_table`

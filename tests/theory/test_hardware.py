@@ -176,14 +176,39 @@ def test_device_tables_over_times_equal_one_time_at_a_time():
     of quadrature nodes (what a drift curve does), equal each time's own table; models
     that differ in more than ``t`` are refused."""
     times = [1.0, 3600.0, 3.15e8]
+    hw._TABLES.clear()
     together = PCMLike.device_tables_over_times([PCMLike(t=t, read_noise_scale=2.0) for t in times], points=257)
     for t, (grid, d) in zip(times, together):
+        hw._TABLES.clear()  # each time's table computed on its own, not taken from the cache
         g1, d1 = PCMLike(t=t, read_noise_scale=2.0).device_table(points=257)
         assert torch.equal(grid, g1)
         for k in d1:
             assert torch.allclose(d[k], d1[k], rtol=1e-13, atol=0), k
     with pytest.raises(ValueError, match="one PCMLike model at several times"):
         PCMLike.device_tables_over_times([PCMLike(t=1.0), PCMLike(t=2.0, drift_scale=2.0)], points=17)
+    PCMLike(t=1.0).device_table(points=17)  # refused whatever the cache holds
+    with pytest.raises(ValueError, match="one PCMLike model at several times"):
+        PCMLike.device_tables_over_times([PCMLike(t=1.0), PCMLike(t=2.0, drift_scale=2.0)], points=17)
+
+
+def test_device_tables_cached_across_models():
+    """A device table depends on the scales, ``t`` and the nodes only: another instance
+    with the same ones (compensation and ``per`` may differ) gets the cached table, one
+    with another scale or time its own; the cache keeps the most recently used
+    :data:`~noiseprop.theory.hardware.TABLE_CACHE_SIZE` tables, and a table computed again
+    after being dropped is the same numbers."""
+    hw._TABLES.clear()
+    g0, d0 = PCMLike(t=60.0, prog_noise_scale=1.5).device_table(points=33)
+    g1, d1 = PCMLike(t=60.0, prog_noise_scale=1.5, compensation=False, per="channel").device_table(points=33)
+    assert g1 is g0 and all(d1[k] is d0[k] for k in d0)
+    _, d2 = PCMLike(t=60.0, prog_noise_scale=2.0).device_table(points=33)
+    _, d3 = PCMLike(t=61.0, prog_noise_scale=1.5).device_table(points=33)
+    assert d2["sq"] is not d0["sq"] and d3["sq"] is not d0["sq"]
+    for k in range(hw.TABLE_CACHE_SIZE):  # push the first table out
+        PCMLike(t=1000.0 + k).device_table(points=9)
+    assert len(hw._TABLES) == hw.TABLE_CACHE_SIZE
+    _, d4 = PCMLike(t=60.0, prog_noise_scale=1.5).device_table(points=33)
+    assert d4["sq"] is not d0["sq"] and all(torch.equal(d4[k], d0[k]) for k in d0)
 
 
 @pytest.mark.parametrize("per", ["layer", "channel"])
