@@ -69,7 +69,7 @@ from torch.func import functional_call, jvp, vmap
 
 from ._graph import differentiable_attention, unfold_input
 from .accuracy import DEFAULT_N_POINTS, check_n_points, correct_probability, sampled_accuracies
-from .hardware import HardwareNoise, PCMLike
+from .hardware import HardwareNoise, PCMLike, programmed_abs_moments
 from .hashing import inputs_fingerprint
 from .linearize import (DEFAULT_JACOBIAN_BUDGET, PASS_CHUNK_CAP, LinearizedNetwork, _patch_size, read_without_call,
                         backprop_signals, graph_and_signals, jacobian_pass, scaled_jacobian, tap_jacobian,
@@ -115,15 +115,17 @@ class _Moments:
     alpha_mean: dict
 
 
-def _moments(lin: LinearizedNetwork, noise: WeightNoise, sampled: dict | None = None, raw: dict | None = None) -> _Moments:
-    """Per-parameter moments under ``noise``; ``sampled``, ``raw``: per parameter name, a PCM
-    layer's compensation draws and raw moments at this time, already computed
-    (:func:`_moments_over_times`)."""
+def _moments(lin: LinearizedNetwork, noise: WeightNoise, sampled: dict | None = None, raw: dict | None = None,
+             prog_abs: dict | None = None) -> _Moments:
+    """Per-parameter moments under ``noise``; ``sampled``, ``raw``, ``prog_abs``: per
+    parameter name, a PCM layer's compensation draws, raw moments at this time and
+    programmed weights' absolute moments, already computed (:func:`_moments_over_times`)."""
     mean, unit, raw_mean, cov_w, avar, amean = {}, {}, {}, {}, {}, {}
     for n, w in lin.target_params.items():
         if isinstance(noise, PCMLike):
             eff = noise.effective_moments(w, sampled=None if sampled is None else sampled[n],
-                                          raw=None if raw is None else raw[n])
+                                          raw=None if raw is None else raw[n],
+                                          prog_abs=None if prog_abs is None else prog_abs[n])
             mean[n] = eff["mean"].to(w.dtype)
             comp = eff["comp"]
             if comp is None:  # without compensation
@@ -154,13 +156,15 @@ def _moments_over_times(lin: LinearizedNetwork, noises: Sequence[HardwareNoise])
         return [_moments(lin, nz) for nz in noises]
     raws = [{} for _ in noises]  # every time's device table on one set of quadrature nodes
     per_time = [{} if first.compensation else None for _ in noises]
+    prog_abs = {} if first.compensation else None
     for n, w in lin.target_params.items():
         for k, raw in enumerate(PCMLike.raw_moments_over_times(w, noises)):
             raws[k][n] = raw
         if first.compensation:
+            prog_abs[n] = programmed_abs_moments(raws[0][n])  # the same at every time
             for k, st in enumerate(first.alpha_over_times(w, [nz.t for nz in noises])):
                 per_time[k][n] = st
-    return [_moments(lin, nz, st, raw) for nz, st, raw in zip(noises, per_time, raws)]
+    return [_moments(lin, nz, st, raw, prog_abs) for nz, st, raw in zip(noises, per_time, raws)]
 
 
 def _at(lin: LinearizedNetwork, point: dict) -> LinearizedNetwork:

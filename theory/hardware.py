@@ -243,21 +243,30 @@ def _table_position(grid: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, 
     return i, ((x - x0) / (x1 - x0)).clamp(0, 1)
 
 
-def _raw_from_devices(a: dict, b: dict, k: torch.Tensor, sign: torch.Tensor | None = None) -> dict:
+def _raw_from_devices(a: dict, b: dict, k: torch.Tensor, sign: torch.Tensor | None = None,
+                      same_prog: dict | None = None) -> dict:
     """The read weight's raw moments (:meth:`PCMLike.raw_moments`) from the per-device
     moments (:meth:`PCMLike.device_moments`) of its positive device ``a`` and negative
     device ``b``, ``k = M/g_max``; with ``sign``, ``a`` is the active device and ``b`` the
     idle one (target 0) and the mean takes the weight's sign. The devices are independent,
-    so the variances and covariances add."""
+    so the variances and covariances add. ``same_prog``: the raw moments of the same
+    devices at another time, whose ``prog_mean``, ``prog_var`` (which do not depend on
+    ``t``) are taken as they are."""
     def spread(d):
-        return d["sq"] - d["mean"] ** 2, d["prog_sq"] - d["prog_mean"] ** 2, d["cross"] - d["prog_mean"] * d["mean"]
+        return d["sq"] - d["mean"] ** 2, d["cross"] - d["prog_mean"] * d["mean"]
 
-    (va, pa, ca), (vb, pb, cb) = spread(a), spread(b)
-    mean, prog_mean = a["mean"] - b["mean"], a["prog_mean"] - b["prog_mean"]
+    (va, ca), (vb, cb) = spread(a), spread(b)
+    mean = a["mean"] - b["mean"]
     if sign is not None:
-        mean, prog_mean = sign * mean, sign * prog_mean
-    return dict(mean=mean * k, var=(va + vb) * k * k, prog_mean=prog_mean * k, prog_var=(pa + pb) * k * k,
-                cov=(ca + cb) * k * k)
+        mean = sign * mean
+    if same_prog is None:
+        prog_mean = a["prog_mean"] - b["prog_mean"]
+        prog_mean = prog_mean if sign is None else sign * prog_mean
+        pa, pb = (d["prog_sq"] - d["prog_mean"] ** 2 for d in (a, b))
+        prog = dict(prog_mean=prog_mean * k, prog_var=(pa + pb) * k * k)
+    else:
+        prog = dict(prog_mean=same_prog["prog_mean"], prog_var=same_prog["prog_var"])
+    return dict(mean=mean * k, var=(va + vb) * k * k, **prog, cov=(ca + cb) * k * k)
 
 
 def _q_read(g: torch.Tensor) -> torch.Tensor:
@@ -337,6 +346,12 @@ def _abs_moments(mu: torch.Tensor, var: torch.Tensor):
     e_abs = ss * math.sqrt(2 / math.pi) * torch.exp(-0.5 * u * u) + mu * (1 - 2 * torch.special.ndtr(-u))
     kappa = 2 * torch.special.ndtr(u) - 1
     return torch.where(pos, e_abs, mu.abs()), torch.where(pos, kappa, torch.sign(mu))
+
+
+def programmed_abs_moments(raw: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_abs_moments` of the programmed weight ``W_P`` (``raw["prog_mean"]``,
+    ``raw["prog_var"]``): ``(E|W_P|, κ_P)``, the same at every time."""
+    return _abs_moments(raw["prog_mean"], raw["prog_var"])
 
 
 @dataclass(frozen=True)
@@ -594,16 +609,21 @@ class PCMLike(HardwareNoise):
         sign = torch.sign(r)
         k = (m / G_MAX).double()
         i, f = _table_position(tables[0][0], r.abs() * G_MAX)
-        out = []
+        out, prog = [], {}
         for grid, tab in tables:
-            v = torch.stack(list(tab.values()))  # [moments, nodes]
+            names = [n for n in tab if n not in prog]  # the programmed moments do not depend on t: once
+            v = torch.stack([tab[n] for n in names])  # [moments, nodes]
             lo = v[:, i - 1]
-            on = (lo + f * (v[:, i] - lo)).reshape((len(tab),) + tuple(w.shape))  # the active device
-            out.append(_raw_from_devices(dict(zip(tab, on.unbind(0))), dict(zip(tab, v[:, 0].unbind(0))), k, sign))
+            on = (lo + f * (v[:, i] - lo)).reshape((len(names),) + tuple(w.shape))  # the active device
+            on = {**dict(zip(names, on.unbind(0))), **prog}
+            prog = prog or {n: on[n] for n in tab if n.startswith("prog_")}
+            raw = _raw_from_devices(on, {n: tab[n][0] for n in tab}, k, sign, out[0] if out else None)
+            out.append(raw)
         return out
 
     def compensation_moments(self, w: torch.Tensor, raw: dict | None = None,
-                             draws: int | None = None, sampled: tuple | None = None) -> CompensationMoments:
+                             draws: int | None = None, sampled: tuple | None = None,
+                             prog_abs: tuple | None = None) -> CompensationMoments:
         """Expectation and variance of the layer's ``α = A/B`` and ``Cov(α, W_ij)``
         (derivation ``hardware.compensation``).
 
@@ -627,11 +647,13 @@ class PCMLike(HardwareNoise):
         zero and enters ``α`` through a layer mean.
 
         ``sampled``: ``(Ā, B̄, E α, Var α)`` already drawn for this layer and time
-        (:meth:`alpha_over_times`), used instead of drawing them again."""
+        (:meth:`alpha_over_times`), used instead of drawing them again. ``prog_abs``:
+        :func:`programmed_abs_moments` of ``raw``, already computed (they do not depend on
+        ``t``: a curve forms them once)."""
         draws = ALPHA_DRAWS if draws is None else check_int("draws", draws, 0)
         raw = self.raw_moments(w) if raw is None else raw
         n = raw["mean"].numel()
-        ea_p, k_p = _abs_moments(raw["prog_mean"], raw["prog_var"])
+        ea_p, k_p = programmed_abs_moments(raw) if prog_abs is None else prog_abs
         ea, k = _abs_moments(raw["mean"], raw["var"])
         a_bar, b_bar = float(ea_p.mean()), float(ea.mean())
         if a_bar <= 0 or b_bar <= 0:
@@ -658,11 +680,14 @@ class PCMLike(HardwareNoise):
         :data:`ALPHA_SEED`: the same draws at every time, so a curve over times is smooth.
         The first entry is at ``self.t``, then one per further time in ``times``, all from
         the same draws (the programmed conductances, ``Ā`` and the time-free parts of the
-        read conductance are formed once)."""
+        read conductance are formed once). The draws and conductances are float32 (half
+        the time of float64; each layer mean is a float32 sum over the layer, relative
+        error about 1e-7, against the draws' own spread of 1e-3 or more), the statistics
+        float64."""
         n = w.numel()
         k = int(min(16 * draws, max(draws, ALPHA_SAMPLE_ELEMENTS // max(n, 1))))
         g = torch.Generator(device=w.device).manual_seed(ALPHA_SEED)
-        wd = w.detach().double()
+        wd = w.detach().float()
         g_t, m = _device_targets(wd, self.per)
         scale = m / G_MAX
         models = [self] + [replace(self, t=float(t)) for t in times]
@@ -677,10 +702,10 @@ class PCMLike(HardwareNoise):
             for bs, q in zip(b_s, models):
                 g_r = q._read(*free)
                 bs.append(((g_r[:, 0] - g_r[:, 1]) * scale).abs().reshape(z.shape[0], -1).mean(1))
-        a = torch.cat(a_s)
+        a = torch.cat(a_s).double()
         out = []
         for bs in b_s:
-            b = torch.cat(bs)
+            b = torch.cat(bs).double()
             alpha = torch.where(b > 0, a / torch.where(b > 0, b, torch.ones_like(b)), torch.ones_like(b))
             out.append((float(a.mean()), float(b.mean()), float(alpha.mean()), float(alpha.var()) if k > 1 else 0.0))
         return out
@@ -698,18 +723,20 @@ class PCMLike(HardwareNoise):
         times = [float(t) for t in check_times(times)]
         return replace(self, t=times[0])._alpha_sampled(w, draws, tuple(times[1:]))
 
-    def effective_moments(self, w: torch.Tensor, sampled: tuple | None = None, raw: dict | None = None) -> dict:
+    def effective_moments(self, w: torch.Tensor, sampled: tuple | None = None, raw: dict | None = None,
+                          prog_abs: tuple | None = None) -> dict:
         """Per-element moments of the weight the network uses (``α W(t)`` with
         compensation, else ``W(t)``), plus the compensation statistics: ``mean``,
         ``var``, ``raw`` (:meth:`raw_moments`) and ``comp`` (:class:`CompensationMoments`
         or ``None``). With compensation, ``E[αW] = E α E W + Cov(α, W)`` and, to first
         order, ``Var(αW) = (Eα)² Var W + (E W)² Var α + 2 Eα E W Cov(α, W)``. ``sampled``:
         see :meth:`compensation_moments`; ``raw``: :meth:`raw_moments` of ``w`` at this time,
-        already computed (:meth:`raw_moments_over_times`)."""
+        already computed (:meth:`raw_moments_over_times`); ``prog_abs``: see
+        :meth:`compensation_moments`."""
         raw = self.raw_moments(w) if raw is None else raw
         if not self.compensation:
             return dict(mean=raw["mean"], var=raw["var"], raw=raw, comp=None)
-        comp = self.compensation_moments(w, raw, sampled=sampled)
+        comp = self.compensation_moments(w, raw, sampled=sampled, prog_abs=prog_abs)
         a = comp.alpha_mean
         if not (math.isfinite(a) and math.isfinite(comp.alpha_var)):
             raise ValueError(f"{self.to_string()}: the drift-compensation factor overflows (E α = {a:.3g}, Var α = "
