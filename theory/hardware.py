@@ -200,8 +200,9 @@ def rectified_expectation(h, a: torch.Tensor, s: torch.Tensor, kinks=(), nodes: 
     on ``[max(−a/s, −z_max), z_max]``, split at the points where ``a + s z`` crosses one
     of ``kinks`` (where ``h`` is not smooth), so each piece has an analytic integrand.
     Elementwise over ``a, s`` (float64); ``s = 0`` gives ``h(max(a, 0))``. ``h`` may
-    return several integrands at once along a last axis (``[..., k]``: the result is then
-    ``[n, k]``, all on the same nodes)."""
+    return several integrands at once along a last axis (``[..., k]``), or as a list of
+    ``k`` tensors (no stacked copy of the nodes): the result is then ``[n, k]``, all on
+    the same nodes."""
     a = torch.as_tensor(a, dtype=torch.float64).reshape(-1)
     s = torch.as_tensor(s, dtype=torch.float64).reshape(-1)
     a, s = torch.broadcast_tensors(a, s)
@@ -222,11 +223,17 @@ def rectified_expectation(h, a: torch.Tensor, s: torch.Tensor, kinks=(), nodes: 
             half = 0.5 * (r - l)
             z = (0.5 * (r + l))[:, None] + half[:, None] * xg[None, :]
             f = h(ai[:, None] + si[:, None] * z)
-            vector = f.dim() == 3
-            f = f if vector else f.unsqueeze(-1)  # [B, nodes, k]
             dw = torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi) * wg[None, :]
-            total = total + half[:, None] * (f * dw[:, :, None]).sum(1)
-        det = h(ai.clamp_min(0)[:, None])[:, 0]
+            if isinstance(f, (list, tuple)):  # k integrands [B, nodes]
+                vector = True
+                piece = torch.stack([(fk * dw).sum(1) for fk in f], dim=-1)
+            else:
+                vector = f.dim() == 3
+                f = f if vector else f.unsqueeze(-1)  # [B, nodes, k]
+                piece = (f * dw[:, :, None]).sum(1)
+            total = total + half[:, None] * piece
+        det = h(ai.clamp_min(0)[:, None])
+        det = torch.stack(det, dim=-1)[:, 0] if isinstance(det, (list, tuple)) else det[:, 0]
         parts.append(torch.where(pos[:, None], total, det if vector else det.unsqueeze(-1)))
     if not parts:
         return torch.empty(0, dtype=torch.float64)
@@ -497,12 +504,20 @@ class PCMLike(HardwareNoise):
         a, s = g_t.reshape(-1), s_p.reshape(-1)
 
         def integrands(g):  # E g_D-free parts of E g, E g², E[g_P g] per time (one set of nodes)
-            q = _q_read(g)
+            q = _q_read(g)  # >= 0.0088
+            g2 = g * g
             out = []
-            for c in cs:
-                m1, m2 = rectified_normal_moments(torch.ones_like(g), c * q)
-                out += [g * m1, g * g * m2, g * g * m1]
-            return torch.stack(out, dim=-1)
+            for c in cs:  # rectified_normal_moments(1, c q), written out for a = 1 and s = c q > 0
+                if c > 0:
+                    sq = c * q
+                    u = 1.0 / sq
+                    Phi = torch.special.ndtr(u)
+                    sphi = sq * torch.exp(-0.5 * u * u) * (1 / math.sqrt(2 * math.pi))
+                    m1, m2 = Phi + sphi, (1 + sq * sq) * Phi + sphi
+                    out += [g * m1, g2 * m2, g2 * m1]
+                else:  # no read noise: max(0, 1) = 1
+                    out += [g, g2, g2]
+            return out
 
         ints = rectified_expectation(integrands, a, s, _Q_KINKS).unbind(-1)
         res = []
