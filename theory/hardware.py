@@ -217,23 +217,27 @@ def rectified_expectation(h, a: torch.Tensor, s: torch.Tensor, kinks=(), nodes: 
         hi = torch.full_like(ai, z_max)
         bps = [torch.clamp((k - ai) / ss, min=lo, max=hi) for k in kinks]
         edges = torch.sort(torch.stack([lo] + bps + [hi]), dim=0).values  # [P+1, B]
-        total = 0.0
+        det = h(ai.clamp_min(0)[:, None])  # s = 0: h(max(a, 0)); also tells the integrands' count
+        vector = isinstance(det, (list, tuple)) or det.dim() == 3
+        det = torch.stack(det, dim=-1)[:, 0] if isinstance(det, (list, tuple)) else det[:, 0]
+        total = torch.zeros((ai.numel(), det.shape[-1] if vector else 1), dtype=torch.float64, device=ai.device)
         for j in range(edges.shape[0] - 1):
-            l, r = edges[j], edges[j + 1]
+            # only the elements whose piece has a width (a kink outside the range gives an
+            # empty piece, which adds exactly 0): most of a device table's nodes have one
+            idx = torch.nonzero(edges[j + 1] > edges[j]).squeeze(1)
+            if idx.numel() == 0:
+                continue
+            l, r, aj, sj = edges[j, idx], edges[j + 1, idx], ai[idx], si[idx]
             half = 0.5 * (r - l)
             z = (0.5 * (r + l))[:, None] + half[:, None] * xg[None, :]
-            f = h(ai[:, None] + si[:, None] * z)
+            f = h(aj[:, None] + sj[:, None] * z)
             dw = torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi) * wg[None, :]
             if isinstance(f, (list, tuple)):  # k integrands [B, nodes]
-                vector = True
                 piece = torch.stack([(fk * dw).sum(1) for fk in f], dim=-1)
             else:
-                vector = f.dim() == 3
-                f = f if vector else f.unsqueeze(-1)  # [B, nodes, k]
+                f = f if f.dim() == 3 else f.unsqueeze(-1)  # [B, nodes, k]
                 piece = (f * dw[:, :, None]).sum(1)
-            total = total + half[:, None] * piece
-        det = h(ai.clamp_min(0)[:, None])
-        det = torch.stack(det, dim=-1)[:, 0] if isinstance(det, (list, tuple)) else det[:, 0]
+            total.index_add_(0, idx, half[:, None] * piece)
         parts.append(torch.where(pos[:, None], total, det if vector else det.unsqueeze(-1)))
     if not parts:
         return torch.empty(0, dtype=torch.float64)
