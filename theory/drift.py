@@ -389,7 +389,7 @@ def _element_gram_cheaper(mod: nn.Module, calls, num_classes: int, num_units: in
     """Whether :func:`_conv_element_cov` (and a convolution per tangent or draw) costs
     less than forming the per-sample Jacobian ``J [C, P]`` and its products, for a
     convolution called once with ``L`` output positions: per input and weight element,
-    ``U·L(L+1)/2 + L·T`` against ``C·L + U·C² + C·T`` multiply-adds (``U`` scale maps, ``T``
+    ``U·L² + L·T`` against ``C·L + U·C² + C·T`` multiply-adds (``U`` scale maps, ``T``
     tangents and draws, ``C`` classes) plus the Jacobian route's memory-bound ``3·U·C``
     element reads and writes at :data:`MEMORY_ELEMENT_COST` each: the small feature maps
     of deep layers."""
@@ -398,7 +398,7 @@ def _element_gram_cheaper(mod: nn.Module, calls, num_classes: int, num_units: in
     dl = calls[0][1]
     L = dl[0, 0].numel() // mod.out_channels
     C, U, T = num_classes, num_units, num_maps
-    return U * L * (L + 1) // 2 + L * T < C * L + U * C * C + C * T + MEMORY_ELEMENT_COST * 3 * U * C
+    return U * L * L + L * T < C * L + U * C * C + C * T + MEMORY_ELEMENT_COST * 3 * U * C
 
 
 def _conv_element_cov(tap, delta: torch.Tensor, scales: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -407,32 +407,22 @@ def _conv_element_cov(tap, delta: torch.Tensor, scales: Sequence[torch.Tensor]) 
     Σ_p δ_{a,o,p} X_{j,p}`` (``X`` the unfolded input patches), ``Σ_{o,j} u²_{oj} J_{a,oj}
     J_{c,oj} = Σ_o Σ_{p,q} δ_{a,o,p} δ_{c,o,q} G_{o,pq}``, ``G_{o,pq} = Σ_j u²_{oj} X_{j,p}
     X_{j,q}`` (the Gram route of :func:`~noiseprop.theory.linearize.tap_covariance`, with
-    the scale inside the patch Gram matrix because it varies within an output channel).
-    ``G`` is symmetric in ``p, q``: its ``L(L+1)/2`` distinct entries of every scale map
-    come from one matrix product (``[U·O, J] × [J, L(L+1)/2]``), about half the
-    multiply-adds of the full ``L²`` and one product instead of one per map."""
+    the scale inside the patch Gram matrix because it varies within an output channel)."""
     m = tap.module
     C, B = delta.shape[:2]
     O, g = m.out_channels, m.groups
     X = unfold_input(tap.x, m)
     L = X.shape[-1]
-    X = X.reshape(B, g, -1, L).transpose(2, 3).contiguous()  # [B, g, L, Jp]: the products along the patch
-    Jp = X.shape[-1]
-    iu, ju = torch.triu_indices(L, L, device=X.device)
-    K, U = iu.numel(), len(scales)
-    XX = (X[:, :, iu] * X[:, :, ju]).transpose(0, 1).reshape(g, B * K, Jp)  # [g, B·K, Jp], p ≤ q
-    u2 = torch.stack([(u.reshape(g, O // g, Jp) ** 2).to(X.dtype) for u in scales], 1)  # [g, U, O/g, Jp]
-    Gs = torch.matmul(u2.reshape(g, U * (O // g), Jp), XX.mT)  # [g, U·O/g, B·K]: every map in one product
-    Gs = Gs.reshape(g, U, O // g, B, K).transpose(0, 1).reshape(U * O, B, K)  # output channel o = group·O/g + i
-    pair = torch.empty(L, L, dtype=torch.long, device=X.device)  # (p, q) -> its entry of the upper triangle
-    pair[iu, ju] = torch.arange(K, device=X.device)
-    pair[ju, iu] = pair[iu, ju]
-    G = Gs.index_select(2, pair.reshape(-1)).reshape(U, O, B, L, L)
+    X = X.reshape(B, g, -1, L)  # [B, g, Jp, L]
+    XX = (X.unsqueeze(-1) * X.unsqueeze(-2)).reshape(B, g, X.shape[2], L * L)  # [B, g, Jp, L²]
     d = delta.reshape(C, B, O, L)
-    T = torch.matmul(d.permute(2, 1, 0, 3).unsqueeze(0), G)  # [U, O, B, C, L]
-    T = T.permute(2, 0, 3, 1, 4).reshape(B, U * C, O * L)
-    cov = torch.bmm(T, d.permute(1, 0, 2, 3).reshape(B, C, O * L).mT).reshape(B, U, C, C).double()
-    return list(cov.unbind(1))
+    out = []
+    for u in scales:
+        u2 = (u.reshape(g, O // g, -1) ** 2).to(X.dtype)  # [g, O/g, Jp]
+        G = torch.matmul(u2.unsqueeze(0), XX).reshape(B, O, L, L)  # [B, g, O/g, L²] → per output channel
+        T = torch.einsum("abop,bopq->baoq", d, G)
+        out.append(torch.einsum("baoq,cboq->bac", T, d).double())
+    return out
 
 
 def _tangent_products(mod, pname, calls, J, tangents, jt_c, dirs, z_c, draws) -> None:
