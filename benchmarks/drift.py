@@ -13,7 +13,12 @@ validity warning flagged, and its false alarms (warned where the first order was
 
     .venv/bin/python benchmarks/drift.py [--models mlp,vgg,resnet20] [--scales 1,2]
         [--draws 50] [--times 1,3600,86400,2.6e6,3.15e7,3.15e8] [--linearize-at earliest|mean|programmed]
-        [--methods linear,moments] [--compensation both|on|off]
+        [--methods linear,moments] [--compensation both|on|off] [--classes 3]
+
+``--classes K`` adds ``predict_drift(classes=K)`` (method ``linear_classesK``): its curve
+lines also give its difference from the every-class prediction (``minus_full``) and the
+truncation error it measured on its check inputs. Every prediction is timed cold (the
+process-wide PCM device tables cleared first).
 """
 from __future__ import annotations
 
@@ -43,11 +48,14 @@ def main(argv=None):
     ap.add_argument("--methods", default="linear", help="prediction methods, e.g. linear,moments")
     ap.add_argument("--compensation", default="both", choices=("both", "on", "off"))
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--classes", default="", help="also predict with classes=K (comma-separated K), timed alike")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
+    a.classes = [int(k) for k in a.classes.split(",") if k]
     warnings.simplefilter("ignore")
     from noiseprop.empirical import drift_sweep, load_dataset, train
     from noiseprop.theory import PCMLike, predict_drift
+    from noiseprop.theory import hardware as hw
 
     times = [float(t) for t in a.times.split(",")]
     calib = []  # (within, warned, ...) of every first-order point: the validity diagnostic's calibration
@@ -59,11 +67,14 @@ def main(argv=None):
             for comp in {"both": (True, False), "on": (True,), "off": (False,)}[a.compensation]:
                 noise = PCMLike(compensation=comp, prog_noise_scale=scale, drift_scale=scale, read_noise_scale=scale)
                 preds, tps = {}, {}
-                for method in a.methods.split(","):
+                runs = [(m, m, None) for m in a.methods.split(",")]
+                runs += [(f"linear_classes{k}", "linear", k) for k in a.classes]
+                for label, method, k in runs:
+                    hw._TABLES.clear()  # every prediction timed cold: its device tables computed in its own time
                     t0 = time.perf_counter()
-                    preds[method] = predict_drift(model, x, y, noise, times, method=method,
-                                                  linearize_at=a.linearize_at, accuracy_draws=0)
-                    tps[method] = time.perf_counter() - t0
+                    preds[label] = predict_drift(model, x, y, noise, times, method=method,
+                                                 linearize_at=a.linearize_at, accuracy_draws=0, classes=k)
+                    tps[label] = time.perf_counter() - t0
                 t0 = time.perf_counter()
                 mc = drift_sweep(model, x, y, noise, times, draws=a.draws, seed=0, progress=False)
                 tm = time.perf_counter() - t0
@@ -77,10 +88,17 @@ def main(argv=None):
                         ok_all &= ok
                         frac = None if np.isnan(pred.preact_frac[i]) else float(pred.preact_frac[i])
                         warned = bool(pred.outside_range[i])
-                        emit(dict(part="curve", model=name, scale=scale, compensation=comp, method=method, time_s=t,
-                                  predicted=round(p, 4), mc=round(m, 4), mc_ci=[round(lo, 4), round(hi, 4)],
-                                  diff=round(p - m, 4), within=ok,
-                                  preact_frac=None if frac is None else round(float(frac), 3), warned=warned))
+                        row = dict(part="curve", model=name, scale=scale, compensation=comp, method=method, time_s=t,
+                                   predicted=round(p, 4), mc=round(m, 4), mc_ci=[round(lo, 4), round(hi, 4)],
+                                   diff=round(p - m, 4), within=ok,
+                                   preact_frac=None if frac is None else round(float(frac), 3), warned=warned)
+                        if method in preds and method.startswith("linear_classes"):
+                            dg = pred.predictions[i].diagnostics
+                            row.update(minus_full=round(p - float(preds["linear"].accuracy[i]), 5)
+                                       if "linear" in preds else None,
+                                       truncation_error_measured=round(dg.get("classes_truncation_accuracy_error",
+                                                                              0.0), 5))
+                        emit(row)
                         if method == "linear":
                             calib.append((ok, warned, name, scale, comp, t, frac))
                     tp = tps[method]

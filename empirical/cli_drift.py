@@ -97,6 +97,13 @@ def cmd_drift(args) -> int:
         raise CLIError(f"--draws must be 0 (prediction only) or >= 2, got {args.draws}")
     if args.no_compensation and args.both:
         raise CLIError("--no-compensation and --both exclude each other")
+    if args.classes is not None:
+        if args.classes < 1:
+            raise CLIError(f"--classes must be >= 1 (competitors per input), got {args.classes}")
+        if args.method != "linear" or args.linearize_at == "mean":
+            raise CLIError("--classes truncates the first order's one derivative pass: it needs --method linear and "
+                           f"--linearize-at earliest or programmed, got --method {args.method} --linearize-at "
+                           f"{args.linearize_at}")
     for flag, field, v in (("--prog-scale", "prog_noise_scale", args.prog_scale),
                            ("--drift-scale", "drift_scale", args.drift_scale),
                            ("--read-scale", "read_noise_scale", args.read_scale)):
@@ -114,7 +121,8 @@ def cmd_drift(args) -> int:
         noise = PCMLike(compensation=comp, prog_noise_scale=args.prog_scale, drift_scale=args.drift_scale,
                         read_noise_scale=args.read_scale, per=args.per)
         pred = predict_drift(model, x, y, noise, times, targets=args.targets, seed=args.seed,
-                             linearize_at=args.linearize_at, accuracy_draws=args.accuracy_draws, method=args.method)
+                             linearize_at=args.linearize_at, accuracy_draws=args.accuracy_draws, method=args.method,
+                             classes=args.classes)
         mc = None
         if args.draws:
             mc = drift_sweep(model, x, y, noise, times, draws=args.draws, seed=args.seed, targets=args.targets,
@@ -129,6 +137,9 @@ def cmd_drift(args) -> int:
                      preact_frac=None if np.isnan(pred.preact_frac[i]) else float(pred.preact_frac[i]),
                      outside_range=bool(pred.outside_range[i]),
                      first_order_outside_range=bool(pred.outside_range[i]) and args.method == "linear")
+            if args.classes is not None and "classes" in pred.predictions[i].diagnostics:
+                r["classes_truncation_accuracy_error"] = pred.predictions[i].diagnostics[
+                    "classes_truncation_accuracy_error"]
             if mdf is not None:
                 r.update(mc_accuracy=float(mdf.accuracy[i]), mc_ci=[float(mdf.accuracy_ci_low[i]),
                                                                     float(mdf.accuracy_ci_high[i])],
@@ -177,6 +188,9 @@ def register(sub) -> None:
                         "propagation (warns where it is outside its measured range on networks with residual connections or "
                         "max pooling)")
     p.add_argument("--accuracy-draws", type=int, default=32, help="draws of the linearised network for the chip-to-chip spread")
+    p.add_argument("--classes", type=int, default=None, metavar="K",
+                   help="differentiate only each input's label and its K closest competitors (faster; the accuracy's "
+                        "truncation error is measured on a share of the inputs and reported per time)")
     p.add_argument("--n-inputs", type=int, default=None, help="use only the first N test inputs")
     p.add_argument("--plot", default=None, metavar="PNG",
                    help="write the figure of accuracy vs log time to this file (its extension sets the format: .png, "

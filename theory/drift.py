@@ -58,7 +58,7 @@ import time
 import types
 import warnings
 from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import pandas as pd
@@ -72,12 +72,13 @@ from .accuracy import DEFAULT_N_POINTS, check_n_points, correct_probability, sam
 from .hardware import HardwareNoise, PCMLike, programmed_abs_moments
 from .hashing import inputs_fingerprint
 from .linearize import (DEFAULT_JACOBIAN_BUDGET, PASS_CHUNK_CAP, LinearizedNetwork, _patch_size, read_without_call,
-                        backprop_signals, graph_and_signals, jacobian_pass, scaled_jacobian, tap_jacobian,
-                        tapping)
+                        backprop_signals, graph_and_signals, jacobian_pass, scaled_jacobian, select_classes,
+                        tap_jacobian, tapping)
 from .moments import DEFAULT_RANK, DEFAULT_SPATIAL_RANK, MomentPropagator, propagate_moments
 from .noise import WeightNoise, parse_noise
 from .predict import (DIAGNOSTIC_DIRECTIONS, DIAGNOSTIC_INPUTS, MAX_ACCURACY_DRAWS, METHODS, OUTSIDE_RANGE, Prediction,
-                      _gaussian_logit_loss, _moment_risks, _preact_ratios, _rescale_draws, curve_range_warning,
+                      _check_split, _class_mask, _gaussian_logit_loss, _moment_risks, _preact_ratios, _rescale_draws,
+                      _slot_cov_to_full, _stratified_mean, _truncation_check_inputs, curve_range_warning,
                       moments_range_warning, range_warning)
 from .validation import (check_bool, check_inputs, check_int, check_labels, check_seed, check_times,
                          probe_logits)
@@ -251,7 +252,8 @@ def _layer_op(module: nn.Module, xin: torch.Tensor, weight: torch.Tensor) -> tor
 
 
 def _fast_pass(lin_pt: LinearizedNetwork, x: torch.Tensor, units: Sequence[dict], tangents: Sequence[dict],
-               draws: int, seed: int, chunk_size: int | None):
+               draws: int, seed: int, chunk_size: int | None, labels: torch.Tensor | None = None,
+               classes: int | None = None, extra: dict | None = None):
     """One pass of derivatives at ``lin_pt``'s weights, for weights of Linear/Conv2d
     layers: ``J diag(u_k²) Jᵀ`` ``[N, C, C]`` for every scale map ``u_k`` in ``units``,
     ``J t_j`` ``[N, C]`` for every tangent ``t_j`` and ``draws`` shared draws
@@ -261,6 +263,11 @@ def _fast_pass(lin_pt: LinearizedNetwork, x: torch.Tensor, units: Sequence[dict]
     ``Σ_{o,i} u²_{oi} δ_{ao} δ_{bo} x_i² = δ_a diag(u² x²) δ_bᵀ`` and ``J t = δ · (t x)``;
     for a convolution ``J t = Σ_{o,p} δ_{o,p} conv(x, t)_{o,p}`` and the covariance from the
     per-sample Jacobian (:func:`~noiseprop.theory.linearize.tap_jacobian`).
+    ``classes=k`` (with ``labels``): only each input's label and its ``k`` closest
+    competitors at ``lin_pt``'s weights are differentiated
+    (:func:`~noiseprop.theory.linearize.select_classes`): ``k + 1`` backward passes and
+    every output over those slots (``C`` becomes ``k + 1``). ``extra``, a dict, receives
+    ``"classes"`` (``[N, k+1]``, or ``None``) and ``"logits"`` (``[N, C]`` at ``lin_pt``).
     Returns ``None`` when a target is not such a weight (the caller falls back)."""
     modules = dict(lin_pt.net.named_modules())
     fast = {}
@@ -278,8 +285,9 @@ def _fast_pass(lin_pt: LinearizedNetwork, x: torch.Tensor, units: Sequence[dict]
         c0 = lin_pt.forward(x[:1].to(lin_pt.device)).shape[-1]
     if read_without_call(lin_pt, [fast[m] for m in fast if m not in {t.name for t in probe}], x[:1].to(lin_pt.device)):
         return None  # a weight read without calling its layer (attention's out_proj): the generic route
+    cs = c0 if classes is None else classes + 1  # the classes (slots) differentiated
     if chunk_size is None:
-        chunk_size = _fast_chunk_size(probe, c0, len(units), len(tangents) + draws,
+        chunk_size = _fast_chunk_size(probe, cs, len(units), len(tangents) + draws,
                                       torch.tensor([], dtype=lin_pt.dtype).element_size())
     del probe
     dirs = None
@@ -289,7 +297,7 @@ def _fast_pass(lin_pt: LinearizedNetwork, x: torch.Tensor, units: Sequence[dict]
                 * units[0][nm] for nm, p in lin_pt.target_params.items()}
     covs = [[] for _ in units]
     jts = [[] for _ in tangents]
-    zs = []
+    zs, sels, logits = [], [], []
     scratch: dict = {}  # a layer's per-sample Jacobian and its scaled copy, buffers reused (scratch_view)
     for i in range(0, n, chunk_size):
         xb = x[i:i + chunk_size].to(lin_pt.device)
@@ -298,10 +306,14 @@ def _fast_pass(lin_pt: LinearizedNetwork, x: torch.Tensor, units: Sequence[dict]
             out = lin_pt.forward(xb)
         if out.dim() != 2:
             raise ValueError(f"the model must map a batch of inputs to logits of shape [N, C]; got shape {tuple(out.shape)}")
-        deltas = backprop_signals(out, [t.e for t in taps])
-        cov_c = [torch.zeros(b, c0, c0, dtype=torch.float64) for _ in units]
-        jt_c = [torch.zeros(b, c0, dtype=torch.float64) for _ in tangents]
-        z_c = torch.zeros(b, c0, draws, dtype=torch.float64) if draws else None
+        sel = None if classes is None else select_classes(out.detach(), labels[i:i + chunk_size], classes)
+        deltas = backprop_signals(out, [t.e for t in taps], index=sel)
+        logits.append(out.detach().cpu())
+        if sel is not None:
+            sels.append(sel.cpu())
+        cov_c = [torch.zeros(b, cs, cs, dtype=torch.float64) for _ in units]
+        jt_c = [torch.zeros(b, cs, dtype=torch.float64) for _ in tangents]
+        z_c = torch.zeros(b, cs, draws, dtype=torch.float64) if draws else None
         by_module: dict[str, list] = {}
         for t, dl in zip(taps, deltas):
             by_module.setdefault(t.name, []).append((t, dl.detach()))
@@ -321,7 +333,7 @@ def _fast_pass(lin_pt: LinearizedNetwork, x: torch.Tensor, units: Sequence[dict]
                         # one batched product (a three-operand einsum took 15× longer)
                         cv += torch.bmm(d * s[:, None, :], d.transpose(1, 2)).double()
                     _tangent_products(mod, pname, calls, None, tangents, jt_c, dirs, z_c, draws)
-                elif _element_gram_cheaper(mod, calls, c0, len(units), sum(pname in tg for tg in tangents) + draws):
+                elif _element_gram_cheaper(mod, calls, cs, len(units), sum(pname in tg for tg in tangents) + draws):
                     t, dl = calls[0]  # small feature map: the per-sample Jacobian is never formed
                     for cv, term in zip(cov_c, _conv_element_cov(t, dl, [u[pname] for u in units])):
                         cv += term
@@ -346,6 +358,9 @@ def _fast_pass(lin_pt: LinearizedNetwork, x: torch.Tensor, units: Sequence[dict]
             lst.append(jc)
         if z_c is not None:
             zs.append(z_c)
+    if extra is not None:
+        extra["classes"] = torch.cat(sels) if sels else None
+        extra["logits"] = torch.cat(logits)
     return ([torch.cat(c) for c in covs], [torch.cat(j) for j in jts], torch.cat(zs) if zs else None)
 
 
@@ -518,21 +533,76 @@ def _compensation_cov(jt: Sequence[torch.Tensor], mo: _Moments):
     return cov, pairs
 
 
-def _slow_derivatives(lin_pt, x, units, tangents, draws, seed, chunk_size, batch_size):
+def _slow_derivatives(lin_pt, x, units, tangents, draws, seed, chunk_size, batch_size, labels=None, classes=None,
+                      extra=None):
     """:func:`_fast_pass`'s outputs for any differentiable target (``jacobian_pass`` with
-    ``extra_units`` and forward-mode products)."""
-    jp = jacobian_pass(lin_pt, x, units[0], chunk_size=chunk_size, draws=draws, seed=seed, extra_units=list(units[1:]))
+    ``extra_units`` and forward-mode products; ``classes``, ``extra`` as there)."""
+    jp = jacobian_pass(lin_pt, x, units[0], chunk_size=chunk_size, draws=draws, seed=seed, extra_units=list(units[1:]),
+                       classes=classes, labels=labels)
     covs = [jp.cov_unit] + list(jp.extra_cov)
     jts = list(_layer_jvps(lin_pt, x, tangents, batch_size)) if tangents else []
+    if jp.classes is not None:  # the tangent products over the same slots
+        jts = [j.gather(1, jp.classes.to(j.device)) for j in jts]
+    if extra is not None:
+        extra["classes"] = None if jp.classes is None else jp.classes.cpu()
+        extra["logits"] = jp.clean_logits.detach().cpu()
     return covs, jts, jp.draws_unit
 
 
-def _derivatives(lin_pt, x, units, tangents, draws, seed, chunk_size, batch_size):
-    out = _fast_pass(lin_pt, x, units, tangents, draws, seed, chunk_size)
+def _derivatives(lin_pt, x, units, tangents, draws, seed, chunk_size, batch_size, labels=None, classes=None,
+                 extra=None):
+    out = _fast_pass(lin_pt, x, units, tangents, draws, seed, chunk_size, labels, classes, extra)
     if out is None:
-        out = _slow_derivatives(lin_pt, x, units, tangents, draws, seed, chunk_size, batch_size)
+        out = _slow_derivatives(lin_pt, x, units, tangents, draws, seed, chunk_size, batch_size, labels, classes,
+                                extra)
     covs, jts, z = out
     return [c.double().cpu() for c in covs], [j.double().cpu() for j in jts], (None if z is None else z.double().cpu())
+
+
+class _DriftCheck(NamedTuple):
+    """``classes=k``: the truncation check's inputs (sorted), which of them are the
+    stratum of largest omitted mass, and every class's covariances and tangent products
+    on them (per time, in the curve's order)."""
+
+    idx: torch.Tensor
+    is_top: torch.Tensor
+    covs: dict
+    jts: dict
+
+
+def _truncation_check(base, x, y, units, flat, cov_first, logits, sel, seed, chunk_size, batch_size, order,
+                      offsets) -> _DriftCheck:
+    """The inputs of the ``classes=k`` truncation check, chosen as
+    :func:`~noiseprop.theory.predict.predict`'s (:func:`~noiseprop.theory.predict._check_split`
+    on ``½ q_i v̄_i``: the softmax mass the pass left out at its linearisation point times
+    the mean logit variance it kept, at the earliest time), and the pass with every class
+    on them."""
+    p = torch.softmax(logits.double(), dim=1)
+    q = (p * ~_class_mask(sel, p.shape[1])).sum(1)
+    proxy = 0.5 * q * torch.diagonal(cov_first, dim1=1, dim2=2).mean(1)
+    idx, is_top = _check_split(proxy, _truncation_check_inputs(x.shape[0]))
+    covs, jts, _ = _derivatives(base, x[idx], units, flat, 0, seed, chunk_size, batch_size)
+    return _DriftCheck(idx, is_top, {k: covs[i] for i, k in enumerate(order)},
+                       {k: jts[offsets[i]:offsets[i + 1]] for i, k in enumerate(order)})
+
+
+def _truncation_diag(check: _DriftCheck, k: int, mean_full: torch.Tensor, mo: _Moments, p: torch.Tensor,
+                     y: torch.Tensor, classes: int, n_points: int, seed: int) -> dict:
+    """At time ``k``: the accuracy with every class on the check's inputs against the
+    truncated one, as :func:`~noiseprop.theory.predict.predict` reports it
+    (``classes_truncation_*``; the accuracy error is the stratified estimate of the mean
+    over all inputs)."""
+    idx, is_top = check.idx, check.is_top
+    cov = check.covs[k]
+    comp, _ = _compensation_cov(check.jts[k], mo)
+    if comp is not None:
+        cov = cov + comp
+    pf = correct_probability(mean_full[idx], 0.5 * (cov + cov.mT), y[idx], n_points=n_points, seed=seed)[0]
+    d = (p[idx] - pf).abs()
+    return dict(classes=int(classes), classes_truncation_inputs=int(idx.numel()),
+                classes_truncation_largest=int(is_top.sum()), classes_truncation_max_abs=float(d.max()),
+                classes_truncation_mean_abs=_stratified_mean(d, is_top, p.numel()),
+                classes_truncation_accuracy_error=_stratified_mean(p[idx] - pf, is_top, p.numel()))
 
 
 # ----------------------------------------------------------------------------
@@ -618,7 +688,7 @@ class DriftPrediction:
 # ----------------------------------------------------------------------------
 def _predict_models(model, x, y, noises: Sequence[HardwareNoise], targets, linearize_at, accuracy_draws, seed,
                     n_points, chunk_size, batch_size, keep_cov, method="linear", rank=DEFAULT_RANK,
-                    spatial_rank=DEFAULT_SPATIAL_RANK, moment_chunk=32, diagnostic=True):
+                    spatial_rank=DEFAULT_SPATIAL_RANK, moment_chunk=32, diagnostic=True, classes=None):
     x, y = check_inputs(model, x, y)
     lin = LinearizedNetwork(model, targets)
     probe_logits(lin.forward, x[:1].to(lin.device), x.shape)  # "x does not fit the model", a tuple output: clear errors
@@ -628,8 +698,11 @@ def _predict_models(model, x, y, noises: Sequence[HardwareNoise], targets, linea
     check_labels(y, clean.shape[1])
     clean_loss = float(F.cross_entropy(clean, y))
     clean_acc = float((clean.argmax(1) == y).double().mean())
+    if classes is not None and classes >= clean.shape[1] - 1:
+        classes = None  # every class is a competitor: the full pass
     moments = _moments_over_times(lin, noises)
     shared = None
+    sel = check = None
     first = _earliest(noises)
     if linearize_at != "mean":  # one pass serves every time
         base = lin if linearize_at == "programmed" else _at(lin, moments[first].mean)
@@ -641,10 +714,16 @@ def _predict_models(model, x, y, noises: Sequence[HardwareNoise], targets, linea
         tangents = {k: _comp_tangents(moments[k], facs[k]) for k in order}
         flat = [t for k in order for t in tangents[k]]
         units = [{n: u * facs[k][n] for n, u in moments[k].unit.items()} for k in order]
-        covs, jts, z0 = _derivatives(base, x, units, flat, accuracy_draws, seed, chunk_size, batch_size)
+        extra = {}
+        covs, jts, z0 = _derivatives(base, x, units, flat, accuracy_draws, seed, chunk_size, batch_size, y, classes,
+                                     extra)
         offsets = np.cumsum([0] + [len(tangents[k]) for k in order])
         shared = ({k: covs[i] for i, k in enumerate(order)},
                   {k: jts[offsets[i]:offsets[i + 1]] for i, k in enumerate(order)}, z0)
+        sel = extra.get("classes")
+        if sel is not None:  # the truncation check: every class on a share of the inputs
+            check = _truncation_check(base, x, y, units, flat, covs[0], extra["logits"], sel, seed, chunk_size,
+                                      batch_size, order, offsets)
     preds = []
     for k, (nz, mo) in enumerate(zip(noises, moments)):
         t1 = time.perf_counter()
@@ -661,6 +740,9 @@ def _predict_models(model, x, y, noises: Sequence[HardwareNoise], targets, linea
                                    torch.diagonal(shared[0][first], dim1=1, dim2=2))
         comp_cov, pairs = _compensation_cov(jt, mo)
         mdiag, warns = {}, []
+        mean_full = mean
+        if sel is not None:  # the label (slot 0) and its competitors
+            mean = mean_full.gather(1, sel)
         if method == "linear" and diagnostic:  # the validity diagnostic of predict, at this time's noise
             ratio, note = _preact_ratios(lin_mu, x, mo.unit, directions=DIAGNOSTIC_DIRECTIONS, seed=seed,
                                          max_inputs=DIAGNOSTIC_INPUTS)
@@ -687,7 +769,10 @@ def _predict_models(model, x, y, noises: Sequence[HardwareNoise], targets, linea
             raise ValueError(f"noise {nz.to_string()}: the predicted logit moments are not finite: the noise model's weight "
                              "moments overflow at this time and these scales (e.g. a drift-compensation factor beyond "
                              "float range); reduce the scales or the time")
-        p, lo, hi = correct_probability(mean, cov, y, n_points=n_points, seed=seed)
+        y_acc = y if sel is None else torch.zeros_like(y)
+        p, lo, hi = correct_probability(mean, cov, y_acc, n_points=n_points, seed=seed)
+        if check is not None:
+            mdiag.update(_truncation_diag(check, k, mean_full, mo, p, y, sel.shape[1] - 1, n_points, seed))
         acc_std, kd = float("nan"), 0
         if z is not None:
             z = z.double().cpu().clone()
@@ -696,8 +781,13 @@ def _predict_models(model, x, y, noises: Sequence[HardwareNoise], targets, linea
                 eta = torch.randn(len(pairs), z.shape[-1], generator=g, dtype=torch.float64)
                 for (sd, v), e in zip(pairs, eta):
                     z += sd * v[:, :, None] * e[None, None, :]
-            accs = sampled_accuracies(mean, z, y)
+            accs = sampled_accuracies(mean, z, y_acc)
             kd, acc_std = accs.size, float(accs.std(ddof=1))
+        logit_var = torch.diagonal(cov, dim1=1, dim2=2).clone()
+        if sel is not None:  # every class in the result: the others noiseless (variance unknown: NaN)
+            mean, cov = mean_full, _slot_cov_to_full(cov, sel, mean_full.shape[1])
+            known = _class_mask(sel, mean.shape[1])
+            logit_var = torch.where(known, torch.diagonal(cov, dim1=1, dim2=2), torch.full_like(mean, float("nan")))
         gl = _gaussian_logit_loss(mean, cov, y, points=256, seed=seed) - clean_loss
         diag = dict(labels=y.clone(), linearize_at=linearize_at,
                     frac_inputs_uncertain=float(((p > 0.01) & (p < 0.99)).double().mean()), **mdiag)
@@ -705,7 +795,7 @@ def _predict_models(model, x, y, noises: Sequence[HardwareNoise], targets, linea
             diag["alpha_mean"] = float(np.mean(list(mo.alpha_mean.values())))
         preds.append(Prediction(
             method=method, noise=nz.to_string(), targets=lin.plan.targets.describe(), clean_logits=clean,
-            logit_mean=mean, logit_var=torch.diagonal(cov, dim1=1, dim2=2).clone(), logit_cov=cov if keep_cov else None,
+            logit_mean=mean, logit_var=logit_var, logit_cov=cov if keep_cov else None,
             correct_prob=p, clean_accuracy=clean_acc, accuracy=float(p.mean()), accuracy_lower=float(lo.mean()),
             accuracy_upper=float(hi.mean()), accuracy_std=acc_std, accuracy_std_draws=int(kd), clean_loss=clean_loss,
             loss_increase=gl, loss_increase_se=float("nan"), loss_increase_gn=float("nan"), loss_increase_logits=gl,
@@ -719,7 +809,7 @@ def predict_drift(model: nn.Module, x, y, noise, times, targets=None, *, method:
                   linearize_at: str = "earliest", accuracy_draws: int = 32, seed: int = 0, n_points: int = DEFAULT_N_POINTS,
                   chunk_size: int | None = None, batch_size: int = 512, cov: bool = False,
                   rank: int = DEFAULT_RANK, spatial_rank: int = DEFAULT_SPATIAL_RANK, moment_chunk: int = 32,
-                  diagnostic: bool = True) -> DriftPrediction:
+                  diagnostic: bool = True, classes: int | None = None) -> DriftPrediction:
     """Predicted accuracy of ``model`` on ``(x, y)`` at each time since programming in
     ``times`` (seconds >= 0) under a time-dependent hardware noise model ``noise``
     (:class:`~noiseprop.theory.hardware.PCMLike`; its own ``t`` is ignored).
@@ -749,6 +839,13 @@ def predict_drift(model: nn.Module, x, y, noise, times, targets=None, *, method:
     fraction at every time (whatever ``diagnostic``) and warns, naming the times, above
     :data:`~noiseprop.theory.predict.MOMENTS_WARN_FRACTION` on networks with residual
     sums or max pooling.
+    ``classes=k`` (``method="linear"``, one derivative pass: ``linearize_at`` ``"earliest"``
+    or ``"programmed"``): as :func:`~noiseprop.theory.predict.predict`'s, only each input's
+    label and its ``k`` closest competitors at the linearisation point are differentiated
+    (``k + 1`` backward passes and every contraction over ``k + 1`` classes instead of
+    ``C``; the other classes keep their mean logits and no noise), and the accuracy's
+    truncation error is measured at every time with every class on an eighth of the
+    inputs, 8 to 32 (``diagnostics["classes_truncation_*"]``, as ``predict``'s).
 
     >>> import torch
     >>> from noiseprop.theory.examples import tiny_problem
@@ -767,11 +864,19 @@ def predict_drift(model: nn.Module, x, y, noise, times, targets=None, *, method:
     accuracy_draws = check_int("accuracy_draws", accuracy_draws, 0, MAX_ACCURACY_DRAWS)
     if accuracy_draws == 1:
         raise ValueError("accuracy_draws must be 0 (no chip-to-chip spread) or >= 2")
+    classes = check_int("classes", classes, 1, allow_none=True)
+    if classes is not None and method != "linear":
+        raise ValueError(f"classes=k truncates the first order's derivative pass: it needs method='linear', "
+                         f"got method={method!r} (the moment propagation carries every class)")
+    if classes is not None and linearize_at == "mean":
+        raise ValueError("classes=k needs one derivative pass for the curve: linearize_at='earliest' or "
+                         "'programmed', got 'mean'")
     preds, lin, clean_acc = _predict_models(
         model, x, y, [noise.with_level(float(t)) for t in tv], targets, linearize_at, accuracy_draws,
         check_seed("seed", seed), check_n_points(n_points),
         None if chunk_size is None else check_int("chunk_size", chunk_size, 1), check_int("batch_size", batch_size, 1),
-        check_bool("cov", cov), method, *_moment_settings(rank, spatial_rank, moment_chunk), check_bool("diagnostic", diagnostic))
+        check_bool("cov", cov), method, *_moment_settings(rank, spatial_rank, moment_chunk), check_bool("diagnostic", diagnostic),
+        classes)
     flagged = [f"{t:g} s" for t, p in zip(tv, preds) if p.warnings]
     if flagged:  # one warning for the curve (each time's own stays in its prediction)
         warnings.warn(curve_range_warning(f"{', '.join(flagged)} after programming", method), RuntimeWarning,

@@ -267,6 +267,11 @@ def test_cli_drift_json_and_plot(small_checkpoint, tmp_path, capsys):
     rows = json.loads(capsys.readouterr().out)["rows"]
     assert [r["method"] for r in rows] == ["moments", "moments"] and not any(r["first_order_outside_range"] for r in rows)
     assert not any(r["outside_range"] for r in rows)  # an MLP: the moment method is not flagged
+    rc = main(["drift", "--model", small_checkpoint, "--times", "1,3.15e7", "--draws", "0", "--classes", "2",
+               "--n-inputs", "40", "--accuracy-draws", "0", "--json"])
+    assert rc == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert all(math.isfinite(r["classes_truncation_accuracy_error"]) for r in rows)  # the library test checks its value
 
 
 def test_cli_drift_user_errors(small_checkpoint, capsys):
@@ -278,6 +283,10 @@ def test_cli_drift_user_errors(small_checkpoint, capsys):
     assert main(["drift", "--model", small_checkpoint, "--draws", "1"]) == 2
     assert main(["drift", "--model", small_checkpoint, "--prog-scale", "-1", "--draws", "0"]) == 2
     assert "prog_noise_scale" in capsys.readouterr().err
+    assert main(["drift", "--model", small_checkpoint, "--classes", "0", "--draws", "0"]) == 2
+    assert "--classes must be >= 1" in capsys.readouterr().err
+    assert main(["drift", "--model", small_checkpoint, "--classes", "2", "--method", "moments", "--draws", "0"]) == 2
+    assert "--method linear" in capsys.readouterr().err
 
 
 def test_fast_derivative_pass_matches_jacobian_pass():
@@ -478,3 +487,84 @@ def test_fast_pass_chunk_from_one_input():
     small = D._fast_pass(lin, x, units, tangents, 3, 5, 4)
     for a, b in zip(whole[0] + whole[1] + [whole[2]], small[0] + small[1] + [small[2]]):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def _bn_cnn(seed=0, classes=6):
+    g = torch.Generator().manual_seed(seed)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 6, 3, stride=2),
+                        nn.ReLU(), nn.Conv2d(6, 6, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(54, classes)).double()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3)
+        net[1].running_mean.normal_(0, 0.1, generator=g)
+        net[1].running_var.uniform_(0.5, 1.5, generator=g)
+    return net.eval(), g
+
+
+@pytest.mark.parametrize("route", ["fast", "generic"])
+def test_class_slots_pass_equals_every_class_gathered(route, monkeypatch):
+    """``classes=k``: the pass over each input's label and ``k`` closest competitors gives
+    the every-class pass's covariances, tangent products and draws restricted to those
+    slots (float64, to 1e-9), on the tap route (Jacobian and patch-Gram layers) and on the
+    generic one; the slots are the label then the highest other logits at the pass's
+    weights, and ``extra`` returns them with the logits."""
+    from noiseprop.theory import drift as D
+    from noiseprop.theory.linearize import select_classes
+
+    net, g = _bn_cnn()
+    x = torch.randn(11, 1, 8, 8, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 6, (11,), generator=g)
+    lin = D.LinearizedNetwork(net)
+    mos = [D._moments(lin, PCMLike(t=t, prog_noise_scale=2.0)) for t in (1.0, 3.15e7)]
+    units, tangents = [m.unit for m in mos], D._comp_tangents(mos[1])
+    if route == "generic":
+        monkeypatch.setattr(D, "_fast_pass", lambda *a, **k: None)
+    ex_full, ex = {}, {}
+    full = D._derivatives(lin, x, units, tangents, 3, 5, 4, 4, extra=ex_full)
+    part = D._derivatives(lin, x, units, tangents, 3, 5, 4, 4, y, 2, ex)
+    sel = ex["classes"]
+    with torch.no_grad():
+        f = net(x)
+    assert torch.equal(sel, select_classes(f, y, 2)) and torch.allclose(ex["logits"].double(), f)
+    assert ex_full["classes"] is None
+    rows = torch.arange(11)[:, None, None]
+    for a, b in zip(full[0], part[0]):
+        assert torch.allclose(a[rows, sel[:, :, None], sel[:, None, :]], b, rtol=1e-9, atol=1e-12)
+    for a, b in zip(full[1], part[1]):
+        assert torch.allclose(a.gather(1, sel), b, rtol=1e-9, atol=1e-12)
+    if route == "fast":  # the generic route draws its directions its own way
+        assert torch.allclose(full[2][torch.arange(11)[:, None], sel], part[2], rtol=1e-9, atol=1e-12)
+
+
+def test_predict_drift_classes():
+    """``predict_drift(classes=k)``: with every other class a competitor it is the full
+    prediction; with fewer, on 8 inputs (the truncation check then covers them all) the
+    reported accuracy error is exactly the truncated accuracy minus the full one at every
+    time, the logit variances of left-out classes are NaN, and the truncated curve stays
+    within that error of the full one; options it cannot serve are refused."""
+    net, g = _bn_cnn(seed=1)
+    x = torch.randn(8, 1, 8, 8, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        y = net(x).argmax(1)
+    nz = PCMLike(prog_noise_scale=3.0, drift_scale=3.0, read_noise_scale=3.0)
+    times = [1.0, 3.15e7]
+    full = predict_drift(net, x, y, nz, times, accuracy_draws=0, diagnostic=False)
+    same = predict_drift(net, x, y, nz, times, accuracy_draws=0, diagnostic=False, classes=5)
+    assert np.allclose(same.accuracy, full.accuracy, rtol=0, atol=1e-12)
+    assert "classes" not in same.predictions[0].diagnostics
+    part = predict_drift(net, x, y, nz, times, accuracy_draws=0, diagnostic=False, classes=1)
+    for pp, pf in zip(part.predictions, full.predictions):
+        d = pp.diagnostics
+        assert d["classes"] == 1 and d["classes_truncation_inputs"] == 8
+        assert abs(d["classes_truncation_accuracy_error"] - (pp.accuracy - pf.accuracy)) < 1e-12
+        assert d["classes_truncation_max_abs"] == pytest.approx(float((pp.correct_prob - pf.correct_prob).abs().max()),
+                                                               abs=1e-12)
+        assert int(torch.isnan(pp.logit_var).sum(1).min()) == 4  # 6 classes, 2 kept
+    assert np.abs(part.accuracy - full.accuracy).max() > 1e-6  # the truncation is seen here
+    with pytest.raises(ValueError, match="classes must be"):
+        predict_drift(net, x, y, nz, times, classes=0)
+    with pytest.raises(ValueError, match="method='linear'"):
+        predict_drift(net, x, y, nz, times, classes=2, method="moments")
+    with pytest.raises(ValueError, match="linearize_at='earliest'"):
+        predict_drift(net, x, y, nz, times, classes=2, linearize_at="mean")
