@@ -77,7 +77,7 @@ from .linearize import (DEFAULT_JACOBIAN_BUDGET, PASS_CHUNK_CAP, LinearizedNetwo
 from .moments import DEFAULT_RANK, DEFAULT_SPATIAL_RANK, MomentPropagator, propagate_moments
 from .noise import WeightNoise, parse_noise
 from .predict import (DIAGNOSTIC_DIRECTIONS, DIAGNOSTIC_INPUTS, MAX_ACCURACY_DRAWS, METHODS, OUTSIDE_RANGE, Prediction,
-                      _check_split, _class_mask, _gaussian_logit_loss, _moment_risks, _preact_ratios, _rescale_draws,
+                      _check_split, _class_mask, _cov_factor, _gaussian_logit_loss, _moment_risks, _preact_ratios, _rescale_draws,
                       _slot_cov_to_full, _stratified_mean, _truncation_check_inputs, curve_range_warning,
                       moments_range_warning, range_warning)
 from .validation import (check_bool, check_inputs, check_int, check_labels, check_seed, check_times,
@@ -784,11 +784,17 @@ def _predict_models(model, x, y, noises: Sequence[HardwareNoise], targets, linea
             accs = sampled_accuracies(mean, z, y_acc)
             kd, acc_std = accs.size, float(accs.std(ddof=1))
         logit_var = torch.diagonal(cov, dim1=1, dim2=2).clone()
+        factor = None
         if sel is not None:  # every class in the result: the others noiseless (variance unknown: NaN)
+            # the loss's factor: the slots' Cholesky factor in the selected classes' rows
+            fs = _cov_factor(cov)
+            factor = torch.zeros(fs.shape[0], mean_full.shape[1], fs.shape[2], dtype=fs.dtype)
+            factor.scatter_(1, sel[:, :, None].expand(-1, -1, fs.shape[2]), fs)
             mean, cov = mean_full, _slot_cov_to_full(cov, sel, mean_full.shape[1])
             known = _class_mask(sel, mean.shape[1])
             logit_var = torch.where(known, torch.diagonal(cov, dim1=1, dim2=2), torch.full_like(mean, float("nan")))
-        gl = _gaussian_logit_loss(mean, cov, y, points=256, seed=seed) - clean_loss
+        gl = _gaussian_logit_loss(mean, None if factor is not None else cov, y, points=256, seed=seed,
+                                  factor=factor) - clean_loss
         diag = dict(labels=y.clone(), linearize_at=linearize_at,
                     frac_inputs_uncertain=float(((p > 0.01) & (p < 0.99)).double().mean()), **mdiag)
         if isinstance(nz, PCMLike) and nz.compensation:

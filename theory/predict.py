@@ -872,11 +872,13 @@ class _LogitLoss:
     log-sum-exp runs in float32 (its rounding, ~1e-7 of the loss, is far below the QMC
     error); sums are float64."""
 
-    def __init__(self, cov_unit: torch.Tensor, points: int = 128, seed: int = 0):
-        n, c, _ = cov_unit.shape
+    def __init__(self, cov_unit: torch.Tensor | None, points: int = 128, seed: int = 0,
+                 factor: torch.Tensor | None = None):
+        # ``factor`` [N, C, R]: Lh itself (cov = Lh Lhᵀ, R noisy directions) instead of cov_unit
+        self.Lh = _cov_factor(cov_unit) if factor is None else factor
+        n, c, r = self.Lh.shape
         self.points = points
-        self.z = _qmc_normal(c, points, seed)
-        self.Lh = _cov_factor(cov_unit)
+        self.z = _qmc_normal(r, points, seed)
         self.W = None
         if n * points * c * 4 <= LOSS_PROJECTION_BUDGET:
             self.W = torch.einsum("nab,pb->npa", self.Lh, self.z).float()  # [N, P, C]
@@ -911,11 +913,14 @@ class _LogitLoss:
 LOSS_PROJECTION_BUDGET = 64 * 2**20
 
 
-def _gaussian_logit_loss(mean: torch.Tensor, cov: torch.Tensor, y: torch.Tensor, points: int = 128,
-                         seed: int = 0) -> float:
+def _gaussian_logit_loss(mean: torch.Tensor, cov: torch.Tensor | None, y: torch.Tensor, points: int = 128,
+                         seed: int = 0, factor: torch.Tensor | None = None) -> float:
     """``mean_i E[CE(f_i, y_i)]`` for ``f_i ~ N(mean_i, cov_i)`` by randomised QMC
-    (scrambled Sobol points mapped through ``Φ⁻¹``, shared by all inputs)."""
-    return _LogitLoss(cov, points, seed).at(mean, y, 1.0)
+    (scrambled Sobol points mapped through ``Φ⁻¹``, shared by all inputs); ``factor``
+    ``[N, C, R]`` with ``cov_i = factor_i factor_iᵀ`` instead of ``cov`` (a covariance
+    over some classes only, the others noiseless: no eigen-decomposition of a singular
+    ``[C, C]``)."""
+    return _LogitLoss(cov, points, seed, factor).at(mean, y, 1.0)
 
 
 def _memo(base: _Base, key, make):

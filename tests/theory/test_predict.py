@@ -929,3 +929,30 @@ def test_validity_diagnostic_reads_leaky_relu_kinks(inplace):
         mc, se = float(acc.mean()), float(acc.std() / math.sqrt(draws))
         miss = abs(p.accuracy - mc)
         assert (miss > 0.01 + 4 * se) if warns else (miss < 0.01), (eta, p.accuracy, mc, se)
+
+
+def test_gaussian_logit_loss_from_a_factor():
+    """``factor=Lh`` (``cov = Lh Lhᵀ``): the full Cholesky factor gives the covariance's
+    estimate to the bit; a factor over some classes only (the slot covariance's Cholesky
+    factor in the selected rows, the others noiseless, what ``predict_drift(classes=k)``
+    hands over) agrees with the estimate from the singular expanded covariance within 4
+    s.e. of their difference over eight QMC randomisations."""
+    from noiseprop.theory import predict as P
+    from noiseprop.theory.predict import _slot_cov_to_full
+
+    mod = __import__("sys").modules[P.__module__]
+    g = torch.Generator().manual_seed(4)
+    n, c, s = 30, 6, 3
+    mean = torch.randn(n, c, generator=g, dtype=torch.float64) * 2
+    A = torch.randn(n, c, c, generator=g, dtype=torch.float64)
+    cov = A @ A.mT / c
+    y = torch.randint(0, c, (n,), generator=g)
+    assert mod._gaussian_logit_loss(mean, None, y, seed=2, factor=torch.linalg.cholesky(cov)) == \
+        mod._gaussian_logit_loss(mean, cov, y, seed=2)
+    sel = torch.stack([torch.randperm(c, generator=g)[:s] for _ in range(n)])
+    B = torch.randn(n, s, s, generator=g, dtype=torch.float64)
+    cs = B @ B.mT / s
+    F = torch.zeros(n, c, s, dtype=torch.float64).scatter_(1, sel[:, :, None].expand(-1, -1, s), torch.linalg.cholesky(cs))
+    d = np.array([mod._gaussian_logit_loss(mean, None, y, seed=k, factor=F)
+                  - mod._gaussian_logit_loss(mean, _slot_cov_to_full(cs, sel, c), y, seed=k) for k in range(8)])
+    assert abs(d.mean()) < 4 * d.std(ddof=1) / math.sqrt(d.size) + 1e-12, d
