@@ -267,10 +267,11 @@ def _table_grid(points: int) -> torch.Tensor:
 
 
 def _cubic_between_kinks(xc: torch.Tensor, vc: torch.Tensor, xf: torch.Tensor) -> torch.Tensor:
-    """``vc`` (values at the sorted nodes ``xc``, which include every kink) at ``xf`` by
-    cubic Lagrange interpolation on the four nearest nodes of the same kink-free piece
-    (a stencil never crosses a kink, where the derivative jumps); linear on a piece of
-    fewer than four nodes. Exact at the nodes."""
+    """``vc`` (values at the sorted nodes ``xc``, which include every kink; ``[..., n]``:
+    several rows on the same nodes at once) at ``xf`` by cubic Lagrange interpolation on
+    the four nearest nodes of the same kink-free piece (a stencil never crosses a kink,
+    where the derivative jumps); linear on a piece of fewer than four nodes. Exact at the
+    nodes."""
     n = xc.numel()
     cuts = torch.tensor([int(torch.searchsorted(xc, torch.tensor(k, dtype=xc.dtype))) for k in _table_kinks()],
                         dtype=torch.long)
@@ -281,19 +282,17 @@ def _cubic_between_kinks(xc: torch.Tensor, vc: torch.Tensor, xf: torch.Tensor) -
     j0 = torch.maximum(torch.minimum(i - 2, hi - 3), lo)
     idx = (j0[:, None] + torch.arange(4)).clamp(max=n - 1)
     xs = xc[idx]
-    out = torch.zeros_like(xf)
+    w = torch.ones(xf.numel(), 4, dtype=xf.dtype)
     for a in range(4):
-        w = torch.ones_like(xf)
         for b in range(4):
             if a != b:
-                w = w * (xf - xs[:, b]) / (xs[:, a] - xs[:, b])
-        out = out + w * vc[idx[:, a]]
+                w[:, a] *= (xf - xs[:, b]) / (xs[:, a] - xs[:, b])
     short = hi - lo < 3  # a piece of two or three nodes: linear between its nodes
     if bool(short.any()):
-        x0, x1 = xc[i - 1], xc[i]
-        lin = vc[i - 1] + (xf - x0) / (x1 - x0) * (vc[i] - vc[i - 1])
-        out = torch.where(short, lin, out)
-    return out
+        f = (xf - xc[i - 1]) / (xc[i] - xc[i - 1])
+        idx = torch.where(short[:, None], torch.stack([i - 1, i, i, i], 1), idx)
+        w = torch.where(short[:, None], torch.stack([1 - f, f, 0 * f, 0 * f], 1), w)
+    return (vc[..., idx] * w).sum(-1)
 
 
 def _table_position(grid: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -626,8 +625,10 @@ class PCMLike(HardwareNoise):
             ts = [models[k].t for k in todo]
             if coarse_points >= TABLE_COARSE_MIN:  # quadrature on a coarse grid, cubic to the table's nodes
                 coarse = _table_grid(coarse_points)
-                tabs = [{n: _cubic_between_kinks(coarse, v, grid) for n, v in d.items()}
-                        for d in first._device_moments_over_times(coarse, ts)]
+                ds = first._device_moments_over_times(coarse, ts)
+                names = list(ds[0])
+                fine = _cubic_between_kinks(coarse, torch.stack([d[n] for d in ds for n in names]), grid)
+                tabs = [dict(zip(names, fine[k * len(names):(k + 1) * len(names)].unbind(0))) for k in range(len(ds))]
             else:
                 tabs = first._device_moments_over_times(grid, ts)
             for k, d in zip(todo, tabs):
