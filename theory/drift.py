@@ -793,8 +793,7 @@ def _predict_models(model, x, y, noises: Sequence[HardwareNoise], targets, linea
             mean, cov = mean_full, _slot_cov_to_full(cov, sel, mean_full.shape[1])
             known = _class_mask(sel, mean.shape[1])
             logit_var = torch.where(known, torch.diagonal(cov, dim1=1, dim2=2), torch.full_like(mean, float("nan")))
-        gl = _gaussian_logit_loss(mean, None if factor is not None else cov, y, points=256, seed=seed,
-                                  factor=factor) - clean_loss
+        gl = _gaussian_logit_loss(mean, None if factor is not None else cov, y, seed=seed, factor=factor) - clean_loss
         diag = dict(labels=y.clone(), linearize_at=linearize_at,
                     frac_inputs_uncertain=float(((p > 0.01) & (p < 0.99)).double().mean()), **mdiag)
         if isinstance(nz, PCMLike) and nz.compensation:
