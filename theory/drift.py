@@ -72,8 +72,8 @@ from .accuracy import DEFAULT_N_POINTS, check_n_points, correct_probability, sam
 from .hardware import HardwareNoise, PCMLike, programmed_abs_moments
 from .hashing import inputs_fingerprint
 from .linearize import (DEFAULT_JACOBIAN_BUDGET, PASS_CHUNK_CAP, LinearizedNetwork, _patch_size, read_without_call,
-                        backprop_signals, graph_and_signals, jacobian_pass, scaled_jacobian, select_classes,
-                        tap_jacobian, tapping)
+                        backprop_signals, graph_and_signals, jacobian_pass, scaled_jacobian, tap_jacobian,
+                        tapping)
 from .moments import DEFAULT_RANK, DEFAULT_SPATIAL_RANK, MomentPropagator, propagate_moments
 from .noise import WeightNoise, parse_noise
 from .predict import (DIAGNOSTIC_DIRECTIONS, DIAGNOSTIC_INPUTS, MAX_ACCURACY_DRAWS, METHODS, OUTSIDE_RANGE, Prediction,
@@ -252,8 +252,8 @@ def _layer_op(module: nn.Module, xin: torch.Tensor, weight: torch.Tensor) -> tor
 
 
 def _fast_pass(lin_pt: LinearizedNetwork, x: torch.Tensor, units: Sequence[dict], tangents: Sequence[dict],
-               draws: int, seed: int, chunk_size: int | None, labels: torch.Tensor | None = None,
-               classes: int | None = None, extra: dict | None = None):
+               draws: int, seed: int, chunk_size: int | None, index: torch.Tensor | None = None,
+               extra: dict | None = None):
     """One pass of derivatives at ``lin_pt``'s weights, for weights of Linear/Conv2d
     layers: ``J diag(u_k²) Jᵀ`` ``[N, C, C]`` for every scale map ``u_k`` in ``units``,
     ``J t_j`` ``[N, C]`` for every tangent ``t_j`` and ``draws`` shared draws
@@ -263,11 +263,10 @@ def _fast_pass(lin_pt: LinearizedNetwork, x: torch.Tensor, units: Sequence[dict]
     ``Σ_{o,i} u²_{oi} δ_{ao} δ_{bo} x_i² = δ_a diag(u² x²) δ_bᵀ`` and ``J t = δ · (t x)``;
     for a convolution ``J t = Σ_{o,p} δ_{o,p} conv(x, t)_{o,p}`` and the covariance from the
     per-sample Jacobian (:func:`~noiseprop.theory.linearize.tap_jacobian`).
-    ``classes=k`` (with ``labels``): only each input's label and its ``k`` closest
-    competitors at ``lin_pt``'s weights are differentiated
-    (:func:`~noiseprop.theory.linearize.select_classes`): ``k + 1`` backward passes and
-    every output over those slots (``C`` becomes ``k + 1``). ``extra``, a dict, receives
-    ``"classes"`` (``[N, k+1]``, or ``None``) and ``"logits"`` (``[N, C]`` at ``lin_pt``).
+    ``index`` (``[N, k+1]``: each input's label, then its competitors,
+    :func:`_curve_classes`): only those classes are differentiated, ``k + 1`` backward
+    passes and every output over those slots (``C`` becomes ``k + 1``). ``extra``, a
+    dict, receives ``"logits"`` (``[N, C]`` at ``lin_pt``).
     Returns ``None`` when a target is not such a weight (the caller falls back)."""
     modules = dict(lin_pt.net.named_modules())
     fast = {}
@@ -285,7 +284,7 @@ def _fast_pass(lin_pt: LinearizedNetwork, x: torch.Tensor, units: Sequence[dict]
         c0 = lin_pt.forward(x[:1].to(lin_pt.device)).shape[-1]
     if read_without_call(lin_pt, [fast[m] for m in fast if m not in {t.name for t in probe}], x[:1].to(lin_pt.device)):
         return None  # a weight read without calling its layer (attention's out_proj): the generic route
-    cs = c0 if classes is None else classes + 1  # the classes (slots) differentiated
+    cs = c0 if index is None else index.shape[1]  # the classes (slots) differentiated
     if chunk_size is None:
         chunk_size = _fast_chunk_size(probe, cs, len(units), len(tangents) + draws,
                                       torch.tensor([], dtype=lin_pt.dtype).element_size())
@@ -297,7 +296,7 @@ def _fast_pass(lin_pt: LinearizedNetwork, x: torch.Tensor, units: Sequence[dict]
                 * units[0][nm] for nm, p in lin_pt.target_params.items()}
     covs = [[] for _ in units]
     jts = [[] for _ in tangents]
-    zs, sels, logits = [], [], []
+    zs, logits = [], []
     scratch: dict = {}  # a layer's per-sample Jacobian and its scaled copy, buffers reused (scratch_view)
     for i in range(0, n, chunk_size):
         xb = x[i:i + chunk_size].to(lin_pt.device)
@@ -306,11 +305,9 @@ def _fast_pass(lin_pt: LinearizedNetwork, x: torch.Tensor, units: Sequence[dict]
             out = lin_pt.forward(xb)
         if out.dim() != 2:
             raise ValueError(f"the model must map a batch of inputs to logits of shape [N, C]; got shape {tuple(out.shape)}")
-        sel = None if classes is None else select_classes(out.detach(), labels[i:i + chunk_size], classes)
+        sel = None if index is None else index[i:i + chunk_size].to(out.device)
         deltas = backprop_signals(out, [t.e for t in taps], index=sel)
         logits.append(out.detach().cpu())
-        if sel is not None:
-            sels.append(sel.cpu())
         cov_c = [torch.zeros(b, cs, cs, dtype=torch.float64) for _ in units]
         jt_c = [torch.zeros(b, cs, dtype=torch.float64) for _ in tangents]
         z_c = torch.zeros(b, cs, draws, dtype=torch.float64) if draws else None
@@ -359,7 +356,6 @@ def _fast_pass(lin_pt: LinearizedNetwork, x: torch.Tensor, units: Sequence[dict]
         if z_c is not None:
             zs.append(z_c)
     if extra is not None:
-        extra["classes"] = torch.cat(sels) if sels else None
         extra["logits"] = torch.cat(logits)
     return ([torch.cat(c) for c in covs], [torch.cat(j) for j in jts], torch.cat(zs) if zs else None)
 
@@ -533,28 +529,24 @@ def _compensation_cov(jt: Sequence[torch.Tensor], mo: _Moments):
     return cov, pairs
 
 
-def _slow_derivatives(lin_pt, x, units, tangents, draws, seed, chunk_size, batch_size, labels=None, classes=None,
-                      extra=None):
+def _slow_derivatives(lin_pt, x, units, tangents, draws, seed, chunk_size, batch_size, index=None, extra=None):
     """:func:`_fast_pass`'s outputs for any differentiable target (``jacobian_pass`` with
-    ``extra_units`` and forward-mode products; ``classes``, ``extra`` as there)."""
+    ``extra_units`` and forward-mode products; ``index``, ``extra`` as there)."""
     jp = jacobian_pass(lin_pt, x, units[0], chunk_size=chunk_size, draws=draws, seed=seed, extra_units=list(units[1:]),
-                       classes=classes, labels=labels)
+                       index=index)
     covs = [jp.cov_unit] + list(jp.extra_cov)
     jts = list(_layer_jvps(lin_pt, x, tangents, batch_size)) if tangents else []
-    if jp.classes is not None:  # the tangent products over the same slots
-        jts = [j.gather(1, jp.classes.to(j.device)) for j in jts]
+    if index is not None:  # the tangent products over the same slots
+        jts = [j.gather(1, index.to(j.device)) for j in jts]
     if extra is not None:
-        extra["classes"] = None if jp.classes is None else jp.classes.cpu()
         extra["logits"] = jp.clean_logits.detach().cpu()
     return covs, jts, jp.draws_unit
 
 
-def _derivatives(lin_pt, x, units, tangents, draws, seed, chunk_size, batch_size, labels=None, classes=None,
-                 extra=None):
-    out = _fast_pass(lin_pt, x, units, tangents, draws, seed, chunk_size, labels, classes, extra)
+def _derivatives(lin_pt, x, units, tangents, draws, seed, chunk_size, batch_size, index=None, extra=None):
+    out = _fast_pass(lin_pt, x, units, tangents, draws, seed, chunk_size, index, extra)
     if out is None:
-        out = _slow_derivatives(lin_pt, x, units, tangents, draws, seed, chunk_size, batch_size, labels, classes,
-                                extra)
+        out = _slow_derivatives(lin_pt, x, units, tangents, draws, seed, chunk_size, batch_size, index, extra)
     covs, jts, z = out
     return [c.double().cpu() for c in covs], [j.double().cpu() for j in jts], (None if z is None else z.double().cpu())
 
@@ -570,15 +562,28 @@ class _DriftCheck(NamedTuple):
     jts: dict
 
 
-def _truncation_check(base, x, y, units, flat, cov_first, logits, sel, seed, chunk_size, batch_size, order,
+def _curve_classes(means: Sequence[torch.Tensor], y: torch.Tensor, k: int) -> torch.Tensor:
+    """``[N, k+1]``: each input's label, then the ``k`` other classes whose mean logit
+    comes closest to (or beyond) the label's at any time of the curve (largest
+    ``max_t f_c(t) − f_y(t)``): the classes whose margins decide whether it stays correct
+    somewhere on the curve. (The linearisation point's own logits would miss a class
+    that the drift's mean shift brings up later: uncompensated drift takes a network to
+    one class everywhere.)"""
+    rows = torch.arange(y.shape[0])
+    score = torch.stack([m - m[rows, y][:, None] for m in means]).amax(0)
+    score[rows, y] = -torch.inf
+    return torch.cat([y[:, None], score.topk(k, dim=1).indices], dim=1)
+
+
+def _truncation_check(base, x, units, flat, cov_first, means, sel, seed, chunk_size, batch_size, order,
                       offsets) -> _DriftCheck:
     """The inputs of the ``classes=k`` truncation check, chosen as
     :func:`~noiseprop.theory.predict.predict`'s (:func:`~noiseprop.theory.predict._check_split`
-    on ``½ q_i v̄_i``: the softmax mass the pass left out at its linearisation point times
-    the mean logit variance it kept, at the earliest time), and the pass with every class
-    on them."""
-    p = torch.softmax(logits.double(), dim=1)
-    q = (p * ~_class_mask(sel, p.shape[1])).sum(1)
+    on ``½ q_i v̄_i``: the largest softmax mass of the mean logits that the slots leave
+    out at any time, times the mean logit variance they keep at the earliest time), and
+    the pass with every class on them."""
+    left_out = ~_class_mask(sel, means[0].shape[1])
+    q = torch.stack([(torch.softmax(m, dim=1) * left_out).sum(1) for m in means]).amax(0)
     proxy = 0.5 * q * torch.diagonal(cov_first, dim1=1, dim2=2).mean(1)
     idx, is_top = _check_split(proxy, _truncation_check_inputs(x.shape[0]))
     covs, jts, _ = _derivatives(base, x[idx], units, flat, 0, seed, chunk_size, batch_size)
@@ -586,7 +591,7 @@ def _truncation_check(base, x, y, units, flat, cov_first, logits, sel, seed, chu
                        {k: jts[offsets[i]:offsets[i + 1]] for i, k in enumerate(order)})
 
 
-def _truncation_diag(check: _DriftCheck, k: int, mean_full: torch.Tensor, mo: _Moments, p: torch.Tensor,
+def _truncation_diag(check: _DriftCheck, k: int, mean: torch.Tensor, mo: _Moments, p: torch.Tensor,
                      y: torch.Tensor, classes: int, n_points: int, seed: int) -> dict:
     """At time ``k``: the accuracy with every class on the check's inputs against the
     truncated one, as :func:`~noiseprop.theory.predict.predict` reports it
@@ -597,7 +602,7 @@ def _truncation_diag(check: _DriftCheck, k: int, mean_full: torch.Tensor, mo: _M
     comp, _ = _compensation_cov(check.jts[k], mo)
     if comp is not None:
         cov = cov + comp
-    pf = correct_probability(mean_full[idx], 0.5 * (cov + cov.mT), y[idx], n_points=n_points, seed=seed)[0]
+    pf = correct_probability(mean[idx], 0.5 * (cov + cov.mT), y[idx], n_points=n_points, seed=seed)[0]
     d = (p[idx] - pf).abs()
     return dict(classes=int(classes), classes_truncation_inputs=int(idx.numel()),
                 classes_truncation_largest=int(is_top.sum()), classes_truncation_max_abs=float(d.max()),
@@ -701,9 +706,10 @@ def _predict_models(model, x, y, noises: Sequence[HardwareNoise], targets, linea
     if classes is not None and classes >= clean.shape[1] - 1:
         classes = None  # every class is a competitor: the full pass
     moments = _moments_over_times(lin, noises)
-    shared = None
-    sel = check = None
+    shared = check = None
     first = _earliest(noises)
+    means = [_forward(_at(lin, mo.mean), x, batch_size).double().cpu() for mo in moments]  # f(E w̃) at every time
+    sel = None if classes is None else _curve_classes(means, y, classes)
     if linearize_at != "mean":  # one pass serves every time
         base = lin if linearize_at == "programmed" else _at(lin, moments[first].mean)
         # the earliest time first: the pass draws its shared chip-to-chip draws at the
@@ -715,20 +721,18 @@ def _predict_models(model, x, y, noises: Sequence[HardwareNoise], targets, linea
         flat = [t for k in order for t in tangents[k]]
         units = [{n: u * facs[k][n] for n, u in moments[k].unit.items()} for k in order]
         extra = {}
-        covs, jts, z0 = _derivatives(base, x, units, flat, accuracy_draws, seed, chunk_size, batch_size, y, classes,
-                                     extra)
+        covs, jts, z0 = _derivatives(base, x, units, flat, accuracy_draws, seed, chunk_size, batch_size, sel, extra)
         offsets = np.cumsum([0] + [len(tangents[k]) for k in order])
         shared = ({k: covs[i] for i, k in enumerate(order)},
                   {k: jts[offsets[i]:offsets[i + 1]] for i, k in enumerate(order)}, z0)
-        sel = extra.get("classes")
         if sel is not None:  # the truncation check: every class on a share of the inputs
-            check = _truncation_check(base, x, y, units, flat, covs[0], extra["logits"], sel, seed, chunk_size,
-                                      batch_size, order, offsets)
+            check = _truncation_check(base, x, units, flat, covs[0], means, sel, seed, chunk_size, batch_size, order,
+                                      offsets)
     preds = []
     for k, (nz, mo) in enumerate(zip(noises, moments)):
         t1 = time.perf_counter()
         lin_mu = _at(lin, mo.mean)
-        mean = _forward(lin_mu, x, batch_size).double().cpu()
+        mean = means[k]
         if shared is None:
             covs, jt, z = _derivatives(lin_mu, x, [mo.unit], _comp_tangents(mo), accuracy_draws, seed, chunk_size,
                                        batch_size)
@@ -740,9 +744,6 @@ def _predict_models(model, x, y, noises: Sequence[HardwareNoise], targets, linea
                                    torch.diagonal(shared[0][first], dim1=1, dim2=2))
         comp_cov, pairs = _compensation_cov(jt, mo)
         mdiag, warns = {}, []
-        mean_full = mean
-        if sel is not None:  # the label (slot 0) and its competitors
-            mean = mean_full.gather(1, sel)
         if method == "linear" and diagnostic:  # the validity diagnostic of predict, at this time's noise
             ratio, note = _preact_ratios(lin_mu, x, mo.unit, directions=DIAGNOSTIC_DIRECTIONS, seed=seed,
                                          max_inputs=DIAGNOSTIC_INPUTS)
@@ -769,10 +770,15 @@ def _predict_models(model, x, y, noises: Sequence[HardwareNoise], targets, linea
             raise ValueError(f"noise {nz.to_string()}: the predicted logit moments are not finite: the noise model's weight "
                              "moments overflow at this time and these scales (e.g. a drift-compensation factor beyond "
                              "float range); reduce the scales or the time")
-        y_acc = y if sel is None else torch.zeros_like(y)
-        p, lo, hi = correct_probability(mean, cov, y_acc, n_points=n_points, seed=seed)
+        if sel is not None:  # every class: the left-out ones at their mean logits, noiseless
+            slot_cov = cov
+            cov = _slot_cov_to_full(slot_cov, sel, mean.shape[1])
+            if z is not None:
+                z = torch.zeros(mean.shape + (z.shape[-1],), dtype=z.dtype).scatter_(
+                    1, sel[:, :, None].expand(-1, -1, z.shape[-1]), z.double())
+        p, lo, hi = correct_probability(mean, cov, y, n_points=n_points, seed=seed)
         if check is not None:
-            mdiag.update(_truncation_diag(check, k, mean_full, mo, p, y, sel.shape[1] - 1, n_points, seed))
+            mdiag.update(_truncation_diag(check, k, mean, mo, p, y, sel.shape[1] - 1, n_points, seed))
         acc_std, kd = float("nan"), 0
         if z is not None:
             z = z.double().cpu().clone()
@@ -781,18 +787,16 @@ def _predict_models(model, x, y, noises: Sequence[HardwareNoise], targets, linea
                 eta = torch.randn(len(pairs), z.shape[-1], generator=g, dtype=torch.float64)
                 for (sd, v), e in zip(pairs, eta):
                     z += sd * v[:, :, None] * e[None, None, :]
-            accs = sampled_accuracies(mean, z, y_acc)
+            accs = sampled_accuracies(mean, z, y)
             kd, acc_std = accs.size, float(accs.std(ddof=1))
         logit_var = torch.diagonal(cov, dim1=1, dim2=2).clone()
         factor = None
-        if sel is not None:  # every class in the result: the others noiseless (variance unknown: NaN)
+        if sel is not None:  # the left-out classes' variance is unknown (NaN in the result)
             # the loss's factor: the slots' Cholesky factor in the selected classes' rows
-            fs = _cov_factor(cov)
-            factor = torch.zeros(fs.shape[0], mean_full.shape[1], fs.shape[2], dtype=fs.dtype)
+            fs = _cov_factor(slot_cov)
+            factor = torch.zeros(fs.shape[0], mean.shape[1], fs.shape[2], dtype=fs.dtype)
             factor.scatter_(1, sel[:, :, None].expand(-1, -1, fs.shape[2]), fs)
-            mean, cov = mean_full, _slot_cov_to_full(cov, sel, mean_full.shape[1])
-            known = _class_mask(sel, mean.shape[1])
-            logit_var = torch.where(known, torch.diagonal(cov, dim1=1, dim2=2), torch.full_like(mean, float("nan")))
+            logit_var = torch.where(_class_mask(sel, mean.shape[1]), logit_var, torch.full_like(logit_var, float("nan")))
         gl = _gaussian_logit_loss(mean, None if factor is not None else cov, y, seed=seed, factor=factor) - clean_loss
         diag = dict(labels=y.clone(), linearize_at=linearize_at,
                     frac_inputs_uncertain=float(((p > 0.01) & (p < 0.99)).double().mean()), **mdiag)
@@ -846,11 +850,13 @@ def predict_drift(model: nn.Module, x, y, noise, times, targets=None, *, method:
     sums or max pooling.
     ``classes=k`` (``method="linear"``, one derivative pass: ``linearize_at`` ``"earliest"``
     or ``"programmed"``): as :func:`~noiseprop.theory.predict.predict`'s, only each input's
-    label and its ``k`` closest competitors at the linearisation point are differentiated
-    (``k + 1`` backward passes and every contraction over ``k + 1`` classes instead of
-    ``C``; the other classes keep their mean logits and no noise), and the accuracy's
-    truncation error is measured at every time with every class on an eighth of the
-    inputs, 8 to 32 (``diagnostics["classes_truncation_*"]``, as ``predict``'s).
+    label and ``k`` competitors are differentiated (``k + 1`` backward passes and every
+    contraction over ``k + 1`` classes instead of ``C``): the classes whose mean logit
+    comes closest to the label's at any time of the curve (:func:`_curve_classes`). The
+    other classes keep their mean logits, without noise (a class that the mean shift
+    takes past the label still wins), and the accuracy's truncation error is measured at
+    every time with every class on an eighth of the inputs, 8 to 32
+    (``diagnostics["classes_truncation_*"]``, as ``predict``'s).
 
     >>> import torch
     >>> from noiseprop.theory.examples import tiny_problem

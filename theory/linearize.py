@@ -740,7 +740,7 @@ def jacobian_pass(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, to
                   chunk_size: int | None = None, draws: int = 0, seed: int = 0,
                   progress=None, per_layer: bool = False,
                   extra_units: Sequence[Mapping[str, torch.Tensor]] = (), classes: int | None = None,
-                  labels: torch.Tensor | None = None) -> JacobianPass:
+                  labels: torch.Tensor | None = None, index: torch.Tensor | None = None) -> JacobianPass:
     """Per-input Jacobians over ``x`` in chunks, contracted to the level-1 logit
     covariance ``J diag(u²) Jᵀ`` and (``draws > 0``) to ``draws`` shared draws of the
     linearised network ``J (u ⊙ ξ_k)``.
@@ -757,11 +757,17 @@ def jacobian_pass(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, to
     ``classes=k`` (with ``labels``) differentiates only each input's label and its ``k``
     closest competitors (:func:`select_classes`): ``k + 1`` backward passes instead of
     ``C``, and every contraction over ``k + 1`` slots (``JacobianPass.classes``).
+    ``index`` (``[N, k+1]``, each input's label then its competitors): those slots instead
+    of selecting them from the logits here (``classes`` and ``labels`` are then not needed).
 
     The per-input covariance is the delta method of docs/THEORY.md §3; for one linear layer
     it reduces to derivation ``linear.fixed_input``.
     """
     n = x.shape[0]
+    if index is not None:
+        if index.dim() != 2 or index.shape[0] != n:
+            raise ValueError(f"index must be [N, k+1] slots, one row per input, got shape {tuple(index.shape)}")
+        classes, labels = index.shape[1] - 1, index[:, 0]
     if classes is not None:
         if isinstance(classes, bool) or not isinstance(classes, int) or classes < 1:
             raise ValueError(f"classes must be an integer >= 1 (competitors per input) or None, got {classes!r}")
@@ -788,7 +794,7 @@ def jacobian_pass(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, to
             del fast[m], watch[id(modules[m])]
     if labels is not None:
         check_labels(labels, c0)
-    if classes is not None and classes >= c0 - 1:
+    if classes is not None and classes >= c0 - 1 and index is None:
         classes = None  # every class is a competitor: the full pass
     cs = c0 if classes is None else classes + 1
     if chunk_size is None:
@@ -845,7 +851,8 @@ def jacobian_pass(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, to
                 raise ValueError(f"the model must map a batch of inputs to logits of shape [N, C]; got shape {tuple(out.shape)}")
             f0 = out.detach()
             if classes is not None:
-                sel = select_classes(f0, labels[i:i + chunk_size], classes)
+                sel = (index[i:i + chunk_size].to(f0.device) if index is not None
+                       else select_classes(f0, labels[i:i + chunk_size], classes))
             deltas = backprop_signals(out, [t.e for t in taps], index=sel)
             by_module: dict[str, list] = {}
             for t, dl in zip(taps, deltas):
@@ -856,7 +863,8 @@ def jacobian_pass(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, to
             with torch.no_grad():
                 f0 = lin.forward(xb)
             if classes is not None:
-                sel = select_classes(f0, labels[i:i + chunk_size], classes)
+                sel = (index[i:i + chunk_size].to(f0.device) if index is not None
+                       else select_classes(f0, labels[i:i + chunk_size], classes))
         if slow_fn is not None:
             jac = slow_fn(xb)
             for name in slow:

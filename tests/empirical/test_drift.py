@@ -504,11 +504,10 @@ def _bn_cnn(seed=0, classes=6):
 
 @pytest.mark.parametrize("route", ["fast", "generic"])
 def test_class_slots_pass_equals_every_class_gathered(route, monkeypatch):
-    """``classes=k``: the pass over each input's label and ``k`` closest competitors gives
-    the every-class pass's covariances, tangent products and draws restricted to those
-    slots (float64, to 1e-9), on the tap route (Jacobian and patch-Gram layers) and on the
-    generic one; the slots are the label then the highest other logits at the pass's
-    weights, and ``extra`` returns them with the logits."""
+    """``classes=k``: the pass over given slots (each input's label and ``k`` other
+    classes) gives the every-class pass's covariances, tangent products and draws
+    restricted to those slots (float64, to 1e-9), on the tap route (Jacobian and
+    patch-Gram layers) and on the generic one; ``extra`` returns the pass's logits."""
     from noiseprop.theory import drift as D
     from noiseprop.theory.linearize import select_classes
 
@@ -520,14 +519,13 @@ def test_class_slots_pass_equals_every_class_gathered(route, monkeypatch):
     units, tangents = [m.unit for m in mos], D._comp_tangents(mos[1])
     if route == "generic":
         monkeypatch.setattr(D, "_fast_pass", lambda *a, **k: None)
-    ex_full, ex = {}, {}
-    full = D._derivatives(lin, x, units, tangents, 3, 5, 4, 4, extra=ex_full)
-    part = D._derivatives(lin, x, units, tangents, 3, 5, 4, 4, y, 2, ex)
-    sel = ex["classes"]
     with torch.no_grad():
         f = net(x)
-    assert torch.equal(sel, select_classes(f, y, 2)) and torch.allclose(ex["logits"].double(), f)
-    assert ex_full["classes"] is None
+    sel = select_classes(-f, y, 2)  # any slots: here the label and the two lowest other logits
+    ex = {}
+    full = D._derivatives(lin, x, units, tangents, 3, 5, 4, 4)
+    part = D._derivatives(lin, x, units, tangents, 3, 5, 4, 4, sel, ex)
+    assert torch.allclose(ex["logits"].double(), f)
     rows = torch.arange(11)[:, None, None]
     for a, b in zip(full[0], part[0]):
         assert torch.allclose(a[rows, sel[:, :, None], sel[:, None, :]], b, rtol=1e-9, atol=1e-12)
@@ -537,12 +535,25 @@ def test_class_slots_pass_equals_every_class_gathered(route, monkeypatch):
         assert torch.allclose(full[2][torch.arange(11)[:, None], sel], part[2], rtol=1e-9, atol=1e-12)
 
 
+def test_curve_classes():
+    """The slots of ``classes=k``: the label, then the classes whose mean logit comes
+    closest to the label's at any time (a class that overtakes only at a late time is
+    taken before one that is close only at the first)."""
+    from noiseprop.theory import drift as D
+
+    y = torch.tensor([0, 2])
+    early = torch.tensor([[5.0, 4.0, 0.0, 1.0], [0.0, 1.0, 3.0, 2.9]], dtype=torch.float64)
+    late = torch.tensor([[5.0, 1.0, 0.0, 6.0], [0.0, 1.0, 3.0, 0.0]], dtype=torch.float64)
+    sel = D._curve_classes([early, late], y, 2)
+    assert sel.tolist() == [[0, 3, 1], [2, 3, 1]]
+
+
 def test_predict_drift_classes():
     """``predict_drift(classes=k)``: with every other class a competitor it is the full
     prediction; with fewer, on 8 inputs (the truncation check then covers them all) the
     reported accuracy error is exactly the truncated accuracy minus the full one at every
-    time, the logit variances of left-out classes are NaN, and the truncated curve stays
-    within that error of the full one; options it cannot serve are refused."""
+    time, and the logit variances of left-out classes are NaN; options it cannot serve
+    are refused."""
     net, g = _bn_cnn(seed=1)
     x = torch.randn(8, 1, 8, 8, generator=g, dtype=torch.float64)
     with torch.no_grad():
