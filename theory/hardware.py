@@ -95,6 +95,9 @@ MAX_TABLE_POINTS = 2**20 + 1
 #: Device tables (:meth:`PCMLike.device_tables_over_times`) kept in the process, least
 #: recently used dropped first: each is about 200 kB at the default 4097 nodes.
 TABLE_CACHE_SIZE = 64
+#: The compensation draws run in float32 unless a device's drift exponent ``k_ν ν λ``
+#: exceeds this (``e^{−80}`` is near float32's smallest normal number, ``e^{−87}``).
+FLOAT32_DRIFT_EXPONENT = 80.0
 #: A device table of at least :data:`TABLE_COARSE_MIN` ``· TABLE_UPSAMPLE`` nodes runs its
 #: quadrature on every ``TABLE_UPSAMPLE``-th node and fills the others by cubic
 #: interpolation between kinks (:meth:`PCMLike.device_tables_over_times`).
@@ -753,7 +756,8 @@ class PCMLike(HardwareNoise):
         cov_w = ratio * (k_p * raw["cov"] / (n * a_bar) - k * raw["var"] / (n * b_bar))
         return CompensationMoments(float(mean), float(var), cov_w)
 
-    def _alpha_sampled(self, w: torch.Tensor, draws: int, times: tuple = ()) -> list[tuple[float, float, float, float]]:
+    def _alpha_sampled(self, w: torch.Tensor, draws: int, times: tuple = (),
+                       dtype: torch.dtype = torch.float32) -> list[tuple[float, float, float, float]]:
         """``[(Ā, B̄, E α, Var α)]`` of one layer from ``K`` draws of its devices (no network
         evaluation; ``K = clip(ALPHA_SAMPLE_ELEMENTS // n, draws, 16·draws)`` for ``n``
         weights, so a small layer, whose ``α`` varies most, gets more), seeded by
@@ -763,14 +767,18 @@ class PCMLike(HardwareNoise):
         read conductance are formed once). The draws and conductances are float32 (half
         the time of float64; each layer mean is a float32 sum over the layer, relative
         error about 1e-7, against the draws' own spread of 1e-3 or more), the statistics
-        float64."""
+        float64; float64 throughout where a device's drift factor ``e^{−k_ν ν λ}`` falls
+        below :data:`FLOAT32_DRIFT_EXPONENT` (float32 would flush it to 0: at
+        ``drift_scale=1000`` every read conductance, and ``α`` read as 1 instead of
+        overflowing)."""
         n = w.numel()
         k = int(min(16 * draws, max(draws, ALPHA_SAMPLE_ELEMENTS // max(n, 1))))
         g = torch.Generator(device=w.device).manual_seed(ALPHA_SEED)
-        wd = w.detach().float()
+        wd = w.detach().to(dtype)
         g_t, m = _device_targets(wd, self.per)
         scale = m / G_MAX
         models = [self] + [replace(self, t=float(t)) for t in times]
+        lam = max(q.drift_scale * q.log_drift_time for q in models)
         step = max(1, (1 << 21) // max(n, 1))  # draws evaluated together (bounded memory)
         a_s, b_s = [], [[] for _ in models]
         for i in range(0, k, step):
@@ -779,6 +787,8 @@ class PCMLike(HardwareNoise):
             g_p = self._programmed(g_t, z1)
             a_s.append(((g_p[:, 0] - g_p[:, 1]) * scale).abs().reshape(z.shape[0], -1).mean(1))
             free = self._time_free(g_t, g_p, z2, z3)
+            if dtype == torch.float32 and lam * float(free[1].max()) > FLOAT32_DRIFT_EXPONENT:
+                return self._alpha_sampled(w, draws, times, torch.float64)
             for bs, q in zip(b_s, models):
                 g_r = q._read(*free)
                 bs.append(((g_r[:, 0] - g_r[:, 1]) * scale).abs().reshape(z.shape[0], -1).mean(1))
