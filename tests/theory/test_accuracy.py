@@ -223,3 +223,33 @@ def test_lazy_factor_and_mean_tolerance():
             assert abs(float(p.mean() - full.mean())) <= tol + 1e-15
             assert bool((lo - 1e-12 <= p).all() and (p <= hi + 1e-12).all())
             assert 0 < sum(calls) < integrated
+
+
+def test_correct_probability_with_noiseless_classes():
+    """A covariance with zero rows and columns (classes without noise at their mean logit,
+    what ``predict_drift(classes=k)`` hands over): the correct probability against
+    20,000 draws of the logits (the mean over inputs within 4 s.e.; every input within
+    5 s.e. plus the 2e-4 of the test above for the orthant), and an input whose noiseless class stands far
+    above the label's mean gets probability 0."""
+    from noiseprop.theory.predict import _slot_cov_to_full
+
+    g = torch.Generator().manual_seed(7)
+    n, c, s, draws = 120, 6, 3, 20000
+    B = torch.randn(n, s, s, generator=g, dtype=torch.float64)
+    cs = B @ B.mT
+    mean = torch.randn(n, c, generator=g, dtype=torch.float64) * 2
+    y = torch.randint(0, c, (n,), generator=g)
+    sel = torch.stack([torch.cat([y[i:i + 1], torch.tensor([k for k in range(c) if k != y[i]][:s - 1])])
+                       for i in range(n)])
+    out = torch.tensor([k for k in range(c) if k not in sel[0].tolist()][0])
+    mean[0, out] = mean[0, y[0]] + 50.0  # a noiseless class the label cannot reach
+    p = correct_probability(mean, _slot_cov_to_full(cs, sel, c), y)[0]
+    f = mean.unsqueeze(0).repeat(draws, 1, 1)
+    z = torch.randn(draws, n, s, generator=g, dtype=torch.float64)
+    f.scatter_add_(2, sel.unsqueeze(0).expand(draws, -1, -1), torch.einsum("nab,knb->kna", torch.linalg.cholesky(cs), z))
+    hit = (f.argmax(2) == y).double()
+    p_mc = hit.mean(0)
+    se = (p_mc * (1 - p_mc) / draws).sqrt()
+    assert abs(float(p.mean() - p_mc.mean())) < 4 * float(hit.mean(1).std()) / math.sqrt(draws)
+    assert bool(((p - p_mc).abs() < 5 * se.clamp_min(math.sqrt(1e-4 / draws)) + 2e-4).all())
+    assert float(p[0]) < 1e-12
