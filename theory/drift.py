@@ -252,8 +252,7 @@ def _layer_op(module: nn.Module, xin: torch.Tensor, weight: torch.Tensor) -> tor
 
 
 def _fast_pass(lin_pt: LinearizedNetwork, x: torch.Tensor, units: Sequence[dict], tangents: Sequence[dict],
-               draws: int, seed: int, chunk_size: int | None, index: torch.Tensor | None = None,
-               extra: dict | None = None):
+               draws: int, seed: int, chunk_size: int | None, index: torch.Tensor | None = None):
     """One pass of derivatives at ``lin_pt``'s weights, for weights of Linear/Conv2d
     layers: ``J diag(u_k²) Jᵀ`` ``[N, C, C]`` for every scale map ``u_k`` in ``units``,
     ``J t_j`` ``[N, C]`` for every tangent ``t_j`` and ``draws`` shared draws
@@ -265,8 +264,7 @@ def _fast_pass(lin_pt: LinearizedNetwork, x: torch.Tensor, units: Sequence[dict]
     per-sample Jacobian (:func:`~noiseprop.theory.linearize.tap_jacobian`).
     ``index`` (``[N, k+1]``: each input's label, then its competitors,
     :func:`_curve_classes`): only those classes are differentiated, ``k + 1`` backward
-    passes and every output over those slots (``C`` becomes ``k + 1``). ``extra``, a
-    dict, receives ``"logits"`` (``[N, C]`` at ``lin_pt``).
+    passes and every output over those slots (``C`` becomes ``k + 1``).
     Returns ``None`` when a target is not such a weight (the caller falls back)."""
     modules = dict(lin_pt.net.named_modules())
     fast = {}
@@ -296,7 +294,7 @@ def _fast_pass(lin_pt: LinearizedNetwork, x: torch.Tensor, units: Sequence[dict]
                 * units[0][nm] for nm, p in lin_pt.target_params.items()}
     covs = [[] for _ in units]
     jts = [[] for _ in tangents]
-    zs, logits = [], []
+    zs = []
     scratch: dict = {}  # a layer's per-sample Jacobian and its scaled copy, buffers reused (scratch_view)
     for i in range(0, n, chunk_size):
         xb = x[i:i + chunk_size].to(lin_pt.device)
@@ -307,7 +305,6 @@ def _fast_pass(lin_pt: LinearizedNetwork, x: torch.Tensor, units: Sequence[dict]
             raise ValueError(f"the model must map a batch of inputs to logits of shape [N, C]; got shape {tuple(out.shape)}")
         sel = None if index is None else index[i:i + chunk_size].to(out.device)
         deltas = backprop_signals(out, [t.e for t in taps], index=sel)
-        logits.append(out.detach().cpu())
         cov_c = [torch.zeros(b, cs, cs, dtype=torch.float64) for _ in units]
         jt_c = [torch.zeros(b, cs, dtype=torch.float64) for _ in tangents]
         z_c = torch.zeros(b, cs, draws, dtype=torch.float64) if draws else None
@@ -355,8 +352,6 @@ def _fast_pass(lin_pt: LinearizedNetwork, x: torch.Tensor, units: Sequence[dict]
             lst.append(jc)
         if z_c is not None:
             zs.append(z_c)
-    if extra is not None:
-        extra["logits"] = torch.cat(logits)
     return ([torch.cat(c) for c in covs], [torch.cat(j) for j in jts], torch.cat(zs) if zs else None)
 
 
@@ -529,24 +524,22 @@ def _compensation_cov(jt: Sequence[torch.Tensor], mo: _Moments):
     return cov, pairs
 
 
-def _slow_derivatives(lin_pt, x, units, tangents, draws, seed, chunk_size, batch_size, index=None, extra=None):
+def _slow_derivatives(lin_pt, x, units, tangents, draws, seed, chunk_size, batch_size, index=None):
     """:func:`_fast_pass`'s outputs for any differentiable target (``jacobian_pass`` with
-    ``extra_units`` and forward-mode products; ``index``, ``extra`` as there)."""
+    ``extra_units`` and forward-mode products; ``index`` as there)."""
     jp = jacobian_pass(lin_pt, x, units[0], chunk_size=chunk_size, draws=draws, seed=seed, extra_units=list(units[1:]),
                        index=index)
     covs = [jp.cov_unit] + list(jp.extra_cov)
     jts = list(_layer_jvps(lin_pt, x, tangents, batch_size)) if tangents else []
     if index is not None:  # the tangent products over the same slots
         jts = [j.gather(1, index.to(j.device)) for j in jts]
-    if extra is not None:
-        extra["logits"] = jp.clean_logits.detach().cpu()
     return covs, jts, jp.draws_unit
 
 
-def _derivatives(lin_pt, x, units, tangents, draws, seed, chunk_size, batch_size, index=None, extra=None):
-    out = _fast_pass(lin_pt, x, units, tangents, draws, seed, chunk_size, index, extra)
+def _derivatives(lin_pt, x, units, tangents, draws, seed, chunk_size, batch_size, index=None):
+    out = _fast_pass(lin_pt, x, units, tangents, draws, seed, chunk_size, index)
     if out is None:
-        out = _slow_derivatives(lin_pt, x, units, tangents, draws, seed, chunk_size, batch_size, index, extra)
+        out = _slow_derivatives(lin_pt, x, units, tangents, draws, seed, chunk_size, batch_size, index)
     covs, jts, z = out
     return [c.double().cpu() for c in covs], [j.double().cpu() for j in jts], (None if z is None else z.double().cpu())
 
@@ -720,8 +713,7 @@ def _predict_models(model, x, y, noises: Sequence[HardwareNoise], targets, linea
         tangents = {k: _comp_tangents(moments[k], facs[k]) for k in order}
         flat = [t for k in order for t in tangents[k]]
         units = [{n: u * facs[k][n] for n, u in moments[k].unit.items()} for k in order]
-        extra = {}
-        covs, jts, z0 = _derivatives(base, x, units, flat, accuracy_draws, seed, chunk_size, batch_size, sel, extra)
+        covs, jts, z0 = _derivatives(base, x, units, flat, accuracy_draws, seed, chunk_size, batch_size, sel)
         offsets = np.cumsum([0] + [len(tangents[k]) for k in order])
         shared = ({k: covs[i] for i, k in enumerate(order)},
                   {k: jts[offsets[i]:offsets[i + 1]] for i, k in enumerate(order)}, z0)
