@@ -658,12 +658,22 @@ class DriftPrediction:
     def loss(self):
         return np.asarray([p.clean_loss + p.loss_increase_logits for p in self.predictions])
 
+    @property
+    def truncation_error(self):
+        """``classes=k``: the accuracy's truncation error measured at each time
+        (``diagnostics["classes_truncation_accuracy_error"]``); NaN without ``classes``."""
+        return np.asarray([p.diagnostics.get("classes_truncation_accuracy_error", float("nan"))
+                           for p in self.predictions], dtype=np.float64)
+
     def to_frame(self) -> pd.DataFrame:
-        return pd.DataFrame(dict(time_s=self.times, accuracy=self.accuracy, accuracy_lower=self.accuracy_lower,
-                                 accuracy_upper=self.accuracy_upper, accuracy_std=self.accuracy_std, loss=self.loss,
-                                 mean_logit_var=[float(p.logit_var.mean()) for p in self.predictions],
-                                 mean_abs_logit_shift=[float(p.logit_mean_shift.abs().mean()) for p in self.predictions],
-                                 preact_frac=self.preact_frac, outside_range=self.outside_range))
+        cols = dict(time_s=self.times, accuracy=self.accuracy, accuracy_lower=self.accuracy_lower,
+                    accuracy_upper=self.accuracy_upper, accuracy_std=self.accuracy_std, loss=self.loss,
+                    mean_logit_var=[float(np.nanmean(p.logit_var.numpy())) for p in self.predictions],
+                    mean_abs_logit_shift=[float(p.logit_mean_shift.abs().mean()) for p in self.predictions],
+                    preact_frac=self.preact_frac, outside_range=self.outside_range)
+        if "classes" in self.predictions[0].diagnostics:
+            cols["truncation_error"] = self.truncation_error
+        return pd.DataFrame(cols)
 
     def summary(self) -> str:
         lines = [f"Predicted accuracy vs time since programming: {self.noise} on {self.targets}",
@@ -675,6 +685,13 @@ class DriftPrediction:
         for _, r in self.to_frame().iterrows():
             lines.append(f"  {r.time_s:>10.3g}{r.accuracy:>10.4f}   [{r.accuracy_lower:.4f}, {r.accuracy_upper:.4f}]"
                          f"{r.accuracy_std:>9.4f}{r.loss:>9.4f}" + (flag if r.outside_range else ""))
+        d = self.predictions[0].diagnostics
+        if "classes" in d:
+            err = self.truncation_error
+            k = d["classes"]
+            lines.append(f"  classes={k}: label and {k} competitor{'s' if k != 1 else ''} differentiated; truncation "
+                         f"error of the accuracy, measured on {d['classes_truncation_inputs']} inputs with every class: "
+                         f"{err.min():+.4f} to {err.max():+.4f}")
         return "\n".join(lines)
 
     def __str__(self):
@@ -765,9 +782,6 @@ def _predict_models(model, x, y, noises: Sequence[HardwareNoise], targets, linea
         if sel is not None:  # every class: the left-out ones at their mean logits, noiseless
             slot_cov = cov
             cov = _slot_cov_to_full(slot_cov, sel, mean.shape[1])
-            if z is not None:
-                z = torch.zeros(mean.shape + (z.shape[-1],), dtype=z.dtype).scatter_(
-                    1, sel[:, :, None].expand(-1, -1, z.shape[-1]), z.double())
         p, lo, hi = correct_probability(mean, cov, y, n_points=n_points, seed=seed)
         if check is not None:
             mdiag.update(_truncation_diag(check, k, mean, mo, p, y, sel.shape[1] - 1, n_points, seed))
@@ -779,6 +793,9 @@ def _predict_models(model, x, y, noises: Sequence[HardwareNoise], targets, linea
                 eta = torch.randn(len(pairs), z.shape[-1], generator=g, dtype=torch.float64)
                 for (sd, v), e in zip(pairs, eta):
                     z += sd * v[:, :, None] * e[None, None, :]
+            if sel is not None:  # the slots' draws in their classes' rows, the others at their means
+                z = torch.zeros(mean.shape + (z.shape[-1],), dtype=z.dtype).scatter_(
+                    1, sel[:, :, None].expand(-1, -1, z.shape[-1]), z)
             accs = sampled_accuracies(mean, z, y)
             kd, acc_std = accs.size, float(accs.std(ddof=1))
         logit_var = torch.diagonal(cov, dim1=1, dim2=2).clone()

@@ -571,6 +571,15 @@ def test_predict_drift_classes():
                                                                abs=1e-12)
         assert int(torch.isnan(pp.logit_var).sum(1).min()) == 4  # 6 classes, 2 kept
     assert np.abs(part.accuracy - full.accuracy).max() > 1e-6  # the truncation is seen here
+    df = part.to_frame()
+    assert np.allclose(df.truncation_error, part.accuracy - full.accuracy, atol=1e-12)
+    assert np.isfinite(df.mean_logit_var).all() and "truncation_error" not in full.to_frame()
+    assert "classes=1: label and 1 competitor differentiated" in part.summary()
+    # the chip-to-chip spread from the slots' shared draws (with the compensation scalar's)
+    spread = predict_drift(net, x, y, nz, times, accuracy_draws=64, diagnostic=False, classes=1)
+    spread_full = predict_drift(net, x, y, nz, times, accuracy_draws=64, diagnostic=False)
+    assert np.isfinite(spread.accuracy_std).all() and (spread.accuracy_std > 0).all()
+    assert np.allclose(spread.accuracy, part.accuracy) and spread_full.accuracy_std.shape == spread.accuracy_std.shape
     with pytest.raises(ValueError, match="classes must be"):
         predict_drift(net, x, y, nz, times, classes=0)
     with pytest.raises(ValueError, match="method='linear'"):
