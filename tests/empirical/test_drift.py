@@ -268,7 +268,7 @@ def test_cli_drift_json_and_plot(small_checkpoint, tmp_path, capsys):
     assert [r["method"] for r in rows] == ["moments", "moments"] and not any(r["first_order_outside_range"] for r in rows)
     assert not any(r["outside_range"] for r in rows)  # an MLP: the moment method is not flagged
     rc = main(["drift", "--model", small_checkpoint, "--times", "1,3.15e7", "--draws", "0", "--classes", "2",
-               "--n-inputs", "40", "--accuracy-draws", "0", "--json"])
+               "--n-inputs", "40", "--json"])  # with the default chip-to-chip draws
     assert rc == 0
     rows = json.loads(capsys.readouterr().out)["rows"]
     assert all(math.isfinite(r["classes_truncation_accuracy_error"]) for r in rows)  # the library test checks its value
