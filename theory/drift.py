@@ -71,6 +71,7 @@ from ._graph import differentiable_attention, unfold_input
 from .accuracy import DEFAULT_N_POINTS, check_n_points, correct_probability, sampled_accuracies
 from .hardware import HardwareNoise, PCMLike, programmed_abs_moments
 from .hashing import inputs_fingerprint
+from .results import Deferred
 from .linearize import (DEFAULT_JACOBIAN_BUDGET, PASS_CHUNK_CAP, LinearizedNetwork, _patch_size, read_without_call,
                         backprop_signals, graph_and_signals, jacobian_pass, scaled_jacobian, tap_jacobian,
                         tapping)
@@ -544,6 +545,16 @@ def _derivatives(lin_pt, x, units, tangents, draws, seed, chunk_size, batch_size
     return [c.double().cpu() for c in covs], [j.double().cpu() for j in jts], (None if z is None else z.double().cpu())
 
 
+def _loss_when_read(mean, cov, factor, y, seed, clean_loss):
+    """The expected cross-entropy under the Gaussian logits ``N(mean, cov)`` (or with the
+    factor ``factor``) less the clean one, computed when the result's loss is first read
+    (``loss_increase``, ``loss_increase_logits``; a curve's ``loss``): as ``predict``'s
+    extras, a call pays only for what is asked."""
+    def value() -> float:
+        return _gaussian_logit_loss(mean, cov, y, seed=seed, factor=factor) - clean_loss
+    return value
+
+
 class _DriftCheck(NamedTuple):
     """``classes=k``: the truncation check's inputs (sorted), which of them are the
     stratum of largest omitted mass, and every class's covariances and tangent products
@@ -806,7 +817,7 @@ def _predict_models(model, x, y, noises: Sequence[HardwareNoise], targets, linea
             factor = torch.zeros(fs.shape[0], mean.shape[1], fs.shape[2], dtype=fs.dtype)
             factor.scatter_(1, sel[:, :, None].expand(-1, -1, fs.shape[2]), fs)
             logit_var = torch.where(_class_mask(sel, mean.shape[1]), logit_var, torch.full_like(logit_var, float("nan")))
-        gl = _gaussian_logit_loss(mean, None if factor is not None else cov, y, seed=seed, factor=factor) - clean_loss
+        gl = Deferred(_loss_when_read(mean, None if factor is not None else cov, factor, y, seed, clean_loss))
         diag = dict(labels=y.clone(), linearize_at=linearize_at,
                     frac_inputs_uncertain=float(((p > 0.01) & (p < 0.99)).double().mean()), **mdiag)
         if isinstance(nz, PCMLike) and nz.compensation:

@@ -284,7 +284,7 @@ class Prediction(LogitResult):
     accuracy_std: float
     accuracy_std_draws: int
     clean_loss: float
-    loss_increase: float
+    loss_increase: float = deferred_field()  # computed when first read (hardware noise: the Gaussian-logit loss)
     loss_increase_se: float
     loss_increase_gn: float
     loss_increase_logits: float = deferred_field()  # computed when first read (predict's own calls)

@@ -586,3 +586,24 @@ def test_predict_drift_classes():
         predict_drift(net, x, y, nz, times, classes=2, method="moments")
     with pytest.raises(ValueError, match="linearize_at='earliest'"):
         predict_drift(net, x, y, nz, times, classes=2, linearize_at="mean")
+
+
+def test_drift_loss_computed_when_read(digits_mlp, monkeypatch):
+    """The curve's loss (each time's Gaussian-logit cross-entropy) is computed when first
+    read, once per time, and is the value computed directly from that time's logit
+    mean and covariance; the accuracy never pays for it."""
+    from noiseprop.theory import drift as D
+    from noiseprop.theory.predict import _gaussian_logit_loss
+
+    model, x, y = digits_mlp
+    calls = []
+    monkeypatch.setattr(D, "_gaussian_logit_loss", lambda *a, **k: calls.append(1) or _gaussian_logit_loss(*a, **k))
+    d = predict_drift(model, x[:60], y[:60], PCMLike(), [1.0, 3.15e7], accuracy_draws=0, cov=True)
+    assert calls == [] and d.accuracy.shape == (2,)
+    loss = d.loss
+    assert len(calls) == 2
+    assert np.array_equal(d.loss, loss) and len(calls) == 2  # kept
+    for p, value in zip(d.predictions, loss):
+        want = _gaussian_logit_loss(p.logit_mean, p.logit_cov, y[:60]) - p.clean_loss
+        assert p.loss_increase == p.loss_increase_logits == pytest.approx(want, rel=1e-12)
+        assert value == pytest.approx(p.clean_loss + want, rel=1e-12)
