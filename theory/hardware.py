@@ -561,19 +561,12 @@ class PCMLike(HardwareNoise):
         a, s = g_t.reshape(-1), s_p.reshape(-1)
 
         def integrands(g):  # E g_D-free parts of E g, E g², E[g_P g] per time (one set of nodes)
-            q = _q_read(g)  # >= 0.0088
-            g2 = g * g
+            q = _q_read(g)
+            one, g2 = torch.ones_like(g), g * g
             out = []
-            for c in cs:  # rectified_normal_moments(1, c q), written out for a = 1 and s = c q > 0
-                if c > 0:
-                    sq = c * q
-                    u = 1.0 / sq
-                    Phi = torch.special.ndtr(u)
-                    sphi = sq * torch.exp(-0.5 * u * u) * (1 / math.sqrt(2 * math.pi))
-                    m1, m2 = Phi + sphi, (1 + sq * sq) * Phi + sphi
-                    out += [g * m1, g2 * m2, g2 * m1]
-                else:  # no read noise: max(0, 1) = 1
-                    out += [g, g2, g2]
+            for c in cs:
+                m1, m2 = rectified_normal_moments(one, c * q)
+                out += [g * m1, g2 * m2, g2 * m1]
             return out
 
         ints = rectified_expectation(integrands, a, s, _Q_KINKS).unbind(-1)
