@@ -78,7 +78,7 @@ from .linearize import (DEFAULT_JACOBIAN_BUDGET, PASS_CHUNK_CAP, LinearizedNetwo
 from .moments import DEFAULT_RANK, DEFAULT_SPATIAL_RANK, MomentPropagator, propagate_moments
 from .noise import WeightNoise, parse_noise
 from .predict import (DIAGNOSTIC_DIRECTIONS, DIAGNOSTIC_INPUTS, MAX_ACCURACY_DRAWS, METHODS, OUTSIDE_RANGE, Prediction,
-                      _check_split, _class_mask, _cov_factor, _gaussian_logit_loss, _moment_risks, _preact_ratios, _rescale_draws,
+                      _check_split, _class_mask, _cov_factor, _logit_loss_increase, _moment_risks, _preact_ratios, _rescale_draws,
                       _slot_cov_to_full, _stratified_mean, _truncation_check_inputs, curve_range_warning,
                       moments_range_warning, range_warning)
 from .validation import (check_bool, check_inputs, check_int, check_labels, check_seed, check_times,
@@ -545,16 +545,6 @@ def _derivatives(lin_pt, x, units, tangents, draws, seed, chunk_size, batch_size
     return [c.double().cpu() for c in covs], [j.double().cpu() for j in jts], (None if z is None else z.double().cpu())
 
 
-def _loss_when_read(mean, cov, factor, y, seed, clean_loss):
-    """The expected cross-entropy under the Gaussian logits ``N(mean, cov)`` (or with the
-    factor ``factor``) less the clean one, computed when the result's loss is first read
-    (``loss_increase``, ``loss_increase_logits``; a curve's ``loss``): as ``predict``'s
-    extras, a call pays only for what is asked."""
-    def value() -> float:
-        return _gaussian_logit_loss(mean, cov, y, seed=seed, factor=factor) - clean_loss
-    return value
-
-
 class _DriftCheck(NamedTuple):
     """``classes=k``: the truncation check's inputs (sorted), which of them are the
     stratum of largest omitted mass, and every class's covariances and tangent products
@@ -817,7 +807,9 @@ def _predict_models(model, x, y, noises: Sequence[HardwareNoise], targets, linea
             factor = torch.zeros(fs.shape[0], mean.shape[1], fs.shape[2], dtype=fs.dtype)
             factor.scatter_(1, sel[:, :, None].expand(-1, -1, fs.shape[2]), fs)
             logit_var = torch.where(_class_mask(sel, mean.shape[1]), logit_var, torch.full_like(logit_var, float("nan")))
-        gl = Deferred(_loss_when_read(mean, None if factor is not None else cov, factor, y, seed, clean_loss))
+        # computed when first read, as predict's extras: the accuracy does not pay for it
+        gl = Deferred(_logit_loss_increase(None, mean, None if factor is not None else cov, y, 1.0, seed, clean_loss,
+                                           factor))
         diag = dict(labels=y.clone(), linearize_at=linearize_at,
                     frac_inputs_uncertain=float(((p > 0.01) & (p < 0.99)).double().mean()), **mdiag)
         if isinstance(nz, PCMLike) and nz.compensation:

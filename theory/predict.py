@@ -988,16 +988,17 @@ class _LazyLogitLoss:
         return self.loss.at(mean, y, level)
 
 
-def _logit_loss_increase(loss, mean, cov, y, lvl: float, seed: int, clean_loss: float):
+def _logit_loss_increase(loss, mean, cov, y, lvl: float, seed: int, clean_loss: float, factor=None):
     """``loss_increase_logits`` when first read: the expected cross-entropy under Gaussian
     logits less the clean one; ``loss`` a :class:`_LazyLogitLoss` (the first order:
-    ``N(mean, lvl² cov_unit)``), else ``None`` and ``N(mean, cov)``. An unread value keeps
-    these alive with its result: the unit covariance ``[N, C, C]`` (shared by a pass's
-    levels, and once read the loss's factor and projections) or the level's covariance."""
+    ``N(mean, lvl² cov_unit)``), else ``None`` and ``N(mean, cov)`` (or ``cov = factor
+    factorᵀ``, :func:`_gaussian_logit_loss`). An unread value keeps these alive with its
+    result: the unit covariance ``[N, C, C]`` (shared by a pass's levels, and once read
+    the loss's factor and projections) or the level's covariance."""
     def value() -> float:
         if loss is not None:
             return loss.at(mean, y, lvl) - clean_loss
-        return _gaussian_logit_loss(mean, cov, y, seed=seed) - clean_loss
+        return _gaussian_logit_loss(mean, cov, y, seed=seed, factor=factor) - clean_loss
     return value
 
 

@@ -592,12 +592,15 @@ def test_drift_loss_computed_when_read(digits_mlp, monkeypatch):
     """The curve's loss (each time's Gaussian-logit cross-entropy) is computed when first
     read, once per time, and is the value computed directly from that time's logit
     mean and covariance; the accuracy never pays for it."""
-    from noiseprop.theory import drift as D
+    import sys
+
+    from noiseprop.theory import predict as P
     from noiseprop.theory.predict import _gaussian_logit_loss
 
     model, x, y = digits_mlp
     calls = []
-    monkeypatch.setattr(D, "_gaussian_logit_loss", lambda *a, **k: calls.append(1) or _gaussian_logit_loss(*a, **k))
+    monkeypatch.setattr(sys.modules[P.__module__], "_gaussian_logit_loss",
+                        lambda *a, **k: calls.append(1) or _gaussian_logit_loss(*a, **k))
     d = predict_drift(model, x[:60], y[:60], PCMLike(), [1.0, 3.15e7], accuracy_draws=0, cov=True)
     assert calls == [] and d.accuracy.shape == (2,)
     loss = d.loss
