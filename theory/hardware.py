@@ -685,16 +685,17 @@ class PCMLike(HardwareNoise):
         sign = torch.sign(r)
         k = (m / G_MAX).double()
         i, f = _table_position(tables[0][0], r.abs() * G_MAX)
-        out, prog = [], {}
-        for grid, tab in tables:
-            names = [n for n in tab if n not in prog]  # the programmed moments do not depend on t: once
+
+        def active(tab, names):  # the active device's moments ``names``, interpolated
             v = torch.stack([tab[n] for n in names])  # [moments, nodes]
             lo = v[:, i - 1]
-            on = (lo + f * (v[:, i] - lo)).reshape((len(names),) + tuple(w.shape))  # the active device
-            on = {**dict(zip(names, on.unbind(0))), **prog}
-            prog = prog or {n: on[n] for n in tab if n.startswith("prog_")}
-            raw = _raw_from_devices(on, {n: tab[n][0] for n in tab}, k, sign, out[0] if out else None)
-            out.append(raw)
+            return dict(zip(names, (lo + f * (v[:, i] - lo)).reshape((len(names),) + tuple(w.shape)).unbind(0)))
+
+        prog = active(tables[0][1], ["prog_mean", "prog_sq"])  # the programmed moments do not depend on t: once
+        out = []
+        for grid, tab in tables:
+            on = {**active(tab, ["mean", "sq", "cross"]), **prog}
+            out.append(_raw_from_devices(on, {n: tab[n][0] for n in tab}, k, sign, out[0] if out else None))
         return out
 
     def compensation_moments(self, w: torch.Tensor, raw: dict | None = None,
