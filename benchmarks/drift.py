@@ -92,7 +92,7 @@ def main(argv=None):
                                    predicted=round(p, 4), mc=round(m, 4), mc_ci=[round(lo, 4), round(hi, 4)],
                                    diff=round(p - m, 4), within=ok,
                                    preact_frac=None if frac is None else round(float(frac), 3), warned=warned)
-                        if method in preds and method.startswith("linear_classes"):
+                        if method.startswith("linear_classes"):
                             dg = pred.predictions[i].diagnostics
                             row.update(minus_full=round(p - float(preds["linear"].accuracy[i]), 5)
                                        if "linear" in preds else None,

@@ -581,8 +581,14 @@ def _truncation_check(base, x, units, flat, cov_first, means, sel, seed, chunk_s
     proxy = 0.5 * q * torch.diagonal(cov_first, dim1=1, dim2=2).mean(1)
     idx, is_top = _check_split(proxy, _truncation_check_inputs(x.shape[0]))
     covs, jts, _ = _derivatives(base, x[idx], units, flat, 0, seed, chunk_size, batch_size)
-    return _DriftCheck(idx, is_top, {k: covs[i] for i, k in enumerate(order)},
-                       {k: jts[offsets[i]:offsets[i + 1]] for i, k in enumerate(order)})
+    return _DriftCheck(idx, is_top, *_by_time(covs, jts, order, offsets))
+
+
+def _by_time(covs, jts, order, offsets) -> tuple[dict, dict]:
+    """A one-pass curve's outputs per time index: the covariance of each time (the pass's
+    scale maps are in ``order``) and its tangent products (``jts[offsets[i]:offsets[i+1]]``)."""
+    return ({k: covs[i] for i, k in enumerate(order)},
+            {k: jts[offsets[i]:offsets[i + 1]] for i, k in enumerate(order)})
 
 
 def _truncation_diag(check: _DriftCheck, k: int, mean: torch.Tensor, mo: _Moments, p: torch.Tensor,
@@ -733,8 +739,7 @@ def _predict_models(model, x, y, noises: Sequence[HardwareNoise], targets, linea
         units = [{n: u * facs[k][n] for n, u in moments[k].unit.items()} for k in order]
         covs, jts, z0 = _derivatives(base, x, units, flat, accuracy_draws, seed, chunk_size, batch_size, sel)
         offsets = np.cumsum([0] + [len(tangents[k]) for k in order])
-        shared = ({k: covs[i] for i, k in enumerate(order)},
-                  {k: jts[offsets[i]:offsets[i + 1]] for i, k in enumerate(order)}, z0)
+        shared = (*_by_time(covs, jts, order, offsets), z0)
         if sel is not None:  # the truncation check: every class on a share of the inputs
             check = _truncation_check(base, x, units, flat, covs[0], means, sel, seed, chunk_size, batch_size, order,
                                       offsets)
