@@ -53,7 +53,7 @@ from torch.func import functional_call, jacrev, jvp, vmap
 from ._graph import differentiable_attention, trace, unfold_input
 from .accuracy import correct_probability
 from .noise import WeightNoise
-from .targets import TargetPlan, qualified_name, resolve_targets
+from .targets import _L2_BN, TargetPlan, _is_foldable, folding_affine, qualified_name, resolve_targets
 from .validation import check_labels, probe_logits
 
 __all__ = [
@@ -340,16 +340,40 @@ def _fast_ok(module: nn.Module) -> bool:
     return isinstance(module, nn.Conv2d) and module.padding_mode == "zeros"  # padding="same" too (unfold_input)
 
 
+def affine_backward(mod: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor | None:
+    """For an eval-mode BatchNorm-like layer with fixed statistics (``mod(x) = a ⊙ x + c``
+    per channel, :func:`~noiseprop.theory.targets.folding_affine`): its own output
+    ``out``, value unchanged, carrying the gradient of that affine map,
+    ``out + (x − x)·a``, whose backward is one product by ``a``. ``None`` for any other
+    layer (training mode, batch statistics, statistics that cannot be folded)."""
+    if mod.training or not _is_foldable(mod) or (isinstance(mod, _L2_BN) and not mod.track_running_stats):
+        return None
+    try:
+        a, _ = folding_affine(mod)
+    except (ValueError, TypeError):  # no running statistics, or a negative variance: left as it is
+        return None
+    a = a.detach().to(x.dtype).reshape((1, -1) + (1,) * (x.dim() - 2))
+    return out.detach() + (x - x.detach()) * a
+
+
 @contextmanager
 def tapping(modules: Mapping[int, tuple[str, nn.Module]]):
     """Within the context, every call of a module whose ``id`` is in ``modules`` records a
     :class:`Tap` (input captured, output ``+ e`` with ``e = 0`` requiring grad). Uses a
-    global forward hook (removed on exit), so the model object itself is not touched."""
+    global forward hook (removed on exit), so the model object itself is not touched.
+
+    With gradients on, an eval-mode BatchNorm-like layer is differentiated as the
+    per-channel affine map it is (:func:`affine_backward`): the same values, the same
+    gradient, and a backward that is one product instead of
+    ``native_batch_norm_backward``."""
     taps: list[Tap] = []
 
     def hook(mod, inp, out):
         hit = modules.get(id(mod))
         if hit is None or hit[1] is not mod:
+            if torch.is_grad_enabled() and inp and isinstance(inp[0], torch.Tensor) and inp[0].requires_grad \
+                    and isinstance(out, torch.Tensor) and out.shape == inp[0].shape:
+                return affine_backward(mod, inp[0], out)
             return None
         e = torch.zeros_like(out, requires_grad=True)
         taps.append(Tap(hit[0], mod, inp[0].detach(), e))

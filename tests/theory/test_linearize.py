@@ -184,3 +184,50 @@ def test_tap_jacobian_into_a_reused_buffer():
     v = scratch_view(scratch, "jacobian", (2, 3), torch.zeros(1, dtype=torch.float64))
     assert v.shape == (2, 3) and v.data_ptr() == scratch["jacobian"].data_ptr()
     assert scratch_view(None, "jacobian", (2, 3), v) is None
+
+
+@pytest.mark.parametrize("norm", ["bn", "l1", "topk"])
+def test_batchnorm_differentiated_as_its_affine_map_gives_the_same_pass(norm, monkeypatch):
+    """In the tap pass an eval-mode BatchNorm-like layer (L2, L1, TopK) is differentiated
+    as the affine map ``a ⊙ y + c`` it is (``affine_backward``, one product in the
+    backward): the clean logits are bit-identical and the level-1 covariance, over every
+    class and over ``classes=2``, equals the pass through the layer's own backward
+    (``affine_backward`` switched off) to float32 rounding (rtol 1e-5: about 100 units of
+    float32 roundoff over the network's depth). A BatchNorm with batch statistics
+    (``track_running_stats=False``) is not affine and is left as it is (same pass)."""
+    import noiseprop.theory.linearize as L
+    from noiseprop.empirical.models import build_model
+
+    g = torch.Generator().manual_seed(1)
+    net = build_model("resnet8", (1, 8, 8), 5, norm=norm, width=4, seed=0)
+    with torch.no_grad():  # running statistics away from (0, 1), so that the affine map is not trivial
+        net.train()
+        for _ in range(3):
+            net(torch.randn(32, 1, 8, 8, generator=g) * 2 + 0.5)
+    net.eval()
+    x = torch.randn(24, 1, 8, 8, generator=g)
+    y = torch.randint(0, 5, (24,), generator=g)
+    lin = LinearizedNetwork(net)
+    u = lin.unit_scales(RelativeGaussian(1.0))
+    calls = []
+    orig = L.affine_backward
+
+    def counted(*a):
+        out = orig(*a)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(L, "affine_backward", counted)
+    fast = [jacobian_pass(lin, x, u), jacobian_pass(lin, x, u, classes=2, labels=y)]
+    assert any(calls)
+    monkeypatch.setattr(L, "affine_backward", lambda *a: None)
+    ref = [jacobian_pass(lin, x, u), jacobian_pass(lin, x, u, classes=2, labels=y)]
+    for a, b in zip(fast, ref):
+        assert torch.equal(a.clean_logits, b.clean_logits)
+        torch.testing.assert_close(a.cov_unit, b.cov_unit, rtol=1e-5, atol=1e-5 * float(b.cov_unit.abs().max()))
+    assert torch.equal(fast[1].classes, ref[1].classes)
+
+    bn = nn.BatchNorm2d(3, track_running_stats=False).eval()
+    xi = torch.randn(4, 3, 2, 2, requires_grad=True)
+    assert L.affine_backward(bn, xi, bn(xi)) is None  # eval mode with batch statistics: not affine
+    assert L.affine_backward(nn.BatchNorm2d(3).train(), xi, xi) is None  # training mode
