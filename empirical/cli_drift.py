@@ -138,8 +138,7 @@ def cmd_drift(args) -> int:
                      outside_range=bool(pred.outside_range[i]),
                      first_order_outside_range=bool(pred.outside_range[i]) and args.method == "linear")
             if args.classes is not None and "classes" in pred.predictions[i].diagnostics:
-                r["classes_truncation_accuracy_error"] = pred.predictions[i].diagnostics[
-                    "classes_truncation_accuracy_error"]
+                r["classes_truncation_accuracy_error"] = float(pred.truncation_error[i])
             if mdf is not None:
                 r.update(mc_accuracy=float(mdf.accuracy[i]), mc_ci=[float(mdf.accuracy_ci_low[i]),
                                                                     float(mdf.accuracy_ci_high[i])],

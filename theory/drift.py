@@ -79,7 +79,7 @@ from .moments import DEFAULT_RANK, DEFAULT_SPATIAL_RANK, MomentPropagator, propa
 from .noise import WeightNoise, parse_noise
 from .predict import (DIAGNOSTIC_DIRECTIONS, DIAGNOSTIC_INPUTS, MAX_ACCURACY_DRAWS, METHODS, OUTSIDE_RANGE, Prediction,
                       _check_split, _class_mask, _cov_factor, _logit_loss_increase, _moment_risks, _preact_ratios, _rescale_draws,
-                      _slot_cov_to_full, _stratified_mean, _truncation_check_inputs, curve_range_warning,
+                      _slot_cov_to_full, _slot_rows_to_full, _truncation_accuracy_diag, _truncation_check_inputs, curve_range_warning,
                       moments_range_warning, range_warning)
 from .validation import (check_bool, check_inputs, check_int, check_labels, check_seed, check_times,
                          probe_logits)
@@ -603,11 +603,7 @@ def _truncation_diag(check: _DriftCheck, k: int, mean: torch.Tensor, mo: _Moment
     if comp is not None:
         cov = cov + comp
     pf = correct_probability(mean[idx], 0.5 * (cov + cov.mT), y[idx], n_points=n_points, seed=seed)[0]
-    d = (p[idx] - pf).abs()
-    return dict(classes=int(classes), classes_truncation_inputs=int(idx.numel()),
-                classes_truncation_largest=int(is_top.sum()), classes_truncation_max_abs=float(d.max()),
-                classes_truncation_mean_abs=_stratified_mean(d, is_top, p.numel()),
-                classes_truncation_accuracy_error=_stratified_mean(p[idx] - pf, is_top, p.numel()))
+    return _truncation_accuracy_diag(p, pf, idx, is_top, classes)
 
 
 # ----------------------------------------------------------------------------
@@ -800,17 +796,14 @@ def _predict_models(model, x, y, noises: Sequence[HardwareNoise], targets, linea
                 for (sd, v), e in zip(pairs, eta):
                     z += sd * v[:, :, None] * e[None, None, :]
             if sel is not None:  # the slots' draws in their classes' rows, the others at their means
-                z = torch.zeros(mean.shape + (z.shape[-1],), dtype=z.dtype).scatter_(
-                    1, sel[:, :, None].expand(-1, -1, z.shape[-1]), z)
+                z = _slot_rows_to_full(z, sel, mean.shape[1])
             accs = sampled_accuracies(mean, z, y)
             kd, acc_std = accs.size, float(accs.std(ddof=1))
         logit_var = torch.diagonal(cov, dim1=1, dim2=2).clone()
         factor = None
         if sel is not None:  # the left-out classes' variance is unknown (NaN in the result)
             # the loss's factor: the slots' Cholesky factor in the selected classes' rows
-            fs = _cov_factor(slot_cov)
-            factor = torch.zeros(fs.shape[0], mean.shape[1], fs.shape[2], dtype=fs.dtype)
-            factor.scatter_(1, sel[:, :, None].expand(-1, -1, fs.shape[2]), fs)
+            factor = _slot_rows_to_full(_cov_factor(slot_cov), sel, mean.shape[1])
             logit_var = torch.where(_class_mask(sel, mean.shape[1]), logit_var, torch.full_like(logit_var, float("nan")))
         # computed when first read, as predict's extras: the accuracy does not pay for it
         gl = Deferred(_logit_loss_increase(None, mean, None if factor is not None else cov, y, 1.0, seed, clean_loss,

@@ -841,6 +841,13 @@ def jacobian_pass(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, to
             return lin.forward(xi.unsqueeze(0), tp).squeeze(0)
 
         slow_fn = lambda xb: vmap(jacrev(single), in_dims=(None, 0))(sub, xb)  # noqa: E731
+    def slots(f0, i):  # the chunk's differentiated classes (None: every class)
+        if classes is None:
+            return None
+        if index is not None:
+            return index[i:i + chunk_size].to(f0.device)
+        return select_classes(f0, labels[i:i + chunk_size], classes)
+
     covs, f0s, zs, sels = [], [], [], []
     scratch: dict = {}  # per-sample Jacobians and their scaled copies, buffers reused (scratch_view)
     layer_covs: dict[str, list] = {}
@@ -850,7 +857,6 @@ def jacobian_pass(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, to
         b = xb.shape[0]
         cov = torch.zeros(b, cs, cs, dtype=torch.float64, device=lin.device)
         z = torch.zeros(b, cs, draws, dtype=lin.dtype, device=lin.device) if dirs is not None else None
-        sel = None
         lcov: dict | None = {} if per_layer else None
         extra = [(eu, torch.zeros_like(cov)) for eu in extra_units]
 
@@ -874,9 +880,7 @@ def jacobian_pass(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, to
             if out.dim() != 2:
                 raise ValueError(f"the model must map a batch of inputs to logits of shape [N, C]; got shape {tuple(out.shape)}")
             f0 = out.detach()
-            if classes is not None:
-                sel = (index[i:i + chunk_size].to(f0.device) if index is not None
-                       else select_classes(f0, labels[i:i + chunk_size], classes))
+            sel = slots(f0, i)
             deltas = backprop_signals(out, [t.e for t in taps], index=sel)
             by_module: dict[str, list] = {}
             for t, dl in zip(taps, deltas):
@@ -886,9 +890,7 @@ def jacobian_pass(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, to
         else:
             with torch.no_grad():
                 f0 = lin.forward(xb)
-            if classes is not None:
-                sel = (index[i:i + chunk_size].to(f0.device) if index is not None
-                       else select_classes(f0, labels[i:i + chunk_size], classes))
+            sel = slots(f0, i)
         if slow_fn is not None:
             jac = slow_fn(xb)
             for name in slow:

@@ -495,15 +495,28 @@ def _rescale_draws(z: torch.Tensor, v_to: torch.Tensor, v_from: torch.Tensor) ->
                            torch.zeros_like(v_from)).unsqueeze(-1)
 
 
+def _slot_rows_to_full(t: torch.Tensor, sel: torch.Tensor, c: int) -> torch.Tensor:
+    """``[N, C, K]`` with the slots' rows ``t [N, S, K]`` in their classes' rows
+    (``sel [N, S]``), zero elsewhere."""
+    return torch.zeros(t.shape[0], c, t.shape[2], dtype=t.dtype).scatter_(1, sel[:, :, None].expand(-1, -1, t.shape[2]), t)
+
+
 def _slot_cov_to_full(cov: torch.Tensor, sel: torch.Tensor, c: int) -> torch.Tensor:
     """``[N, C, C]`` with the slot covariance in the selected classes' rows and columns,
     zero elsewhere (the other classes treated as noiseless)."""
-    n, s, _ = cov.shape
-    full = torch.zeros(n, c, s, dtype=cov.dtype)
-    full.scatter_(1, sel[:, :, None].expand(-1, -1, s), cov)
-    out = torch.zeros(n, c, c, dtype=cov.dtype)
-    out.scatter_(2, sel[:, None, :].expand(-1, c, -1), full)
-    return out
+    return _slot_rows_to_full(_slot_rows_to_full(cov, sel, c).mT, sel, c).mT.contiguous()
+
+
+def _truncation_accuracy_diag(p: torch.Tensor, pf: torch.Tensor, idx: torch.Tensor, is_top: torch.Tensor,
+                              classes: int) -> dict:
+    """``classes_truncation_*``: the truncated accuracy ``p`` (every input) against
+    ``pf``, every class's on the check inputs ``idx`` (``is_top``: the stratum of largest
+    left-out mass); the mean errors are the stratified estimates over all inputs."""
+    d = (p[idx] - pf).abs()
+    return dict(classes=int(classes), classes_truncation_inputs=int(idx.numel()),
+                classes_truncation_largest=int(is_top.sum()), classes_truncation_max_abs=float(d.max()),
+                classes_truncation_mean_abs=_stratified_mean(d, is_top, p.numel()),
+                classes_truncation_accuracy_error=_stratified_mean(p[idx] - pf, is_top, p.numel()))
 
 
 class _EvalBatchNorm(nn.Module):
@@ -1030,13 +1043,7 @@ def _finish(base: _Base, noise: WeightNoise, method: str, mean: torch.Tensor, co
         full_curve = _memo(base, ("truncation", n_points, seed),
                            lambda: CorrectCurve(jpf.clean_logits.double().cpu(), jpf.cov_unit.double().cpu(), y[idx],
                                                 n_points=n_points, seed=seed))
-        pf = full_curve.at(lvl)[0]
-        d = (p[idx] - pf).abs()
-        trunc_diag = dict(classes=int(sel.shape[1] - 1), classes_truncation_inputs=int(idx.numel()),
-                          classes_truncation_largest=int(is_top.sum()),
-                          classes_truncation_max_abs=float(d.max()),
-                          classes_truncation_mean_abs=_stratified_mean(d, is_top, p.numel()),
-                          classes_truncation_accuracy_error=_stratified_mean(p[idx] - pf, is_top, p.numel()))
+        trunc_diag = _truncation_accuracy_diag(p, full_curve.at(lvl)[0], idx, is_top, sel.shape[1] - 1)
         # every class in the result: unselected ones noiseless, their variance unknown (NaN)
         mean = clean
         cov_full_u = _memo(base, "cov_full_unit", lambda: _slot_cov_to_full(cov_u, sel, clean.shape[1]))
