@@ -424,16 +424,17 @@ def test_fast_pass_draws_and_tangents_from_the_jacobian():
 
 
 def test_fast_pass_gram_route_on_small_feature_maps():
-    """On a small feature map (4×4 outputs, here also grouped) the tap-based pass takes
-    the per-element patch-Gram route (no per-sample Jacobian) and one stacked map for the
-    tangents and draws: its covariances for six scale maps, its tangent products and its
-    draws equal jacobian_pass + forward-mode products (and jvp for the draws)."""
+    """On a small feature map (4×4 outputs, here also grouped; 2×2) the tap-based pass
+    takes the per-element patch-Gram route (no per-sample Jacobian; at 4×4 only the upper
+    triangle of the symmetric Gram matrix is formed, at 2×2 the whole) and one stacked map
+    for the tangents and draws: its covariances for six scale maps, its tangent products
+    and its draws equal jacobian_pass + forward-mode products (and jvp for the draws)."""
     from noiseprop.theory import drift as D
 
     g = torch.Generator().manual_seed(2)
     net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 6, 3, padding=1),
-                        nn.ReLU(), nn.Conv2d(6, 6, 3, padding=1, groups=2), nn.ReLU(), nn.Flatten(),
-                        nn.Linear(96, 10)).double().eval()
+                        nn.ReLU(), nn.Conv2d(6, 6, 3, padding=1, groups=2), nn.ReLU(), nn.MaxPool2d(2),
+                        nn.Conv2d(6, 5, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(20, 10)).double().eval()
     x = torch.randn(9, 1, 8, 8, generator=g, dtype=torch.float64)
     lin = D.LinearizedNetwork(net)
     mos = [D._moments(lin, PCMLike(t=t, prog_noise_scale=2.0)) for t in TIMES]
@@ -441,12 +442,13 @@ def test_fast_pass_gram_route_on_small_feature_maps():
     tangents = D._comp_tangents(mos[2])
     taken = []
     orig = D._conv_element_cov
-    D._conv_element_cov = lambda *a: taken.append(a[0].name) or orig(*a)
+    D._conv_element_cov = lambda *a: taken.append((a[0].name, a[1][0, 0, 0].numel())) or orig(*a)
     try:
         fast = D._fast_pass(lin, x, units, tangents, 3, 5, 4)
     finally:
         D._conv_element_cov = orig
-    assert set(taken) == {"3", "5"}  # both 4×4 convolutions, not the 8×8 one
+    assert set(taken) == {("3", 16), ("5", 16), ("8", 4)}  # the 4×4 and 2×2 convolutions, not the 8×8 one
+    assert 4 < D.GRAM_TRIANGLE_MIN <= 16  # both forms of the Gram matrix checked
     slow = D._slow_derivatives(lin, x, units, tangents, 0, 0, 4, 4)
     for a, b in zip(fast[0], slow[0]):
         assert torch.allclose(a, b.double(), rtol=1e-9, atol=1e-12)
