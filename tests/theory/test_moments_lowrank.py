@@ -20,6 +20,17 @@ def test_patch_gram_equals_unfolded_reference():
         P = P.reshape(3, 2, groups, -1, Ho * Wo)
         ref = torch.einsum("kbgjp,kbgjq->bgpq", P, P)
         assert torch.allclose(G, ref, atol=1e-10)
+        # differentiated, the columns are unfolded (a cheaper backward): the same values,
+        # and the gradient of the unfolded reference
+        w = torch.randn(G.shape, generator=g, dtype=torch.float64)
+        Fa, Fb = Fm.clone().requires_grad_(True), Fm.clone().requires_grad_(True)
+        Ga = patch_gram(Fa, groups, k, stride, pad, dil, (Ho, Wo))
+        assert torch.allclose(Ga, ref, atol=1e-10)
+        (Ga * w).sum().backward()
+        Pb = F.unfold(Fb.reshape(6, 4, 6, 5), k, dilation=dil, padding=pad, stride=stride).reshape(3, 2, groups, -1,
+                                                                                                  Ho * Wo)
+        (torch.einsum("kbgjp,kbgjq->bgpq", Pb, Pb) * w).sum().backward()
+        assert torch.allclose(Fa.grad, Fb.grad, atol=1e-10)
 
 
 def test_top_eigh_exact_and_randomised():
