@@ -25,7 +25,8 @@ Two further parts locate the error of the moment method on residual networks:
   (``mean_map_first_chaos``: autograd of the propagated mean, the per-unit variances'
   dependence on the means included; Stein's lemma) in place of the surrogate's linear
   response, plus the same injected part: live-margin variance and accuracy against the
-  shipped moment method and Monte-Carlo (``--draws``), and both costs.
+  shipped moment method and Monte-Carlo (``--draws``), and both costs; ``--stein-ranks
+  full,1`` also differentiates a rank-1 pass (one column, nearly diagonal).
 * ``skew``: the skewness of the logit margins (label minus a competitor) that the
   Gaussian-logit model leaves out. For a sample of live margins (Monte-Carlo
   z = mean/sd < 2.5, ``--skew-pairs`` of them) the gate-flip third cumulant
@@ -45,6 +46,7 @@ Two further parts locate the error of the moment method on residual networks:
     .venv/bin/python benchmarks/moments_diagnose.py --model resnet20 --eta 0.3 --draws 200 --n 200
     .venv/bin/python benchmarks/moments_diagnose.py --parts groups,chaos --model resnet20 --eta 0.5 --draws 300 --n 359
     .venv/bin/python benchmarks/moments_diagnose.py --parts stein --model resnet20 --eta 0.5 --draws 300 --n 359
+    .venv/bin/python benchmarks/moments_diagnose.py --parts stein --stein-ranks full,1 --model resnet32 --eta 0.4
     .venv/bin/python benchmarks/moments_diagnose.py --parts skew --model resnet20 --eta 0.2209 --draws 2000 --n 359
     .venv/bin/python benchmarks/moments_diagnose.py --parts skew_accuracy --model resnet20 --eta 0.5 --draws 1000 --n 120
 """
@@ -167,11 +169,13 @@ def _moments_with_injected(model, x, y, noise, targets=None):
     return fo, mom, torch.cat(injected)
 
 
-def stein(model, x, y, noise, draws):
+def stein(model, x, y, noise, draws, stein_ranks=("full",)):
     """The first chaos through the moment pass itself (:func:`mean_map_first_chaos`:
     autograd of the propagated mean, Stein's lemma) in place of the surrogate's linear
     response, plus the same injected part, against the shipped moment method and
-    Monte-Carlo (live-margin variance as a ratio to the first order's, and accuracy)."""
+    Monte-Carlo (live-margin variance as a ratio to the first order's, and accuracy).
+    ``stein_ranks``: the differentiated pass at the moment method's rank (``full``) and/or
+    at rank 1 (``1``: one column, nearly diagonal); one line each, with its own time."""
     from sensitivity import _mc_logits, live_margin_variance  # benchmarks/sensitivity.py (this script's folder)
 
     from noiseprop.theory.moments.surrogate import mean_map_first_chaos
@@ -180,9 +184,6 @@ def stein(model, x, y, noise, draws):
     fo, mom, inj = _moments_with_injected(model, x, y, noise)
     t_mom = time.perf_counter() - t0
     lin = LinearizedNetwork(model)
-    t0 = time.perf_counter()
-    mean, first = mean_map_first_chaos(lin, x, noise, chunk_size=64)
-    t_stein = time.perf_counter() - t0
     L = _mc_logits(model, x, noise, draws, seed=5)
     Lc = torch.einsum("dna,dnb->nab", L - L.mean(0), L - L.mean(0)) / (draws - 1)
     accs = (L.argmax(2) == y).double().mean(1)
@@ -190,14 +191,20 @@ def stein(model, x, y, noise, draws):
     cov = mom.logit_cov.double()
     mom_mean = mom.logit_mean.double()
     acc = lambda c: float(correct_probability(mom_mean, c, y, n_points=2048, seed=0)[0].mean())  # noqa: E731
-    print(json.dumps(dict(stage="stein", noise=noise.to_string(), n=int(x.shape[0]), draws=draws,
-                          live_margins=int(live.sum()), margin_var_mc=ratio(Lc), margin_var_moments=ratio(cov),
-                          moments_linear_response=ratio(cov - inj), moments_injected=ratio(inj),
-                          stein_first_chaos=ratio(first), stein_total=ratio(first + inj),
-                          mean_max_diff=float((mean - mom_mean).abs().max()),
-                          mc_accuracy=float(accs.mean()), mc_se=float(accs.std() / math.sqrt(draws)),
-                          moments_accuracy=mom.accuracy, stein_accuracy=acc(first + inj),
-                          linear_accuracy=fo.accuracy, moments_s=t_mom, stein_s=t_stein)), flush=True)
+    for r in stein_ranks:
+        t0 = time.perf_counter()
+        mean, first = mean_map_first_chaos(lin, x, noise, chunk_size=64, rank=None if r == "full" else int(r))
+        t_stein = time.perf_counter() - t0
+        print(json.dumps(dict(stage="stein", noise=noise.to_string(), n=int(x.shape[0]), draws=draws, stein_rank=r,
+                              live_margins=int(live.sum()), margin_var_mc=ratio(Lc), margin_var_moments=ratio(cov),
+                              moments_linear_response=ratio(cov - inj), moments_injected=ratio(inj),
+                              stein_first_chaos=ratio(first), stein_total=ratio(first + inj),
+                              mean_max_diff=float((mean - mom_mean).abs().max()),
+                              mc_accuracy=float(accs.mean()), mc_se=float(accs.std() / math.sqrt(draws)),
+                              moments_accuracy=mom.accuracy, stein_accuracy=acc(first + inj),
+                              moments_error_points=100 * (mom.accuracy - float(accs.mean())),
+                              stein_error_points=100 * (acc(first + inj) - float(accs.mean())),
+                              linear_accuracy=fo.accuracy, moments_s=t_mom, stein_s=t_stein)), flush=True)
 
 
 def chaos(model, x, y, noise, draws, layer):
@@ -423,6 +430,7 @@ def main():
     ap.add_argument("--draws", type=int, default=200)
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--ranks", default="32")
+    ap.add_argument("--stein-ranks", default="full", help="stein: full and/or 1 (comma-separated)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -436,7 +444,7 @@ def main():
     if "chaos" in parts:
         chaos(model, x, y, noise, args.draws, args.chaos_layer)
     if "stein" in parts:
-        stein(model, x, y, noise, args.draws)
+        stein(model, x, y, noise, args.draws, args.stein_ranks.split(","))
     if "skew" in parts:
         skew(model, x, y, noise, args.draws, args.skew_pairs)
     if "skew_accuracy" in parts:

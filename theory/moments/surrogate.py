@@ -274,7 +274,8 @@ def propagate_moments(lin: LinearizedNetwork, x: torch.Tensor, noise: WeightNois
 
 
 def mean_map_first_chaos(lin: LinearizedNetwork, x: torch.Tensor, noise: WeightNoise,
-                         propagator: MomentPropagator | None = None, chunk_size: int = DEFAULT_MOMENT_CHUNK):
+                         propagator: MomentPropagator | None = None, chunk_size: int = DEFAULT_MOMENT_CHUNK,
+                         rank: int | None = None, dtype: torch.dtype = torch.float64):
     """``(mean [N, C], cov [N, C, C])``: the logit mean of the moment pass and the
     covariance ``Σ_θ σ_θ² J̄_θ J̄_θᵀ`` of its *first Wiener chaos* taken through the moment
     pass itself: ``J̄`` is the derivative of the propagated mean (the Gaussian closure of
@@ -289,8 +290,23 @@ def mean_map_first_chaos(lin: LinearizedNetwork, x: torch.Tensor, noise: WeightN
     covariance of the downstream gates with that perturbation); exact for noise on the
     first noisy layer, whose input is the clean input. A diagnostic
     (``benchmarks/moments_diagnose.py --parts stein``): one backward pass per class
-    through the moment pass, 15–25× the cost of ``propagate_moments``."""
-    prop = (propagator or MomentPropagator(lin, noise)).with_noise(noise)
+    through the moment pass, 15–25× the cost of ``propagate_moments``.
+
+    ``propagator`` gives the pass's settings (default: :class:`MomentPropagator`'s);
+    ``rank`` overrides its rank (``rank=1``: one column, ``spatial_rank = 1``,
+    ``h2_rank = 0``, the first chaos through a nearly diagonal moment map, at about a
+    quarter of the full pass's cost; docs/THEORY.md §9, issue 11's eighth pass). The
+    pass runs in ``dtype``: in float32 its derivatives overflowed (``inf − inf`` at the
+    sketch's row rescaling of units with variances near zero: NaN for 85 of 128 inputs of
+    a digits ResNet-20 at η = 0.2, rank 1). A non-finite result raises ``ValueError``."""
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}")
+    base = propagator or MomentPropagator(lin, noise)
+    r = base.rank if rank is None else rank
+    prop = MomentPropagator(lin, noise, rank=r, spatial_rank=1 if r == 1 else base.spatial_rank,
+                            first_order=base.first_order, unit_space_max=base.unit_space_max,
+                            compression=base.compression, seed=base.seed, h2_rank=0 if r == 1 else base.h2_rank,
+                            d_rank=base.d_rank, dtype=dtype)
     scale, params = lin.scales(noise), lin.params_by_module
     means, covs = [], []
     for i in range(0, x.shape[0], chunk_size):
@@ -305,6 +321,10 @@ def mean_map_first_chaos(lin: LinearizedNetwork, x: torch.Tensor, noise: WeightN
         for (_, t), dl in zip(ps.taps, deltas):
             by_module.setdefault(t.name, []).append((t, dl.detach()))
         weight_terms(by_module, params, scale, cov)
+        if not bool(torch.isfinite(cov).all()):
+            bad = int((~torch.isfinite(cov)).flatten(1).any(1).sum())
+            raise ValueError(f"mean_map_first_chaos: the derivatives of the moment pass are not finite for {bad} of "
+                             f"inputs {i}..{i + B - 1} (dtype {dtype}); run it in float64")
         means.append(mu.detach().double())
         covs.append(cov)
     return torch.cat(means), torch.cat(covs)
