@@ -450,7 +450,7 @@ def test_mean_map_first_chaos_is_the_first_order_on_a_linear_network():
     b₂), so the first chaos through the moment map, the derivative of that expectation, is
     the clean Jacobian, and its covariance is the first-order logit covariance: at the
     propagator's rank and at rank 1, in float64 (the default) and float32. A dtype other
-    than those two is refused by name."""
+    than those two is refused by name; a non-finite result raises."""
     from noiseprop.theory.moments.surrogate import mean_map_first_chaos
 
     g = torch.Generator().manual_seed(4)
@@ -469,6 +469,16 @@ def test_mean_map_first_chaos_is_the_first_order_on_a_linear_network():
         assert torch.allclose(cov, ref, rtol=0, atol=tol * float(ref.abs().max())), (rank, dtype)
     with pytest.raises(ValueError, match="dtype"):
         mean_map_first_chaos(lin, x, noise, dtype=torch.float16)
+    # a non-finite derivative (as float32 gave on a deep residual net) raises, naming the dtype
+    import noiseprop.theory.moments.surrogate as sur
+
+    orig = sur.weight_terms
+    sur.weight_terms = lambda by, params, scale, cov, **kw: (orig(by, params, scale, cov, **kw), cov.fill_(math.nan))
+    try:
+        with pytest.raises(ValueError, match="not finite for 9 of inputs 0..8 .dtype torch.float32.; run it in float64"):
+            mean_map_first_chaos(lin, x, noise, dtype=torch.float32)
+    finally:
+        sur.weight_terms = orig
 
 
 def _tapped_mean(prop, x):

@@ -290,15 +290,16 @@ def mean_map_first_chaos(lin: LinearizedNetwork, x: torch.Tensor, noise: WeightN
     covariance of the downstream gates with that perturbation); exact for noise on the
     first noisy layer, whose input is the clean input. A diagnostic
     (``benchmarks/moments_diagnose.py --parts stein``): one backward pass per class
-    through the moment pass, 15–25× the cost of ``propagate_moments``.
+    through the moment pass: in float32 15–25× the cost of ``propagate_moments``, in
+    float64 about a hundred times (553 s against 5 s on 256 inputs of a digits ResNet-20).
 
     ``propagator`` gives the pass's settings (default: :class:`MomentPropagator`'s);
     ``rank`` overrides its rank (``rank=1``: one column, ``spatial_rank = 1``,
-    ``h2_rank = 0``, the first chaos through a nearly diagonal moment map, at about a
-    quarter of the full pass's cost; docs/THEORY.md §9, issue 11's eighth pass). The
-    pass runs in ``dtype``: in float32 its derivatives overflowed (``inf − inf`` at the
-    sketch's row rescaling of units with variances near zero: NaN for 85 of 128 inputs of
-    a digits ResNet-20 at η = 0.2, rank 1). A non-finite result raises ``ValueError``."""
+    ``h2_rank = 0``, the first chaos through a nearly diagonal moment map: 14 s on those
+    inputs, 3–4× ``propagate_moments``; docs/THEORY.md §9, issue 11's eighth pass). The
+    pass runs in ``dtype``: in float32 its derivatives overflowed (the first non-finite
+    one at the sketch's row rescaling ``target/cur``: NaN for 85 of 128 inputs of that
+    ResNet-20 at η = 0.2, rank 1). A non-finite result raises ``ValueError``."""
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}")
     base = propagator or MomentPropagator(lin, noise)
@@ -324,7 +325,8 @@ def mean_map_first_chaos(lin: LinearizedNetwork, x: torch.Tensor, noise: WeightN
         if not bool(torch.isfinite(cov).all()):
             bad = int((~torch.isfinite(cov)).flatten(1).any(1).sum())
             raise ValueError(f"mean_map_first_chaos: the derivatives of the moment pass are not finite for {bad} of "
-                             f"inputs {i}..{i + B - 1} (dtype {dtype}); run it in float64")
+                             f"inputs {i}..{i + B - 1} (dtype {dtype})"
+                             + ("; run it in float64 (dtype=torch.float64)" if dtype != torch.float64 else ""))
         means.append(mu.detach().double())
         covs.append(cov)
     return torch.cat(means), torch.cat(covs)
