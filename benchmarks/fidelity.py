@@ -52,6 +52,7 @@ from noiseprop.empirical.train import train
 from noiseprop.theory import RelativeGaussian, Targets, predict, predict_sweep
 from noiseprop.theory.noise import parse_noise
 from noiseprop.theory.linearize import LinearControlVariate, control_variate_mean
+from noiseprop.theory.moments import surrogate as sur
 from noiseprop.theory.targets import resolve_targets
 
 MODELS = {
@@ -237,10 +238,18 @@ def check_curve(name, model, x, y, draws, out, family="relative", fold=False, me
     preds, secs = {}, {}
     for method in methods:
         t1 = time.perf_counter()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            preds[method] = predict_sweep(model, x, y, noise, lv, targets=targets, method=method, accuracy_draws=0,
-                                          loss_probes=0)
+        # "moments_fixed_s": the moment method without the surrogate's variance channel
+        # (stops 19-36), for a comparison on the same draws
+        fixed = method == "moments_fixed_s"
+        sur.VARIANCE_CHANNEL = not fixed
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                preds[method] = predict_sweep(model, x, y, noise, lv, targets=targets,
+                                              method="moments" if fixed else method, accuracy_draws=0, loss_probes=0,
+                                              cache=False)
+        finally:
+            sur.VARIANCE_CHANNEL = True
         secs[method] = time.perf_counter() - t1
     worst = {m: 0.0 for m in methods}
     met_all = {m: True for m in methods}
@@ -262,7 +271,7 @@ def check_curve(name, model, x, y, draws, out, family="relative", fold=False, me
             row[f"{method}_seconds_curve"] = secs[method]
             worst[method] = max(worst[method], abs(p.accuracy - m))
             met_all[method] &= ok
-            if method == "moments":
+            if method.startswith("moments"):
                 row["preact_frac"] = p.diagnostics.get("preact_frac")
         row["target"] = "within 1 point or inside the Monte-Carlo 95% CI"
         emit(row, out)

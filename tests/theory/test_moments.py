@@ -509,3 +509,54 @@ def test_an_input_gets_the_same_moments_whatever_its_chunk(kind):
     assert torch.allclose(a.mean, b.mean, rtol=0, atol=1e-5 * scale)
     assert torch.allclose(a.cov, b.cov, rtol=0, atol=1e-5 * float(a.cov.abs().max()))
     assert torch.allclose(a.mean[13:14], c.mean, rtol=0, atol=1e-5 * scale)
+
+
+def test_surrogate_variance_channel_is_the_derivative_of_the_diagonal_closure():
+    """The surrogate's variance channel: with each ReLU's std set to the diagonal Gaussian
+    closure's (as the moment pass gives it when every unit's noise is independent), the
+    surrogate's derivatives of the logits with respect to every noisy layer's output
+    mean equal autograd of that closure written out (float64): ``h₀ = W₀x + b₀ + e₀``
+    with variance ``σ₀²∘x²`` (+ bias), ``a₁ = E relu = μΦ + sφ`` and its Gaussian variance,
+    ``h₂ = W₂a₁ + b₂ + e₂`` with variance ``(W₂∘W₂)Var a₁ + σ₂²∘(a₁² + Var a₁)`` (+ bias),
+    and so on. Without the channel (the fixed-``s`` surrogate) the derivative with respect
+    to ``e₀`` misses the path through ``s₂`` and differs."""
+    from noiseprop.theory.moments.gaussian import relu_moments
+    from noiseprop.theory.moments.rules import activation_kind
+    from noiseprop.theory.moments.surrogate import _Surrogate
+
+    g = torch.Generator().manual_seed(6)
+    net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).double().eval()
+    x = torch.randn(7, 4, generator=g, dtype=torch.float64)
+    noise = RelativeGaussian(0.5)
+    lin = LinearizedNetwork(net)
+    prop = MomentPropagator(lin, noise, dtype=torch.float64)
+    W = [lin.params[f"{k}.weight"] for k in ("0", "2", "4")]
+    b = [lin.params[f"{k}.bias"] for k in ("0", "2", "4")]
+    wv = [prop.noise_var[f"{k}.weight"] for k in ("0", "2", "4")]
+    bv = [prop.noise_var.get(f"{k}.bias", 0.0) for k in ("0", "2", "4")]  # weights only by default: 0
+
+    def closure(e0, e2, e4):
+        m, v, stds = x, torch.zeros_like(x), []
+        for k, e in ((0, e0), (1, e2)):
+            h = m @ W[k].T + b[k] + e
+            vh = v @ (W[k] * W[k]).T + (m * m + v) @ wv[k].T + bv[k]
+            stds.append(vh.sqrt())
+            m, v = relu_moments(h, vh)[:2]
+        return m @ W[2].T + b[2] + e4, stds
+
+    zeros = [torch.zeros(7, n, dtype=torch.float64) for n in (6, 5, 3)]
+    _, stds = closure(*zeros)
+    relus = [n.name for n in prop.graph.nodes if activation_kind(n, prop.modules) == "relu"]
+    rec = {name: {"s": s.detach()} for name, s in zip(relus, stds)}
+    ref = torch.autograd.functional.jacobian(lambda *e: closure(*e)[0], tuple(zeros))  # [B, C, B, n] per tap
+    for channel in (True, False):
+        sur = _Surrogate(prop, rec, variance_channel=channel)
+        with torch.enable_grad():
+            out = sur.run(x)
+            taps = [t.e for _, t in sur.taps]
+            got = [torch.stack([torch.autograd.grad(out[:, c].sum(), taps, retain_graph=True)[k] for c in range(3)], 1)
+                   for k in range(3)]  # [B, C, n] per tap (inputs do not interact)
+        for k in range(3):
+            want = torch.einsum("bcbn->bcn", ref[k])
+            same = torch.allclose(got[k], want, rtol=1e-10, atol=1e-12)
+            assert same == (channel or k != 0), (channel, k)

@@ -10,18 +10,23 @@ pass per class, map every noise source to the logits.
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 
 from ..linearize import (DEFAULT_JACOBIAN_BUDGET, PASS_CHUNK_CAP, LinearizedNetwork, Tap, _patch_size,
                          backprop_signals, tapping, weight_terms)
 from ..noise import WeightNoise
 from ..validation import check_bool
-from .gaussian import activation_function, smooth_activation, smooth_elu, smooth_leaky_relu, smooth_max, smooth_relu
+from .gaussian import (TINY, activation_function, npdf, relu_moments, safe_sqrt, smooth_activation, smooth_elu,
+                       smooth_leaky_relu, smooth_max, smooth_relu)
 from .head import head_terms
 from .interpreter import GraphInterpreter
-from .rules import MomentPropagator, _MomentPass, activation_kind, is_maxpool, maxpool_args, window_slices
+from .lowrank import pair
+from .rules import (_PASS_MODULES, MomentPropagator, _MomentPass, activation_kind, is_maxpool, maxpool_args,
+                    window_slices)
 
 __all__ = ["MomentResult", "propagate_moments", "moment_chunk_size", "DEFAULT_MOMENT_CHUNK", "mean_map_first_chaos"]
 
@@ -49,10 +54,30 @@ class MomentResult:
     head: tuple | None = None
 
 
-class _Surrogate(GraphInterpreter):
-    """One surrogate forward over a batch, given the moment pass's records ``rec``."""
+#: A ReLU's noise std from the moment pass over its variance channel's, ``s/s_diag``,
+#: outside ``[1/VARIANCE_RATIO_MAX, VARIANCE_RATIO_MAX]``: the channel does not describe
+#: that unit (a variance near zero, or one its diagonal recursion cannot follow), and the
+#: unit keeps a fixed ``s``.
+VARIANCE_RATIO_MAX = 1e3
 
-    def __init__(self, prop: MomentPropagator, rec: dict):
+#: Whether the surrogate carries its variance channel (:class:`_Surrogate`); ``False``
+#: gives the fixed-``s`` surrogate of stops 19–36 (kept for comparisons).
+VARIANCE_CHANNEL = True
+
+_ADDS = (operator.add, torch.add)
+_SHAPE_METHODS = ("view", "reshape", "flatten")
+
+
+class _Surrogate(GraphInterpreter):
+    """One surrogate forward over a batch, given the moment pass's records ``rec``.
+
+    ``variance_channel`` (the default): beside each value, its diagonal noise variance
+    ``v``, propagated as a function of the surrogate's means (module docstring of
+    :func:`propagate_moments`), so that a ReLU's smoothed mean ``E relu = zΦ(z/s) +
+    sφ(z/s)`` also moves with the means upstream through its ``s``
+    (``∂E relu/∂s = φ(z/s)``), the variance channel the fixed-``s`` surrogate drops."""
+
+    def __init__(self, prop: MomentPropagator, rec: dict, variance_channel: bool | None = None):
         lin = prop.lin
         super().__init__(prop.graph, lin.net, lin.params, lin.buffers)
         self.prop = prop
@@ -60,8 +85,94 @@ class _Surrogate(GraphInterpreter):
         self.noisy = set(lin.params_by_module)
         self.taps: list = []  # (node name, Tap) of the noisy layers
         self.rtaps: list = []  # (node name, [r tensors]) of the nonlinearities
+        self.vc = VARIANCE_CHANNEL if variance_channel is None else bool(variance_channel)
+        self.var: dict = {}  # graph node -> its value's diagonal variance (absent: not followed)
+
+    def placeholder(self, node, x):
+        if self.vc:
+            self.var[node] = torch.zeros_like(x)
+        return x
+
+    def _v(self, a):
+        return self.var.get(a) if isinstance(a, fx.Node) else None
+
+    def _relu_s(self, z, s, v):
+        """``(s_eff, φ(z/s))``: ``s_eff`` equals ``s`` (the moment pass's std) in value and
+        moves as ``s·√v/√v₀`` with the channel's variance ``v``, where followed."""
+        sd = safe_sqrt(v.clamp_min(0))
+        sdd = sd.detach()
+        ok = (s > TINY) & (sdd * VARIANCE_RATIO_MAX > s) & (s * VARIANCE_RATIO_MAX > sdd)
+        ratio = torch.where(ok, s / torch.where(ok, sdd, torch.ones_like(sdd)), torch.zeros_like(s))
+        ds = sd * ratio
+        a = torch.where(ok, z.detach() / torch.where(ok, s, torch.ones_like(s)), torch.zeros_like(s))
+        return ds - ds.detach(), torch.where(ok, npdf(a), torch.zeros_like(a))
 
     def call(self, node, args, kwargs, env, i):
+        out = self._call(node, args, kwargs, env, i)
+        if self.vc:
+            v = self._var_rule(node, args, kwargs, out)
+            if v is not None:
+                self.var[node] = v
+        return out
+
+    def _var_rule(self, node, args, kwargs, out):
+        """The diagonal variance of ``node``'s value (``None``: not followed; the ReLUs
+        downstream then keep a fixed ``s``). Each unit's variance as if its inputs were
+        independent: ``(W∘W) v + Σ σ²(μ² + v)`` at a (noisy) Linear/Conv2d layer, ``a² v``
+        at an affine normalisation, the sum at a residual sum, ``avg(v)/k`` at average
+        pooling, the ReLU's Gaussian variance, the element copies of flatten/view/reshape
+        and constant padding (zero variance). Only its derivative is used: the value ``s`` at each ReLU stays the moment
+        pass's (:meth:`_relu_s`)."""
+        vin = self._v(node.args[0]) if node.args else None
+        if node.op == "call_function" and node.target in _ADDS and not kwargs:
+            vs = [self._v(a) for a in node.args[:2]]
+            return vs[0] + vs[1] if len(vs) == 2 and vs[0] is not None and vs[1] is not None else None
+        if vin is None:
+            return None
+        if activation_kind(node, self.modules) == "relu" and isinstance(out, torch.Tensor):
+            return relu_moments(args[0], vin)[1].to(vin.dtype)
+        if node.op == "call_method" and node.target in _SHAPE_METHODS:
+            return self.plain(node, [vin] + list(args[1:]), kwargs)
+        if node.op == "call_function" and node.target is torch.flatten:
+            return torch.flatten(vin, *args[1:], **kwargs)
+        if node.op == "call_function" and node.target is F.pad:  # constant padding: no variance added
+            pad = args[1] if len(args) > 1 else kwargs.get("pad")
+            mode = args[2] if len(args) > 2 else kwargs.get("mode", "constant")
+            return F.pad(vin, pad) if mode == "constant" else None
+        if node.op != "call_module":
+            return None
+        m = self.modules[node.target]
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            W = self.params[node.target + ".weight"]
+            if isinstance(m, nn.Linear):
+                op = F.linear
+            else:
+                def op(t, w):
+                    return F.conv2d(t, w, None, stride=m.stride, padding=m.padding, dilation=m.dilation,
+                                    groups=m.groups)
+            v = op(vin, W * W)
+            wv = self.prop.noise_var.get(node.target + ".weight")
+            if wv is not None:
+                v = v + op(args[0] * args[0] + vin, wv.to(vin.dtype))
+            bv = self.prop.noise_var.get(node.target + ".bias")
+            if bv is not None:
+                v = v + bv.to(vin.dtype).reshape((1, -1) + (1,) * (v.dim() - 2))
+            return v
+        if node.target in self.prop.affines:
+            a = self.prop.affines[node.target][0].to(vin.dtype)
+            return vin * (a * a).reshape((1, -1) + (1,) * (vin.dim() - 2))
+        if isinstance(m, _PASS_MODULES + (nn.Flatten,)):
+            return m(vin)
+        if isinstance(m, nn.ConstantPad2d):
+            return F.pad(vin, m.padding)
+        if isinstance(m, nn.AdaptiveAvgPool2d) and isinstance(out, torch.Tensor):
+            return m(vin) * (out[0, 0].numel() / vin[0, 0].numel())
+        if isinstance(m, nn.AvgPool2d) and m.divisor_override is None and m.padding == 0 and not m.ceil_mode:
+            k = pair(m.kernel_size)
+            return m(vin) / (k[0] * k[1])
+        return None
+
+    def _call(self, node, args, kwargs, env, i):
         name = node.name
         rc = self.rec.get(name)
         kind = activation_kind(node, self.modules)
@@ -70,6 +181,10 @@ class _Surrogate(GraphInterpreter):
             z = args[0]
             if kind == "relu":
                 val = smooth_relu(z, s, rc.get("g1"))
+                vin = self._v(node.args[0]) if self.vc else None
+                if vin is not None:
+                    ds, pdf = self._relu_s(z, s, vin)
+                    val = val + pdf * ds
             elif isinstance(kind, tuple):
                 val = (smooth_leaky_relu if kind[0] == "leaky_relu" else smooth_elu)(z, s, kind[1])
             else:
