@@ -560,3 +560,65 @@ def test_surrogate_variance_channel_is_the_derivative_of_the_diagonal_closure():
             want = torch.einsum("bcbn->bcn", ref[k])
             same = torch.allclose(got[k], want, rtol=1e-10, atol=1e-12)
             assert same == (channel or k != 0), (channel, k)
+
+
+def test_surrogate_variance_channel_through_max_pooling():
+    """The same through a max-pooling window: with Clark's ``θ = sd(a − b)`` of each
+    pairwise step set to the diagonal closure's (``√(v_a + v_b)``, the window's units
+    independent), the surrogate's derivatives equal autograd of the closure written out,
+    the running maximum's variance Clark's (:func:`clark_max` with zero covariance);
+    without the channel they differ at the layer before the pooling."""
+    from noiseprop.theory.moments.gaussian import clark_max, relu_moments
+    from noiseprop.theory.moments.rules import activation_kind, is_maxpool, window_slices
+    from noiseprop.theory.moments.surrogate import _Surrogate
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc0, self.pool, self.fc1 = nn.Linear(4, 8), nn.MaxPool2d(2), nn.Linear(2, 3)
+
+        def forward(self, x):
+            h = torch.relu(self.fc0(x)).view(-1, 2, 2, 2)
+            return self.fc1(torch.flatten(self.pool(h), 1))
+
+    g = torch.Generator().manual_seed(7)
+    net = Net().double().eval()
+    x = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    noise = RelativeGaussian(0.6)
+    lin = LinearizedNetwork(net)
+    prop = MomentPropagator(lin, noise, dtype=torch.float64)
+    W0, b0, W1, b1 = (lin.params[k] for k in ("fc0.weight", "fc0.bias", "fc1.weight", "fc1.bias"))
+    wv0, wv1 = prop.noise_var["fc0.weight"], prop.noise_var["fc1.weight"]
+
+    def closure(e0, e1):
+        h = x @ W0.T + b0 + e0
+        vh = (x * x) @ wv0.T
+        a, va = relu_moments(h, vh)[:2]
+        a, va = a.view(-1, 2, 2, 2), va.view(-1, 2, 2, 2)
+        cur = vcur = None
+        thetas = []
+        for sl in window_slices(2, 2, 2, 2):
+            if cur is None:
+                cur, vcur = a[sl], va[sl]
+                continue
+            thetas.append((vcur + va[sl]).sqrt())
+            cur, vcur = clark_max(cur, a[sl], vcur, va[sl], torch.zeros_like(vcur))[:2]
+        m = torch.flatten(cur, 1)
+        return m @ W1.T + b1 + e1, vh.sqrt(), thetas
+
+    zeros = [torch.zeros(5, 8, dtype=torch.float64), torch.zeros(5, 3, dtype=torch.float64)]
+    _, s0, thetas = closure(*zeros)
+    relu = next(n.name for n in prop.graph.nodes if activation_kind(n, prop.modules) == "relu")
+    pool = next(n.name for n in prop.graph.nodes if is_maxpool(n, prop.modules))
+    rec = {relu: {"s": s0.detach()}, pool: {"theta": [t.detach() for t in thetas]}}
+    ref = torch.autograd.functional.jacobian(lambda *e: closure(*e)[0], tuple(zeros))
+    for channel in (True, False):
+        sur = _Surrogate(prop, rec, variance_channel=channel)
+        with torch.enable_grad():
+            out = sur.run(x)
+            taps = [t.e for _, t in sur.taps]
+            got = [torch.stack([torch.autograd.grad(out[:, c].sum(), taps, retain_graph=True)[k] for c in range(3)], 1)
+                   for k in range(2)]
+        for k in range(2):
+            same = torch.allclose(got[k], torch.einsum("bcbn->bcn", ref[k]), rtol=1e-10, atol=1e-12)
+            assert same == (channel or k != 0), (channel, k)

@@ -7,6 +7,18 @@ acting on the input's perturbation) and ``r`` after every nonlinearity (the vari
 the expected-slope linearisation misses). Its output is the propagated logit mean; the
 gradients of the logits with respect to the injection points, one batched backward
 pass per class, map every noise source to the logits.
+
+Beside each mean the surrogate carries a diagonal variance channel (stop 37,
+:data:`VARIANCE_CHANNEL`): each unit's noise variance as a function of the means
+upstream, so that a ReLU's smoothed mean ``zΦ(z/s) + sφ(z/s)`` moves with them through
+``s`` too (``∂/∂s = φ(z/s)``): a mean shift upstream changes the noise the next layers
+see (``σ²μ²`` at every noisy layer, a ReLU's variance as its mean moves), and so their
+expected outputs. The fixed-``s`` surrogate differentiated only through the expected
+slopes and missed this (docs/THEORY.md §9, issue 11's fifth to eighth passes: the first
+chaos is the derivative of the Gaussian closure's mean map, and a rank-1, nearly
+diagonal, map gives most of it). The channel's value only scales the derivative: ``s``
+itself stays the moment pass's. Test:
+``test_surrogate_variance_channel_is_the_derivative_of_the_diagonal_closure``.
 """
 from __future__ import annotations
 
@@ -20,8 +32,8 @@ from ..linearize import (DEFAULT_JACOBIAN_BUDGET, PASS_CHUNK_CAP, LinearizedNetw
                          backprop_signals, tapping, weight_terms)
 from ..noise import WeightNoise
 from ..validation import check_bool
-from .gaussian import (TINY, activation_function, npdf, relu_moments, safe_sqrt, smooth_activation, smooth_elu,
-                       smooth_leaky_relu, smooth_max, smooth_relu)
+from .gaussian import (TINY, activation_function, clark_max, npdf, relu_moments, safe_sqrt, smooth_activation,
+                       smooth_elu, smooth_leaky_relu, smooth_max, smooth_relu)
 from .head import head_terms
 from .interpreter import GraphInterpreter
 from .lowrank import pair
@@ -71,11 +83,11 @@ _SHAPE_METHODS = ("view", "reshape", "flatten")
 class _Surrogate(GraphInterpreter):
     """One surrogate forward over a batch, given the moment pass's records ``rec``.
 
-    ``variance_channel`` (the default): beside each value, its diagonal noise variance
-    ``v``, propagated as a function of the surrogate's means (module docstring of
-    :func:`propagate_moments`), so that a ReLU's smoothed mean ``E relu = zΦ(z/s) +
-    sφ(z/s)`` also moves with the means upstream through its ``s``
-    (``∂E relu/∂s = φ(z/s)``), the variance channel the fixed-``s`` surrogate drops."""
+    ``variance_channel`` (default :data:`VARIANCE_CHANNEL`): beside each value, its
+    diagonal noise variance ``v``, propagated as a function of the surrogate's means
+    (module docstring), so that a ReLU's smoothed mean ``E relu = zΦ(z/s) + sφ(z/s)`` also
+    moves with the means upstream through its ``s`` (``∂E relu/∂s = φ(z/s)``), the
+    variance channel the fixed-``s`` surrogate drops."""
 
     def __init__(self, prop: MomentPropagator, rec: dict, variance_channel: bool | None = None):
         lin = prop.lin
@@ -97,8 +109,11 @@ class _Surrogate(GraphInterpreter):
         return self.var.get(a) if isinstance(a, fx.Node) else None
 
     def _relu_s(self, z, s, v):
-        """``(s_eff, φ(z/s))``: ``s_eff`` equals ``s`` (the moment pass's std) in value and
-        moves as ``s·√v/√v₀`` with the channel's variance ``v``, where followed."""
+        """``(ds, φ(z/s))``: ``ds`` is zero in value and has the derivative of ``s·√v/√v₀``
+        (``s`` the moment pass's std, ``v`` the channel's variance, ``v₀`` its value), so
+        that adding ``φ(z/s)·ds`` to a smoothed mean gives it the derivative
+        ``φ(z/s)·∂s``; zero where the channel does not describe the unit
+        (:data:`VARIANCE_RATIO_MAX`)."""
         sd = safe_sqrt(v.clamp_min(0))
         sdd = sd.detach()
         ok = (s > TINY) & (sdd * VARIANCE_RATIO_MAX > s) & (s * VARIANCE_RATIO_MAX > sdd)
@@ -120,8 +135,9 @@ class _Surrogate(GraphInterpreter):
         downstream then keep a fixed ``s``). Each unit's variance as if its inputs were
         independent: ``(W∘W) v + Σ σ²(μ² + v)`` at a (noisy) Linear/Conv2d layer, ``a² v``
         at an affine normalisation, the sum at a residual sum, ``avg(v)/k`` at average
-        pooling, the ReLU's Gaussian variance, the element copies of flatten/view/reshape
-        and constant padding (zero variance). Only its derivative is used: the value ``s`` at each ReLU stays the moment
+        pooling, the ReLU's Gaussian variance, Clark's variance at max pooling (pairwise,
+        the two independent), the element copies of flatten/view/reshape and constant
+        padding (zero variance). Only its derivative is used: the value ``s`` at each ReLU stays the moment
         pass's (:meth:`_relu_s`)."""
         vin = self._v(node.args[0]) if node.args else None
         if node.op == "call_function" and node.target in _ADDS and not kwargs:
@@ -129,6 +145,9 @@ class _Surrogate(GraphInterpreter):
             return vs[0] + vs[1] if len(vs) == 2 and vs[0] is not None and vs[1] is not None else None
         if vin is None:
             return None
+        if is_maxpool(node, self.modules):
+            v, self._pool_v = getattr(self, "_pool_v", None), None
+            return v
         if activation_kind(node, self.modules) == "relu" and isinstance(out, torch.Tensor):
             return relu_moments(args[0], vin)[1].to(vin.dtype)
         if node.op == "call_method" and node.target in _SHAPE_METHODS:
@@ -195,7 +214,8 @@ class _Surrogate(GraphInterpreter):
         if is_maxpool(node, self.modules) and rc is not None:
             m = self.modules.get(node.target) if node.op == "call_module" else None
             kernel, stride, *_ = maxpool_args(node, m, args, kwargs)
-            return self._maxpool(name, args[0], kernel, stride, rc["theta"], rc.get("g1"))
+            vin = self._v(node.args[0]) if self.vc else None
+            return self._maxpool(name, args[0], kernel, stride, rc["theta"], rc.get("g1"), vin)
         if node.op == "call_module":
             m = self.modules[node.target]
             if isinstance(m, (nn.Linear, nn.Conv2d)):
@@ -213,19 +233,31 @@ class _Surrogate(GraphInterpreter):
                 return val
         return self.plain(node, args, kwargs)
 
-    def _maxpool(self, name, x, kernel, stride, thetas, g1s=None):
-        cur = None
+    def _maxpool(self, name, x, kernel, stride, thetas, g1s=None, v=None):
+        """Clark's expected maximum over each window, pairwise, at the moment pass's
+        ``θ = sd(a − b)``; with the variance channel ``v`` (the input's), ``θ`` also moves
+        with it (``∂E max/∂θ = φ(α)``, as a ReLU's ``s``) and the window's running maximum
+        gets Clark's variance of two independent Gaussians (kept in ``self._pool_v``)."""
+        cur = vcur = None
         rs = []
         for step, sl in enumerate(window_slices(*x.shape[-2:], kernel, stride)):
             el = x[sl]
             if cur is None:
-                cur = el
+                cur, vcur = el, None if v is None else v[sl]
             else:
                 r = torch.zeros_like(el, requires_grad=True)
                 rs.append(r)
                 g1 = None if not g1s or g1s[step - 1] is None else g1s[step - 1]
-                cur = smooth_max(cur, el, thetas[step - 1].to(x.dtype), g1) + r
+                th = thetas[step - 1].to(x.dtype)
+                val = smooth_max(cur, el, th, g1)
+                if vcur is not None:
+                    vel = v[sl]
+                    dth, pdf = self._relu_s(cur - el, th, vcur + vel)
+                    val = val + pdf * dth
+                    vcur = clark_max(cur, el, vcur, vel, torch.zeros_like(vel))[1].to(vel.dtype)
+                cur = val + r
         self.rtaps.append((name, rs))
+        self._pool_v = vcur
         return cur
 
 
