@@ -32,7 +32,7 @@ from ..linearize import (DEFAULT_JACOBIAN_BUDGET, PASS_CHUNK_CAP, LinearizedNetw
                          backprop_signals, tapping, weight_terms)
 from ..noise import WeightNoise
 from ..validation import check_bool
-from .gaussian import (TINY, activation_function, clark_max, npdf, relu_moments, safe_sqrt, smooth_activation,
+from .gaussian import (TINY, activation_function, clark_max, npdf, relu_shape, safe_sqrt, smooth_activation,
                        smooth_elu, smooth_leaky_relu, smooth_max, smooth_relu)
 from .head import head_terms
 from .interpreter import GraphInterpreter
@@ -149,7 +149,7 @@ class _Surrogate(GraphInterpreter):
             v, self._pool_v = getattr(self, "_pool_v", None), None
             return v
         if activation_kind(node, self.modules) == "relu" and isinstance(out, torch.Tensor):
-            return relu_moments(args[0], vin)[1].to(vin.dtype)
+            return _relu_variance(args[0], vin)
         if node.op == "call_method" and node.target in _SHAPE_METHODS:
             return self.plain(node, [vin] + list(args[1:]), kwargs)
         if node.op == "call_function" and node.target is torch.flatten:
@@ -169,10 +169,19 @@ class _Surrogate(GraphInterpreter):
                 def op(t, w):
                     return F.conv2d(t, w, None, stride=m.stride, padding=m.padding, dilation=m.dilation,
                                     groups=m.groups)
-            v = op(vin, W * W)
             wv = self.prop.noise_var.get(node.target + ".weight")
-            if wv is not None:
-                v = v + op(args[0] * args[0] + vin, wv.to(vin.dtype))
+            if wv is None:
+                v = op(vin, W * W)
+            else:  # (W∘W)v + σ²∘(μ² + v) as one map of [v, μ²] (one convolution, not two)
+                g = getattr(m, "groups", 1)
+                wv = wv.to(vin.dtype)
+                Wc = torch.cat([W * W + wv, wv], dim=1)  # a group's inputs: its v, then its μ²
+                z2 = args[0] * args[0]
+                if g > 1:
+                    xin = torch.cat([vin.unflatten(1, (g, -1)), z2.unflatten(1, (g, -1))], 2).flatten(1, 2)
+                else:
+                    xin = torch.cat([vin, z2], dim=1)
+                v = op(xin, Wc)
             bv = self.prop.noise_var.get(node.target + ".bias")
             if bv is not None:
                 v = v + bv.to(vin.dtype).reshape((1, -1) + (1,) * (v.dim() - 2))
@@ -259,6 +268,17 @@ class _Surrogate(GraphInterpreter):
         self.rtaps.append((name, rs))
         self._pool_v = vcur
         return cur
+
+
+def _relu_variance(z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``Var relu(z + √v ζ) = v(Φ + g)`` (:func:`~.gaussian.relu_shape`) in ``z``'s dtype
+    (the variance channel needs its derivative, not float64 digits); 0 where ``√v`` is
+    below :data:`~.gaussian.TINY`."""
+    sd = safe_sqrt(v.clamp_min(0))
+    pos = sd > TINY
+    a = torch.where(pos, z / torch.where(pos, sd, torch.ones_like(sd)), torch.zeros_like(z))
+    cdf, _, g, _ = relu_shape(a)
+    return torch.where(pos, v * (cdf + g), torch.zeros_like(v))
 
 
 def _quad(Jf: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
