@@ -522,7 +522,6 @@ def test_surrogate_variance_channel_is_the_derivative_of_the_diagonal_closure():
     to ``e₀`` misses the path through ``s₂`` and differs."""
     from noiseprop.theory.moments.gaussian import relu_moments
     from noiseprop.theory.moments.rules import activation_kind
-    from noiseprop.theory.moments.surrogate import _Surrogate
 
     g = torch.Generator().manual_seed(6)
     net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).double().eval()
@@ -548,18 +547,7 @@ def test_surrogate_variance_channel_is_the_derivative_of_the_diagonal_closure():
     _, stds = closure(*zeros)
     relus = [n.name for n in prop.graph.nodes if activation_kind(n, prop.modules) == "relu"]
     rec = {name: {"s": s.detach()} for name, s in zip(relus, stds)}
-    ref = torch.autograd.functional.jacobian(lambda *e: closure(*e)[0], tuple(zeros))  # [B, C, B, n] per tap
-    for channel in (True, False):
-        sur = _Surrogate(prop, rec, variance_channel=channel)
-        with torch.enable_grad():
-            out = sur.run(x)
-            taps = [t.e for _, t in sur.taps]
-            got = [torch.stack([torch.autograd.grad(out[:, c].sum(), taps, retain_graph=True)[k] for c in range(3)], 1)
-                   for k in range(3)]  # [B, C, n] per tap (inputs do not interact)
-        for k in range(3):
-            want = torch.einsum("bcbn->bcn", ref[k])
-            same = torch.allclose(got[k], want, rtol=1e-10, atol=1e-12)
-            assert same == (channel or k != 0), (channel, k)
+    _check_channel_derivatives(prop, rec, x, closure, zeros)
 
 
 def test_surrogate_variance_channel_through_max_pooling():
@@ -570,7 +558,6 @@ def test_surrogate_variance_channel_through_max_pooling():
     without the channel they differ at the layer before the pooling."""
     from noiseprop.theory.moments.gaussian import clark_max, relu_moments
     from noiseprop.theory.moments.rules import activation_kind, is_maxpool, window_slices
-    from noiseprop.theory.moments.surrogate import _Surrogate
 
     class Net(nn.Module):
         def __init__(self):
@@ -611,14 +598,26 @@ def test_surrogate_variance_channel_through_max_pooling():
     relu = next(n.name for n in prop.graph.nodes if activation_kind(n, prop.modules) == "relu")
     pool = next(n.name for n in prop.graph.nodes if is_maxpool(n, prop.modules))
     rec = {relu: {"s": s0.detach()}, pool: {"theta": [t.detach() for t in thetas]}}
-    ref = torch.autograd.functional.jacobian(lambda *e: closure(*e)[0], tuple(zeros))
+    _check_channel_derivatives(prop, rec, x, closure, zeros)
+
+
+def _check_channel_derivatives(prop, rec, x, closure, zeros):
+    """The surrogate's derivatives of the logits with respect to each noisy layer's
+    output mean (its taps) against autograd of ``closure`` (``(logits, ...)`` as a
+    function of those means' shifts ``zeros``): equal with the variance channel; without
+    it equal everywhere but at the first tap (the path through the downstream ``s``)."""
+    from noiseprop.theory.moments.surrogate import _Surrogate
+
+    ref = torch.autograd.functional.jacobian(lambda *e: closure(*e)[0], tuple(zeros))  # [B, C, B, n] per tap
     for channel in (True, False):
         sur = _Surrogate(prop, rec, variance_channel=channel)
         with torch.enable_grad():
             out = sur.run(x)
             taps = [t.e for _, t in sur.taps]
-            got = [torch.stack([torch.autograd.grad(out[:, c].sum(), taps, retain_graph=True)[k] for c in range(3)], 1)
-                   for k in range(2)]
-        for k in range(2):
+            C = out.shape[1]
+            got = [torch.stack([torch.autograd.grad(out[:, c].sum(), taps, retain_graph=True)[k] for c in range(C)], 1)
+                   for k in range(len(taps))]  # [B, C, n] per tap (inputs do not interact)
+        assert len(got) == len(zeros)
+        for k in range(len(taps)):
             same = torch.allclose(got[k], torch.einsum("bcbn->bcn", ref[k]), rtol=1e-10, atol=1e-12)
             assert same == (channel or k != 0), (channel, k)
