@@ -10,8 +10,8 @@ import torch
 from scipy import integrate, special, stats
 
 from noiseprop.theory.moments.gaussian import (SMOOTH_ACTIVATIONS, clark_max, max_k3, rectified_cross_cumulants,
-                                               relu_moments, relu_moments_skew, relu_shape, smooth_activation,
-                                               smooth_max, smooth_moments, smooth_relu)
+                                               relu_moments, relu_moments_skew, relu_shape, relu_variance,
+                                               smooth_activation, smooth_max, smooth_moments, smooth_relu)
 
 # the activations in NumPy (scalar quadrature is far faster without torch)
 NP_ACTIVATIONS = {
@@ -44,6 +44,9 @@ def test_relu_moments_against_quadrature(mu, s):
     m2 = _expect(lambda z: relu(z) ** 2, mu, s)
     assert float(mean) == pytest.approx(m1, rel=1e-7, abs=1e-12)
     assert float(var) == pytest.approx(m2 - m1 * m1, rel=1e-6, abs=1e-12)
+    # the variance alone, in the input's dtype (the surrogate's variance channel)
+    assert float(relu_variance(_t(mu), _t(s * s))) == float(var)
+    assert float(relu_variance(_t(mu).float(), _t(s * s).float())) == pytest.approx(float(var), rel=1e-4, abs=1e-7)
     # expected slope = P(z > 0); second Hermite coefficient E[relu(z)(Z² − 1)]/2
     assert float(slope) == pytest.approx(stats.norm.cdf(mu / s), rel=1e-9, abs=1e-15)
     c2_q, _ = integrate.quad(lambda z: relu(mu + s * z) * (z * z - 1) * stats.norm.pdf(z), -12, 12, limit=200)

@@ -119,11 +119,12 @@ def relu_shape(alpha: torch.Tensor):
     return cdf, pdf, g, cdf * q + g
 
 
-def _relu_core(mu: torch.Tensor, var: torch.Tensor):
-    """Shared by the ReLU closures: float64 ``μ``, variance, ``s``, ``s > TINY``, ``s``
-    with ones where tiny, ``α`` and :func:`relu_shape`'s ``Φ, φ, g``."""
-    mu = mu.double()
-    var = var.double().clamp_min(0)
+def _relu_core(mu: torch.Tensor, var: torch.Tensor, dtype: torch.dtype = torch.float64):
+    """Shared by the ReLU closures: ``μ``, variance (in ``dtype``, float64 by default),
+    ``s``, ``s > TINY``, ``s`` with ones where tiny, ``α`` and :func:`relu_shape`'s
+    ``Φ, φ, g``."""
+    mu = mu.to(dtype)
+    var = var.to(dtype).clamp_min(0)
     s = safe_sqrt(var)
     pos = s > TINY
     sa = torch.where(pos, s, torch.ones_like(s))
@@ -139,6 +140,15 @@ def _relu_gauss(mu, var, s, pos, cdf, pdf, g):
     mean = mu * slope + s * pdf
     v = torch.where(pos, (var * (cdf + g)).clamp_min(0), torch.zeros_like(s))
     return mean, v, slope
+
+
+def relu_variance(mu: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """``Var relu(z)``, ``z ~ N(mu, var)``, in ``mu``'s dtype: :func:`relu_moments`'
+    variance without its other outputs (the surrogate's variance channel needs only this,
+    and only its derivative: no float64 round trip). Test:
+    ``test_relu_moments_against_quadrature``."""
+    mu, var, s, pos, sa, alpha, cdf, pdf, g = _relu_core(mu, var, mu.dtype)
+    return torch.where(pos, (var * (cdf + g)).clamp_min(0), torch.zeros_like(s))
 
 
 def relu_moments(mu: torch.Tensor, var: torch.Tensor):

@@ -32,7 +32,7 @@ from ..linearize import (DEFAULT_JACOBIAN_BUDGET, PASS_CHUNK_CAP, LinearizedNetw
                          backprop_signals, tapping, weight_terms)
 from ..noise import WeightNoise
 from ..validation import check_bool
-from .gaussian import (TINY, activation_function, clark_max, npdf, relu_shape, safe_sqrt, smooth_activation,
+from .gaussian import (TINY, activation_function, clark_max, npdf, relu_variance, safe_sqrt, smooth_activation,
                        smooth_elu, smooth_leaky_relu, smooth_max, smooth_relu)
 from .head import head_terms
 from .interpreter import GraphInterpreter
@@ -108,8 +108,9 @@ class _Surrogate(GraphInterpreter):
     def _v(self, a):
         return self.var.get(a) if isinstance(a, fx.Node) else None
 
-    def _relu_s(self, z, s, v):
-        """``(ds, φ(z/s))``: ``ds`` is zero in value and has the derivative of ``s·√v/√v₀``
+    def _std_tangent(self, z, s, v):
+        """For a std ``s`` of the moment pass (a ReLU's, or Clark's ``θ`` at max pooling),
+        ``(ds, φ(z/s))``: ``ds`` is zero in value and has the derivative of ``s·√v/√v₀``
         (``s`` the moment pass's std, ``v`` the channel's variance, ``v₀`` its value), so
         that adding ``φ(z/s)·ds`` to a smoothed mean gives it the derivative
         ``φ(z/s)·∂s``; zero where the channel does not describe the unit
@@ -138,7 +139,7 @@ class _Surrogate(GraphInterpreter):
         pooling, the ReLU's Gaussian variance, Clark's variance at max pooling (pairwise,
         the two independent), the element copies of flatten/view/reshape and constant
         padding (zero variance). Only its derivative is used: the value ``s`` at each ReLU stays the moment
-        pass's (:meth:`_relu_s`)."""
+        pass's (:meth:`_std_tangent`)."""
         vin = self._v(node.args[0]) if node.args else None
         if node.op == "call_function" and node.target in _ADDS and not kwargs:
             vs = [self._v(a) for a in node.args[:2]]
@@ -146,10 +147,9 @@ class _Surrogate(GraphInterpreter):
         if vin is None:
             return None
         if is_maxpool(node, self.modules):
-            v, self._pool_v = getattr(self, "_pool_v", None), None
-            return v
+            return None  # set by _maxpool, which follows the window's running maximum
         if activation_kind(node, self.modules) == "relu" and isinstance(out, torch.Tensor):
-            return _relu_variance(args[0], vin)
+            return relu_variance(args[0], vin)
         if node.op == "call_method" and node.target in _SHAPE_METHODS:
             return self.plain(node, [vin] + list(args[1:]), kwargs)
         if node.op == "call_function" and node.target is torch.flatten:
@@ -163,12 +163,9 @@ class _Surrogate(GraphInterpreter):
         m = self.modules[node.target]
         if isinstance(m, (nn.Linear, nn.Conv2d)):
             W = self.params[node.target + ".weight"]
-            if isinstance(m, nn.Linear):
-                op = F.linear
-            else:
-                def op(t, w):
-                    return F.conv2d(t, w, None, stride=m.stride, padding=m.padding, dilation=m.dilation,
-                                    groups=m.groups)
+
+            def op(t, w):
+                return _layer_map(m, t, w)
             wv = self.prop.noise_var.get(node.target + ".weight")
             if wv is None:
                 v = op(vin, W * W)
@@ -209,9 +206,9 @@ class _Surrogate(GraphInterpreter):
             z = args[0]
             if kind == "relu":
                 val = smooth_relu(z, s, rc.get("g1"))
-                vin = self._v(node.args[0]) if self.vc else None
+                vin = self._v(node.args[0])  # None without the channel (nothing recorded)
                 if vin is not None:
-                    ds, pdf = self._relu_s(z, s, vin)
+                    ds, pdf = self._std_tangent(z, s, vin)
                     val = val + pdf * ds
             elif isinstance(kind, tuple):
                 val = (smooth_leaky_relu if kind[0] == "leaky_relu" else smooth_elu)(z, s, kind[1])
@@ -223,18 +220,16 @@ class _Surrogate(GraphInterpreter):
         if is_maxpool(node, self.modules) and rc is not None:
             m = self.modules.get(node.target) if node.op == "call_module" else None
             kernel, stride, *_ = maxpool_args(node, m, args, kwargs)
-            vin = self._v(node.args[0]) if self.vc else None
-            return self._maxpool(name, args[0], kernel, stride, rc["theta"], rc.get("g1"), vin)
+            cur, vcur = self._maxpool(name, args[0], kernel, stride, rc["theta"], rc.get("g1"), self._v(node.args[0]))
+            if vcur is not None:
+                self.var[node] = vcur
+            return cur
         if node.op == "call_module":
             m = self.modules[node.target]
             if isinstance(m, (nn.Linear, nn.Conv2d)):
                 W, b = self.params[node.target + ".weight"], (self.params[node.target + ".bias"]
                                                              if m.bias is not None else None)
-                if isinstance(m, nn.Linear):
-                    val = F.linear(args[0], W, b)
-                else:
-                    val = F.conv2d(args[0], W, b, stride=m.stride, padding=m.padding, dilation=m.dilation,
-                                   groups=m.groups)
+                val = _layer_map(m, args[0], W, b)
                 if node.target in self.noisy:
                     e = torch.zeros_like(val, requires_grad=True)
                     self.taps.append((name, Tap(node.target, m, args[0].detach(), e)))
@@ -246,7 +241,8 @@ class _Surrogate(GraphInterpreter):
         """Clark's expected maximum over each window, pairwise, at the moment pass's
         ``θ = sd(a − b)``; with the variance channel ``v`` (the input's), ``θ`` also moves
         with it (``∂E max/∂θ = φ(α)``, as a ReLU's ``s``) and the window's running maximum
-        gets Clark's variance of two independent Gaussians (kept in ``self._pool_v``)."""
+        gets Clark's variance of two independent Gaussians. Returns ``(maximum, its
+        variance or None)``."""
         cur = vcur = None
         rs = []
         for step, sl in enumerate(window_slices(*x.shape[-2:], kernel, stride)):
@@ -261,24 +257,20 @@ class _Surrogate(GraphInterpreter):
                 val = smooth_max(cur, el, th, g1)
                 if vcur is not None:
                     vel = v[sl]
-                    dth, pdf = self._relu_s(cur - el, th, vcur + vel)
+                    dth, pdf = self._std_tangent(cur - el, th, vcur + vel)
                     val = val + pdf * dth
                     vcur = clark_max(cur, el, vcur, vel, torch.zeros_like(vel))[1].to(vel.dtype)
                 cur = val + r
         self.rtaps.append((name, rs))
-        self._pool_v = vcur
-        return cur
+        return cur, vcur
 
 
-def _relu_variance(z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``Var relu(z + √v ζ) = v(Φ + g)`` (:func:`~.gaussian.relu_shape`) in ``z``'s dtype
-    (the variance channel needs its derivative, not float64 digits); 0 where ``√v`` is
-    below :data:`~.gaussian.TINY`."""
-    sd = safe_sqrt(v.clamp_min(0))
-    pos = sd > TINY
-    a = torch.where(pos, z / torch.where(pos, sd, torch.ones_like(sd)), torch.zeros_like(z))
-    cdf, _, g, _ = relu_shape(a)
-    return torch.where(pos, v * (cdf + g), torch.zeros_like(v))
+def _layer_map(m: nn.Module, x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """The Linear or Conv2d layer ``m`` with weight ``W`` (and bias ``b``) applied to
+    ``x``: the surrogate's means, and its variance channel with ``W∘W`` and ``σ²``."""
+    if isinstance(m, nn.Linear):
+        return F.linear(x, W, b)
+    return F.conv2d(x, W, b, stride=m.stride, padding=m.padding, dilation=m.dilation, groups=m.groups)
 
 
 def _quad(Jf: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -469,12 +461,16 @@ def mean_map_first_chaos(lin: LinearizedNetwork, x: torch.Tensor, noise: WeightN
     ResNet-20 at η = 0.2, rank 1). A non-finite result raises ``ValueError``."""
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype!r}")
-    base = propagator or MomentPropagator(lin, noise)
-    r = base.rank if rank is None else rank
-    prop = MomentPropagator(lin, noise, rank=r, spatial_rank=1 if r == 1 else base.spatial_rank,
-                            first_order=base.first_order, unit_space_max=base.unit_space_max,
-                            compression=base.compression, seed=base.seed, h2_rank=0 if r == 1 else base.h2_rank,
-                            d_rank=base.d_rank, dtype=dtype)
+    # the propagator's settings (the defaults without one), at ``rank`` and in ``dtype``
+    kw = {} if propagator is None else dict(
+        rank=propagator.rank, spatial_rank=propagator.spatial_rank, first_order=propagator.first_order,
+        unit_space_max=propagator.unit_space_max, compression=propagator.compression, seed=propagator.seed,
+        h2_rank=propagator.h2_rank, d_rank=propagator.d_rank)
+    if rank is not None:
+        kw["rank"] = rank
+    if rank == 1:
+        kw.update(spatial_rank=1, h2_rank=0)
+    prop = MomentPropagator(lin, noise, dtype=dtype, **kw)
     scale, params = lin.scales(noise), lin.params_by_module
     means, covs = [], []
     for i in range(0, x.shape[0], chunk_size):
