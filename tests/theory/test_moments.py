@@ -511,20 +511,39 @@ def test_an_input_gets_the_same_moments_whatever_its_chunk(kind):
     assert torch.allclose(a.mean[13:14], c.mean, rtol=0, atol=1e-5 * scale)
 
 
-def test_surrogate_variance_channel_is_the_derivative_of_the_diagonal_closure():
-    """The surrogate's variance channel: with each ReLU's std set to the diagonal Gaussian
-    closure's (as the moment pass gives it when every unit's noise is independent), the
-    surrogate's derivatives of the logits with respect to every noisy layer's output
-    mean equal autograd of that closure written out (float64): ``h₀ = W₀x + b₀ + e₀``
-    with variance ``σ₀²∘x²`` (+ bias), ``a₁ = E relu = μΦ + sφ`` and its Gaussian variance,
-    ``h₂ = W₂a₁ + b₂ + e₂`` with variance ``(W₂∘W₂)Var a₁ + σ₂²∘(a₁² + Var a₁)`` (+ bias),
-    and so on. Without the channel (the fixed-``s`` surrogate) the derivative with respect
-    to ``e₀`` misses the path through ``s₂`` and differs."""
-    from noiseprop.theory.moments.gaussian import relu_moments
+def _moments_of(act):
+    """``(mean, var)`` of ``act(z)``, ``z ~ N(mu, var)``, by the closed form or the
+    Gauss–Hermite moments the moment pass uses for it."""
+    from noiseprop.theory.moments.gaussian import (SMOOTH_ACTIVATIONS, elu_moments, leaky_relu_moments,
+                                                   relu_moments, smooth_moments)
+
+    if isinstance(act, nn.ReLU):
+        return lambda mu, var: relu_moments(mu, var)[:2]
+    if isinstance(act, nn.LeakyReLU):
+        return lambda mu, var: leaky_relu_moments(mu, var, act.negative_slope)[:2]
+    if isinstance(act, nn.ELU):
+        return lambda mu, var: elu_moments(mu, var, act.alpha)[:2]
+    name = {nn.GELU: "gelu", nn.SiLU: "silu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.Softplus: "softplus"}
+    fn = SMOOTH_ACTIVATIONS[name[type(act)]]
+    return lambda mu, var: smooth_moments(fn, mu, var)[:2]
+
+
+@pytest.mark.parametrize("act", [nn.ReLU(), nn.LeakyReLU(0.1), nn.ELU(0.7), nn.GELU(), nn.SiLU(), nn.Tanh(),
+                                 nn.Sigmoid(), nn.Softplus()], ids=lambda m: type(m).__name__)
+def test_surrogate_variance_channel_is_the_derivative_of_the_diagonal_closure(act):
+    """The surrogate's variance channel: with each activation's std set to the diagonal
+    Gaussian closure's (as the moment pass gives it when every unit's noise is
+    independent), the surrogate's derivatives of the logits with respect to every noisy
+    layer's output mean equal autograd of that closure written out (float64): ``h₀ = W₀x
+    + b₀ + e₀`` with variance ``σ₀²∘x²`` (+ bias), ``a₁ = E f(h₀)`` and its Gaussian
+    variance (the ReLU's, LeakyReLU's and ELU's closed forms, Gauss–Hermite for the smooth
+    ones), ``h₂ = W₂a₁ + b₂ + e₂`` with variance ``(W₂∘W₂)Var a₁ + σ₂²∘(a₁² + Var a₁)``
+    (+ bias), and so on. Without the channel (the fixed-``s`` surrogate) the derivative
+    with respect to ``e₀`` misses the path through ``s₂`` and differs."""
     from noiseprop.theory.moments.rules import activation_kind
 
     g = torch.Generator().manual_seed(6)
-    net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).double().eval()
+    net = nn.Sequential(nn.Linear(4, 6), act, nn.Linear(6, 5), act, nn.Linear(5, 3)).double().eval()
     x = torch.randn(7, 4, generator=g, dtype=torch.float64)
     noise = RelativeGaussian(0.5)
     lin = LinearizedNetwork(net)
@@ -533,6 +552,7 @@ def test_surrogate_variance_channel_is_the_derivative_of_the_diagonal_closure():
     b = [lin.params[f"{k}.bias"] for k in ("0", "2", "4")]
     wv = [prop.noise_var[f"{k}.weight"] for k in ("0", "2", "4")]
     bv = [prop.noise_var.get(f"{k}.bias", 0.0) for k in ("0", "2", "4")]  # weights only by default: 0
+    moments = _moments_of(act)
 
     def closure(e0, e2, e4):
         m, v, stds = x, torch.zeros_like(x), []
@@ -540,13 +560,65 @@ def test_surrogate_variance_channel_is_the_derivative_of_the_diagonal_closure():
             h = m @ W[k].T + b[k] + e
             vh = v @ (W[k] * W[k]).T + (m * m + v) @ wv[k].T + bv[k]
             stds.append(vh.sqrt())
-            m, v = relu_moments(h, vh)[:2]
+            m, v = moments(h, vh)
         return m @ W[2].T + b[2] + e4, stds
 
     zeros = [torch.zeros(7, n, dtype=torch.float64) for n in (6, 5, 3)]
     _, stds = closure(*zeros)
-    relus = [n.name for n in prop.graph.nodes if activation_kind(n, prop.modules) == "relu"]
-    rec = {name: {"s": s.detach()} for name, s in zip(relus, stds)}
+    acts = [n.name for n in prop.graph.nodes if activation_kind(n, prop.modules) is not None]
+    assert len(acts) == 2
+    rec = {name: {"s": s.detach()} for name, s in zip(acts, stds)}
+    _check_channel_derivatives(prop, rec, x, closure, zeros)
+
+
+class _Mixed(nn.Module):
+    """``torch.cat`` of two activations, a product with a number, a constant subtracted,
+    a view and a mean over units."""
+
+    def __init__(self):
+        super().__init__()
+        self.l0, self.l2, self.l4 = nn.Linear(4, 6), nn.Linear(12, 6), nn.Linear(3, 3)
+
+    def forward(self, x):
+        h = self.l0(x)
+        a = torch.cat([F.gelu(h), torch.sigmoid(h) * 2.0], dim=1)
+        h2 = self.l2(a) - 0.5
+        return self.l4(torch.relu(h2).view(-1, 3, 2).mean(2))
+
+
+def test_surrogate_variance_channel_through_cat_arithmetic_and_means():
+    """The channel's rules beyond layers and activations, against the diagonal closure
+    written out: ``torch.cat`` concatenates the variances, ``2·f`` scales by 4, a constant
+    subtracted keeps them, a mean over ``n`` units gives ``Σ v/n²``."""
+    from noiseprop.theory.moments.gaussian import SMOOTH_ACTIVATIONS, relu_moments, smooth_moments
+    from noiseprop.theory.moments.rules import activation_kind
+
+    torch.manual_seed(2)
+    net = _Mixed().double().eval()
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    lin = LinearizedNetwork(net)
+    prop = MomentPropagator(lin, RelativeGaussian(0.5), dtype=torch.float64)
+    W = [lin.params[f"{k}.weight"] for k in ("l0", "l2", "l4")]
+    b = [lin.params[f"{k}.bias"] for k in ("l0", "l2", "l4")]
+    wv = [prop.noise_var[f"{k}.weight"] for k in ("l0", "l2", "l4")]
+
+    def closure(e0, e2, e4):
+        h = x @ W[0].T + b[0] + e0
+        vh = (x * x) @ wv[0].T
+        mg, vg = smooth_moments(SMOOTH_ACTIVATIONS["gelu"], h, vh)[:2]
+        ms, vs = smooth_moments(SMOOTH_ACTIVATIONS["sigmoid"], h, vh)[:2]
+        a, va = torch.cat([mg, 2 * ms], 1), torch.cat([vg, 4 * vs], 1)
+        h2 = a @ W[1].T + b[1] + e2 - 0.5
+        vh2 = va @ (W[1] * W[1]).T + (a * a + va) @ wv[1].T
+        m2, v2 = relu_moments(h2, vh2)[:2]
+        a2 = m2.view(-1, 3, 2).mean(2)
+        return a2 @ W[2].T + b[2] + e4, [vh.sqrt(), vh.sqrt(), vh2.sqrt()]
+
+    zeros = [torch.zeros(5, n, dtype=torch.float64) for n in (6, 6, 3)]
+    _, stds = closure(*zeros)
+    acts = [n.name for n in prop.graph.nodes if activation_kind(n, prop.modules) is not None]
+    assert len(acts) == 3
+    rec = {name: {"s": s.detach()} for name, s in zip(acts, stds)}
     _check_channel_derivatives(prop, rec, x, closure, zeros)
 
 

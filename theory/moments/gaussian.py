@@ -56,7 +56,8 @@ __all__ = ["npdf", "ncdf", "relu_shape", "relu_moments", "relu_moments_skew", "r
            "rectified_cross_cumulants", "max_k3",
            "SKEW_MAX", "clark_max", "smooth_moments", "smooth_relu",
            "smooth_max", "smooth_activation", "SMOOTH_ACTIVATIONS", "GH_NODES", "TINY", "safe_sqrt",
-           "leaky_relu_moments", "smooth_leaky_relu", "elu_moments", "smooth_elu", "activation_function"]
+           "leaky_relu_moments", "smooth_leaky_relu", "elu_moments", "smooth_elu", "activation_function",
+           "activation_variance", "relu_variance"]
 
 INV_SQRT2PI = 1.0 / math.sqrt(2 * math.pi)
 #: a std below this is treated as zero (the nonlinearity is then applied to the mean)
@@ -420,6 +421,20 @@ def activation_function(kind):
         name, a = kind
         return (lambda z: F.leaky_relu(z, a)) if name == "leaky_relu" else (lambda z: F.elu(z, a))
     return SMOOTH_ACTIVATIONS[kind]
+
+
+def activation_variance(kind, mu: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """``Var f(z)``, ``z ~ N(mu, var)``, for an activation kind of the moment pass
+    (:func:`activation_function`), in ``mu``'s dtype and differentiable in ``mu`` and
+    ``var``: :func:`relu_variance`, :func:`leaky_relu_moments`' and :func:`elu_moments`'
+    closed forms, :func:`smooth_moments`' Gauss–Hermite variance (the surrogate's variance
+    channel, :mod:`.surrogate`)."""
+    if kind == "relu":
+        return relu_variance(mu, var)
+    if isinstance(kind, tuple):
+        name, a = kind
+        return (leaky_relu_moments if name == "leaky_relu" else elu_moments)(mu, var, a)[1].to(mu.dtype)
+    return smooth_moments(SMOOTH_ACTIVATIONS[kind], mu, var)[1].to(mu.dtype)
 
 
 _GH_CACHE: dict = {}

@@ -32,12 +32,13 @@ from ..linearize import (DEFAULT_JACOBIAN_BUDGET, PASS_CHUNK_CAP, LinearizedNetw
                          backprop_signals, tapping, weight_terms)
 from ..noise import WeightNoise
 from ..validation import check_bool
-from .gaussian import (TINY, activation_function, clark_max, npdf, relu_variance, safe_sqrt, smooth_activation,
-                       smooth_elu, smooth_leaky_relu, smooth_max, smooth_relu)
+from .gaussian import (TINY, activation_function, activation_variance, clark_max, npdf, safe_sqrt,
+                       smooth_activation, smooth_elu, smooth_leaky_relu, smooth_max, smooth_relu)
 from .head import head_terms
 from .interpreter import GraphInterpreter
 from .lowrank import pair
-from .rules import (_PASS_MODULES, MomentPropagator, _MomentPass, activation_kind, is_maxpool, maxpool_args,
+from .rules import (_ADD_OPS, _ARITH_METHODS, _PASS_MODULES, _SELECTION_FUNCTIONS, _SELECTION_METHODS,
+                    MomentPropagator, _MomentPass, activation_kind, is_maxpool, maxpool_args,
                     window_slices)
 
 __all__ = ["MomentResult", "propagate_moments", "moment_chunk_size", "DEFAULT_MOMENT_CHUNK", "mean_map_first_chaos"]
@@ -76,8 +77,6 @@ VARIANCE_RATIO_MAX = 1e3
 #: gives the fixed-``s`` surrogate of stops 19–36 (kept for comparisons).
 VARIANCE_CHANNEL = True
 
-_ADDS = (operator.add, torch.add)
-_SHAPE_METHODS = ("view", "reshape", "flatten")
 
 
 class _Surrogate(GraphInterpreter):
@@ -132,43 +131,68 @@ class _Surrogate(GraphInterpreter):
         return out
 
     def _var_rule(self, node, args, kwargs, out):
-        """The diagonal variance of ``node``'s value (``None``: not followed; the ReLUs
-        downstream then keep a fixed ``s``). Each unit's variance as if its inputs were
-        independent: ``(W∘W) v + Σ σ²(μ² + v)`` at a (noisy) Linear/Conv2d layer, ``a² v``
-        at an affine normalisation, the sum at a residual sum, ``avg(v)/k`` at average
-        pooling, the ReLU's Gaussian variance, Clark's variance at max pooling (pairwise,
-        the two independent), the element copies of flatten/view/reshape and constant
-        padding (zero variance). Only its derivative is used: the value ``s`` at each ReLU stays the moment
-        pass's (:meth:`_std_tangent`)."""
+        """The diagonal variance of ``node``'s value (``None``: not followed; the
+        nonlinearities downstream then keep a fixed ``s``). Each unit's variance as if its
+        inputs were independent, the moment pass's diagonal rules: ``(W∘W) v + Σ σ²(μ² +
+        v)`` at a (noisy) Linear/Conv2d layer, ``a² v`` at an affine normalisation, the sum
+        at a residual sum (``v_a + α² v_b`` for ``a ± αb``), ``v`` at a constant added,
+        ``c² v`` at a product with a number ``c`` (``v/c²`` at a quotient), the
+        concatenation at ``torch.cat``, ``Σ v/n²`` at a mean over ``n`` units (``Σ v`` at a
+        sum) and at average pooling, an activation's Gaussian variance
+        (:func:`~.gaussian.activation_variance`: ReLU, LeakyReLU, ELU, the smooth ones),
+        Clark's variance at max pooling (pairwise, the two independent), the element
+        copies of selections (flatten, view, reshape, indexing, permutations) and constant
+        padding (zero variance). Only its derivative is used: the value ``s`` at each
+        nonlinearity stays the moment pass's (:meth:`_std_tangent`)."""
+        if not isinstance(out, torch.Tensor):
+            return None
+        op, tgt = node.op, node.target
+        if op == "call_function" and tgt is torch.cat:
+            ts = node.args[0] if node.args else node.kwargs.get("tensors")
+            vs = [self._v(a) for a in ts] if isinstance(ts, (list, tuple)) else [None]
+            if not vs or any(v is None for v in vs):
+                return None
+            return torch.cat(vs, kwargs.get("dim", args[1] if len(args) > 1 else 0))
+        arith = (_ADD_OPS.get(tgt) if op == "call_function" else
+                 _ARITH_METHODS.get(tgt) if op == "call_method" else None)
+        if arith is not None:
+            return self._arith_var(node, arith, kwargs)
         vin = self._v(node.args[0]) if node.args else None
-        if node.op == "call_function" and node.target in _ADDS and not kwargs:
-            vs = [self._v(a) for a in node.args[:2]]
-            return vs[0] + vs[1] if len(vs) == 2 and vs[0] is not None and vs[1] is not None else None
         if vin is None:
             return None
         if is_maxpool(node, self.modules):
             return None  # set by _maxpool, which follows the window's running maximum
-        if activation_kind(node, self.modules) == "relu" and isinstance(out, torch.Tensor):
-            return relu_variance(args[0], vin)
-        if node.op == "call_method" and node.target in _SHAPE_METHODS:
-            return self.plain(node, [vin] + list(args[1:]), kwargs)
-        if node.op == "call_function" and node.target is torch.flatten:
-            return torch.flatten(vin, *args[1:], **kwargs)
-        if node.op == "call_function" and node.target is F.pad:  # constant padding: no variance added
+        kind = activation_kind(node, self.modules)
+        if kind is not None:
+            return activation_variance(kind, args[0], vin)
+        if op == "call_method" and tgt == "view_as":
+            return vin.reshape(out.shape)
+        if ((op == "call_method" and tgt in _SELECTION_METHODS) or
+                (op == "call_function" and tgt in _SELECTION_FUNCTIONS) or
+                (op == "call_function" and tgt is F.adaptive_avg_pool2d)):
+            v = self.plain(node, [vin] + list(args[1:]), kwargs)
+            # an adaptive average of n units (windows of one size): Σ v/n²
+            return v * (out[0, 0].numel() / vin[0, 0].numel()) if tgt is F.adaptive_avg_pool2d else v
+        if (op == "call_method" and tgt in ("mean", "sum")) or (op == "call_function" and tgt in (torch.mean, torch.sum)):
+            v = self.plain(node, [vin] + list(args[1:]), kwargs)
+            n = vin[0].numel() // max(1, out[0].numel())
+            mean = tgt == "mean" or tgt is torch.mean
+            return v / n if mean else v  # Σ v / n² for a mean (v holds Σ v / n), Σ v for a sum
+        if op == "call_function" and tgt is F.pad:  # constant padding: no variance added
             pad = args[1] if len(args) > 1 else kwargs.get("pad")
             mode = args[2] if len(args) > 2 else kwargs.get("mode", "constant")
             return F.pad(vin, pad) if mode == "constant" else None
-        if node.op != "call_module":
+        if op != "call_module":
             return None
-        m = self.modules[node.target]
+        m = self.modules[tgt]
         if isinstance(m, (nn.Linear, nn.Conv2d)):
-            W = self.params[node.target + ".weight"]
+            W = self.params[tgt + ".weight"]
 
-            def op(t, w):
+            def lmap(t, w):
                 return _layer_map(m, t, w)
-            wv = self.prop.noise_var.get(node.target + ".weight")
+            wv = self.prop.noise_var.get(tgt + ".weight")
             if wv is None:
-                v = op(vin, W * W)
+                v = lmap(vin, W * W)
             else:  # (W∘W)v + σ²∘(μ² + v) as one map of [v, μ²] (one convolution, not two)
                 g = getattr(m, "groups", 1)
                 wv = wv.to(vin.dtype)
@@ -178,23 +202,50 @@ class _Surrogate(GraphInterpreter):
                     xin = torch.cat([vin.unflatten(1, (g, -1)), z2.unflatten(1, (g, -1))], 2).flatten(1, 2)
                 else:
                     xin = torch.cat([vin, z2], dim=1)
-                v = op(xin, Wc)
-            bv = self.prop.noise_var.get(node.target + ".bias")
+                v = lmap(xin, Wc)
+            bv = self.prop.noise_var.get(tgt + ".bias")
             if bv is not None:
                 v = v + bv.to(vin.dtype).reshape((1, -1) + (1,) * (v.dim() - 2))
             return v
-        if node.target in self.prop.affines:
-            a = self.prop.affines[node.target][0].to(vin.dtype)
+        if tgt in self.prop.affines:
+            a = self.prop.affines[tgt][0].to(vin.dtype)
             return vin * (a * a).reshape((1, -1) + (1,) * (vin.dim() - 2))
         if isinstance(m, _PASS_MODULES + (nn.Flatten,)):
             return m(vin)
         if isinstance(m, nn.ConstantPad2d):
             return F.pad(vin, m.padding)
-        if isinstance(m, nn.AdaptiveAvgPool2d) and isinstance(out, torch.Tensor):
+        if isinstance(m, nn.AdaptiveAvgPool2d):
             return m(vin) * (out[0, 0].numel() / vin[0, 0].numel())
         if isinstance(m, nn.AvgPool2d) and m.divisor_override is None and m.padding == 0 and not m.ceil_mode:
             k = pair(m.kernel_size)
             return m(vin) / (k[0] * k[1])
+        return None
+
+    def _arith_var(self, node, op, kwargs):
+        """The channel's variance of ``a op b`` (operands as :meth:`.rules._MomentPass._binary`
+        reads them): ``v_a + α²v_b`` for ``a ± αb`` of two followed values, the followed
+        one's for a number or constant added, ``c²v`` (``v/c²``) for a product (quotient)
+        with a number ``c``; ``None`` otherwise."""
+        kw = dict(kwargs)
+        nargs = list(node.args)
+        a = nargs[0] if nargs else node.kwargs.get("input")
+        b = nargs[1] if len(nargs) > 1 else node.kwargs.get("other")
+        alpha = nargs[2] if len(nargs) > 2 else kw.get("alpha", 1)
+        if a is None or b is None or not isinstance(alpha, (int, float)):
+            return None
+        va, vb = self._v(a), self._v(b)
+        if op in (operator.add, operator.sub):
+            if isinstance(a, fx.Node) and va is None or isinstance(b, fx.Node) and vb is None:
+                return None  # a value the channel does not follow (or a constant tensor node)
+            if va is None and vb is None:
+                return None
+            if va is None:
+                return alpha * alpha * vb
+            return va if vb is None else va + alpha * alpha * vb
+        if isinstance(b, (int, float)) and not isinstance(b, bool) and va is not None:
+            return va * (b * b) if op is operator.mul else va / (b * b)
+        if op is operator.mul and isinstance(a, (int, float)) and not isinstance(a, bool) and vb is not None:
+            return vb * (a * a)
         return None
 
     def _call(self, node, args, kwargs, env, i):
@@ -204,16 +255,19 @@ class _Surrogate(GraphInterpreter):
         if kind is not None and rc is not None and "s" in rc:
             s = rc["s"].to(args[0].dtype)
             z = args[0]
-            if kind == "relu":
+            vin = self._v(node.args[0])  # None without the channel (nothing recorded)
+            ds, pdf = self._std_tangent(z, s, vin) if vin is not None else (None, None)
+            # with the channel, each smoothed mean also moves through its s: ∂E f/∂s · ds
+            if kind == "relu":  # ∂E relu/∂s = φ(z/s)
                 val = smooth_relu(z, s, rc.get("g1"))
-                vin = self._v(node.args[0])  # None without the channel (nothing recorded)
-                if vin is not None:
-                    ds, pdf = self._std_tangent(z, s, vin)
-                    val = val + pdf * ds
-            elif isinstance(kind, tuple):
-                val = (smooth_leaky_relu if kind[0] == "leaky_relu" else smooth_elu)(z, s, kind[1])
-            else:
-                val = smooth_activation(activation_function(kind), z, s)
+                val = val if ds is None else val + pdf * ds
+            elif isinstance(kind, tuple) and kind[0] == "leaky_relu":  # (1 − a)φ(z/s)
+                val = smooth_leaky_relu(z, s, kind[1])
+                val = val if ds is None else val + (1 - kind[1]) * pdf * ds
+            else:  # ELU and the smooth ones: through s + ds (ds is zero in value)
+                se = s if ds is None else s + ds
+                val = (smooth_elu(z, se, kind[1]) if isinstance(kind, tuple)
+                       else smooth_activation(activation_function(kind), z, se))
             r = torch.zeros_like(val, requires_grad=True)
             self.rtaps.append((name, [r]))
             return val + r
