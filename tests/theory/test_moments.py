@@ -577,19 +577,21 @@ class _Mixed(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.l0, self.l2, self.l4 = nn.Linear(4, 6), nn.Linear(12, 6), nn.Linear(3, 3)
+        self.l0, self.l2, self.l3, self.l4 = nn.Linear(4, 6), nn.Linear(12, 6), nn.Linear(3, 4), nn.Linear(4, 3)
 
     def forward(self, x):
         h = self.l0(x)
         a = torch.cat([F.gelu(h), torch.sigmoid(h) * 2.0], dim=1)
         h2 = self.l2(a) - 0.5
-        return self.l4(torch.relu(h2).view(-1, 3, 2).mean(2))
+        return self.l4(torch.tanh(self.l3(torch.relu(h2).view(-1, 3, 2).mean(2))))
 
 
 def test_surrogate_variance_channel_through_cat_arithmetic_and_means():
     """The channel's rules beyond layers and activations, against the diagonal closure
     written out: ``torch.cat`` concatenates the variances, ``2·f`` scales by 4, a constant
-    subtracted keeps them, a mean over ``n`` units gives ``Σ v/n²``."""
+    subtracted keeps them, a mean over ``n`` units gives ``Σ v/n²`` (a tanh after it, so
+    that the mean's variance moves a std). Without the channel the first two taps differ
+    (each reaches a later activation's std)."""
     from noiseprop.theory.moments.gaussian import SMOOTH_ACTIVATIONS, relu_moments, smooth_moments
     from noiseprop.theory.moments.rules import activation_kind
 
@@ -598,11 +600,11 @@ def test_surrogate_variance_channel_through_cat_arithmetic_and_means():
     x = torch.randn(5, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     lin = LinearizedNetwork(net)
     prop = MomentPropagator(lin, RelativeGaussian(0.5), dtype=torch.float64)
-    W = [lin.params[f"{k}.weight"] for k in ("l0", "l2", "l4")]
-    b = [lin.params[f"{k}.bias"] for k in ("l0", "l2", "l4")]
-    wv = [prop.noise_var[f"{k}.weight"] for k in ("l0", "l2", "l4")]
+    W = [lin.params[f"{k}.weight"] for k in ("l0", "l2", "l3", "l4")]
+    b = [lin.params[f"{k}.bias"] for k in ("l0", "l2", "l3", "l4")]
+    wv = [prop.noise_var[f"{k}.weight"] for k in ("l0", "l2", "l3", "l4")]
 
-    def closure(e0, e2, e4):
+    def closure(e0, e2, e3, e4):
         h = x @ W[0].T + b[0] + e0
         vh = (x * x) @ wv[0].T
         mg, vg = smooth_moments(SMOOTH_ACTIVATIONS["gelu"], h, vh)[:2]
@@ -611,15 +613,18 @@ def test_surrogate_variance_channel_through_cat_arithmetic_and_means():
         h2 = a @ W[1].T + b[1] + e2 - 0.5
         vh2 = va @ (W[1] * W[1]).T + (a * a + va) @ wv[1].T
         m2, v2 = relu_moments(h2, vh2)[:2]
-        a2 = m2.view(-1, 3, 2).mean(2)
-        return a2 @ W[2].T + b[2] + e4, [vh.sqrt(), vh.sqrt(), vh2.sqrt()]
+        a2, va2 = m2.view(-1, 3, 2).mean(2), v2.view(-1, 3, 2).sum(2) / 4
+        h3 = a2 @ W[2].T + b[2] + e3
+        vh3 = va2 @ (W[2] * W[2]).T + (a2 * a2 + va2) @ wv[2].T
+        m3 = smooth_moments(SMOOTH_ACTIVATIONS["tanh"], h3, vh3)[0]
+        return m3 @ W[3].T + b[3] + e4, [vh.sqrt(), vh.sqrt(), vh2.sqrt(), vh3.sqrt()]
 
-    zeros = [torch.zeros(5, n, dtype=torch.float64) for n in (6, 6, 3)]
+    zeros = [torch.zeros(5, n, dtype=torch.float64) for n in (6, 6, 4, 3)]
     _, stds = closure(*zeros)
     acts = [n.name for n in prop.graph.nodes if activation_kind(n, prop.modules) is not None]
-    assert len(acts) == 3
+    assert len(acts) == 4
     rec = {name: {"s": s.detach()} for name, s in zip(acts, stds)}
-    _check_channel_derivatives(prop, rec, x, closure, zeros)
+    _check_channel_derivatives(prop, rec, x, closure, zeros, differ=(0, 1))
 
 
 def test_surrogate_variance_channel_through_max_pooling():
@@ -673,11 +678,11 @@ def test_surrogate_variance_channel_through_max_pooling():
     _check_channel_derivatives(prop, rec, x, closure, zeros)
 
 
-def _check_channel_derivatives(prop, rec, x, closure, zeros):
+def _check_channel_derivatives(prop, rec, x, closure, zeros, differ=(0,)):
     """The surrogate's derivatives of the logits with respect to each noisy layer's
     output mean (its taps) against autograd of ``closure`` (``(logits, ...)`` as a
     function of those means' shifts ``zeros``): equal with the variance channel; without
-    it equal everywhere but at the first tap (the path through the downstream ``s``)."""
+    it equal everywhere but at the taps ``differ`` (the paths through a downstream ``s``)."""
     from noiseprop.theory.moments.surrogate import _Surrogate
 
     ref = torch.autograd.functional.jacobian(lambda *e: closure(*e)[0], tuple(zeros))  # [B, C, B, n] per tap
@@ -692,4 +697,4 @@ def _check_channel_derivatives(prop, rec, x, closure, zeros):
         assert len(got) == len(zeros)
         for k in range(len(taps)):
             same = torch.allclose(got[k], torch.einsum("bcbn->bcn", ref[k]), rtol=1e-10, atol=1e-12)
-            assert same == (channel or k != 0), (channel, k)
+            assert same == (channel or k not in differ), (channel, k)
