@@ -20,7 +20,8 @@ One JSON line per model × check:
   ``accuracy_worst`` line per model × noise × BN with the worst error per method.
   Target: within 1 point or inside the Monte-Carlo 95% interval. Models: the zoo's
   mlp, vgg, resnet20/32/56 and ``small_resnet`` (written here with its own block class,
-  trained here).
+  trained here; ``small_resnet_gelu`` and ``small_resnet_silu`` the same with GELU and
+  SiLU).
 
 Every line says whether its target is met and by how much it is missed.
 
@@ -62,14 +63,19 @@ MODELS = {
     "resnet32": {"name": "resnet32", "norm": "bn"},
     "resnet56": {"name": "resnet56", "norm": "bn"},
     "small_resnet": None,  # written here, outside the zoo (its own block class): small_resnet()
+    "small_resnet_gelu": None,  # the same with GELU (smooth activations: the Gauss-Hermite moments)
+    "small_resnet_silu": None,  # the same with SiLU
 }
+#: the activation of each small ResNet (None: torch.relu, as first written)
+SMALL_ACTS = {"small_resnet": None, "small_resnet_gelu": nn.GELU, "small_resnet_silu": nn.SiLU}
 
 
 class Block(nn.Module):
     """A user's residual block (not the zoo's): conv-BN-ReLU-conv-BN + shortcut, ReLU."""
 
-    def __init__(self, cin, cout, stride):
+    def __init__(self, cin, cout, stride, act=None):
         super().__init__()
+        self.a1, self.a2 = (None, None) if act is None else (act(), act())
         self.c1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
         self.b1 = nn.BatchNorm2d(cout)
         self.c2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
@@ -78,18 +84,21 @@ class Block(nn.Module):
                       if stride != 1 or cin != cout else nn.Identity())
 
     def forward(self, x):
-        h = torch.relu(self.b1(self.c1(x)))
-        return torch.relu(self.b2(self.c2(h)) + self.short(x))
+        f1, f2 = (torch.relu, torch.relu) if self.a1 is None else (self.a1, self.a2)
+        h = f1(self.b1(self.c1(x)))
+        return f2(self.b2(self.c2(h)) + self.short(x))
 
 
-def small_resnet(data, seed=0, epochs=15):
+def small_resnet(data, seed=0, epochs=15, act=None):
     """Stem conv + BN, two basic blocks of 16 channels (the second with a 1×1 projection
     shortcut and stride 2), global average pool, Linear; trained on digits here with plain
-    torch (seeded, one thread: deterministic)."""
+    torch (seeded, one thread: deterministic). ``act``: the activation's module class
+    (``None``: ReLU)."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
-                              Block(16, 16, 1), Block(16, 16, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16),
+                              nn.ReLU() if act is None else act(),
+                              Block(16, 16, 1, act), Block(16, 16, 2, act), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                               nn.Linear(16, 10))
         xtr, ytr = data.x_train, data.y_train
         g = torch.Generator().manual_seed(seed)
@@ -305,7 +314,7 @@ def main(argv=None):
     checks = set(args.checks.split(","))
     for name in args.models.split(","):
         if MODELS[name] is None:
-            model, clean_acc = small_resnet(data)
+            model, clean_acc = small_resnet(data, act=SMALL_ACTS[name])
         else:
             res = train(MODELS[name], data, seed=0, cache_dir=args.cache_dir)
             model, clean_acc = res.model.eval(), res.test_accuracy

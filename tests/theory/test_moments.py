@@ -514,8 +514,7 @@ def test_an_input_gets_the_same_moments_whatever_its_chunk(kind):
 def _moments_of(act):
     """``(mean, var)`` of ``act(z)``, ``z ~ N(mu, var)``, by the closed form or the
     Gauss–Hermite moments the moment pass uses for it."""
-    from noiseprop.theory.moments.gaussian import (SMOOTH_ACTIVATIONS, elu_moments, leaky_relu_moments,
-                                                   relu_moments, smooth_moments)
+    from noiseprop.theory.moments.gaussian import SMOOTH_ACTIVATIONS, elu_moments, leaky_relu_moments, relu_moments
 
     if isinstance(act, nn.ReLU):
         return lambda mu, var: relu_moments(mu, var)[:2]
@@ -524,8 +523,17 @@ def _moments_of(act):
     if isinstance(act, nn.ELU):
         return lambda mu, var: elu_moments(mu, var, act.alpha)[:2]
     name = {nn.GELU: "gelu", nn.SiLU: "silu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.Softplus: "softplus"}
-    fn = SMOOTH_ACTIVATIONS[name[type(act)]]
-    return lambda mu, var: smooth_moments(fn, mu, var)[:2]
+    return _smooth(SMOOTH_ACTIVATIONS[name[type(act)]])
+
+
+def _smooth(fn):
+    """``(mean, var)`` of a smooth activation as the surrogate takes them: the mean by
+    :data:`GH_NODES`-point Gauss–Hermite, the channel's variance by its own
+    ``CHANNEL_GH_NODES`` points."""
+    from noiseprop.theory.moments.gaussian import smooth_moments
+    from noiseprop.theory.moments.surrogate import CHANNEL_GH_NODES
+
+    return lambda mu, var: (smooth_moments(fn, mu, var)[0], smooth_moments(fn, mu, var, CHANNEL_GH_NODES)[1])
 
 
 @pytest.mark.parametrize("act", [nn.ReLU(), nn.LeakyReLU(0.1), nn.ELU(0.7), nn.GELU(), nn.SiLU(), nn.Tanh(),
@@ -607,8 +615,8 @@ def test_surrogate_variance_channel_through_cat_arithmetic_and_means():
     def closure(e0, e2, e3, e4):
         h = x @ W[0].T + b[0] + e0
         vh = (x * x) @ wv[0].T
-        mg, vg = smooth_moments(SMOOTH_ACTIVATIONS["gelu"], h, vh)[:2]
-        ms, vs = smooth_moments(SMOOTH_ACTIVATIONS["sigmoid"], h, vh)[:2]
+        mg, vg = _smooth(SMOOTH_ACTIVATIONS["gelu"])(h, vh)
+        ms, vs = _smooth(SMOOTH_ACTIVATIONS["sigmoid"])(h, vh)
         a, va = torch.cat([mg, 2 * ms], 1), torch.cat([vg, 4 * vs], 1)
         h2 = a @ W[1].T + b[1] + e2 - 0.5
         vh2 = va @ (W[1] * W[1]).T + (a * a + va) @ wv[1].T

@@ -337,3 +337,39 @@ def test_leaky_relu_and_elu_moments_against_quadrature(kind, mu, s):
     (g,) = torch.autograd.grad(val.sum(), z)
     assert float(val.detach()) == pytest.approx(m1, **tol)
     assert float(g) == pytest.approx(_expect(fp, mu, s), **tol)
+
+
+def test_smoothed_means_derivative_in_the_std():
+    """The variance channel's derivative of a smoothed mean in its std ``s``: against
+    numerical quadrature, ``∂/∂s E f(z + sζ) = E[f(z + sζ)(ζ² − 1)]/s`` (Stein twice), for
+    GELU and tanh (Gauss–Hermite) and ELU (closed form); and
+    :func:`elementwise_with_slopes` gives the value and both derivatives of its function
+    with one input broadcast."""
+    from noiseprop.theory.moments.gaussian import elementwise_with_slopes, smooth_elu
+
+    zs, ss = [-0.8, 0.3, 1.5], [0.4, 1.0, 1.7]
+    cases = {  # the smoothed mean as the surrogate takes it, and the function pointwise
+        "gelu": (lambda z, s: smooth_activation(SMOOTH_ACTIVATIONS["gelu"], z, s), lambda u: u * special.ndtr(u)),
+        "tanh": (lambda z, s: smooth_activation(SMOOTH_ACTIVATIONS["tanh"], z, s), math.tanh),
+        "elu": (lambda z, s: smooth_elu(z, s, 0.7), lambda u: u if u > 0 else 0.7 * math.expm1(u))}
+    for name, (fun, f) in cases.items():
+        z = torch.tensor(zs, dtype=torch.float64, requires_grad=True)
+        s = torch.tensor(ss, dtype=torch.float64, requires_grad=True)
+        (gs,) = torch.autograd.grad(fun(z, s).sum(), s)
+        for i in range(3):  # the kink of ELU's derivative at t = −z/s as a breakpoint
+            ref = integrate.quad(lambda t: f(zs[i] + ss[i] * t) * (t * t - 1) * stats.norm.pdf(t), -12, 12,
+                                 limit=200, points=[-zs[i] / ss[i]])[0] / ss[i]
+            assert abs(float(gs[i]) - ref) < 1e-6 * max(1.0, abs(ref)), (name, i, float(gs[i]), ref)
+
+    def fn(a, b):
+        return torch.sin(a) * b * b
+
+    a = torch.tensor([[0.1, 0.5, -1.0]], dtype=torch.float64, requires_grad=True)
+    b = torch.tensor([[0.3], [2.0]], dtype=torch.float64, requires_grad=True)
+    out = elementwise_with_slopes(fn, a, b)
+    ref = fn(a, b)
+    assert torch.equal(out, ref.detach())
+    w = torch.tensor([[1.0, -2.0, 0.5], [0.3, 0.7, -1.1]], dtype=torch.float64)
+    got = torch.autograd.grad((out * w).sum(), (a, b))
+    want = torch.autograd.grad((ref * w).sum(), (a, b))
+    assert all(torch.allclose(g, r, rtol=1e-12, atol=1e-14) for g, r in zip(got, want))
