@@ -21,7 +21,7 @@ One JSON line per model × check:
   Target: within 1 point or inside the Monte-Carlo 95% interval. Models: the zoo's
   mlp, vgg, resnet20/32/56 and ``small_resnet`` (written here with its own block class,
   trained here; ``small_resnet_gelu`` and ``small_resnet_silu`` the same with GELU and
-  SiLU).
+  SiLU; ``small_resnet8`` and ``small_resnet8_gelu`` with eight blocks).
 
 Every line says whether its target is met and by how much it is missed.
 
@@ -65,9 +65,12 @@ MODELS = {
     "small_resnet": None,  # written here, outside the zoo (its own block class): small_resnet()
     "small_resnet_gelu": None,  # the same with GELU (smooth activations: the Gauss-Hermite moments)
     "small_resnet_silu": None,  # the same with SiLU
+    "small_resnet8": None,  # eight such blocks (16, then 32 channels)
+    "small_resnet8_gelu": None,  # the same with GELU
 }
-#: the activation of each small ResNet (None: torch.relu, as first written)
-SMALL_ACTS = {"small_resnet": None, "small_resnet_gelu": nn.GELU, "small_resnet_silu": nn.SiLU}
+#: (activation, blocks) of each small ResNet (activation None: torch.relu, as first written)
+SMALL_NETS = {"small_resnet": (None, 2), "small_resnet_gelu": (nn.GELU, 2), "small_resnet_silu": (nn.SiLU, 2),
+              "small_resnet8": (None, 8), "small_resnet8_gelu": (nn.GELU, 8)}
 
 
 class Block(nn.Module):
@@ -89,17 +92,24 @@ class Block(nn.Module):
         return f2(self.b2(self.c2(h)) + self.short(x))
 
 
-def small_resnet(data, seed=0, epochs=15, act=None):
+def small_resnet(data, seed=0, epochs=15, act=None, blocks=2):
     """Stem conv + BN, two basic blocks of 16 channels (the second with a 1×1 projection
     shortcut and stride 2), global average pool, Linear; trained on digits here with plain
     torch (seeded, one thread: deterministic). ``act``: the activation's module class
-    (``None``: ReLU)."""
+    (``None``: ReLU). ``blocks=8``: four blocks of 16 channels, one to 32 with stride 2,
+    three of 32."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16),
-                              nn.ReLU() if act is None else act(),
-                              Block(16, 16, 1, act), Block(16, 16, 2, act), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                              nn.Linear(16, 10))
+        stem = [nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU() if act is None else act()]
+        if blocks == 2:
+            body, width = [Block(16, 16, 1, act), Block(16, 16, 2, act)], 16
+        elif blocks == 8:
+            body = ([Block(16, 16, 1, act) for _ in range(4)] + [Block(16, 32, 2, act)]
+                    + [Block(32, 32, 1, act) for _ in range(3)])
+            width = 32
+        else:
+            raise ValueError(f"blocks must be 2 or 8, got {blocks!r}")
+        model = nn.Sequential(*stem, *body, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 10))
         xtr, ytr = data.x_train, data.y_train
         g = torch.Generator().manual_seed(seed)
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
@@ -314,7 +324,8 @@ def main(argv=None):
     checks = set(args.checks.split(","))
     for name in args.models.split(","):
         if MODELS[name] is None:
-            model, clean_acc = small_resnet(data, act=SMALL_ACTS[name])
+            act, blocks = SMALL_NETS[name]
+            model, clean_acc = small_resnet(data, act=act, blocks=blocks)
         else:
             res = train(MODELS[name], data, seed=0, cache_dir=args.cache_dir)
             model, clean_acc = res.model.eval(), res.test_accuracy

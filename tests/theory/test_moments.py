@@ -580,8 +580,8 @@ def test_surrogate_variance_channel_is_the_derivative_of_the_diagonal_closure(ac
 
 
 class _Mixed(nn.Module):
-    """``torch.cat`` of two activations, a product with a number, a constant subtracted,
-    a view and a mean over units."""
+    """``torch.cat`` of two activations, a product with a number, a difference with
+    ``alpha``, a constant subtracted, a view and a mean over units."""
 
     def __init__(self):
         super().__init__()
@@ -590,14 +590,14 @@ class _Mixed(nn.Module):
     def forward(self, x):
         h = self.l0(x)
         a = torch.cat([F.gelu(h), torch.sigmoid(h) * 2.0], dim=1)
-        h2 = self.l2(a) - 0.5
+        h2 = torch.sub(self.l2(a), h, alpha=0.5) - 0.5
         return self.l4(torch.tanh(self.l3(torch.relu(h2).view(-1, 3, 2).mean(2))))
 
 
 def test_surrogate_variance_channel_through_cat_arithmetic_and_means():
     """The channel's rules beyond layers and activations, against the diagonal closure
-    written out: ``torch.cat`` concatenates the variances, ``2·f`` scales by 4, a constant
-    subtracted keeps them, a mean over ``n`` units gives ``Σ v/n²`` (a tanh after it, so
+    written out: ``torch.cat`` concatenates the variances, ``2·f`` scales by 4,
+    ``torch.sub(a, b, alpha=0.5)`` gives ``v_a + v_b/4``, a constant subtracted keeps them, a mean over ``n`` units gives ``Σ v/n²`` (a tanh after it, so
     that the mean's variance moves a std). Without the channel the first two taps differ
     (each reaches a later activation's std)."""
     from noiseprop.theory.moments.gaussian import SMOOTH_ACTIVATIONS, relu_moments, smooth_moments
@@ -618,8 +618,8 @@ def test_surrogate_variance_channel_through_cat_arithmetic_and_means():
         mg, vg = _smooth(SMOOTH_ACTIVATIONS["gelu"])(h, vh)
         ms, vs = _smooth(SMOOTH_ACTIVATIONS["sigmoid"])(h, vh)
         a, va = torch.cat([mg, 2 * ms], 1), torch.cat([vg, 4 * vs], 1)
-        h2 = a @ W[1].T + b[1] + e2 - 0.5
-        vh2 = va @ (W[1] * W[1]).T + (a * a + va) @ wv[1].T
+        h2 = a @ W[1].T + b[1] + e2 - 0.5 * h - 0.5
+        vh2 = va @ (W[1] * W[1]).T + (a * a + va) @ wv[1].T + 0.25 * vh
         m2, v2 = relu_moments(h2, vh2)[:2]
         a2, va2 = m2.view(-1, 3, 2).mean(2), v2.view(-1, 3, 2).sum(2) / 4
         h3 = a2 @ W[2].T + b[2] + e3

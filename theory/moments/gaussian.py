@@ -523,10 +523,11 @@ def elementwise_with_slopes(fn, *xs: torch.Tensor) -> torch.Tensor:
         return fn(*xs)
     xs_b = torch.broadcast_tensors(*xs)
     with torch.enable_grad():
-        leaves = [x.detach().requires_grad_(True) for x in xs_b]
+        leaves = [x.detach().requires_grad_(x.requires_grad) for x in xs_b]
         out = fn(*leaves)
-        grads = torch.autograd.grad(out.sum(), leaves, allow_unused=True)
-    pairs = [(x, torch.zeros_like(out) if g is None else g) for x, g in zip(xs_b, grads)]
+        live = [i for i, x in enumerate(xs_b) if x.requires_grad]
+        grads = torch.autograd.grad(out.sum(), [leaves[i] for i in live], allow_unused=True)
+    pairs = [(xs_b[i], torch.zeros_like(out) if g is None else g) for i, g in zip(live, grads)]
     return _with_slopes(out.detach(), *pairs)
 
 

@@ -90,7 +90,6 @@ CHANNEL_GH_NODES = 32
 VARIANCE_CHANNEL = True
 
 
-
 class _Surrogate(GraphInterpreter):
     """One surrogate forward over a batch, given the moment pass's records ``rec``.
 
@@ -240,11 +239,10 @@ class _Surrogate(GraphInterpreter):
         reads them): ``v_a + α²v_b`` for ``a ± αb`` of two followed values, the followed
         one's for a number or constant added, ``c²v`` (``v/c²``) for a product (quotient)
         with a number ``c``; ``None`` otherwise."""
-        kw = dict(kwargs)
         nargs = list(node.args)
         a = nargs[0] if nargs else node.kwargs.get("input")
         b = nargs[1] if len(nargs) > 1 else node.kwargs.get("other")
-        alpha = nargs[2] if len(nargs) > 2 else kw.get("alpha", 1)
+        alpha = kwargs.get("alpha", 1)
         if a is None or b is None or not isinstance(alpha, (int, float)):
             return None
         va, vb = self._v(a), self._v(b)
