@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-__all__ = ["LeafTracer", "trace", "is_relu", "is_kink", "relu_input_graph", "WEIGHT_LAYERS", "conv_padding",
+__all__ = ["LeafTracer", "trace", "is_relu", "is_rectifier", "relu_input_graph", "WEIGHT_LAYERS", "conv_padding",
            "unfold_input", "differentiable_attention"]
 
 #: Layers whose weights are stored on the crossbar (get noise by default; leaves of the trace).
@@ -54,19 +54,29 @@ def is_relu(node: fx.Node, modules: dict) -> bool:
     return False
 
 
-def is_kink(node: fx.Node, modules: dict) -> bool:
-    """A ReLU or a LeakyReLU (module, ``F.leaky_relu``/``F.leaky_relu_``): a kink at 0,
-    where the first order's slope is wrong for the noise that crosses it."""
+#: Activations that are linear (or nearly) away from 0 and bend within about a unit of it:
+#: LeakyReLU's and ELU's kinks, GELU's, SiLU's and softplus' smooth bends. Their inputs are
+#: what the validity diagnostics count beside ReLU's (:func:`is_rectifier`); tanh and
+#: sigmoid saturate instead, where a noise sd against the mean's magnitude says nothing.
+RECTIFIER_MODULES = (nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Softplus)
+RECTIFIER_FUNCTIONS = (F.leaky_relu, F.leaky_relu_, F.elu, F.elu_, F.gelu, F.silu, F.softplus)
+
+
+def is_rectifier(node: fx.Node, modules: dict) -> bool:
+    """A ReLU or one of its leaky, exponential or smooth variants (module or function,
+    :data:`RECTIFIER_MODULES`, :data:`RECTIFIER_FUNCTIONS`): where a pre-activation's
+    noise sd exceeds its magnitude, the noise crosses the bend at 0 and the first order's
+    slope is wrong for it."""
     if is_relu(node, modules):
         return True
     if node.op == "call_module":
-        return isinstance(modules.get(node.target), nn.LeakyReLU)
-    return node.op == "call_function" and node.target in (F.leaky_relu, F.leaky_relu_)
+        return isinstance(modules.get(node.target), RECTIFIER_MODULES)
+    return node.op == "call_function" and node.target in RECTIFIER_FUNCTIONS
 
 
 def relu_input_graph(net: nn.Module) -> tuple[fx.GraphModule, int]:
     """A GraphModule computing ``(logits, (pre-activation_1, ...))``: the inputs of
-    every ReLU and LeakyReLU (:func:`is_kink`), in forward order. Returns it and their
+    every ReLU and its variants (:func:`is_rectifier`), in forward order. Returns it and their
     number. Each input is copied before its activation: an in-place ReLU
     (``nn.ReLU(inplace=True)``, torchvision's default, or ``torch.relu_``) would
     otherwise overwrite it with its output."""
@@ -74,7 +84,7 @@ def relu_input_graph(net: nn.Module) -> tuple[fx.GraphModule, int]:
     modules = dict(net.named_modules())
     pre = []
     for node in list(graph.nodes):
-        if is_kink(node, modules) and node.args and isinstance(node.args[0], fx.Node):
+        if is_rectifier(node, modules) and node.args and isinstance(node.args[0], fx.Node):
             with graph.inserting_before(node):
                 pre.append(graph.call_method("clone", (node.args[0],)))
     out = next(n for n in graph.nodes if n.op == "output")

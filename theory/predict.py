@@ -170,7 +170,7 @@ def range_warning(frac: float | None, hint: str = "use method='moments'") -> str
     and the sensitivity analyses (:mod:`.sensitivity`)."""
     if frac is None or not frac > PREACT_WARN_FRACTION:
         return None
-    return (f"{OUTSIDE_RANGE['linear']}: {frac:.0%} of ReLU/LeakyReLU pre-activations have predicted noise "
+    return (f"{OUTSIDE_RANGE['linear']}: {frac:.0%} of ReLU-like pre-activations have predicted noise "
             f"sd above their magnitude (> {PREACT_WARN_FRACTION:.0%}); the linear method misses the mean shift and "
             f"underestimates the damage here, {hint}")
 
@@ -210,7 +210,7 @@ def moments_range_warning(frac: float | None, risks: Sequence[str]) -> str | Non
         return None
     limit, risk = limits[0]
     words, measured = _RISK_WORDS[risk]
-    return (f"{OUTSIDE_RANGE['moments']}: {frac:.1%} of ReLU pre-activations have noise sd above "
+    return (f"{OUTSIDE_RANGE['moments']}: {frac:.1%} of ReLU-like pre-activations have noise sd above "
             f"their magnitude (> {limit:.0%} in a network with {words}); beyond that it overestimated the accuracy "
             f"of {measured}: check with Monte-Carlo (monte_carlo, sweep or drift_sweep)")
 
@@ -377,7 +377,7 @@ class Prediction(LogitResult):
             f"  logits     mean variance {float(self.logit_var.mean()):.4g}; mean |shift| {float(self.logit_mean_shift.abs().mean()):.4g}",
         ]
         if "preact_frac" in d:
-            lines.append(f"  validity   {d['preact_frac']:.1%} of ReLU pre-activations have predicted noise sd > |mean| "
+            lines.append(f"  validity   {d['preact_frac']:.1%} of ReLU-like pre-activations have predicted noise sd > |mean| "
                          f"({d.get('preact_source', '')})")
         for w in self.warnings:
             lines.append(f"  warning: {w}")
@@ -621,7 +621,7 @@ def _preact_ratios(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, t
         return None, f"not available ({g})"
     gm, n_relu, names = g
     if n_relu == 0:
-        return np.zeros(0), "no ReLU or LeakyReLU in the model"
+        return np.zeros(0), "no ReLU-like activation in the model"
     n = x.shape[0]
     idx = torch.linspace(0, n - 1, min(n, max_inputs)).round().long().unique()
     xs = x[idx].to(lin.device)

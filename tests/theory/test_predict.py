@@ -707,7 +707,7 @@ def test_structure_memo_follows_the_network():
     assert not ok and "Tanh" in why
     x, y = held_out(16)
     p = predict(m, x, y, RelativeGaussian(0.1), cache=False)
-    assert p.loss_increase_method == "hutchinson" and p.diagnostics["preact_source"] == "no ReLU or LeakyReLU in the model"
+    assert p.loss_increase_method == "hutchinson" and p.diagnostics["preact_source"] == "no ReLU-like activation in the model"
 
 
 class _Switch(nn.Module):
@@ -737,7 +737,7 @@ def test_structure_memo_sees_plain_attributes(cache):
     fresh.act = "tanh"
     q = predict(fresh, x, y, RelativeGaussian(0.1), cache=False)
     assert p.loss_increase_method == q.loss_increase_method == "hutchinson"
-    assert p.diagnostics["preact_source"] == q.diagnostics["preact_source"] == "no ReLU or LeakyReLU in the model"
+    assert p.diagnostics["preact_source"] == q.diagnostics["preact_source"] == "no ReLU-like activation in the model"
     assert torch.equal(p.logit_var, q.logit_var)
 
 
@@ -906,15 +906,17 @@ def test_gaussian_logit_loss_against_sampling():
             assert abs((est - ce0) - inc) < 4 * se + 1e-6
 
 
-@pytest.mark.parametrize("inplace", [False, True])
-def test_validity_diagnostic_reads_leaky_relu_kinks(inplace):
+@pytest.mark.parametrize("act", [nn.LeakyReLU(0.05), nn.LeakyReLU(0.05, inplace=True), nn.ELU(), nn.GELU(),
+                                 nn.SiLU()], ids=lambda m: repr(m))
+def test_validity_diagnostic_reads_relu_variants(act):
     """The first order's validity diagnostic counted ReLU pre-activations only: a
-    LeakyReLU network got "no ReLU in the model" and never the warning. Now its kinks
-    count (in place too): where the first order misses Monte-Carlo's accuracy by more
-    than a point (4 s.e. beyond), it warns; where it agrees, it does not. The network is
-    ``tiny_problem``'s with a LeakyReLU(0.05)."""
+    LeakyReLU network got "no ReLU in the model" and never the warning, and so did (until
+    stop 38) networks with ELU, GELU or SiLU. Now their pre-activations count (in place
+    too): where the first order misses Monte-Carlo's accuracy by more than a point (4 s.e.
+    beyond), it warns; where it agrees, it does not. The network is ``tiny_problem``'s
+    with the activation in place of its ReLU."""
     relu_net, x, y = tiny_problem(48)
-    net = nn.Sequential(relu_net[0], nn.LeakyReLU(0.05, inplace=inplace), relu_net[2]).eval()
+    net = nn.Sequential(relu_net[0], act, relu_net[2]).eval()
     y = net(x).argmax(1).detach()
     draws = 2000
     for eta, warns in ((0.02, False), (1.5, True)):

@@ -67,6 +67,10 @@ _SMOOTH_MODULES = {nn.GELU: None, nn.SiLU: "silu", nn.Tanh: "tanh", nn.Sigmoid: 
 _SMOOTH_FUNCTIONS = {F.gelu: "gelu", F.silu: "silu", torch.tanh: "tanh", torch.sigmoid: "sigmoid",
                      F.tanh: "tanh", F.sigmoid: "sigmoid", F.softplus: "softplus"}
 _SMOOTH_METHODS = {"tanh": "tanh", "sigmoid": "sigmoid"}
+#: Activation kinds whose pre-activations the validity diagnostic counts (``preact_frac``):
+#: ReLU and its variants, which bend near 0 (:data:`~noiseprop.theory._graph.RECTIFIER_MODULES`);
+#: not tanh and sigmoid, which saturate.
+_RECTIFIER_KINDS = {"relu", "leaky_relu", "elu", "gelu", "gelu_tanh", "silu", "softplus"}
 _ADD_OPS = {operator.add: operator.add, torch.add: operator.add, operator.iadd: operator.add,
             operator.sub: operator.sub, torch.sub: operator.sub, operator.mul: operator.mul, torch.mul: operator.mul,
             operator.truediv: operator.truediv, torch.div: operator.truediv}
@@ -734,13 +738,14 @@ class _MomentPass(GraphInterpreter):
             else:
                 mean, v_out, slope, c2, s, _ = relu_moments_skew(x.mu, var, k3_in, with_k3=False)
             src = (x.mu, var, k3_in)
-            self.stats["pre_count"].append(int(x.mu.numel()))
-            self.stats["pre_exceed"].append(int((s > x.mu.abs()).sum()))
         elif isinstance(kind, tuple):  # LeakyReLU, ELU: closed forms
             rule = leaky_relu_moments if kind[0] == "leaky_relu" else elu_moments
             mean, v_out, slope, c2, s = rule(x.mu, var, kind[1])
         else:  # smooth, by Gauss–Hermite quadrature
             mean, v_out, slope, c2, s = smooth_moments(activation_function(kind), x.mu, var)
+        if (kind[0] if isinstance(kind, tuple) else kind) in _RECTIFIER_KINDS:  # the validity diagnostic
+            self.stats["pre_count"].append(int(x.mu.numel()))
+            self.stats["pre_exceed"].append(int((s.to(x.mu.dtype) > x.mu.abs()).sum()))
         excess = (v_out - slope * slope * var.double()).clamp_min(0)
         slope, s, c2, mean, v_out, excess = (t.to(dt) for t in (slope, s, c2, mean, v_out, excess))
         cols, rest, carried = self._hermite2(x.F, fsq_in, s, c2, excess)

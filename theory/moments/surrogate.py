@@ -53,7 +53,7 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class MomentResult:
     """Logit mean ``[N, C]`` and covariance ``[N, C, C]`` (float64) from moment
-    propagation, and diagnostics: for every ReLU input, the fraction of units whose
+    propagation, and diagnostics: for every ReLU-like input (:data:`.rules._RECTIFIER_KINDS`), the fraction of units whose
     predicted noise std exceeds their mean magnitude (``preact_frac``), and the share
     of variance moved into the diagonal part by compression (``compression_loss``).
     ``cov`` is ``None`` when only the mean was asked for (``mean_only=True``). ``head``:
