@@ -74,7 +74,8 @@ SMALL_NETS = {"small_resnet": (None, 2), "small_resnet_gelu": (nn.GELU, 2), "sma
 
 
 class Block(nn.Module):
-    """A user's residual block (not the zoo's): conv-BN-ReLU-conv-BN + shortcut, ReLU."""
+    """A user's residual block (not the zoo's): conv-BN-act-conv-BN + shortcut, act (``act``: an
+    activation module class; ``None``: ``torch.relu``)."""
 
     def __init__(self, cin, cout, stride, act=None):
         super().__init__()

@@ -18,7 +18,7 @@
    and ``method="moments"``).
 3. ``cv``: 95% CI half-width of mean accuracy and mean loss with and without the
    linearised-network control variate at equal draws.
-4. ``calibrate``: the validity diagnostic (fraction of ReLU pre-activations whose
+4. ``calibrate``: the validity diagnostic (fraction of ReLU-like pre-activations whose
    first-order noise sd exceeds their magnitude) against Monte-Carlo along the accuracy
    curve of each digits model (120 inputs, 50 draws per level), and the warning
    threshold that flags every level where the linear accuracy misses (more than 1 point
@@ -242,7 +242,7 @@ CAL_LEVELS = [0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0, 1.4, 2.0]
 
 def calibrate(models, n=120, draws=50):
     """The validity diagnostic against Monte-Carlo: per model and level, the predicted
-    fraction of ReLU pre-activations whose first-order noise sd exceeds their magnitude,
+    fraction of ReLU-like pre-activations whose first-order noise sd exceeds their magnitude,
     and whether the linear accuracy is within 1 point of Monte-Carlo or inside its 95%
     interval; then, over all models, the threshold that flags every miss with the fewest
     false alarms."""

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-__all__ = ["LeafTracer", "trace", "is_relu", "is_rectifier", "relu_input_graph", "WEIGHT_LAYERS", "conv_padding",
+__all__ = ["LeafTracer", "trace", "is_relu", "is_rectifier", "RECTIFIER_MODULES", "RECTIFIER_FUNCTIONS", "relu_input_graph", "WEIGHT_LAYERS", "conv_padding",
            "unfold_input", "differentiable_attention"]
 
 #: Layers whose weights are stored on the crossbar (get noise by default; leaves of the trace).

@@ -873,7 +873,7 @@ def predict_drift(model: nn.Module, x, y, noise, times, targets=None, *, method:
     :func:`~noiseprop.theory.predict.predict`), needed once drift and read noise take
     the accuracy far below clean, where the first order is optimistic.
     ``diagnostic`` (``method="linear"``): at each time, the validity diagnostic of
-    :func:`~noiseprop.theory.predict.predict` (the fraction of ReLU pre-activations whose
+    :func:`~noiseprop.theory.predict.predict` (the fraction of ReLU-like pre-activations whose
     first-order noise sd exceeds their magnitude, around that time's expected weights:
     ``diagnostics["preact_frac"]``, the ``preact_frac`` column of ``to_frame()``), with
     one ``RuntimeWarning`` naming the times where it exceeds

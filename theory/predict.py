@@ -134,10 +134,11 @@ def _stratified_mean(checked: torch.Tensor, is_top: torch.Tensor, n: int) -> flo
     n_rest = n - int(is_top.sum())
     return (float(checked[is_top].sum()) + (n_rest * float(rest.mean()) if rest.numel() else 0.0)) / n
 
-#: Fraction of ReLU pre-activations (and LeakyReLU ones, whose kink the first order
-#: misses alike, by ``1 − a`` of the ReLU's error for slope ``a``; not calibrated
-#: separately) whose predicted noise std exceeds their magnitude above which the first
-#: order is flagged as outside its range. Calibrated against
+#: Fraction of ReLU pre-activations (and those of its variants, LeakyReLU, ELU, GELU,
+#: SiLU and softplus, :func:`~._graph.is_rectifier`, which bend near 0 as it does; not
+#: calibrated separately, checked on GELU and SiLU residual nets, docs/THEORY.md §9)
+#: whose predicted noise std exceeds their magnitude above which the first order is
+#: flagged as outside its range. Calibrated against
 #: Monte-Carlo (``benchmarks/predict_vs_mc.py --parts calibrate``: zoo MLP, VGG with BN and
 #: ResNet-20 on digits, 120 inputs, 50 draws per level, 28 levels down to chance + 20
 #: points): the linear accuracy missed (> 1 point and outside the 95% interval) at 9
@@ -163,7 +164,7 @@ OUTSIDE_RANGE = {"linear": "first order outside its range", "moments": "moment m
 
 
 def range_warning(frac: float | None, hint: str = "use method='moments'") -> str | None:
-    """The linear method's validity warning at a fraction ``frac`` of ReLU pre-activations
+    """The linear method's validity warning at a fraction ``frac`` of ReLU-like pre-activations
     whose predicted noise sd exceeds their magnitude (``None`` at or below
     :data:`PREACT_WARN_FRACTION`, or when the fraction was not computed), ending with
     ``hint``. Shared by :func:`predict`, the hardware-noise predictions (:mod:`.drift`)
@@ -175,7 +176,7 @@ def range_warning(frac: float | None, hint: str = "use method='moments'") -> str
             f"underestimates the damage here, {hint}")
 
 
-#: Fraction of ReLU pre-activations whose noise sd exceeds their magnitude (the moment
+#: Fraction of ReLU-like pre-activations whose noise sd exceeds their magnitude (the moment
 #: propagation's own, over all inputs) above which ``method="moments"`` is flagged as
 #: outside its measured range, per structure of :func:`~.moments.rules.moment_risks`
 #: (the lowest applies; a network with neither, such as an MLP, is not flagged: the zoo
@@ -601,8 +602,9 @@ def _differences_ok(params, device) -> bool:
 def _preact_ratios(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, torch.Tensor], directions: int,
                    seed: int, max_inputs: int = 16, batch: int = 16,
                    step: float | None = DIAGNOSTIC_STEP) -> tuple[np.ndarray | None, str]:
-    """``|μ| / sd₁`` for every ReLU pre-activation of up to ``max_inputs`` inputs (evenly
-    spaced over ``x``), with ``sd₁`` the first-order noise std at level 1, from
+    """``|μ| / sd₁`` for every pre-activation of ReLU and its variants
+    (:func:`~._graph.is_rectifier`) of up to ``max_inputs`` inputs (evenly spaced over
+    ``x``), with ``sd₁`` the first-order noise std at level 1, from
     ``directions`` products ``J (u ⊙ ξ)``. The fraction above a level ``λ`` is the
     fraction of pre-activations whose predicted noise sd exceeds their magnitude at ``λ``.
 
@@ -1366,7 +1368,7 @@ def predict(model: nn.Module, x, y, noise, targets=None, *, method: str = "linea
         Default ``None``: every class (needed for ``cov=True`` and ``"moments"``).
     per_layer: also each noisy layer's share of the loss increase
         (``loss_increase_by_layer``, Gauss-Newton form).
-    diagnostic: compute the validity diagnostic (fraction of ReLU pre-activations whose
+    diagnostic: compute the validity diagnostic (fraction of ReLU-like pre-activations whose
         first-order noise sd exceeds their magnitude, on :data:`DIAGNOSTIC_INPUTS` inputs;
         a warning above :data:`PREACT_WARN_FRACTION`). ``method="moments"`` carries its
         own fraction (from the propagation, whatever ``diagnostic``) and warns above

@@ -204,7 +204,7 @@ def _pass(model, x, y, noise: WeightNoise, targets, chunk_size) -> _Pass:
 
 def _first_order_range(ps: _Pass, noise: WeightNoise, seed: int, hint: str) -> float:
     """:func:`~.predict.predict`'s validity diagnostic at ``noise`` (every layer noisy):
-    the fraction of ReLU pre-activations whose first-order noise sd exceeds their
+    the fraction of ReLU-like pre-activations whose first-order noise sd exceeds their
     magnitude, on the same inputs and directions as ``predict`` (NaN where it cannot be
     computed); warns, at the caller's line and ending with ``hint``, where it is above
     predict's calibrated limit, as ``predict`` would at that level."""

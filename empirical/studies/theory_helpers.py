@@ -141,7 +141,7 @@ def resolve_theory(method: str, family: str) -> str:
 
 def first_order_valid(preact_frac) -> np.ndarray:
     """Where the first order's validity diagnostic holds: at most
-    ``PREACT_WARN_FRACTION`` of the ReLU pre-activations have a predicted noise sd above
+    ``PREACT_WARN_FRACTION`` of the ReLU-like pre-activations have a predicted noise sd above
     their magnitude (:data:`noiseprop.theory.predict.PREACT_WARN_FRACTION`)."""
     f = np.asarray(preact_frac, float)
     return np.isfinite(f) & (f <= PREACT_WARN_FRACTION)

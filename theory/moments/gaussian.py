@@ -367,9 +367,16 @@ def leaky_relu_moments(mu: torch.Tensor, var: torch.Tensor, slope: float):
     return (1 - a) * mean + a * mu.double(), out_v.clamp_min(0), (1 - a) * sl + a, (1 - a) * c2, sd
 
 
+#: ``log Φ(b)`` is taken at ``max(b, −this)``: ``e^c Φ(b)`` is 0 there in float64 anyway,
+#: and the derivative of ``log_ndtr`` is wrong, then infinite, below about −1e9 (an ELU
+#: unit with ``μ/s`` that large: a NaN slope, which the attached slopes would turn into a
+#: NaN value, :func:`elementwise_with_slopes`).
+LOG_NDTR_FLOOR = 1e4
+
+
 def _exp_tail(c: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``e^c Φ(b)`` without overflow (``exp(c + log Φ(b))``)."""
-    return torch.exp(c + torch.special.log_ndtr(b))
+    return torch.exp(c + torch.special.log_ndtr(b.clamp_min(-LOG_NDTR_FLOOR)))
 
 
 def elu_moments(mu: torch.Tensor, var: torch.Tensor, alpha: float):
