@@ -706,3 +706,57 @@ def _check_channel_derivatives(prop, rec, x, closure, zeros, differ=(0,)):
         for k in range(len(taps)):
             same = torch.allclose(got[k], torch.einsum("bcbn->bcn", ref[k]), rtol=1e-10, atol=1e-12)
             assert same == (channel or k not in differ), (channel, k)
+
+
+class _Rules(nn.Module):
+    """Products and quotients with numbers, a number minus a tensor, a permutation and a
+    slice, a sum over units, adaptive average pooling with overlapping windows (7 → 3,
+    functional) and windows of two sizes (5 → 3, module), a mean and ``view_as``."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.pool, self.l = nn.Conv2d(1, 2, 3, padding=1), nn.AdaptiveAvgPool2d(3), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.c(x)  # [B, 2, 7, 7]
+        b = 1.0 - (3.0 * h) / 2.0
+        e = torch.sum(b.permute(0, 2, 3, 1)[:, 1:5], dim=(1, 2))  # [B, 2]
+        p = F.adaptive_avg_pool2d(h, 3)
+        q = self.pool(h[:, :, 1:6, 1:6]).mean((2, 3))
+        r = p.mean((2, 3)).view_as(q)
+        return self.l(torch.cat([e, q, r, 2.0 * e], 1))
+
+
+def test_surrogate_variance_channel_rules_against_written_out_variances():
+    """Each of the channel's linear rules against the variance written out for independent
+    units: ``c²v`` and ``v/c²``, a constant minus a tensor, selections, ``Σv`` for a sum,
+    ``Σv/n²`` per window of an adaptive average (windows that overlap or differ in size)
+    and for a mean, ``view_as``."""
+    from noiseprop.theory.moments.surrogate import _Surrogate
+
+    net = _Rules().double().eval()
+    lin = LinearizedNetwork(net)
+    prop = MomentPropagator(lin, RelativeGaussian(0.3), dtype=torch.float64)
+    x = torch.randn(2, 1, 7, 7, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    sur = _Surrogate(prop, {}, variance_channel=True)
+    sur.run(x)
+    v = {n.name: t for n, t in sur.var.items()}
+    vh = v["c"]
+    b = 9 / 4 * vh
+    assert torch.allclose(v["mul"], 9 * vh) and torch.allclose(v["truediv"], b) and torch.allclose(v["sub"], b)
+    assert torch.allclose(v["sum_1"], b.permute(0, 2, 3, 1)[:, 1:5].sum((1, 2)))
+
+    def windows(size, out):
+        return [((i * size) // out, -((-(i + 1) * size) // out)) for i in range(out)]
+
+    def adaptive(t, out):
+        H, W = t.shape[-2:]
+        return torch.stack([torch.stack([t[..., r0:r1, c0:c1].sum((-2, -1)) / ((r1 - r0) * (c1 - c0)) ** 2
+                                         for c0, c1 in windows(W, out)], -1) for r0, r1 in windows(H, out)], -2)
+
+    p, q = adaptive(vh, 3), adaptive(vh[:, :, 1:6, 1:6], 3)
+    assert torch.allclose(v["adaptive_avg_pool2d"], p)
+    assert torch.allclose(v["pool"], q)
+    assert torch.allclose(v["mean"], q.sum((2, 3)) / 81)
+    assert torch.allclose(v["view_as"], p.sum((2, 3)) / 81)
+    assert torch.allclose(v["mul_1"], 4 * v["sum_1"])
