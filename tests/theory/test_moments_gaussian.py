@@ -373,3 +373,26 @@ def test_smoothed_means_derivative_in_the_std():
     got = torch.autograd.grad((out * w).sum(), (a, b))
     want = torch.autograd.grad((ref * w).sum(), (a, b))
     assert all(torch.allclose(g, r, rtol=1e-12, atol=1e-14) for g, r in zip(got, want))
+
+
+def test_elu_closed_forms_stay_finite_at_tiny_noise():
+    """``log_ndtr``'s derivative is wrong, then infinite, for arguments below about −1e9:
+    an ELU unit whose noise std is 1e-10 of its mean gave the surrogate a NaN slope and,
+    attached, a NaN value (:func:`elementwise_with_slopes`). With the argument floored
+    the smoothed mean is ELU at the mean, its slopes ELU's derivative, and the variance
+    and its derivatives finite, in float32 and float64."""
+    from noiseprop.theory.moments.gaussian import activation_variance, smooth_elu
+
+    for dt in (torch.float32, torch.float64):
+        z = torch.tensor([0.5, 2.0, -0.3], dtype=dt, requires_grad=True)
+        s = torch.full((3,), 1e-10, dtype=dt, requires_grad=True)
+        val = smooth_elu(z, s, 0.7)
+        gz, gs = torch.autograd.grad(val.sum(), (z, s))
+        assert torch.allclose(val, torch.nn.functional.elu(z, 0.7), rtol=1e-6)
+        assert torch.allclose(gz, torch.tensor([1.0, 1.0, 0.7 * math.exp(-0.3)], dtype=dt), rtol=1e-5)
+        assert bool(torch.isfinite(gs).all())
+        mu = torch.tensor([0.5, -0.4], dtype=dt, requires_grad=True)
+        var = torch.full((2,), 1e-20, dtype=dt, requires_grad=True)
+        v = activation_variance(("elu", 0.7), mu, var)
+        grads = torch.autograd.grad(v.sum(), (mu, var))
+        assert bool(torch.isfinite(v).all()) and all(bool(torch.isfinite(g).all()) for g in grads)

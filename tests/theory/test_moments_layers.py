@@ -318,3 +318,29 @@ def test_conv_padding_same_equals_explicit_zero_padding(kernel, dilation):
         torch.testing.assert_close(p.logit_cov, q.logit_cov)
     p, q = (predict_drift(n, x, y, PCMLike(t=1.0), [1.0, 3600.0], accuracy_draws=0) for n in nets)
     np.testing.assert_allclose(p.accuracy, q.accuracy, rtol=1e-6)  # float32 sums in another order
+
+
+@pytest.mark.parametrize("act,counted", [(nn.ReLU(), True), (nn.LeakyReLU(0.1), True), (nn.ELU(), True),
+                                         (nn.GELU(), True), (nn.SiLU(), True), (nn.Softplus(), True),
+                                         (nn.Tanh(), False), (nn.Sigmoid(), False)], ids=lambda a: repr(a))
+def test_moment_validity_fraction_reads_relu_variants(act, counted):
+    """The moment method's validity fraction (pre-activations whose noise sd exceeds their
+    magnitude) counts ReLU and its variants, which bend near 0, and not tanh or sigmoid,
+    which saturate (it counted ReLU only until stop 38). The activation follows the first
+    noisy layer, so each pre-activation's noise sd is ``√(Σ_j σ_ij² x_j²)`` and the
+    fraction is known exactly; it is strictly between 0 and 1 here."""
+    from noiseprop.theory.moments import propagate_moments
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), act, nn.Linear(6, 3)).eval()
+    x = torch.randn(20, 4, generator=torch.Generator().manual_seed(1))
+    lin = LinearizedNetwork(net)
+    noise = RelativeGaussian(0.8)
+    prop = MomentPropagator(lin, noise)
+    res = propagate_moments(lin, x, noise, propagator=prop, mean_only=True)
+    with torch.no_grad():
+        mu = net[0](x)
+    sd = ((x * x) @ prop.noise_var["0.weight"].T).sqrt()
+    expected = float((sd > mu.abs()).double().mean())
+    assert 0 < expected < 1
+    assert res.preact_frac == pytest.approx(expected if counted else 0.0)
