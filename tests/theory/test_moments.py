@@ -711,11 +711,14 @@ def _check_channel_derivatives(prop, rec, x, closure, zeros, differ=(0,)):
 class _Rules(nn.Module):
     """Products and quotients with numbers, a number minus a tensor, a permutation and a
     slice, a sum over units, adaptive average pooling with overlapping windows (7 → 3,
-    functional) and windows of two sizes (5 → 3, module), a mean and ``view_as``."""
+    functional) and windows of two sizes (5 → 3, module), a mean, ``view_as``, and a
+    product with a buffer and a parameter added (both noiseless)."""
 
     def __init__(self):
         super().__init__()
-        self.c, self.pool, self.l = nn.Conv2d(1, 2, 3, padding=1), nn.AdaptiveAvgPool2d(3), nn.Linear(8, 3)
+        self.c, self.pool, self.l = nn.Conv2d(1, 2, 3, padding=1), nn.AdaptiveAvgPool2d(3), nn.Linear(10, 3)
+        self.register_buffer("scale", torch.tensor([2.0, 0.5]).view(1, 2, 1, 1))
+        self.shift = nn.Parameter(torch.full((1, 2, 1, 1), 0.1))  # not noisy: only weights are
 
     def forward(self, x):
         h = self.c(x)  # [B, 2, 7, 7]
@@ -724,14 +727,16 @@ class _Rules(nn.Module):
         p = F.adaptive_avg_pool2d(h, 3)
         q = self.pool(h[:, :, 1:6, 1:6]).mean((2, 3))
         r = p.mean((2, 3)).view_as(q)
-        return self.l(torch.cat([e, q, r, 2.0 * e], 1))
+        t = (h * self.scale + self.shift).mean((2, 3))
+        return self.l(torch.cat([e, q, r, 2.0 * e, t], 1))
 
 
 def test_surrogate_variance_channel_rules_against_written_out_variances():
     """Each of the channel's linear rules against the variance written out for independent
     units: ``c²v`` and ``v/c²``, a constant minus a tensor, selections, ``Σv`` for a sum,
     ``Σv/n²`` per window of an adaptive average (windows that overlap or differ in size)
-    and for a mean, ``view_as``."""
+    and for a mean, ``view_as``, ``c²v`` for a buffer ``c`` and ``v`` with a parameter
+    added."""
     from noiseprop.theory.moments.surrogate import _Surrogate
 
     net = _Rules().double().eval()
@@ -759,4 +764,7 @@ def test_surrogate_variance_channel_rules_against_written_out_variances():
     assert torch.allclose(v["pool"], q)
     assert torch.allclose(v["mean"], q.sum((2, 3)) / 81)
     assert torch.allclose(v["view_as"], p.sum((2, 3)) / 81)
-    assert torch.allclose(v["mul_1"], 4 * v["sum_1"])
+    assert torch.allclose(v["mul_2"], 4 * v["sum_1"])
+    scaled = vh * net.scale ** 2
+    assert torch.allclose(v["mul_1"], scaled) and torch.allclose(v["add"], scaled)
+    assert torch.allclose(v["mean_2"], scaled.sum((2, 3)) / 49 ** 2)

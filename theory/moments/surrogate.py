@@ -150,7 +150,8 @@ class _Surrogate(GraphInterpreter):
         inputs were independent, the moment pass's diagonal rules: ``(W∘W) v + Σ σ²(μ² +
         v)`` at a (noisy) Linear/Conv2d layer, ``a² v`` at an affine normalisation, the sum
         at a residual sum (``v_a + α² v_b`` for ``a ± αb``), ``v`` at a constant added,
-        ``c² v`` at a product with a number ``c`` (``v/c²`` at a quotient), the
+        ``c² v`` at a product with a constant ``c`` (a number, or a parameter or buffer
+        without noise; ``v/c²`` at a quotient), the
         concatenation at ``torch.cat``, ``Σ v/n²`` at a mean over ``n`` units (``Σ v`` at a
         sum) and per window at average pooling (adaptive too), an activation's Gaussian variance
         (:func:`~.gaussian.activation_variance`: ReLU, LeakyReLU, ELU, the smooth ones),
@@ -170,7 +171,7 @@ class _Surrogate(GraphInterpreter):
         arith = (_ADD_OPS.get(tgt) if op == "call_function" else
                  _ARITH_METHODS.get(tgt) if op == "call_method" else None)
         if arith is not None:
-            return self._arith_var(node, arith, kwargs)
+            return self._arith_var(node, arith, args, kwargs)
         vin = self._v(node.args[0]) if node.args else None
         if vin is None:
             return None
@@ -233,31 +234,40 @@ class _Surrogate(GraphInterpreter):
             return m(vin) / (k[0] * k[1])
         return None
 
-    def _arith_var(self, node, op, kwargs):
+    def _arith_var(self, node, op, args, kwargs):
         """The channel's variance of ``a op b`` (operands as :meth:`.rules._MomentPass._binary`
         reads them): ``v_a + α²v_b`` for ``a ± αb`` of two followed values, the followed
-        one's for a number or constant added, ``c²v`` (``v/c²``) for a product (quotient)
-        with a number ``c``; ``None`` otherwise."""
+        one's for a constant added (a number, or a parameter or buffer without noise),
+        ``c²v`` (``v/c²``) for a product (quotient) with a constant ``c``; ``None``
+        otherwise."""
         nargs = list(node.args)
-        a = nargs[0] if nargs else node.kwargs.get("input")
-        b = nargs[1] if len(nargs) > 1 else node.kwargs.get("other")
+        an = nargs[0] if nargs else node.kwargs.get("input")
+        bn = nargs[1] if len(nargs) > 1 else node.kwargs.get("other")
+        av = args[0] if args else kwargs.get("input")
+        bv = args[1] if len(args) > 1 else kwargs.get("other")
         alpha = kwargs.get("alpha", 1)
-        if a is None or b is None or not isinstance(alpha, (int, float)):
+        if an is None or bn is None or not isinstance(alpha, (int, float)):
             return None
-        va, vb = self._v(a), self._v(b)
+        ca, cb = self._constant(an), self._constant(bn)
+        va, vb = self._v(an), self._v(bn)
         if op in (operator.add, operator.sub):
-            if isinstance(a, fx.Node) and va is None or isinstance(b, fx.Node) and vb is None:
-                return None  # a value the channel does not follow (or a constant tensor node)
-            if va is None and vb is None:
-                return None
-            if va is None:
+            if ca and vb is not None:
                 return alpha * alpha * vb
-            return va if vb is None else va + alpha * alpha * vb
-        if isinstance(b, (int, float)) and not isinstance(b, bool) and va is not None:
-            return va * (b * b) if op is operator.mul else va / (b * b)
-        if op is operator.mul and isinstance(a, (int, float)) and not isinstance(a, bool) and vb is not None:
-            return vb * (a * a)
+            if cb and va is not None:
+                return va
+            return va + alpha * alpha * vb if va is not None and vb is not None else None
+        if cb and va is not None:
+            return va * (bv * bv) if op is operator.mul else va / (bv * bv)
+        if op is operator.mul and ca and vb is not None:
+            return vb * (av * av)
         return None
+
+    def _constant(self, a) -> bool:
+        """Whether an operand is noiseless and not followed by the channel: a number, or a
+        parameter or buffer (``get_attr``) that carries no noise."""
+        if isinstance(a, fx.Node):
+            return a.op == "get_attr" and a.target not in self.prop.noise_var
+        return isinstance(a, (int, float)) and not isinstance(a, bool)
 
     def _call(self, node, args, kwargs, env, i):
         name = node.name
