@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-__all__ = ["LeafTracer", "trace", "is_relu", "is_rectifier", "RECTIFIER_MODULES", "RECTIFIER_FUNCTIONS", "relu_input_graph", "WEIGHT_LAYERS", "conv_padding",
-           "unfold_input", "differentiable_attention"]
+__all__ = ["LeafTracer", "trace", "is_relu", "is_rectifier", "RECTIFIER_MODULES", "RECTIFIER_FUNCTIONS",
+           "relu_input_graph", "WEIGHT_LAYERS", "conv_padding", "unfold_input", "differentiable_attention"]
 
 #: Layers whose weights are stored on the crossbar (get noise by default; leaves of the trace).
 WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)

@@ -539,10 +539,11 @@ def elementwise_with_slopes(fn, *xs: torch.Tensor) -> torch.Tensor:
 
 
 def smooth_relu(z: torch.Tensor, s: torch.Tensor, g1: torch.Tensor | None = None) -> torch.Tensor:
-    """``E[relu(z + sζ)]`` as a function of ``z`` with ``s`` fixed: ``zΦ(z/s) + sφ(z/s)``;
-    its derivative is ``Φ(z/s)``, the expected slope (attached directly, see
-    :func:`_with_slopes`). With a skewness ``g1`` (fixed too) the Gram–Charlier mean of
-    :func:`relu_moments_skew`, ``− g1·zφ(z/s)/6``, and its slope. Test:
+    """``E[relu(z + sζ)] = zΦ(z/s) + sφ(z/s)``; its derivative in ``z`` is ``Φ(z/s)``, the
+    expected slope, in ``s`` (the surrogate's variance channel) ``φ(z/s)`` (attached
+    directly, see :func:`_with_slopes`). With a skewness ``g1`` (fixed) the Gram–Charlier
+    mean of :func:`relu_moments_skew`, ``− g1·zφ(z/s)/6``, and its slope in ``z`` (the
+    derivative in ``s`` stays the Gaussian one). Test:
     ``test_smoothed_functions_and_their_slopes``."""
     with torch.no_grad():
         pos = s > TINY
@@ -558,14 +559,16 @@ def smooth_relu(z: torch.Tensor, s: torch.Tensor, g1: torch.Tensor | None = None
             slope = (slope + dslope).clamp(0, 1)
         val = torch.where(pos, val, torch.relu(z))
         slope = torch.where(pos, slope, (z > 0).to(z.dtype))
-    return _with_slopes(val, (z, slope))
+        ds = torch.where(pos, pdf, torch.zeros_like(pdf))
+    return _with_slopes(val, (z, slope), (s, ds))
 
 
 def smooth_max(a: torch.Tensor, b: torch.Tensor, th: torch.Tensor, g1: torch.Tensor | None = None) -> torch.Tensor:
-    """Clark's ``E[max(A, B)]`` with ``θ = sd(A − B)`` fixed: ``aΦ(α) + bΦ(−α) + θφ(α)``,
-    ``α = (a − b)/θ``; its derivatives are ``Φ(α)`` and ``Φ(−α)`` (attached directly, see
-    :func:`_with_slopes`; with ``θ = 0`` those of ``max``, ties split evenly). With the
-    skewness ``g1`` of ``A − B`` (fixed), the Gram–Charlier mean of :func:`clark_max`."""
+    """Clark's ``E[max(A, B)] = aΦ(α) + bΦ(−α) + θφ(α)``, ``θ = sd(A − B)``, ``α = (a −
+    b)/θ``; its derivatives are ``Φ(α)`` and ``Φ(−α)`` (with ``θ = 0`` those of ``max``,
+    ties split evenly) and, in ``θ`` (the surrogate's variance channel), ``φ(α)``; attached
+    directly, see :func:`_with_slopes`. With the skewness ``g1`` of ``A − B`` (fixed), the
+    Gram–Charlier mean of :func:`clark_max` (the derivative in ``θ`` stays the Gaussian one)."""
     with torch.no_grad():
         pos = th > TINY
         ts = torch.where(pos, th, torch.ones_like(th))
@@ -581,12 +584,13 @@ def smooth_max(a: torch.Tensor, b: torch.Tensor, th: torch.Tensor, g1: torch.Ten
         val = torch.where(pos, val, torch.maximum(a, b))
         hard = (a > b).to(a.dtype) + 0.5 * (a == b).to(a.dtype)
         pa, pb = torch.where(pos, pa, hard), torch.where(pos, pb, 1.0 - hard)
-    return _with_slopes(val, (a, pa), (b, pb))
+        dth = torch.where(pos, pdf, torch.zeros_like(pdf))
+    return _with_slopes(val, (a, pa), (b, pb), (th, dth))
 
 
 def smooth_leaky_relu(z: torch.Tensor, s: torch.Tensor, slope: float, g1: torch.Tensor | None = None) -> torch.Tensor:
-    """``E[leaky_relu(z + sζ)] = (1 − a)·E[relu(z + sζ)] + a·z`` with ``s`` fixed
-    (:func:`smooth_relu`); its derivative is ``(1 − a)Φ(z/s) + a``."""
+    """``E[leaky_relu(z + sζ)] = (1 − a)·E[relu(z + sζ)] + a·z`` (:func:`smooth_relu`); its
+    derivative in ``z`` is ``(1 − a)Φ(z/s) + a``, in ``s`` ``(1 − a)φ(z/s)``."""
     a = float(slope)
     return (1 - a) * smooth_relu(z, s, g1) + a * z
 

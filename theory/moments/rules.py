@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .._graph import conv_padding, is_relu, trace
+from .._graph import conv_padding, is_rectifier, is_relu, trace
 from ..linearize import LinearizedNetwork, Tap
 from ..noise import WeightNoise
 from ..targets import folding_affine, is_norm_layer
@@ -67,10 +67,6 @@ _SMOOTH_MODULES = {nn.GELU: None, nn.SiLU: "silu", nn.Tanh: "tanh", nn.Sigmoid: 
 _SMOOTH_FUNCTIONS = {F.gelu: "gelu", F.silu: "silu", torch.tanh: "tanh", torch.sigmoid: "sigmoid",
                      F.tanh: "tanh", F.sigmoid: "sigmoid", F.softplus: "softplus"}
 _SMOOTH_METHODS = {"tanh": "tanh", "sigmoid": "sigmoid"}
-#: Activation kinds whose pre-activations the validity diagnostic counts (``preact_frac``):
-#: ReLU and its variants, which bend near 0 (:data:`~noiseprop.theory._graph.RECTIFIER_MODULES`);
-#: not tanh and sigmoid, which saturate.
-_RECTIFIER_KINDS = {"relu", "leaky_relu", "elu", "gelu", "gelu_tanh", "silu", "softplus"}
 _ADD_OPS = {operator.add: operator.add, torch.add: operator.add, operator.iadd: operator.add,
             operator.sub: operator.sub, torch.sub: operator.sub, operator.mul: operator.mul, torch.mul: operator.mul,
             operator.truediv: operator.truediv, torch.div: operator.truediv}
@@ -408,8 +404,8 @@ class _MomentPass(GraphInterpreter):
             if isinstance(m, (nn.Linear, nn.Conv2d)):
                 live = self.live(env, i)
         kind = activation_kind(node, self.modules)
-        if kind is not None:
-            return self._nonlin(args[0], kind)
+        if kind is not None:  # the validity diagnostic counts ReLU and its variants (not tanh, sigmoid)
+            return self._nonlin(args[0], kind, counted=is_rectifier(node, self.modules))
         if node.op == "call_module":
             return self._module(node, self.modules[node.target], args, kwargs, live)
         if node.op == "call_method":
@@ -707,11 +703,13 @@ class _MomentPass(GraphInterpreter):
         return Dist(y.mu, chunks[0].reshape(R, B, C, L), d + lchunks[0].reshape(B, C, L))
 
     # ------------------------------------------------------------------ nonlinearities
-    def _nonlin(self, x: Dist, kind: str) -> Dist:
+    def _nonlin(self, x: Dist, kind: str, counted: bool = False) -> Dist:
         """An elementwise nonlinearity of a Gaussian: mean and variance exactly
         (:func:`~.gaussian.relu_moments` or Gauss–Hermite), ``Cov(f(h), ·) =
         E f'(h) · Cov(h, ·)`` (Stein/Price), the second Hermite component as
-        ``h2_rank`` correlated columns and the rest of the excess in ``d``."""
+        ``h2_rank`` correlated columns and the rest of the excess in ``d``. ``counted``:
+        the unit's pre-activations enter the validity diagnostic (ReLU and its variants,
+        :func:`~noiseprop.theory._graph.is_rectifier`)."""
         dt = self.dtype
         if self.p.first_order:  # the delta method: the slope at the mean
             if kind == "relu":
@@ -743,7 +741,7 @@ class _MomentPass(GraphInterpreter):
             mean, v_out, slope, c2, s = rule(x.mu, var, kind[1])
         else:  # smooth, by Gauss–Hermite quadrature
             mean, v_out, slope, c2, s = smooth_moments(activation_function(kind), x.mu, var)
-        if (kind[0] if isinstance(kind, tuple) else kind) in _RECTIFIER_KINDS:  # the validity diagnostic
+        if counted:  # the validity diagnostic (preact_frac)
             self.stats["pre_count"].append(int(x.mu.numel()))
             self.stats["pre_exceed"].append(int((s.to(x.mu.dtype) > x.mu.abs()).sum()))
         excess = (v_out - slope * slope * var.double()).clamp_min(0)

@@ -36,7 +36,7 @@ from ..linearize import (DEFAULT_JACOBIAN_BUDGET, PASS_CHUNK_CAP, LinearizedNetw
                          backprop_signals, tapping, weight_terms)
 from ..noise import WeightNoise
 from ..validation import check_bool
-from .gaussian import (TINY, activation_function, activation_variance, clark_max, npdf, safe_sqrt,
+from .gaussian import (TINY, activation_function, activation_variance, clark_max, safe_sqrt,
                        smooth_activation, smooth_elu, smooth_leaky_relu, smooth_max, smooth_relu)
 from .head import head_terms
 from .interpreter import GraphInterpreter
@@ -53,7 +53,8 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class MomentResult:
     """Logit mean ``[N, C]`` and covariance ``[N, C, C]`` (float64) from moment
-    propagation, and diagnostics: for every ReLU-like input (:data:`.rules._RECTIFIER_KINDS`), the fraction of units whose
+    propagation, and diagnostics: for every input of ReLU and its variants
+    (:func:`~noiseprop.theory._graph.is_rectifier`), the fraction of units whose
     predicted noise std exceeds their mean magnitude (``preact_frac``), and the share
     of variance moved into the diagonal part by compression (``compression_loss``).
     ``cov`` is ``None`` when only the mean was asked for (``mean_only=True``). ``head``:
@@ -97,10 +98,9 @@ class _Surrogate(GraphInterpreter):
     ``variance_channel`` (default :data:`VARIANCE_CHANNEL`): beside each value, its
     diagonal noise variance ``v``, propagated as a function of the surrogate's means
     (module docstring), so that a ReLU's smoothed mean ``E relu = zΦ(z/s) + sφ(z/s)`` also
-    moves with the means upstream through its ``s`` (``∂E relu/∂s = φ(z/s)``; a
-    LeakyReLU's ``(1 − a)φ(z/s)``; ELU and the smooth activations through ``s + ds``, their
-    derivative in ``s`` attached by :func:`~.gaussian.elementwise_with_slopes`), the
-    variance channel the fixed-``s`` surrogate drops."""
+    moves with the means upstream through its ``s`` (:meth:`_moving_std`; ``∂E relu/∂s =
+    φ(z/s)``, a LeakyReLU's ``(1 − a)φ(z/s)``, each smoothed function attaching its own
+    derivative in ``s``), the variance channel the fixed-``s`` surrogate drops."""
 
     def __init__(self, prop: MomentPropagator, rec: dict, variance_channel: bool | None = None):
         lin = prop.lin
@@ -121,20 +121,21 @@ class _Surrogate(GraphInterpreter):
     def _v(self, a):
         return self.var.get(a) if isinstance(a, fx.Node) else None
 
-    def _std_tangent(self, z, s, v):
-        """For a std ``s`` of the moment pass (an activation's, or Clark's ``θ`` at max pooling),
-        ``(ds, φ(z/s))``: ``ds`` is zero in value and has the derivative of ``s·√v/√v₀``
-        (``s`` the moment pass's std, ``v`` the channel's variance, ``v₀`` its value), so
-        that adding ``φ(z/s)·ds`` to a smoothed mean gives it the derivative
-        ``φ(z/s)·∂s``; zero where the channel does not describe the unit
-        (:data:`VARIANCE_RATIO_MAX`)."""
+    def _moving_std(self, s, v):
+        """A std ``s`` of the moment pass (an activation's, or Clark's ``θ`` at max
+        pooling) that moves with the variance channel ``v``: equal to ``s`` in value, with
+        the derivative of ``s·√v/√v₀`` (``v₀`` the channel's value), so that a smoothed
+        function of it (each attaches its own derivative in ``s``) moves with the means
+        upstream; ``s`` itself where the channel does not describe the unit
+        (:data:`VARIANCE_RATIO_MAX`) or is not carried (``v`` ``None``)."""
+        if v is None:
+            return s
         sd = safe_sqrt(v.clamp_min(0))
         sdd = sd.detach()
         ok = (s > TINY) & (sdd * VARIANCE_RATIO_MAX > s) & (s * VARIANCE_RATIO_MAX > sdd)
         ratio = torch.where(ok, s / torch.where(ok, sdd, torch.ones_like(sdd)), torch.zeros_like(s))
         ds = sd * ratio
-        a = torch.where(ok, z.detach() / torch.where(ok, s, torch.ones_like(s)), torch.zeros_like(s))
-        return ds - ds.detach(), torch.where(ok, npdf(a), torch.zeros_like(a))
+        return s + (ds - ds.detach())
 
     def call(self, node, args, kwargs, env, i):
         out = self._call(node, args, kwargs, env, i)
@@ -158,7 +159,7 @@ class _Surrogate(GraphInterpreter):
         Clark's variance at max pooling (pairwise, the two independent), the element
         copies of selections (flatten, view, reshape, indexing, permutations) and constant
         padding (zero variance). Only its derivative is used: the value ``s`` at each
-        nonlinearity stays the moment pass's (:meth:`_std_tangent`)."""
+        nonlinearity stays the moment pass's (:meth:`_moving_std`)."""
         if not isinstance(out, torch.Tensor):
             return None
         op, tgt = node.op, node.target
@@ -276,19 +277,15 @@ class _Surrogate(GraphInterpreter):
         if kind is not None and rc is not None and "s" in rc:
             s = rc["s"].to(args[0].dtype)
             z = args[0]
-            vin = self._v(node.args[0])  # None without the channel (nothing recorded)
-            ds, pdf = self._std_tangent(z, s, vin) if vin is not None else (None, None)
-            # with the channel, each smoothed mean also moves through its s: ∂E f/∂s · ds
-            if kind == "relu":  # ∂E relu/∂s = φ(z/s)
-                val = smooth_relu(z, s, rc.get("g1"))
-                val = val if ds is None else val + pdf * ds
-            elif isinstance(kind, tuple) and kind[0] == "leaky_relu":  # (1 − a)φ(z/s)
-                val = smooth_leaky_relu(z, s, kind[1])
-                val = val if ds is None else val + (1 - kind[1]) * pdf * ds
-            else:  # ELU and the smooth ones: through s + ds (ds is zero in value)
-                se = s if ds is None else s + ds
-                val = (smooth_elu(z, se, kind[1]) if isinstance(kind, tuple)
-                       else smooth_activation(activation_function(kind), z, se))
+            # with the channel (the input's variance recorded), the smoothed mean also moves
+            # through its s
+            se = self._moving_std(s, self._v(node.args[0]))
+            if kind == "relu":
+                val = smooth_relu(z, se, rc.get("g1"))
+            elif isinstance(kind, tuple):
+                val = (smooth_leaky_relu if kind[0] == "leaky_relu" else smooth_elu)(z, se, kind[1])
+            else:
+                val = smooth_activation(activation_function(kind), z, se)
             r = torch.zeros_like(val, requires_grad=True)
             self.rtaps.append((name, [r]))
             return val + r
@@ -329,11 +326,11 @@ class _Surrogate(GraphInterpreter):
                 rs.append(r)
                 g1 = None if not g1s or g1s[step - 1] is None else g1s[step - 1]
                 th = thetas[step - 1].to(x.dtype)
-                val = smooth_max(cur, el, th, g1)
-                if vcur is not None:
+                if vcur is None:
+                    val = smooth_max(cur, el, th, g1)
+                else:
                     vel = v[sl]
-                    dth, pdf = self._std_tangent(cur - el, th, vcur + vel)
-                    val = val + pdf * dth
+                    val = smooth_max(cur, el, self._moving_std(th, vcur + vel), g1)
                     vcur = clark_max(cur, el, vcur, vel, torch.zeros_like(vel))[1].to(vel.dtype)
                 cur = val + r
         self.rtaps.append((name, rs))
