@@ -201,22 +201,16 @@ class _Surrogate(GraphInterpreter):
         m = self.modules[tgt]
         if isinstance(m, (nn.Linear, nn.Conv2d)):
             W = self.params[tgt + ".weight"]
-
-            def lmap(t, w):
-                return _layer_map(m, t, w)
             wv = self.prop.noise_var.get(tgt + ".weight")
             if wv is None:
-                v = lmap(vin, W * W)
+                v = _layer_map(m, vin, W * W)
             else:  # (W∘W)v + σ²∘(μ² + v) as one map of [v, μ²] (one convolution, not two)
                 g = getattr(m, "groups", 1)
                 wv = wv.to(vin.dtype)
                 Wc = torch.cat([W * W + wv, wv], dim=1)  # a group's inputs: its v, then its μ²
                 z2 = args[0] * args[0]
-                if g > 1:
-                    xin = torch.cat([vin.unflatten(1, (g, -1)), z2.unflatten(1, (g, -1))], 2).flatten(1, 2)
-                else:
-                    xin = torch.cat([vin, z2], dim=1)
-                v = lmap(xin, Wc)
+                xin = torch.cat([vin.unflatten(1, (g, -1)), z2.unflatten(1, (g, -1))], 2).flatten(1, 2)
+                v = _layer_map(m, xin, Wc)
             bv = self.prop.noise_var.get(tgt + ".bias")
             if bv is not None:
                 v = v + bv.to(vin.dtype).reshape((1, -1) + (1,) * (v.dim() - 2))
