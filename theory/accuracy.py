@@ -186,11 +186,20 @@ def _ndtri(q: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _sov(m: torch.Tensor, L: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+def _sov(m: torch.Tensor, L: torch.Tensor, u: torch.Tensor, live: torch.Tensor | None = None) -> torch.Tensor:
     """Genz's separation of variables for ``P(Z < m)``, ``Z ~ N(0, L Lᵀ)`` (``L`` lower
     triangular, the variables already in Genz–Bretz order); ``u`` are ``[M, d−1]`` points
-    in the unit cube. Returns ``[n]`` estimates (float64)."""
+    in the unit cube. Returns ``[n]`` estimates (float64).
+
+    ``live`` (optional, non-increasing over the rows): row ``r`` has only its first
+    ``live[r]`` margins, the rest ``m = +∞``. Their factors are ``Φ(∞) = 1`` and their
+    ``w`` feed only later margins of the same row, so step ``i`` runs on the rows with
+    ``live > i`` alone (a prefix): the same estimates without the padded work."""
     n, d = m.shape
+    if live is None:
+        rows_at = [n] * d
+    else:
+        rows_at = [int(k) for k in (live[None, :] > torch.arange(d, device=live.device)[:, None]).sum(1).tolist()]
     M = u.shape[0]
     fi = torch.finfo(m.dtype)
     tiny, top = fi.tiny, 1.0 - fi.eps
@@ -202,11 +211,14 @@ def _sov(m: torch.Tensor, L: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     f = e.clone()
     ws = torch.empty(n, d, M, dtype=m.dtype, device=m.device)
     for i in range(1, d):
-        ws[:, i - 1] = _ndtri((ut[None, i - 1] * e).clamp_(tiny, top))
+        k = rows_at[i]  # the rows whose margin i is live
+        if k == 0:
+            break
+        ws[:k, i - 1] = _ndtri((ut[None, i - 1] * e[:k]).clamp_(tiny, top))
         # constraint i: Σ_{j<i} L_ij w_j + L_ii w_i < m_i
-        acc = torch.bmm(L[:, i:i + 1, :i], ws[:, :i]).squeeze(1)  # [n, M]
-        e = _phi_cdf(ratio(m[:, i, None] - acc, L[:, i, i, None]))
-        f = f * e
+        acc = torch.bmm(L[:k, i:i + 1, :i], ws[:k, :i]).squeeze(1)  # [k, M]
+        e = _phi_cdf(ratio(m[:k, i, None] - acc, L[:k, i, i, None]))
+        f[:k] *= e
     return f.mean(dim=1, dtype=torch.float64)
 
 
@@ -321,8 +333,9 @@ class OrthantCurve:
             # few rows: one integration in the largest live dimension, each row's margins
             # beyond its own live count set to +∞ (a factor Φ(∞) = 1: the same estimate as
             # integrating in its own dimension, with the same points), instead of one
-            # small loop per dimension
-            groups = [(top, multi)]
+            # small loop per dimension; the rows by decreasing live count, so that each
+            # step of the loop runs on the prefix of rows still live there
+            groups = [(top, multi[torch.argsort(count[multi], descending=True, stable=True)])]
         else:
             groups = [(dk, multi[count[multi] == dk]) for dk in torch.unique(count[multi]).tolist()]
         for dk, rows in groups:
@@ -335,7 +348,7 @@ class OrthantCurve:
             step = max(1, self.max_elements // (npnt * dk))
             for i in range(0, idx.numel(), step):
                 sl = slice(i, i + step)
-                est = _sov(mm[sl], LL[sl], u[:, :dk - 1]).double() - dropped[rows[sl]]
+                est = _sov(mm[sl], LL[sl], u[:, :dk - 1], live=count[rows[sl]]).double() - dropped[rows[sl]]
                 out[idx[sl]] = torch.minimum(torch.maximum(est, lower[idx[sl]]), upper[idx[sl]])
         return out, lower, upper
 
