@@ -185,9 +185,13 @@ def test_separation_of_variables_on_live_prefixes_equals_the_padded_integral():
         b = _sov(mm, L.to(dt), u.to(dt), live=live)
         assert torch.equal(a, b)
     curve = OrthantCurve(m, s, n_points=128)
-    p_curve = curve.at(1.0)[0]
+    levels = (0.1, 0.2, 0.5)  # live counts 0 to 9, 4 to 9, 8 and 9 (the margins' bounds)
+    counts = [int((curve.bounds(lv)[0] > curve.bound_tol / 9).sum(1).unique().numel()) for lv in levels]
+    assert counts == [10, 6, 2]
+    p_curve = [curve.at(lv)[0] for lv in levels]
     curve.max_elements = 1  # one group per live count: no padding at all
-    assert torch.allclose(p_curve, curve.at(1.0)[0], rtol=0, atol=1e-12)
+    for lv, p in zip(levels, p_curve):
+        assert torch.allclose(p, curve.at(lv)[0], rtol=0, atol=1e-12)
 
 def test_default_qmc_points_resolve_accuracy_to_a_tenth_of_a_point():
     """The default points (``DEFAULT_N_POINTS``) against scipy's Genz integration (absolute
