@@ -239,9 +239,9 @@ def test_lazy_factor_and_mean_tolerance():
             calls = []
             sov = acc._sov
 
-            def counting(mm, LL, u):
+            def counting(mm, LL, u, **kw):
                 calls.append(mm.shape[0])
-                return sov(mm, LL, u)
+                return sov(mm, LL, u, **kw)
 
             acc._sov = counting
             try:
