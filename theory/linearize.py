@@ -80,6 +80,13 @@ DEFAULT_JACOBIAN_BUDGET = 384 * 2**20
 #: working set leaves the cache); the MLP 8–15 ms at any size.
 PASS_CHUNK_CAP = 128
 
+#: Bytes of a whole chunk's working set below which :func:`pass_chunk_size` goes beyond
+#: :data:`PASS_CHUNK_CAP` (networks whose one input holds little, such as the digits MLP,
+#: about 20 kB: there the pass is per-call overhead, 8.6 ms in chunks of 128 against
+#: 6.0 ms in one chunk of 359; one thread, medians of 40 alternating runs). The cap's
+#: reason, the working set leaving the cache, does not arise below it.
+SMALL_CHUNK_WORKSET = 32 * 2**20
+
 
 def _any_training(net: nn.Module) -> bool:
     return any(m.training for m in net.modules())
@@ -235,7 +242,9 @@ def pass_chunk_size(taps: Sequence["Tap"], num_slots: int, slow_elements: int, i
     unfolded patches, its scaled signal, and either its patch Gram matrices or two
     per-sample Jacobians ``[num_slots, numel]``, whichever :func:`tap_covariance` would
     form), and ``3 · num_slots · slow_elements`` for parameters differentiated by
-    ``vmap(jacrev)``. At most ``cap`` (:data:`PASS_CHUNK_CAP`), at least 1.
+    ``vmap(jacrev)``. At most ``cap`` (:data:`PASS_CHUNK_CAP`), or as many inputs as
+    hold :data:`SMALL_CHUNK_WORKSET` bytes where that is more; never more than the
+    budget allows; at least 1.
 
     The per-sample Jacobians of all parameters (what :func:`auto_chunk_size` budgets
     for) are never formed at once: a layer's is formed, contracted and freed before the
@@ -254,12 +263,13 @@ def pass_chunk_size(taps: Sequence["Tap"], num_slots: int, slow_elements: int, i
             w = J * m.groups * L + num_slots * m.out_channels * L
             w += (m.groups * L * L + num_slots * m.out_channels * L * L) if _gram_cheaper(m, L, num_slots) \
                 else 2 * num_slots * m.weight.numel()
-        else:
+        else:  # tap_covariance's Gram route, always open to a Linear layer: the Gram
+            # matrix of its S positions, the signals times it, and the bias's Jacobian
             S = max(1, nin // max(1, m.in_features))
-            w = num_slots * nout + S * S + 2 * num_slots * m.weight.numel()
+            w = S * S + 3 * num_slots * nout
         work = max(work, w)
-    per = itemsize * (graph_and_signals(taps, num_slots) + work + 3 * num_slots * slow_elements)
-    return int(max(1, min(cap, budget // max(1, per))))
+    per = max(1, itemsize * (graph_and_signals(taps, num_slots) + work + 3 * num_slots * slow_elements))
+    return int(max(1, min(max(cap, SMALL_CHUNK_WORKSET // per), budget // per)))
 
 
 def graph_and_signals(taps: Sequence["Tap"], num_slots: int) -> int:

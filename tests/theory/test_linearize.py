@@ -82,16 +82,17 @@ def test_chunking_does_not_change_the_covariance(cnn):
 def test_default_chunk_follows_what_one_input_holds(cnn):
     """The default chunk of the pass (:func:`pass_chunk_size`, from a one-input probe):
     the covariance is the same as in chunks of 4; the size scales with the budget
-    and stops at the cap; and each convolution is budgeted for the route that
-    ``tap_covariance`` actually takes (Gram matrices exactly when it does not return
-    ``None``)."""
-    from noiseprop.theory.linearize import _gram_cheaper, tap_covariance, tapping
+    and stops at the cap, or at the small-working-set bound where that is more (this
+    network: about 230 kB per input, 141 inputs in 32 MiB); and each convolution is
+    budgeted for the route that ``tap_covariance`` actually takes (Gram matrices exactly
+    when it does not return ``None``)."""
+    from noiseprop.theory.linearize import SMALL_CHUNK_WORKSET, _gram_cheaper, tap_covariance, tapping
 
     x, _ = held_out(23)
     lin = LinearizedNetwork(cnn)
     unit = lin.unit_scales(RelativeGaussian(1.0))
     jp = jacobian_pass(lin, x, unit)
-    assert 1 < jp.chunk_size <= 128
+    assert 1 < jp.chunk_size
     assert torch.allclose(jp.cov_unit, jacobian_pass(lin, x, unit, chunk_size=4).cov_unit, rtol=1e-6, atol=1e-10)
     mods = {id(m): (n, m) for n, m in cnn.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
     with torch.no_grad(), tapping(mods) as taps:
@@ -100,7 +101,10 @@ def test_default_chunk_follows_what_one_input_holds(cnn):
     per = 2**40 // one
     assert pass_chunk_size(taps, 10, 0, budget=7 * per) == 7
     assert pass_chunk_size(taps, 10, 0, budget=per // 2) == 1
-    assert pass_chunk_size(taps, 10, 0, budget=2**40) == 128
+    assert jp.chunk_size == max(128, SMALL_CHUNK_WORKSET // per) == 141
+    assert pass_chunk_size(taps, 10, 0, budget=2**40) == 141
+    assert pass_chunk_size(taps, 10, 0, budget=2**40, cap=200) == 200
+    assert pass_chunk_size(taps, 10, 0, budget=100 * per, cap=200) == 100
     convs = [t for t in taps if isinstance(t.module, nn.Conv2d)]
     assert convs
     for t in convs:
@@ -118,8 +122,8 @@ def test_chunk_keeps_the_all_parameter_budget_where_every_layer_forms_its_jacobi
     old = auto_chunk_size(10, lin.num_target_elements)
     rel = lin.unit_scales(RelativeGaussian(1.0))
     mult = lin.unit_scales(Multiplicative(1.0))
-    assert old == 256  # this small network: the all-parameter budget reaches its cap, the probe's is 128
-    assert jacobian_pass(lin, x, rel).chunk_size == 128
+    assert old == 256  # this small network: the all-parameter budget reaches its cap, the probe's is 141
+    assert jacobian_pass(lin, x, rel).chunk_size == 141
     assert jacobian_pass(lin, x, mult).chunk_size == old
     assert jacobian_pass(lin, x, rel, draws=4).chunk_size == old
     assert jacobian_pass(lin, x, rel, extra_units=(mult,)).chunk_size == old
