@@ -36,6 +36,7 @@ eval-mode deep copy (with a warning).
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 import operator
 import warnings
@@ -632,18 +633,58 @@ def weight_terms(by_module: Mapping[str, list], params: Mapping[str, list], scal
 _PLAIN = (bool, int, float, str, bytes, tuple, frozenset, type(None))
 
 
+def _attr_key(v, depth: int = 0):
+    """What an instance attribute that is not a number or string contributes to
+    :func:`module_structure`: a tensor by its contents, a function or other object by its
+    identity (and name), a list or dict by its items (two levels deep)."""
+    if isinstance(v, _PLAIN):
+        return repr(v)
+    if isinstance(v, torch.Tensor):
+        t = v.detach().cpu()
+        return ["tensor", str(t.dtype), list(t.shape), hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()
+                if t.dtype != torch.bfloat16 else hashlib.sha256(t.float().numpy().tobytes()).hexdigest()]
+    if isinstance(v, (list, dict)) and depth < 2:
+        items = v.items() if isinstance(v, dict) else enumerate(v)
+        return [type(v).__name__] + [[repr(k), _attr_key(x, depth + 1)] for k, x in items]
+    name = getattr(v, "__qualname__", None) or type(v).__qualname__
+    return ["object", f"{getattr(v, '__module__', None) or type(v).__module__}.{name}", id(v)]
+
+
+def _user_hooks(hooks) -> list:
+    """``(key, function identity)`` of the hooks in an ordered hook dict, leaving out
+    noiseprop's own (its taps, registered only while a pass runs)."""
+    out = []
+    for k, fn in hooks.items():
+        mod = getattr(fn, "__module__", None) or ""
+        if not mod.startswith("noiseprop."):
+            out.append([k, id(fn), getattr(fn, "__qualname__", type(fn).__qualname__)])
+    return out
+
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks")
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                 "_global_backward_pre_hooks")
+
+
 def module_structure(net: nn.Module) -> list:
     """What the parameters do not show: every module's class (by identity, so two classes
-    of the same name differ), a ``forward`` replaced on an instance, its plain attributes
-    (numbers, strings, tuples: a ``forward`` may branch on them) and the module tree's
-    printed form (activations, strides, paddings, ...). A ``forward`` that reads global
-    state is not seen: pass ``cache=False`` to ``predict`` after changing it."""
+    of the same name differ), a ``forward`` replaced on an instance, its instance
+    attributes (numbers, strings and tuples by value, tensors by their contents,
+    functions and other objects by identity: a ``forward`` may branch on them or call
+    them), its forward and backward hooks and the global module hooks (by identity), and
+    the module tree's printed form (activations, strides, paddings, ...). A ``forward``
+    that reads global state, or an object attribute changed in place, is not seen: pass
+    ``cache=False`` to ``predict`` after changing it."""
     parts = [repr(net)]
     for name, m in net.named_modules():
         fwd = m.__dict__.get("forward")
-        plain = sorted((k, repr(v)) for k, v in m.__dict__.items() if not k.startswith("_") and isinstance(v, _PLAIN))
+        attrs = sorted((k, _attr_key(v)) for k, v in m.__dict__.items()
+                       if not k.startswith("_") and k != "forward")
+        hooks = [[h, _user_hooks(getattr(m, h))] for h in _HOOK_DICTS if getattr(m, h, None)]
         parts.append([name, f"{type(m).__module__}.{type(m).__qualname__}", id(type(m)),
-                      id(fwd) if fwd is not None else None, plain])
+                      id(fwd) if fwd is not None else None, attrs, hooks])
+    mm = torch.nn.modules.module
+    parts.append([[h, _user_hooks(getattr(mm, h))] for h in _GLOBAL_HOOKS if getattr(mm, h, None)])
     return parts
 
 

@@ -741,6 +741,61 @@ def test_structure_memo_sees_plain_attributes(cache):
     assert torch.equal(p.logit_var, q.logit_var)
 
 
+
+class _Attrs(nn.Module):
+    """A forward that calls a function attribute, divides by a plain tensor attribute and
+    reads a list attribute (none of them parameters, buffers or submodules)."""
+
+    def __init__(self, act):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(64, 16), nn.Linear(16, 10)
+        self.act, self.t, self.order = act, torch.tensor(1.0), list(range(10))
+
+    def forward(self, x):
+        return self.b(self.act(self.a(x.flatten(1))))[:, self.order] / self.t
+
+
+def test_cache_sees_function_tensor_and_list_attributes_and_hooks():
+    """Another model object with the same parameters but another function attribute, a
+    tensor attribute changed, a list attribute reordered, a forward hook or a forward
+    pre-hook added: each gets its own derivative pass (the clean accuracy and the
+    prediction equal a fresh ``cache=False`` call), never the cached pass of before."""
+    import torch.nn.functional as F
+
+    x, y = held_out(48)
+    clear_cache()
+    first = _Attrs(F.relu).eval()
+    predict(first, x, y, RelativeGaussian(0.1))
+
+    def fresh_and_cached(net):
+        p = predict(net, x, y, RelativeGaussian(0.1), diagnostic=False)
+        q = predict(net, x, y, RelativeGaussian(0.1), diagnostic=False, cache=False)
+        with torch.no_grad():
+            clean = float((net(x).argmax(1) == y).double().mean())
+        assert p.clean_accuracy == q.clean_accuracy == pytest.approx(clean)
+        assert torch.equal(p.logit_var, q.logit_var)
+        return p
+
+    base = fresh_and_cached(first)
+    other = _Attrs(torch.sigmoid).eval()  # another object, equal parameters, another function
+    other.load_state_dict(first.state_dict())
+    assert not torch.allclose(fresh_and_cached(other).logit_var, base.logit_var)
+    first.t = torch.tensor(-1.0)
+    assert fresh_and_cached(first).clean_accuracy != base.clean_accuracy
+    first.t = torch.tensor(1.0)
+    first.order.reverse()
+    assert fresh_and_cached(first).clean_accuracy != base.clean_accuracy
+    first.order.reverse()
+    assert torch.equal(fresh_and_cached(first).logit_var, base.logit_var)  # back to the first state
+    h = first.a.register_forward_hook(lambda mod, inp, out: -out)
+    assert fresh_and_cached(first).clean_accuracy != base.clean_accuracy
+    h.remove()
+    h = first.b.register_forward_pre_hook(lambda mod, inp: (inp[0] * 0,))
+    assert fresh_and_cached(first).clean_accuracy != base.clean_accuracy
+    h.remove()
+    assert torch.equal(predict(first, x, y, RelativeGaussian(0.1), diagnostic=False).logit_var, base.logit_var)
+
 @pytest.mark.parametrize("kind,noise,dtype", [("mlp", "relative", torch.float64), ("resnet", "relative", torch.float64),
                                               ("resnet", "additive", torch.float64), ("resnet", "relative", torch.float32)])
 def test_diagnostic_differences_match_forward_mode(kind, noise, dtype):
