@@ -72,7 +72,7 @@ from .accuracy import DEFAULT_N_POINTS, check_n_points, correct_probability, sam
 from .hardware import HardwareNoise, PCMLike, programmed_abs_moments
 from .hashing import inputs_fingerprint
 from .results import Deferred
-from .linearize import (DEFAULT_JACOBIAN_BUDGET, PASS_CHUNK_CAP, LinearizedNetwork, _patch_size, read_without_call,
+from .linearize import (DEFAULT_JACOBIAN_BUDGET, PASS_CHUNK_CAP, LinearizedNetwork, check_noise_reaches, _patch_size, read_without_call,
                         backprop_signals, graph_and_signals, jacobian_pass, scaled_jacobian, tap_jacobian,
                         tapping)
 from .moments import DEFAULT_RANK, DEFAULT_SPATIAL_RANK, MomentPropagator, propagate_moments
@@ -734,6 +734,7 @@ def _predict_models(model, x, y, noises: Sequence[HardwareNoise], targets, linea
     x, y = check_inputs(model, x, y)
     lin = LinearizedNetwork(model, targets)
     probe_logits(lin.forward, x[:1].to(lin.device), x.shape)  # "x does not fit the model", a tuple output: clear errors
+    check_noise_reaches(lin, x[:1].to(lin.device))
     clean = _forward(lin, x, batch_size).double().cpu()
     if clean.dim() != 2:
         raise ValueError(f"the model must map a batch of inputs to logits of shape [N, C]; got shape {tuple(clean.shape)}")

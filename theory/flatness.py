@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
 from torch.func import grad, jvp, vmap
 
-from .linearize import LinearizedNetwork
+from .linearize import LinearizedNetwork, check_noise_reaches
 from .noise import parse_noise
 from .validation import check_bool, check_inputs, check_int, check_number, check_seed, probe_logits
 
@@ -154,7 +154,11 @@ def _noise_scale(lin: LinearizedNetwork, noise):
 
 
 def _check_xy(lin: LinearizedNetwork, x, y):
-    return check_inputs(lin.net, x, y)
+    x, y = check_inputs(lin.net, x, y)
+    x1 = x[:1].to(lin.device)
+    probe_logits(lin.forward, x1, x.shape)  # "x does not fit the model", a tuple output: clear errors
+    check_noise_reaches(lin, x1)  # a detached path: its curvature would be left out
+    return x, y
 
 
 @dataclass(frozen=True)

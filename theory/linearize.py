@@ -397,6 +397,49 @@ def tapping(modules: Mapping[int, tuple[str, nn.Module]]):
         handle.remove()
 
 
+def check_noise_reaches(lin: "LinearizedNetwork", x1: torch.Tensor) -> None:
+    """Refuse a network whose ``forward`` changes its output with a noisy parameter but
+    passes it no gradient (a ``.detach()`` or ``torch.no_grad()`` on the parameter's
+    path): every derivative of the first order, the moment method and the curvature would
+    leave that parameter's noise out and predict too little damage, where Monte-Carlo
+    sees it. One backward pass on the input ``x1``; a parameter without a gradient is
+    then perturbed (half its mean magnitude, seeded) and refused only if the output moves
+    (a layer the output does not use is fine: its noise has no effect). Remembered per
+    network structure (:func:`structure_memo`)."""
+    def compute():
+        tp = {n: lin.target_params[n].detach().clone().requires_grad_(True) for n in lin.names
+              if torch.is_floating_point(lin.target_params[n])}
+        if not tp:
+            return []
+        with torch.enable_grad():
+            out = lin.forward(x1, tp)
+            if not isinstance(out, torch.Tensor):
+                return []  # probe_logits gives the clear error for a non-tensor output
+            gs = (torch.autograd.grad(out.float().sum(), list(tp.values()), allow_unused=True)
+                  if out.requires_grad else [None] * len(tp))
+        missing = [n for n, g in zip(tp, gs) if g is None]
+        moved = []
+        if missing:
+            gen = torch.Generator().manual_seed(0)
+            with torch.no_grad():
+                base = lin.forward(x1)
+                for n in missing:
+                    p = lin.target_params[n]
+                    step = 0.5 * float(p.abs().float().mean()) or 0.5
+                    pert = p + (step * torch.randn(p.shape, generator=gen)).to(p.dtype).to(p.device)
+                    if not torch.equal(lin.forward(x1, {n: pert}), base):
+                        moved.append(n)
+        return moved
+
+    moved = structure_memo(lin, ("noise_reaches", lin.names), compute)
+    if moved:
+        shown = moved if len(moved) <= 6 else moved[:6] + [f"... {len(moved) - 6} more"]
+        raise ValueError(f"noisy parameters {shown} change the model's output but get no gradient through its "
+                         "forward (a .detach() or torch.no_grad() on their path): the analytic prediction would "
+                         "leave their noise out. Remove the detach/no_grad from the forward, or leave these "
+                         "parameters out of the noise with targets=...")
+
+
 def backprop_signals(out: torch.Tensor, leaves: Sequence[torch.Tensor],
                      index: torch.Tensor | None = None) -> list[torch.Tensor]:
     """``δ_a = ∂ out[:, a] / ∂ leaf`` for every class ``a`` (inputs are independent, so
@@ -862,6 +905,7 @@ def jacobian_pass(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, to
     watch = {id(modules[m]): (m, modules[m]) for m in fast}
     with torch.no_grad(), tapping(watch) as probe:  # one input: the number of classes, and what one input holds
         c0 = probe_logits(lin.forward, x[:1].to(lin.device), x.shape).shape[-1]  # logits [1, C], or a clear error
+    check_noise_reaches(lin, x[:1].to(lin.device))
     uncalled = [m for m in fast if m not in {t.name for t in probe}]
     if uncalled:  # weights read without calling their layer take the generic route; unused ones none
         slow += read_without_call(lin, [qualified_name(m, p) for m in uncalled for p in fast[m]], x[:1].to(lin.device))

@@ -235,3 +235,48 @@ def test_batchnorm_differentiated_as_its_affine_map_gives_the_same_pass(norm, mo
     xi = torch.randn(4, 3, 2, 2, requires_grad=True)
     assert L.affine_backward(bn, xi, bn(xi)) is None  # eval mode with batch statistics: not affine
     assert L.affine_backward(nn.BatchNorm2d(3).train(), xi, xi) is None  # training mode
+
+
+class _Detached(nn.Module):
+    """The same function whatever ``mode``; ``"detach"`` and ``"no_grad"`` cut fc1 from the
+    gradient (its noise still moves the output), ``aux`` is called and never used."""
+
+    def __init__(self, mode):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2, self.aux, self.mode = nn.Linear(64, 32), nn.Linear(32, 10), nn.Linear(64, 3), mode
+
+    def forward(self, x):
+        x = x.flatten(1)
+        self.aux(x)
+        if self.mode == "no_grad":
+            with torch.no_grad():
+                h = torch.relu(self.fc1(x))
+        else:
+            h = torch.relu(self.fc1(x))
+            h = h.detach() if self.mode == "detach" else h
+        return self.fc2(h)
+
+
+@pytest.mark.parametrize("mode", ["detach", "no_grad"])
+def test_noise_without_a_gradient_path_is_refused(mode):
+    """A forward that detaches fc1's output (or runs fc1 under ``no_grad``) computes the
+    same logits, and Monte-Carlo sees fc1's noise, but every derivative would leave it
+    out: predict (both methods), hessian_trace and sensitivity refuse it, naming fc1; the
+    same network without the cut runs, and a layer called but unused (``aux``) is no
+    reason to refuse."""
+    from noiseprop.theory import hessian_trace, predict, sensitivity
+
+    x, y = held_out(24)
+    plain = _Detached("plain").eval()
+    predict(plain, x, y, RelativeGaussian(0.1), cache=False)
+    cut = _Detached(mode).eval()
+    with torch.no_grad():
+        assert torch.equal(cut(x), plain(x))
+    calls = [lambda: predict(cut, x, y, RelativeGaussian(0.1), cache=False),
+             lambda: predict(cut, x, y, RelativeGaussian(0.1), method="moments", cache=False),
+             lambda: hessian_trace(cut, x, y, RelativeGaussian(0.1), probes=4),
+             lambda: sensitivity(cut, x, y, RelativeGaussian(0.1))]
+    for call in calls:
+        with pytest.raises(ValueError, match=r"\['fc1.weight'\] change the model's output but get no gradient"):
+            call()
