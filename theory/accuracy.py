@@ -69,6 +69,10 @@ def margin_moments(mean: torch.Tensor, cov: torch.Tensor, y: torch.Tensor) -> tu
     idx = _other_classes(y, c)  # [N, C-1]
     rows = torch.arange(n, device=mean.device)
     m = mean[rows, y][:, None] - mean.gather(1, idx)
+    # an exact tie goes to the lower class index, as argmax breaks it (the clean accuracy,
+    # Monte-Carlo): +0 where the label comes first, −0 where class k does; a tie that no
+    # noise moves is then decided by that sign (_safe_ratio), one with noise is Φ(0) = ½
+    m = torch.where(m == 0, torch.where(idx > y[:, None], 0.0, -0.0).to(m.dtype), m)
     syy = cov[rows, y, y]  # [N]
     syk = cov[rows, y].gather(1, idx)  # [N, C-1]: Σ_yk
     skk = cov.gather(1, idx[:, :, None].expand(-1, -1, c)).gather(2, idx[:, None, :].expand(-1, c - 1, -1))
@@ -79,13 +83,14 @@ def margin_moments(mean: torch.Tensor, cov: torch.Tensor, y: torch.Tensor) -> tu
 def _safe_ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     """``num / den`` for a margin's standardised value, with a margin that carries no noise
     (``den = 0``: a zero level, or the factor's jitter lost in float32) read as the limit:
-    ``+∞`` if ``num > 0``, ``−∞`` if ``num < 0``, ``0`` for a tie (``Φ = ½``), never
-    ``0/0``. Shared by the pairwise bounds and the separation-of-variables loop."""
+    ``+∞`` if ``num > 0``, ``−∞`` if ``num < 0``, and for a tie (``num = ±0``) the infinity
+    of its sign (``margin_moments`` signs a tied margin by argmax's tie-break: the lower
+    class index wins), never ``0/0``. Shared by the pairwise bounds and the
+    separation-of-variables loop."""
     pos = den > 0
     if bool(pos.all()):  # the usual case: the same values, without the masks (a third of the cost)
         return num / den
-    return torch.where(pos, num / torch.where(pos, den, torch.ones_like(den)),
-                       torch.where(num > 0, torch.inf, torch.where(num < 0, -torch.inf, torch.zeros_like(num))))
+    return torch.where(pos, num / torch.where(pos, den, torch.ones_like(den)), torch.copysign(torch.full_like(num, math.inf), num))
 
 
 def pairwise_error_bounds(m: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -81,7 +81,7 @@ from .predict import (DIAGNOSTIC_DIRECTIONS, DIAGNOSTIC_INPUTS, MAX_ACCURACY_DRA
                       _check_split, _class_mask, _cov_factor, _logit_loss_increase, _moment_risks, _preact_ratios, _rescale_draws,
                       _slot_cov_to_full, _slot_rows_to_full, _truncation_accuracy_diag, _truncation_check_inputs, curve_range_warning,
                       moments_range_warning, range_warning)
-from .validation import (check_bool, check_inputs, check_int, check_labels, check_seed, check_times,
+from .validation import (check_bool, check_finite_logits, check_inputs, check_int, check_labels, check_logits, check_seed, check_times,
                          probe_logits)
 
 __all__ = ["DriftPrediction", "predict_drift", "predict_hardware", "LINEARIZE_AT"]
@@ -738,6 +738,8 @@ def _predict_models(model, x, y, noises: Sequence[HardwareNoise], targets, linea
     clean = _forward(lin, x, batch_size).double().cpu()
     if clean.dim() != 2:
         raise ValueError(f"the model must map a batch of inputs to logits of shape [N, C]; got shape {tuple(clean.shape)}")
+    check_logits(clean, x.shape[0])
+    check_finite_logits(clean)
     check_labels(y, clean.shape[1])
     clean_loss = float(F.cross_entropy(clean, y))
     clean_acc = float((clean.argmax(1) == y).double().mean())

@@ -55,7 +55,7 @@ from ._graph import differentiable_attention, trace, unfold_input
 from .accuracy import correct_probability
 from .noise import WeightNoise
 from .targets import _L2_BN, TargetPlan, _is_foldable, folding_affine, qualified_name, resolve_targets
-from .validation import check_labels, probe_logits
+from .validation import check_finite_logits, check_labels, check_logits, probe_logits
 
 __all__ = [
     "LinearizedNetwork",
@@ -972,8 +972,7 @@ def jacobian_pass(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, to
         if fast:
             with torch.enable_grad(), tapping(watch) as taps:
                 out = lin.forward(xb)
-            if out.dim() != 2:
-                raise ValueError(f"the model must map a batch of inputs to logits of shape [N, C]; got shape {tuple(out.shape)}")
+            check_logits(out, b)  # [N, C], one row per input (the probe saw one input)
             f0 = out.detach()
             sel = slots(f0, i)
             deltas = backprop_signals(out, [t.e for t in taps], index=sel)
@@ -984,7 +983,7 @@ def jacobian_pass(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, to
             del deltas, taps, out, by_module
         else:
             with torch.no_grad():
-                f0 = lin.forward(xb)
+                f0 = check_logits(lin.forward(xb), b)
             sel = slots(f0, i)
         if slow_fn is not None:
             jac = slow_fn(xb)
@@ -993,6 +992,12 @@ def jacobian_pass(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, to
                 if sel is not None:
                     J = J.gather(1, sel[:, :, None].expand(-1, -1, J.shape[2]))
                 add(name, J)
+        check_finite_logits(f0, i)
+        if not bool(torch.isfinite(cov).all()):
+            big = float(f0.abs().max())
+            raise ValueError(f"the first-order logit covariance is not finite (inputs {i} to {i + b - 1}): the "
+                             f"model's derivatives are NaN or overflow {lin.dtype} (largest clean logit magnitude "
+                             f"{big:.3g}); rescale the model's output or evaluate it in float64")
         if sel is not None:
             sels.append(sel)
         covs.append(cov)

@@ -217,7 +217,21 @@ def check_logits(out, n: int | None = None) -> torch.Tensor:
                          "per input")
     if not torch.is_floating_point(out):
         raise TypeError(f"the model must return floating-point logits, got dtype {out.dtype}")
+    if out.shape[1] < 2:
+        raise ValueError(f"the model returns {out.shape[1]} logit per input; accuracy and cross-entropy need at least "
+                         "2 classes (for a binary model with one logit z, return the two logits [0, z])")
     return out
+
+
+def check_finite_logits(logits: torch.Tensor, offset: int = 0) -> None:
+    """Clean logits must be finite (the message Monte-Carlo gives), naming the first
+    inputs where they are not (``offset``: the index of the batch's first input)."""
+    bad = ~torch.isfinite(logits).all(dim=1)
+    if bool(bad.any()):
+        idx = (torch.nonzero(bad).flatten()[:5] + offset).tolist()
+        raise ValueError(f"the model's clean logits on x contain NaN or infinite values (inputs {idx}"
+                         f"{', ...' if int(bad.sum()) > 5 else ''}): the model itself overflows on these inputs, "
+                         "before any noise")
 
 
 _PACKAGE_DIRS = tuple(str(Path(__file__).resolve().parents[1] / d) + os.sep for d in ("theory", "empirical"))

@@ -90,22 +90,27 @@ def test_bounds_and_degenerate_covariance():
 
 
 
-def test_tied_margins_without_noise_are_not_nan():
-    """Tied logits that the noise does not move (margins 0, variance 0): each tie counts
-    as Φ(0) = ½, as in the pairwise bounds; two independent ties give exactly ¼ at any
-    level, zero included (the float32 loop once divided 0 by a jitter lost in rounding)."""
+def test_tied_margins_without_noise_follow_argmax():
+    """Tied logits that the noise does not move (margins 0, variance 0) are decided as
+    argmax decides them, the lower class index first (the clean accuracy, Monte-Carlo):
+    a three-way tie is won by class 0 alone, at every level, zero included (never NaN:
+    the float32 loop once divided 0 by a jitter lost in rounding); a tie with noise is
+    an ordinary integral (three classes tied, independent unit noise: 1/3)."""
     from noiseprop.theory.accuracy import OrthantCurve
 
-    mean = torch.tensor([[0.0, 0.0, 0.0], [2.0, 0.0, 1.0]], dtype=torch.float64)
-    cov = torch.zeros(2, 3, 3, dtype=torch.float64)
-    cov[1] = torch.eye(3, dtype=torch.float64)
-    y = torch.tensor([0, 0])
+    mean = torch.tensor([[0.0, 0.0, 0.0]] * 3 + [[2.0, 0.0, 1.0]], dtype=torch.float64)
+    cov = torch.zeros(4, 3, 3, dtype=torch.float64)
+    cov[3] = torch.eye(3, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 0])
     for level in (0.0, 0.1, 1.0):
         p, lo, hi = correct_probability(mean, cov * level ** 2, y)
-        assert not bool(torch.isnan(p).any()) and p[0].item() == 0.25
+        assert not bool(torch.isnan(p).any())
+        assert p[:3].tolist() == [1.0, 0.0, 0.0]
         assert bool((lo <= p + 1e-12).all() and (p <= hi + 1e-12).all())
     m, s = margin_moments(mean, cov, y)
-    assert OrthantCurve(m, s).at(0.0)[0][0].item() == 0.25
+    assert OrthantCurve(m, s).at(0.0)[0][:3].tolist() == [1.0, 0.0, 0.0]
+    noisy = correct_probability(mean[3:4] * 0, cov[3:4], y[3:4])[0]  # three-way tie, independent noise: 1/3
+    assert abs(noisy.item() - 1 / 3) < 5e-3
 
 
 def test_orthant_is_deterministic_and_fast_for_many_inputs():

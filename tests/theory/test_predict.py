@@ -1013,3 +1013,55 @@ def test_gaussian_logit_loss_from_a_factor():
     d = np.array([mod._gaussian_logit_loss(mean, None, y, seed=k, factor=F)
                   - mod._gaussian_logit_loss(mean, _slot_cov_to_full(cs, sel, c), y, seed=k) for k in range(8)])
     assert abs(d.mean()) < 4 * d.std(ddof=1) / math.sqrt(d.size) + 1e-12, d
+
+
+class _Out(nn.Module):
+    """A small MLP whose logits pass through ``how`` (a function of the logits and x)."""
+
+    def __init__(self, how):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net, self.how = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10)), how
+
+    def forward(self, x):
+        return self.how(self.net(x), x)
+
+
+@pytest.mark.parametrize("how,match", [
+    (lambda o, x: o + torch.where(x.flatten(1).mean(1, keepdim=True) < 0, float("inf"), 0.0),
+     r"clean logits on x contain NaN or infinite values \(inputs \[1, 2, "),
+    (lambda o, x: o + torch.where(x.flatten(1).mean(1, keepdim=True) < 0, float("nan"), 0.0),
+     r"clean logits on x contain NaN or infinite values \(inputs \[1, 2, "),
+    (lambda o, x: o * 1e30, r"first-order logit covariance is not finite .*largest clean logit magnitude"),
+    (lambda o, x: o.mean(0, keepdim=True), r"returned 1 rows of logits for 48 inputs"),
+    (lambda o, x: o[:, :1], r"returns 1 logit per input; accuracy and cross-entropy need at least 2 classes"),
+])
+def test_logits_the_prediction_cannot_use_are_refused(how, match):
+    """Logits that are NaN or infinite on some inputs (the first input is finite), so
+    large that the derivatives overflow, one row for the whole batch, or one class: a
+    clear error from predict and sensitivity, where they gave NaN accuracy, an eigh
+    failure or a shape error about ``cov`` (the first of these inputs has a positive mean,
+    the next two negative ones)."""
+    from noiseprop.theory import sensitivity
+
+    x, y = held_out(48)
+    y = y.clamp(max=0) if "1 logit" in match else y
+    with torch.no_grad():
+        assert torch.isfinite(_Out(how)(x[:1])).all() or "1 rows" in match
+    for call in (lambda: predict(_Out(how).eval(), x, y, RelativeGaussian(0.05), cache=False),
+                 lambda: sensitivity(_Out(how).eval(), x, y, RelativeGaussian(0.05))):
+        with pytest.raises(ValueError, match=match):
+            call()
+
+
+def test_moment_probabilities_stay_within_zero_and_one():
+    """The moment method's per-input probabilities (the mixture's weighted average of
+    ones, which rounding put at 1 + 2e-16) and its bounds lie in [0, 1]; at a level where
+    the propagated moments overflow it says so."""
+    x, y = held_out(32)
+    net = trained("mlp")
+    p = predict(net, x, y, RelativeGaussian(1e-8), method="moments", cache=False)
+    for t in (p.correct_prob, torch.as_tensor(p.accuracy_upper), torch.as_tensor(p.accuracy_lower)):
+        assert float(t.max()) <= 1.0 and float(t.min()) >= 0.0
+    with torch.no_grad():
+        assert p.accuracy == pytest.approx(float((net(x).argmax(1) == y).double().mean()), abs=1e-12)

@@ -127,10 +127,19 @@ def moment_correct_probability(mean: torch.Tensor, cov: torch.Tensor, terms: tup
                                n_points: int, seed: int):
     """``(P(correct), lower, upper)`` per input of the moment method: under the output
     layer's scale mixture when its terms are known (:func:`mixture_correct_probability`),
-    else Gaussian logits (:func:`~noiseprop.theory.accuracy.correct_probability`)."""
+    else Gaussian logits (:func:`~noiseprop.theory.accuracy.correct_probability`).
+    Clipped to ``[0, 1]`` (the mixture's weights sum to 1 only within rounding); logit
+    moments that overflowed are refused with a clear error."""
+    bad = ~(torch.isfinite(mean).all(-1) & torch.isfinite(cov).flatten(1).all(-1))
+    if bool(bad.any()):
+        raise ValueError(f"the moment method's logit mean or covariance is not finite on {int(bad.sum())} of "
+                         f"{mean.shape[0]} inputs: the noise is so large that the propagated moments overflow; "
+                         "use a smaller level (or method='linear', or Monte-Carlo)")
     if terms is None:
-        return correct_probability(mean, cov, y, n_points=n_points, seed=seed)
-    return mixture_correct_probability(mean, cov, terms, y, n_points=n_points, seed=seed)
+        out = correct_probability(mean, cov, y, n_points=n_points, seed=seed)
+    else:
+        out = mixture_correct_probability(mean, cov, terms, y, n_points=n_points, seed=seed)
+    return tuple(t.clamp(0.0, 1.0) for t in out)
 
 
 def node_points(n_points: int, weight: float) -> int:
