@@ -102,6 +102,10 @@ class LinearizedNetwork:
     """
 
     def __init__(self, model: nn.Module, targets=None, warn_train_mode: bool = True):
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            raise ValueError(f"model is wrapped in {type(model).__name__}, whose parameters the analytic prediction "
+                             "cannot replace per call (torch.func.functional_call); pass the wrapped network, "
+                             "model.module")
         plan: TargetPlan = resolve_targets(model, targets)
         net = plan.model
         if _any_training(net):

@@ -260,6 +260,21 @@ def resolve_targets(model: nn.Module, targets=None) -> TargetPlan:
                          "model one device array per layer")
     missing = [n for n in names if n not in order]
     if missing:  # shared or unregistered parameters
+        from torch.nn.utils import parametrize
+
+        mods = dict(net.named_modules())
+
+        def parametrized(n):
+            mod = mods.get(n.rpartition(".")[0])
+            return mod is not None and parametrize.is_parametrized(mod, n.rpartition(".")[2])
+
+        para = [n for n in missing if parametrized(n)]
+        if para:
+            raise ValueError(f"parameters {para} are parametrized (torch.nn.utils.parametrize, e.g. weight_norm or "
+                             "spectral_norm): the tensor a layer uses is computed from others, which noise cannot be "
+                             "put on as one device array; remove the parametrization first "
+                             "(torch.nn.utils.parametrize.remove_parametrizations(layer, 'weight')), or name the "
+                             "underlying parameters (…parametrizations.weight.original…) in targets=")
         raise ValueError(f"parameters {missing} are not registered parameters of the model")
     names = sorted(dict.fromkeys(names), key=order.__getitem__)
     return TargetPlan(model=net, names=tuple(names), targets=t, folded=folded)

@@ -135,6 +135,9 @@ def check_model(model) -> nn.Module:
     BatchNorm running variances ``>= 0``."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module mapping inputs to logits, got {type(model).__name__}")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError("model is a TorchScript module (torch.jit.script or torch.jit.trace), whose parameters "
+                        "cannot be replaced per call; pass the original torch.nn.Module")
     for name, p in list(model.named_parameters()) + list(model.named_buffers()):
         if p.device.type == "meta":
             raise ValueError(f"model parameter {name!r} is on the 'meta' device (no values); load real weights "
@@ -406,7 +409,8 @@ def is_fit_error(exc: BaseException) -> bool:
     layer (shape, channel count, dtype) rather than a failure of the model itself."""
     if isinstance(exc, IndexError):  # torch's "Dimension out of range" (a flatten or a view of too few dims)
         return "dimension out of range" in str(exc).lower()
-    return isinstance(exc, RuntimeError) and any(w in str(exc).lower() for w in _FIT_WORDS)
+    # torch's BatchNorm/InstanceNorm raise ValueError ("expected 4D input (got 3D input)")
+    return isinstance(exc, (RuntimeError, ValueError)) and any(w in str(exc).lower() for w in _FIT_WORDS + ("rank",))
 
 
 def probe_logits(forward, x: torch.Tensor, shape=None) -> torch.Tensor:
@@ -417,7 +421,7 @@ def probe_logits(forward, x: torch.Tensor, shape=None) -> torch.Tensor:
     try:
         with torch.no_grad():
             out = forward(x)
-    except (RuntimeError, IndexError) as e:
+    except (RuntimeError, IndexError, ValueError) as e:
         if is_fit_error(e):
             raise model_fit_error(e, x, shape) from e
         raise

@@ -1065,3 +1065,29 @@ def test_moment_probabilities_stay_within_zero_and_one():
         assert float(t.max()) <= 1.0 and float(t.min()) >= 0.0
     with torch.no_grad():
         assert p.accuracy == pytest.approx(float((net(x).argmax(1) == y).double().mean()), abs=1e-12)
+
+
+def test_models_the_prediction_cannot_take_are_named():
+    """A DataParallel wrapper, a TorchScript module and a weight_norm parametrization get
+    errors that say what to pass instead; inputs without the channel dimension of a
+    BatchNorm network (torch raises a ValueError there) read "x does not fit the model"."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    x, y = held_out(16)
+
+    def mlp():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10)).eval()
+
+    with pytest.raises(ValueError, match=r"DataParallel.*pass the wrapped network, model.module"):
+        predict(nn.DataParallel(mlp()), x, y, RelativeGaussian(0.1))
+    for scripted in (torch.jit.script(mlp()), torch.jit.trace(mlp(), x)):
+        with pytest.raises(TypeError, match=r"TorchScript module .* pass the original torch.nn.Module"):
+            predict(scripted, x, y, RelativeGaussian(0.1))
+    net = mlp()
+    weight_norm(net[1])
+    with pytest.raises(ValueError, match=r"\['1.weight'\] are parametrized .*remove_parametrizations"):
+        predict(net, x, y, RelativeGaussian(0.1))
+    bn = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 10)).eval()
+    with pytest.raises(ValueError, match=r"x does not fit the model: .* shape \(16, 8, 8\) .*expected 4D input"):
+        predict(bn, x[:, 0], y, RelativeGaussian(0.1))
