@@ -159,21 +159,33 @@ def check_model(model) -> nn.Module:
     return model
 
 
+def _from_numpy(name: str, a, what: str):
+    """A numpy array as a tensor (a copy where torch cannot share its memory: negative
+    strides, a read-only or non-native byte order); an array torch has no dtype for
+    (object, strings) is a clear ``TypeError``; anything else is returned as given."""
+    if not isinstance(a, np.ndarray):
+        return a
+    if a.dtype.kind not in "biufc":
+        raise TypeError(f"{name} must hold {what}; got a numpy array of dtype {a.dtype}")
+    return torch.from_numpy(np.array(a, dtype=a.dtype.newbyteorder("=") if a.dtype.byteorder not in "=|" else a.dtype,
+                                     copy=not (a.flags.c_contiguous and a.flags.writeable and a.dtype.isnative)))
+
+
 def check_inputs(model, x, y):
     """Validate ``model, x, y`` at a public boundary; return ``(x, y)`` as tensors with
     ``y`` int64. Errors name the problem and what is accepted."""
     check_model(model)
-    if isinstance(x, np.ndarray):
-        x = torch.from_numpy(x)
+    x = _from_numpy("x", x, "floating-point inputs")
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a tensor of inputs, got {type(x).__name__}")
+    if x.layout != torch.strided:
+        raise TypeError(f"x must be a dense tensor, got layout {x.layout}; convert with x.to_dense()")
     if not torch.is_floating_point(x):
         raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
     if x.dim() < 2:
         raise ValueError(f"x must be a batch of inputs [N, ...] (at least 2 dimensions), got shape {tuple(x.shape)}; "
                          "N scalar inputs are x[:, None], one input is x[None]")
-    if isinstance(y, np.ndarray):
-        y = torch.from_numpy(y)
+    y = _from_numpy("y", y, "integer class labels")
     if not isinstance(y, torch.Tensor):
         raise TypeError(f"y must be a tensor of integer class labels, got {type(y).__name__}")
     if torch.is_floating_point(y) or torch.is_complex(y) or y.dtype == torch.bool:

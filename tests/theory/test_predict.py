@@ -1091,3 +1091,23 @@ def test_models_the_prediction_cannot_take_are_named():
     bn = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 10)).eval()
     with pytest.raises(ValueError, match=r"x does not fit the model: .* shape \(16, 8, 8\) .*expected 4D input"):
         predict(bn, x[:, 0], y, RelativeGaussian(0.1))
+
+
+def test_numpy_inputs_torch_cannot_share_and_sparse_inputs():
+    """Numpy inputs with negative strides, a non-native byte order or read-only memory
+    give the same prediction as the tensors; an object-dtype y and a sparse x get errors
+    naming them (before: torch's negative-stride message, a conversion TypeError, a
+    NotImplementedError from isfinite)."""
+    x, y = held_out(16)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10)).eval()
+    ref = predict(net, x.flip(0), y.flip(0), RelativeGaussian(0.1), cache=False, diagnostic=False)
+    ro = x.flip(0).numpy().copy()
+    ro.flags.writeable = False
+    for xa in (x.numpy()[::-1], x.flip(0).numpy().astype(">f4"), ro):
+        p = predict(net, xa, y.numpy()[::-1], RelativeGaussian(0.1), cache=False, diagnostic=False)
+        assert torch.equal(p.logit_var, ref.logit_var) and p.accuracy == ref.accuracy
+    with pytest.raises(TypeError, match="y must hold integer class labels; got a numpy array of dtype object"):
+        predict(net, x, y.numpy().astype(object), RelativeGaussian(0.1))
+    with pytest.raises(TypeError, match="x must be a dense tensor, got layout torch.sparse_coo"):
+        predict(net, x.reshape(16, 64).to_sparse(), y, RelativeGaussian(0.1))
