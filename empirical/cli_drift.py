@@ -18,10 +18,12 @@ import numpy as np
 from noiseprop.theory.drift import LINEARIZE_AT, predict_drift
 from noiseprop.theory.predict import OUTSIDE_RANGE
 from noiseprop.theory.hardware import PCMLike
+from noiseprop.theory.noise import MAX_LEVEL
 from noiseprop.theory.validation import check_figure_path, check_number, save_figure
 
 from .cli import CLIError
-from .cli_mc import add_model_data_args, check_accuracy_draws, check_batch_size, check_n_inputs, load_model_and_data
+from .cli_mc import (add_model_data_args, check_accuracy_draws, check_batch_size, check_n_inputs, load_model_and_data,
+                     split_list)
 from .montecarlo import drift_sweep
 
 DEFAULT_TIMES = "1,3600,86400,2.6e6,3.15e7,3.15e8"
@@ -31,7 +33,11 @@ _TIME_LABELS = [(1.0, "1 s"), (3600.0, "1 h"), (86400.0, "1 d"), (2.6e6, "1 mo")
 
 def _parse_times(text: str) -> list[float]:
     try:
-        times = [float(v) for v in str(text).split(",") if v.strip()]
+        items = split_list(text, "--times", DEFAULT_TIMES)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    try:
+        times = [float(v) for v in items]
     except ValueError:
         raise CLIError(f"--times must be comma-separated seconds since programming, e.g. {DEFAULT_TIMES}; got {text!r}") from None
     if not times or any(not math.isfinite(t) or t < 0 for t in times):
@@ -95,6 +101,10 @@ def cmd_drift(args) -> int:
     times = _parse_times(args.times)
     if args.draws != 0 and args.draws < 2:
         raise CLIError(f"--draws must be 0 (prediction only) or >= 2, got {args.draws}")
+    if args.draws and max(times) > MAX_LEVEL:  # the simulation's largest level (drift_sweep), checked before any work
+        raise CLIError(f"--times must be seconds <= {MAX_LEVEL:.3g} (about {MAX_LEVEL / 3.156e7:.2g} years, the largest "
+                       f"level a Monte-Carlo simulation takes) with --draws {args.draws}, got {args.times!r}; use "
+                       "smaller times, or --draws 0 for the prediction alone")
     if args.no_compensation and args.both:
         raise CLIError("--no-compensation and --both exclude each other")
     if args.classes is not None:

@@ -10,7 +10,7 @@ from noiseprop.theory.validation import check_int, check_levels, check_seed
 from .checkpoint import load_checkpoint
 from .cli import dumps
 from .data import load_dataset
-from .montecarlo import check_family_levels, monte_carlo, sweep
+from .montecarlo import check_family_levels, check_sweep_family, monte_carlo, sweep
 
 
 def add_model_data_args(p) -> None:
@@ -93,19 +93,34 @@ def cmd_mc(args) -> int:
     return 0
 
 
+def split_list(text, flag: str, example: str) -> list[str]:
+    """The comma-separated items of a list flag's value, each stripped; an empty value or
+    an empty item (``1,,3``, ``1,3,``) is refused by the flag's name, not dropped."""
+    items = [v.strip() for v in str(text).split(",")]
+    if not any(items):
+        raise ValueError(f"{flag} is empty: give comma-separated numbers such as {example}")
+    if not all(items):
+        where = ", ".join(str(i + 1) for i, v in enumerate(items) if not v)
+        raise ValueError(f"{flag} {text!r} has an empty item (position {where}): give comma-separated numbers such "
+                         f"as {example}, without doubled, leading or trailing commas")
+    return items
+
+
 def _parse_levels(text: str, noise=None) -> list[float]:
     """The levels of ``--levels``, each checked (when ``noise`` is given) to be a level of
     that family (a fraction for stuck, whole bits for quantized, ...), by the flag's name."""
     try:
-        levels = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
+        levels = [float(v) for v in split_list(text, "--levels", "0,0.05,0.1")]
+    except ValueError as e:
+        if str(e).startswith("--levels"):
+            raise
         raise ValueError(f"--levels must be comma-separated numbers such as 0,0.05,0.1; got {text!r}") from None
     levels = [float(v) for v in check_levels(levels, MAX_LEVEL, name="--levels")]
     return levels if noise is None else check_family_levels(noise, levels, "--levels")
 
 
 def cmd_sweep(args) -> int:
-    noise = parse_noise(args.noise, default_level=1.0)
+    noise = parse_noise(check_sweep_family(args.noise, "--noise", "--levels"), default_level=1.0)
     levels = _parse_levels(args.levels, noise)
     check_draws(args.draws)
     model, x, y, _ = load_model_and_data(args)
@@ -135,7 +150,8 @@ def register(sub) -> None:
     p = sub.add_parser("sweep", help="accuracy/loss-vs-noise curve (common random numbers)",
                        description="Accuracy and loss over noise levels, same draws at every level.")
     add_model_data_args(p)
-    p.add_argument("--noise", default="relative", help="noise family (relative, relative-max, additive, multiplicative, ...)")
+    p.add_argument("--noise", default="relative", help="noise family without a level (relative, relative-max, additive, "
+                                                        "multiplicative, ...): the levels come from --levels")
     p.add_argument("--levels", default="0,0.05,0.1,0.2,0.3,0.5,0.7,1.0", help="comma-separated noise levels")
     p.add_argument("--draws", type=int, default=100)
     p.set_defaults(func=cmd_sweep)

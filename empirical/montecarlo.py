@@ -44,7 +44,8 @@ from noiseprop.theory.noise import MAX_LEVEL, WeightNoise, parse_noise
 from noiseprop.theory.results import LogitResult
 from noiseprop.theory.validation import check_levels, check_times
 from noiseprop.theory.validation import (check_bool, check_int, check_inputs, check_logits, check_probability,
-                                         check_seed, is_fit_error, model_fit_error, warn_if_probabilities)
+                                         check_seed, first_line, is_fit_error, model_fit_error,
+                                         warn_if_probabilities)
 from noiseprop.theory.validation import check_labels as _check_labels
 from noiseprop.theory.targets import (TargetPlan, _fold, find_fold_pairs, folding_affine, is_norm_layer,
                                       resolve_targets)
@@ -52,7 +53,45 @@ from noiseprop.theory.targets import (TargetPlan, _fold, find_fold_pairs, foldin
 from .formatting import fmt_ci
 from .stats import mean_ci, welford_update
 
-__all__ = ["MCResult", "SweepResult", "monte_carlo", "sweep", "drift_sweep", "check_inputs", "NoisyEvaluator"]
+__all__ = ["MCResult", "SweepResult", "monte_carlo", "sweep", "drift_sweep", "check_inputs", "NoisyEvaluator",
+           "copy_model"]
+
+
+def copy_model(model: nn.Module, who: str) -> nn.Module:
+    """``copy.deepcopy(model)``, or a ``TypeError`` that names the model and why it is
+    copied (``who``: the function that copies it) instead of an error from deep inside
+    :mod:`copy` / :mod:`pickle` (an attribute such as a ``threading.Lock`` cannot be
+    copied)."""
+    try:
+        return copy.deepcopy(model)
+    except Exception as e:  # noqa: BLE001 - whatever a user's attribute raises when copied
+        raise TypeError(f"model ({type(model).__name__}): {who} copies the model with copy.deepcopy so that the "
+                        f"user's model is never changed; this model cannot be copied: "
+                        f"{first_line(e, type(e).__name__)}. Make it copyable (drop or recreate the attribute in "
+                        f"__deepcopy__, or keep it outside the module)") from e
+
+
+def check_progress(progress, name: str = "progress"):
+    """``None`` (a bar only when stderr is a terminal), ``True`` or ``False``."""
+    if progress is None:
+        return None
+    if not isinstance(progress, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True, False or None (a bar only when stderr is a terminal), "
+                        f"got {type(progress).__name__} {progress!r}")
+    return bool(progress)
+
+
+def check_sweep_family(noise, name: str = "noise", levels_name: str = "levels"):
+    """Refuse a noise string that gives a level (``"relative:0.3"``) where ``levels_name``
+    gives the levels: which level is meant would be ambiguous (the string's level would be
+    ignored). A bare family name (``"relative"``) or a noise model object passes."""
+    if isinstance(noise, str) and ":" in noise:
+        family, _, level = (part.strip() for part in noise.strip().partition(":"))
+        raise ValueError(f"{name} {noise!r} gives a level ({level.split(',')[0]}) and {levels_name} gives the levels: "
+                         f"ambiguous (the string's level would be ignored). Give the family alone ({family!r}) with "
+                         f"{levels_name}" + (" (or, for settings, a noise model object, whose own level is not used)"
+                                             if not name.startswith("--") else ""))
+    return noise
 
 
 # ----------------------------------------------------------------------------
@@ -110,7 +149,7 @@ def _progress(total, enabled, desc):
 # ----------------------------------------------------------------------------
 # The engine
 # ----------------------------------------------------------------------------
-def _fold_digital_norms(plan: TargetPlan):
+def _fold_digital_norms(plan: TargetPlan, net: nn.Module | None = None):
     """A private copy of the network to evaluate, with every BatchNorm kept digital
     folded *after* the noise, and the per-parameter post-noise maps.
 
@@ -126,7 +165,7 @@ def _fold_digital_norms(plan: TargetPlan):
     (or noiseprop's norm layers, which define ``folding_affine``).
     """
     t = plan.targets
-    net = copy.deepcopy(plan.model)
+    net = copy_model(plan.model, "NoisyEvaluator") if net is None else net
     if t.fold_bn or t.norm or not any(is_norm_layer(m) for m in net.modules()) or _hooks_present(net):
         return net, {}
     try:  # traced on the private copy: the user's forward is never run
@@ -155,11 +194,12 @@ class NoisyEvaluator:
     ``w + level · u(w) ⊙ z`` in place, and evaluated in batches.
 
     ``u(w)`` is the noise model's unit scale (its scale at level 1). The user's model is
-    deep-copied once, never modified.
+    deep-copied once, never modified (``net``: that copy, already made by the caller).
     """
 
-    def __init__(self, plan: TargetPlan, noise: WeightNoise, batch_size: int | None = None):
-        self.net, self.post = _fold_digital_norms(plan)
+    def __init__(self, plan: TargetPlan, noise: WeightNoise, batch_size: int | None = None,
+                 net: nn.Module | None = None):
+        self.net, self.post = _fold_digital_norms(plan, net)
         self.net.eval()
         self.net.requires_grad_(False)
         # 2-D convolutions run markedly faster on oneDNN in channels-last layout
@@ -251,16 +291,23 @@ class _Run:
 
 
 def _run(model, x, y, noise, levels, draws, seed, targets, batch_size, keep_logits, progress, desc,
-         cv=None) -> tuple[_Run, TargetPlan]:
+         cv_factory=None, who: str = "monte_carlo") -> tuple[_Run, TargetPlan]:
+    """``cv_factory(x, y)``: the control variate, built after every check and the clean
+    pass (the linearisation is work)."""
     x, y = check_inputs(model, x, y)
     noise = parse_noise(noise)
     draws = check_int("draws", draws, 2)
     seed = check_seed("seed", seed)
     if batch_size is not None:
         batch_size = check_int("batch_size", batch_size, 1)
+    progress = check_progress(progress)
+    net = copy_model(model, who)  # before any work: the private copy the run perturbs
     _warn_train_mode(model)
     plan = resolve_targets(model, targets)
-    ev = NoisyEvaluator(plan, noise, batch_size=batch_size)
+    if plan.model is not model:  # fold_bn: the plan holds a folded copy, which the evaluator copies
+        net = None
+    ev = NoisyEvaluator(plan, noise, batch_size=batch_size, net=net)
+    del net
     _check_scales_fit(ev, max(levels))
     y_dev = y.to(ev.device)
     t0 = time.perf_counter()
@@ -271,6 +318,11 @@ def _run(model, x, y, noise, levels, draws, seed, targets, batch_size, keep_logi
     _check_labels(y, clean.shape[1])
     warn_if_probabilities(clean)
     clean_acc, clean_loss = _accuracy_and_loss(clean, y_dev)
+    cv = None
+    if cv_factory is not None:
+        t_cv = time.perf_counter()
+        cv = cv_factory(x, y)
+        t0 += time.perf_counter() - t_cv  # the run's seconds are those of the draws, as before
     L = len(levels)
     accs = np.empty((L, draws))
     losses = np.empty((L, draws))
@@ -305,6 +357,7 @@ def _run(model, x, y, noise, levels, draws, seed, targets, batch_size, keep_logi
     var = [m2 / (draws - 1) if m2 is not None else None for m2 in m2s]
     run = _Run(accs, losses, means, var, clean.double().cpu(), clean_acc, clean_loss, seconds)
     object.__setattr__(run, "fingerprint", inputs_fingerprint(x, y))
+    object.__setattr__(run, "cv", cv)
     if cv_vals is not None:
         object.__setattr__(run, "cv_values", cv_vals)
     object.__setattr__(run, "nonfinite", bad.sum(axis=1))
@@ -528,9 +581,11 @@ def monte_carlo(model: nn.Module, x, y, noise, targets=None, *, draws: int = 200
     noise: a :class:`~noiseprop.theory.noise.WeightNoise` or its string form.
     targets: what gets noise (:class:`~noiseprop.theory.targets.Targets`; default
         Conv/Linear weights, BatchNorm digital).
-    draws: number of noisy networks (>= 2). seed: seeds a private ``torch.Generator``.
+    draws: number of noisy networks (>= 2; >= 3 with ``control_variate``). seed: seeds a
+        private ``torch.Generator``.
     batch_size: inputs per forward pass (``None``: all at once).
-    progress: tqdm bar (``None``: only when stderr is a terminal).
+    progress: ``True`` / ``False``: a tqdm bar or none (``None``: only when stderr is a
+        terminal).
     control_variate: also evaluate the linearised network on the same draws and report
         control-variate estimates of mean accuracy and loss in ``extras``
         (``cv_accuracy``, ``cv_accuracy_se``, ``cv_accuracy_ci``,
@@ -548,15 +603,21 @@ def monte_carlo(model: nn.Module, x, y, noise, targets=None, *, draws: int = 200
     noise = parse_noise(noise)
     confidence = check_probability("confidence", confidence)
     control_variate = check_bool("control_variate", control_variate)
-    cv = None
+    draws = check_int("draws", draws, 2)
     if control_variate and isinstance(noise, HardwareNoise):
         raise ValueError(f"control_variate=True needs a zero-mean Gaussian noise model (it rescales one draw by a level); "
                          f"got {noise.to_string()!r}: use control_variate=False")
+    cv_factory = None
     if control_variate:
-        x, y = check_inputs(model, x, y)
-        cv = LinearControlVariate(model, x, y, noise, targets=targets, batch_size=batch_size or x.shape[0])
+        if draws < 3:
+            raise ValueError(f"draws must be an integer >= 3 with control_variate=True (the control-variate estimate "
+                             f"needs at least 3 paired draws), got {draws}; use draws >= 3 or control_variate=False")
+
+        def cv_factory(xc, yc):  # built by _run after every check and the clean pass
+            return LinearControlVariate(model, xc, yc, noise, targets=targets, batch_size=batch_size or xc.shape[0])
     run, plan = _run(model, x, y, noise, [noise.level], draws, seed, targets, batch_size, True, progress, "monte-carlo",
-                     cv=cv)
+                     cv_factory=cv_factory, who="monte_carlo")
+    cv = run.cv
     extras = _control_variate_extras(run, cv, noise.level, confidence) if cv is not None else {}
     if run.nonfinite[0]:
         extras["nonfinite_draws"] = int(run.nonfinite[0])
@@ -587,9 +648,10 @@ def sweep(model: nn.Module, x, y, noise, levels, targets=None, *, draws: int = 1
           confidence: float = 0.95) -> SweepResult:
     """Accuracy/loss-vs-noise-level curve with common random numbers.
 
-    ``noise`` names the family (a noise model, whose own level is ignored, or a string
-    such as ``"relative"``); ``levels`` are the levels (η or σ) to evaluate. Draw
-    ``d`` uses the same standard-normal tensors at every level: weights ``w + λ u(w) ⊙ z_d``.
+    ``noise`` names the family (a noise model, whose own level is ignored, or a family
+    name such as ``"relative"``; a string with a level, ``"relative:0.3"``, is refused as
+    ambiguous); ``levels`` are the levels (η or σ) to evaluate. Draw ``d`` uses the same
+    standard-normal tensors at every level: weights ``w + λ u(w) ⊙ z_d``.
 
     >>> import torch
     >>> from noiseprop.theory.examples import tiny_problem
@@ -598,11 +660,19 @@ def sweep(model: nn.Module, x, y, noise, levels, targets=None, *, draws: int = 1
     >>> s.accuracies.shape, bool((s.accuracies[0] == s.clean_accuracy).all())
     ((2, 10), True)
     """
-    noise = parse_noise(noise, default_level=1.0)
+    noise = parse_noise(check_sweep_family(noise), default_level=1.0)
     levels = check_family_levels(noise, check_levels(levels, MAX_LEVEL))
+    return _sweep(model, x, y, noise, levels, targets, draws, seed, batch_size, keep_logits, progress, confidence,
+                  "sweep")
+
+
+def _sweep(model, x, y, noise, levels, targets, draws, seed, batch_size, keep_logits, progress, confidence,
+           who) -> SweepResult:
+    """:func:`sweep` and :func:`drift_sweep` once ``noise`` and the levels are checked."""
     confidence = check_probability("confidence", confidence)
     keep_logits = check_bool("keep_logits", keep_logits)
-    run, plan = _run(model, x, y, noise, list(levels), draws, seed, targets, batch_size, keep_logits, progress, "sweep")
+    run, plan = _run(model, x, y, noise, list(levels), draws, seed, targets, batch_size, keep_logits, progress, "sweep",
+                     who=who)
     family = noise.to_string().split(":")[0]
     return SweepResult(
         noise=family, targets=plan.targets.describe(), levels=levels, draws=int(draws), seed=int(seed),
@@ -624,7 +694,9 @@ def drift_sweep(model: nn.Module, x, y, noise, times, targets=None, *, draws: in
     level is the time (:class:`~noiseprop.theory.hardware.PCMLike`), with common random
     numbers: draw ``d`` programs the same chip (the same ``z₁, z₂, z₃`` per device) and
     reads it at every time in ``times`` (seconds >= 0). ``SweepResult.levels`` are the
-    times. A thin wrapper of :func:`sweep` with the times checked.
+    times (at most :data:`~noiseprop.theory.noise.MAX_LEVEL`, the largest level a
+    simulation takes). ``noise``: a model object (its own time is not used) or a family
+    name (``"pcm"``). A thin wrapper of :func:`sweep` with the times checked.
 
     >>> import torch
     >>> from noiseprop.theory.examples import tiny_problem
@@ -634,8 +706,13 @@ def drift_sweep(model: nn.Module, x, y, noise, times, targets=None, *, draws: in
     >>> s.levels.tolist(), s.accuracies.shape
     ([1.0, 31500000.0], (2, 4))
     """
-    noise = parse_noise(noise)
+    noise = parse_noise(check_sweep_family(noise, levels_name="times"), default_level=1.0)
     if not isinstance(noise, HardwareNoise) or not hasattr(noise, "t"):
         raise TypeError(f"noise must be a time-dependent hardware model such as PCMLike(...), got {noise!r}")
-    return sweep(model, x, y, noise, check_times(times), draws=draws, seed=seed, targets=targets,
-                 batch_size=batch_size, keep_logits=keep_logits, progress=progress, confidence=confidence)
+    tv = check_times(times)
+    if np.any(tv > MAX_LEVEL):
+        raise ValueError(f"times must be seconds since programming: finite numbers >= 0 and <= {MAX_LEVEL:.3g} (the "
+                         f"largest level a simulation takes, about {MAX_LEVEL / 3.156e7:.2g} years), got {times!r}")
+    levels = check_family_levels(noise, tv, "times")
+    return _sweep(model, x, y, noise, levels, targets, draws, seed, batch_size, keep_logits, progress, confidence,
+                  "drift_sweep")

@@ -58,6 +58,7 @@ from .checkpoint import (CheckpointError, _check_save_args, _torch_load, _write_
                          load_checkpoint, save_checkpoint)
 from .data import Dataset, load_dataset
 from .models import _family, build_model, model_spec
+from .montecarlo import copy_model
 
 __all__ = [
     "train",
@@ -396,7 +397,7 @@ def _check_user_model(model: nn.Module, data: Dataset) -> None:
     if dtypes and dtypes != [str(x.dtype)]:
         raise TypeError(f"{name}: the model's parameters are {', '.join(dtypes)} but the dataset {data.name!r} holds "
                         f"{x.dtype} inputs; convert the model, e.g. model.to({x.dtype})")
-    probe = copy.deepcopy(model).eval()
+    probe = copy_model(model, "train").eval()  # a clear error for a module that cannot be copied
     xb = x[:2]
     try:
         with torch.random.fork_rng(devices=[]):
@@ -494,6 +495,10 @@ def train(model_or_spec, data="digits", lr=None, epochs=None, batch_size=None, m
         raise ValueError(f"unknown schedule {config['schedule']!r}; accepted: {list(SCHEDULES)}")
     eval_every = check_int("eval_every", eval_every, 1)
     cache = check_bool("cache", cache)
+    if not (progress is None or isinstance(progress, bool) or type(progress).__name__ == "bool_"
+            or (isinstance(progress, str) and progress == "auto") or (callable(progress) and not isinstance(progress, str))):
+        raise TypeError(f"progress must be None or False (silent), True (a bar), 'auto' (a bar when stderr is a "
+                        f"terminal) or a callable taking each epoch's record, got {type(progress).__name__} {progress!r}")
     num_threads = torch.get_num_threads() if num_threads is None else check_int("num_threads", num_threads, 1)
     config["threads"] = num_threads
     if noise is not None:
@@ -566,7 +571,7 @@ def train(model_or_spec, data="digits", lr=None, epochs=None, batch_size=None, m
     if spec is not None:
         model = build_model(**spec, seed=config["seed"])
     else:
-        model = copy.deepcopy(user_model)
+        model = copy_model(user_model, "train")
     threads_before = torch.get_num_threads()
     try:
         if num_threads != threads_before:

@@ -156,7 +156,9 @@ def _noise_scale(lin: LinearizedNetwork, noise):
 def _check_xy(lin: LinearizedNetwork, x, y):
     x, y = check_inputs(lin.net, x, y)
     x1 = x[:1].to(lin.device)
-    probe_logits(lin.forward, x1, x.shape)  # "x does not fit the model", a tuple output: clear errors
+    with warnings.catch_warnings():  # the probability warning comes once, from the caller's own probe
+        warnings.simplefilter("ignore", UserWarning)
+        probe_logits(lin.forward, x1, x.shape)  # "x does not fit the model", a tuple output: clear errors
     check_noise_reaches(lin, x1)  # a detached path: its curvature would be left out
     return x, y
 
