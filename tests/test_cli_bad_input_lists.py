@@ -1,4 +1,4 @@
-"""Bad flags of ``noiseprop drift`` and ``noiseprop sweep`` (fuzz round s39): refused in
+"""Bad flags of ``noiseprop drift`` and ``noiseprop sweep`` (found by a fuzz of the API): refused in
 one line that names the flag, before any work (the work functions are replaced by ones
 that fail the test), nothing written. Small and seeded: a tiny untrained MLP checkpoint
 and the built-in digits."""

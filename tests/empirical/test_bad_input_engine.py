@@ -1,4 +1,4 @@
-"""Bad input to the Monte-Carlo entry points, train and load_dataset (fuzz round s39):
+"""Bad input to the Monte-Carlo entry points, train and load_dataset (found by a fuzz of the API):
 each is refused with a TypeError/ValueError that names the argument and says what is
 accepted, before any work, and the user's model is left as it was.
 
