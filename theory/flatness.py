@@ -51,7 +51,8 @@ from torch.func import grad, jvp, vmap
 
 from .linearize import LinearizedNetwork, check_noise_reaches
 from .noise import parse_noise
-from .validation import check_bool, check_inputs, check_int, check_number, check_seed, probe_logits
+from .validation import (check_bool, check_finite_logits, check_inputs, check_int, check_number, check_seed,
+                         probe_logits)
 
 __all__ = [
     "HessianTrace",
@@ -160,6 +161,7 @@ def _check_xy(lin: LinearizedNetwork, x, y):
         warnings.simplefilter("ignore", UserWarning)
         probe_logits(lin.forward, x1, x.shape)  # "x does not fit the model", a tuple output: clear errors
     check_noise_reaches(lin, x1)  # a detached path: its curvature would be left out
+    check_finite_logits(lin.logits(x))  # NaN/inf logits: a NaN trace, an ARPACK failure
     return x, y
 
 
