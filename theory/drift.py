@@ -72,7 +72,8 @@ from .accuracy import DEFAULT_N_POINTS, check_n_points, correct_probability, sam
 from .hardware import HardwareNoise, PCMLike, programmed_abs_moments
 from .hashing import inputs_fingerprint
 from .results import Deferred
-from .linearize import (DEFAULT_JACOBIAN_BUDGET, PASS_CHUNK_CAP, LinearizedNetwork, check_noise_reaches, _patch_size, read_without_call,
+from .linearize import (DEFAULT_JACOBIAN_BUDGET, PASS_CHUNK_CAP, LinearizedNetwork, _fast_ok, check_noise_reaches,
+                        tap_route_problems, _patch_size, read_without_call,
                         backprop_signals, graph_and_signals, jacobian_pass, scaled_jacobian, tap_jacobian,
                         tapping)
 from .moments import DEFAULT_RANK, DEFAULT_SPATIAL_RANK, MomentPropagator, propagate_moments
@@ -272,8 +273,7 @@ def _fast_pass(lin_pt: LinearizedNetwork, x: torch.Tensor, units: Sequence[dict]
     for name in lin_pt.names:
         mname, _, pname = name.rpartition(".")
         mod = modules.get(mname)
-        ok = pname == "weight" and mname and (isinstance(mod, nn.Linear) or (
-            isinstance(mod, nn.Conv2d) and mod.padding_mode == "zeros"))
+        ok = pname == "weight" and mname and _fast_ok(mod)
         if not ok:
             return None
         fast[mname] = name
@@ -283,6 +283,8 @@ def _fast_pass(lin_pt: LinearizedNetwork, x: torch.Tensor, units: Sequence[dict]
         c0 = lin_pt.forward(x[:1].to(lin_pt.device)).shape[-1]
     if read_without_call(lin_pt, [fast[m] for m in fast if m not in {t.name for t in probe}], x[:1].to(lin_pt.device)):
         return None  # a weight read without calling its layer (attention's out_proj): the generic route
+    if tap_route_problems(lin_pt, x, {m: ["weight"] for m in fast}):
+        return None  # input rows that are not the batch's, or a weight also used outside its layer: the generic route
     cs = c0 if index is None else index.shape[1]  # the classes (slots) differentiated
     if chunk_size is None:
         chunk_size = _fast_chunk_size(probe, cs, len(units), len(tangents) + draws,
@@ -304,6 +306,8 @@ def _fast_pass(lin_pt: LinearizedNetwork, x: torch.Tensor, units: Sequence[dict]
             out = lin_pt.forward(xb)
         if out.dim() != 2:
             raise ValueError(f"the model must map a batch of inputs to logits of shape [N, C]; got shape {tuple(out.shape)}")
+        if taps.untapped or any(t.x.dim() == 0 or t.x.shape[0] != b for t in taps):
+            return None  # a layer called on part of the chunk (a batch split inside the forward): the generic route
         sel = None if index is None else index[i:i + chunk_size].to(out.device)
         deltas = backprop_signals(out, [t.e for t in taps], index=sel)
         cov_c = [torch.zeros(b, cs, cs, dtype=torch.float64) for _ in units]

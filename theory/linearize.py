@@ -69,6 +69,8 @@ __all__ = [
     "first_order_loss_change",
     "piecewise_linear",
     "select_classes",
+    "tap_route_problems",
+    "layer_rule_problems",
 ]
 
 #: Default memory budget (bytes) for one chunk of per-input Jacobians.
@@ -349,10 +351,22 @@ class Tap:
     e: torch.Tensor
 
 
-def _fast_ok(module: nn.Module) -> bool:
+def _own_forward(module: nn.Module) -> bool:
+    """A subclass of Linear/Conv2d whose ``forward`` (or ``_conv_forward``) is its own."""
     if isinstance(module, nn.Linear):
-        return True
-    return isinstance(module, nn.Conv2d) and module.padding_mode == "zeros"  # padding="same" too (unfold_input)
+        return type(module).forward is not nn.Linear.forward
+    return isinstance(module, nn.Conv2d) and (type(module).forward is not nn.Conv2d.forward
+                                              or type(module)._conv_forward is not nn.Conv2d._conv_forward)
+
+
+def _fast_ok(module: nn.Module) -> bool:
+    """A Linear or zero-padded Conv2d layer computing what its class computes (a subclass
+    with its own ``forward``, e.g. weight standardisation, is not ``x Wᵀ + b``: the
+    generic route differentiates it)."""
+    if isinstance(module, nn.Linear):
+        return not _own_forward(module)
+    return (isinstance(module, nn.Conv2d) and module.padding_mode == "zeros"  # padding="same" too (unfold_input)
+            and not _own_forward(module))
 
 
 def affine_backward(mod: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor | None:
@@ -371,6 +385,15 @@ def affine_backward(mod: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch
     return out.detach() + (x - x.detach()) * a
 
 
+class _Taps(list):
+    """The taps of a forward pass, and the names of tapped layers called in a way a tap
+    cannot record (``untapped``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.untapped: set = set()
+
+
 @contextmanager
 def tapping(modules: Mapping[int, tuple[str, nn.Module]]):
     """Within the context, every call of a module whose ``id`` is in ``modules`` records a
@@ -381,7 +404,7 @@ def tapping(modules: Mapping[int, tuple[str, nn.Module]]):
     per-channel affine map it is (:func:`affine_backward`): the same values, the same
     gradient, and a backward that is one product instead of
     ``native_batch_norm_backward``."""
-    taps: list[Tap] = []
+    taps = _Taps()
 
     def hook(mod, inp, out):
         hit = modules.get(id(mod))
@@ -389,6 +412,9 @@ def tapping(modules: Mapping[int, tuple[str, nn.Module]]):
             if torch.is_grad_enabled() and inp and isinstance(inp[0], torch.Tensor) and inp[0].requires_grad \
                     and isinstance(out, torch.Tensor) and out.shape == inp[0].shape:
                 return affine_backward(mod, inp[0], out)
+            return None
+        if not inp or not isinstance(inp[0], torch.Tensor) or not isinstance(out, torch.Tensor):
+            taps.untapped.add(hit[0])  # called with a keyword (layer(input=x)): no tap (tap_route_problems)
             return None
         e = torch.zeros_like(out, requires_grad=True)
         taps.append(Tap(hit[0], mod, inp[0].detach(), e))
@@ -442,6 +468,90 @@ def check_noise_reaches(lin: "LinearizedNetwork", x1: torch.Tensor) -> None:
                          "forward (a .detach() or torch.no_grad() on their path): the analytic prediction would "
                          "leave their noise out. Remove the detach/no_grad from the forward, or leave these "
                          "parameters out of the noise with targets=...")
+
+
+def tap_route_problems(lin: "LinearizedNetwork", x: torch.Tensor, fast: Mapping[str, Sequence[str]]) -> set:
+    """The layers among ``fast`` (module name -> its target parameter names) whose weight
+    derivatives the tapped route would get wrong; their parameters take the generic
+    route. The tapped route reads each call's input ``x`` and output signal ``δ`` and
+    forms ``δ ⊗ x`` per input, which holds only when every call maps the batch's rows
+    one to one and the weight enters the logits through these calls alone. Checked on
+    the first two inputs of ``x``:
+
+    - each call's input has the batch as its first dimension, and the layer is called as
+      often for one input as for two (not: a learned token ``[1, F]``, sequence-first
+      ``[S, N, F]``, prototypes, a per-input loop, a keyword call ``layer(input=x)``);
+    - the weight's gradient of a seeded random projection of the logits equals the sum
+      of the taps' ``δ ⊗ x`` (not: a weight also read outside its layer's call, a tied
+      decoder ``F.linear(h, enc.weight.t())``).
+
+    One forward for one input and one forward and backward for two; remembered with the
+    network's structure (:func:`structure_memo`). The pass itself checks that each call
+    has the chunk's batch size (a batch split or concatenated inside the forward)."""
+    def compute():
+        modules = dict(lin.net.named_modules())
+        watch = {id(modules[m]): (m, modules[m]) for m in fast}
+        xs = x[:2].to(lin.device)
+        bad: set = set()
+        calls = []
+        for xb in ((xs[:1], xs) if xs.shape[0] > 1 else (xs,)):
+            with torch.no_grad(), tapping(watch) as taps:
+                lin.forward(xb)
+            bad |= taps.untapped
+            per: dict = {}
+            for t in taps:
+                per[t.name] = per.get(t.name, 0) + 1
+                if t.x.dim() == 0 or t.x.shape[0] != xb.shape[0] or t.e.dim() == 0 or t.e.shape[0] != xb.shape[0]:
+                    bad.add(t.name)
+            calls.append(per)
+        if len(calls) == 2:
+            bad |= {m for m in set(calls[0]) | set(calls[1]) if calls[0].get(m) != calls[1].get(m)}
+        names = {m: qualified_name(m, "weight") for m in fast if m not in bad and "weight" in fast[m]}
+        if not names:
+            return sorted(bad)
+        tp = {n: lin.target_params[n].detach().clone().requires_grad_(True) for n in names.values()}
+        watch = {id(modules[m]): (m, modules[m]) for m in names}
+        with torch.enable_grad(), tapping(watch) as taps:
+            out = lin.forward(xs, tp)
+            r = torch.randn(out.shape, generator=torch.Generator().manual_seed(0)).to(out.dtype).to(out.device)
+            grads = torch.autograd.grad((out * r).sum(), list(tp.values()) + [t.e for t in taps], allow_unused=True)
+        exact = dict(zip(tp, grads[:len(tp)]))
+        via_taps: dict = {}
+        for t, g in zip(taps, grads[len(tp):]):
+            if g is not None:
+                gw = tap_jacobian(t, g.unsqueeze(0), "weight").sum(0)[0]
+                via_taps[t.name] = via_taps[t.name] + gw if t.name in via_taps else gw
+        for m, n in names.items():
+            ge, gt = exact[n], via_taps.get(m)
+            if ge is None and gt is None:
+                continue
+            ge = torch.zeros(tp[n].numel(), dtype=tp[n].dtype, device=tp[n].device) if ge is None else ge.reshape(-1)
+            gt = torch.zeros_like(ge) if gt is None else gt.reshape(-1).to(ge.dtype)
+            scale = float(ge.abs().max().clamp_min(gt.abs().max()))
+            if scale > 0 and float((gt - ge).abs().max()) > 1e-3 * scale:
+                bad.add(m)
+        return sorted(bad)
+
+    return set(structure_memo(lin, ("tap_route_problems", tuple((m, tuple(p)) for m, p in fast.items())), compute))
+
+
+def layer_rule_problems(lin: "LinearizedNetwork", x: torch.Tensor) -> list[str]:
+    """The noisy Linear/Conv2d layers whose per-layer rule (``x Wᵀ + b`` or a zero-padded
+    convolution, per input row) does not describe what the network does with their
+    weights: a subclass with its own ``forward`` (:func:`_fast_ok`), or what
+    :func:`tap_route_problems` finds (a weight also used outside its layer, input rows
+    that are not the batch's). The moment method, which has no generic route, refuses
+    them."""
+    modules = dict(lin.net.named_modules())
+    mods: dict = {}
+    for name in lin.names:
+        mname, _, pname = name.rpartition(".")
+        mod = modules.get(mname)
+        if isinstance(mod, (nn.Linear, nn.Conv2d)) and pname in ("weight", "bias"):
+            mods.setdefault(mname, []).append(pname)
+    own = [m for m in mods if _own_forward(modules[m])]
+    rest = {m: p for m, p in mods.items() if m not in own and _fast_ok(modules[m])}
+    return sorted(set(own) | tap_route_problems(lin, x, rest))
 
 
 def backprop_signals(out: torch.Tensor, leaves: Sequence[torch.Tensor],
@@ -862,7 +972,8 @@ def jacobian_pass(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, to
                   chunk_size: int | None = None, draws: int = 0, seed: int = 0,
                   progress=None, per_layer: bool = False,
                   extra_units: Sequence[Mapping[str, torch.Tensor]] = (), classes: int | None = None,
-                  labels: torch.Tensor | None = None, index: torch.Tensor | None = None) -> JacobianPass:
+                  labels: torch.Tensor | None = None, index: torch.Tensor | None = None,
+                  _slow_modules: frozenset = frozenset()) -> JacobianPass:
     """Per-input Jacobians over ``x`` in chunks, contracted to the level-1 logit
     covariance ``J diag(u²) Jᵀ`` and (``draws > 0``) to ``draws`` shared draws of the
     linearised network ``J (u ⊙ ξ_k)``.
@@ -915,6 +1026,10 @@ def jacobian_pass(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, to
         slow += read_without_call(lin, [qualified_name(m, p) for m in uncalled for p in fast[m]], x[:1].to(lin.device))
         for m in uncalled:
             del fast[m], watch[id(modules[m])]
+    for m in (tap_route_problems(lin, x, fast) | set(_slow_modules)) & set(fast):  # rows not one to one, or a
+        slow += [qualified_name(m, p) for p in fast.pop(m)]                         # weight used elsewhere
+        del watch[id(modules[m])]
+    probe = [t for t in probe if t.name in fast]
     if labels is not None:
         check_labels(labels, c0)
     if classes is not None and classes >= c0 - 1 and index is None:
@@ -977,6 +1092,11 @@ def jacobian_pass(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, to
             with torch.enable_grad(), tapping(watch) as taps:
                 out = lin.forward(xb)
             check_logits(out, b)  # [N, C], one row per input (the probe saw one input)
+            split = {t.name for t in taps if t.x.dim() == 0 or t.x.shape[0] != b} | taps.untapped
+            if split:  # a layer called on part of the chunk (a batch split inside the forward): generic route
+                return jacobian_pass(lin, x, unit, chunk_size=chunk_size, draws=draws, seed=seed, progress=progress,
+                                     per_layer=per_layer, extra_units=extra_units, classes=classes, labels=labels,
+                                     index=index, _slow_modules=frozenset(_slow_modules | split))
             f0 = out.detach()
             sel = slots(f0, i)
             deltas = backprop_signals(out, [t.e for t in taps], index=sel)

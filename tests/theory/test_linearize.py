@@ -280,3 +280,76 @@ def test_noise_without_a_gradient_path_is_refused(mode):
     for call in calls:
         with pytest.raises(ValueError, match=r"\['fc1.weight'\] change the model's output but get no gradient"):
             call()
+
+
+class _WSLinear(nn.Linear):
+    """Weight standardisation: a subclass whose forward is not x Wᵀ + b."""
+
+    def forward(self, x):
+        w = (self.weight - self.weight.mean(1, keepdim=True)) / (self.weight.std(1, keepdim=True) + 1e-5)
+        return nn.functional.linear(x, w, self.bias)
+
+
+class _Odd(nn.Module):
+    """Layers the tapped route cannot read per input: ``kind`` picks one."""
+
+    def __init__(self, kind):
+        super().__init__()
+        torch.manual_seed(0)
+        self.kind = kind
+        self.a = _WSLinear(64, 16) if kind == "subclass" else nn.Linear(64, 16)
+        self.tok = nn.Parameter(torch.randn(1, 16))
+        self.q = nn.Linear(16, 16)
+        self.out = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = x.flatten(1)
+        if self.kind == "keyword":
+            h = torch.relu(self.a(input=x))
+        elif self.kind == "split":  # the batch through a layer in slices of 5
+            h = torch.relu(torch.cat([self.a(xs) for xs in x.split(5)]))
+        else:
+            h = torch.relu(self.a(x))
+        if self.kind == "token":  # a layer applied to a learned [1, F] token
+            h = h * self.q(self.tok)
+        if self.kind == "tied":  # a weight also read outside its layer's call
+            h = h + nn.functional.linear(h, self.q.weight) + self.q(h)
+        if self.kind == "seq_first":  # [S, N, F] through a layer, S = N
+            s = h.reshape(h.shape[0], 4, 4).permute(1, 0, 2)[:, :, :4]
+            h = h + self.q(torch.nn.functional.pad(s, (0, 12))).permute(1, 0, 2).reshape(h.shape[0], -1)[:, :16]
+        return self.out(h)
+
+
+@pytest.mark.parametrize("kind", ["subclass", "keyword", "split", "token", "tied", "seq_first"])
+def test_layers_the_tapped_route_cannot_read_take_the_exact_route(kind):
+    """A Linear subclass with its own forward, a keyword call, a batch split inside the
+    forward, a layer on a learned token, a weight also read outside its layer, a
+    sequence-first layer: the first-order covariance equals the exact reference
+    ``J diag(u²) Jᵀ`` (``torch.func.jacrev`` per input) to float32 rounding, where the
+    tapped route gave 0.2-1.8x or crashed; and the moment method, which has only
+    per-layer rules, refuses them (the split: torch.fx cannot trace its loop)."""
+    from torch.func import functional_call, jacrev
+
+    from noiseprop.theory import predict
+
+    x, y = held_out(20)
+    net = _Odd(kind).eval()
+    lin = LinearizedNetwork(net)
+    unit = lin.unit_scales(RelativeGaussian(1.0))
+    got = jacobian_pass(lin, x, unit).cov_unit
+    params = dict(net.named_parameters())
+    names = list(lin.names)
+
+    def f(tp, xi):
+        return functional_call(net, {**params, **tp}, (xi[None],))[0]
+
+    ref = []
+    for xi in x:
+        jac = jacrev(f)({n: params[n].detach() for n in names}, xi)
+        J = torch.cat([(jac[n] * unit[n]).reshape(10, -1) for n in names], 1).double()
+        ref.append(J @ J.T)
+    ref = torch.stack(ref)
+    assert torch.allclose(got, ref, rtol=2e-4, atol=1e-6 * float(ref.abs().max()))
+    match = "needs a torch.fx-traceable model" if kind == "split" else "method='moments' cannot follow the noisy layer"
+    with pytest.raises(ValueError, match=match):
+        predict(net, x, y, RelativeGaussian(0.05), method="moments", cache=False)

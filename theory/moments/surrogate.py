@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..linearize import (DEFAULT_JACOBIAN_BUDGET, PASS_CHUNK_CAP, LinearizedNetwork, Tap, _patch_size,
+                         layer_rule_problems,
                          backprop_signals, tapping, weight_terms)
 from ..noise import WeightNoise
 from ..validation import check_bool
@@ -446,6 +447,13 @@ def propagate_moments(lin: LinearizedNetwork, x: torch.Tensor, noise: WeightNois
     (``head``; :mod:`.head`) where the logits are a noisy Linear layer's output."""
     check_bool("mean_only", mean_only)
     check_bool("with_head", with_head)
+    odd = layer_rule_problems(lin, x)
+    if odd:
+        raise ValueError(f"method='moments' cannot follow the noisy layer(s) {odd}: a subclass of Linear/Conv2d "
+                         "with its own forward, a weight also used outside its layer's call, or a layer whose "
+                         "input rows are not the batch's inputs (a learned token, sequence-first or per-input "
+                         "calls); its per-layer rules would be silently wrong there. Use method='linear' (the "
+                         "first order differentiates such layers exactly)")
     if propagator is not None:
         prop = propagator.with_noise(noise)
     else:
