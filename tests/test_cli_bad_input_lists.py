@@ -5,17 +5,8 @@ and the built-in digits."""
 import pytest
 
 from noiseprop.empirical import cli_drift, cli_mc
-from noiseprop.empirical.checkpoint import save_checkpoint
 from noiseprop.empirical.cli import main
-from noiseprop.empirical.models import build_model, model_spec
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    spec = model_spec("mlp", (1, 8, 8), 10, width=16, depth=2)
-    path = tmp_path_factory.mktemp("ck") / "m.pt"
-    save_checkpoint(path, build_model(**spec, seed=0), spec, {"dataset": "digits"})
-    return str(path)
+from test_bad_input_cli import ckpt  # noqa: F401 - the tiny untrained checkpoint fixture
 
 
 def _no_work(monkeypatch, module, *names):
