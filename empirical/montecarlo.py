@@ -84,9 +84,15 @@ def check_progress(progress, name: str = "progress"):
 def check_sweep_family(noise, name: str = "noise", levels_name: str = "levels"):
     """Refuse a noise string that gives a level (``"relative:0.3"``) where ``levels_name``
     gives the levels: which level is meant would be ambiguous (the string's level would be
-    ignored). A bare family name (``"relative"``) or a noise model object passes."""
+    ignored). A bare family name (``"relative"``) or a noise model object passes; so does
+    a string with settings after its level (``"quantized:8,per=channel"``: the string form
+    has no other place for them), with a warning that its level is replaced."""
     if isinstance(noise, str) and ":" in noise:
         family, _, level = (part.strip() for part in noise.strip().partition(":"))
+        if "," in level:
+            warnings.warn(f"{name} {noise!r}: its level ({level.split(',')[0]}) is replaced by each of "
+                          f"{levels_name}; its settings are kept", UserWarning, stacklevel=3)
+            return noise
         raise ValueError(f"{name} {noise!r} gives a level ({level.split(',')[0]}) and {levels_name} gives the levels: "
                          f"ambiguous (the string's level would be ignored). Give the family alone ({family!r}) with "
                          f"{levels_name}" + (" (or, for settings, a noise model object, whose own level is not used)"

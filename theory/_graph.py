@@ -36,12 +36,21 @@ class LeafTracer(fx.Tracer):
 def trace(net: nn.Module, context: str = "", hint: str = "") -> fx.Graph:
     """Trace ``net.forward`` with :class:`LeafTracer`; raises ``ValueError`` naming the
     model when fx cannot (``context`` prefixes the message, ``hint`` ends it)."""
+    # the trace runs the user's forward on the user's modules: an attribute it assigns
+    # (``self.feat = h``) would be left holding an fx Proxy; every module's instance
+    # attributes are put back as they were
+    saved = [(m, dict(m.__dict__)) for m in net.modules()]
     try:
         return LeafTracer().trace(net)
     except Exception as e:  # noqa: BLE001 - fx raises many kinds
         raise ValueError(
             f"{context}could not trace {type(net).__name__}.forward with torch.fx ({type(e).__name__}: {e}){hint}"
         ) from e
+    finally:
+        for m, d in saved:
+            if m.__dict__.keys() != d.keys() or any(m.__dict__[k] is not v for k, v in d.items()):
+                m.__dict__.clear()
+                m.__dict__.update(d)
 
 
 def is_relu(node: fx.Node, modules: dict) -> bool:

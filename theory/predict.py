@@ -1040,7 +1040,7 @@ def _finish(base: _Base, noise: WeightNoise, method: str, mean: torch.Tensor, co
         cov_u = cov
         cov = cov_u * lvl**2
         curve = _memo(base, ("accuracy", n_points, seed),
-                      lambda: CorrectCurve(mean, cov_u, y_acc, n_points=n_points, seed=seed))
+                      lambda: CorrectCurve(mean, cov_u, y_acc, n_points=n_points, seed=seed, ids=sel))
         p, lo, hi = curve.at(lvl)
     else:
         mean = mean.double().cpu()
@@ -1066,7 +1066,7 @@ def _finish(base: _Base, noise: WeightNoise, method: str, mean: torch.Tensor, co
         if not linear:
             z = _rescale_draws(z, torch.diagonal(cov, dim1=1, dim2=2),
                                torch.diagonal(base.jp.cov_unit, dim1=1, dim2=2).cpu() * lvl**2)
-        accs = sampled_accuracies(mean if sel is None else clean.gather(1, sel), z, y_acc)
+        accs = sampled_accuracies(mean if sel is None else clean.gather(1, sel), z, y_acc, ids=sel)
         k = accs.size
         acc_std = float(accs.std(ddof=1))
     clean_loss = _memo(base, "clean_loss", lambda: float(F.cross_entropy(clean, y)))

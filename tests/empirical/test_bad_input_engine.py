@@ -161,6 +161,19 @@ def test_sweep_noise_with_level_is_refused(problem, monkeypatch):
         drift_sweep(net, x, y, "pcm:1", [1.0], draws=2, progress=False)
 
 
+def test_sweep_noise_with_settings_keeps_them_and_warns(problem):
+    """A string with settings after its level (the string form has no other place for
+    them): the settings are kept, the level replaced by each of the levels, with a
+    warning; the same curve as the noise model object."""
+    from noiseprop.theory import Quantized
+
+    net, x, y = problem
+    with pytest.warns(UserWarning, match=r"its level \(8\) is replaced by each of levels; its settings are kept"):
+        s = sweep(net, x, y, "quantized:8,per=channel", [4, 6], draws=2, seed=1, progress=False)
+    o = sweep(net, x, y, Quantized(8, per="channel"), [4, 6], draws=2, seed=1, progress=False)
+    assert (s.accuracies == o.accuracies).all()
+
+
 def test_sweep_family_alone_runs(problem):
     net, x, y = problem
     s = sweep(net, x, y, "relative", [0.0, 0.1], draws=2, seed=0, progress=False)

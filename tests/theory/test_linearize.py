@@ -353,3 +353,80 @@ def test_layers_the_tapped_route_cannot_read_take_the_exact_route(kind):
     match = "needs a torch.fx-traceable model" if kind == "split" else "method='moments' cannot follow the noisy layer"
     with pytest.raises(ValueError, match=match):
         predict(net, x, y, RelativeGaussian(0.05), method="moments", cache=False)
+
+
+class _Stateful(nn.Module):
+    """A forward that stores attributes (a feature, the device) and adds noise of its own;
+    tensor attributes fx and hashing find awkward; an unused noisy head."""
+
+    def __init__(self, noisy=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.out, self.aux = nn.Linear(64, 16), nn.Linear(16, 10), nn.Linear(64, 3)
+        self.noisy = noisy
+        self.meta = torch.empty(3, device="meta")
+        self.sparse = torch.eye(3).to_sparse()
+        self.conj = torch.ones(2, dtype=torch.complex64).conj()
+
+    def forward(self, x):
+        h = torch.relu(self.a(x.flatten(1)))
+        self.feat, self.device = h, x.device
+        if self.noisy:
+            h = h + 1e-3 * torch.randn_like(h)
+        self.aux(x.flatten(1))
+        return self.out(h)
+
+
+def test_stateful_forwards_and_awkward_attributes():
+    """Attributes a forward assigns do not keep an fx Proxy after the moment method's
+    trace (the second call crashed) and do not defeat the cache (``self.device``: compared
+    by value); meta, sparse and conjugate tensor attributes are keyed without error; a
+    forward with noise of its own is not taken for a detached path; the predictions equal
+    a fresh ``cache=False`` call."""
+    import torch.fx
+
+    from noiseprop.theory import predict
+    from noiseprop.theory.linearize import module_structure
+
+    x, y = held_out(24)
+    net = _Stateful().eval()
+    for _ in range(2):
+        p = predict(net, x, y, RelativeGaussian(0.05), method="moments")
+        assert not isinstance(net.__dict__.get("feat"), torch.fx.Proxy)
+    q = predict(net, x, y, RelativeGaussian(0.05), method="moments", cache=False)
+    assert p.accuracy == q.accuracy
+    def device_key():
+        return [a for a in module_structure(net)[1][4] if a[0] == "device"]
+
+    first = device_key()
+    net(x)
+    assert device_key() == first == [("device", "device(type='cpu')")]  # a new device object, the same key
+    predict(_Stateful(noisy=True).eval(), x, y, RelativeGaussian(0.05), cache=False)
+
+
+def test_half_precision_networks_keep_the_tapped_route():
+    """A bfloat16 or float16 network's tapped gradients differ from autograd's by their
+    rounding (a few hundredths), not by a missing use: no layer is sent to the generic
+    route."""
+    from noiseprop.theory.linearize import tap_route_problems
+
+    x, _ = held_out(4)
+    for dt in (torch.bfloat16, torch.float16):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)).eval().to(dt)
+        lin = LinearizedNetwork(net)
+        assert tap_route_problems(lin, x.to(dt), {"1": ["weight"], "3": ["weight"]}) == set()
+
+
+def test_a_split_restarts_with_the_generic_routes_own_chunk():
+    """A batch split inside the forward, found on the first chunk, restarts the pass
+    with the chunk sized for the generic route's parameters (the pass that knows them from
+    the start), not the tapped route's larger one."""
+    x, _ = held_out(40)
+    net = _Odd("split").eval()
+    lin = LinearizedNetwork(net)
+    unit = lin.unit_scales(RelativeGaussian(1.0))
+    jp = jacobian_pass(lin, x, unit)
+    known = jacobian_pass(lin, x, unit, _slow_modules=frozenset({"a"}))
+    assert jp.chunk_size == known.chunk_size
+    assert torch.equal(jp.cov_unit, known.cov_unit)

@@ -1117,3 +1117,20 @@ def test_numpy_inputs_torch_cannot_share_and_sparse_inputs():
         predict(net, x, y.numpy().astype(object), RelativeGaussian(0.1))
     with pytest.raises(TypeError, match="x must be a dense tensor, got layout torch.sparse_coo"):
         predict(net, x.reshape(16, 64).to_sparse(), y, RelativeGaussian(0.1))
+
+
+@pytest.mark.parametrize("classes", [None, 2])
+def test_a_dead_head_predicts_its_clean_accuracy(classes):
+    """Every logit equal and noiseless (a zero head under relative noise): argmax picks
+    class 0, so the accuracy is the share of label 0, at every level, with every class
+    differentiated or only the label and two competitors (ties by class, not slot)."""
+    x, y = held_out(64)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10)).eval()
+    with torch.no_grad():
+        net[3].weight.zero_()
+        net[3].bias.zero_()
+    share = float((y == 0).double().mean())
+    for lv in (0.0, 0.1):
+        p = predict(net, x, y, RelativeGaussian(lv), classes=classes, accuracy_draws=8, cache=False)
+        assert p.clean_accuracy == pytest.approx(share) and p.accuracy == pytest.approx(share)
