@@ -72,7 +72,8 @@ from .accuracy import DEFAULT_N_POINTS, check_n_points, correct_probability, sam
 from .hardware import HardwareNoise, PCMLike, programmed_abs_moments
 from .hashing import inputs_fingerprint
 from .results import Deferred
-from .linearize import (DEFAULT_JACOBIAN_BUDGET, PASS_CHUNK_CAP, LinearizedNetwork, _fast_ok, check_noise_reaches,
+from .linearize import (DEFAULT_JACOBIAN_BUDGET, PASS_CHUNK_CAP, LinearizedNetwork, _fast_ok, check_no_recompute,
+                        check_noise_reaches,
                         tap_route_problems, _patch_size, read_without_call,
                         backprop_signals, graph_and_signals, jacobian_pass, scaled_jacobian, tap_jacobian,
                         tapping)
@@ -309,7 +310,9 @@ def _fast_pass(lin_pt: LinearizedNetwork, x: torch.Tensor, units: Sequence[dict]
         if taps.untapped or any(t.x.dim() == 0 or t.x.shape[0] != b for t in taps):
             return None  # a layer called on part of the chunk (a batch split inside the forward): the generic route
         sel = None if index is None else index[i:i + chunk_size].to(out.device)
+        n_fwd = len(taps)
         deltas = backprop_signals(out, [t.e for t in taps], index=sel)
+        check_no_recompute(taps, n_fwd)
         cov_c = [torch.zeros(b, cs, cs, dtype=torch.float64) for _ in units]
         jt_c = [torch.zeros(b, cs, dtype=torch.float64) for _ in tangents]
         z_c = torch.zeros(b, cs, draws, dtype=torch.float64) if draws else None

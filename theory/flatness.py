@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
 from torch.func import grad, jvp, vmap
 
-from .linearize import LinearizedNetwork, check_noise_reaches
+from .linearize import LinearizedNetwork, check_noise_reaches, layer_rule_problems
 from .noise import parse_noise
 from .validation import (check_bool, check_finite_logits, check_inputs, check_int, check_number, check_seed,
                          probe_logits)
@@ -161,6 +161,7 @@ def _check_xy(lin: LinearizedNetwork, x, y):
         warnings.simplefilter("ignore", UserWarning)
         probe_logits(lin.forward, x1, x.shape)  # "x does not fit the model", a tuple output: clear errors
     check_noise_reaches(lin, x1)  # a detached path: its curvature would be left out
+    layer_rule_problems(lin, x)  # only for its clear error on activation checkpointing (torch.func refuses it)
     check_finite_logits(lin.logits(x))  # NaN/inf logits: a NaN trace, an ARPACK failure
     return x, y
 

@@ -50,6 +50,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 from torch.func import functional_call, jacrev, jvp, vmap
 
@@ -476,6 +477,29 @@ def check_noise_reaches(lin: "LinearizedNetwork", x1: torch.Tensor) -> None:
                          "parameters out of the noise with targets=...")
 
 
+def _checkpointing_error(e: BaseException) -> ValueError:
+    """The clear error for a model that uses activation checkpointing
+    (``torch.utils.checkpoint``): its recomputation re-runs the forward hooks that record
+    each layer during the backward pass (a ``CheckpointError``), and ``torch.func``
+    refuses its saved-tensor hooks."""
+    return ValueError("the model uses activation checkpointing (torch.utils.checkpoint), whose recomputation the "
+                      "derivative pass cannot follow (" + f"{type(e).__name__}: {str(e).splitlines()[0][:120]}" +
+                      "); call the model without checkpointing for the prediction (it saves memory in training "
+                      "only), or use Monte-Carlo")
+
+
+def _is_checkpointing(e: BaseException) -> bool:
+    return isinstance(e, torch.utils.checkpoint.CheckpointError) or "saved tensor hooks" in str(e)
+
+
+def check_no_recompute(taps, n_forward: int) -> None:
+    """Refuse a backward pass that re-ran tapped layers (activation checkpointing
+    recomputes its segment's forward, hooks included, and the signals then reach the
+    recomputed taps instead of those of the forward: silently wrong)."""
+    if len(taps) > n_forward:
+        raise _checkpointing_error(RuntimeError(f"{len(taps) - n_forward} layer calls re-run during the backward pass"))
+
+
 def tap_route_problems(lin: "LinearizedNetwork", x: torch.Tensor, fast: Mapping[str, Sequence[str]]) -> set:
     """The layers among ``fast`` (module name -> its target parameter names) whose weight
     derivatives the tapped route would get wrong; their parameters take the generic
@@ -520,7 +544,14 @@ def tap_route_problems(lin: "LinearizedNetwork", x: torch.Tensor, fast: Mapping[
         with torch.enable_grad(), tapping(watch) as taps:
             out = lin.forward(xs, tp)
             r = torch.randn(out.shape, generator=torch.Generator().manual_seed(0)).to(out.dtype).to(out.device)
-            grads = torch.autograd.grad((out * r).sum(), list(tp.values()) + [t.e for t in taps], allow_unused=True)
+            n_fwd = len(taps)
+            try:
+                grads = torch.autograd.grad((out * r).sum(), list(tp.values()) + [t.e for t in taps], allow_unused=True)
+            except RuntimeError as e:
+                if _is_checkpointing(e):
+                    raise _checkpointing_error(e) from e
+                raise
+            check_no_recompute(taps, n_fwd)
         exact = dict(zip(tp, grads[:len(tp)]))
         via_taps: dict = {}
         for t, g in zip(taps, grads[len(tp):]):
@@ -593,7 +624,12 @@ def backprop_signals(out: torch.Tensor, leaves: Sequence[torch.Tensor],
         pass
     per = [[] for _ in leaves]
     for a in range(go.shape[0]):
-        gs = torch.autograd.grad((out * go[a]).sum(), leaves, retain_graph=a < go.shape[0] - 1, allow_unused=True)
+        try:
+            gs = torch.autograd.grad((out * go[a]).sum(), leaves, retain_graph=a < go.shape[0] - 1, allow_unused=True)
+        except RuntimeError as e:
+            if _is_checkpointing(e):
+                raise _checkpointing_error(e) from e
+            raise
         for lst, g, lf in zip(per, gs, leaves):
             lst.append(torch.zeros_like(lf) if g is None else g)
     return [torch.stack(lst) for lst in per]
@@ -1122,7 +1158,9 @@ def jacobian_pass(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, to
                                      index=index, _slow_modules=frozenset(_slow_modules | split))
             f0 = out.detach()
             sel = slots(f0, i)
+            n_fwd = len(taps)
             deltas = backprop_signals(out, [t.e for t in taps], index=sel)
+            check_no_recompute(taps, n_fwd)
             by_module: dict[str, list] = {}
             for t, dl in zip(taps, deltas):
                 by_module.setdefault(t.name, []).append((t, dl.detach()))
@@ -1133,7 +1171,12 @@ def jacobian_pass(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, to
                 f0 = check_logits(lin.forward(xb), b)
             sel = slots(f0, i)
         if slow_fn is not None:
-            jac = slow_fn(xb)
+            try:
+                jac = slow_fn(xb)
+            except RuntimeError as e:
+                if _is_checkpointing(e):
+                    raise _checkpointing_error(e) from e
+                raise
             for name in slow:
                 J = jac.pop(name).detach().reshape(b, c0, -1)
                 if sel is not None:
