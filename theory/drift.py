@@ -74,7 +74,7 @@ from .hashing import inputs_fingerprint
 from .results import Deferred
 from .linearize import (DEFAULT_JACOBIAN_BUDGET, PASS_CHUNK_CAP, LinearizedNetwork, _fast_ok, check_no_recompute,
                         check_noise_reaches,
-                        tap_route_problems, _patch_size, read_without_call,
+                        split_calls, tap_route_problems, _patch_size, read_without_call,
                         backprop_signals, graph_and_signals, jacobian_pass, scaled_jacobian, tap_jacobian,
                         tapping)
 from .moments import DEFAULT_RANK, DEFAULT_SPATIAL_RANK, MomentPropagator, propagate_moments
@@ -307,7 +307,7 @@ def _fast_pass(lin_pt: LinearizedNetwork, x: torch.Tensor, units: Sequence[dict]
             out = lin_pt.forward(xb)
         if out.dim() != 2:
             raise ValueError(f"the model must map a batch of inputs to logits of shape [N, C]; got shape {tuple(out.shape)}")
-        if taps.untapped or any(t.x.dim() == 0 or t.x.shape[0] != b for t in taps):
+        if split_calls(taps, b):
             return None  # a layer called on part of the chunk (a batch split inside the forward): the generic route
         sel = None if index is None else index[i:i + chunk_size].to(out.device)
         n_fwd = len(taps)

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
 from torch.func import grad, jvp, vmap
 
-from .linearize import LinearizedNetwork, check_noise_reaches, layer_rule_problems
+from .linearize import LinearizedNetwork, check_noise_reaches, checkpointing_named
 from .noise import parse_noise
 from .validation import (check_bool, check_finite_logits, check_inputs, check_int, check_number, check_seed,
                          probe_logits)
@@ -89,7 +89,8 @@ class HessianOperator:
             xb = self.x[i:i + self.batch_size].to(self.lin.device)
             yb = self.y[i:i + self.batch_size].to(self.lin.device)
             g = grad(lambda tp: self._loss(tp, xb, yb))
-            _, hv = jvp(g, (self.lin.target_params,), (tang,))
+            with checkpointing_named():  # activation checkpointing: torch.func refuses its hooks
+                _, hv = jvp(g, (self.lin.target_params,), (tang,))
             for k in out:
                 out[k] += hv[k].detach()
         return out
@@ -161,7 +162,6 @@ def _check_xy(lin: LinearizedNetwork, x, y):
         warnings.simplefilter("ignore", UserWarning)
         probe_logits(lin.forward, x1, x.shape)  # "x does not fit the model", a tuple output: clear errors
     check_noise_reaches(lin, x1)  # a detached path: its curvature would be left out
-    layer_rule_problems(lin, x)  # only for its clear error on activation checkpointing (torch.func refuses it)
     check_finite_logits(lin.logits(x))  # NaN/inf logits: a NaN trace, an ARPACK failure
     return x, y
 

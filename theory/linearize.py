@@ -74,6 +74,8 @@ __all__ = [
     "select_classes",
     "tap_route_problems",
     "layer_rule_problems",
+    "split_calls",
+    "checkpointing_named",
 ]
 
 #: Default memory budget (bytes) for one chunk of per-input Jacobians.
@@ -488,8 +490,25 @@ def _checkpointing_error(e: BaseException) -> ValueError:
                       "only), or use Monte-Carlo")
 
 
-def _is_checkpointing(e: BaseException) -> bool:
-    return isinstance(e, torch.utils.checkpoint.CheckpointError) or "saved tensor hooks" in str(e)
+@contextmanager
+def checkpointing_named():
+    """Within the context, torch's errors for activation checkpointing (a
+    ``CheckpointError``, torch.func's refusal of saved-tensor hooks) become
+    :func:`_checkpointing_error`; any other error passes unchanged."""
+    try:
+        yield
+    except RuntimeError as e:
+        if isinstance(e, torch.utils.checkpoint.CheckpointError) or "saved tensor hooks" in str(e):
+            raise _checkpointing_error(e) from e
+        raise
+
+
+def split_calls(taps, b: int) -> set:
+    """Names of the tapped layers whose calls in a forward over ``b`` inputs do not map
+    the batch's rows one to one (an input without the batch as its first dimension, or a
+    keyword call the tap could not record)."""
+    return {t.name for t in taps if t.x.dim() == 0 or t.x.shape[0] != b or t.e.dim() == 0
+            or t.e.shape[0] != b} | taps.untapped
 
 
 def check_no_recompute(taps, n_forward: int) -> None:
@@ -527,12 +546,10 @@ def tap_route_problems(lin: "LinearizedNetwork", x: torch.Tensor, fast: Mapping[
         for xb in ((xs[:1], xs) if xs.shape[0] > 1 else (xs,)):
             with torch.no_grad(), tapping(watch) as taps:
                 lin.forward(xb)
-            bad |= taps.untapped
+            bad |= split_calls(taps, xb.shape[0])
             per: dict = {}
             for t in taps:
                 per[t.name] = per.get(t.name, 0) + 1
-                if t.x.dim() == 0 or t.x.shape[0] != xb.shape[0] or t.e.dim() == 0 or t.e.shape[0] != xb.shape[0]:
-                    bad.add(t.name)
             calls.append(per)
         if len(calls) == 2:
             bad |= {m for m in set(calls[0]) | set(calls[1]) if calls[0].get(m) != calls[1].get(m)}
@@ -545,12 +562,8 @@ def tap_route_problems(lin: "LinearizedNetwork", x: torch.Tensor, fast: Mapping[
             out = lin.forward(xs, tp)
             r = torch.randn(out.shape, generator=torch.Generator().manual_seed(0)).to(out.dtype).to(out.device)
             n_fwd = len(taps)
-            try:
+            with checkpointing_named():
                 grads = torch.autograd.grad((out * r).sum(), list(tp.values()) + [t.e for t in taps], allow_unused=True)
-            except RuntimeError as e:
-                if _is_checkpointing(e):
-                    raise _checkpointing_error(e) from e
-                raise
             check_no_recompute(taps, n_fwd)
         exact = dict(zip(tp, grads[:len(tp)]))
         via_taps: dict = {}
@@ -624,12 +637,8 @@ def backprop_signals(out: torch.Tensor, leaves: Sequence[torch.Tensor],
         pass
     per = [[] for _ in leaves]
     for a in range(go.shape[0]):
-        try:
+        with checkpointing_named():
             gs = torch.autograd.grad((out * go[a]).sum(), leaves, retain_graph=a < go.shape[0] - 1, allow_unused=True)
-        except RuntimeError as e:
-            if _is_checkpointing(e):
-                raise _checkpointing_error(e) from e
-            raise
         for lst, g, lf in zip(per, gs, leaves):
             lst.append(torch.zeros_like(lf) if g is None else g)
     return [torch.stack(lst) for lst in per]
@@ -1151,7 +1160,7 @@ def jacobian_pass(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, to
             with torch.enable_grad(), tapping(watch) as taps:
                 out = lin.forward(xb)
             check_logits(out, b)  # [N, C], one row per input (the probe saw one input)
-            split = {t.name for t in taps if t.x.dim() == 0 or t.x.shape[0] != b} | taps.untapped
+            split = split_calls(taps, b)
             if split:  # a layer called on part of the chunk (a batch split inside the forward): generic route
                 return jacobian_pass(lin, x, unit, chunk_size=chunk_arg, draws=draws, seed=seed, progress=progress,
                                      per_layer=per_layer, extra_units=extra_units, classes=classes, labels=labels,
@@ -1171,12 +1180,8 @@ def jacobian_pass(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, to
                 f0 = check_logits(lin.forward(xb), b)
             sel = slots(f0, i)
         if slow_fn is not None:
-            try:
+            with checkpointing_named():
                 jac = slow_fn(xb)
-            except RuntimeError as e:
-                if _is_checkpointing(e):
-                    raise _checkpointing_error(e) from e
-                raise
             for name in slow:
                 J = jac.pop(name).detach().reshape(b, c0, -1)
                 if sel is not None:
