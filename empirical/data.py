@@ -491,8 +491,9 @@ def load_dataset(name: str = "digits", data_dir=None, **kwargs) -> Dataset:
     name = name.lower()
     if name in ("digits", "teacher") and data_dir is not None:
         raise ValueError(f"{name} is built in; data_dir={str(data_dir)!r} is not used (pass data_dir=None)")
-    loader = _load_digits if name == "digits" else _load_teacher if name == "teacher" else \
-        _load_cifar if name in _CIFAR else _load_mnist
+    # the loader and its positional arguments (the keywords are the caller's)
+    loader, lead = ((_load_digits, ()) if name == "digits" else (_load_teacher, ()) if name == "teacher" else
+                    (_load_cifar, (name, data_dir)) if name in _CIFAR else (_load_mnist, (data_dir,)))
     own = [k for k in inspect.signature(loader).parameters if k not in ("name", "data_dir")]
     unknown = [k for k in kwargs if k not in own and k not in ("subset_train", "subset_test")]
     if unknown:
@@ -501,14 +502,7 @@ def load_dataset(name: str = "digits", data_dir=None, **kwargs) -> Dataset:
                          f"accepted keyword arguments for {name!r}: {', '.join(accepted)}")
     sub_train = kwargs.pop("subset_train", None)
     sub_test = kwargs.pop("subset_test", None)
-    if name == "digits":
-        ds = _load_digits(**kwargs)
-    elif name == "teacher":
-        ds = _load_teacher(**kwargs)
-    elif name in _CIFAR:
-        ds = _load_cifar(name, data_dir, **kwargs)
-    else:
-        ds = _load_mnist(data_dir, **kwargs)
+    ds = loader(*lead, **kwargs)
     if sub_train is not None or sub_test is not None:
         ds = ds.subset(sub_train, sub_test)
     return ds

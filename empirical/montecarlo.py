@@ -21,7 +21,6 @@ levels are paired.
 """
 from __future__ import annotations
 
-import copy
 import math
 import sys
 import time
@@ -44,7 +43,8 @@ from noiseprop.theory.noise import MAX_LEVEL, WeightNoise, parse_noise
 from noiseprop.theory.results import LogitResult
 from noiseprop.theory.validation import check_levels, check_times
 from noiseprop.theory.validation import (check_bool, check_int, check_inputs, check_logits, check_probability,
-                                         check_seed, first_line, is_fit_error, model_fit_error,
+                                         check_seed, check_finite_logits, copy_model, is_fit_error,
+                                         model_fit_error,
                                          warn_if_probabilities)
 from noiseprop.theory.validation import check_labels as _check_labels
 from noiseprop.theory.targets import (TargetPlan, _fold, find_fold_pairs, folding_affine, is_norm_layer,
@@ -55,20 +55,6 @@ from .stats import mean_ci, welford_update
 
 __all__ = ["MCResult", "SweepResult", "monte_carlo", "sweep", "drift_sweep", "check_inputs", "NoisyEvaluator",
            "copy_model"]
-
-
-def copy_model(model: nn.Module, who: str) -> nn.Module:
-    """``copy.deepcopy(model)``, or a ``TypeError`` that names the model and why it is
-    copied (``who``: the function that copies it) instead of an error from deep inside
-    :mod:`copy` / :mod:`pickle` (an attribute such as a ``threading.Lock`` cannot be
-    copied)."""
-    try:
-        return copy.deepcopy(model)
-    except Exception as e:  # noqa: BLE001 - whatever a user's attribute raises when copied
-        raise TypeError(f"model ({type(model).__name__}): {who} copies the model with copy.deepcopy so that the "
-                        f"user's model is never changed; this model cannot be copied: "
-                        f"{first_line(e, type(e).__name__)}. Make it copyable (drop or recreate the attribute in "
-                        f"__deepcopy__, or keep it outside the module)") from e
 
 
 def check_progress(progress, name: str = "progress"):
@@ -307,20 +293,16 @@ def _run(model, x, y, noise, levels, draws, seed, targets, batch_size, keep_logi
     if batch_size is not None:
         batch_size = check_int("batch_size", batch_size, 1)
     progress = check_progress(progress)
-    net = copy_model(model, who)  # before any work: the private copy the run perturbs
     _warn_train_mode(model)
-    plan = resolve_targets(model, targets)
-    if plan.model is not model:  # fold_bn: the plan holds a folded copy, which the evaluator copies
-        net = None
+    plan = resolve_targets(model, targets)  # fold_bn: the plan holds a folded copy, which the evaluator copies
+    net = copy_model(model, who) if plan.model is model else None  # before any forward: the copy the run perturbs
     ev = NoisyEvaluator(plan, noise, batch_size=batch_size, net=net)
     del net
     _check_scales_fit(ev, max(levels))
     y_dev = y.to(ev.device)
     t0 = time.perf_counter()
     clean = ev.logits(x, first=True)
-    if not torch.isfinite(clean).all():
-        raise ValueError("the model's clean logits on x contain NaN or infinite values: the model itself overflows "
-                         "on these inputs, before any noise")
+    check_finite_logits(clean)
     _check_labels(y, clean.shape[1])
     warn_if_probabilities(clean)
     clean_acc, clean_loss = _accuracy_and_loss(clean, y_dev)

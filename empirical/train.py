@@ -31,7 +31,6 @@ epochs): ``constant``: lr; ``step``: lr·0.1^m with m the number of milestones (
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import math
@@ -58,7 +57,7 @@ from .checkpoint import (CheckpointError, _check_save_args, _torch_load, _write_
                          load_checkpoint, save_checkpoint)
 from .data import Dataset, load_dataset
 from .models import _family, build_model, model_spec
-from .montecarlo import copy_model
+from noiseprop.theory.validation import copy_model
 
 __all__ = [
     "train",
@@ -604,7 +603,7 @@ def _load_cached(path: Path, key: str, spec, user_model):
             if not isinstance(sd, dict):
                 raise CheckpointError(f"{str(path)!r} has no state dict")
             meta = checkpoint_meta(obj, path)
-            model = copy.deepcopy(user_model)
+            model = copy_model(user_model, "train")
             model.load_state_dict(sd)
             model.eval()
         if meta.get("cache_key") != key:

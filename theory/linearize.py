@@ -35,7 +35,6 @@ eval-mode deep copy (with a warning).
 """
 from __future__ import annotations
 
-import copy
 import enum
 import hashlib
 import math
@@ -58,7 +57,7 @@ from ._graph import differentiable_attention, trace, unfold_input
 from .accuracy import correct_probability
 from .noise import WeightNoise
 from .targets import _L2_BN, TargetPlan, _is_foldable, folding_affine, qualified_name, resolve_targets
-from .validation import check_finite_logits, check_labels, check_logits, probe_logits
+from .validation import check_finite_logits, check_labels, check_logits, copy_model, probe_logits
 
 __all__ = [
     "LinearizedNetwork",
@@ -122,7 +121,7 @@ class LinearizedNetwork:
                     "(BatchNorm running statistics, no dropout). The model itself is left unchanged.",
                     stacklevel=3,
                 )
-            net = copy.deepcopy(net).eval()
+            net = copy_model(net, "the analytic prediction (an eval-mode copy of a model in training mode)").eval()
         self.plan = plan
         self.net = net
         self.names: tuple[str, ...] = plan.names

@@ -13,7 +13,6 @@ way (the L1 / TopK BatchNorm of :mod:`noiseprop.empirical.norms`).
 """
 from __future__ import annotations
 
-import copy
 import warnings
 from dataclasses import dataclass, fields
 from typing import Iterable
@@ -22,7 +21,7 @@ import torch
 from torch import nn
 
 from ._graph import WEIGHT_LAYERS, trace  # the one fx tracer (WEIGHT_LAYERS: re-exported)
-from .validation import _user_stacklevel
+from .validation import _user_stacklevel, copy_model
 
 __all__ = [
     "Targets",
@@ -388,7 +387,7 @@ def fold_bn(model: nn.Module, pairs: Iterable[tuple[str, str]] | None = None) ->
 def _fold(model: nn.Module, pairs) -> nn.Module:
     """:func:`fold_bn` of pairs that :func:`find_fold_pairs` gave (not checked again:
     the callers that just traced the model fold without a second trace)."""
-    net = copy.deepcopy(model)
+    net = copy_model(model, "folding BatchNorm (fold_bn)")
     net.eval()
     for conv_name, norm_name in pairs:
         conv = net.get_submodule(conv_name)

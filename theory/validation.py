@@ -167,8 +167,25 @@ def _from_numpy(name: str, a, what: str):
         return a
     if a.dtype.kind not in "biufc":
         raise TypeError(f"{name} must hold {what}; got a numpy array of dtype {a.dtype}")
-    return torch.from_numpy(np.array(a, dtype=a.dtype.newbyteorder("=") if a.dtype.byteorder not in "=|" else a.dtype,
-                                     copy=not (a.flags.c_contiguous and a.flags.writeable and a.dtype.isnative)))
+    a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("="))  # copies only what torch cannot share
+    return torch.from_numpy(a if a.flags.writeable else a.copy())
+
+
+def copy_model(model: nn.Module, who: str) -> nn.Module:
+    """``copy.deepcopy(model)``, or a ``TypeError`` that names the model and why it is
+    copied (``who``: what copies it) instead of an error from deep inside :mod:`copy` /
+    :mod:`pickle` (an attribute such as a ``threading.Lock`` cannot be copied). Every
+    private copy of a user's model (Monte-Carlo's, BatchNorm folding's, a training-mode
+    model's eval copy) is made here."""
+    import copy
+
+    try:
+        return copy.deepcopy(model)
+    except Exception as e:  # noqa: BLE001 - whatever a user's attribute raises when copied
+        raise TypeError(f"model ({type(model).__name__}): {who} copies the model with copy.deepcopy so that the "
+                        f"user's model is never changed; this model cannot be copied: "
+                        f"{first_line(e, type(e).__name__)}. Make it copyable (drop or recreate the attribute in "
+                        f"__deepcopy__, or keep it outside the module)") from e
 
 
 def check_inputs(model, x, y):
