@@ -65,9 +65,9 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, jvp, vmap
+from torch.func import jvp, vmap
 
-from ._graph import differentiable_attention, unfold_input
+from ._graph import unfold_input
 from .accuracy import DEFAULT_N_POINTS, check_n_points, correct_probability, sampled_accuracies
 from .hardware import HardwareNoise, PCMLike, programmed_abs_moments
 from .hashing import inputs_fingerprint
@@ -233,8 +233,7 @@ def _layer_jvps(lin: LinearizedNetwork, x: torch.Tensor, tangents: list[dict], b
         xb = x[i:i + batch_size].to(lin.device)
 
         def f(tp):
-            with differentiable_attention():
-                return functional_call(lin.net, ({**lin.params, **tp}, lin.buffers), (xb,))
+            return lin.forward(xb, tp)
 
         def one(tang):
             return jvp(f, (primals,), (tang,))[1]

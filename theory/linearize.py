@@ -99,6 +99,22 @@ def _any_training(net: nn.Module) -> bool:
     return any(m.training for m in net.modules())
 
 
+def call_with(net: nn.Module, params: Mapping[str, torch.Tensor], buffers: Mapping[str, torch.Tensor],
+              x: torch.Tensor):
+    """``net(x)`` with its parameters and buffers replaced by ``params`` and ``buffers``
+    (``torch.func.functional_call``), keyed by ``named_parameters()``' names (one name per
+    tensor). ``tie_weights=False``: with its default, a module held under two names (a
+    ``Sequential`` with the same layer twice) came back with plain tensors in place of its
+    parameters, because the second name's restore put back the first name's substitute
+    (the user's model changed, and ``copy.deepcopy`` of it then failed). A name replaces
+    the attribute of its module, which every name of the same module shares, so a layer
+    called twice uses the substitute in both calls; tensors shared by distinct modules
+    (tied weights) are refused as noise targets (:func:`~noiseprop.theory.targets.resolve_targets`)
+    and a non-target one keeps its value under every name."""
+    with differentiable_attention():
+        return functional_call(net, (dict(params), dict(buffers)), (x,), tie_weights=False)
+
+
 class LinearizedNetwork:
     """A trained network, viewed as a function of its noisy parameters.
 
@@ -166,8 +182,7 @@ class LinearizedNetwork:
     def forward(self, x: torch.Tensor, tparams: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Logits of a batch with the target parameters replaced by ``tparams``."""
         params = self.params if tparams is None else {**self.params, **tparams}
-        with differentiable_attention():
-            return functional_call(self.net, (params, self.buffers), (x,))
+        return call_with(self.net, params, self.buffers, x)
 
     @torch.no_grad()
     def logits(self, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:

@@ -42,13 +42,13 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, jvp, vmap
+from torch.func import jvp, vmap
 
-from ._graph import differentiable_attention, relu_input_graph, trace
+from ._graph import relu_input_graph, trace
 from .accuracy import DEFAULT_N_POINTS, CorrectCurve, _qmc_points, check_n_points, sampled_accuracies
 from .flatness import HessianOperator, _trace_probes, gauss_newton_per_input, loss_increase_gauss_newton
 from .hashing import inputs_fingerprint, tensor_digest
-from .linearize import JacobianPass, LinearizedNetwork, jacobian_pass, piecewise_linear, structure_memo
+from .linearize import JacobianPass, LinearizedNetwork, call_with, jacobian_pass, piecewise_linear, structure_memo
 from .moments import DEFAULT_H2_RANK, MomentPropagator, propagate_moments
 from .moments.head import MIXTURE_NODES, moment_correct_probability
 from .moments.rules import moment_risks
@@ -656,9 +656,7 @@ def _preact_ratios(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, t
         def f(tp):
             # a target the traced graph does not use (a layer the forward never calls) has
             # no attribute on `gm`: its noise reaches no pre-activation
-            with differentiable_attention():
-                return functional_call(gm, ({**params, **{k: v for k, v in tp.items() if k in names}}, bufs),
-                                       (xb,))[1]
+            return call_with(gm, {**params, **{k: v for k, v in tp.items() if k in names}}, bufs, xb)[1]
 
         with torch.no_grad():
             if step is None:

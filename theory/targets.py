@@ -236,7 +236,11 @@ def resolve_targets(model: nn.Module, targets=None) -> TargetPlan:
             if any(_in_layers(_layer_of(n), (layer,)) for n in names):
                 continue
             with_weights = [m for m, mod in modules.items() if isinstance(mod, WEIGHT_LAYERS)]
-            what = ("the model has no module of that name" if layer not in modules else
+            canon = {n: next(k for k, v in modules.items() if v is m)
+                     for n, m in net.named_modules(remove_duplicate=False) if n not in modules}
+            what = (f"{layer!r} is the module {canon[layer]!r} held under a second name (one layer called twice: "
+                    f"one device array); name it {canon[layer]!r}" if layer in canon else
+                    "the model has no module of that name" if layer not in modules else
                     f"its {type(modules[layer]).__name__} has no {Targets(**{**t.__dict__, 'layers': None}).describe()} "
                     "to perturb")
             raise ValueError(f"targets: layers names {layer!r}, but {what}; the model's Conv/Linear layers are "
@@ -252,7 +256,16 @@ def resolve_targets(model: nn.Module, targets=None) -> TargetPlan:
     aliases: dict = {}
     for n, p in net.named_parameters(remove_duplicate=False):
         aliases.setdefault(id(p), []).append(n)
-    tied = [a for a in aliases.values() if len(a) > 1 and any(n in names for n in a)]
+    # one module object under several names (a Sequential holding the same layer twice)
+    # is a layer called more than once, as in a forward calling it twice: one device
+    # array, its noise drawn once and its calls' derivatives summed; tied weights are one
+    # tensor in distinct modules (an encoder's weight in a decoder)
+    owners = dict(net.named_modules(remove_duplicate=False))
+
+    def distinct_layers(a):
+        return len({(id(owners.get(n.rpartition(".")[0])), n.rpartition(".")[2]) for n in a}) > 1
+
+    tied = [a for a in aliases.values() if len(a) > 1 and any(n in names for n in a) and distinct_layers(a)]
     if tied:
         raise ValueError(f"tied weights: {' / '.join(' = '.join(a) for a in tied)} are one tensor used by several "
                          "layers, and noise on a shared weight is not supported; untie them (a copy per layer) to "

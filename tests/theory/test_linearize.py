@@ -355,6 +355,66 @@ def test_layers_the_tapped_route_cannot_read_take_the_exact_route(kind):
         predict(net, x, y, RelativeGaussian(0.05), method="moments", cache=False)
 
 
+class _CalledTwice(nn.Module):
+    """The same layer called twice from a forward (registered once)."""
+
+    def __init__(self, seq):
+        super().__init__()
+        self.first, self.shared, self.head = seq[1], seq[3], seq[7]
+
+    def forward(self, x):
+        h = torch.relu(self.first(x.flatten(1)))
+        return self.head(torch.relu(self.shared(torch.relu(self.shared(h)))))
+
+
+def test_a_layer_held_twice_in_a_sequential_is_one_device_array():
+    """A Sequential holding the same layer twice was refused as tied weights, while a
+    forward calling a layer twice was accepted; allowed, ``torch.func.functional_call``'s
+    default restore left plain tensors in place of the layer's parameters (the user's
+    model changed; ``copy.deepcopy`` of it failed). Now: the same predictions as the
+    forward that calls the layer twice (linear and moments, both the one-device-array
+    model, noise drawn once for both calls), the first-order covariance equal to the exact
+    ``J diag(u²) Jᵀ`` (``torch.func.jacrev``), the model's parameters and values unchanged,
+    and the second name refused as a layer name with the first one to use."""
+    from torch.func import functional_call, jacrev
+
+    from noiseprop.theory import predict
+
+    torch.manual_seed(0)
+    x, y = held_out(20)
+    shared = nn.Linear(16, 16)
+    seq = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), shared, nn.ReLU(), shared, nn.ReLU(),
+                        nn.Linear(16, 10)).eval()
+    before = copy.deepcopy(seq.state_dict())
+    twice = _CalledTwice(seq).eval()
+    for method in ("linear", "moments"):
+        a = predict(seq, x, y, RelativeGaussian(0.2), method=method, cache=False)
+        b = predict(twice, x, y, RelativeGaussian(0.2), method=method, cache=False)
+        assert torch.allclose(torch.as_tensor(a.logit_var), torch.as_tensor(b.logit_var), rtol=1e-5)
+        assert a.accuracy == pytest.approx(b.accuracy, abs=1e-6)
+    assert all(type(p) is nn.Parameter for p in seq.parameters())
+    assert all(torch.equal(before[k], v) for k, v in seq.state_dict().items())
+    copy.deepcopy(seq)
+    lin = LinearizedNetwork(seq)
+    assert lin.names == ("1.weight", "3.weight", "7.weight")
+    unit = lin.unit_scales(RelativeGaussian(1.0))
+    got = jacobian_pass(lin, x, unit).cov_unit
+    params = {n: p.detach() for n, p in seq.named_parameters()}
+
+    def f(tp, xi):
+        return functional_call(seq, {**params, **tp}, (xi[None],), tie_weights=False)[0]
+
+    ref = []
+    for xi in x:
+        jac = jacrev(f)({n: params[n] for n in lin.names}, xi)
+        J = torch.cat([(jac[n] * unit[n]).reshape(10, -1) for n in lin.names], 1).double()
+        ref.append(J @ J.T)
+    ref = torch.stack(ref)
+    assert torch.allclose(got, ref, rtol=2e-4, atol=1e-6 * float(ref.abs().max()))
+    with pytest.raises(ValueError, match="'5' is the module '3' held under a second name .* name it '3'"):
+        predict(seq, x, y, RelativeGaussian(0.2), targets={"layers": ["5"]})
+
+
 class _Stateful(nn.Module):
     """A forward that stores attributes (a feature, the device) and adds noise of its own;
     tensor attributes fx and hashing find awkward; an unused noisy head."""
