@@ -26,6 +26,7 @@ import html
 import json
 import math
 import platform
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -184,7 +185,17 @@ THEORY_WORDS = {
 _CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:0.5em 0 1em;font-size:0.85em}th,td{border:1px solid #ccc;padding:2px 6px;
 text-align:right}th{background:#f0f0f0}td.reproduced{background:#dfd}td.contradicted{background:#fdd}
-td.inconclusive{background:#ffd}td.t{text-align:left}img{max-width:100%}.cap{font-size:0.85em;color:#555}"""
+td.inconclusive{background:#ffd}td.t{text-align:left}img{max-width:100%}.cap{font-size:0.85em;color:#555}
+.tw{overflow-x:auto;max-width:100%}"""
+
+#: a Markdown link ``[text](target)`` in a paragraph or list item (after HTML escaping)
+_MD_LINK = re.compile(r"\[([^\]]+)\]\(([^)\s]+)\)")
+
+
+def _inline(text: str) -> str:
+    """``text`` escaped for HTML, its Markdown links ``[text](target)`` as ``<a>`` (the
+    Markdown version writes them so; the HTML version showed the brackets)."""
+    return _MD_LINK.sub(lambda m: f"<a href='{m.group(2)}'>{m.group(1)}</a>", html.escape(text))
 
 
 def render_html(blocks, title: str) -> str:
@@ -195,12 +206,13 @@ def render_html(blocks, title: str) -> str:
         if kind == "h":
             out.append(f"<h{b[1]}>{html.escape(b[2])}</h{b[1]}>")
         elif kind == "p":
-            out.append(f"<p>{html.escape(b[1])}</p>")
+            out.append(f"<p>{_inline(b[1])}</p>")
         elif kind == "list":
-            out.append("<ul>" + "".join(f"<li>{html.escape(it)}</li>" for it in b[1]) + "</ul>")
+            out.append("<ul>" + "".join(f"<li>{_inline(it)}</li>" for it in b[1]) + "</ul>")
         elif kind == "table":
             _, frame, cols, rename, csv = b
-            out.append(_html_table(frame, cols, rename))
+            # a table wider than the page scrolls in its own box, not past the page's edge
+            out.append(f"<div class='tw'>{_html_table(frame, cols, rename)}</div>")
             if csv:
                 out.append(f"<p class='cap'>Data: <a href='{csv}'>{csv}</a></p>")
         elif kind == "fig":
