@@ -188,14 +188,18 @@ text-align:right}th{background:#f0f0f0}td.reproduced{background:#dfd}td.contradi
 td.inconclusive{background:#ffd}td.t{text-align:left}img{max-width:100%}.cap{font-size:0.85em;color:#555}
 .tw{overflow-x:auto;max-width:100%}"""
 
-#: a Markdown link ``[text](target)`` in a paragraph or list item (after HTML escaping)
+#: a Markdown link ``[text](target)`` and a code span (one or two backticks) in a
+#: paragraph or list item (after HTML escaping)
 _MD_LINK = re.compile(r"\[([^\]]+)\]\(([^)\s]+)\)")
+_MD_CODE = re.compile(r"(``?)(.+?)\1")
 
 
 def _inline(text: str) -> str:
-    """``text`` escaped for HTML, its Markdown links ``[text](target)`` as ``<a>`` (the
-    Markdown version writes them so; the HTML version showed the brackets)."""
-    return _MD_LINK.sub(lambda m: f"<a href='{m.group(2)}'>{m.group(1)}</a>", html.escape(text))
+    """``text`` escaped for HTML, its Markdown links ``[text](target)`` as ``<a>`` and its
+    code spans as ``<code>`` (the Markdown version writes them so, and a study's claim
+    quotes its docstring's; the HTML version showed the brackets and backticks)."""
+    out = _MD_CODE.sub(lambda m: f"<code>{m.group(2)}</code>", html.escape(text))
+    return _MD_LINK.sub(lambda m: f"<a href='{m.group(2)}'>{m.group(1)}</a>", out)
 
 
 def render_html(blocks, title: str) -> str:

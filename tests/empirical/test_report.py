@@ -61,6 +61,7 @@ def test_quick_report_is_complete(uninterrupted):
     # the HTML shows links, not the Markdown link syntax (the per-model data line did);
     # every table sits in its own scrolling box
     assert "](" not in html and "<a href='csv/architecture_models.csv'>" in html
+    assert "``" not in html and "<code>2/lr</code>" in html
     assert html.count("<table>") == html.count("<div class='tw'><table>")
     t = json.loads((out / "timings.json").read_text())
     assert t["cells_computed"] > 0 and t["cells_loaded"] == 0
