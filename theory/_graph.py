@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-__all__ = ["LeafTracer", "trace", "is_relu", "is_rectifier", "RECTIFIER_MODULES", "RECTIFIER_FUNCTIONS",
+__all__ = ["LeafTracer", "trace", "graph_constants", "graph_module", "is_relu", "is_rectifier", "RECTIFIER_MODULES", "RECTIFIER_FUNCTIONS",
            "relu_input_graph", "WEIGHT_LAYERS", "conv_padding", "unfold_input", "differentiable_attention"]
 
 #: Layers whose weights are stored on the crossbar (get noise by default; leaves of the trace).
@@ -39,9 +39,16 @@ def trace(net: nn.Module, context: str = "", hint: str = "") -> fx.Graph:
     # the trace runs the user's forward on the user's modules: an attribute it assigns
     # (``self.feat = h``) would be left holding an fx Proxy; every module's instance
     # attributes are put back as they were
+    # (tensor constants fx stores on the root, ``_tensor_constant0`` for a ``torch.tensor(2.0)``
+    # or ``1 + self.buffer`` in the forward, included): those the graph reads are kept on
+    # the graph instead (:func:`graph_constants`)
     saved = [(m, dict(m.__dict__)) for m in net.modules()]
     try:
-        return LeafTracer().trace(net)
+        graph = LeafTracer().trace(net)
+        wanted = {n.target for n in graph.nodes if n.op == "get_attr"}
+        graph.noiseprop_constants = {k: v for k, v in net.__dict__.items()
+                                     if k in wanted and k not in saved[0][1] and isinstance(v, torch.Tensor)}
+        return graph
     except Exception as e:  # noqa: BLE001 - fx raises many kinds
         raise ValueError(
             f"{context}could not trace {type(net).__name__}.forward with torch.fx ({type(e).__name__}: {e}){hint}"
@@ -51,6 +58,31 @@ def trace(net: nn.Module, context: str = "", hint: str = "") -> fx.Graph:
             if m.__dict__.keys() != d.keys() or any(m.__dict__[k] is not v for k, v in d.items()):
                 m.__dict__.clear()
                 m.__dict__.update(d)
+
+
+def graph_constants(graph: fx.Graph) -> dict:
+    """The tensor constants of a :func:`trace` graph (``get_attr`` targets fx created
+    while tracing, kept off the user's model), by name."""
+    return getattr(graph, "noiseprop_constants", {})
+
+
+def graph_module(net: nn.Module, graph: fx.Graph) -> fx.GraphModule:
+    """``fx.GraphModule`` of a :func:`trace` graph over ``net``'s modules and parameters
+    (the same objects, under the same names), with the graph's tensor constants."""
+    consts = graph_constants(graph)
+    root: dict = {}
+    for node in graph.nodes:
+        if node.op in ("call_module", "get_attr") and node.target not in root:
+            if node.target in consts:
+                root[node.target] = consts[node.target]
+            else:
+                obj = net
+                for part in node.target.split("."):
+                    obj = getattr(obj, part)
+                root[node.target] = obj
+    gm = fx.GraphModule(root, graph, class_name=type(net).__name__)
+    gm.training = net.training  # the flag alone: the modules are the user's, their own flags untouched
+    return gm
 
 
 def is_relu(node: fx.Node, modules: dict) -> bool:
@@ -100,8 +132,7 @@ def relu_input_graph(net: nn.Module) -> tuple[fx.GraphModule, int]:
     result = out.args[0]
     graph.erase_node(out)
     graph.output((result, tuple(pre)))
-    gm = fx.GraphModule(net, graph)
-    return gm, len(pre)
+    return graph_module(net, graph), len(pre)
 
 
 _ATTENTION = {"lock": threading.Lock(), "depth": 0, "restore": None}

@@ -415,6 +415,46 @@ def test_a_layer_held_twice_in_a_sequential_is_one_device_array():
         predict(seq, x, y, RelativeGaussian(0.2), targets={"layers": ["5"]})
 
 
+class _Constants(nn.Module):
+    """A forward with tensors built in it (``1 + buffer``, ``torch.tensor(2.0)``), which
+    torch.fx stores as constants on the root; ``folded``: the same product as one
+    registered buffer."""
+
+    def __init__(self, folded=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2 = nn.Linear(64, 32), nn.Linear(32, 10)
+        self.folded = folded
+        self.register_buffer("a", torch.rand(32))
+        self.register_buffer("c", 2.0 * (1 + self.a))
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x.flatten(1)))
+        h = h * self.c if self.folded else h * (1 + self.a) * torch.tensor(2.0)
+        return self.fc2(torch.relu(h - 0.5))
+
+
+def test_tensors_built_in_the_forward_are_graph_constants():
+    """fx stores a tensor built in the forward as ``_tensor_constant0`` on the model; the
+    trace put the model's attributes back (as it must) and then the validity diagnostic's
+    graph module and the moment pass looked the constant up on the model: AttributeError
+    in ``predict`` (both methods). Now the constants stay with the graph: the same
+    predictions and diagnostic as the model holding the product as a buffer, nothing left
+    on the model."""
+    from noiseprop.theory import predict
+
+    x, y = held_out(40)
+    net, ref = _Constants().eval(), _Constants(folded=True).eval()
+    before = set(net.__dict__)
+    for method in ("linear", "moments"):
+        a = predict(net, x, y, RelativeGaussian(0.3), method=method, cache=False)
+        b = predict(ref, x, y, RelativeGaussian(0.3), method=method, cache=False)
+        assert a.accuracy == pytest.approx(b.accuracy, abs=1e-6)
+        fa, fb = a.diagnostics["preact_frac"], b.diagnostics["preact_frac"]
+        assert fa == pytest.approx(fb, abs=1e-6) and fa > 0
+    assert set(net.__dict__) == before and not hasattr(net, "_tensor_constant0")
+
+
 class _Stateful(nn.Module):
     """A forward that stores attributes (a feature, the device) and adds noise of its own;
     tensor attributes fx and hashing find awkward; an unused noisy head."""

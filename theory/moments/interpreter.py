@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from torch import fx
 
+from .._graph import graph_constants
+
 __all__ = ["GraphInterpreter", "flatten_args"]
 
 
@@ -60,6 +62,9 @@ class GraphInterpreter:
             return self.params[target]
         if target in self.buffers:
             return self.buffers[target]
+        consts = graph_constants(self.graph)  # a tensor built in the forward (torch.tensor(2.0))
+        if target in consts:
+            return consts[target]
         obj = self.net
         for part in target.split("."):
             obj = getattr(obj, part)
