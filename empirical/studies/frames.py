@@ -174,7 +174,7 @@ def curve_frame(plan: StudyPlan, results: dict, grid: Grid) -> pd.DataFrame:
                        accuracy_ci_high=hi, loss=float(Lo[i].mean()),
                        clean_accuracy=float(v["clean_accuracy"]))
             for k in ("pred_accuracy", "pred_accuracy_lower", "pred_accuracy_upper", "pred_loss_increase",
-                      "pred_preact_frac", "pred_accuracy_linear"):
+                      "pred_preact_frac", "pred_first_order_flagged", "pred_accuracy_linear"):
                 row[k] = float(np.asarray(v[k])[i]) if k in v else np.nan
             row["theory_method"] = v.get("theory_method", "")
             rows.append(row)
@@ -211,7 +211,8 @@ def curves_figure_frame(curves: pd.DataFrame, group: Callable[[pd.Series], str],
         pred = d["pred_accuracy"].to_numpy(float)
         methods = set(d["theory_method"]) if "theory_method" in d else {"linear"}
         lin = d["pred_accuracy_linear"].to_numpy(float) if "pred_accuracy_linear" in d else pred
-        valid = first_order_valid(d["pred_preact_frac"]) if "pred_preact_frac" in d else np.ones(len(d), bool)
+        valid = (first_order_valid(d["pred_preact_frac"], d.get("pred_first_order_flagged"))
+                 if "pred_preact_frac" in d else np.ones(len(d), bool))
         # the first order is drawn only where its validity diagnostic holds for every seed:
         # beside the moment curve, or alone (as the theory) where moments were not run
         lin_ok = float(np.mean(lin)) if (np.isfinite(lin).all() and valid.all()) else np.nan

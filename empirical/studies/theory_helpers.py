@@ -139,11 +139,18 @@ def resolve_theory(method: str, family: str) -> str:
     return method
 
 
-def first_order_valid(preact_frac) -> np.ndarray:
-    """Where the first order's validity diagnostic holds: at most
-    ``PREACT_WARN_FRACTION`` of the ReLU-like pre-activations have a predicted noise sd above
-    their magnitude (:data:`noiseprop.theory.predict.PREACT_WARN_FRACTION`)."""
+def first_order_valid(preact_frac, flagged=None) -> np.ndarray:
+    """Where the first order's validity diagnostic holds: ``predict`` did not flag it
+    (``flagged``, its ``diagnostics["first_order_flagged"]``: the fraction of ReLU-like
+    pre-activations with a predicted noise sd above their magnitude beyond
+    :data:`noiseprop.theory.predict.PREACT_WARN_FRACTION`, or beyond ``PREACT_WARN_LOW``
+    with a large predicted drop); without ``flagged`` (results cached before it was
+    recorded), the fraction alone at most ``PREACT_WARN_FRACTION``."""
     f = np.asarray(preact_frac, float)
+    if flagged is not None:
+        g = np.asarray(flagged, float)  # NaN where not recorded: the fraction alone there
+        alone = f <= PREACT_WARN_FRACTION
+        return np.isfinite(f) & np.where(np.isfinite(g), g == 0, alone)
     return np.isfinite(f) & (f <= PREACT_WARN_FRACTION)
 
 
@@ -173,7 +180,7 @@ def _variant(model, x, y, grid: dict, targets, alpha, confidence, method: str | 
         out["theory_error"] = f"{type(e).__name__}: {e}"
         return out
     out["theory_seconds"] = time.perf_counter() - t0
-    pa, pl, plo, phi, pf, plin = [], [], [], [], [], []
+    pa, pl, plo, phi, pf, plin, pg = [], [], [], [], [], [], []
     comps = []
     first = next((i for i, e in enumerate(etas) if e > 0), None)
     for i, (eta, p, q) in enumerate(zip(etas, preds, lin)):
@@ -184,21 +191,26 @@ def _variant(model, x, y, grid: dict, targets, alpha, confidence, method: str | 
             phi.append(sw.clean_accuracy)
             pf.append(0.0)
             plin.append(sw.clean_accuracy)
+            pg.append(0.0)
             continue
         pa.append(float(p.accuracy))
         plin.append(float(q.accuracy))
         pl.append(float(getattr(p, "loss_increase", float("nan"))))
         plo.append(float(getattr(p, "accuracy_lower", float("nan"))))
         phi.append(float(getattr(p, "accuracy_upper", float("nan"))))
-        pf.append(float(dict(getattr(q, "diagnostics", {}) or {}).get("preact_frac", float("nan"))))
+        qd = dict(getattr(q, "diagnostics", {}) or {})
+        pf.append(float(qd.get("preact_frac", float("nan"))))
+        pg.append(float(qd.get("first_order_flagged", float("nan"))))
         rows = _compare_rows(p, sw.result(i), calibrate=(i == first), alpha=alpha, confidence=confidence)
         for r in rows:
             r["eta"] = float(eta)
             r["preact_frac"] = pf[-1]
+            r["first_order_flagged"] = pg[-1]
             r["method"] = method
         comps.extend(rows)
     out.update(pred_accuracy=np.asarray(pa), pred_loss_increase=np.asarray(pl), pred_accuracy_lower=np.asarray(plo),
                pred_accuracy_upper=np.asarray(phi), pred_preact_frac=np.asarray(pf),
+               pred_first_order_flagged=np.asarray(pg),
                pred_accuracy_linear=np.asarray(plin), compare=comps)
     return out
 

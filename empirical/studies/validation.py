@@ -114,7 +114,8 @@ def validation_by_method(comp: pd.DataFrame) -> pd.DataFrame:
     for name, mask in (("moment propagation", (method == "moments").to_numpy()),
                        ("first order, all cells", (method == "linear").to_numpy()),
                        ("first order, where its validity diagnostic holds",
-                        (method == "linear").to_numpy() & first_order_valid(a["preact_frac"]))):
+                        (method == "linear").to_numpy() & first_order_valid(a["preact_frac"],
+                                                                            a.get("first_order_flagged")))):
         if mask.any():
             rows.append({"theory": name, "cells": int(mask.sum()), "agreement": float(ok[mask].mean()),
                          "ci_contains_prediction": float(inside[mask].mean())})
