@@ -269,7 +269,8 @@ def calibrate(models, n=120, draws=50):
             ok = abs(err) <= 0.01 or (mc.accuracy_ci_low[i] <= p.accuracy <= mc.accuracy_ci_high[i])
             r = dict(part="calibrate", model=name, eta=lv, n_inputs=n, mc_draws=draws, mc_accuracy=m,
                      linear_accuracy=p.accuracy, linear_error=err, linear_ok=bool(ok),
-                     preact_frac=p.diagnostics.get("preact_frac"), warned=bool(p.warnings))
+                     preact_frac=p.diagnostics.get("preact_frac"), predicted_drop=p.clean_accuracy - p.accuracy,
+                     warned=bool(p.warnings))
             rows.append(r)
             emit(r)
     miss = [r["preact_frac"] for r in rows if not r["linear_ok"]]
@@ -280,13 +281,15 @@ def calibrate(models, n=120, draws=50):
         fp = sum(f > t for f in fine)
         if best is None or (fn, fp) < (best[1], best[2]):
             best = (t, fn, fp)
-    from noiseprop.theory.predict import PREACT_WARN_FRACTION
+    from noiseprop.theory.predict import PREACT_WARN_DROP, PREACT_WARN_FRACTION, PREACT_WARN_LOW
 
-    cur_fn = sum(f <= PREACT_WARN_FRACTION for f in miss)
-    cur_fp = sum(f > PREACT_WARN_FRACTION for f in fine)
+    # the rule in use (predict's own warning: the fraction, or the lower fraction with a large drop)
+    cur_fn = sum(not r["warned"] for r in rows if not r["linear_ok"])
+    cur_fp = sum(r["warned"] for r in rows if r["linear_ok"])
     emit(dict(part="calibrate", summary=True, levels_checked=len(rows), linear_misses=len(miss),
               threshold_best=best[0], best_missed=best[1], best_false_alarms=best[2],
-              threshold_in_use=PREACT_WARN_FRACTION, in_use_missed=cur_fn, in_use_false_alarms=cur_fp,
+              threshold_in_use=PREACT_WARN_FRACTION, low_threshold_in_use=PREACT_WARN_LOW,
+              drop_in_use=PREACT_WARN_DROP, in_use_missed=cur_fn, in_use_false_alarms=cur_fp,
               min_frac_at_miss=min(miss) if miss else None, max_frac_when_ok=max(fine) if fine else None))
 
 
