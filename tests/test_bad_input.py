@@ -692,6 +692,12 @@ def test_tied_weights_and_fold_pairs():
     for targets in (None, {"layers": ["a"]}):
         with pytest.raises(ValueError, match="tied weights: a.weight = b.weight"):
             predict(_Tied().eval(), X, Y, "relative:0.1", targets=targets)
+    # a weight registered as another module's buffer: the substitute would reach one use only
+    tied_buf = _Tied().eval()
+    del tied_buf.b.weight
+    tied_buf.b.register_buffer("weight", tied_buf.a.weight)
+    with pytest.raises(ValueError, match="tied weights: a.weight = b.weight"):
+        predict(tied_buf, X, Y, "relative:0.1")
     net = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.BatchNorm1d(8), nn.Linear(8, 8), nn.ReLU()).eval()
     for pairs, err in (([("9", "2")], ValueError), ([("3", "2")], ValueError), ("1,2", TypeError)):
         with pytest.raises(err, match=r"fold_bn: pairs .*\[\('1', '2'\)\]"):

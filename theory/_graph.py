@@ -8,6 +8,7 @@ modules are traced through.
 """
 from __future__ import annotations
 
+import copy
 import threading
 from contextlib import ExitStack, contextmanager
 
@@ -68,21 +69,18 @@ def graph_constants(graph: fx.Graph) -> dict:
 
 def graph_module(net: nn.Module, graph: fx.Graph) -> fx.GraphModule:
     """``fx.GraphModule`` of a :func:`trace` graph over ``net``'s modules and parameters
-    (the same objects, under the same names), with the graph's tensor constants."""
-    consts = graph_constants(graph)
-    root: dict = {}
-    for node in graph.nodes:
-        if node.op in ("call_module", "get_attr") and node.target not in root:
-            if node.target in consts:
-                root[node.target] = consts[node.target]
-            else:
-                obj = net
-                for part in node.target.split("."):
-                    obj = getattr(obj, part)
-                root[node.target] = obj
-    gm = fx.GraphModule(root, graph, class_name=type(net).__name__)
-    gm.training = net.training  # the flag alone: the modules are the user's, their own flags untouched
-    return gm
+    (the same objects, under the same names), with the graph's tensor constants. Built
+    from a shallow copy of ``net`` with its own registries (``_modules``, ``_parameters``,
+    ``_buffers``) and the constants as attributes: ``fx.GraphModule(net, graph)`` cannot
+    find the constants (they are kept off the user's model), and a dict root installs
+    every target by assignment, registering a leaf's tensor attribute (``self.fc.mask``)
+    as a buffer on the user's layer (an error for a plain attribute, a non-persistent
+    buffer made persistent)."""
+    shell = copy.copy(net)
+    for reg in ("_modules", "_parameters", "_buffers"):
+        shell.__dict__[reg] = dict(net.__dict__[reg])
+    shell.__dict__.update(graph_constants(graph))
+    return fx.GraphModule(shell, graph, class_name=type(net).__name__)
 
 
 def is_relu(node: fx.Node, modules: dict) -> bool:

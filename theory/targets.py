@@ -256,6 +256,9 @@ def resolve_targets(model: nn.Module, targets=None) -> TargetPlan:
     aliases: dict = {}
     for n, p in net.named_parameters(remove_duplicate=False):
         aliases.setdefault(id(p), []).append(n)
+    for n, b in net.named_buffers(remove_duplicate=False):  # a weight registered as another module's buffer
+        if id(b) in aliases:
+            aliases[id(b)].append(n)
     # one module object under several names (a Sequential holding the same layer twice)
     # is a layer called more than once, as in a forward calling it twice: one device
     # array, its noise drawn once and its calls' derivatives summed; tied weights are one

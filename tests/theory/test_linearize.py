@@ -455,6 +455,38 @@ def test_tensors_built_in_the_forward_are_graph_constants():
     assert set(net.__dict__) == before and not hasattr(net, "_tensor_constant0")
 
 
+class _LeafAttributes(nn.Module):
+    """A forward reading a layer's own tensor attributes: a plain one and a
+    non-persistent buffer."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc, self.out = nn.Linear(64, 16), nn.Linear(16, 10)
+        self.fc.mask = (torch.rand(16) > 0.3).float()
+        self.out.register_buffer("gain", torch.rand(16) + 0.5, persistent=False)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.fc(x.flatten(1)) * self.fc.mask) * self.out.gain)
+
+
+def test_the_diagnostics_graph_module_leaves_the_users_layers_alone():
+    """Building the diagnostic's graph module from a dict of targets (this stop's first
+    fix for the constants) registered a layer's tensor attribute as a buffer on the user's
+    layer: a KeyError for a plain attribute, a non-persistent buffer made persistent (the
+    user's state_dict grew). Now the module is built over a shallow copy of the model's
+    registries: predict runs, the layers' registries and state_dict are unchanged."""
+    from noiseprop.theory import predict
+
+    x, y = held_out(20)
+    net = _LeafAttributes().eval()
+    keys, bufs = list(net.state_dict()), [dict(m._buffers) for m in net.modules()]
+    p = predict(net, x, y, RelativeGaussian(0.2), cache=False)
+    assert p.diagnostics["preact_frac"] >= 0
+    assert list(net.state_dict()) == keys and [dict(m._buffers) for m in net.modules()] == bufs
+    assert "mask" in net.fc.__dict__ and "mask" not in net.fc._buffers
+
+
 class _Stateful(nn.Module):
     """A forward that stores attributes (a feature, the device) and adds noise of its own;
     tensor attributes fx and hashing find awkward; an unused noisy head."""
