@@ -9,7 +9,9 @@ then one line per curve with the wall times and the speed-up against Monte-Carlo
 draws per time (Monte-Carlo time is linear in the draws: measured at ``--draws`` and
 scaled to 100 when fewer). Both sides are timed in the same run, after one warm-up call
 of each on 8 inputs (the process's first call of either pays one-time costs, such as
-the model's first convolutions, that the other side would then skip), alternating
+the model's first convolutions, that the other side would then skip; the warm-up also
+fills the per-model caches, the trace and the diagnostic's directions, so these are a
+warmed model's figures, and a user's first call on a model pays those once), alternating
 ``--reps`` times: ``predict_s``/``mc_s`` are the fastest of the repetitions and
 ``speedup_vs_mc100`` their ratio, ``*_median`` the medians; ``predict_first_s`` is the
 first timed prediction. Last, one
@@ -57,6 +59,8 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=3, help="timed repetitions of each side, alternating")
     ap.add_argument("--classes", default="", help="also predict with classes=K (comma-separated K), timed alike")
     a = ap.parse_args(argv)
+    if a.reps < 1:
+        ap.error("--reps must be >= 1")
     torch.set_num_threads(a.threads)
     a.classes = [int(k) for k in a.classes.split(",") if k]
     warnings.simplefilter("ignore")

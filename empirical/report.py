@@ -190,7 +190,7 @@ td.inconclusive{background:#ffd}td.t{text-align:left}img{max-width:100%}.cap{fon
 
 #: a Markdown link ``[text](target)`` and a code span (one or two backticks) in a
 #: paragraph or list item (after HTML escaping)
-_MD_LINK = re.compile(r"\[([^\]]+)\]\(([^)\s]+)\)")
+_MD_LINK = re.compile(r"\[([^\]`]+)\]\(((?:https?://)?[\w./#%-]+)\)")  # relative or http(s) targets only
 _MD_CODE = re.compile(r"(``?)(.+?)\1")
 
 
@@ -198,8 +198,15 @@ def _inline(text: str) -> str:
     """``text`` escaped for HTML, its Markdown links ``[text](target)`` as ``<a>`` and its
     code spans as ``<code>`` (the Markdown version writes them so, and a study's claim
     quotes its docstring's; the HTML version showed the brackets and backticks)."""
-    out = _MD_CODE.sub(lambda m: f"<code>{m.group(2)}</code>", html.escape(text))
-    return _MD_LINK.sub(lambda m: f"<a href='{m.group(2)}'>{m.group(1)}</a>", out)
+    esc, out, pos = html.escape(text), [], 0
+
+    def links(part: str) -> str:
+        return _MD_LINK.sub(lambda m: f"<a href='{m.group(2)}'>{m.group(1)}</a>", part)
+
+    for m in _MD_CODE.finditer(esc):  # links only outside code spans: no crossed tags
+        out += [links(esc[pos:m.start()]), f"<code>{m.group(2)}</code>"]
+        pos = m.end()
+    return "".join(out + [links(esc[pos:])])
 
 
 def render_html(blocks, title: str) -> str:

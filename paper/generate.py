@@ -179,7 +179,7 @@ def _curve_means(curves: pd.DataFrame, study: str) -> pd.DataFrame:
     if {"pred_accuracy", "pred_preact_frac", "theory_method"} <= set(curves.columns):
         # as in the report: the first order is drawn only where its validity diagnostic
         # holds (for every seed of the group), beside the moments as "pred_linear"
-        invalid = ~first_order_valid(curves["pred_preact_frac"])
+        invalid = ~first_order_valid(curves["pred_preact_frac"], curves.get("pred_first_order_flagged"))
         bad = (curves["theory_method"] == "linear").to_numpy() & invalid
         extra = {"_bad": bad.astype(float)}
         moments = (curves["theory_method"] == "moments").to_numpy()

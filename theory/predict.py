@@ -1132,7 +1132,8 @@ def _finish(base: _Base, noise: WeightNoise, method: str, mean: torch.Tensor, co
     if linear:
         clean_acc = _memo(base, "clean_accuracy", lambda: float((clean.argmax(1) == y).double().mean()))
         msg = range_warning(diag.get("preact_frac"), drop=clean_acc - float(p.mean()))
-        diag["first_order_flagged"] = msg is not None
+        if diag.get("preact_frac") is not None:  # not recorded where the diagnostic did not run
+            diag["first_order_flagged"] = msg is not None
     else:
         msg = moments_range_warning(diag.get("preact_frac"), _moment_risks(base.lin))
     if msg:
@@ -1394,7 +1395,9 @@ def predict(model: nn.Module, x, y, noise, targets=None, *, method: str = "linea
         (``loss_increase_by_layer``, Gauss-Newton form).
     diagnostic: compute the validity diagnostic (fraction of ReLU-like pre-activations whose
         first-order noise sd exceeds their magnitude, on :data:`DIAGNOSTIC_INPUTS` inputs;
-        a warning above :data:`PREACT_WARN_FRACTION`). ``method="moments"`` carries its
+        a warning above :data:`PREACT_WARN_FRACTION`, or above :data:`PREACT_WARN_LOW` with a
+        predicted accuracy drop above :data:`PREACT_WARN_DROP`; recorded as
+        ``diagnostics["first_order_flagged"]``). ``method="moments"`` carries its
         own fraction (from the propagation, whatever ``diagnostic``) and warns above
         :data:`MOMENTS_WARN_FRACTION` on networks with residual sums or max pooling.
     cache: reuse the derivative pass of an earlier call with the same model state (a
