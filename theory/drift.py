@@ -794,9 +794,6 @@ def _predict_models(model, x, y, noises: Sequence[HardwareNoise], targets, linea
             mdiag = dict(preact_source=note if ratio is None else note + ", around the expected weights")
             if ratio is not None:
                 mdiag["preact_frac"] = float((ratio < 1.0).mean()) if ratio.size else 0.0
-                msg = range_warning(mdiag["preact_frac"])
-                if msg:
-                    warns.append(msg)
         if method == "moments":
             v_lin = torch.diagonal(cov, dim1=1, dim2=2)
             mean, cov, res = _moment_logits(lin_mu, x, mo, rank, spatial_rank, moment_chunk)
@@ -818,6 +815,14 @@ def _predict_models(model, x, y, noises: Sequence[HardwareNoise], targets, linea
             slot_cov = cov
             cov = _slot_cov_to_full(slot_cov, sel, mean.shape[1])
         p, lo, hi = correct_probability(mean, cov, y, n_points=n_points, seed=seed)
+        if method == "linear" and "preact_frac" in mdiag:  # the first order's validity warning (predict's rule)
+            # the drop the noise's spread causes: from the network with the expected weights
+            # (the deterministic drift, which f(μ) carries to all orders) to the prediction
+            mean_acc = float((mean.argmax(1) == y.to(mean.device)).double().mean())
+            msg = range_warning(mdiag["preact_frac"], drop=mean_acc - float(p.mean()))
+            mdiag["first_order_flagged"] = msg is not None
+            if msg:
+                warns.insert(0, msg)
         if check is not None:
             mdiag.update(_truncation_diag(check, k, mean, mo, p, y, sel.shape[1] - 1, n_points, seed))
         acc_std, kd = float("nan"), 0
