@@ -1094,6 +1094,12 @@ def test_models_the_prediction_cannot_take_are_named():
     weight_norm(net[1])
     with pytest.raises(ValueError, match=r"\['1.weight'\] are parametrized .*remove_parametrizations"):
         predict(net, x, y, RelativeGaussian(0.1))
+    # a parametrized layer left without noise: the first order runs, the moment method
+    # (per-layer rules over the layers' weights) names it (a raw KeyError before)
+    p = predict(net, x, y, RelativeGaussian(0.1), targets={"layers": ["3"]})
+    assert 0 <= p.accuracy <= 1
+    with pytest.raises(ValueError, match=r"cannot follow layer '1': its weight is computed .*remove_parametrizations"):
+        predict(net, x, y, RelativeGaussian(0.1), targets={"layers": ["3"]}, method="moments")
     bn = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 10)).eval()
     with pytest.raises(ValueError, match=r"x does not fit the model: .* shape \(16, 8, 8\) .*expected 4D input"):
         predict(bn, x[:, 0], y, RelativeGaussian(0.1))

@@ -259,6 +259,11 @@ class MomentPropagator:
                 continue
             m = self.modules[node.target]
             if isinstance(m, (nn.Linear, nn.Conv2d)):
+                if node.target + ".weight" not in lin.params:  # computed from others (parametrize, weight_norm)
+                    raise ValueError(f"method='moments' cannot follow layer {node.target!r}: its weight is computed "
+                                     "from other tensors (torch.nn.utils.parametrize, e.g. weight_norm), which its "
+                                     "per-layer rules do not read; use method='linear', or remove the parametrization "
+                                     f"(torch.nn.utils.parametrize.remove_parametrizations(layer, 'weight'))")
                 W = lin.params[node.target + ".weight"].to(dtype)
                 b = lin.params[node.target + ".bias"].to(dtype) if m.bias is not None else None
                 self.weights[node.target] = (W, b)
