@@ -617,9 +617,9 @@ def layer_rule_problems(lin: "LinearizedNetwork", x: torch.Tensor) -> list[str]:
         mod = modules.get(mname)
         if isinstance(mod, (nn.Linear, nn.Conv2d)) and pname in ("weight", "bias"):
             mods.setdefault(mname, []).append(pname)
-    own = [m for m in mods if _own_forward(modules[m])]
-    rest = {m: p for m, p in mods.items() if m not in own and _fast_ok(modules[m])}
-    return sorted(set(own) | tap_route_problems(lin, x, rest))
+    own = {m for m in mods if _own_forward(modules[m])}
+    rest = {m: p for m, p in mods.items() if _fast_ok(modules[m])}  # (_fast_ok excludes an own forward)
+    return sorted(own | tap_route_problems(lin, x, rest))
 
 
 def backprop_signals(out: torch.Tensor, leaves: Sequence[torch.Tensor],

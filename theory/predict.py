@@ -1133,8 +1133,8 @@ def _finish(base: _Base, noise: WeightNoise, method: str, mean: torch.Tensor, co
     diag["piecewise_linear"] = base.piecewise_linear
     for part, sec in base.seconds.items():
         diag[f"seconds_{part}"] = sec
+    clean_acc = _memo(base, "clean_accuracy", lambda: float((clean.argmax(1) == y).double().mean()))
     if linear:
-        clean_acc = _memo(base, "clean_accuracy", lambda: float((clean.argmax(1) == y).double().mean()))
         msg = range_warning(diag.get("preact_frac"), drop=clean_acc - float(p.mean()))
         if diag.get("preact_frac") is not None:  # not recorded where the diagnostic did not run
             diag["first_order_flagged"] = msg is not None
@@ -1149,7 +1149,7 @@ def _finish(base: _Base, noise: WeightNoise, method: str, mean: torch.Tensor, co
     return Prediction(
         method=method, noise=noise.to_string(), targets=base.lin.plan.targets.describe(), clean_logits=clean.clone(),
         logit_mean=mean.clone() if linear else mean, logit_var=logit_var, logit_cov=cov if keep_cov else None,
-        correct_prob=p, clean_accuracy=_memo(base, "clean_accuracy", lambda: float((clean.argmax(1) == y).double().mean())),
+        correct_prob=p, clean_accuracy=clean_acc,
         accuracy=float(p.mean()),
         accuracy_lower=float(lo.mean()), accuracy_upper=float(hi.mean()), accuracy_std=acc_std,
         accuracy_std_draws=int(k), clean_loss=clean_loss, loss_increase=li,
