@@ -97,17 +97,19 @@ def warnings_ignored():
     return _Ctx()
 
 
-#: Columns that are fractions of inputs (accuracies and their means over levels): their
-#: seed intervals are cut to [0, 1].
-UNIT_INTERVAL_COLUMNS = frozenset({"clean_accuracy", "accuracy", "pred_accuracy", "auc", "pred_auc"})
+#: The values a summarised column can take, where bounded: fractions of inputs
+#: (accuracies and their means over levels) in [0, 1], cross-entropy losses at or above 0.
+#: Their seed intervals are cut to these ranges.
+COLUMN_RANGES = {**{c: (0.0, 1.0) for c in ("clean_accuracy", "accuracy", "pred_accuracy", "auc", "pred_auc")},
+                 **{c: (0.0, np.inf) for c in ("clean_loss", "noise_loss", "loss")}}
 
 
 def seed_summary(frame: pd.DataFrame, by: Sequence[str], cols: Sequence[str], confidence: float = 0.95) -> pd.DataFrame:
     """Mean over training seeds of each column in ``cols`` per group ``by``, with the
     Student-t interval across seeds (``<col>_ci_low``/``_ci_high``) and ``n_seeds``.
-    For an accuracy (:data:`UNIT_INTERVAL_COLUMNS`) the interval is intersected with
-    [0, 1], the values the quantity can take: with few seeds the t-interval's half-width
-    can exceed the distance to a bound (two seeds at 0.97 and 0.99 give [0.85, 1.11]).
+    For an accuracy or a loss (:data:`COLUMN_RANGES`) the interval is intersected with
+    the values the quantity can take: with few seeds the t-interval's half-width can
+    exceed the distance to a bound (two seeds at 0.97 and 0.99 give [0.85, 1.11]).
     The intersection keeps every value the interval covered that the quantity can take,
     so its coverage is the t-interval's."""
     rows = []
@@ -122,8 +124,8 @@ def seed_summary(frame: pd.DataFrame, by: Sequence[str], cols: Sequence[str], co
                 row[c], row[f"{c}_ci_low"], row[f"{c}_ci_high"] = np.nan, np.nan, np.nan
                 continue
             m, _, (lo, hi) = mean_ci(v, confidence)
-            if c in UNIT_INTERVAL_COLUMNS and np.isfinite(lo):
-                lo, hi = max(lo, 0.0), min(hi, 1.0)
+            if c in COLUMN_RANGES and np.isfinite(lo):
+                lo, hi = max(lo, COLUMN_RANGES[c][0]), min(hi, COLUMN_RANGES[c][1])
             row[c], row[f"{c}_ci_low"], row[f"{c}_ci_high"] = m, lo, hi
         rows.append(row)
     return pd.DataFrame(rows)

@@ -49,18 +49,20 @@ def test_bootstrap_seed_t_with_too_few_seeds_is_undefined():
     assert math.isnan(out["ci_low"]) and math.isnan(out["p"])
 
 
-def test_seed_summary_accuracy_interval_within_unit_interval():
+def test_seed_summary_intervals_within_the_values_a_column_takes():
     """Two seeds at 0.97 and 0.99: the t-interval (1 degree of freedom) is
-    0.98 ± 12.706·0.01 = [0.853, 1.107]; an accuracy's is cut at 1, another column's kept."""
+    0.98 ± 12.706·0.01 = [0.853, 1.107]; an accuracy's is cut at 1, an unbounded column's
+    kept; a loss's is cut at 0."""
     import pandas as pd
     from scipy import stats
 
     from noiseprop.empirical.studies.seed_stats import seed_summary
 
-    f = pd.DataFrame(dict(g=["a", "a"], seed=[0, 1], clean_accuracy=[0.97, 0.99], loss=[0.97, 0.99],
-                          auc=[0.01, 0.03]))
-    s = seed_summary(f, ["g"], ["clean_accuracy", "loss", "auc"]).iloc[0]
+    f = pd.DataFrame(dict(g=["a", "a"], seed=[0, 1], clean_accuracy=[0.97, 0.99], eta10=[0.97, 0.99],
+                          auc=[0.01, 0.03], clean_loss=[0.01, 0.03]))
+    s = seed_summary(f, ["g"], ["clean_accuracy", "eta10", "auc", "clean_loss"]).iloc[0]
     h = stats.t.ppf(0.975, 1) * 0.01
     assert s.clean_accuracy_ci_low == pytest.approx(0.98 - h) and s.clean_accuracy_ci_high == 1.0
-    assert s.loss_ci_low == pytest.approx(0.98 - h) and s.loss_ci_high == pytest.approx(0.98 + h)
+    assert s.eta10_ci_low == pytest.approx(0.98 - h) and s.eta10_ci_high == pytest.approx(0.98 + h)
     assert s.auc_ci_low == 0.0 and s.auc_ci_high == pytest.approx(0.02 + h)
+    assert s.clean_loss_ci_low == 0.0 and s.clean_loss_ci_high == pytest.approx(0.02 + h)
