@@ -98,10 +98,12 @@ def warnings_ignored():
 
 
 #: The values a summarised column can take, where bounded: fractions of inputs
-#: (accuracies and their means over levels) in [0, 1], cross-entropy losses at or above 0.
-#: Their seed intervals are cut to these ranges.
+#: (accuracies and their means over levels) in [0, 1]; cross-entropy losses, the
+#: normalised robustness (a ratio of accuracies) and the noise level of a 10-point drop
+#: at or above 0. Their seed intervals are cut to these ranges.
 COLUMN_RANGES = {**{c: (0.0, 1.0) for c in ("clean_accuracy", "accuracy", "pred_accuracy", "auc", "pred_auc")},
-                 **{c: (0.0, np.inf) for c in ("clean_loss", "noise_loss", "loss")}}
+                 **{c: (0.0, np.inf) for c in ("clean_loss", "noise_loss", "loss", "robustness", "pred_robustness",
+                                               "eta10", "pred_eta10")}}
 
 
 def seed_summary(frame: pd.DataFrame, by: Sequence[str], cols: Sequence[str], confidence: float = 0.95) -> pd.DataFrame:
