@@ -237,7 +237,9 @@ def test_lazy_factor_and_mean_tolerance():
         # one level, lazily factored (only the integrated rows): equal up to the factor's rounding
         assert torch.allclose(orthant_probability(m, s * lv**2, n_points=256, seed=0), full, atol=1e-6)
         lazy = OrthantCurve(m, s, n_points=256, seed=0, lazy=True)
-        assert torch.equal(lazy.at(lv)[0], full)
+        # (on some CPUs the Cholesky factor of a subset of the rows differs in the last bits:
+        # 2e-13 in 16 of 400 rows here)
+        assert torch.allclose(lazy.at(lv)[0], full, rtol=0, atol=1e-12)
         gap = hi - lo
         integrated = int((gap > 1e-9).sum())
         for tol in (1e-6, 1e-4):
