@@ -82,7 +82,7 @@ from .noise import WeightNoise, parse_noise
 from .predict import (DIAGNOSTIC_DIRECTIONS, DIAGNOSTIC_INPUTS, MAX_ACCURACY_DRAWS, METHODS, OUTSIDE_RANGE, Prediction,
                       _check_split, _class_mask, _cov_factor, _logit_loss_increase, _moment_risks, _preact_ratios, _rescale_draws,
                       _slot_cov_to_full, _slot_rows_to_full, _truncation_accuracy_diag, _truncation_check_inputs, curve_range_warning,
-                      moments_range_warning, range_warning)
+                      moments_range_warning, range_warning, tail_diagnostics)
 from .validation import (check_bool, check_finite_logits, check_inputs, check_int, check_labels, check_logits, check_seed, check_times,
                          probe_logits)
 
@@ -798,10 +798,7 @@ def _predict_models(model, x, y, noises: Sequence[HardwareNoise], targets, linea
             v_lin = torch.diagonal(cov, dim1=1, dim2=2)
             mean, cov, res = _moment_logits(lin_mu, x, mo, rank, spatial_rank, moment_chunk)
             mdiag = dict(preact_frac=res.preact_frac, preact_source="moment propagation, all inputs",
-                         compression_loss=res.compression_loss, rank=res.rank)
-            msg = moments_range_warning(res.preact_frac, _moment_risks(lin_mu))
-            if msg:
-                warns.append(msg)
+                         compression_loss=res.compression_loss, rank=res.rank, **tail_diagnostics(res.tail_kurtosis))
             if z is not None:  # the linearised network's draws, rescaled per class to the moments' sd
                 z = _rescale_draws(z, torch.diagonal(cov, dim1=1, dim2=2), v_lin)
         if comp_cov is not None:
@@ -821,6 +818,13 @@ def _predict_models(model, x, y, noises: Sequence[HardwareNoise], targets, linea
             mean_acc = float((mean.argmax(1) == y.to(mean.device)).double().mean())
             msg = range_warning(mdiag["preact_frac"], drop=mean_acc - float(p.mean()))
             mdiag["first_order_flagged"] = msg is not None
+            if msg:
+                warns.insert(0, msg)
+        if method == "moments":  # its warning (predict's rules), the drop counted as the linear one's
+            mean_acc = float((means[k].argmax(1) == y.to(means[k].device)).double().mean())
+            msg = moments_range_warning(res.preact_frac, _moment_risks(lin_mu),
+                                        tail=(mdiag["tail_kurtosis"], mdiag["tail_kurtosis_layer"]),
+                                        drop=mean_acc - float(p.mean()))
             if msg:
                 warns.insert(0, msg)
         if check is not None:

@@ -38,13 +38,16 @@ class Dist:
     Optionally, beyond the Gaussian: ``k3 [B, *s]``, each unit's third cumulant (``None``:
     zero, unless ``src`` is set), and ``src = (μ_a, var_a, k3_a)``, the pre-activation of
     the ReLU whose output this is (its rectification: the output's third cumulant, formed
-    when needed, and the cross cumulants of a residual sum)."""
+    when needed, and the cross cumulants of a residual sum). ``k4 [B, *s]``: each unit's
+    fourth cumulant where it is known beyond a ReLU output's (an affine map of one: the
+    moment method's tail diagnostic, :func:`~.rules.fourth_cumulant`)."""
 
     mu: torch.Tensor
     F: torch.Tensor | None
     d: torch.Tensor
     k3: torch.Tensor | None = None
     src: tuple | None = None
+    k4: torch.Tensor | None = None
 
     @property
     def K(self) -> int:
@@ -69,7 +72,8 @@ class Dist:
     def map(self, fn) -> "Dist":
         """An op that copies elements (view, flatten, slicing, permute, zero padding)."""
         return Dist(fn(self.mu), map_columns(fn, self.F), fn(self.d), None if self.k3 is None else fn(self.k3),
-                    None if self.src is None else tuple(None if t is None else fn(t) for t in self.src))
+                    None if self.src is None else tuple(None if t is None else fn(t) for t in self.src),
+                    None if self.k4 is None else fn(self.k4))
 
 
 def map_columns(fn, Fm: torch.Tensor | None):

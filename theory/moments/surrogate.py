@@ -61,7 +61,9 @@ class MomentResult:
     ``cov`` is ``None`` when only the mean was asked for (``mean_only=True``). ``head``:
     the output layer's scale-mixture terms ``(E v, c_m, c_v)`` (:mod:`.head`), each
     ``[N, C]``, when asked for (``with_head``) and the logits are a noisy Linear layer's
-    output, else ``None``."""
+    output, else ``None``. ``tail_kurtosis``: ``(layer, excess kurtosis)`` of the outputs
+    of every Linear/Conv layer fed by an affine map of a ReLU output (BatchNorm after the
+    ReLU), over all inputs (:meth:`~.rules._MomentPass._record_tail`), in the order of the pass."""
 
     mean: torch.Tensor
     cov: torch.Tensor | None
@@ -71,6 +73,7 @@ class MomentResult:
     rank: int
     spatial_rank: int
     head: tuple | None = None
+    tail_kurtosis: tuple = ()
 
 
 #: An activation's noise std from the moment pass over its variance channel's, ``s/s_diag``,
@@ -467,6 +470,7 @@ def propagate_moments(lin: LinearizedNetwork, x: torch.Tensor, noise: WeightNois
           and prop.noise_var.get(f"{tgt}.weight") is not None)
     pre_count = pre_exceed = None
     lost = total = 0.0
+    tails: dict = {}  # layer -> [Σ κ₄, Σ Var²] over the chunks
     mdt = lin.dtype
     scratch: dict = {}  # the weight terms' per-sample Jacobians, buffers reused across chunks
     for i in range(0, x.shape[0], chunk_size):
@@ -483,6 +487,10 @@ def propagate_moments(lin: LinearizedNetwork, x: torch.Tensor, noise: WeightNois
             pre_exceed = [a + b for a, b in zip(pre_exceed, st["pre_exceed"])]
         lost += st["lost"]
         total += st["total"]
+        for name, (k4, v2) in st["tail"].items():
+            acc = tails.setdefault(name, [0.0, 0.0])
+            acc[0] += k4
+            acc[1] += v2
         if mean_only:
             continue
         if hw:
@@ -514,7 +522,8 @@ def propagate_moments(lin: LinearizedNetwork, x: torch.Tensor, noise: WeightNois
     return MomentResult(mean=torch.cat(means), cov=None if mean_only else torch.cat(covs), preact_frac=float(frac),
                         preact_frac_per_layer=per_layer, compression_loss=float(lost / total) if total > 0 else 0.0,
                         rank=prop.rank, spatial_rank=prop.spatial_rank,
-                        head=tuple(torch.cat(t) for t in zip(*heads)) if heads else None)
+                        head=tuple(torch.cat(t) for t in zip(*heads)) if heads else None,
+                        tail_kurtosis=tuple((n, k4 / v2 if v2 > 0 else 0.0) for n, (k4, v2) in tails.items()))
 
 
 def mean_map_first_chaos(lin: LinearizedNetwork, x: torch.Tensor, noise: WeightNoise,
