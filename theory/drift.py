@@ -861,7 +861,7 @@ def _predict_models(model, x, y, noises: Sequence[HardwareNoise], targets, linea
             accuracy_upper=float(hi.mean()), accuracy_std=acc_std, accuracy_std_draws=int(kd), clean_loss=clean_loss,
             loss_increase=gl, loss_increase_se=float("nan"), loss_increase_gn=float("nan"), loss_increase_logits=gl,
             loss_probes=0, diagnostics=types.MappingProxyType(diag), warnings=tuple(warns),
-            seconds=time.perf_counter() - t1,
+            seconds=time.perf_counter() - t1, loss_increase_method="gaussian logits (hardware noise)",
             noise_model=nz, targets_spec=lin.plan.targets, inputs_fingerprint=inputs_fingerprint(x, y)))
     return preds, lin, clean_acc
 

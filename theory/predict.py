@@ -374,8 +374,13 @@ class Prediction(LogitResult):
     diagnostics: Mapping = field(default_factory=dict)
     warnings: tuple = ()
     seconds: float = float("nan")
-    #: how ``loss_increase`` was obtained: ``"gauss_newton (exact: piecewise linear)"``,
-    #: ``"gauss_newton (approximation)"`` or ``"hutchinson"``
+    #: how ``loss_increase`` was obtained: ``"gauss_newton (exact ½tr(Σ_ε H): piecewise
+    #: linear)"``, ``"gauss_newton (approximation: ...)"``, ``"hutchinson"`` (all three
+    #: ``½ tr(Σ_ε H)``, the second-order term with the Hessian of the loss where it exists:
+    #: on a ReLU network the expected loss increase also has a term of the same order from
+    #: the kinks, docs/THEORY.md §5), or, from the Gaussian logits the method predicts,
+    #: ``"gaussian logits (moment method)"`` (``method="moments"``) and ``"gaussian logits
+    #: (hardware noise)"`` (non-zero-mean noise, either method)
     loss_increase_method: str = "hutchinson"
     #: ``per_layer=True``: noisy module -> its share of ``½ tr(Σ_ε H)`` (Gauss-Newton form;
     #: the shares add up to ``loss_increase_gn``; with ``classes=k`` they are over the label
@@ -453,7 +458,7 @@ class Prediction(LogitResult):
             f"  accuracy   clean {self.clean_accuracy:.4f}  predicted {self.accuracy:.4f}  "
             f"bounds [{self.accuracy_lower:.4f}, {self.accuracy_upper:.4f}]  chip-to-chip sd {self.accuracy_std:.4f} "
             f"({self.accuracy_std_draws} draws of the linearised network)",
-            f"  loss       clean {self.clean_loss:.4f}  increase ½tr(ΣH) {self.loss_increase:.4g} ± {self.loss_increase_se:.2g} "
+            f"  loss       clean {self.clean_loss:.4f}  increase {self.loss_increase:.4g} ± {self.loss_increase_se:.2g} "
             f"[{self.loss_increase_method}{f', {self.loss_probes} probes' if self.loss_probes else ''}]; "
             f"Gauss-Newton {self.loss_increase_gn:.4g}; Gaussian logits {self.loss_increase_logits:.4g}",
             f"  logits     mean variance {float(self.logit_var.mean()):.4g}; mean |shift| {float(self.logit_mean_shift.abs().mean()):.4g}",
@@ -507,7 +512,8 @@ class PredictionCurve:
 
     def summary(self) -> str:
         lines = [f"Predicted curve ({self.method}) for {self.noise} noise on {self.targets}; {self.seconds:.2f} s",
-                 f"  {'level':>8}{'accuracy':>10}{'bounds':>20}{'chip sd':>9}{'ΔL ½tr(ΣH)':>13}{'ΔL GN':>10}"]
+                 f"  {'level':>8}{'accuracy':>10}{'bounds':>20}{'chip sd':>9}{'ΔL':>13}{'ΔL GN':>10}",
+                 f"  (ΔL: {self.predictions[0].loss_increase_method})" if self.predictions else ""]
         for lv, p in zip(self.levels, self.predictions):
             lines.append(f"  {lv:>8.4g}{p.accuracy:>10.4f}   [{p.accuracy_lower:.4f}, {p.accuracy_upper:.4f}]"
                          f"{p.accuracy_std:>9.4f}{p.loss_increase:>13.4g}{p.loss_increase_gn:>10.4g}")
@@ -845,7 +851,7 @@ def _build_base(lin: LinearizedNetwork, x, y, unit, opts: _Options) -> _Base:
         method = "hutchinson"
         probes = DEFAULT_LOSS_PROBES if probes is None else probes
     else:
-        method = "gauss_newton (exact: piecewise linear)" if pl else "gauss_newton (approximation: " + why + ")"
+        method = "gauss_newton (exact ½tr(Σ_ε H): piecewise linear)" if pl else "gauss_newton (approximation: " + why + ")"
         probes = probes or 0  # probes asked for beside an explicit Gauss-Newton choice
     tr, se = float("nan"), float("nan")
     if probes:
@@ -1168,6 +1174,9 @@ def _finish(base: _Base, noise: WeightNoise, method: str, mean: torch.Tensor, co
     lazy = _memo(base, ("logit_loss", seed), lambda: _LazyLogitLoss(cov_lin_u, seed)) if linear else None
     gl = 0.0 if lvl <= 0 else Deferred(_logit_loss_increase(lazy, mean, None if linear else cov, y, lvl, seed,
                                                             clean_loss))
+    loss_method = base.loss_method
+    if not linear:  # the moment method's own loss: its Gaussian logits (the second-order term is the first order's)
+        li, li_se, loss_method = gl, float("nan"), "gaussian logits (moment method)"
     diag = dict(extra_diag)
     diag.update(trunc_diag)
     if base.preact_ratio is not None:
@@ -1205,7 +1214,7 @@ def _finish(base: _Base, noise: WeightNoise, method: str, mean: torch.Tensor, co
         accuracy_std_draws=int(k), clean_loss=clean_loss, loss_increase=li,
         loss_increase_se=li_se, loss_increase_gn=gn, loss_increase_logits=gl,
         loss_probes=base.probes, diagnostics=types.MappingProxyType(diag), warnings=tuple(warns),
-        seconds=time.perf_counter() - t0, loss_increase_method=base.loss_method, loss_increase_by_layer=by_layer,
+        seconds=time.perf_counter() - t0, loss_increase_method=loss_method, loss_increase_by_layer=by_layer,
     )
 
 
@@ -1468,7 +1477,7 @@ def predict(model: nn.Module, x, y, noise, targets=None, *, method: str = "linea
     >>> from noiseprop.theory import RelativeGaussian
     >>> p = predict(net, x, y, RelativeGaussian(0.05))
     >>> p.logit_var.shape, p.loss_increase_method, p.noise_model
-    (torch.Size([64, 3]), 'gauss_newton (exact: piecewise linear)', RelativeGaussian(eta=0.05, reference='std', per='layer'))
+    (torch.Size([64, 3]), 'gauss_newton (exact ½tr(Σ_ε H): piecewise linear)', RelativeGaussian(eta=0.05, reference='std', per='layer'))
     >>> q = predict(net, x, y, "relative:0.05", options=PredictOptions(accuracy_draws=8, n_points=512))
     >>> r = predict(net, x, y, "relative:0.05", accuracy_draws=8, n_points=512)  # the same, by keyword
     >>> q.accuracy == r.accuracy, q.accuracy_std == r.accuracy_std, q.accuracy_std_draws
