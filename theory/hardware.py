@@ -848,7 +848,12 @@ class Quantized(HardwareNoise):
     """Deterministic rounding to ``2^bits`` uniformly spaced levels spanning
     ``[−M, M]``, ``M = max|W|`` per layer or per output channel:
     ``q(w) = −M + Δ·round((w + M)/Δ)``, ``Δ = 2M/(2^bits − 1)``. Exact moments:
-    ``mean = q(w)``, ``variance = 0``. The level is ``bits``.
+    ``mean = q(w)``, ``variance = 0``. The level is ``bits``. The grid has an even
+    number of levels, so 0 is not one of them: a weight exactly halfway between two levels
+    (an exact 0, such as a pruned weight) goes to the level of even index (``torch.round``,
+    half to even): −M at 1 bit, +M/3 at 2, −M/7 at 3. A layer with many exact zeros
+    therefore gets a mean shift of one sign (in a 50%-pruned layer at 1 bit, every zero
+    reads −M); Monte-Carlo and the prediction use the same rule.
 
     >>> import torch
     >>> [round(v, 4) for v in Quantized(bits=2).mean(torch.tensor([0.9, -0.2, 1.0])).tolist()]

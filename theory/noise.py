@@ -188,8 +188,10 @@ class RelativeGaussian(WeightNoise):
     ``σ_l = eta · std(W_l)`` (``reference="std"``, population std) or
     ``σ_l = eta · max|W_l|`` (``reference="max"``, aihwkit's g_max mapping), computed
     over the whole tensor (``per="layer"``) or per output channel, i.e. per slice of
-    dim 0 (``per="channel"``). A 0-d or 1-element tensor has std 0, hence no noise
-    under ``reference="std"``.
+    dim 0 (``per="channel"``). A tensor with one element per channel (a bias, a norm
+    layer's γ or β) has no spread within a channel: under ``reference="std"`` its
+    channels take the whole tensor's std, as ``per="layer"`` (they had none, hence no
+    noise). A 0-d or 1-element tensor has std 0, hence no noise under ``reference="std"``.
 
     >>> import torch
     >>> w = torch.tensor([[1.0, -1.0], [1.0, -1.0]])  # population std 1
@@ -216,7 +218,11 @@ class RelativeGaussian(WeightNoise):
         if self.per == "channel" and w.dim() >= 1:
             flat = w.reshape(w.shape[0], -1)
             if self.reference == "std":
-                ref = flat.std(dim=1, correction=0) if flat.shape[1] > 1 else torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
+                if flat.shape[1] > 1:
+                    ref = flat.std(dim=1, correction=0)
+                else:  # one number per channel (a bias, a norm layer's γ or β): no spread of its own
+                    whole = w.std(correction=0) if w.numel() > 1 else torch.zeros((), dtype=w.dtype, device=w.device)
+                    ref = whole.expand(w.shape[0])
             else:
                 ref = flat.abs().amax(dim=1)
             return ref.reshape((-1,) + (1,) * (w.dim() - 1)).expand_as(w).clone()

@@ -25,6 +25,14 @@ def test_variance_formulas():
         assert torch.allclose(ch[c], torch.full_like(ch[c], (0.5 * w[c].std(correction=0)) ** 2))
     chm = RelativeGaussian(0.5, reference="max", per="channel").variance(w)
     assert torch.allclose(chm[:, 0], (0.5 * w.abs().amax(dim=1)) ** 2)
+    # one element per channel (a bias): no spread of its own, the whole vector's std (was 0:
+    # no noise at all); the max reference keeps each element's magnitude
+    b = torch.tensor([0.5, -1.0, 2.0, 0.0])
+    assert torch.allclose(RelativeGaussian(0.5, per="channel").variance(b), (0.5 * b.std(correction=0)) ** 2
+                          * torch.ones(4))
+    assert torch.allclose(RelativeGaussian(0.5, per="channel").variance(b[:, None]),
+                          RelativeGaussian(0.5).variance(b[:, None]))
+    assert torch.allclose(RelativeGaussian(0.5, reference="max", per="channel").variance(b), (0.5 * b.abs()) ** 2)
 
 
 @pytest.mark.parametrize("noise", [AdditiveGaussian(0.05), RelativeGaussian(0.3), RelativeGaussian(0.3, reference="max"),
