@@ -99,6 +99,19 @@ def _any_training(net: nn.Module) -> bool:
     return any(m.training for m in net.modules())
 
 
+def train_mode_message(model: nn.Module) -> str:
+    """The notice for a model in training mode, or with submodules in it (the root in eval
+    mode, ``model.bn1.train()``): which, and that it is evaluated in eval mode."""
+    if model.training:
+        who = f"{type(model).__name__} is in training mode"
+    else:
+        names = [n for n, m in model.named_modules() if n and m.training]
+        more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+        who = f"{type(model).__name__} has submodules in training mode ({', '.join(names[:3])}{more})"
+    return (f"{who}; noiseprop evaluates it in eval mode (BatchNorm running statistics, no dropout). "
+            "The model itself is left unchanged.")
+
+
 def call_with(net: nn.Module, params: Mapping[str, torch.Tensor], buffers: Mapping[str, torch.Tensor],
               x: torch.Tensor):
     """``net(x)`` with its parameters and buffers replaced by ``params`` and ``buffers``
@@ -131,12 +144,8 @@ class LinearizedNetwork:
         plan: TargetPlan = resolve_targets(model, targets)
         net = plan.model
         if _any_training(net):
-            if warn_train_mode and model.training:
-                warnings.warn(
-                    f"{type(model).__name__} is in training mode; noiseprop evaluates it in eval mode "
-                    "(BatchNorm running statistics, no dropout). The model itself is left unchanged.",
-                    stacklevel=3,
-                )
+            if warn_train_mode:
+                warnings.warn(train_mode_message(model), stacklevel=3)
             net = copy_model(net, "the analytic prediction (an eval-mode copy of a model in training mode)").eval()
         self.plan = plan
         self.net = net

@@ -194,6 +194,19 @@ def test_model_not_mutated_and_train_mode_warns():
         assert torch.equal(v, before[k]), k
     # evaluated in eval mode: the clean logits are the eval-mode logits
     assert torch.allclose(p.clean_logits, model(x).double(), atol=1e-5)
+    # only a submodule in training mode (the root in eval): named in the notice, by predict
+    # and Monte-Carlo, and evaluated in eval mode too
+    from noiseprop.empirical import monte_carlo
+
+    bn = next(n for n, mod in model.named_modules() if isinstance(mod, nn.BatchNorm2d))
+    s = copy.deepcopy(model)
+    s.get_submodule(bn).train()
+    with pytest.warns(UserWarning, match=f"submodules in training mode \\({bn}\\)"):
+        q = predict(s, x, y, "relative:0.05", cache=False)
+    with pytest.warns(UserWarning, match="submodules in training mode"):
+        monte_carlo(s, x, y, "relative:0.05", draws=2, seed=0)
+    assert s.get_submodule(bn).training and not s.training
+    assert torch.allclose(q.clean_logits, model(x).double(), atol=1e-5)
 
 
 class _WithUnusedLayer(nn.Module):
