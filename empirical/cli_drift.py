@@ -19,7 +19,7 @@ from noiseprop.theory.drift import LINEARIZE_AT, predict_drift
 from noiseprop.theory.predict import OUTSIDE_RANGE
 from noiseprop.theory.hardware import PCMLike
 from noiseprop.theory.noise import MAX_LEVEL
-from noiseprop.theory.validation import check_figure_path, check_number, save_figure
+from noiseprop.theory.validation import check_figure_path, check_number, number, plain_float, save_figure
 
 from .cli import CLIError
 from .cli_mc import (add_model_data_args, check_accuracy_draws, check_batch_size, check_n_inputs, load_model_and_data,
@@ -37,7 +37,7 @@ def _parse_times(text: str) -> list[float]:
     except ValueError as e:
         raise CLIError(str(e)) from None
     try:
-        times = [float(v) for v in items]
+        times = [plain_float(v) for v in items]
     except ValueError:
         raise CLIError(f"--times must be comma-separated seconds since programming, e.g. {DEFAULT_TIMES}; got {text!r}") from None
     if not times or any(not math.isfinite(t) or t < 0 for t in times):
@@ -182,9 +182,9 @@ def register(sub) -> None:
     p.add_argument("--times", default=DEFAULT_TIMES, help=f"seconds since programming, comma-separated (default {DEFAULT_TIMES})")
     p.add_argument("--no-compensation", action="store_true", help="without global drift compensation")
     p.add_argument("--both", action="store_true", help="with and without compensation")
-    p.add_argument("--prog-scale", type=float, default=1.0, help="programming-noise scale (default 1)")
-    p.add_argument("--drift-scale", type=float, default=1.0, help="drift-exponent scale (default 1)")
-    p.add_argument("--read-scale", type=float, default=1.0, help="read-noise scale (default 1)")
+    p.add_argument("--prog-scale", type=number, default=1.0, help="programming-noise scale (default 1)")
+    p.add_argument("--drift-scale", type=number, default=1.0, help="drift-exponent scale (default 1)")
+    p.add_argument("--read-scale", type=number, default=1.0, help="read-noise scale (default 1)")
     p.add_argument("--per", choices=("layer", "channel"), default="layer", help="conductance mapping max|W| per layer or per output channel")
     p.add_argument("--draws", type=int, default=100, help="Monte-Carlo chips per time (0: prediction only)")
     p.add_argument("--linearize-at", choices=LINEARIZE_AT, default="earliest",

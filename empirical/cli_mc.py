@@ -5,7 +5,7 @@ import numpy as np
 
 from noiseprop.theory.noise import MAX_LEVEL, NOISE_STRING_FORMS, parse_noise
 from noiseprop.theory.targets import Targets
-from noiseprop.theory.validation import check_int, check_levels, check_seed
+from noiseprop.theory.validation import check_int, check_levels, check_seed, plain_float
 
 from .checkpoint import load_checkpoint
 from .cli import dumps
@@ -110,7 +110,7 @@ def _parse_levels(text: str, noise=None) -> list[float]:
     """The levels of ``--levels``, each checked (when ``noise`` is given) to be a level of
     that family (a fraction for stuck, whole bits for quantized, ...), by the flag's name."""
     try:
-        levels = [float(v) for v in split_list(text, "--levels", "0,0.05,0.1")]
+        levels = [plain_float(v) for v in split_list(text, "--levels", "0,0.05,0.1")]
     except ValueError as e:
         if str(e).startswith("--levels"):
             raise

@@ -6,6 +6,8 @@ with the same arguments, computes only what is missing and writes the same repor
 """
 from __future__ import annotations
 
+from noiseprop.theory.validation import number
+
 from .executor import check_workers
 
 
@@ -40,7 +42,7 @@ def register(sub) -> None:
                         "published studies)")
     p.add_argument("--draws", type=int, default=None, help="Monte-Carlo draws per noise level")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds")
-    p.add_argument("--etas", type=float, nargs="+", default=None, help="relative noise levels (include 0)")
+    p.add_argument("--etas", type=number, nargs="+", default=None, help="relative noise levels (include 0)")
     p.add_argument("--epochs", type=int, default=None, help="training epochs for every model")
     p.add_argument("--workers", type=int, default=None,
                    help="worker processes, >= 1 (default min(2, cores); 1: in-process)")

@@ -12,7 +12,7 @@ import math
 from noiseprop.theory.noise import NOISE_STRING_FORMS
 from noiseprop.theory.sensitivity import (KEEP_METHODS, REFINE, _noise_with_level, check_keep_k, keep_digital,
                                           noise_budget, sensitivity)
-from noiseprop.theory.validation import SEED_MAX, check_figure_path, check_seed
+from noiseprop.theory.validation import SEED_MAX, check_figure_path, check_seed, number
 
 from .cli import CLIError
 from .cli_mc import add_model_data_args, check_n_inputs, load_model_and_data
@@ -112,7 +112,7 @@ def register(sub) -> None:
                                    f"noise forms: {forms}.")
     add_model_data_args(p)
     p.add_argument("--noise", required=True, help=f"noise model with its level, one of: {forms}")
-    p.add_argument("--budget", type=float, default=None, metavar="MAX_DROP",
+    p.add_argument("--budget", type=number, default=None, metavar="MAX_DROP",
                    help="also find the largest level of the --noise family whose predicted accuracy drop is at most "
                         "MAX_DROP (e.g. 0.01), with a per-layer allocation")
     p.add_argument("--budget-mc", type=int, default=None, metavar="DRAWS",

@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from noiseprop.theory.validation import check_output_dir
+from noiseprop.theory.validation import check_output_dir, number
 
 from .cells import ResultStore
 from .checkpoint import check_replaceable_folder, publish_folder, sweep_temp
@@ -121,7 +121,7 @@ def register(sub) -> None:
     p.add_argument("name", help="architecture | batchnorm | learning_rate | norm_type | noise_aware")
     p.add_argument("--dataset", default="digits", help="digits (default), teacher, cifar10, cifar100, mnist")
     p.add_argument("--data-dir", default=None, help="folder of the CIFAR/MNIST files")
-    p.add_argument("--etas", type=float, nargs="+", default=None, help="relative noise levels (include 0)")
+    p.add_argument("--etas", type=number, nargs="+", default=None, help="relative noise levels (include 0)")
     p.add_argument("--draws", type=int, default=None, help="Monte-Carlo draws per level")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (at least 3 recommended)")
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the family's)")
@@ -129,13 +129,13 @@ def register(sub) -> None:
                    help="prediction method (auto: moments on the MLPs, first order elsewhere)")
     p.add_argument("--models", nargs="+", default=None, help="architecture: e.g. mlp vgg resnet20 resnet32 resnet44 resnet56")
     p.add_argument("--archs", nargs="+", default=None, help="batchnorm / norm_type / noise_aware: architectures")
-    p.add_argument("--train-eta", type=float, default=None,
+    p.add_argument("--train-eta", type=number, default=None,
                    help="noise_aware: relative noise level injected during noise-aware training (default 0.3)")
     p.add_argument("--ks", nargs="+", default=None, help="batchnorm: numbers of BatchNorm places (integers or 'all')")
     p.add_argument("--norms", nargs="+", default=None, help="norm_type: subset of none bn l1 topk")
     p.add_argument("--arch", default=None, help="learning_rate: the architecture")
     p.add_argument("--norm", default=None, help="learning_rate / architecture: normalisation (none, bn, l1, topk)")
-    p.add_argument("--lrs", type=float, nargs="+", default=None, help="learning_rate: learning rates")
+    p.add_argument("--lrs", type=number, nargs="+", default=None, help="learning_rate: learning rates")
     p.add_argument("--workers", type=int, default=None,
                    help="worker processes, >= 1 (default min(2, cores); 1: in-process)")
     p.add_argument("--cache-dir", default=None, help="checkpoints and result cells (default $NOISEPROP_CACHE_DIR "

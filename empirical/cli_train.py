@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 
-from noiseprop.theory.validation import check_output_dir, check_output_file, check_seed
+from noiseprop.theory.validation import check_output_dir, check_output_file, check_seed, number
 
 from .cli import CLIError
 from .data import DATASETS, load_dataset
@@ -43,11 +43,11 @@ def register(subparsers) -> None:
     p.add_argument("--depth", type=int, default=None, help="hidden layers (mlp), 11/13/16/19 (vgg)")
     p.add_argument("--dataset", default="digits", choices=DATASETS, help="default: digits (built in)")
     p.add_argument("--data-dir", default=None, help="folder with the cifar10/cifar100/mnist files")
-    p.add_argument("--lr", type=float, default=None, help=_FAM)
+    p.add_argument("--lr", type=number, default=None, help=_FAM)
     p.add_argument("--epochs", type=int, default=None, help=_FAM)
     p.add_argument("--batch-size", type=int, default=None, help=_FAM)
-    p.add_argument("--momentum", type=float, default=None, help=_FAM)
-    p.add_argument("--weight-decay", type=float, default=None, help=_FAM)
+    p.add_argument("--momentum", type=number, default=None, help=_FAM)
+    p.add_argument("--weight-decay", type=number, default=None, help=_FAM)
     p.add_argument("--schedule", choices=SCHEDULES, default=None, help=_FAM)
     p.add_argument("--warmup-epochs", type=int, default=None, help=_FAM)
     p.add_argument("--seed", type=int, default=0, help="initialisation and mini-batch order (default 0)")

@@ -219,3 +219,22 @@ def test_hessian_top_eigenvalue_flags():
     for bad in (-1.0, math.nan, math.inf):
         with pytest.raises(ValueError, match="tol must be a finite number >= 0"):
             hessian_top_eigenvalue(net, x, y, tol=bad)
+
+
+@pytest.mark.parametrize("spec", ["relative:1_0", "additive:0_5", "pcm:36_00", "pcm:3600,drift=1_5"])
+def test_noise_numbers_without_underscores(spec):
+    """Python's float reads ``1_0`` as 10: a typo for 1.0 would become a level ten times
+    larger; a noise string refuses it, naming the value."""
+    with pytest.raises(ValueError, match="_"):
+        parse_noise(spec)
+
+
+def test_cli_numbers_without_underscores(capsys):
+    from noiseprop.empirical.cli import main
+
+    for argv in (["train", "mlp", "--lr", "1_0"], ["drift", "--model", "x.pt", "--times", "1,3_600"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert argv[-1] in err, err

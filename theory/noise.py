@@ -30,6 +30,8 @@ from typing import ClassVar
 
 import torch
 
+from .validation import plain_float
+
 __all__ = [
     "WeightNoise",
     "AdditiveGaussian",
@@ -306,7 +308,7 @@ def _parse_options(spec: str, name: str, items: list[str]) -> dict:
             raise ValueError(f"noise {spec!r}: setting {key!r} needs a value; {_options_help(name)}")
         elif kind is float:
             try:
-                fields[field] = float(raw)
+                fields[field] = plain_float(raw)
             except ValueError:
                 raise ValueError(f"noise {spec!r}: {key}={raw!r} is not a number; {_options_help(name)}") from None
         elif raw in kind:
@@ -346,7 +348,7 @@ def parse_noise(spec, default_level: float | None = None) -> WeightNoise:
         raise ValueError(f"unknown noise {spec!r}; accepted forms: {accepted}")
     value, *settings = value.split(",")
     try:
-        level = float(value)
+        level = plain_float(value)
     except ValueError:
         raise ValueError(f"noise {spec!r}: level {value!r} is not a number; accepted forms: {accepted}") from None
     try:

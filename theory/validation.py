@@ -473,6 +473,30 @@ def _real_vector(values) -> np.ndarray:
     return a.astype(np.float64).ravel()
 
 
+def plain_float(text) -> float:
+    """``float(text)`` for a number as written on a command line or in a noise string,
+    without the digit-group underscores Python's ``float`` also takes (``"1_0"`` would
+    read as 10: a typo for ``1.0`` becoming a level ten times larger). Raises
+    ``ValueError`` like ``float``.
+
+    >>> plain_float("0.05"), plain_float(" 1e-3 ")
+    (0.05, 0.001)
+    >>> plain_float("1_0")
+    Traceback (most recent call last):
+    ...
+    ValueError: could not convert string to float: '1_0' (an underscore is not part of a number here)
+    """
+    if isinstance(text, str) and "_" in text:
+        raise ValueError(f"could not convert string to float: {text!r} (an underscore is not part of a number here)")
+    return float(text)
+
+
+def number(text) -> float:
+    """:func:`plain_float` under the name argparse prints for a bad value (``argument
+    --lr: invalid number value: '1_0'``): the ``type=`` of the command line's numbers."""
+    return plain_float(text)
+
+
 def check_levels(levels, maximum: float | None = None, name: str = "levels") -> np.ndarray:
     """Noise levels: a non-empty sequence of finite numbers ``>= 0`` (and ``<= maximum``);
     returns a float64 vector."""
