@@ -1,6 +1,8 @@
 """``noiseprop mc`` and ``noiseprop sweep``: Monte-Carlo on a saved checkpoint."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from noiseprop.theory.noise import MAX_LEVEL, NOISE_STRING_FORMS, parse_noise
@@ -65,6 +67,11 @@ def load_model_and_data(args):
         skip = {"name", "fingerprint", "data_dir"}
         kwargs = {k: v for k, v in (ckpt.meta.get("dataset_spec") or {}).items() if k not in skip}
     data = load_dataset(name, data_dir=data_dir, **kwargs)
+    trained_on = ckpt.meta.get("dataset")
+    if args.dataset and trained_on and args.dataset != trained_on:
+        warnings.warn(f"--dataset {args.dataset!r}: the checkpoint {args.model!r} was trained on {trained_on!r}; its "
+                      f"test inputs are {name!r}'s (leave --dataset out to use the training data set's)", UserWarning,
+                      stacklevel=2)
     return ckpt.model, data.x_test, data.y_test, ckpt
 
 

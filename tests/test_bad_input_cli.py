@@ -303,3 +303,12 @@ def test_c6_messages_name_the_flags(capsys, ckpt, monkeypatch, argv, module, wor
     for python_name in ("accuracy_draws", "np.float64", "got 9223"):
         assert python_name not in err
     assert time.perf_counter() - t0 < 30
+
+
+def test_dataset_other_than_the_checkpoints_warns(capsys, ckpt):
+    """--dataset naming another data set than the checkpoint's (whose inputs happen to fit
+    the model) runs, but says so: the accuracy then measures nothing the model learned."""
+    with pytest.warns(UserWarning, match="trained on 'digits'"):
+        rc, out, err = _cli(capsys, "mc", "--model", ckpt, "--noise", "relative:0.1", "--draws", "2", "--dataset",
+                            "teacher", "--no-progress")
+    assert rc == 0

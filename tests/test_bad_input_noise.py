@@ -232,7 +232,7 @@ def test_noise_numbers_without_underscores(spec):
 def test_cli_numbers_without_underscores(capsys):
     from noiseprop.empirical.cli import main
 
-    for argv in (["train", "mlp", "--lr", "1_0"], ["drift", "--model", "x.pt", "--times", "1,3_600"]):
+    for argv in (["train", "--model", "mlp", "--lr", "1_0"], ["drift", "--model", "x.pt", "--times", "1,3_600"]):
         try:
             rc = main(argv)
         except SystemExit as e:  # argparse's own exit
