@@ -433,15 +433,17 @@ def sensitivity(model: nn.Module, x, y, noise, targets=None, *, channels=None, c
                              "None or False for none)")
     tr_tot = float(torch.diagonal(ps.cov_unit, dim1=1, dim2=2).sum())
     tr = {m: float(torch.diagonal(c, dim1=1, dim2=2).sum()) for m, c in ps.layer_cov.items()}
-    gn = {m: v * lv2 for m, v in _gn_per_unit(ps.clean, ps.layer_cov).items()}
+    gn_unit = _gn_per_unit(ps.clean, ps.layer_cov)  # at level 1: the shares do not depend on the level
+    gn = {m: v * lv2 for m, v in gn_unit.items()}
     gn_tot = sum(gn.values())
+    gn_unit_tot = sum(gn_unit.values())
     clean_acc = _clean_accuracy(ps.clean, ps.y)
     acc_all = _accuracy(ps.clean, ps.cov_unit * lv2, ps.y, n_points, seed)
     frac = _first_order_range(ps, noise, seed, "the accuracies (every layer noisy, each layer alone) are first order "
                               "and too high; the shares stay its exact split")
     alone = [_accuracy(ps.clean, ps.layer_cov[m] * lv2, ps.y, n_points, seed) for m in layers]
     share_v = [tr[m] / tr_tot if tr_tot > 0 else 0.0 for m in layers]
-    share_l = [gn[m] / gn_tot if gn_tot > 0 else 0.0 for m in layers]
+    share_l = [gn_unit[m] / gn_unit_tot if gn_unit_tot > 0 else 0.0 for m in layers]  # also at level 0
     order = sorted(range(len(layers)), key=lambda i: (-(clean_acc - alone[i]), -share_l[i], i))
     rank = [0] * len(layers)
     for r, i in enumerate(order):

@@ -591,3 +591,18 @@ def test_keep_digital_auto_falls_back_when_the_moment_pass_refuses_the_inputs():
     assert "Linear layer 'a'" in ka.method_note and "method='linear'" in ka.method_note
     with pytest.raises(ValueError, match="Linear layer 'a'"):
         keep_digital(net, x, y, RelativeGaussian(0.3), k=1, method="refined")
+
+
+def test_shares_at_level_zero_are_the_shares_at_any_level():
+    """Both shares are ratios of terms proportional to the level squared: at level 0 they
+    are those of every other level (the loss shares were all 0 there, while the summary
+    said they add to 100%)."""
+    from noiseprop.theory.examples import tiny_problem
+
+    net, x, y = tiny_problem()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a = sensitivity(net, x, y, "relative:0")
+        b = sensitivity(net, x, y, "relative:0.3")
+    assert a.loss_increase_total == 0.0 and sum(a.share_loss) == pytest.approx(1.0)
+    assert np.allclose(a.share_loss, b.share_loss, rtol=1e-12) and np.allclose(a.share_logit_var, b.share_logit_var)
