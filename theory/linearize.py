@@ -1223,7 +1223,7 @@ def jacobian_pass(lin: LinearizedNetwork, x: torch.Tensor, unit: Mapping[str, to
         if z is not None:
             zs.append(z)
         if lcov is not None:
-            for m in {_layer_of(nm) for nm in lin.names}:
+            for m in dict.fromkeys(_layer_of(nm) for nm in lin.names):  # target (network) order, not a set's
                 layer_covs.setdefault(m, []).append(lcov.get(m, torch.zeros_like(cov)))
         for lst, (_, ecov) in zip(extra_covs, extra):
             lst.append(ecov)

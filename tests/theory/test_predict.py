@@ -541,6 +541,9 @@ def test_default_loss_increase_is_exact_for_piecewise_linear_networks(kind):
     # per-layer shares add up; asking for probes uses Hutchinson and agrees within 4 s.e.
     q = predict(model, x, y, noise, per_layer=True, cache=False)
     assert sum(q.loss_increase_by_layer.values()) == pytest.approx(q.loss_increase_gn, rel=1e-9)
+    # in network order (was a set's, which changes with the process's string hashing)
+    noisy = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    assert list(q.loss_increase_by_layer) == noisy
     h = predict(model, x, y, noise, loss_probes=48, seed=1, cache=False)
     assert h.loss_increase_method == "hutchinson" and h.loss_probes == 48
     assert abs(h.loss_increase - want) < 4 * h.loss_increase_se
