@@ -62,15 +62,16 @@ def load_model_and_data(args):
     if not name:
         raise ValueError(f"checkpoint {args.model!r} does not record its data set; pass --dataset")
     data_dir = args.data_dir if args.data_dir is not None else ckpt.meta.get("data_dir")
+    trained_on = ckpt.meta.get("dataset")
+    own = not args.dataset or (trained_on is not None and str(args.dataset).lower() == str(trained_on).lower())
     kwargs = {}
-    if not args.dataset:  # the exact data set (and split) the checkpoint was trained on
+    if own:  # the exact data set (and split, seed) the checkpoint was trained on, also when named
         skip = {"name", "fingerprint", "data_dir"}
         kwargs = {k: v for k, v in (ckpt.meta.get("dataset_spec") or {}).items() if k not in skip}
     data = load_dataset(name, data_dir=data_dir, **kwargs)
-    trained_on = ckpt.meta.get("dataset")
-    if args.dataset and trained_on and args.dataset != trained_on:
-        warnings.warn(f"--dataset {args.dataset!r}: the checkpoint {args.model!r} was trained on {trained_on!r}; its "
-                      f"test inputs are {name!r}'s (leave --dataset out to use the training data set's)", UserWarning,
+    if not own and trained_on:
+        warnings.warn(f"--dataset {args.dataset!r}: the checkpoint {args.model!r} was trained on {trained_on!r}; "
+                      f"evaluating it on {args.dataset!r}'s test inputs (leave --dataset out to use its own)", UserWarning,
                       stacklevel=2)
     return ckpt.model, data.x_test, data.y_test, ckpt
 

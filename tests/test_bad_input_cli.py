@@ -8,6 +8,7 @@ fail the test if called. Small and seeded: tiny models, the built-in digits."""
 import copy
 import json
 import time
+import warnings
 
 import pytest
 import torch
@@ -311,4 +312,10 @@ def test_dataset_other_than_the_checkpoints_warns(capsys, ckpt):
     with pytest.warns(UserWarning, match="trained on 'digits'"):
         rc, out, err = _cli(capsys, "mc", "--model", ckpt, "--noise", "relative:0.1", "--draws", "2", "--dataset",
                             "teacher", "--no-progress")
+    assert rc == 0
+    # its own name, in any case: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        rc, out, err = _cli(capsys, "mc", "--model", ckpt, "--noise", "relative:0.1", "--draws", "2", "--dataset",
+                            "DIGITS", "--no-progress")
     assert rc == 0

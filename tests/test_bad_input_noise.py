@@ -225,7 +225,7 @@ def test_hessian_top_eigenvalue_flags():
 def test_noise_numbers_without_underscores(spec):
     """Python's float reads ``1_0`` as 10: a typo for 1.0 would become a level ten times
     larger; a noise string refuses it, naming the value."""
-    with pytest.raises(ValueError, match="_"):
+    with pytest.raises(ValueError, match="underscore"):
         parse_noise(spec)
 
 

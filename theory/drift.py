@@ -820,7 +820,9 @@ def _predict_models(model, x, y, noises: Sequence[HardwareNoise], targets, linea
             mdiag["first_order_flagged"] = msg is not None
             if msg:
                 warns.insert(0, msg)
-        if method == "moments":  # its warning (predict's rules), the drop counted as the linear one's
+        if method == "moments":  # its warning (predict's rules), the drop counted as the linear one's:
+            # from the expected-weights network, not the clean one (the tail rule's drop limit was
+            # calibrated on zero-mean noise, where the two are the same)
             mean_acc = float((means[k].argmax(1) == y.to(means[k].device)).double().mean())
             msg = moments_range_warning(res.preact_frac, _moment_risks(lin_mu),
                                         tail=(mdiag["tail_kurtosis"], mdiag["tail_kurtosis_layer"]),

@@ -310,7 +310,8 @@ def _parse_options(spec: str, name: str, items: list[str]) -> dict:
             try:
                 fields[field] = plain_float(raw)
             except ValueError:
-                raise ValueError(f"noise {spec!r}: {key}={raw!r} is not a number; {_options_help(name)}") from None
+                why = " (an underscore is not part of a number here)" if "_" in raw else ""
+                raise ValueError(f"noise {spec!r}: {key}={raw!r} is not a number{why}; {_options_help(name)}") from None
         elif raw in kind:
             fields[field] = raw
         else:
@@ -350,7 +351,8 @@ def parse_noise(spec, default_level: float | None = None) -> WeightNoise:
     try:
         level = plain_float(value)
     except ValueError:
-        raise ValueError(f"noise {spec!r}: level {value!r} is not a number; accepted forms: {accepted}") from None
+        why = " (an underscore is not part of a number here)" if "_" in value else ""
+        raise ValueError(f"noise {spec!r}: level {value!r} is not a number{why}; accepted forms: {accepted}") from None
     try:
         out = NOISE_STRING_FORMS[name](level)
     except (ValueError, TypeError, OverflowError) as e:

