@@ -38,6 +38,9 @@ def _loss_probes(args, noise):
         check_int("--loss-probes", probes, 0, what=LOSS_PROBES_ACCEPTED)
         if probes == 1:
             raise ValueError(f"--loss-probes must be {LOSS_PROBES_ACCEPTED}, got 1")
+    if probes and getattr(args, "method", "linear") == "moments":
+        raise CLIError(f"--loss-probes {probes}: --method moments gives the loss of its own Gaussian logits, not a "
+                       "Hutchinson estimate; leave --loss-probes out (or 0), or use --method linear")
     if noise.zero_mean or probes is None:
         return probes
     if probes:

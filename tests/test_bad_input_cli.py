@@ -144,6 +144,9 @@ def test_c1_predict_hardware_noise_with_loss_probes_is_refused_by_flag(capsys, c
     _one_line_error(rc, err, "--loss-probes 4", "hardware noise", "leave --loss-probes out")
     rc, out, err = _cli(capsys, "predict", "--model", ckpt, "--noise", "relative:0.1", "--loss-probes", 1)
     _one_line_error(rc, err, "--loss-probes must be 0 (skip the Hutchinson estimate) or an integer >= 2, got 1")
+    rc, out, err = _cli(capsys, "predict", "--model", ckpt, "--noise", "relative:0.1", "--method", "moments",
+                        "--loss-probes", 8)
+    _one_line_error(rc, err, "--loss-probes 8", "--method moments", "leave --loss-probes out")
 
 
 def test_c1_gaussian_predict_takes_the_librarys_default(capsys, ckpt):
