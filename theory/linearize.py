@@ -144,7 +144,7 @@ class LinearizedNetwork:
         plan: TargetPlan = resolve_targets(model, targets)
         net = plan.model
         if _any_training(net):
-            if warn_train_mode:
+            if warn_train_mode and _any_training(model):  # (a folded copy's new modules are the plan's, not the user's)
                 warnings.warn(train_mode_message(model), stacklevel=3)
             net = copy_model(net, "the analytic prediction (an eval-mode copy of a model in training mode)").eval()
         self.plan = plan

@@ -207,6 +207,12 @@ def test_model_not_mutated_and_train_mode_warns():
         monte_carlo(s, x, y, "relative:0.05", draws=2, seed=0)
     assert s.get_submodule(bn).training and not s.training
     assert torch.allclose(q.clean_logits, model(x).double(), atol=1e-5)
+    # a model wholly in eval mode, BatchNorm folded (the plan's copy has new modules): no notice
+    from noiseprop.theory import Targets
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        predict(model, x, y, "relative:0.05", targets=Targets(fold_bn=True), cache=False)
 
 
 class _WithUnusedLayer(nn.Module):
