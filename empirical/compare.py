@@ -29,8 +29,12 @@ Quantities and their tests (unit of replication: one noise draw, n = draws)
     typical logit noise std). Calibration: linear OLS over elements, cluster-robust.
 ``accuracy``
     Per-draw accuracies; interval Student-t over draws, ``x̄ ± t_{n−1} s/√n`` (the
-    Monte-Carlo engine's own interval and the TOST's reference); TOST (statsmodels
-    ``ttost_mean``) at ``±acc_margin`` (default ±1 percentage point). Not BCa: with the
+    Monte-Carlo engine's own interval and the TOST's reference); TOST (two one-sided t
+    tests, as statsmodels ``ttost_mean``) at ``±acc_margin`` (default ±1 percentage
+    point). Draws that all tie (a per-draw accuracy is a multiple of 1/N for N inputs,
+    and a spread below one step hides in ties) get the s.d. of one step instead of 0:
+    2-3 tied draws otherwise gave an exact mean, "equivalent" and a zero-width interval
+    (23 of 40 runs of 3 draws at η = 0.05 on a digits MLP). Not BCa: with the
     few draws of a study cell the BCa bootstrap interval is too narrow. Resampling 12
     draws from 500-draw populations of per-draw accuracies (five report models, five
     levels each), BCa covered the population mean 90.5% of the time (84–93% per
@@ -69,7 +73,6 @@ from .stats import (
     holm,
     log_variance_bias,
     mean_ci,
-    tost_mean,
     tost_t,
     variance_ci,
     variance_tost,
@@ -419,10 +422,19 @@ def compare(prediction, mc, *, var_margin: float = 0.10, acc_margin: float = 0.0
     pred_acc = _scalar(getattr(prediction, "accuracy", None))
     if pred_acc is not None:
         obs_a, se_a, (lo, hi) = mean_ci(accs, confidence)
+        how = f"Student-t over draws, df={n - 1}"
+        if n >= 2 and N > 0 and float(np.ptp(accs)) == 0.0:
+            # every draw gave the same accuracy, a multiple of 1/N: a spread below one step
+            # hides in the ties, so the draws' s.d. is taken as one step (conservative) rather
+            # than 0 (which made 2-3 tied draws an exact mean: "equivalent", a zero-width CI)
+            se_a = (1.0 / N) / math.sqrt(n)
+            h = float(_st.t.ppf(0.5 + confidence / 2, n - 1)) * se_a
+            lo, hi = obs_a - h, obs_a + h
+            how += f"; the {n} draws tie: their s.d. taken as one step 1/N"
         lo, hi = max(lo, 0.0), min(hi, 1.0)  # an accuracy's mean lies in [0, 1]
-        p_eq = tost_mean(accs, pred_acc - acc_margin, pred_acc + acc_margin)[0]
+        p_eq = tost_t(obs_a, se_a, n - 1, pred_acc - acc_margin, pred_acc + acc_margin)[0]
         quantities.append(QuantityComparison(
-            "accuracy", pred_acc, obs_a, lo, hi, f"Student-t over draws, df={n - 1}", pred_acc - acc_margin,
+            "accuracy", pred_acc, obs_a, lo, hi, how, pred_acc - acc_margin,
             pred_acc + acc_margin, f"±{acc_margin * 100:g} pp", p_eq, alpha, n,
             dict(observed_se=se_a)))
 

@@ -246,3 +246,20 @@ def test_loss_increase_interval_is_student_t_over_draws():
     h = st.t.ppf(0.975, n - 1) * inc.std(ddof=1) / math.sqrt(n)
     assert q.observed == pytest.approx(inc.mean())
     assert (q.ci_low, q.ci_high) == pytest.approx((inc.mean() - h, inc.mean() + h))
+
+
+def test_tied_draws_are_no_evidence_of_equivalence():
+    """Draws whose accuracies all tie (small noise, few draws: an accuracy is a multiple of
+    1/N) carry no spread; they were taken as an exact mean: equivalent to a prediction 0.9
+    point away, with a zero-width interval. Now their s.d. is one step 1/N: a wide
+    t-interval (1 degree of freedom) that contains it, and no equivalence."""
+    import dataclasses
+
+    rng = np.random.default_rng(7)
+    mc, truth, _ = simulate(rng, N=200, draws=2, noise_scale=0.01)
+    mc = dataclasses.replace(mc, accuracies=np.array([0.935, 0.935]))
+    pred = SimpleNamespace(**vars(truth), accuracy=0.9437)
+    q = compare(pred, mc)["accuracy"]
+    h = 12.706 * (1 / 200) / math.sqrt(2)  # t_{0.975, 1} · (1/N)/√n
+    assert q.ci_low == pytest.approx(0.935 - h, rel=1e-3) and q.ci_high == pytest.approx(0.935 + h, rel=1e-3)
+    assert q.ci_low < 0.9437 < q.ci_high and q.equivalent is False and "tie" in q.ci_method
