@@ -368,6 +368,13 @@ def compare(prediction, mc, *, var_margin: float = 0.10, acc_margin: float = 0.0
     groups = np.repeat(np.arange(N), C)
 
     # -- logit variance ------------------------------------------------------------
+    # a prediction with classes=k leaves the other classes' variance unknown (NaN): the
+    # variance is compared over the logits it differentiated
+    known = np.isfinite(pv)
+    part = "" if known.all() else f"; over the {int(known.sum())} of {known.size} logits the prediction differentiated"
+    vgroups = groups
+    if not known.all():
+        pv, ov, vgroups = pv[known], ov[known], groups[known.reshape(-1)]
     pred_v, obs_v = float(pv.mean()), float(ov.mean())
     lo, hi = variance_ci(obs_v, n, confidence)
     k = 1.0 + var_margin
@@ -385,10 +392,10 @@ def compare(prediction, mc, *, var_margin: float = 0.10, acc_margin: float = 0.0
         elementwise_ci_coverage=float(((elo <= pv) & (pv <= ehi))[ov > 0].mean()) if (ov > 0).any() else float("nan"),
     )
     quantities.append(QuantityComparison(
-        "logit_var", pred_v, obs_v, lo, hi, f"chi-square df={n - 1} (conservative for the mean over elements)",
+        "logit_var", pred_v, obs_v, lo, hi, f"chi-square df={n - 1} (conservative for the mean over elements){part}",
         pred_v / k, pred_v * k, f"ratio within ±{var_margin:.0%} (log)", p_eq, alpha, n, extra))
     if calibrate:
-        calibrations["logit_var"] = calibration(ov, pv, log=True, groups=groups, confidence=confidence,
+        calibrations["logit_var"] = calibration(ov, pv, log=True, groups=vgroups, confidence=confidence,
                                                 offset=log_variance_bias(n))
 
     # -- logit mean shift ------------------------------------------------------------
@@ -399,6 +406,7 @@ def compare(prediction, mc, *, var_margin: float = 0.10, acc_margin: float = 0.0
     ps = _np(prediction.logit_mean) - clean_pred
     os_ = _np(mc.logit_mean) - clean_obs
     pred_s, obs_s = float(ps.mean()), float(os_.mean())
+    ov = _np(mc.logit_var)  # every logit's (the shift is known for the unselected classes too: 0)
     se = float(np.sqrt(np.clip(ov, 0, None)).mean() / math.sqrt(n))
     h = float(_st.t.ppf(0.5 + confidence / 2, n - 1)) * se
     width = shift_margin * math.sqrt(pred_v) if pred_v > 0 else float("nan")

@@ -263,3 +263,20 @@ def test_tied_draws_are_no_evidence_of_equivalence():
     h = 12.706 * (1 / 200) / math.sqrt(2)  # t_{0.975, 1} · (1/N)/√n
     assert q.ci_low == pytest.approx(0.935 - h, rel=1e-3) and q.ci_high == pytest.approx(0.935 + h, rel=1e-3)
     assert q.ci_low < 0.9437 < q.ci_high and q.equivalent is False and "tie" in q.ci_method
+
+
+def test_logit_variance_over_the_differentiated_classes():
+    """A prediction with ``classes=k`` has NaN variance for the classes it left out: the
+    variance is compared over the logits it has (was a NaN row whose interval 'excluded'
+    the prediction, and no equivalence margin for the mean shift)."""
+    rng = np.random.default_rng(8)
+    mc, truth, _ = simulate(rng, draws=400)
+    pv = truth.logit_var.clone()
+    pv[:, 2:] = float("nan")
+    pred = SimpleNamespace(logit_mean=truth.logit_mean, logit_var=pv, clean_logits=truth.clean_logits)
+    c = compare(pred, mc)
+    q = c["logit_var"]
+    known = torch.isfinite(pv)
+    assert q.predicted == pytest.approx(float(pv[known].mean())) and q.observed == pytest.approx(float(mc.logit_var[known].mean()))
+    assert "differentiated" in q.ci_method and q.ci_low < q.predicted < q.ci_high
+    assert math.isfinite(c["logit_mean_shift"].margin_low)
