@@ -699,8 +699,11 @@ class DriftPrediction:
                            for p in self.predictions], dtype=np.float64)
 
     def to_frame(self) -> pd.DataFrame:
-        cols = dict(time_s=self.times, accuracy=self.accuracy, accuracy_lower=self.accuracy_lower,
+        cols = dict(level=self.times, time_s=self.times, accuracy=self.accuracy, accuracy_lower=self.accuracy_lower,
                     accuracy_upper=self.accuracy_upper, accuracy_std=self.accuracy_std, loss=self.loss,
+                    loss_increase=[p.loss_increase for p in self.predictions],
+                    clean_accuracy=np.full(len(self.predictions), self.clean_accuracy),
+                    clean_loss=[p.clean_loss for p in self.predictions],
                     mean_logit_var=[float(np.nanmean(p.logit_var.numpy())) for p in self.predictions],
                     mean_abs_logit_shift=[float(p.logit_mean_shift.abs().mean()) for p in self.predictions],
                     preact_frac=self.preact_frac, outside_range=self.outside_range)

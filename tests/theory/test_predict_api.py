@@ -118,6 +118,16 @@ def test_to_frame_has_one_meaning_on_siblings():
     row = sw.result(0).to_frame()
     for c in SHARED:
         assert fs[c][0] == pytest.approx(row[c][0]), c
+    # a drift curve and its simulation: one row per time, the same names (and time_s)
+    from noiseprop.empirical import drift_sweep
+    from noiseprop.theory import PCMLike, predict_drift
+
+    d = predict_drift(NET, X, Y, PCMLike(), [1.0, 3600.0], diagnostic=False)
+    ds = drift_sweep(NET, X, Y, PCMLike(), [1.0, 3600.0], draws=4, seed=0, keep_logits=True, progress=False)
+    fd, fds = d.to_frame(), ds.to_frame()
+    assert SHARED | {"time_s"} <= set(fd.columns) & set(fds.columns)
+    assert list(fd.level) == list(fds.level) == list(fd.time_s) == [1.0, 3600.0]
+    assert fd.loss[0] == pytest.approx(fd.clean_loss[0] + fd.loss_increase[0])
 
 
 def test_logit_loss_is_computed_when_first_read(monkeypatch):
