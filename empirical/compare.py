@@ -41,7 +41,10 @@ Quantities and their tests (unit of replication: one noise draw, n = draws)
     level), the t interval 94.3% (92–97%) (``benchmarks/ci_coverage.py``).
 ``accuracy_std`` (when the prediction has it)
     The draw-to-draw spread of accuracy: chi-square interval of the variance of the
-    per-draw accuracies; TOST on the variance log-ratio at ``±var_margin``.
+    per-draw accuracies, its degrees of freedom adjusted for their excess kurtosis
+    (:func:`~.stats.kurtosis_df`: with ``n − 1`` the interval covered 92-92.5% on a
+    digits MLP, 10-30 draws, per-draw accuracies skewed −0.38 with excess kurtosis 0.61);
+    TOST on the variance log-ratio at ``±var_margin``, on the same degrees of freedom.
 ``loss_increase``
     Per-draw ``loss − clean loss``; interval Student-t over draws (the same check at 12
     draws: 93.0% against BCa's 89.5%, ``benchmarks/ci_coverage.py --quantity
@@ -71,6 +74,7 @@ from .stats import (
     Calibration,
     calibration,
     holm,
+    kurtosis_df,
     log_variance_bias,
     mean_ci,
     tost_t,
@@ -449,10 +453,12 @@ def compare(prediction, mc, *, var_margin: float = 0.10, acc_margin: float = 0.0
     pred_astd = _scalar(getattr(prediction, "accuracy_std", None))
     if pred_astd is not None:
         s2 = float(accs.var(ddof=1))
-        lo, hi = variance_ci(s2, n, confidence)
-        p_eq = variance_tost(s2, n, pred_astd ** 2, var_margin)[0] if pred_astd > 0 else float("nan")
+        nu = kurtosis_df(accs)  # the per-draw accuracies are not normal (skewed, excess kurtosis ~0.6)
+        lo, hi = variance_ci(s2, n, confidence, df=nu)
+        p_eq = variance_tost(s2, n, pred_astd ** 2, var_margin, df=nu)[0] if pred_astd > 0 else float("nan")
         quantities.append(QuantityComparison(
-            "accuracy_std", pred_astd, math.sqrt(s2), math.sqrt(lo), math.sqrt(hi), f"chi-square df={n - 1}",
+            "accuracy_std", pred_astd, math.sqrt(s2), math.sqrt(lo), math.sqrt(hi),
+            f"chi-square df={nu:.3g} (n−1 = {n - 1}, adjusted for the draws' excess kurtosis)",
             pred_astd / math.sqrt(k), pred_astd * math.sqrt(k), f"variance ratio within ±{var_margin:.0%} (log)",
             p_eq, alpha, n))
 

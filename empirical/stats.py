@@ -116,6 +116,23 @@ def variance_ci(s2, n, confidence: float = 0.95, df=None):
     return lo, hi
 
 
+def kurtosis_df(values) -> float:
+    """Degrees of freedom for :func:`variance_ci` / :func:`variance_tost` of the variance
+    of ``values`` when they need not be normal: matching ``Var(s²) ≈ σ⁴(2/(n−1) + κ/n)``
+    (``κ`` the excess kurtosis, its bias-corrected sample estimate, taken as at least 0)
+    to the chi-square's ``2σ⁴/ν`` gives ``ν = 2/(2/(n−1) + κ/n)``; ``n − 1`` for normal
+    data and for fewer than 4 values. On gamma samples (excess kurtosis 0.6, the per-draw
+    accuracies' is about that) the 95% interval covered 93.2-93.4% with ``n − 1`` and
+    94.7-94.8% with it (n = 10 and 30, 4,000 samples each); at kurtosis 1.5, 88-90% and
+    92-94% (``tests/empirical/test_stats.py::test_kurtosis_df_restores_coverage``)."""
+    v = np.asarray(values, dtype=np.float64).ravel()
+    n = v.size
+    if n < 4 or not np.all(np.isfinite(v)) or float(np.ptp(v)) == 0.0:
+        return float(max(n - 1, 1))
+    g2 = max(float(_st.kurtosis(v, fisher=True, bias=False)), 0.0)
+    return 2.0 / (2.0 / (n - 1) + g2 / n)
+
+
 def variance_tost(s2, n, reference, margin: float = 0.10, df=None):
     """Equivalence test of a variance ratio: is ``σ²/reference`` within
     ``[1/(1+margin), 1+margin]``, i.e. ``|log(σ²/reference)| < log(1+margin)``?
