@@ -369,7 +369,7 @@ class Prediction(LogitResult):
     accuracy_std_draws: int
     clean_loss: float
     loss_increase: float = deferred_field()  # computed when first read (hardware noise: the Gaussian-logit loss)
-    loss_increase_se: float
+    loss_increase_se: float = deferred_field()  # with Hutchinson, computed when first read
     loss_increase_gn: float
     loss_increase_logits: float = deferred_field()  # computed when first read (predict's own calls)
     loss_probes: int
@@ -548,8 +548,8 @@ class _Base:
     x: torch.Tensor
     y: torch.Tensor
     jp: JacobianPass
-    trace_unit: float
-    trace_unit_se: float
+    #: ``() -> (tr(Σ_ε H), s.e.)`` at level 1 (:class:`_LazyTrace`), ``None`` without probes
+    trace: "_LazyTrace | None"
     probes: int
     preact_ratio: np.ndarray | None
     preact_note: str
@@ -855,13 +855,7 @@ def _build_base(lin: LinearizedNetwork, x, y, unit, opts: _Options) -> _Base:
     else:
         method = "gauss_newton (exact ½tr(Σ_ε H): piecewise linear)" if pl else "gauss_newton (approximation: " + why + ")"
         probes = probes or 0  # probes asked for beside an explicit Gauss-Newton choice
-    tr, se = float("nan"), float("nan")
-    if probes:
-        t = time.perf_counter()
-        op = HessianOperator(lin, x, y, batch_size=opts.batch_size)
-        vals = _trace_probes(op, unit, probes, opts.seed)
-        tr, se = float(vals.mean()), float(vals.std(ddof=1) / math.sqrt(probes))
-        secs["hutchinson"] = time.perf_counter() - t
+    trace = _LazyTrace(lin, x, y, unit, probes, opts.seed, opts.batch_size, secs) if probes else None
     ratio, note = None, "not computed (diagnostic=False)"
     if opts.diagnostic:
         t = time.perf_counter()
@@ -870,7 +864,30 @@ def _build_base(lin: LinearizedNetwork, x, y, unit, opts: _Options) -> _Base:
         secs["diagnostic"] = time.perf_counter() - t
     if jp.classes is not None and not probes:
         method = "gauss_newton (label and closest competitors; the other classes' part estimated on the truncation check)"
-    return _Base(lin, x, y, jp, tr, se, probes, ratio, note, method, pl, why, secs, trunc)
+    return _Base(lin, x, y, jp, trace, probes, ratio, note, method, pl, why, secs, trunc)
+
+
+class _LazyTrace:
+    """``tr(Σ_ε H)`` at level 1 and its standard error from ``probes`` noise-scaled
+    Hutchinson probes, computed when first asked for (the loss increase is an extra: a
+    call that reads only the accuracy, or uses ``method="moments"``, does not pay the
+    probes' Hessian-vector products, on a smooth network most of a default call), then
+    kept; ``seconds["hutchinson"]`` records their time."""
+
+    def __init__(self, lin, x, y, unit, probes: int, seed: int, batch_size: int, seconds: dict):
+        self._args = (lin, x, y, unit, probes, seed, batch_size)
+        self._seconds = seconds
+        self._value = None
+
+    def __call__(self) -> tuple[float, float]:
+        if self._value is None:
+            lin, x, y, unit, probes, seed, batch_size = self._args
+            t = time.perf_counter()
+            vals = _trace_probes(HessianOperator(lin, x, y, batch_size=batch_size), unit, probes, seed)
+            self._value = (float(vals.mean()), float(vals.std(ddof=1) / math.sqrt(probes)))
+            self._seconds["hutchinson"] = time.perf_counter() - t
+            self._args = None
+        return self._value
 
 
 # ---------------------------------------------------------------- the derivative cache
@@ -1161,7 +1178,8 @@ def _finish(base: _Base, noise: WeightNoise, method: str, mean: torch.Tensor, co
         gn_u = _memo(base, "gn_unit", lambda: loss_increase_gauss_newton(clean, cov_lin_u))
     gn = gn_u * lvl**2
     if base.loss_method == "hutchinson":
-        li, li_se = 0.5 * base.trace_unit * lvl**2, 0.5 * base.trace_unit_se * lvl**2
+        tr = base.trace  # the probes run when the loss increase is first read
+        li, li_se = Deferred(lambda: 0.5 * tr()[0] * lvl**2), Deferred(lambda: 0.5 * tr()[1] * lvl**2)
     else:
         li, li_se = gn, (0.0 if base.piecewise_linear and sel is None else float("nan"))
     by_layer = None

@@ -2,11 +2,13 @@
 (old keywords still accepted, never both ways), and to_frame() with one meaning on
 sibling results (one row per noise setting; per_input_frame() per input and class)."""
 import inspect
+import warnings
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from torch import nn
 
 from noiseprop.empirical import monte_carlo, sweep
 from noiseprop.theory import Prediction, predict, predict_sweep
@@ -152,6 +154,32 @@ def test_logit_loss_is_computed_when_first_read(monkeypatch):
     want = P._gaussian_logit_loss(pred.logit_mean, pred.logit_cov, y) - pred.clean_loss
     assert got[1] == pytest.approx(want, rel=1e-6)
     assert predict(net, x, y, "relative:0.0", cache=False).loss_increase_logits == 0.0
+
+
+def test_hutchinson_probes_run_when_the_loss_is_first_read(monkeypatch):
+    """On a smooth network the default loss increase is Hutchinson's: its probes (most of
+    such a call) run when ``loss_increase`` or its s.e. is first read, once for all the
+    levels of a sweep, and never for ``method="moments"`` (its loss is its own)."""
+    import importlib
+
+    P = importlib.import_module("noiseprop.theory.predict")
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 16), nn.GELU(), nn.Linear(16, 3)).eval()
+    x = torch.randn(32, 4)
+    y = net(x).argmax(1)
+    calls = []
+    real = P._trace_probes
+    monkeypatch.setattr(P, "_trace_probes", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    curve = predict_sweep(net, x, y, "relative", [0.1, 0.3], cache=False)
+    assert calls == [] and curve.predictions[0].loss_increase_method == "hutchinson"
+    se = curve.predictions[1].loss_increase_se
+    vals = [p.loss_increase for p in curve.predictions]
+    assert len(calls) == 1 and vals[1] == pytest.approx(9 * vals[0]) and se > 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = predict(net, x, y, "relative:0.3", method="moments", cache=False)
+    m.loss_increase, m.to_frame(), m.summary()
+    assert len(calls) == 1 and m.loss_increase_method == "gaussian logits (moment method)"
 
 
 def test_predictions_pickle_and_deep_copy():
