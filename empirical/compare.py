@@ -31,10 +31,11 @@ Quantities and their tests (unit of replication: one noise draw, n = draws)
     Per-draw accuracies; interval Student-t over draws, ``x̄ ± t_{n−1} s/√n`` (the
     Monte-Carlo engine's own interval and the TOST's reference); TOST (two one-sided t
     tests, as statsmodels ``ttost_mean``) at ``±acc_margin`` (default ±1 percentage
-    point). Draws that all tie (a per-draw accuracy is a multiple of 1/N for N inputs,
-    and a spread below one step hides in ties) get the s.d. of one step instead of 0:
-    2-3 tied draws otherwise gave an exact mean, "equivalent" and a zero-width interval
-    (23 of 40 runs of 3 draws at η = 0.05 on a digits MLP). Not BCa: with the
+    point). The draws' s.d. is at least one step 1/N (a per-draw accuracy is a multiple of
+    1/N for N inputs, and a spread below one step hides in ties): with 0, 2-3 tied draws
+    gave an exact mean, "equivalent" and a zero-width interval (23 of 40 runs of 3 draws
+    at η = 0.05 on a digits MLP); the accuracy spread's interval takes the same floor.
+    Not BCa: with the
     few draws of a study cell the BCa bootstrap interval is too narrow. Resampling 12
     draws from 500-draw populations of per-draw accuracies (five report models, five
     levels each), BCa covered the population mean 90.5% of the time (84–93% per
@@ -435,14 +436,15 @@ def compare(prediction, mc, *, var_margin: float = 0.10, acc_margin: float = 0.0
     if pred_acc is not None:
         obs_a, se_a, (lo, hi) = mean_ci(accs, confidence)
         how = f"Student-t over draws, df={n - 1}"
-        if n >= 2 and N > 0 and float(np.ptp(accs)) == 0.0:
-            # every draw gave the same accuracy, a multiple of 1/N: a spread below one step
-            # hides in the ties, so the draws' s.d. is taken as one step (conservative) rather
-            # than 0 (which made 2-3 tied draws an exact mean: "equivalent", a zero-width CI)
+        if n >= 2 and N > 0 and float(accs.std(ddof=1)) < 1.0 / N:
+            # an accuracy is a multiple of 1/N: a spread below one step hides in ties, so the
+            # draws' s.d. is at least one step (conservative; with 0, 2-3 tied draws were an
+            # exact mean: "equivalent", a zero-width interval; floored only when tied, tied
+            # draws got wider intervals than draws that differ)
             se_a = (1.0 / N) / math.sqrt(n)
             h = float(_st.t.ppf(0.5 + confidence / 2, n - 1)) * se_a
             lo, hi = obs_a - h, obs_a + h
-            how += f"; the {n} draws tie: their s.d. taken as one step 1/N"
+            how += "; the draws' s.d. floored at one step 1/N"
         lo, hi = max(lo, 0.0), min(hi, 1.0)  # an accuracy's mean lies in [0, 1]
         p_eq = tost_t(obs_a, se_a, n - 1, pred_acc - acc_margin, pred_acc + acc_margin)[0]
         quantities.append(QuantityComparison(
@@ -454,8 +456,9 @@ def compare(prediction, mc, *, var_margin: float = 0.10, acc_margin: float = 0.0
     if pred_astd is not None:
         s2 = float(accs.var(ddof=1))
         nu = kurtosis_df(accs)  # the per-draw accuracies are not normal (skewed, excess kurtosis ~0.6)
-        lo, hi = variance_ci(s2, n, confidence, df=nu)
-        p_eq = variance_tost(s2, n, pred_astd ** 2, var_margin, df=nu)[0] if pred_astd > 0 else float("nan")
+        s2f = max(s2, 1.0 / N ** 2) if N > 0 else s2  # as the accuracy's: at least one step 1/N
+        lo, hi = variance_ci(s2f, n, confidence, df=nu)
+        p_eq = variance_tost(s2f, n, pred_astd ** 2, var_margin, df=nu)[0] if pred_astd > 0 else float("nan")
         quantities.append(QuantityComparison(
             "accuracy_std", pred_astd, math.sqrt(s2), math.sqrt(lo), math.sqrt(hi),
             f"chi-square df={nu:.3g} (n−1 = {n - 1}, adjusted for the draws' excess kurtosis)",

@@ -855,7 +855,7 @@ def _build_base(lin: LinearizedNetwork, x, y, unit, opts: _Options) -> _Base:
     else:
         method = "gauss_newton (exact ½tr(Σ_ε H): piecewise linear)" if pl else "gauss_newton (approximation: " + why + ")"
         probes = probes or 0  # probes asked for beside an explicit Gauss-Newton choice
-    trace = _LazyTrace(lin, x, y, unit, probes, opts.seed, opts.batch_size, secs) if probes else None
+    trace = _LazyTrace(lin, x, y, unit, probes, opts.seed, opts.batch_size) if probes else None
     ratio, note = None, "not computed (diagnostic=False)"
     if opts.diagnostic:
         t = time.perf_counter()
@@ -872,21 +872,27 @@ class _LazyTrace:
     Hutchinson probes, computed when first asked for (the loss increase is an extra: a
     call that reads only the accuracy, or uses ``method="moments"``, does not pay the
     probes' Hessian-vector products, on a smooth network most of a default call), then
-    kept; ``seconds["hutchinson"]`` records their time."""
+    kept. It holds copies of the parameters, buffers and inputs until then (the user's
+    model may change in place before the loss is read)."""
 
-    def __init__(self, lin, x, y, unit, probes: int, seed: int, batch_size: int, seconds: dict):
-        self._args = (lin, x, y, unit, probes, seed, batch_size)
-        self._seconds = seconds
+    def __init__(self, lin, x, y, unit, probes: int, seed: int, batch_size: int):
+        # its own copy of the network's parameters, buffers and inputs: the user's model
+        # (whose tensors ``lin`` shares when it is in eval mode) may change in place before
+        # the loss is read (a checkpoint loop's load_state_dict); the value must be this call's
+        snap = copy.copy(lin)
+        snap.params = {n: p.clone() for n, p in lin.params.items()}
+        snap.buffers = {n: b.clone() for n, b in lin.buffers.items()}
+        snap.target_params = {n: snap.params[n] for n in lin.names}
+        self._args = (snap, x.clone(), y.clone(), unit.copy() if isinstance(unit, dict) else unit, probes, seed,
+                      batch_size)
         self._value = None
 
     def __call__(self) -> tuple[float, float]:
         if self._value is None:
             lin, x, y, unit, probes, seed, batch_size = self._args
-            t = time.perf_counter()
             vals = _trace_probes(HessianOperator(lin, x, y, batch_size=batch_size), unit, probes, seed)
             self._value = (float(vals.mean()), float(vals.std(ddof=1) / math.sqrt(probes)))
-            self._seconds["hutchinson"] = time.perf_counter() - t
-            self._args = None
+            self._args = None  # the copies go once the value is known
         return self._value
 
 
@@ -1178,8 +1184,11 @@ def _finish(base: _Base, noise: WeightNoise, method: str, mean: torch.Tensor, co
         gn_u = _memo(base, "gn_unit", lambda: loss_increase_gauss_newton(clean, cov_lin_u))
     gn = gn_u * lvl**2
     if base.loss_method == "hutchinson":
-        tr = base.trace  # the probes run when the loss increase is first read
-        li, li_se = Deferred(lambda: 0.5 * tr()[0] * lvl**2), Deferred(lambda: 0.5 * tr()[1] * lvl**2)
+        tr = base.trace  # the probes run when the loss increase is first read (not at level 0)
+        if lvl == 0:
+            li, li_se = 0.0, 0.0
+        else:
+            li, li_se = Deferred(lambda: 0.5 * tr()[0] * lvl**2), Deferred(lambda: 0.5 * tr()[1] * lvl**2)
     else:
         li, li_se = gn, (0.0 if base.piecewise_linear and sel is None else float("nan"))
     by_layer = None

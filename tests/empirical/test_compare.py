@@ -212,13 +212,14 @@ def test_accuracy_interval_holds_its_level_at_a_study_cells_twelve_draws():
     rng = np.random.default_rng(11)
     a, b, n, reps = 12.0, 8.0, 12, 1500
     truth = a / (a + b)
-    clean = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
-    pred = SimpleNamespace(logit_mean=clean, logit_var=torch.ones(2, 2, dtype=torch.float64), accuracy=truth)
+    # 400 inputs: a per-draw accuracy's step 1/N (the s.d.'s floor) far below the draws' 0.11
+    clean = torch.eye(2, dtype=torch.float64).repeat(200, 1)
+    pred = SimpleNamespace(logit_mean=clean, logit_var=torch.ones(400, 2, dtype=torch.float64), accuracy=truth)
     hits = 0
     for _ in range(reps):
         accs = rng.beta(a, b, size=n)
         mc = MCResult(noise="simulated", targets="weights", draws=n, seed=0, logit_mean=clean,
-                      logit_var=torch.ones(2, 2, dtype=torch.float64), clean_logits=clean, accuracies=accs,
+                      logit_var=torch.ones(400, 2, dtype=torch.float64), clean_logits=clean, accuracies=accs,
                       losses=np.zeros(n), clean_accuracy=1.0, clean_loss=0.0, seconds=0.0)
         q = compare(pred, mc, calibrate=False)["accuracy"]
         assert q.observed == pytest.approx(accs.mean())
@@ -262,7 +263,10 @@ def test_tied_draws_are_no_evidence_of_equivalence():
     q = compare(pred, mc)["accuracy"]
     h = 12.706 * (1 / 200) / math.sqrt(2)  # t_{0.975, 1} · (1/N)/√n
     assert q.ci_low == pytest.approx(0.935 - h, rel=1e-3) and q.ci_high == pytest.approx(0.935 + h, rel=1e-3)
-    assert q.ci_low < 0.9437 < q.ci_high and q.equivalent is False and "tie" in q.ci_method
+    assert q.ci_low < 0.9437 < q.ci_high and q.equivalent is False and "one step" in q.ci_method
+    # monotone: draws that differ by less than a step are no narrower than tied ones
+    d = compare(pred, dataclasses.replace(mc, accuracies=np.array([0.935, 0.940])))["accuracy"]
+    assert d.ci_high - d.ci_low >= q.ci_high - q.ci_low - 1e-12
 
 
 def test_logit_variance_over_the_differentiated_classes():

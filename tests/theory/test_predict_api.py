@@ -180,6 +180,15 @@ def test_hutchinson_probes_run_when_the_loss_is_first_read(monkeypatch):
         m = predict(net, x, y, "relative:0.3", method="moments", cache=False)
     m.loss_increase, m.to_frame(), m.summary()
     assert len(calls) == 1 and m.loss_increase_method == "gaussian logits (moment method)"
+    # the value is the call's, whatever happens to the model before it is read
+    now = predict(net, x, y, "relative:0.3", seed=3, cache=False)
+    now_li = now.loss_increase
+    later = predict(net, x, y, "relative:0.3", seed=3, cache=True)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(3.0)
+    assert later.loss_increase == now_li and later.loss_increase_se == now.loss_increase_se
+    assert predict(net, x, y, "relative:0", cache=False).loss_increase == 0.0
 
 
 def test_predictions_pickle_and_deep_copy():
