@@ -377,10 +377,8 @@ def compare(prediction, mc, *, var_margin: float = 0.10, acc_margin: float = 0.0
     # variance is compared over the logits it differentiated
     known = np.isfinite(pv)
     part = "" if known.all() else f"; over the {int(known.sum())} of {known.size} logits the prediction differentiated"
-    vgroups = groups
-    if not known.all():
-        pv, ov, vgroups = pv[known], ov[known], groups[known.reshape(-1)]
-    pred_v, obs_v = float(pv.mean()), float(ov.mean())
+    pvk, ovk, vgroups = (pv, ov, groups) if known.all() else (pv[known], ov[known], groups[known.reshape(-1)])
+    pred_v, obs_v = float(pvk.mean()), float(ovk.mean())
     lo, hi = variance_ci(obs_v, n, confidence)
     k = 1.0 + var_margin
     if pred_v > 0:
@@ -388,19 +386,19 @@ def compare(prediction, mc, *, var_margin: float = 0.10, acc_margin: float = 0.0
     else:
         p_eq = float("nan")
     with np.errstate(divide="ignore", invalid="ignore"):
-        elem_rel = np.where(ov > 0, (pv - ov) / ov, np.nan)
-        elo, ehi = variance_ci(ov, n, confidence)
+        elem_rel = np.where(ovk > 0, (pvk - ovk) / ovk, np.nan)
+        elo, ehi = variance_ci(ovk, n, confidence)
     valid = np.isfinite(elem_rel)
     extra = dict(
         median_abs_rel_error=float(np.nanmedian(np.abs(elem_rel))) if valid.any() else float("nan"),
-        pooled_ratio=float(ov.sum() / pv.sum()) if pv.sum() > 0 else float("nan"),
-        elementwise_ci_coverage=float(((elo <= pv) & (pv <= ehi))[ov > 0].mean()) if (ov > 0).any() else float("nan"),
+        pooled_ratio=float(ovk.sum() / pvk.sum()) if pvk.sum() > 0 else float("nan"),
+        elementwise_ci_coverage=float(((elo <= pvk) & (pvk <= ehi))[ovk > 0].mean()) if (ovk > 0).any() else float("nan"),
     )
     quantities.append(QuantityComparison(
         "logit_var", pred_v, obs_v, lo, hi, f"chi-square df={n - 1} (conservative for the mean over elements){part}",
         pred_v / k, pred_v * k, f"ratio within ±{var_margin:.0%} (log)", p_eq, alpha, n, extra))
     if calibrate:
-        calibrations["logit_var"] = calibration(ov, pv, log=True, groups=vgroups, confidence=confidence,
+        calibrations["logit_var"] = calibration(ovk, pvk, log=True, groups=vgroups, confidence=confidence,
                                                 offset=log_variance_bias(n))
 
     # -- logit mean shift ------------------------------------------------------------
@@ -411,7 +409,6 @@ def compare(prediction, mc, *, var_margin: float = 0.10, acc_margin: float = 0.0
     ps = _np(prediction.logit_mean) - clean_pred
     os_ = _np(mc.logit_mean) - clean_obs
     pred_s, obs_s = float(ps.mean()), float(os_.mean())
-    ov = _np(mc.logit_var)  # every logit's (the shift is known for the unselected classes too: 0)
     se = float(np.sqrt(np.clip(ov, 0, None)).mean() / math.sqrt(n))
     h = float(_st.t.ppf(0.5 + confidence / 2, n - 1)) * se
     width = shift_margin * math.sqrt(pred_v) if pred_v > 0 else float("nan")
@@ -434,18 +431,13 @@ def compare(prediction, mc, *, var_margin: float = 0.10, acc_margin: float = 0.0
     accs = np.asarray(mc.accuracies, dtype=np.float64)
     pred_acc = _scalar(getattr(prediction, "accuracy", None))
     if pred_acc is not None:
-        obs_a, se_a, (lo, hi) = mean_ci(accs, confidence)
-        how = f"Student-t over draws, df={n - 1}"
-        if n >= 2 and N > 0 and float(accs.std(ddof=1)) < 1.0 / N:
-            # an accuracy is a multiple of 1/N: a spread below one step hides in ties, so the
-            # draws' s.d. is at least one step (conservative; with 0, 2-3 tied draws were an
-            # exact mean: "equivalent", a zero-width interval; floored only when tied, tied
-            # draws got wider intervals than draws that differ)
-            se_a = (1.0 / N) / math.sqrt(n)
-            h = float(_st.t.ppf(0.5 + confidence / 2, n - 1)) * se_a
-            lo, hi = obs_a - h, obs_a + h
-            how += "; the draws' s.d. floored at one step 1/N"
-        lo, hi = max(lo, 0.0), min(hi, 1.0)  # an accuracy's mean lies in [0, 1]
+        # an accuracy is a multiple of 1/N: a spread below one step hides in ties, so the
+        # draws' s.d. is at least one step (with 0, 2-3 tied draws were an exact mean)
+        obs_a, sd = float(accs.mean()), max(float(accs.std(ddof=1)), 1.0 / N)
+        se_a = sd / math.sqrt(n)
+        h = float(_st.t.ppf(0.5 + confidence / 2, n - 1)) * se_a
+        how = f"Student-t over draws, df={n - 1}, s.d. at least one step 1/N"
+        lo, hi = max(obs_a - h, 0.0), min(obs_a + h, 1.0)  # an accuracy's mean lies in [0, 1]
         p_eq = tost_t(obs_a, se_a, n - 1, pred_acc - acc_margin, pred_acc + acc_margin)[0]
         quantities.append(QuantityComparison(
             "accuracy", pred_acc, obs_a, lo, hi, how, pred_acc - acc_margin,
