@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from noiseprop.theory.hardware import HardwareNoise, PCMLike
 from noiseprop.theory.hashing import inputs_fingerprint
-from noiseprop.theory.linearize import LinearControlVariate, control_variate_mean, train_mode_message
+from noiseprop.theory.linearize import LinearControlVariate, _any_training, control_variate_mean, train_mode_message
 from noiseprop.theory.noise import MAX_LEVEL, WeightNoise, parse_noise
 from noiseprop.theory.results import LogitResult
 from noiseprop.theory.validation import check_levels, check_times
@@ -122,7 +122,7 @@ def _standard_pair(conv: nn.Module, norm: nn.Module) -> bool:
 
 
 def _warn_train_mode(model):
-    if any(m.training for m in model.modules()):
+    if _any_training(model):
         warnings.warn(train_mode_message(model), stacklevel=3)
 
 

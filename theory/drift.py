@@ -815,23 +815,20 @@ def _predict_models(model, x, y, noises: Sequence[HardwareNoise], targets, linea
             slot_cov = cov
             cov = _slot_cov_to_full(slot_cov, sel, mean.shape[1])
         p, lo, hi = correct_probability(mean, cov, y, n_points=n_points, seed=seed)
-        if method == "linear" and "preact_frac" in mdiag:  # the first order's validity warning (predict's rule)
-            # the drop the noise's spread causes: from the network with the expected weights
-            # (the deterministic drift, which f(μ) carries to all orders) to the prediction
-            mean_acc = float((mean.argmax(1) == y.to(mean.device)).double().mean())
-            msg = range_warning(mdiag["preact_frac"], drop=mean_acc - float(p.mean()))
+        # the validity warnings (predict's rules) take the drop the noise's spread causes: from
+        # the network with the expected weights (the deterministic drift, which f(μ) carries to
+        # all orders) to the prediction, not from the clean one (their drop limits were
+        # calibrated on zero-mean noise, where the two are the same)
+        drop = float((means[k].argmax(1) == y.to(means[k].device)).double().mean()) - float(p.mean())
+        msg = None
+        if method == "linear" and "preact_frac" in mdiag:
+            msg = range_warning(mdiag["preact_frac"], drop=drop)
             mdiag["first_order_flagged"] = msg is not None
-            if msg:
-                warns.insert(0, msg)
-        if method == "moments":  # its warning (predict's rules), the drop counted as the linear one's:
-            # from the expected-weights network, not the clean one (the tail rule's drop limit was
-            # calibrated on zero-mean noise, where the two are the same)
-            mean_acc = float((means[k].argmax(1) == y.to(means[k].device)).double().mean())
+        elif method == "moments":
             msg = moments_range_warning(res.preact_frac, _moment_risks(lin_mu),
-                                        tail=(mdiag["tail_kurtosis"], mdiag["tail_kurtosis_layer"]),
-                                        drop=mean_acc - float(p.mean()))
-            if msg:
-                warns.insert(0, msg)
+                                        tail=(mdiag["tail_kurtosis"], mdiag["tail_kurtosis_layer"]), drop=drop)
+        if msg:
+            warns.insert(0, msg)
         if check is not None:
             mdiag.update(_truncation_diag(check, k, mean, mo, p, y, sel.shape[1] - 1, n_points, seed))
         acc_std, kd = float("nan"), 0

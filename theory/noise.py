@@ -310,13 +310,18 @@ def _parse_options(spec: str, name: str, items: list[str]) -> dict:
             try:
                 fields[field] = plain_float(raw)
             except ValueError:
-                why = " (an underscore is not part of a number here)" if "_" in raw else ""
-                raise ValueError(f"noise {spec!r}: {key}={raw!r} is not a number{why}; {_options_help(name)}") from None
+                raise ValueError(f"noise {spec!r}: {key}={raw!r} is not a number{_underscore(raw)}; "
+                                 f"{_options_help(name)}") from None
         elif raw in kind:
             fields[field] = raw
         else:
             raise ValueError(f"noise {spec!r}: {key} must be one of {', '.join(map(repr, kind))}, got {raw!r}")
     return fields
+
+
+def _underscore(text: str) -> str:
+    """Why :func:`~.validation.plain_float` refused ``text`` when an underscore is the reason."""
+    return " (an underscore is not part of a number here)" if "_" in text else ""
 
 
 def parse_noise(spec, default_level: float | None = None) -> WeightNoise:
@@ -351,8 +356,8 @@ def parse_noise(spec, default_level: float | None = None) -> WeightNoise:
     try:
         level = plain_float(value)
     except ValueError:
-        why = " (an underscore is not part of a number here)" if "_" in value else ""
-        raise ValueError(f"noise {spec!r}: level {value!r} is not a number{why}; accepted forms: {accepted}") from None
+        raise ValueError(f"noise {spec!r}: level {value!r} is not a number{_underscore(value)}; accepted forms: "
+                         f"{accepted}") from None
     try:
         out = NOISE_STRING_FORMS[name](level)
     except (ValueError, TypeError, OverflowError) as e:

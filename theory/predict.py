@@ -883,8 +883,7 @@ class _LazyTrace:
         snap.params = {n: p.clone() for n, p in lin.params.items()}
         snap.buffers = {n: b.clone() for n, b in lin.buffers.items()}
         snap.target_params = {n: snap.params[n] for n in lin.names}
-        self._args = (snap, x.clone(), y.clone(), unit.copy() if isinstance(unit, dict) else unit, probes, seed,
-                      batch_size)
+        self._args = (snap, x.clone(), y.clone(), dict(unit), probes, seed, batch_size)
         self._value = None
 
     def __call__(self) -> tuple[float, float]:
@@ -1220,14 +1219,15 @@ def _finish(base: _Base, noise: WeightNoise, method: str, mean: torch.Tensor, co
     for part, sec in base.seconds.items():
         diag[f"seconds_{part}"] = sec
     clean_acc = _memo(base, "clean_accuracy", lambda: float((clean.argmax(1) == y).double().mean()))
+    drop = clean_acc - float(p.mean())
     if linear:
-        msg = range_warning(diag.get("preact_frac"), drop=clean_acc - float(p.mean()))
+        msg = range_warning(diag.get("preact_frac"), drop=drop)
         if diag.get("preact_frac") is not None:  # not recorded where the diagnostic did not run
             diag["first_order_flagged"] = msg is not None
     else:
         msg = moments_range_warning(diag.get("preact_frac"), _moment_risks(base.lin),
                                     tail=(diag.get("tail_kurtosis", float("nan")), diag.get("tail_kurtosis_layer")),
-                                    drop=clean_acc - float(p.mean()))
+                                    drop=drop)
     if msg:
         warns.append(msg)
     logit_var = torch.diagonal(cov, dim1=1, dim2=2).clone()

@@ -448,7 +448,7 @@ class _MomentPass(GraphInterpreter):
             a, c = a.reshape(shape), c.reshape(shape)
             k3, k4 = third_cumulant(x), fourth_cumulant(x)
             return Dist(a * x.mu + c, None if x.F is None else a.unsqueeze(0) * x.F, a * a * x.d,
-                        None if k3 is None else a * a * a * k3, None, None if k4 is None else (a * a) ** 2 * k4)
+                        None if k3 is None else a * a * a * k3, None, None if k4 is None else a ** 4 * k4)
         if isinstance(m, _PASS_MODULES):
             return x  # eval mode: identity
         if isinstance(m, nn.Flatten):
@@ -471,6 +471,9 @@ class _MomentPass(GraphInterpreter):
                              "(only [N, features] is supported); use method='linear'")
         W, b = self.p.weights[name]
         k4_in = x.k4  # the tail diagnostic where an affine map follows a ReLU (_record_tail)
+
+        def w4map(t):
+            return t @ W.pow(4).T
         mu = x.mu @ W.T
         if b is not None:
             mu = mu + b
@@ -483,7 +486,7 @@ class _MomentPass(GraphInterpreter):
         wv = self.p.noise_var.get(name + ".weight")
         bv = self.p.noise_var.get(name + ".bias")
         if wv is None and bv is None:
-            return self._record_tail(name, k4_in, lambda t: t @ (W * W).pow(2).T, Dist(mu, Fy, d))
+            return self._record_tail(name, k4_in, w4map, Dist(mu, Fy, d))
         if self.cur == self.p.head and not self.p.first_order:  # its input, for the scale mixture
             src = None if x.src is None or x.src[0].shape != x.mu.shape else (x.src[0].clone(), x.src[1].clone())
             self.rec.setdefault(self.cur, {})["head"] = (x.mu.clone(), None if x.F is None else x.F.clone(),
@@ -502,7 +505,7 @@ class _MomentPass(GraphInterpreter):
         a = safe_sqrt(v.clamp_min(0)).unsqueeze(-1)
         y = Dist(mu.unsqueeze(-1), None if Fy is None else Fy.unsqueeze(-1), d.unsqueeze(-1))
         y = self._inject(y, u, a, v.unsqueeze(-1), live, groups=1)
-        return self._record_tail(name, k4_in, lambda t: t @ (W * W).pow(2).T,
+        return self._record_tail(name, k4_in, w4map,
                                  Dist(y.mu.squeeze(-1), None if y.F is None else y.F.squeeze(-1), y.d.squeeze(-1)))
 
     def _conv(self, name, m: nn.Conv2d, x: Dist, live):
@@ -520,7 +523,7 @@ class _MomentPass(GraphInterpreter):
         kw = dict(stride=m.stride, padding=padding, dilation=m.dilation, groups=m.groups)
 
         def w4map(t):
-            return F.conv2d(t, (W * W).pow(2), None, **kw)
+            return F.conv2d(t, W.pow(4), None, **kw)
         mu = F.conv2d(x.mu, W, b, **kw)
         d_in, M = self._d_to_columns(x, live)
         Fy = map_batched(lambda t: F.conv2d(t, W, None, **kw), x.F)
