@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from noiseprop.theory.predict import PREACT_WARN_DROP, PREACT_WARN_FRACTION, PREACT_WARN_LOW
 from noiseprop.theory.validation import check_bool, check_int, check_output_dir
 
 from .cells import ResultStore
@@ -594,8 +595,10 @@ def report_blocks(study_results, grid, cfg, allf, validation, by_eta, figs, trai
     if by_method is not None and not by_method.empty:
         blocks.append(("p", "Per prediction method: the share of cells agreeing (inside the interval or within 1 "
                             "point). Moment propagation is what the published comparison should use; the first "
-                            "order is reliable only where its validity diagnostic (at most 15% of ReLU "
-                            "pre-activations with predicted noise sd above their magnitude) holds."))
+                            "order is reliable only where its validity diagnostic holds (predict's warning: at "
+                            f"most {PREACT_WARN_FRACTION:.0%} of ReLU pre-activations with predicted noise sd above "
+                            f"their magnitude, and at most {PREACT_WARN_LOW:.0%} where it predicts an accuracy drop "
+                            f"above {PREACT_WARN_DROP * 100:g} points)."))
         blocks.append(("table", by_method, None, None, "csv/validation_by_method.csv"))
     if by_model is not None and not by_model.empty:
         blocks.append(("p", "Per architecture, normalisation (n_norm: normalised layers), learning rate and noise "
